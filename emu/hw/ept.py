@@ -24,7 +24,7 @@ which is decided on the permissions ANDed over every entry of the path.
 
 import enum
 
-MAXPHYADDR = 46
+MAXPHYADDR = 48
 ADDR_MASK = ((1 << MAXPHYADDR) - 1) & ~0xFFF          # bits N-1:12
 RSVD_HIGH = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)  # bits 51:N
 
@@ -175,6 +175,9 @@ def decode_eptp(eptp):
 def walk(mem, eptp, gpa, access, path=None, set_ad=True):
     """Translate ``gpa`` for ``access`` through the EPT rooted at ``eptp``.
 
+    ``access`` is an Access, or READ|WRITE (3) for a guest paging-structure access
+    when the EPTP enables A/D (the SDM treats those as writes and reports bits 0 and 1).
+
     ``path``, when a list, receives one (level, entry HPA, entry value) per entry
     read, for tracing.  ``set_ad=False`` makes a side-effect-free probe (as a
     debugger would), leaving A/D flags alone.
@@ -223,7 +226,7 @@ def walk(mem, eptp, gpa, access, path=None, set_ad=True):
         table = e & ADDR_MASK
         level -= 1
 
-    if not perms & access:
+    if perms & access != access:
         return EptViolation(gpa, int(access) | (perms << 3))
 
     dirty = True
@@ -231,7 +234,7 @@ def walk(mem, eptp, gpa, access, path=None, set_ad=True):
         if set_ad:
             for p in used:
                 _set_bits(q, p, EPT_A)
-            if access == 2 and not e & EPT_D:   # Access.WRITE
+            if access & 2 and not e & EPT_D:   # a write sets D in the leaf
                 _set_bits(q, ptr, EPT_D)
                 e |= EPT_D
         dirty = bool(e & EPT_D)

@@ -1,0 +1,57 @@
+"""The guest ABI as the host sees it: the constants it shares with guest/lib/.
+
+guest/lib/emu.inc and guest/lib/runtime.S are the guest's copy of these facts;
+keep the two in step (tests/test_guests_loader.py compares them).
+
+Boot state (emu.loader builds it):
+    Every vCPU starts at the ELF entry in 64-bit mode with paging on
+    (CR3 = an identity map of all guest memory in 2M pages), RDI = its index,
+    RSI = the number of vCPUs, RSP = the top of its own STACK_SIZE stack.
+    The loader's page tables and the stacks live in the top LOADER_REGION
+    bytes of guest memory; everything below is the guest's.  Guests built by
+    emu.guests are linked at GUEST_LOAD_BASE.
+
+Hypercalls (the runtime picks the flavour at run time with CPUID leaf 0x21):
+    Plain VM, VMCALL (0f 01 c1):
+        report:  RAX = EMU_HC_REPORT, RBX = value
+        fail:    RAX = EMU_HC_FAIL,   RBX = error code
+    TD, TDCALL (66 0f 01 cc) leaf TDG_VP_VMCALL (RAX = 0) with
+    RCX = TDVMCALL_EXPOSE_REGS (R10, R11 and R12 passed to the VMM):
+        report:  R10 = TDX_VENDOR_R10 (non-zero: vendor-specific per the GHCI),
+                 R11 = EMU_HC_REPORT, R12 = value
+        fail:    R10 = 0 (GHCI standard), R11 = GHCI_REPORT_FATAL_ERROR,
+                 R12 = error code
+    The runtime preserves every register across a report; the host need not
+    write any register back (a TD's RAX = 0 and R10 = 0 mean success).
+    After a fail the vCPU executes HLT in a loop.
+
+A vCPU ends with HLT.  A guest that does not use the runtime still works; it
+just reports nothing.
+"""
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+# Hypercall numbers ("EM" in the high half).
+EMU_HC_REPORT = 0x454D0001
+EMU_HC_FAIL = 0x454D0002
+
+# TDX guest side.
+TDG_VP_VMCALL = 0                 # TDCALL leaf
+TDG_MEM_PAGE_ACCEPT = 6           # TDCALL leaf; RCX = gpa | level (0 = 4K, 1 = 2M)
+TDVMCALL_EXPOSE_REGS = 0x1C00     # RCX bitmap: bits 10, 11, 12 = R10, R11, R12
+TDX_VENDOR_R10 = 1                # R10 of a vendor-specific TDG.VP.VMCALL
+GHCI_REPORT_FATAL_ERROR = 0x10003 # GHCI TDG.VP.VMCALL<ReportFatalError>, R11
+TDX_CPUID_LEAF = 0x21
+TDX_CPUID_VENDOR = b"IntelTDX    " # EBX, EDX, ECX of CPUID leaf 0x21 in a TD
+
+# Memory layout.
+GUEST_LOAD_BASE = 0x100000        # where guest/link.ld puts the image (1 MiB)
+LOADER_REGION = 4 * MiB           # top of guest memory: page tables, stacks
+STACK_SIZE = 16 * KiB             # per vCPU
+MIN_MEM_SIZE = 8 * MiB
+MEM_ALIGN = 2 * MiB               # guest memory is mapped with 2M pages
+
+# The instructions, for hosts that decode the invalid-opcode exit.
+VMCALL_BYTES = bytes.fromhex("0f01c1")
+TDCALL_BYTES = bytes.fromhex("660f01cc")

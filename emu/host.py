@@ -1,0 +1,41 @@
+"""The host machine: its physical memory and who allocates it.
+
+Host physical memory is split in two: the kernel's pages (KVM's page tables,
+the pages KVM hands the TDX module) and userspace memory (the VMM's guest RAM,
+guest_memfd).  In this model a host virtual address of userspace memory *is*
+its HPA (no host page tables): the VMM's "mmap" returns a range of HPAs.
+"""
+
+from .hw.memory import HostMemory, PageAllocator, OutOfHostMemory, PAGE_SIZE
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class Host:
+    def __init__(self, user_size, kernel_size=None):
+        user_size = -(-user_size // PAGE_SIZE) * PAGE_SIZE
+        if kernel_size is None:
+            # Page tables for every 4K page of guest memory would take 1/512 of it, twice over for a TD
+            # (mirror + S-EPT); the rest is headroom.  The buffer is lazily committed.
+            kernel_size = 64 * MiB + user_size // 128
+        self.kernel_base = 0
+        self.user_base = kernel_size
+        self.mem = HostMemory(kernel_size + user_size)
+        self.kernel = PageAllocator(self.mem, PAGE_SIZE, kernel_size)   # HPA 0 is never handed out
+        self.user_next = self.user_base
+        self.leaked = []                     # (hpa, why): pages deliberately leaked, as KVM leaks them
+
+    def alloc_kernel_page(self):
+        return self.kernel.alloc_page()
+
+    def free_kernel_page(self, hpa):
+        self.kernel.free_page(hpa)
+
+    def mmap(self, size, align=PAGE_SIZE):
+        """Userspace memory: ``size`` bytes at an ``align``-aligned host address (== HPA)."""
+        start = -(-self.user_next // align) * align
+        if start + size > self.mem.size:
+            raise OutOfHostMemory(f"cannot map {size >> 20} MiB of guest memory")
+        self.user_next = start + size
+        return start

@@ -1,0 +1,74 @@
+"""VM-exit records: what the emulated CPU hands the hypervisor when the guest stops.
+
+Reason numbers are the SDM's basic exit reasons (Linux asm/vmx.h names);
+TDCALL (77) is the reason the TDX module sees for a TDCALL in a TD.
+"""
+
+from .ept import decode_qualification
+
+EXIT_REASON_EXCEPTION_NMI = 0
+EXIT_REASON_TRIPLE_FAULT = 2
+EXIT_REASON_CPUID = 10
+EXIT_REASON_HLT = 12
+EXIT_REASON_VMCALL = 18
+EXIT_REASON_EPT_VIOLATION = 48
+EXIT_REASON_EPT_MISCONFIG = 49
+EXIT_REASON_TDCALL = 77
+
+REASON_NAMES = {
+    EXIT_REASON_EXCEPTION_NMI: "EXCEPTION_NMI",
+    EXIT_REASON_TRIPLE_FAULT: "TRIPLE_FAULT",
+    EXIT_REASON_CPUID: "CPUID",
+    EXIT_REASON_HLT: "HLT",
+    EXIT_REASON_VMCALL: "VMCALL",
+    EXIT_REASON_EPT_VIOLATION: "EPT_VIOLATION",
+    EXIT_REASON_EPT_MISCONFIG: "EPT_MISCONFIG",
+    EXIT_REASON_TDCALL: "TDCALL",
+}
+
+VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
+                13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC", 19: "#XM"}
+
+
+class VmExit:
+    """One VM exit.
+
+    ``rip`` is the guest RIP of the instruction that caused it (for HLT, VMCALL and
+    TDCALL the instruction itself, ``insn_len`` bytes long: the hypervisor advances
+    RIP when it completes the instruction, as kvm_skip_emulated_instruction does).
+    ``gpa``/``gla``/``qualification`` are the VMCS exit fields for EPT exits;
+    ``vector``/``error_code``/``cr2`` for exceptions; ``misconfig`` names the rule
+    an EPT misconfiguration broke.
+    """
+    __slots__ = ("reason", "rip", "insn_len", "qualification", "gpa", "gla", "vector", "error_code",
+                 "cr2", "misconfig", "vcpu")
+
+    def __init__(self, reason, rip, insn_len=0, qualification=0, gpa=None, gla=None, vector=None,
+                 error_code=None, cr2=None, misconfig=None, vcpu=0):
+        self.reason, self.rip, self.insn_len = reason, rip, insn_len
+        self.qualification, self.gpa, self.gla = qualification, gpa, gla
+        self.vector, self.error_code, self.cr2, self.misconfig = vector, error_code, cr2, misconfig
+        self.vcpu = vcpu
+
+    @property
+    def name(self):
+        return REASON_NAMES.get(self.reason, str(self.reason))
+
+    def describe(self):
+        parts = [self.name]
+        if self.reason == EXIT_REASON_EPT_VIOLATION:
+            parts.append(f"gpa {self.gpa:#x} gla {self.gla:#x} qual {self.qualification:#x} "
+                         f"[{decode_qualification(self.qualification)}]")
+        elif self.reason == EXIT_REASON_EPT_MISCONFIG:
+            parts.append(f"gpa {self.gpa:#x}: {self.misconfig}")
+        elif self.reason == EXIT_REASON_EXCEPTION_NMI:
+            parts.append(VECTOR_NAMES.get(self.vector, f"vector {self.vector}"))
+            if self.error_code is not None:
+                parts.append(f"error code {self.error_code:#x}")
+            if self.cr2 is not None:
+                parts.append(f"cr2 {self.cr2:#x}")
+        parts.append(f"rip {self.rip:#x}")
+        return " ".join(parts)
+
+    def __repr__(self):
+        return f"VmExit({self.describe()})"

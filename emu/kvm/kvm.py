@@ -1,0 +1,550 @@
+"""The VM and its vCPUs, shaped like KVM's userspace API (and KVM selftests).
+
+    kvm = Kvm(host, KVM_X86_DEFAULT_VM)
+    kvm.set_user_memory_region(0, 0, gpa, size, hva)
+    vcpu = kvm.create_vcpu(0); vcpu.set_regs({...})
+    run = vcpu.run()        # KVM_RUN: returns a KvmRun with exit_reason, as kvm_run does
+
+EPT violations are handled inside run(), as KVM handles them in the kernel;
+only what KVM would hand to userspace comes out.
+"""
+
+from ..hw.ept import make_eptp, EptTranslation, walk as ept_walk
+from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_HLT, EXIT_REASON_VMCALL,
+                        EXIT_REASON_TDCALL, EXIT_REASON_EXCEPTION_NMI, REASON_NAMES, VECTOR_NAMES)
+from ..hw.ept import decode_qualification, EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE, \
+    EPT_VIOLATION_ACC_INSTR, EPT_VIOLATION_GVA_IS_VALID, EPT_VIOLATION_GVA_TRANSLATED
+from ..hw.vcpu import Vcpu
+from ..hw.memory import OutOfHostMemory
+from ..trace import NULL_TRACER
+from .. import guestabi
+from . import mmu as mmu_mod
+from .mmu import (KvmMmuMemoryCache, KvmPageFault, PFERR_WRITE_MASK, PFERR_USER_MASK, PFERR_FETCH_MASK,
+                  PFERR_PRESENT_MASK, PFERR_GUEST_FINAL_MASK, PFERR_GUEST_PAGE_MASK, PFERR_PRIVATE_ACCESS,
+                  PFERR_RSVD_MASK)
+from .rcu import Rcu
+from .spte import (SHADOW_NONPRESENT_VALUE, PG_LEVEL_4K, MT_MASK_DEFAULT_VM, KVM_PAGES_PER_HPAGE, is_shadow_present_pte, is_last_spte)
+from .tdp_iter import TdpIter, for_each_tdp_pte_min_level
+from .tdp_mmu import (TdpMmu, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS,
+                      RET_PF_CONTINUE, RET_PF_WRITE_PROTECTED, RET_PF_NAMES, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS,
+                      KVM_ALL_ROOTS, KVM_VALID_ROOTS)
+from .x86_ops import VmxX86Ops
+
+# enum kvm vm types (uapi)
+KVM_X86_DEFAULT_VM = 0
+KVM_X86_TDX_VM = 5
+VM_TYPE_NAMES = {KVM_X86_DEFAULT_VM: "default", KVM_X86_TDX_VM: "tdx"}
+
+KVM_MEM_READONLY = 1 << 1
+
+# kvm_run exit reasons (uapi kvm.h)
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_MEMORY_FAULT = 39
+EXIT_NAMES = {KVM_EXIT_UNKNOWN: "unknown", KVM_EXIT_HYPERCALL: "hypercall", KVM_EXIT_HLT: "hlt",
+              KVM_EXIT_MMIO: "mmio", KVM_EXIT_SHUTDOWN: "shutdown", KVM_EXIT_INTERNAL_ERROR: "internal_error",
+              KVM_EXIT_SYSTEM_EVENT: "system_event", KVM_EXIT_MEMORY_FAULT: "memory_fault"}
+
+KVM_ENOSYS = 1000
+
+# vcpu->requests
+KVM_REQ_TLB_FLUSH = 1 << 0
+KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1
+
+
+class KvmIoctlError(Exception):
+    """An ioctl that fails with an errno (KVM_RUN returning -EFAULT, -ENOMEM, ...)."""
+
+    def __init__(self, errno, msg):
+        self.errno = errno
+        super().__init__(msg)
+
+
+class KvmMemorySlot:
+    """struct kvm_memory_slot: guest frames [base_gfn, base_gfn + npages) at host address userspace_addr.
+
+    ``backing_level`` is the page size of the host memory behind it (1 = 4K pages,
+    2 = 2M and 3 = 1G hugetlbfs-like pages): KVM maps huge pages only where the
+    backing is at least as large.
+    """
+
+    def __init__(self, id, base_gfn, npages, userspace_addr, flags, backing_level=PG_LEVEL_4K):
+        self.id, self.base_gfn, self.npages = id, base_gfn, npages
+        self.userspace_addr, self.flags, self.backing_level = userspace_addr, flags, backing_level
+
+    @property
+    def readonly(self):
+        return bool(self.flags & KVM_MEM_READONLY)
+
+    def contains(self, gfn):
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def lpage_allowed(self, gfn, level):
+        """The huge page around ``gfn`` lies inside the slot, and the slot's GPA and host
+        address are aligned alike (otherwise KVM disallows huge pages in the whole slot)."""
+        pages = KVM_PAGES_PER_HPAGE(level)
+        start = gfn & -pages
+        if start < self.base_gfn or start + pages > self.base_gfn + self.npages:
+            return False
+        return ((self.base_gfn ^ (self.userspace_addr >> 12)) & (pages - 1)) == 0
+
+
+class KvmRun:
+    """struct kvm_run as userspace reads it after KVM_RUN."""
+
+    def __init__(self, exit_reason, **fields):
+        self.exit_reason = exit_reason
+        self.__dict__.update(fields)
+
+    @property
+    def name(self):
+        return EXIT_NAMES.get(self.exit_reason, str(self.exit_reason))
+
+    def __repr__(self):
+        extra = {k: v for k, v in self.__dict__.items() if k != "exit_reason"}
+        return f"KvmRun({self.name}, {extra})"
+
+
+class MmuLock:
+    """kvm->mmu_lock, an rwlock: faults hold it for read, zaps for write."""
+
+    def __init__(self):
+        self.readers = 0
+        self.writer = False
+
+    def read_lock(self):
+        assert not self.writer, "mmu_lock: read_lock while write-held"
+        self.readers += 1
+
+    def read_unlock(self):
+        self.readers -= 1
+
+    def write_lock(self):
+        assert not self.writer and not self.readers, "mmu_lock: write_lock while held"
+        self.writer = True
+
+    def write_unlock(self):
+        self.writer = False
+
+
+class Kvm:
+    """struct kvm: one VM."""
+
+    def __init__(self, host, vm_type=KVM_X86_DEFAULT_VM, tracer=None, x86_ops=None):
+        self.host = host
+        self.mem = host.mem
+        self.vm_type = vm_type
+        self.tracer = tracer or NULL_TRACER
+        self.sched = None                 # the deterministic scheduler, when several vCPUs interleave
+        self.inject = None                # the fault-injection plan, when one is active
+        self.x86_ops = x86_ops or VmxX86Ops()
+        self.memslots = []
+        self.vcpus = []
+        self.stat = {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0, "remote_tlb_flush": 0,
+                     "remote_tlb_flush_requests": 0, "zaps": 0, "kvm_bug_on": 0}
+        self.vm_bugged = False
+        self.vm_dead = False
+        self.bug_reason = None
+        self.warnings = []
+        self.mmu_lock = MmuLock()
+        self.rcu = Rcu()
+        self.tdp_mmu = TdpMmu(self)
+        self.gfn_direct_bits = 0
+        self.nx_huge_pages = False
+        self.has_mirrored_tdp = vm_type == KVM_X86_TDX_VM
+        self.mt_mask = MT_MASK_DEFAULT_VM
+        self.root_level = 4
+        # kvm_mmu_max_gfn() + 1: GFNs the TDP MMU may map (shadow_phys_bits = MAXPHYADDR)
+        from ..hw.ept import MAXPHYADDR
+        self.max_gfn_exclusive = 1 << (MAXPHYADDR - 12)
+        self.x86_ops.vm_init(self)
+
+    # -- errors ------------------------------------------------------------------------------------------
+    def KVM_BUG_ON(self, cond, what):
+        """KVM_BUG_ON(): a KVM bug was detected; the VM is marked bugged (and dead)."""
+        if cond:
+            self.kvm_bug(what)
+        return bool(cond)
+
+    def kvm_bug(self, what):
+        self.stat["kvm_bug_on"] += 1
+        if not self.vm_bugged:
+            self.bug_reason = what
+        self.vm_bugged = True
+        self.vm_dead = True
+        self.trace_emit("kvm_bug_on", msg=what)
+
+    def warn(self, what):
+        self.warnings.append(what)
+        self.trace_emit("kvm_warn", msg=what)
+
+    def leak_page(self, hpa, why):
+        self.host.leaked.append((hpa, why))
+        self.trace_emit("kvm_page_leaked", msg=f"hpa {hpa:#x}: {why}")
+
+    def trace_emit(self, name, vcpu=-1, **fields):
+        t = self.tracer
+        if t.enabled:
+            t.emit(name, vcpu, **fields)
+
+    def lockdep_assert_held_read(self):
+        assert self.mmu_lock.readers or self.mmu_lock.writer, "mmu_lock not held"
+
+    def lockdep_assert_held_write(self):
+        assert self.mmu_lock.writer, "mmu_lock not held for write"
+
+    def need_resched(self):
+        return self.sched is not None and self.sched.need_resched()
+
+    def cond_resched(self):
+        if self.sched is not None:
+            self.sched.point(None, "cond_resched")
+
+    # -- memory ------------------------------------------------------------------------------------------
+    def set_user_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                               backing_level=PG_LEVEL_4K):
+        """KVM_SET_USER_MEMORY_REGION: add a slot, or delete it with memory_size 0."""
+        if guest_phys_addr % 4096 or memory_size % 4096 or userspace_addr % 4096:
+            raise KvmIoctlError(EINVAL, "memory region not page aligned")
+        old = next((s for s in self.memslots if s.id == slot), None)
+        if memory_size == 0:
+            if old is None:
+                raise KvmIoctlError(EINVAL, f"no memslot {slot}")
+            self.memslots.remove(old)
+            self.flush_shadow_memslot(old)
+            return
+        if old is not None:
+            raise KvmIoctlError(EEXIST, f"memslot {slot} exists (moving slots is not modelled)")
+        base, npages = guest_phys_addr >> 12, memory_size >> 12
+        for s in self.memslots:
+            if base < s.base_gfn + s.npages and s.base_gfn < base + npages:
+                raise KvmIoctlError(EEXIST, f"memslot overlaps slot {s.id}")
+        if userspace_addr + memory_size > self.mem.size:
+            raise KvmIoctlError(EFAULT, "userspace_addr outside host memory")
+        self.memslots.append(KvmMemorySlot(slot, base, npages, userspace_addr, flags, backing_level))
+
+    def gfn_to_memslot(self, gfn):
+        for s in self.memslots:
+            if s.base_gfn <= gfn < s.base_gfn + s.npages:
+                return s
+        return None
+
+    def faultin_pfn(self, slot, gfn, write, is_private):
+        """The host pfn behind ``gfn`` (None if the backing cannot be had)."""
+        inj = self.inject
+        if inj is not None and inj.should_fail("backing_alloc"):
+            return None
+        if is_private:
+            return self.x86_ops.gmem_get_pfn(self, slot, gfn)
+        return (slot.userspace_addr >> 12) + gfn - slot.base_gfn
+
+    def alloc_page_for(self, cache_name):
+        inj = self.inject
+        if inj is not None and inj.should_fail("mmu_cache_alloc"):
+            return None
+        try:
+            return self.host.alloc_kernel_page()
+        except OutOfHostMemory:
+            return None
+
+    def is_addr_direct(self, gpa):
+        """kvm_is_addr_direct(): shared GPAs (and every GPA of a non-TD) use the direct root."""
+        bits = self.gfn_direct_bits
+        return not bits or bool(gpa & (bits << 12))
+
+    def update_page_stats(self, level, count):
+        key = ("pages_4k", "pages_2m", "pages_1g", "pages_512g", "pages_256t")[level - 1]
+        self.stat[key] = self.stat.get(key, 0) + count
+
+    # -- TLB -----------------------------------------------------------------------------------------------
+    def flush_remote_tlbs(self):
+        """kvm_flush_remote_tlbs(): every vCPU flushes before it next enters the guest.
+
+        A vCPU runs guest code only after its entry path has processed its requests,
+        so no vCPU can use a translation the zap removed once this returns.
+        """
+        self.stat["remote_tlb_flush_requests"] += 1
+        for v in self.vcpus:
+            v.requests |= KVM_REQ_TLB_FLUSH
+        self.stat["remote_tlb_flush"] += 1
+        self.trace_emit("kvm_flush_remote_tlbs", msg=f"vcpus {len(self.vcpus)}")
+
+    def flush_remote_tlbs_gfn(self, gfn, level):
+        self.flush_remote_tlbs()
+
+    # -- zapping (userspace-visible operations) ----------------------------------------------------------
+    def zap_gfn_range(self, start, end, types=KVM_VALID_ROOTS):
+        """Unmap [start, end) from the roots of ``types`` and flush, as an invalidation does."""
+        self.mmu_lock.write_lock()
+        try:
+            flush = self.tdp_mmu.unmap_gfn_range(start, end, types, False)
+            self.stat["zaps"] += 1
+            if flush:
+                self.flush_remote_tlbs()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def flush_shadow_memslot(self, slot):
+        self.zap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages, KVM_ALL_ROOTS)
+
+    def get_leaf_spte(self, vcpu, gpa):
+        """The SPTE at the lowest level reached for ``gpa`` in the root the address uses."""
+        root = vcpu.root if self.is_addr_direct(gpa) else vcpu.mirror_root
+        gfn = (gpa >> 12) & ~self.gfn_direct_bits
+        it = TdpIter(self, root, PG_LEVEL_4K, gfn, self.tdp_mmu.gfn_root_bits(root))
+        leaf = None
+        for it in for_each_tdp_pte_min_level(it, gfn + 1):
+            leaf = it.old_spte
+        return leaf
+
+    # -- vCPUs --------------------------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id):
+        if any(v.vcpu_id == vcpu_id for v in self.vcpus):
+            raise KvmIoctlError(EEXIST, f"vCPU {vcpu_id} exists")
+        v = KvmVcpu(self, vcpu_id)
+        self.vcpus.append(v)
+        self.x86_ops.vcpu_create(v)
+        return v
+
+    def destroy(self):
+        """kvm_destroy_vm(): drop vCPU roots, zap every root, free every page."""
+        self.x86_ops.vm_destroy_begin(self)
+        for v in self.vcpus:
+            v.mmu_unload()
+        # kvm_mmu_uninit_tdp_mmu(): invalidate all roots (the mirror too) and zap them exclusively.
+        self.mmu_lock.write_lock()
+        try:
+            self.tdp_mmu.invalidate_roots(KVM_VALID_ROOTS)
+            self.tdp_mmu.zap_invalidated_roots(False)
+        finally:
+            self.mmu_lock.write_unlock()
+        self.rcu.barrier()
+        for v in self.vcpus:
+            v.free_caches()
+        self.x86_ops.vm_free(self)
+
+
+EINVAL, EEXIST, EFAULT, EIO = 22, 17, 14, 5
+
+
+class KvmVcpu:
+    """struct kvm_vcpu (x86, VMX/TDX): the run loop and exit handling."""
+
+    def __init__(self, kvm, vcpu_id):
+        self.kvm = kvm
+        self.vcpu_id = vcpu_id
+        self.hw = Vcpu(kvm.mem, vcpu_id)
+        self.root = None
+        self.mirror_root = None
+        self.root_level = kvm.root_level
+        self.requests = 0
+        self.mmu_shadow_page_cache = KvmMmuMemoryCache(kvm, "mmu_shadow_page_cache", SHADOW_NONPRESENT_VALUE)
+        self.mmu_external_spt_cache = KvmMmuMemoryCache(kvm, "mmu_external_spt_cache")
+        self.stat = {"exits": 0, "ept_violations": 0, "ept_misconfigs": 0, "pf_taken": 0, "pf_fixed": 0,
+                     "pf_spurious": 0, "pf_emulate": 0, "pf_retry": 0, "pf_mmio_spte_created": 0,
+                     "hypercalls": 0, "halt_exits": 0, "tlb_flush": 0}
+        self.arch = None                  # per-vendor vCPU state (struct vcpu_tdx for a TD)
+
+    # -- registers ------------------------------------------------------------------------------------------
+    def get_regs(self):
+        return self.hw.get_regs()
+
+    def set_regs(self, regs):
+        self.hw.set_regs(regs)
+
+    # -- MMU ------------------------------------------------------------------------------------------
+    def mmu_load(self):
+        """kvm_mmu_load(): allocate the roots (mirror first for a TD) and load the EPT pointer."""
+        tdp = self.kvm.tdp_mmu
+        r = mmu_mod.mmu_topup_memory_caches(self)
+        if r:
+            raise KvmIoctlError(-r, "cannot allocate the MMU roots")
+        if self.kvm.has_mirrored_tdp:
+            self.mirror_root = tdp.alloc_root(self, True)
+        self.root = tdp.alloc_root(self, False)
+        self.kvm.x86_ops.load_mmu_pgd(self, self.root.spt, self.root_level)
+
+    def mmu_unload(self):
+        tdp = self.kvm.tdp_mmu
+        for attr in ("root", "mirror_root"):
+            root = getattr(self, attr)
+            if root is not None:
+                tdp.put_root(root)
+                setattr(self, attr, None)
+
+    def free_caches(self):
+        self.mmu_shadow_page_cache.free_all()
+        self.mmu_external_spt_cache.free_all()
+
+    def kvm_mmu_page_fault(self, gpa, error_code):
+        """Returns 1 to resume the guest, 0 after preparing a userspace exit."""
+        kvm = self.kvm
+        r = RET_PF_INVALID
+        if error_code & PFERR_RSVD_MASK:
+            r = mmu_mod.handle_mmio_page_fault(self, gpa)
+            if r == RET_PF_INVALID:
+                kvm.KVM_BUG_ON(True, f"EPT misconfiguration at gpa {gpa:#x} on a non-MMIO SPTE")
+                return 0
+        if r == RET_PF_INVALID:
+            r = self.kvm_mmu_do_page_fault(gpa, error_code)
+        if r < 0:
+            raise KvmIoctlError(-r, f"page fault at gpa {gpa:#x} failed ({r})")
+        if r != RET_PF_EMULATE:
+            return 1
+        # Emulation: this model has no instruction emulator, so the access goes to
+        # userspace as MMIO, which is what KVM does for MMIO and read-only-slot writes.
+        self.exit_to_user(KVM_EXIT_MMIO, phys_addr=gpa, is_write=bool(error_code & PFERR_WRITE_MASK))
+        return 0
+
+    def kvm_mmu_do_page_fault(self, gpa, error_code):
+        kvm = self.kvm
+        fault = KvmPageFault(gpa, error_code)
+        fault.gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
+        self.stat["pf_taken"] += 1
+        r = self.kvm_tdp_page_fault(fault)
+        if r == RET_PF_FIXED:
+            self.stat["pf_fixed"] += 1
+        elif r == RET_PF_EMULATE:
+            self.stat["pf_emulate"] += 1
+        elif r == RET_PF_SPURIOUS:
+            self.stat["pf_spurious"] += 1
+        elif r == RET_PF_RETRY:
+            self.stat["pf_retry"] += 1
+        if kvm.tracer.enabled and r >= 0:
+            kvm.trace_emit("kvm_tdp_page_fault_done", self.vcpu_id,
+                           msg=f"gfn {fault.gfn:x} level {fault.goal_level} "
+                               f"{'mirror' if fault.is_private and kvm.has_mirrored_tdp else 'direct'} "
+                               f"ret {RET_PF_NAMES[r]}")
+        return r
+
+    def kvm_tdp_page_fault(self, fault):
+        """kvm_tdp_mmu_page_fault(): top up, fault in, then map under the read lock."""
+        kvm = self.kvm
+        r = mmu_mod.mmu_topup_memory_caches(self)
+        if r:
+            return r
+        r = mmu_mod.kvm_mmu_faultin_pfn(self, fault)
+        if r != RET_PF_CONTINUE:
+            return r
+        kvm.mmu_lock.read_lock()
+        try:
+            return kvm.tdp_mmu.map(self, fault)
+        finally:
+            kvm.mmu_lock.read_unlock()
+
+    # -- running ------------------------------------------------------------------------------------------
+    def exit_to_user(self, reason, **fields):
+        self.kvm_run = KvmRun(reason, **fields)
+        self.kvm.trace_emit("kvm_userspace_exit", self.vcpu_id, msg=f"reason {EXIT_NAMES.get(reason, reason)}")
+
+    def run(self):
+        """KVM_RUN"""
+        kvm = self.kvm
+        if kvm.vm_dead:
+            return KvmRun(KVM_EXIT_INTERNAL_ERROR, suberror="vm_dead",
+                          reason=f"the VM is dead (KVM_BUG_ON: {kvm.bug_reason})")
+        if self.root is None:
+            self.mmu_load()
+        self.kvm_run = None
+        hw = self.hw
+        tracer = kvm.tracer
+        sched = kvm.sched
+        while True:
+            if self.requests:
+                self.process_requests()
+            if tracer.enabled:
+                tracer.vcpu = self.vcpu_id
+                kvm.trace_emit("kvm_entry", self.vcpu_id, msg=f"vcpu {self.vcpu_id}, rip {hw.reg('rip'):#x}")
+            if sched is not None:
+                sched.point(self.vcpu_id, "vm_entry")
+            exit = kvm.x86_ops.vcpu_run(self)
+            self.stat["exits"] += 1
+            if tracer.enabled:
+                self.trace_exit(exit)
+            if sched is not None:
+                sched.point(self.vcpu_id, "vm_exit")
+            r = kvm.x86_ops.handle_exit(self, exit)
+            if kvm.vm_dead and self.kvm_run is None:
+                return KvmRun(KVM_EXIT_INTERNAL_ERROR, suberror="vm_dead",
+                              reason=f"the VM is dead (KVM_BUG_ON: {kvm.bug_reason})")
+            if r <= 0:
+                return self.kvm_run
+
+    def process_requests(self):
+        if self.requests & KVM_REQ_TLB_FLUSH:
+            self.stat["tlb_flush"] += 1
+            self.hw.flush_tlb()
+            self.kvm.trace_emit("kvm_tlb_flush", self.vcpu_id, msg=f"vcpu {self.vcpu_id} invept")
+        self.requests = 0
+
+    def trace_exit(self, exit):
+        extra = ""
+        if exit.reason == EXIT_REASON_EPT_VIOLATION:
+            extra = f" gpa {exit.gpa:#x} gla {exit.gla:#x} [{decode_qualification(exit.qualification)}]"
+        elif exit.reason == EXIT_REASON_EPT_MISCONFIG:
+            extra = f" gpa {exit.gpa:#x} ({exit.misconfig})"
+        elif exit.reason == EXIT_REASON_EXCEPTION_NMI:
+            extra = f" {VECTOR_NAMES.get(exit.vector, exit.vector)}"
+        self.kvm.trace_emit("kvm_exit", self.vcpu_id,
+                            msg=f"vcpu {self.vcpu_id} reason {exit.name} rip {exit.rip:#x} "
+                                f"info1 {exit.qualification:#018x} info2 0x0000000000000000 "
+                                f"error_code {exit.error_code or 0:#010x}{extra}")
+
+    def skip_emulated_instruction(self, exit):
+        self.hw.set_reg("rip", exit.rip + exit.insn_len)
+
+    # -- VMX exit handlers ----------------------------------------------------------------------------------
+    def handle_ept_violation(self, exit):
+        """handle_ept_violation() / __vmx_handle_ept_violation(): the error code from the qualification."""
+        q = exit.qualification
+        gpa = exit.gpa
+        self.stat["ept_violations"] += 1
+        error_code = PFERR_USER_MASK if q & EPT_VIOLATION_ACC_READ else 0
+        if q & EPT_VIOLATION_ACC_WRITE:
+            error_code |= PFERR_WRITE_MASK
+        if q & EPT_VIOLATION_ACC_INSTR:
+            error_code |= PFERR_FETCH_MASK
+        if q & 0x38:                                   # EPT_VIOLATION_PROT_MASK: the entry was present
+            error_code |= PFERR_PRESENT_MASK
+        if q & EPT_VIOLATION_GVA_IS_VALID:
+            error_code |= PFERR_GUEST_FINAL_MASK if q & EPT_VIOLATION_GVA_TRANSLATED else PFERR_GUEST_PAGE_MASK
+        if not self.kvm.is_addr_direct(gpa):
+            error_code |= PFERR_PRIVATE_ACCESS
+        if self.kvm.tracer.enabled:
+            self.kvm.trace_emit("kvm_page_fault", self.vcpu_id,
+                                msg=f"vcpu {self.vcpu_id} rip {exit.rip:#x} address {gpa:#018x} "
+                                    f"error_code {error_code:#x}")
+        return self.kvm_mmu_page_fault(gpa, error_code)
+
+    def handle_ept_misconfig(self, exit):
+        self.stat["ept_misconfigs"] += 1
+        return self.kvm_mmu_page_fault(exit.gpa, PFERR_RSVD_MASK)
+
+    def handle_hypercall(self, exit, nr, args):
+        """kvm_emulate_hypercall(): the project's report/fail calls go to userspace
+        (as KVM_HC_MAP_GPA_RANGE does); anything else returns -KVM_ENOSYS."""
+        self.stat["hypercalls"] += 1
+        self.skip_emulated_instruction(exit)
+        self.kvm.trace_emit("kvm_hypercall", self.vcpu_id,
+                            msg=f"nr {nr:#x} a0 {args[0]:#x} a1 {args[1]:#x} a2 {args[2]:#x} a3 {args[3]:#x}")
+        if nr in (guestabi.EMU_HC_REPORT, guestabi.EMU_HC_FAIL):
+            self.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=list(args), ret=0)
+            return 0
+        self.hw.set_reg("rax", (-KVM_ENOSYS) & ((1 << 64) - 1))
+        return 1
+
+    def guest_exception(self, exit):
+        """A guest exception with no IDT to deliver it through: #DF, then a triple fault."""
+        insn = self.disassemble(exit.rip)
+        self.exit_to_user(KVM_EXIT_SHUTDOWN, vector=exit.vector, error_code=exit.error_code, cr2=exit.cr2,
+                          rip=exit.rip, insn=insn)
+        return 0
+
+    def disassemble(self, rip):
+        from ..disasm import disassemble_one
+        return disassemble_one(self.hw.read_guest(rip, 16), rip)

@@ -1,0 +1,115 @@
+"""tdp_iter: a pre-order walk over the SPTEs of one root (arch/x86/kvm/mmu/tdp_iter.[ch]).
+
+The iterator steps down into present non-leaf entries, sideways within a
+table, and up when a table is done, exactly in KVM's order.  ``old_spte`` is
+the snapshot KVM's cmpxchg compares against; every read of an SPTE is a
+scheduling point (another vCPU may run between two reads).
+"""
+
+from .spte import (KVM_PAGES_PER_HPAGE, SPTE_INDEX, gfn_round_for_level, is_shadow_present_pte, is_last_spte,
+                   SPTE_BASE_ADDR_MASK, PT64_ROOT_MAX_LEVEL)
+
+
+class TdpIter:
+    __slots__ = ("next_last_level_gfn", "yielded_gfn", "pt_path", "sptep", "gfn", "gfn_bits", "root_level",
+                 "min_level", "level", "as_id", "old_spte", "valid", "yielded", "q", "sched", "vcpu")
+
+    def __init__(self, kvm, root, min_level, start_gfn, gfn_bits, vcpu=None):
+        self.q = kvm.mem.q
+        self.sched = kvm.sched
+        self.vcpu = vcpu
+        self.pt_path = [0] * PT64_ROOT_MAX_LEVEL
+        self.yielded = False
+        self.start(root, min_level, start_gfn, gfn_bits)
+
+    def read_spte(self, sptep):
+        # kvm_tdp_mmu_read_spte(): READ_ONCE(*sptep)
+        if self.sched is not None:
+            self.sched.point(self.vcpu, "spte_read", sptep)
+        return self.q[sptep >> 3]
+
+    def start(self, root, min_level, next_last_level_gfn, gfn_bits):
+        level = root.role_level
+        if level < 1 or level > PT64_ROOT_MAX_LEVEL or (gfn_bits and next_last_level_gfn >= gfn_bits):
+            self.valid = False
+            return
+        self.next_last_level_gfn = next_last_level_gfn
+        self.gfn_bits = gfn_bits
+        self.root_level = level
+        self.min_level = min_level
+        self.pt_path[level - 1] = root.spt
+        self.as_id = root.as_id
+        self.restart()
+
+    def restart(self):
+        self.yielded = False
+        self.yielded_gfn = self.next_last_level_gfn
+        self.level = self.root_level
+        self.gfn = gfn_round_for_level(self.next_last_level_gfn, self.level)
+        self.refresh_sptep()
+        self.valid = True
+
+    def refresh_sptep(self):
+        self.sptep = self.pt_path[self.level - 1] + (SPTE_INDEX((self.gfn | self.gfn_bits) << 12, self.level) << 3)
+        self.old_spte = self.read_spte(self.sptep)
+
+    def try_step_down(self):
+        if self.level == self.min_level:
+            return False
+        # Re-read: the snapshot may be stale, and stepping into a table that was
+        # just zapped would walk a page on its way to being freed.
+        self.old_spte = self.read_spte(self.sptep)
+        child = spte_to_child_pt(self.old_spte, self.level)
+        if child is None:
+            return False
+        self.level -= 1
+        self.pt_path[self.level - 1] = child
+        self.gfn = gfn_round_for_level(self.next_last_level_gfn, self.level)
+        self.refresh_sptep()
+        return True
+
+    def try_step_side(self):
+        # At the last entry of the table: nothing to the side.
+        if SPTE_INDEX((self.gfn | self.gfn_bits) << 12, self.level) == 511:
+            return False
+        self.gfn += KVM_PAGES_PER_HPAGE(self.level)
+        self.next_last_level_gfn = self.gfn
+        self.sptep += 8
+        self.old_spte = self.read_spte(self.sptep)
+        return True
+
+    def try_step_up(self):
+        if self.level == self.root_level:
+            return False
+        self.level += 1
+        self.gfn = gfn_round_for_level(self.gfn, self.level)
+        self.refresh_sptep()
+        return True
+
+    def next(self):
+        """tdp_iter_next(): pre-order successor; after a yield, restart from the root."""
+        if self.yielded:
+            self.restart()
+            return
+        if self.try_step_down():
+            return
+        while True:
+            if self.try_step_side():
+                return
+            if not self.try_step_up():
+                break
+        self.valid = False
+
+
+def spte_to_child_pt(spte, level):
+    """The HPA of the table a non-leaf SPTE points to; None for a leaf or a non-present SPTE."""
+    if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+        return None
+    return spte & SPTE_BASE_ADDR_MASK
+
+
+def for_each_tdp_pte_min_level(it, end):
+    """for_each_tdp_pte_min_level(): yields the same iterator at each step while gfn < end."""
+    while it.valid and it.gfn < end:
+        yield it
+        it.next()

@@ -1,0 +1,603 @@
+"""KVM's TDP MMU (arch/x86/kvm/mmu/tdp_mmu.c) over tables in emulated host memory.
+
+Roots, the fault-path map (kvm_tdp_mmu_map), the atomic and non-atomic SPTE
+setters with their bookkeeping (handle_changed_spte, handle_removed_pt), and
+the zap paths.  For a TDX VM the mirror root's SPTEs are reflected into the
+TDX module's S-EPT through the x86 ops reflect_* hooks, with the SPTE frozen
+to REMOVED_SPTE while the hook runs (the seed patch "KVM: x86/tdp_mmu:
+Reflect building mirror page tables").
+
+Locking model: the fault path runs with mmu_lock held for read and changes
+SPTEs only with cmpxchg; zaps hold it for write.  Removed tables are freed
+after an RCU grace period, because lockless walkers (other vCPUs' faults)
+may still be reading them.
+"""
+
+from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G,
+                   KVM_PAGES_PER_HPAGE, is_shadow_present_pte, is_last_spte, is_removed_spte, is_large_pte,
+                   spte_to_pfn, make_nonleaf_spte, make_spte, make_mmio_spte, is_mmio_spte, ACC_ALL,
+                   is_ept_ve_possible, is_accessed_spte, shadow_accessed_mask, PT_WRITABLE_MASK,
+                   shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK)
+from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
+from .mmu import kvm_mmu_hugepage_adjust
+
+EBUSY = 16
+EIO = 5
+EINVAL = 22
+
+# enum RET_PF_* (mmu_internal.h)
+RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, \
+    RET_PF_SPURIOUS = range(7)
+RET_PF_NAMES = ["CONTINUE", "RETRY", "EMULATE", "WRITE_PROTECTED", "INVALID", "FIXED", "SPURIOUS"]
+
+# union kvm_mmu_page_role, bit positions
+ROLE_LEVEL_MASK = 0xF
+ROLE_DIRECT = 1 << 7
+ROLE_ACCESS_SHIFT = 8
+ROLE_INVALID = 1 << 11
+ROLE_EFER_NX = 1 << 12
+ROLE_CR0_WP = 1 << 13
+ROLE_AD_DISABLED = 1 << 16
+ROLE_IS_MIRROR = 1 << 19
+ROLE_SMM_SHIFT = 24
+
+# enum kvm_tdp_mmu_root_types
+KVM_INVALID_ROOTS, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS = 1, 2, 4
+KVM_VALID_ROOTS = KVM_DIRECT_ROOTS | KVM_MIRROR_ROOTS
+KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
+
+
+class KvmMmuPage:
+    """struct kvm_mmu_page for the TDP MMU: ``spt`` is the HPA of its 512-entry table."""
+    __slots__ = ("role", "gfn", "spt", "ptep", "external_spt", "tdp_mmu_root_count", "role_level", "as_id",
+                 "is_mirror", "zapped")
+
+    def __init__(self, spt):
+        self.spt = spt
+        self.external_spt = None
+        self.tdp_mmu_root_count = 0
+        self.ptep = None
+        self.zapped = False           # an invalidated root whose zap is done
+
+    def init(self, sptep, gfn, role):
+        """tdp_mmu_init_sp()"""
+        self.role = role
+        self.role_level = role & ROLE_LEVEL_MASK
+        self.as_id = role >> ROLE_SMM_SHIFT
+        self.is_mirror = bool(role & ROLE_IS_MIRROR)
+        self.gfn = gfn
+        self.ptep = sptep
+
+    @property
+    def invalid(self):
+        return bool(self.role & ROLE_INVALID)
+
+    def __repr__(self):
+        kind = "mirror" if self.is_mirror else "direct"
+        return f"<sp {kind} level {self.role_level} gfn {self.gfn:#x} spt {self.spt:#x}>"
+
+
+class TdpMmu:
+    """The per-VM TDP MMU state (kvm->arch.tdp_mmu_*)."""
+
+    def __init__(self, kvm):
+        self.kvm = kvm
+        self.mem = kvm.mem
+        self.roots = []               # kvm->arch.tdp_mmu_roots
+        self.pages = 0                # kvm->arch.tdp_mmu_pages
+        self.sp_of = {}               # table HPA -> KvmMmuPage (the kernel keeps it in page->private)
+        # The seed patch's protocol; False reproduces the code before it (issue: --no-freeze).
+        self.freeze_mirror_sptes = True
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def sptep_to_sp(self, sptep):
+        return self.sp_of[sptep & ~0xFFF]
+
+    def is_mirror_sptep(self, sptep):
+        return self.sp_of[sptep & ~0xFFF].is_mirror
+
+    def _point(self, vcpu, what, arg=None):
+        s = self.kvm.sched
+        if s is not None:
+            s.point(vcpu, what, arg)
+
+    # -- page allocation -----------------------------------------------------------------------------------
+    def alloc_sp(self, vcpu):
+        """tdp_mmu_alloc_sp(): the table page comes from the vCPU's topped-up cache."""
+        spt = vcpu.mmu_shadow_page_cache.alloc()
+        sp = KvmMmuPage(spt)
+        self.sp_of[spt] = sp
+        return sp
+
+    def alloc_external_spt(self, vcpu, sp):
+        """kvm_mmu_alloc_external_spt(): the page the TDX module will own as the S-EPT table."""
+        sp.external_spt = vcpu.mmu_external_spt_cache.alloc()
+
+    def free_sp(self, sp):
+        """tdp_mmu_free_sp()"""
+        host = self.kvm.host
+        if sp.external_spt is not None:
+            host.free_kernel_page(sp.external_spt)
+        del self.sp_of[sp.spt]
+        host.free_kernel_page(sp.spt)
+
+    def init_child_sp(self, child, it):
+        parent = self.sptep_to_sp(it.sptep)
+        role = (parent.role & ~ROLE_LEVEL_MASK) | (parent.role_level - 1)
+        child.init(it.sptep, it.gfn, role)
+        self.kvm.trace_emit("kvm_mmu_get_page", msg=f"sp gfn {it.gfn:x} l{role & 0xF} "
+                            f"{'mirror' if role & ROLE_IS_MIRROR else 'direct'} new")
+
+    def account_mmu_page(self, sp):
+        self.pages += 1
+
+    def unaccount_mmu_page(self, sp):
+        self.pages -= 1
+
+    # -- roots --------------------------------------------------------------------------------------------
+    def root_role(self, level, mirror):
+        """kvm_calc_tdp_mmu_root_page_role(), plus is_mirror for the mirror root."""
+        role = level | ROLE_DIRECT | (ACC_ALL << ROLE_ACCESS_SHIFT) | ROLE_EFER_NX | ROLE_CR0_WP
+        if mirror:
+            role |= ROLE_IS_MIRROR
+        return role
+
+    def alloc_root(self, vcpu, mirror):
+        """kvm_tdp_mmu_alloc_root(): reuse a valid root with the same role, else make one."""
+        role = self.root_role(vcpu.root_level, mirror)
+        for root in self.roots:
+            if root.role == role and root.tdp_mmu_root_count > 0:
+                root.tdp_mmu_root_count += 1
+                return root
+        root = self.alloc_sp(vcpu)
+        root.init(None, 0, role)
+        # One reference for the vCPU, one for the MMU (dropped when the root is invalidated).
+        root.tdp_mmu_root_count = 2
+        self.roots.append(root)
+        self.kvm.trace_emit("kvm_mmu_get_page", msg=f"root l{role & 0xF} {'mirror' if mirror else 'direct'} "
+                            f"spt {root.spt:#x} new")
+        return root
+
+    def put_root(self, root):
+        """kvm_tdp_mmu_put_root(): the last reference frees the (already zapped) root after a grace period."""
+        root.tdp_mmu_root_count -= 1
+        if root.tdp_mmu_root_count:
+            return
+        self.roots.remove(root)
+        self.kvm.rcu.call_rcu(lambda: self.free_sp(root))
+
+    def roots_of_types(self, types):
+        """for_each_tdp_mmu_root with a root-type filter (tdp_mmu_root_match)."""
+        out = []
+        for r in self.roots:
+            if r.invalid:
+                if types & KVM_INVALID_ROOTS:
+                    out.append(r)
+                continue
+            if types & (KVM_MIRROR_ROOTS if r.is_mirror else KVM_DIRECT_ROOTS):
+                out.append(r)
+        return out
+
+    def gfn_root_bits(self, root):
+        """kvm_gfn_root_bits(): the shared bit is part of the index only in the direct root."""
+        return 0 if root.is_mirror else self.kvm.gfn_direct_bits
+
+    # -- setting SPTEs ------------------------------------------------------------------------------------
+    def handle_changed_spte(self, as_id, gfn, old_spte, new_spte, level, shared, vcpu=None):
+        """Bookkeeping after an SPTE changed; recursion into removed tables."""
+        kvm = self.kvm
+        was_present = is_shadow_present_pte(old_spte)
+        is_present = is_shadow_present_pte(new_spte)
+        was_leaf = was_present and is_last_spte(old_spte, level)
+        is_leaf = is_present and is_last_spte(new_spte, level)
+        pfn_changed = spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
+
+        assert 1 <= level <= 5 and gfn % KVM_PAGES_PER_HPAGE(level) == 0, (level, gfn)
+        if was_leaf and is_leaf and pfn_changed:
+            # pr_err + BUG() upstream: a leaf may not be repointed without a zap in between.
+            kvm.kvm_bug(f"leaf SPTE for gfn {gfn:#x} changed pfn {spte_to_pfn(old_spte):#x} -> "
+                        f"{spte_to_pfn(new_spte):#x}")
+        if old_spte == new_spte:
+            return
+        if kvm.tracer.enabled:
+            kvm.trace_emit("kvm_tdp_mmu_spte_changed", vcpu,
+                           msg=f"as id {as_id} gfn {gfn:x} level {level} old_spte {old_spte:x} new_spte {new_spte:x}")
+        if not was_present and not is_present:
+            # Non-present to non-present happens only for MMIO SPTEs and freezing.
+            return
+        if is_leaf != was_leaf:
+            kvm.update_page_stats(level, 1 if is_leaf else -1)
+        if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
+            self.handle_removed_pt(spte_to_child_pt(old_spte, level), shared, vcpu)
+
+    def handle_removed_pt(self, pt, shared, vcpu=None):
+        """A table was unlinked: freeze and process each of its entries, then free it after RCU."""
+        kvm = self.kvm
+        q = self.mem.q
+        sp = self.sptep_to_sp(pt)
+        level = sp.role_level
+        base_gfn = sp.gfn
+        kvm.trace_emit("kvm_mmu_prepare_zap_page", vcpu, msg=f"sp gfn {base_gfn:x} l{level} "
+                       f"{'mirror' if sp.is_mirror else 'direct'}")
+        self.unaccount_mmu_page(sp)
+        for i in range(512):
+            sptep = pt + i * 8
+            gfn = base_gfn + i * KVM_PAGES_PER_HPAGE(level)
+            if shared:
+                # Another vCPU may have frozen this entry to install it: wait until it
+                # is done (the freeze is short), then take the final value with xchg.
+                while True:
+                    self._point(vcpu, "spte_xchg", sptep)
+                    old = self.mem.xchg64(sptep, REMOVED_SPTE)
+                    if not is_removed_spte(old):
+                        break
+                    self.mem.write64(sptep, old)
+                    self._point(vcpu, "frozen_wait", sptep)
+            else:
+                old = q[sptep >> 3]
+                if not is_shadow_present_pte(old):
+                    continue
+                old = self.mem.xchg64(sptep, REMOVED_SPTE)
+            self.handle_changed_spte(sp.as_id, gfn, old, REMOVED_SPTE, level, shared, vcpu)
+            if sp.is_mirror:
+                if kvm.KVM_BUG_ON(shared, "removing a mirror table under the shared mmu_lock"):
+                    continue
+                self.remove_external_spte(gfn, old, level, vcpu)
+        if sp.is_mirror and sp.external_spt is not None:
+            if kvm.x86_ops.reflect_free_spt(kvm, base_gfn, level, sp.external_spt):
+                # WARN upstream: the module still owns the page, so it is leaked on purpose.
+                kvm.leak_page(sp.external_spt, f"S-EPT page of gfn {base_gfn:#x} level {level}")
+                sp.external_spt = None
+        kvm.rcu.call_rcu(lambda: self.free_sp(sp))
+
+    def remove_external_spte(self, gfn, old_spte, level, vcpu=None):
+        """remove_external_spte(): only leaves have a page in the S-EPT to remove."""
+        if not is_last_spte(old_spte, level) or not is_shadow_present_pte(old_spte):
+            return
+        kvm = self.kvm
+        kvm.lockdep_assert_held_write()
+        ret = kvm.x86_ops.reflect_remove_spte(kvm, gfn, level, spte_to_pfn(old_spte))
+        kvm.KVM_BUG_ON(ret, f"reflect_remove_spte gfn {gfn:#x} failed ({ret})")
+
+    def set_external_spte_present(self, sptep, gfn, old_spte, new_spte, level, vcpu):
+        """Freeze, reflect, then publish (or restore).  The freeze makes the S-EPT
+        and the mirror change together as far as any other vCPU can tell: a walker
+        that meets REMOVED_SPTE retries its fault, and a cmpxchg against the frozen
+        value fails, so nobody builds below an entry the S-EPT does not have yet."""
+        kvm = self.kvm
+        was_present = is_shadow_present_pte(old_spte)
+        is_leaf = is_last_spte(new_spte, level)
+        if kvm.KVM_BUG_ON(was_present, f"mirror SPTE for gfn {gfn:#x} already present"):
+            return -EIO
+        self._point(vcpu, "spte_cmpxchg", sptep)
+        if not self.mem.cmpxchg64(sptep, old_spte, REMOVED_SPTE):
+            return -EBUSY
+        kvm.trace_emit("kvm_tdp_mmu_spte_frozen", vcpu, msg=f"gfn {gfn:x} level {level} old_spte {old_spte:x}")
+        ret = self.reflect(gfn, level, new_spte, is_leaf, vcpu)
+        self._point(vcpu, "spte_write", sptep)
+        if ret:
+            self.mem.write64(sptep, old_spte)
+            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, msg=f"gfn {gfn:x} level {level} restored "
+                           f"{old_spte:x} ret {ret}")
+        else:
+            self.mem.write64(sptep, new_spte)
+            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, msg=f"gfn {gfn:x} level {level} new_spte {new_spte:x}")
+        return ret
+
+    def reflect(self, gfn, level, new_spte, is_leaf, vcpu):
+        """The reflect_* op for a new mirror SPTE: set for a leaf, link for a table."""
+        kvm = self.kvm
+        if is_leaf:
+            return kvm.x86_ops.reflect_set_spte(kvm, gfn, level, spte_to_pfn(new_spte), vcpu)
+        child = self.sp_of.get(spte_to_child_pt(new_spte, level))
+        if kvm.KVM_BUG_ON(child is None or child.external_spt is None,
+                          f"mirror link for gfn {gfn:#x} level {level} without a mirrored page"):
+            return -EIO
+        if child.role_level + 1 != level or child.gfn != gfn:
+            kvm.warn(f"mirror link mismatch: child level {child.role_level} gfn {child.gfn:#x}, "
+                     f"parent level {level} gfn {gfn:#x}")
+        return kvm.x86_ops.reflect_link_spt(kvm, gfn, level, child.external_spt, vcpu)
+
+    def __tdp_mmu_set_spte_atomic(self, it, new_spte, vcpu):
+        kvm = self.kvm
+        if it.yielded or is_removed_spte(it.old_spte):
+            kvm.warn("atomic SPTE update on a yielded iterator or a frozen SPTE")
+        if not is_removed_spte(new_spte) and self.is_mirror_sptep(it.sptep):
+            # Mirror SPTEs can only be installed atomically: zapping one needs the
+            # S-EPT's BLOCK/TRACK/REMOVE sequence, which runs under the write lock.
+            if kvm.KVM_BUG_ON(not is_shadow_present_pte(new_spte),
+                              f"atomic zap of mirror SPTE for gfn {it.gfn:#x}"):
+                return -EBUSY
+            if self.freeze_mirror_sptes:
+                return self.set_external_spte_present(it.sptep, it.gfn, it.old_spte, new_spte, it.level, vcpu)
+            return self._set_mirror_spte_without_freeze(it, new_spte, vcpu)
+        self._point(vcpu, "spte_cmpxchg", it.sptep)
+        if not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
+            it.old_spte = self.mem.q[it.sptep >> 3]      # try_cmpxchg64 refreshes the snapshot
+            return -EBUSY
+        return 0
+
+    def _set_mirror_spte_without_freeze(self, it, new_spte, vcpu):
+        """What the code did before the seed patch (--no-freeze): publish the mirror
+        SPTE first, then reflect it.  Between the two, another vCPU can walk below the
+        new entry and reach the TDX module before the S-EPT has the level."""
+        self._point(vcpu, "spte_cmpxchg", it.sptep)
+        if not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
+            it.old_spte = self.mem.q[it.sptep >> 3]
+            return -EBUSY
+        ret = self.reflect(it.gfn, it.level, new_spte, is_last_spte(new_spte, it.level), vcpu)
+        if ret:
+            self._point(vcpu, "spte_write", it.sptep)
+            self.mem.write64(it.sptep, it.old_spte)
+        return ret
+
+    def tdp_mmu_set_spte_atomic(self, it, new_spte, vcpu=None):
+        """Install ``new_spte`` if the SPTE still holds ``it.old_spte``; 0 or -EBUSY (or the reflect error)."""
+        kvm = self.kvm
+        kvm.lockdep_assert_held_read()
+        ret = self.__tdp_mmu_set_spte_atomic(it, new_spte, vcpu)
+        if ret:
+            return ret
+        self.handle_changed_spte(it.as_id, it.gfn, it.old_spte, new_spte, it.level, True, vcpu)
+        return 0
+
+    def tdp_mmu_set_spte(self, as_id, sptep, old_spte, new_spte, gfn, level, vcpu=None):
+        """Non-atomic set under the write lock; returns the value replaced."""
+        kvm = self.kvm
+        kvm.lockdep_assert_held_write()
+        if is_removed_spte(old_spte) or is_removed_spte(new_spte):
+            kvm.warn(f"non-atomic set with a frozen SPTE (gfn {gfn:#x})")
+        self._point(vcpu, "spte_write", sptep)
+        old_spte = self.mem.xchg64(sptep, new_spte)
+        self.handle_changed_spte(as_id, gfn, old_spte, new_spte, level, False, vcpu)
+        if self.is_mirror_sptep(sptep):
+            # Mirror SPTEs are made present only through the atomic (reflecting) path.
+            if kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte),
+                              f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}"):
+                return old_spte
+            self.remove_external_spte(gfn, old_spte, level, vcpu)
+        return old_spte
+
+    def iter_set_spte(self, it, new_spte, vcpu=None):
+        if it.yielded:
+            self.kvm.warn("set on a yielded iterator")
+        it.old_spte = self.tdp_mmu_set_spte(it.as_id, it.sptep, it.old_spte, new_spte, it.gfn, it.level, vcpu)
+
+    def link_sp(self, it, sp, shared, vcpu):
+        """tdp_mmu_link_sp()"""
+        spte = make_nonleaf_spte(sp.spt)
+        if shared:
+            ret = self.tdp_mmu_set_spte_atomic(it, spte, vcpu)
+            if ret:
+                return ret
+        else:
+            self.iter_set_spte(it, spte, vcpu)
+        self.account_mmu_page(sp)
+        return 0
+
+    # -- the fault path -----------------------------------------------------------------------------------
+    def get_root_for_fault(self, vcpu, fault):
+        """tdp_mmu_get_root_for_fault(): private GPAs use the mirror root."""
+        if self.kvm.has_mirrored_tdp and not self.kvm.is_addr_direct(fault.addr):
+            return vcpu.mirror_root
+        return vcpu.root
+
+    def map(self, vcpu, fault):
+        """kvm_tdp_mmu_map(): walk to the goal level, linking tables as needed, then map."""
+        kvm = self.kvm
+        root = self.get_root_for_fault(vcpu, fault)
+        kvm_mmu_hugepage_adjust(vcpu, fault)
+        if kvm.tracer.enabled:
+            kvm.trace_emit("kvm_mmu_spte_requested", vcpu.vcpu_id,
+                           msg=f"gfn {fault.gfn:x} pfn {fault.pfn:x} level {fault.goal_level} "
+                               f"{'mirror' if root.is_mirror else 'direct'}")
+        kvm.rcu.read_lock(vcpu.vcpu_id)
+        try:
+            it = TdpIter(kvm, root, PG_LEVEL_4K, fault.gfn, self.gfn_root_bits(root), vcpu.vcpu_id)
+            for it in for_each_tdp_pte_min_level(it, fault.gfn + 1):
+                if is_removed_spte(it.old_spte):
+                    # Another vCPU is installing this entry (frozen while it reflects):
+                    # give up and let the guest fault again.
+                    kvm.trace_emit("kvm_tdp_mmu_spte_frozen_retry", vcpu.vcpu_id,
+                                   msg=f"gfn {it.gfn:x} level {it.level}")
+                    self._point(vcpu.vcpu_id, "frozen_retry", it.sptep)
+                    return RET_PF_RETRY
+                if it.level == fault.goal_level:
+                    return self.map_handle_target_level(vcpu, fault, it)
+                # Step down into existing non-leaf SPTEs.
+                if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
+                    continue
+                # Missing table (or a huge page to split): make one and link it.
+                sp = self.alloc_sp(vcpu)
+                self.init_child_sp(sp, it)
+                if sp.is_mirror:
+                    self.alloc_external_spt(vcpu, sp)
+                if is_shadow_present_pte(it.old_spte):
+                    if kvm.KVM_BUG_ON(sp.is_mirror, "splitting a huge mirror SPTE"):
+                        self.free_sp(sp)
+                        return RET_PF_RETRY
+                    r = self.split_huge_page(it, sp, vcpu)
+                else:
+                    r = self.link_sp(it, sp, True, vcpu.vcpu_id)
+                if r:
+                    self.free_sp(sp)
+                    return RET_PF_RETRY
+            # The walk ended above the goal level: an SPTE changed under us.
+            return RET_PF_RETRY
+        finally:
+            kvm.rcu.read_unlock(vcpu.vcpu_id)
+
+    def split_huge_page(self, it, sp, vcpu):
+        """tdp_mmu_split_huge_page(): fill the new table with the huge page's pieces, then link it."""
+        huge = it.old_spte
+        level = it.level
+        child_level = level - 1
+        for i in range(512):
+            self.mem.write64(sp.spt + i * 8, make_small_spte(huge, child_level, i))
+        ret = self.link_sp(it, sp, True, vcpu.vcpu_id)
+        if ret:
+            return ret
+        # The leaf stats moved one level down (kvm_update_page_stats in the kernel's split).
+        self.kvm.update_page_stats(level, -1)
+        self.kvm.update_page_stats(child_level, 512)
+        return 0
+
+    def map_handle_target_level(self, vcpu, fault, it):
+        """tdp_mmu_map_handle_target_level()"""
+        kvm = self.kvm
+        sp = self.sptep_to_sp(it.sptep)
+        if (is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level)
+                and is_access_allowed(fault, it.old_spte)):
+            return RET_PF_SPURIOUS
+        if fault.slot is None:
+            new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp))
+        else:
+            new_spte, _wrprot = make_spte(it.level, fault.pfn, ACC_ALL, kvm.mt_mask, host_writable=fault.map_writable)
+        if new_spte == it.old_spte:
+            ret = RET_PF_SPURIOUS
+        elif self.tdp_mmu_set_spte_atomic(it, new_spte, vcpu.vcpu_id):
+            return RET_PF_RETRY
+        elif is_shadow_present_pte(it.old_spte) and not is_last_spte(it.old_spte, it.level):
+            kvm.flush_remote_tlbs_gfn(it.gfn, it.level)
+            ret = RET_PF_FIXED
+        else:
+            ret = RET_PF_FIXED
+        if is_mmio_spte(new_spte):
+            vcpu.stat["pf_mmio_spte_created"] += 1
+            return RET_PF_EMULATE
+        kvm.trace_emit("kvm_mmu_set_spte", vcpu.vcpu_id,
+                       msg=f"gfn {it.gfn:x} level {it.level} spte {new_spte:x} ({spte_str(new_spte)})")
+        return ret
+
+    # -- zapping ------------------------------------------------------------------------------------------
+    def cond_resched(self, it, flush, shared):
+        """tdp_mmu_iter_cond_resched(): yield only when asked and when progress was made."""
+        kvm = self.kvm
+        if it.next_last_level_gfn == it.yielded_gfn or not kvm.need_resched():
+            return False
+        if flush:
+            kvm.flush_remote_tlbs()
+        kvm.rcu.read_unlock(None)
+        kvm.cond_resched()
+        kvm.rcu.read_lock(None)
+        it.yielded = True
+        return True
+
+    def zap_leafs(self, root, start, end, can_yield, flush):
+        """tdp_mmu_zap_leafs() under the write lock: zap present leaves in [start, end)."""
+        kvm = self.kvm
+        kvm.lockdep_assert_held_write()
+        end = min(end, kvm.max_gfn_exclusive)
+        kvm.rcu.read_lock(None)
+        it = TdpIter(kvm, root, PG_LEVEL_4K, start, self.gfn_root_bits(root))
+        for it in for_each_tdp_pte_min_level(it, end):
+            if can_yield and self.cond_resched(it, flush, False):
+                flush = False
+                continue
+            if not is_shadow_present_pte(it.old_spte) or not is_last_spte(it.old_spte, it.level):
+                continue
+            self.iter_set_spte(it, SHADOW_NONPRESENT_VALUE)
+            flush = True
+        kvm.rcu.read_unlock(None)
+        return flush
+
+    def kvm_tdp_mmu_zap_leafs(self, start, end, flush):
+        for root in self.roots_of_types(KVM_VALID_ROOTS):
+            flush = self.zap_leafs(root, start, end, True, flush)
+        return flush
+
+    def unmap_gfn_range(self, start, end, types, flush):
+        """kvm_tdp_mmu_unmap_gfn_range(): the filter's roots plus invalid ones."""
+        for root in self.roots_of_types(types | KVM_INVALID_ROOTS):
+            flush = self.zap_leafs(root, start, end, True, flush)
+        return flush
+
+    def __zap_root(self, root, shared, zap_level):
+        kvm = self.kvm
+        it = TdpIter(kvm, root, zap_level, 0, 0)
+        its = for_each_tdp_pte_min_level(it, kvm.max_gfn_exclusive)
+        for it in its:
+            while True:
+                if self.cond_resched(it, False, shared):
+                    break
+                if not is_shadow_present_pte(it.old_spte) or it.level > zap_level:
+                    break
+                if not shared:
+                    self.iter_set_spte(it, SHADOW_NONPRESENT_VALUE)
+                    break
+                if not self.tdp_mmu_set_spte_atomic(it, SHADOW_NONPRESENT_VALUE):
+                    break
+                # -EBUSY: it.old_spte was refreshed, try again on the same entry.
+
+    def zap_root(self, root, shared):
+        """tdp_mmu_zap_root(): leaves first, then each level up, so each step frees little."""
+        kvm = self.kvm
+        kvm.rcu.read_lock(None)
+        for level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.role_level):
+            self.__zap_root(root, shared, level)
+        kvm.rcu.read_unlock(None)
+
+    def invalidate_roots(self, types):
+        """kvm_tdp_mmu_invalidate_roots(): mark roots invalid and drop the MMU's reference later."""
+        for root in self.roots_of_types(types):
+            if not root.invalid:
+                root.role |= ROLE_INVALID
+
+    def zap_invalidated_roots(self, shared):
+        """kvm_tdp_mmu_zap_invalidated_roots()"""
+        for root in list(self.roots):
+            if root.invalid and not root.zapped:
+                self.zap_root(root, shared)
+                root.zapped = True
+                self.put_root(root)       # the MMU's reference
+
+    # -- dumping ------------------------------------------------------------------------------------------
+    def leaves(self, root):
+        """(gfn, level, spte) for every present leaf of ``root`` (gfn without the shared bit)."""
+        out = []
+        q = self.mem.q
+
+        def walk(table, level, gfn):
+            for i in range(512):
+                spte = q[(table >> 3) + i]
+                if not is_shadow_present_pte(spte):
+                    continue
+                g = gfn + i * KVM_PAGES_PER_HPAGE(level)
+                if is_last_spte(spte, level):
+                    out.append((g, level, spte))
+                else:
+                    walk(spte_to_child_pt(spte, level), level - 1, g)
+        walk(root.spt, root.role_level, 0)
+        bits = self.gfn_root_bits(root)
+        return [(g & ~bits, l, s) for g, l, s in out]
+
+    def removed_sptes(self, root):
+        """Every SPTE still REMOVED in the tables reachable from ``root`` (must be none at quiescence)."""
+        out = []
+        q = self.mem.q
+
+        def walk(table, level):
+            for i in range(512):
+                spte = q[(table >> 3) + i]
+                if is_removed_spte(spte):
+                    out.append((table + i * 8, level))
+                elif is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+                    walk(spte_to_child_pt(spte, level), level - 1)
+        walk(root.spt, root.role_level)
+        return out
+
+
+def is_access_allowed(fault, spte):
+    if fault.exec:
+        return bool(spte & shadow_x_mask)
+    if fault.write:
+        return bool(spte & PT_WRITABLE_MASK)
+    return bool(spte & shadow_user_mask)
+
+
+def make_small_spte(huge_spte, child_level, index):
+    """make_small_spte(): one piece of a split huge page (a leaf one level down)."""
+    spte = huge_spte + ((index * KVM_PAGES_PER_HPAGE(child_level)) << 12)
+    if child_level == PG_LEVEL_4K:
+        spte &= ~PT_PAGE_SIZE_MASK
+    return spte

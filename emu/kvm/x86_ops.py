@@ -1,0 +1,84 @@
+"""struct kvm_x86_ops: the vendor hooks the common MMU and run loop call.
+
+VmxX86Ops is plain VMX with EPT.  The TDX backend (emu/kvm/tdx.py) overrides
+the vCPU run/exit hooks and plugs the seed patch's reflect_* hooks into the
+mirror root (upstream names: link_external_spt, set_external_spte,
+free_external_spt, remove_external_spte).
+"""
+
+from ..hw.ept import make_eptp
+from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_HLT,
+                        EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXCEPTION_NMI)
+from .spte import PG_LEVEL_4K
+
+
+class VmxX86Ops:
+    name = "vmx"
+
+    # -- VM lifetime --------------------------------------------------------------------------------
+    def vm_init(self, kvm):
+        pass
+
+    def vcpu_create(self, vcpu):
+        pass
+
+    def vm_destroy_begin(self, kvm):
+        pass
+
+    def vm_free(self, kvm):
+        pass
+
+    # -- MMU --------------------------------------------------------------------------------------------
+    def load_mmu_pgd(self, vcpu, root_hpa, root_level):
+        """vmx_load_mmu_pgd(): construct_eptp() with WB, the walk length and A/D (enable_ept_ad_bits)."""
+        vcpu.hw.load_eptp(make_eptp(root_hpa, levels=root_level, ad=True))
+
+    def private_max_mapping_level(self, kvm, gfn):
+        return PG_LEVEL_4K
+
+    def gmem_get_pfn(self, kvm, slot, gfn):
+        raise AssertionError("private memory in a VM without guest_memfd")
+
+    # The mirror hooks: a VMX VM has no mirror root, so the TDP MMU never calls them.
+    def reflect_link_spt(self, kvm, gfn, level, external_spt, vcpu=None):
+        raise AssertionError("reflect_link_spt on a VM without a mirror root")
+
+    def reflect_set_spte(self, kvm, gfn, level, pfn, vcpu=None):
+        raise AssertionError("reflect_set_spte on a VM without a mirror root")
+
+    def reflect_remove_spte(self, kvm, gfn, level, pfn):
+        raise AssertionError("reflect_remove_spte on a VM without a mirror root")
+
+    def reflect_free_spt(self, kvm, gfn, level, external_spt):
+        raise AssertionError("reflect_free_spt on a VM without a mirror root")
+
+    # -- running ---------------------------------------------------------------------------------------
+    def vcpu_run(self, vcpu):
+        return vcpu.hw.run()
+
+    def handle_exit(self, vcpu, exit):
+        """vmx_handle_exit(): 1 = resume the guest, 0 = exit to userspace."""
+        r = exit.reason
+        if r == EXIT_REASON_EPT_VIOLATION:
+            return vcpu.handle_ept_violation(exit)
+        if r == EXIT_REASON_EPT_MISCONFIG:
+            return vcpu.handle_ept_misconfig(exit)
+        if r == EXIT_REASON_VMCALL:
+            hw = vcpu.hw
+            return vcpu.handle_hypercall(exit, hw.reg("rax"), (hw.reg("rbx"), hw.reg("rcx"), hw.reg("rdx"),
+                                                               hw.reg("rsi")))
+        if r == EXIT_REASON_HLT:
+            # kvm_emulate_halt() without an in-kernel LAPIC: skip the HLT and tell userspace.
+            vcpu.stat["halt_exits"] += 1
+            vcpu.skip_emulated_instruction(exit)
+            from .kvm import KVM_EXIT_HLT
+            vcpu.exit_to_user(KVM_EXIT_HLT)
+            return 0
+        if r == EXIT_REASON_TDCALL:
+            exit.reason, exit.vector = EXIT_REASON_EXCEPTION_NMI, 6     # TDCALL outside a TD: #UD
+            return vcpu.guest_exception(exit)
+        if r == EXIT_REASON_EXCEPTION_NMI:
+            return vcpu.guest_exception(exit)
+        from .kvm import KVM_EXIT_INTERNAL_ERROR
+        vcpu.exit_to_user(KVM_EXIT_INTERNAL_ERROR, suberror="unexpected_exit", reason=f"exit reason {exit.name}")
+        return 0

@@ -1,0 +1,202 @@
+"""The userspace VMM (what QEMU or a KVM selftest is to KVM): build a VM for a guest and run it.
+
+    m = Machine("hello", vm="default", mem=64 << 20, vcpus=1)
+    result = m.run()        # Result: exit, reports, stats, vcpus
+
+It creates the VM, backs guest memory with host memory, loads the guest ELF
+(emu.loader), creates the vCPUs with the boot registers, and runs them,
+answering the exits KVM hands to userspace: the guest runtime's report and
+fail hypercalls, HLT (the vCPU is done), and errors (the run ends).
+"""
+
+from . import guestabi, guests, loader
+from .host import Host, MiB
+from .kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
+                      KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, EXIT_NAMES)
+from .kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
+from .hw.exits import VECTOR_NAMES
+from .trace import NULL_TRACER
+
+VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "tdx": KVM_X86_TDX_VM}
+HUGEPAGES = {None: PG_LEVEL_4K, "4k": PG_LEVEL_4K, "2m": PG_LEVEL_2M, "1g": PG_LEVEL_1G}
+
+
+class MachineError(Exception):
+    """Bad input to a machine (guest, memory size, vCPU count): one line for the user."""
+
+
+class Result:
+    def __init__(self):
+        self.exit = None            # the name of the exit that ended the run ("hlt" when all vCPUs halted)
+        self.error = None           # a one-line description when the run ended in an error
+        self.reports = []           # (vcpu, value) in the order the guest made them
+        self.vcpu_exits = []        # per vCPU: the exit name that ended it
+        self.stats = {}
+        self.vcpus = []             # final registers per vCPU
+
+    @property
+    def ok(self):
+        return self.error is None
+
+    def as_json(self):
+        return {"exit": self.exit, "error": self.error, "reports": [v for _, v in self.reports],
+                "report_vcpus": [c for c, _ in self.reports], "vcpu_exits": self.vcpu_exits,
+                "stats": self.stats, "vcpus": self.vcpus}
+
+
+def parse_size(text):
+    """'64M' -> 67108864.  A number with an optional K/M/G suffix."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "KMG" and t else t
+    try:
+        n = int(num, 0)
+    except ValueError:
+        raise MachineError(f"bad size {text!r}: use a number with an optional K, M or G suffix") from None
+    if n <= 0:
+        raise MachineError(f"bad size {text!r}: must be positive")
+    return n * mult
+
+
+class Machine:
+    def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None):
+        if vm not in VM_TYPES:
+            raise MachineError(f"unknown VM type {vm!r} (default, tdx)")
+        if hugepages not in HUGEPAGES:
+            raise MachineError(f"unknown huge page size {hugepages!r} (4k, 2m, 1g)")
+        if not isinstance(vcpus, int) or not 1 <= vcpus <= 64:
+            raise MachineError(f"bad vCPU count {vcpus!r}: 1 to 64")
+        if mem % guestabi.MEM_ALIGN or mem < guestabi.MIN_MEM_SIZE:
+            raise MachineError(f"guest memory must be a multiple of 2 MiB and at least "
+                               f"{guestabi.MIN_MEM_SIZE >> 20} MiB (got {mem:#x})")
+        try:
+            self.elf = guests.resolve(guest)
+            self.image = loader.load_elf(self.elf)
+        except (guests.GuestError, loader.LoadError) as e:
+            raise MachineError(str(e)) from None
+        self.vm_type = VM_TYPES[vm]
+        self.mem_size = mem
+        self.nvcpus = vcpus
+        self.tracer = tracer or NULL_TRACER
+        self.backing_level = HUGEPAGES[hugepages]
+        if self.vm_type == KVM_X86_TDX_VM:
+            raise MachineError("--vm tdx: the TDX module is not part of this version yet")
+        align = 1 << (12 + 9 * (self.backing_level - 1))
+        self.host = Host(mem + align)
+        self.kvm = Kvm(self.host, self.vm_type, tracer=self.tracer)
+        self.hva = self.host.mmap(mem, align)
+        self.kvm.set_user_memory_region(0, 0, 0, mem, self.hva, backing_level=self.backing_level)
+        try:
+            self.boot = loader.build_boot(self.image, mem, vcpus, self.write_gpa)
+        except loader.LoadError as e:
+            raise MachineError(str(e)) from None
+        self.vcpus = []
+        for i in range(vcpus):
+            v = self.kvm.create_vcpu(i)
+            v.set_regs(self.boot.regs(i))
+            self.vcpus.append(v)
+
+    # -- guest memory through the VMM's own mapping ---------------------------------------------------
+    def write_gpa(self, gpa, data):
+        self.host.mem.host_write(self.hva + gpa, data)
+
+    def read_gpa(self, gpa, n):
+        return self.host.mem.host_read(self.hva + gpa, n)
+
+    def symbolize(self, addr):
+        return self.image.symbolize(addr) or f"{addr:#x}"
+
+    # -- running ----------------------------------------------------------------------------------------
+    def run(self, max_userspace_exits=1_000_000):
+        """Run every vCPU until it halts or fails; round-robin on userspace exits (deterministic)."""
+        res = Result()
+        live = list(self.vcpus)
+        ended = {}
+        exits = 0
+        while live and res.error is None and exits < max_userspace_exits:
+            for v in list(live):
+                exits += 1
+                try:
+                    run = v.run()
+                except KvmIoctlError as e:
+                    ended[v.vcpu_id] = "ioctl_error"
+                    res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
+                    break
+                outcome = self._userspace_exit(v, run, res)
+                if outcome is not None:
+                    ended[v.vcpu_id] = outcome
+                    live.remove(v)
+                if res.error is not None:
+                    break
+        if live and res.error is None:
+            res.exit, res.error = "timeout", f"the guest made more than {max_userspace_exits} userspace exits"
+        if res.error is None:
+            res.exit = "hlt"
+        res.vcpu_exits = [ended.get(v.vcpu_id, "running") for v in self.vcpus]
+        res.vcpus = [v.get_regs() for v in self.vcpus]
+        res.stats = self.stats()
+        return res
+
+    def _userspace_exit(self, v, run, res):
+        """Handle one KVM_RUN return; the vCPU's final exit name, or None to run it again."""
+        r = run.exit_reason
+        if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_REPORT:
+            res.reports.append((v.vcpu_id, run.args[0]))
+            self.tracer.emit("guest_report", v.vcpu_id, msg=f"value {run.args[0]:#x} ({run.args[0]})") \
+                if self.tracer.enabled else None
+            return None
+        if r == KVM_EXIT_HLT:
+            return "hlt"
+        rip = v.hw.reg("rip")
+        if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_FAIL:
+            res.exit = "fail"
+            res.error = f"vCPU {v.vcpu_id}: the guest failed with code {run.args[0]:#x} at {self.symbolize(rip)}"
+            return "fail"
+        name = EXIT_NAMES.get(r, str(r))
+        if r == KVM_EXIT_MMIO:
+            insn = v.disassemble(rip)
+            slot = "a read-only memslot" if self.kvm.gfn_to_memslot(run.phys_addr >> 12) else "no memslot"
+            msg = (f"{'write to' if run.is_write else 'read of'} GPA {run.phys_addr:#x} ({slot}, MMIO with no "
+                   f"device) at rip {rip:#x} {self.symbolize(rip)}: {insn}")
+        elif r == KVM_EXIT_SHUTDOWN:
+            vec = VECTOR_NAMES.get(run.vector, f"vector {run.vector}")
+            detail = ""
+            if run.error_code is not None:
+                detail += f" error code {run.error_code:#x}"
+            if run.cr2 is not None:
+                detail += f" cr2 {run.cr2:#x}"
+            msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}: "
+                   f"{run.insn} (no IDT: triple fault)")
+        elif r == KVM_EXIT_INTERNAL_ERROR:
+            msg = f"internal error: {run.reason}"
+        else:
+            msg = f"unexpected exit {name}"
+        res.exit = name
+        res.error = f"vCPU {v.vcpu_id}: {msg}"
+        return name
+
+    def stats(self):
+        kvm = self.kvm
+        vs = [v.stat for v in self.vcpus]
+        total = lambda k: sum(s[k] for s in vs)
+        return {
+            "ept_violations": total("ept_violations"),
+            "ept_misconfigs": total("ept_misconfigs"),
+            "exits": total("exits"),
+            "pf_fixed": total("pf_fixed"),
+            "pf_spurious": total("pf_spurious"),
+            "pf_retry": total("pf_retry"),
+            "pf_emulate": total("pf_emulate"),
+            "hypercalls": total("hypercalls"),
+            "tlb_flushes": total("tlb_flush"),
+            "tlb_fills": sum(v.hw.stats_fills for v in self.vcpus),
+            "pages_mapped": {"4k": kvm.stat["pages_4k"], "2m": kvm.stat["pages_2m"], "1g": kvm.stat["pages_1g"]},
+            "page_tables": kvm.tdp_mmu.pages,
+            "zaps": kvm.stat["zaps"],
+            "remote_tlb_flushes": kvm.stat["remote_tlb_flush"],
+            "seamcalls": dict(getattr(kvm.x86_ops, "seamcall_counts", {})),
+            "kvm_bug_on": kvm.stat["kvm_bug_on"],
+        }
+
+    def destroy(self):
+        self.kvm.destroy()
