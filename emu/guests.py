@@ -112,8 +112,10 @@ def _assemble(src, obj):
 
 
 def _runtime_object():
-    """build/guest/runtime.o, assembled again when its sources changed."""
-    obj = BUILD_DIR / "runtime.o"
+    """build/guest/lib/runtime.o (a directory of its own, so that a guest
+    called "runtime" cannot clash with it), assembled again when its sources
+    changed."""
+    obj = BUILD_DIR / "lib" / "runtime.o"
     if _stale(obj, _lib_inputs()):
         _assemble(RUNTIME_SRC, obj)
     return obj

@@ -19,6 +19,7 @@ class Host:
             # Page tables for every 4K page of guest memory would take 1/512 of it, twice over for a TD
             # (mirror + S-EPT); the rest is headroom.  The buffer is lazily committed.
             kernel_size = 64 * MiB + user_size // 128
+        kernel_size = -(-kernel_size // PAGE_SIZE) * PAGE_SIZE
         self.kernel_base = 0
         self.user_base = kernel_size
         self.mem = HostMemory(kernel_size + user_size)

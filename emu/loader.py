@@ -89,9 +89,9 @@ class GuestImage:
     entry: int
     segments: list          # [Segment], in program-header order
     symbols: list           # sorted [(addr, size, name)]
-    # For symbolize: one preferred name per address, and the [start, end) of
-    # the section each symbol is in, so that an address past the end of the
-    # image is not blamed on its last label.
+    # For symbolize: one preferred name per address, with its size and the
+    # end of its section, so that an address past the end of the image (a
+    # stack address, say) is not blamed on the image's last label.
     _sym_addrs: list = dataclasses.field(default_factory=list, repr=False)
     _sym_info: list = dataclasses.field(default_factory=list, repr=False)
 
@@ -102,8 +102,8 @@ class GuestImage:
         if i < 0:
             return None
         sym_addr, size, name, sec_end = self._sym_info[i]
-        covered = addr < sym_addr + size if size else False
-        if not covered and addr >= sec_end:
+        inside = addr == sym_addr or addr < sec_end or addr < sym_addr + size
+        if not inside:
             return None
         return f"{name}+{addr - sym_addr:#x}"
 

@@ -47,6 +47,10 @@ class HostMemory:
         self.q = self.buf.cast("Q")
         # pfn -> owner name for pages host software may not touch.
         self.protected = {}
+        # Bumped by every bulk write (read/write/zero of byte ranges): vCPUs compare it
+        # before entering the guest and drop translated code, since the CPU would see
+        # the new bytes (Unicorn tracks only its own vCPU's stores to code).
+        self.generation = 0
 
     # -- the address Unicorn maps (mem_map_ptr) --------------------------------------------------
     def address(self):
@@ -93,10 +97,12 @@ class HostMemory:
     def write(self, hpa, data):
         self._check(hpa, len(data))
         self.buf[hpa:hpa + len(data)] = data
+        self.generation += 1
 
     def zero(self, hpa, n=PAGE_SIZE):
         self._check(hpa, n)
         self.buf[hpa:hpa + n] = bytes(n)
+        self.generation += 1
 
     # -- per-page access policy for host software ---------------------------------------------------
     def protect(self, pfn, owner):

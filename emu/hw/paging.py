@@ -111,14 +111,19 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
     writes (READ|WRITE) when its EPTP enables A/D, as the SDM says.
     ``path`` receives (level, entry GPA, entry HPA, entry) per guest entry read.
 
+    ``nxe`` (EFER.NXE) may be a callable: it is asked only when it matters (a fetch,
+    or an entry with XD set), which keeps an MSR read off most fills.
+
     Returns Translation, PageFault, GeneralProtection, or the EPT exit
     (EptViolation with bits 7/8 set, or EptMisconfig).
     """
     if (gva >> 47) not in (0, 0x1FFFF):
         return GeneralProtection(gva)
+    if access == FETCH and nxe.__class__ is not bool:
+        nxe = bool(nxe())
     pfec = (PFERR_WRITE if access == WRITE else 0) | (PFERR_USER if user else 0) \
         | (PFERR_FETCH if access == FETCH and nxe else 0)
-    rsvd_high = _RSVD_HIGH if nxe else _RSVD_HIGH | PT_XD
+    rsvd_high = _RSVD_HIGH
 
     table = cr3 & PT_ADDR
     rw = us = 1
@@ -145,6 +150,11 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
             rsvd |= _RSVD_1G
         elif leaf and level == 2:
             rsvd |= _RSVD_2M
+        if e & PT_XD:
+            if nxe.__class__ is not bool:
+                nxe = bool(nxe())
+            if not nxe:
+                rsvd |= PT_XD                      # XD is reserved unless EFER.NXE
         if e & rsvd:
             return PageFault(gva, pfec | PFERR_PRESENT | PFERR_RSVD)
         rw &= e >> 1
@@ -162,7 +172,7 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
         return PageFault(gva, pfec | PFERR_PRESENT)
     if user and not us & 1:
         return PageFault(gva, pfec | PFERR_PRESENT)
-    guest_x = not (nxe and xd)
+    guest_x = not (xd and nxe)
     if access == FETCH and not guest_x:
         return PageFault(gva, pfec | PFERR_PRESENT)
 

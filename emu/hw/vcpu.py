@@ -15,14 +15,17 @@ as an exception exit: guests have no IDT, so a real CPU would triple-fault.
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
     UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_INSN, UC_TLB_VIRTUAL, UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
 from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
+import ctypes
 
 from . import ept as ept_mod
-from .ept import EptTranslation, EptViolation, EptMisconfig, decode_eptp
+from . import insn as insn_mod
+from .ept import EptTranslation, EptViolation, EptMisconfig, decode_eptp, EPT_VIOLATION_GVA_TRANSLATED
 from .exits import (VmExit, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI,
                     EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL)
 from .memory import PAGE_MASK
 from .paging import Translation, PageFault, GeneralProtection, translate, probe, PAGING, X86_CR0_WP, \
-    X86_CR0_PG, X86_CR4_PAE, EFER_NXE
+    X86_CR0_PG, X86_CR4_PAE, EFER_NXE, PFERR_WRITE, READ, WRITE, FETCH
 
 MSR_EFER = 0xC0000080
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
@@ -51,7 +54,9 @@ class Vcpu:
     def __init__(self, mem, index=0):
         self.mem = mem
         self.index = index
-        self.cpuid = {}                      # leaf -> (eax, ebx, ecx, edx), as the hypervisor sets it
+        # leaf -> (eax, ebx, ecx, edx), as the hypervisor sets it.  0x80000008: the physical and
+        # linear address widths the walkers implement (48, 48).
+        self.cpuid = {0x80000008: (0x3030, 0, 0, 0)}
         self.pending = None                  # the exit recorded by a hook during emu_start
         self.eptp = None
         self.secure_eptp = None
@@ -72,7 +77,19 @@ class Vcpu:
         uc.msr_write(MSR_EFER, BOOT_EFER)
         uc.reg_write(X.UC_X86_REG_CR0, BOOT_CR0)
         self._ept = None
-        self._ept_ad = (False, False)
+        self.gpa_cache = {}
+        self.tlb_shadow = {}                 # GVA page -> HPA page of every fill since the last flush
+        self.code_generation = mem.generation
+        # Register reads in the TLB-fill hook go straight to the C library: the binding's
+        # reg_read costs ~1.7 us, a direct call ~0.5 us, and a fill reads two registers.
+        val = ctypes.c_uint64()
+        read, uch, ref = uclib.uc_reg_read, uc._uch, ctypes.byref(val)
+
+        def reg_fast(reg_id):
+            read(uch, reg_id, ref)
+            return val.value
+        self._reg_fast = reg_fast
+        self._nxe = lambda: bool(uc.msr_read(MSR_EFER) & EFER_NXE)
 
     # -- VMCS-like state ------------------------------------------------------------------------------
     def load_eptp(self, eptp, secure_eptp=None, shared_mask=0):
@@ -89,29 +106,44 @@ class Vcpu:
         self.flush_tlb()
 
     def _make_ept(self):
+        """The EPT walk this vCPU's MMU uses, with its cache of guest-physical mappings.
+
+        Like a real CPU (SDM "Information That May Be Cached"), the vCPU caches
+        successful GPA->HPA translations, tagged by EPTP and kept until INVEPT
+        (flush_tlb).  Failures are never cached, so a newly present entry is seen
+        at once; a changed or removed one is seen only after the hypervisor's
+        flush, which is exactly why KVM must flush.  A write through a cached
+        translation whose EPT leaf is not yet dirty walks again, so D is set.
+        """
         mem, walk = self.mem, ept_mod.walk
         eptp, secure, shared = self.eptp, self.secure_eptp, self.shared_mask
-        ad_shared = decode_eptp(eptp)[2]
-        pt_shared = 3 if ad_shared else 1
-
-        if secure is None:
-            def ept(gpa, access):
-                if access == PAGING:
-                    access = pt_shared
-                return walk(mem, eptp, gpa, access)
-            return ept
-
-        pt_secure = 3 if decode_eptp(secure)[2] else 1
+        pt_shared = 3 if decode_eptp(eptp)[2] else 1
+        pt_secure = 3 if secure is not None and decode_eptp(secure)[2] else 1
+        cache = self.gpa_cache = {}
 
         def ept(gpa, access):
-            if gpa & shared:
-                return walk(mem, eptp, gpa, pt_shared if access == PAGING else access)
-            return walk(mem, secure, gpa, pt_secure if access == PAGING else access)
+            if secure is None or gpa & shared:
+                root, pt = eptp, pt_shared
+            else:
+                root, pt = secure, pt_secure
+            if access == PAGING:
+                access = pt
+            c = cache.get(gpa >> 12)
+            if c is not None:
+                hpa, level, perms, dirty = c
+                if perms & access == access and (dirty or not access & 2):
+                    return EptTranslation(hpa | (gpa & 0xFFF), level, perms, dirty)
+            t = walk(mem, root, gpa, access)
+            if t.__class__ is EptTranslation:
+                cache[gpa >> 12] = (t.hpa & PAGE_MASK, t.level, t.perms, t.dirty)
+            return t
         return ept
 
     def flush_tlb(self):
         """INVEPT (all contexts) for this vCPU: no cached translation survives it."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self.gpa_cache.clear()
+        self.tlb_shadow.clear()
 
     # -- registers ------------------------------------------------------------------------------------
     def get_regs(self):
@@ -131,7 +163,7 @@ class Vcpu:
                 self.uc.reg_write(_UC_REG[name], value)
 
     def reg(self, name):
-        return self.uc.reg_read(_UC_REG[name])
+        return self._reg_fast(_UC_REG[name])
 
     def set_reg(self, name, value):
         self.uc.reg_write(_UC_REG[name], value)
@@ -171,51 +203,91 @@ class Vcpu:
         """Run the guest until the next VM exit and return it (a VmExit)."""
         self.pending = None
         uc = self.uc
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        reg = self._reg_fast
+        if self.mem.generation != self.code_generation:
+            # Host software wrote guest memory since this vCPU last ran: drop translated
+            # code, so what runs is what memory holds.
+            self.code_generation = self.mem.generation
+            uc.ctl_flush_tb()
         try:
-            uc.emu_start(rip, 0)
+            uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
         except UcError as e:
             if self.pending is None:
-                rip = uc.reg_read(X.UC_X86_REG_RIP)
+                rip = reg(X.UC_X86_REG_RIP)
                 return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
                               misconfig=f"unicorn: {e}")
         p = self.pending
         if p is None:
             # HLT returns from emu_start with RIP just past it; report the HLT itself.
-            return VmExit(EXIT_REASON_HLT, uc.reg_read(X.UC_X86_REG_RIP) - 1, 1, vcpu=self.index)
+            return VmExit(EXIT_REASON_HLT, reg(X.UC_X86_REG_RIP) - 1, 1, vcpu=self.index)
         if p.__class__ is VmExit:
             return p
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
-        gla = self._fault_gla
+        rip = reg(X.UC_X86_REG_RIP)
+        gla, rmw = self._exact_access(rip)
         if p.__class__ is EptViolation:
-            return VmExit(EXIT_REASON_EPT_VIOLATION, rip, qualification=p.qualification, gpa=p.gpa, gla=gla,
-                          vcpu=self.index)
+            q, gpa = p.qualification, p.gpa
+            if q & EPT_VIOLATION_GVA_TRANSLATED:
+                gpa |= gla & 0xFFF                # the final access: its GPA is exact too
+                if rmw and q & 7 == READ:
+                    q = q & ~READ | WRITE         # a read-modify-write exits as a write
+            return VmExit(EXIT_REASON_EPT_VIOLATION, rip, qualification=q, gpa=gpa, gla=gla, vcpu=self.index)
         if p.__class__ is EptMisconfig:
-            return VmExit(EXIT_REASON_EPT_MISCONFIG, rip, gpa=p.gpa, gla=gla, misconfig=p.reason, vcpu=self.index)
+            return VmExit(EXIT_REASON_EPT_MISCONFIG, rip, gpa=p.gpa | (gla & 0xFFF), gla=gla, misconfig=p.reason,
+                          vcpu=self.index)
         if p.__class__ is PageFault:
-            uc.reg_write(X.UC_X86_REG_CR2, p.gva)
-            return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=14, error_code=p.error_code, cr2=p.gva,
-                          gla=p.gva, vcpu=self.index)
+            ec = p.error_code | (PFERR_WRITE if rmw else 0)
+            uc.reg_write(X.UC_X86_REG_CR2, gla)
+            return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=14, error_code=ec, cr2=gla, gla=gla,
+                          vcpu=self.index)
         if p.__class__ is GeneralProtection:
             return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=13, error_code=0, gla=p.gva, vcpu=self.index)
         raise AssertionError(p)
+
+    def _exact_access(self, rip):
+        """(exact linear address, is a read-modify-write) of the access whose fill failed.
+
+        The fill hook knows only the page: decode the instruction to find the operand on
+        that page (instruction decodes are cached, and the code bytes come from the TLB
+        shadow, so this costs a few microseconds).
+        """
+        page, access = self._fault_gla, self._fault_access
+        if access == FETCH:
+            return (rip if rip & ~0xFFF == page else page), False
+        code = None
+        hpa = self.tlb_shadow.get(rip & ~0xFFF)
+        off = rip & 0xFFF
+        if hpa is not None and off <= 0x1000 - 15:
+            code = bytes(self.mem.buf[hpa + off:hpa + off + 15])
+        else:
+            code = self.read_guest(rip, 15)
+        d = insn_mod.decode(code, rip)
+        if d is None:
+            return page, False
+        hit = insn_mod.locate(d, rip, self._reg_fast, page)
+        if hit is None:
+            return page, False
+        gla, writes = hit
+        return gla, bool(writes and access == READ)
 
     # -- hooks (run inside emu_start) ------------------------------------------------------------------
     def _tlb_fill(self, uc, vaddr, access, entry, _data):
         if self.pending is not None:
             return False                     # already exiting: refuse whatever Unicorn tries next
         self.stats_fills += 1
-        cr0 = uc.reg_read(X.UC_X86_REG_CR0)
-        r = translate(self.mem.q, self._ept, uc.reg_read(X.UC_X86_REG_CR3), vaddr, _ACCESS[access],
-                      wp=cr0 & X86_CR0_WP)
+        reg = self._reg_fast
+        acc = _ACCESS[access]
+        r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
+                      wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe)
         if self.walk_observer is not None:
-            self.walk_observer(self, vaddr, _ACCESS[access], r)
+            self.walk_observer(self, vaddr, acc, r)
         if r.__class__ is Translation:
-            entry.paddr = r.hpa & PAGE_MASK
+            hpa = entry.paddr = r.hpa & PAGE_MASK
             entry.perms = r.perms
+            self.tlb_shadow[vaddr] = hpa
             return True
         self.pending = r
         self._fault_gla = vaddr
+        self._fault_access = acc
         return False
 
     def _insn_invalid(self, uc, _data):
@@ -232,7 +304,17 @@ class Vcpu:
 
     def _interrupt(self, uc, intno, _data):
         rip = uc.reg_read(X.UC_X86_REG_RIP)
-        self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=intno, vcpu=self.index)
+        insn_len = 0
+        if intno == 3 or intno == 4 or intno >= 32:
+            # Traps: Unicorn reports RIP after the instruction; a VM exit saves the RIP of
+            # INT3 / INT n itself and the instruction length (SDM "Saving RIP").
+            before = self.read_guest(rip - 2, 2)
+            if len(before) == 2 and before[1] == 0xCC and intno == 3:
+                insn_len = 1
+            elif len(before) == 2 and before[0] == 0xCD and before[1] == intno:
+                insn_len = 2
+            rip -= insn_len
+        self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, insn_len, vector=intno, vcpu=self.index)
         uc.emu_stop()
 
     def _cpuid(self, uc, _data):

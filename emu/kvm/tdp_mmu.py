@@ -465,8 +465,9 @@ class TdpMmu:
         if is_mmio_spte(new_spte):
             vcpu.stat["pf_mmio_spte_created"] += 1
             return RET_PF_EMULATE
-        kvm.trace_emit("kvm_mmu_set_spte", vcpu.vcpu_id,
-                       msg=f"gfn {it.gfn:x} level {it.level} spte {new_spte:x} ({spte_str(new_spte)})")
+        if kvm.tracer.enabled:
+            kvm.trace_emit("kvm_mmu_set_spte", vcpu.vcpu_id,
+                           msg=f"gfn {it.gfn:x} level {it.level} spte {new_spte:x} ({spte_str(new_spte)})")
         return ret
 
     # -- zapping ------------------------------------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""``python -m bench``: run the benchmark suite and print a table (``--json``: one JSON object).
+
+Exit status: 0; 1 with ``--check`` when a target is missed; 2 when a benchmark failed.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+
+import unicorn
+
+from . import Context, Result
+from . import hw
+from . import kvm
+
+# -- the registry -------------------------------------------------------------------------------------
+# (name, function ctx -> list[Result]), run in this order.  Add new layers here.  Baselines shared by
+# several benchmarks are memoized in the Context: e.g. hw.bare_fault_per_page(ctx) is the bare Unicorn
+# fault + restart (seconds per page) that every "new page" ratio is taken against.
+BENCHMARKS = [
+    ("hw.warm_loop", hw.bench_warm_loop),     # warm guest loop, ours/raw insn/s   target >= 0.95
+    ("hw.new_page", hw.bench_new_page),       # new 4K page (BareHost) / bare fault target <= 2
+    ("hw.walks", hw.bench_walks),             # EPT walk, 2D walk, TLB-miss fill (no targets)
+    ("kvm.new_page", kvm.bench_new_page),     # new 4K page through KVM's fault path / bare fault  <= 2
+    # To come (other layers):
+    #   ("td.private_page", ...) TD private page (S-EPT, TDH.MEM.PAGE.AUG + accept) / bare fault
+    #                            target <= 4: per = hw.per_new_page(prepare, n, ctx.repeats)[0],
+    #                            ratio = per / hw.bare_fault_per_page(ctx), target=("<=", 4.0)
+    #   ("race.explore", ...)    race exploration, schedules/s                   target >= 500
+]
+
+
+def fmt_value(value, unit):
+    if unit.startswith("s/"):
+        for scale, prefix in ((1, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")):
+            if value >= scale or prefix == "ns":
+                return f"{value / scale:.2f} {prefix}/{unit[2:]}"
+    if unit.endswith("/s"):
+        for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")):
+            if value >= scale or prefix == "":
+                return f"{value / scale:.2f} {prefix + ' ' if prefix else ''}{unit}"
+    return f"{value:.4g} {unit}"
+
+
+def table(results, errors):
+    rows = [("benchmark", "value", "ratio", "target", "status", "ratio is")]
+    for r in results:
+        rows.append((r.label, fmt_value(r.value, r.unit),
+                     "" if r.ratio is None else f"{r.ratio:.2f}x",
+                     "" if r.target is None else f"{r.target[0]} {r.target[1]}",
+                     {True: "ok", False: "MISS", None: ""}[r.ok],
+                     r.ratio_note))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for name, msg in errors:
+        lines.append(f"{name}: FAILED: {msg}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--only", action="append", metavar="PREFIX",
+                    help="run the benchmarks whose name starts with PREFIX (repeatable)")
+    ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    ap.add_argument("--repeats", type=int, default=5, help="best of N timed runs (default 5)")
+    ap.add_argument("--scale", type=float, default=1.0, help="scale iteration/page counts (e.g. 0.2: quick)")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile the TLB-fill paths (new page, fill) instead of benchmarking")
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for name, fn in BENCHMARKS:
+            print(f"{name:16} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        return 0
+    if args.profile:
+        from . import prof
+        prof.main(Context(repeats=args.repeats, scale=args.scale))
+        return 0
+
+    ctx = Context(repeats=max(1, args.repeats), scale=args.scale)
+    selected = [(n, f) for n, f in BENCHMARKS if not args.only or any(n.startswith(p) for p in args.only)]
+    results, errors, durations = [], [], {}
+    for name, fn in selected:
+        if not args.json:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            results += fn(ctx)
+        except Exception as e:              # report and go on with the others
+            errors.append((name, f"{type(e).__name__}: {e}"))
+            traceback.print_exc(file=sys.stderr)
+        durations[name] = round(time.perf_counter() - t0, 2)
+
+    missed = [r.key for r in results if r.ok is False]
+    if args.json:
+        print(json.dumps({
+            "python": platform.python_version(), "unicorn": unicorn.__version__,
+            "machine": platform.machine(), "repeats": ctx.repeats, "scale": ctx.scale,
+            "results": [r.as_dict() for r in results],
+            "errors": [{"benchmark": n, "error": m} for n, m in errors],
+            "durations_s": durations, "targets_missed": missed,
+        }, indent=1))
+    else:
+        print(table(results, errors))
+        print(f"\nbest of {ctx.repeats}; Python {platform.python_version()}, Unicorn {unicorn.__version__}; "
+              f"wall time per benchmark: " + ", ".join(f"{n} {t}s" for n, t in durations.items()))
+        if missed:
+            print("targets missed: " + ", ".join(missed))
+    if errors:
+        return 2
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The KVM layer: a new 4K page through KVM's real fault path, against a bare Unicorn fault."""
+
+import os
+
+from . import Result
+from . import hw
+from emu.vmm import Machine
+
+GUEST = os.path.join(os.path.dirname(__file__), "guests", "newpages.S")
+NEWPAGES = 2048
+
+
+def kvm_prepare(n):
+    """A prepare_new_pages for the default VM: a fresh Machine whose guest touches NEWPAGES pages."""
+    assert n == NEWPAGES
+    m = Machine(GUEST, vm="default", mem=64 << 20, vcpus=1)
+
+    def run():
+        res = m.run()
+        assert res.ok, res.error
+    return run
+
+
+def bench_new_page(ctx):
+    bare = hw.bare_fault_per_page(ctx)
+    per, _ = hw.per_new_page(kvm_prepare, NEWPAGES, ctx.repeats)
+    return [Result("kvm.new_page", "new 4K page, default VM: exit+walk+map+resume (KVM)", per, "s/page",
+                   baseline_key="hw.bare_fault", ratio=per / bare, target=("<=", 2.0),
+                   ratio_note="ours/bare fault per page")]

@@ -1,0 +1,255 @@
+# runtime.S: the guest runtime, linked into every guest that emu.guests builds.
+#
+# Functions (all preserve every register and RFLAGS unless noted):
+#   emu_report(rdi = value)          report a value to the host
+#   emu_fail(rdi = code)             end this vCPU with an error; no return
+#   emu_is_td() -> rax               1 inside a TDX guest (TD), else 0
+#   emu_accept(rdi = gpa, rsi = size) -> rax
+#                                    accept private memory in a TD (no-op
+#                                    elsewhere); rax = 0 or the TDX status
+#
+# Host protocol (emu/guestabi.py is the host's copy of these facts):
+#   not a TD:  VMCALL with RAX = EMU_HC_REPORT / EMU_HC_FAIL, RBX = value / code
+#   a TD:      TDCALL leaf 0 (TDG.VP.VMCALL) with RCX = 0x1c00 (R10-R12 exposed)
+#                report: R10 = 1 (vendor-specific), R11 = EMU_HC_REPORT, R12 = value
+#                fail:   R10 = 0, R11 = 0x10003 (GHCI ReportFatalError), R12 = code
+# The choice is made at run time (emu_is_td), so one guest ELF runs both in a
+# plain VM and in a TD.
+
+.include "emu.inc"
+
+    .section .rodata
+# Which runtime ABI this image speaks, readable by the host from the ELF (and
+# keeps .rodata, and so its PT_LOAD segment, non-empty in every guest).
+    .globl emu_runtime_abi
+    .type emu_runtime_abi, @object
+emu_runtime_abi:
+    .asciz "emu guest runtime, ABI 1"
+    .size emu_runtime_abi, . - emu_runtime_abi
+
+    .section .data
+# 0xff until emu_is_td has run CPUID, then 0 (not a TD) or 1 (a TD).  Several
+# vCPUs may race to fill it in; they all store the same answer.
+    .type emu_td_state, @object
+emu_td_state:
+    .byte 0xff
+    .size emu_td_state, . - emu_td_state
+
+    .text
+
+# ---------------------------------------------------------------------------
+# emu_is_td: rax = 1 when CPUID leaf 0x21 (subleaf 0) returns the vendor
+# string "IntelTDX    " in EBX, EDX, ECX, else 0.  That is the test Linux's
+# tdx_early_init makes; like Linux it does not first compare the leaf with
+# CPUID.0:EAX, because outside a TD an out-of-range leaf returns the data of
+# the highest basic leaf, which never spells "IntelTDX".
+# Clobbers rax only (the return value).
+# ---------------------------------------------------------------------------
+    .globl emu_is_td
+    .type emu_is_td, @function
+emu_is_td:
+    pushfq
+    movzx eax, byte ptr [rip + emu_td_state]
+    cmp al, 0xff
+    jne .Lis_td_known
+    push rbx
+    push rcx
+    push rdx
+    mov eax, TDX_CPUID_LEAF
+    xor ecx, ecx
+    cpuid
+    xor eax, eax
+    cmp ebx, 0x65746e49             # "Inte"
+    jne .Lis_td_store
+    cmp edx, 0x5844546c             # "lTDX"
+    jne .Lis_td_store
+    cmp ecx, 0x20202020             # "    "
+    jne .Lis_td_store
+    mov eax, 1
+.Lis_td_store:
+    mov byte ptr [rip + emu_td_state], al
+    pop rdx
+    pop rcx
+    pop rbx
+.Lis_td_known:
+    popfq
+    ret
+    .size emu_is_td, . - emu_is_td
+
+# ---------------------------------------------------------------------------
+# emu_report(rdi = value): hand one 64-bit value to the host.
+# ---------------------------------------------------------------------------
+    .globl emu_report
+    .type emu_report, @function
+emu_report:
+    pushfq
+    push rax
+    push rbx
+    push rcx
+    push r10
+    push r11
+    push r12
+    call emu_is_td
+    test eax, eax
+    jnz .Lreport_td
+    mov eax, EMU_HC_REPORT
+    mov rbx, rdi
+    vmcall
+    jmp .Lreport_done
+.Lreport_td:
+    mov eax, TDG_VP_VMCALL
+    mov ecx, TDVMCALL_EXPOSE_REGS
+    mov r10d, TDX_VENDOR_R10
+    mov r11d, EMU_HC_REPORT
+    mov r12, rdi
+    TDCALL
+.Lreport_done:
+    pop r12
+    pop r11
+    pop r10
+    pop rcx
+    pop rbx
+    pop rax
+    popfq
+    ret
+    .size emu_report, . - emu_report
+
+# ---------------------------------------------------------------------------
+# emu_fail(rdi = code): report a fatal error, then halt for good.
+# The registers are restored before the final HLT, so a register dump taken
+# when the vCPU stops shows the guest's state at the failure (RDI = code, RSP
+# one return address lower, RIP inside emu_fail; the return address on the
+# stack says where FAIL was used).
+# ---------------------------------------------------------------------------
+    .globl emu_fail
+    .type emu_fail, @function
+emu_fail:
+    pushfq
+    push rax
+    push rbx
+    push rcx
+    push r10
+    push r11
+    push r12
+    call emu_is_td
+    test eax, eax
+    jnz .Lfail_td
+    mov eax, EMU_HC_FAIL
+    mov rbx, rdi
+    vmcall
+    jmp .Lfail_done
+.Lfail_td:
+    # A TD uses the GHCI's standard ReportFatalError, which any TD-aware VMM
+    # understands, rather than a vendor-specific call.
+    mov eax, TDG_VP_VMCALL
+    mov ecx, TDVMCALL_EXPOSE_REGS
+    mov r10d, GHCI_STANDARD_R10
+    mov r11d, GHCI_REPORT_FATAL_ERROR
+    mov r12, rdi
+    TDCALL
+.Lfail_done:
+    pop r12
+    pop r11
+    pop r10
+    pop rcx
+    pop rbx
+    pop rax
+    popfq
+emu_fail_halt:
+    hlt
+    jmp emu_fail_halt
+    .size emu_fail, . - emu_fail
+
+# ---------------------------------------------------------------------------
+# emu_accept(rdi = gpa, rsi = size): make private memory [gpa, gpa + size)
+# usable in a TD with TDG.MEM.PAGE.ACCEPT (TDCALL leaf 6, RCX = gpa | level).
+# The range is widened to whole 4K pages.  Like Linux's tdx_accept_memory it
+# uses 2M accepts where a whole aligned 2M page lies in the range, and falls
+# back to 4K pages when the module answers PAGE_SIZE_MISMATCH.  BUSY answers
+# are retried; informational statuses (bit 63 clear, e.g.
+# PAGE_ALREADY_ACCEPTED) count as success.
+# Outside a TD memory needs no acceptance: returns 0 at once.
+# Returns rax = 0, or the first error status (the rest is then not accepted).
+# ---------------------------------------------------------------------------
+    .globl emu_accept
+    .type emu_accept, @function
+emu_accept:
+    pushfq
+    push rcx
+    push rdx
+    push r8
+    push r9
+    push r10
+    call emu_is_td
+    test eax, eax
+    jz .Laccept_ok
+    mov r8, rdi
+    and r8, -PAGE_SIZE                      # r8 = cursor (first page)
+    lea r9, [rdi + rsi + PAGE_SIZE - 1]
+    and r9, -PAGE_SIZE                      # r9 = end, exclusive
+.Laccept_next:
+    cmp r8, r9
+    jae .Laccept_ok
+    test r8, HUGE_PAGE_SIZE - 1             # 2M-aligned, and a whole 2M left?
+    jnz .Laccept_4k
+    lea rdx, [r8 + HUGE_PAGE_SIZE]
+    cmp rdx, r9
+    ja .Laccept_4k
+.Laccept_2m:
+    lea rcx, [r8 + TDX_PS_2M]
+    mov eax, TDG_MEM_PAGE_ACCEPT
+    TDCALL
+    call accept_status_class
+    cmp r10d, 1
+    je .Laccept_2m                          # busy: try again
+    cmp r10d, 2
+    je .Laccept_4k                          # mapped with 4K pages: go 4K
+    cmp r10d, 3
+    je .Laccept_out
+    add r8, HUGE_PAGE_SIZE
+    jmp .Laccept_next
+.Laccept_4k:
+    lea rcx, [r8 + TDX_PS_4K]
+    mov eax, TDG_MEM_PAGE_ACCEPT
+    TDCALL
+    call accept_status_class
+    cmp r10d, 1
+    je .Laccept_4k
+    cmp r10d, 2                             # cannot happen at 4K; an error
+    jae .Laccept_out
+    add r8, PAGE_SIZE
+    jmp .Laccept_next                       # 4K steps up to the next 2M boundary
+.Laccept_ok:
+    xor eax, eax
+.Laccept_out:
+    pop r10
+    pop r9
+    pop r8
+    pop rdx
+    pop rcx
+    popfq
+    ret
+    .size emu_accept, . - emu_accept
+
+# accept_status_class: r10d = class of the TDX status in rax:
+#   0 done (success or informational), 1 busy (retry), 2 PAGE_SIZE_MISMATCH,
+#   3 another error.  Clobbers flags.
+    .type accept_status_class, @function
+accept_status_class:
+    xor r10d, r10d
+    bt rax, 63                              # error bit
+    jnc .Lclass_out
+    mov r10, rax
+    shr r10, 40
+    cmp r10d, 0x800002                      # TDX_OPERAND_BUSY and its variants
+    mov r10d, 1
+    je .Lclass_out
+    mov r10, rax
+    shr r10, 32
+    cmp r10d, 0xc0000b0b                    # TDX_PAGE_SIZE_MISMATCH
+    mov r10d, 2
+    je .Lclass_out
+    mov r10d, 3
+.Lclass_out:
+    ret
+    .size accept_status_class, . - accept_status_class
