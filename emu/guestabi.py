@@ -17,10 +17,12 @@ Hypercalls (the runtime picks the flavour at run time with CPUID leaf 0x21):
         fail:    RAX = EMU_HC_FAIL,   RBX = error code
     TD, TDCALL (66 0f 01 cc) leaf TDG_VP_VMCALL (RAX = 0) with
     RCX = TDVMCALL_EXPOSE_REGS (R10, R11 and R12 passed to the VMM):
-        report:  R10 = TDX_VENDOR_R10 (non-zero: vendor-specific per the GHCI),
-                 R11 = EMU_HC_REPORT, R12 = value
+        report:  R10 = EMU_HC_REPORT (non-zero: vendor-specific per the GHCI; KVM
+                 runs it as hypercall number R10 with argument R11), R11 = value
         fail:    R10 = 0 (GHCI standard), R11 = GHCI_REPORT_FATAL_ERROR,
                  R12 = error code
+        halt:    R10 = 0, R11 = GHCI_INSTRUCTION_HLT (a TD does not execute HLT;
+                 EXIT calls emu_halt, which picks HLT or this)
     The runtime preserves every register across a report; the host need not
     write any register back (a TD's RAX = 0 and R10 = 0 mean success).
     After a fail the vCPU executes HLT in a loop.
@@ -40,10 +42,14 @@ EMU_HC_FAIL = 0x454D0002
 TDG_VP_VMCALL = 0                 # TDCALL leaf
 TDG_MEM_PAGE_ACCEPT = 6           # TDCALL leaf; RCX = gpa | level (0 = 4K, 1 = 2M)
 TDVMCALL_EXPOSE_REGS = 0x1C00     # RCX bitmap: bits 10, 11, 12 = R10, R11, R12
-TDX_VENDOR_R10 = 1                # R10 of a vendor-specific TDG.VP.VMCALL
 GHCI_REPORT_FATAL_ERROR = 0x10003 # GHCI TDG.VP.VMCALL<ReportFatalError>, R11
+GHCI_INSTRUCTION_HLT = 12         # GHCI TDG.VP.VMCALL<Instruction.HLT>, R11
 TDX_CPUID_LEAF = 0x21
 TDX_CPUID_VENDOR = b"IntelTDX    " # EBX, EDX, ECX of CPUID leaf 0x21 in a TD
+
+# A TD's shared memory: the loader maps the shared alias of every GPA (GPA | the
+# VM's shared bit) at this GVA + GPA, with 2M pages.
+TD_SHARED_WINDOW_GVA = 1 << 46
 
 # Memory layout.
 GUEST_LOAD_BASE = 0x100000        # where guest/link.ld puts the image (1 MiB)

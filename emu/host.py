@@ -13,7 +13,7 @@ GiB = 1 << 30
 
 
 class Host:
-    def __init__(self, user_size, kernel_size=None):
+    def __init__(self, user_size, kernel_size=None, tdx=False):
         user_size = -(-user_size // PAGE_SIZE) * PAGE_SIZE
         if kernel_size is None:
             # Page tables for every 4K page of guest memory would take 1/512 of it, twice over for a TD
@@ -22,10 +22,22 @@ class Host:
         kernel_size = -(-kernel_size // PAGE_SIZE) * PAGE_SIZE
         self.kernel_base = 0
         self.user_base = kernel_size
-        self.mem = HostMemory(kernel_size + user_size)
+        tdmr_size = kernel_size + user_size
+        # With TDX, the PAMT (16 bytes per 4K page of the TDMR, all of memory here) sits above it.
+        pamt_size = -(-(tdmr_size >> 12) * 16 // PAGE_SIZE) * PAGE_SIZE if tdx else 0
+        self.mem = HostMemory(tdmr_size + pamt_size)
         self.kernel = PageAllocator(self.mem, PAGE_SIZE, kernel_size)   # HPA 0 is never handed out
         self.user_next = self.user_base
+        self.user_end = tdmr_size
         self.leaked = []                     # (hpa, why): pages deliberately leaked, as KVM leaks them
+        self.tdx_module = None
+        if tdx:
+            from tdxmod.module import TdxModule
+            from .hw.vcpu import Vcpu
+            self.tdx_module = TdxModule(self.mem, tdmr_size, 0, tdmr_size)
+            self.tdx_module.make_cpu = lambda index: Vcpu(self.mem, index)
+            for pfn in range(tdmr_size >> 12, (tdmr_size + pamt_size) >> 12):
+                self.mem.protect(pfn, "the TDX module (PAMT)")
 
     def alloc_kernel_page(self):
         return self.kernel.alloc_page()
@@ -36,7 +48,7 @@ class Host:
     def mmap(self, size, align=PAGE_SIZE):
         """Userspace memory: ``size`` bytes at an ``align``-aligned host address (== HPA)."""
         start = -(-self.user_next // align) * align
-        if start + size > self.mem.size:
+        if start + size > self.user_end:
             raise OutOfHostMemory(f"cannot map {size >> 20} MiB of guest memory")
         self.user_next = start + size
         return start

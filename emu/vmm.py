@@ -12,7 +12,8 @@ fail hypercalls, HLT (the vCPU is done), and errors (the run ends).
 from . import guestabi, guests, loader
 from .host import Host, MiB
 from .kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
-                      KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, EXIT_NAMES)
+                      KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, EXIT_NAMES)
+from .kvm.tdx import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
 from .kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
 from .hw.exits import VECTOR_NAMES
 from .trace import NULL_TRACER
@@ -59,7 +60,8 @@ def parse_size(text):
 
 
 class Machine:
-    def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None):
+    def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None,
+                 td_attributes=None):
         if vm not in VM_TYPES:
             raise MachineError(f"unknown VM type {vm!r} (default, tdx)")
         if hugepages not in HUGEPAGES:
@@ -75,26 +77,79 @@ class Machine:
         except (guests.GuestError, loader.LoadError) as e:
             raise MachineError(str(e)) from None
         self.vm_type = VM_TYPES[vm]
+        if td_attributes is None:
+            from tdxmod.abi import TD_ATTR_SEPT_VE_DISABLE, TD_ATTR_DEBUG
+            td_attributes = TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG
         self.mem_size = mem
         self.nvcpus = vcpus
         self.tracer = tracer or NULL_TRACER
         self.backing_level = HUGEPAGES[hugepages]
-        if self.vm_type == KVM_X86_TDX_VM:
-            raise MachineError("--vm tdx: the TDX module is not part of this version yet")
         align = 1 << (12 + 9 * (self.backing_level - 1))
-        self.host = Host(mem + align)
-        self.kvm = Kvm(self.host, self.vm_type, tracer=self.tracer)
-        self.hva = self.host.mmap(mem, align)
-        self.kvm.set_user_memory_region(0, 0, 0, mem, self.hva, backing_level=self.backing_level)
+        self.td = self.vm_type == KVM_X86_TDX_VM
+        if self.td:
+            self._build_td(mem, vcpus, align, td_attributes)
+        else:
+            self.host = Host(mem + align)
+            self.kvm = Kvm(self.host, self.vm_type, tracer=self.tracer)
+            self.hva = self.host.mmap(mem, align)
+            self.kvm.set_user_memory_region(0, 0, 0, mem, self.hva, backing_level=self.backing_level)
+            self.boot = self._load(self.write_gpa)
+            self.vcpus = []
+            for i in range(vcpus):
+                v = self.kvm.create_vcpu(i)
+                v.set_regs(self.boot.regs(i))
+                self.vcpus.append(v)
+
+    def _load(self, write_gpa, extra_maps=()):
         try:
-            self.boot = loader.build_boot(self.image, mem, vcpus, self.write_gpa)
+            return loader.build_boot(self.image, self.mem_size, self.nvcpus, write_gpa, extra_maps)
         except loader.LoadError as e:
             raise MachineError(str(e)) from None
-        self.vcpus = []
-        for i in range(vcpus):
-            v = self.kvm.create_vcpu(i)
+
+    def _build_td(self, mem, vcpus, align, attributes):
+        """A TD as QEMU builds one: guest_memfd-backed slot, all memory private, the image
+        added page by page (TDH.MEM.PAGE.ADD, measured), the vCPUs' boot state, finalize."""
+        from .kvm.tdx import TdxX86Ops
+        self.host = Host(2 * mem + align, tdx=True)
+        module = self.host.tdx_module
+        module.tracer = self.tracer
+        ops = TdxX86Ops(module, attributes)
+        self.kvm = Kvm(self.host, KVM_X86_TDX_VM, tracer=self.tracer, x86_ops=ops)
+        if self.kvm.vm_dead:
+            raise MachineError(f"cannot create the TD: {self.kvm.bug_reason}")
+        self.shared_bit = self.kvm.gfn_direct_bits << 12
+        self.hva = self.host.mmap(mem, align)            # shared pages
+        self.gmem = self.host.mmap(mem, align)           # guest_memfd: private pages
+        self.kvm.set_user_memory_region(0, 0, 0, mem, self.hva, backing_level=self.backing_level,
+                                        gmem_addr=self.gmem)
+        self.kvm.set_memory_attributes(0, mem >> 12, private=True)
+        staged = {}
+
+        def stage(gpa, data):
+            while data:
+                page, off = gpa & ~0xFFF, gpa & 0xFFF
+                n = min(len(data), 0x1000 - off)
+                buf = staged.setdefault(page, bytearray(0x1000))
+                buf[off:off + n] = data[:n]
+                gpa, data = gpa + n, data[n:]
+        # The shared alias of all memory, mapped at TD_SHARED_WINDOW_GVA in the guest's tables.
+        self.boot = self._load(stage, [(guestabi.TD_SHARED_WINDOW_GVA, self.shared_bit, mem)])
+        self.vcpus = [self.kvm.create_vcpu(i) for i in range(vcpus)]
+        if self.kvm.vm_dead:
+            raise MachineError(f"cannot create the TD's vCPUs: {self.kvm.bug_reason}")
+        source = self.host.mmap(0x1000)                  # the VMM's source page for PAGE.ADD
+        v0 = self.vcpus[0]
+        v0.mmu_load()
+        for gpa in self.boot.pages:
+            self.host.mem.host_write(source, bytes(staged.get(gpa, bytes(0x1000))))
+            r = ops.init_mem_region(v0, gpa, source)
+            if r:
+                raise MachineError(f"KVM_TDX_INIT_MEM_REGION of GPA {gpa:#x} failed ({r}): "
+                                   f"{self.kvm.bug_reason or ''}")
+        for i, v in enumerate(self.vcpus):
             v.set_regs(self.boot.regs(i))
-            self.vcpus.append(v)
+        if ops.finalize(self.kvm):
+            raise MachineError(f"KVM_TDX_FINALIZE_VM failed: {self.kvm.bug_reason or ''}")
 
     # -- guest memory through the VMM's own mapping ---------------------------------------------------
     def write_gpa(self, gpa, data):
@@ -147,7 +202,17 @@ class Machine:
             return None
         if r == KVM_EXIT_HLT:
             return "hlt"
-        rip = v.hw.reg("rip")
+        if r == KVM_EXIT_HYPERCALL and run.nr == KVM_HC_MAP_GPA_RANGE:
+            gfn, npages, attrs = run.args[0] >> 12, run.args[1], run.args[2]
+            self.kvm.set_memory_attributes(gfn, gfn + npages, private=bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED))
+            v.complete_userspace_io = run.complete
+            return None
+        rip = v.get_regs().get("rip") or 0
+        if r == KVM_EXIT_SYSTEM_EVENT:
+            res.exit = "fail"
+            res.error = (f"vCPU {v.vcpu_id}: the TD reported a fatal error (TDG.VP.VMCALL<ReportFatalError>) "
+                         f"with code {run.data[0]:#x}")
+            return "fail"
         if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_FAIL:
             res.exit = "fail"
             res.error = f"vCPU {v.vcpu_id}: the guest failed with code {run.args[0]:#x} at {self.symbolize(rip)}"
@@ -165,8 +230,9 @@ class Machine:
                 detail += f" error code {run.error_code:#x}"
             if run.cr2 is not None:
                 detail += f" cr2 {run.cr2:#x}"
-            msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}: "
-                   f"{run.insn} (no IDT: triple fault)")
+            insn = f": {run.insn}" if run.insn else ""
+            msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
+                   f"{insn} (no IDT: triple fault)")
         elif r == KVM_EXIT_INTERNAL_ERROR:
             msg = f"internal error: {run.reason}"
         else:

@@ -73,9 +73,10 @@ class KvmMemorySlot:
     backing is at least as large.
     """
 
-    def __init__(self, id, base_gfn, npages, userspace_addr, flags, backing_level=PG_LEVEL_4K):
+    def __init__(self, id, base_gfn, npages, userspace_addr, flags, backing_level=PG_LEVEL_4K, gmem_addr=None):
         self.id, self.base_gfn, self.npages = id, base_gfn, npages
         self.userspace_addr, self.flags, self.backing_level = userspace_addr, flags, backing_level
+        self.gmem_addr = gmem_addr            # guest_memfd backing of private pages (TDX)
 
     @property
     def readonly(self):
@@ -144,6 +145,7 @@ class Kvm:
         self.inject = None                # the fault-injection plan, when one is active
         self.x86_ops = x86_ops or VmxX86Ops()
         self.memslots = []
+        self.private_gfns = set()         # KVM_MEMORY_ATTRIBUTE_PRIVATE (an xarray upstream)
         self.vcpus = []
         self.stat = {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0, "remote_tlb_flush": 0,
                      "remote_tlb_flush_requests": 0, "zaps": 0, "kvm_bug_on": 0}
@@ -207,7 +209,7 @@ class Kvm:
 
     # -- memory ------------------------------------------------------------------------------------------
     def set_user_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
-                               backing_level=PG_LEVEL_4K):
+                               backing_level=PG_LEVEL_4K, gmem_addr=None):
         """KVM_SET_USER_MEMORY_REGION: add a slot, or delete it with memory_size 0."""
         if guest_phys_addr % 4096 or memory_size % 4096 or userspace_addr % 4096:
             raise KvmIoctlError(EINVAL, "memory region not page aligned")
@@ -226,7 +228,27 @@ class Kvm:
                 raise KvmIoctlError(EEXIST, f"memslot overlaps slot {s.id}")
         if userspace_addr + memory_size > self.mem.size:
             raise KvmIoctlError(EFAULT, "userspace_addr outside host memory")
-        self.memslots.append(KvmMemorySlot(slot, base, npages, userspace_addr, flags, backing_level))
+        if self.has_mirrored_tdp and gmem_addr is None:
+            raise KvmIoctlError(EINVAL, "a TD's memslot needs guest_memfd backing for its private pages")
+        self.memslots.append(KvmMemorySlot(slot, base, npages, userspace_addr, flags, backing_level, gmem_addr))
+
+    def set_memory_attributes(self, start_gfn, end_gfn, private):
+        """KVM_SET_MEMORY_ATTRIBUTES: mark [start, end) private or shared; unmap the side it leaves.
+
+        kvm_arch_pre_set_memory_attributes(): going private zaps the shared (direct)
+        mappings, going shared zaps the private (mirror) ones, which for a TD removes the
+        pages from the S-EPT (BLOCK, TRACK, REMOVE)."""
+        if private:
+            self.private_gfns.update(range(start_gfn, end_gfn))
+        else:
+            self.private_gfns.difference_update(range(start_gfn, end_gfn))
+        self.trace_emit("kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} "
+                        f"{'private' if private else 'shared'}")
+        if self.has_mirrored_tdp:
+            self.zap_gfn_range(start_gfn, end_gfn, KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS)
+
+    def mem_is_private(self, gfn):
+        return gfn in self.private_gfns
 
     def gfn_to_memslot(self, gfn):
         for s in self.memslots:
@@ -258,7 +280,7 @@ class Kvm:
         return not bits or bool(gpa & (bits << 12))
 
     def update_page_stats(self, level, count):
-        key = ("pages_4k", "pages_2m", "pages_1g", "pages_512g", "pages_256t")[level - 1]
+        key = ("pages_4k", "pages_2m", "pages_1g", "pages_512g", "pages_256t")[level - 1]  # noqa
         self.stat[key] = self.stat.get(key, 0) + count
 
     # -- TLB -----------------------------------------------------------------------------------------------
@@ -329,7 +351,7 @@ class Kvm:
         self.x86_ops.vm_free(self)
 
 
-EINVAL, EEXIST, EFAULT, EIO = 22, 17, 14, 5
+EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
 
 
 class KvmVcpu:
@@ -338,7 +360,8 @@ class KvmVcpu:
     def __init__(self, kvm, vcpu_id):
         self.kvm = kvm
         self.vcpu_id = vcpu_id
-        self.hw = Vcpu(kvm.mem, vcpu_id)
+        # The CPU context: KVM's own for a VMX vCPU; for a TD the module's (set by vcpu_create).
+        self.hw = None if kvm.has_mirrored_tdp else Vcpu(kvm.mem, vcpu_id)
         self.root = None
         self.mirror_root = None
         self.root_level = kvm.root_level
@@ -349,13 +372,38 @@ class KvmVcpu:
                      "pf_spurious": 0, "pf_emulate": 0, "pf_retry": 0, "pf_mmio_spte_created": 0,
                      "hypercalls": 0, "halt_exits": 0, "tlb_flush": 0}
         self.arch = None                  # per-vendor vCPU state (struct vcpu_tdx for a TD)
+        self.last_pf_ret = None           # the RET_PF_* of the last fault (TDX's local retry)
+        self.complete_userspace_io = None
+        self.kvm_run = None
 
     # -- registers ------------------------------------------------------------------------------------------
     def get_regs(self):
-        return self.hw.get_regs()
+        return self.kvm.x86_ops.get_regs(self)
 
     def set_regs(self, regs):
-        self.hw.set_regs(regs)
+        self.kvm.x86_ops.set_regs(self, regs)
+
+    def kick_outside_guest_mode(self):
+        """KVM_REQ_OUTSIDE_GUEST_MODE: a vCPU runs guest code only between its entry and exit,
+        and only one vCPU runs at a time here, so it is already outside."""
+        self.requests |= KVM_REQ_OUTSIDE_GUEST_MODE
+
+    def kvm_tdp_map_page(self, gpa, private=False):
+        """kvm_tdp_map_page(): map ``gpa`` as a write fault, retrying while RET_PF_RETRY."""
+        error_code = PFERR_WRITE_MASK | PFERR_GUEST_FINAL_MASK | (PFERR_PRIVATE_ACCESS if private else 0)
+        for _ in range(100000):
+            if self.kvm.vm_dead:
+                return -EIO
+            r = self.kvm_mmu_do_page_fault(gpa, error_code)
+            if r < 0:
+                return r
+            if r in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
+                return 0
+            if r == RET_PF_EMULATE:
+                return -ENOENT
+            if r != RET_PF_RETRY:
+                return -EIO
+        return -EIO
 
     # -- MMU ------------------------------------------------------------------------------------------
     def mmu_load(self):
@@ -415,6 +463,7 @@ class KvmVcpu:
             self.stat["pf_spurious"] += 1
         elif r == RET_PF_RETRY:
             self.stat["pf_retry"] += 1
+        self.last_pf_ret = r
         if kvm.tracer.enabled and r >= 0:
             kvm.trace_emit("kvm_tdp_page_fault_done", self.vcpu_id,
                            msg=f"gfn {fault.gfn:x} level {fault.goal_level} "
@@ -450,7 +499,10 @@ class KvmVcpu:
                           reason=f"the VM is dead (KVM_BUG_ON: {kvm.bug_reason})")
         if self.root is None:
             self.mmu_load()
-        self.kvm_run = None
+        cui, self.complete_userspace_io = self.complete_userspace_io, None
+        prev, self.kvm_run = self.kvm_run, None
+        if cui is not None and cui(self, prev) == 0:
+            return self.kvm_run               # the completion went straight back to userspace
         hw = self.hw
         tracer = kvm.tracer
         sched = kvm.sched
@@ -478,7 +530,7 @@ class KvmVcpu:
     def process_requests(self):
         if self.requests & KVM_REQ_TLB_FLUSH:
             self.stat["tlb_flush"] += 1
-            self.hw.flush_tlb()
+            self.kvm.x86_ops.flush_tlb(self)
             self.kvm.trace_emit("kvm_tlb_flush", self.vcpu_id, msg=f"vcpu {self.vcpu_id} invept")
         self.requests = 0
 
@@ -500,9 +552,10 @@ class KvmVcpu:
 
     # -- VMX exit handlers ----------------------------------------------------------------------------------
     def handle_ept_violation(self, exit):
-        """handle_ept_violation() / __vmx_handle_ept_violation(): the error code from the qualification."""
-        q = exit.qualification
-        gpa = exit.gpa
+        return self.vmx_handle_ept_violation(exit.gpa, exit.qualification, exit.rip)
+
+    def vmx_handle_ept_violation(self, gpa, q, rip):
+        """__vmx_handle_ept_violation(): the page-fault error code from the qualification."""
         self.stat["ept_violations"] += 1
         error_code = PFERR_USER_MASK if q & EPT_VIOLATION_ACC_READ else 0
         if q & EPT_VIOLATION_ACC_WRITE:
@@ -517,7 +570,7 @@ class KvmVcpu:
             error_code |= PFERR_PRIVATE_ACCESS
         if self.kvm.tracer.enabled:
             self.kvm.trace_emit("kvm_page_fault", self.vcpu_id,
-                                msg=f"vcpu {self.vcpu_id} rip {exit.rip:#x} address {gpa:#018x} "
+                                msg=f"vcpu {self.vcpu_id} rip {rip:#x} address {gpa:#018x} "
                                     f"error_code {error_code:#x}")
         return self.kvm_mmu_page_fault(gpa, error_code)
 

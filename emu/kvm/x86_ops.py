@@ -28,6 +28,16 @@ class VmxX86Ops:
     def vm_free(self, kvm):
         pass
 
+    def get_regs(self, vcpu):
+        return vcpu.hw.get_regs()
+
+    def set_regs(self, vcpu, regs):
+        vcpu.hw.set_regs(regs)
+
+    def flush_tlb(self, vcpu):
+        """vmx_flush_tlb_all(): INVEPT on the vCPU's CPU."""
+        vcpu.hw.flush_tlb()
+
     # -- MMU --------------------------------------------------------------------------------------------
     def load_mmu_pgd(self, vcpu, root_hpa, root_level):
         """vmx_load_mmu_pgd(): construct_eptp() with WB, the walk length and A/D (enable_ept_ad_bits)."""

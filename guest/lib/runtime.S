@@ -11,8 +11,10 @@
 # Host protocol (emu/guestabi.py is the host's copy of these facts):
 #   not a TD:  VMCALL with RAX = EMU_HC_REPORT / EMU_HC_FAIL, RBX = value / code
 #   a TD:      TDCALL leaf 0 (TDG.VP.VMCALL) with RCX = 0x1c00 (R10-R12 exposed)
-#                report: R10 = 1 (vendor-specific), R11 = EMU_HC_REPORT, R12 = value
+#                report: R10 = EMU_HC_REPORT, R11 = value (R10 != 0: a vendor-specific
+#                        TDVMCALL, which KVM runs as hypercall R10 with argument R11)
 #                fail:   R10 = 0, R11 = 0x10003 (GHCI ReportFatalError), R12 = code
+#                halt:   R10 = 0, R11 = 12 (GHCI Instruction.HLT): a TD may not run HLT
 # The choice is made at run time (emu_is_td), so one guest ELF runs both in a
 # plain VM and in a TD.
 
@@ -99,9 +101,8 @@ emu_report:
 .Lreport_td:
     mov eax, TDG_VP_VMCALL
     mov ecx, TDVMCALL_EXPOSE_REGS
-    mov r10d, TDX_VENDOR_R10
-    mov r11d, EMU_HC_REPORT
-    mov r12, rdi
+    mov r10d, EMU_HC_REPORT
+    mov r11, rdi
     TDCALL
 .Lreport_done:
     pop r12
@@ -113,6 +114,39 @@ emu_report:
     popfq
     ret
     .size emu_report, . - emu_report
+
+# ---------------------------------------------------------------------------
+# emu_halt(): this vCPU is done (HLT; in a TD, TDG.VP.VMCALL<Instruction.HLT>).
+# ---------------------------------------------------------------------------
+    .globl emu_halt
+    .type emu_halt, @function
+emu_halt:
+    push rax
+    call emu_is_td
+    test eax, eax
+    pop rax                                 # (pop leaves the flags alone)
+    jnz .Lhalt_td
+    hlt                                     # every register as the guest left it
+    ret
+.Lhalt_td:
+    push rax
+    push rcx
+    push r10
+    push r11
+    push r12
+    mov eax, TDG_VP_VMCALL
+    mov ecx, TDVMCALL_EXPOSE_REGS
+    xor r10d, r10d
+    mov r11d, GHCI_INSTRUCTION_HLT
+    xor r12d, r12d
+    TDCALL
+    pop r12
+    pop r11
+    pop r10
+    pop rcx
+    pop rax
+    ret
+    .size emu_halt, . - emu_halt
 
 # ---------------------------------------------------------------------------
 # emu_fail(rdi = code): report a fatal error, then halt for good.

@@ -1,0 +1,444 @@
+"""KVM's TDX backend (arch/x86/kvm/vmx/tdx.c): TD lifecycle, TD exits, and the mirror hooks.
+
+The seed patch's hooks, bound here (upstream names in brackets):
+  reflect_link_spt    [link_external_spt   -> tdx_sept_link_private_spt]   TDH.MEM.SEPT.ADD
+  reflect_set_spte    [set_external_spte   -> tdx_sept_set_private_spte]   TDH.MEM.PAGE.AUG
+  reflect_remove_spte [remove_external_spte-> tdx_sept_remove_private_spte] BLOCK, TRACK, REMOVE, WBINVD
+  reflect_free_spt    [free_external_spt   -> tdx_sept_free_private_spt]   TDH.PHYMEM.PAGE.RECLAIM
+"""
+
+from tdxmod import abi as A
+from tdxmod.module import (TDCS_PAGES, TDVPX_PAGES, TD_PARAMS_ATTRIBUTES, TD_PARAMS_MAX_VCPUS,
+                           TD_PARAMS_EPTP_CONTROLS, TD_PARAMS_CONFIG_FLAGS, MD_TDVPS_VMCS_SHARED_EPTP,
+                           MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, MD_TDVPS_CR3, GPR_ORDER)
+from ..hw.ept import make_eptp, EPT_VIOLATION_ACC_WRITE, EPT_VIOLATION_ACC_INSTR
+from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TDCALL,
+                        EXIT_REASON_TRIPLE_FAULT, VmExit)
+from .. import guestabi
+from .spte import PG_LEVEL_4K, MT_MASK_TDX_VM
+from .tdp_mmu import RET_PF_RETRY, RET_PF_FIXED, RET_PF_SPURIOUS, EBUSY, EIO, EINVAL, KVM_MIRROR_ROOTS
+from .x86_ops import VmxX86Ops
+
+KVM_HC_MAP_GPA_RANGE = 12
+KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+KVM_MAP_GPA_RANGE_DECRYPTED = 0 << 4
+KVM_SYSTEM_EVENT_TDX_FATAL = 7
+
+TD_STATE_UNINITIALIZED, TD_STATE_INITIALIZED, TD_STATE_RUNNABLE = 0, 1, 2
+TDX_MAP_GPA_MAX_LEN = 2 << 20           # KVM handles MapGPA in 2M steps, asking the guest to retry
+LOCAL_RETRY_MAX = 100000
+
+
+def tdx_operand_busy(err):
+    return (err & A.TDX_STATUS_MASK) == A.TDX_OPERAND_BUSY
+
+
+class KvmTdx:
+    """struct kvm_tdx"""
+
+    def __init__(self):
+        self.tdr_pa = None
+        self.tdcs_pa = []
+        self.hkid = None
+        self.state = TD_STATE_UNINITIALIZED
+        self.nr_premapped = 0
+        self.attributes = 0
+        self.wait_for_sept_zap = False
+
+
+class VcpuTdx:
+    """struct vcpu_tdx"""
+
+    def __init__(self):
+        self.tdvpr_pa = None
+        self.tdvpx_pa = []
+        self.ret_r10 = 0               # TDG.VP.VMCALL answer for the next TD entry
+        self.ret_r11 = 0
+        self.map_gpa_next = None
+        self.map_gpa_end = None
+
+
+class TdxX86Ops(VmxX86Ops):
+    name = "tdx"
+
+    def __init__(self, module, attributes=A.TD_ATTR_SEPT_VE_DISABLE | A.TD_ATTR_DEBUG):
+        self.module = module
+        self.td_attributes = attributes
+        self.seamcall_counts = {}
+
+    # -- SEAMCALL -------------------------------------------------------------------------------------
+    def seamcall(self, kvm, leaf, caller=None, **regs):
+        name = A.seamcall_name(leaf)
+        self.seamcall_counts[name] = self.seamcall_counts.get(name, 0) + 1
+        return self.module.seamcall(leaf, caller=caller, **regs)
+
+    # -- VM lifetime ------------------------------------------------------------------------------------
+    def vm_init(self, kvm):
+        """KVM_CREATE_VM + KVM_TDX_INIT_VM: TDR, HKID, key, TDCS pages, TD_PARAMS."""
+        tdx = kvm.tdx = KvmTdx()
+        kvm.gfn_direct_bits = (1 << 47) >> 12
+        kvm.mt_mask = MT_MASK_TDX_VM
+        host = kvm.host
+        tdx.attributes = self.td_attributes
+        tdx.hkid = self._alloc_hkid()
+        tdx.tdr_pa = host.alloc_kernel_page()
+        self._check(kvm, self.seamcall(kvm, A.TDH_MNG_CREATE, rcx=tdx.tdr_pa, rdx=tdx.hkid), "TDH.MNG.CREATE")
+        self._check(kvm, self.seamcall(kvm, A.TDH_MNG_KEY_CONFIG, rcx=tdx.tdr_pa), "TDH.MNG.KEY.CONFIG")
+        for _ in range(TDCS_PAGES):
+            page = host.alloc_kernel_page()
+            tdx.tdcs_pa.append(page)
+            self._check(kvm, self.seamcall(kvm, A.TDH_MNG_ADDCX, rcx=page, rdx=tdx.tdr_pa), "TDH.MNG.ADDCX")
+        params = host.alloc_kernel_page()
+        mem = kvm.mem
+        mem.write64(params + TD_PARAMS_ATTRIBUTES, tdx.attributes)
+        mem.write64(params + TD_PARAMS_MAX_VCPUS, 64)
+        mem.write64(params + TD_PARAMS_EPTP_CONTROLS, 6 | (3 << 3))        # WB, 4-level
+        mem.write64(params + TD_PARAMS_CONFIG_FLAGS, 0)                   # GPAW 48: shared bit 47
+        self._check(kvm, self.seamcall(kvm, A.TDH_MNG_INIT, rcx=tdx.tdr_pa, rdx=params), "TDH.MNG.INIT")
+        host.free_kernel_page(params)
+        tdx.state = TD_STATE_INITIALIZED
+
+    _next_hkid = [1]
+
+    def _alloc_hkid(self):
+        used = self.module.hkids
+        for h in range(1, 64):
+            if h not in used:
+                return h
+        raise RuntimeError("no free HKID")
+
+    def _check(self, kvm, out, what):
+        if out.rax != A.TDX_SUCCESS:
+            kvm.kvm_bug(f"{what} failed: {A.status_name(out.rax)}")
+        return out.rax
+
+    def vcpu_create(self, vcpu):
+        """KVM_TDX_INIT_VCPU: TDVPR, TDVPX, TDH.VP.INIT."""
+        kvm = vcpu.kvm
+        host = kvm.host
+        t = vcpu.arch = VcpuTdx()
+        t.tdvpr_pa = host.alloc_kernel_page()
+        self._check(kvm, self.seamcall(kvm, A.TDH_VP_CREATE, rcx=t.tdvpr_pa, rdx=kvm.tdx.tdr_pa), "TDH.VP.CREATE")
+        for _ in range(TDVPX_PAGES):
+            page = host.alloc_kernel_page()
+            t.tdvpx_pa.append(page)
+            self._check(kvm, self.seamcall(kvm, A.TDH_VP_ADDCX, rcx=page, rdx=t.tdvpr_pa), "TDH.VP.ADDCX")
+        # Version 1: R8 = the x2APIC id.
+        self._check(kvm, self.seamcall(kvm, A.TDH_VP_INIT | (1 << 16), rcx=t.tdvpr_pa, rdx=0, r8=vcpu.vcpu_id),
+                    "TDH.VP.INIT")
+        # The CPU the TD vCPU runs on: KVM uses it only to INVEPT (its state is the module's).
+        vcpu.hw = self.module.vcpus[t.tdvpr_pa].hw
+
+    def vp_wr(self, vcpu, field, value):
+        return self.seamcall(vcpu.kvm, A.TDH_VP_WR, rcx=vcpu.arch.tdvpr_pa, rdx=field, r8=value, r9=(1 << 64) - 1)
+
+    def vp_rd(self, vcpu, field):
+        out = self.seamcall(vcpu.kvm, A.TDH_VP_RD, rcx=vcpu.arch.tdvpr_pa, rdx=field)
+        return out.r8 if out.rax == A.TDX_SUCCESS else None
+
+    def set_regs(self, vcpu, regs):
+        """A debug TD's registers through TDH.VP.WR (how the VMM sets the boot state in this model)."""
+        for name, value in regs.items():
+            if name == "rip":
+                field = MD_TDVPS_RIP
+            elif name == "cr3":
+                field = MD_TDVPS_CR3
+            else:
+                field = MD_TDVPS_GPR_BASE + GPR_ORDER.index(name)
+            self._check(vcpu.kvm, self.vp_wr(vcpu, field, value), f"TDH.VP.WR {name}")
+
+    def get_regs(self, vcpu):
+        regs = {name: self.vp_rd(vcpu, MD_TDVPS_GPR_BASE + i) for i, name in enumerate(GPR_ORDER)}
+        regs["rip"] = self.vp_rd(vcpu, MD_TDVPS_RIP)
+        regs["cr3"] = self.vp_rd(vcpu, MD_TDVPS_CR3)
+        return regs
+
+    def load_mmu_pgd(self, vcpu, root_hpa, root_level):
+        """tdx_load_mmu_pgd(): KVM's direct root is the TD's shared EPT pointer."""
+        self._check(vcpu.kvm, self.vp_wr(vcpu, MD_TDVPS_VMCS_SHARED_EPTP, root_hpa), "TDH.VP.WR SHARED_EPTP")
+
+    def flush_tlb(self, vcpu):
+        """tdx_flush_tlb_current(): a global INVEPT on the vCPU's CPU."""
+        vcpu.hw.flush_tlb()
+
+    def private_max_mapping_level(self, kvm, gfn):
+        return PG_LEVEL_4K
+
+    def gmem_get_pfn(self, kvm, slot, gfn):
+        """guest_memfd: private pages come from the slot's gmem backing, not its hva."""
+        return (slot.gmem_addr >> 12) + gfn - slot.base_gfn
+
+    # -- building the TD image (before TDH.MR.FINALIZE) ---------------------------------------------------
+    def init_mem_region(self, vcpu, gpa, source_hpa, measure=True):
+        """KVM_TDX_INIT_MEM_REGION for one page: map the mirror (SEPT.ADDs), then TDH.MEM.PAGE.ADD."""
+        kvm = vcpu.kvm
+        tdx = kvm.tdx
+        r = vcpu.kvm_tdp_map_page(gpa, private=True)
+        if r:
+            return r
+        slot = kvm.gfn_to_memslot(gpa >> 12)
+        target = self.gmem_get_pfn(kvm, slot, gpa >> 12) << 12
+        out = self.seamcall(kvm, A.TDH_MEM_PAGE_ADD, rcx=gpa, rdx=tdx.tdr_pa, r8=target, r9=source_hpa)
+        if out.rax != A.TDX_SUCCESS:
+            return -EBUSY if tdx_operand_busy(out.rax) else -EIO
+        tdx.nr_premapped -= 1
+        if measure:
+            for chunk in range(0, 4096, 256):
+                out = self.seamcall(kvm, A.TDH_MR_EXTEND, rcx=gpa + chunk, rdx=tdx.tdr_pa)
+                if out.rax != A.TDX_SUCCESS:
+                    return -EIO
+        return 0
+
+    def finalize(self, kvm):
+        """KVM_TDX_FINALIZE_VM"""
+        tdx = kvm.tdx
+        if tdx.nr_premapped:
+            return -EINVAL
+        out = self.seamcall(kvm, A.TDH_MR_FINALIZE, rcx=tdx.tdr_pa)
+        if out.rax != A.TDX_SUCCESS:
+            return -EIO
+        tdx.state = TD_STATE_RUNNABLE
+        return 0
+
+    # -- the mirror hooks -----------------------------------------------------------------------------------
+    def reflect_link_spt(self, kvm, gfn, level, external_spt, vcpu=None):
+        """tdx_sept_link_private_spt(): TDH.MEM.SEPT.ADD for the entry at KVM ``level``."""
+        gpa = gfn << 12
+        out = self.seamcall(kvm, A.TDH_MEM_SEPT_ADD, caller=vcpu, rcx=gpa | (level - 1), rdx=kvm.tdx.tdr_pa,
+                            r8=external_spt)
+        if tdx_operand_busy(out.rax):
+            return -EBUSY
+        if out.rax != A.TDX_SUCCESS:
+            kvm.kvm_bug(f"TDH.MEM.SEPT.ADD gpa {gpa:#x} level {level - 1} failed: {A.status_name(out.rax)} "
+                        f"entry {out.rcx:#x} info {out.rdx:#x}")
+            return -EIO
+        return 0
+
+    def reflect_set_spte(self, kvm, gfn, level, pfn, vcpu=None):
+        """tdx_sept_set_private_spte(): TDH.MEM.PAGE.AUG once the TD runs; before, count it premapped."""
+        tdx = kvm.tdx
+        if kvm.KVM_BUG_ON(level != PG_LEVEL_4K, f"private mapping at level {level}"):
+            return -EINVAL
+        if tdx.state != TD_STATE_RUNNABLE:
+            tdx.nr_premapped += 1
+            return 0
+        gpa = gfn << 12
+        out = self.seamcall(kvm, A.TDH_MEM_PAGE_AUG, caller=vcpu, rcx=gpa, rdx=tdx.tdr_pa, r8=pfn << 12)
+        if tdx_operand_busy(out.rax):
+            return -EBUSY
+        if out.rax != A.TDX_SUCCESS:
+            kvm.kvm_bug(f"TDH.MEM.PAGE.AUG gpa {gpa:#x} failed: {A.status_name(out.rax)} entry {out.rcx:#x} "
+                        f"info {out.rdx:#x}")
+            return -EIO
+        return 0
+
+    def _track(self, kvm):
+        """tdx_track(): TDH.MEM.TRACK, then every vCPU out of the guest (one retry on BUSY)."""
+        tdx = kvm.tdx
+        if tdx.state != TD_STATE_RUNNABLE:
+            return
+        out = self.seamcall(kvm, A.TDH_MEM_TRACK, rcx=tdx.tdr_pa)
+        if tdx_operand_busy(out.rax):
+            out = self.seamcall(kvm, A.TDH_MEM_TRACK, rcx=tdx.tdr_pa)
+        kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MEM.TRACK failed: {A.status_name(out.rax)}")
+        for v in kvm.vcpus:
+            v.kick_outside_guest_mode()
+
+    def reflect_remove_spte(self, kvm, gfn, level, pfn):
+        """tdx_sept_remove_private_spte(): BLOCK, TRACK, REMOVE, WBINVD, clear the page."""
+        tdx = kvm.tdx
+        gpa = gfn << 12
+        if kvm.KVM_BUG_ON(tdx.hkid is None, "removing a private page after the HKID was freed"):
+            return -EINVAL
+        out = self.seamcall(kvm, A.TDH_MEM_RANGE_BLOCK, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
+        if tdx_operand_busy(out.rax):
+            out = self.seamcall(kvm, A.TDH_MEM_RANGE_BLOCK, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
+        if (tdx.state != TD_STATE_RUNNABLE and
+                out.rax == (A.TDX_EPT_ENTRY_STATE_INCORRECT | A.OPERAND_ID_RCX) and not out.rcx & 7):
+            # A page mapped in the mirror but never PAGE.ADDed (the premap case).
+            tdx.nr_premapped -= 1
+            return 0
+        if out.rax != A.TDX_SUCCESS:
+            kvm.kvm_bug(f"TDH.MEM.RANGE.BLOCK gpa {gpa:#x} failed: {A.status_name(out.rax)}")
+            return -EIO
+        self._track(kvm)
+        out = self.seamcall(kvm, A.TDH_MEM_PAGE_REMOVE, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
+        if tdx_operand_busy(out.rax):
+            out = self.seamcall(kvm, A.TDH_MEM_PAGE_REMOVE, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
+        if out.rax != A.TDX_SUCCESS:
+            kvm.kvm_bug(f"TDH.MEM.PAGE.REMOVE gpa {gpa:#x} failed: {A.status_name(out.rax)}")
+            return -EIO
+        hpa = pfn << 12
+        out = self.seamcall(kvm, A.TDH_PHYMEM_PAGE_WBINVD, rcx=hpa | (tdx.hkid << self.module.x86_phys_bits))
+        if out.rax != A.TDX_SUCCESS:
+            kvm.kvm_bug(f"TDH.PHYMEM.PAGE.WBINVD {hpa:#x} failed: {A.status_name(out.rax)}")
+            return -EIO
+        kvm.mem.host_zero(hpa)                 # tdx_clear_page(): MOVDIR64B with the host key
+        return 0
+
+    def reflect_free_spt(self, kvm, gfn, level, external_spt):
+        """tdx_sept_free_private_spt(): only once the HKID is freed; RECLAIM, then clear."""
+        tdx = kvm.tdx
+        if kvm.KVM_BUG_ON(tdx.hkid is not None, "freeing an S-EPT page while the HKID is assigned"):
+            return -EINVAL
+        out = self.seamcall(kvm, A.TDH_PHYMEM_PAGE_RECLAIM, rcx=external_spt)
+        if out.rax != A.TDX_SUCCESS:
+            kvm.warn(f"TDH.PHYMEM.PAGE.RECLAIM of S-EPT page {external_spt:#x}: {A.status_name(out.rax)}")
+            return -EIO
+        kvm.mem.host_zero(external_spt)
+        return 0
+
+    # -- teardown ---------------------------------------------------------------------------------------------
+    def vm_destroy_begin(self, kvm):
+        """Unmap private memory while the HKID lives, then release the HKID (tdx_mmu_release_hkid)."""
+        tdx = kvm.tdx
+        kvm.zap_gfn_range(0, kvm.max_gfn_exclusive, KVM_MIRROR_ROOTS)
+        for v in kvm.vcpus:
+            self.seamcall(kvm, A.TDH_VP_FLUSH, rcx=v.arch.tdvpr_pa)
+        out = self.seamcall(kvm, A.TDH_MNG_VPFLUSHDONE, rcx=tdx.tdr_pa)
+        kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MNG.VPFLUSHDONE: {A.status_name(out.rax)}")
+        self.seamcall(kvm, A.TDH_PHYMEM_CACHE_WB)
+        out = self.seamcall(kvm, A.TDH_MNG_KEY_FREEID, rcx=tdx.tdr_pa)
+        kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MNG.KEY.FREEID: {A.status_name(out.rax)}")
+        tdx.hkid = None
+
+    def vm_free(self, kvm):
+        """Reclaim the control pages: vCPUs' TDVPX and TDVPR, the TDCS, then the TDR."""
+        tdx = kvm.tdx
+        pages = []
+        for v in kvm.vcpus:
+            pages += v.arch.tdvpx_pa + [v.arch.tdvpr_pa]
+        pages += tdx.tdcs_pa + [tdx.tdr_pa]
+        for page in pages:
+            out = self.seamcall(kvm, A.TDH_PHYMEM_PAGE_RECLAIM, rcx=page)
+            if out.rax != A.TDX_SUCCESS:
+                kvm.leak_page(page, f"TDH.PHYMEM.PAGE.RECLAIM failed: {A.status_name(out.rax)}")
+                continue
+            kvm.mem.host_zero(page)
+            kvm.host.free_kernel_page(page)
+
+    # -- running --------------------------------------------------------------------------------------------
+    def vcpu_run(self, vcpu):
+        """tdx_vcpu_run(): TDH.VP.ENTER; the exit comes back in registers."""
+        t = vcpu.arch
+        out = self.seamcall(vcpu.kvm, A.TDH_VP_ENTER, caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, r10=t.ret_r10,
+                            r11=t.ret_r11)
+        t.ret_r10 = t.ret_r11 = 0
+        if out.rax & A.TDX_ERROR:
+            vcpu.kvm.kvm_bug(f"TDH.VP.ENTER failed: {A.status_name(out.rax)}")
+            return VmExit(-1, 0)
+        reason = out.rax & 0xFFFF
+        ex = VmExit(reason, 0, qualification=out.rcx, gpa=out.r8, vcpu=vcpu.vcpu_id)
+        ex.error_code = out.rdx                 # the extended exit qualification rides here
+        vcpu.tdx_exit = out
+        return ex
+
+    def handle_exit(self, vcpu, exit):
+        out = vcpu.tdx_exit
+        kvm = vcpu.kvm
+        from .kvm import KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR
+        if exit.reason == -1:
+            return 0
+        if exit.reason == EXIT_REASON_EPT_VIOLATION:
+            return self.handle_ept_violation(vcpu, out)
+        if exit.reason == EXIT_REASON_TDCALL:
+            return self.handle_vmcall(vcpu, out)
+        if exit.reason == EXIT_REASON_TRIPLE_FAULT:
+            intr = out.r9
+            vector = intr & 0xFF
+            vcpu.exit_to_user(KVM_EXIT_SHUTDOWN, vector=vector, error_code=out.r10 if intr & (1 << 11) else None,
+                              cr2=out.r11 if vector == 14 else None, rip=out.r12, insn=None)
+            return 0
+        if exit.reason == EXIT_REASON_EPT_MISCONFIG:
+            kvm.kvm_bug(f"EPT misconfiguration in a TD at gpa {out.r8:#x}")
+            return 0
+        vcpu.exit_to_user(KVM_EXIT_INTERNAL_ERROR, suberror="unexpected_exit", reason=f"TD exit {exit.name}")
+        return 0
+
+    def handle_ept_violation(self, vcpu, out):
+        """tdx_handle_ept_violation()"""
+        kvm = vcpu.kvm
+        gpa = out.r8
+        qual = out.rcx
+        if not kvm.is_addr_direct(gpa):
+            if (out.rdx & 0xF) == A.TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION:
+                kvm.vm_dead = True
+                kvm.bug_reason = f"Guest access before accepting {gpa:#x}"
+                kvm.trace_emit("kvm_vm_dead", vcpu.vcpu_id, msg=kvm.bug_reason)
+                return 0
+            # Private pages are always RWX: treat the fault as a write, which avoids COW aliasing.
+            qual = EPT_VIOLATION_ACC_WRITE
+        elif qual & EPT_VIOLATION_ACC_INSTR:
+            kvm.kvm_bug(f"instruction fetch from shared GPA {gpa:#x}")
+            return 0
+        # Retry locally while the fault says RETRY (BUSY from the module, a frozen SPTE):
+        # each TD entry counts against the zero-step mitigation.
+        for _ in range(LOCAL_RETRY_MAX):
+            r = vcpu.vmx_handle_ept_violation(gpa, qual, rip=0)
+            if r <= 0 or kvm.vm_dead or vcpu.last_pf_ret != RET_PF_RETRY:
+                return r
+            if kvm.sched is not None:
+                kvm.sched.point(vcpu.vcpu_id, "fault_local_retry")
+        return 1
+
+    def handle_vmcall(self, vcpu, out):
+        """tdx_handle_vmcall(): R10 != 0 is a KVM hypercall (R10 = nr), else a GHCI sub-function in R11."""
+        from .kvm import KVM_EXIT_HLT, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_HYPERCALL
+        t = vcpu.arch
+        kvm = vcpu.kvm
+        if out.r10:
+            nr = out.r10
+            args = (out.r11, out.r12, out.r13, out.r14)
+            vcpu.stat["hypercalls"] += 1
+            kvm.trace_emit("kvm_hypercall", vcpu.vcpu_id, msg=f"nr {nr:#x} a0 {args[0]:#x} (TDG.VP.VMCALL)")
+            if nr in (guestabi.EMU_HC_REPORT, guestabi.EMU_HC_FAIL):
+                vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=list(args), ret=0)
+                return 0
+            t.ret_r10 = (-1000) & ((1 << 64) - 1)      # -KVM_ENOSYS
+            return 1
+        sub = out.r11
+        if sub == A.EXIT_REASON_HLT:
+            vcpu.stat["halt_exits"] += 1
+            vcpu.exit_to_user(KVM_EXIT_HLT)
+            return 0
+        if sub == A.TDVMCALL_REPORT_FATAL_ERROR:
+            vcpu.exit_to_user(KVM_EXIT_SYSTEM_EVENT, type=KVM_SYSTEM_EVENT_TDX_FATAL,
+                              data=[out.r12, out.r13, out.r14, out.r15])
+            return 0
+        if sub == A.TDVMCALL_MAP_GPA:
+            return self.map_gpa(vcpu, out.r12, out.r13)
+        t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
+        return 1
+
+    def map_gpa(self, vcpu, gpa, size):
+        """tdx_map_gpa(): convert [gpa, gpa+size) in 2M steps, each a KVM_HC_MAP_GPA_RANGE exit."""
+        from .kvm import KVM_EXIT_HYPERCALL
+        kvm = vcpu.kvm
+        t = vcpu.arch
+        shared = kvm.gfn_direct_bits << 12
+        end = gpa + size
+        if (gpa | size) & 0xFFF or not size or (gpa & shared) != ((end - 1) & shared) or end > (shared << 1):
+            t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
+            t.ret_r11 = gpa
+            return 1
+        to_shared = bool(gpa & shared)
+        base = gpa & ~shared
+        step = min(end - gpa, TDX_MAP_GPA_MAX_LEN)
+        t.map_gpa_next = gpa + step
+        t.map_gpa_end = end
+        attrs = (KVM_MAP_GPA_RANGE_DECRYPTED if to_shared else KVM_MAP_GPA_RANGE_ENCRYPTED) | \
+            KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+        vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=KVM_HC_MAP_GPA_RANGE, args=[base, step >> 12, attrs, 0], ret=0,
+                          complete=self.map_gpa_complete)
+        return 0
+
+    def map_gpa_complete(self, vcpu, ret):
+        """After userspace converted a step: success, or ask the guest to retry from the next GPA."""
+        t = vcpu.arch
+        if ret:
+            t.ret_r10, t.ret_r11 = A.TDVMCALL_STATUS_INVALID_OPERAND, t.map_gpa_next
+        elif t.map_gpa_next < t.map_gpa_end:
+            t.ret_r10, t.ret_r11 = A.TDVMCALL_STATUS_RETRY, t.map_gpa_next
+        else:
+            t.ret_r10, t.ret_r11 = A.TDVMCALL_STATUS_SUCCESS, 0

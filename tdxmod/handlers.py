@@ -1,0 +1,642 @@
+"""SEAMCALL handlers (all but TDH.VP.ENTER, which is in td_dispatch.py).
+
+Each takes (module, input Regs, caller) and returns output Regs.  Checks come
+in the module's order: operands, TD state, locks, S-EPT walk and entry state,
+PAMT; nothing changes until every check has passed.
+"""
+
+import hashlib
+
+from .abi import *  # noqa: F401,F403
+from .module import (Regs, Td, TdVcpu, PAGE, TDCS_PAGES, TDVPX_PAGES, TD_PARAMS_ATTRIBUTES, TD_PARAMS_MAX_VCPUS,
+                     TD_PARAMS_EPTP_CONTROLS, TD_PARAMS_CONFIG_FLAGS, MD_TDVPS_VMCS_SHARED_EPTP,
+                     MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, MD_TDVPS_CR3, GPR_ORDER)
+from . import sept as S
+
+HANDLERS = {}
+
+
+def leaf(number):
+    def register(fn):
+        HANDLERS[number] = fn
+        return fn
+    return register
+
+
+def _page_info(mod, td, rcx, levels):
+    """(gpa, level) of a page-info operand, or (None, status)."""
+    level = rcx & 7
+    gpa = rcx & ~0xFFF & ((1 << 52) - 1)
+    if rcx & 0xFF8 or rcx >> 52 or level not in levels or gpa & ((PAGE << (9 * level)) - 1):
+        return None, TDX_OPERAND_INVALID | OPERAND_ID_RCX
+    if not mod.private_gpa_ok(td, gpa):
+        return None, TDX_OPERAND_INVALID | OPERAND_ID_RCX
+    return (gpa, level), None
+
+
+def _op_state_ok(td, allowed):
+    return td.op_state in allowed
+
+
+def _sept_lock(mod, td, exclusive, caller):
+    """Take the S-EPT tree lock; False (-> BUSY|SEPT) when another holder conflicts."""
+    if exclusive:
+        if td.sept_writer or td.sept_readers:
+            return False
+        td.sept_writer = True
+    else:
+        if td.sept_writer:
+            return False
+        td.sept_readers += 1
+    return True
+
+
+def _sept_unlock(td, exclusive):
+    if exclusive:
+        td.sept_writer = False
+    else:
+        td.sept_readers -= 1
+
+
+# -- TD and vCPU management ---------------------------------------------------------------------------------
+@leaf(TDH_MNG_CREATE)
+def tdh_mng_create(mod, r, caller):
+    tdr, hkid = r.rcx, r.rdx
+    st = mod.hpa_operand(tdr, OPERAND_ID_RCX)
+    if st:
+        return Regs(st)
+    if not 0 < hkid < (1 << 6) or hkid in mod.hkids:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    mod.mem.zero(tdr)
+    mod.give_to_module(tdr, PT_TDR, tdr)
+    mod.tds[tdr] = Td(tdr, hkid)
+    mod.hkids.add(hkid)
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_MNG_KEY_CONFIG)
+def tdh_mng_key_config(mod, r, caller):
+    td, st = mod.td_operand(r.rcx, keys=False)
+    if st:
+        return Regs(st)
+    if td.lifecycle == TD_KEYS_CONFIGURED:
+        return Regs(TDX_KEY_CONFIGURED)
+    if td.lifecycle != TD_HKID_ASSIGNED:
+        return Regs(TDX_LIFECYCLE_STATE_INCORRECT)
+    td.lifecycle = TD_KEYS_CONFIGURED
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_MNG_ADDCX)
+def tdh_mng_addcx(mod, r, caller):
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    if td.op_state != OP_STATE_UNINITIALIZED or len(td.tdcx) >= TDCS_PAGES:
+        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+    st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
+    if st:
+        return Regs(st)
+    mod.mem.zero(r.rcx)
+    mod.give_to_module(r.rcx, PT_TDCX, td.tdr)
+    td.tdcx.append(r.rcx)
+    td.chldcnt += 1
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_MNG_INIT)
+def tdh_mng_init(mod, r, caller):
+    td, st = mod.td_operand(r.rcx)
+    if st:
+        return Regs(st)
+    if td.op_state != OP_STATE_UNINITIALIZED or len(td.tdcx) != TDCS_PAGES:
+        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+    params = r.rdx
+    if params & 0x3FF or params + 1024 > mod.mem.size:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    mem = mod.mem
+    attributes = mem.read64(params + TD_PARAMS_ATTRIBUTES)
+    max_vcpus = mem.read64(params + TD_PARAMS_MAX_VCPUS) & 0xFFFF
+    eptp_controls = mem.read64(params + TD_PARAMS_EPTP_CONTROLS)
+    config_flags = mem.read64(params + TD_PARAMS_CONFIG_FLAGS)
+    pwl = ((eptp_controls >> 3) & 7) + 1
+    if attributes & ~(TD_ATTR_DEBUG | TD_ATTR_SEPT_VE_DISABLE) or pwl not in (4, 5) or (eptp_controls & 7) != 6:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    gpaw = config_flags & TD_CONFIG_FLAGS_MAX_GPAW
+    if gpaw and pwl != 5:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    td.attributes = attributes
+    td.max_vcpus = max_vcpus or 1
+    td.pwl = pwl
+    td.gpaw = gpaw
+    td.shared_bit = 1 << (51 if gpaw else 47)
+    td.sept_root = td.tdcx[-1]
+    mem.buf[td.sept_root:td.sept_root + PAGE] = S.SEPT_FREE_ENTRY.to_bytes(8, "little") * 512
+    td.op_state = OP_STATE_INITIALIZED
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_VP_CREATE)
+def tdh_vp_create(mod, r, caller):
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    if td.op_state not in (OP_STATE_INITIALIZED, OP_STATE_RUNNABLE) or len(td.vcpus) >= td.max_vcpus:
+        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+    st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
+    if st:
+        return Regs(st)
+    mod.mem.zero(r.rcx)
+    mod.give_to_module(r.rcx, PT_TDVPR, td.tdr)
+    v = TdVcpu(td, r.rcx)
+    td.vcpus[r.rcx] = v
+    mod.vcpus[r.rcx] = v
+    td.chldcnt += 1
+    return Regs(TDX_SUCCESS)
+
+
+def _vcpu_operand(mod, tdvpr, op=OPERAND_ID_RCX):
+    if tdvpr & 0xFFF or not mod.pamt.covers(tdvpr):
+        return None, TDX_OPERAND_INVALID | op
+    if mod.pamt.page_type(tdvpr) != PT_TDVPR:
+        return None, TDX_PAGE_METADATA_INCORRECT | op
+    v = mod.vcpus[tdvpr]
+    if v.td.lifecycle != TD_KEYS_CONFIGURED:
+        return None, TDX_TD_KEYS_NOT_CONFIGURED
+    return v, None
+
+
+@leaf(TDH_VP_ADDCX)
+def tdh_vp_addcx(mod, r, caller):
+    v, st = _vcpu_operand(mod, r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    if v.initialized or len(v.tdvpx) >= TDVPX_PAGES:
+        return Regs(TDX_VCPU_STATE_INCORRECT)
+    st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
+    if st:
+        return Regs(st)
+    mod.mem.zero(r.rcx)
+    mod.give_to_module(r.rcx, PT_TDCX, v.td.tdr)
+    v.tdvpx.append(r.rcx)
+    v.td.chldcnt += 1
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_VP_INIT)
+def tdh_vp_init(mod, r, caller):
+    v, st = _vcpu_operand(mod, r.rcx)
+    if st:
+        return Regs(st)
+    if v.initialized or len(v.tdvpx) != TDVPX_PAGES:
+        return Regs(TDX_VCPU_STATE_INCORRECT)
+    if (r.rax >> 16) & 0xFF != 1:
+        return Regs(TDX_OPERAND_INVALID)            # this module implements TDH.VP.INIT version 1
+    index = len([x for x in v.td.vcpus.values() if x.initialized])
+    v.hw = mod.make_cpu(index)
+    # The TD's CPUID: leaf 0x21 names the TDX module (Linux's tdx_early_init looks for it).
+    vendor = b"IntelTDX    "
+    le = lambda b: int.from_bytes(b, "little")
+    v.hw.cpuid[0x21] = (0, le(vendor[0:4]), le(vendor[8:12]), le(vendor[4:8]))
+    # init_vcpu_gprs_and_registers(): RCX = R8 = the initial RCX, RSI = the vCPU index.
+    v.hw.set_regs({"rcx": r.rdx, "r8": r.rdx, "rsi": index, "rbx": 48 if not v.td.gpaw else 52})
+    v.initialized = True
+    return Regs(TDX_SUCCESS)
+
+
+def _vp_field(v, field, write=None):
+    """Read (or write) one TDVPS field; None for a field this model does not have."""
+    hw = v.hw
+    if field == MD_TDVPS_VMCS_SHARED_EPTP:
+        # Only bits 51:12 (the root HPA) are the VMM's; the module supplies WB, the walk
+        # length and A/D when it loads the EPTP.
+        if write is not None:
+            v.shared_eptp = write & 0x000FFFFFFFFFF000
+        return v.shared_eptp or 0
+    debug = v.td.attributes & TD_ATTR_DEBUG
+    if not debug or hw is None:
+        return None
+    if MD_TDVPS_GPR_BASE <= field < MD_TDVPS_GPR_BASE + 16:
+        name = GPR_ORDER[field - MD_TDVPS_GPR_BASE]
+    elif field == MD_TDVPS_RIP:
+        name = "rip"
+    elif field == MD_TDVPS_CR3:
+        name = "cr3"
+    else:
+        return None
+    if write is not None:
+        hw.set_reg(name, write)
+    return hw.reg(name)
+
+
+@leaf(TDH_VP_RD)
+def tdh_vp_rd(mod, r, caller):
+    v, st = _vcpu_operand(mod, r.rcx)
+    if st:
+        return Regs(st)
+    value = _vp_field(v, r.rdx)
+    if value is None:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    return Regs(TDX_SUCCESS, rdx=r.rdx, r8=value)
+
+
+@leaf(TDH_VP_WR)
+def tdh_vp_wr(mod, r, caller):
+    v, st = _vcpu_operand(mod, r.rcx)
+    if st:
+        return Regs(st)
+    old = _vp_field(v, r.rdx)
+    if old is None:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    mask = r.r9 if r.r9 else (1 << 64) - 1
+    _vp_field(v, r.rdx, (old & ~mask) | (r.r8 & mask))
+    return Regs(TDX_SUCCESS, r8=old)
+
+
+@leaf(TDH_VP_FLUSH)
+def tdh_vp_flush(mod, r, caller):
+    v, st = _vcpu_operand(mod, r.rcx)
+    if st:
+        return Regs(st)
+    if v.hw is not None:
+        v.hw.flush_tlb()
+    v.associated = False
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_MNG_VPFLUSHDONE)
+def tdh_mng_vpflushdone(mod, r, caller):
+    td, st = mod.td_operand(r.rcx)
+    if st:
+        return Regs(st)
+    if any(v.associated for v in td.vcpus.values()):
+        return Regs(TDX_FLUSHVP_NOT_DONE)
+    td.lifecycle = TD_BLOCKED
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_PHYMEM_CACHE_WB)
+def tdh_phymem_cache_wb(mod, r, caller):
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_MNG_KEY_FREEID)
+def tdh_mng_key_freeid(mod, r, caller):
+    td, st = mod.td_operand(r.rcx, keys=False)
+    if st:
+        return Regs(st)
+    if td.lifecycle != TD_BLOCKED:
+        return Regs(TDX_LIFECYCLE_STATE_INCORRECT)
+    td.lifecycle = TD_TEARDOWN
+    mod.hkids.discard(td.hkid)
+    return Regs(TDX_SUCCESS)
+
+
+# -- measurement ----------------------------------------------------------------------------------------------
+@leaf(TDH_MR_EXTEND)
+def tdh_mr_extend(mod, r, caller):
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    if td.op_state != OP_STATE_INITIALIZED:
+        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+    gpa = r.rcx
+    if gpa & 0xFF or not mod.private_gpa_ok(td, gpa):
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+    ptr, e, lvl = mod.sept_walk(td, gpa, 0)
+    if lvl != 0:
+        return mod.walk_failed(e, lvl)
+    if S.sept_state(e) != S.SEPT_MAPPED:
+        return mod.state_incorrect(e, lvl)
+    hpa = (e & S.SEPT_HPA) | (gpa & 0xF00)
+    td.mrtd.update(b"MR.EXTEND" + gpa.to_bytes(8, "little") + mod.mem.read(hpa, 256))
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_MR_FINALIZE)
+def tdh_mr_finalize(mod, r, caller):
+    td, st = mod.td_operand(r.rcx)
+    if st:
+        return Regs(st)
+    if td.op_state != OP_STATE_INITIALIZED:
+        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+    td.finalized_mrtd = td.mrtd.hexdigest()
+    td.op_state = OP_STATE_RUNNABLE
+    return Regs(TDX_SUCCESS)
+
+
+# -- the S-EPT ----------------------------------------------------------------------------------------------
+_RUN_STATES = (OP_STATE_INITIALIZED, OP_STATE_RUNNABLE)
+
+
+def _tlb_tracking_required(td):
+    return td.op_state == OP_STATE_RUNNABLE
+
+
+@leaf(TDH_MEM_SEPT_ADD)
+def tdh_mem_sept_add(mod, r, caller):
+    td, st = mod.td_operand(r.rdx & ~0xFFF, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    if r.rdx & 0xFFE:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    allow_existing = r.rdx & 1
+    if not _op_state_ok(td, _RUN_STATES):
+        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+    pi, st = _page_info(mod, td, r.rcx, range(1, td.pwl))
+    if st:
+        return Regs(st)
+    gpa, level = pi
+    new = r.r8
+    if not _sept_lock(mod, td, False, caller):
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    try:
+        ptr, e, lvl = mod.sept_walk(td, gpa, level)
+        if lvl != level:
+            return mod.walk_failed(e, lvl)
+        state = S.sept_state(e)
+        if state in S.NL_STATES and allow_existing:
+            return Regs(TDX_SUCCESS)
+        if state != S.SEPT_FREE:
+            return mod.state_incorrect(e, lvl)
+        st = mod.hpa_operand(new, OPERAND_ID_R8)
+        if st:
+            return Regs(st)
+        if not mod.lock_entry(ptr):
+            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
+        if not mod.pamt.try_lock(new):
+            mod.unlock_entry(ptr)
+            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_R8)
+        mod.point(caller, "sept_entry_locked")
+        mod.mem.buf[new:new + PAGE] = S.SEPT_FREE_ENTRY.to_bytes(8, "little") * 512
+        mod.give_to_module(new, PT_EPT, td.tdr)
+        mod.pamt.unlock(new)
+        td.chldcnt += 1
+        mod.mem.q[ptr >> 3] = S.make_nl_mapped(new) | S.SEPT_TDEL
+        mod.unlock_entry(ptr)
+        return Regs(TDX_SUCCESS)
+    finally:
+        _sept_unlock(td, False)
+
+
+@leaf(TDH_MEM_PAGE_AUG)
+def tdh_mem_page_aug(mod, r, caller):
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    if not _op_state_ok(td, _RUN_STATES):
+        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+    pi, st = _page_info(mod, td, r.rcx, (0, 1))
+    if st:
+        return Regs(st)
+    gpa, level = pi
+    page = r.r8
+    if not _sept_lock(mod, td, False, caller):
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    try:
+        ptr, e, lvl = mod.sept_walk(td, gpa, level)
+        if lvl != level:
+            return mod.walk_failed(e, lvl)
+        if S.sept_state(e) not in (S.SEPT_FREE, S.SEPT_REMOVED):
+            return mod.state_incorrect(e, lvl)
+        st = mod.hpa_operand(page, OPERAND_ID_R8)
+        if st:
+            return Regs(st)
+        if not mod.lock_entry(ptr):
+            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
+        if not mod.pamt.try_lock(page):
+            mod.unlock_entry(ptr)
+            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_R8)
+        mod.point(caller, "sept_entry_locked")
+        npages = 512 ** level
+        mod.give_to_td(page, td.tdr, npages)
+        mod.pamt.unlock(page)
+        td.chldcnt += npages
+        mod.mem.q[ptr >> 3] = S.make_pending(page) | S.SEPT_TDEL
+        mod.unlock_entry(ptr)
+        return Regs(TDX_SUCCESS)
+    finally:
+        _sept_unlock(td, False)
+
+
+@leaf(TDH_MEM_PAGE_ADD)
+def tdh_mem_page_add(mod, r, caller):
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    if td.op_state != OP_STATE_INITIALIZED:
+        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+    pi, st = _page_info(mod, td, r.rcx, (0,))
+    if st:
+        return Regs(st)
+    gpa, level = pi
+    target, source = r.r8, r.r9
+    if source & 0xFFF or source + PAGE > mod.mem.size:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R9)
+    ptr, e, lvl = mod.sept_walk(td, gpa, 0)
+    if lvl != 0:
+        return mod.walk_failed(e, lvl)
+    if S.sept_state(e) != S.SEPT_FREE:
+        return mod.state_incorrect(e, lvl)
+    st = mod.hpa_operand(target, OPERAND_ID_R8)
+    if st:
+        return Regs(st)
+    if mod.pamt.covers(source) and mod.pamt.page_type(source) != PT_NDA:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R9)          # the source must be shared memory
+    mod.mem.write(target, mod.mem.read(source, PAGE))
+    mod.give_to_td(target, td.tdr)
+    td.chldcnt += 1
+    mod.mem.q[ptr >> 3] = S.make_mapped(target)
+    td.mrtd.update(b"MEM.PAGE.ADD" + gpa.to_bytes(8, "little"))
+    return Regs(TDX_SUCCESS)
+
+
+@leaf(TDH_MEM_RANGE_BLOCK)
+def tdh_mem_range_block(mod, r, caller):
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    pi, st = _page_info(mod, td, r.rcx, range(0, td.pwl))
+    if st:
+        return Regs(st)
+    gpa, level = pi
+    if not _sept_lock(mod, td, True, caller):
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    try:
+        ptr, e, lvl = mod.sept_walk(td, gpa, level)
+        if lvl != level:
+            return mod.walk_failed(e, lvl)
+        state = S.sept_state(e)
+        new = {S.SEPT_NL_MAPPED: S.SEPT_NL_BLOCKED, S.SEPT_MAPPED: S.SEPT_BLOCKED,
+               S.SEPT_PENDING: S.SEPT_PENDING_BLOCKED}.get(state)
+        if state in (S.SEPT_NL_BLOCKED, S.SEPT_BLOCKED, S.SEPT_PENDING_BLOCKED):
+            return Regs(TDX_GPA_RANGE_ALREADY_BLOCKED | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
+                        rdx=S.entry_info(state, lvl))
+        if new is None:
+            return mod.state_incorrect(e, lvl)
+        mod.point(caller, "sept_locked_exclusive")
+        mod.mem.q[ptr >> 3] = S.set_state(e, new)
+        mod.pamt.set_bepoch(e & S.SEPT_HPA, td.epoch)
+        return Regs(TDX_SUCCESS)
+    finally:
+        _sept_unlock(td, True)
+
+
+@leaf(TDH_MEM_RANGE_UNBLOCK)
+def tdh_mem_range_unblock(mod, r, caller):
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    pi, st = _page_info(mod, td, r.rcx, range(0, td.pwl))
+    if st:
+        return Regs(st)
+    gpa, level = pi
+    if not _sept_lock(mod, td, True, caller):
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    try:
+        ptr, e, lvl = mod.sept_walk(td, gpa, level)
+        if lvl != level:
+            return mod.walk_failed(e, lvl)
+        state = S.sept_state(e)
+        new = {S.SEPT_NL_BLOCKED: S.SEPT_NL_MAPPED, S.SEPT_BLOCKED: S.SEPT_MAPPED,
+               S.SEPT_PENDING_BLOCKED: S.SEPT_PENDING}.get(state)
+        if new is None:
+            return mod.state_incorrect(e, lvl)
+        if _tlb_tracking_required(td) and not mod.is_tlb_tracked(td, mod.pamt.bepoch(e & S.SEPT_HPA)):
+            return Regs(TDX_TLB_TRACKING_NOT_DONE | OPERAND_ID_RCX)
+        mod.mem.q[ptr >> 3] = S.set_state(e, new)
+        return Regs(TDX_SUCCESS)
+    finally:
+        _sept_unlock(td, True)
+
+
+@leaf(TDH_MEM_TRACK)
+def tdh_mem_track(mod, r, caller):
+    td, st = mod.td_operand(r.rcx)
+    if st:
+        return Regs(st)
+    if td.epoch_locked:
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_TD_EPOCH)
+    if td.refcount[1 - (td.epoch & 1)]:
+        return Regs(TDX_PREVIOUS_TLB_EPOCH_BUSY)
+    td.epoch += 1
+    return Regs(TDX_SUCCESS)
+
+
+def _check_blocked_and_tracked(mod, td, e, state, blocked_states, lvl):
+    if not _tlb_tracking_required(td):
+        return None
+    if state not in blocked_states:
+        return Regs(TDX_GPA_RANGE_NOT_BLOCKED | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
+                    rdx=S.entry_info(state, lvl))
+    if not mod.is_tlb_tracked(td, mod.pamt.bepoch(e & S.SEPT_HPA)):
+        return Regs(TDX_TLB_TRACKING_NOT_DONE | OPERAND_ID_RCX)
+    return None
+
+
+@leaf(TDH_MEM_PAGE_REMOVE)
+def tdh_mem_page_remove(mod, r, caller):
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    pi, st = _page_info(mod, td, r.rcx, (0, 1, 2))
+    if st:
+        return Regs(st)
+    gpa, level = pi
+    if not _sept_lock(mod, td, False, caller):
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    try:
+        ptr, e, lvl = mod.sept_walk(td, gpa, level)
+        if lvl != level:
+            return mod.walk_failed(e, lvl)
+        state = S.sept_state(e)
+        if not S.is_leaf_state(state):
+            return mod.state_incorrect(e, lvl)
+        bad = _check_blocked_and_tracked(mod, td, e, state, (S.SEPT_BLOCKED, S.SEPT_PENDING_BLOCKED), lvl)
+        if bad:
+            return bad
+        if not mod.lock_entry(ptr):
+            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
+        mod.point(caller, "sept_entry_locked")
+        hpa = e & S.SEPT_HPA
+        npages = 512 ** level
+        mod.mem.q[ptr >> 3] = S.SEPT_FREE_ENTRY
+        mod.release(hpa, npages)
+        td.chldcnt -= npages
+        return Regs(TDX_SUCCESS, rcx=hpa)
+    finally:
+        _sept_unlock(td, False)
+
+
+@leaf(TDH_MEM_SEPT_REMOVE)
+def tdh_mem_sept_remove(mod, r, caller):
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    if st:
+        return Regs(st)
+    pi, st = _page_info(mod, td, r.rcx, range(1, td.pwl))
+    if st:
+        return Regs(st)
+    gpa, level = pi
+    if not _sept_lock(mod, td, True, caller):
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    try:
+        ptr, e, lvl = mod.sept_walk(td, gpa, level)
+        if lvl != level:
+            return mod.walk_failed(e, lvl)
+        state = S.sept_state(e)
+        if state not in S.NL_STATES:
+            return mod.state_incorrect(e, lvl)
+        bad = _check_blocked_and_tracked(mod, td, e, state, (S.SEPT_NL_BLOCKED,), lvl)
+        if bad:
+            return bad
+        child = e & S.SEPT_HPA
+        q = mod.mem.q
+        if any(S.sept_state(q[(child >> 3) + i]) != S.SEPT_FREE for i in range(512)):
+            return Regs(TDX_EPT_PAGE_NOT_FREE | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
+                        rdx=S.entry_info(state, lvl))
+        q[ptr >> 3] = S.SEPT_FREE_ENTRY
+        mod.release(child)
+        td.chldcnt -= 1
+        return Regs(TDX_SUCCESS, rcx=child)
+    finally:
+        _sept_unlock(td, True)
+
+
+# -- physical pages -------------------------------------------------------------------------------------------
+@leaf(TDH_PHYMEM_PAGE_RECLAIM)
+def tdh_phymem_page_reclaim(mod, r, caller):
+    hpa = r.rcx
+    if hpa & 0xFFF or hpa >> mod.x86_phys_bits:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+    if not mod.pamt.covers(hpa):
+        return Regs(TDX_OPERAND_ADDR_RANGE_ERROR | OPERAND_ID_RCX)
+    pt = mod.pamt.page_type(hpa)
+    if pt in (PT_NDA, PT_RSVD):
+        return Regs(TDX_PAGE_METADATA_INCORRECT | OPERAND_ID_RCX)
+    owner = mod.pamt.owner(hpa)
+    td = mod.tds.get(owner)
+    if td is None or td.lifecycle != TD_TEARDOWN:
+        return Regs(TDX_LIFECYCLE_STATE_INCORRECT)
+    if pt == PT_TDR:
+        if td.chldcnt:
+            return Regs(TDX_TD_ASSOCIATED_PAGES_EXIST)
+        del mod.tds[owner]
+    else:
+        td.chldcnt -= 1
+        if pt == PT_TDVPR:
+            v = mod.vcpus.pop(hpa)
+            td.vcpus.pop(hpa, None)
+    mod.release(hpa)
+    return Regs(TDX_SUCCESS, rcx=pt, rdx=owner, r8=0)
+
+
+@leaf(TDH_PHYMEM_PAGE_WBINVD)
+def tdh_phymem_page_wbinvd(mod, r, caller):
+    hpa = r.rcx & ((1 << mod.x86_phys_bits) - 1)
+    if hpa & 0xFFF:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+    if not mod.pamt.covers(hpa):
+        return Regs(TDX_OPERAND_ADDR_RANGE_ERROR | OPERAND_ID_RCX)
+    if mod.pamt.page_type(hpa) != PT_NDA:
+        return Regs(TDX_PAGE_METADATA_INCORRECT | OPERAND_ID_RCX)
+    return Regs(TDX_SUCCESS)

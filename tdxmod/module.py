@@ -1,0 +1,295 @@
+"""The simulated TDX module: TD management, the S-EPT, and the SEAMCALL dispatcher.
+
+    mod = TdxModule(mem, pamt_base, tdmr_base, tdmr_size)
+    out = mod.seamcall(TDH_MEM_PAGE_AUG, rcx=gpa | 0, rdx=tdr_pa, r8=page_pa)
+    out.rax            # the status; out.rcx, out.rdx, ... the output registers
+
+Every handler has the same shape (the module's own: take the locks it needs,
+walk, check the entry's state against the leaf's legal states, check and lock
+the page in the PAMT, write, release, return a status).  A failed check
+returns a status with the operand id and changes nothing.
+
+The module's pages (TDR, TDCS, TDVPR, S-EPT) and TD private pages are
+protected: host software touching them gets HostAccessError, as TDX's memory
+protection makes them unreadable to the VMM.  The TD and vCPU control
+structures' contents are Python objects tied to those pages (the PAMT and the
+S-EPT are real tables in memory).
+"""
+
+import hashlib
+
+from emu.hw.ept import make_eptp
+from . import abi
+from .abi import *  # noqa: F401,F403  (status codes and leaves by name)
+from .pamt import Pamt
+from . import sept as S
+
+PAGE = 4096
+KEYID_BITS = 6                 # MKTME key-id bits at the top of MAXPHYADDR
+TDCS_PAGES = 4                 # TDH.MNG.ADDCX pages per TD (the last one is the S-EPT root)
+TDVPX_PAGES = 1                # TDH.VP.ADDCX pages per vCPU
+MAX_VCPUS_DEFAULT = 64
+
+# TD_PARAMS (a 1 KiB structure in shared memory; offsets as in the ABI)
+TD_PARAMS_ATTRIBUTES = 0
+TD_PARAMS_XFAM = 8
+TD_PARAMS_MAX_VCPUS = 16
+TD_PARAMS_EPTP_CONTROLS = 24   # bits 2:0 memory type, 5:3 page-walk length - 1
+TD_PARAMS_CONFIG_FLAGS = 32    # bit 0 MAX_GPAW: the shared bit is GPA[51]
+
+# TDH.VP.RD/WR field ids (class in bits 63:56 of this model's encoding)
+MD_TDVPS_VMCS_SHARED_EPTP = 0x203C            # VMCS field: SHARED_EPT_POINTER
+MD_TDVPS_GPR_BASE = 0x0100                    # + index of the GPR (rax=0 .. r15=15), debug TDs only
+MD_TDVPS_RIP = 0x0120
+MD_TDVPS_CR3 = 0x0121
+GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+class Regs:
+    """The registers a SEAMCALL returns (RAX = status)."""
+    __slots__ = ("rax", "rcx", "rdx", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rbx", "rsi", "rdi")
+
+    def __init__(self, rax=0, **kw):
+        self.rax = rax
+        for k in self.__slots__[1:]:
+            setattr(self, k, kw.get(k, 0))
+
+    def __repr__(self):
+        return "Regs(" + ", ".join(f"{k}={getattr(self, k):#x}" for k in self.__slots__ if getattr(self, k)) + ")"
+
+
+class Td:
+    """TDR + TDCS of one TD."""
+
+    def __init__(self, tdr, hkid):
+        self.tdr = tdr
+        self.hkid = hkid
+        self.lifecycle = TD_HKID_ASSIGNED
+        self.op_state = OP_STATE_UNINITIALIZED
+        self.tdcx = []
+        self.chldcnt = 0
+        self.attributes = 0
+        self.max_vcpus = MAX_VCPUS_DEFAULT
+        self.pwl = 4
+        self.gpaw = 0
+        self.shared_bit = 1 << 47
+        self.sept_root = None
+        self.epoch = 1
+        self.refcount = [0, 0]
+        self.mrtd = hashlib.sha384()
+        self.finalized_mrtd = None
+        self.vcpus = {}
+        self.fatal = False
+        # S-EPT tree lock: shared (count) or exclusive
+        self.sept_readers = 0
+        self.sept_writer = False
+        self.epoch_locked = False
+
+    @property
+    def secure_eptp(self):
+        return make_eptp(self.sept_root, levels=self.pwl, ad=True)
+
+    @property
+    def sept_top_level(self):
+        return self.pwl - 1
+
+
+class TdVcpu:
+    """TDVPR + TDVPS of one TD vCPU.  ``hw`` is the CPU context the module runs it on."""
+
+    def __init__(self, td, tdvpr):
+        self.td = td
+        self.tdvpr = tdvpr
+        self.tdvpx = []
+        self.initialized = False
+        self.hw = None
+        self.shared_eptp = None
+        self.epoch = None              # the epoch this vCPU entered in (counted in td.refcount)
+        self.associated = False
+        self.vmcall_pending = None     # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
+        self.launched = False
+
+
+class TdxModule:
+    def __init__(self, mem, pamt_base, tdmr_base, tdmr_size, maxphyaddr=48):
+        self.mem = mem
+        self.pamt = Pamt(mem, pamt_base, tdmr_base, tdmr_size)
+        self.maxphyaddr = maxphyaddr
+        self.x86_phys_bits = maxphyaddr - KEYID_BITS
+        self.tds = {}                  # TDR PA -> Td
+        self.vcpus = {}                # TDVPR PA -> TdVcpu
+        self.hkids = set()
+        self.tracer = None
+        self.sched = None
+        self.inject = None
+        self.counts = {}               # leaf name -> calls
+        self.make_cpu = None           # callable(index) -> emu.hw.vcpu.Vcpu, given by the platform
+        from .handlers import HANDLERS
+        from .td_dispatch import vp_enter
+        self._handlers = HANDLERS
+        self._vp_enter = vp_enter
+
+    # -- the interface ----------------------------------------------------------------------------------
+    def seamcall(self, leaf, rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0, r12=0, r13=0, r14=0, r15=0, rbx=0,
+                 rsi=0, rdi=0, caller=None):
+        """One SEAMCALL: the leaf (RAX) and input registers in, a Regs out (RAX = status)."""
+        name = abi.seamcall_name(leaf)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        inp = Regs(leaf, rcx=rcx, rdx=rdx, r8=r8, r9=r9, r10=r10, r11=r11, r12=r12, r13=r13, r14=r14, r15=r15,
+                   rbx=rbx, rsi=rsi, rdi=rdi)
+        if self.sched is not None:
+            self.sched.point(caller, "seamcall_entry", leaf)
+        out = None
+        if self.inject is not None:
+            status = self.inject.seamcall_status(name)
+            if status is not None:
+                out = Regs(status)
+        if out is None:
+            if (leaf & 0xFFFF) == TDH_VP_ENTER:
+                out = self._vp_enter(self, inp, caller)
+            else:
+                handler = self._handlers.get(leaf & 0xFFFF)
+                out = handler(self, inp, caller) if handler is not None else Regs(TDX_OPERAND_INVALID)
+        if self.tracer is not None and self.tracer.enabled:
+            self.tracer.emit("seamcall", caller, msg=f"{name} rcx {rcx:#x} rdx {rdx:#x} r8 {r8:#x} -> "
+                             f"{abi.status_name(out.rax)}" + (f" rcx {out.rcx:#x} rdx {out.rdx:#x}"
+                                                             if out.rax and out.rax != TDX_SUCCESS else ""))
+        if self.sched is not None:
+            self.sched.point(caller, "seamcall_exit", leaf)
+        return out
+
+    # -- helpers the handlers share -----------------------------------------------------------------------
+    def point(self, caller, what):
+        """A scheduling point inside the module: another CPU may run while locks are held here."""
+        if self.sched is not None:
+            self.sched.point(caller, what)
+
+    def hpa_operand(self, hpa, op, expect_pt=PT_NDA):
+        """Checks of an HPA operand in order; a status or None."""
+        if hpa & 0xFFF or hpa >> self.x86_phys_bits:
+            return TDX_OPERAND_INVALID | op
+        if not self.pamt.covers(hpa):
+            return TDX_OPERAND_ADDR_RANGE_ERROR | op
+        if self.pamt.page_type(hpa) != expect_pt:
+            return TDX_PAGE_METADATA_INCORRECT | op
+        return None
+
+    def td_operand(self, tdr, op=OPERAND_ID_RCX, keys=True):
+        """(td, None) or (None, status) for a TDR operand."""
+        if tdr & 0xFFF or tdr >> self.x86_phys_bits:
+            return None, TDX_OPERAND_INVALID | op
+        if not self.pamt.covers(tdr):
+            return None, TDX_OPERAND_ADDR_RANGE_ERROR | op
+        if self.pamt.page_type(tdr) != PT_TDR:
+            return None, TDX_PAGE_METADATA_INCORRECT | op
+        td = self.tds[tdr]
+        if keys and td.lifecycle != TD_KEYS_CONFIGURED:
+            return None, TDX_TD_KEYS_NOT_CONFIGURED
+        if td.fatal:
+            return None, TDX_TD_FATAL
+        return td, None
+
+    def give_to_module(self, hpa, pt, owner):
+        self.pamt.set(hpa, pt, owner)
+        self.mem.protect(hpa >> 12, "the TDX module")
+
+    def give_to_td(self, hpa, owner, npages=1):
+        self.pamt.set(hpa, PT_REG, owner)
+        for i in range(npages):
+            self.mem.protect((hpa >> 12) + i, "TD private memory")
+
+    def release(self, hpa, npages=1):
+        self.pamt.set(hpa, PT_NDA, 0)
+        self.pamt.set_bepoch(hpa, 0)
+        for i in range(npages):
+            self.mem.unprotect((hpa >> 12) + i)
+
+    def private_gpa_ok(self, td, gpa):
+        if gpa & td.shared_bit or gpa >> self.maxphyaddr:
+            return False
+        if not td.gpaw and gpa >> 47:
+            return False
+        return True
+
+    def sept_walk(self, td, gpa, level):
+        """Walk from the root down to ``level``; stops at any entry with RWX = 0 or a leaf.
+
+        Returns (entry HPA, entry, entry level): the entry level is ``level`` when the
+        walk got there, higher when it stopped early (the caller's EPT_WALK_FAILED).
+        """
+        q = self.mem.q
+        table = td.sept_root
+        lvl = td.sept_top_level
+        while True:
+            ptr = table + (S.index(gpa, lvl) << 3)
+            e = q[ptr >> 3]
+            if lvl == level:
+                return ptr, e, lvl
+            if not e & S.SEPT_RWX or S.is_leaf_state(S.sept_state(e)):
+                return ptr, e, lvl
+            table = e & S.SEPT_HPA
+            lvl -= 1
+
+    def walk_failed(self, e, lvl):
+        return Regs(TDX_EPT_WALK_FAILED | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
+                    rdx=S.entry_info(S.sept_state(e), lvl))
+
+    def state_incorrect(self, e, lvl):
+        return Regs(TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
+                    rdx=S.entry_info(S.sept_state(e), lvl))
+
+    def lock_entry(self, ptr):
+        """The entry lock (TDEL).  A host that loses it sets TDHP so the guest backs off."""
+        q = self.mem.q
+        e = q[ptr >> 3]
+        if e & S.SEPT_TDEL:
+            q[ptr >> 3] = e | S.SEPT_TDHP
+            return False
+        q[ptr >> 3] = e | S.SEPT_TDEL
+        return True
+
+    def unlock_entry(self, ptr):
+        q = self.mem.q
+        q[ptr >> 3] &= ~(S.SEPT_TDEL | S.SEPT_TDHP)
+
+    def is_tlb_tracked(self, td, bepoch):
+        if bepoch < td.epoch - 1:
+            return True
+        return bepoch == td.epoch - 1 and td.refcount[bepoch & 1] == 0
+
+    # -- inspection (tests, table dumps, invariant checks) --------------------------------------------------
+    def sept_leaves(self, td):
+        """(gpa, tdx level, state, hpa) of every leaf-state entry of the TD's S-EPT."""
+        out = []
+        q = self.mem.q
+
+        def walk(table, lvl, base):
+            for i in range(512):
+                e = q[(table >> 3) + i]
+                st = S.sept_state(e)
+                gpa = base + (i << (12 + 9 * lvl))
+                if S.is_leaf_state(st):
+                    out.append((gpa, lvl, st, e & S.SEPT_HPA))
+                elif st in S.NL_STATES and lvl > 0:
+                    walk(e & S.SEPT_HPA, lvl - 1, gpa)
+        if td.sept_root is not None:
+            walk(td.sept_root, td.sept_top_level, 0)
+        return out
+
+    def sept_tables(self, td):
+        """(gpa, tdx level of the entry, child table HPA) of every non-leaf entry."""
+        out = []
+        q = self.mem.q
+
+        def walk(table, lvl, base):
+            for i in range(512):
+                e = q[(table >> 3) + i]
+                st = S.sept_state(e)
+                gpa = base + (i << (12 + 9 * lvl))
+                if st in S.NL_STATES and lvl > 0:
+                    out.append((gpa, lvl, e & S.SEPT_HPA))
+                    walk(e & S.SEPT_HPA, lvl - 1, gpa)
+        if td.sept_root is not None:
+            walk(td.sept_root, td.sept_top_level, 0)
+        return out

@@ -1,0 +1,115 @@
+"""The Secure EPT: real EPT-format tables in module memory, with each entry's TDX state in its bits.
+
+The hardware walker reads these tables like any EPT (RWX = 0 means not present),
+so FREE, PENDING and BLOCKED entries fault; the module reads the state
+encoded in the ignored bits.  Levels here are the module's: 0 = 4K (PTE),
+1 = 2M (PDE), 2 = 1G, 3 = PML4E, 4 = PML5E.
+"""
+
+from emu.hw.ept import ADDR_MASK
+
+# Entry bits (ia32e_sept_t)
+SEPT_R, SEPT_W, SEPT_X = 1, 2, 4
+SEPT_RWX = 7
+SEPT_MT_WB = 6 << 3
+SEPT_IPAT = 1 << 6
+SEPT_PS = 1 << 7
+SEPT_TDEL = 1 << 11              # entry lock
+SEPT_TDHP = 1 << 52              # host priority (a host lost the entry lock)
+SEPT_TDEX = 1 << 53
+SEPT_TDBW = 1 << 54
+SEPT_TDB = 1 << 55               # blocked
+SEPT_TDP = 1 << 56               # pending
+SEPT_SVE = 1 << 63
+SEPT_HPA = ADDR_MASK
+
+# The state is 7 bits: enc[0] = bit 9, enc[4:1] = bits 56:53, enc[6:5] = bits 7:6.
+_STATE_BITS = (1 << 9) | (0xF << 53) | (3 << 6)
+
+SEPT_FREE = 0x0E
+SEPT_REMOVED = 0x0C
+SEPT_NL_MAPPED = 0x00
+SEPT_NL_BLOCKED = 0x08
+SEPT_MAPPED = 0x60
+SEPT_BLOCKED = 0x68
+SEPT_PENDING = 0x70
+SEPT_PENDING_BLOCKED = 0x78
+
+STATE_NAMES = {SEPT_FREE: "FREE", SEPT_REMOVED: "REMOVED", SEPT_NL_MAPPED: "NL_MAPPED",
+               SEPT_NL_BLOCKED: "NL_BLOCKED", SEPT_MAPPED: "MAPPED", SEPT_BLOCKED: "BLOCKED",
+               SEPT_PENDING: "PENDING", SEPT_PENDING_BLOCKED: "PENDING_BLOCKED"}
+
+# Public state codes reported in RDX[15:8] (Linux enum tdx_sept_entry_state)
+PUBLIC_STATE = {SEPT_FREE: 0, SEPT_BLOCKED: 1, SEPT_PENDING: 2, SEPT_PENDING_BLOCKED: 3, SEPT_MAPPED: 4,
+                SEPT_REMOVED: 5, SEPT_NL_BLOCKED: 0x81, SEPT_NL_MAPPED: 0x84}
+
+# A new S-EPT page: every entry FREE, with suppress-#VE.
+SEPT_FREE_ENTRY = 0x80E0000000000000
+
+LEAF_STATES = (SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING, SEPT_PENDING_BLOCKED)
+NL_STATES = (SEPT_NL_MAPPED, SEPT_NL_BLOCKED)
+
+
+def sept_state(e):
+    enc = ((e >> 9) & 1) | (((e >> 53) & 0xF) << 1) | (((e >> 6) & 3) << 5)
+    return enc
+
+
+def with_state(hpa, state, rwx=0):
+    """An entry for ``hpa`` in ``state`` (bits of the state encoding, plus RWX/MT as the state implies)."""
+    e = SEPT_SVE | (hpa & SEPT_HPA) | rwx
+    e |= (state & 1) << 9
+    e |= ((state >> 1) & 0xF) << 53
+    e |= ((state >> 5) & 3) << 6
+    if state in (SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING, SEPT_PENDING_BLOCKED):
+        e |= SEPT_MT_WB
+    return e
+
+
+def make_nl_mapped(child_hpa):
+    return with_state(child_hpa, SEPT_NL_MAPPED, SEPT_RWX)
+
+
+def make_mapped(hpa):
+    return with_state(hpa, SEPT_MAPPED, SEPT_RWX)
+
+
+def make_pending(hpa):
+    return with_state(hpa, SEPT_PENDING)
+
+
+def set_state(e, state, rwx=None):
+    """``e`` moved to ``state`` (HPA, lock bits kept; RWX set as the state requires unless given)."""
+    if rwx is None:
+        rwx = SEPT_RWX if state in (SEPT_MAPPED, SEPT_NL_MAPPED) else 0
+    keep = e & (SEPT_HPA | SEPT_TDEL | SEPT_TDHP)
+    return with_state(keep, state, rwx) | (keep & (SEPT_TDEL | SEPT_TDHP))
+
+
+def is_leaf_state(state):
+    return state in LEAF_STATES
+
+
+def architectural_entry(e):
+    """RCX of an error: the entry as the ABI reports it (FREE -> 0x8000000000000000)."""
+    state = sept_state(e)
+    if state == SEPT_FREE:
+        return SEPT_SVE
+    if is_leaf_state(state):
+        return e & (SEPT_RWX | (7 << 3) | SEPT_HPA | SEPT_IPAT | SEPT_PS | SEPT_SVE)
+    return e & (SEPT_RWX | SEPT_PS)
+
+
+def entry_info(state, level):
+    """RDX of an error: level in bits 2:0, public state in bits 15:8."""
+    return level | (PUBLIC_STATE.get(state, 0xFF) << 8)
+
+
+def index(gpa, level):
+    return (gpa >> (12 + 9 * level)) & 511
+
+
+def describe(e):
+    state = sept_state(e)
+    name = STATE_NAMES.get(state, f"state {state:#x}")
+    return f"{name} hpa {e & SEPT_HPA:#x}" if state not in (SEPT_FREE,) else name
