@@ -44,6 +44,8 @@ TDG_MEM_PAGE_ACCEPT = 6           # TDCALL leaf; RCX = gpa | level (0 = 4K, 1 = 
 TDVMCALL_EXPOSE_REGS = 0x1C00     # RCX bitmap: bits 10, 11, 12 = R10, R11, R12
 GHCI_REPORT_FATAL_ERROR = 0x10003 # GHCI TDG.VP.VMCALL<ReportFatalError>, R11
 GHCI_INSTRUCTION_HLT = 12         # GHCI TDG.VP.VMCALL<Instruction.HLT>, R11
+GHCI_MAP_GPA = 0x10001            # GHCI TDG.VP.VMCALL<MapGPA>, R11; R12 = gpa, R13 = size
+TDG_VP_INFO = 1                   # TDCALL leaf; RCX[5:0] = GPAW (48 or 52)
 TDX_CPUID_LEAF = 0x21
 TDX_CPUID_VENDOR = b"IntelTDX    " # EBX, EDX, ECX of CPUID leaf 0x21 in a TD
 

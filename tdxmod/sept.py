@@ -52,6 +52,10 @@ NL_STATES = (SEPT_NL_MAPPED, SEPT_NL_BLOCKED)
 
 def sept_state(e):
     enc = ((e >> 9) & 1) | (((e >> 53) & 0xF) << 1) | (((e >> 6) & 3) << 5)
+    if enc & 0x60 == 0x60:
+        # A leaf: bit 9 is then the dirty flag the CPU sets through the secure EPTP (A/D on);
+        # only the migration states (not modelled) give it a meaning in the encoding.
+        enc &= ~1
     return enc
 
 

@@ -502,6 +502,7 @@ class KvmVcpu:
         cui, self.complete_userspace_io = self.complete_userspace_io, None
         prev, self.kvm_run = self.kvm_run, None
         if cui is not None and cui(self, prev) == 0:
+            self.complete_userspace_io = getattr(self.kvm_run, "complete", None)
             return self.kvm_run               # the completion went straight back to userspace
         hw = self.hw
         tracer = kvm.tracer
@@ -537,7 +538,8 @@ class KvmVcpu:
     def trace_exit(self, exit):
         extra = ""
         if exit.reason == EXIT_REASON_EPT_VIOLATION:
-            extra = f" gpa {exit.gpa:#x} gla {exit.gla:#x} [{decode_qualification(exit.qualification)}]"
+            gla = "" if exit.gla is None else f" gla {exit.gla:#x}"
+            extra = f" gpa {exit.gpa:#x}{gla} [{decode_qualification(exit.qualification)}]"
         elif exit.reason == EXIT_REASON_EPT_MISCONFIG:
             extra = f" gpa {exit.gpa:#x} ({exit.misconfig})"
         elif exit.reason == EXIT_REASON_EXCEPTION_NMI:

@@ -413,7 +413,6 @@ class TdxX86Ops(VmxX86Ops):
 
     def map_gpa(self, vcpu, gpa, size):
         """tdx_map_gpa(): convert [gpa, gpa+size) in 2M steps, each a KVM_HC_MAP_GPA_RANGE exit."""
-        from .kvm import KVM_EXIT_HYPERCALL
         kvm = vcpu.kvm
         t = vcpu.arch
         shared = kvm.gfn_direct_bits << 12
@@ -422,23 +421,30 @@ class TdxX86Ops(VmxX86Ops):
             t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
             t.ret_r11 = gpa
             return 1
-        to_shared = bool(gpa & shared)
-        base = gpa & ~shared
-        step = min(end - gpa, TDX_MAP_GPA_MAX_LEN)
-        t.map_gpa_next = gpa + step
+        t.map_gpa_next = gpa
         t.map_gpa_end = end
-        attrs = (KVM_MAP_GPA_RANGE_DECRYPTED if to_shared else KVM_MAP_GPA_RANGE_ENCRYPTED) | \
+        return self._map_gpa_step(vcpu)
+
+    def _map_gpa_step(self, vcpu):
+        from .kvm import KVM_EXIT_HYPERCALL
+        t = vcpu.arch
+        shared = vcpu.kvm.gfn_direct_bits << 12
+        gpa = t.map_gpa_next
+        step = min(t.map_gpa_end - gpa, TDX_MAP_GPA_MAX_LEN)
+        t.map_gpa_next = gpa + step
+        attrs = (KVM_MAP_GPA_RANGE_DECRYPTED if gpa & shared else KVM_MAP_GPA_RANGE_ENCRYPTED) | \
             KVM_MAP_GPA_RANGE_PAGE_SZ_4K
-        vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=KVM_HC_MAP_GPA_RANGE, args=[base, step >> 12, attrs, 0], ret=0,
-                          complete=self.map_gpa_complete)
+        vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=KVM_HC_MAP_GPA_RANGE, args=[gpa & ~shared, step >> 12, attrs, 0],
+                          ret=0, complete=self.map_gpa_complete)
         return 0
 
-    def map_gpa_complete(self, vcpu, ret):
-        """After userspace converted a step: success, or ask the guest to retry from the next GPA."""
+    def map_gpa_complete(self, vcpu, run):
+        """Userspace converted one step: on to the next (straight back to userspace), or done."""
         t = vcpu.arch
-        if ret:
+        if run.ret:
             t.ret_r10, t.ret_r11 = A.TDVMCALL_STATUS_INVALID_OPERAND, t.map_gpa_next
-        elif t.map_gpa_next < t.map_gpa_end:
-            t.ret_r10, t.ret_r11 = A.TDVMCALL_STATUS_RETRY, t.map_gpa_next
-        else:
-            t.ret_r10, t.ret_r11 = A.TDVMCALL_STATUS_SUCCESS, 0
+            return 1
+        if t.map_gpa_next < t.map_gpa_end:
+            return self._map_gpa_step(vcpu)
+        t.ret_r10, t.ret_r11 = A.TDVMCALL_STATUS_SUCCESS, 0
+        return 1

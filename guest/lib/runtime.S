@@ -4,6 +4,11 @@
 #   emu_report(rdi = value)          report a value to the host
 #   emu_fail(rdi = code)             end this vCPU with an error; no return
 #   emu_is_td() -> rax               1 inside a TDX guest (TD), else 0
+#   emu_map_gpa(rdi = gpa, rsi = size) -> rax
+#                                    TDG.VP.VMCALL<MapGPA>: convert [gpa, gpa+size)
+#                                    to shared (gpa has the shared bit) or private;
+#                                    rax = 0 or the TDVMCALL status (no-op outside a TD)
+#   emu_shared_bit() -> rax          the TD's shared-GPA bit (TDG.VP.INFO GPAW), 0 outside
 #   emu_accept(rdi = gpa, rsi = size) -> rax
 #                                    accept private memory in a TD (no-op
 #                                    elsewhere); rax = 0 or the TDX status
@@ -114,6 +119,80 @@ emu_report:
     popfq
     ret
     .size emu_report, . - emu_report
+
+# ---------------------------------------------------------------------------
+# emu_map_gpa(rdi = gpa, rsi = size) -> rax: GHCI MapGPA.  The VMM converts in
+# steps and answers RETRY with R11 = where to go on; loop until done.
+# ---------------------------------------------------------------------------
+    .globl emu_map_gpa
+    .type emu_map_gpa, @function
+emu_map_gpa:
+    pushfq
+    push rcx
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    call emu_is_td
+    test eax, eax
+    jz .Lmap_ok
+    mov r12, rdi
+    lea r14, [rdi + rsi]                    # r14 = end
+.Lmap_again:
+    mov r13, r14
+    sub r13, r12
+    mov eax, TDG_VP_VMCALL
+    mov ecx, 0x3c00                         # R10-R13 go to the VMM
+    xor r10d, r10d
+    mov r11d, GHCI_MAP_GPA
+    TDCALL
+    cmp r10, 1                              # TDVMCALL_STATUS_RETRY: go on from R11
+    jne .Lmap_status
+    mov r12, r11
+    jmp .Lmap_again
+.Lmap_status:
+    mov rax, r10
+    jmp .Lmap_out
+.Lmap_ok:
+    xor eax, eax
+.Lmap_out:
+    pop r14
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop rcx
+    popfq
+    ret
+    .size emu_map_gpa, . - emu_map_gpa
+
+# ---------------------------------------------------------------------------
+# emu_shared_bit() -> rax: 1 << (GPAW - 1) in a TD (TDG.VP.INFO RCX[5:0] = GPAW), else 0.
+# ---------------------------------------------------------------------------
+    .globl emu_shared_bit
+    .type emu_shared_bit, @function
+emu_shared_bit:
+    push rcx
+    push rdx
+    push r8
+    push r9
+    call emu_is_td
+    test eax, eax
+    jz .Lsb_out
+    mov eax, TDG_VP_INFO
+    TDCALL
+    and ecx, 63
+    dec ecx
+    mov eax, 1
+    shl rax, cl
+.Lsb_out:
+    pop r9
+    pop r8
+    pop rdx
+    pop rcx
+    ret
+    .size emu_shared_bit, . - emu_shared_bit
 
 # ---------------------------------------------------------------------------
 # emu_halt(): this vCPU is done (HLT; in a TD, TDG.VP.VMCALL<Instruction.HLT>).
