@@ -43,7 +43,23 @@ def _add_run_options(p):
 def build_parser():
     p = _Parser(prog="python -m emu", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    _add_run_options(sub.add_parser("run", help="run a guest"))
+    run = sub.add_parser("run", help="run a guest")
+    _add_run_options(run)
+    run.add_argument("--no-freeze", action="store_true",
+                     help="the bug switch: reflect mirror SPTEs without freezing them (before the seed patch)")
+    ex = sub.add_parser("explore", help="explore the vCPU interleavings of a guest")
+    _add_run_options(ex)
+    ex.add_argument("--no-freeze", action="store_true",
+                    help="the bug switch: reflect mirror SPTEs without freezing them (before the seed patch)")
+    mode = ex.add_mutually_exclusive_group()
+    mode.add_argument("--bound", type=int, default=None,
+                      help="exhaustive depth-first search with at most K preemptions (default 2)")
+    mode.add_argument("--random", type=int, default=None, metavar="RUNS", help="RUNS random (PCT) schedules")
+    mode.add_argument("--replay", default=None, metavar="SCHEDULE", help="run one printed schedule, traced")
+    ex.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    ex.add_argument("--depth", type=int, default=3, help="PCT depth: priority change points + 1 (default 3)")
+    ex.add_argument("--max-runs", type=int, default=None, help="stop the search after this many runs")
+    ex.add_argument("--all", action="store_true", help="go on after the first failure, counting failures")
     return p
 
 
@@ -64,7 +80,8 @@ def cmd_run(args, out):
     mem = parse_size(args.mem)
     tracer = make_tracer(args)
     try:
-        m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages)
+        m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
+                    no_freeze=args.no_freeze)
         res = m.run()
     finally:
         tracer.close()
@@ -78,9 +95,98 @@ def cmd_run(args, out):
     return 0 if res.ok else 1
 
 
+def cmd_explore(args, out):
+    from .explore import Explorer
+    from .sched import decode_schedule, ScheduleError
+    if args.inject:
+        raise UsageError("--inject: fault injection is not available yet in this version")
+    mem = parse_size(args.mem)
+    if args.replay is not None:
+        try:
+            decode_schedule(args.replay)
+        except ScheduleError as e:
+            raise UsageError(str(e)) from None
+    if args.random is not None and args.random < 1:
+        raise UsageError("--random needs at least 1 run")
+    if args.bound is not None and args.bound < 0:
+        raise UsageError("--bound must be 0 or more")
+    if args.depth < 1:
+        raise UsageError("--depth must be at least 1")
+    tracer = make_tracer(args)
+    ex = Explorer(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
+                                  no_freeze=args.no_freeze))
+    if args.replay is not None:
+        o = ex.replay(args.replay)
+        for line in o.trace or []:
+            tracer.sinks[0].out.write(line + "\n") if tracer.enabled else None
+        tracer.close()
+        if args.json:
+            out.write(json.dumps({"schedule": args.replay, "error": o.error, "reports": o.reports,
+                                  "trace": o.trace}) + "\n")
+        else:
+            out.write(f"replayed {args.replay}: {'FAILED: ' + o.error if o.error else 'passed'}\n")
+        return 1 if o.error else 0
+    progress = _Progress(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    ex.progress = progress
+    if args.random is not None:
+        res = ex.random(args.random, seed=args.seed, depth=args.depth, stop_at_first=not args.all)
+    else:
+        res = ex.dfs(bound=2 if args.bound is None else args.bound, max_runs=args.max_runs,
+                     stop_at_first=not args.all)
+    if progress is not None:
+        progress.done()
+    f = res.first_failure
+    if f is not None and tracer.enabled:
+        for line in f.trace or []:
+            tracer.sinks[0].out.write(line + "\n")
+    tracer.close()
+    if args.json:
+        out.write(json.dumps(res.as_json()) + "\n")
+    else:
+        what = (f"random (PCT depth {args.depth}, seed {args.seed})" if args.random is not None
+                else f"exhaustive, preemption bound {2 if args.bound is None else args.bound}")
+        state = "interrupted" if res.interrupted else ("complete" if res.complete else "stopped")
+        out.write(f"explored {res.runs} schedules of {args.guest} ({what}, {args.vcpus} vCPUs, "
+                  f"{'no freeze' if args.no_freeze else 'freeze protocol'}): {res.failures} failing, {state}, "
+                  f"{res.rate:.0f} schedules/s\n")
+        if f is not None:
+            out.write(f"first failure: {f.error}\n  schedule:  {f.schedule}\n  minimized: {f.minimized} "
+                      f"({f.preemptions} preemptions)\n  replay: python -m emu explore {args.guest} --vm {args.vm} "
+                      f"--vcpus {args.vcpus}{' --no-freeze' if args.no_freeze else ''} --replay '{f.minimized}' "
+                      f"--trace\n")
+            if f.trace and not tracer.enabled:
+                out.write("  last events of the failing run:\n")
+                for line in f.trace[-12:]:
+                    out.write("    " + line.strip() + "\n")
+    return 1 if res.failures else 0
+
+
+class _Progress:
+    """One status line on a terminal: runs, rate, failures (Ctrl-C stops and keeps what was found)."""
+
+    def __init__(self, out):
+        self.out = out
+        self.last = 0.0
+
+    def __call__(self, res):
+        import time
+        now = time.monotonic()
+        if now - self.last < 0.5:
+            return
+        self.last = now
+        self.out.write(f"\r  {res.runs} runs, {res.rate:.0f}/s, {res.failures} failing   ")
+        self.out.flush()
+
+    def done(self):
+        self.out.write("\r" + " " * 60 + "\r")
+
+
 def print_text(m, res, out):
     w = out.write
-    w(f"guest {m.elf} on a {args_vm_name(m)} VM, {m.mem_size >> 20} MiB, {m.nvcpus} vCPU(s)\n")
+    w(f"guest {m.elf} on a {args_vm_name(m)} VM, {m.mem_size >> 20} MiB, {m.nvcpus} vCPU(s)")
+    if m.td:
+        w(f", shared bit {m.shared_bit:#x} (shared alias of a GPA = GPA | {m.shared_bit:#x})")
+    w("\n")
     for vcpu, value in res.reports:
         w(f"  report  vcpu {vcpu}: {value:#x} ({value})\n")
     if res.ok:
@@ -104,7 +210,7 @@ def main(argv=None, out=None):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return {"run": cmd_run}[args.cmd](args, out)
+        return {"run": cmd_run, "explore": cmd_explore}[args.cmd](args, out)
     except UsageError as e:
         sys.stderr.write(f"emu: error: {e}\n")
         return 2

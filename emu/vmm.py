@@ -34,13 +34,14 @@ class Result:
         self.vcpu_exits = []        # per vCPU: the exit name that ended it
         self.stats = {}
         self.vcpus = []             # final registers per vCPU
+        self.shared_bit = None      # a TD's shared-GPA bit
 
     @property
     def ok(self):
         return self.error is None
 
     def as_json(self):
-        return {"exit": self.exit, "error": self.error, "reports": [v for _, v in self.reports],
+        return {"exit": self.exit, "error": self.error, "shared_bit": self.shared_bit, "reports": [v for _, v in self.reports],
                 "report_vcpus": [c for c, _ in self.reports], "vcpu_exits": self.vcpu_exits,
                 "stats": self.stats, "vcpus": self.vcpus}
 
@@ -61,7 +62,7 @@ def parse_size(text):
 
 class Machine:
     def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None,
-                 td_attributes=None):
+                 td_attributes=None, no_freeze=False):
         if vm not in VM_TYPES:
             raise MachineError(f"unknown VM type {vm!r} (default, tdx)")
         if hugepages not in HUGEPAGES:
@@ -86,6 +87,7 @@ class Machine:
         self.backing_level = HUGEPAGES[hugepages]
         align = 1 << (12 + 9 * (self.backing_level - 1))
         self.td = self.vm_type == KVM_X86_TDX_VM
+        self.no_freeze = no_freeze
         if self.td:
             self._build_td(mem, vcpus, align, td_attributes)
         else:
@@ -115,6 +117,8 @@ class Machine:
         module.tracer = self.tracer
         ops = TdxX86Ops(module, attributes)
         self.kvm = Kvm(self.host, KVM_X86_TDX_VM, tracer=self.tracer, x86_ops=ops)
+        # The bug switch: before the seed patch, mirror SPTEs were published, then reflected.
+        self.kvm.tdp_mmu.freeze_mirror_sptes = not self.no_freeze
         if self.kvm.vm_dead:
             raise MachineError(f"cannot create the TD: {self.kvm.bug_reason}")
         self.shared_bit = self.kvm.gfn_direct_bits << 12
@@ -190,6 +194,46 @@ class Machine:
         res.vcpu_exits = [ended.get(v.vcpu_id, "running") for v in self.vcpus]
         res.vcpus = [v.get_regs() for v in self.vcpus]
         res.stats = self.stats()
+        res.shared_bit = self.shared_bit if self.td else None
+        return res
+
+    def run_scheduled(self, sched, collect_regs=True):
+        """Run every vCPU as a task of the deterministic scheduler ``sched`` (emu.sched):
+        the vCPUs interleave at KVM's and the TDX module's scheduling points."""
+        res = Result()
+        ended = {}
+        self.kvm.sched = sched
+        if self.td:
+            self.host.tdx_module.sched = sched
+
+        def vcpu_loop(v):
+            def body():
+                while res.error is None:
+                    try:
+                        run = v.run()
+                    except KvmIoctlError as e:
+                        ended[v.vcpu_id] = "ioctl_error"
+                        res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
+                        return
+                    outcome = self._userspace_exit(v, run, res)
+                    if outcome is not None:
+                        ended[v.vcpu_id] = outcome
+                        return
+            return body
+        for v in self.vcpus:
+            sched.spawn(vcpu_loop(v))
+        try:
+            sched.run()
+        finally:
+            self.kvm.sched = None
+            if self.td:
+                self.host.tdx_module.sched = None
+        if res.error is None:
+            res.exit = "hlt"
+        res.vcpu_exits = [ended.get(v.vcpu_id, "running") for v in self.vcpus]
+        res.vcpus = [v.get_regs() for v in self.vcpus] if collect_regs else []
+        res.stats = self.stats()
+        res.shared_bit = self.shared_bit if self.td else None
         return res
 
     def _userspace_exit(self, v, run, res):
@@ -207,7 +251,7 @@ class Machine:
             self.kvm.set_memory_attributes(gfn, gfn + npages, private=bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED))
             v.complete_userspace_io = run.complete
             return None
-        rip = v.get_regs().get("rip") or 0
+        rip = self._rip(v)
         if r == KVM_EXIT_SYSTEM_EVENT:
             res.exit = "fail"
             res.error = (f"vCPU {v.vcpu_id}: the TD reported a fatal error (TDG.VP.VMCALL<ReportFatalError>) "
@@ -240,6 +284,12 @@ class Machine:
         res.exit = name
         res.error = f"vCPU {v.vcpu_id}: {msg}"
         return name
+
+    def _rip(self, v):
+        if self.td:
+            from tdxmod.module import MD_TDVPS_RIP
+            return self.kvm.x86_ops.vp_rd(v, MD_TDVPS_RIP) or 0
+        return v.hw.reg("rip")
 
     def stats(self):
         kvm = self.kvm

@@ -265,8 +265,10 @@ class TdxModule:
         q = self.mem.q
 
         def walk(table, lvl, base):
-            for i in range(512):
-                e = q[(table >> 3) + i]
+            i0 = table >> 3
+            for i, e in enumerate(q[i0:i0 + 512].tolist()):
+                if e == S.SEPT_FREE_ENTRY:
+                    continue
                 st = S.sept_state(e)
                 gpa = base + (i << (12 + 9 * lvl))
                 if S.is_leaf_state(st):
@@ -283,8 +285,10 @@ class TdxModule:
         q = self.mem.q
 
         def walk(table, lvl, base):
-            for i in range(512):
-                e = q[(table >> 3) + i]
+            i0 = table >> 3
+            for i, e in enumerate(q[i0:i0 + 512].tolist()):
+                if e == S.SEPT_FREE_ENTRY:
+                    continue
                 st = S.sept_state(e)
                 gpa = base + (i << (12 + 9 * lvl))
                 if st in S.NL_STATES and lvl > 0:

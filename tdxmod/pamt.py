@@ -19,6 +19,9 @@ class Pamt:
         self.base = base
         self.tdmr_base = tdmr_base
         self.tdmr_end = tdmr_base + tdmr_size
+        # An index of the entries that are not PT_NDA (the table in memory stays the truth:
+        # scan_owned_pages() reads it back), so checks need not scan every entry.
+        self.index = {}
 
     def covers(self, hpa):
         return self.tdmr_base <= hpa < self.tdmr_end
@@ -38,6 +41,10 @@ class Pamt:
     def set(self, hpa, pt, owner=0):
         i = self._slot(hpa)
         self.mem.q[i] = (self.mem.q[i] & _LOCK) | pt | (owner & _OWNER_MASK)
+        if pt == PT_NDA:
+            self.index.pop(hpa, None)
+        else:
+            self.index[hpa] = (pt, owner & _OWNER_MASK)
 
     def set_bepoch(self, hpa, epoch):
         self.mem.q[self._slot(hpa) + 1] = epoch
@@ -60,7 +67,11 @@ class Pamt:
         return name if pt == PT_NDA else f"{name} owner {self.owner(hpa):#x}"
 
     def owned_pages(self, owner=None):
-        """(hpa, page type, owner) of every page not PT_NDA (a scan: for checks and tests)."""
+        """(hpa, page type, owner) of every page not PT_NDA, sorted (from the index)."""
+        return sorted((hpa, pt, o) for hpa, (pt, o) in self.index.items() if owner is None or o == owner)
+
+    def scan_owned_pages(self, owner=None):
+        """The same, read from the table in memory (slow: every entry)."""
         out = []
         q = self.mem.q
         first = self.base >> 3

@@ -112,22 +112,32 @@ class KvmRun:
 
 
 class MmuLock:
-    """kvm->mmu_lock, an rwlock: faults hold it for read, zaps for write."""
+    """kvm->mmu_lock, an rwlock: faults hold it for read, zaps for write.  Under the
+    scheduler a vCPU that cannot take it waits (other vCPUs run meanwhile)."""
 
-    def __init__(self):
+    def __init__(self, kvm):
+        self.kvm = kvm
         self.readers = 0
         self.writer = False
 
     def read_lock(self):
-        assert not self.writer, "mmu_lock: read_lock while write-held"
+        if self.writer:
+            self._wait(lambda: not self.writer)
         self.readers += 1
 
     def read_unlock(self):
         self.readers -= 1
 
     def write_lock(self):
-        assert not self.writer and not self.readers, "mmu_lock: write_lock while held"
+        if self.writer or self.readers:
+            self._wait(lambda: not self.writer and not self.readers)
         self.writer = True
+
+    def _wait(self, pred):
+        sched = self.kvm.sched
+        if sched is None:
+            raise AssertionError("mmu_lock contended without a scheduler")
+        sched.wait_until(pred, what="lock_wait")
 
     def write_unlock(self):
         self.writer = False
@@ -153,7 +163,7 @@ class Kvm:
         self.vm_dead = False
         self.bug_reason = None
         self.warnings = []
-        self.mmu_lock = MmuLock()
+        self.mmu_lock = MmuLock(self)
         self.rcu = Rcu()
         self.tdp_mmu = TdpMmu(self)
         self.gfn_direct_bits = 0

@@ -17,7 +17,7 @@ from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_
                    KVM_PAGES_PER_HPAGE, is_shadow_present_pte, is_last_spte, is_removed_spte, is_large_pte,
                    spte_to_pfn, make_nonleaf_spte, make_spte, make_mmio_spte, is_mmio_spte, ACC_ALL,
                    is_ept_ve_possible, is_accessed_spte, shadow_accessed_mask, PT_WRITABLE_MASK,
-                   shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK)
+                   shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK)
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
 from .mmu import kvm_mmu_hugepage_adjust
 
@@ -559,11 +559,12 @@ class TdpMmu:
         q = self.mem.q
 
         def walk(table, level, gfn):
-            for i in range(512):
-                spte = q[(table >> 3) + i]
-                if not is_shadow_present_pte(spte):
+            i0 = table >> 3
+            step = KVM_PAGES_PER_HPAGE(level)
+            for i, spte in enumerate(q[i0:i0 + 512].tolist()):
+                if not spte & SPTE_MMU_PRESENT_MASK:
                     continue
-                g = gfn + i * KVM_PAGES_PER_HPAGE(level)
+                g = gfn + i * step
                 if is_last_spte(spte, level):
                     out.append((g, level, spte))
                 else:
@@ -578,11 +579,11 @@ class TdpMmu:
         q = self.mem.q
 
         def walk(table, level):
-            for i in range(512):
-                spte = q[(table >> 3) + i]
-                if is_removed_spte(spte):
+            i0 = table >> 3
+            for i, spte in enumerate(q[i0:i0 + 512].tolist()):
+                if spte == REMOVED_SPTE:
                     out.append((table + i * 8, level))
-                elif is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+                elif spte & SPTE_MMU_PRESENT_MASK and not is_last_spte(spte, level):
                     walk(spte_to_child_pt(spte, level), level - 1)
         walk(root.spt, root.role_level)
         return out

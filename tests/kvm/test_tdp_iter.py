@@ -70,7 +70,14 @@ class Tables:
 
     def walk(self, min_level=1, start=0, end=1 << 40, gfn_bits=0):
         it = TdpIter(self.kvm, self.root, min_level, start, gfn_bits)
-        return [(i.level, i.gfn, i.sptep, i.old_spte) for i in for_each_tdp_pte_min_level(it, end)]
+        return [(i.level, i.gfn, i.sptep, i.old_spte) for i in bounded(for_each_tdp_pte_min_level(it, end))]
+
+
+def bounded(walk, limit=200_000):
+    """The iterator's steps, failing (instead of hanging) if it does not terminate."""
+    for n, i in enumerate(walk):
+        assert n < limit, "the tdp_iter walk does not terminate"
+        yield i
 
 
 def expected_walk(mem, root_spt, root_level, min_level=1, start=0, end=1 << 40, gfn_bits=0):
@@ -280,7 +287,7 @@ class TestRestart:
         k = rng.randrange(len(full))
         it = TdpIter(t.kvm, t.root, 1, 0, 0)
         got, nllg, after = [], None, None
-        for n, i in enumerate(for_each_tdp_pte_min_level(it, 1 << 40)):
+        for n, i in enumerate(bounded(for_each_tdp_pte_min_level(it, 1 << 40))):
             got.append((i.level, i.gfn, i.sptep, i.old_spte))
             if n == k:
                 nllg = i.next_last_level_gfn
@@ -296,7 +303,7 @@ class TestRestart:
         t, l3, l2, l1 = small_tree()
         it = TdpIter(t.kvm, t.root, 1, 0x40800 + 10, 0)
         seq = []
-        for i in for_each_tdp_pte_min_level(it, 0x40800 + 12):
+        for i in bounded(for_each_tdp_pte_min_level(it, 0x40800 + 12)):
             seq.append(i.sptep)
             if i.sptep == l1 + 11 * 8 and len(seq) < 8:
                 assert i.next_last_level_gfn == 0x40800 + 11
@@ -314,7 +321,7 @@ class TestRereads:
         seen = []
         new = None
         it = TdpIter(t.kvm, t.root, 1, 0, 0)
-        for i in for_each_tdp_pte_min_level(it, 0x40200 + 2):
+        for i in bounded(for_each_tdp_pte_min_level(it, 0x40200 + 2)):
             seen.append(i.sptep)
             if i.sptep == l2 + 8:
                 assert i.old_spte == SHADOW_NONPRESENT_VALUE
@@ -325,7 +332,7 @@ class TestRereads:
         t, l3, l2, l1 = small_tree()
         seen = []
         it = TdpIter(t.kvm, t.root, 1, 0x40800, 0)
-        for i in for_each_tdp_pte_min_level(it, 0x40A00 + 1):
+        for i in bounded(for_each_tdp_pte_min_level(it, 0x40A00 + 1)):
             seen.append((i.level, i.sptep))
             if i.sptep == l2 + 32:
                 assert i.old_spte == make_nonleaf_spte(l1)

@@ -1,0 +1,301 @@
+"""Explore the interleavings of a multi-vCPU guest: bounded DFS, PCT sampling, replay, minimization.
+
+Every explored run starts from the same snapshot: the VM is built once (loaded,
+TD finalized), and each run executes in a forked child process, so runs cannot
+affect each other and cost no rebuild.  A run fails when KVM hits a KVM_BUG_ON,
+an invariant of emu.check breaks, a vCPU's reports differ from the
+non-preemptive run's, or the scheduler finds a deadlock or livelock.
+
+    ex = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True))
+    result = ex.dfs(bound=2)          # or ex.random(runs=1000, seed=1, depth=3)
+    result.first_failure              # Failure(schedule, minimized, error, trace) or None
+"""
+
+import os
+import pickle
+import random
+import signal
+import struct
+import time
+import traceback
+
+from .check import check_vm
+from .sched import Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError, \
+    YIELD_POINTS
+from .trace import Tracer, ListSink, format_text
+
+
+class Outcome:
+    """What one run did: its decisions, and the first problem (None if it passed)."""
+
+    def __init__(self, decisions, error, reports, trace=None):
+        self.decisions = decisions
+        self.error = error
+        self.reports = reports
+        self.trace = trace
+
+    @property
+    def schedule(self):
+        return encode_schedule([d.choice for d in self.decisions])
+
+    @property
+    def preemptions(self):
+        return sum(1 for d in self.decisions if d.preempt)
+
+
+class Failure:
+    def __init__(self, schedule, error, trace, minimized=None, preemptions=0):
+        self.schedule, self.error, self.trace = schedule, error, trace
+        self.minimized = minimized
+        self.preemptions = preemptions
+
+    def as_json(self):
+        return {"schedule": self.schedule, "minimized": self.minimized, "error": self.error,
+                "preemptions": self.preemptions, "trace": self.trace}
+
+
+class ExploreResult:
+    def __init__(self):
+        self.runs = 0
+        self.failures = 0
+        self.first_failure = None
+        self.complete = False            # the whole bounded space was explored
+        self.interrupted = False
+        self.seconds = 0.0
+
+    @property
+    def rate(self):
+        return self.runs / self.seconds if self.seconds else 0.0
+
+    def as_json(self):
+        return {"runs": self.runs, "failures": self.failures, "complete": self.complete,
+                "interrupted": self.interrupted, "seconds": round(self.seconds, 3),
+                "schedules_per_second": round(self.rate, 1),
+                "first_failure": None if self.first_failure is None else self.first_failure.as_json()}
+
+
+class DeviationStrategy(Strategy):
+    """The default policy, except at the given decision indices."""
+
+    def __init__(self, deviations):
+        self.deviations = deviations
+
+    def choose(self, sched, enabled, current, what):
+        want = self.deviations.get(len(sched.decisions))
+        if want is not None:
+            for t in enabled:
+                if t.index == want:
+                    return t
+        return sched.default_choice(enabled, current, what)
+
+
+class PctStrategy(Strategy):
+    """Probabilistic concurrency testing (Burckhardt et al.): random distinct priorities,
+    and ``depth - 1`` change points at which the running vCPU drops to the lowest priority."""
+
+    def __init__(self, rng, ntasks, nsteps, depth):
+        prio = list(range(depth, depth + ntasks))
+        rng.shuffle(prio)
+        self.prio = prio
+        self.change = set(rng.sample(range(max(nsteps, depth)), depth - 1)) if depth > 1 else set()
+        self.low = depth - 1
+
+    def choose(self, sched, enabled, current, what):
+        k = len(sched.decisions)
+        if k in self.change and current is not None:
+            self.prio[current.index] = self.low
+            self.low -= 1
+        return max(enabled, key=lambda t: self.prio[t.index])
+
+
+class Explorer:
+    def __init__(self, factory, check_invariants=True, max_steps=100000):
+        """``factory()`` builds the Machine every run starts from (it is built once)."""
+        self.machine = factory()
+        self.check_invariants = check_invariants
+        self.max_steps = max_steps
+        self.expected = None
+        self.progress = None             # callable(result) every so often
+
+    # -- one run ------------------------------------------------------------------------------------------
+    def run(self, strategy, trace=False):
+        """Run once from the snapshot (in a forked child) with ``strategy``."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                     # the child: run, report, exit
+            os.close(r)
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                out = self._run_here(strategy, trace)
+                data = pickle.dumps(out)
+            except BaseException as e:                   # a bug of ours: report it as the run's error
+                data = pickle.dumps(Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}",
+                                            None))
+            with os.fdopen(w, "wb") as f:
+                f.write(struct.pack("<Q", len(data)))
+                f.write(data)
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            data = f.read(n)
+        os.waitpid(pid, 0)
+        return pickle.loads(data)
+
+    def _run_here(self, strategy, trace):
+        m = self.machine
+        sink = None
+        if trace:
+            sink = ListSink()
+            t = Tracer([sink])
+            m.tracer = m.kvm.tracer = t
+            if m.td:
+                m.host.tdx_module.tracer = t
+        sched = Scheduler(strategy, max_steps=self.max_steps, tracer=m.tracer)
+        error = None
+        res = None
+        try:
+            res = m.run_scheduled(sched, collect_regs=False)
+            if not res.ok:
+                error = res.error
+            elif m.kvm.vm_dead:
+                error = f"KVM_BUG_ON: {m.kvm.bug_reason}"
+            elif self.check_invariants:
+                problems = check_vm(m.kvm)
+                if problems:
+                    error = "invariant broken: " + "; ".join(problems[:3])
+            if error is None and self.expected is not None and _per_vcpu(res.reports) != self.expected:
+                error = f"guest results differ: {_per_vcpu(res.reports)} != {self.expected}"
+        except ScheduleError as e:
+            error = f"replay: {e}"
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        lines = [format_text(ev) for ev in sink.events] if sink is not None else None
+        return Outcome(sched.decisions, error, _per_vcpu(res.reports) if res is not None else None, lines)
+
+    def baseline(self):
+        """The non-preemptive run: its reports are what every other run must report."""
+        out = self.run(Strategy())
+        if out.error is None:
+            self.expected = out.reports
+        return out
+
+    # -- strategies -----------------------------------------------------------------------------------------
+    def dfs(self, bound=2, max_runs=None, stop_at_first=True):
+        """Every schedule with at most ``bound`` preemptions (CHESS), depth-first."""
+        res = ExploreResult()
+        t0 = time.perf_counter()
+        frames = []                      # per decision depth: [decision, tried choices, preemptions before]
+        prefix = []
+        try:
+            base = self.baseline()
+            outcome = base
+            while True:
+                res.runs += 1
+                self._account(res, outcome, trace_strategy=ReplayStrategy([d.choice for d in outcome.decisions]))
+                if res.first_failure is not None and stop_at_first:
+                    break
+                pre = 0
+                for i, d in enumerate(outcome.decisions):
+                    if i >= len(frames):
+                        frames.append([d, {d.choice}, pre])
+                    pre += d.preempt
+                # Backtrack to the deepest decision with an untried choice within the bound.
+                prefix = None
+                while frames:
+                    d, tried, pre = frames[-1]
+                    alts = [c for c in d.enabled if c not in tried and pre + d.is_preemption(c) <= bound]
+                    if alts:
+                        c = alts[0]
+                        tried.add(c)
+                        prefix = [f[0].choice for f in frames[:-1]] + [c]
+                        frames[-1][0] = _with_choice(d, c)
+                        break
+                    frames.pop()
+                if prefix is None:
+                    res.complete = True
+                    break
+                if max_runs is not None and res.runs >= max_runs:
+                    break
+                self._tick(res, t0)
+                outcome = self.run(ReplayStrategy(prefix, strict=False))
+        except KeyboardInterrupt:
+            res.interrupted = True
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def random(self, runs, seed=0, depth=3, stop_at_first=True):
+        """``runs`` PCT schedules; seed s names the whole exploration."""
+        res = ExploreResult()
+        t0 = time.perf_counter()
+        rng = random.Random(seed)
+        try:
+            base = self.baseline()
+            nsteps = max(len(base.decisions), 1)
+            n = len(self.machine.vcpus)
+            res.runs += 1
+            self._account(res, base, ReplayStrategy([d.choice for d in base.decisions]))
+            while res.runs < runs and not (stop_at_first and res.first_failure is not None):
+                strategy = PctStrategy(random.Random(rng.getrandbits(64)), n, nsteps, depth)
+                out = self.run(strategy)
+                res.runs += 1
+                self._account(res, out, ReplayStrategy([d.choice for d in out.decisions]))
+                self._tick(res, t0)
+        except KeyboardInterrupt:
+            res.interrupted = True
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def replay(self, schedule):
+        """Run ``schedule`` (a printed schedule) exactly, with its trace."""
+        choices = decode_schedule(schedule)
+        return self.run(ReplayStrategy(choices, strict=True), trace=True)
+
+    # -- failures ------------------------------------------------------------------------------------------
+    def _account(self, res, outcome, trace_strategy):
+        if outcome.error is None:
+            return
+        res.failures += 1
+        if res.first_failure is None:
+            minimized = self.minimize(outcome)
+            traced = self.run(ReplayStrategy(decode_schedule(minimized), strict=True), trace=True)
+            res.first_failure = Failure(outcome.schedule, outcome.error, traced.trace, minimized,
+                                        outcome.preemptions)
+
+    def minimize(self, outcome):
+        """Drop every deviation from the default policy that the failure does not need."""
+        devs = {i: d.choice for i, d in enumerate(outcome.decisions) if d.choice != d.default}
+        kind = _error_kind(outcome.error)
+        for i in sorted(devs, reverse=True):
+            trial = {k: v for k, v in devs.items() if k != i}
+            out = self.run(DeviationStrategy(trial))
+            if out.error is not None and _error_kind(out.error) == kind:
+                devs = trial
+        out = self.run(DeviationStrategy(devs))
+        return out.schedule if out.error is not None else outcome.schedule
+
+    def _tick(self, res, t0):
+        if self.progress is not None:
+            res.seconds = time.perf_counter() - t0
+            self.progress(res)
+
+
+def _with_choice(d, c):
+    from .sched import Decision
+    return Decision(c, d.enabled, d.what, d.current, d.default, d.is_preemption(c))
+
+
+def _per_vcpu(reports):
+    out = {}
+    for vcpu, value in reports:
+        out.setdefault(vcpu, []).append(value)
+    return out
+
+
+def _error_kind(error):
+    """The error without vCPU numbers and addresses: two runs fail "the same way" when these match."""
+    if not error:
+        return None
+    import re
+    text = re.sub(r"vCPU \d+: ", "", error)
+    return re.sub(r"0x[0-9a-fA-F]+|\b\d+\b", "N", text)

@@ -1,0 +1,237 @@
+"""A deterministic scheduler for vCPUs: one greenlet per vCPU, switched only at scheduling points.
+
+Every place where a vCPU touches state another vCPU can see calls
+``sched.point(vcpu, what, arg)``: SPTE reads, cmpxchg and writes, freeze and
+unfreeze, SEAMCALL entry and return, the frozen-SPTE retry, VM entry and exit.
+Between two points a vCPU runs alone, so a run is a function of the sequence
+of choices made at the points where more than one vCPU could go on: its
+*schedule*.  Guest code runs only between VM entry and VM exit, never across
+a switch, so Unicorn is never re-entered.
+
+A Strategy makes the choices.  The default is non-preemptive: the running vCPU
+goes on until it halts, blocks, or yields (a retry loop: waiting for a frozen
+SPTE, a BUSY SEAMCALL), and then the next vCPU in index order runs.  Switching
+away from a vCPU that could go on is a *preemption*; the explorer bounds them.
+
+A schedule prints as ``emu-sched/1:`` followed by the choices, run-length
+encoded (``0*12.1*3.0*5``); replaying it reproduces the run exactly, and a
+replay that meets a choice that is not possible says where it diverged.
+"""
+
+import greenlet
+
+SCHEDULE_PREFIX = "emu-sched/1:"
+
+# Points where a vCPU waits for another one to make progress: the default policy switches.
+YIELD_POINTS = frozenset({"frozen_retry", "frozen_wait", "fault_local_retry", "lock_wait", "cond_resched"})
+
+
+class ScheduleError(Exception):
+    pass
+
+
+class Deadlock(Exception):
+    pass
+
+
+class StepLimit(Exception):
+    pass
+
+
+def encode_schedule(choices):
+    runs = []
+    for c in choices:
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    return SCHEDULE_PREFIX + ".".join(f"{c}*{n}" if n > 1 else str(c) for c, n in runs)
+
+
+def decode_schedule(text):
+    text = text.strip()
+    if not text.startswith(SCHEDULE_PREFIX):
+        raise ScheduleError(f"not a schedule (it must start with {SCHEDULE_PREFIX!r}): {text[:40]!r}")
+    body = text[len(SCHEDULE_PREFIX):]
+    out = []
+    if not body:
+        return out
+    for part in body.split("."):
+        try:
+            if "*" in part:
+                c, n = part.split("*")
+                out += [int(c)] * int(n)
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ScheduleError(f"bad schedule element {part!r}") from None
+    return out
+
+
+class Decision:
+    """One choice among several runnable vCPUs."""
+    __slots__ = ("choice", "enabled", "what", "current", "default", "preempt")
+
+    def __init__(self, choice, enabled, what, current, default, preempt):
+        self.choice, self.enabled, self.what = choice, enabled, what
+        self.current, self.default, self.preempt = current, default, preempt
+
+    def is_preemption(self, choice):
+        return self.current is not None and choice != self.current and self.current in self.enabled
+
+    def __getstate__(self):
+        return (self.choice, self.enabled, self.what, self.current, self.default, self.preempt)
+
+    def __setstate__(self, s):
+        self.choice, self.enabled, self.what, self.current, self.default, self.preempt = s
+
+    def __repr__(self):
+        return f"Decision({self.what}: {self.current}->{self.choice} of {self.enabled})"
+
+
+class Task:
+    def __init__(self, index):
+        self.index = index
+        self.glet = None
+        self._body = None
+        self.done = False
+        self.wait = None                 # a predicate: the task can run only when it holds
+
+    def enabled(self):
+        return not self.done and (self.wait is None or self.wait())
+
+
+class Strategy:
+    """Default: non-preemptive, switch at yields.  Subclasses override choose()."""
+
+    def choose(self, sched, enabled, current, what):
+        return sched.default_choice(enabled, current, what)
+
+
+class ReplayStrategy(Strategy):
+    """Follow ``choices`` at each decision point, then go on with ``then``."""
+
+    def __init__(self, choices, then=None, strict=True):
+        self.choices = list(choices)
+        self.then = then or Strategy()
+        self.strict = strict
+
+    def choose(self, sched, enabled, current, what):
+        k = len(sched.decisions)
+        if k < len(self.choices):
+            want = self.choices[k]
+            for t in enabled:
+                if t.index == want:
+                    return t
+            if self.strict:
+                raise ScheduleError(f"replay diverged at decision {k} ({what}): vCPU {want} cannot run "
+                                    f"(runnable: {[t.index for t in enabled]})")
+        return self.then.choose(sched, enabled, current, what)
+
+
+class Scheduler:
+    def __init__(self, strategy=None, max_steps=200000, tracer=None):
+        self.strategy = strategy or Strategy()
+        self.tasks = []
+        self.current = None
+        self.main = None
+        self.decisions = []              # (chosen task, enabled indices, point name, preempting)
+        self.preemptions = 0
+        self.steps = 0
+        self.max_steps = max_steps
+        self.tracer = tracer
+        self.error = None
+
+    # -- tasks --------------------------------------------------------------------------------------------
+    def spawn(self, fn):
+        t = Task(len(self.tasks))
+
+        def body():
+            try:
+                fn()
+            finally:
+                t.done = True
+        t._body = body
+        self.tasks.append(t)
+        return t
+
+    def run(self):
+        """Run every task to completion (call from outside any task)."""
+        self.main = greenlet.getcurrent()
+        for t in self.tasks:
+            t.glet = greenlet.greenlet(t._body, self.main)
+        while True:
+            live = [t for t in self.tasks if not t.done]
+            if not live:
+                return
+            enabled = [t for t in live if t.enabled()]
+            if not enabled:
+                raise Deadlock(f"every vCPU is waiting: {[t.index for t in live]}")
+            nxt = self._decide(enabled, None, "start")
+            self._switch(nxt)
+
+    def _switch(self, t):
+        self.current = t
+        t.glet.switch()
+        self.current = None if greenlet.getcurrent() is self.main else self.current
+
+    # -- the points -----------------------------------------------------------------------------------------
+    def default_choice(self, enabled, current, what):
+        if current is not None and current in enabled and what not in YIELD_POINTS:
+            return current
+        start = -1 if current is None else current.index
+        ordered = sorted(enabled, key=lambda t: ((t.index - start - 1) % len(self.tasks)))
+        others = [t for t in ordered if t is not current]
+        return others[0] if others else ordered[0]
+
+    def _decide(self, enabled, current, what):
+        if what in YIELD_POINTS and current in enabled and len(enabled) > 1:
+            # A yield (a retry loop): the yielding vCPU lets the others go first.
+            enabled = [t for t in enabled if t is not current]
+        if len(enabled) == 1:
+            return enabled[0]
+        default = self.default_choice(enabled, current, what)
+        choice = self.strategy.choose(self, enabled, current, what)
+        preempt = current is not None and choice is not current and current in enabled
+        if preempt:
+            self.preemptions += 1
+        self.decisions.append(Decision(choice.index, tuple(t.index for t in enabled), what,
+                                       None if current is None else current.index, default.index, preempt))
+        return choice
+
+    def point(self, who, what, arg=None):
+        cur = self.current
+        if cur is None or greenlet.getcurrent() is self.main:
+            return                      # not inside a vCPU task (setup, teardown)
+        self.steps += 1
+        if self.steps > self.max_steps:
+            raise StepLimit(f"more than {self.max_steps} scheduling points: a livelock?")
+        enabled = [t for t in self.tasks if t.enabled()]
+        if not enabled:
+            raise Deadlock(f"every vCPU is waiting (at {what})")
+        nxt = self._decide(enabled, cur, what)
+        if nxt is not cur:
+            if self.tracer is not None and self.tracer.enabled:
+                self.tracer.emit("sched_switch", cur.index, msg=f"vcpu {cur.index} -> vcpu {nxt.index} at {what}")
+            self.current = nxt
+            nxt.glet.switch()
+            self.current = cur
+
+    def wait_until(self, pred, who=None, what="lock_wait"):
+        """Block the running task until ``pred()`` holds (other tasks run meanwhile)."""
+        cur = self.current
+        if cur is None:
+            if not pred():
+                raise Deadlock(f"{what}: cannot wait outside a vCPU task")
+            return
+        while not pred():
+            cur.wait = pred
+            self.point(who, what)
+            cur.wait = None
+
+    def need_resched(self):
+        return False
+
+    @property
+    def schedule(self):
+        return encode_schedule([d.choice for d in self.decisions])
