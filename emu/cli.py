@@ -85,13 +85,19 @@ def cmd_run(args, out):
         res = m.run()
     finally:
         tracer.close()
-    if args.json:
-        out.write(json.dumps(res.as_json()) + "\n")
-    else:
-        print_text(m, res, out)
+    tables = None
     if args.dump_tables:
         from .dump import dump_tables
-        out.write(dump_tables(m.kvm) + "\n")
+        tables = dump_tables(m.kvm)
+    if args.json:
+        obj = res.as_json()
+        if tables is not None:
+            obj["tables"] = tables.splitlines()
+        out.write(json.dumps(obj) + "\n")
+    else:
+        print_text(m, res, out)
+        if tables is not None:
+            out.write(tables + "\n")
     return 0 if res.ok else 1
 
 

@@ -11,6 +11,7 @@ fail hypercalls, HLT (the vCPU is done), and errors (the run ends).
 
 from . import guestabi, guests, loader
 from .host import Host, MiB
+from .hw.memory import OutOfHostMemory
 from .kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
                       KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, EXIT_NAMES)
 from .kvm.tdx import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
@@ -88,6 +89,12 @@ class Machine:
         align = 1 << (12 + 9 * (self.backing_level - 1))
         self.td = self.vm_type == KVM_X86_TDX_VM
         self.no_freeze = no_freeze
+        try:
+            self._build(mem, vcpus, align, td_attributes)
+        except (OSError, OutOfHostMemory) as e:
+            raise MachineError(f"cannot back {mem >> 20} MiB of guest memory on this host: {e}") from None
+
+    def _build(self, mem, vcpus, align, td_attributes):
         if self.td:
             self._build_td(mem, vcpus, align, td_attributes)
         else:
@@ -258,13 +265,20 @@ class Machine:
                          f"with code {run.data[0]:#x}")
             return "fail"
         if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_FAIL:
+            # Let the runtime restore the guest's registers and reach its final HLT, so the
+            # register dump shows the guest at its FAIL (as guest/lib/runtime.S promises).
+            try:
+                v.run()
+            except KvmIoctlError:
+                pass
             res.exit = "fail"
-            res.error = f"vCPU {v.vcpu_id}: the guest failed with code {run.args[0]:#x} at {self.symbolize(rip)}"
+            res.error = f"vCPU {v.vcpu_id}: the guest failed with code {run.args[0]:#x}{self._fail_site(v)}"
             return "fail"
         name = EXIT_NAMES.get(r, str(r))
         if r == KVM_EXIT_MMIO:
             insn = v.disassemble(rip)
-            slot = "a read-only memslot" if self.kvm.gfn_to_memslot(run.phys_addr >> 12) else "no memslot"
+            s = self.kvm.gfn_to_memslot(run.phys_addr >> 12)
+            slot = "no memslot" if s is None else ("a read-only memslot" if s.readonly else f"memslot {s.id}")
             msg = (f"{'write to' if run.is_write else 'read of'} GPA {run.phys_addr:#x} ({slot}, MMIO with no "
                    f"device) at rip {rip:#x} {self.symbolize(rip)}: {insn}")
         elif r == KVM_EXIT_SHUTDOWN:
@@ -284,6 +298,13 @@ class Machine:
         res.exit = name
         res.error = f"vCPU {v.vcpu_id}: {msg}"
         return name
+
+    def _fail_site(self, v):
+        """ ' (FAIL at sym+off)': where the runtime's emu_fail was called from (its return address)."""
+        if self.td:
+            return ""
+        ret = int.from_bytes(v.hw.read_guest(v.hw.reg("rsp"), 8).ljust(8, b"\0"), "little")
+        return f" (FAIL at {self.symbolize(ret - 5)})" if ret else ""
 
     def _rip(self, v):
         if self.td:

@@ -155,6 +155,7 @@ class Kvm:
         self.inject = None                # the fault-injection plan, when one is active
         self.x86_ops = x86_ops or VmxX86Ops()
         self.memslots = []
+        self.memslots_generation = 0      # bumped by every memslot change (MMIO SPTEs record it)
         self.private_gfns = set()         # KVM_MEMORY_ATTRIBUTE_PRIVATE (an xarray upstream)
         self.vcpus = []
         self.stat = {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0, "remote_tlb_flush": 0,
@@ -228,6 +229,7 @@ class Kvm:
             if old is None:
                 raise KvmIoctlError(EINVAL, f"no memslot {slot}")
             self.memslots.remove(old)
+            self.memslots_generation += 1
             self.flush_shadow_memslot(old)
             return
         if old is not None:
@@ -241,6 +243,7 @@ class Kvm:
         if self.has_mirrored_tdp and gmem_addr is None:
             raise KvmIoctlError(EINVAL, "a TD's memslot needs guest_memfd backing for its private pages")
         self.memslots.append(KvmMemorySlot(slot, base, npages, userspace_addr, flags, backing_level, gmem_addr))
+        self.memslots_generation += 1
 
     def set_memory_attributes(self, start_gfn, end_gfn, private):
         """KVM_SET_MEMORY_ATTRIBUTES: mark [start, end) private or shared; unmap the side it leaves.
@@ -445,9 +448,11 @@ class KvmVcpu:
         r = RET_PF_INVALID
         if error_code & PFERR_RSVD_MASK:
             r = mmu_mod.handle_mmio_page_fault(self, gpa)
-            if r == RET_PF_INVALID:
+            if r == RET_PF_INVALID and not mmu_mod.is_mmio_spte(kvm.get_leaf_spte(self, gpa) or 0):
                 kvm.KVM_BUG_ON(True, f"EPT misconfiguration at gpa {gpa:#x} on a non-MMIO SPTE")
                 return 0
+            if r == RET_PF_INVALID:
+                error_code &= ~PFERR_RSVD_MASK    # a stale MMIO SPTE: fault it in normally
         if r == RET_PF_INVALID:
             r = self.kvm_mmu_do_page_fault(gpa, error_code)
         if r < 0:

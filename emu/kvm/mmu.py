@@ -6,7 +6,7 @@ fault in the pfn from the memslot, take mmu_lock for read, and map.
 """
 
 from .spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, KVM_PAGES_PER_HPAGE, PT64_ROOT_MAX_LEVEL, \
-    is_mmio_spte, get_mmio_spte_gfn
+    is_mmio_spte, get_mmio_spte_generation, MMIO_SPTE_GEN_MASK
 
 # Page-fault error code bits KVM uses (kvm_host.h)
 PFERR_PRESENT_MASK = 1 << 0
@@ -165,5 +165,9 @@ def handle_mmio_page_fault(vcpu, addr):
     if spte is None:
         return RET_PF_RETRY
     if is_mmio_spte(spte):
+        # check_mmio_spte(): an SPTE from before the last memslot change may be wrong now
+        # (a slot was added there): let the normal fault path replace it.
+        if get_mmio_spte_generation(spte) != vcpu.kvm.memslots_generation & MMIO_SPTE_GEN_MASK:
+            return RET_PF_INVALID
         return RET_PF_EMULATE
     return RET_PF_INVALID

@@ -149,13 +149,24 @@ def make_nonleaf_spte(child_hpa):
             | shadow_x_mask | shadow_accessed_mask)
 
 
-def make_mmio_spte(gfn):
-    """An MMIO SPTE: the W|X misconfig value and the GFN (the MMIO generation is not modelled)."""
-    return shadow_mmio_value | (gfn << 12)
+MMIO_SPTE_GEN_LOW_SHIFT = 3          # generation bits 7:0 in SPTE bits 10:3
+MMIO_SPTE_GEN_HIGH_SHIFT = 52        # generation bits 18:8 in SPTE bits 62:52
+MMIO_SPTE_GEN_MASK = (1 << 19) - 1
+
+
+def make_mmio_spte(gfn, generation=0):
+    """An MMIO SPTE: the W|X misconfig value, the GFN, and the memslots generation it was made in."""
+    gen = generation & MMIO_SPTE_GEN_MASK
+    return (shadow_mmio_value | (gfn << 12) | ((gen & 0xFF) << MMIO_SPTE_GEN_LOW_SHIFT)
+            | ((gen >> 8) << MMIO_SPTE_GEN_HIGH_SHIFT))
+
+
+def get_mmio_spte_generation(spte):
+    return ((spte >> MMIO_SPTE_GEN_LOW_SHIFT) & 0xFF) | (((spte >> MMIO_SPTE_GEN_HIGH_SHIFT) & 0x7FF) << 8)
 
 
 def get_mmio_spte_gfn(spte):
-    return (spte & SPTE_BASE_ADDR_MASK) >> 12
+    return (spte & SPTE_BASE_ADDR_MASK & ((1 << 52) - 1)) >> 12
 
 
 def spte_str(spte):

@@ -437,8 +437,7 @@ class TdpMmu:
         ret = self.link_sp(it, sp, True, vcpu.vcpu_id)
         if ret:
             return ret
-        # The leaf stats moved one level down (kvm_update_page_stats in the kernel's split).
-        self.kvm.update_page_stats(level, -1)
+        # handle_changed_spte already dropped the huge leaf; its pieces count one level down.
         self.kvm.update_page_stats(child_level, 512)
         return 0
 
@@ -450,7 +449,7 @@ class TdpMmu:
                 and is_access_allowed(fault, it.old_spte)):
             return RET_PF_SPURIOUS
         if fault.slot is None:
-            new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp))
+            new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp), kvm.memslots_generation)
         else:
             new_spte, _wrprot = make_spte(it.level, fault.pfn, ACC_ALL, kvm.mt_mask, host_writable=fault.map_writable)
         if new_spte == it.old_spte:
@@ -498,7 +497,9 @@ class TdpMmu:
             if not is_shadow_present_pte(it.old_spte) or not is_last_spte(it.old_spte, it.level):
                 continue
             self.iter_set_spte(it, SHADOW_NONPRESENT_VALUE)
-            flush = True
+            # No vCPU uses an invalid root, so its zapped SPTEs need no TLB flush.
+            if not root.invalid:
+                flush = True
         kvm.rcu.read_unlock(None)
         return flush
 

@@ -85,7 +85,9 @@ class TestFaultPath:
         assert v.kvm_mmu_page_fault(gpa, PFERR_USER_MASK) == 0
         assert v.kvm_run.exit_reason == KVM_EXIT_MMIO
         assert (v.kvm_run.phys_addr, v.kvm_run.is_write) == (gpa, False)
-        assert kvm.get_leaf_spte(v, gpa) == make_mmio_spte(gpa >> 12) == 0x40000006
+        # W|X, the GFN, and the memslots generation (1: one slot added) in bits 10:3
+        assert kvm.memslots_generation == 1
+        assert kvm.get_leaf_spte(v, gpa) == make_mmio_spte(gpa >> 12, 1) == 0x40000006 | (1 << 3)
         assert (v.stat["pf_emulate"], v.stat["pf_mmio_spte_created"]) == (1, 1)
         assert kvm.stat["pages_4k"] == 0                 # an MMIO SPTE is not a mapped page
         assert kvm.tdp_mmu.pages == 3                    # but the tables to it are real
@@ -349,8 +351,6 @@ class TestZap:
         assert kvm.vm_bugged and kvm.vm_dead
         assert "gfn 0x5" in kvm.bug_reason and kvm.stat["kvm_bug_on"] == 1
 
-    @pytest.mark.xfail(strict=True, reason="emu bug: tdp_mmu_zap_leafs requests a TLB flush for SPTEs "
-                                           "zapped in an invalid root (KVM: flush only if !root->role.invalid)")
     def test_zap_in_invalid_root_needs_no_flush(self):
         kvm, (v,), _ = bare_vm()
         v.kvm_mmu_page_fault(0x5000, PFERR_USER_MASK)
@@ -431,8 +431,6 @@ class TestHugePages:
         assert kvm.host.kernel.in_use == in_use - 1 and kvm.host.kernel.free_list[-1] == l1
         check_tables(kvm, v.root)
 
-    @pytest.mark.xfail(strict=True, reason="emu bug: split_huge_page decrements the huge level's page "
-                                           "stat a second time (handle_changed_spte already did)")
     def test_split_page_stats(self):
         kvm, v, hva = self._vm_2m()
         v.kvm_mmu_page_fault(0x234000, PFERR_USER_MASK)

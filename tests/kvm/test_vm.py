@@ -228,7 +228,7 @@ class TestGuestErrors:
         assert res.reports == []
         v = m.vcpus[0]
         assert v.kvm_run.exit_reason == KVM_EXIT_MMIO and v.kvm_run.phys_addr == PROBE
-        assert m.kvm.get_leaf_spte(v, PROBE) == make_mmio_spte(PROBE >> 12)
+        assert m.kvm.get_leaf_spte(v, PROBE) == make_mmio_spte(PROBE >> 12, m.kvm.memslots_generation)
         assert (res.stats["pf_emulate"], res.stats["ept_misconfigs"]) == (1, 0)
         assert m.kvm.stat["pages_4k"] == res.stats["ept_violations"] - 1
 
@@ -244,9 +244,6 @@ class TestGuestErrors:
         assert second.stats["ept_violations"] == violations
         assert second.stats["pf_emulate"] == 1       # handle_mmio_page_fault: no new fault taken
 
-    @pytest.mark.xfail(strict=True, reason="emu bug: MMIO SPTEs carry no memslot generation, so after "
-                                           "a memslot is created over the GPA the stale MMIO SPTE keeps "
-                                           "exiting to userspace (KVM: generation mismatch -> real fault)")
     def test_mmio_spte_is_stale_after_memslot_creation(self, make_machine):
         m = make_machine(TEST_GUESTS / "probe.S")
         split_slots(m, 32 * MiB, 48 * MiB)
@@ -310,14 +307,10 @@ class TestGuestErrors:
         res = m.run()
         assert res.exit == "fail" and not res.ok
         assert res.reports == [(0, 7)]
-        assert res.error.startswith("vCPU 0: the guest failed with code 0x2a at emu_fail+")
+        assert res.error == "vCPU 0: the guest failed with code 0x2a (FAIL at _start+0x15)"
         assert res.vcpu_exits == ["fail"]
 
 
-    @pytest.mark.xfail(strict=True, reason="emu bug: the VMM ends a vCPU at its FAIL hypercall exit, so "
-                                           "Result.vcpus shows the runtime's scratch registers (RAX = "
-                                           "EMU_HC_FAIL, RBX = code, RSP 8 pushes lower) instead of the "
-                                           "state guest/lib/runtime.S promises at its final HLT")
     def test_guest_fail_register_dump(self, make_machine):
         m = make_machine(TEST_GUESTS / "fail.S")
         res = m.run()

@@ -441,8 +441,8 @@ BUSY_CASES = [
 def test_busy_restores_old_spte_and_retries(seamcalls, leaf, level, sequence):
     m, watch = _machine_with_watch()
     gfn = AREA >> 12
-    before = sptep_at(m.kvm, mirror_root(m.kvm), gfn, level)
-    assert before is not None and before[1] == SHADOW_NONPRESENT
+    # Before the run the 2M entry is non-present (and there is no 4K table under it yet).
+    assert sptep_at(m.kvm, mirror_root(m.kvm), gfn, 2)[1] == SHADOW_NONPRESENT
     frozen = []
     _frozen_probe(m, seamcalls, leaf, gfn, level, frozen)
     seamcalls.answer(leaf, A.TDX_OPERAND_BUSY | A.OPERAND_ID_SEPT)
@@ -466,10 +466,13 @@ def test_busy_restores_old_spte_and_retries(seamcalls, leaf, level, sequence):
     if level == 1:
         assert final[0] == leaf_spte(gmem_pfn(m, AREA))
     else:
-        assert final[0] == nonleaf_spte(final[0] & ADDR_MASK)
+        child = m.kvm.tdp_mmu.sp_of[final[0] & ADDR_MASK]
+        assert final[0] == nonleaf_spte(child.spt)
+        assert child.external_spt == calls[1].r8 and not calls[1].injected
     # The vCPU counted the retried fault; the retry was local (no extra TD entry or exit).
     assert m.vcpus[0].stat["pf_retry"] == 1 and res.stats["pf_retry"] == 1
-    assert res.stats["ept_violations"] == 16
+    # TD entries: 16 EPT-violation exits (one per page), 2 reports, 1 halt -- none for the retry.
+    assert res.stats["seamcalls"]["TDH_VP_ENTER"] == res.stats["exits"] == 16 + 2 + 1
     assert res.stats["seamcalls"][leaf] == (16 if leaf == "TDH_MEM_PAGE_AUG" else 6) + 1
     assert res.stats["kvm_bug_on"] == 0 and not m.kvm.vm_dead
     assert check_vm(m.kvm) == []
