@@ -15,6 +15,7 @@ import unicorn
 from . import Context, Result
 from . import hw
 from . import kvm
+from . import td
 
 # -- the registry -------------------------------------------------------------------------------------
 # (name, function ctx -> list[Result]), run in this order.  Add new layers here.  Baselines shared by
@@ -25,11 +26,8 @@ BENCHMARKS = [
     ("hw.new_page", hw.bench_new_page),       # new 4K page (BareHost) / bare fault target <= 2
     ("hw.walks", hw.bench_walks),             # EPT walk, 2D walk, TLB-miss fill (no targets)
     ("kvm.new_page", kvm.bench_new_page),     # new 4K page through KVM's fault path / bare fault  <= 2
-    # To come (other layers):
-    #   ("td.private_page", ...) TD private page (S-EPT, TDH.MEM.PAGE.AUG + accept) / bare fault
-    #                            target <= 4: per = hw.per_new_page(prepare, n, ctx.repeats)[0],
-    #                            ratio = per / hw.bare_fault_per_page(ctx), target=("<=", 4.0)
-    #   ("race.explore", ...)    race exploration, schedules/s                   target >= 500
+    ("td.private_page", td.bench_private_page),  # TD private page / bare fault                     <= 4
+    ("td.explore", td.bench_explore),         # race2 schedules explored per second              >= 500
 ]
 
 

@@ -159,13 +159,17 @@ class Explorer:
             if not res.ok:
                 error = res.error
             elif m.kvm.vm_dead:
-                error = f"KVM_BUG_ON: {m.kvm.bug_reason}"
+                error = f"the VM is dead: {m.kvm.bug_reason}"
             elif self.check_invariants:
                 problems = check_vm(m.kvm)
                 if problems:
                     error = "invariant broken: " + "; ".join(problems[:3])
             if error is None and self.expected is not None and _per_vcpu(res.reports) != self.expected:
                 error = f"guest results differ: {_per_vcpu(res.reports)} != {self.expected}"
+            if (error is None and isinstance(strategy, ReplayStrategy) and strategy.strict
+                    and len(sched.decisions) < len(strategy.choices)):
+                error = (f"replay: replay diverged: the run ended after {len(sched.decisions)} decisions, "
+                         f"the schedule has {len(strategy.choices)}")
         except ScheduleError as e:
             error = f"replay: {e}"
         except Exception as e:

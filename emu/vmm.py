@@ -13,7 +13,7 @@ from . import guestabi, guests, loader
 from .host import Host, MiB
 from .hw.memory import OutOfHostMemory
 from .kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
-                      KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, EXIT_NAMES)
+                      KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_MEMORY_FAULT, EXIT_NAMES)
 from .kvm.tdx import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
 from .kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
 from .hw.exits import VECTOR_NAMES
@@ -291,6 +291,11 @@ class Machine:
             insn = f": {run.insn}" if run.insn else ""
             msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
                    f"{insn} (no IDT: triple fault)")
+        elif r == KVM_EXIT_MEMORY_FAULT:
+            attr = "private" if self.kvm.mem_is_private(run.gpa >> 12) else "shared"
+            msg = (f"KVM_EXIT_MEMORY_FAULT: {'private' if run.private else 'shared'} access to GPA {run.gpa:#x}, "
+                   f"which is {attr if self.kvm.gfn_to_memslot(run.gpa >> 12) else 'outside every memslot'} "
+                   f"(the guest did not convert it with MapGPA) at rip {rip:#x} {self.symbolize(rip)}")
         elif r == KVM_EXIT_INTERNAL_ERROR:
             msg = f"internal error: {run.reason}"
         else:

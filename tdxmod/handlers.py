@@ -93,7 +93,7 @@ def tdh_mng_addcx(mod, r, caller):
     if st:
         return Regs(st)
     if td.op_state != OP_STATE_UNINITIALIZED or len(td.tdcx) >= TDCS_PAGES:
-        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+        return Regs(TDX_OP_STATE_INCORRECT)
     st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
     if st:
         return Regs(st)
@@ -110,7 +110,7 @@ def tdh_mng_init(mod, r, caller):
     if st:
         return Regs(st)
     if td.op_state != OP_STATE_UNINITIALIZED or len(td.tdcx) != TDCS_PAGES:
-        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+        return Regs(TDX_OP_STATE_INCORRECT)
     params = r.rdx
     if params & 0x3FF or params + 1024 > mod.mem.size:
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
@@ -120,11 +120,14 @@ def tdh_mng_init(mod, r, caller):
     eptp_controls = mem.read64(params + TD_PARAMS_EPTP_CONTROLS)
     config_flags = mem.read64(params + TD_PARAMS_CONFIG_FLAGS)
     pwl = ((eptp_controls >> 3) & 7) + 1
-    if attributes & ~(TD_ATTR_DEBUG | TD_ATTR_SEPT_VE_DISABLE) or pwl not in (4, 5) or (eptp_controls & 7) != 6:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    if attributes & ~(TD_ATTR_DEBUG | TD_ATTR_SEPT_VE_DISABLE):
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_ATTRIBUTES)
+    # eptp_controls: WB and a 4- or 5-level walk; A/D, SSS and the base address must be 0.
+    if pwl not in (4, 5) or (eptp_controls & 7) != 6 or eptp_controls & ~0x3F:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_EPTP_CONTROLS)
     gpaw = config_flags & TD_CONFIG_FLAGS_MAX_GPAW
-    if gpaw and pwl != 5:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    if config_flags & ~(TD_CONFIG_FLAGS_MAX_GPAW | (1 << 2)) or (gpaw and pwl != 5):
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_CONFIG_FLAGS)
     td.attributes = attributes
     td.max_vcpus = max_vcpus or 1
     td.pwl = pwl
@@ -141,8 +144,10 @@ def tdh_vp_create(mod, r, caller):
     td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
     if st:
         return Regs(st)
-    if td.op_state not in (OP_STATE_INITIALIZED, OP_STATE_RUNNABLE) or len(td.vcpus) >= td.max_vcpus:
-        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+    if td.op_state != OP_STATE_INITIALIZED:
+        return Regs(TDX_OP_STATE_INCORRECT)
+    if len(td.vcpus) >= td.max_vcpus:
+        return Regs(TDX_MAX_VCPUS_EXCEEDED)
     st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
     if st:
         return Regs(st)
@@ -156,8 +161,10 @@ def tdh_vp_create(mod, r, caller):
 
 
 def _vcpu_operand(mod, tdvpr, op=OPERAND_ID_RCX):
-    if tdvpr & 0xFFF or not mod.pamt.covers(tdvpr):
+    if tdvpr & 0xFFF or tdvpr >> mod.x86_phys_bits:
         return None, TDX_OPERAND_INVALID | op
+    if not mod.pamt.covers(tdvpr):
+        return None, TDX_OPERAND_ADDR_RANGE_ERROR | op
     if mod.pamt.page_type(tdvpr) != PT_TDVPR:
         return None, TDX_PAGE_METADATA_INCORRECT | op
     v = mod.vcpus[tdvpr]
@@ -171,6 +178,8 @@ def tdh_vp_addcx(mod, r, caller):
     v, st = _vcpu_operand(mod, r.rdx, OPERAND_ID_RDX)
     if st:
         return Regs(st)
+    if v.td.op_state != OP_STATE_INITIALIZED:
+        return Regs(TDX_OP_STATE_INCORRECT)
     if v.initialized or len(v.tdvpx) >= TDVPX_PAGES:
         return Regs(TDX_VCPU_STATE_INCORRECT)
     st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
@@ -188,10 +197,17 @@ def tdh_vp_init(mod, r, caller):
     v, st = _vcpu_operand(mod, r.rcx)
     if st:
         return Regs(st)
+    if v.td.op_state != OP_STATE_INITIALIZED:
+        return Regs(TDX_OP_STATE_INCORRECT)
     if v.initialized or len(v.tdvpx) != TDVPX_PAGES:
         return Regs(TDX_VCPU_STATE_INCORRECT)
     if (r.rax >> 16) & 0xFF != 1:
         return Regs(TDX_OPERAND_INVALID)            # this module implements TDH.VP.INIT version 1
+    if r.r8 >> 32:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)
+    if any(x.initialized and x.x2apic_id == r.r8 for x in v.td.vcpus.values()):
+        return Regs(TDX_X2APIC_ID_NOT_UNIQUE | r.r8)
+    v.x2apic_id = r.r8
     index = len([x for x in v.td.vcpus.values() if x.initialized])
     v.hw = mod.make_cpu(index)
     # The TD's CPUID: leaf 0x21 names the TDX module (Linux's tdx_early_init looks for it).
@@ -201,6 +217,7 @@ def tdh_vp_init(mod, r, caller):
     # init_vcpu_gprs_and_registers(): RCX = R8 = the initial RCX, RSI = the vCPU index.
     v.hw.set_regs({"rcx": r.rdx, "r8": r.rdx, "rsi": index, "rbx": 48 if not v.td.gpaw else 52})
     v.initialized = True
+    v.associated = True          # associated with this CPU until TDH.VP.FLUSH
     return Regs(TDX_SUCCESS)
 
 
@@ -248,7 +265,7 @@ def tdh_vp_wr(mod, r, caller):
     old = _vp_field(v, r.rdx)
     if old is None:
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
-    mask = r.r9 if r.r9 else (1 << 64) - 1
+    mask = r.r9                      # the caller's mask (ANDed with the field's writable bits)
     _vp_field(v, r.rdx, (old & ~mask) | (r.r8 & mask))
     return Regs(TDX_SUCCESS, r8=old)
 
@@ -266,17 +283,23 @@ def tdh_vp_flush(mod, r, caller):
 
 @leaf(TDH_MNG_VPFLUSHDONE)
 def tdh_mng_vpflushdone(mod, r, caller):
-    td, st = mod.td_operand(r.rcx)
+    td, st = mod.td_operand(r.rcx, keys=False)
     if st:
         return Regs(st)
+    if td.lifecycle not in (TD_HKID_ASSIGNED, TD_KEYS_CONFIGURED):
+        return Regs(TDX_LIFECYCLE_STATE_INCORRECT)
     if any(v.associated for v in td.vcpus.values()):
         return Regs(TDX_FLUSHVP_NOT_DONE)
     td.lifecycle = TD_BLOCKED
+    td.wbcache_needed = True
     return Regs(TDX_SUCCESS)
 
 
 @leaf(TDH_PHYMEM_CACHE_WB)
 def tdh_phymem_cache_wb(mod, r, caller):
+    """Write back and invalidate the caches (one package here): every blocked TD's key is clean."""
+    for td in mod.tds.values():
+        td.wbcache_needed = False
     return Regs(TDX_SUCCESS)
 
 
@@ -287,6 +310,8 @@ def tdh_mng_key_freeid(mod, r, caller):
         return Regs(st)
     if td.lifecycle != TD_BLOCKED:
         return Regs(TDX_LIFECYCLE_STATE_INCORRECT)
+    if td.wbcache_needed:
+        return Regs(TDX_WBCACHE_NOT_COMPLETE)
     td.lifecycle = TD_TEARDOWN
     mod.hkids.discard(td.hkid)
     return Regs(TDX_SUCCESS)
@@ -299,7 +324,7 @@ def tdh_mr_extend(mod, r, caller):
     if st:
         return Regs(st)
     if td.op_state != OP_STATE_INITIALIZED:
-        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+        return Regs(TDX_OP_STATE_INCORRECT)
     gpa = r.rcx
     if gpa & 0xFF or not mod.private_gpa_ok(td, gpa):
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
@@ -319,7 +344,7 @@ def tdh_mr_finalize(mod, r, caller):
     if st:
         return Regs(st)
     if td.op_state != OP_STATE_INITIALIZED:
-        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+        return Regs(TDX_OP_STATE_INCORRECT)
     td.finalized_mrtd = td.mrtd.hexdigest()
     td.op_state = OP_STATE_RUNNABLE
     return Regs(TDX_SUCCESS)
@@ -342,12 +367,14 @@ def tdh_mem_sept_add(mod, r, caller):
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
     allow_existing = r.rdx & 1
     if not _op_state_ok(td, _RUN_STATES):
-        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+        return Regs(TDX_OP_STATE_INCORRECT)
     pi, st = _page_info(mod, td, r.rcx, range(1, td.pwl))
     if st:
         return Regs(st)
     gpa, level = pi
     new = r.r8
+    if not new:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)    # version 0: R8 must name the new page
     if not _sept_lock(mod, td, False, caller):
         return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
     try:
@@ -355,7 +382,7 @@ def tdh_mem_sept_add(mod, r, caller):
         if lvl != level:
             return mod.walk_failed(e, lvl)
         state = S.sept_state(e)
-        if state in S.NL_STATES and allow_existing:
+        if state == S.SEPT_NL_MAPPED and allow_existing:
             return Regs(TDX_SUCCESS)
         if state != S.SEPT_FREE:
             return mod.state_incorrect(e, lvl)
@@ -385,7 +412,7 @@ def tdh_mem_page_aug(mod, r, caller):
     if st:
         return Regs(st)
     if not _op_state_ok(td, _RUN_STATES):
-        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+        return Regs(TDX_OP_STATE_INCORRECT)
     pi, st = _page_info(mod, td, r.rcx, (0, 1))
     if st:
         return Regs(st)
@@ -399,16 +426,19 @@ def tdh_mem_page_aug(mod, r, caller):
             return mod.walk_failed(e, lvl)
         if S.sept_state(e) not in (S.SEPT_FREE, S.SEPT_REMOVED):
             return mod.state_incorrect(e, lvl)
-        st = mod.hpa_operand(page, OPERAND_ID_R8)
-        if st:
-            return Regs(st)
+        npages = 512 ** level
+        if page & ((PAGE << (9 * level)) - 1):
+            return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)
+        for k in range(npages):
+            st = mod.hpa_operand(page + k * PAGE, OPERAND_ID_R8)
+            if st:
+                return Regs(st)
         if not mod.lock_entry(ptr):
             return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
         if not mod.pamt.try_lock(page):
             mod.unlock_entry(ptr)
             return Regs(TDX_OPERAND_BUSY | OPERAND_ID_R8)
         mod.point(caller, "sept_entry_locked")
-        npages = 512 ** level
         mod.give_to_td(page, td.tdr, npages)
         mod.pamt.unlock(page)
         td.chldcnt += npages
@@ -425,7 +455,7 @@ def tdh_mem_page_add(mod, r, caller):
     if st:
         return Regs(st)
     if td.op_state != OP_STATE_INITIALIZED:
-        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+        return Regs(TDX_OP_STATE_INCORRECT)
     pi, st = _page_info(mod, td, r.rcx, (0,))
     if st:
         return Regs(st)
@@ -456,6 +486,8 @@ def tdh_mem_range_block(mod, r, caller):
     td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
     if st:
         return Regs(st)
+    if not _op_state_ok(td, _RUN_STATES):
+        return Regs(TDX_OP_STATE_INCORRECT)
     pi, st = _page_info(mod, td, r.rcx, range(0, td.pwl))
     if st:
         return Regs(st)
@@ -487,6 +519,8 @@ def tdh_mem_range_unblock(mod, r, caller):
     td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
     if st:
         return Regs(st)
+    if not _op_state_ok(td, _RUN_STATES):
+        return Regs(TDX_OP_STATE_INCORRECT)
     pi, st = _page_info(mod, td, r.rcx, range(0, td.pwl))
     if st:
         return Regs(st)
@@ -515,6 +549,8 @@ def tdh_mem_track(mod, r, caller):
     td, st = mod.td_operand(r.rcx)
     if st:
         return Regs(st)
+    if not _op_state_ok(td, _RUN_STATES):
+        return Regs(TDX_OP_STATE_INCORRECT)
     if td.epoch_locked:
         return Regs(TDX_OPERAND_BUSY | OPERAND_ID_TD_EPOCH)
     if td.refcount[1 - (td.epoch & 1)]:
@@ -539,6 +575,8 @@ def tdh_mem_page_remove(mod, r, caller):
     td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
     if st:
         return Regs(st)
+    if not _op_state_ok(td, _RUN_STATES):
+        return Regs(TDX_OP_STATE_INCORRECT)
     pi, st = _page_info(mod, td, r.rcx, (0, 1, 2))
     if st:
         return Regs(st)
@@ -573,6 +611,8 @@ def tdh_mem_sept_remove(mod, r, caller):
     td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
     if st:
         return Regs(st)
+    if not _op_state_ok(td, _RUN_STATES):
+        return Regs(TDX_OP_STATE_INCORRECT)
     pi, st = _page_info(mod, td, r.rcx, range(1, td.pwl))
     if st:
         return Regs(st)
@@ -615,19 +655,24 @@ def tdh_phymem_page_reclaim(mod, r, caller):
         return Regs(TDX_PAGE_METADATA_INCORRECT | OPERAND_ID_RCX)
     owner = mod.pamt.owner(hpa)
     td = mod.tds.get(owner)
+    # The outputs (page type, owner, size) are filled in before the lifecycle checks.
     if td is None or td.lifecycle != TD_TEARDOWN:
-        return Regs(TDX_LIFECYCLE_STATE_INCORRECT)
+        return Regs(TDX_LIFECYCLE_STATE_INCORRECT, rcx=pt, rdx=owner, r8=0)
+    size = mod.pamt.page_size(hpa)
+    npages = 512 if size == 1 else 1
     if pt == PT_TDR:
         if td.chldcnt:
-            return Regs(TDX_TD_ASSOCIATED_PAGES_EXIST)
+            return Regs(TDX_TD_ASSOCIATED_PAGES_EXIST, rcx=pt, rdx=owner, r8=size)
         del mod.tds[owner]
     else:
-        td.chldcnt -= 1
+        if size == 1 and hpa & 0x1FFFFF:
+            return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)      # a 2M page is reclaimed at its head
+        td.chldcnt -= npages
         if pt == PT_TDVPR:
-            v = mod.vcpus.pop(hpa)
+            mod.vcpus.pop(hpa)
             td.vcpus.pop(hpa, None)
-    mod.release(hpa)
-    return Regs(TDX_SUCCESS, rcx=pt, rdx=owner, r8=0)
+    mod.release(hpa, npages)
+    return Regs(TDX_SUCCESS, rcx=pt, rdx=owner, r8=size)
 
 
 @leaf(TDH_PHYMEM_PAGE_WBINVD)

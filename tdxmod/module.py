@@ -85,6 +85,7 @@ class Td:
         self.sept_readers = 0
         self.sept_writer = False
         self.epoch_locked = False
+        self.wbcache_needed = False
 
     @property
     def secure_eptp(self):
@@ -109,6 +110,7 @@ class TdVcpu:
         self.associated = False
         self.vmcall_pending = None     # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
         self.launched = False
+        self.x2apic_id = None
 
 
 class TdxModule:
@@ -195,14 +197,16 @@ class TdxModule:
         self.mem.protect(hpa >> 12, "the TDX module")
 
     def give_to_td(self, hpa, owner, npages=1):
-        self.pamt.set(hpa, PT_REG, owner)
+        """``npages`` (1 or 512) private pages from ``hpa``; a 2M page is one PAMT page of size 1."""
+        size = 1 if npages == 512 else 0
         for i in range(npages):
+            self.pamt.set(hpa + i * PAGE, PT_REG, owner, size)
             self.mem.protect((hpa >> 12) + i, "TD private memory")
 
     def release(self, hpa, npages=1):
-        self.pamt.set(hpa, PT_NDA, 0)
-        self.pamt.set_bepoch(hpa, 0)
         for i in range(npages):
+            self.pamt.set(hpa + i * PAGE, PT_NDA, 0)
+            self.pamt.set_bepoch(hpa + i * PAGE, 0)
             self.mem.unprotect((hpa >> 12) + i)
 
     def private_gpa_ok(self, td, gpa):

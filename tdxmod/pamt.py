@@ -1,7 +1,8 @@
 """PAMT: the Physical Address Metadata Table, one 16-byte entry per 4K page of the TDMR.
 
 Kept in module memory (the host cannot read it).  Entry layout in this model:
-  word 0: bits 7:0 page type (PT_*), bit 8 the entry lock, bits 63:12 owner (TDR PA)
+  word 0: bits 7:0 page type (PT_*), bit 8 the entry lock, bits 10:9 page size
+          (0 = 4K, 1 = 2M: each 4K entry of a 2M page says so), bits 63:12 owner (TDR PA)
   word 1: BEPOCH, the TD epoch when the page was blocked
 """
 
@@ -35,12 +36,15 @@ class Pamt:
     def owner(self, hpa):
         return self.mem.q[self._slot(hpa)] & _OWNER_MASK
 
+    def page_size(self, hpa):
+        return (self.mem.q[self._slot(hpa)] >> 9) & 3
+
     def bepoch(self, hpa):
         return self.mem.q[self._slot(hpa) + 1]
 
-    def set(self, hpa, pt, owner=0):
+    def set(self, hpa, pt, owner=0, size=0):
         i = self._slot(hpa)
-        self.mem.q[i] = (self.mem.q[i] & _LOCK) | pt | (owner & _OWNER_MASK)
+        self.mem.q[i] = (self.mem.q[i] & _LOCK) | pt | (size << 9) | (owner & _OWNER_MASK)
         if pt == PT_NDA:
             self.index.pop(hpa, None)
         else:

@@ -39,7 +39,7 @@ def vp_enter(mod, r, caller):
         return Regs(st)
     td = v.td
     if td.op_state != OP_STATE_RUNNABLE:
-        return Regs(TDX_OP_STATE_INCORRECT | OPERAND_ID_OP_STATE)
+        return Regs(TDX_OP_STATE_INCORRECT)
     if not v.initialized:
         return Regs(TDX_VCPU_STATE_INCORRECT)
     hw = v.hw
@@ -105,7 +105,8 @@ def _handle(mod, v, hw, ex):
             if state in (S.SEPT_PENDING, S.SEPT_PENDING_BLOCKED):
                 if not td.attributes & TD_ATTR_SEPT_VE_DISABLE:
                     # #VE to the guest; with no IDT to deliver it through, a triple fault.
-                    return _exit(EXIT_REASON_TRIPLE_FAULT, intr=VE_VECTOR | (3 << 8) | (1 << 31), gpa=gpa)
+                    return _exit(EXIT_REASON_TRIPLE_FAULT, intr=VE_VECTOR | (3 << 8) | (1 << 31), gpa=gpa,
+                                 r12=ex.rip)
                 return _exit(EXIT_REASON_EPT_VIOLATION, ex.qualification,
                              TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION, gpa)
         return _exit(EXIT_REASON_EPT_VIOLATION, ex.qualification, TDX_EXT_EXIT_QUAL_TYPE_NONE, ex.gpa,

@@ -47,10 +47,11 @@ class HostMemory:
         self.q = self.buf.cast("Q")
         # pfn -> owner name for pages host software may not touch.
         self.protected = {}
-        # Bumped by every bulk write (read/write/zero of byte ranges): vCPUs compare it
-        # before entering the guest and drop translated code, since the CPU would see
-        # the new bytes (Unicorn tracks only its own vCPU's stores to code).
+        # Bulk writes (write/zero of byte ranges) are logged by page: a vCPU entering the
+        # guest drops its translated code if one of them hit a page it ran code from,
+        # since the CPU would see the new bytes (Unicorn tracks only its own stores).
         self.generation = 0
+        self.written = []            # (generation, first pfn, last pfn), the last WRITE_LOG writes
 
     # -- the address Unicorn maps (mem_map_ptr) --------------------------------------------------
     def address(self):
@@ -97,12 +98,28 @@ class HostMemory:
     def write(self, hpa, data):
         self._check(hpa, len(data))
         self.buf[hpa:hpa + len(data)] = data
-        self.generation += 1
+        self._log_write(hpa, len(data))
 
     def zero(self, hpa, n=PAGE_SIZE):
         self._check(hpa, n)
         self.buf[hpa:hpa + n] = bytes(n)
+        self._log_write(hpa, n)
+
+    WRITE_LOG = 64
+
+    def _log_write(self, hpa, n):
         self.generation += 1
+        log = self.written
+        log.append((self.generation, hpa >> PAGE_SHIFT, (hpa + max(n, 1) - 1) >> PAGE_SHIFT))
+        if len(log) > self.WRITE_LOG:
+            del log[:len(log) - self.WRITE_LOG]
+
+    def written_since(self, generation):
+        """The (first pfn, last pfn) ranges written after ``generation``; None if the log lost some."""
+        log = self.written
+        if generation < self.generation - len(log):
+            return None
+        return [(a, b) for g, a, b in log if g > generation]
 
     # -- per-page access policy for host software ---------------------------------------------------
     def protect(self, pfn, owner):

@@ -79,6 +79,7 @@ class Vcpu:
         self._ept = None
         self.gpa_cache = {}
         self.tlb_shadow = {}                 # GVA page -> HPA page of every fill since the last flush
+        self.code_pfns = set()               # host pages filled executable since the last code flush
         self.code_generation = mem.generation
         # Register reads in the TLB-fill hook go straight to the C library: the binding's
         # reg_read costs ~1.7 us, a direct call ~0.5 us, and a fill reads two registers.
@@ -205,10 +206,14 @@ class Vcpu:
         uc = self.uc
         reg = self._reg_fast
         if self.mem.generation != self.code_generation:
-            # Host software wrote guest memory since this vCPU last ran: drop translated
-            # code, so what runs is what memory holds.
+            # Host software wrote memory since this vCPU last ran: if it hit a page this
+            # vCPU may have run code from, drop the translated code.
+            ranges = self.mem.written_since(self.code_generation)
             self.code_generation = self.mem.generation
-            uc.ctl_flush_tb()
+            code = self.code_pfns
+            if ranges is None or any(pfn in code for a, b in ranges for pfn in range(a, b + 1)):
+                uc.ctl_flush_tb()
+                code.clear()
         try:
             uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
         except UcError as e:
@@ -253,14 +258,7 @@ class Vcpu:
         page, access = self._fault_gla, self._fault_access
         if access == FETCH:
             return (rip if rip & ~0xFFF == page else page), False
-        code = None
-        hpa = self.tlb_shadow.get(rip & ~0xFFF)
-        off = rip & 0xFFF
-        if hpa is not None and off <= 0x1000 - 15:
-            code = bytes(self.mem.buf[hpa + off:hpa + off + 15])
-        else:
-            code = self.read_guest(rip, 15)
-        d = insn_mod.decode(code, rip)
+        d = insn_mod.decode(self._code_bytes(rip, 15), rip)
         if d is None:
             return page, False
         hit = insn_mod.locate(d, rip, self._reg_fast, page)
@@ -282,17 +280,27 @@ class Vcpu:
             self.walk_observer(self, vaddr, acc, r)
         if r.__class__ is Translation:
             hpa = entry.paddr = r.hpa & PAGE_MASK
-            entry.perms = r.perms
+            perms = entry.perms = r.perms
             self.tlb_shadow[vaddr] = hpa
+            if perms & 4:
+                self.code_pfns.add(hpa >> 12)      # code may be translated from this page
             return True
         self.pending = r
         self._fault_gla = vaddr
         self._fault_access = acc
         return False
 
+    def _code_bytes(self, rip, n):
+        """The instruction bytes at ``rip``: from the page the TLB holds (it was just fetched)."""
+        hpa = self.tlb_shadow.get(rip & ~0xFFF)
+        off = rip & 0xFFF
+        if hpa is not None and off <= 0x1000 - n:
+            return bytes(self.mem.buf[hpa + off:hpa + off + n])
+        return self.read_guest(rip, n)
+
     def _insn_invalid(self, uc, _data):
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
-        code = self.read_guest(rip, 4)
+        rip = self._reg_fast(X.UC_X86_REG_RIP)
+        code = self._code_bytes(rip, 4)
         if code[:3] == _VMCALL:
             self.pending = VmExit(EXIT_REASON_VMCALL, rip, 3, vcpu=self.index)
         elif code[:4] == _TDCALL:

@@ -51,6 +51,7 @@ EXIT_NAMES = {KVM_EXIT_UNKNOWN: "unknown", KVM_EXIT_HYPERCALL: "hypercall", KVM_
               KVM_EXIT_SYSTEM_EVENT: "system_event", KVM_EXIT_MEMORY_FAULT: "memory_fault"}
 
 KVM_ENOSYS = 1000
+EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
 
 # vcpu->requests
 KVM_REQ_TLB_FLUSH = 1 << 0
@@ -186,11 +187,18 @@ class Kvm:
 
     def kvm_bug(self, what):
         self.stat["kvm_bug_on"] += 1
-        if not self.vm_bugged:
-            self.bug_reason = what
+        if not self.vm_dead:
+            self.bug_reason = f"KVM_BUG_ON: {what}"
         self.vm_bugged = True
         self.vm_dead = True
         self.trace_emit("kvm_bug_on", msg=what)
+
+    def kvm_vm_dead(self, why):
+        """kvm_vm_dead(): no KVM bug, but the VM cannot go on (e.g. the guest broke the TDX rules)."""
+        if not self.vm_dead:
+            self.bug_reason = why
+        self.vm_dead = True
+        self.trace_emit("kvm_vm_dead", msg=why)
 
     def warn(self, what):
         self.warnings.append(what)
@@ -364,7 +372,6 @@ class Kvm:
         self.x86_ops.vm_free(self)
 
 
-EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
 
 
 class KvmVcpu:
@@ -442,6 +449,10 @@ class KvmVcpu:
         self.mmu_shadow_page_cache.free_all()
         self.mmu_external_spt_cache.free_all()
 
+    def prepare_memory_fault_exit(self, fault):
+        """kvm_mmu_prepare_memory_fault_exit(): KVM_RUN fails with -EFAULT and says why in kvm_run."""
+        self.exit_to_user(KVM_EXIT_MEMORY_FAULT, gpa=fault.gfn << 12, size=4096, private=fault.is_private)
+
     def kvm_mmu_page_fault(self, gpa, error_code):
         """Returns 1 to resume the guest, 0 after preparing a userspace exit."""
         kvm = self.kvm
@@ -456,6 +467,8 @@ class KvmVcpu:
         if r == RET_PF_INVALID:
             r = self.kvm_mmu_do_page_fault(gpa, error_code)
         if r < 0:
+            if r == -EFAULT and self.kvm_run is not None and self.kvm_run.exit_reason == KVM_EXIT_MEMORY_FAULT:
+                return 0                      # -EFAULT with kvm_run filled in: userspace reads it
             raise KvmIoctlError(-r, f"page fault at gpa {gpa:#x} failed ({r})")
         if r != RET_PF_EMULATE:
             return 1
@@ -511,7 +524,7 @@ class KvmVcpu:
         kvm = self.kvm
         if kvm.vm_dead:
             return KvmRun(KVM_EXIT_INTERNAL_ERROR, suberror="vm_dead",
-                          reason=f"the VM is dead (KVM_BUG_ON: {kvm.bug_reason})")
+                          reason=f"the VM is dead ({kvm.bug_reason})")
         if self.root is None:
             self.mmu_load()
         cui, self.complete_userspace_io = self.complete_userspace_io, None
@@ -539,7 +552,7 @@ class KvmVcpu:
             r = kvm.x86_ops.handle_exit(self, exit)
             if kvm.vm_dead and self.kvm_run is None:
                 return KvmRun(KVM_EXIT_INTERNAL_ERROR, suberror="vm_dead",
-                              reason=f"the VM is dead (KVM_BUG_ON: {kvm.bug_reason})")
+                              reason=f"the VM is dead ({kvm.bug_reason})")
             if r <= 0:
                 return self.kvm_run
 
@@ -569,11 +582,11 @@ class KvmVcpu:
 
     # -- VMX exit handlers ----------------------------------------------------------------------------------
     def handle_ept_violation(self, exit):
+        self.stat["ept_violations"] += 1
         return self.vmx_handle_ept_violation(exit.gpa, exit.qualification, exit.rip)
 
     def vmx_handle_ept_violation(self, gpa, q, rip):
         """__vmx_handle_ept_violation(): the page-fault error code from the qualification."""
-        self.stat["ept_violations"] += 1
         error_code = PFERR_USER_MASK if q & EPT_VIOLATION_ACC_READ else 0
         if q & EPT_VIOLATION_ACC_WRITE:
             error_code |= PFERR_WRITE_MASK

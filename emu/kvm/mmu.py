@@ -144,6 +144,12 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
     kvm = vcpu.kvm
     slot = kvm.gfn_to_memslot(fault.gfn)
     fault.slot = slot
+    if kvm.has_mirrored_tdp and (slot is None and fault.is_private
+                                 or slot is not None and fault.is_private != kvm.mem_is_private(fault.gfn)):
+        # The access disagrees with the page's attribute (or a private GPA has no slot):
+        # userspace decides (kvm_mmu_prepare_memory_fault_exit, -EFAULT).
+        vcpu.prepare_memory_fault_exit(fault)
+        return -EFAULT
     if slot is None:
         # No memslot: MMIO.  The TDP MMU installs an MMIO SPTE and the access is emulated.
         fault.pfn = 0

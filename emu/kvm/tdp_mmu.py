@@ -352,9 +352,8 @@ class TdpMmu:
         self.handle_changed_spte(as_id, gfn, old_spte, new_spte, level, False, vcpu)
         if self.is_mirror_sptep(sptep):
             # Mirror SPTEs are made present only through the atomic (reflecting) path.
-            if kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte),
-                              f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}"):
-                return old_spte
+            kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte),
+                           f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}")
             self.remove_external_spte(gfn, old_spte, level, vcpu)
         return old_spte
 

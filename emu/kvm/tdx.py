@@ -361,11 +361,10 @@ class TdxX86Ops(VmxX86Ops):
         kvm = vcpu.kvm
         gpa = out.r8
         qual = out.rcx
+        vcpu.stat["ept_violations"] += 1
         if not kvm.is_addr_direct(gpa):
             if (out.rdx & 0xF) == A.TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION:
-                kvm.vm_dead = True
-                kvm.bug_reason = f"Guest access before accepting {gpa:#x}"
-                kvm.trace_emit("kvm_vm_dead", vcpu.vcpu_id, msg=kvm.bug_reason)
+                kvm.kvm_vm_dead(f"Guest access before accepting {gpa:#x}")
                 return 0
             # Private pages are always RWX: treat the fault as a write, which avoids COW aliasing.
             qual = EPT_VIOLATION_ACC_WRITE

@@ -784,9 +784,10 @@ def ept_trees(draw, misconfigs):
                 e = _misconfigured_entry(draw, level)
             else:
                 leaf = kind == "leaf"
-                # Tables lean to RWX, or deep paths would AND down to nothing.
-                e = draw(st.sampled_from(VALID_PERMS if leaf else VALID_PERMS + (RWX,) * 4))
-                e |= draw(st.integers(0, (1 << 64) - 1)) & _ignorable(level, leaf)
+                # Lean to RWX, or deep paths would AND down to nothing (the permission
+                # combinations themselves are covered exhaustively by TestPermissionBits).
+                e = draw(st.sampled_from(VALID_PERMS + (RWX,) * (3 if leaf else 8)))
+                e |= draw(st.one_of(st.just(0), st.integers(0, (1 << 64) - 1))) & _ignorable(level, leaf)
                 if leaf:
                     e |= _frame(draw, level) | mt(draw(st.sampled_from(GOOD_MT)))
                     e |= PS if level > 1 else 0
@@ -854,11 +855,18 @@ def check_tree_against_enumeration(tree, data):
     t, eptp, levels, ad = tree
     regions = enumerate_ept(t, eptp & ADDR, levels)
     width = 12 + 9 * levels
-    gpa_st = st.integers(0, (1 << width) - 1)
+
+    def inside(keys):
+        return st.sampled_from(sorted(keys)).flatmap(
+            lambda k: st.integers(0, page_size(k[1]) - 1).map(lambda off: k[0] | off))
+
+    choices = [st.integers(0, (1 << width) - 1)]          # mostly unmapped
     if regions:
-        keys = sorted(regions)
-        gpa_st = st.one_of(gpa_st, st.sampled_from(keys).flatmap(
-            lambda k: st.integers(0, page_size(k[1]) - 1).map(lambda off, k=k: k[0] | off)))
+        choices.append(inside(regions))
+    mapped = [k for k, o in regions.items() if o[0] == MAP]
+    if mapped:
+        choices += [inside(mapped)] * 2                   # lean to GPAs that translate
+    gpa_st = st.one_of(choices)
     gpas = data.draw(st.lists(gpa_st, min_size=1, max_size=12), label="gpas")
     before = t.snapshot()
     # What memory must hold after the walks: {entry HPA: value}, updated per REFERENCE 4.5.
@@ -879,7 +887,7 @@ def check_tree_against_enumeration(tree, data):
                 if ad and perms & access == access:
                     # A in every entry used, D in the leaf for a write; never anything else.
                     for hpa in trail:
-                        model[hpa] = model.get(hpa, t.read_entry(hpa)) | A_BIT
+                        model[hpa] = model.get(hpa, before[(hpa - PAGE) // 8]) | A_BIT
                     if is_write(access):
                         model[trail[-1]] |= D_BIT
                     assert got.dirty is bool(model[trail[-1]] & D_BIT)

@@ -30,7 +30,9 @@ from emu.check import check_vm
 from emu.hw.memory import HostAccessError
 from emu.kvm.kvm import KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN
 from emu.kvm.spte import make_spte, make_nonleaf_spte, ACC_ALL, PG_LEVEL_4K, PG_LEVEL_2M
+from emu.kvm.mmu import PFERR_WRITE_MASK, PFERR_PRIVATE_ACCESS
 from emu.kvm.tdp_iter import TdpIter, for_each_tdp_pte_min_level
+from emu.kvm.tdp_mmu import RET_PF_RETRY
 from emu.trace import Tracer
 from emu.vmm import Machine
 from tdxmod import abi as A
@@ -48,9 +50,9 @@ FROZEN = SHADOW_NONPRESENT | 0x5A0
 MMU_PRESENT = 1 << 11
 PS = 1 << 7
 ADDR_MASK = ((1 << 48) - 1) & ~0xFFF
-EBUSY, EIO = 16, 5
+EBUSY = 16
 
-# The private guest's area (guest/private.S) and the pages of it a 1-vCPU run touches.
+# The area the private and convert guests use (16 MiB: outside the loaded image).
 AREA = 0x1000000
 
 
@@ -307,7 +309,7 @@ class TestSeptBuildOrder:
         """The TD build starts from an empty S-EPT: the first image page needs SEPT.ADD at TDX
         levels 3, 2, 1 (GPA 0 aligned, level in RCX[2:0]), then TDH.MEM.PAGE.ADD."""
         m = Machine("private", vm="tdx")
-        first = min(c for c in (x.rcx for x in seamcalls.named("TDH_MEM_PAGE_ADD")))
+        first = min(c.rcx for c in seamcalls.named("TDH_MEM_PAGE_ADD"))
         assert first == m.image.image_range()[0] == 0x100000
         build = [(c.name, c.rcx) for c in seamcalls.calls
                  if c.name in ("TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_ADD", "TDH_MEM_PAGE_AUG")]
@@ -510,6 +512,43 @@ def test_non_busy_error_bugs_the_vm(seamcalls, leaf, level, what):
     assert_clean_teardown(m)
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_walker_meeting_a_frozen_entry_retries(seamcalls, freeze):
+    """The race the seed patch closes (REFERENCE 1.6): while vCPU 0's SEPT.ADD for the 2M entry
+    is in flight, vCPU 1 faults on the next page of the same 2M region.  With the freeze it meets
+    FROZEN_SPTE and retries without any SEAMCALL; without it (the code before the patch) it walks
+    below the entry, AUGs under a PDE the S-EPT lacks and the module's EPT_WALK_FAILED bugs the VM."""
+    m = Machine("private", vm="tdx", vcpus=2)
+    kvm = m.kvm
+    kvm.tdp_mmu.freeze_mirror_sptes = freeze
+    v0, v1 = m.vcpus
+    v1.mmu_load()
+    nested = {}
+
+    def hook(mod, name, rcx, rdx, r8):
+        if name == "TDH_MEM_SEPT_ADD" and rcx == AREA | 1 and not nested:
+            nested["spte"] = sptep_at(kvm, mirror_root(kvm), AREA >> 12, 2)[1]
+            nested["mark"] = seamcalls.mark()
+            nested["ret"] = v1.kvm_mmu_do_page_fault(AREA + 0x1000, PFERR_WRITE_MASK | PFERR_PRIVATE_ACCESS)
+            nested["calls"] = [(c.name, c.rcx, c.caller) for c in seamcalls.since(nested["mark"])]
+    seamcalls.hooks.append(hook)
+    res = m.run()
+    if freeze:
+        assert nested["spte"] == FROZEN
+        assert nested["ret"] == RET_PF_RETRY and nested["calls"] == []
+        assert v1.stat["pf_retry"] == 1
+        assert res.exit == "hlt", res.error
+        assert reports_by_vcpu(res, 2) == private_expected(m, 2)
+        assert check_vm(kvm) == []
+        assert_clean_teardown(m)
+    else:
+        assert nested["spte"] & MMU_PRESENT                  # published before the S-EPT has it
+        assert nested["calls"] == [("TDH_MEM_PAGE_AUG", AREA + 0x1000, 1)]
+        assert res.exit == "internal_error"
+        assert kvm.vm_bugged and "TDH.MEM.PAGE.AUG gpa 0x1001000" in kvm.bug_reason
+        assert "TDX_EPT_WALK_FAILED" in kvm.bug_reason
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. The seed patch's KVM_BUG_ONs
 # ----------------------------------------------------------------------------------------------
@@ -552,12 +591,6 @@ class TestSeedKvmBugOns:
         assert kvm.stat["pages_4k"] == pages_4k + 1
         assert seamcalls.since(mark) == []            # the S-EPT is not touched
         _assert_dead_after(m, "non-atomic set of a present mirror SPTE")
-
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG (emu/kvm/tdp_mmu.py tdp_mmu_set_spte): after KVM_BUG_ON(new present) on a mirror SPTE the "
-        "model returns early and never calls remove_external_spte(gfn, old, level); REFERENCE 1.8 and "
-        "Linux 6.16 call it regardless, so a present mirror leaf overwritten non-atomically is still "
-        "removed from the S-EPT (BLOCK, TRACK, REMOVE, WBINVD)"))
     def test_non_atomic_overwrite_of_present_mirror_leaf_still_removes_it(self, seamcalls):
         m = Machine("private", vm="tdx")
         kvm = m.kvm
@@ -692,11 +725,21 @@ failed:
 """
 
 
-@pytest.fixture
-def pending_guest(tmp_path):
-    p = tmp_path / "pending.S"
-    p.write_text(PENDING_GUEST)
+@pytest.fixture(scope="module")
+def guest_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("td_e2e_guests")
+
+
+def write_guest(guest_dir, name, text):
+    p = guest_dir / name
+    if not p.exists():
+        p.write_text(text)
     return p
+
+
+@pytest.fixture
+def pending_guest(guest_dir):
+    return write_guest(guest_dir, "pending.S", PENDING_GUEST)
 
 
 def _pending_common(m, seamcalls, mark):
@@ -734,7 +777,7 @@ def test_pending_access_without_sept_ve_disable_injects_ve(seamcalls, pending_gu
     mark = seamcalls.mark()
     res = m.run()
     assert res.exit == "shutdown"
-    assert "vector 20" in res.error and "triple fault" in res.error
+    assert "#VE" in res.error and "triple fault" in res.error
     assert res.reports == [(0, 0x1234)]
     _pending_common(m, seamcalls, mark)
     run = m.vcpus[0].kvm_run
@@ -742,12 +785,6 @@ def test_pending_access_without_sept_ve_disable_injects_ve(seamcalls, pending_gu
     assert run.error_code is None and run.cr2 is None
     assert not m.kvm.vm_dead                      # the guest's fault, not KVM's
     assert_clean_teardown(m)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (tdxmod/td_dispatch.py _handle, PENDING page without SEPT_VE_DISABLE): the #VE/triple-fault "
-    "TD exit is built without R12, so KVM reports the shutdown at rip 0x0 instead of the faulting "
-    "instruction (every other exception exit passes r12=ex.rip)"))
 def test_ve_shutdown_reports_the_faulting_rip(pending_guest):
     m = Machine(str(pending_guest), vm="tdx", td_attributes=A.TD_ATTR_DEBUG)
     res = m.run()
@@ -767,11 +804,13 @@ def test_convert_zaps_the_other_side(seamcalls, vcpus):
     gfns = [(AREA >> 12) + i for i in range(4)]
     snaps = []
     real = kvm.set_memory_attributes
+    pamt = m.host.tdx_module.pamt
 
     def snapshot():
         return {"mirror": {g: v for g, v in leaves(kvm, mirror_root(kvm)).items() if g in gfns},
                 "direct": {g: v for g, v in leaves(kvm, direct_root(kvm), shared_gfn_bit).items() if g in gfns},
-                "sept": {gpa: v for gpa, v in sept_leaves(m).items() if gpa >> 12 in gfns}}
+                "sept": {gpa: v for gpa, v in sept_leaves(m).items() if gpa >> 12 in gfns},
+                "pamt": {g: pamt.page_type(gmem_pfn(m, g << 12) << 12) for g in gfns}}
 
     def set_memory_attributes(start, end, private):
         before = snapshot()
@@ -805,8 +844,7 @@ def test_convert_zaps_the_other_side(seamcalls, vcpus):
     assert sorted(before["mirror"]) == gfns and after["mirror"] == {}
     assert sorted(before["sept"]) == [g << 12 for g in gfns] and after["sept"] == {}
     assert before["direct"] == {} == after["direct"]
-    pamt = m.host.tdx_module.pamt
-    # (checked at the end too: the pages were given back before being AUGed again)
+    assert set(before["pamt"].values()) == {A.PT_REG} and set(after["pamt"].values()) == {A.PT_NDA}
 
     # Back to private: the shared mappings the guest made in the direct root are zapped.
     _, before, after = snaps[1]
@@ -869,3 +907,89 @@ def test_cli_dump_tables_mirror_matches_sept():
         gpa = AREA + (p_ << 12)
         assert gpa in rows
         assert rows[gpa][0] == rows[gpa][1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Private accesses KVM must not map: they go to userspace as KVM_EXIT_MEMORY_FAULT (mmu.c:
+# kvm_handle_noslot_fault() for a private fault with no memslot; kvm_mmu_faultin_pfn() when
+# fault->is_private != kvm_mem_is_private(gfn)), with -EFAULT from KVM_RUN; the VM lives on.
+# ----------------------------------------------------------------------------------------------
+
+NOSLOT_GUEST = """\
+# Map GPA 64 MiB (just past guest memory: no memslot) in the loader's page tables with a 2M
+# PDE, then read it: a private access to a GPA no memslot backs.
+.intel_syntax noprefix
+.include "emu.inc"
+.equ TARGET, 0x4000000
+    .text
+    .globl _start
+_start:
+    test rdi, rdi
+    jnz done
+    mov rax, cr3
+    mov rcx, 0x000ffffffffff000
+    and rax, rcx
+    mov rax, [rax]
+    and rax, rcx
+    mov rax, [rax]
+    and rax, rcx
+    mov qword ptr [rax + (TARGET >> 21) * 8], TARGET | 0x83
+    invlpg [TARGET]
+    REPORT 1
+    mov rax, qword ptr [TARGET]
+    REPORT 2
+done:
+    EXIT
+"""
+
+MISMATCH_GUEST = """\
+# Convert one page to shared (MapGPA), write it through the shared alias, then read its
+# private alias without converting back: a private access to a GFN whose attribute is shared.
+.intel_syntax noprefix
+.include "emu.inc"
+.equ AREA, 0x1000000
+    .text
+    .globl _start
+_start:
+    test rdi, rdi
+    jnz done
+    call emu_shared_bit
+    mov r12, rax
+    mov rdi, AREA
+    or rdi, r12
+    mov rsi, PAGE_SIZE
+    call emu_map_gpa
+    test rax, rax
+    jnz failed
+    mov rax, 0x77
+    mov qword ptr [TD_SHARED_WINDOW_GVA + AREA], rax
+    REPORT 1
+    mov rax, qword ptr [AREA]
+    REPORT rax
+done:
+    EXIT
+failed:
+    FAIL 1
+"""
+def test_private_access_without_memslot_is_a_memory_fault(seamcalls, guest_dir):
+    m = Machine(str(write_guest(guest_dir, "noslot.S", NOSLOT_GUEST)), vm="tdx")
+    res = m.run()
+    assert res.reports == [(0, 1)]
+    assert not m.kvm.vm_bugged and m.kvm.stat["kvm_bug_on"] == 0
+    assert res.exit in ("memory_fault", "ioctl_error")
+    assert 0x4000 not in leaves(m.kvm, mirror_root(m.kvm))
+    assert check_vm(m.kvm) == []
+def test_private_access_to_shared_gfn_is_a_memory_fault(seamcalls, guest_dir):
+    m = Machine(str(write_guest(guest_dir, "mismatch.S", MISMATCH_GUEST)), vm="tdx")
+    mark = seamcalls.mark()
+    res = m.run()
+    assert res.reports == [(0, 1)]
+    gfn = AREA >> 12
+    assert not m.kvm.mem_is_private(gfn)
+    # While the GFN is shared, KVM must not AUG it (the guest never accepted it before converting).
+    augs = [c.rcx for c in seamcalls.since(mark) if c.name == "TDH_MEM_PAGE_AUG"]
+    assert augs == []
+    assert gfn not in leaves(m.kvm, mirror_root(m.kvm))
+    assert AREA not in sept_leaves(m)
+    assert res.exit in ("memory_fault", "ioctl_error")
+    assert not m.kvm.vm_dead

@@ -1,0 +1,40 @@
+"""The TDX layer: a TD private page, and exploring the seed's race."""
+
+import os
+
+from . import Result
+from . import hw
+from emu.vmm import Machine
+from emu.explore import Explorer
+
+GUEST = os.path.join(os.path.dirname(__file__), "guests", "tdpages.S")
+TDPAGES = 1024
+
+
+def td_prepare(n):
+    """A prepare_new_pages for a TD: a fresh TD whose guest accepts and touches TDPAGES private pages."""
+    assert n == TDPAGES
+    m = Machine(GUEST, vm="tdx", mem=64 << 20, vcpus=1)
+
+    def run():
+        res = m.run()
+        assert res.ok, res.error
+    return run
+
+
+def bench_private_page(ctx):
+    bare = hw.bare_fault_per_page(ctx)
+    per, _ = hw.per_new_page(td_prepare, TDPAGES, max(2, ctx.repeats // 2))
+    return [Result("td.private_page", "TD private page: violation, freeze, SEAMCALLs, ACCEPT, access", per,
+                   "s/page", baseline_key="hw.bare_fault", ratio=per / bare, target=("<=", 4.0),
+                   ratio_note="ours/bare fault per page")]
+
+
+def bench_explore(ctx):
+    """Schedules explored per second on race2 (freeze protocol on, so every run goes to the end)."""
+    runs = max(50, int(300 * ctx.scale))
+    ex = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2))
+    res = ex.random(runs=runs, seed=1, depth=3)
+    assert res.failures == 0
+    return [Result("td.explore", "seed race explored (race2, PCT, one core)", res.rate, "schedules/s",
+                   ratio=res.rate / 500.0, target=(">=", 1.0), ratio_note="rate / 500 schedules/s")]
