@@ -900,7 +900,7 @@ def check_tree_against_enumeration(tree, data):
     assert enumerate_ept(t, eptp & ADDR, levels) == regions
 
 
-PROPERTY_SETTINGS = settings(max_examples=200, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, database=None,
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
