@@ -9,7 +9,12 @@
 - every present leaf of KVM's roots maps a page of the right memslot backing
   (shared: the slot's hva range; private: its guest_memfd range);
 - the PAMT owns exactly the TD's pages: its private pages (PT_REG), its S-EPT
-  pages (PT_EPT, one per mirror table below the root) and its control pages.
+  pages (PT_EPT, one per mirror table below the root) and its control pages;
+- every page of the host's kernel allocator has exactly one owner in KVM's
+  accounting (a page table, an S-EPT page KVM gave the module, a page in a vCPU's
+  memory cache, a TD control page, or a page leaked on purpose), and the counts add up;
+- no vCPU holds a cached translation the tables no longer give (unless a TLB flush
+  request is still pending for it, which it will process before running the guest).
 """
 
 from .kvm.spte import spte_to_pfn
@@ -34,6 +39,61 @@ def check_vm(kvm):
                 problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, its backing is pfn {want:#x}")
     if kvm.has_mirrored_tdp:
         problems += check_mirror_sept(kvm)
+    problems += check_accounting(kvm)
+    problems += check_tlbs(kvm)
+    return problems
+
+
+def check_accounting(kvm):
+    """Kernel pages: each owned once, and the owners add up to what the allocator handed out."""
+    owners = {}
+    problems = []
+
+    def own(hpa, what):
+        if hpa in owners:
+            problems.append(f"page {hpa:#x} owned twice: {owners[hpa]} and {what}")
+        owners[hpa] = what
+    for spt, sp in kvm.tdp_mmu.sp_of.items():
+        own(spt, f"page table of {sp!r}")
+        if sp.external_spt is not None:
+            own(sp.external_spt, f"S-EPT page of {sp!r}")
+    for v in kvm.vcpus:
+        for page in v.mmu_shadow_page_cache.objects + v.mmu_external_spt_cache.objects:
+            own(page, f"vCPU {v.vcpu_id}'s MMU cache")
+        arch = v.arch
+        if arch is not None:
+            for page in [arch.tdvpr_pa] + arch.tdvpx_pa:
+                own(page, f"vCPU {v.vcpu_id}'s TDVPR/TDVPX")
+    tdx = getattr(kvm, "tdx", None)
+    if tdx is not None:
+        for page in [tdx.tdr_pa] + tdx.tdcs_pa:
+            own(page, "the TD's TDR/TDCS")
+    for hpa, why in kvm.host.leaked:
+        if hpa < kvm.host.user_base:
+            own(hpa, f"leaked ({why})")
+    # Pages freed by RCU callbacks that have not run yet are still KVM's.
+    pending = sum(len(w) >= 0 for w, _ in kvm.rcu.pending)
+    in_use = kvm.host.kernel.in_use
+    if len(owners) != in_use and not pending:
+        problems.append(f"the host handed out {in_use} kernel pages, KVM accounts for {len(owners)}")
+    return problems
+
+
+def check_tlbs(kvm):
+    """No stale guest-physical translation in any vCPU (the part of the TLB KVM must keep right)."""
+    from .hw.ept import walk, EptTranslation
+    from .kvm.kvm import KVM_REQ_TLB_FLUSH
+    problems = []
+    for v in kvm.vcpus:
+        hw = v.hw
+        if hw is None or v.requests & KVM_REQ_TLB_FLUSH or hw.eptp is None:
+            continue
+        for gfn, (hpa, level, perms, dirty) in list(hw.gpa_cache.items()):
+            gpa = gfn << 12
+            secure = hw.secure_eptp is not None and not gpa & hw.shared_mask
+            t = walk(kvm.mem, hw.secure_eptp if secure else hw.eptp, gpa, 1 if perms & 1 else 4, set_ad=False)
+            if t.__class__ is not EptTranslation or t.hpa & ~0xFFF != hpa or t.perms & perms != perms:
+                problems.append(f"vCPU {v.vcpu_id} caches gpa {gpa:#x} -> {hpa:#x} ({perms}), the tables give {t!r}")
     return problems
 
 
@@ -83,6 +143,26 @@ def _fmt(x):
         return "nothing"
     level, hpa = x
     return f"{('4K', '2M', '1G')[level - 1] if level <= 3 else level} -> {hpa:#x}"
+
+
+def check_destroyed(kvm):
+    """After VM destruction: every kernel page is back, except those leaked on purpose (and
+    accounted), and the PAMT owns nothing but those."""
+    problems = []
+    leaked = {hpa for hpa, _ in kvm.host.leaked}
+    kernel_leaked = {hpa for hpa in leaked if hpa < kvm.host.user_base}
+    if kvm.host.kernel.in_use != len(kernel_leaked):
+        problems.append(f"after destroy {kvm.host.kernel.in_use} kernel pages are in use, "
+                        f"{len(kernel_leaked)} were leaked on purpose")
+    module = getattr(kvm.x86_ops, "module", None)
+    if module is not None:
+        owned = {hpa for hpa, _, _ in module.pamt.owned_pages()}
+        if owned - leaked:
+            problems.append(f"after destroy the PAMT owns {len(owned - leaked)} pages nobody leaked, "
+                            f"e.g. {min(owned - leaked):#x}")
+    if kvm.rcu.pending:
+        problems.append(f"{len(kvm.rcu.pending)} RCU callbacks never ran")
+    return problems
 
 
 def check_pamt_empty(module):

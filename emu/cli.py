@@ -35,7 +35,8 @@ def _add_run_options(p):
                    help="write the trace (text when given no value) to stderr or --trace-file")
     p.add_argument("--trace-file", default=None, help="write the trace here instead of stderr")
     p.add_argument("--trace-events", default=None, help="comma-separated event names to keep")
-    p.add_argument("--inject", action="append", default=[], help="fault-injection plan (not yet available)")
+    p.add_argument("--inject", action="append", default=[], metavar="PLAN",
+                   help="fault-injection plan POINT[@N|@every|@p=P][=ERROR] (repeatable; see `inject --list`)")
     p.add_argument("--dump-tables", action="store_true", help="print the EPT tables at the end of the run")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -45,6 +46,7 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run a guest")
     _add_run_options(run)
+    run.add_argument("--seed", type=int, default=0, help="seed of the fault-injection plans (default 0)")
     run.add_argument("--no-freeze", action="store_true",
                      help="the bug switch: reflect mirror SPTEs without freezing them (before the seed patch)")
     ex = sub.add_parser("explore", help="explore the vCPU interleavings of a guest")
@@ -56,10 +58,12 @@ def build_parser():
                       help="exhaustive depth-first search with at most K preemptions (default 2)")
     mode.add_argument("--random", type=int, default=None, metavar="RUNS", help="RUNS random (PCT) schedules")
     mode.add_argument("--replay", default=None, metavar="SCHEDULE", help="run one printed schedule, traced")
-    ex.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    ex.add_argument("--seed", type=int, default=0, help="seed of --random and of the injection plans (default 0)")
     ex.add_argument("--depth", type=int, default=3, help="PCT depth: priority change points + 1 (default 3)")
     ex.add_argument("--max-runs", type=int, default=None, help="stop the search after this many runs")
     ex.add_argument("--all", action="store_true", help="go on after the first failure, counting failures")
+    inj = sub.add_parser("inject", help="fault injection: list the fault points")
+    inj.add_argument("--list", action="store_true", help="list every fault point, its errors and KVM's reaction")
     return p
 
 
@@ -74,14 +78,30 @@ def make_tracer(args):
     return Tracer([sink], events)
 
 
+def check_plans(plans):
+    from .inject import parse_rule, PlanError
+    for text in plans:
+        try:
+            parse_rule(text)
+        except PlanError as e:
+            raise UsageError(f"--inject {text!r}: {e}") from None
+
+
+def cmd_inject(args, out):
+    from .inject import list_points
+    if not args.list:
+        raise UsageError("inject: say --list")
+    out.write(list_points() + "\n")
+    return 0
+
+
 def cmd_run(args, out):
-    if args.inject:
-        raise UsageError("--inject: fault injection is not available yet in this version")
+    check_plans(args.inject)
     mem = parse_size(args.mem)
     tracer = make_tracer(args)
     try:
         m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
-                    no_freeze=args.no_freeze)
+                    no_freeze=args.no_freeze, inject=args.inject, seed=args.seed)
         res = m.run()
     finally:
         tracer.close()
@@ -104,8 +124,7 @@ def cmd_run(args, out):
 def cmd_explore(args, out):
     from .explore import Explorer
     from .sched import decode_schedule, ScheduleError
-    if args.inject:
-        raise UsageError("--inject: fault injection is not available yet in this version")
+    check_plans(args.inject)
     mem = parse_size(args.mem)
     if args.replay is not None:
         try:
@@ -120,7 +139,7 @@ def cmd_explore(args, out):
         raise UsageError("--depth must be at least 1")
     tracer = make_tracer(args)
     ex = Explorer(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
-                                  no_freeze=args.no_freeze))
+                                  no_freeze=args.no_freeze, inject=args.inject, seed=args.seed))
     if args.replay is not None:
         o = ex.replay(args.replay)
         for line in o.trace or []:
@@ -216,7 +235,7 @@ def main(argv=None, out=None):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return {"run": cmd_run, "explore": cmd_explore}[args.cmd](args, out)
+        return {"run": cmd_run, "explore": cmd_explore, "inject": cmd_inject}[args.cmd](args, out)
     except UsageError as e:
         sys.stderr.write(f"emu: error: {e}\n")
         return 2

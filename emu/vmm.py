@@ -13,7 +13,7 @@ from . import guestabi, guests, loader
 from .host import Host, MiB
 from .hw.memory import OutOfHostMemory
 from .kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
-                      KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_MEMORY_FAULT, EXIT_NAMES)
+                      KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_INTR, EXIT_NAMES)
 from .kvm.tdx import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
 from .kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
 from .hw.exits import VECTOR_NAMES
@@ -63,7 +63,7 @@ def parse_size(text):
 
 class Machine:
     def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None,
-                 td_attributes=None, no_freeze=False):
+                 td_attributes=None, no_freeze=False, inject=(), seed=0):
         if vm not in VM_TYPES:
             raise MachineError(f"unknown VM type {vm!r} (default, tdx)")
         if hugepages not in HUGEPAGES:
@@ -89,10 +89,24 @@ class Machine:
         align = 1 << (12 + 9 * (self.backing_level - 1))
         self.td = self.vm_type == KVM_X86_TDX_VM
         self.no_freeze = no_freeze
+        from .inject import Plan, PlanError
+        try:
+            self.plan = Plan(inject, seed=seed, tracer=self.tracer) if inject else None
+        except PlanError as e:
+            raise MachineError(str(e)) from None
         try:
             self._build(mem, vcpus, align, td_attributes)
         except (OSError, OutOfHostMemory) as e:
             raise MachineError(f"cannot back {mem >> 20} MiB of guest memory on this host: {e}") from None
+        # Faults are injected into the run, not into building the VM (a failed build is no run).
+        self.set_plan(self.plan)
+
+    def set_plan(self, plan):
+        """Make ``plan`` (an emu.inject.Plan, or None) the active fault-injection plan."""
+        self.plan = plan
+        self.kvm.inject = plan
+        if self.td:
+            self.host.tdx_module.inject = plan
 
     def _build(self, mem, vcpus, align, td_attributes):
         if self.td:
@@ -291,6 +305,9 @@ class Machine:
             insn = f": {run.insn}" if run.insn else ""
             msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
                    f"{insn} (no IDT: triple fault)")
+        elif r == KVM_EXIT_INTR:
+            name = "timeout"
+            msg = f"watchdog: the vCPU made no progress ({run.reason}) at rip {rip:#x} {self.symbolize(rip)}"
         elif r == KVM_EXIT_MEMORY_FAULT:
             attr = "private" if self.kvm.mem_is_private(run.gpa >> 12) else "shared"
             msg = (f"KVM_EXIT_MEMORY_FAULT: {'private' if run.private else 'shared'} access to GPA {run.gpa:#x}, "

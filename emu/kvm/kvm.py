@@ -46,7 +46,8 @@ KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_MEMORY_FAULT = 39
-EXIT_NAMES = {KVM_EXIT_UNKNOWN: "unknown", KVM_EXIT_HYPERCALL: "hypercall", KVM_EXIT_HLT: "hlt",
+KVM_EXIT_INTR = 10
+EXIT_NAMES = {KVM_EXIT_INTR: "intr", KVM_EXIT_UNKNOWN: "unknown", KVM_EXIT_HYPERCALL: "hypercall", KVM_EXIT_HLT: "hlt",
               KVM_EXIT_MMIO: "mmio", KVM_EXIT_SHUTDOWN: "shutdown", KVM_EXIT_INTERNAL_ERROR: "internal_error",
               KVM_EXIT_SYSTEM_EVENT: "system_event", KVM_EXIT_MEMORY_FAULT: "memory_fault"}
 
@@ -312,6 +313,10 @@ class Kvm:
         so no vCPU can use a translation the zap removed once this returns.
         """
         self.stat["remote_tlb_flush_requests"] += 1
+        inj = self.inject
+        if inj is not None and inj.should_fail("tlb_flush"):
+            self.trace_emit("kvm_flush_remote_tlbs", msg="delayed (injected)")
+            return                            # delivered with the next flush
         for v in self.vcpus:
             v.requests |= KVM_REQ_TLB_FLUSH
         self.stat["remote_tlb_flush"] += 1
@@ -395,6 +400,11 @@ class KvmVcpu:
         self.last_pf_ret = None           # the RET_PF_* of the last fault (TDX's local retry)
         self.complete_userspace_io = None
         self.kvm_run = None
+        # The VMM's watchdog: a KVM_RUN that takes this many exits without returning to
+        # userspace gets a signal (a livelocked fault, e.g. a cmpxchg that always loses).
+        self.exit_limit = 20000
+        self.budget = self.exit_limit
+        self.signal_pending = False
 
     # -- registers ------------------------------------------------------------------------------------------
     def get_regs(self):
@@ -402,6 +412,12 @@ class KvmVcpu:
 
     def set_regs(self, regs):
         self.kvm.x86_ops.set_regs(self, regs)
+
+    def tick(self):
+        """One VM exit (or local fault retry) of this KVM_RUN: the watchdog counts them."""
+        self.budget -= 1
+        if self.budget < 0:
+            self.signal_pending = True
 
     def kick_outside_guest_mode(self):
         """KVM_REQ_OUTSIDE_GUEST_MODE: a vCPU runs guest code only between its entry and exit,
@@ -535,7 +551,13 @@ class KvmVcpu:
         hw = self.hw
         tracer = kvm.tracer
         sched = kvm.sched
+        self.signal_pending = False
+        self.budget = self.exit_limit
         while True:
+            self.tick()
+            if self.signal_pending:
+                # A signal: KVM_RUN returns -EINTR with KVM_EXIT_INTR for userspace to look at.
+                return KvmRun(KVM_EXIT_INTR, reason=f"no return to userspace in {self.exit_limit} VM exits")
             if self.requests:
                 self.process_requests()
             if tracer.enabled:

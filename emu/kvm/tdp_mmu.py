@@ -96,6 +96,15 @@ class TdpMmu:
     def is_mirror_sptep(self, sptep):
         return self.sp_of[sptep & ~0xFFF].is_mirror
 
+    def _cmpxchg_lost(self):
+        """The spte_cmpxchg fault point: as if another writer changed the SPTE first."""
+        inj = self.kvm.inject
+        return inj is not None and bool(inj.should_fail("spte_cmpxchg"))
+
+    def _reflect_fault(self, op):
+        inj = self.kvm.inject
+        return inj.should_fail("reflect." + op) if inj is not None else None
+
     def _point(self, vcpu, what, arg=None):
         s = self.kvm.sched
         if s is not None:
@@ -244,7 +253,8 @@ class TdpMmu:
                     continue
                 self.remove_external_spte(gfn, old, level, vcpu)
         if sp.is_mirror and sp.external_spt is not None:
-            if kvm.x86_ops.reflect_free_spt(kvm, base_gfn, level, sp.external_spt):
+            if self._reflect_fault("free_spt") or kvm.x86_ops.reflect_free_spt(kvm, base_gfn, level,
+                                                                                sp.external_spt):
                 # WARN upstream: the module still owns the page, so it is leaked on purpose.
                 kvm.leak_page(sp.external_spt, f"S-EPT page of gfn {base_gfn:#x} level {level}")
                 sp.external_spt = None
@@ -256,8 +266,11 @@ class TdpMmu:
             return
         kvm = self.kvm
         kvm.lockdep_assert_held_write()
-        ret = kvm.x86_ops.reflect_remove_spte(kvm, gfn, level, spte_to_pfn(old_spte))
-        kvm.KVM_BUG_ON(ret, f"reflect_remove_spte gfn {gfn:#x} failed ({ret})")
+        ret = self._reflect_fault("remove_spte") or kvm.x86_ops.reflect_remove_spte(kvm, gfn, level,
+                                                                                    spte_to_pfn(old_spte))
+        if kvm.KVM_BUG_ON(ret, f"reflect_remove_spte gfn {gfn:#x} failed ({ret})"):
+            # The module still maps the page: KVM cannot give it back, so it is leaked (as upstream).
+            kvm.leak_page(spte_to_pfn(old_spte) << 12, f"private page of gfn {gfn:#x} still in the S-EPT")
 
     def set_external_spte_present(self, sptep, gfn, old_spte, new_spte, level, vcpu):
         """Freeze, reflect, then publish (or restore).  The freeze makes the S-EPT
@@ -270,7 +283,7 @@ class TdpMmu:
         if kvm.KVM_BUG_ON(was_present, f"mirror SPTE for gfn {gfn:#x} already present"):
             return -EIO
         self._point(vcpu, "spte_cmpxchg", sptep)
-        if not self.mem.cmpxchg64(sptep, old_spte, REMOVED_SPTE):
+        if self._cmpxchg_lost() or not self.mem.cmpxchg64(sptep, old_spte, REMOVED_SPTE):
             return -EBUSY
         kvm.trace_emit("kvm_tdp_mmu_spte_frozen", vcpu, msg=f"gfn {gfn:x} level {level} old_spte {old_spte:x}")
         ret = self.reflect(gfn, level, new_spte, is_leaf, vcpu)
@@ -288,6 +301,9 @@ class TdpMmu:
         """The reflect_* op for a new mirror SPTE: set for a leaf, link for a table."""
         kvm = self.kvm
         if is_leaf:
+            err = self._reflect_fault("set_spte")
+            if err:
+                return self._reflect_error(err, "reflect_set_spte", gfn, level)
             return kvm.x86_ops.reflect_set_spte(kvm, gfn, level, spte_to_pfn(new_spte), vcpu)
         child = self.sp_of.get(spte_to_child_pt(new_spte, level))
         if kvm.KVM_BUG_ON(child is None or child.external_spt is None,
@@ -296,7 +312,16 @@ class TdpMmu:
         if child.role_level + 1 != level or child.gfn != gfn:
             kvm.warn(f"mirror link mismatch: child level {child.role_level} gfn {child.gfn:#x}, "
                      f"parent level {level} gfn {gfn:#x}")
+        err = self._reflect_fault("link_spt")
+        if err:
+            return self._reflect_error(err, "reflect_link_spt", gfn, level)
         return kvm.x86_ops.reflect_link_spt(kvm, gfn, level, child.external_spt, vcpu)
+
+    def _reflect_error(self, err, op, gfn, level):
+        """An injected reflect error, as the TDX backend would return it: -EBUSY, or KVM_BUG_ON + -EIO."""
+        if err != -EBUSY:
+            self.kvm.kvm_bug(f"{op} gfn {gfn:#x} level {level} failed ({err}, injected)")
+        return err
 
     def __tdp_mmu_set_spte_atomic(self, it, new_spte, vcpu):
         kvm = self.kvm
@@ -312,7 +337,7 @@ class TdpMmu:
                 return self.set_external_spte_present(it.sptep, it.gfn, it.old_spte, new_spte, it.level, vcpu)
             return self._set_mirror_spte_without_freeze(it, new_spte, vcpu)
         self._point(vcpu, "spte_cmpxchg", it.sptep)
-        if not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
+        if self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
             it.old_spte = self.mem.q[it.sptep >> 3]      # try_cmpxchg64 refreshes the snapshot
             return -EBUSY
         return 0
@@ -322,7 +347,7 @@ class TdpMmu:
         SPTE first, then reflect it.  Between the two, another vCPU can walk below the
         new entry and reach the TDX module before the S-EPT has the level."""
         self._point(vcpu, "spte_cmpxchg", it.sptep)
-        if not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
+        if self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
             it.old_spte = self.mem.q[it.sptep >> 3]
             return -EBUSY
         ret = self.reflect(it.gfn, it.level, new_spte, is_last_spte(new_spte, it.level), vcpu)

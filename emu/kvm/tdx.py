@@ -27,7 +27,7 @@ KVM_SYSTEM_EVENT_TDX_FATAL = 7
 
 TD_STATE_UNINITIALIZED, TD_STATE_INITIALIZED, TD_STATE_RUNNABLE = 0, 1, 2
 TDX_MAP_GPA_MAX_LEN = 2 << 20           # KVM handles MapGPA in 2M steps, asking the guest to retry
-LOCAL_RETRY_MAX = 100000
+LOCAL_RETRY_MAX = 1000               # then back to the guest (which faults again): the watchdog's turn
 
 
 def tdx_operand_busy(err):
@@ -375,8 +375,9 @@ class TdxX86Ops(VmxX86Ops):
         # each TD entry counts against the zero-step mitigation.
         for _ in range(LOCAL_RETRY_MAX):
             r = vcpu.vmx_handle_ept_violation(gpa, qual, rip=0)
-            if r <= 0 or kvm.vm_dead or vcpu.last_pf_ret != RET_PF_RETRY:
+            if r <= 0 or kvm.vm_dead or vcpu.last_pf_ret != RET_PF_RETRY or vcpu.signal_pending:
                 return r
+            vcpu.tick()
             if kvm.sched is not None:
                 kvm.sched.point(vcpu.vcpu_id, "fault_local_retry")
         return 1
