@@ -62,6 +62,11 @@ def build_parser():
     ex.add_argument("--depth", type=int, default=3, help="PCT depth: priority change points + 1 (default 3)")
     ex.add_argument("--max-runs", type=int, default=None, help="stop the search after this many runs")
     ex.add_argument("--all", action="store_true", help="go on after the first failure, counting failures")
+    camp = sub.add_parser("campaign", help="many runs, each with randomly drawn fault plans (and schedules)")
+    _add_run_options(camp)
+    camp.add_argument("--runs", type=int, default=100, help="number of runs (default 100)")
+    camp.add_argument("--seed", type=int, default=0, help="the campaign's seed: it names every run (default 0)")
+    camp.add_argument("--max-points", type=int, default=3, help="fault points drawn per run, at most (default 3; 0: only the --inject plans)")
     inj = sub.add_parser("inject", help="fault injection: list the fault points")
     inj.add_argument("--list", action="store_true", help="list every fault point, its errors and KVM's reaction")
     return p
@@ -186,6 +191,37 @@ def cmd_explore(args, out):
     return 1 if res.failures else 0
 
 
+def cmd_campaign(args, out):
+    from .campaign import Campaign, format_table, reproducer
+    check_plans(args.inject)
+    mem = parse_size(args.mem)
+    if args.runs < 1:
+        raise UsageError("--runs needs at least 1")
+    try:
+        c = Campaign(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages),
+                     plans=args.inject, max_points=args.max_points)
+    except RuntimeError as e:
+        raise MachineError(str(e)) from None
+    progress = _Progress(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    if progress is not None:
+        c.progress = lambda rep, total: progress.bar(len(rep.runs), total, len(rep.failures))
+    rep = c.run(args.runs, seed=args.seed)
+    if progress is not None:
+        progress.done()
+    if args.json:
+        obj = rep.as_json()
+        for f, r in zip(obj["failures"], rep.failures):
+            f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r)
+        out.write(json.dumps(obj) + "\n")
+    else:
+        out.write(f"campaign on {args.guest} ({args.vm} VM, {args.vcpus} vCPUs, seed {args.seed}): "
+                  f"{len(rep.runs)} runs in {rep.seconds:.1f} s{' (interrupted)' if rep.interrupted else ''}\n")
+        out.write(format_table(rep) + "\n")
+        for r in rep.failures:
+            out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r)}\n")
+    return 1 if rep.failures else 0
+
+
 class _Progress:
     """One status line on a terminal: runs, rate, failures (Ctrl-C stops and keeps what was found)."""
 
@@ -200,6 +236,17 @@ class _Progress:
             return
         self.last = now
         self.out.write(f"\r  {res.runs} runs, {res.rate:.0f}/s, {res.failures} failing   ")
+        self.out.flush()
+
+    def bar(self, done, total, failures):
+        import time
+        now = time.monotonic()
+        if now - self.last < 0.3 and done != total:
+            return
+        self.last = now
+        width = 30
+        filled = width * done // max(total, 1)
+        self.out.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs, {failures} failing ")
         self.out.flush()
 
     def done(self):
@@ -235,7 +282,8 @@ def main(argv=None, out=None):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return {"run": cmd_run, "explore": cmd_explore, "inject": cmd_inject}[args.cmd](args, out)
+        return {"run": cmd_run, "explore": cmd_explore, "inject": cmd_inject,
+                "campaign": cmd_campaign}[args.cmd](args, out)
     except UsageError as e:
         sys.stderr.write(f"emu: error: {e}\n")
         return 2

@@ -120,27 +120,8 @@ class Explorer:
     # -- one run ------------------------------------------------------------------------------------------
     def run(self, strategy, trace=False):
         """Run once from the snapshot (in a forked child) with ``strategy``."""
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:                                     # the child: run, report, exit
-            os.close(r)
-            try:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                out = self._run_here(strategy, trace)
-                data = pickle.dumps(out)
-            except BaseException as e:                   # a bug of ours: report it as the run's error
-                data = pickle.dumps(Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}",
-                                            None))
-            with os.fdopen(w, "wb") as f:
-                f.write(struct.pack("<Q", len(data)))
-                f.write(data)
-            os._exit(0)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            data = f.read(n)
-        os.waitpid(pid, 0)
-        return pickle.loads(data)
+        return in_child(lambda: self._run_here(strategy, trace),
+                        lambda e: Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None))
 
     def _run_here(self, strategy, trace):
         m = self.machine
@@ -282,6 +263,32 @@ class Explorer:
         if self.progress is not None:
             res.seconds = time.perf_counter() - t0
             self.progress(res)
+
+
+def in_child(fn, on_error):
+    """``fn()`` in a forked child of this process (a copy-on-write snapshot of everything),
+    its picklable result sent back; ``on_error(exception)`` if it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            data = pickle.dumps(fn())
+        except BaseException as e:                   # a bug of ours: the run's result says so
+            data = pickle.dumps(on_error(e))
+        with os.fdopen(w, "wb") as f:
+            f.write(struct.pack("<Q", len(data)))
+            f.write(data)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        head = f.read(8)
+        data = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
+    os.waitpid(pid, 0)
+    if data is None:
+        return on_error(RuntimeError("the run's process died"))
+    return pickle.loads(data)
 
 
 def _with_choice(d, c):

@@ -155,7 +155,7 @@ def parse_rule(text):
 class Plan:
     """Active rules, their seeded generator, and what fired."""
 
-    def __init__(self, rules=(), seed=0, tracer=None):
+    def __init__(self, rules=(), seed=0, tracer=None, count_all=False):
         self.rules = {}
         for r in rules:
             r = parse_rule(r) if isinstance(r, str) else r
@@ -165,10 +165,13 @@ class Plan:
         self.calls = {}
         self.fired = []                  # (point, call number, error)
         self.tracer = tracer
+        self.count_all = count_all       # count the calls of every point (to plan campaigns)
 
     def _check(self, point):
         rules = self.rules.get(point)
         if rules is None:
+            if self.count_all:
+                self.calls[point] = self.calls.get(point, 0) + 1
             return None
         n = self.calls[point] = self.calls.get(point, 0) + 1
         for r in rules:

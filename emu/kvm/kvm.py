@@ -400,9 +400,10 @@ class KvmVcpu:
         self.last_pf_ret = None           # the RET_PF_* of the last fault (TDX's local retry)
         self.complete_userspace_io = None
         self.kvm_run = None
-        # The VMM's watchdog: a KVM_RUN that takes this many exits without returning to
-        # userspace gets a signal (a livelocked fault, e.g. a cmpxchg that always loses).
-        self.exit_limit = 20000
+        # The VMM's watchdog: a KVM_RUN that takes this many exits (and local fault retries)
+        # without a fault that fixed anything gets a signal (a livelocked fault, e.g. a
+        # cmpxchg that always loses, a module that always says BUSY).
+        self.exit_limit = 2000
         self.budget = self.exit_limit
         self.signal_pending = False
 
@@ -501,6 +502,7 @@ class KvmVcpu:
         r = self.kvm_tdp_page_fault(fault)
         if r == RET_PF_FIXED:
             self.stat["pf_fixed"] += 1
+            self.budget = self.exit_limit     # progress: the watchdog starts over
         elif r == RET_PF_EMULATE:
             self.stat["pf_emulate"] += 1
         elif r == RET_PF_SPURIOUS:
@@ -557,7 +559,8 @@ class KvmVcpu:
             self.tick()
             if self.signal_pending:
                 # A signal: KVM_RUN returns -EINTR with KVM_EXIT_INTR for userspace to look at.
-                return KvmRun(KVM_EXIT_INTR, reason=f"no return to userspace in {self.exit_limit} VM exits")
+                return KvmRun(KVM_EXIT_INTR, reason=f"{self.exit_limit} VM exits and fault retries in a row "
+                                                    f"fixed nothing")
             if self.requests:
                 self.process_requests()
             if tracer.enabled:

@@ -324,6 +324,10 @@ class TdxX86Ops(VmxX86Ops):
         t = vcpu.arch
         out = self.seamcall(vcpu.kvm, A.TDH_VP_ENTER, caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, r10=t.ret_r10,
                             r11=t.ret_r11)
+        vcpu.tdx_exit = out
+        if tdx_operand_busy(out.rax):
+            # The module was busy (an epoch or S-EPT lock): KVM enters again, without userspace.
+            return VmExit(-2, 0)
         t.ret_r10 = t.ret_r11 = 0
         if out.rax & A.TDX_ERROR:
             vcpu.kvm.kvm_bug(f"TDH.VP.ENTER failed: {A.status_name(out.rax)}")
@@ -340,6 +344,8 @@ class TdxX86Ops(VmxX86Ops):
         from .kvm import KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR
         if exit.reason == -1:
             return 0
+        if exit.reason == -2:
+            return 1
         if exit.reason == EXIT_REASON_EPT_VIOLATION:
             return self.handle_ept_violation(vcpu, out)
         if exit.reason == EXIT_REASON_TDCALL:

@@ -1,0 +1,196 @@
+"""Fault-injection campaigns: many runs, each with its own randomly drawn fault plan (and schedule).
+
+    c = Campaign(lambda: Machine("convert", vm="tdx"), plans=[...])
+    report = c.run(runs=1000, seed=1)
+
+A campaign first runs the guest once without faults, every fault point counting its calls.
+Each run then draws, from the campaign seed and its index, one to three of the
+points that were called, a call number (or "every" / a probability) and an error
+the point can return, on top of the user's own plans (swarm testing: each run
+tests a different mix).  With several vCPUs the run also gets a PCT schedule.
+Every run starts from the same snapshot (a forked child), runs to the end,
+destroys the VM, and is classified:
+
+    survived          the guest finished with the baseline's results; every invariant held
+    kvm_bug_on        KVM hit a KVM_BUG_ON (the VM is dead): the expected end of some errors
+    guest_error       the run ended in another error exit (KVM_RUN failed, watchdog, ...)
+    invariant_broken  an invariant of emu.check broke, a result was lost, teardown left a page
+                      unaccounted, or the model itself raised: a bug to report
+
+Only invariant_broken counts as a failure; its reproducer is printed.
+"""
+
+import random
+import time
+import traceback
+
+from . import check
+from .explore import in_child, PctStrategy, _per_vcpu
+from .inject import Plan, POINTS, ERRNO
+from .sched import Scheduler
+from tdxmod import abi as A
+
+OUTCOMES = ("survived", "kvm_bug_on", "guest_error", "invariant_broken")
+
+_SEAMCALL_ERRORS = (A.TDX_OPERAND_BUSY | A.OPERAND_ID_RCX, A.TDX_OPERAND_BUSY | A.OPERAND_ID_SEPT,
+                    A.TDX_EPT_WALK_FAILED | A.OPERAND_ID_RCX, A.TDX_EPT_ENTRY_STATE_INCORRECT | A.OPERAND_ID_RCX,
+                    A.TDX_OPERAND_INVALID | A.OPERAND_ID_RCX)
+
+
+class RunReport:
+    def __init__(self, index, plans, outcome, error, fired, schedule=None, seed=0):
+        self.index, self.plans, self.outcome, self.error = index, plans, outcome, error
+        self.fired = fired
+        self.schedule = schedule
+        self.seed = seed
+
+
+class CampaignReport:
+    def __init__(self):
+        self.runs = []
+        self.table = {}                  # point -> {outcome: runs in which it fired}
+        self.seconds = 0.0
+        self.interrupted = False
+
+    def count(self, outcome):
+        return sum(1 for r in self.runs if r.outcome == outcome)
+
+    @property
+    def failures(self):
+        return [r for r in self.runs if r.outcome == "invariant_broken"]
+
+    def as_json(self):
+        return {"runs": len(self.runs), "seconds": round(self.seconds, 3),
+                "outcomes": {o: self.count(o) for o in OUTCOMES},
+                "points": {p: dict(c) for p, c in sorted(self.table.items())},
+                "failures": [{"run": r.index, "plans": r.plans, "error": r.error, "schedule": r.schedule}
+                             for r in self.failures],
+                "interrupted": self.interrupted}
+
+
+class Campaign:
+    def __init__(self, factory, plans=(), max_points=3):
+        self.machine = factory()
+        self.user_plans = list(plans)
+        self.max_points = max_points
+        self.progress = None
+        counting = Plan((), seed=0, count_all=True)      # a clean run: the results every run must give
+        self.baseline = in_child(lambda: self._baseline(counting), lambda e: (None, {}, f"{type(e).__name__}: {e}"))
+        self.expected, self.calls, err = self.baseline
+        if err is not None:
+            raise RuntimeError(f"the guest fails without injected faults: {err}")
+
+    def _baseline(self, counting):
+        m = self.machine
+        m.set_plan(counting)
+        res = m.run()
+        if not res.ok:
+            return None, {}, res.error
+        problems = check.check_vm(m.kvm)
+        m.destroy()
+        problems += check.check_destroyed(m.kvm)
+        if problems:
+            return None, {}, "; ".join(problems[:3])
+        return _per_vcpu(res.reports), dict(counting.calls), None
+
+    # -- drawing plans --------------------------------------------------------------------------------
+    # A delayed TLB flush breaks KVM's own guarantee (a stale translation survives): the checker
+    # must catch it, so it is drawn only when the user asks for it with --inject.
+    NOT_DRAWN = frozenset({"tlb_flush"})
+
+    def draw(self, rng):
+        """One to max_points rules over the points the guest calls."""
+        points = sorted(p for p, n in self.calls.items() if n > 0 and p in POINTS and p not in self.NOT_DRAWN)
+        if not points or self.max_points < 1:
+            return []
+        rules = []
+        for name in rng.sample(points, rng.randint(1, min(self.max_points, len(points)))):
+            point = POINTS[name]
+            calls = self.calls[name]
+            k = rng.random()
+            if k < 0.7:
+                trig = f"@{rng.randint(1, calls)}"
+            elif k < 0.8:
+                trig = "@every"
+            else:
+                trig = f"@p={rng.choice((0.05, 0.2, 0.5))}"
+            if point.errors == "status":
+                err = A.status_name(rng.choice(_SEAMCALL_ERRORS))
+            else:
+                err = rng.choice(sorted(point.errors))
+            rules.append(f"{name}{trig}={err}")
+        return rules
+
+    # -- running ----------------------------------------------------------------------------------------
+    def run(self, runs, seed=0):
+        rep = CampaignReport()
+        t0 = time.perf_counter()
+        try:
+            for i in range(runs):
+                rng = random.Random(f"{seed}:{i}")
+                plans = self.user_plans + self.draw(rng)
+                run_seed = rng.getrandbits(32)
+                r = in_child(lambda: self._one(i, plans, run_seed),
+                             lambda e: RunReport(i, plans, "invariant_broken",
+                                                 f"the model raised {type(e).__name__}: {e}\n"
+                                                 f"{traceback.format_exc()}", [], seed=run_seed))
+                rep.runs.append(r)
+                for point in {p for p, _, _ in r.fired}:
+                    row = rep.table.setdefault(point, {o: 0 for o in OUTCOMES})
+                    row[r.outcome] += 1
+                if self.progress is not None:
+                    rep.seconds = time.perf_counter() - t0
+                    self.progress(rep, runs)
+        except KeyboardInterrupt:
+            rep.interrupted = True
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+    def _one(self, index, plans, run_seed):
+        m = self.machine
+        plan = Plan(plans, seed=run_seed, tracer=m.tracer)
+        m.set_plan(plan)
+        schedule = None
+        if m.nvcpus > 1:
+            strategy = PctStrategy(random.Random(run_seed), m.nvcpus, 40, 3)
+            sched = Scheduler(strategy, max_steps=200000)
+            res = m.run_scheduled(sched, collect_regs=False)
+            schedule = sched.schedule
+        else:
+            res = m.run()
+        kvm = m.kvm
+        problems = []
+        if res.ok:
+            outcome = "survived"
+            problems += check.check_vm(kvm)
+            got = _per_vcpu(res.reports)
+            if got != self.expected:
+                problems.append(f"guest results differ: {got} != {self.expected}")
+        elif kvm.vm_bugged:
+            outcome = "kvm_bug_on"
+        else:
+            outcome = "guest_error"
+        m.destroy()                      # with the plan still active: teardown has fault points too
+        problems += check.check_destroyed(kvm)
+        if problems:
+            return RunReport(index, plans, "invariant_broken", "; ".join(problems[:3]), plan.fired, schedule,
+                             run_seed)
+        if outcome == "survived" and kvm.vm_bugged:
+            outcome = "kvm_bug_on"         # the guest finished, but teardown hit a KVM_BUG_ON
+        return RunReport(index, plans, outcome, res.error or kvm.bug_reason, plan.fired, schedule, run_seed)
+
+
+def reproducer(guest, vm, vcpus, r):
+    inj = " ".join(f"--inject '{p}'" for p in r.plans)
+    if r.schedule is not None:
+        return (f"python -m emu explore {guest} --vm {vm} --vcpus {vcpus} {inj} --seed {r.seed} "
+                f"--replay '{r.schedule}'")
+    return f"python -m emu run {guest} --vm {vm} {inj} --seed {r.seed}"
+
+
+def format_table(rep):
+    lines = [f"{'fault point':<34}" + "".join(f"{o:>18}" for o in OUTCOMES)]
+    for point, row in sorted(rep.table.items()):
+        lines.append(f"{point:<34}" + "".join(f"{row[o]:>18}" for o in OUTCOMES))
+    lines.append(f"{'(all runs)':<34}" + "".join(f"{rep.count(o):>18}" for o in OUTCOMES))
+    return "\n".join(lines)
