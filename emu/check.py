@@ -44,6 +44,32 @@ def check_vm(kvm):
     return problems
 
 
+def check_step(kvm):
+    """The invariants that hold between any two scheduling points, not only at quiescence:
+    every present leaf maps its memslot's backing, and every private page the S-EPT maps is
+    the TD's in the PAMT."""
+    problems = []
+    for root in kvm.tdp_mmu.roots:
+        if root.invalid:
+            continue
+        for gfn, level, spte in kvm.tdp_mmu.leaves(root):
+            slot = kvm.gfn_to_memslot(gfn)
+            if slot is None:
+                continue
+            base = slot.gmem_addr if root.is_mirror else slot.userspace_addr
+            if spte_to_pfn(spte) != (base >> 12) + gfn - slot.base_gfn:
+                problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, not its backing")
+    if kvm.has_mirrored_tdp and getattr(kvm, "tdx", None) is not None:
+        from tdxmod.abi import PT_REG
+        mod = kvm.x86_ops.module
+        td = mod.tds.get(kvm.tdx.tdr_pa)
+        if td is not None:
+            for gpa, lvl, state, hpa in mod.sept_leaves(td):
+                if mod.pamt.page_type(hpa) != PT_REG or mod.pamt.owner(hpa) != td.tdr:
+                    problems.append(f"S-EPT maps gpa {gpa:#x} to {hpa:#x}, which the PAMT does not give the TD")
+    return problems
+
+
 def check_accounting(kvm):
     """Kernel pages: each owned once, and the owners add up to what the allocator handed out."""
     owners = {}

@@ -62,6 +62,8 @@ def build_parser():
     ex.add_argument("--depth", type=int, default=3, help="PCT depth: priority change points + 1 (default 3)")
     ex.add_argument("--max-runs", type=int, default=None, help="stop the search after this many runs")
     ex.add_argument("--all", action="store_true", help="go on after the first failure, counting failures")
+    ex.add_argument("--check-steps", action="store_true",
+                    help="check the step invariants (emu.check.check_step) at every scheduling point")
     camp = sub.add_parser("campaign", help="many runs, each with randomly drawn fault plans (and schedules)")
     _add_run_options(camp)
     camp.add_argument("--runs", type=int, default=100, help="number of runs (default 100)")
@@ -144,7 +146,8 @@ def cmd_explore(args, out):
         raise UsageError("--depth must be at least 1")
     tracer = make_tracer(args)
     ex = Explorer(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
-                                  no_freeze=args.no_freeze, inject=args.inject, seed=args.seed))
+                                  no_freeze=args.no_freeze, inject=args.inject, seed=args.seed),
+                  check_steps=args.check_steps)
     if args.replay is not None:
         o = ex.replay(args.replay)
         for line in o.trace or []:

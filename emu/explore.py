@@ -25,6 +25,10 @@ from .sched import Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_
 from .trace import Tracer, ListSink, format_text
 
 
+class InvariantBroken(Exception):
+    pass
+
+
 class Outcome:
     """What one run did: its decisions, and the first problem (None if it passed)."""
 
@@ -109,10 +113,11 @@ class PctStrategy(Strategy):
 
 
 class Explorer:
-    def __init__(self, factory, check_invariants=True, max_steps=100000):
+    def __init__(self, factory, check_invariants=True, max_steps=100000, check_steps=False):
         """``factory()`` builds the Machine every run starts from (it is built once)."""
         self.machine = factory()
         self.check_invariants = check_invariants
+        self.check_steps = check_steps   # also check emu.check.check_step at every scheduling point
         self.max_steps = max_steps
         self.expected = None
         self.progress = None             # callable(result) every so often
@@ -132,7 +137,15 @@ class Explorer:
             m.tracer = m.kvm.tracer = t
             if m.td:
                 m.host.tdx_module.tracer = t
-        sched = Scheduler(strategy, max_steps=self.max_steps, tracer=m.tracer)
+        on_step = None
+        if self.check_steps:
+            from .check import check_step
+
+            def on_step(s, who, what):
+                problems = check_step(m.kvm)
+                if problems:
+                    raise InvariantBroken(f"after step {s.steps} ({what}, vCPU {who}): " + "; ".join(problems[:3]))
+        sched = Scheduler(strategy, max_steps=self.max_steps, tracer=m.tracer, on_step=on_step)
         error = None
         res = None
         try:
@@ -153,6 +166,8 @@ class Explorer:
                          f"the schedule has {len(strategy.choices)}")
         except ScheduleError as e:
             error = f"replay: {e}"
+        except InvariantBroken as e:
+            error = f"invariant broken {e}"
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
         lines = [format_text(ev) for ev in sink.events] if sink is not None else None

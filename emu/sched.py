@@ -130,7 +130,7 @@ class ReplayStrategy(Strategy):
 
 
 class Scheduler:
-    def __init__(self, strategy=None, max_steps=200000, tracer=None):
+    def __init__(self, strategy=None, max_steps=200000, tracer=None, on_step=None):
         self.strategy = strategy or Strategy()
         self.tasks = []
         self.current = None
@@ -141,6 +141,7 @@ class Scheduler:
         self.max_steps = max_steps
         self.tracer = tracer
         self.error = None
+        self.on_step = on_step           # called at every scheduling point (invariant checks)
 
     # -- tasks --------------------------------------------------------------------------------------------
     def spawn(self, fn):
@@ -204,6 +205,8 @@ class Scheduler:
         if cur is None or greenlet.getcurrent() is self.main:
             return                      # not inside a vCPU task (setup, teardown)
         self.steps += 1
+        if self.on_step is not None:
+            self.on_step(self, who, what)
         if self.steps > self.max_steps:
             raise StepLimit(f"more than {self.max_steps} scheduling points: a livelock?")
         enabled = [t for t in self.tasks if t.enabled()]
