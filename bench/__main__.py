@@ -16,6 +16,7 @@ from . import Context, Result
 from . import hw
 from . import kvm
 from . import td
+from . import trace
 
 # -- the registry -------------------------------------------------------------------------------------
 # (name, function ctx -> list[Result]), run in this order.  Add new layers here.  Baselines shared by
@@ -28,6 +29,7 @@ BENCHMARKS = [
     ("kvm.new_page", kvm.bench_new_page),     # new 4K page through KVM's fault path / bare fault  <= 2
     ("td.private_page", td.bench_private_page),  # TD private page / bare fault                     <= 4
     ("td.explore", td.bench_explore),         # race2 schedules explored per second              >= 500
+    ("trace", trace.bench_trace_cost),        # tracing off / trace calls removed                 <= 1.05
 ]
 
 

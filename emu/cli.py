@@ -31,10 +31,13 @@ def _add_run_options(p):
     p.add_argument("--vcpus", default=1, type=int, help="number of vCPUs (default: %(default)s)")
     p.add_argument("--hugepages", choices=("4k", "2m", "1g"), default=None,
                    help="page size of the host memory backing the guest (huge EPT mappings where aligned)")
-    p.add_argument("--trace", nargs="?", const="text", choices=("text", "jsonl"), default=None,
-                   help="write the trace (text when given no value) to stderr or --trace-file")
+    p.add_argument("--trace", nargs="?", const="text", choices=("text", "jsonl", "perfetto"), default=None,
+                   help="write the trace (text when given no value; jsonl; perfetto: Chrome/Perfetto "
+                        "trace-event JSON) to stderr or --trace-file")
     p.add_argument("--trace-file", default=None, help="write the trace here instead of stderr")
     p.add_argument("--trace-events", default=None, help="comma-separated event names to keep")
+    p.add_argument("--trace-gpa", default=None, metavar="START-END",
+                   help="keep only events about GPAs in [START, END) (events with no GPA are kept)")
     p.add_argument("--inject", action="append", default=[], metavar="PLAN",
                    help="fault-injection plan POINT[@N|@every|@p=P][=ERROR] (repeatable; see `inject --list`)")
     p.add_argument("--dump-tables", action="store_true", help="print the EPT tables at the end of the run")
@@ -74,15 +77,28 @@ def build_parser():
     return p
 
 
+def parse_gpa_range(text):
+    try:
+        a, sep, b = text.replace(":", "+", 1).partition("-") if "-" in text else text.partition("+")
+        lo = int(a, 0)
+        hi = int(b, 0) if sep == "-" else lo + parse_size(b)
+    except (ValueError, MachineError):
+        raise UsageError(f"--trace-gpa {text!r}: use START-END or START+SIZE (e.g. 0x1000000-0x1010000)") from None
+    if hi <= lo:
+        raise UsageError(f"--trace-gpa {text!r}: the range is empty")
+    return lo, hi
+
+
 def make_tracer(args):
     if not args.trace and not args.trace_file:
         return Tracer()
     events = [e.strip() for e in args.trace_events.split(",")] if args.trace_events else None
+    gpa_range = parse_gpa_range(args.trace_gpa) if args.trace_gpa else None
     try:
         sink = open_sink(args.trace or "text", args.trace_file)
     except OSError as e:
         raise UsageError(f"cannot open trace file: {e}") from None
-    return Tracer([sink], events)
+    return Tracer([sink], events, gpa_range)
 
 
 def check_plans(plans):

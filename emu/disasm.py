@@ -5,10 +5,16 @@ import capstone
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 
+_KNOWN = {b"\x66\x0f\x01\xcc": "tdcall"}      # newer than capstone 5
+
+
 def disassemble_one(code, addr):
     """``mov qword ptr [rdi], rax`` for the first instruction of ``code``; None if undecodable."""
     for insn in _cs.disasm(code, addr, 1):
         return f"{insn.mnemonic} {insn.op_str}".strip()
+    for raw, text in _KNOWN.items():
+        if code.startswith(raw):
+            return text
     return None
 
 

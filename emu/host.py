@@ -35,7 +35,14 @@ class Host:
             from tdxmod.module import TdxModule
             from .hw.vcpu import Vcpu
             self.tdx_module = TdxModule(self.mem, tdmr_size, 0, tdmr_size)
-            self.tdx_module.make_cpu = lambda index: Vcpu(self.mem, index)
+            module = self.tdx_module
+
+            def make_cpu(index):
+                cpu = Vcpu(self.mem, index)
+                if module.tracer is not None and module.tracer.enabled:
+                    cpu.set_tracer(module.tracer)
+                return cpu
+            module.make_cpu = make_cpu
             for pfn in range(tdmr_size >> 12, (tdmr_size + pamt_size) >> 12):
                 self.mem.protect(pfn, "the TDX module (PAMT)")
 

@@ -85,6 +85,8 @@ class Machine:
         self.mem_size = mem
         self.nvcpus = vcpus
         self.tracer = tracer or NULL_TRACER
+        if self.tracer.enabled:
+            self.tracer.symbolize = self.image.symbolize
         self.backing_level = HUGEPAGES[hugepages]
         align = 1 << (12 + 9 * (self.backing_level - 1))
         self.td = self.vm_type == KVM_X86_TDX_VM

@@ -111,6 +111,8 @@ class TdVcpu:
         self.vmcall_pending = None     # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
         self.launched = False
         self.x2apic_id = None
+        self.last_tdcall_leaf = None     # for the trace
+        self.last_tdcall_rcx = 0
 
 
 class TdxModule:
@@ -140,6 +142,9 @@ class TdxModule:
         self.counts[name] = self.counts.get(name, 0) + 1
         inp = Regs(leaf, rcx=rcx, rdx=rdx, r8=r8, r9=r9, r10=r10, r11=r11, r12=r12, r13=r13, r14=r14, r15=r15,
                    rbx=rbx, rsi=rsi, rdi=rdi)
+        tracer = self.tracer
+        if tracer is not None and tracer.enabled:
+            tracer.emit("seamcall_entry", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8)
         if self.sched is not None:
             self.sched.point(caller, "seamcall_entry", leaf)
         out = None
@@ -153,10 +158,11 @@ class TdxModule:
             else:
                 handler = self._handlers.get(leaf & 0xFFFF)
                 out = handler(self, inp, caller) if handler is not None else Regs(TDX_OPERAND_INVALID)
-        if self.tracer is not None and self.tracer.enabled:
-            self.tracer.emit("seamcall", caller, msg=f"{name} rcx {rcx:#x} rdx {rdx:#x} r8 {r8:#x} -> "
-                             f"{abi.status_name(out.rax)}" + (f" rcx {out.rcx:#x} rdx {out.rdx:#x}"
-                                                             if out.rax and out.rax != TDX_SUCCESS else ""))
+        if tracer is not None and tracer.enabled:
+            failed = out.rax & TDX_ERROR and (out.rax & 0xFFFF0000) != 0
+            tracer.emit("seamcall", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8, status=abi.status_name(out.rax),
+                        rax=out.rax, out_rcx=out.rcx, out_rdx=out.rdx,
+                        outputs=f" rcx {out.rcx:#x} rdx {out.rdx:#x}" if out.rax and out.rax & TDX_ERROR else "")
         if self.sched is not None:
             self.sched.point(caller, "seamcall_exit", leaf)
         return out

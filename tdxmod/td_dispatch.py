@@ -63,9 +63,12 @@ def vp_enter(mod, r, caller):
         v.epoch = td.epoch
     td.refcount[td.epoch & 1] += 1
     try:
+        tracer = mod.tracer
         while True:
             ex = hw.run()
             out = _handle(mod, v, hw, ex)
+            if tracer is not None and tracer.enabled:
+                _trace(mod, tracer, caller, v, hw, ex, out)
             if out is not None:
                 return out
     finally:
@@ -78,6 +81,7 @@ def _handle(mod, v, hw, ex):
     reason = ex.reason
     if reason == EXIT_REASON_TDCALL:
         leaf = hw.reg("rax")
+        v.last_tdcall_leaf, v.last_tdcall_rcx = leaf, hw.reg("rcx")
         if leaf == TDG_VP_VMCALL:
             regs = {name: hw.reg(name) for name, bit in _VMCALL_REGS if hw.reg("rcx") >> bit & 1}
             v.vmcall_pending = TDCALL_LEN
@@ -120,6 +124,24 @@ def _handle(mod, v, hw, ex):
         intr = ex.vector | (3 << 8) | (1 << 31) | ((1 << 11) if ex.error_code is not None else 0)
         return _exit(EXIT_REASON_TRIPLE_FAULT, intr=intr, r10=ex.error_code or 0, r11=ex.cr2 or 0, r12=ex.rip)
     return _exit(reason, ex.qualification, 0, ex.gpa or 0)
+
+
+def _trace(mod, tracer, caller, v, hw, ex, out):
+    """tdcall for a TDCALL the module completed; tdx_exit for what goes to the VMM."""
+    from emu.disasm import disassemble_one
+    from .abi import TDCALL_NAMES, status_name
+    if ex.reason == EXIT_REASON_TDCALL and out is None:
+        tracer.emit("tdcall", caller, leaf=TDCALL_NAMES.get(v.last_tdcall_leaf, "TDCALL"), rcx=v.last_tdcall_rcx,
+                    status=status_name(hw.reg("rax")))
+        return
+    if out is None:
+        return
+    rip = ex.rip
+    sym = tracer.symbolize(rip) if tracer.symbolize else None
+    insn = disassemble_one(hw.read_guest(rip, 15), rip) or "?"
+    from emu.hw.exits import REASON_NAMES
+    tracer.emit("tdx_exit", caller, reason=REASON_NAMES.get(out.rax & 0xFFFF, str(out.rax & 0xFFFF)), rip=rip, where=sym or f"{rip:#x}", insn=insn,
+                qualification=out.rcx, ext_qualification=out.rdx, gpa=out.r8)
 
 
 def tdg_mem_page_accept(mod, v, hw):

@@ -42,11 +42,16 @@ def test_no_freeze_finds_the_seed_race(race_found):
     assert f.preemptions == 1
     assert f.schedule.startswith(SCHEDULE_PREFIX) and f.minimized.startswith(SCHEDULE_PREFIX)
     # The trace shows the interleaving: vCPU 1's AUG fails before vCPU 0's SEPT.ADD of that 2M level.
-    text = "\n".join(f.trace)
-    aug = text.index("TDH_MEM_PAGE_AUG rcx 0x1401000")
-    sept = text.index("TDH_MEM_SEPT_ADD rcx 0x1400001")
+    # (the SEAMCALL's completion lines, "seamcall:", not their "seamcall_entry:" lines)
+    done = [line for line in f.trace if " seamcall: " in line]
+    aug = next(i for i, line in enumerate(done) if "TDH_MEM_PAGE_AUG rcx 0x1401000" in line)
+    sept = next(i for i, line in enumerate(done) if "TDH_MEM_SEPT_ADD rcx 0x1400001" in line)
     assert aug < sept
-    assert "-> TDX_EPT_WALK_FAILED|0x1 rcx 0x8000000000000000 rdx 0x1" in text[aug:sept]
+    assert "-> TDX_EPT_WALK_FAILED|0x1 rcx 0x8000000000000000 rdx 0x1" in done[aug]
+    # and vCPU 0 had entered that SEPT.ADD before vCPU 1's AUG: the preemption is inside it
+    text = "\n".join(f.trace)
+    assert text.index("seamcall_entry:              TDH_MEM_SEPT_ADD rcx 0x1400001") < \
+        text.index("TDH_MEM_PAGE_AUG rcx 0x1401000")
 
 
 def test_replay_is_byte_for_byte(race_found):

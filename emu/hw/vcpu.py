@@ -62,7 +62,7 @@ class Vcpu:
         self.secure_eptp = None
         self.shared_mask = 0
         self.stats_fills = 0
-        self.walk_observer = None            # called with each Translation or exit (tracing)
+        self.tracer = None                   # set (with hw_walk wanted) to trace every walk
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address())
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -121,6 +121,9 @@ class Vcpu:
         pt_shared = 3 if decode_eptp(eptp)[2] else 1
         pt_secure = 3 if secure is not None and decode_eptp(secure)[2] else 1
         cache = self.gpa_cache = {}
+        tracer = self.tracer
+        if tracer is not None:
+            return self._make_traced_ept(cache, mem, walk, eptp, secure, shared, pt_shared, pt_secure)
 
         def ept(gpa, access):
             if secure is None or gpa & shared:
@@ -139,6 +142,58 @@ class Vcpu:
                 cache[gpa >> 12] = (t.hpa & PAGE_MASK, t.level, t.perms, t.dirty)
             return t
         return ept
+
+    def _make_traced_ept(self, cache, mem, walk, eptp, secure, shared, pt_shared, pt_secure):
+        """The same walk, recording each EPT (or S-EPT) walk for the hw_walk trace event."""
+        log = self._ept_log = []
+
+        def ept(gpa, access):
+            if secure is None or gpa & shared:
+                root, pt, which = eptp, pt_shared, "EPT"
+            else:
+                root, pt, which = secure, pt_secure, "S-EPT"
+            if access == PAGING:
+                access = pt
+            c = cache.get(gpa >> 12)
+            if c is not None:
+                hpa, level, perms, dirty = c
+                if perms & access == access and (dirty or not access & 2):
+                    log.append((which, gpa, "cached"))
+                    return EptTranslation(hpa | (gpa & 0xFFF), level, perms, dirty)
+            path = []
+            t = walk(mem, root, gpa, access, path=path)
+            log.append((which, gpa, path))
+            if t.__class__ is EptTranslation:
+                cache[gpa >> 12] = (t.hpa & PAGE_MASK, t.level, t.perms, t.dirty)
+            return t
+        return ept
+
+    def set_tracer(self, tracer):
+        """Trace every walk (event hw_walk) when ``tracer`` wants it; None stops."""
+        self.tracer = tracer if tracer is not None and tracer.wants("hw_walk") else None
+        if self.eptp is not None:
+            self._ept = self._make_ept()
+
+    def _emit_walk(self, vaddr, acc, guest_path, r):
+        names = {4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
+        parts = []
+        eptlog = self._ept_log
+        k = 0
+        for level, egpa, ehpa, e in guest_path:
+            # the EPT walks made for this entry come first (the 2D walk)
+            while k < len(eptlog) and eptlog[k][1] == egpa:
+                parts.append(_fmt_ept(eptlog[k]))
+                k += 1
+            parts.append(f"{names[level]}[{(vaddr >> (12 + 9 * (level - 1))) & 511}]@{egpa:#x}={e:#x}")
+        while k < len(eptlog):
+            parts.append(_fmt_ept(eptlog[k]))
+            k += 1
+        result = (f"-> gpa {r.gpa:#x} hpa {r.hpa:#x} perms {r.perms}" if r.__class__ is Translation
+                  else f"-> {r!r}")
+        self.tracer.emit("hw_walk", self.index, access={1: "read", 2: "write", 4: "fetch"}[acc], gva=vaddr,
+                         guest=[list(x) for x in guest_path],
+                         ept=[[w, g, p if p == "cached" else [list(x) for x in p]] for w, g, p in eptlog],
+                         result=result, walk=" ".join(parts) + " " + result)
 
     def flush_tlb(self):
         """INVEPT (all contexts) for this vCPU: no cached translation survives it."""
@@ -274,10 +329,15 @@ class Vcpu:
         self.stats_fills += 1
         reg = self._reg_fast
         acc = _ACCESS[access]
-        r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                      wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe)
-        if self.walk_observer is not None:
-            self.walk_observer(self, vaddr, acc, r)
+        if self.tracer is not None:
+            self._ept_log.clear()
+            path = []
+            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
+                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, path=path)
+            self._emit_walk(vaddr, acc, path, r)
+        else:
+            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
+                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe)
         if r.__class__ is Translation:
             hpa = entry.paddr = r.hpa & PAGE_MASK
             perms = entry.perms = r.perms
@@ -333,3 +393,11 @@ class Vcpu:
         for r, v in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), regs):
             uc.reg_write(r, v)
         return 1                              # handled: skip Unicorn's CPUID
+
+
+def _fmt_ept(entry):
+    which, gpa, path = entry
+    if path == "cached":
+        return f"[{which} {gpa:#x} cached]"
+    levels = " ".join(f"L{lvl}@{ptr:#x}={e:#x}" for lvl, ptr, e in path)
+    return f"[{which} {gpa:#x}: {levels}]"

@@ -320,7 +320,7 @@ class Kvm:
         for v in self.vcpus:
             v.requests |= KVM_REQ_TLB_FLUSH
         self.stat["remote_tlb_flush"] += 1
-        self.trace_emit("kvm_flush_remote_tlbs", msg=f"vcpus {len(self.vcpus)}")
+        self.trace_emit("kvm_flush_remote_tlbs", vcpus=len(self.vcpus))
 
     def flush_remote_tlbs_gfn(self, gfn, level):
         self.flush_remote_tlbs()
@@ -387,6 +387,8 @@ class KvmVcpu:
         self.vcpu_id = vcpu_id
         # The CPU context: KVM's own for a VMX vCPU; for a TD the module's (set by vcpu_create).
         self.hw = None if kvm.has_mirrored_tdp else Vcpu(kvm.mem, vcpu_id)
+        if self.hw is not None and kvm.tracer.enabled:
+            self.hw.set_tracer(kvm.tracer)
         self.root = None
         self.mirror_root = None
         self.root_level = kvm.root_level
@@ -511,10 +513,9 @@ class KvmVcpu:
             self.stat["pf_retry"] += 1
         self.last_pf_ret = r
         if kvm.tracer.enabled and r >= 0:
-            kvm.trace_emit("kvm_tdp_page_fault_done", self.vcpu_id,
-                           msg=f"gfn {fault.gfn:x} level {fault.goal_level} "
-                               f"{'mirror' if fault.is_private and kvm.has_mirrored_tdp else 'direct'} "
-                               f"ret {RET_PF_NAMES[r]}")
+            kvm.trace_emit("kvm_tdp_page_fault_done", self.vcpu_id, gfn=fault.gfn, level=fault.goal_level,
+                           root="mirror" if fault.is_private and kvm.has_mirrored_tdp else "direct",
+                           ret=RET_PF_NAMES[r])
         return r
 
     def kvm_tdp_page_fault(self, fault):
@@ -535,7 +536,7 @@ class KvmVcpu:
     # -- running ------------------------------------------------------------------------------------------
     def exit_to_user(self, reason, **fields):
         self.kvm_run = KvmRun(reason, **fields)
-        self.kvm.trace_emit("kvm_userspace_exit", self.vcpu_id, msg=f"reason {EXIT_NAMES.get(reason, reason)}")
+        self.kvm.trace_emit("kvm_userspace_exit", self.vcpu_id, reason=EXIT_NAMES.get(reason, reason))
 
     def run(self):
         """KVM_RUN"""
@@ -565,7 +566,8 @@ class KvmVcpu:
                 self.process_requests()
             if tracer.enabled:
                 tracer.vcpu = self.vcpu_id
-                kvm.trace_emit("kvm_entry", self.vcpu_id, msg=f"vcpu {self.vcpu_id}, rip {hw.reg('rip'):#x}")
+                kvm.trace_emit("kvm_entry", self.vcpu_id, vcpu_id=self.vcpu_id,
+                               rip=hw.reg("rip") if not kvm.has_mirrored_tdp else 0)
             if sched is not None:
                 sched.point(self.vcpu_id, "vm_entry")
             exit = kvm.x86_ops.vcpu_run(self)
@@ -585,22 +587,37 @@ class KvmVcpu:
         if self.requests & KVM_REQ_TLB_FLUSH:
             self.stat["tlb_flush"] += 1
             self.kvm.x86_ops.flush_tlb(self)
-            self.kvm.trace_emit("kvm_tlb_flush", self.vcpu_id, msg=f"vcpu {self.vcpu_id} invept")
+            self.kvm.trace_emit("kvm_tlb_flush", self.vcpu_id, vcpu_id=self.vcpu_id, kind="invept")
         self.requests = 0
 
     def trace_exit(self, exit):
-        extra = ""
-        if exit.reason == EXIT_REASON_EPT_VIOLATION:
-            gla = "" if exit.gla is None else f" gla {exit.gla:#x}"
-            extra = f" gpa {exit.gpa:#x}{gla} [{decode_qualification(exit.qualification)}]"
-        elif exit.reason == EXIT_REASON_EPT_MISCONFIG:
-            extra = f" gpa {exit.gpa:#x} ({exit.misconfig})"
+        """kvm_exit, with the exit decoded: GPA, GLA, the qualification in words, and the
+        faulting instruction disassembled and symbolized from the guest's ELF."""
+        fields = {"vcpu_id": self.vcpu_id, "reason": exit.name, "rip": exit.rip, "info1": exit.qualification,
+                  "info2": 0, "error_code": exit.error_code or 0}
+        detail = ""
+        if exit.reason in (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG):
+            fields["gpa"] = exit.gpa
+            if exit.gla is not None:
+                fields["gla"] = exit.gla
+            if exit.reason == EXIT_REASON_EPT_VIOLATION:
+                fields["qualification"] = decode_qualification(exit.qualification)
+                detail = f" gpa {exit.gpa:#x}" + (f" gla {exit.gla:#x}" if exit.gla is not None else "") + \
+                    f" [{fields['qualification']}]"
+            else:
+                fields["misconfig"] = exit.misconfig
+                detail = f" gpa {exit.gpa:#x} ({exit.misconfig})"
         elif exit.reason == EXIT_REASON_EXCEPTION_NMI:
-            extra = f" {VECTOR_NAMES.get(exit.vector, exit.vector)}"
-        self.kvm.trace_emit("kvm_exit", self.vcpu_id,
-                            msg=f"vcpu {self.vcpu_id} reason {exit.name} rip {exit.rip:#x} "
-                                f"info1 {exit.qualification:#018x} info2 0x0000000000000000 "
-                                f"error_code {exit.error_code or 0:#010x}{extra}")
+            fields["vector"] = VECTOR_NAMES.get(exit.vector, exit.vector)
+            detail = f" {fields['vector']}"
+        if self.hw is not None and not self.kvm.has_mirrored_tdp and exit.reason >= 0:
+            insn = self.disassemble(exit.rip)
+            sym = self.kvm.tracer.symbolize(exit.rip) if self.kvm.tracer.symbolize else None
+            fields["insn"] = insn
+            fields["where"] = sym or f"{exit.rip:#x}"
+            detail += f" {fields['where']}: {insn}"
+        fields["detail"] = detail
+        self.kvm.trace_emit("kvm_exit", self.vcpu_id, **fields)
 
     def skip_emulated_instruction(self, exit):
         self.hw.set_reg("rip", exit.rip + exit.insn_len)
@@ -624,9 +641,8 @@ class KvmVcpu:
         if not self.kvm.is_addr_direct(gpa):
             error_code |= PFERR_PRIVATE_ACCESS
         if self.kvm.tracer.enabled:
-            self.kvm.trace_emit("kvm_page_fault", self.vcpu_id,
-                                msg=f"vcpu {self.vcpu_id} rip {rip:#x} address {gpa:#018x} "
-                                    f"error_code {error_code:#x}")
+            self.kvm.trace_emit("kvm_page_fault", self.vcpu_id, vcpu_id=self.vcpu_id, rip=rip, address=gpa,
+                                error_code=error_code)
         return self.kvm_mmu_page_fault(gpa, error_code)
 
     def handle_ept_misconfig(self, exit):
@@ -653,6 +669,31 @@ class KvmVcpu:
                           rip=exit.rip, insn=insn)
         return 0
 
+    def gpa_to_hva(self, gpa, access=None):
+        """The host address of guest-physical ``gpa`` through the memslots (what KVM reads guest
+        memory with, independent of EPT); None outside every slot."""
+        slot = self.kvm.gfn_to_memslot(gpa >> 12)
+        if slot is None:
+            return None
+        return slot.userspace_addr + ((gpa >> 12) - slot.base_gfn) * 4096 + (gpa & 0xFFF)
+
+    def read_guest_virt(self, gva, n):
+        """kvm_read_guest_virt(): walk the guest's page tables in software, read through the memslots."""
+        from ..hw.paging import probe
+        mem = self.kvm.mem
+        out = bytearray()
+        cr3 = self.hw.reg("cr3")
+        while n > 0:
+            gpa = probe(mem.q, self.gpa_to_hva, cr3, gva)
+            hva = None if gpa is None else self.gpa_to_hva(gpa)
+            if hva is None:
+                break
+            chunk = min(n, 0x1000 - (gva & 0xFFF))
+            out += mem.host_read(hva, chunk)
+            gva += chunk
+            n -= chunk
+        return bytes(out)
+
     def disassemble(self, rip):
         from ..disasm import disassemble_one
-        return disassemble_one(self.hw.read_guest(rip, 16), rip)
+        return disassemble_one(self.read_guest_virt(rip, 16), rip)

@@ -209,8 +209,8 @@ class TdpMmu:
         if old_spte == new_spte:
             return
         if kvm.tracer.enabled:
-            kvm.trace_emit("kvm_tdp_mmu_spte_changed", vcpu,
-                           msg=f"as id {as_id} gfn {gfn:x} level {level} old_spte {old_spte:x} new_spte {new_spte:x}")
+            kvm.trace_emit("kvm_tdp_mmu_spte_changed", vcpu, as_id=as_id, gfn=gfn, level=level, old_spte=old_spte,
+                           new_spte=new_spte)
         if not was_present and not is_present:
             # Non-present to non-present happens only for MMIO SPTEs and freezing.
             return
@@ -268,6 +268,7 @@ class TdpMmu:
         kvm.lockdep_assert_held_write()
         ret = self._reflect_fault("remove_spte") or kvm.x86_ops.reflect_remove_spte(kvm, gfn, level,
                                                                                     spte_to_pfn(old_spte))
+        self._trace_reflect("reflect_remove_spte", gfn, level, None, ret)
         if kvm.KVM_BUG_ON(ret, f"reflect_remove_spte gfn {gfn:#x} failed ({ret})"):
             # The module still maps the page: KVM cannot give it back, so it is leaked (as upstream).
             kvm.leak_page(spte_to_pfn(old_spte) << 12, f"private page of gfn {gfn:#x} still in the S-EPT")
@@ -285,16 +286,17 @@ class TdpMmu:
         self._point(vcpu, "spte_cmpxchg", sptep)
         if self._cmpxchg_lost() or not self.mem.cmpxchg64(sptep, old_spte, REMOVED_SPTE):
             return -EBUSY
-        kvm.trace_emit("kvm_tdp_mmu_spte_frozen", vcpu, msg=f"gfn {gfn:x} level {level} old_spte {old_spte:x}")
+        if kvm.tracer.enabled:
+            kvm.trace_emit("kvm_tdp_mmu_spte_frozen", vcpu, gfn=gfn, level=level, old_spte=old_spte)
         ret = self.reflect(gfn, level, new_spte, is_leaf, vcpu)
         self._point(vcpu, "spte_write", sptep)
         if ret:
             self.mem.write64(sptep, old_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, msg=f"gfn {gfn:x} level {level} restored "
-                           f"{old_spte:x} ret {ret}")
+            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="restored", spte=old_spte,
+                           ret=ret)
         else:
             self.mem.write64(sptep, new_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, msg=f"gfn {gfn:x} level {level} new_spte {new_spte:x}")
+            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="new_spte", spte=new_spte)
         return ret
 
     def reflect(self, gfn, level, new_spte, is_leaf, vcpu):
@@ -303,8 +305,10 @@ class TdpMmu:
         if is_leaf:
             err = self._reflect_fault("set_spte")
             if err:
-                return self._reflect_error(err, "reflect_set_spte", gfn, level)
-            return kvm.x86_ops.reflect_set_spte(kvm, gfn, level, spte_to_pfn(new_spte), vcpu)
+                return self._trace_reflect("reflect_set_spte", gfn, level, vcpu,
+                                           self._reflect_error(err, "reflect_set_spte", gfn, level))
+            return self._trace_reflect("reflect_set_spte", gfn, level, vcpu,
+                                       kvm.x86_ops.reflect_set_spte(kvm, gfn, level, spte_to_pfn(new_spte), vcpu))
         child = self.sp_of.get(spte_to_child_pt(new_spte, level))
         if kvm.KVM_BUG_ON(child is None or child.external_spt is None,
                           f"mirror link for gfn {gfn:#x} level {level} without a mirrored page"):
@@ -314,8 +318,15 @@ class TdpMmu:
                      f"parent level {level} gfn {gfn:#x}")
         err = self._reflect_fault("link_spt")
         if err:
-            return self._reflect_error(err, "reflect_link_spt", gfn, level)
-        return kvm.x86_ops.reflect_link_spt(kvm, gfn, level, child.external_spt, vcpu)
+            return self._trace_reflect("reflect_link_spt", gfn, level, vcpu,
+                                       self._reflect_error(err, "reflect_link_spt", gfn, level))
+        return self._trace_reflect("reflect_link_spt", gfn, level, vcpu,
+                                   kvm.x86_ops.reflect_link_spt(kvm, gfn, level, child.external_spt, vcpu))
+
+    def _trace_reflect(self, op, gfn, level, vcpu, ret):
+        if self.kvm.tracer.enabled:
+            self.kvm.trace_emit("kvm_reflect", vcpu, op=op, gfn=gfn, level=level, ret=ret)
+        return ret
 
     def _reflect_error(self, err, op, gfn, level):
         """An injected reflect error, as the TDX backend would return it: -EBUSY, or KVM_BUG_ON + -EIO."""
@@ -412,9 +423,8 @@ class TdpMmu:
         root = self.get_root_for_fault(vcpu, fault)
         kvm_mmu_hugepage_adjust(vcpu, fault)
         if kvm.tracer.enabled:
-            kvm.trace_emit("kvm_mmu_spte_requested", vcpu.vcpu_id,
-                           msg=f"gfn {fault.gfn:x} pfn {fault.pfn:x} level {fault.goal_level} "
-                               f"{'mirror' if root.is_mirror else 'direct'}")
+            kvm.trace_emit("kvm_mmu_spte_requested", vcpu.vcpu_id, gfn=fault.gfn, pfn=fault.pfn,
+                           level=fault.goal_level, root="mirror" if root.is_mirror else "direct")
         kvm.rcu.read_lock(vcpu.vcpu_id)
         try:
             it = TdpIter(kvm, root, PG_LEVEL_4K, fault.gfn, self.gfn_root_bits(root), vcpu.vcpu_id)
@@ -422,8 +432,7 @@ class TdpMmu:
                 if is_removed_spte(it.old_spte):
                     # Another vCPU is installing this entry (frozen while it reflects):
                     # give up and let the guest fault again.
-                    kvm.trace_emit("kvm_tdp_mmu_spte_frozen_retry", vcpu.vcpu_id,
-                                   msg=f"gfn {it.gfn:x} level {it.level}")
+                    kvm.trace_emit("kvm_tdp_mmu_spte_frozen_retry", vcpu.vcpu_id, gfn=it.gfn, level=it.level)
                     self._point(vcpu.vcpu_id, "frozen_retry", it.sptep)
                     return RET_PF_RETRY
                 if it.level == fault.goal_level:
@@ -489,8 +498,8 @@ class TdpMmu:
             vcpu.stat["pf_mmio_spte_created"] += 1
             return RET_PF_EMULATE
         if kvm.tracer.enabled:
-            kvm.trace_emit("kvm_mmu_set_spte", vcpu.vcpu_id,
-                           msg=f"gfn {it.gfn:x} level {it.level} spte {new_spte:x} ({spte_str(new_spte)})")
+            kvm.trace_emit("kvm_mmu_set_spte", vcpu.vcpu_id, gfn=it.gfn, level=it.level, spte=new_spte,
+                           decoded=spte_str(new_spte))
         return ret
 
     # -- zapping ------------------------------------------------------------------------------------------

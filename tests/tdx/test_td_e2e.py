@@ -290,11 +290,9 @@ class UnfreezeWatch:
     def write(self, ev):
         if ev.name != "kvm_tdp_mmu_spte_unfrozen" or self.kvm is None:
             return
-        msg = ev.fields["msg"]
-        gfn = int(re.search(r"gfn ([0-9a-f]+)", msg).group(1), 16)
-        level = int(re.search(r"level (\d+)", msg).group(1))
+        gfn, level = ev.fields["gfn"], ev.fields["level"]
         found = sptep_at(self.kvm, mirror_root(self.kvm), gfn, level)
-        self.seen.append((gfn, level, "restored" in msg, None if found is None else found[1]))
+        self.seen.append((gfn, level, ev.fields["what"] == "restored", None if found is None else found[1]))
 
     def close(self):
         pass
