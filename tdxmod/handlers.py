@@ -58,6 +58,23 @@ def _sept_unlock(td, exclusive):
         td.sept_readers -= 1
 
 
+def _begin(mod, r, caller, levels, exclusive, tdr=None):
+    """The prologue the S-EPT leaves share, in the module's order: the TDR operand, op_state,
+    the page-info operand, then the S-EPT tree lock.  Returns ((td, gpa, level), None) with
+    the lock held (the caller releases it), or (None, the error Regs)."""
+    td, st = mod.td_operand(r.rdx if tdr is None else tdr, OPERAND_ID_RDX)
+    if st:
+        return None, Regs(st)
+    if not _op_state_ok(td, _RUN_STATES):
+        return None, Regs(TDX_OP_STATE_INCORRECT)
+    pi, st = _page_info(mod, td, r.rcx, levels(td))
+    if st:
+        return None, Regs(st)
+    if not _sept_lock(mod, td, exclusive, caller):
+        return None, Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    return (td,) + pi, None
+
+
 # -- TD and vCPU management ---------------------------------------------------------------------------------
 @leaf(TDH_MNG_CREATE)
 def tdh_mng_create(mod, r, caller):
@@ -360,23 +377,16 @@ def _tlb_tracking_required(td):
 
 @leaf(TDH_MEM_SEPT_ADD)
 def tdh_mem_sept_add(mod, r, caller):
-    td, st = mod.td_operand(r.rdx & ~0xFFF, OPERAND_ID_RDX)
-    if st:
-        return Regs(st)
     if r.rdx & 0xFFE:
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
     allow_existing = r.rdx & 1
-    if not _op_state_ok(td, _RUN_STATES):
-        return Regs(TDX_OP_STATE_INCORRECT)
-    pi, st = _page_info(mod, td, r.rcx, range(1, td.pwl))
-    if st:
-        return Regs(st)
-    gpa, level = pi
     new = r.r8
     if not new:
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)    # version 0: R8 must name the new page
-    if not _sept_lock(mod, td, False, caller):
-        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    got, err = _begin(mod, r, caller, lambda td: range(1, td.pwl), False, tdr=r.rdx & ~0xFFF)
+    if err:
+        return err
+    td, gpa, level = got
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
@@ -408,18 +418,11 @@ def tdh_mem_sept_add(mod, r, caller):
 
 @leaf(TDH_MEM_PAGE_AUG)
 def tdh_mem_page_aug(mod, r, caller):
-    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
-    if st:
-        return Regs(st)
-    if not _op_state_ok(td, _RUN_STATES):
-        return Regs(TDX_OP_STATE_INCORRECT)
-    pi, st = _page_info(mod, td, r.rcx, (0, 1))
-    if st:
-        return Regs(st)
-    gpa, level = pi
+    got, err = _begin(mod, r, caller, lambda td: (0, 1), False)
+    if err:
+        return err
+    td, gpa, level = got
     page = r.r8
-    if not _sept_lock(mod, td, False, caller):
-        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
@@ -483,17 +486,10 @@ def tdh_mem_page_add(mod, r, caller):
 
 @leaf(TDH_MEM_RANGE_BLOCK)
 def tdh_mem_range_block(mod, r, caller):
-    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
-    if st:
-        return Regs(st)
-    if not _op_state_ok(td, _RUN_STATES):
-        return Regs(TDX_OP_STATE_INCORRECT)
-    pi, st = _page_info(mod, td, r.rcx, range(0, td.pwl))
-    if st:
-        return Regs(st)
-    gpa, level = pi
-    if not _sept_lock(mod, td, True, caller):
-        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    got, err = _begin(mod, r, caller, lambda td: range(0, td.pwl), True)
+    if err:
+        return err
+    td, gpa, level = got
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
@@ -516,17 +512,10 @@ def tdh_mem_range_block(mod, r, caller):
 
 @leaf(TDH_MEM_RANGE_UNBLOCK)
 def tdh_mem_range_unblock(mod, r, caller):
-    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
-    if st:
-        return Regs(st)
-    if not _op_state_ok(td, _RUN_STATES):
-        return Regs(TDX_OP_STATE_INCORRECT)
-    pi, st = _page_info(mod, td, r.rcx, range(0, td.pwl))
-    if st:
-        return Regs(st)
-    gpa, level = pi
-    if not _sept_lock(mod, td, True, caller):
-        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    got, err = _begin(mod, r, caller, lambda td: range(0, td.pwl), True)
+    if err:
+        return err
+    td, gpa, level = got
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
@@ -572,17 +561,10 @@ def _check_blocked_and_tracked(mod, td, e, state, blocked_states, lvl):
 
 @leaf(TDH_MEM_PAGE_REMOVE)
 def tdh_mem_page_remove(mod, r, caller):
-    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
-    if st:
-        return Regs(st)
-    if not _op_state_ok(td, _RUN_STATES):
-        return Regs(TDX_OP_STATE_INCORRECT)
-    pi, st = _page_info(mod, td, r.rcx, (0, 1, 2))
-    if st:
-        return Regs(st)
-    gpa, level = pi
-    if not _sept_lock(mod, td, False, caller):
-        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    got, err = _begin(mod, r, caller, lambda td: (0, 1, 2), False)
+    if err:
+        return err
+    td, gpa, level = got
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
@@ -608,17 +590,10 @@ def tdh_mem_page_remove(mod, r, caller):
 
 @leaf(TDH_MEM_SEPT_REMOVE)
 def tdh_mem_sept_remove(mod, r, caller):
-    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
-    if st:
-        return Regs(st)
-    if not _op_state_ok(td, _RUN_STATES):
-        return Regs(TDX_OP_STATE_INCORRECT)
-    pi, st = _page_info(mod, td, r.rcx, range(1, td.pwl))
-    if st:
-        return Regs(st)
-    gpa, level = pi
-    if not _sept_lock(mod, td, True, caller):
-        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    got, err = _begin(mod, r, caller, lambda td: range(1, td.pwl), True)
+    if err:
+        return err
+    td, gpa, level = got
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:

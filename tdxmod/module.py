@@ -269,41 +269,34 @@ class TdxModule:
         return bepoch == td.epoch - 1 and td.refcount[bepoch & 1] == 0
 
     # -- inspection (tests, table dumps, invariant checks) --------------------------------------------------
-    def sept_leaves(self, td):
-        """(gpa, tdx level, state, hpa) of every leaf-state entry of the TD's S-EPT."""
-        out = []
+    def _walk_sept(self, td, leaf, table):
+        """Visit the TD's S-EPT: leaf(gpa, level, state, hpa) for leaf-state entries,
+        table(gpa, level, child hpa) for non-leaf ones (which it then descends into)."""
         q = self.mem.q
 
-        def walk(table, lvl, base):
-            i0 = table >> 3
+        def walk(tbl, lvl, base):
+            i0 = tbl >> 3
             for i, e in enumerate(q[i0:i0 + 512].tolist()):
                 if e == S.SEPT_FREE_ENTRY:
                     continue
                 st = S.sept_state(e)
                 gpa = base + (i << (12 + 9 * lvl))
                 if S.is_leaf_state(st):
-                    out.append((gpa, lvl, st, e & S.SEPT_HPA))
+                    leaf(gpa, lvl, st, e & S.SEPT_HPA)
                 elif st in S.NL_STATES and lvl > 0:
+                    table(gpa, lvl, e & S.SEPT_HPA)
                     walk(e & S.SEPT_HPA, lvl - 1, gpa)
         if td.sept_root is not None:
             walk(td.sept_root, td.sept_top_level, 0)
+
+    def sept_leaves(self, td):
+        """(gpa, tdx level, state, hpa) of every leaf-state entry of the TD's S-EPT."""
+        out = []
+        self._walk_sept(td, lambda *x: out.append(x), lambda *x: None)
         return out
 
     def sept_tables(self, td):
         """(gpa, tdx level of the entry, child table HPA) of every non-leaf entry."""
         out = []
-        q = self.mem.q
-
-        def walk(table, lvl, base):
-            i0 = table >> 3
-            for i, e in enumerate(q[i0:i0 + 512].tolist()):
-                if e == S.SEPT_FREE_ENTRY:
-                    continue
-                st = S.sept_state(e)
-                gpa = base + (i << (12 + 9 * lvl))
-                if st in S.NL_STATES and lvl > 0:
-                    out.append((gpa, lvl, e & S.SEPT_HPA))
-                    walk(e & S.SEPT_HPA, lvl - 1, gpa)
-        if td.sept_root is not None:
-            walk(td.sept_root, td.sept_top_level, 0)
+        self._walk_sept(td, lambda *x: None, lambda *x: out.append(x))
         return out
