@@ -146,6 +146,21 @@ class Campaign:
         rep.seconds = time.perf_counter() - t0
         return rep
 
+    def trace(self, r):
+        """The trace (text lines) of run ``r`` again, from the snapshot: the same plans, seed and schedule."""
+        def traced():
+            from .trace import Tracer, ListSink, format_text
+            sink = ListSink()
+            t = Tracer([sink])
+            m = self.machine
+            m.tracer = m.kvm.tracer = t
+            t.symbolize = m.image.symbolize
+            if m.td:
+                m.host.tdx_module.tracer = t
+            self._one(r.index, r.plans, r.seed)
+            return [format_text(ev) for ev in sink.events]
+        return in_child(traced, lambda e: [f"(tracing the run failed: {type(e).__name__}: {e})"])
+
     def _one(self, index, plans, run_seed):
         m = self.machine
         plan = Plan(plans, seed=run_seed, tracer=m.tracer)

@@ -40,7 +40,9 @@ def _add_run_options(p):
                    help="keep only events about GPAs in [START, END) (events with no GPA are kept)")
     p.add_argument("--inject", action="append", default=[], metavar="PLAN",
                    help="fault-injection plan POINT[@N|@every|@p=P][=ERROR] (repeatable; see `inject --list`)")
-    p.add_argument("--dump-tables", action="store_true", help="print the EPT tables at the end of the run")
+    p.add_argument("--dump-tables", action="store_true",
+                   help="print the mirror root, the S-EPT and the shared EPT side by side at the end of the run "
+                        "(the --trace-gpa range only, when given)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -131,7 +133,8 @@ def cmd_run(args, out):
     tables = None
     if args.dump_tables:
         from .dump import dump_tables
-        tables = dump_tables(m.kvm)
+        lo, hi = parse_gpa_range(args.trace_gpa) if args.trace_gpa else (0, None)
+        tables = dump_tables(m.kvm, lo, hi)
     if args.json:
         obj = res.as_json()
         if tables is not None:
@@ -227,6 +230,12 @@ def cmd_campaign(args, out):
     rep = c.run(args.runs, seed=args.seed)
     if progress is not None:
         progress.done()
+    tracer = make_tracer(args)
+    if tracer.enabled and rep.failures:
+        # --trace: the first failing run, traced (a campaign's other runs are not)
+        for line in c.trace(rep.failures[0]):
+            tracer.sinks[0].out.write(line + "\n")
+    tracer.close()
     if args.json:
         obj = rep.as_json()
         for f, r in zip(obj["failures"], rep.failures):
