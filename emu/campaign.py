@@ -25,7 +25,7 @@ import time
 import traceback
 
 from . import check
-from .explore import in_child, PctStrategy, _per_vcpu
+from .explore import in_child, in_children, default_jobs, PctStrategy, _per_vcpu
 from .inject import Plan, POINTS, ERRNO
 from .sched import Scheduler
 from tdxmod import abi as A
@@ -122,18 +122,23 @@ class Campaign:
         return rules
 
     # -- running ----------------------------------------------------------------------------------------
-    def run(self, runs, seed=0):
+    def run(self, runs, seed=0, jobs=None):
+        """``runs`` runs, ``jobs`` at a time (default: one per core); results in run order."""
         rep = CampaignReport()
         t0 = time.perf_counter()
-        try:
+
+        def work():
             for i in range(runs):
                 rng = random.Random(f"{seed}:{i}")
                 plans = self.user_plans + self.draw(rng)
                 run_seed = rng.getrandbits(32)
-                r = in_child(lambda: self._one(i, plans, run_seed),
-                             lambda e: RunReport(i, plans, "invariant_broken",
-                                                 f"the model raised {type(e).__name__}: {e}\n"
-                                                 f"{traceback.format_exc()}", [], seed=run_seed))
+                yield (lambda i=i, plans=plans, run_seed=run_seed: self._one(i, plans, run_seed))
+
+        def failed(e):
+            return RunReport(-1, [], "invariant_broken",
+                             f"the model raised {type(e).__name__}: {e}\n{traceback.format_exc()}", [])
+        try:
+            for r in in_children(work(), failed, jobs or default_jobs()):
                 rep.runs.append(r)
                 for point in {p for p, _, _ in r.fired}:
                     row = rep.table.setdefault(point, {o: 0 for o in OUTCOMES})
@@ -162,6 +167,14 @@ class Campaign:
         return in_child(traced, lambda e: [f"(tracing the run failed: {type(e).__name__}: {e})"])
 
     def _one(self, index, plans, run_seed):
+        try:
+            return self._one_run(index, plans, run_seed)
+        except Exception as e:                       # a bug of the model: a failure, with its reproducer
+            return RunReport(index, plans, "invariant_broken",
+                             f"the model raised {type(e).__name__}: {e}\n{traceback.format_exc()}", [],
+                             seed=run_seed)
+
+    def _one_run(self, index, plans, run_seed):
         m = self.machine
         plan = Plan(plans, seed=run_seed, tracer=m.tracer)
         m.set_plan(plan)

@@ -197,7 +197,8 @@ def cmd_explore(args, out):
     else:
         what = (f"random (PCT depth {args.depth}, seed {args.seed})" if args.random is not None
                 else f"exhaustive, preemption bound {2 if args.bound is None else args.bound}")
-        state = "interrupted" if res.interrupted else ("complete" if res.complete else "stopped")
+        state = ("interrupted" if res.interrupted else "stopped at the first failure" if f is not None and not args.all
+                 else "complete" if res.complete else "stopped")
         out.write(f"explored {res.runs} schedules of {args.guest} ({what}, {args.vcpus} vCPUs, "
                   f"{'no freeze' if args.no_freeze else 'freeze protocol'}): {res.failures} failing, {state}, "
                   f"{res.rate:.0f} schedules/s\n")

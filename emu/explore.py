@@ -224,23 +224,33 @@ class Explorer:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def random(self, runs, seed=0, depth=3, stop_at_first=True):
-        """``runs`` PCT schedules; seed s names the whole exploration."""
+    def random(self, runs, seed=0, depth=3, stop_at_first=True, jobs=None):
+        """``runs`` PCT schedules; seed s names the whole exploration.  Runs are independent, so
+        ``jobs`` of them (default: one per core) run at once; results are taken in run order,
+        so the outcome does not depend on ``jobs``."""
         res = ExploreResult()
         t0 = time.perf_counter()
         rng = random.Random(seed)
+        jobs = jobs or default_jobs()
         try:
             base = self.baseline()
             nsteps = max(len(base.decisions), 1)
             n = len(self.machine.vcpus)
             res.runs += 1
             self._account(res, base, ReplayStrategy([d.choice for d in base.decisions]))
-            while res.runs < runs and not (stop_at_first and res.first_failure is not None):
-                strategy = PctStrategy(random.Random(rng.getrandbits(64)), n, nsteps, depth)
-                out = self.run(strategy)
-                res.runs += 1
-                self._account(res, out, ReplayStrategy([d.choice for d in out.decisions]))
-                self._tick(res, t0)
+            if res.runs < runs and not (stop_at_first and res.first_failure is not None):
+                seeds = [rng.getrandbits(64) for _ in range(runs - 1)]
+
+                def make(s):
+                    return lambda: self._run_here(PctStrategy(random.Random(s), n, nsteps, depth), False)
+                err = lambda e: Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None)
+                for out in in_children((make(s) for s in seeds), err, jobs):
+                    res.runs += 1
+                    self._account(res, out, ReplayStrategy([d.choice for d in out.decisions]))
+                    self._tick(res, t0)
+                    if stop_at_first and res.first_failure is not None:
+                        break
+            res.complete = res.runs >= runs
         except KeyboardInterrupt:
             res.interrupted = True
         res.seconds = time.perf_counter() - t0
@@ -278,6 +288,55 @@ class Explorer:
         if self.progress is not None:
             res.seconds = time.perf_counter() - t0
             self.progress(res)
+
+
+def _start_child(fn, on_error):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            data = pickle.dumps(fn())
+        except BaseException as e:                   # a bug of ours: the run's result says so
+            data = pickle.dumps(on_error(e))
+        with os.fdopen(w, "wb") as f:
+            f.write(struct.pack("<Q", len(data)))
+            f.write(data)
+        os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def _finish_child(pid, r, on_error):
+    with os.fdopen(r, "rb") as f:
+        head = f.read(8)
+        data = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
+    os.waitpid(pid, 0)
+    if data is None:
+        return on_error(RuntimeError("the run's process died"))
+    return pickle.loads(data)
+
+
+def in_children(fns, on_error, jobs):
+    """Run the callables ``fns`` (an iterable) in forked children, ``jobs`` at a time (the
+    machine's cores), yielding their results in order.  Stop iterating to stop launching."""
+    fns = iter(fns)
+    running = []
+    while True:
+        while len(running) < jobs:
+            fn = next(fns, None)
+            if fn is None:
+                break
+            running.append(_start_child(fn, on_error))
+        if not running:
+            return
+        pid, r = running.pop(0)
+        yield _finish_child(pid, r, on_error)
+
+
+def default_jobs():
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def in_child(fn, on_error):
