@@ -9,7 +9,7 @@ EPT violations are handled inside run(), as KVM handles them in the kernel;
 only what KVM would hand to userspace comes out.
 """
 
-from ..hw.ept import make_eptp, EptTranslation, walk as ept_walk
+from ..hw.ept import make_eptp, EptTranslation, walk as ept_walk, MAXPHYADDR
 from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_HLT, EXIT_REASON_VMCALL,
                         EXIT_REASON_TDCALL, EXIT_REASON_EXCEPTION_NMI, REASON_NAMES, VECTOR_NAMES)
 from ..hw.ept import decode_qualification, EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE, \
@@ -30,26 +30,7 @@ from .tdp_mmu import (TdpMmu, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_
                       KVM_ALL_ROOTS, KVM_VALID_ROOTS)
 from .x86_ops import VmxX86Ops
 
-# enum kvm vm types (uapi)
-KVM_X86_DEFAULT_VM = 0
-KVM_X86_TDX_VM = 5
-VM_TYPE_NAMES = {KVM_X86_DEFAULT_VM: "default", KVM_X86_TDX_VM: "tdx"}
-
-KVM_MEM_READONLY = 1 << 1
-
-# kvm_run exit reasons (uapi kvm.h)
-KVM_EXIT_UNKNOWN = 0
-KVM_EXIT_HYPERCALL = 3
-KVM_EXIT_HLT = 5
-KVM_EXIT_MMIO = 6
-KVM_EXIT_SHUTDOWN = 8
-KVM_EXIT_INTERNAL_ERROR = 17
-KVM_EXIT_SYSTEM_EVENT = 24
-KVM_EXIT_MEMORY_FAULT = 39
-KVM_EXIT_INTR = 10
-EXIT_NAMES = {KVM_EXIT_INTR: "intr", KVM_EXIT_UNKNOWN: "unknown", KVM_EXIT_HYPERCALL: "hypercall", KVM_EXIT_HLT: "hlt",
-              KVM_EXIT_MMIO: "mmio", KVM_EXIT_SHUTDOWN: "shutdown", KVM_EXIT_INTERNAL_ERROR: "internal_error",
-              KVM_EXIT_SYSTEM_EVENT: "system_event", KVM_EXIT_MEMORY_FAULT: "memory_fault"}
+from .uapi import *  # noqa: F401,F403  (KVM_X86_*_VM, KVM_MEM_READONLY, KVM_EXIT_*)
 
 KVM_ENOSYS = 1000
 EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
@@ -175,7 +156,6 @@ class Kvm:
         self.mt_mask = MT_MASK_DEFAULT_VM
         self.root_level = 4
         # kvm_mmu_max_gfn() + 1: GFNs the TDP MMU may map (shadow_phys_bits = MAXPHYADDR)
-        from ..hw.ept import MAXPHYADDR
         self.max_gfn_exclusive = 1 << (MAXPHYADDR - 12)
         self.x86_ops.vm_init(self)
 

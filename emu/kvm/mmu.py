@@ -18,6 +18,11 @@ PFERR_GUEST_FINAL_MASK = 1 << 32
 PFERR_GUEST_PAGE_MASK = 1 << 33
 PFERR_PRIVATE_ACCESS = 1 << 49
 
+# enum RET_PF_* (mmu_internal.h)
+RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, \
+    RET_PF_SPURIOUS = range(7)
+RET_PF_NAMES = ["CONTINUE", "RETRY", "EMULATE", "WRITE_PROTECTED", "INVALID", "FIXED", "SPURIOUS"]
+
 KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
 KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40
 
@@ -140,7 +145,6 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
     (KVM_PFN_ERR_RO_FAULT: the access is emulated, which exits to userspace as
     MMIO), or a negative errno when the backing cannot be had.
     """
-    from .tdp_mmu import RET_PF_CONTINUE, RET_PF_EMULATE
     kvm = vcpu.kvm
     slot = kvm.gfn_to_memslot(fault.gfn)
     fault.slot = slot
@@ -166,7 +170,6 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
 
 def handle_mmio_page_fault(vcpu, addr):
     """An EPT misconfig: emulate if it is one of our MMIO SPTEs."""
-    from .tdp_mmu import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY
     spte = vcpu.kvm.get_leaf_spte(vcpu, addr)
     if spte is None:
         return RET_PF_RETRY

@@ -19,16 +19,13 @@ from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_
                    is_ept_ve_possible, is_accessed_spte, shadow_accessed_mask, PT_WRITABLE_MASK,
                    shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK)
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
-from .mmu import kvm_mmu_hugepage_adjust
+from .mmu import (kvm_mmu_hugepage_adjust, RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noqa: F401
+                  RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_NAMES)
 
 EBUSY = 16
 EIO = 5
 EINVAL = 22
 
-# enum RET_PF_* (mmu_internal.h)
-RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, \
-    RET_PF_SPURIOUS = range(7)
-RET_PF_NAMES = ["CONTINUE", "RETRY", "EMULATE", "WRITE_PROTECTED", "INVALID", "FIXED", "SPURIOUS"]
 
 # union kvm_mmu_page_role, bit positions
 ROLE_LEVEL_MASK = 0xF

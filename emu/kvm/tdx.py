@@ -18,6 +18,8 @@ from .. import guestabi
 from .spte import PG_LEVEL_4K, MT_MASK_TDX_VM
 from .tdp_mmu import RET_PF_RETRY, RET_PF_FIXED, RET_PF_SPURIOUS, EBUSY, EIO, EINVAL, KVM_MIRROR_ROOTS
 from .x86_ops import VmxX86Ops
+from .uapi import KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_HLT, KVM_EXIT_SYSTEM_EVENT, \
+    KVM_EXIT_HYPERCALL
 
 KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
@@ -341,7 +343,6 @@ class TdxX86Ops(VmxX86Ops):
     def handle_exit(self, vcpu, exit):
         out = vcpu.tdx_exit
         kvm = vcpu.kvm
-        from .kvm import KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR
         if exit.reason == -1:
             return 0
         if exit.reason == -2:
@@ -390,7 +391,6 @@ class TdxX86Ops(VmxX86Ops):
 
     def handle_vmcall(self, vcpu, out):
         """tdx_handle_vmcall(): R10 != 0 is a KVM hypercall (R10 = nr), else a GHCI sub-function in R11."""
-        from .kvm import KVM_EXIT_HLT, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_HYPERCALL
         t = vcpu.arch
         kvm = vcpu.kvm
         if out.r10:
@@ -432,7 +432,6 @@ class TdxX86Ops(VmxX86Ops):
         return self._map_gpa_step(vcpu)
 
     def _map_gpa_step(self, vcpu):
-        from .kvm import KVM_EXIT_HYPERCALL
         t = vcpu.arch
         shared = vcpu.kvm.gfn_direct_bits << 12
         gpa = t.map_gpa_next

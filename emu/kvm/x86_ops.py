@@ -10,6 +10,7 @@ from ..hw.ept import make_eptp
 from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_HLT,
                         EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXCEPTION_NMI)
 from .spte import PG_LEVEL_4K
+from .uapi import KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR
 
 
 class VmxX86Ops:
@@ -81,7 +82,6 @@ class VmxX86Ops:
             # kvm_emulate_halt() without an in-kernel LAPIC: skip the HLT and tell userspace.
             vcpu.stat["halt_exits"] += 1
             vcpu.skip_emulated_instruction(exit)
-            from .kvm import KVM_EXIT_HLT
             vcpu.exit_to_user(KVM_EXIT_HLT)
             return 0
         if r == EXIT_REASON_TDCALL:
@@ -89,6 +89,5 @@ class VmxX86Ops:
             return vcpu.guest_exception(exit)
         if r == EXIT_REASON_EXCEPTION_NMI:
             return vcpu.guest_exception(exit)
-        from .kvm import KVM_EXIT_INTERNAL_ERROR
         vcpu.exit_to_user(KVM_EXIT_INTERNAL_ERROR, suberror="unexpected_exit", reason=f"exit reason {exit.name}")
         return 0
