@@ -17,6 +17,7 @@ from . import hw
 from . import kvm
 from . import td
 from . import trace
+from . import memory
 
 # -- the registry -------------------------------------------------------------------------------------
 # (name, function ctx -> list[Result]), run in this order.  Add new layers here.  Baselines shared by
@@ -29,6 +30,7 @@ BENCHMARKS = [
     ("kvm.new_page", kvm.bench_new_page),     # new 4K page through KVM's fault path / bare fault  <= 2
     ("td.private_page", td.bench_private_page),  # TD private page / bare fault                     <= 4
     ("td.explore", td.bench_explore),         # race2 schedules explored per second              >= 500
+    ("mem", memory.bench_memory),             # 4 GiB guest, 3000 pages: peak RSS                <= 400 MB
     ("trace", trace.bench_trace_cost),        # tracing off / trace calls removed                 <= 1.05
 ]
 

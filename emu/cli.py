@@ -21,6 +21,8 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
+        if "required: cmd" in message:
+            message = "say what to do: run, explore, campaign or inject (python -m emu --help)"
         raise UsageError(message)
 
 
