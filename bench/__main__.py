@@ -12,7 +12,7 @@ import traceback
 
 import unicorn
 
-from . import Context, Result
+from . import Context
 from . import hw
 from . import kvm
 from . import td

@@ -26,7 +26,7 @@ import traceback
 
 from . import check
 from .explore import in_child, in_children, default_jobs, PctStrategy, _per_vcpu
-from .inject import Plan, POINTS, ERRNO
+from .inject import Plan, POINTS
 from .sched import Scheduler
 from tdxmod import abi as A
 

@@ -5,7 +5,7 @@ each entry's TDX state) and the shared EPT (KVM's direct root, GPAs with the
 shared bit).  A private GPA's mirror and S-EPT columns must agree.
 """
 
-from .kvm.spte import spte_str, spte_to_pfn
+from .kvm.spte import spte_str
 
 LEVEL_NAMES = {1: "4K", 2: "2M", 3: "1G"}
 

@@ -20,8 +20,7 @@ import time
 import traceback
 
 from .check import check_vm
-from .sched import Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError, \
-    YIELD_POINTS
+from .sched import Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError
 from .trace import Tracer, ListSink, format_text
 
 
@@ -137,7 +136,7 @@ class Explorer:
             m.tracer = m.kvm.tracer = t
             if m.td:
                 m.host.tdx_module.tracer = t
-        on_step = None
+        on_step = None                   # (the step-invariant checker, on request)
         if self.check_steps:
             from .check import check_step
 

@@ -5,8 +5,6 @@ in the module's order: operands, TD state, locks, S-EPT walk and entry state,
 PAMT; nothing changes until every check has passed.
 """
 
-import hashlib
-
 from .abi import *  # noqa: F401,F403
 from .module import (Regs, Td, TdVcpu, PAGE, TDCS_PAGES, TDVPX_PAGES, TD_PARAMS_ATTRIBUTES, TD_PARAMS_MAX_VCPUS,
                      TD_PARAMS_EPTP_CONTROLS, TD_PARAMS_CONFIG_FLAGS, MD_TDVPS_VMCS_SHARED_EPTP,

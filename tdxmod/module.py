@@ -159,7 +159,6 @@ class TdxModule:
                 handler = self._handlers.get(leaf & 0xFFFF)
                 out = handler(self, inp, caller) if handler is not None else Regs(TDX_OPERAND_INVALID)
         if tracer is not None and tracer.enabled:
-            failed = out.rax & TDX_ERROR and (out.rax & 0xFFFF0000) != 0
             tracer.emit("seamcall", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8, status=abi.status_name(out.rax),
                         rax=out.rax, out_rcx=out.rcx, out_rdx=out.rdx,
                         outputs=f" rcx {out.rcx:#x} rdx {out.rdx:#x}" if out.rax and out.rax & TDX_ERROR else "")

@@ -9,9 +9,8 @@ EPT violations are handled inside run(), as KVM handles them in the kernel;
 only what KVM would hand to userspace comes out.
 """
 
-from ..hw.ept import make_eptp, EptTranslation, walk as ept_walk, MAXPHYADDR
-from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_HLT, EXIT_REASON_VMCALL,
-                        EXIT_REASON_TDCALL, EXIT_REASON_EXCEPTION_NMI, REASON_NAMES, VECTOR_NAMES)
+from ..hw.ept import MAXPHYADDR
+from ..hw.exits import EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI, VECTOR_NAMES
 from ..hw.ept import decode_qualification, EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE, \
     EPT_VIOLATION_ACC_INSTR, EPT_VIOLATION_GVA_IS_VALID, EPT_VIOLATION_GVA_TRANSLATED
 from ..hw.vcpu import Vcpu
@@ -23,7 +22,7 @@ from .mmu import (KvmMmuMemoryCache, KvmPageFault, PFERR_WRITE_MASK, PFERR_USER_
                   PFERR_PRESENT_MASK, PFERR_GUEST_FINAL_MASK, PFERR_GUEST_PAGE_MASK, PFERR_PRIVATE_ACCESS,
                   PFERR_RSVD_MASK)
 from .rcu import Rcu
-from .spte import (SHADOW_NONPRESENT_VALUE, PG_LEVEL_4K, MT_MASK_DEFAULT_VM, KVM_PAGES_PER_HPAGE, is_shadow_present_pte, is_last_spte)
+from .spte import SHADOW_NONPRESENT_VALUE, PG_LEVEL_4K, MT_MASK_DEFAULT_VM, KVM_PAGES_PER_HPAGE
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level
 from .tdp_mmu import (TdpMmu, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS,
                       RET_PF_CONTINUE, RET_PF_WRITE_PROTECTED, RET_PF_NAMES, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS,

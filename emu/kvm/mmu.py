@@ -5,7 +5,7 @@ top up the vCPU's memory caches (outside mmu_lock, where allocation may sleep),
 fault in the pfn from the memslot, take mmu_lock for read, and map.
 """
 
-from .spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, KVM_PAGES_PER_HPAGE, PT64_ROOT_MAX_LEVEL, \
+from .spte import PG_LEVEL_4K, PG_LEVEL_1G, KVM_PAGES_PER_HPAGE, PT64_ROOT_MAX_LEVEL, \
     is_mmio_spte, get_mmio_spte_generation, MMIO_SPTE_GEN_MASK
 
 # Page-fault error code bits KVM uses (kvm_host.h)
