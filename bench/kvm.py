@@ -22,6 +22,7 @@ def kvm_prepare(n):
 
 
 def bench_new_page(ctx):
+    """New 4K page through KVM's fault path (default VM) vs the bare Unicorn fault, target <= 2x."""
     bare = hw.bare_fault_per_page(ctx)
     per, _ = hw.per_new_page(kvm_prepare, NEWPAGES, ctx.repeats)
     return [Result("kvm.new_page", "new 4K page, default VM: exit+walk+map+resume (KVM)", per, "s/page",

@@ -23,6 +23,7 @@ def td_prepare(n):
 
 
 def bench_private_page(ctx):
+    """TD private page (ACCEPT exit, SEPT.ADD/AUG with the freeze, ACCEPT, access) vs the bare fault, <= 4x."""
     bare = hw.bare_fault_per_page(ctx)
     per, _ = hw.per_new_page(td_prepare, TDPAGES, max(2, ctx.repeats // 2))
     return [Result("td.private_page", "TD private page: violation, freeze, SEAMCALLs, ACCEPT, access", per,
