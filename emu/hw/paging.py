@@ -102,7 +102,7 @@ def _ept_exit(res, paging_structure):
     return EptViolation(res.gpa, q)
 
 
-def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None):
+def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None, pscache=None):
     """Translate ``gva`` for ``access`` (READ/WRITE/FETCH).
 
     ``q`` is host memory as 64-bit words (HostMemory.q); ``ept(gpa, access)`` is the
@@ -113,6 +113,12 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
 
     ``nxe`` (EFER.NXE) may be a callable: it is asked only when it matters (a fetch,
     or an entry with XD set), which keeps an MSR read off most fills.
+
+    ``pscache`` is the vCPU's paging-structure cache (SDM "Paging-Structure Caches"):
+    the PML4E, PDPTE and PDE of each 2M region, with the host addresses EPT gave
+    their GPAs.  A cached walk re-reads those entries and uses them only if they
+    are unchanged, so it always gives what a full walk gives; the vCPU drops the
+    cache with its TLB (INVEPT), as it drops the EPT translations it rests on.
 
     Returns Translation, PageFault, GeneralProtection, or the EPT exit
     (EptViolation with bits 7/8 set, or EptMisconfig).
@@ -130,7 +136,29 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
     xd = 0
     entries = []                  # (entry GPA, entry HPA, value) from the top
     level = 4
-    while True:
+    key = None
+    cached_leaf = False
+    if pscache is not None and path is None:
+        key = (table, gva >> 21)
+        hit = pscache.get(key)
+        if hit is not None:
+            for egpa, ehpa, e in hit:
+                if q[ehpa >> 3] != e:
+                    del pscache[key]
+                    hit = None
+                    break
+        if hit is not None:
+            entries = list(hit)
+            pde = hit[-1][2]
+            both = hit[0][2] & hit[1][2] & pde
+            rw, us = both >> 1, both >> 2
+            if pde & PT_PS:                            # a 2M page: the walk is done
+                level, shift, e = 2, 21, pde
+                key = None
+                cached_leaf = True
+            else:
+                level, table = 1, pde & PT_ADDR
+    while not cached_leaf:
         shift = 12 + 9 * (level - 1)
         egpa = table + (((gva >> shift) & 511) << 3)
         t = ept(egpa, PAGING)
@@ -165,6 +193,9 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
             break
         table = e & PT_ADDR
         level -= 1
+    if key is not None and len(entries) >= 3 and not xd and entries[2][2] & PT_A and \
+            entries[0][2] & entries[1][2] & PT_A:
+        pscache[key] = tuple(entries[:3])          # through the PDE: all present, accessed, no XD
 
     # Permission checks on the combined rights (SDM "Access Rights").
     guest_w = rw & 1 or (not user and not wp)

@@ -78,6 +78,7 @@ class Vcpu:
         uc.reg_write(X.UC_X86_REG_CR0, BOOT_CR0)
         self._ept = None
         self.gpa_cache = {}
+        self.pscache = {}                    # paging-structure cache (emu.hw.paging.translate)
         self.tlb_shadow = {}                 # GVA page -> HPA page of every fill since the last flush
         self.code_pfns = set()               # host pages filled executable since the last code flush
         self.code_generation = mem.generation
@@ -199,6 +200,7 @@ class Vcpu:
         """INVEPT (all contexts) for this vCPU: no cached translation survives it."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.gpa_cache.clear()
+        self.pscache.clear()
         self.tlb_shadow.clear()
 
     # -- registers ------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ class Vcpu:
             self._emit_walk(vaddr, acc, path, r)
         else:
             r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe)
+                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
         if r.__class__ is Translation:
             hpa = entry.paddr = r.hpa & PAGE_MASK
             perms = entry.perms = r.perms
