@@ -341,27 +341,8 @@ def default_jobs():
 def in_child(fn, on_error):
     """``fn()`` in a forked child of this process (a copy-on-write snapshot of everything),
     its picklable result sent back; ``on_error(exception)`` if it raised."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            data = pickle.dumps(fn())
-        except BaseException as e:                   # a bug of ours: the run's result says so
-            data = pickle.dumps(on_error(e))
-        with os.fdopen(w, "wb") as f:
-            f.write(struct.pack("<Q", len(data)))
-            f.write(data)
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        head = f.read(8)
-        data = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
-    os.waitpid(pid, 0)
-    if data is None:
-        return on_error(RuntimeError("the run's process died"))
-    return pickle.loads(data)
+    pid, r = _start_child(fn, on_error)
+    return _finish_child(pid, r, on_error)
 
 
 def _with_choice(d, c):
