@@ -10,15 +10,20 @@ GUEST = os.path.join(os.path.dirname(__file__), "guests", "newpages.S")
 NEWPAGES = 2048
 
 
-def kvm_prepare(n):
-    """A prepare_new_pages for the default VM: a fresh Machine whose guest touches NEWPAGES pages."""
-    assert n == NEWPAGES
-    m = Machine(GUEST, vm="default", mem=64 << 20, vcpus=1)
+def machine_prepare(guest, vm, **kw):
+    """A prepare_new_pages: build a fresh Machine (untimed), return the callable that runs it."""
+    m = Machine(guest, vm=vm, mem=64 << 20, vcpus=1, **kw)
 
     def run():
         res = m.run()
         assert res.ok, res.error
     return run
+
+
+def kvm_prepare(n):
+    """The default VM whose guest touches NEWPAGES new pages."""
+    assert n == NEWPAGES
+    return machine_prepare(GUEST, "default")
 
 
 def bench_new_page(ctx):

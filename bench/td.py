@@ -4,6 +4,7 @@ import os
 
 from . import Result
 from . import hw
+from .kvm import machine_prepare
 from emu.vmm import Machine
 from emu.explore import Explorer, default_jobs
 
@@ -12,14 +13,9 @@ TDPAGES = 1024
 
 
 def td_prepare(n):
-    """A prepare_new_pages for a TD: a fresh TD whose guest accepts and touches TDPAGES private pages."""
+    """A TD whose guest accepts and touches TDPAGES private pages."""
     assert n == TDPAGES
-    m = Machine(GUEST, vm="tdx", mem=64 << 20, vcpus=1)
-
-    def run():
-        res = m.run()
-        assert res.ok, res.error
-    return run
+    return machine_prepare(GUEST, "tdx")
 
 
 def bench_private_page(ctx):

@@ -2,7 +2,7 @@
 
 from . import Result
 from . import hw
-from .kvm import kvm_prepare, NEWPAGES
+from .kvm import kvm_prepare, machine_prepare, NEWPAGES, GUEST
 from emu.kvm.kvm import Kvm
 from emu.trace import Tracer
 
@@ -27,13 +27,7 @@ def bench_trace_cost(ctx):
     off, _ = hw.per_new_page(kvm_prepare, NEWPAGES, ctx.repeats)
 
     def traced_prepare(n):
-        from emu.vmm import Machine
-        from .kvm import GUEST
-        m = Machine(GUEST, vm="default", mem=64 << 20, vcpus=1, tracer=Tracer([_Discard()]))
-
-        def run():
-            assert m.run().ok
-        return run
+        return machine_prepare(GUEST, "default", tracer=Tracer([_Discard()]))
     on, _ = hw.per_new_page(traced_prepare, NEWPAGES, max(2, ctx.repeats // 2))
     return [Result("trace.off", "new 4K page, tracing off vs trace calls removed", off, "s/page",
                    ratio=off / none, target=("<=", 1.05), ratio_note="off / no trace calls"),

@@ -198,27 +198,13 @@ class Machine:
         while live and res.error is None and exits < max_userspace_exits:
             for v in list(live):
                 exits += 1
-                try:
-                    run = v.run()
-                except KvmIoctlError as e:
-                    ended[v.vcpu_id] = "ioctl_error"
-                    res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
-                    break
-                outcome = self._userspace_exit(v, run, res)
-                if outcome is not None:
-                    ended[v.vcpu_id] = outcome
+                if self._step(v, res, ended):
                     live.remove(v)
                 if res.error is not None:
                     break
         if live and res.error is None:
             res.exit, res.error = "timeout", f"the guest made more than {max_userspace_exits} userspace exits"
-        if res.error is None:
-            res.exit = "hlt"
-        res.vcpu_exits = [ended.get(v.vcpu_id, "running") for v in self.vcpus]
-        res.vcpus = [v.get_regs() for v in self.vcpus]
-        res.stats = self.stats()
-        res.shared_bit = self.shared_bit if self.td else None
-        return res
+        return self._finish(res, ended, collect_regs=True)
 
     def run_scheduled(self, sched, collect_regs=True):
         """Run every vCPU as a task of the deterministic scheduler ``sched`` (emu.sched):
@@ -231,17 +217,8 @@ class Machine:
 
         def vcpu_loop(v):
             def body():
-                while res.error is None:
-                    try:
-                        run = v.run()
-                    except KvmIoctlError as e:
-                        ended[v.vcpu_id] = "ioctl_error"
-                        res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
-                        return
-                    outcome = self._userspace_exit(v, run, res)
-                    if outcome is not None:
-                        ended[v.vcpu_id] = outcome
-                        return
+                while res.error is None and not self._step(v, res, ended):
+                    pass
             return body
         for v in self.vcpus:
             sched.spawn(vcpu_loop(v))
@@ -251,6 +228,23 @@ class Machine:
             self.kvm.sched = None
             if self.td:
                 self.host.tdx_module.sched = None
+        return self._finish(res, ended, collect_regs)
+
+    def _step(self, v, res, ended):
+        """One KVM_RUN of ``v`` and its userspace exit; True when the vCPU is done."""
+        try:
+            run = v.run()
+        except KvmIoctlError as e:
+            ended[v.vcpu_id] = "ioctl_error"
+            res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
+            return True
+        outcome = self._userspace_exit(v, run, res)
+        if outcome is not None:
+            ended[v.vcpu_id] = outcome
+            return True
+        return False
+
+    def _finish(self, res, ended, collect_regs):
         if res.error is None:
             res.exit = "hlt"
         res.vcpu_exits = [ended.get(v.vcpu_id, "running") for v in self.vcpus]
