@@ -23,7 +23,11 @@ import greenlet
 SCHEDULE_PREFIX = "emu-sched/1:"
 
 # Points where a vCPU waits for another one to make progress: the default policy switches.
-YIELD_POINTS = frozenset({"frozen_retry", "frozen_wait", "fault_local_retry", "lock_wait", "cond_resched"})
+# A vCPU in guest mode between two slices (its budget ran out, or a window of PAUSEs) yields
+# too: a spinning vCPU gives way (CHESS's fairness for spin loops), so spinning neither starves
+# the others nor adds choices.
+YIELD_POINTS = frozenset({"frozen_retry", "frozen_wait", "fault_local_retry", "lock_wait", "cond_resched",
+                          "ipi_wait", "guest_slice", "guest_pause", "vcpu_on_spin"})
 
 
 class ScheduleError(Exception):
@@ -90,15 +94,25 @@ class Decision:
 
 
 class Task:
-    def __init__(self, index):
+    def __init__(self, index, name=None, start=0):
         self.index = index
+        self.name = name or f"vcpu {index}"
         self.glet = None
         self._body = None
         self.done = False
         self.wait = None                 # a predicate: the task can run only when it holds
+        self.host = False                # a host task (an event of the VMM or the host kernel)
+        self.start = start               # a host task may run from this scheduling point on
+        self.sched = None
+        self.fair_wait = set()           # after a yield: tasks that must run before this one
 
     def enabled(self):
-        return not self.done and (self.wait is None or self.wait())
+        if self.done or (self.wait is not None and not self.wait()):
+            return False
+        if self.host and self.sched.steps < self.start:
+            # Not yet: unless every vCPU has finished (an event is never skipped).
+            return all(t.done for t in self.sched.tasks if not t.host)
+        return True
 
 
 class Strategy:
@@ -144,8 +158,9 @@ class Scheduler:
         self.on_step = on_step           # called at every scheduling point (invariant checks)
 
     # -- tasks --------------------------------------------------------------------------------------------
-    def spawn(self, fn):
-        t = Task(len(self.tasks))
+    def spawn(self, fn, name=None, host=False, start=0):
+        t = Task(len(self.tasks), name, start)
+        t.host, t.sched = host, self
 
         def body():
             try:
@@ -173,11 +188,22 @@ class Scheduler:
 
     def _switch(self, t):
         self.current = t
+        if self.tracer is not None:
+            self.tracer.vcpu = self.track(t)
         t.glet.switch()
         self.current = None if greenlet.getcurrent() is self.main else self.current
 
     # -- the points -----------------------------------------------------------------------------------------
+    def others_live(self):
+        """Another task than the running one may still run (so guest code runs in slices)."""
+        cur = self.current
+        return any(not t.done for t in self.tasks if t is not cur)
+
     def default_choice(self, enabled, current, what):
+        # A host event runs as soon as it may (a host CPU of its own would not wait for the vCPUs).
+        for t in enabled:
+            if t.host and t is not current:
+                return t
         if current is not None and current in enabled and what not in YIELD_POINTS:
             return current
         start = -1 if current is None else current.index
@@ -187,10 +213,16 @@ class Scheduler:
 
     def _decide(self, enabled, current, what):
         if what in YIELD_POINTS and current in enabled and len(enabled) > 1:
-            # A yield (a retry loop): the yielding vCPU lets the others go first.
-            enabled = [t for t in enabled if t is not current]
+            # A yield (a retry loop, a spinning guest): CHESS's fairness.  The yielding task
+            # may run again only once every other task enabled now has run (or cannot run),
+            # so tasks that retry at each other cannot starve the one they wait for, and an
+            # exploration never follows an unfair schedule forever.
+            current.fair_wait = {t.index for t in enabled if t is not current}
+        live = {t.index for t in enabled}
+        fair = [t for t in enabled if not (t.fair_wait & live)]
+        enabled = fair or enabled
         if len(enabled) == 1:
-            return enabled[0]
+            return self._ran(enabled[0])
         default = self.default_choice(enabled, current, what)
         choice = self.strategy.choose(self, enabled, current, what)
         preempt = current is not None and choice is not current and current in enabled
@@ -198,7 +230,15 @@ class Scheduler:
             self.preemptions += 1
         self.decisions.append(Decision(choice.index, tuple(t.index for t in enabled), what,
                                        None if current is None else current.index, default.index, preempt))
-        return choice
+        return self._ran(choice)
+
+    def _ran(self, task):
+        """``task`` runs now: nobody waits for it to have run any more."""
+        i = task.index
+        for t in self.tasks:
+            if i in t.fair_wait:
+                t.fair_wait.discard(i)
+        return task
 
     def point(self, who, what, arg=None):
         cur = self.current
@@ -215,10 +255,14 @@ class Scheduler:
         nxt = self._decide(enabled, cur, what)
         if nxt is not cur:
             if self.tracer is not None and self.tracer.enabled:
-                self.tracer.emit("sched_switch", cur.index, msg=f"vcpu {cur.index} -> vcpu {nxt.index} at {what}")
+                self.tracer.emit("sched_switch", self.track(cur), msg=f"{cur.name} -> {nxt.name} at {what}")
             self.current = nxt
+            if self.tracer is not None:
+                self.tracer.vcpu = self.track(nxt)
             nxt.glet.switch()
             self.current = cur
+            if self.tracer is not None:
+                self.tracer.vcpu = self.track(cur)
 
     def wait_until(self, pred, who=None, what="lock_wait"):
         """Block the running task until ``pred()`` holds (other tasks run meanwhile)."""
@@ -232,8 +276,17 @@ class Scheduler:
             self.point(who, what)
             cur.wait = None
 
+    def track(self, task):
+        """The trace track of a task: the vCPU index, or the host task's name."""
+        return task.name if task.host else task.index
+
     def need_resched(self):
-        return False
+        """need_resched() for the running task: another task waits to run.  Long host loops
+        (zaps) then drop their locks and yield (tdp_mmu_iter_cond_resched)."""
+        cur = self.current
+        if cur is None:
+            return False
+        return any(t is not cur and not t.done and t.wait is not None for t in self.tasks)
 
     @property
     def schedule(self):

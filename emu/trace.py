@@ -70,8 +70,11 @@ def _fmt_value(k, v):
 
 def format_text(ev):
     """One line in the style of `trace-cmd report`."""
-    task = "emu" if ev.vcpu is None else f"vcpu-{ev.vcpu}"
-    cpu = 0 if ev.vcpu is None else ev.vcpu
+    if isinstance(ev.vcpu, str):                  # a host task ("host0"): a track of its own
+        task, cpu = ev.vcpu, 0
+    else:
+        task = "emu" if ev.vcpu is None else f"vcpu-{ev.vcpu}"
+        cpu = 0 if ev.vcpu is None else ev.vcpu
     return f"{task:>12} [{cpu:03d}] {ev.ts // 1000000:5d}.{ev.ts % 1000000:06d}: {ev.name + ':':<28} {ev.text()}"
 
 
@@ -98,6 +101,7 @@ class JsonlSink:
 
 
 MODULE_TID = 1000       # the TDX module's track
+HOST_TID = 2000         # host tasks' tracks (host0, host1, ...)
 VMM_TID = 999           # userspace and setup (no vCPU)
 
 
@@ -133,8 +137,12 @@ class PerfettoSink:
 
     def write(self, ev):
         self.last_ts = ev.ts
-        tid = VMM_TID if ev.vcpu is None else ev.vcpu
-        self._track(tid, "VMM / setup" if ev.vcpu is None else f"vCPU {ev.vcpu}")
+        if isinstance(ev.vcpu, str):              # a host task: its own track
+            tid = HOST_TID + int(ev.vcpu.removeprefix("host") or 0)
+            self._track(tid, f"host task {ev.vcpu}")
+        else:
+            tid = VMM_TID if ev.vcpu is None else ev.vcpu
+            self._track(tid, "VMM / setup" if ev.vcpu is None else f"vCPU {ev.vcpu}")
         args = {k: v for k, v in ev.fields.items()}
         args["seq"] = ev.seq
         base = {"name": ev.name, "pid": 1, "tid": tid, "ts": ev.ts, "cat": ev.name.split("_")[0], "args": args}

@@ -63,7 +63,7 @@ def parse_size(text):
 
 class Machine:
     def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None,
-                 td_attributes=None, no_freeze=False, inject=(), seed=0):
+                 td_attributes=None, no_freeze=False, inject=(), seed=0, host_events=(), bugs=()):
         if vm not in VM_TYPES:
             raise MachineError(f"unknown VM type {vm!r} (default, tdx)")
         if hugepages not in HUGEPAGES:
@@ -102,6 +102,15 @@ class Machine:
             raise MachineError(f"cannot back {mem >> 20} MiB of guest memory on this host: {e}") from None
         # Faults are injected into the run, not into building the VM (a failed build is no run).
         self.set_plan(self.plan)
+        from .hostevents import parse_host_event, check_event, HostEventError
+        from .kvm.bugs import Bugs
+        try:
+            self.kvm.bugs = Bugs(bugs)
+            self.host_events = [e if not isinstance(e, str) else parse_host_event(e) for e in host_events]
+            for e in self.host_events:
+                check_event(e, self)
+        except (HostEventError, ValueError) as e:
+            raise MachineError(str(e)) from None
 
     def set_plan(self, plan):
         """Make ``plan`` (an emu.inject.Plan, or None) the active fault-injection plan."""
@@ -189,8 +198,24 @@ class Machine:
         return self.image.symbolize(addr) or f"{addr:#x}"
 
     # -- running ----------------------------------------------------------------------------------------
-    def run(self, max_userspace_exits=1_000_000):
-        """Run every vCPU until it halts or fails; round-robin on userspace exits (deterministic)."""
+    def run(self, max_userspace_exits=1_000_000, max_steps=20_000_000, scheduled=None):
+        """Run every vCPU until it halts or fails.
+
+        One vCPU with no host event runs alone, at full speed.  Otherwise the vCPUs (and the
+        host tasks) run as tasks of the deterministic scheduler under its default schedule, so
+        vCPUs that wait for each other through memory make progress.  ``scheduled=False``
+        runs the vCPUs in turn, one KVM_RUN at a time (no vCPU is in guest mode while
+        another runs host code; guests that wait for each other never finish that way)."""
+        if scheduled is None:
+            scheduled = self.nvcpus > 1 or bool(self.host_events)
+        if scheduled:
+            from .sched import Scheduler, StepLimit, Deadlock
+            try:
+                return self.run_scheduled(Scheduler(max_steps=max_steps, tracer=self.tracer))
+            except (StepLimit, Deadlock) as e:
+                res = Result()
+                res.exit, res.error = "timeout", f"the scheduler stopped the run: {e}"
+                return self._finish(res, {}, collect_regs=True)
         res = Result()
         live = list(self.vcpus)
         ended = {}
@@ -222,6 +247,8 @@ class Machine:
             return body
         for v in self.vcpus:
             sched.spawn(vcpu_loop(v))
+        for k, event in enumerate(self.host_events):
+            sched.spawn(self._host_task(event, f"host{k}", res), name=f"host{k}", host=True, start=event.step)
         try:
             sched.run()
         finally:
@@ -229,6 +256,26 @@ class Machine:
             if self.td:
                 self.host.tdx_module.sched = None
         return self._finish(res, ended, collect_regs)
+
+    def _host_task(self, event, who, res):
+        from .hostevents import run_event
+        from .kvm.kvm import KvmIoctlError
+
+        def body():
+            try:
+                run_event(event, self, who)
+            except KvmIoctlError as e:
+                if res.error is None:
+                    res.exit, res.error = "ioctl_error", f"{who}: {event.text}: {e}"
+        return body
+
+    def migrate(self, start, end):
+        raise MachineError("host event 'migrate' is not available yet (host page tables for userspace "
+                           "memory are still to come)")
+
+    def gmem_punch_hole(self, start, end):
+        """What QEMU does after converting to shared: punch the range out of guest_memfd."""
+        self.kvm.kvm_gmem_punch_hole(start >> 12, end >> 12)
 
     def _step(self, v, res, ended):
         """One KVM_RUN of ``v`` and its userspace exit; True when the vCPU is done."""

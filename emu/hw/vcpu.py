@@ -13,7 +13,7 @@ as an exception exit: guests have no IDT, so a real CPU would triple-fault.
 """
 
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
-    UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_INSN, UC_TLB_VIRTUAL, UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
+    UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_INSN, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_TLB_VIRTUAL, UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 import ctypes
@@ -22,7 +22,8 @@ from . import ept as ept_mod
 from . import insn as insn_mod
 from .ept import EptTranslation, EptViolation, EptMisconfig, decode_eptp, EPT_VIOLATION_GVA_TRANSLATED
 from .exits import (VmExit, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI,
-                    EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL)
+                    EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXTERNAL_INTERRUPT)
+from .slice import block_hook_stub, Budget
 from .memory import PAGE_MASK
 from .paging import Translation, PageFault, GeneralProtection, translate, probe, PAGING, X86_CR0_WP, \
     X86_CR0_PG, X86_CR4_PAE, EFER_NXE, PFERR_WRITE, READ, WRITE, FETCH
@@ -39,6 +40,9 @@ _UC_REG = {name: getattr(X, "UC_X86_REG_" + name.upper()) for name in GPRS + CTR
 _UC_GPRS = [_UC_REG[n] for n in GPRS]
 
 _VMCALL = b"\x0f\x01\xc1"
+_PAUSE = b"\xf3\x90"
+PAUSE_WINDOW = 8                        # PAUSEs in one slice before it ends (pause-loop exiting's window)
+NO_BUDGET = 1 << 62
 _TDCALL = b"\x66\x0f\x01\xcc"
 _ACCESS = {16: 1, 17: 2, 18: 4}         # UC_MEM_READ/WRITE/FETCH -> R/W/X (the UC_PROT_* bits too)
 
@@ -92,6 +96,19 @@ class Vcpu:
             return val.value
         self._reg_fast = reg_fast
         self._nxe = lambda: bool(uc.msr_read(MSR_EFER) & EFER_NXE)
+        # Guest mode across scheduling points (emu.hw.slice): with slice_blocks set, guest
+        # code runs in slices; guest_point(kind) is called between two slices, the vCPU
+        # still in guest mode; an IPI (intr_pending) there, or at entry, makes it exit.
+        self.slice_blocks = 0
+        self.pause_window = PAUSE_WINDOW
+        self.guest_point = None
+        self.intr_pending = False
+        self.in_guest = False
+        self.slices = 0
+        self._budget = None
+        self._pauses = 0
+        self._pause_pages = set()            # (GVA page, HPA page) scanned for PAUSE
+        self._slice_end = None
 
     # -- VMCS-like state ------------------------------------------------------------------------------
     def load_eptp(self, eptp, secure_eptp=None, shared_mask=0):
@@ -257,27 +274,89 @@ class Vcpu:
         return bytes(out)
 
     # -- running ---------------------------------------------------------------------------------------
+    def _code_coherence(self):
+        """Host software wrote memory since this vCPU last ran: if it hit a page this
+        vCPU may have run code from, drop the translated code."""
+        ranges = self.mem.written_since(self.code_generation)
+        self.code_generation = self.mem.generation
+        code = self.code_pfns
+        if ranges is None or any(pfn in code for a, b in ranges for pfn in range(a, b + 1)):
+            self.uc.ctl_flush_tb()
+            code.clear()
+
+    def _arm_budget(self):
+        """Install the block-budget hook (once; Unicorn translates blocks with it from then on)."""
+        b = self._budget = Budget()
+        b.remaining = NO_BUDGET
+        b.stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+        stub = block_hook_stub()
+        if stub is not None:
+            hh = ctypes.c_size_t()
+            err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(hh), UC_HOOK_BLOCK, ctypes.c_void_p(stub),
+                                    ctypes.c_void_p(ctypes.addressof(b)), 1, 0)
+            if err:
+                raise UcError(err)
+        else:
+            def block(uc, _addr, _size, _data):
+                b.remaining -= 1
+                if b.remaining <= 0:
+                    b.expired = 1
+                    uc.emu_stop()
+            self.uc.hook_add(UC_HOOK_BLOCK, block)
+        self.uc.ctl_flush_tb()
+        self.code_pfns.clear()
+
+    def kick(self):
+        """An IPI to this CPU: in guest mode it causes an external-interrupt VM exit."""
+        self.intr_pending = True
+
     def run(self):
-        """Run the guest until the next VM exit and return it (a VmExit)."""
+        """Run the guest until the next VM exit and return it (a VmExit).
+
+        With ``slice_blocks`` set, the guest runs in slices; between two slices the vCPU
+        stays in guest mode and ``guest_point`` runs (other tasks run meanwhile)."""
         self.pending = None
         uc = self.uc
         reg = self._reg_fast
-        if self.mem.generation != self.code_generation:
-            # Host software wrote memory since this vCPU last ran: if it hit a page this
-            # vCPU may have run code from, drop the translated code.
-            ranges = self.mem.written_since(self.code_generation)
-            self.code_generation = self.mem.generation
-            code = self.code_pfns
-            if ranges is None or any(pfn in code for a, b in ranges for pfn in range(a, b + 1)):
-                uc.ctl_flush_tb()
-                code.clear()
+        if self.intr_pending:
+            # An IPI that arrived with interrupts off in the host: taken right after entry.
+            self.intr_pending = False
+            return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
+        slicing = self.slice_blocks
+        if slicing and self._budget is None:
+            self._arm_budget()
+        budget = self._budget
+        self.in_guest = True
         try:
-            uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
-        except UcError as e:
-            if self.pending is None:
-                rip = reg(X.UC_X86_REG_RIP)
-                return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
-                              misconfig=f"unicorn: {e}")
+            while True:
+                if self.mem.generation != self.code_generation:
+                    self._code_coherence()
+                if budget is not None:
+                    budget.remaining = slicing or NO_BUDGET
+                    budget.expired = 0
+                self._pauses = 0
+                self._slice_end = None
+                try:
+                    uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
+                except UcError as e:
+                    if self.pending is None:
+                        rip = reg(X.UC_X86_REG_RIP)
+                        return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
+                                      misconfig=f"unicorn: {e}")
+                if self.pending is not None:
+                    break
+                end = self._slice_end or ("guest_slice" if budget is not None and budget.expired else None)
+                if end is None:
+                    break
+                # Still in guest mode, between two slices: the others may run now.
+                self.slices += 1
+                if self.guest_point is not None:
+                    self.guest_point(end)
+                if self.intr_pending:
+                    self.intr_pending = False
+                    return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
+        finally:
+            self.in_guest = False
         p = self.pending
         if p is None:
             # HLT returns from emu_start with RIP just past it; report the HLT itself.
@@ -346,11 +425,29 @@ class Vcpu:
             self.tlb_shadow[vaddr] = hpa
             if perms & 4:
                 self.code_pfns.add(hpa >> 12)      # code may be translated from this page
+                if self.slice_blocks and acc == FETCH and (vaddr, hpa) not in self._pause_pages:
+                    self._hook_pauses(vaddr, hpa)
             return True
         self.pending = r
         self._fault_gla = vaddr
         self._fault_access = acc
         return False
+
+    def _hook_pauses(self, gva_page, hpa):
+        """A code hook on every PAUSE of a page about to be translated (the fill comes
+        first).  A byte pair inside another instruction gets a hook that never fires."""
+        self._pause_pages.add((gva_page, hpa))
+        page = bytes(self.mem.buf[hpa:hpa + 0x1000])
+        i = page.find(_PAUSE)
+        while i >= 0:
+            self.uc.hook_add(UC_HOOK_CODE, self._pause, None, gva_page + i, gva_page + i)
+            i = page.find(_PAUSE, i + 1)
+
+    def _pause(self, uc, _addr, _size, _data):
+        self._pauses += 1
+        if self._pauses >= self.pause_window and self.slice_blocks:
+            self._slice_end = "guest_pause"
+            uc.emu_stop()
 
     def _code_bytes(self, rip, n):
         """The instruction bytes at ``rip``: from the page the TLB holds (it was just fetched)."""

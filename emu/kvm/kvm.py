@@ -28,8 +28,10 @@ from .tdp_mmu import (TdpMmu, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_
                       RET_PF_CONTINUE, RET_PF_WRITE_PROTECTED, RET_PF_NAMES, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS,
                       KVM_ALL_ROOTS, KVM_VALID_ROOTS)
 from .x86_ops import VmxX86Ops
+from .bugs import Bugs
 
 from .uapi import *  # noqa: F401,F403  (KVM_X86_*_VM, KVM_MEM_READONLY, KVM_EXIT_*)
+from .uapi import KVM_MEMSLOT_INVALID
 
 KVM_ENOSYS = 1000
 EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
@@ -37,6 +39,11 @@ EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
 # vcpu->requests
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1
+
+# vcpu->mode
+OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE = 0, 1, 2
+MODE_NAMES = ("OUTSIDE_GUEST_MODE", "IN_GUEST_MODE", "EXITING_GUEST_MODE")
+GUEST_SLICE_BLOCKS = 4000         # the emulated preemption timer: translated blocks per guest slice
 
 
 class KvmIoctlError(Exception):
@@ -94,17 +101,21 @@ class KvmRun:
 
 
 class MmuLock:
-    """kvm->mmu_lock, an rwlock: faults hold it for read, zaps for write.  Under the
-    scheduler a vCPU that cannot take it waits (other vCPUs run meanwhile)."""
+    """kvm->mmu_lock, x86's queued rwlock: faults hold it for read, zaps for write.
+
+    Writers are preferred: once a writer waits, new readers queue behind it (a fault
+    stream cannot starve a zap).  Under the scheduler a task that cannot take it waits
+    (the others run meanwhile)."""
 
     def __init__(self, kvm):
         self.kvm = kvm
         self.readers = 0
         self.writer = False
+        self.writers_waiting = 0
 
     def read_lock(self):
-        if self.writer:
-            self._wait(lambda: not self.writer)
+        if self.writer or self.writers_waiting:
+            self._wait(lambda: not self.writer and not self.writers_waiting)
         self.readers += 1
 
     def read_unlock(self):
@@ -112,7 +123,11 @@ class MmuLock:
 
     def write_lock(self):
         if self.writer or self.readers:
-            self._wait(lambda: not self.writer and not self.readers)
+            self.writers_waiting += 1
+            try:
+                self._wait(lambda: not self.writer and not self.readers)
+            finally:
+                self.writers_waiting -= 1
         self.writer = True
 
     def _wait(self, pred):
@@ -139,6 +154,9 @@ class Kvm:
         self.memslots = []
         self.memslots_generation = 0      # bumped by every memslot change (MMIO SPTEs record it)
         self.private_gfns = set()         # KVM_MEMORY_ATTRIBUTE_PRIVATE (an xarray upstream)
+        self.mmu_invalidate_seq = 0
+        self.mmu_invalidate_in_progress = 0
+        self.mmu_invalidate_range_start = self.mmu_invalidate_range_end = None
         self.vcpus = []
         self.stat = {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0, "remote_tlb_flush": 0,
                      "remote_tlb_flush_requests": 0, "zaps": 0, "kvm_bug_on": 0}
@@ -146,6 +164,8 @@ class Kvm:
         self.vm_dead = False
         self.bug_reason = None
         self.warnings = []
+        self.bugs = Bugs()                # realistic bugs, switched in one at a time (emu/kvm/bugs.py)
+        self.slice_blocks = GUEST_SLICE_BLOCKS
         self.mmu_lock = MmuLock(self)
         self.rcu = Rcu()
         self.tdp_mmu = TdpMmu(self)
@@ -202,6 +222,12 @@ class Kvm:
     def need_resched(self):
         return self.sched is not None and self.sched.need_resched()
 
+    def rcu_reader(self):
+        """Who reads under RCU: the running task (a vCPU or a host task), or the caller outside any."""
+        sched = self.sched
+        cur = getattr(sched, "current", None)
+        return None if cur is None else cur.name
+
     def cond_resched(self):
         if self.sched is not None:
             self.sched.point(None, "cond_resched")
@@ -216,9 +242,12 @@ class Kvm:
         if memory_size == 0:
             if old is None:
                 raise KvmIoctlError(EINVAL, f"no memslot {slot}")
-            self.memslots.remove(old)
+            # kvm_invalidate_memslot(): faults on the slot retry while it is zapped, then it goes.
+            old.flags |= KVM_MEMSLOT_INVALID
             self.memslots_generation += 1
             self.flush_shadow_memslot(old)
+            self.memslots.remove(old)
+            self.memslots_generation += 1
             return
         if old is not None:
             raise KvmIoctlError(EEXIST, f"memslot {slot} exists (moving slots is not modelled)")
@@ -233,20 +262,98 @@ class Kvm:
         self.memslots.append(KvmMemorySlot(slot, base, npages, userspace_addr, flags, backing_level, gmem_addr))
         self.memslots_generation += 1
 
-    def set_memory_attributes(self, start_gfn, end_gfn, private):
-        """KVM_SET_MEMORY_ATTRIBUTES: mark [start, end) private or shared; unmap the side it leaves.
+    # -- the invalidation protocol (mmu_notifier, memory attributes, guest_memfd) -----------------------
+    def kvm_mmu_invalidate_begin(self):
+        """kvm_mmu_invalidate_begin() under mmu_lock: faults that race it must retry."""
+        self.mmu_invalidate_in_progress += 1
+        if self.mmu_invalidate_in_progress == 1:
+            self.mmu_invalidate_range_start = self.mmu_invalidate_range_end = None
 
-        kvm_arch_pre_set_memory_attributes(): going private zaps the shared (direct)
-        mappings, going shared zaps the private (mirror) ones, which for a TD removes the
-        pages from the S-EPT (BLOCK, TRACK, REMOVE)."""
-        if private:
-            self.private_gfns.update(range(start_gfn, end_gfn))
+    def kvm_mmu_invalidate_range_add(self, start, end):
+        if self.mmu_invalidate_range_start is None:
+            self.mmu_invalidate_range_start, self.mmu_invalidate_range_end = start, end
         else:
-            self.private_gfns.difference_update(range(start_gfn, end_gfn))
+            # Fold every range into one (as upstream does): over-invalidating is safe.
+            self.mmu_invalidate_range_start = min(self.mmu_invalidate_range_start, start)
+            self.mmu_invalidate_range_end = max(self.mmu_invalidate_range_end, end)
+
+    def kvm_mmu_invalidate_end(self):
+        """kvm_mmu_invalidate_end(): bump the sequence before dropping in_progress, so a fault
+        that saw in_progress drop also sees the new sequence."""
+        self.mmu_invalidate_seq += 1
+        self.mmu_invalidate_in_progress -= 1
+        self.KVM_BUG_ON(self.mmu_invalidate_in_progress < 0, "mmu_invalidate_in_progress < 0")
+
+    def mmu_invalidate_retry_gfn(self, mmu_seq, gfn):
+        if self.mmu_invalidate_in_progress:
+            start, end = self.mmu_invalidate_range_start, self.mmu_invalidate_range_end
+            # A begin with no range added yet covers everything (the range is INVALID_GPA).
+            if start is None or start <= gfn < end:
+                return True
+        return self.mmu_invalidate_seq != mmu_seq
+
+    # Read without mmu_lock (the early check in kvm_mmu_faultin_pfn): the same test here.
+    mmu_invalidate_retry_gfn_unsafe = mmu_invalidate_retry_gfn
+
+    def set_memory_attributes(self, start_gfn, end_gfn, private):
+        """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_set_mem_attributes()): mark [start, end) private or shared.
+
+        As upstream: under mmu_lock, kvm_mmu_invalidate_begin() and the pre-set handler
+        (kvm_arch_pre_set_memory_attributes(): going private zaps the shared mappings, going
+        shared the private ones, which for a TD are BLOCKed, TRACKed and REMOVEd) with a
+        flush; then the attributes are stored; then, under mmu_lock again, the post-set
+        handler and kvm_mmu_invalidate_end().  A fault that read the old attribute cannot
+        map it: the invalidation was in progress, or its sequence moved."""
+        want = set(range(start_gfn, end_gfn))
+        if (want <= self.private_gfns) if private else not (want & self.private_gfns):
+            return                          # nothing to do: the range has these attributes
         self.trace_emit("kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} "
                         f"{'private' if private else 'shared'}")
-        if self.has_mirrored_tdp:
-            self.zap_gfn_range(start_gfn, end_gfn, KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS)
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_begin()
+            if self.has_mirrored_tdp:
+                self.kvm_mmu_invalidate_range_add(start_gfn, end_gfn)
+                flush = self.tdp_mmu.unmap_gfn_range(start_gfn, end_gfn,
+                                                     KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS, False)
+                self.stat["zaps"] += 1
+                if flush:
+                    self.flush_remote_tlbs()
+        finally:
+            self.mmu_lock.write_unlock()
+        if self.sched is not None:
+            self.sched.point(None, "set_attributes")
+        if private:
+            self.private_gfns.update(want)
+        else:
+            self.private_gfns.difference_update(want)
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_end()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def kvm_gmem_punch_hole(self, start_gfn, end_gfn):
+        """fallocate(PUNCH_HOLE) on guest_memfd: kvm_gmem_invalidate_begin() unmaps the private
+        mappings of the range under an invalidation, the pages are truncated (their contents
+        dropped), then kvm_gmem_invalidate_end()."""
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_begin()
+            self.kvm_mmu_invalidate_range_add(start_gfn, end_gfn)
+            if self.has_mirrored_tdp and self.tdp_mmu.unmap_gfn_range(start_gfn, end_gfn, KVM_MIRROR_ROOTS, False):
+                self.flush_remote_tlbs()
+        finally:
+            self.mmu_lock.write_unlock()
+        for gfn in range(start_gfn, end_gfn):
+            slot = self.gfn_to_memslot(gfn)
+            if slot is not None and slot.gmem_addr is not None:
+                self.mem.host_zero(self.x86_ops.gmem_get_pfn(self, slot, gfn) << 12)
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_end()
+        finally:
+            self.mmu_lock.write_unlock()
 
     def mem_is_private(self, gfn):
         return gfn in self.private_gfns
@@ -285,34 +392,71 @@ class Kvm:
         self.stat[key] = self.stat.get(key, 0) + count
 
     # -- TLB -----------------------------------------------------------------------------------------------
-    def flush_remote_tlbs(self):
-        """kvm_flush_remote_tlbs(): every vCPU flushes before it next enters the guest.
+    def kvm_make_vcpus_request(self, vcpus, req, wait=True):
+        """kvm_make_vcpus_request_mask(): set ``req`` on each vCPU and IPI those in guest mode.
 
-        A vCPU runs guest code only after its entry path has processed its requests,
-        so no vCPU can use a translation the zap removed once this returns.
+        kvm_request_needs_ipi(): the mode goes IN_GUEST_MODE -> EXITING_GUEST_MODE (a
+        cmpxchg); a vCPU that was in guest mode, or (for a request that waits) on its way
+        in with interrupts off, gets the IPI.  With ``wait`` (KVM_REQUEST_WAIT) the caller
+        waits until every IPI was taken: each target has left guest mode and will see the
+        request before it enters again.  A vCPU outside guest mode needs no IPI: its entry
+        path checks requests after it sets IN_GUEST_MODE."""
+        targets = []
+        for v in vcpus:
+            v.requests |= req
+            mode = v.mode
+            if mode == IN_GUEST_MODE:
+                v.mode = EXITING_GUEST_MODE
+            if (mode != OUTSIDE_GUEST_MODE) if wait else (mode == IN_GUEST_MODE):
+                if self.bugs.kick_misses_running_vcpu and v.hw is not None and v.hw.in_guest:
+                    continue                  # bug switch: the IPI never reaches a vCPU running guest code
+                if v.hw is not None:
+                    v.hw.kick()
+                    targets.append(v)
+        if wait and targets:
+            sched = self.sched
+            pred = lambda: not any(t.hw.intr_pending for t in targets)   # noqa: E731
+            if sched is not None:
+                sched.wait_until(pred, what="ipi_wait")
+            else:
+                raise AssertionError("a vCPU in guest mode without a scheduler")
+        return targets
+
+    def kvm_make_all_cpus_request(self, req, wait=True):
+        return self.kvm_make_vcpus_request(self.vcpus, req, wait)
+
+    def flush_remote_tlbs(self):
+        """kvm_flush_remote_tlbs(): KVM_REQ_TLB_FLUSH to every vCPU, kicking those in guest mode.
+
+        Once this returns, no vCPU runs guest code with a translation the caller removed:
+        vCPUs in guest mode were sent an IPI and have exited; the others process the request
+        before they next enter (vcpu_enter_guest checks requests after setting IN_GUEST_MODE).
         """
         self.stat["remote_tlb_flush_requests"] += 1
         inj = self.inject
         if inj is not None and inj.should_fail("tlb_flush"):
             self.trace_emit("kvm_flush_remote_tlbs", msg="delayed (injected)")
             return                            # delivered with the next flush
-        for v in self.vcpus:
-            v.requests |= KVM_REQ_TLB_FLUSH
+        targets = self.kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)
         self.stat["remote_tlb_flush"] += 1
-        self.trace_emit("kvm_flush_remote_tlbs", vcpus=len(self.vcpus))
+        self.trace_emit("kvm_flush_remote_tlbs", vcpus=len(self.vcpus), kicked=[t.vcpu_id for t in targets])
 
     def flush_remote_tlbs_gfn(self, gfn, level):
         self.flush_remote_tlbs()
 
     # -- zapping (userspace-visible operations) ----------------------------------------------------------
     def zap_gfn_range(self, start, end, types=KVM_VALID_ROOTS):
-        """Unmap [start, end) from the roots of ``types`` and flush, as an invalidation does."""
+        """Unmap [start, end) from the roots of ``types`` and flush, inside an invalidation
+        (kvm_mmu_invalidate_begin/end around the zap, as the mmu_notifier does)."""
         self.mmu_lock.write_lock()
         try:
+            self.kvm_mmu_invalidate_begin()
+            self.kvm_mmu_invalidate_range_add(start, end)
             flush = self.tdp_mmu.unmap_gfn_range(start, end, types, False)
             self.stat["zaps"] += 1
             if flush:
                 self.flush_remote_tlbs()
+            self.kvm_mmu_invalidate_end()
         finally:
             self.mmu_lock.write_unlock()
 
@@ -372,6 +516,7 @@ class KvmVcpu:
         self.mirror_root = None
         self.root_level = kvm.root_level
         self.requests = 0
+        self.mode = OUTSIDE_GUEST_MODE
         self.mmu_shadow_page_cache = KvmMmuMemoryCache(kvm, "mmu_shadow_page_cache", SHADOW_NONPRESENT_VALUE)
         self.mmu_external_spt_cache = KvmMmuMemoryCache(kvm, "mmu_external_spt_cache")
         self.stat = {"exits": 0, "ept_violations": 0, "ept_misconfigs": 0, "pf_taken": 0, "pf_fixed": 0,
@@ -402,9 +547,16 @@ class KvmVcpu:
             self.signal_pending = True
 
     def kick_outside_guest_mode(self):
-        """KVM_REQ_OUTSIDE_GUEST_MODE: a vCPU runs guest code only between its entry and exit,
-        and only one vCPU runs at a time here, so it is already outside."""
-        self.requests |= KVM_REQ_OUTSIDE_GUEST_MODE
+        """KVM_REQ_OUTSIDE_GUEST_MODE for this vCPU: kicked out of guest mode, and waited for."""
+        self.kvm.kvm_make_vcpus_request([self], KVM_REQ_OUTSIDE_GUEST_MODE)
+
+    def kvm_vcpu_exit_request(self):
+        """kvm_vcpu_exit_request(): the last look before entering, with IN_GUEST_MODE set."""
+        return self.mode == EXITING_GUEST_MODE or bool(self.requests)
+
+    def _guest_point(self, kind):
+        """Between two guest slices: still in guest mode; the others may run (a yield)."""
+        self.kvm.sched.point(self.vcpu_id, kind)
 
     def kvm_tdp_map_page(self, gpa, private=False):
         """kvm_tdp_map_page(): map ``gpa`` as a write fault, retrying while RET_PF_RETRY."""
@@ -498,7 +650,7 @@ class KvmVcpu:
         return r
 
     def kvm_tdp_page_fault(self, fault):
-        """kvm_tdp_mmu_page_fault(): top up, fault in, then map under the read lock."""
+        """kvm_tdp_mmu_page_fault(): top up, fault in, then map under the read lock unless stale."""
         kvm = self.kvm
         r = mmu_mod.mmu_topup_memory_caches(self)
         if r:
@@ -508,9 +660,23 @@ class KvmVcpu:
             return r
         kvm.mmu_lock.read_lock()
         try:
+            if self.is_page_fault_stale(fault):
+                kvm.trace_emit("kvm_page_fault_stale", self.vcpu_id, gfn=fault.gfn, mmu_seq=fault.mmu_seq,
+                               seq=kvm.mmu_invalidate_seq, in_progress=kvm.mmu_invalidate_in_progress)
+                return RET_PF_RETRY
             return kvm.tdp_mmu.map(self, fault)
         finally:
             kvm.mmu_lock.read_unlock()
+
+    def is_page_fault_stale(self, fault):
+        """is_page_fault_stale(): the root went obsolete, or an invalidation of this gfn ran
+        (or runs) since the pfn was looked up: mapping it could map a page being taken away."""
+        root = self.mirror_root if fault.is_private and self.kvm.has_mirrored_tdp else self.root
+        if root is not None and root.invalid:
+            return True
+        if self.kvm.bugs.fault_ignores_invalidation:
+            return False
+        return fault.slot is not None and self.kvm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn)
 
     # -- running ------------------------------------------------------------------------------------------
     def exit_to_user(self, reason, **fields):
@@ -549,7 +715,22 @@ class KvmVcpu:
                                rip=hw.reg("rip") if not kvm.has_mirrored_tdp else 0)
             if sched is not None:
                 sched.point(self.vcpu_id, "vm_entry")
+            # vcpu_enter_guest(): interrupts off, IN_GUEST_MODE, then the last look at requests.
+            # A remote request made before the mode store is seen here; one made after it
+            # finds IN_GUEST_MODE and kicks (kvm_make_vcpus_request).
+            self.mode = IN_GUEST_MODE
+            if sched is not None:
+                sched.point(self.vcpu_id, "guest_mode")
+            if self.kvm_vcpu_exit_request() and not kvm.bugs.entry_ignores_requests:
+                self.mode = OUTSIDE_GUEST_MODE
+                hw.intr_pending = False           # local_irq_enable(): the IPI is taken
+                continue
+            if sched is not None:
+                hw.guest_point = self._guest_point
+                hw.slice_blocks = kvm.slice_blocks if sched.others_live() else 0
             exit = kvm.x86_ops.vcpu_run(self)
+            self.mode = OUTSIDE_GUEST_MODE
+            hw.intr_pending = False               # local_irq_enable() after the exit: IPIs taken
             self.stat["exits"] += 1
             if tracer.enabled:
                 self.trace_exit(exit)
@@ -563,7 +744,7 @@ class KvmVcpu:
                 return self.kvm_run
 
     def process_requests(self):
-        if self.requests & KVM_REQ_TLB_FLUSH:
+        if self.requests & KVM_REQ_TLB_FLUSH and not self.kvm.bugs.skip_tlb_flush_request:
             self.stat["tlb_flush"] += 1
             self.kvm.x86_ops.flush_tlb(self)
             self.kvm.trace_emit("kvm_tlb_flush", self.vcpu_id, vcpu_id=self.vcpu_id, kind="invept")

@@ -5,6 +5,7 @@ top up the vCPU's memory caches (outside mmu_lock, where allocation may sleep),
 fault in the pfn from the memslot, take mmu_lock for read, and map.
 """
 
+from .uapi import KVM_MEMSLOT_INVALID
 from .spte import PG_LEVEL_4K, PG_LEVEL_1G, KVM_PAGES_PER_HPAGE, PT64_ROOT_MAX_LEVEL, \
     is_mmio_spte, get_mmio_spte_generation, MMIO_SPTE_GEN_MASK
 
@@ -78,7 +79,7 @@ class KvmPageFault:
     """struct kvm_page_fault"""
     __slots__ = ("addr", "error_code", "prefetch", "exec", "write", "present", "rsvd", "user", "is_tdp",
                  "is_private", "max_level", "req_level", "goal_level", "gfn", "slot", "pfn", "map_writable",
-                 "huge_page_disallowed")
+                 "huge_page_disallowed", "mmu_seq")
 
     def __init__(self, addr, error_code, prefetch=False):
         self.addr = addr
@@ -148,6 +149,16 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
     kvm = vcpu.kvm
     slot = kvm.gfn_to_memslot(fault.gfn)
     fault.slot = slot
+    if slot is not None and slot.flags & KVM_MEMSLOT_INVALID:
+        # The slot is being deleted or moved: retry until the new memslots are installed.
+        return RET_PF_RETRY
+    # Snapshot the invalidation sequence before looking up the pfn (smp_rmb): an invalidation
+    # that starts after this is caught by is_page_fault_stale() under mmu_lock.
+    fault.mmu_seq = kvm.mmu_invalidate_seq
+    if slot is not None and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+        return RET_PF_RETRY
+    if kvm.sched is not None:
+        kvm.sched.point(vcpu.vcpu_id, "faultin_pfn")
     if kvm.has_mirrored_tdp and (slot is None and fault.is_private
                                  or slot is not None and fault.is_private != kvm.mem_is_private(fault.gfn)):
         # The access disagrees with the page's attribute (or a private GPA has no slot):
@@ -163,6 +174,10 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
     pfn = kvm.faultin_pfn(slot, fault.gfn, fault.write, fault.is_private)
     if pfn is None:
         return -EFAULT
+    if kvm.sched is not None:
+        kvm.sched.point(vcpu.vcpu_id, "faultin_pfn_done")
+    if kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+        return RET_PF_RETRY
     fault.pfn = pfn
     fault.map_writable = not slot.readonly
     return RET_PF_CONTINUE

@@ -507,9 +507,19 @@ class TdpMmu:
             return False
         if flush:
             kvm.flush_remote_tlbs()
-        kvm.rcu.read_unlock(None)
-        kvm.cond_resched()
-        kvm.rcu.read_lock(None)
+        who = kvm.rcu_reader()
+        kvm.rcu.read_unlock(who)
+        # cond_resched_rwlock_read/write(): drop mmu_lock, let the waiter in, take it again.
+        lock = kvm.mmu_lock
+        if shared:
+            lock.read_unlock()
+            kvm.cond_resched()
+            lock.read_lock()
+        else:
+            lock.write_unlock()
+            kvm.cond_resched()
+            lock.write_lock()
+        kvm.rcu.read_lock(who)
         it.yielded = True
         return True
 
@@ -518,7 +528,7 @@ class TdpMmu:
         kvm = self.kvm
         kvm.lockdep_assert_held_write()
         end = min(end, kvm.max_gfn_exclusive)
-        kvm.rcu.read_lock(None)
+        kvm.rcu.read_lock(kvm.rcu_reader())
         it = TdpIter(kvm, root, PG_LEVEL_4K, start, self.gfn_root_bits(root))
         for it in for_each_tdp_pte_min_level(it, end):
             if can_yield and self.cond_resched(it, flush, False):
@@ -530,7 +540,7 @@ class TdpMmu:
             # No vCPU uses an invalid root, so its zapped SPTEs need no TLB flush.
             if not root.invalid:
                 flush = True
-        kvm.rcu.read_unlock(None)
+        kvm.rcu.read_unlock(kvm.rcu_reader())
         return flush
 
     def kvm_tdp_mmu_zap_leafs(self, start, end, flush):
@@ -564,10 +574,10 @@ class TdpMmu:
     def zap_root(self, root, shared):
         """tdp_mmu_zap_root(): leaves first, then each level up, so each step frees little."""
         kvm = self.kvm
-        kvm.rcu.read_lock(None)
+        kvm.rcu.read_lock(kvm.rcu_reader())
         for level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.role_level):
             self.__zap_root(root, shared, level)
-        kvm.rcu.read_unlock(None)
+        kvm.rcu.read_unlock(kvm.rcu_reader())
 
     def invalidate_roots(self, types):
         """kvm_tdp_mmu_invalidate_roots(): mark roots invalid and drop the MMU's reference later."""

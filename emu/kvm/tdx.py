@@ -13,7 +13,7 @@ from tdxmod.module import (TDCS_PAGES, TDVPX_PAGES, TD_PARAMS_ATTRIBUTES, TD_PAR
                            MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, MD_TDVPS_CR3, GPR_ORDER)
 from ..hw.ept import EPT_VIOLATION_ACC_WRITE, EPT_VIOLATION_ACC_INSTR
 from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TDCALL,
-                        EXIT_REASON_TRIPLE_FAULT, VmExit)
+                        EXIT_REASON_TRIPLE_FAULT, EXIT_REASON_EXTERNAL_INTERRUPT, VmExit)
 from .. import guestabi
 from .spte import PG_LEVEL_4K, MT_MASK_TDX_VM
 from .tdp_mmu import RET_PF_RETRY, EBUSY, EIO, EINVAL, KVM_MIRROR_ROOTS
@@ -345,8 +345,8 @@ class TdxX86Ops(VmxX86Ops):
         kvm = vcpu.kvm
         if exit.reason == -1:
             return 0
-        if exit.reason == -2:
-            return 1
+        if exit.reason == -2 or exit.reason == EXIT_REASON_EXTERNAL_INTERRUPT:
+            return 1                                # BUSY entry, or a kick: enter again
         if exit.reason == EXIT_REASON_EPT_VIOLATION:
             return self.handle_ept_violation(vcpu, out)
         if exit.reason == EXIT_REASON_TDCALL:

@@ -20,3 +20,6 @@ KVM_EXIT_INTR = 10
 EXIT_NAMES = {KVM_EXIT_INTR: "intr", KVM_EXIT_UNKNOWN: "unknown", KVM_EXIT_HYPERCALL: "hypercall", KVM_EXIT_HLT: "hlt",
               KVM_EXIT_MMIO: "mmio", KVM_EXIT_SHUTDOWN: "shutdown", KVM_EXIT_INTERNAL_ERROR: "internal_error",
               KVM_EXIT_SYSTEM_EVENT: "system_event", KVM_EXIT_MEMORY_FAULT: "memory_fault"}
+
+# Internal memslot flag (include/linux/kvm_host.h): the slot is being deleted or moved.
+KVM_MEMSLOT_INVALID = 1 << 16

@@ -8,7 +8,8 @@ free_external_spt, remove_external_spte).
 
 from ..hw.ept import make_eptp
 from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_HLT,
-                        EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXCEPTION_NMI)
+                        EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXCEPTION_NMI,
+                        EXIT_REASON_EXTERNAL_INTERRUPT)
 from .spte import PG_LEVEL_4K
 from .uapi import KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR
 
@@ -70,6 +71,8 @@ class VmxX86Ops:
     def handle_exit(self, vcpu, exit):
         """vmx_handle_exit(): 1 = resume the guest, 0 = exit to userspace."""
         r = exit.reason
+        if r == EXIT_REASON_EXTERNAL_INTERRUPT:
+            return 1                          # a kick: the requests are processed before re-entry
         if r == EXIT_REASON_EPT_VIOLATION:
             return vcpu.handle_ept_violation(exit)
         if r == EXIT_REASON_EPT_MISCONFIG:

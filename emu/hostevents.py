@@ -1,0 +1,71 @@
+"""Host events: what the VMM or the host kernel does to a running VM, on a host task.
+
+    --host 'migrate START-END[@STEP]'   page migration of the host pages behind guest [START, END)
+    --host 'shared START-END[@STEP]'    KVM_SET_MEMORY_ATTRIBUTES to shared, and the hole punched in
+                                        guest_memfd (as QEMU converts)  (a TD)
+    --host 'private START-END[@STEP]'   KVM_SET_MEMORY_ATTRIBUTES to private  (a TD)
+
+Each event runs on a host task that the scheduler interleaves with the vCPUs from
+scheduling point STEP on (default 0); if every vCPU has finished by then, it runs then.
+"""
+
+import re
+
+EVENTS = ("migrate", "shared", "private")
+_SYNTAX = re.compile(r"^\s*(\w+)\s+(\S+?)-(\S+?)\s*(?:@\s*(\d+))?\s*$")
+
+
+class HostEventError(Exception):
+    pass
+
+
+class HostEvent:
+    def __init__(self, kind, start, end, step=0, text=None):
+        self.kind, self.start, self.end, self.step = kind, start, end, step
+        self.text = text or f"{kind} {start:#x}-{end:#x}@{step}"
+
+    def __repr__(self):
+        return f"HostEvent({self.text!r})"
+
+
+def parse_host_event(text):
+    m = _SYNTAX.match(text or "")
+    if not m:
+        raise HostEventError(f"bad host event {text!r}: the syntax is 'EVENT START-END[@STEP]' with EVENT one of "
+                             f"{', '.join(EVENTS)}")
+    kind, a, b, step = m.groups()
+    if kind not in EVENTS:
+        raise HostEventError(f"unknown host event {kind!r} in {text!r} (events: {', '.join(EVENTS)})")
+    try:
+        start, end = int(a, 0), int(b, 0)
+    except ValueError:
+        raise HostEventError(f"bad range in host event {text!r}: START-END are numbers (0x... for hex)") from None
+    if start % 4096 or end % 4096 or end <= start:
+        raise HostEventError(f"bad range in host event {text!r}: START < END, both 4 KiB aligned")
+    return HostEvent(kind, start, end, int(step or 0), text.strip())
+
+
+def check_event(event, machine):
+    """Refuse an event that cannot apply to this VM (one line, before anything runs)."""
+    if event.end > machine.mem_size:
+        raise HostEventError(f"host event {event.text!r}: GPA range outside guest memory "
+                             f"({machine.mem_size:#x} bytes)")
+    if event.kind in ("shared", "private") and not machine.td:
+        raise HostEventError(f"host event {event.text!r}: memory attributes need a TD (--vm tdx)")
+
+
+def run_event(event, machine, who):
+    """The event's work, on its host task."""
+    kvm = machine.kvm
+    tracer = machine.tracer
+    if tracer.enabled:
+        tracer.emit("host_event", who, msg=f"{event.text} begins")
+    if event.kind == "migrate":
+        machine.migrate(event.start, event.end)
+    else:
+        private = event.kind == "private"
+        kvm.set_memory_attributes(event.start >> 12, event.end >> 12, private=private)
+        if not private:
+            machine.gmem_punch_hole(event.start, event.end)
+    if tracer.enabled:
+        tracer.emit("host_event", who, msg=f"{event.text} done")

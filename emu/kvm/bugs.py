@@ -1,0 +1,47 @@
+"""Realistic KVM/TDX MMU bugs, each a small change to KVM's model, switched in one at a time.
+
+They measure the checker: with one switched in, `explore` or `campaign` must report it on a
+shipped guest (tests/test_bugs.py; the README's table gives the command and the time).
+`--no-freeze` (the seed's race) predates this list and stays its own option.
+"""
+
+BUGS = {
+    "kick-misses-running-vcpu":
+        "kvm_make_vcpus_request() sends no IPI to a vCPU that is running guest code: a remote TLB "
+        "flush (or KVM_REQ_OUTSIDE_GUEST_MODE) misses it, and it goes on with stale translations",
+    "entry-ignores-requests":
+        "vcpu_enter_guest() does not look at requests again after setting IN_GUEST_MODE: a request "
+        "made in that window is neither kicked nor seen",
+    "no-track":
+        "tdx_sept_remove_private_spte() skips TDH.MEM.TRACK and the kick between BLOCK and REMOVE",
+    "no-kick-after-track":
+        "tdx_track() runs TDH.MEM.TRACK but does not kick the vCPUs out of the TD",
+    "reflect-error-leaves-frozen":
+        "tdp_mmu_set_spte_atomic() leaves the SPTE frozen (REMOVED_SPTE) when the reflect op fails",
+    "busy-is-fatal":
+        "TDX_OPERAND_BUSY from SEPT.ADD/AUG is treated as a hard error (KVM_BUG_ON) instead of a retry",
+    "free-without-grace-period":
+        "page tables unlinked by a zap are freed at once, not after an RCU grace period",
+    "fault-ignores-invalidation":
+        "the page fault does not check mmu_invalidate_seq/in_progress (is_page_fault_stale() is false)",
+}
+
+
+class Bugs:
+    """The switches, all off: ``kvm.bugs.<name with _>`` is True when that bug is in."""
+
+    def __init__(self, names=()):
+        for name in BUGS:
+            setattr(self, name.replace("-", "_"), False)
+        self.skip_tlb_flush_request = False
+        for name in names:
+            self.enable(name)
+
+    def enable(self, name):
+        if name not in BUGS:
+            raise ValueError(f"unknown bug {name!r}; the bugs are: {', '.join(BUGS)}")
+        setattr(self, name.replace("-", "_"), True)
+
+    @property
+    def enabled(self):
+        return [n for n in BUGS if getattr(self, n.replace("-", "_"))]
