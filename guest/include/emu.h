@@ -121,6 +121,11 @@ static inline void *emu_gpa_ptr(u64 gpa)
 	return (void *)gpa;
 }
 
+/* A compiler barrier; one volatile load or store of x (as in Linux). */
+#define barrier() __asm__ volatile("" ::: "memory")
+#define READ_ONCE(x) (*(const volatile __typeof__(x) *)&(x))
+#define WRITE_ONCE(x, val) (*(volatile __typeof__(x) *)&(x) = (val))
+
 /* PAUSE: the body of every spin loop. */
 static inline void cpu_relax(void)
 {
