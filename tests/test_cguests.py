@@ -303,6 +303,30 @@ void guest_main(void)
     assert b"\xf3\x90" in code                          # PAUSE
 
 
+@pytest.mark.parametrize("vm", VM_TYPES)
+def test_vectorized_and_floating_point_code_runs(gdir, vm):
+    src = write_guest(gdir, "sse", """
+static u64 words[64];
+static double halves[8];
+
+void guest_main(void)
+{
+	u64 i, sum = 0;
+
+	for (i = 0; i < 64; i++)                /* -O2 vectorizes these loops */
+		words[i] = words[i] * 3 + i;
+	for (i = 0; i < 64; i++)
+		sum += words[i];
+	halves[emu_vcpu_id()] = 1.5 * (double)sum;
+	GUEST_SYNC(sum);
+	GUEST_SYNC((u64)halves[emu_vcpu_id()]);
+}
+""")
+    run = run_guest(src, vm=vm)
+    run.assert_ok()
+    assert run.syncs == [(0, 2016), (0, 3024)]
+
+
 # ---------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------
@@ -476,10 +500,17 @@ def test_guest_vm_builds_then_runs(gdir):
     assert "syncs=[(0, 256)" in repr(run)
 
 
-def test_readme_example_runs():
+def test_readme_example_runs(tmp_path):
     """The complete example test of the README is tests/test_selftest_example.py; it
-    must be what the README shows."""
+    must be what the README shows.  The README's first C guest runs too."""
     readme = (REPO / "README.md").read_text()
     for rel in ("tests/guests/counter.c", "tests/test_selftest_example.py"):
         body = (REPO / rel).read_text().strip()
         assert body in readme, f"README does not show {rel} as it is"
+    first = re.search(r"### C guests.*?```c\n(.*?)```", readme, re.S).group(1)
+    src = tmp_path / "readme.c"
+    src.write_text(first)
+    for vm in VM_TYPES:
+        run = run_guest(src, vm=vm, vcpus=2)
+        run.assert_ok()
+        assert run.syncs == [(0, 0), (1, 1)]
