@@ -47,8 +47,8 @@ class Result:
 
     def as_json(self):
         return {"exit": self.exit, "error": self.error, "shared_bit": self.shared_bit, "reports": [v for _, v in self.reports],
-                "report_vcpus": [c for c, _ in self.reports], "syncs": [list(s) for s in self.syncs],
-                "vcpu_exits": self.vcpu_exits,
+                "report_vcpus": [c for c, _ in self.reports], "vcpu_exits": self.vcpu_exits,
+                "syncs": [list(s) for s in self.syncs],
                 "stats": self.stats, "vcpus": self.vcpus}
 
 
