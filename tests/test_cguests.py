@@ -200,18 +200,13 @@ def test_cli_exit_1_on_a_failed_assert(gdir, vm):
     assert obj["error"] == f"vCPU 1: GUEST_ASSERT_EQ failed at {src}:{line}: three == four() (0x3 != 0x4)"
 
 
-def test_assert_in_a_shipped_guest_names_its_repo_path(tmp_path, monkeypatch):
-    """Guests under the repository say their path relative to it (guest/x.c)."""
-    src = guests.GUEST_DIR / "ztest_assert_tmp.c"
-    src.write_text('#include "emu.h"\nvoid guest_main(void)\n{\n\tGUEST_ASSERT_EQ(emu_vcpu_id(), 5);\n}\n')
-    try:
-        run = run_guest(src)
-        assert run.error == ("vCPU 0: GUEST_ASSERT_EQ failed at guest/ztest_assert_tmp.c:4: "
-                             "emu_vcpu_id() == 5 (0x0 != 0x5)")
-    finally:
-        src.unlink()
-        for p in guests.BUILD_DIR.glob("ztest_assert_tmp.*"):
-            p.unlink()
+@pytest.mark.parametrize("vm", VM_TYPES)
+def test_assert_in_a_repo_guest_names_its_path_in_the_repo(vm):
+    """Guests under the repository say their path relative to it (tests/guests/x.c)."""
+    run = run_guest(REPO / "tests" / "guests" / "assert_eq.c", vm=vm)
+    assert run.error == ("vCPU 0: GUEST_ASSERT_EQ failed at tests/guests/assert_eq.c:7: "
+                         "emu_vcpu_id() == 5 (0x0 != 0x5)")
+    assert run.syncs == [(0, 1)]
 
 
 @pytest.mark.parametrize("vm", VM_TYPES)
