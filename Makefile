@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 GUEST  ?= hello
 RUNARGS ?= --trace
 
-.PHONY: run-guest test guests bench clean check-binutils venv
+.PHONY: run-guest test guests bench clean check-binutils check-cc venv
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
@@ -27,7 +27,13 @@ check-binutils:
 	  { echo "error: GNU as/ld not found; guests are assembled with binutils."; \
 	    echo "       install it: apt-get install binutils   (Fedora: dnf install binutils)"; exit 1; }
 
-guests: $(STAMP) check-binutils
+# C guests (guest/*.c) are compiled with $(CC) when set, else gcc, else clang.
+check-cc:
+	@if [ -n "$${CC}" ]; then command -v $${CC%% *} >/dev/null 2>&1; else \
+	  command -v gcc >/dev/null 2>&1 || command -v clang >/dev/null 2>&1; fi || \
+	  { echo "error: no C compiler found (gcc or clang): C guests are compiled with one; install it: apt-get install gcc"; exit 1; }
+
+guests: $(STAMP) check-binutils check-cc
 	$(PY) -m emu.guests build
 
 run-guest: guests

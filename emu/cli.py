@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run_options(p):
-    p.add_argument("guest", help="a guest name from guest/, or a path to a .S or ELF file")
+    p.add_argument("guest", help="a guest name from guest/, or a path to a .S, .c or ELF file")
     p.add_argument("--vm", default="default", choices=("default", "tdx"), help="VM type (default: %(default)s)")
     p.add_argument("--mem", default="64M", help="guest memory size, e.g. 64M, 4G (default: %(default)s)")
     p.add_argument("--vcpus", default=1, type=int, help="number of vCPUs (default: %(default)s)")
@@ -292,6 +292,8 @@ def print_text(m, res, out):
     w("\n")
     for vcpu, value in res.reports:
         w(f"  report  vcpu {vcpu}: {value:#x} ({value})\n")
+    for vcpu, value in res.syncs:
+        w(f"  sync    vcpu {vcpu}: {value:#x} ({value})\n")
     if res.ok:
         w("exit: hlt (every vCPU halted)\n")
     else:

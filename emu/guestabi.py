@@ -15,10 +15,15 @@ Hypercalls (the runtime picks the flavour at run time with CPUID leaf 0x21):
     Plain VM, VMCALL (0f 01 c1):
         report:  RAX = EMU_HC_REPORT, RBX = value
         fail:    RAX = EMU_HC_FAIL,   RBX = error code
+        sync:    RAX = EMU_HC_SYNC,   RBX = value (GUEST_SYNC of guest/include/emu.h)
+        assert:  RAX = EMU_HC_ASSERT, RBX = address of the assert site, RCX = a, RDX = b
     TD, TDCALL (66 0f 01 cc) leaf TDG_VP_VMCALL (RAX = 0) with
     RCX = TDVMCALL_EXPOSE_REGS (R10, R11 and R12 passed to the VMM):
         report:  R10 = EMU_HC_REPORT (non-zero: vendor-specific per the GHCI; KVM
                  runs it as hypercall number R10 with argument R11), R11 = value
+        sync:    R10 = EMU_HC_SYNC, R11 = value (vendor-specific, as report)
+        assert:  RCX = TDVMCALL_EXPOSE_REGS_4 (R10-R13), R10 = EMU_HC_ASSERT,
+                 R11 = address of the assert site, R12 = a, R13 = b
         fail:    R10 = 0 (GHCI standard), R11 = GHCI_REPORT_FATAL_ERROR,
                  R12 = error code
         halt:    R10 = 0, R11 = GHCI_INSTRUCTION_HLT (a TD does not execute HLT;
@@ -26,6 +31,13 @@ Hypercalls (the runtime picks the flavour at run time with CPUID leaf 0x21):
     The runtime preserves every register across a report; the host need not
     write any register back (a TD's RAX = 0 and R10 = 0 mean success).
     After a fail the vCPU executes HLT in a loop.
+
+The assert site is a constant in the image's .rodata (ASSERT_SITE_FORMAT): the
+addresses of the source file name and of the asserted expression (NUL-terminated
+strings, also in .rodata), the line and the kind (ASSERT_KIND_*).  The host reads
+it, and the strings, from the loaded ELF image, not from guest memory: a TD's
+memory is private, and the image is what was loaded there.  After an assert the
+vCPU is stopped; the run ends with exit "fail".
 
 A vCPU ends with HLT.  A guest that does not use the runtime still works; it
 just reports nothing.
@@ -37,11 +49,22 @@ KiB = 1 << 10
 # Hypercall numbers ("EM" in the high half).
 EMU_HC_REPORT = 0x454D0001
 EMU_HC_FAIL = 0x454D0002
+EMU_HC_SYNC = 0x454D0003          # GUEST_SYNC(value)
+EMU_HC_ASSERT = 0x454D0004        # GUEST_ASSERT / GUEST_ASSERT_EQ failed
+# The hypercalls KVM hands to userspace as KVM_EXIT_HYPERCALL (both VM types).
+EMU_USERSPACE_HCS = (EMU_HC_REPORT, EMU_HC_FAIL, EMU_HC_SYNC, EMU_HC_ASSERT)
+
+# The assert site (struct emu_assert_site in guest/include/emu.h), little-endian:
+# file name address, expression address, line, kind.
+ASSERT_SITE_FORMAT = "<QQQQ"
+ASSERT_KIND_ASSERT = 0            # GUEST_ASSERT(cond): a and b are 0
+ASSERT_KIND_EQ = 1                # GUEST_ASSERT_EQ(a, b): the two values
 
 # TDX guest side.
 TDG_VP_VMCALL = 0                 # TDCALL leaf
 TDG_MEM_PAGE_ACCEPT = 6           # TDCALL leaf; RCX = gpa | level (0 = 4K, 1 = 2M)
 TDVMCALL_EXPOSE_REGS = 0x1C00     # RCX bitmap: bits 10, 11, 12 = R10, R11, R12
+TDVMCALL_EXPOSE_REGS_4 = 0x3C00   # R10 to R13
 GHCI_REPORT_FATAL_ERROR = 0x10003 # GHCI TDG.VP.VMCALL<ReportFatalError>, R11
 GHCI_INSTRUCTION_HLT = 12         # GHCI TDG.VP.VMCALL<Instruction.HLT>, R11
 GHCI_MAP_GPA = 0x10001            # GHCI TDG.VP.VMCALL<MapGPA>, R11; R12 = gpa, R13 = size

@@ -1,17 +1,22 @@
 """Building and finding guests.
 
 A guest is named on the command line as one of:
-    a name from guest/           "hello"  -> guest/hello.S, built
+    a name from guest/           "hello"  -> guest/hello.S (or guest/NAME.c), built
     a path to assembler source   "my.S"   -> built
+    a path to C source           "my.c"   -> compiled, built
     a path to an ELF             "a.out"  -> used as it is
 ``resolve(arg)`` turns any of these into the path of an ELF to load.
 
 Guests are assembled with GNU as (`as --64 -I guest/lib`) and linked with
 GNU ld (`ld -T guest/link.ld -nostdlib`) together with the runtime
-(guest/lib/runtime.S).  Outputs go to build/guest/ and are rebuilt when the
-source or anything in guest/lib/ or the linker script is newer.  Files are
-written under a temporary name and renamed into place, so that two builds
-running at once (make and a test, say) never leave a half-written ELF.
+(guest/lib/runtime.S).  C guests (guest/include/emu.h) are compiled with the
+system's C compiler ($CC, else gcc, else clang; CFLAGS below) and linked the
+same way, with guest/lib/cstart.S (their _start, which calls guest_main) in
+front of the runtime.  Outputs go to build/guest/ and are rebuilt when the
+source, a header it includes, anything in guest/lib/ or guest/include/, or the
+linker script is newer.  Files are written under a temporary name and renamed
+into place, so that two builds running at once (make and a test, say) never
+leave a half-written ELF.
 
     python -m emu.guests build      build every guest in guest/
     python -m emu.guests list       print the guest names
@@ -20,6 +25,7 @@ running at once (make and a test, say) never leave a half-written ELF.
 import argparse
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,11 +35,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO / "guest"
 LIB_DIR = GUEST_DIR / "lib"
+INCLUDE_DIR = GUEST_DIR / "include"
 LINK_SCRIPT = GUEST_DIR / "link.ld"
 RUNTIME_SRC = LIB_DIR / "runtime.S"
+CSTART_SRC = LIB_DIR / "cstart.S"
 BUILD_DIR = REPO / "build" / "guest"
 
-SOURCE_SUFFIXES = (".S", ".s")
+ASM_SUFFIXES = (".S", ".s")
+C_SUFFIXES = (".c",)
+SOURCE_SUFFIXES = ASM_SUFFIXES + C_SUFFIXES
+
+# Kernel-style freestanding code: no libc, no PIC, no red zone (the runtime's
+# calls and the VMM may use the stack below RSP), the kernel code model (every
+# symbol address is a sign-extended 32-bit value; the image is linked at 1 MiB,
+# which fits: README "Fidelity"), no stack protector (no TLS canary), no unwind
+# tables (link.ld discards them).  -c only: emu links with ld and link.ld, so
+# -static -nostdlib -no-pie have nothing to do.
+CFLAGS = ("-std=gnu11", "-ffreestanding", "-fno-pic", "-fno-pie", "-mno-red-zone", "-mcmodel=kernel",
+          "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-common", "-O2", "-g0")
+COMPILERS = ("gcc", "clang")
 
 BINUTILS_MISSING = ("GNU as/ld not found: guests are assembled with binutils; "
                     "install it: apt-get install binutils")
@@ -43,17 +63,55 @@ class GuestError(Exception):
     """A guest that cannot be found or built; str() is the whole message."""
 
 
+COMPILER_MISSING = ("no C compiler found (gcc or clang): C guests are compiled with one; "
+                    "install it: apt-get install gcc")
+
+
+class CompileError(GuestError):
+    """The compiler refused a C guest: the message is one line, then the
+    compiler's output as it printed it."""
+
+
 def check_binutils():
     if shutil.which("as") is None or shutil.which("ld") is None:
         raise GuestError(BINUTILS_MISSING)
 
 
-def names():
-    """Sorted names of the guests in guest/ (their .S files)."""
+def find_compiler():
+    """The C compiler to use, as an argv prefix: $CC when set (a command, with
+    arguments if it has any), else gcc, else clang.  GuestError naming the
+    package when there is none."""
+    cc = shlex.split(os.environ.get("CC", ""))
+    if cc:
+        path = shutil.which(cc[0])
+        if path is None:
+            raise GuestError(f"the C compiler CC={cc[0]} was not found: unset CC or install it: "
+                             f"apt-get install gcc")
+        return [path] + cc[1:]
+    for name in COMPILERS:
+        path = shutil.which(name)
+        if path:
+            return [path]
+    raise GuestError(COMPILER_MISSING)
+
+
+def sources():
+    """{name: source path} of the guests in guest/ (.S and .c files; a name
+    with both is an error)."""
     if not GUEST_DIR.is_dir():
-        return []
-    return sorted(p.stem for p in GUEST_DIR.iterdir()
-                  if p.suffix in SOURCE_SUFFIXES and p.is_file())
+        return {}
+    found = {}
+    for p in sorted(GUEST_DIR.iterdir()):
+        if p.suffix in SOURCE_SUFFIXES and p.is_file():
+            if p.stem in found:
+                raise GuestError(f"two guests called {p.stem!r}: {found[p.stem].name} and {p.name}")
+            found[p.stem] = p
+    return found
+
+
+def names():
+    """Sorted names of the guests in guest/ (their .S and .c files)."""
+    return sorted(sources())
 
 
 def _lib_inputs():
@@ -61,6 +119,11 @@ def _lib_inputs():
     linker script."""
     libs = [p for p in LIB_DIR.iterdir() if p.is_file()] if LIB_DIR.is_dir() else []
     return sorted(libs) + [LINK_SCRIPT]
+
+
+def _include_inputs():
+    """The headers of guest/include/ (a C guest depends on them)."""
+    return sorted(p for p in INCLUDE_DIR.iterdir() if p.is_file()) if INCLUDE_DIR.is_dir() else []
 
 
 def _mtime(path):
@@ -111,14 +174,56 @@ def _assemble(src, obj):
         ["as", "--64", "-I", str(LIB_DIR), "-o", tmp, str(src)], f"assembling {src}"))
 
 
-def _runtime_object():
+def _runtime_object(src=RUNTIME_SRC):
     """build/guest/lib/runtime.o (a directory of its own, so that a guest
     called "runtime" cannot clash with it), assembled again when its sources
-    changed."""
-    obj = BUILD_DIR / "lib" / "runtime.o"
+    changed.  The same for cstart.o (src=CSTART_SRC)."""
+    obj = BUILD_DIR / "lib" / f"{src.stem}.o"
     if _stale(obj, _lib_inputs()):
-        _assemble(RUNTIME_SRC, obj)
+        _assemble(src, obj)
     return obj
+
+
+def _source_name(src):
+    """The name a C guest's __FILE__ says: relative to the repository for its
+    own guests, else the absolute path."""
+    try:
+        return str(src.relative_to(REPO))
+    except ValueError:
+        return str(src)
+
+
+def _compile(src, obj, dep):
+    """Compile a C guest to obj; dep gets the headers it included (make syntax)."""
+    cc = find_compiler()
+    def produce(tmp):
+        tmp_dep = tmp + ".d"
+        argv = [*cc, *CFLAGS, "-I", str(INCLUDE_DIR), "-MD", "-MF", tmp_dep, "-MT", "obj",
+                "-c", "-o", tmp, _source_name(src)]
+        try:
+            try:
+                res = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+            except FileNotFoundError:
+                raise GuestError(COMPILER_MISSING) from None
+            if res.returncode != 0:
+                out = (res.stderr + res.stdout).rstrip("\n")
+                raise CompileError(f"compiling {_source_name(src)} failed ({Path(cc[0]).name} exit status "
+                                   f"{res.returncode}):\n{out}")
+            os.replace(tmp_dep, dep)
+        finally:
+            if os.path.exists(tmp_dep):
+                os.unlink(tmp_dep)
+    _replace_from_tmp(obj, produce)
+
+
+def _c_dependencies(dep):
+    """The files a compiled C guest read, from its -MD file; [] when unknown."""
+    try:
+        text = dep.read_text()
+    except OSError:
+        return []
+    words = text.replace("\\\n", " ").split(":", 1)[-1].split()
+    return [REPO / w if not os.path.isabs(w) else Path(w) for w in words]
 
 
 def elf_path_for(src_path):
@@ -133,22 +238,34 @@ def elf_path_for(src_path):
 
 
 def build(src_path):
-    """Assemble and link one guest source; return the path of its ELF.
-    Does nothing when the ELF is newer than everything it is made from."""
+    """Assemble (or compile) and link one guest source; return the path of its
+    ELF.  Does nothing when the ELF is newer than everything it is made from."""
     src = Path(src_path).resolve()
     if not src.is_file():
         raise GuestError(f"{src_path}: no such file")
     check_binutils()
+    is_c = src.suffix in C_SUFFIXES
+    if is_c:
+        find_compiler()
     if not LINK_SCRIPT.is_file() or not RUNTIME_SRC.is_file():
         raise GuestError(f"the guest runtime is missing: expected {RUNTIME_SRC} and {LINK_SCRIPT}")
     runtime = _runtime_object()
+    objs = [runtime]
     elf = elf_path_for(src)
-    if not _stale(elf, [src, runtime] + _lib_inputs()):
+    inputs = [src, runtime] + _lib_inputs()
+    if is_c:
+        objs = [_runtime_object(CSTART_SRC), runtime]
+        dep = elf.with_suffix(".d")
+        inputs += objs + _include_inputs() + _c_dependencies(dep)
+    if not _stale(elf, inputs) and (not is_c or dep.is_file()):
         return elf
     obj = elf.with_suffix(".o")
-    _assemble(src, obj)
+    if is_c:
+        _compile(src, obj, dep)
+    else:
+        _assemble(src, obj)
     _replace_from_tmp(elf, lambda tmp: _run(
-        ["ld", "-T", str(LINK_SCRIPT), "-nostdlib", "-o", tmp, str(obj), str(runtime)],
+        ["ld", "-T", str(LINK_SCRIPT), "-nostdlib", "-o", tmp, str(obj), *map(str, objs)],
         f"linking {src}"))
     return elf
 
@@ -164,8 +281,10 @@ def resolve(arg):
     arg = str(arg)
     path = Path(arg)
     looks_like_path = os.sep in arg or path.suffix != ""
-    if not looks_like_path and arg in names():
-        return build(GUEST_DIR / f"{arg}.S")
+    if not looks_like_path:
+        src = sources().get(arg)
+        if src is not None:
+            return build(src)
     if path.is_file():
         try:
             if _is_elf(path):
@@ -174,14 +293,14 @@ def resolve(arg):
             raise GuestError(f"{arg}: cannot read: {e.strerror or e}") from None
         if path.suffix in SOURCE_SUFFIXES:
             return build(path)
-        raise GuestError(f"{arg} is not an ELF file or assembler source (.S)")
+        raise GuestError(f"{arg} is not an ELF file, assembler source (.S) or C source (.c)")
     if path.exists():
         raise GuestError(f"{arg} is not a file")
     if looks_like_path:
         raise GuestError(f"{arg}: no such file")
     available = ", ".join(names()) or "(none)"
     raise GuestError(f"unknown guest {arg!r}; the guests are: {available} "
-                     f"(or give the path of a .S or ELF file)")
+                     f"(or give the path of a .S, .c or ELF file)")
 
 
 def main(argv=None):
@@ -196,8 +315,8 @@ def main(argv=None):
             for name in names():
                 print(name)
             return 0
-        for name in names():
-            elf = build(GUEST_DIR / f"{name}.S")
+        for name, src in sorted(sources().items()):
+            elf = build(src)
             print(f"{name:12s} {os.path.relpath(elf, Path.cwd())}")
         return 0
     except GuestError as e:

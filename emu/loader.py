@@ -114,6 +114,25 @@ class GuestImage:
                 return addr
         raise KeyError(name)
 
+    def read(self, vaddr, n):
+        """``n`` bytes at guest-virtual ``vaddr`` as the image loads them (.bss reads as
+        zeros); None unless one segment holds them all."""
+        for seg in self.segments:
+            off = vaddr - seg.vaddr
+            if 0 <= off and off + n <= seg.memsz:
+                return (seg.data[off:off + n]).ljust(n, b"\0")
+        return None
+
+    def read_cstring(self, vaddr, limit=512):
+        """The NUL-terminated string at ``vaddr`` in the image (at most ``limit`` bytes,
+        decoded leniently); None when vaddr is not in the image."""
+        for seg in self.segments:
+            off = vaddr - seg.vaddr
+            if 0 <= off < seg.memsz:
+                raw = seg.data[off:off + limit].split(b"\0", 1)[0]
+                return raw.decode("utf-8", "replace")
+        return None
+
     def image_range(self):
         """[lowest paddr, highest paddr end) over the loaded segments."""
         return (min(s.paddr for s in self.segments),

@@ -9,6 +9,8 @@ answering the exits KVM hands to userspace: the guest runtime's report and
 fail hypercalls, HLT (the vCPU is done), and errors (the run ends).
 """
 
+import struct
+
 from . import guestabi, guests, loader
 from .host import Host, MiB
 from .hw.memory import OutOfHostMemory
@@ -32,6 +34,8 @@ class Result:
         self.exit = None            # the name of the exit that ended the run ("hlt" when all vCPUs halted)
         self.error = None           # a one-line description when the run ended in an error
         self.reports = []           # (vcpu, value) in the order the guest made them
+        self.syncs = []             # (vcpu, value) of GUEST_SYNC, in order
+        self.guest_assert = None    # a failed GUEST_ASSERT: vcpu, file, line, expr, kind, a, b
         self.vcpu_exits = []        # per vCPU: the exit name that ended it
         self.stats = {}
         self.vcpus = []             # final registers per vCPU
@@ -44,6 +48,7 @@ class Result:
     def as_json(self):
         return {"exit": self.exit, "error": self.error, "shared_bit": self.shared_bit, "reports": [v for _, v in self.reports],
                 "report_vcpus": [c for c, _ in self.reports], "vcpu_exits": self.vcpu_exits,
+                "syncs": [list(s) for s in self.syncs],
                 "stats": self.stats, "vcpus": self.vcpus}
 
 
@@ -308,6 +313,11 @@ class Machine:
             self.tracer.emit("guest_report", v.vcpu_id, msg=f"value {run.args[0]:#x} ({run.args[0]})") \
                 if self.tracer.enabled else None
             return None
+        if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_SYNC:
+            res.syncs.append((v.vcpu_id, run.args[0]))
+            self.tracer.emit("guest_sync", v.vcpu_id, msg=f"value {run.args[0]:#x} ({run.args[0]})") \
+                if self.tracer.enabled else None
+            return None
         if r == KVM_EXIT_HLT:
             return "hlt"
         if r == KVM_EXIT_HYPERCALL and run.nr == KVM_HC_MAP_GPA_RANGE:
@@ -330,6 +340,12 @@ class Machine:
                 pass
             res.exit = "fail"
             res.error = f"vCPU {v.vcpu_id}: the guest failed with code {run.args[0]:#x}{self._fail_site(v)}"
+            return "fail"
+        if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_ASSERT:
+            res.exit = "fail"
+            res.guest_assert = self._assert_site(v.vcpu_id, *run.args[:3])
+            res.error = f"vCPU {v.vcpu_id}: {res.guest_assert['message']}"
+            self.tracer.emit("guest_assert", v.vcpu_id, msg=res.error) if self.tracer.enabled else None
             return "fail"
         name = EXIT_NAMES.get(r, str(r))
         if r == KVM_EXIT_MMIO:
@@ -363,6 +379,27 @@ class Machine:
         res.exit = name
         res.error = f"vCPU {v.vcpu_id}: {msg}"
         return name
+
+    def _assert_site(self, vcpu, site, a, b):
+        """The failed assert as a dict (vcpu, file, line, expr, kind, a, b, message), the message
+        'GUEST_ASSERT_EQ failed at guest/x.c:42: a == b (0x3 != 0x4)'.  The assert site and its
+        strings are constants in the image's .rodata: they are read from the loaded ELF image
+        (Machine.image), which is what guest memory holds there, so the same code serves a TD,
+        whose private memory the host cannot read."""
+        raw = self.image.read(site, struct.calcsize(guestabi.ASSERT_SITE_FORMAT))
+        if raw is None:
+            return {"vcpu": vcpu, "file": None, "line": None, "expr": None, "kind": None, "a": a, "b": b,
+                    "message": f"GUEST_ASSERT failed (its site {site:#x} is not in the guest image; "
+                               f"values {a:#x}, {b:#x})"}
+        file_ptr, expr_ptr, line, kind = struct.unpack(guestabi.ASSERT_SITE_FORMAT, raw)
+        file = self.image.read_cstring(file_ptr) or f"<file at {file_ptr:#x}>"
+        expr = self.image.read_cstring(expr_ptr) or f"<expression at {expr_ptr:#x}>"
+        if kind == guestabi.ASSERT_KIND_EQ:
+            msg = f"GUEST_ASSERT_EQ failed at {file}:{line}: {expr} ({a:#x} != {b:#x})"
+        else:
+            msg = f"GUEST_ASSERT failed at {file}:{line}: {expr}"
+        return {"vcpu": vcpu, "file": file, "line": line, "expr": expr,
+                "kind": "eq" if kind == guestabi.ASSERT_KIND_EQ else "assert", "a": a, "b": b, "message": msg}
 
     def _fail_site(self, v):
         """ ' (FAIL at sym+off)': where the runtime's emu_fail was called from (its return address)."""

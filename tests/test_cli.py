@@ -164,7 +164,7 @@ class TestBadInput:
         f = tmp_path / "notes.txt"
         f.write_text("hello\n")
         assert assert_usage_error(emu("run", f)) == \
-            f"emu: error: {f} is not an ELF file or assembler source (.S)"
+            f"emu: error: {f} is not an ELF file, assembler source (.S) or C source (.c)"
 
     def test_truncated_elf(self, tmp_path):
         f = tmp_path / "broken"

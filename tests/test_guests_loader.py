@@ -376,7 +376,7 @@ def test_unknown_name_lists_the_guests():
 def test_a_file_that_is_neither_elf_nor_source_is_refused(tmp_path):
     junk = tmp_path / "notes.txt"
     junk.write_text("not a guest\n")
-    with pytest.raises(GuestError, match=r"notes\.txt is not an ELF file or assembler source"):
+    with pytest.raises(GuestError, match=r"notes\.txt is not an ELF file, assembler source \(\.S\) or C source"):
         guests.resolve(str(junk))
     with pytest.raises(GuestError, match="no such file"):
         guests.resolve(str(tmp_path / "missing.S"))

@@ -810,13 +810,13 @@ class KvmVcpu:
         return self.kvm_mmu_page_fault(exit.gpa, PFERR_RSVD_MASK)
 
     def handle_hypercall(self, exit, nr, args):
-        """kvm_emulate_hypercall(): the project's report/fail calls go to userspace
+        """kvm_emulate_hypercall(): the project's calls (report, fail, sync, assert) go to userspace
         (as KVM_HC_MAP_GPA_RANGE does); anything else returns -KVM_ENOSYS."""
         self.stat["hypercalls"] += 1
         self.skip_emulated_instruction(exit)
         self.kvm.trace_emit("kvm_hypercall", self.vcpu_id,
                             msg=f"nr {nr:#x} a0 {args[0]:#x} a1 {args[1]:#x} a2 {args[2]:#x} a3 {args[3]:#x}")
-        if nr in (guestabi.EMU_HC_REPORT, guestabi.EMU_HC_FAIL):
+        if nr in guestabi.EMU_USERSPACE_HCS:
             self.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=list(args), ret=0)
             return 0
         self.hw.set_reg("rax", (-KVM_ENOSYS) & ((1 << 64) - 1))

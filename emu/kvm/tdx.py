@@ -398,7 +398,7 @@ class TdxX86Ops(VmxX86Ops):
             args = (out.r11, out.r12, out.r13, out.r14)
             vcpu.stat["hypercalls"] += 1
             kvm.trace_emit("kvm_hypercall", vcpu.vcpu_id, msg=f"nr {nr:#x} a0 {args[0]:#x} (TDG.VP.VMCALL)")
-            if nr in (guestabi.EMU_HC_REPORT, guestabi.EMU_HC_FAIL):
+            if nr in guestabi.EMU_USERSPACE_HCS:
                 vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=list(args), ret=0)
                 return 0
             t.ret_r10 = (-1000) & ((1 << 64) - 1)      # -KVM_ENOSYS

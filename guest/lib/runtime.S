@@ -2,6 +2,10 @@
 #
 # Functions (all preserve every register and RFLAGS unless noted):
 #   emu_report(rdi = value)          report a value to the host
+#   emu_sync(rdi = value)            GUEST_SYNC: the host records (vCPU, value)
+#   emu_assert_fail(rdi = site, rsi = a, rdx = b)
+#                                    GUEST_ASSERT failed: site is the address of
+#                                    the assert site in .rodata; no return
 #   emu_fail(rdi = code)             end this vCPU with an error; no return
 #   emu_is_td() -> rax               1 inside a TDX guest (TD), else 0
 #   emu_map_gpa(rdi = gpa, rsi = size) -> rax
@@ -14,10 +18,13 @@
 #                                    elsewhere); rax = 0 or the TDX status
 #
 # Host protocol (emu/guestabi.py is the host's copy of these facts):
-#   not a TD:  VMCALL with RAX = EMU_HC_REPORT / EMU_HC_FAIL, RBX = value / code
+#   not a TD:  VMCALL with RAX = EMU_HC_REPORT / EMU_HC_FAIL / EMU_HC_SYNC, RBX = value / code
+#              assert: RAX = EMU_HC_ASSERT, RBX = site, RCX = a, RDX = b
 #   a TD:      TDCALL leaf 0 (TDG.VP.VMCALL) with RCX = 0x1c00 (R10-R12 exposed)
 #                report: R10 = EMU_HC_REPORT, R11 = value (R10 != 0: a vendor-specific
 #                        TDVMCALL, which KVM runs as hypercall R10 with argument R11)
+#                sync:   R10 = EMU_HC_SYNC, R11 = value (as report)
+#                assert: RCX = 0x3c00, R10 = EMU_HC_ASSERT, R11 = site, R12 = a, R13 = b
 #                fail:   R10 = 0, R11 = 0x10003 (GHCI ReportFatalError), R12 = code
 #                halt:   R10 = 0, R11 = 12 (GHCI Instruction.HLT): a TD may not run HLT
 # The choice is made at run time (emu_is_td), so one guest ELF runs both in a
@@ -366,3 +373,90 @@ accept_status_class:
 .Lclass_out:
     ret
     .size accept_status_class, . - accept_status_class
+
+# ---------------------------------------------------------------------------
+# The C guests' calls (guest/include/emu.h).  They come last so that adding
+# them moved none of the functions above.
+# ---------------------------------------------------------------------------
+
+# emu_sync(rdi = value): GUEST_SYNC; like emu_report with EMU_HC_SYNC.
+    .globl emu_sync
+    .type emu_sync, @function
+emu_sync:
+    pushfq
+    push rax
+    push rbx
+    push rcx
+    push r10
+    push r11
+    push r12
+    call emu_is_td
+    test eax, eax
+    jnz .Lsync_td
+    mov eax, EMU_HC_SYNC
+    mov rbx, rdi
+    vmcall
+    jmp .Lsync_done
+.Lsync_td:
+    mov eax, TDG_VP_VMCALL
+    mov ecx, TDVMCALL_EXPOSE_REGS
+    mov r10d, EMU_HC_SYNC
+    mov r11, rdi
+    TDCALL
+.Lsync_done:
+    pop r12
+    pop r11
+    pop r10
+    pop rcx
+    pop rbx
+    pop rax
+    popfq
+    ret
+    .size emu_sync, . - emu_sync
+
+# emu_assert_fail(rdi = site, rsi = a, rdx = b): a GUEST_ASSERT failed.  The
+# host reads the site (file, expression, line, kind: emu/guestabi.py) from the
+# ELF image and ends the run.  Does not return: should the vCPU run again, it
+# halts for good, with the registers as they were at the call.
+    .globl emu_assert_fail
+    .type emu_assert_fail, @function
+emu_assert_fail:
+    pushfq
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    push r10
+    push r11
+    push r12
+    push r13
+    call emu_is_td
+    test eax, eax
+    jnz .Lassert_td
+    mov eax, EMU_HC_ASSERT
+    mov rbx, rdi
+    mov rcx, rsi
+    vmcall                                  # RDX = b already
+    jmp .Lassert_done
+.Lassert_td:
+    mov eax, TDG_VP_VMCALL
+    mov ecx, TDVMCALL_EXPOSE_REGS_4
+    mov r10d, EMU_HC_ASSERT
+    mov r11, rdi
+    mov r12, rsi
+    mov r13, rdx
+    TDCALL
+.Lassert_done:
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop rdx
+    pop rcx
+    pop rbx
+    pop rax
+    popfq
+.Lassert_halt:
+    call emu_halt
+    jmp .Lassert_halt
+    .size emu_assert_fail, . - emu_assert_fail
