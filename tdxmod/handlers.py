@@ -393,14 +393,16 @@ def _tlb_tracking_required(td):
 
 
 def _host_lock(mod, ptr, e, lvl, caller, what):
-    """sept_lock_acquire_host() on the walked entry, then a scheduling point while it is held
-    (another CPU may meet the lock there).  Returns (the entry re-read under the lock, None),
-    or (None, BUSY|RCX with the walked entry's details in RCX/RDX)."""
+    """sept_lock_acquire_host() on the walked entry, the copy re-read under the lock, then a
+    scheduling point while the lock is held (another CPU may meet it there) before the caller
+    checks the state.  Returns (the copy, None), or (None, BUSY|RCX with the walked entry's
+    details in RCX/RDX)."""
     if not mod.lock_entry(ptr):
         rcx, rdx = mod.sept_details(e, lvl)
         return None, Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
+    e = mod.mem.q[ptr >> 3]
     mod.point(caller, what)
-    return mod.mem.q[ptr >> 3], None
+    return e, None
 
 
 @leaf(TDH_MEM_SEPT_ADD)

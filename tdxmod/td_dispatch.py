@@ -252,8 +252,8 @@ def tdg_mem_page_accept(mod, v, hw, caller=None):
     st = mod.lock_entry_guest(ptr)
     if st:
         return done(st | OPERAND_ID_RCX)
+    e = mod.mem.q[ptr >> 3]                     # the copy, read again under the lock
     mod.point(caller, "sept_entry_locked_guest")
-    e = mod.mem.q[ptr >> 3]
     state = S.sept_state(e)
     if state != S.SEPT_FREE and not S.is_leaf_state(state):
         mod.unlock_entry(ptr)
