@@ -758,6 +758,20 @@ def test_sept_add_null_page_v0(td_init):
     assert env.mem.read64(env.td.sept_root) == FREE_ENTRY
 
 
+def test_sept_add_null_page_checked_after_the_entry(td_init):
+    """tdh_mem_sept_add() -> process_l1_page(): R8 = NULL (version 0) is refused only after the walk, the
+    entry lock and the state check: a walk that fails is EPT_WALK_FAILED|RCX, an entry in a state SEPT.ADD
+    does not allow is EPT_ENTRY_STATE_INCORRECT|RCX, whatever R8 is."""
+    env = td_init
+    out = env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=0)
+    assert (out.rax, out.rcx, out.rdx) == (EPT_WALK_FAILED | OP_RCX, arch_entry(FREE), info(FREE, 3))
+    hpa = env.make_state(G, 1, NL_BLOCKED)
+    out = env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=0)
+    assert (out.rax, out.rcx, out.rdx) == (EPT_ENTRY_STATE_INCORRECT | OP_RCX, arch_entry(NL_BLOCKED, hpa),
+                                           info(NL_BLOCKED, 1))
+    assert env.entry(G, 1) == entry_value(NL_BLOCKED, hpa)
+
+
 @pytest.mark.parametrize("case", ["not_tdr", "tdr_misaligned"])
 def test_sept_add_bad_tdr(td_init, case):
     env = td_init
