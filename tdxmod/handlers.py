@@ -239,6 +239,7 @@ def tdh_vp_init(mod, r, caller):
         v.x2apic_id = r.r8
     index = v.td.num_vcpus
     v.td.num_vcpus += 1
+    v.vcpu_index = index
     v.hw = mod.make_cpu(index)
     # The TD's CPUID: leaf 0x21 names the TDX module (Linux's tdx_early_init looks for it).
     vendor = b"IntelTDX    "

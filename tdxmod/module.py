@@ -112,6 +112,7 @@ class TdVcpu:
         self.vmcall_pending = None     # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
         self.launched = False
         self.x2apic_id = None
+        self.vcpu_index = None           # the order of TDH.VP.INIT
         self.last_tdcall_leaf = None     # for the trace
         self.last_tdcall_rcx = 0
         self.vmcall_control = 0          # the guest's TDG.VP.VMCALL RCX (which GPRs the VMM answers)

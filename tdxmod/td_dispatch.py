@@ -155,8 +155,10 @@ def _handle(mod, v, hw, ex, caller=None):
         if leaf == TDG_MEM_PAGE_ACCEPT:
             return tdg_mem_page_accept(mod, v, hw, caller)
         if leaf == TDG_VP_INFO:
+            # tdg_vp_info(): R8 = num_vcpus (initialized) | max_vcpus << 32, R9 = this vCPU's index,
+            # R10 = the commands available (TDG.SYS.RD is not modelled: 0), R11 = 0.
             hw.set_regs({"rax": TDX_SUCCESS, "rcx": 48 if not td.gpaw else 52, "rdx": td.attributes,
-                         "r8": len(td.vcpus) | (td.max_vcpus << 32), "r9": 0})
+                         "r8": td.num_vcpus | (td.max_vcpus << 32), "r9": v.vcpu_index, "r10": 0, "r11": 0})
         else:
             hw.set_reg("rax", TDX_OPERAND_INVALID | OPERAND_ID_RCX)
         hw.set_reg("rip", ex.rip + TDCALL_LEN)

@@ -169,6 +169,29 @@ def test_tdvmcall_completion_copies_every_exposed_register(guest_dir):
     assert (t.rd("rax"), t.rd("rcx"), t.rd("rbp")) == (0, 0xFFCC, 0x0505)
 
 
+VP_INFO_GUEST = HEAD + """\
+    mov rax, 1
+    TDCALL
+    hlt
+"""
+
+
+def test_vp_info_counts_initialized_vcpus(guest_dir):
+    """tdg_vp_info(): R8 = num_vcpus (the vCPUs TDH.VP.INIT initialized) | max_vcpus << 32, R9 = the
+    vCPU's index (VP.INIT order), RCX = 48 (GPAW 0), RDX = ATTRIBUTES, R10 = R11 = 0 here."""
+    path = guest_dir / "vpinfo.S"
+    path.write_text(VP_INFO_GUEST)
+    m = Machine(str(path), vm="tdx", vcpus=2)
+    mod = m.kvm.x86_ops.module
+    m.vcpus[1].mmu_load()                     # the shared EPT pointer (TDH.VP.WR)
+    tdvpr = m.vcpus[1].arch.tdvpr_pa
+    out = mod.seamcall(A.TDH_VP_ENTER, rcx=tdvpr)
+    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
+    rd = lambda name: mod.seamcall(A.TDH_VP_RD, rcx=tdvpr, rdx=GPR[name]).r8
+    assert (rd("rax"), rd("rcx"), rd("rdx")) == (SUCCESS, 48, m.kvm.tdx.attributes)
+    assert (rd("r8"), rd("r9"), rd("r10"), rd("r11")) == (2 | (64 << 32), 1, 0, 0)
+
+
 # ==================================================================================================
 # EPT-violation TD exits
 # ==================================================================================================
