@@ -155,6 +155,7 @@ OP_STATE_RUNNABLE = 2
 TD_ATTR_DEBUG = 1 << 0
 TD_ATTR_SEPT_VE_DISABLE = 1 << 28
 TD_CONFIG_FLAGS_MAX_GPAW = 1 << 0
+TD_CONFIG_FLAGS_NO_RBP_MOD = 1 << 2
 
 # Extended exit qualification types (RDX of a TD exit, bits 3:0)
 TDX_EXT_EXIT_QUAL_TYPE_NONE = 0

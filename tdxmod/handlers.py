@@ -151,6 +151,7 @@ def tdh_mng_init(mod, r, caller):
     td.max_vcpus = max_vcpus or 1
     td.pwl = pwl
     td.gpaw = gpaw
+    td.config_flags = config_flags
     td.shared_bit = 1 << (51 if gpaw else 47)
     td.sept_root = td.tdcx[-1]
     mem.buf[td.sept_root:td.sept_root + PAGE] = S.SEPT_FREE_ENTRY.to_bytes(8, "little") * 512

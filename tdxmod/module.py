@@ -73,6 +73,7 @@ class Td:
         self.max_vcpus = MAX_VCPUS_DEFAULT
         self.pwl = 4
         self.gpaw = 0
+        self.config_flags = 0
         self.shared_bit = 1 << 47
         self.sept_root = None
         self.epoch = 1

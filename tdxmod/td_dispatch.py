@@ -148,6 +148,13 @@ def _handle(mod, v, hw, ex, caller=None):
         v.last_tdcall_leaf, v.last_tdcall_rcx = leaf, hw.reg("rcx")
         if leaf == TDG_VP_VMCALL:
             ctl = hw.reg("rcx")
+            # tdg_vp_vmcall(): RAX, RCX, RSP (and RBP under NO_RBP_MOD) cannot be passed, and
+            # RCX bits 63:32 are reserved: OPERAND_INVALID|RCX to the guest, no exit.
+            check = 0x13 | (0x20 if td.config_flags & TD_CONFIG_FLAGS_NO_RBP_MOD else 0)
+            if ctl & check or ctl >> 32:
+                hw.set_reg("rax", TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+                hw.set_reg("rip", ex.rip + TDCALL_LEN)
+                return None
             regs = {name: hw.reg(name) for name, bit in _VMCALL_REGS if ctl >> bit & 1}
             v.vmcall_pending = TDCALL_LEN
             v.vmcall_control = ctl

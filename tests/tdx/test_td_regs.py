@@ -169,6 +169,28 @@ def test_tdvmcall_completion_copies_every_exposed_register(guest_dir):
     assert (t.rd("rax"), t.rd("rcx"), t.rd("rbp")) == (0, 0xFFCC, 0x0505)
 
 
+# TDG.VP.VMCALL with the RCX the test sets through TDH.VP.WR, then a HLT.
+VMCALL_RCX_GUEST = HEAD + """\
+    mov rax, 0
+    TDCALL
+    .globl vmcall_done
+vmcall_done:
+    hlt
+"""
+
+
+@pytest.mark.parametrize("ctl", [0x1, 0x2, 0x10, 0x1C00 | (1 << 32)])
+def test_tdvmcall_refuses_rax_rcx_rsp_and_reserved_bits(guest_dir, ctl):
+    """tdg_vp_vmcall(): selecting RAX, RCX or RSP (bits 0, 1, 4), or a reserved bit (63:32), is
+    OPERAND_INVALID|RCX to the guest, with no TD exit (the guest goes on to its HLT)."""
+    t = Td(guest_dir, "vmcallrcx", VMCALL_RCX_GUEST)
+    t.wr("rcx", ctl)
+    out = t.enter()
+    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT and out.rcx == 0x1C00
+    assert t.rd("rax") == OPERAND_INVALID | OP_RCX
+    assert t.rd("rip") == t.sym("vmcall_done")
+
+
 VP_INFO_GUEST = HEAD + """\
     mov rax, 1
     TDCALL
