@@ -12,6 +12,7 @@
 import pytest
 
 from emu.kvm.kvm import KVM_REQ_OUTSIDE_GUEST_MODE
+from emu.kvm.uapi import KVM_EXIT_HLT
 from emu.kvm.tdp_mmu import KVM_MIRROR_ROOTS, RET_PF_RETRY
 from emu.kvm.mmu import RET_PF_FIXED
 from emu.vmm import Machine
@@ -20,6 +21,7 @@ from tdxmod.module import Regs
 
 AREA = 0x1000000                      # the area the private guest accepts
 BUSY = A.TDX_OPERAND_BUSY
+SUCCESS_STATUS = 0
 
 
 class Recorder:
@@ -149,3 +151,72 @@ def test_local_retry_only_for_private_gpas(private_td, monkeypatch, private, cal
     assert len(seen) == calls
     # a private fault is forced to a write; a shared one keeps the module's qualification
     assert seen[0][1] == (0x2 if private else 0x181)
+
+
+ACCEPT_GUEST = """\
+.intel_syntax noprefix
+.include "emu.inc"
+    .text
+    .globl _start
+_start:
+    mov rax, 6
+    TDCALL
+    hlt
+"""
+
+
+def test_zap_meets_a_guest_holding_the_entry_lock(tmp_path):
+    """End to end under the scheduler: vCPU 0 is in the TD inside TDG.MEM.PAGE.ACCEPT, holding the page's
+    entry lock (sept_lock_acquire_guest()), when another task zaps that page.  TDH.MEM.RANGE.BLOCK gets
+    BUSY|RCX (and sets TDHP); KVM (tdx_sept_zap_private_spte()) sets wait_for_sept_zap, kicks every vCPU
+    out of guest mode and waits for them, so the ACCEPT finishes and the vCPU leaves the TD; the retried
+    BLOCK succeeds, then TRACK, REMOVE and WBINVD; no KVM_BUG_ON."""
+    from emu.sched import Scheduler, Strategy
+    path = tmp_path / "accept1.S"
+    path.write_text(ACCEPT_GUEST)
+    m = Machine(str(path), vm="tdx")
+    kvm = m.kvm
+    ops = kvm.x86_ops
+    vcpu = m.vcpus[0]
+    ops.set_regs(vcpu, {"rcx": AREA})
+    rec = Recorder(m)
+    at_lock = {}
+
+    class AtTheLock(Strategy):
+        def choose(self, sched, enabled, current, what):
+            if what == "sept_entry_locked_guest" and not at_lock:
+                at_lock["seen"] = True
+                zapper = [t for t in enabled if t.index == 1]
+                if zapper:
+                    return zapper[0]
+            return sched.default_choice(enabled, current, what)
+
+    sched = Scheduler(AtTheLock())
+    kvm.sched = sched
+    ops.module.sched = sched
+    runs = []
+
+    def vcpu_task():
+        runs.append(vcpu.run())
+
+    def zapper():
+        sched.wait_until(lambda: bool(at_lock), what="lock_wait")
+        kvm.zap_gfn_range(AREA >> 12, (AREA >> 12) + 1, KVM_MIRROR_ROOTS)
+    sched.spawn(vcpu_task)
+    sched.spawn(zapper)
+    try:
+        sched.run()
+    finally:
+        kvm.sched = None
+        ops.module.sched = None
+    assert at_lock and not kvm.vm_bugged and not kvm.vm_dead, kvm.bug_reason
+    assert runs and runs[0].exit_reason == KVM_EXIT_HLT
+    zap = [(c[0], c[2]) for c in rec.calls if c[0] in ("TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK",
+                                                       "TDH_MEM_PAGE_REMOVE", "TDH_PHYMEM_PAGE_WBINVD")]
+    assert zap == [("TDH_MEM_RANGE_BLOCK", False), ("TDH_MEM_RANGE_BLOCK", True), ("TDH_MEM_TRACK", False),
+                   ("TDH_MEM_PAGE_REMOVE", False), ("TDH_PHYMEM_PAGE_WBINVD", False)]
+    assert not kvm.tdx.wait_for_sept_zap
+    # the guest's ACCEPT completed (RAX = 0) before the page was removed
+    assert ops.get_regs(vcpu)["rax"] == SUCCESS_STATUS
+    td = ops.module.tds[kvm.tdx.tdr_pa]
+    assert all(gpa != AREA for gpa, *_ in ops.module.sept_leaves(td))
