@@ -285,10 +285,6 @@ def test_mng_init_before_key_config(td_created):
 # ==================================================================================================
 # op_state gating (REFERENCE 3.6; facts 6 op_state table)
 # ==================================================================================================
-def _opcase_mng_addcx(env):
-    return env.call(A.TDH_MNG_ADDCX, rcx=env.kpage(), rdx=env.tdr)
-
-
 def _opcase_mng_init(env):
     return env.call(A.TDH_MNG_INIT, rcx=env.tdr, rdx=env.td_params())
 

@@ -17,7 +17,7 @@ from tdxmod.module import MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, GPR_ORDER
 
 from tdxhelpers import (SUCCESS, OPERAND_BUSY, OPERAND_INVALID, TLB_TRACKING_NOT_DONE, OPERAND_BUSY_HOST_PRIORITY,
                         PAGE_ALREADY_ACCEPTED, OP_RCX, OP_SEPT_TREE, OP_TD_EPOCH, TDEL, TDHP, FREE_ENTRY,
-                        MAPPED, PENDING, PENDING_BLOCKED, BLOCKED, entry_value, arch_entry, info, decode_state,
+                        MAPPED, PENDING, PENDING_BLOCKED, entry_value, arch_entry, info, decode_state,
                         RaceSched)
 
 AREA = 0x1000000                      # private GPA outside the loaded image (16 MiB)
