@@ -159,8 +159,9 @@ def check_mirror_sept(kvm):
         problems.append(f"PAMT: {len(regs)} PT_REG pages, the S-EPT maps {len(want_regs)}")
     if epts != {c for _, _, c in mod.sept_tables(td)}:
         problems.append(f"PAMT: {len(epts)} PT_EPT pages, the S-EPT has {len(mod.sept_tables(td))} tables")
-    if td.chldcnt != len(owned) - 1:
-        problems.append(f"TDR child count {td.chldcnt}, PAMT owns {len(owned) - 1} pages besides the TDR")
+    if td.chldcnt != len(owned):
+        # The TDR's own PAMT owner is 0 (tdh_mng_create), so ``owned`` is every page but the TDR.
+        problems.append(f"TDR child count {td.chldcnt}, PAMT owns {len(owned)} pages besides the TDR")
     return problems
 
 

@@ -76,14 +76,17 @@ def _begin(mod, r, caller, levels, exclusive, tdr=None):
 # -- TD and vCPU management ---------------------------------------------------------------------------------
 @leaf(TDH_MNG_CREATE)
 def tdh_mng_create(mod, r, caller):
+    """tdh_mng_create.c: the HKID operand first, then the TDR page, then the KOT (HKID in use)."""
     tdr, hkid = r.rcx, r.rdx
+    if not 0 < hkid < (1 << 6):                       # reserved bits 63:16, is_private_hkid()
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
     st = mod.hpa_operand(tdr, OPERAND_ID_RCX)
     if st:
         return Regs(st)
-    if not 0 < hkid < (1 << 6) or hkid in mod.hkids:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
+    if hkid in mod.hkids:
+        return Regs(TDX_HKID_NOT_FREE)
     mod.mem.zero(tdr)
-    mod.give_to_module(tdr, PT_TDR, tdr)
+    mod.give_to_module(tdr, PT_TDR, 0)                # the TDR's PAMT owner is 0
     mod.tds[tdr] = Td(tdr, hkid)
     mod.hkids.add(hkid)
     return Regs(TDX_SUCCESS)
@@ -91,11 +94,12 @@ def tdh_mng_create(mod, r, caller):
 
 @leaf(TDH_MNG_KEY_CONFIG)
 def tdh_mng_key_config(mod, r, caller):
+    """tdh_mng_key_config.c.  This platform has one package, so the first call configures every
+    package and the TD leaves HKID_ASSIGNED: a second call is LIFECYCLE_STATE_INCORRECT
+    (TDX_KEY_CONFIGURED is for a package already configured while others are not)."""
     td, st = mod.td_operand(r.rcx, keys=False)
     if st:
         return Regs(st)
-    if td.lifecycle == TD_KEYS_CONFIGURED:
-        return Regs(TDX_KEY_CONFIGURED)
     if td.lifecycle != TD_HKID_ASSIGNED:
         return Regs(TDX_LIFECYCLE_STATE_INCORRECT)
     td.lifecycle = TD_KEYS_CONFIGURED
@@ -104,11 +108,11 @@ def tdh_mng_key_config(mod, r, caller):
 
 @leaf(TDH_MNG_ADDCX)
 def tdh_mng_addcx(mod, r, caller):
-    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX, tdcs=False)
     if st:
         return Regs(st)
-    if td.op_state != OP_STATE_UNINITIALIZED or len(td.tdcx) >= TDCS_PAGES:
-        return Regs(TDX_OP_STATE_INCORRECT)
+    if len(td.tdcx) >= TDCS_PAGES:
+        return Regs(TDX_TDCX_NUM_INCORRECT)
     st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
     if st:
         return Regs(st)
@@ -124,7 +128,7 @@ def tdh_mng_init(mod, r, caller):
     td, st = mod.td_operand(r.rcx)
     if st:
         return Regs(st)
-    if td.op_state != OP_STATE_UNINITIALIZED or len(td.tdcx) != TDCS_PAGES:
+    if td.op_state != OP_STATE_UNINITIALIZED:
         return Regs(TDX_OP_STATE_INCORRECT)
     params = r.rdx
     if params & 0x3FF or params + 1024 > mod.mem.size:
@@ -147,6 +151,7 @@ def tdh_mng_init(mod, r, caller):
     td.max_vcpus = max_vcpus or 1
     td.pwl = pwl
     td.gpaw = gpaw
+    td.config_flags = config_flags
     td.shared_bit = 1 << (51 if gpaw else 47)
     td.sept_root = td.tdcx[-1]
     mem.buf[td.sept_root:td.sept_root + PAGE] = S.SEPT_FREE_ENTRY.to_bytes(8, "little") * 512
@@ -161,8 +166,6 @@ def tdh_vp_create(mod, r, caller):
         return Regs(st)
     if td.op_state != OP_STATE_INITIALIZED:
         return Regs(TDX_OP_STATE_INCORRECT)
-    if len(td.vcpus) >= td.max_vcpus:
-        return Regs(TDX_MAX_VCPUS_EXCEEDED)
     st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
     if st:
         return Regs(st)
@@ -183,6 +186,8 @@ def _vcpu_operand(mod, tdvpr, op=OPERAND_ID_RCX):
     if mod.pamt.page_type(tdvpr) != PT_TDVPR:
         return None, TDX_PAGE_METADATA_INCORRECT | op
     v = mod.vcpus[tdvpr]
+    if v.td.fatal:
+        return None, TDX_TD_FATAL
     if v.td.lifecycle != TD_KEYS_CONFIGURED:
         return None, TDX_TD_KEYS_NOT_CONFIGURED
     return v, None
@@ -195,8 +200,10 @@ def tdh_vp_addcx(mod, r, caller):
         return Regs(st)
     if v.td.op_state != OP_STATE_INITIALIZED:
         return Regs(TDX_OP_STATE_INCORRECT)
-    if v.initialized or len(v.tdvpx) >= TDVPX_PAGES:
+    if v.initialized:
         return Regs(TDX_VCPU_STATE_INCORRECT)
+    if len(v.tdvpx) >= TDVPX_PAGES:
+        return Regs(TDX_TDCX_NUM_INCORRECT)
     st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
     if st:
         return Regs(st)
@@ -209,21 +216,31 @@ def tdh_vp_addcx(mod, r, caller):
 
 @leaf(TDH_VP_INIT)
 def tdh_vp_init(mod, r, caller):
+    """tdh_vp_init.c.  Version 0 is the 1.5.01 leaf (RCX, RDX); version 1 (later 1.5 builds, what
+    Linux 6.16 calls) adds the x2APIC id in R8.  The vCPU count is enforced here, not at VP.CREATE."""
+    version = (r.rax >> 16) & 0xFF
+    if version > 1:
+        return Regs(TDX_OPERAND_INVALID)                    # operand id 0: RAX
     v, st = _vcpu_operand(mod, r.rcx)
     if st:
         return Regs(st)
     if v.td.op_state != OP_STATE_INITIALIZED:
         return Regs(TDX_OP_STATE_INCORRECT)
-    if v.initialized or len(v.tdvpx) != TDVPX_PAGES:
+    if len(v.tdvpx) != TDVPX_PAGES:
+        return Regs(TDX_TDCX_NUM_INCORRECT)                 # map_tdvps() fails
+    if v.initialized:
         return Regs(TDX_VCPU_STATE_INCORRECT)
-    if (r.rax >> 16) & 0xFF != 1:
-        return Regs(TDX_OPERAND_INVALID)            # this module implements TDH.VP.INIT version 1
-    if r.r8 >> 32:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)
-    if any(x.initialized and x.x2apic_id == r.r8 for x in v.td.vcpus.values()):
-        return Regs(TDX_X2APIC_ID_NOT_UNIQUE | r.r8)
-    v.x2apic_id = r.r8
-    index = len([x for x in v.td.vcpus.values() if x.initialized])
+    if v.td.num_vcpus >= v.td.max_vcpus:
+        return Regs(TDX_MAX_VCPUS_EXCEEDED)
+    if version == 1:
+        if r.r8 >> 32:
+            return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)
+        if any(x.initialized and x.x2apic_id == r.r8 for x in v.td.vcpus.values()):
+            return Regs(TDX_X2APIC_ID_NOT_UNIQUE | r.r8)
+        v.x2apic_id = r.r8
+    index = v.td.num_vcpus
+    v.td.num_vcpus += 1
+    v.vcpu_index = index
     v.hw = mod.make_cpu(index)
     # The TD's CPUID: leaf 0x21 names the TDX module (Linux's tdx_early_init looks for it).
     vendor = b"IntelTDX    "
@@ -343,12 +360,14 @@ def tdh_mr_extend(mod, r, caller):
     gpa = r.rcx
     if gpa & 0xFF or not mod.private_gpa_ok(td, gpa):
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+    # check_and_walk_private_gpa_to_leaf(): the walk must end at a leaf with RWX != 0.
     ptr, e, lvl = mod.sept_walk(td, gpa, 0)
-    if lvl != 0:
-        return mod.walk_failed(e, lvl)
-    if S.sept_state(e) != S.SEPT_MAPPED:
-        return mod.state_incorrect(e, lvl)
-    hpa = (e & S.SEPT_HPA) | (gpa & 0xF00)
+    if not S.is_leaf_state(S.sept_state(e)) or not e & S.SEPT_RWX:
+        rcx, rdx = mod.sept_details(e, lvl)
+        return Regs(TDX_EPT_ENTRY_NOT_PRESENT | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
+    if not S.seamcall_allowed(TDH_MR_EXTEND, S.sept_state(e)):
+        return Regs(TDX_EPT_ENTRY_NOT_PRESENT)
+    hpa = (e & S.SEPT_HPA) + (gpa & ((PAGE << (9 * lvl)) - 1))    # leaf_ept_entry_to_hpa()
     td.mrtd.update(b"MR.EXTEND" + gpa.to_bytes(8, "little") + mod.mem.read(hpa, 256))
     return Regs(TDX_SUCCESS)
 
@@ -360,6 +379,8 @@ def tdh_mr_finalize(mod, r, caller):
         return Regs(st)
     if td.op_state != OP_STATE_INITIALIZED:
         return Regs(TDX_OP_STATE_INCORRECT)
+    if td.num_vcpus == 0:
+        return Regs(TDX_NO_VCPUS)
     td.finalized_mrtd = td.mrtd.hexdigest()
     td.op_state = OP_STATE_RUNNABLE
     return Regs(TDX_SUCCESS)
@@ -373,44 +394,64 @@ def _tlb_tracking_required(td):
     return td.op_state == OP_STATE_RUNNABLE
 
 
+def _host_lock(mod, ptr, e, lvl, caller, what):
+    """sept_lock_acquire_host() on the walked entry, the copy re-read under the lock, then a
+    scheduling point while the lock is held (another CPU may meet it there) before the caller
+    checks the state.  Returns (the copy, None), or (None, BUSY|RCX with the walked entry's
+    details in RCX/RDX)."""
+    if not mod.lock_entry(ptr):
+        rcx, rdx = mod.sept_details(e, lvl)
+        return None, Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
+    e = mod.mem.q[ptr >> 3]
+    mod.point(caller, what)
+    return e, None
+
+
 @leaf(TDH_MEM_SEPT_ADD)
 def tdh_mem_sept_add(mod, r, caller):
     if r.rdx & 0xFFE:
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
     allow_existing = r.rdx & 1
     new = r.r8
-    if not new:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)    # version 0: R8 must name the new page
     got, err = _begin(mod, r, caller, lambda td: range(1, td.pwl), False, tdr=r.rdx & ~0xFFF)
     if err:
         return err
     td, gpa, level = got
+    ptr = None
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
+            ptr = None
             return mod.walk_failed(e, lvl)
+        e, busy = _host_lock(mod, ptr, e, lvl, caller, "sept_entry_locked")
+        if busy:
+            ptr = None
+            return busy
         state = S.sept_state(e)
-        if state == S.SEPT_NL_MAPPED and allow_existing:
-            return Regs(TDX_SUCCESS)
+        if not S.seamcall_allowed(TDH_MEM_SEPT_ADD, state):
+            return mod.state_incorrect(e, lvl)
+        # process_l1_page()
+        if not new:
+            return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)    # version 0: R8 must name the new page
         if state != S.SEPT_FREE:
+            if allow_existing:
+                return Regs(TDX_SUCCESS)
             return mod.state_incorrect(e, lvl)
         st = mod.hpa_operand(new, OPERAND_ID_R8)
         if st:
             return Regs(st)
-        if not mod.lock_entry(ptr):
-            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
         if not mod.pamt.try_lock(new):
-            mod.unlock_entry(ptr)
             return Regs(TDX_OPERAND_BUSY | OPERAND_ID_R8)
-        mod.point(caller, "sept_entry_locked")
         mod.mem.buf[new:new + PAGE] = S.SEPT_FREE_ENTRY.to_bytes(8, "little") * 512
         mod.give_to_module(new, PT_EPT, td.tdr)
         mod.pamt.unlock(new)
         td.chldcnt += 1
-        mod.mem.q[ptr >> 3] = S.make_nl_mapped(new) | S.SEPT_TDEL
-        mod.unlock_entry(ptr)
+        mod.mem.q[ptr >> 3] = S.make_nl_mapped(new)      # written unlocked
+        ptr = None
         return Regs(TDX_SUCCESS)
     finally:
+        if ptr is not None:
+            mod.unlock_entry(ptr)
         _sept_unlock(td, False)
 
 
@@ -421,12 +462,19 @@ def tdh_mem_page_aug(mod, r, caller):
         return err
     td, gpa, level = got
     page = r.r8
+    ptr = None
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
+            ptr = None
             return mod.walk_failed(e, lvl)
-        if S.sept_state(e) not in (S.SEPT_FREE, S.SEPT_REMOVED):
+        e, busy = _host_lock(mod, ptr, e, lvl, caller, "sept_entry_locked")
+        if busy:
+            ptr = None
+            return busy
+        if not S.seamcall_allowed(TDH_MEM_PAGE_AUG, S.sept_state(e)):
             return mod.state_incorrect(e, lvl)
+        # check_and_lock_free_range_hpa()
         npages = 512 ** level
         if page & ((PAGE << (9 * level)) - 1):
             return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)
@@ -434,24 +482,24 @@ def tdh_mem_page_aug(mod, r, caller):
             st = mod.hpa_operand(page + k * PAGE, OPERAND_ID_R8)
             if st:
                 return Regs(st)
-        if not mod.lock_entry(ptr):
-            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
         if not mod.pamt.try_lock(page):
-            mod.unlock_entry(ptr)
             return Regs(TDX_OPERAND_BUSY | OPERAND_ID_R8)
-        mod.point(caller, "sept_entry_locked")
         mod.give_to_td(page, td.tdr, npages)
+        mod.pamt.set_bepoch(page, 0)
         mod.pamt.unlock(page)
         td.chldcnt += npages
-        mod.mem.q[ptr >> 3] = S.make_pending(page) | S.SEPT_TDEL
-        mod.unlock_entry(ptr)
+        mod.mem.q[ptr >> 3] = S.make_pending(page)       # sept_set_leaf_and_release_locks()
+        ptr = None
         return Regs(TDX_SUCCESS)
     finally:
+        if ptr is not None:
+            mod.unlock_entry(ptr)
         _sept_unlock(td, False)
 
 
 @leaf(TDH_MEM_PAGE_ADD)
 def tdh_mem_page_add(mod, r, caller):
+    """No S-EPT tree or entry lock: PAGE.ADD holds the TDR exclusively instead (tdh_mem_page_add.c)."""
     td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
     if st:
         return Regs(st)
@@ -462,18 +510,18 @@ def tdh_mem_page_add(mod, r, caller):
         return Regs(st)
     gpa, level = pi
     target, source = r.r8, r.r9
-    if source & 0xFFF or source + PAGE > mod.mem.size:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R9)
     ptr, e, lvl = mod.sept_walk(td, gpa, 0)
     if lvl != 0:
         return mod.walk_failed(e, lvl)
-    if S.sept_state(e) != S.SEPT_FREE:
+    if not S.seamcall_allowed(TDH_MEM_PAGE_ADD, S.sept_state(e)):
         return mod.state_incorrect(e, lvl)
+    if source & 0xFFF or source + PAGE > mod.mem.size:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R9)
+    if mod.pamt.covers(source) and mod.pamt.page_type(source) != PT_NDA:
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R9)          # the source must be shared memory
     st = mod.hpa_operand(target, OPERAND_ID_R8)
     if st:
         return Regs(st)
-    if mod.pamt.covers(source) and mod.pamt.page_type(source) != PT_NDA:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R9)          # the source must be shared memory
     mod.mem.write(target, mod.mem.read(source, PAGE))
     mod.give_to_td(target, td.tdr)
     td.chldcnt += 1
@@ -488,23 +536,30 @@ def tdh_mem_range_block(mod, r, caller):
     if err:
         return err
     td, gpa, level = got
+    ptr = None
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
+            ptr = None
             return mod.walk_failed(e, lvl)
+        e, busy = _host_lock(mod, ptr, e, lvl, caller, "sept_locked_exclusive")
+        if busy:
+            ptr = None
+            return busy
         state = S.sept_state(e)
+        if not S.seamcall_allowed(TDH_MEM_RANGE_BLOCK, state):
+            rcx, rdx = mod.sept_details(e, level)
+            if state in S.BLOCKED_STATES:
+                return Regs(TDX_GPA_RANGE_ALREADY_BLOCKED | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
+            return Regs(TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
         new = {S.SEPT_NL_MAPPED: S.SEPT_NL_BLOCKED, S.SEPT_MAPPED: S.SEPT_BLOCKED,
-               S.SEPT_PENDING: S.SEPT_PENDING_BLOCKED}.get(state)
-        if state in (S.SEPT_NL_BLOCKED, S.SEPT_BLOCKED, S.SEPT_PENDING_BLOCKED):
-            return Regs(TDX_GPA_RANGE_ALREADY_BLOCKED | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
-                        rdx=S.entry_info(state, lvl))
-        if new is None:
-            return mod.state_incorrect(e, lvl)
-        mod.point(caller, "sept_locked_exclusive")
-        mod.mem.q[ptr >> 3] = S.set_state(e, new)
+               S.SEPT_PENDING: S.SEPT_PENDING_BLOCKED}[state]
+        mod.mem.q[ptr >> 3] = S.set_state(e, new)          # still locked: released below
         mod.pamt.set_bepoch(e & S.SEPT_HPA, td.epoch)
         return Regs(TDX_SUCCESS)
     finally:
+        if ptr is not None:
+            mod.unlock_entry(ptr)
         _sept_unlock(td, True)
 
 
@@ -514,20 +569,30 @@ def tdh_mem_range_unblock(mod, r, caller):
     if err:
         return err
     td, gpa, level = got
+    ptr = None
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
+            ptr = None
             return mod.walk_failed(e, lvl)
+        e, busy = _host_lock(mod, ptr, e, lvl, caller, "sept_locked_exclusive")
+        if busy:
+            ptr = None
+            return busy
         state = S.sept_state(e)
-        new = {S.SEPT_NL_BLOCKED: S.SEPT_NL_MAPPED, S.SEPT_BLOCKED: S.SEPT_MAPPED,
-               S.SEPT_PENDING_BLOCKED: S.SEPT_PENDING}.get(state)
-        if new is None:
-            return mod.state_incorrect(e, lvl)
+        if not S.seamcall_allowed(TDH_MEM_RANGE_UNBLOCK, state):
+            rcx, rdx = mod.sept_details(e, level)
+            return Regs(TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
         if _tlb_tracking_required(td) and not mod.is_tlb_tracked(td, mod.pamt.bepoch(e & S.SEPT_HPA)):
-            return Regs(TDX_TLB_TRACKING_NOT_DONE | OPERAND_ID_RCX)
-        mod.mem.q[ptr >> 3] = S.set_state(e, new)
+            return Regs(TDX_TLB_TRACKING_NOT_DONE | OPERAND_ID_SEPT)    # the source's operand id: 0x92
+        new = {S.SEPT_NL_BLOCKED: S.SEPT_NL_MAPPED, S.SEPT_BLOCKED: S.SEPT_MAPPED,
+               S.SEPT_PENDING_BLOCKED: S.SEPT_PENDING}[state]
+        mod.mem.q[ptr >> 3] = S.set_state(e, new) & ~S.SEPT_TDEL
+        ptr = None
         return Regs(TDX_SUCCESS)
     finally:
+        if ptr is not None:
+            mod.unlock_entry(ptr)
         _sept_unlock(td, True)
 
 
@@ -540,19 +605,25 @@ def tdh_mem_track(mod, r, caller):
         return Regs(TDX_OP_STATE_INCORRECT)
     if td.epoch_locked:
         return Regs(TDX_OPERAND_BUSY | OPERAND_ID_TD_EPOCH)
-    if td.refcount[1 - (td.epoch & 1)]:
-        return Regs(TDX_PREVIOUS_TLB_EPOCH_BUSY)
-    td.epoch += 1
-    return Regs(TDX_SUCCESS)
+    td.epoch_locked = True
+    try:
+        mod.point(caller, "epoch_locked")
+        if td.refcount[1 - (td.epoch & 1)]:
+            return Regs(TDX_PREVIOUS_TLB_EPOCH_BUSY)
+        td.epoch += 1
+        return Regs(TDX_SUCCESS)
+    finally:
+        td.epoch_locked = False
 
 
-def _check_blocked_and_tracked(mod, td, e, state, blocked_states, lvl):
+def _check_blocked_and_tracked(mod, td, e, state, level, child_hpa):
+    """The TLB-tracking checks of PAGE.REMOVE / SEPT.REMOVE (a status Regs, or None)."""
     if not _tlb_tracking_required(td):
         return None
-    if state not in blocked_states:
-        return Regs(TDX_GPA_RANGE_NOT_BLOCKED | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
-                    rdx=S.entry_info(state, lvl))
-    if not mod.is_tlb_tracked(td, mod.pamt.bepoch(e & S.SEPT_HPA)):
+    if state not in S.BLOCKED_STATES:
+        rcx, rdx = mod.sept_details(e, level)
+        return Regs(TDX_GPA_RANGE_NOT_BLOCKED | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
+    if not mod.is_tlb_tracked(td, mod.pamt.bepoch(child_hpa)):
         return Regs(TDX_TLB_TRACKING_NOT_DONE | OPERAND_ID_RCX)
     return None
 
@@ -563,26 +634,38 @@ def tdh_mem_page_remove(mod, r, caller):
     if err:
         return err
     td, gpa, level = got
+    ptr = None
+    hpa = None
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
+            ptr = None
             return mod.walk_failed(e, lvl)
+        e, busy = _host_lock(mod, ptr, e, lvl, caller, "sept_entry_locked")
+        if busy:
+            ptr = None
+            return busy
         state = S.sept_state(e)
-        if not S.is_leaf_state(state):
-            return mod.state_incorrect(e, lvl)
-        bad = _check_blocked_and_tracked(mod, td, e, state, (S.SEPT_BLOCKED, S.SEPT_PENDING_BLOCKED), lvl)
+        if not S.is_leaf_state(state) or not S.seamcall_allowed(TDH_MEM_PAGE_REMOVE, state):
+            rcx, rdx = mod.sept_details(e, level)
+            return Regs(TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
+        if not mod.pamt.try_lock(e & S.SEPT_HPA):
+            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
+        hpa = e & S.SEPT_HPA
+        bad = _check_blocked_and_tracked(mod, td, e, state, level, hpa)
         if bad:
             return bad
-        if not mod.lock_entry(ptr):
-            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
-        mod.point(caller, "sept_entry_locked")
-        hpa = e & S.SEPT_HPA
         npages = 512 ** level
-        mod.mem.q[ptr >> 3] = S.SEPT_FREE_ENTRY
+        mod.mem.q[ptr >> 3] = S.SEPT_FREE_ENTRY              # septe_set_free_or_removed_and_release_locks()
+        ptr = None
         mod.release(hpa, npages)
         td.chldcnt -= npages
         return Regs(TDX_SUCCESS, rcx=hpa)
     finally:
+        if hpa is not None:
+            mod.pamt.unlock(hpa)
+        if ptr is not None:
+            mod.unlock_entry(ptr)
         _sept_unlock(td, False)
 
 
@@ -592,66 +675,95 @@ def tdh_mem_sept_remove(mod, r, caller):
     if err:
         return err
     td, gpa, level = got
+    ptr = None
+    child = None
     try:
         ptr, e, lvl = mod.sept_walk(td, gpa, level)
         if lvl != level:
+            ptr = None
             return mod.walk_failed(e, lvl)
+        e, busy = _host_lock(mod, ptr, e, lvl, caller, "sept_locked_exclusive")
+        if busy:
+            ptr = None
+            return busy
         state = S.sept_state(e)
-        if state not in S.NL_STATES:
-            return mod.state_incorrect(e, lvl)
-        bad = _check_blocked_and_tracked(mod, td, e, state, (S.SEPT_NL_BLOCKED,), lvl)
+        if not S.seamcall_allowed(TDH_MEM_SEPT_REMOVE, state):
+            rcx, rdx = mod.sept_details(e, level)
+            return Regs(TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
+        if not mod.pamt.try_lock(e & S.SEPT_HPA):
+            return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
+        child = e & S.SEPT_HPA
+        bad = _check_blocked_and_tracked(mod, td, e, state, level, child)
         if bad:
             return bad
-        child = e & S.SEPT_HPA
         q = mod.mem.q
         if any(S.sept_state(q[(child >> 3) + i]) != S.SEPT_FREE for i in range(512)):
-            return Regs(TDX_EPT_PAGE_NOT_FREE | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
-                        rdx=S.entry_info(state, lvl))
+            rcx, rdx = mod.sept_details(e, level)
+            return Regs(TDX_EPT_PAGE_NOT_FREE | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
         q[ptr >> 3] = S.SEPT_FREE_ENTRY
+        ptr = None
         mod.release(child)
         td.chldcnt -= 1
         return Regs(TDX_SUCCESS, rcx=child)
     finally:
+        if child is not None:
+            mod.pamt.unlock(child)
+        if ptr is not None:
+            mod.unlock_entry(ptr)
         _sept_unlock(td, True)
 
 
 # -- physical pages -------------------------------------------------------------------------------------------
 @leaf(TDH_PHYMEM_PAGE_RECLAIM)
 def tdh_phymem_page_reclaim(mod, r, caller):
+    """tdh_phymem_page_reclaim.c: operand, TDMR, PAMT lock, page type; then the outputs (RCX page
+    type, RDX owner, R8 size) are set, and the alignment of a large page and the owner TD's
+    lifecycle are checked with them in place."""
     hpa = r.rcx
-    if hpa & 0xFFF or hpa >> mod.x86_phys_bits:
+    if hpa & 0xFFF or hpa >> mod.maxphyaddr or hpa >> mod.x86_phys_bits:
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
     if not mod.pamt.covers(hpa):
         return Regs(TDX_OPERAND_ADDR_RANGE_ERROR | OPERAND_ID_RCX)
-    pt = mod.pamt.page_type(hpa)
-    if pt in (PT_NDA, PT_RSVD):
-        return Regs(TDX_PAGE_METADATA_INCORRECT | OPERAND_ID_RCX)
-    owner = mod.pamt.owner(hpa)
-    td = mod.tds.get(owner)
-    # The outputs (page type, owner, size) are filled in before the lifecycle checks.
-    if td is None or td.lifecycle != TD_TEARDOWN:
-        return Regs(TDX_LIFECYCLE_STATE_INCORRECT, rcx=pt, rdx=owner, r8=0)
-    size = mod.pamt.page_size(hpa)
-    npages = 512 if size == 1 else 1
-    if pt == PT_TDR:
-        if td.chldcnt:
-            return Regs(TDX_TD_ASSOCIATED_PAGES_EXIST, rcx=pt, rdx=owner, r8=size)
-        del mod.tds[owner]
-    else:
-        if size == 1 and hpa & 0x1FFFFF:
-            return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)      # a 2M page is reclaimed at its head
-        td.chldcnt -= npages
-        if pt == PT_TDVPR:
-            mod.vcpus.pop(hpa)
-            td.vcpus.pop(hpa, None)
-    mod.release(hpa, npages)
-    return Regs(TDX_SUCCESS, rcx=pt, rdx=owner, r8=size)
+    if not mod.pamt.try_lock(hpa):
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_RCX)
+    try:
+        pt = mod.pamt.page_type(hpa)
+        if pt in (PT_NDA, PT_RSVD):
+            return Regs(TDX_PAGE_METADATA_INCORRECT | OPERAND_ID_RCX)
+        owner = mod.pamt.owner(hpa)
+        size = mod.pamt.page_size(hpa)
+        out = lambda status: Regs(status, rcx=pt, rdx=owner, r8=size)
+        if size and hpa & ((PAGE << (9 * size)) - 1):
+            return out(TDX_OPERAND_INVALID | OPERAND_ID_RCX)      # a 2M page is reclaimed at its head
+        npages = 512 ** size
+        if pt != PT_TDR:
+            td = mod.tds.get(owner)
+            if td is None or td.lifecycle != TD_TEARDOWN:
+                return out(TDX_LIFECYCLE_STATE_INCORRECT)
+            td.chldcnt -= npages
+            if pt == PT_TDVPR:
+                mod.vcpus.pop(hpa)
+                td.vcpus.pop(hpa, None)
+        else:
+            td = mod.tds[hpa]
+            if td.lifecycle != TD_TEARDOWN:
+                return out(TDX_LIFECYCLE_STATE_INCORRECT)
+            if td.chldcnt:
+                return out(TDX_TD_ASSOCIATED_PAGES_EXIST)
+            del mod.tds[hpa]
+        mod.release(hpa, npages)
+        return out(TDX_SUCCESS)
+    finally:
+        mod.pamt.unlock(hpa)
 
 
 @leaf(TDH_PHYMEM_PAGE_WBINVD)
 def tdh_phymem_page_wbinvd(mod, r, caller):
-    hpa = r.rcx & ((1 << mod.x86_phys_bits) - 1)
-    if hpa & 0xFFF:
+    """tdh_phymem_page_wbinvd.c: only the HKID bits are stripped from RCX; then the usual checks
+    of a private 4K HPA (aligned, below MAX_PA, in a TDMR, PT_NDA)."""
+    hkid_mask = ((1 << mod.maxphyaddr) - 1) & ~((1 << mod.x86_phys_bits) - 1)
+    hpa = r.rcx & ~hkid_mask
+    if hpa & 0xFFF or hpa >> mod.maxphyaddr:
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
     if not mod.pamt.covers(hpa):
         return Regs(TDX_OPERAND_ADDR_RANGE_ERROR | OPERAND_ID_RCX)

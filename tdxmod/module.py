@@ -73,6 +73,7 @@ class Td:
         self.max_vcpus = MAX_VCPUS_DEFAULT
         self.pwl = 4
         self.gpaw = 0
+        self.config_flags = 0
         self.shared_bit = 1 << 47
         self.sept_root = None
         self.epoch = 1
@@ -80,6 +81,7 @@ class Td:
         self.mrtd = hashlib.sha384()
         self.finalized_mrtd = None
         self.vcpus = {}
+        self.num_vcpus = 0             # vCPUs initialized (TDH.VP.INIT)
         self.fatal = False
         # S-EPT tree lock: shared (count) or exclusive
         self.sept_readers = 0
@@ -111,8 +113,16 @@ class TdVcpu:
         self.vmcall_pending = None     # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
         self.launched = False
         self.x2apic_id = None
+        self.vcpu_index = None           # the order of TDH.VP.INIT
         self.last_tdcall_leaf = None     # for the trace
         self.last_tdcall_rcx = 0
+        self.vmcall_control = 0          # the guest's TDG.VP.VMCALL RCX (which GPRs the VMM answers)
+        self.in_td = False               # between TD entry and TD exit (counted in td.refcount)
+        # Zero-step mitigation (td_exit_stepping.c): EPT violations at one RIP, and the GPAs
+        # recorded once they pass STEPPING_EPF_THRESHOLD.
+        self.rip_on_tdentry = None
+        self.possibly_epf_stepping = 0
+        self.last_epf_gpa_list = []
 
 
 class TdxModule:
@@ -182,8 +192,12 @@ class TdxModule:
             return TDX_PAGE_METADATA_INCORRECT | op
         return None
 
-    def td_operand(self, tdr, op=OPERAND_ID_RCX, keys=True):
-        """(td, None) or (None, status) for a TDR operand."""
+    def td_operand(self, tdr, op=OPERAND_ID_RCX, keys=True, tdcs=True):
+        """(td, None) or (None, status) for a TDR operand.
+
+        The TD state checks are check_td_in_correct_build_state()'s, in its order: TD_FATAL,
+        then keys configured, then the TDCS pages allocated (``keys``/``tdcs`` False for the
+        leaves that do not go through it)."""
         if tdr & 0xFFF or tdr >> self.x86_phys_bits:
             return None, TDX_OPERAND_INVALID | op
         if not self.pamt.covers(tdr):
@@ -191,10 +205,12 @@ class TdxModule:
         if self.pamt.page_type(tdr) != PT_TDR:
             return None, TDX_PAGE_METADATA_INCORRECT | op
         td = self.tds[tdr]
-        if keys and td.lifecycle != TD_KEYS_CONFIGURED:
-            return None, TDX_TD_KEYS_NOT_CONFIGURED
         if td.fatal:
             return None, TDX_TD_FATAL
+        if keys and td.lifecycle != TD_KEYS_CONFIGURED:
+            return None, TDX_TD_KEYS_NOT_CONFIGURED
+        if keys and tdcs and len(td.tdcx) < TDCS_PAGES:
+            return None, TDX_TDCS_NOT_ALLOCATED
         return td, None
 
     def give_to_module(self, hpa, pt, owner):
@@ -249,18 +265,36 @@ class TdxModule:
                     rdx=S.entry_info(S.sept_state(e), lvl))
 
     def lock_entry(self, ptr):
-        """The entry lock (TDEL).  A host that loses it sets TDHP so the guest backs off."""
+        """sept_lock_acquire_host(): the entry lock (TDEL).  A host that loses it sets TDHP so
+        that the guest side backs off; a host that gets it clears TDHP."""
         q = self.mem.q
         e = q[ptr >> 3]
         if e & S.SEPT_TDEL:
             q[ptr >> 3] = e | S.SEPT_TDHP
             return False
-        q[ptr >> 3] = e | S.SEPT_TDEL
+        q[ptr >> 3] = (e | S.SEPT_TDEL) & ~S.SEPT_TDHP
         return True
 
-    def unlock_entry(self, ptr):
+    def lock_entry_guest(self, ptr):
+        """sept_lock_acquire_guest(): TDX_SUCCESS, TDX_OPERAND_BUSY (held), or
+        TDX_OPERAND_BUSY_HOST_PRIORITY (free, but a host asked for priority: not taken)."""
         q = self.mem.q
-        q[ptr >> 3] &= ~(S.SEPT_TDEL | S.SEPT_TDHP)
+        e = q[ptr >> 3]
+        if e & S.SEPT_TDEL:
+            return TDX_OPERAND_BUSY
+        if e & S.SEPT_TDHP:
+            return TDX_OPERAND_BUSY_HOST_PRIORITY
+        q[ptr >> 3] = e | S.SEPT_TDEL
+        return TDX_SUCCESS
+
+    def unlock_entry(self, ptr):
+        """sept_lock_release(): clears TDEL only (TDHP stays until a host takes the lock)."""
+        q = self.mem.q
+        q[ptr >> 3] &= ~S.SEPT_TDEL
+
+    def sept_details(self, e, lvl):
+        """set_arch_septe_details_in_vmm_regs(): RCX = the architectural entry, RDX = level and state."""
+        return S.architectural_entry(e), S.entry_info(S.sept_state(e), lvl)
 
     def is_tlb_tracked(self, td, bepoch):
         if bepoch < td.epoch - 1:

@@ -117,3 +117,28 @@ def describe(e):
     state = sept_state(e)
     name = STATE_NAMES.get(state, f"state {state:#x}")
     return f"{name} hpa {e & SEPT_HPA:#x}" if state not in (SEPT_FREE,) else name
+
+
+# The legal starting states of each leaf (auto_gen/sept_state_lookup.c of TDX module 1.5,
+# restricted to the states this model has).  Keys are SEAMCALL leaf numbers; TDCALL_LEGAL_STATES
+# is keyed by TDCALL leaf number.
+SEAMCALL_LEGAL_STATES = {
+    2: (SEPT_FREE,),                                                    # TDH.MEM.PAGE.ADD
+    3: (SEPT_FREE, SEPT_NL_MAPPED),                                     # TDH.MEM.SEPT.ADD
+    6: (SEPT_FREE, SEPT_REMOVED),                                       # TDH.MEM.PAGE.AUG
+    7: (SEPT_NL_MAPPED, SEPT_MAPPED, SEPT_PENDING),                     # TDH.MEM.RANGE.BLOCK
+    16: (SEPT_MAPPED,),                                                 # TDH.MR.EXTEND
+    29: (SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING, SEPT_PENDING_BLOCKED),  # TDH.MEM.PAGE.REMOVE
+    30: (SEPT_NL_MAPPED, SEPT_NL_BLOCKED),                              # TDH.MEM.SEPT.REMOVE
+    39: (SEPT_NL_BLOCKED, SEPT_BLOCKED, SEPT_PENDING_BLOCKED),          # TDH.MEM.RANGE.UNBLOCK
+}
+TDCALL_LEGAL_STATES = {6: (SEPT_PENDING,)}                              # TDG.MEM.PAGE.ACCEPT
+
+BLOCKED_STATES = (SEPT_NL_BLOCKED, SEPT_BLOCKED, SEPT_PENDING_BLOCKED)   # any_blocked
+GUEST_ACCESSIBLE_LEAF = (SEPT_MAPPED,)                                  # guest_accessible_leaf
+PENDING_GUEST_ACCEPTABLE = (SEPT_PENDING,)                              # any_pending_and_guest_acceptable
+
+
+def seamcall_allowed(leaf, state):
+    """sept_state_is_seamcall_leaf_allowed()"""
+    return state in SEAMCALL_LEGAL_STATES.get(leaf, ())

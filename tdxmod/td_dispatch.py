@@ -16,20 +16,64 @@ returned as TDH.VP.ENTER's output registers:
 from emu.hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_TDCALL, EXIT_REASON_HLT, EXIT_REASON_VMCALL,
                           EXIT_REASON_EXCEPTION_NMI, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TRIPLE_FAULT)
 from .abi import *  # noqa: F401,F403
-from .module import Regs
-from emu.hw.ept import make_eptp
+from .module import Regs, TDVPX_PAGES
+from emu.hw.ept import make_eptp, EPT_VIOLATION_ACC_WRITE
 from . import sept as S
 
-# Bits of RCX in TDG.VP.VMCALL: which registers the guest passes to the VMM.
-_VMCALL_REGS = (("rbx", 3), ("rsi", 6), ("rdi", 7), ("r8", 8), ("r9", 9), ("r10", 10), ("r11", 11),
+# Bits of RCX in TDG.VP.VMCALL: which registers the guest passes to the VMM (and gets back).
+_VMCALL_REGS = (("rdx", 2), ("rbx", 3), ("rsi", 6), ("rdi", 7), ("r8", 8), ("r9", 9), ("r10", 10), ("r11", 11),
                 ("r12", 12), ("r13", 13), ("r14", 14), ("r15", 15))
 TDCALL_LEN = 4
 VE_VECTOR = 20
+# EPT-violation exit qualification bits the module clears (tdx_ept_violation_exit_to_vmm():
+# GLA valid, final translation, the advanced information bits, NMI unblocking).
+_EPT_QUAL_CLEARED = 0x1F80
 
 
 def _exit(reason, qual=0, ext=0, gpa=0, intr=0, **kw):
     # R8 carries the page-aligned GPA (the module does not report the offset).
     return Regs(reason, rcx=qual, rdx=ext, r8=gpa & ~0xFFF, r9=intr, **kw)
+
+
+def _epf_expected(mod, td, gpa):
+    """is_epf_expected(): a walk of the S-EPT for ``gpa`` with all rights would fault (no MAPPED leaf)."""
+    ptr, e, lvl = mod.sept_walk(td, gpa & ~0xFFF, 0)
+    return not (S.is_leaf_state(S.sept_state(e)) and (e & S.SEPT_RWX) == S.SEPT_RWX)
+
+
+def _stepping_filter(mod, v, td, caller):
+    """td_entry_stepping_filter() and handle_stepping_filter(): None to enter the TD, or the
+    Regs TDH.VP.ENTER returns instead (BUSY on the S-EPT tree lock, or an emulated EPT-violation
+    TD exit for a recorded GPA that would still fault).  The TLB-tracking count taken at entry
+    is given back in both cases (revert_tlb_tracking_state())."""
+    if not v.last_epf_gpa_list:
+        return None
+    if td.sept_writer or td.sept_readers:
+        td.refcount[v.epoch & 1] -= 1
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_SEPT)
+    td.sept_writer = True
+    try:
+        mod.point(caller, "sept_locked_exclusive")
+        for gpa in v.last_epf_gpa_list:
+            if _epf_expected(mod, td, gpa):
+                td.refcount[v.epoch & 1] -= 1
+                # emulate_ept_violation_td_exit(): a write, no extended qualification, GPRs 0.
+                return Regs(EXIT_REASON_EPT_VIOLATION, rcx=EPT_VIOLATION_ACC_WRITE, rdx=0, r8=gpa & ~0xFFF, r9=0)
+        return None
+    finally:
+        td.sept_writer = False
+
+
+def _stepping_log(v, rip, gpa):
+    """td_exit_epf_stepping_log(): count EPT violations on private GPAs at one RIP; past the
+    threshold, record their GPAs (up to EPF_GPA_LIST_SIZE)."""
+    if rip != v.rip_on_tdentry:
+        v.last_epf_gpa_list = []
+        v.possibly_epf_stepping = 0
+    if v.possibly_epf_stepping < STEPPING_EPF_THRESHOLD:
+        v.possibly_epf_stepping += 1
+    elif len(v.last_epf_gpa_list) < EPF_GPA_LIST_SIZE and gpa not in v.last_epf_gpa_list:
+        v.last_epf_gpa_list.append(gpa)
 
 
 def vp_enter(mod, r, caller):
@@ -40,57 +84,88 @@ def vp_enter(mod, r, caller):
     td = v.td
     if td.op_state != OP_STATE_RUNNABLE:
         return Regs(TDX_OP_STATE_INCORRECT)
+    if len(v.tdvpx) != TDVPX_PAGES:
+        return Regs(TDX_TDCX_NUM_INCORRECT)                  # map_tdvps() fails
     if not v.initialized:
         return Regs(TDX_VCPU_STATE_INCORRECT)
     hw = v.hw
     if v.shared_eptp is None:
         return Regs(TDX_VCPU_STATE_INCORRECT)
-    shared_eptp = make_eptp(v.shared_eptp, levels=td.pwl, ad=True)
-    if hw.eptp != shared_eptp or hw.secure_eptp != td.secure_eptp:
-        hw.load_eptp(shared_eptp, td.secure_eptp, td.shared_bit)
-    if v.vmcall_pending is not None:
-        # Complete the guest's TDG.VP.VMCALL with what the VMM answered.
-        insn_len = v.vmcall_pending
-        v.vmcall_pending = None
-        if insn_len == TDCALL_LEN:
-            hw.set_regs({"rax": 0, "r10": r.r10, "r11": r.r11})
-        hw.set_reg("rip", hw.reg("rip") + insn_len)
-    v.associated = True
-    # TLB tracking: count this vCPU in the current epoch, and flush if the epoch moved.
+    # adjust_tlb_tracking_state(): the epoch lock (shared; BUSY while TRACK holds it), count
+    # this vCPU in the current epoch, and flush if the epoch moved since its last entry.
+    if td.epoch_locked:
+        return Regs(TDX_OPERAND_BUSY | OPERAND_ID_TD_EPOCH)
+    td.refcount[td.epoch & 1] += 1
     if v.epoch != td.epoch:
         if v.epoch is not None:
             hw.flush_tlb()
         v.epoch = td.epoch
-    td.refcount[td.epoch & 1] += 1
+    out = _stepping_filter(mod, v, td, caller)
+    if out is not None:
+        return out
+    shared_eptp = make_eptp(v.shared_eptp, levels=td.pwl, ad=True)
+    if hw.eptp != shared_eptp or hw.secure_eptp != td.secure_eptp:
+        hw.load_eptp(shared_eptp, td.secure_eptp, td.shared_bit)
+    if v.vmcall_pending is not None:
+        # Complete the guest's TDG.VP.VMCALL (save_regs_after_tdvmcall()): every GPR the guest
+        # exposed gets the VMM's value, RAX = 0, RCX = the guest's selection.
+        insn_len = v.vmcall_pending
+        v.vmcall_pending = None
+        if insn_len == TDCALL_LEN:
+            ctl = v.vmcall_control
+            regs = {name: getattr(r, name) for name, bit in _VMCALL_REGS if ctl >> bit & 1}
+            regs["rax"] = TDX_SUCCESS
+            regs["rcx"] = ctl
+            hw.set_regs(regs)
+        hw.set_reg("rip", hw.reg("rip") + insn_len)
+    v.associated = True
+    v.rip_on_tdentry = hw.reg("rip")
+    v.in_td = True
     try:
         tracer = mod.tracer
         while True:
             ex = hw.run()
-            out = _handle(mod, v, hw, ex)
+            out = _handle(mod, v, hw, ex, caller)
             if tracer is not None and tracer.enabled:
                 _trace(mod, tracer, caller, v, hw, ex, out)
             if out is not None:
                 return out
     finally:
+        v.in_td = False
         td.refcount[v.epoch & 1] -= 1
 
 
-def _handle(mod, v, hw, ex):
+def _handle(mod, v, hw, ex, caller=None):
     """Handle one exit inside the module; the TD exit Regs for the VMM, or None to resume."""
     td = v.td
     reason = ex.reason
+    if ex.rip != v.rip_on_tdentry:
+        # vmexit_stepping_filter(): forward progress since the TD entry resets EPF tracking.
+        v.last_epf_gpa_list = []
+        v.possibly_epf_stepping = 0
     if reason == EXIT_REASON_TDCALL:
         leaf = hw.reg("rax")
         v.last_tdcall_leaf, v.last_tdcall_rcx = leaf, hw.reg("rcx")
         if leaf == TDG_VP_VMCALL:
-            regs = {name: hw.reg(name) for name, bit in _VMCALL_REGS if hw.reg("rcx") >> bit & 1}
+            ctl = hw.reg("rcx")
+            # tdg_vp_vmcall(): RAX, RCX, RSP (and RBP under NO_RBP_MOD) cannot be passed, and
+            # RCX bits 63:32 are reserved: OPERAND_INVALID|RCX to the guest, no exit.
+            check = 0x13 | (0x20 if td.config_flags & TD_CONFIG_FLAGS_NO_RBP_MOD else 0)
+            if ctl & check or ctl >> 32:
+                hw.set_reg("rax", TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+                hw.set_reg("rip", ex.rip + TDCALL_LEN)
+                return None
+            regs = {name: hw.reg(name) for name, bit in _VMCALL_REGS if ctl >> bit & 1}
             v.vmcall_pending = TDCALL_LEN
-            return Regs(EXIT_REASON_TDCALL, rcx=hw.reg("rcx"), **regs)
+            v.vmcall_control = ctl
+            return Regs(EXIT_REASON_TDCALL, rcx=ctl, **regs)
         if leaf == TDG_MEM_PAGE_ACCEPT:
-            return tdg_mem_page_accept(mod, v, hw)
+            return tdg_mem_page_accept(mod, v, hw, caller)
         if leaf == TDG_VP_INFO:
+            # tdg_vp_info(): R8 = num_vcpus (initialized) | max_vcpus << 32, R9 = this vCPU's index,
+            # R10 = the commands available (TDG.SYS.RD is not modelled: 0), R11 = 0.
             hw.set_regs({"rax": TDX_SUCCESS, "rcx": 48 if not td.gpaw else 52, "rdx": td.attributes,
-                         "r8": len(td.vcpus) | (td.max_vcpus << 32), "r9": 0})
+                         "r8": td.num_vcpus | (td.max_vcpus << 32), "r9": v.vcpu_index, "r10": 0, "r11": 0})
         else:
             hw.set_reg("rax", TDX_OPERAND_INVALID | OPERAND_ID_RCX)
         hw.set_reg("rip", ex.rip + TDCALL_LEN)
@@ -102,19 +177,23 @@ def _handle(mod, v, hw, ex):
         hw.set_reg("rip", ex.rip)
         return Regs(EXIT_REASON_TDCALL, rcx=0x1C00, r10=0, r11=EXIT_REASON_HLT, r12=0)
     if reason == EXIT_REASON_EPT_VIOLATION:
+        # td_ept_violation_exit()
         gpa = ex.gpa
+        ext = TDX_EXT_EXIT_QUAL_TYPE_NONE
         if not gpa & td.shared_bit:
             ptr, e, lvl = mod.sept_walk(td, gpa & ~0xFFF, 0)
-            state = S.sept_state(e)
-            if state in (S.SEPT_PENDING, S.SEPT_PENDING_BLOCKED):
+            if S.sept_state(e) in S.PENDING_GUEST_ACCEPTABLE:
+                # PENDING only: a PENDING_BLOCKED page is not guest-acceptable, so an access to
+                # it is an ordinary EPT violation.
                 if not td.attributes & TD_ATTR_SEPT_VE_DISABLE:
                     # #VE to the guest; with no IDT to deliver it through, a triple fault.
                     return _exit(EXIT_REASON_TRIPLE_FAULT, intr=VE_VECTOR | (3 << 8) | (1 << 31), gpa=gpa,
                                  r12=ex.rip)
-                return _exit(EXIT_REASON_EPT_VIOLATION, ex.qualification,
-                             TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION, gpa)
-        return _exit(EXIT_REASON_EPT_VIOLATION, ex.qualification, TDX_EXT_EXIT_QUAL_TYPE_NONE, ex.gpa,
-                     r10=ex.gla or 0)
+                ext = TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION
+            _stepping_log(v, ex.rip, gpa)
+        # tdx_ept_violation_exit_to_vmm(): qualification bits 12:7 cleared, GPA bits 11:0 cleared,
+        # every other GPR 0.
+        return _exit(EXIT_REASON_EPT_VIOLATION, ex.qualification & ~_EPT_QUAL_CLEARED, ext, gpa)
     if reason == EXIT_REASON_EPT_MISCONFIG:
         return _exit(EXIT_REASON_EPT_MISCONFIG, gpa=ex.gpa)
     if reason == EXIT_REASON_VMCALL:
@@ -144,8 +223,11 @@ def _trace(mod, tracer, caller, v, hw, ex, out):
                 qualification=out.rcx, ext_qualification=out.rdx, gpa=out.r8)
 
 
-def tdg_mem_page_accept(mod, v, hw):
-    """TDG.MEM.PAGE.ACCEPT: a PENDING page becomes MAPPED and zeroed; a missing one exits to the VMM."""
+def tdg_mem_page_accept(mod, v, hw, caller=None):
+    """TDG.MEM.PAGE.ACCEPT (tdg_mem_page_accept.c): walk to the requested level; a failed walk is
+    PAGE_ALREADY_ACCEPTED (a guest-accessible leaf above) or an EPT violation to the VMM; else take
+    the entry lock the guest's way (sept_lock_acquire_guest(): BUSY, or BUSY_HOST_PRIORITY when a
+    host asked for priority), re-read the entry, and only then check its state."""
     td = v.td
     rcx = hw.reg("rcx")
     rip = hw.reg("rip")
@@ -157,26 +239,43 @@ def tdg_mem_page_accept(mod, v, hw):
         hw.set_reg("rip", rip + TDCALL_LEN)
         return None
 
-    if rcx & 0xFF8 or level not in (0, 1) or gpa & ((0x1000 << (9 * level)) - 1) or not mod.private_gpa_ok(td, gpa):
-        return done(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
-    ptr, e, lvl = mod.sept_walk(td, gpa, level)
-    state = S.sept_state(e)
-    if S.is_leaf_state(state) and state == S.SEPT_MAPPED and lvl >= level:
-        return done(TDX_PAGE_ALREADY_ACCEPTED | lvl)
-    if lvl == level and state in S.NL_STATES:
-        return done(TDX_PAGE_SIZE_MISMATCH | OPERAND_ID_RCX)
-    if lvl != level or state != S.SEPT_PENDING:
-        # Not there yet (or not pending): an EPT violation to the VMM, which maps the page
-        # (SEPT.ADD..., PAGE.AUG); the guest's TDCALL runs again after the VMM resumes it.
+    def violation(e, lvl):
+        # async_tdexit_ept_violation(..., VMX_EEQ_ACCEPT): the VMM maps the page (SEPT.ADD...,
+        # PAGE.AUG); the guest's TDCALL runs again after the VMM resumes it.
+        state = S.sept_state(e)
         qual = 2 | ((e & S.SEPT_RWX) << 3)
         # tdaccept_vmx_eeq_info: requested level 2:0, error level 5:3, public state 13:6, PS 14
         info = level | (lvl << 3) | (S.PUBLIC_STATE.get(state, 0) << 6) | (((e >> 7) & 1) << 14)
         return _exit(EXIT_REASON_EPT_VIOLATION, qual, TDX_EXT_EXIT_QUAL_TYPE_ACCEPT | (info << 32), gpa)
-    if not mod.lock_entry(ptr):
-        return done(TDX_OPERAND_BUSY_HOST_PRIORITY if e & S.SEPT_TDHP else TDX_OPERAND_BUSY | OPERAND_ID_RCX)
+
+    # verify_page_info_input(): reserved bits 11:3 and 63:52, the level, the alignment
+    if rcx & 0xFF8 or rcx >> 52 or level not in (0, 1) or gpa & ((0x1000 << (9 * level)) - 1):
+        return done(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+    if not mod.private_gpa_ok(td, gpa):
+        return done(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+    ptr, e, lvl = mod.sept_walk(td, gpa, level)
+    if lvl != level:
+        if S.sept_state(e) in S.GUEST_ACCESSIBLE_LEAF:
+            return done(TDX_PAGE_ALREADY_ACCEPTED | lvl)
+        return violation(e, lvl)
+    st = mod.lock_entry_guest(ptr)
+    if st:
+        return done(st | OPERAND_ID_RCX)
+    e = mod.mem.q[ptr >> 3]                     # the copy, read again under the lock
+    mod.point(caller, "sept_entry_locked_guest")
+    state = S.sept_state(e)
+    if state != S.SEPT_FREE and not S.is_leaf_state(state):
+        mod.unlock_entry(ptr)
+        return done(TDX_PAGE_SIZE_MISMATCH | lvl)
+    if state in S.GUEST_ACCESSIBLE_LEAF:
+        mod.unlock_entry(ptr)
+        return done(TDX_PAGE_ALREADY_ACCEPTED | lvl)
+    if state not in S.TDCALL_LEGAL_STATES[TDG_MEM_PAGE_ACCEPT]:
+        mod.unlock_entry(ptr)
+        return violation(e, lvl)
     hpa = e & S.SEPT_HPA
     size = 0x1000 << (9 * level)
     mod.mem.zero(hpa, size)
-    mod.mem.q[ptr >> 3] = S.set_state(e, S.SEPT_MAPPED) | S.SEPT_TDEL
+    mod.mem.q[ptr >> 3] = S.set_state(e, S.SEPT_MAPPED)     # from the copy read under the lock
     mod.unlock_entry(ptr)
     return done(TDX_SUCCESS)

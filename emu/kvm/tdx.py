@@ -11,7 +11,8 @@ from tdxmod import abi as A
 from tdxmod.module import (TDCS_PAGES, TDVPX_PAGES, TD_PARAMS_ATTRIBUTES, TD_PARAMS_MAX_VCPUS,
                            TD_PARAMS_EPTP_CONTROLS, TD_PARAMS_CONFIG_FLAGS, MD_TDVPS_VMCS_SHARED_EPTP,
                            MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, MD_TDVPS_CR3, GPR_ORDER)
-from ..hw.ept import EPT_VIOLATION_ACC_WRITE, EPT_VIOLATION_ACC_INSTR
+from ..hw.ept import (EPT_VIOLATION_ACC_WRITE, EPT_VIOLATION_ACC_INSTR, EPT_VIOLATION_PROT_READ,
+                      EPT_VIOLATION_PROT_WRITE, EPT_VIOLATION_PROT_EXEC, EPT_VIOLATION_EXEC_FOR_RING3_LIN)
 from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TDCALL,
                         EXIT_REASON_TRIPLE_FAULT, EXIT_REASON_EXTERNAL_INTERRUPT, VmExit)
 from .. import guestabi
@@ -30,6 +31,11 @@ KVM_SYSTEM_EVENT_TDX_FATAL = 7
 TD_STATE_UNINITIALIZED, TD_STATE_INITIALIZED, TD_STATE_RUNNABLE = 0, 1, 2
 TDX_MAP_GPA_MAX_LEN = 2 << 20           # KVM handles MapGPA in 2M steps, asking the guest to retry
 LOCAL_RETRY_MAX = 1000               # then back to the guest (which faults again): the watchdog's turn
+EPT_VIOLATION_PROT_MASK = EPT_VIOLATION_PROT_READ | EPT_VIOLATION_PROT_WRITE | EPT_VIOLATION_PROT_EXEC
+TDX_EXT_EXIT_QUAL_TYPE_MASK = 0xF
+KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1      # as emu/kvm/kvm.py numbers it
+# struct tdx_module_args members TDH.VP.ENTER passes in and out besides RCX (the TDVPR)
+VP_ENTER_ARGS = ("rdx", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rbx", "rdi", "rsi")
 
 
 def tdx_operand_busy(err):
@@ -55,10 +61,29 @@ class VcpuTdx:
     def __init__(self):
         self.tdvpr_pa = None
         self.tdvpx_pa = []
-        self.ret_r10 = 0               # TDG.VP.VMCALL answer for the next TD entry
-        self.ret_r11 = 0
+        # vp_enter_args: the registers the last TD exit returned, passed back (as KVM changed
+        # them) to the next TDH.VP.ENTER; a TDG.VP.VMCALL's answer is R10/R11 here.
+        self.vp_enter_args = dict.fromkeys(VP_ENTER_ARGS, 0)
         self.map_gpa_next = None
         self.map_gpa_end = None
+        self.in_guest = False          # vcpu->mode == IN_GUEST_MODE: inside TDH.VP.ENTER
+
+    # tdvmcall_set_return_code() / tdvmcall_set_return_val()
+    @property
+    def ret_r10(self):
+        return self.vp_enter_args["r10"]
+
+    @ret_r10.setter
+    def ret_r10(self, value):
+        self.vp_enter_args["r10"] = value
+
+    @property
+    def ret_r11(self):
+        return self.vp_enter_args["r11"]
+
+    @ret_r11.setter
+    def ret_r11(self, value):
+        self.vp_enter_args["r11"] = value
 
 
 class TdxX86Ops(VmxX86Ops):
@@ -235,41 +260,69 @@ class TdxX86Ops(VmxX86Ops):
             return -EIO
         return 0
 
+    # -- tdx_no_vcpus_enter_start() / _stop(): a retry that no TD entry can disturb ----------------------
+    def _kick_all(self, kvm):
+        """kvm_make_all_cpus_request(kvm, KVM_REQ_OUTSIDE_GUEST_MODE): every vCPU out of the TD.
+        The request waits for each vCPU's acknowledgement, i.e. until it has left guest mode."""
+        make_all = getattr(kvm, "kvm_make_all_cpus_request", None)
+        if make_all is not None:
+            make_all(KVM_REQ_OUTSIDE_GUEST_MODE)
+            return
+        for v in kvm.vcpus:
+            v.kick_outside_guest_mode()
+        sched = kvm.sched
+        if sched is not None and sched.current is not None:
+            sched.wait_until(lambda: not any(getattr(v.arch, "in_guest", False) for v in kvm.vcpus),
+                             what="kick_wait")
+
+    def _no_vcpus_enter_start(self, kvm):
+        kvm.tdx.wait_for_sept_zap = True
+        self._kick_all(kvm)
+
+    def _no_vcpus_enter_stop(self, kvm):
+        kvm.tdx.wait_for_sept_zap = False
+
+    def _busy_retry(self, kvm, leaf, **regs):
+        """One SEAMCALL of the S-EPT zap path; on BUSY, once more with no vCPU entering the TD."""
+        out = self.seamcall(kvm, leaf, **regs)
+        if tdx_operand_busy(out.rax):
+            self._no_vcpus_enter_start(kvm)
+            out = self.seamcall(kvm, leaf, **regs)
+            self._no_vcpus_enter_stop(kvm)
+        return out
+
     def _track(self, kvm):
-        """tdx_track(): TDH.MEM.TRACK, then every vCPU out of the guest (one retry on BUSY)."""
+        """tdx_track(): TDH.MEM.TRACK (a BUSY retried once with no vCPU entering), then every vCPU
+        out of the guest."""
         tdx = kvm.tdx
         if tdx.state != TD_STATE_RUNNABLE:
             return
-        out = self.seamcall(kvm, A.TDH_MEM_TRACK, rcx=tdx.tdr_pa)
-        if tdx_operand_busy(out.rax):
-            out = self.seamcall(kvm, A.TDH_MEM_TRACK, rcx=tdx.tdr_pa)
+        out = self._busy_retry(kvm, A.TDH_MEM_TRACK, rcx=tdx.tdr_pa)
         kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MEM.TRACK failed: {A.status_name(out.rax)}")
-        for v in kvm.vcpus:
-            v.kick_outside_guest_mode()
+        self._kick_all(kvm)
 
     def reflect_remove_spte(self, kvm, gfn, level, pfn):
-        """tdx_sept_remove_private_spte(): BLOCK, TRACK, REMOVE, WBINVD, clear the page."""
+        """tdx_sept_remove_private_spte(): BLOCK (tdx_sept_zap_private_spte), TRACK, then REMOVE,
+        WBINVD and clearing the page (tdx_sept_drop_private_spte)."""
         tdx = kvm.tdx
         gpa = gfn << 12
         if kvm.KVM_BUG_ON(tdx.hkid is None, "removing a private page after the HKID was freed"):
             return -EINVAL
-        out = self.seamcall(kvm, A.TDH_MEM_RANGE_BLOCK, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
-        if tdx_operand_busy(out.rax):
-            out = self.seamcall(kvm, A.TDH_MEM_RANGE_BLOCK, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
+        out = self._busy_retry(kvm, A.TDH_MEM_RANGE_BLOCK, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
         if (tdx.state != TD_STATE_RUNNABLE and
                 out.rax == (A.TDX_EPT_ENTRY_STATE_INCORRECT | A.OPERAND_ID_RCX) and not out.rcx & 7):
-            # A page mapped in the mirror but never PAGE.ADDed (the premap case).
+            # tdx_is_sept_zap_err_due_to_premap(): mapped in the mirror but never PAGE.ADDed.
             tdx.nr_premapped -= 1
             return 0
         if out.rax != A.TDX_SUCCESS:
-            kvm.kvm_bug(f"TDH.MEM.RANGE.BLOCK gpa {gpa:#x} failed: {A.status_name(out.rax)}")
+            kvm.kvm_bug(f"TDH.MEM.RANGE.BLOCK gpa {gpa:#x} failed: {A.status_name(out.rax)} "
+                        f"entry {out.rcx:#x} info {out.rdx:#x}")
             return -EIO
         self._track(kvm)
-        out = self.seamcall(kvm, A.TDH_MEM_PAGE_REMOVE, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
-        if tdx_operand_busy(out.rax):
-            out = self.seamcall(kvm, A.TDH_MEM_PAGE_REMOVE, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
+        out = self._busy_retry(kvm, A.TDH_MEM_PAGE_REMOVE, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
         if out.rax != A.TDX_SUCCESS:
-            kvm.kvm_bug(f"TDH.MEM.PAGE.REMOVE gpa {gpa:#x} failed: {A.status_name(out.rax)}")
+            kvm.kvm_bug(f"TDH.MEM.PAGE.REMOVE gpa {gpa:#x} failed: {A.status_name(out.rax)} "
+                        f"entry {out.rcx:#x} info {out.rdx:#x}")
             return -EIO
         hpa = pfn << 12
         out = self.seamcall(kvm, A.TDH_PHYMEM_PAGE_WBINVD, rcx=hpa | (tdx.hkid << self.module.x86_phys_bits))
@@ -322,22 +375,36 @@ class TdxX86Ops(VmxX86Ops):
 
     # -- running --------------------------------------------------------------------------------------------
     def vcpu_run(self, vcpu):
-        """tdx_vcpu_run(): TDH.VP.ENTER; the exit comes back in registers."""
+        """tdx_vcpu_run(): TDH.VP.ENTER with vp_enter_args; the exit comes back in registers."""
         t = vcpu.arch
-        out = self.seamcall(vcpu.kvm, A.TDH_VP_ENTER, caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, r10=t.ret_r10,
-                            r11=t.ret_r11)
+        kvm = vcpu.kvm
+        if kvm.tdx.wait_for_sept_zap:
+            # A zap is retrying a SEAMCALL with no vCPU entering: EXIT_FASTPATH_EXIT_HANDLED, no
+            # TDH.VP.ENTER; KVM_RUN loops and tries again (here: once the zap is done).
+            vcpu.tdx_exit = None
+            if kvm.sched is not None and kvm.sched.current is not None:
+                kvm.sched.wait_until(lambda: not kvm.tdx.wait_for_sept_zap, vcpu.vcpu_id, "sept_zap_wait")
+            return VmExit(-2, 0)
+        t.in_guest = True
+        try:
+            out = self.seamcall(kvm, A.TDH_VP_ENTER, caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, **t.vp_enter_args)
+        finally:
+            t.in_guest = False
         vcpu.tdx_exit = out
         if tdx_operand_busy(out.rax):
-            # The module was busy (an epoch or S-EPT lock): KVM enters again, without userspace.
+            # The module was busy (the epoch lock, or the S-EPT tree lock of the zero-step
+            # mitigation): EXIT_FASTPATH_EXIT_HANDLED, KVM enters again without userspace.
+            if kvm.sched is not None:
+                kvm.sched.point(vcpu.vcpu_id, "lock_wait")
             return VmExit(-2, 0)
-        t.ret_r10 = t.ret_r11 = 0
+        for name in VP_ENTER_ARGS:
+            t.vp_enter_args[name] = getattr(out, name)
         if out.rax & A.TDX_ERROR:
-            vcpu.kvm.kvm_bug(f"TDH.VP.ENTER failed: {A.status_name(out.rax)}")
+            kvm.kvm_bug(f"TDH.VP.ENTER failed: {A.status_name(out.rax)}")
             return VmExit(-1, 0)
         reason = out.rax & 0xFFFF
         ex = VmExit(reason, 0, qualification=out.rcx, gpa=out.r8, vcpu=vcpu.vcpu_id)
         ex.error_code = out.rdx                 # the extended exit qualification rides here
-        vcpu.tdx_exit = out
         return ex
 
     def handle_exit(self, vcpu, exit):
@@ -369,25 +436,39 @@ class TdxX86Ops(VmxX86Ops):
         gpa = out.r8
         qual = out.rcx
         vcpu.stat["ept_violations"] += 1
+        local_retry = False
         if not kvm.is_addr_direct(gpa):
-            if (out.rdx & 0xF) == A.TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION:
-                kvm.kvm_vm_dead(f"Guest access before accepting {gpa:#x}")
+            if self.is_sept_violation_unexpected_pending(out):
+                kvm.kvm_vm_dead(f"Guest access before accepting {gpa:#x} on vCPU {vcpu.vcpu_id}")
                 return 0
             # Private pages are always RWX: treat the fault as a write, which avoids COW aliasing.
             qual = EPT_VIOLATION_ACC_WRITE
+            local_retry = True                   # only private GPAs trigger the zero-step mitigation
         elif qual & EPT_VIOLATION_ACC_INSTR:
             kvm.kvm_bug(f"instruction fetch from shared GPA {gpa:#x}")
             return 0
-        # Retry locally while the fault says RETRY (BUSY from the module, a frozen SPTE):
-        # each TD entry counts against the zero-step mitigation.
+        # Retry locally while the fault says RETRY (BUSY from the module, a frozen SPTE): each
+        # TD entry counts against the zero-step mitigation.
         for _ in range(LOCAL_RETRY_MAX):
             r = vcpu.vmx_handle_ept_violation(gpa, qual, rip=0)
-            if r <= 0 or kvm.vm_dead or vcpu.last_pf_ret != RET_PF_RETRY or vcpu.signal_pending:
+            if r <= 0 or vcpu.last_pf_ret != RET_PF_RETRY or not local_retry:
                 return r
+            if vcpu.signal_pending:
+                return r
+            if kvm.vm_dead:                      # kvm_check_request(KVM_REQ_VM_DEAD)
+                return -EIO
             vcpu.tick()
             if kvm.sched is not None:
                 kvm.sched.point(vcpu.vcpu_id, "fault_local_retry")
         return 1
+
+    @staticmethod
+    def is_sept_violation_unexpected_pending(out):
+        """tdx_is_sept_violation_unexpected_pending(): extended type PENDING_EPT_VIOLATION, and the
+        exit qualification has no PROT bits and no EXEC_FOR_RING3_LIN."""
+        if (out.rdx & TDX_EXT_EXIT_QUAL_TYPE_MASK) != A.TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION:
+            return False
+        return not out.rcx & EPT_VIOLATION_PROT_MASK and not out.rcx & EPT_VIOLATION_EXEC_FOR_RING3_LIN
 
     def handle_vmcall(self, vcpu, out):
         """tdx_handle_vmcall(): R10 != 0 is a KVM hypercall (R10 = nr), else a GHCI sub-function in R11."""
@@ -400,6 +481,7 @@ class TdxX86Ops(VmxX86Ops):
             kvm.trace_emit("kvm_hypercall", vcpu.vcpu_id, msg=f"nr {nr:#x} a0 {args[0]:#x} (TDG.VP.VMCALL)")
             if nr in guestabi.EMU_USERSPACE_HCS:
                 vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=list(args), ret=0)
+                t.ret_r10 = 0                   # complete_hypercall_exit(): R10 = run->hypercall.ret
                 return 0
             t.ret_r10 = (-1000) & ((1 << 64) - 1)      # -KVM_ENOSYS
             return 1

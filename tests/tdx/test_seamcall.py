@@ -18,6 +18,7 @@ from tdxhelpers import (  # noqa: F401  (the spec constants)
     TD_KEYS_NOT_CONFIGURED, KEY_CONFIGURED, WBCACHE_NOT_COMPLETE, FLUSHVP_NOT_DONE, EPT_WALK_FAILED,
     GPA_RANGE_NOT_BLOCKED, GPA_RANGE_ALREADY_BLOCKED, TLB_TRACKING_NOT_DONE, EPT_ENTRY_STATE_INCORRECT,
     EPT_PAGE_NOT_FREE, VCPU_STATE_INCORRECT, MAX_VCPUS_EXCEEDED, X2APIC_ID_NOT_UNIQUE, STATUS_MASK,
+    TDCS_NOT_ALLOCATED, NO_VCPUS, TDCX_NUM_INCORRECT, HKID_NOT_FREE, EPT_ENTRY_NOT_PRESENT,
     OP_RAX, OP_RCX, OP_RDX, OP_R8, OP_R9, OP_ATTRIBUTES, OP_EXEC_CONTROLS, OP_EPTP_CONTROLS, OP_SEPT_TREE,
     OP_TD_EPOCH, OP_OP_STATE, PT_NDA, PT_REG, PT_TDR, PT_TDCX, PT_TDVPR, PT_EPT,
     SVE, TDB, TDP, TDEL, TDHP, FREE_ENTRY, FREE, NL_MAPPED, NL_BLOCKED, MAPPED, BLOCKED, PENDING, PENDING_BLOCKED,
@@ -51,7 +52,7 @@ def test_mng_create_success(env):
     env.mem.host_write(tdr, b"\xAA" * PAGE)
     out = env.call(A.TDH_MNG_CREATE, rcx=tdr, rdx=5)
     assert out.rax == SUCCESS
-    assert env.pamt.page_type(tdr) == PT_TDR and env.pamt.owner(tdr) == tdr
+    assert env.pamt.page_type(tdr) == PT_TDR and env.pamt.owner(tdr) == 0     # tdh_mng_create: owner 0
     td = env.mod.tds[tdr]
     assert (td.lifecycle, td.op_state, td.hkid, td.chldcnt) == (TD_HKID_ASSIGNED, OP_UNINIT, 5, 0)
     assert 5 in env.mod.hkids
@@ -76,24 +77,46 @@ def test_mng_create_bad_tdr(env, case):
     assert 2 not in env.mod.hkids
 
 
-@pytest.mark.parametrize("hkid", [0, 64, "in_use"])
+@pytest.mark.parametrize("hkid", [0, 64, 1 << 16 | 3])
 def test_mng_create_bad_hkid(env, hkid):
-    """Model-defined: neither document gives the status for a bad or busy HKID (the model: OPERAND_INVALID|RDX)."""
-    if hkid == "in_use":
-        env.create(hkid=3)
-        hkid = 3
+    """tdh_mng_create(): an HKID outside the private range (or reserved bits 63:16 set) is
+    OPERAND_INVALID|RDX (this model's private HKIDs are 1..63)."""
     tdr = env.kpage()
     out = env.call(A.TDH_MNG_CREATE, rcx=tdr, rdx=hkid)
     assert out.rax == OPERAND_INVALID | OP_RDX
     assert env.pamt.page_type(tdr) == PT_NDA and host_accessible(env, tdr)
 
 
+def test_mng_create_hkid_in_use(env):
+    """tdh_mng_create(): an HKID whose KOT entry is not HKID_FREE -> TDX_HKID_NOT_FREE (0xC000082000000000),
+    checked after the TDR page."""
+    env.create(hkid=3)
+    tdr = env.kpage()
+    out = env.call(A.TDH_MNG_CREATE, rcx=tdr, rdx=3)
+    assert (out.rax, out.rcx, out.rdx) == (HKID_NOT_FREE, 0, 0)
+    assert out.rax == 0xC000082000000000
+    assert env.pamt.page_type(tdr) == PT_NDA and host_accessible(env, tdr)
+    assert len(env.mod.tds) == 1
+
+
+def test_mng_create_checks_hkid_before_tdr(env):
+    """tdh_mng_create(): the HKID operand is checked before the TDR page: a bad HKID with a bad TDR
+    is OPERAND_INVALID|RDX; an HKID in use with a bad TDR is the TDR's error (the KOT comes last)."""
+    env.create(hkid=3)
+    assert env.call(A.TDH_MNG_CREATE, rcx=env.tdr, rdx=0).rax == OPERAND_INVALID | OP_RDX
+    assert env.call(A.TDH_MNG_CREATE, rcx=env.tdr, rdx=3).rax == PAGE_METADATA_INCORRECT | OP_RCX
+
+
 def test_key_config(td_created):
+    """tdh_mng_key_config(): on this one-package platform the first call configures the key on
+    every package (lifecycle KEYS_CONFIGURED); a second call finds the lifecycle no longer
+    HKID_ASSIGNED -> LIFECYCLE_STATE_INCORRECT (KEY_CONFIGURED is only for a package configured
+    while others are not)."""
     env = td_created
     assert env.call(A.TDH_MNG_KEY_CONFIG, rcx=env.tdr).rax == SUCCESS
     assert env.td.lifecycle == TD_KEYS_CONFIGURED
-    # again: informational TDX_KEY_CONFIGURED (bit 63 clear), nothing changes
-    assert env.call(A.TDH_MNG_KEY_CONFIG, rcx=env.tdr).rax == KEY_CONFIGURED
+    out = env.call(A.TDH_MNG_KEY_CONFIG, rcx=env.tdr)
+    assert (out.rax, out.rcx, out.rdx) == (LIFECYCLE_STATE_INCORRECT, 0, 0)
     assert env.td.lifecycle == TD_KEYS_CONFIGURED
 
 
@@ -145,10 +168,11 @@ def test_mng_addcx_bad_operands(td_created, case):
 
 
 def test_mng_addcx_too_many_pages(td_keyed):
-    """Model-defined: a fifth TDCS page is refused with OP_STATE_INCORRECT (no document names this case)."""
+    """tdh_mng_add_cx(): num_tdcx > MAX_NUM_TDCS_PAGES - 1 -> TDX_TDCX_NUM_INCORRECT (before the page operand)."""
     env = td_keyed
     page = env.kpage()
-    assert status(env.call(A.TDH_MNG_ADDCX, rcx=page, rdx=env.tdr)) == OP_STATE_INCORRECT
+    assert env.call(A.TDH_MNG_ADDCX, rcx=page, rdx=env.tdr).rax == TDCX_NUM_INCORRECT
+    assert env.call(A.TDH_MNG_ADDCX, rcx=page + 8, rdx=env.tdr).rax == TDCX_NUM_INCORRECT
     assert env.pamt.page_type(page) == PT_NDA and env.td.chldcnt == 4
 
 
@@ -232,10 +256,25 @@ def test_mng_init_params_misaligned(td_keyed):
 
 
 def test_mng_init_missing_tdcs(td_created):
-    """Model-defined: MNG.INIT with 3 of 4 TDCS pages -> OP_STATE_INCORRECT class."""
+    """check_td_in_correct_build_state() (from tdh_mng_init()): num_tdcx < MIN_NUM_TDCS_PAGES ->
+    TDX_TDCS_NOT_ALLOCATED, before the op_state check."""
     env = td_created.key_config().addcx(3)
-    assert status(env.call(A.TDH_MNG_INIT, rcx=env.tdr, rdx=env.td_params())) == OP_STATE_INCORRECT
+    out = env.call(A.TDH_MNG_INIT, rcx=env.tdr, rdx=env.td_params())
+    assert (out.rax, out.rcx, out.rdx) == (TDCS_NOT_ALLOCATED, 0, 0)
     assert env.td.op_state == OP_UNINIT
+
+
+@pytest.mark.parametrize("leaf", ["VP.CREATE", "MR.FINALIZE", "TRACK", "SEPT.ADD"])
+def test_tdcs_not_allocated(td_created, leaf):
+    """check_td_in_correct_build_state(): every leaf that maps the TDCS (check_state_map_tdcs_and_lock)
+    returns TDX_TDCS_NOT_ALLOCATED while fewer than MIN_NUM_TDCS_PAGES are added; ADDCX itself does not."""
+    env = td_created.key_config().addcx(2)
+    call = {"VP.CREATE": lambda: env.call(A.TDH_VP_CREATE, rcx=env.kpage(), rdx=env.tdr),
+            "MR.FINALIZE": lambda: env.call(A.TDH_MR_FINALIZE, rcx=env.tdr),
+            "TRACK": lambda: env.call(A.TDH_MEM_TRACK, rcx=env.tdr),
+            "SEPT.ADD": lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=env.kpage())}[leaf]
+    assert call().rax == TDCS_NOT_ALLOCATED
+    assert env.call(A.TDH_MNG_ADDCX, rcx=env.kpage(), rdx=env.tdr).rax == SUCCESS
 
 
 def test_mng_init_before_key_config(td_created):
@@ -246,10 +285,6 @@ def test_mng_init_before_key_config(td_created):
 # ==================================================================================================
 # op_state gating (REFERENCE 3.6; facts 6 op_state table)
 # ==================================================================================================
-def _opcase_mng_addcx(env):
-    return env.call(A.TDH_MNG_ADDCX, rcx=env.kpage(), rdx=env.tdr)
-
-
 def _opcase_mng_init(env):
     return env.call(A.TDH_MNG_INIT, rcx=env.tdr, rdx=env.td_params())
 
@@ -284,7 +319,6 @@ def _opcase_vp_enter(env):
 
 OP_STATE_CASES = {
     # name: (stage, call)
-    "MNG.ADDCX@INITIALIZED": ("initialized", _opcase_mng_addcx),
     "MNG.INIT@INITIALIZED": ("initialized", _opcase_mng_init),
     "VP.CREATE@UNINIT": ("keyed", _opcase_vp_create),
     "SEPT.ADD@UNINIT": ("keyed", _opcase_sept_add),
@@ -366,18 +400,16 @@ def test_vp_create_after_finalize(td_run):
 
 
 def test_max_vcpus_exceeded(make_td):
+    """tdh_vp_init(): the vCPU count (num_vcpus) is enforced at VP.INIT (MAX_VCPUS_EXCEEDED), not at
+    VP.CREATE, which has no such check; the refused vCPU stays uninitialized and the count unchanged."""
     env = make_td("initialized", max_vcpus=1)
     env.add_vcpu()
-    tdvpr = env.kpage()
-    first_error = None
-    out = env.call(A.TDH_VP_CREATE, rcx=tdvpr, rdx=env.tdr)
-    if out.rax != SUCCESS:
-        first_error = out.rax
-    else:
-        env.vcpus.append((tdvpr, []))
-        env.vp_addcx(tdvpr)
-        first_error = env.vp_init(tdvpr, x2apic=1).rax
-    assert first_error == MAX_VCPUS_EXCEEDED
+    tdvpr = env.vp_create()                      # VP.CREATE succeeds beyond max_vcpus
+    env.vp_addcx(tdvpr)
+    out = env.vp_init(tdvpr, x2apic=1)
+    assert (out.rax, out.rcx, out.rdx) == (MAX_VCPUS_EXCEEDED, 0, 0)
+    assert not env.mod.vcpus[tdvpr].initialized and env.td.num_vcpus == 1
+    assert env.call(A.TDH_VP_INIT, rcx=tdvpr, rdx=0).rax == MAX_VCPUS_EXCEEDED   # version 0 too
 
 
 def test_vp_addcx_success(td_init):
@@ -412,15 +444,18 @@ def test_vp_addcx_after_init(td_vcpu):
 
 
 def test_vp_addcx_too_many(td_init):
-    """Model-defined: a second TDVPX page (the model's TDVPS has one) -> VCPU_STATE_INCORRECT."""
+    """tdh_vp_addcx(): num_tdvps_pages >= MAX_TDVPS_PAGES -> TDX_TDCX_NUM_INCORRECT (the model's TDVPS
+    is the TDVPR and one TDVPX page)."""
     env = td_init
     tdvpr = env.vp_create()
     env.vp_addcx(tdvpr)
-    assert env.call(A.TDH_VP_ADDCX, rcx=env.kpage(), rdx=tdvpr).rax == VCPU_STATE_INCORRECT
+    page = env.kpage()
+    assert env.call(A.TDH_VP_ADDCX, rcx=page, rdx=tdvpr).rax == TDCX_NUM_INCORRECT
+    assert env.pamt.page_type(page) == PT_NDA
 
 
-def test_vp_addcx_after_finalize(td_init):
-    env = td_init
+def test_vp_addcx_after_finalize(td_vcpu):
+    env = td_vcpu
     tdvpr = env.vp_create()
     env.finalize()
     page = env.kpage()
@@ -454,11 +489,12 @@ def test_vp_init_twice(td_vcpu):
 
 
 def test_vp_init_without_tdvpx(td_init):
-    """Model-defined: VP.INIT before the TDVPX page is added -> VCPU_STATE_INCORRECT."""
+    """tdh_vp_init(): map_tdvps() fails while the TDVPS pages are not all added -> TDX_TDCX_NUM_INCORRECT
+    (checked before the vCPU state)."""
     env = td_init
     tdvpr = env.vp_create()
-    assert env.vp_init(tdvpr).rax == VCPU_STATE_INCORRECT
-    assert not env.mod.vcpus[tdvpr].initialized
+    assert env.vp_init(tdvpr).rax == TDCX_NUM_INCORRECT
+    assert not env.mod.vcpus[tdvpr].initialized and env.td.num_vcpus == 0
 
 
 def test_vp_init_version_2(td_init):
@@ -472,12 +508,17 @@ def test_vp_init_version_2(td_init):
 
 
 def test_vp_init_version_0(td_init):
-    """Model-defined: the model implements only VP.INIT v1 and refuses v0 with OPERAND_INVALID."""
+    """tdh_vp_init() in 1.5.01 is version 0 (RCX = TDVPR, RDX = initial RCX; R8 not an operand): it
+    succeeds, RSI = the vCPU index, and R8 is ignored (no x2APIC id)."""
     env = td_init
     tdvpr = env.vp_create()
     env.vp_addcx(tdvpr)
-    assert env.call(A.TDH_VP_INIT, rcx=tdvpr, rdx=0).rax == OPERAND_INVALID
-    assert not env.mod.vcpus[tdvpr].initialized
+    out = env.call(A.TDH_VP_INIT, rcx=tdvpr, rdx=0x77, r8=1 << 40)
+    assert (out.rax, out.rcx, out.rdx) == (SUCCESS, 0, 0)
+    v = env.mod.vcpus[tdvpr]
+    assert v.initialized and v.x2apic_id is None and env.td.num_vcpus == 1
+    gpr = {name: MD_TDVPS_GPR_BASE + i for i, name in enumerate(GPR_ORDER)}
+    assert (_vp_rd(env, tdvpr, gpr["rcx"]), _vp_rd(env, tdvpr, gpr["rsi"])) == (0x77, 0)
 
 
 def test_vp_init_not_tdvpr(td_init):
@@ -504,8 +545,8 @@ def test_vp_init_x2apic_duplicate(td_init):
     assert not env.mod.vcpus[b].initialized
 
 
-def test_vp_init_after_finalize(td_init):
-    env = td_init
+def test_vp_init_after_finalize(td_vcpu):
+    env = td_vcpu
     tdvpr = env.vp_create()
     env.vp_addcx(tdvpr)
     env.finalize()
@@ -585,13 +626,16 @@ def test_vp_operand_outside_tdmr(td_vcpu):
 # ==================================================================================================
 # VP.ENTER gating at register level (running guests is test_td_e2e.py's job)
 # ==================================================================================================
-def test_vp_enter_vcpu_not_initialized(td_init):
-    """facts 6: VP.ENTER on a vCPU not VP.INITed -> TDX_VCPU_STATE_INCORRECT."""
-    env = td_init
+def test_vp_enter_vcpu_not_initialized(td_vcpu):
+    """facts 6 / tdh_vp_enter(): VP.ENTER on a vCPU not VP.INITed -> TDX_VCPU_STATE_INCORRECT; one
+    whose TDVPS pages are not all added fails mapping the TDVPS first -> TDX_TDCX_NUM_INCORRECT."""
+    env = td_vcpu
     tdvpr = env.vp_create()
     env.vp_addcx(tdvpr)
+    bare = env.vp_create()
     env.finalize()
     assert env.call(A.TDH_VP_ENTER, rcx=tdvpr).rax == VCPU_STATE_INCORRECT
+    assert env.call(A.TDH_VP_ENTER, rcx=bare).rax == TDCX_NUM_INCORRECT
 
 
 # ==================================================================================================
@@ -708,6 +752,20 @@ def test_sept_add_null_page_v0(td_init):
     env = td_init
     assert env.call(A.TDH_MEM_SEPT_ADD, rcx=0 | 3, rdx=env.tdr, r8=0).rax == OPERAND_INVALID | OP_R8
     assert env.mem.read64(env.td.sept_root) == FREE_ENTRY
+
+
+def test_sept_add_null_page_checked_after_the_entry(td_init):
+    """tdh_mem_sept_add() -> process_l1_page(): R8 = NULL (version 0) is refused only after the walk, the
+    entry lock and the state check: a walk that fails is EPT_WALK_FAILED|RCX, an entry in a state SEPT.ADD
+    does not allow is EPT_ENTRY_STATE_INCORRECT|RCX, whatever R8 is."""
+    env = td_init
+    out = env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=0)
+    assert (out.rax, out.rcx, out.rdx) == (EPT_WALK_FAILED | OP_RCX, arch_entry(FREE), info(FREE, 3))
+    hpa = env.make_state(G, 1, NL_BLOCKED)
+    out = env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=0)
+    assert (out.rax, out.rcx, out.rdx) == (EPT_ENTRY_STATE_INCORRECT | OP_RCX, arch_entry(NL_BLOCKED, hpa),
+                                           info(NL_BLOCKED, 1))
+    assert env.entry(G, 1) == entry_value(NL_BLOCKED, hpa)
 
 
 @pytest.mark.parametrize("case", ["not_tdr", "tdr_misaligned"])
@@ -889,8 +947,65 @@ def test_measurement_depends_on_extend_content_only(env):
     assert tds[0].td.mrtd.hexdigest() == tds[1].td.mrtd.hexdigest()
     for e in tds:
         e.ok(e.call(A.TDH_MR_EXTEND, rcx=G, rdx=e.tdr))
+        e.add_vcpu()
         e.finalize()
     assert tds[0].td.finalized_mrtd != tds[1].td.finalized_mrtd
+
+
+def test_mr_finalize_no_vcpus(td_init):
+    """tdh_mr_finalize(): num_vcpus == 0 (no vCPU initialized; a created one does not count) ->
+    TDX_NO_VCPUS (0xC000060900000000); the TD stays INITIALIZED."""
+    env = td_init
+    tdvpr = env.vp_create()
+    env.vp_addcx(tdvpr)
+    out = env.call(A.TDH_MR_FINALIZE, rcx=env.tdr)
+    assert (out.rax, out.rcx, out.rdx) == (NO_VCPUS, 0, 0) and out.rax == 0xC000060900000000
+    assert env.td.op_state == OP_INITIALIZED and env.td.finalized_mrtd is None
+    env.ok(env.vp_init(tdvpr))
+    env.ok(env.call(A.TDH_MR_FINALIZE, rcx=env.tdr))
+
+
+def test_mr_extend_walk_failed_is_not_present(td_init):
+    """tdh_mr_extend(): check_and_walk_private_gpa_to_leaf() fails (the walk stops at the FREE PDE) ->
+    TDX_EPT_ENTRY_NOT_PRESENT|RCX with the stopping entry's details in RCX/RDX."""
+    env = td_init
+    env.ensure_path(G, 1)
+    out = env.call(A.TDH_MR_EXTEND, rcx=G, rdx=env.tdr)
+    assert (out.rax, out.rcx, out.rdx) == (EPT_ENTRY_NOT_PRESENT | OP_RCX, arch_entry(FREE), info(FREE, 1))
+    assert out.rax == 0xC0000B0300000001
+
+
+def test_mr_extend_leaf_not_mapped(td_init):
+    """tdh_mr_extend(): a walk that ends at a leaf with RWX set whose state MR.EXTEND does not allow
+    -> TDX_EPT_ENTRY_NOT_PRESENT with no operand id and RCX = RDX = 0.  Every such state is a migration
+    state (BLOCKEDW, EXPORTED_*), which the model does not have, so the test forges one: a BLOCKED
+    encoding with RWX set."""
+    env = td_init
+    hpa = env.make_state(G, 0, MAPPED)
+    pa = env.entry_pa(G, 0)
+    env.mem.write64(pa, entry_value(BLOCKED, hpa) | 7)
+    mrtd = env.td.mrtd.hexdigest()
+    out = env.call(A.TDH_MR_EXTEND, rcx=G, rdx=env.tdr)
+    assert (out.rax, out.rcx, out.rdx) == (EPT_ENTRY_NOT_PRESENT, 0, 0)
+    assert env.td.mrtd.hexdigest() == mrtd
+
+
+def test_mr_extend_2m_leaf(td_init):
+    """tdh_mr_extend(): the walk to a leaf stops at a 2M MAPPED leaf, which is measured:
+    leaf_ept_entry_to_hpa() adds the GPA's offset within the 2M page."""
+    env = td_init
+    env.ensure_path(G, 1)
+    page = env.upage(M2, align=M2)
+    env.mem.host_write(page + 0x12300, b"X" * 256)
+    out, hpa = env.aug(G, 1, page)
+    env.ok(out)
+    # A 2M MAPPED leaf (what a 2M ACCEPT leaves): PAGE.ADD is 4K only, so set the state by hand.
+    env.mem.write64(env.entry_pa(G, 1), entry_value(MAPPED, hpa))
+    expect = env.td.mrtd.copy()
+    expect.update(b"MR.EXTEND" + (G + 0x12300).to_bytes(8, "little") + b"X" * 256)
+    out = env.call(A.TDH_MR_EXTEND, rcx=G + 0x12300, rdx=env.tdr)
+    assert (out.rax, out.rcx, out.rdx) == (SUCCESS, 0, 0)
+    assert env.td.mrtd.hexdigest() == expect.hexdigest()
 
 
 def test_mr_finalize(td_vcpu):
@@ -968,8 +1083,9 @@ def test_legal_starting_states(td_init, level, leaf, state):
     expect = MATRIX[level][leaf][state]
     out, page = run_leaf(env, leaf, G, level)
     if expect == X:
-        assert (out.rax, out.rcx, out.rdx) == (EPT_ENTRY_STATE_INCORRECT | OP_RCX, arch_entry(state, hpa),
-                                               info(state, level))
+        # MR.EXTEND walks to a leaf with RWX set, else EPT_ENTRY_NOT_PRESENT|RCX (tdh_mr_extend()).
+        err = EPT_ENTRY_NOT_PRESENT if leaf == "MR.EXTEND" else EPT_ENTRY_STATE_INCORRECT
+        assert (out.rax, out.rcx, out.rdx) == (err | OP_RCX, arch_entry(state, hpa), info(state, level))
         assert env.mem.read64(pa) == before and env.td.chldcnt == chld
         if page is not None:
             assert env.pamt.page_type(page) == PT_NDA
@@ -1004,12 +1120,14 @@ WALK_LEAVES = ["AUG", "PAGE.ADD", "BLOCK", "UNBLOCK", "REMOVE", "MR.EXTEND"]
 @pytest.mark.parametrize("leaf", WALK_LEAVES)
 @pytest.mark.parametrize("stop", WALK_STOPS)
 def test_walk_failed_at_pde(td_init, leaf, stop):
-    """A level-0 operation whose PDE is not NL_MAPPED: the walk stops at level 1 (REFERENCE 3.5 walk rule)."""
+    """A level-0 operation whose PDE is not NL_MAPPED: the walk stops at level 1 (REFERENCE 3.5 walk rule).
+    MR.EXTEND reports its failed walk as EPT_ENTRY_NOT_PRESENT|RCX (tdh_mr_extend())."""
     env = td_init
     hpa = env.make_state(G, 1, stop)
     pde = env.entry(G, 1)
     out, page = run_leaf(env, leaf, G, 0)
-    assert (out.rax, out.rcx, out.rdx) == (EPT_WALK_FAILED | OP_RCX, arch_entry(stop, hpa), info(stop, 1))
+    err = EPT_ENTRY_NOT_PRESENT if leaf == "MR.EXTEND" else EPT_WALK_FAILED
+    assert (out.rax, out.rcx, out.rdx) == (err | OP_RCX, arch_entry(stop, hpa), info(stop, 1))
     assert env.entry(G, 1) == pde
     if page is not None:
         assert env.pamt.page_type(page) == PT_NDA
@@ -1062,10 +1180,13 @@ def test_already_blocked_is_informational(td_run):
 
 
 def test_unblock_runnable_needs_tracking(td_run):
+    """tdh_mem_range_unblock(): not tracked yet -> TDX_TLB_TRACKING_NOT_DONE with operand id
+    OPERAND_ID_SEPT_TREE (0x92), not RCX as PAGE.REMOVE has it."""
     env = td_run
     hpa = env.make_state(G, 0, PENDING_BLOCKED)
     out = env.unblock(G)
-    assert out.rax == TLB_TRACKING_NOT_DONE | OP_RCX
+    assert (out.rax, out.rcx, out.rdx) == (TLB_TRACKING_NOT_DONE | OP_SEPT_TREE, 0, 0)
+    assert out.rax == 0xC0000B0800000092
     assert env.entry(G, 0) == entry_value(PENDING_BLOCKED, hpa)
     env.ok(env.track())
     assert env.unblock(G).rax == SUCCESS
@@ -1376,7 +1497,8 @@ def test_reclaim_before_teardown_outputs(td_init, which, pt):
     env.ensure_path(G, 2)
     page = {"tdcs": env.tdcs[0], "tdr": env.tdr, "sept": env.sept_pages[0]}[which]
     out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=page)
-    assert (out.rax, out.rcx, out.rdx, out.r8) == (LIFECYCLE_STATE_INCORRECT, pt, env.tdr, 0)
+    owner = 0 if pt == PT_TDR else env.tdr              # the TDR's PAMT owner is 0 (tdh_mng_create)
+    assert (out.rax, out.rcx, out.rdx, out.r8) == (LIFECYCLE_STATE_INCORRECT, pt, owner, 0)
 
 
 def test_reclaim_tdr_with_children(td_init):
@@ -1391,7 +1513,7 @@ def test_reclaim_tdr_with_children_outputs(td_init):
     env = td_init
     release_hkid(env)
     out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=env.tdr)
-    assert (out.rax, out.rcx, out.rdx, out.r8) == (TD_ASSOCIATED_PAGES_EXIST, PT_TDR, env.tdr, 0)
+    assert (out.rax, out.rcx, out.rdx, out.r8) == (TD_ASSOCIATED_PAGES_EXIST, PT_TDR, 0, 0)
 
 
 @pytest.mark.parametrize("case", ["nda", "misaligned", "hkid_bits", "outside_tdmr"])
@@ -1448,6 +1570,69 @@ def test_wbinvd_bad_operand(td_init, case):
     assert env.call(A.TDH_PHYMEM_PAGE_WBINVD, rcx=rcx).rax == expect
 
 
+def test_wbinvd_masks_only_hkid_bits(td_run):
+    """tdh_phymem_page_wbinvd(): only the HKID bits (x86_phys_bits..MAX_PA-1) are stripped from RCX;
+    a bit at or above MAX_PA stays and the HPA check refuses it (OPERAND_INVALID|RCX)."""
+    env = td_run
+    hpa = env.make_state(G, 0, PENDING)
+    env.ok(env.block(G))
+    env.ok(env.track())
+    env.ok(env.remove(G))
+    maxpa = env.mod.maxphyaddr
+    keyed = hpa | (env.hkid << env.hkid_shift)
+    assert env.call(A.TDH_PHYMEM_PAGE_WBINVD, rcx=keyed | (1 << maxpa)).rax == OPERAND_INVALID | OP_RCX
+    assert env.call(A.TDH_PHYMEM_PAGE_WBINVD, rcx=keyed | (1 << 63)).rax == OPERAND_INVALID | OP_RCX
+    assert env.call(A.TDH_PHYMEM_PAGE_WBINVD, rcx=hpa | (63 << env.hkid_shift)).rax == SUCCESS
+
+
+def test_reclaim_check_order(td_run):
+    """tdh_phymem_page_reclaim(): operand, TDMR, the PAMT entry lock (BUSY|RCX), page type; then
+    RCX/RDX/R8 are set and the large-page alignment and the lifecycle are checked with them in
+    place (a misaligned 4K of a 2M page is OPERAND_INVALID|RCX with the outputs)."""
+    env = td_run
+    hpa = env.make_state(G, 1, PENDING)
+    # before teardown: the 2M alignment is checked before the lifecycle
+    out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=hpa + PAGE)
+    assert (out.rax, out.rcx, out.rdx, out.r8) == (OPERAND_INVALID | OP_RCX, PT_REG, env.tdr, 1)
+    out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=hpa)
+    assert (out.rax, out.rcx, out.rdx, out.r8) == (LIFECYCLE_STATE_INCORRECT, PT_REG, env.tdr, 1)
+    # a held PAMT entry lock
+    assert env.pamt.try_lock(hpa)
+    try:
+        out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=hpa)
+        assert (out.rax, out.rcx, out.rdx, out.r8) == (OPERAND_BUSY | OP_RCX, 0, 0, 0)
+    finally:
+        env.pamt.unlock(hpa)
+    # the NDA check comes after the lock, before any output
+    nda = env.kpage()
+    out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=nda)
+    assert (out.rax, out.rcx, out.rdx, out.r8) == (PAGE_METADATA_INCORRECT | OP_RCX, 0, 0, 0)
+    assert env.pamt.page_type(hpa) == PT_REG and env.td.chldcnt > 0
+
+
+@pytest.mark.parametrize("leaf", ["MNG.INIT", "MNG.ADDCX", "KEY.CONFIG", "VP.CREATE", "VP.INIT"])
+def test_td_fatal_before_keys_configured(make_td, leaf):
+    """check_td_in_correct_build_state() / tdh_mng_add_cx() / tdh_mng_key_config(): TD_FATAL is checked
+    before the key state, so a fatal TD whose keys are not configured is TD_FATAL, not
+    TD_KEYS_NOT_CONFIGURED."""
+    stage = {"KEY.CONFIG": "created", "MNG.ADDCX": "created"}.get(leaf, "initialized")
+    env = make_td(stage)
+    tdvpr = None
+    if leaf == "VP.INIT":
+        tdvpr = env.vp_create()
+        env.vp_addcx(tdvpr)
+    env.td.fatal = True
+    if leaf != "KEY.CONFIG":
+        env.td.lifecycle = TD_HKID_ASSIGNED if stage != "created" else env.td.lifecycle
+    call = {"MNG.INIT": lambda: env.call(A.TDH_MNG_INIT, rcx=env.tdr, rdx=env.td_params()),
+            "MNG.ADDCX": lambda: env.call(A.TDH_MNG_ADDCX, rcx=env.kpage(), rdx=env.tdr),
+            "KEY.CONFIG": lambda: env.call(A.TDH_MNG_KEY_CONFIG, rcx=env.tdr),
+            "VP.CREATE": lambda: env.call(A.TDH_VP_CREATE, rcx=env.kpage(), rdx=env.tdr),
+            "VP.INIT": lambda: env.vp_init(tdvpr)}[leaf]
+    assert env.td.fatal and (leaf == "KEY.CONFIG" or env.td.lifecycle != TD_KEYS_CONFIGURED)
+    assert call().rax == TD_FATAL
+
+
 def test_full_teardown_returns_every_page(make_td):
     """KVM's order: remove private pages (BLOCK, TRACK, REMOVE, WBINVD), release the HKID, reclaim the S-EPT and
     control pages, the TDR last, then WBINVD the TDR.  Every page ends PT_NDA and host-accessible."""
@@ -1477,7 +1662,8 @@ def test_full_teardown_returns_every_page(make_td):
     pages += [(p, PT_TDCX) for p in env.tdcs] + [(env.tdr, PT_TDR)]
     for page, pt in pages:
         out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=page)
-        assert (out.rax, out.rcx, out.rdx, out.r8) == (SUCCESS, pt, env.tdr, 0), hex(page)
+        owner = 0 if pt == PT_TDR else env.tdr
+        assert (out.rax, out.rcx, out.rdx, out.r8) == (SUCCESS, pt, owner, 0), hex(page)
         env.mem.host_zero(page)
     assert env.call(A.TDH_PHYMEM_PAGE_WBINVD, rcx=env.tdr).rax == SUCCESS
     assert env.pamt.owned_pages() == []
@@ -1547,18 +1733,35 @@ def test_race_remove_same_entry(td_init):
     assert env.entry(G, 0) == FREE_ENTRY
 
 
-def test_race_aug_same_page_pamt_lock(td_run):
-    """Two AUGs of one page at two GPAs: the PAMT entry lock -> BUSY|R8 for the second."""
+def test_race_aug_same_page_two_gpas(td_run):
+    """tdh_mem_page_aug(): the entry lock and the state check come before the page's PAMT check, so
+    of two AUGs of one page at two GPAs, the one that reaches the PAMT first wins and the other finds
+    the page no longer PT_NDA: PAGE_METADATA_INCORRECT|R8, its entry unlocked and FREE."""
     env = td_run
     env.ensure_path(G, 0)
     page = env.upage()
     out, sched = race(env, "sept_entry_locked",
                       lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=page),
                       lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G + PAGE, rdx=env.tdr, r8=page))
-    assert sched.result.rax == OPERAND_BUSY | OP_R8
-    assert out.rax == SUCCESS
-    assert env.entry(G + PAGE, 0) == FREE_ENTRY            # the loser's entry lock was released
-    assert env.entry(G, 0) == entry_value(PENDING, page)
+    assert sched.result.rax == SUCCESS
+    assert (out.rax, out.rcx, out.rdx) == (PAGE_METADATA_INCORRECT | OP_R8, 0, 0)
+    assert env.entry(G, 0) == FREE_ENTRY                   # the loser's entry lock was released
+    assert env.entry(G + PAGE, 0) == entry_value(PENDING, page)
+
+
+def test_aug_page_pamt_lock_busy(td_run):
+    """check_and_lock_free_range_hpa(): the new page's PAMT entry lock held -> BUSY|R8; the entry lock
+    taken before it is released."""
+    env = td_run
+    env.ensure_path(G, 0)
+    page = env.upage()
+    assert env.pamt.try_lock(page)
+    try:
+        out = env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=page)
+    finally:
+        env.pamt.unlock(page)
+    assert out.rax == OPERAND_BUSY | OP_R8
+    assert env.entry(G, 0) == FREE_ENTRY and env.pamt.page_type(page) == PT_NDA
 
 
 def test_race_aug_aug_different_entries_share_tree_lock(td_run):

@@ -1,0 +1,475 @@
+"""Register-level tests of what the TDX module does while a TD runs: TDH.VP.ENTER and the TD's exits,
+TDG.MEM.PAGE.ACCEPT's entry lock, the zero-step mitigation, TLB epochs.
+
+A tiny guest runs in a TD that the VMM built (``emu.vmm.Machine``), but every call here is a
+SEAMCALL to the module (``module.seamcall``): TDH.VP.ENTER's output registers are the TD exit, the
+guest's registers are read back with TDH.VP.RD (a debug TD).  KVM is not involved: its mirror does
+not know about the S-EPT entries these tests make with SEAMCALLs of their own.  Each test's
+docstring names the source function (TDX module 1.5, intel/tdx-module branch tdx_1.5) whose
+behaviour it checks.
+"""
+
+import pytest
+
+from emu.vmm import Machine
+from tdxmod import abi as A
+from tdxmod.module import MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, GPR_ORDER
+
+from tdxhelpers import (SUCCESS, OPERAND_BUSY, OPERAND_INVALID, TLB_TRACKING_NOT_DONE, OPERAND_BUSY_HOST_PRIORITY,
+                        PAGE_ALREADY_ACCEPTED, OP_RCX, OP_SEPT_TREE, OP_TD_EPOCH, TDEL, TDHP, FREE_ENTRY,
+                        MAPPED, PENDING, PENDING_BLOCKED, entry_value, arch_entry, info, decode_state,
+                        RaceSched)
+
+AREA = 0x1000000                      # private GPA outside the loaded image (16 MiB)
+EXIT_EPT_VIOLATION = 48
+EXIT_TDCALL = 77
+GPR = {name: MD_TDVPS_GPR_BASE + i for i, name in enumerate(GPR_ORDER)}
+
+HEAD = """\
+.intel_syntax noprefix
+.include "emu.inc"
+    .text
+    .globl _start
+_start:
+"""
+
+# TDG.VP.VMCALL exposing RDX, RBX, RSI, RDI, R8..R15 (RCX bits 2, 3, 6..15), an unknown
+# sub-function; then a bare HLT (taken as Instruction.HLT) to read the registers back.
+VMCALL_GUEST = HEAD + """\
+    mov rdx, 0x0202
+    mov rbx, 0x0303
+    mov rsi, 0x0606
+    mov rdi, 0x0707
+    mov r8, 0x0808
+    mov r9, 0x0909
+    mov r10, 0
+    mov r11, 0x77777
+    mov r12, 0x1212
+    mov r13, 0x1313
+    mov r14, 0x1414
+    mov r15, 0x1515
+    mov rbp, 0x0505
+    mov rcx, 0xFFCC
+    mov rax, 0
+    TDCALL
+    .globl after_vmcall
+after_vmcall:
+    hlt
+"""
+
+# A read of the private page at AREA, at one RIP, then a HLT.
+TOUCH_GUEST = HEAD + """\
+    mov rax, 0x1000000
+    .globl touch
+touch:
+    mov rbx, qword ptr [rax + 0x10]
+    .globl touched
+touched:
+    hlt
+"""
+
+# TDG.MEM.PAGE.ACCEPT with the RCX the test sets through TDH.VP.WR, then a HLT.
+ACCEPT_GUEST = HEAD + """\
+    .globl accept
+accept:
+    mov rax, 6
+    TDCALL
+    .globl accepted
+accepted:
+    hlt
+"""
+
+
+@pytest.fixture(scope="module")
+def guest_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("td_regs_guests")
+
+
+class Td:
+    """A TD built by the VMM for one guest, driven by SEAMCALLs."""
+
+    def __init__(self, guest_dir, name, text, attributes=A.TD_ATTR_SEPT_VE_DISABLE | A.TD_ATTR_DEBUG):
+        path = guest_dir / f"{name}.S"
+        path.write_text(text)
+        self.m = Machine(str(path), vm="tdx", td_attributes=attributes)
+        self.mod = self.m.kvm.x86_ops.module
+        self.tdr = self.m.kvm.tdx.tdr_pa
+        self.tdvpr = self.m.vcpus[0].arch.tdvpr_pa
+        self.td = self.mod.tds[self.tdr]
+        self.v = self.mod.vcpus[self.tdvpr]
+        self.host = self.m.host
+
+    def call(self, leaf, **regs):
+        return self.mod.seamcall(leaf, **regs)
+
+    def enter(self, **regs):
+        return self.call(A.TDH_VP_ENTER, rcx=self.tdvpr, **regs)
+
+    def rd(self, name):
+        field = MD_TDVPS_RIP if name == "rip" else GPR[name]
+        out = self.call(A.TDH_VP_RD, rcx=self.tdvpr, rdx=field)
+        assert out.rax == SUCCESS
+        return out.r8
+
+    def wr(self, name, value):
+        assert self.call(A.TDH_VP_WR, rcx=self.tdvpr, rdx=GPR[name], r8=value, r9=(1 << 64) - 1).rax == SUCCESS
+
+    def sym(self, name):
+        return self.m.image.symbol(name)
+
+    # S-EPT entries made here with SEAMCALLs (KVM's mirror does not see them)
+    def sept_path(self, gpa):
+        for level in (3, 2, 1):
+            base = gpa & ~((0x1000 << (9 * level)) - 1)
+            out = self.call(A.TDH_MEM_SEPT_ADD, rcx=base | level, rdx=self.tdr | 1,
+                            r8=self.host.alloc_kernel_page())
+            assert out.rax == SUCCESS, A.status_name(out.rax)
+
+    def aug(self, gpa):
+        self.sept_path(gpa)
+        page = self.m.gmem + gpa                      # the guest_memfd page KVM would give it
+        assert self.call(A.TDH_MEM_PAGE_AUG, rcx=gpa, rdx=self.tdr, r8=page).rax == SUCCESS
+        return page
+
+    def entry_pa(self, gpa):
+        q = self.mod.mem.q
+        table = self.td.sept_root
+        for level in (3, 2, 1):
+            table = q[(table + (((gpa >> (12 + 9 * level)) & 511) << 3)) >> 3] & 0x000FFFFFFFFFF000
+        return table + (((gpa >> 12) & 511) << 3)
+
+    def entry(self, gpa):
+        return self.mod.mem.read64(self.entry_pa(gpa))
+
+
+def zero_regs_besides(out, *names):
+    return {k: getattr(out, k) for k in ("rbx", "rsi", "rdi", "r10", "r11", "r12", "r13", "r14", "r15")
+            if k not in names and getattr(out, k)}
+
+
+# ==================================================================================================
+# TDG.VP.VMCALL completion
+# ==================================================================================================
+def test_tdvmcall_completion_copies_every_exposed_register(guest_dir):
+    """tdh_vp_enter() -> save_regs_after_tdvmcall(): on the next entry after a TDG.VP.VMCALL every GPR the
+    guest selected in RCX (RDX..R15) gets the VMM's value, RAX = 0, RCX = the selection; the others
+    (RBP here) keep the guest's values.  The exit itself (tdg_vp_vmcall()) passes the selected GPRs out."""
+    t = Td(guest_dir, "vmcall", VMCALL_GUEST)
+    out = t.enter()
+    assert (out.rax, out.rcx) == (EXIT_TDCALL, 0xFFCC)
+    assert (out.rdx, out.rbx, out.rsi, out.rdi, out.r8, out.r9) == (0x202, 0x303, 0x606, 0x707, 0x808, 0x909)
+    assert (out.r10, out.r11, out.r12, out.r13, out.r14, out.r15) == (0, 0x77777, 0x1212, 0x1313, 0x1414, 0x1515)
+    host = dict(rdx=0xA2, rbx=0xA3, rsi=0xA6, rdi=0xA7, r8=0xA8, r9=0xA9, r10=0xAA, r11=0xAB, r12=0xAC,
+                r13=0xAD, r14=0xAE, r15=0xAF)
+    out = t.enter(**host)
+    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT          # the bare HLT
+    assert t.rd("rip") == t.sym("after_vmcall")
+    for name, value in host.items():
+        assert t.rd(name) == value, name
+    assert (t.rd("rax"), t.rd("rcx"), t.rd("rbp")) == (0, 0xFFCC, 0x0505)
+
+
+# TDG.VP.VMCALL with the RCX the test sets through TDH.VP.WR, then a HLT.
+VMCALL_RCX_GUEST = HEAD + """\
+    mov rax, 0
+    TDCALL
+    .globl vmcall_done
+vmcall_done:
+    hlt
+"""
+
+
+@pytest.mark.parametrize("ctl", [0x1, 0x2, 0x10, 0x1C00 | (1 << 32)])
+def test_tdvmcall_refuses_rax_rcx_rsp_and_reserved_bits(guest_dir, ctl):
+    """tdg_vp_vmcall(): selecting RAX, RCX or RSP (bits 0, 1, 4), or a reserved bit (63:32), is
+    OPERAND_INVALID|RCX to the guest, with no TD exit (the guest goes on to its HLT)."""
+    t = Td(guest_dir, "vmcallrcx", VMCALL_RCX_GUEST)
+    t.wr("rcx", ctl)
+    out = t.enter()
+    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT and out.rcx == 0x1C00
+    assert t.rd("rax") == OPERAND_INVALID | OP_RCX
+    assert t.rd("rip") == t.sym("vmcall_done")
+
+
+VP_INFO_GUEST = HEAD + """\
+    mov rax, 1
+    TDCALL
+    hlt
+"""
+
+
+def test_vp_info_counts_initialized_vcpus(guest_dir):
+    """tdg_vp_info(): R8 = num_vcpus (the vCPUs TDH.VP.INIT initialized) | max_vcpus << 32, R9 = the
+    vCPU's index (VP.INIT order), RCX = 48 (GPAW 0), RDX = ATTRIBUTES, R10 = R11 = 0 here."""
+    path = guest_dir / "vpinfo.S"
+    path.write_text(VP_INFO_GUEST)
+    m = Machine(str(path), vm="tdx", vcpus=2)
+    mod = m.kvm.x86_ops.module
+    m.vcpus[1].mmu_load()                     # the shared EPT pointer (TDH.VP.WR)
+    tdvpr = m.vcpus[1].arch.tdvpr_pa
+    out = mod.seamcall(A.TDH_VP_ENTER, rcx=tdvpr)
+    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
+    rd = lambda name: mod.seamcall(A.TDH_VP_RD, rcx=tdvpr, rdx=GPR[name]).r8
+    assert (rd("rax"), rd("rcx"), rd("rdx")) == (SUCCESS, 48, m.kvm.tdx.attributes)
+    assert (rd("r8"), rd("r9"), rd("r10"), rd("r11")) == (2 | (64 << 32), 1, 0, 0)
+
+
+# ==================================================================================================
+# EPT-violation TD exits
+# ==================================================================================================
+def test_ept_violation_exit_clears_qualification_bits_and_zeroes_gprs(guest_dir):
+    """tdx_ept_violation_exit_to_vmm(): exit qualification bits 12:7 (GLA valid, final translation, the
+    advanced information, NMI unblocking) cleared, R8 = the GPA with bits 11:0 cleared, R10 and every other
+    GPR 0 (no GLA in R10); extended qualification type NONE for a FREE private page."""
+    t = Td(guest_dir, "touch", TOUCH_GUEST)
+    out = t.enter()
+    assert (out.rax, out.rcx, out.rdx, out.r8, out.r9) == (EXIT_EPT_VIOLATION, 0x1, 0, AREA, 0)
+    assert out.r10 == 0 and zero_regs_besides(out) == {}
+    assert t.rd("rip") == t.sym("touch")
+
+
+@pytest.mark.parametrize("state,ext", [(PENDING, 6), (PENDING_BLOCKED, 0)])
+def test_pending_blocked_access_is_an_ordinary_ept_violation(guest_dir, state, ext):
+    """td_ept_violation_exit(): only a PENDING page is "pending and guest-acceptable" and gets the extended
+    qualification PENDING_EPT_VIOLATION (6, SEPT_VE_DISABLE); an access to a PENDING_BLOCKED page is an
+    ordinary EPT violation (type NONE), which KVM handles as a fault instead of killing the VM."""
+    t = Td(guest_dir, "touch", TOUCH_GUEST)
+    t.aug(AREA)
+    if state == PENDING_BLOCKED:
+        assert t.call(A.TDH_MEM_RANGE_BLOCK, rcx=AREA, rdx=t.tdr).rax == SUCCESS
+    assert decode_state(t.entry(AREA)) == state
+    out = t.enter()
+    assert (out.rax, out.rcx, out.rdx, out.r8) == (EXIT_EPT_VIOLATION, 0x1, ext, AREA)
+    kvm_ops = t.m.kvm.x86_ops
+    assert kvm_ops.is_sept_violation_unexpected_pending(out) == (state == PENDING)
+
+
+def test_kvm_pending_check_uses_the_prot_bits():
+    """Linux 6.16 tdx_is_sept_violation_unexpected_pending(): type PENDING_EPT_VIOLATION and no
+    EPT_VIOLATION_PROT_MASK bits (5:3) and no EXEC_FOR_RING3_LIN (bit 6) in the exit qualification."""
+    from emu.kvm.tdx import TdxX86Ops
+    from tdxmod.module import Regs
+    check = TdxX86Ops.is_sept_violation_unexpected_pending
+    assert check(Regs(48, rcx=0x1, rdx=6))
+    assert check(Regs(48, rcx=0x2 | (1 << 32), rdx=6))
+    for bit in (3, 4, 5, 6):
+        assert not check(Regs(48, rcx=0x1 | (1 << bit), rdx=6))
+    assert not check(Regs(48, rcx=0x1, rdx=0)) and not check(Regs(48, rcx=0x1, rdx=1))
+
+
+# ==================================================================================================
+# Zero-step mitigation
+# ==================================================================================================
+def _fault_until_recorded(t):
+    """Enter until the GPA is recorded: STEPPING_EPF_THRESHOLD EPT violations at the faulting RIP are
+    counted, the next one records the GPA."""
+    for n in range(1, 8):
+        out = t.enter()
+        assert (out.rax, out.rcx, out.rdx) == (EXIT_EPT_VIOLATION, 0x1, 0), n
+        assert t.v.last_epf_gpa_list == ([] if n < 7 else [AREA + 0x10]), n
+    assert t.v.possibly_epf_stepping == A.STEPPING_EPF_THRESHOLD == 6
+
+
+def test_zero_step_emulated_ept_violation(guest_dir):
+    """td_exit_epf_stepping_log() / td_entry_stepping_filter() / emulate_ept_violation_td_exit(): past the
+    threshold of EPT violations at one RIP the GPA is recorded; the next TDH.VP.ENTER finds it would still
+    fault and does not enter the TD: RAX = 48, RCX = 2 (write), RDX = 0, R8 = GPA & ~0xFFF, R9 = 0, every
+    other GPR 0; the TLB-tracking count taken at entry is given back."""
+    t = Td(guest_dir, "touch", TOUCH_GUEST)
+    _fault_until_recorded(t)
+    rip = t.rd("rip")
+    out = t.enter()
+    assert (out.rax, out.rcx, out.rdx, out.r8, out.r9) == (EXIT_EPT_VIOLATION, 0x2, 0, AREA, 0)
+    assert zero_regs_besides(out) == {}
+    assert t.rd("rip") == rip == t.sym("touch")
+    assert t.td.refcount == [0, 0] and not t.td.sept_writer
+
+
+def test_zero_step_busy_on_the_sept_tree_lock(guest_dir):
+    """td_entry_stepping_filter(): with a GPA recorded, TDH.VP.ENTER takes the S-EPT tree lock exclusively;
+    held (here shared, as a SEPT.ADD or AUG holds it) -> TDX_OPERAND_BUSY|SEPT_TREE (0x8000020000000092),
+    the TLB-tracking count given back (revert_tlb_tracking_state())."""
+    t = Td(guest_dir, "touch", TOUCH_GUEST)
+    _fault_until_recorded(t)
+    t.td.sept_readers = 1
+    try:
+        out = t.enter()
+    finally:
+        t.td.sept_readers = 0
+    assert (out.rax, out.rcx, out.rdx) == (OPERAND_BUSY | OP_SEPT_TREE, 0, 0)
+    assert out.rax == 0x8000020000000092
+    assert t.td.refcount == [0, 0]
+
+
+def test_zero_step_holds_the_sept_tree_lock_against_aug(guest_dir):
+    """td_entry_stepping_filter() holds the S-EPT tree lock exclusively until the TD entry: an AUG on
+    another CPU meanwhile (lock_sept_check_and_walk_private_gpa()) -> BUSY|SEPT_TREE; once the page is
+    mapped the filter lets the vCPU in, and forward progress resets the tracking."""
+    t = Td(guest_dir, "touch", TOUCH_GUEST)
+    _fault_until_recorded(t)
+    t.sept_path(AREA)
+    page = t.m.gmem + AREA
+    seen = {}
+
+    def aug():
+        seen["aug"] = t.call(A.TDH_MEM_PAGE_AUG, rcx=AREA, rdx=t.tdr, r8=page)
+    sched = RaceSched("sept_locked_exclusive", aug)
+    t.mod.sched = sched
+    try:
+        out = t.enter()
+    finally:
+        t.mod.sched = None
+    assert sched.fired and seen["aug"].rax == OPERAND_BUSY | OP_SEPT_TREE
+    assert out.rax == EXIT_EPT_VIOLATION and out.rcx == 0x2         # still unmapped: emulated exit
+    # Map it (AUG; the MAPPED state by hand, as an ACCEPT would leave it): the filter passes.
+    assert t.call(A.TDH_MEM_PAGE_AUG, rcx=AREA, rdx=t.tdr, r8=page).rax == SUCCESS
+    t.mod.mem.write64(t.entry_pa(AREA), entry_value(MAPPED, page))
+    out = t.enter()
+    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT     # the read went through
+    assert t.v.last_epf_gpa_list == [] and t.v.possibly_epf_stepping == 0
+
+
+# ==================================================================================================
+# TDG.MEM.PAGE.ACCEPT and the entry lock
+# ==================================================================================================
+def _accept(t, rcx):
+    t.wr("rcx", rcx)
+    out = t.enter()
+    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
+    assert t.rd("rip") == t.sym("accepted")
+    return t.rd("rax")
+
+
+def test_accept_rejects_rcx_bits_63_52(guest_dir):
+    """tdg_mem_page_accept() -> verify_page_info_input(): reserved bits 63:52 of RCX -> OPERAND_INVALID|RCX;
+    the entry is untouched."""
+    t = Td(guest_dir, "accept", ACCEPT_GUEST)
+    page = t.aug(AREA)
+    assert _accept(t, AREA | (1 << 52)) == OPERAND_INVALID | OP_RCX
+    assert t.entry(AREA) == entry_value(PENDING, page)
+
+
+def test_accept_success(guest_dir):
+    """tdg_mem_page_accept(): a PENDING 4K page becomes MAPPED, the lock released; a second ACCEPT is
+    PAGE_ALREADY_ACCEPTED with the level (0) as detail."""
+    t = Td(guest_dir, "accept", ACCEPT_GUEST)
+    page = t.aug(AREA)
+    assert _accept(t, AREA) == SUCCESS
+    assert t.entry(AREA) == entry_value(MAPPED, page)
+    t.m.kvm.x86_ops.set_regs(t.m.vcpus[0], {"rip": t.sym("accept")})
+    assert _accept(t, AREA) == PAGE_ALREADY_ACCEPTED | 0
+
+
+def test_accept_entry_lock_held(guest_dir):
+    """sept_lock_acquire_guest(): TDEL already set -> TDX_OPERAND_BUSY|RCX to the guest, nothing changes."""
+    t = Td(guest_dir, "accept", ACCEPT_GUEST)
+    page = t.aug(AREA)
+    pa = t.entry_pa(AREA)
+    t.mod.mem.write64(pa, entry_value(PENDING, page) | TDEL)
+    assert _accept(t, AREA) == OPERAND_BUSY | OP_RCX
+    assert t.mod.mem.read64(pa) == entry_value(PENDING, page) | TDEL
+
+
+def test_accept_host_priority(guest_dir):
+    """sept_lock_acquire_guest(): the lock is free but TDHP is set (a host lost the lock) -> the guest does
+    not keep it: TDX_OPERAND_BUSY_HOST_PRIORITY|RCX (0x8000020400000001), TDEL clear, TDHP still set; the
+    next host SEAMCALL that takes the lock (sept_lock_acquire_host()) clears TDHP."""
+    t = Td(guest_dir, "accept", ACCEPT_GUEST)
+    page = t.aug(AREA)
+    pa = t.entry_pa(AREA)
+    t.mod.mem.write64(pa, entry_value(PENDING, page) | TDHP)
+    status = _accept(t, AREA)
+    assert status == OPERAND_BUSY_HOST_PRIORITY | OP_RCX == 0x8000020400000001
+    assert t.mod.mem.read64(pa) == entry_value(PENDING, page) | TDHP
+    assert t.call(A.TDH_MEM_RANGE_BLOCK, rcx=AREA, rdx=t.tdr).rax == SUCCESS
+    assert t.mod.mem.read64(pa) == entry_value(PENDING_BLOCKED, page)
+
+
+def test_host_meets_the_guest_held_lock(guest_dir):
+    """A host leaf meeting the lock ACCEPT holds (tdh_mem_range_block() -> sept_lock_acquire_host()):
+    TDX_OPERAND_BUSY|RCX with the walked entry's details in RCX/RDX, and TDHP set; the ACCEPT, which read
+    its copy under the lock, completes (its write drops TDHP) with the vCPU in the TD all along."""
+    t = Td(guest_dir, "accept", ACCEPT_GUEST)
+    page = t.aug(AREA)
+    pa = t.entry_pa(AREA)
+    t.wr("rcx", AREA)
+    seen = {}
+
+    def block():
+        seen["in_td"] = (t.v.in_td, list(t.td.refcount))
+        seen["block"] = t.call(A.TDH_MEM_RANGE_BLOCK, rcx=AREA, rdx=t.tdr)
+        seen["entry"] = t.mod.mem.read64(pa)
+    t.mod.sched = RaceSched("sept_entry_locked_guest", block)
+    try:
+        out = t.enter()
+    finally:
+        t.mod.sched = None
+    b = seen["block"]
+    assert (b.rax, b.rcx, b.rdx) == (OPERAND_BUSY | OP_RCX, arch_entry(PENDING, page), info(PENDING, 0))
+    assert seen["entry"] == entry_value(PENDING, page) | TDEL | TDHP
+    assert seen["in_td"][0] and sum(seen["in_td"][1]) == 1
+    assert out.rax == EXIT_TDCALL and t.rd("rax") == SUCCESS
+    assert t.mod.mem.read64(pa) == entry_value(MAPPED, page)
+    assert t.td.refcount == [0, 0] and not t.v.in_td
+
+
+# ==================================================================================================
+# TLB epochs: REMOVE waits for the vCPUs that entered before the BLOCK's epoch ended
+# ==================================================================================================
+def test_remove_tracking_follows_vcpus_in_the_td(guest_dir):
+    """tdh_mem_page_remove() -> is_tlb_tracked(): with BEPOCH = the epoch of the BLOCK, REMOVE is
+    TLB_TRACKING_NOT_DONE|RCX until TRACK has moved the epoch on and no vCPU that entered in the BLOCK's
+    epoch is still in the TD (refcount[BEPOCH & 1] == 0).  A vCPU held in the TD at ACCEPT's scheduling
+    point is counted in its entry epoch; one entering after the TRACK does not hold REMOVE back."""
+    t = Td(guest_dir, "accept", ACCEPT_GUEST)
+    other = t.aug(AREA + 0x1000)                       # the page to remove
+    assert t.call(A.TDH_MEM_RANGE_BLOCK, rcx=AREA + 0x1000, rdx=t.tdr).rax == SUCCESS
+    bepoch = t.td.epoch
+    page = t.aug(AREA)
+    t.wr("rcx", AREA)
+    seen = []
+
+    def host():
+        # The vCPU is in the TD (entered in epoch bepoch): neither before nor after TRACK may REMOVE go.
+        seen.append(t.call(A.TDH_MEM_PAGE_REMOVE, rcx=AREA + 0x1000, rdx=t.tdr).rax)
+        seen.append(t.call(A.TDH_MEM_TRACK, rcx=t.tdr).rax)
+        seen.append(t.call(A.TDH_MEM_PAGE_REMOVE, rcx=AREA + 0x1000, rdx=t.tdr).rax)
+        seen.append(list(t.td.refcount))
+    t.mod.sched = RaceSched("sept_entry_locked_guest", host)
+    try:
+        out = t.enter()
+    finally:
+        t.mod.sched = None
+    assert out.rax == EXIT_TDCALL
+    assert seen[:3] == [TLB_TRACKING_NOT_DONE | OP_RCX, SUCCESS, TLB_TRACKING_NOT_DONE | OP_RCX]
+    assert seen[3][bepoch & 1] == 1 and t.td.epoch == bepoch + 1
+    # The vCPU has left the TD: tracked now.  A vCPU entering in the new epoch would not matter.
+    t.td.refcount[t.td.epoch & 1] += 1
+    try:
+        out = t.call(A.TDH_MEM_PAGE_REMOVE, rcx=AREA + 0x1000, rdx=t.tdr)
+    finally:
+        t.td.refcount[t.td.epoch & 1] -= 1
+    assert (out.rax, out.rcx) == (SUCCESS, other)
+    assert t.entry(AREA + 0x1000) == FREE_ENTRY
+    assert t.entry(AREA) == entry_value(MAPPED, page)
+
+
+def test_track_busy_while_vcpu_enters(guest_dir):
+    """tdh_mem_track() holds the epoch lock exclusively; TDH.VP.ENTER (adjust_tlb_tracking_state()) takes
+    it shared: a TD entry meeting TRACK's hold -> TDX_OPERAND_BUSY|TD_EPOCH (0x80000200000000A9), no
+    refcount taken, the guest not entered."""
+    t = Td(guest_dir, "touch", TOUCH_GUEST)
+    seen = {}
+
+    def enter():
+        seen["enter"] = t.enter()
+        seen["refcount"] = list(t.td.refcount)
+    t.mod.sched = RaceSched("epoch_locked", enter)
+    try:
+        out = t.call(A.TDH_MEM_TRACK, rcx=t.tdr)
+    finally:
+        t.mod.sched = None
+    assert out.rax == SUCCESS and t.td.epoch == 2
+    assert seen["enter"].rax == OPERAND_BUSY | OP_TD_EPOCH == 0x80000200000000A9
+    assert seen["refcount"] == [0, 0]
+    assert t.rd("rip") == t.sym("_start")
