@@ -179,8 +179,8 @@ class Campaign:
         plan = Plan(plans, seed=run_seed, tracer=m.tracer)
         m.set_plan(plan)
         schedule = None
-        if m.nvcpus > 1:
-            strategy = PctStrategy(random.Random(run_seed), m.nvcpus, 40, 3)
+        if m.nvcpus > 1 or m.host_events:
+            strategy = PctStrategy(random.Random(run_seed), m.nvcpus + len(m.host_events), 40, 3)
             sched = Scheduler(strategy, max_steps=200000)
             res = m.run_scheduled(sched, collect_regs=False)
             schedule = sched.schedule
@@ -194,10 +194,16 @@ class Campaign:
             got = _per_vcpu(res.reports)
             if got != self.expected:
                 problems.append(f"guest results differ: {got} != {self.expected}")
+        elif res.exit == "checker":
+            outcome = "invariant_broken"
+            problems.append(res.error)
         elif kvm.vm_bugged:
             outcome = "kvm_bug_on"
         else:
             outcome = "guest_error"
+        if outcome in ("kvm_bug_on", "guest_error") and not plan.fired:
+            # No fault fired, so nothing excuses it: a KVM_BUG_ON or an error exit is a failure.
+            problems.append(f"{outcome} with no fault injected: {res.error or kvm.bug_reason}")
         m.destroy()                      # with the plan still active: teardown has fault points too
         problems += check.check_destroyed(kvm)
         if problems:
@@ -208,12 +214,12 @@ class Campaign:
         return RunReport(index, plans, outcome, res.error or kvm.bug_reason, plan.fired, schedule, run_seed)
 
 
-def reproducer(guest, vm, vcpus, r):
+def reproducer(guest, vm, vcpus, r, flags=""):
     inj = " ".join(f"--inject '{p}'" for p in r.plans)
     if r.schedule is not None:
-        return (f"python -m emu explore {guest} --vm {vm} --vcpus {vcpus} {inj} --seed {r.seed} "
+        return (f"python -m emu explore {guest} --vm {vm} --vcpus {vcpus}{flags} {inj} --seed {r.seed} "
                 f"--replay '{r.schedule}'")
-    return f"python -m emu run {guest} --vm {vm} {inj} --seed {r.seed}"
+    return f"python -m emu run {guest} --vm {vm}{flags} {inj} --seed {r.seed}"
 
 
 def format_table(rep):

@@ -107,19 +107,28 @@ def check_accounting(kvm):
 
 def check_tlbs(kvm):
     """No stale guest-physical translation in any vCPU (the part of the TLB KVM must keep right)."""
-    from .hw.ept import walk, EptTranslation
     from .kvm.kvm import KVM_REQ_TLB_FLUSH
     problems = []
     for v in kvm.vcpus:
-        hw = v.hw
-        if hw is None or v.requests & KVM_REQ_TLB_FLUSH or hw.eptp is None:
+        if v.hw is None or v.requests & KVM_REQ_TLB_FLUSH:
             continue
-        for gfn, (hpa, level, perms, dirty) in list(hw.gpa_cache.items()):
-            gpa = gfn << 12
-            secure = hw.secure_eptp is not None and not gpa & hw.shared_mask
-            t = walk(kvm.mem, hw.secure_eptp if secure else hw.eptp, gpa, 1 if perms & 1 else 4, set_ad=False)
-            if t.__class__ is not EptTranslation or t.hpa & ~0xFFF != hpa or t.perms & perms != perms:
-                problems.append(f"vCPU {v.vcpu_id} caches gpa {gpa:#x} -> {hpa:#x} ({perms}), the tables give {t!r}")
+        problems += stale_translations(kvm, v)
+    return problems
+
+
+def stale_translations(kvm, v):
+    """The guest-physical translations vCPU ``v`` caches that its EPT (or S-EPT) no longer gives."""
+    from .hw.ept import walk, EptTranslation
+    hw = v.hw
+    if hw is None or hw.eptp is None:
+        return []
+    problems = []
+    for gfn, (hpa, level, perms, dirty) in list(hw.gpa_cache.items()):
+        gpa = gfn << 12
+        secure = hw.secure_eptp is not None and not gpa & hw.shared_mask
+        t = walk(kvm.mem, hw.secure_eptp if secure else hw.eptp, gpa, 1 if perms & 1 else 4, set_ad=False)
+        if t.__class__ is not EptTranslation or t.hpa & ~0xFFF != hpa or t.perms & perms != perms:
+            problems.append(f"vCPU {v.vcpu_id} caches gpa {gpa:#x} -> {hpa:#x} ({perms}), the tables give {t!r}")
     return problems
 
 

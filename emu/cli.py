@@ -46,6 +46,38 @@ def _add_run_options(p):
                    help="print the mirror root, the S-EPT and the shared EPT side by side at the end of the run "
                         "(the --trace-gpa range only, when given)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--host", action="append", default=[], metavar="'EVENT[@STEP]'",
+                   help="a host event on a host task, from scheduling point STEP on (repeatable): "
+                        "'migrate START-END', 'shared START-END', 'private START-END'")
+    p.add_argument("--bug", action="append", default=[], metavar="NAME",
+                   help="switch a realistic KVM bug into the model (repeatable; see `inject --list`)")
+
+
+def check_host_and_bugs(args):
+    from .hostevents import parse_host_event, HostEventError
+    from .kvm.bugs import BUGS
+    for text in args.host:
+        try:
+            parse_host_event(text)
+        except HostEventError as e:
+            raise UsageError(f"--host: {e}") from None
+    for name in args.bug:
+        if name not in BUGS:
+            raise UsageError(f"--bug {name!r}: unknown bug; the bugs are: {', '.join(BUGS)}")
+
+
+def machine_flags(args):
+    """The options that shape the machine, for a reproducer's command line."""
+    flags = ""
+    if args.mem != "64M":
+        flags += f" --mem {args.mem}"
+    if getattr(args, "hugepages", None):
+        flags += f" --hugepages {args.hugepages}"
+    if getattr(args, "no_freeze", False):
+        flags += " --no-freeze"
+    flags += "".join(f" --host '{h}'" for h in args.host)
+    flags += "".join(f" --bug {b}" for b in args.bug)
+    return flags
 
 
 def build_parser():
@@ -124,11 +156,13 @@ def cmd_inject(args, out):
 
 def cmd_run(args, out):
     check_plans(args.inject)
+    check_host_and_bugs(args)
     mem = parse_size(args.mem)
     tracer = make_tracer(args)
     try:
         m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
-                    no_freeze=args.no_freeze, inject=args.inject, seed=args.seed)
+                    no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
+                    bugs=args.bug)
         res = m.run()
     finally:
         tracer.close()
@@ -153,6 +187,7 @@ def cmd_explore(args, out):
     from .explore import Explorer
     from .sched import decode_schedule, ScheduleError
     check_plans(args.inject)
+    check_host_and_bugs(args)
     mem = parse_size(args.mem)
     if args.replay is not None:
         try:
@@ -167,7 +202,8 @@ def cmd_explore(args, out):
         raise UsageError("--depth must be at least 1")
     tracer = make_tracer(args)
     ex = Explorer(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
-                                  no_freeze=args.no_freeze, inject=args.inject, seed=args.seed),
+                                  no_freeze=args.no_freeze, inject=args.inject, seed=args.seed,
+                                  host_events=args.host, bugs=args.bug),
                   check_steps=args.check_steps)
     if args.replay is not None:
         o = ex.replay(args.replay)
@@ -207,7 +243,7 @@ def cmd_explore(args, out):
         if f is not None:
             out.write(f"first failure: {f.error}\n  schedule:  {f.schedule}\n  minimized: {f.minimized} "
                       f"({f.preemptions} preemptions)\n  replay: python -m emu explore {args.guest} --vm {args.vm} "
-                      f"--vcpus {args.vcpus}{' --no-freeze' if args.no_freeze else ''} --replay '{f.minimized}' "
+                      f"--vcpus {args.vcpus}{machine_flags(args)} --replay '{f.minimized}' "
                       f"--trace\n")
             if f.trace and not tracer.enabled:
                 out.write("  last events of the failing run:\n")
@@ -219,11 +255,13 @@ def cmd_explore(args, out):
 def cmd_campaign(args, out):
     from .campaign import Campaign, format_table, reproducer
     check_plans(args.inject)
+    check_host_and_bugs(args)
     mem = parse_size(args.mem)
     if args.runs < 1:
         raise UsageError("--runs needs at least 1")
     try:
-        c = Campaign(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages),
+        c = Campaign(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
+                                     host_events=args.host, bugs=args.bug),
                      plans=args.inject, max_points=args.max_points)
     except RuntimeError as e:
         raise MachineError(str(e)) from None
@@ -242,14 +280,14 @@ def cmd_campaign(args, out):
     if args.json:
         obj = rep.as_json()
         for f, r in zip(obj["failures"], rep.failures):
-            f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r)
+            f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r, machine_flags(args))
         out.write(json.dumps(obj) + "\n")
     else:
         out.write(f"campaign on {args.guest} ({args.vm} VM, {args.vcpus} vCPUs, seed {args.seed}): "
                   f"{len(rep.runs)} runs in {rep.seconds:.1f} s{' (interrupted)' if rep.interrupted else ''}\n")
         out.write(format_table(rep) + "\n")
         for r in rep.failures:
-            out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r)}\n")
+            out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r, machine_flags(args))}\n")
     return 1 if rep.failures else 0
 
 

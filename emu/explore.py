@@ -234,7 +234,7 @@ class Explorer:
         try:
             base = self.baseline()
             nsteps = max(len(base.decisions), 1)
-            n = len(self.machine.vcpus)
+            n = len(self.machine.vcpus) + len(self.machine.host_events)
             res.runs += 1
             self._account(res, base, ReplayStrategy([d.choice for d in base.decisions]))
             if res.runs < runs and not (stop_at_first and res.first_failure is not None):

@@ -111,6 +111,7 @@ class Machine:
         from .kvm.bugs import Bugs
         try:
             self.kvm.bugs = Bugs(bugs)
+            self.kvm.rcu.no_grace_period = self.kvm.bugs.free_without_grace_period
             self.host_events = [e if not isinstance(e, str) else parse_host_event(e) for e in host_events]
             for e in self.host_events:
                 check_event(e, self)
@@ -249,6 +250,12 @@ class Machine:
             def body():
                 while res.error is None and not self._step(v, res, ended):
                     pass
+                if res.error is not None:
+                    # The run is over (as QEMU stops the VM on a fatal error): signal the other
+                    # vCPUs, so one spinning in guest mode on memory leaves KVM_RUN too.
+                    for o in self.vcpus:
+                        if o is not v:
+                            o.kick_signal()
             return body
         for v in self.vcpus:
             sched.spawn(vcpu_loop(v))
@@ -290,6 +297,9 @@ class Machine:
             ended[v.vcpu_id] = "ioctl_error"
             res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
             return True
+        if res.error is not None and run.exit_reason == KVM_EXIT_INTR:
+            ended[v.vcpu_id] = "stopped"          # stopped by the VMM after another vCPU's error
+            return True
         outcome = self._userspace_exit(v, run, res)
         if outcome is not None:
             ended[v.vcpu_id] = outcome
@@ -297,6 +307,8 @@ class Machine:
         return False
 
     def _finish(self, res, ended, collect_regs):
+        if res.error is None and self.kvm.violations:
+            res.exit, res.error = "checker", f"checker: {self.kvm.violations[0]}"
         if res.error is None:
             res.exit = "hlt"
         res.vcpu_exits = [ended.get(v.vcpu_id, "running") for v in self.vcpus]

@@ -105,6 +105,7 @@ class Vcpu:
         self.intr_pending = False
         self.in_guest = False
         self.slices = 0
+        self.checked_generation = -1         # (the checker's) tables generation last checked here
         self._budget = None
         self._pauses = 0
         self._pause_pages = set()            # (GVA page, HPA page) scanned for PAUSE

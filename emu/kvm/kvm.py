@@ -165,6 +165,10 @@ class Kvm:
         self.bug_reason = None
         self.warnings = []
         self.bugs = Bugs()                # realistic bugs, switched in one at a time (emu/kvm/bugs.py)
+        self.flush_owed = False           # a zap's TLB flush has not completed yet
+        self.tables_generation = 0        # (the checker's) bumped by every change of a present SPTE
+        self.tables_checked = -1
+        self.violations = []              # broken invariants the checker saw during the run
         self.slice_blocks = GUEST_SLICE_BLOCKS
         self.mmu_lock = MmuLock(self)
         self.rcu = Rcu()
@@ -422,6 +426,26 @@ class Kvm:
                 raise AssertionError("a vCPU in guest mode without a scheduler")
         return targets
 
+    def check_guest_tlbs(self, when, vcpus=None):
+        """The checker, not KVM: no vCPU in guest mode may use a translation the tables no longer
+        give once no flush is owed (every zap's flush, or the TD's TRACK and kick, completed).
+        A vCPU outside guest mode may: it flushes before it enters, if a request is pending."""
+        if self.flush_owed or self.tables_checked == self.tables_generation and vcpus is None:
+            return
+        from ..check import stale_translations
+        for v in self.vcpus if vcpus is None else vcpus:
+            if v.hw is None or not v.hw.in_guest and v.mode == OUTSIDE_GUEST_MODE:
+                continue
+            for problem in stale_translations(self, v)[:1]:
+                self.checker_violation(f"{when}: {problem} while in guest mode")
+        if vcpus is None:
+            self.tables_checked = self.tables_generation
+
+    def checker_violation(self, what):
+        """A broken invariant seen while the run goes on: the run fails with it (first one wins)."""
+        self.violations.append(what)
+        self.trace_emit("checker_violation", msg=what)
+
     def kvm_make_all_cpus_request(self, req, wait=True):
         return self.kvm_make_vcpus_request(self.vcpus, req, wait)
 
@@ -438,6 +462,8 @@ class Kvm:
             self.trace_emit("kvm_flush_remote_tlbs", msg="delayed (injected)")
             return                            # delivered with the next flush
         targets = self.kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)
+        self.flush_owed = False
+        self.check_guest_tlbs("after kvm_flush_remote_tlbs() returned")
         self.stat["remote_tlb_flush"] += 1
         self.trace_emit("kvm_flush_remote_tlbs", vcpus=len(self.vcpus), kicked=[t.vcpu_id for t in targets])
 
@@ -550,13 +576,24 @@ class KvmVcpu:
         """KVM_REQ_OUTSIDE_GUEST_MODE for this vCPU: kicked out of guest mode, and waited for."""
         self.kvm.kvm_make_vcpus_request([self], KVM_REQ_OUTSIDE_GUEST_MODE)
 
+    def kick_signal(self):
+        """A signal to the vCPU's thread (userspace stopping the VM): KVM_RUN returns -EINTR;
+        a vCPU in guest mode is kicked out first."""
+        self.signal_pending = True
+        if self.hw is not None and self.hw.in_guest:
+            self.hw.kick()
+
     def kvm_vcpu_exit_request(self):
         """kvm_vcpu_exit_request(): the last look before entering, with IN_GUEST_MODE set."""
         return self.mode == EXITING_GUEST_MODE or bool(self.requests)
 
     def _guest_point(self, kind):
         """Between two guest slices: still in guest mode; the others may run (a yield)."""
-        self.kvm.sched.point(self.vcpu_id, kind)
+        kvm = self.kvm
+        if not kvm.flush_owed and self.hw.checked_generation != kvm.tables_generation:
+            self.hw.checked_generation = kvm.tables_generation
+            kvm.check_guest_tlbs(f"vCPU {self.vcpu_id} between two guest slices", [self])
+        kvm.sched.point(self.vcpu_id, kind)
 
     def kvm_tdp_map_page(self, gpa, private=False):
         """kvm_tdp_map_page(): map ``gpa`` as a write fault, retrying while RET_PF_RETRY."""
@@ -699,14 +736,15 @@ class KvmVcpu:
         hw = self.hw
         tracer = kvm.tracer
         sched = kvm.sched
-        self.signal_pending = False
         self.budget = self.exit_limit
         while True:
             self.tick()
             if self.signal_pending:
                 # A signal: KVM_RUN returns -EINTR with KVM_EXIT_INTR for userspace to look at.
-                return KvmRun(KVM_EXIT_INTR, reason=f"{self.exit_limit} VM exits and fault retries in a row "
-                                                    f"fixed nothing")
+                self.signal_pending = False
+                why = (f"{self.exit_limit} VM exits and fault retries in a row fixed nothing" if self.budget < 0
+                       else "a signal from userspace")
+                return KvmRun(KVM_EXIT_INTR, reason=why)
             if self.requests:
                 self.process_requests()
             if tracer.enabled:
@@ -728,7 +766,10 @@ class KvmVcpu:
             if sched is not None:
                 hw.guest_point = self._guest_point
                 hw.slice_blocks = kvm.slice_blocks if sched.others_live() else 0
+            slices = hw.slices
             exit = kvm.x86_ops.vcpu_run(self)
+            if hw.slices != slices:
+                self.budget = self.exit_limit     # the guest ran whole slices: it makes progress
             self.mode = OUTSIDE_GUEST_MODE
             hw.intr_pending = False               # local_irq_enable() after the exit: IPIs taken
             self.stat["exits"] += 1

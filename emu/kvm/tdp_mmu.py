@@ -211,6 +211,11 @@ class TdpMmu:
         if not was_present and not is_present:
             # Non-present to non-present happens only for MMIO SPTEs and freezing.
             return
+        if was_present:
+            # A translation may have gone: until a flush (or the TD's TRACK and kick) completes,
+            # a vCPU in guest mode may still use it (the checker allows it only meanwhile).
+            kvm.flush_owed = True
+            kvm.tables_generation += 1
         if is_leaf != was_leaf:
             kvm.update_page_stats(level, 1 if is_leaf else -1)
         if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
@@ -287,6 +292,8 @@ class TdpMmu:
             kvm.trace_emit("kvm_tdp_mmu_spte_frozen", vcpu, gfn=gfn, level=level, old_spte=old_spte)
         ret = self.reflect(gfn, level, new_spte, is_leaf, vcpu)
         self._point(vcpu, "spte_write", sptep)
+        if ret and kvm.bugs.reflect_error_leaves_frozen:
+            return ret                        # bug switch: the SPTE stays REMOVED_SPTE
         if ret:
             self.mem.write64(sptep, old_spte)
             kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="restored", spte=old_spte,

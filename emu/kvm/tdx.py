@@ -234,7 +234,7 @@ class TdxX86Ops(VmxX86Ops):
         gpa = gfn << 12
         out = self.seamcall(kvm, A.TDH_MEM_SEPT_ADD, caller=vcpu, rcx=gpa | (level - 1), rdx=kvm.tdx.tdr_pa,
                             r8=external_spt)
-        if tdx_operand_busy(out.rax):
+        if tdx_operand_busy(out.rax) and not kvm.bugs.busy_is_fatal:
             return -EBUSY
         if out.rax != A.TDX_SUCCESS:
             kvm.kvm_bug(f"TDH.MEM.SEPT.ADD gpa {gpa:#x} level {level - 1} failed: {A.status_name(out.rax)} "
@@ -252,7 +252,7 @@ class TdxX86Ops(VmxX86Ops):
             return 0
         gpa = gfn << 12
         out = self.seamcall(kvm, A.TDH_MEM_PAGE_AUG, caller=vcpu, rcx=gpa, rdx=tdx.tdr_pa, r8=pfn << 12)
-        if tdx_operand_busy(out.rax):
+        if tdx_operand_busy(out.rax) and not kvm.bugs.busy_is_fatal:
             return -EBUSY
         if out.rax != A.TDX_SUCCESS:
             kvm.kvm_bug(f"TDH.MEM.PAGE.AUG gpa {gpa:#x} failed: {A.status_name(out.rax)} entry {out.rcx:#x} "
@@ -264,16 +264,7 @@ class TdxX86Ops(VmxX86Ops):
     def _kick_all(self, kvm):
         """kvm_make_all_cpus_request(kvm, KVM_REQ_OUTSIDE_GUEST_MODE): every vCPU out of the TD.
         The request waits for each vCPU's acknowledgement, i.e. until it has left guest mode."""
-        make_all = getattr(kvm, "kvm_make_all_cpus_request", None)
-        if make_all is not None:
-            make_all(KVM_REQ_OUTSIDE_GUEST_MODE)
-            return
-        for v in kvm.vcpus:
-            v.kick_outside_guest_mode()
-        sched = kvm.sched
-        if sched is not None and sched.current is not None:
-            sched.wait_until(lambda: not any(getattr(v.arch, "in_guest", False) for v in kvm.vcpus),
-                             what="kick_wait")
+        kvm.kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE)
 
     def _no_vcpus_enter_start(self, kvm):
         kvm.tdx.wait_for_sept_zap = True
@@ -297,8 +288,12 @@ class TdxX86Ops(VmxX86Ops):
         tdx = kvm.tdx
         if tdx.state != TD_STATE_RUNNABLE:
             return
+        if kvm.bugs.no_track:
+            return                            # bug switch: neither TRACK nor the kick
         out = self._busy_retry(kvm, A.TDH_MEM_TRACK, rcx=tdx.tdr_pa)
         kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MEM.TRACK failed: {A.status_name(out.rax)}")
+        if kvm.bugs.no_kick_after_track:
+            return                            # bug switch: vCPUs stay in the TD with the old epoch
         self._kick_all(kvm)
 
     def reflect_remove_spte(self, kvm, gfn, level, pfn):
