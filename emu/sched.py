@@ -27,7 +27,8 @@ SCHEDULE_PREFIX = "emu-sched/1:"
 # too: a spinning vCPU gives way (CHESS's fairness for spin loops), so spinning neither starves
 # the others nor adds choices.
 YIELD_POINTS = frozenset({"frozen_retry", "frozen_wait", "fault_local_retry", "lock_wait", "cond_resched",
-                          "ipi_wait", "guest_slice", "guest_pause", "vcpu_on_spin"})
+                          "ipi_wait", "guest_slice", "guest_pause", "vcpu_on_spin", "tdcall_busy",
+                          "sept_zap_wait"})
 
 
 class ScheduleError(Exception):

@@ -260,6 +260,9 @@ def tdg_mem_page_accept(mod, v, hw, caller=None):
         return violation(e, lvl)
     st = mod.lock_entry_guest(ptr)
     if st:
+        # The guest will retry: time passes for the lock's holder (a yield, or a guest
+        # retrying in a loop would never let it finish).
+        mod.point(caller, "tdcall_busy")
         return done(st | OPERAND_ID_RCX)
     e = mod.mem.q[ptr >> 3]                     # the copy, read again under the lock
     mod.point(caller, "sept_entry_locked_guest")

@@ -308,7 +308,8 @@ class Vcpu:
         self.code_pfns.clear()
 
     def kick(self):
-        """An IPI to this CPU: in guest mode it causes an external-interrupt VM exit."""
+        """An IPI to this CPU: in guest mode it causes an external-interrupt VM exit.  It stays
+        pending until the host takes it with interrupts on (the hypervisor clears it then)."""
         self.intr_pending = True
 
     def run(self):
@@ -320,8 +321,8 @@ class Vcpu:
         uc = self.uc
         reg = self._reg_fast
         if self.intr_pending:
-            # An IPI that arrived with interrupts off in the host: taken right after entry.
-            self.intr_pending = False
+            # An IPI that arrived with interrupts off in the host: it exits right after entry.
+            # (It stays pending until the host enables interrupts: the hypervisor clears it.)
             return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
         slicing = self.slice_blocks
         if slicing and self._budget is None:
@@ -333,7 +334,12 @@ class Vcpu:
                 if self.mem.generation != self.code_generation:
                     self._code_coherence()
                 if budget is not None:
-                    budget.remaining = slicing or NO_BUDGET
+                    # The budget runs across entries: guest code between exits the module or
+                    # the hypervisor handles (a TDCALL retried on BUSY) counts until a slice ends.
+                    if not slicing:
+                        budget.remaining = NO_BUDGET
+                    elif budget.remaining <= 0 or budget.remaining > slicing:
+                        budget.remaining = slicing
                     budget.expired = 0
                 self._pauses = 0
                 self._slice_end = None
@@ -354,7 +360,6 @@ class Vcpu:
                 if self.guest_point is not None:
                     self.guest_point(end)
                 if self.intr_pending:
-                    self.intr_pending = False
                     return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
         finally:
             self.in_guest = False
