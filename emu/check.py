@@ -39,6 +39,7 @@ def check_vm(kvm):
                 problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, its backing is pfn {want:#x}")
     if kvm.has_mirrored_tdp:
         problems += check_mirror_sept(kvm)
+    problems += check_attributes(kvm)
     problems += check_accounting(kvm)
     problems += check_tlbs(kvm)
     return problems
@@ -67,6 +68,24 @@ def check_step(kvm):
             for gpa, lvl, state, hpa in mod.sept_leaves(td):
                 if mod.pamt.page_type(hpa) != PT_REG or mod.pamt.owner(hpa) != td.tdr:
                     problems.append(f"S-EPT maps gpa {gpa:#x} to {hpa:#x}, which the PAMT does not give the TD")
+    return problems
+
+
+def check_attributes(kvm):
+    """In a VM with private memory, a mapping agrees with the page's attribute: the direct
+    (shared) root maps only shared GFNs, the mirror only private ones."""
+    if not kvm.has_mirrored_tdp:
+        return []
+    problems = []
+    for root in kvm.tdp_mmu.roots:
+        if root.invalid:
+            continue
+        for gfn, level, spte in kvm.tdp_mmu.leaves(root):
+            for g in range(gfn, gfn + (1 << (9 * (level - 1)))):
+                if kvm.mem_is_private(g) != root.is_mirror:
+                    problems.append(f"the {'mirror' if root.is_mirror else 'direct'} root maps gfn {g:#x}, "
+                                    f"whose attribute is {'private' if kvm.mem_is_private(g) else 'shared'}")
+                    break
     return problems
 
 

@@ -271,11 +271,17 @@ class Explorer:
             res.first_failure = Failure(outcome.schedule, outcome.error, traced.trace, minimized,
                                         outcome.preemptions)
 
+    MINIMIZE_SECONDS = 20.0
+
     def minimize(self, outcome):
-        """Drop every deviation from the default policy that the failure does not need."""
+        """Drop every deviation from the default policy that the failure does not need (within
+        MINIMIZE_SECONDS: a long failing run, a livelock, is not worth minutes)."""
         devs = {i: d.choice for i, d in enumerate(outcome.decisions) if d.choice != d.default}
         kind = _error_kind(outcome.error)
+        deadline = time.perf_counter() + self.MINIMIZE_SECONDS
         for i in sorted(devs, reverse=True):
+            if time.perf_counter() > deadline:
+                break
             trial = {k: v for k, v in devs.items() if k != i}
             out = self.run(DeviationStrategy(trial))
             if out.error is not None and _error_kind(out.error) == kind:

@@ -28,7 +28,7 @@ SCHEDULE_PREFIX = "emu-sched/1:"
 # the others nor adds choices.
 YIELD_POINTS = frozenset({"frozen_retry", "frozen_wait", "fault_local_retry", "lock_wait", "cond_resched",
                           "ipi_wait", "guest_slice", "guest_pause", "vcpu_on_spin", "tdcall_busy",
-                          "sept_zap_wait"})
+                          "sept_zap_wait", "mmu_invalidate_retry"})
 
 
 class ScheduleError(Exception):

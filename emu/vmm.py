@@ -285,6 +285,9 @@ class Machine:
         raise MachineError("host event 'migrate' is not available yet (host page tables for userspace "
                            "memory are still to come)")
 
+    def _host_converted(self, gpa):
+        return any(e.kind in ("shared", "private") and e.start <= gpa < e.end for e in self.host_events)
+
     def gmem_punch_hole(self, start, end):
         """What QEMU does after converting to shared: punch the range out of guest_memfd."""
         self.kvm.kvm_gmem_punch_hole(start >> 12, end >> 12)
@@ -320,6 +323,14 @@ class Machine:
     def _userspace_exit(self, v, run, res):
         """Handle one KVM_RUN return; the vCPU's final exit name, or None to run it again."""
         r = run.exit_reason
+        if r == KVM_EXIT_MEMORY_FAULT and self._host_converted(run.gpa):
+            # A page a host event converted under the guest: convert it back to what the guest
+            # accessed, as QEMU does on KVM_EXIT_MEMORY_FAULT (kvm_convert_memory), and go on.
+            gfn = run.gpa >> 12
+            self.kvm.set_memory_attributes(gfn, gfn + 1, private=run.private)
+            if not run.private:
+                self.gmem_punch_hole(gfn << 12, (gfn + 1) << 12)
+            return None
         if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_REPORT:
             res.reports.append((v.vcpu_id, run.args[0]))
             self.tracer.emit("guest_report", v.vcpu_id, msg=f"value {run.args[0]:#x} ({run.args[0]})") \

@@ -173,11 +173,13 @@ class PageAllocator:
         self.base, self.limit = base, limit
         self.next = base
         self.free_list = []
+        self.freed = set()           # pages on the free list (a checker reads through them at its peril)
         self.in_use = 0
 
     def alloc_page(self):
         if self.free_list:
             hpa = self.free_list.pop()
+            self.freed.discard(hpa)
         elif self.next < self.limit:
             hpa = self.next
             self.next += PAGE_SIZE
@@ -200,6 +202,7 @@ class PageAllocator:
     def free_page(self, hpa):
         assert hpa % PAGE_SIZE == 0 and self.base <= hpa < self.limit, hex(hpa)
         self.free_list.append(hpa)
+        self.freed.add(hpa)
         self.in_use -= 1
 
 

@@ -434,8 +434,8 @@ class Kvm:
             return
         from ..check import stale_translations
         for v in self.vcpus if vcpus is None else vcpus:
-            if v.hw is None or not v.hw.in_guest and v.mode == OUTSIDE_GUEST_MODE:
-                continue
+            if v.hw is None or not v.hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQ_TLB_FLUSH):
+                continue                      # not running guest code, or will flush before it does
             for problem in stale_translations(self, v)[:1]:
                 self.checker_violation(f"{when}: {problem} while in guest mode")
         if vcpus is None:
@@ -695,15 +695,19 @@ class KvmVcpu:
         r = mmu_mod.kvm_mmu_faultin_pfn(self, fault)
         if r != RET_PF_CONTINUE:
             return r
+        stale = False
         kvm.mmu_lock.read_lock()
         try:
             if self.is_page_fault_stale(fault):
                 kvm.trace_emit("kvm_page_fault_stale", self.vcpu_id, gfn=fault.gfn, mmu_seq=fault.mmu_seq,
                                seq=kvm.mmu_invalidate_seq, in_progress=kvm.mmu_invalidate_in_progress)
+                stale = True
                 return RET_PF_RETRY
             return kvm.tdp_mmu.map(self, fault)
         finally:
             kvm.mmu_lock.read_unlock()
+            if stale and kvm.sched is not None:
+                kvm.sched.point(self.vcpu_id, "mmu_invalidate_retry")
 
     def is_page_fault_stale(self, fault):
         """is_page_fault_stale(): the root went obsolete, or an invalidation of this gfn ran

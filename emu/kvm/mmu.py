@@ -117,11 +117,22 @@ def kvm_mmu_max_mapping_level(kvm, slot, gfn, is_private):
         return kvm.x86_ops.private_max_mapping_level(kvm, gfn)
     level = min(KVM_MAX_HUGEPAGE_LEVEL, slot.backing_level)
     while level > PG_LEVEL_4K:
-        if not slot.lpage_allowed(gfn, level):
+        if not slot.lpage_allowed(gfn, level) or kvm.has_mirrored_tdp and _has_private(kvm, gfn, level):
+            # KVM_LPAGE_MIXED_FLAG: a shared huge page may not cover a private gfn.
             level -= 1
             continue
         break
     return level
+
+
+def _has_private(kvm, gfn, level):
+    """hugepage_has_attrs() is false: some gfn of the huge page around ``gfn`` is private."""
+    pages = KVM_PAGES_PER_HPAGE(level)
+    start = gfn & -pages
+    private = kvm.private_gfns
+    if len(private) < pages:
+        return any(start <= g < start + pages for g in private)
+    return any(g in private for g in range(start, start + pages))
 
 
 def kvm_mmu_hugepage_adjust(vcpu, fault):
@@ -156,7 +167,7 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
     # that starts after this is caught by is_page_fault_stale() under mmu_lock.
     fault.mmu_seq = kvm.mmu_invalidate_seq
     if slot is not None and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
-        return RET_PF_RETRY
+        return _invalidate_retry(vcpu)
     if kvm.sched is not None:
         kvm.sched.point(vcpu.vcpu_id, "faultin_pfn")
     if kvm.has_mirrored_tdp and (slot is None and fault.is_private
@@ -177,10 +188,19 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
     if kvm.sched is not None:
         kvm.sched.point(vcpu.vcpu_id, "faultin_pfn_done")
     if kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
-        return RET_PF_RETRY
+        return _invalidate_retry(vcpu)
     fault.pfn = pfn
     fault.map_writable = not slot.readonly
     return RET_PF_CONTINUE
+
+
+def _invalidate_retry(vcpu):
+    """RET_PF_RETRY because an invalidation of the gfn runs: the vCPU waits for it to end
+    (a yield: it refaults until then, and the invalidating task must get to run)."""
+    sched = vcpu.kvm.sched
+    if sched is not None:
+        sched.point(vcpu.vcpu_id, "mmu_invalidate_retry")
+    return RET_PF_RETRY
 
 
 def handle_mmio_page_fault(vcpu, addr):

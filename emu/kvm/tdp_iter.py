@@ -12,11 +12,12 @@ from .spte import (KVM_PAGES_PER_HPAGE, SPTE_INDEX, gfn_round_for_level, is_shad
 
 class TdpIter:
     __slots__ = ("next_last_level_gfn", "yielded_gfn", "pt_path", "sptep", "gfn", "gfn_bits", "root_level",
-                 "min_level", "level", "as_id", "old_spte", "valid", "yielded", "q", "sched", "vcpu")
+                 "min_level", "level", "as_id", "old_spte", "valid", "yielded", "q", "sched", "vcpu", "kvm")
 
     def __init__(self, kvm, root, min_level, start_gfn, gfn_bits, vcpu=None):
         self.q = kvm.mem.q
         self.sched = kvm.sched
+        self.kvm = kvm
         self.vcpu = vcpu
         self.pt_path = [0] * PT64_ROOT_MAX_LEVEL
         self.yielded = False
@@ -26,6 +27,10 @@ class TdpIter:
         # kvm_tdp_mmu_read_spte(): READ_ONCE(*sptep)
         if self.sched is not None:
             self.sched.point(self.vcpu, "spte_read", sptep)
+            if sptep & ~0xFFF in self.kvm.host.kernel.freed:
+                # The checker: a walker (under RCU) reads a table that was freed under it.
+                self.kvm.checker_violation(f"use after free: {'vCPU ' + str(self.vcpu) if self.vcpu is not None else 'a zap'}"
+                                           f" reads SPTE {sptep:#x} of a page table already freed")
         return self.q[sptep >> 3]
 
     def start(self, root, min_level, next_last_level_gfn, gfn_bits):
