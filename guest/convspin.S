@@ -53,9 +53,14 @@ _start:
     call cs_wait_pause
     test r12, r12
     jz 2f
-    mov rdi, AREA
-    mov rsi, SIZE
-    call emu_map_gpa                    # back to private: zap the shared EPT, flush, kick
+    mov rdi, AREA                       # back to private, a page at a time: each zaps the
+    mov rsi, PAGE_SIZE                  # shared EPT, flushes and kicks vCPU 1 again
+    call emu_map_gpa
+    test rax, rax
+    jnz cs_failed_map
+    mov rdi, AREA + PAGE_SIZE
+    mov rsi, PAGE_SIZE
+    call emu_map_gpa
     test rax, rax
     jnz cs_failed_map
     mov rdi, AREA

@@ -426,7 +426,7 @@ class Kvm:
                 raise AssertionError("a vCPU in guest mode without a scheduler")
         return targets
 
-    def check_guest_tlbs(self, when, vcpus=None):
+    def check_guest_tlbs(self, when, vcpus=None, entering=False):
         """The checker, not KVM: no vCPU in guest mode may use a translation the tables no longer
         give once no flush is owed (every zap's flush, or the TD's TRACK and kick, completed).
         A vCPU outside guest mode may: it flushes before it enters, if a request is pending."""
@@ -434,7 +434,8 @@ class Kvm:
             return
         from ..check import stale_translations
         for v in self.vcpus if vcpus is None else vcpus:
-            if v.hw is None or not v.hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQ_TLB_FLUSH):
+            if v.hw is None or not entering and not v.hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE
+                                                                          or v.requests & KVM_REQ_TLB_FLUSH):
                 continue                      # not running guest code, or will flush before it does
             for problem in stale_translations(self, v)[:1]:
                 self.checker_violation(f"{when}: {problem} while in guest mode")
@@ -770,6 +771,10 @@ class KvmVcpu:
             if sched is not None:
                 hw.guest_point = self._guest_point
                 hw.slice_blocks = kvm.slice_blocks if sched.others_live() else 0
+                if not kvm.flush_owed and hw.checked_generation != kvm.tables_generation:
+                    # The checker: what this vCPU caches must hold as it enters the guest.
+                    hw.checked_generation = kvm.tables_generation
+                    kvm.check_guest_tlbs(f"vCPU {self.vcpu_id} entering the guest", [self], entering=True)
             slices = hw.slices
             exit = kvm.x86_ops.vcpu_run(self)
             if hw.slices != slices:

@@ -1,0 +1,341 @@
+"""vCPUs that really run at the same time (issue 11): guest mode across scheduling points,
+kicks, host events, upstream's invalidation protocol, and the checker's strength against
+realistic bugs switched into the model."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from emu.check import check_vm, check_destroyed
+from emu.explore import Explorer
+from emu.kvm.bugs import BUGS, Bugs
+from emu.kvm.kvm import IN_GUEST_MODE, OUTSIDE_GUEST_MODE, KVM_REQ_TLB_FLUSH, MmuLock
+from emu.sched import Scheduler
+from emu.vmm import Machine, MachineError
+from emu.hostevents import parse_host_event, HostEventError
+from emu.trace import Tracer, ListSink
+
+VMS = ("default", "tdx")
+SMP_ITERS = 64
+
+
+def emu_cli(*args):
+    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+# ---------------------------------------------------------------------------
+# Guest mode lasts across scheduling points
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vm", VMS)
+@pytest.mark.parametrize("vcpus", [1, 2, 3])
+def test_smp_guest_completes(vm, vcpus):
+    """Spinlock (PAUSE), barrier and token ring (no PAUSE): every vCPU finishes with exact results."""
+    m = Machine("smp", vm=vm, vcpus=vcpus)
+    res = m.run()
+    assert res.ok, res.error
+    assert sorted(res.reports) == sorted([(i, SMP_ITERS * vcpus) for i in range(vcpus)] +
+                                         [(i, vcpus) for i in range(vcpus)])
+    assert res.vcpu_exits == ["hlt"] * vcpus
+    assert check_vm(m.kvm) == []
+    m.destroy()
+    assert check_destroyed(m.kvm) == []          # TD teardown after vCPUs spun in guest mode
+
+
+def test_smp_cli_exit_status_and_json():
+    r = emu_cli("run", "smp", "--vcpus", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["exit"] == "hlt" and sorted(obj["reports"]) == [2, 2, 128, 128]
+
+
+def test_guest_points_are_in_guest_mode():
+    """At a guest-mode scheduling point the vCPU is IN_GUEST_MODE with its hardware in the guest,
+    and other tasks run meanwhile; both kinds of point (budget, PAUSE window) happen."""
+    seen = {}
+    for guest in ("smp", "convspin"):          # smp's barrier spins without PAUSE, convspin with it
+        m = Machine(guest, vm="default", vcpus=2)
+
+        def on_step(s, who, what):
+            if what in ("guest_slice", "guest_pause"):
+                v = m.kvm.vcpus[who]
+                assert v.mode == IN_GUEST_MODE and v.hw.in_guest
+                seen[what] = seen.get(what, 0) + 1
+        res = m.run_scheduled(Scheduler(on_step=on_step))
+        assert res.ok
+        assert all(v.mode == OUTSIDE_GUEST_MODE and not v.hw.in_guest for v in m.kvm.vcpus)
+    assert seen.get("guest_slice", 0) > 0 and seen.get("guest_pause", 0) > 0
+
+
+def test_one_vcpu_runs_without_slices():
+    """Alone, a vCPU runs to its next exit: no budget, no guest-mode points (full speed)."""
+    m = Machine("smp", vm="default", vcpus=1)
+    assert m.run().ok
+    assert m.vcpus[0].hw.slices == 0 and m.vcpus[0].hw._budget is None
+
+
+@pytest.mark.parametrize("vm", VMS)
+def test_smp_explore_and_campaign_clean(vm):
+    ex = Explorer(lambda: Machine("smp", vm=vm, vcpus=2))
+    r = ex.random(runs=40, seed=3, depth=3)
+    assert r.failures == 0 and r.runs == 40
+    r = ex.dfs(bound=1, max_runs=40)
+    assert r.failures == 0
+
+
+def test_smp_campaign_no_failure():
+    from emu.campaign import Campaign
+    rep = Campaign(lambda: Machine("smp", vm="tdx", vcpus=2)).run(30, seed=5)
+    assert rep.failures == [], [r.error for r in rep.failures]
+
+
+def test_fairness_at_yields():
+    """CHESS's fairness: after a yield, a task runs again only once every task enabled at the
+    yield has run, so two tasks retrying at each other cannot starve a third."""
+    s = Scheduler()
+    order = []
+
+    def spinner(i):
+        def body():
+            for _ in range(3):
+                order.append(i)
+                s.point(i, "frozen_retry")
+        return body
+    for i in range(3):
+        s.spawn(spinner(i))
+    s.run()
+    # every round of yields visits each task once
+    assert order == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+
+
+# ---------------------------------------------------------------------------
+# Kicks: remote requests reach vCPUs in guest mode
+# ---------------------------------------------------------------------------
+
+def test_remote_flush_kicks_a_vcpu_in_guest_mode():
+    """convspin in a TD: vCPU 1 spins in guest mode while vCPU 0 converts pages it used; each
+    zap's TRACK and remote flush kick it out (an external-interrupt TD exit) and it flushes
+    before it enters again."""
+    sink = ListSink()
+    m = Machine("convspin", vm="tdx", vcpus=2, tracer=Tracer([sink]))
+    res = m.run()
+    assert res.ok, res.error
+    flushes = [e for e in sink.events if e.name == "kvm_flush_remote_tlbs" and e.fields.get("kicked")]
+    assert flushes and all(e.fields["kicked"] == [1] for e in flushes)
+    irq_exits = [e for e in sink.events if e.name == "tdx_exit" and e.fields["reason"] == "EXTERNAL_INTERRUPT"]
+    assert irq_exits and all(e.vcpu == 1 for e in irq_exits)
+    # kicked by a remote flush, vCPU 1 processes KVM_REQ_TLB_FLUSH before it enters again
+    mine = [e.name for e in sink.events if e.vcpu == 1 and e.name in ("kvm_exit", "kvm_tlb_flush", "kvm_entry")]
+    assert "kvm_exit kvm_tlb_flush kvm_entry" in " ".join(mine)
+    assert m.kvm.violations == []
+    assert sorted(res.reports) == sorted([(0, 0x30300000007fe00), (1, 0xc2c2c0000007fe00),
+                                          (1, 0x30300000007fe00)])
+
+
+def test_make_request_sets_exiting_mode_and_waits():
+    """kvm_make_vcpus_request(): IN_GUEST_MODE -> EXITING_GUEST_MODE and an IPI; a vCPU outside
+    guest mode only gets the request bit."""
+    m = Machine("hello", vm="default", vcpus=2)
+    kvm = m.kvm
+    a, b = m.vcpus
+    a.mode = OUTSIDE_GUEST_MODE
+    assert kvm.kvm_make_vcpus_request([a], KVM_REQ_TLB_FLUSH) == []
+    assert a.requests & KVM_REQ_TLB_FLUSH and not a.hw.intr_pending
+
+
+# ---------------------------------------------------------------------------
+# Host events
+# ---------------------------------------------------------------------------
+
+def test_parse_host_events():
+    e = parse_host_event("migrate 0x1000-0x3000@7")
+    assert (e.kind, e.start, e.end, e.step) == ("migrate", 0x1000, 0x3000, 7)
+    e = parse_host_event("shared 0x200000-0x400000")
+    assert (e.kind, e.step) == ("shared", 0)
+    for bad in ("move 0x1000-0x2000", "shared 0x1000", "private 0x2000-0x1000", "shared 0x1001-0x2000",
+                "shared a-b", "shared 0x1000-0x2000@x"):
+        with pytest.raises(HostEventError):
+            parse_host_event(bad)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--host", "flip 0x1000-0x2000"], "unknown host event 'flip'"),
+    (["--host", "shared 0x1000"], "the syntax is 'EVENT START-END[@STEP]'"),
+    (["--host", "shared 0x1000-0x2000"], "memory attributes need a TD"),
+    (["--vm", "tdx", "--host", "private 0x0-0x80000000"], "GPA range outside guest memory"),
+    (["--bug", "nope"], "unknown bug; the bugs are: kick-misses-running-vcpu"),
+])
+def test_host_event_and_bug_errors(args, msg):
+    r = emu_cli("run", "hello", *args)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_host_private_event_under_the_guest():
+    """A host conversion of shared pages the vCPUs are using: the VMM converts each page back
+    when a vCPU touches it (QEMU's answer to KVM_EXIT_MEMORY_FAULT); the results do not change,
+    and the host task traces on a track of its own."""
+    sink = ListSink()
+    m = Machine("sharedrw", vm="tdx", vcpus=2, tracer=Tracer([sink]),
+                host_events=["private 0x1c00000-0x1c02000@40"])
+    res = m.run()
+    assert res.ok, res.error
+    assert sorted(res.reports) == [(0, 600), (1, 600)]
+    host = [e for e in sink.events if e.vcpu == "host0"]
+    assert [e.fields["msg"] for e in host if e.name == "host_event"] == [
+        "private 0x1c00000-0x1c02000@40 begins", "private 0x1c00000-0x1c02000@40 done"]
+    assert any(e.name == "kvm_set_memory_attributes" for e in host)
+    assert check_vm(m.kvm) == []
+
+
+def test_host_event_after_the_vcpus_still_runs():
+    """@STEP beyond the end of the run: the event runs when every vCPU has finished."""
+    m = Machine("private", vm="tdx", vcpus=1, host_events=["shared 0x1000000-0x1010000@100000000"])
+    res = m.run()
+    assert res.ok, res.error
+    assert not any(m.kvm.mem_is_private(g) for g in range(0x1000, 0x1010))
+    assert check_vm(m.kvm) == []
+
+
+def test_host_event_in_explore_is_a_choice():
+    ex = Explorer(lambda: Machine("sharedrw", vm="tdx", vcpus=2, host_events=["private 0x1c00000-0x1c02000@40"]))
+    r = ex.random(runs=60, seed=1, depth=3)
+    assert r.failures == 0
+    base = ex.baseline()
+    assert any(2 in d.enabled for d in base.decisions)      # the host task (after the 2 vCPUs) was a choice
+
+
+# ---------------------------------------------------------------------------
+# Upstream's invalidation protocol and mmu_lock
+# ---------------------------------------------------------------------------
+
+def test_mmu_invalidate_retry_gfn():
+    m = Machine("hello", vm="default")
+    kvm = m.kvm
+    seq = kvm.mmu_invalidate_seq
+    assert not kvm.mmu_invalidate_retry_gfn(seq, 5)
+    kvm.kvm_mmu_invalidate_begin()
+    assert kvm.mmu_invalidate_retry_gfn(seq, 5)            # no range yet: everything
+    kvm.kvm_mmu_invalidate_range_add(10, 20)
+    assert kvm.mmu_invalidate_retry_gfn(seq, 10) and kvm.mmu_invalidate_retry_gfn(seq, 19)
+    assert not kvm.mmu_invalidate_retry_gfn(seq, 20) and not kvm.mmu_invalidate_retry_gfn(seq, 9)
+    kvm.kvm_mmu_invalidate_range_add(30, 31)
+    assert kvm.mmu_invalidate_retry_gfn(seq, 25)           # ranges fold into one
+    kvm.kvm_mmu_invalidate_end()
+    assert kvm.mmu_invalidate_in_progress == 0 and kvm.mmu_invalidate_seq == seq + 1
+    assert kvm.mmu_invalidate_retry_gfn(seq, 5)            # the sequence moved
+    assert not kvm.mmu_invalidate_retry_gfn(seq + 1, 5)
+
+
+def test_set_memory_attributes_upstream_order():
+    """The zap runs under the invalidation, the attribute is stored after it (outside mmu_lock),
+    and the sequence moves at the end."""
+    m = Machine("private", vm="tdx")
+    kvm = m.kvm
+    seen = []
+    real = kvm.tdp_mmu.unmap_gfn_range
+
+    def unmap(start, end, types, flush):
+        seen.append(("zap", kvm.mmu_invalidate_in_progress, kvm.mem_is_private(start), kvm.mmu_lock.writer))
+        return real(start, end, types, flush)
+    kvm.tdp_mmu.unmap_gfn_range = unmap
+    seq = kvm.mmu_invalidate_seq
+    kvm.set_memory_attributes(0x1000, 0x1002, private=False)
+    assert seen == [("zap", 1, True, True)]
+    assert not kvm.mem_is_private(0x1000) and kvm.mmu_invalidate_seq == seq + 1
+    kvm.set_memory_attributes(0x1000, 0x1002, private=False)        # already shared: nothing to do
+    assert len(seen) == 1 and kvm.mmu_invalidate_seq == seq + 1
+
+
+def test_memslot_delete_marks_it_invalid_while_zapping():
+    m = Machine("hello", vm="default")
+    kvm = m.kvm
+    flags = []
+    real = kvm.flush_shadow_memslot
+    kvm.flush_shadow_memslot = lambda slot: (flags.append(slot.flags), real(slot))
+    kvm.set_user_memory_region(0, 0, 0, 0, 0)
+    from emu.kvm.uapi import KVM_MEMSLOT_INVALID
+    assert flags and flags[0] & KVM_MEMSLOT_INVALID and kvm.memslots == []
+
+
+def test_mmu_lock_prefers_writers():
+    """x86's queued rwlock: once a writer waits, a new reader queues behind it."""
+    s = Scheduler()
+    m = Machine("hello", vm="default")
+    kvm = m.kvm
+    kvm.sched = s
+    lock = kvm.mmu_lock
+    log = []
+
+    def reader0():
+        lock.read_lock()
+        log.append("r0 in")
+        s.point(0, "x")
+        s.point(0, "x")
+        lock.read_unlock()
+        log.append("r0 out")
+
+    def writer():
+        lock.write_lock()
+        log.append("w in")
+        lock.write_unlock()
+
+    def reader1():
+        s.point(2, "x")
+        lock.read_lock()
+        log.append("r1 in")
+        lock.read_unlock()
+    for fn in (reader0, writer, reader1):
+        s.spawn(fn)
+    from emu.sched import ReplayStrategy
+    s.strategy = ReplayStrategy([0, 1, 2, 0, 0], strict=False)
+    s.run()
+    assert log.index("w in") < log.index("r1 in")
+    assert log.index("r0 out") < log.index("w in")
+
+
+# ---------------------------------------------------------------------------
+# The checker's strength: realistic bugs switched in, one at a time
+# ---------------------------------------------------------------------------
+
+BUG_CASES = [
+    # (bug, guest, machine options, explore options)
+    ("kick-misses-running-vcpu", "convspin", {}, dict(runs=100, seed=1)),
+    ("entry-ignores-requests", "convspin", {}, dict(runs=300, seed=1)),
+    ("no-track", "convspin", {}, dict(runs=100, seed=1)),
+    ("no-kick-after-track", "convspin", {}, dict(runs=100, seed=1)),
+    ("busy-is-fatal", "accept2", {}, dict(runs=300, seed=1)),
+    ("reflect-error-leaves-frozen", "accept2", {}, dict(runs=300, seed=1)),
+    ("fault-ignores-invalidation", "sharedrw", {"host_events": ["private 0x1c00000-0x1c02000@40"]},
+     dict(runs=300, seed=1)),
+]
+
+
+@pytest.mark.parametrize("bug, guest, opts, how", BUG_CASES, ids=[c[0] for c in BUG_CASES])
+def test_bug_is_found_within_a_minute(bug, guest, opts, how):
+    t0 = time.perf_counter()
+    ex = Explorer(lambda: Machine(guest, vm="tdx", vcpus=2, bugs=[bug], **opts))
+    ex.MINIMIZE_SECONDS = 5.0
+    r = ex.random(depth=3, **how)
+    assert r.failures >= 1, f"{bug} not found in {r.runs} schedules"
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize("guest, opts", [("convspin", {}), ("accept2", {}),
+                                         ("sharedrw", {"host_events": ["private 0x1c00000-0x1c02000@40"]})])
+def test_no_bug_nothing_reported(guest, opts):
+    ex = Explorer(lambda: Machine(guest, vm="tdx", vcpus=2, **opts))
+    r = ex.random(runs=300, seed=1, depth=3)
+    assert r.failures == 0, r.first_failure and r.first_failure.error
+
+
+def test_every_bug_has_a_switch():
+    b = Bugs(["busy-is-fatal"])
+    assert b.busy_is_fatal and b.enabled == ["busy-is-fatal"]
+    with pytest.raises(ValueError):
+        Bugs(["no-such-bug"])
+    assert set(BUGS) >= {c[0] for c in BUG_CASES}
