@@ -25,6 +25,7 @@ from . import memory
 # fault + restart (seconds per page) that every "new page" ratio is taken against.
 BENCHMARKS = [
     ("hw.warm_loop", hw.bench_warm_loop),     # warm guest loop, ours/raw insn/s   target >= 0.95
+    ("hw.sliced_loop", hw.bench_sliced_loop),  # two vCPUs sliced in guest mode / unsliced time  <= 2
     ("hw.new_page", hw.bench_new_page),       # new 4K page (BareHost) / bare fault target <= 2
     ("hw.walks", hw.bench_walks),             # EPT walk, 2D walk, TLB-miss fill (no targets)
     ("kvm.new_page", kvm.bench_new_page),     # new 4K page through KVM's fault path / bare fault  <= 2
