@@ -26,7 +26,7 @@ import traceback
 
 from . import check
 from .explore import in_child, in_children, default_jobs, PctStrategy, _per_vcpu
-from .inject import Plan, POINTS
+from .inject import Plan, POINTS, judge
 from .sched import Scheduler
 from tdxmod import abi as A
 
@@ -201,16 +201,19 @@ class Campaign:
             outcome = "kvm_bug_on"
         else:
             outcome = "guest_error"
-        if outcome in ("kvm_bug_on", "guest_error") and not plan.fired:
-            # No fault fired, so nothing excuses it: a KVM_BUG_ON or an error exit is a failure.
-            problems.append(f"{outcome} with no fault injected: {res.error or kvm.bug_reason}")
         m.destroy()                      # with the plan still active: teardown has fault points too
         problems += check.check_destroyed(kvm)
+        if outcome == "survived" and kvm.vm_bugged:
+            outcome = "kvm_bug_on"         # the guest finished, but teardown hit a KVM_BUG_ON
+        if not problems:
+            # Each fault's reaction must be upstream's: a run that survived a fault KVM must not
+            # swallow, or died of one it retries, is a failure (as is any error with no fault).
+            why = judge([r for rs in plan.rules.values() for r in rs], {p for p, _, _ in plan.fired}, outcome)
+            if why is not None:
+                problems.append(f"reaction differs from upstream: {why} ({res.error or kvm.bug_reason or 'no error'})")
         if problems:
             return RunReport(index, plans, "invariant_broken", "; ".join(problems[:3]), plan.fired, schedule,
                              run_seed)
-        if outcome == "survived" and kvm.vm_bugged:
-            outcome = "kvm_bug_on"         # the guest finished, but teardown hit a KVM_BUG_ON
         return RunReport(index, plans, outcome, res.error or kvm.bug_reason, plan.fired, schedule, run_seed)
 
 

@@ -195,10 +195,96 @@ class Plan:
         return sorted(self.rules)
 
 
+# -- the reaction upstream's code gives each fault (what a campaign judges a run by) --------------------
+# Outcomes (emu/campaign.py): "survived" (the fault-free results; a leak upstream accepts is accounted
+# and still survives), "guest_error" (a clean error exit: KVM_RUN fails, the watchdog), "kvm_bug_on".
+SURVIVED, ERROR_EXIT, BUG_ON = "survived", "guest_error", "kvm_bug_on"
+
+# SEAMCALLs whose BUSY KVM retries until it goes through (the fault is retried, the TD entered again).
+_BUSY_RETRIED = {"TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_AUG", "TDH_VP_ENTER"}
+# SEAMCALLs whose BUSY KVM retries once, with no vCPU entering (tdx_no_vcpus_enter_start/stop).
+_BUSY_RETRIED_ONCE = {"TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE"}
+# Any failure is a KVM_BUG_ON.
+_BUG_ON = {"TDH_PHYMEM_PAGE_WBINVD", "TDH_VP_WR"} | _BUSY_RETRIED | _BUSY_RETRIED_ONCE
+# A failure leaks the page, as upstream accepts (accounted).
+_LEAKED = {"TDH_PHYMEM_PAGE_RECLAIM"}
+
+
+def expected_outcomes(rule):
+    """The outcomes upstream's code allows a run in which ``rule`` fired (a frozenset).
+
+    A fault that fires on every call (or at random) may make progress impossible: then a clean
+    error exit (the watchdog) is allowed too.  Points not listed here run only while a VM is built
+    or torn down, where the model's reaction is not yet checked against upstream: any clean end."""
+    name, err, persistent = rule.point, rule.error, rule.when != "nth"
+    stuck = {ERROR_EXIT} if persistent else set()
+    if name.startswith("seamcall."):
+        leaf = name[len("seamcall."):]
+        busy = isinstance(err, int) and (err & A.TDX_STATUS_MASK) in (A.TDX_OPERAND_BUSY,
+                                                                         A.TDX_OPERAND_BUSY_HOST_PRIORITY)
+        if busy and leaf in _BUSY_RETRIED:
+            return frozenset({SURVIVED} | stuck)
+        if busy and leaf in _BUSY_RETRIED_ONCE:
+            return frozenset({SURVIVED, BUG_ON} if persistent else {SURVIVED})
+        if leaf in _BUG_ON:
+            return frozenset({BUG_ON})
+        if leaf in _LEAKED:
+            return frozenset({SURVIVED})
+        return frozenset({SURVIVED, ERROR_EXIT, BUG_ON})
+    if name == "mmu_cache_alloc":
+        # kvm_mmu_topup_memory_cache() fails only below the minimum: a top-up that already has
+        # enough objects goes on without the page.
+        return frozenset({ERROR_EXIT, SURVIVED})
+    if name == "backing_alloc":
+        return frozenset({ERROR_EXIT})
+    if name == "spte_cmpxchg":
+        return frozenset({SURVIVED} | stuck)
+    if name in ("reflect.link_spt", "reflect.set_spte"):
+        if err == -ERRNO["EBUSY"]:
+            return frozenset({SURVIVED} | stuck)
+        return frozenset({BUG_ON})
+    if name == "reflect.remove_spte":
+        return frozenset({BUG_ON})
+    if name in ("reflect.free_spt", "tlb_flush"):
+        return frozenset({SURVIVED})
+    return frozenset({SURVIVED, ERROR_EXIT, BUG_ON})
+
+
+def judge(rules, fired_points, outcome):
+    """None when ``outcome`` is a reaction upstream gives to the faults that fired, else why not.
+
+    Each fired fault allows its outcomes; a fault whose reaction must show (its set has no
+    "survived") forbids surviving: the error was swallowed."""
+    fired = [r for r in rules if r.point in fired_points]
+    if not fired:
+        return None if outcome == SURVIVED else f"{outcome} with no fault injected"
+    allowed = frozenset().union(*(expected_outcomes(r) for r in fired))
+    if outcome == SURVIVED and any(SURVIVED not in expected_outcomes(r) for r in fired):
+        must = [r.text for r in fired if SURVIVED not in expected_outcomes(r)]
+        return f"survived, but upstream does not survive {', '.join(must)}"
+    if outcome not in allowed:
+        return (f"{outcome}, but upstream's reaction to {', '.join(r.text for r in fired)} is "
+                f"{' or '.join(sorted(allowed))}")
+    return None
+
+
+def _reaction_classes(point):
+    """For inject --list: the judged outcomes of each kind of error at this point."""
+    class _R:
+        def __init__(self, err, when="nth"):
+            self.point, self.error, self.when, self.text = point.name, err, when, ""
+    if point.errors == "status":
+        busy = expected_outcomes(_R(A.TDX_OPERAND_BUSY))
+        other = expected_outcomes(_R(A.TDX_OPERAND_INVALID))
+        return f"BUSY: {' or '.join(sorted(busy))}; other statuses: {' or '.join(sorted(other))}"
+    return "; ".join(f"{e}: {' or '.join(sorted(expected_outcomes(_R(v))))}" for e, v in point.errors.items())
+
+
 def list_points():
     lines = []
     for name, p in POINTS.items():
         default = "" if p.default is None else f" (default {p.error_name(p.default)})"
         lines.append(f"{name:<36} {p.where}\n{'':<36} errors: {p.describe_errors()}{default}\n"
-                     f"{'':<36} KVM's reaction: {p.reaction}")
+                     f"{'':<36} KVM's reaction: {p.reaction}\n"
+                     f"{'':<36} campaigns accept (a fault that fires once): {_reaction_classes(p)}")
     return "\n".join(lines)

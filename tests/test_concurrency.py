@@ -339,3 +339,46 @@ def test_every_bug_has_a_switch():
     with pytest.raises(ValueError):
         Bugs(["no-such-bug"])
     assert set(BUGS) >= {c[0] for c in BUG_CASES}
+
+
+# ---------------------------------------------------------------------------
+# Campaigns judge each reaction
+# ---------------------------------------------------------------------------
+
+def test_expected_reactions():
+    from emu.inject import parse_rule, expected_outcomes, judge
+    exp = lambda text: sorted(expected_outcomes(parse_rule(text)))       # noqa: E731
+    assert exp("seamcall.TDH_MEM_PAGE_AUG@1=TDX_OPERAND_BUSY") == ["survived"]
+    assert exp("seamcall.TDH_MEM_PAGE_AUG@every=TDX_OPERAND_BUSY") == ["guest_error", "survived"]
+    assert exp("seamcall.TDH_MEM_PAGE_AUG@1=TDX_EPT_WALK_FAILED") == ["kvm_bug_on"]
+    assert exp("seamcall.TDH_MEM_RANGE_BLOCK@2=TDX_OPERAND_BUSY") == ["survived"]
+    assert exp("seamcall.TDH_MEM_RANGE_BLOCK@every=TDX_OPERAND_BUSY") == ["kvm_bug_on", "survived"]
+    assert exp("seamcall.TDH_PHYMEM_PAGE_RECLAIM@1=TDX_OPERAND_INVALID") == ["survived"]      # leaked
+    assert exp("reflect.set_spte@1=EBUSY") == ["survived"] and exp("reflect.set_spte@1=EIO") == ["kvm_bug_on"]
+    assert exp("reflect.remove_spte@1=EBUSY") == ["kvm_bug_on"]
+    assert exp("backing_alloc@1") == ["guest_error"]
+    rules = [parse_rule("reflect.set_spte@1=EIO")]
+    assert judge(rules, {"reflect.set_spte"}, "kvm_bug_on") is None
+    assert "does not survive" in judge(rules, {"reflect.set_spte"}, "survived")
+    assert judge([], set(), "kvm_bug_on") == "kvm_bug_on with no fault injected"
+    assert judge(rules, set(), "survived") is None                         # it never fired
+
+
+def test_inject_list_shows_the_judged_reaction():
+    r = emu_cli("inject", "--list")
+    assert r.returncode == 0
+    assert ("campaigns accept (a fault that fires once): BUSY: survived; other statuses: kvm_bug_on"
+            in r.stdout)
+
+
+def test_campaign_reports_busy_treated_as_fatal():
+    """A BUSY KVM retries upstream, turned into a KVM_BUG_ON: the campaign counts the runs whose
+    reaction differs as failures, each with its reproducer."""
+    r = emu_cli("campaign", "accept2", "--vm", "tdx", "--vcpus", "2", "--runs", "60", "--seed", "2",
+                "--bug", "busy-is-fatal", "--json")
+    assert r.returncode == 1
+    obj = json.loads(r.stdout)
+    assert obj["failures"] and all("reaction differs from upstream" in f["error"] for f in obj["failures"])
+    assert all("--bug busy-is-fatal" in f["reproducer"] for f in obj["failures"])
+    r = emu_cli("campaign", "accept2", "--vm", "tdx", "--vcpus", "2", "--runs", "60", "--seed", "2", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["failures"] == []
