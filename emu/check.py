@@ -33,8 +33,7 @@ def check_vm(kvm):
             slot = kvm.gfn_to_memslot(gfn)
             if slot is None:
                 continue                     # MMIO SPTEs are not leaves (not present)
-            base = slot.gmem_addr if root.is_mirror else slot.userspace_addr
-            want = (base >> 12) + gfn - slot.base_gfn
+            want = _backing_pfn(kvm, slot, gfn, root.is_mirror)
             if spte_to_pfn(spte) != want:
                 problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, its backing is pfn {want:#x}")
     if kvm.has_mirrored_tdp:
@@ -57,8 +56,7 @@ def check_step(kvm):
             slot = kvm.gfn_to_memslot(gfn)
             if slot is None:
                 continue
-            base = slot.gmem_addr if root.is_mirror else slot.userspace_addr
-            if spte_to_pfn(spte) != (base >> 12) + gfn - slot.base_gfn:
+            if spte_to_pfn(spte) != _backing_pfn(kvm, slot, gfn, root.is_mirror):
                 problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, not its backing")
     if kvm.has_mirrored_tdp and getattr(kvm, "tdx", None) is not None:
         from tdxmod.abi import PT_REG
@@ -69,6 +67,13 @@ def check_step(kvm):
                 if mod.pamt.page_type(hpa) != PT_REG or mod.pamt.owner(hpa) != td.tdr:
                     problems.append(f"S-EPT maps gpa {gpa:#x} to {hpa:#x}, which the PAMT does not give the TD")
     return problems
+
+
+def _backing_pfn(kvm, slot, gfn, private):
+    """What backs ``gfn`` now: guest_memfd for private, the VMM's page tables for shared."""
+    if private:
+        return (slot.gmem_addr >> 12) + gfn - slot.base_gfn
+    return kvm.host.mm.lookup(slot.userspace_addr + ((gfn - slot.base_gfn) << 12))
 
 
 def check_attributes(kvm):

@@ -52,6 +52,9 @@ def check_event(event, machine):
                              f"({machine.mem_size:#x} bytes)")
     if event.kind in ("shared", "private") and not machine.td:
         raise HostEventError(f"host event {event.text!r}: memory attributes need a TD (--vm tdx)")
+    if event.kind == "migrate" and machine.backing_level != 1:
+        raise HostEventError(f"host event {event.text!r}: page migration moves 4K pages; the guest's "
+                             f"memory is backed by huge pages (--hugepages)")
 
 
 def run_event(event, machine, who):

@@ -195,10 +195,19 @@ class Machine:
 
     # -- guest memory through the VMM's own mapping ---------------------------------------------------
     def write_gpa(self, gpa, data):
-        self.host.mem.host_write(self.hva + gpa, data)
+        """A write through the VMM's own mapping of guest RAM (its page tables)."""
+        while data:
+            n = min(len(data), 0x1000 - (gpa & 0xFFF))
+            self.host.mem.host_write(self.host.mm.hva_to_hpa(self.hva + gpa), data[:n])
+            gpa, data = gpa + n, data[n:]
 
     def read_gpa(self, gpa, n):
-        return self.host.mem.host_read(self.hva + gpa, n)
+        out = bytearray()
+        while n > 0:
+            k = min(n, 0x1000 - (gpa & 0xFFF))
+            out += self.host.mem.host_read(self.host.mm.hva_to_hpa(self.hva + gpa), k)
+            gpa, n = gpa + k, n - k
+        return bytes(out)
 
     def symbolize(self, addr):
         return self.image.symbolize(addr) or f"{addr:#x}"
@@ -282,8 +291,22 @@ class Machine:
         return body
 
     def migrate(self, start, end):
-        raise MachineError("host event 'migrate' is not available yet (host page tables for userspace "
-                           "memory are still to come)")
+        """Page migration of the host pages behind guest [start, end) (migrate_pages()): the
+        mmu_notifier invalidation, migration entries, the contents moved, the new PTEs, and the
+        old pages poisoned and freed."""
+        kvm, mm = self.kvm, self.host.mm
+        hva_start, hva_end = self.hva + start, self.hva + end
+        kvm.mmu_notifier_invalidate_range_start(hva_start, hva_end)
+        old = mm.set_migration_entries(hva_start, hva_end)
+        kvm.mmu_notifier_invalidate_range_end()
+        if kvm.sched is not None:
+            kvm.sched.point(None, "migrate_copy")
+        new = mm.move_and_map(old)
+        if self.tracer.enabled:
+            self.tracer.emit("host_migrate", msg=" ".join(f"{old[h]:#x}->{new[h]:#x}" for h in sorted(old)))
+        for pfn in old.values():
+            kvm.check_page_freed(pfn, "page migration")
+        mm.free_old(old)
 
     def _host_converted(self, gpa):
         return any(e.kind in ("shared", "private") and e.start <= gpa < e.end for e in self.host_events)

@@ -153,6 +153,7 @@ def test_make_request_sets_exiting_mode_and_waits():
 
 def test_parse_host_events():
     e = parse_host_event("migrate 0x1000-0x3000@7")
+    assert e.text == "migrate 0x1000-0x3000@7"
     assert (e.kind, e.start, e.end, e.step) == ("migrate", 0x1000, 0x3000, 7)
     e = parse_host_event("shared 0x200000-0x400000")
     assert (e.kind, e.step) == ("shared", 0)
@@ -207,6 +208,49 @@ def test_host_event_in_explore_is_a_choice():
     assert r.failures == 0
     base = ex.baseline()
     assert any(2 in d.enabled for d in base.decisions)      # the host task (after the 2 vCPUs) was a choice
+
+
+@pytest.mark.parametrize("vm", VMS)
+def test_migrate_pages_two_vcpus_are_writing(vm):
+    """Page migration under two vCPUs writing the pages: the mmu_notifier invalidation unmaps
+    them, faults wait on the migration entries, the contents move, the old pages are poisoned and
+    freed; no write is lost and the new pages back the guest."""
+    from emu.hostmm import POISON
+    sink = ListSink()
+    m = Machine("sharedrw", vm=vm, vcpus=2, tracer=Tracer([sink]), host_events=["migrate 0x1c00000-0x1c02000@40"])
+    before = [m.host.mm.lookup(m.hva + 0x1c00000 + i * 4096) for i in range(2)]
+    assert before == [(m.hva + 0x1c00000) >> 12, ((m.hva + 0x1c00000) >> 12) + 1]     # not moved yet
+    res = m.run()
+    assert res.ok, res.error
+    assert sorted(res.reports) == [(0, 600), (1, 600)]
+    after = [m.host.mm.lookup(m.hva + 0x1c00000 + i * 4096) for i in range(2)]
+    assert set(after).isdisjoint(before)
+    assert m.host.mem.read(before[0] << 12, 16) == bytes([POISON]) * 16
+    assert int.from_bytes(m.read_gpa(0x1c00000, 8), "little") == 300       # vCPU 0's qword, page 0
+    moved = [e for e in sink.events if e.name == "host_migrate"]
+    assert len(moved) == 1 and moved[0].vcpu == "host0"
+    assert check_vm(m.kvm) == [] and m.kvm.violations == []
+
+
+def test_migrate_needs_4k_backing():
+    with pytest.raises(MachineError, match="page migration moves 4K pages"):
+        Machine("sharedrw", vm="default", hugepages="2m", host_events=["migrate 0x1c00000-0x1c02000"])
+
+
+def test_vmm_page_tables_are_real_tables():
+    """The VMM's page tables are x86-64 4-level tables in host memory: walk one by hand."""
+    from emu.hostmm import PTE_P, PTE_PFN
+    m = Machine("hello", vm="default")
+    mm, q = m.host.mm, m.host.mem.q
+    hva = m.hva + 0x123000
+    pfn = mm.hva_to_pfn(hva)
+    table = mm.pml4
+    for level in (4, 3, 2, 1):
+        e = q[(table >> 3) + ((hva >> (12 + 9 * (level - 1))) & 511)]
+        assert e & PTE_P
+        table = e & PTE_PFN
+    assert table >> 12 == pfn == hva >> 12
+    assert mm.hva_to_pfn(0x10) is None                      # outside every mapping: -EFAULT
 
 
 # ---------------------------------------------------------------------------
@@ -313,6 +357,29 @@ BUG_CASES = [
     ("fault-ignores-invalidation", "sharedrw", {"host_events": ["private 0x1c00000-0x1c02000@40"]},
      dict(runs=300, seed=1)),
 ]
+# The same bugs in a plain VM, under page migration.
+MIGRATE_CASES = [
+    ("fault-ignores-invalidation", dict(runs=300, seed=1)),
+    ("kick-misses-running-vcpu", dict(runs=100, seed=1)),
+    ("entry-ignores-requests", dict(runs=300, seed=1)),
+]
+
+
+@pytest.mark.parametrize("bug, how", MIGRATE_CASES, ids=[c[0] for c in MIGRATE_CASES])
+def test_bug_is_found_under_migration(bug, how):
+    t0 = time.perf_counter()
+    ex = Explorer(lambda: Machine("sharedrw", vm="default", vcpus=2, bugs=[bug],
+                                  host_events=["migrate 0x1c00000-0x1c02000@40"]))
+    ex.MINIMIZE_SECONDS = 5.0
+    r = ex.random(depth=3, **how)
+    assert r.failures >= 1 and r.first_failure.error.startswith("checker:"), r.first_failure
+    assert time.perf_counter() - t0 < 60
+
+
+def test_no_bug_nothing_reported_under_migration():
+    ex = Explorer(lambda: Machine("sharedrw", vm="default", vcpus=2, host_events=["migrate 0x1c00000-0x1c02000@40"]))
+    r = ex.random(runs=300, seed=1, depth=3)
+    assert r.failures == 0, r.first_failure and r.first_failure.error
 
 
 @pytest.mark.parametrize("bug, guest, opts, how", BUG_CASES, ids=[c[0] for c in BUG_CASES])

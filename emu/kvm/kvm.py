@@ -29,6 +29,7 @@ from .tdp_mmu import (TdpMmu, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_
                       KVM_ALL_ROOTS, KVM_VALID_ROOTS)
 from .x86_ops import VmxX86Ops
 from .bugs import Bugs
+from ..hostmm import MIGRATING
 
 from .uapi import *  # noqa: F401,F403  (KVM_X86_*_VM, KVM_MEM_READONLY, KVM_EXIT_*)
 from .uapi import KVM_MEMSLOT_INVALID
@@ -259,8 +260,8 @@ class Kvm:
         for s in self.memslots:
             if base < s.base_gfn + s.npages and s.base_gfn < base + npages:
                 raise KvmIoctlError(EEXIST, f"memslot overlaps slot {s.id}")
-        if userspace_addr + memory_size > self.mem.size:
-            raise KvmIoctlError(EFAULT, "userspace_addr outside host memory")
+        if not self.host.mm.covers(userspace_addr, userspace_addr + memory_size):
+            raise KvmIoctlError(EFAULT, "userspace_addr outside the VMM's mapped memory")
         if self.has_mirrored_tdp and gmem_addr is None:
             raise KvmIoctlError(EINVAL, "a TD's memslot needs guest_memfd backing for its private pages")
         self.memslots.append(KvmMemorySlot(slot, base, npages, userspace_addr, flags, backing_level, gmem_addr))
@@ -337,6 +338,56 @@ class Kvm:
         finally:
             self.mmu_lock.write_unlock()
 
+    def mmu_notifier_invalidate_range_start(self, hva_start, hva_end):
+        """kvm_mmu_notifier_invalidate_range_start(): the gfns of every memslot behind the hva
+        range are unmapped (shared mappings only: private memory is not behind an hva) inside
+        an invalidation that lasts until _end."""
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_begin()
+            flush = False
+            for slot in self.memslots:
+                a = max(hva_start, slot.userspace_addr)
+                b = min(hva_end, slot.userspace_addr + (slot.npages << 12))
+                if a >= b:
+                    continue
+                start = slot.base_gfn + ((a - slot.userspace_addr) >> 12)
+                end = slot.base_gfn + ((b - slot.userspace_addr + 0xFFF) >> 12)
+                self.kvm_mmu_invalidate_range_add(start, end)
+                flush |= self.tdp_mmu.unmap_gfn_range(start, end, KVM_DIRECT_ROOTS, False)
+            self.stat["zaps"] += 1
+            if flush:
+                self.flush_remote_tlbs()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def mmu_notifier_invalidate_range_end(self):
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_end()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def check_page_freed(self, pfn, what):
+        """The checker, when the host frees a page: no SPTE maps it, no vCPU running guest code
+        (or about to) caches it."""
+        for root in self.tdp_mmu.roots:
+            if root.invalid or root.is_mirror:
+                continue
+            for gfn, level, spte in self.tdp_mmu.leaves(root):
+                first = (spte >> 12) & ((1 << 40) - 1)
+                if first <= pfn < first + (1 << (9 * (level - 1))):
+                    self.checker_violation(f"{what}: pfn {pfn:#x} freed while gfn {gfn:#x} still maps it")
+                    return
+        for v in self.vcpus:
+            hw = v.hw
+            if hw is None or not hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQ_TLB_FLUSH):
+                continue
+            if any(hpa >> 12 == pfn for hpa, _, _, _ in hw.gpa_cache.values()):
+                self.checker_violation(f"{what}: pfn {pfn:#x} freed while vCPU {v.vcpu_id} in guest mode "
+                                       f"still caches a translation to it")
+                return
+
     def kvm_gmem_punch_hole(self, start_gfn, end_gfn):
         """fallocate(PUNCH_HOLE) on guest_memfd: kvm_gmem_invalidate_begin() unmaps the private
         mappings of the range under an invalidation, the pages are truncated (their contents
@@ -375,7 +426,16 @@ class Kvm:
             return None
         if is_private:
             return self.x86_ops.gmem_get_pfn(self, slot, gfn)
-        return (slot.userspace_addr >> 12) + gfn - slot.base_gfn
+        # hva_to_pfn(): through the VMM's page tables; a page being migrated is waited for.
+        hva = slot.userspace_addr + ((gfn - slot.base_gfn) << 12)
+        mm = self.host.mm
+        pfn = mm.hva_to_pfn(hva)
+        while pfn == MIGRATING:
+            if self.sched is None:
+                return None
+            self.sched.wait_until(lambda: not mm.migrating(hva), what="migration_wait")
+            pfn = mm.hva_to_pfn(hva)
+        return pfn
 
     def alloc_page_for(self, cache_name):
         inj = self.inject
@@ -880,12 +940,13 @@ class KvmVcpu:
         return 0
 
     def gpa_to_hva(self, gpa, access=None):
-        """The host address of guest-physical ``gpa`` through the memslots (what KVM reads guest
-        memory with, independent of EPT); None outside every slot."""
+        """The host address KVM reads guest-physical ``gpa`` with, through the memslots and the
+        VMM's page tables (independent of EPT): an HPA; None outside every slot."""
         slot = self.kvm.gfn_to_memslot(gpa >> 12)
         if slot is None:
             return None
-        return slot.userspace_addr + ((gpa >> 12) - slot.base_gfn) * 4096 + (gpa & 0xFFF)
+        return self.kvm.host.mm.hva_to_hpa(slot.userspace_addr + ((gpa >> 12) - slot.base_gfn) * 4096
+                                           + (gpa & 0xFFF))
 
     def read_guest_virt(self, gva, n):
         """kvm_read_guest_virt(): walk the guest's page tables in software, read through the memslots."""
