@@ -289,6 +289,31 @@ class Kvm:
         self.mmu_invalidate_in_progress -= 1
         self.KVM_BUG_ON(self.mmu_invalidate_in_progress < 0, "mmu_invalidate_in_progress < 0")
 
+    def invalidate_and_unmap(self, ranges, types):
+        """Under the write lock: kvm_mmu_invalidate_begin(), each gfn range added and unmapped
+        from the roots of ``types``, then the TLB flush.  The invalidation lasts until
+        invalidate_end(): a fault on those gfns retries meanwhile."""
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_begin()
+            flush = False
+            for start, end in ranges:
+                self.kvm_mmu_invalidate_range_add(start, end)
+                flush = self.tdp_mmu.unmap_gfn_range(start, end, types, flush)
+            if ranges:
+                self.stat["zaps"] += 1
+            if flush:
+                self.flush_remote_tlbs()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def invalidate_end(self):
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_end()
+        finally:
+            self.mmu_lock.write_unlock()
+
     def mmu_invalidate_retry_gfn(self, mmu_seq, gfn):
         if self.mmu_invalidate_in_progress:
             start, end = self.mmu_invalidate_range_start, self.mmu_invalidate_range_end
@@ -314,59 +339,31 @@ class Kvm:
             return                          # nothing to do: the range has these attributes
         self.trace_emit("kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} "
                         f"{'private' if private else 'shared'}")
-        self.mmu_lock.write_lock()
-        try:
-            self.kvm_mmu_invalidate_begin()
-            if self.has_mirrored_tdp:
-                self.kvm_mmu_invalidate_range_add(start_gfn, end_gfn)
-                flush = self.tdp_mmu.unmap_gfn_range(start_gfn, end_gfn,
-                                                     KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS, False)
-                self.stat["zaps"] += 1
-                if flush:
-                    self.flush_remote_tlbs()
-        finally:
-            self.mmu_lock.write_unlock()
+        self.invalidate_and_unmap([(start_gfn, end_gfn)] if self.has_mirrored_tdp else [],
+                                  KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS)
         if self.sched is not None:
             self.sched.point(None, "set_attributes")
         if private:
             self.private_gfns.update(want)
         else:
             self.private_gfns.difference_update(want)
-        self.mmu_lock.write_lock()
-        try:
-            self.kvm_mmu_invalidate_end()
-        finally:
-            self.mmu_lock.write_unlock()
+        self.invalidate_end()
 
     def mmu_notifier_invalidate_range_start(self, hva_start, hva_end):
         """kvm_mmu_notifier_invalidate_range_start(): the gfns of every memslot behind the hva
         range are unmapped (shared mappings only: private memory is not behind an hva) inside
         an invalidation that lasts until _end."""
-        self.mmu_lock.write_lock()
-        try:
-            self.kvm_mmu_invalidate_begin()
-            flush = False
-            for slot in self.memslots:
-                a = max(hva_start, slot.userspace_addr)
-                b = min(hva_end, slot.userspace_addr + (slot.npages << 12))
-                if a >= b:
-                    continue
-                start = slot.base_gfn + ((a - slot.userspace_addr) >> 12)
-                end = slot.base_gfn + ((b - slot.userspace_addr + 0xFFF) >> 12)
-                self.kvm_mmu_invalidate_range_add(start, end)
-                flush |= self.tdp_mmu.unmap_gfn_range(start, end, KVM_DIRECT_ROOTS, False)
-            self.stat["zaps"] += 1
-            if flush:
-                self.flush_remote_tlbs()
-        finally:
-            self.mmu_lock.write_unlock()
+        ranges = []
+        for slot in self.memslots:
+            a = max(hva_start, slot.userspace_addr)
+            b = min(hva_end, slot.userspace_addr + (slot.npages << 12))
+            if a < b:
+                ranges.append((slot.base_gfn + ((a - slot.userspace_addr) >> 12),
+                               slot.base_gfn + ((b - slot.userspace_addr + 0xFFF) >> 12)))
+        self.invalidate_and_unmap(ranges, KVM_DIRECT_ROOTS)
 
     def mmu_notifier_invalidate_range_end(self):
-        self.mmu_lock.write_lock()
-        try:
-            self.kvm_mmu_invalidate_end()
-        finally:
-            self.mmu_lock.write_unlock()
+        self.invalidate_end()
 
     def check_page_freed(self, pfn, what):
         """The checker, when the host frees a page: no SPTE maps it, no vCPU running guest code
@@ -392,23 +389,12 @@ class Kvm:
         """fallocate(PUNCH_HOLE) on guest_memfd: kvm_gmem_invalidate_begin() unmaps the private
         mappings of the range under an invalidation, the pages are truncated (their contents
         dropped), then kvm_gmem_invalidate_end()."""
-        self.mmu_lock.write_lock()
-        try:
-            self.kvm_mmu_invalidate_begin()
-            self.kvm_mmu_invalidate_range_add(start_gfn, end_gfn)
-            if self.has_mirrored_tdp and self.tdp_mmu.unmap_gfn_range(start_gfn, end_gfn, KVM_MIRROR_ROOTS, False):
-                self.flush_remote_tlbs()
-        finally:
-            self.mmu_lock.write_unlock()
+        self.invalidate_and_unmap([(start_gfn, end_gfn)], KVM_MIRROR_ROOTS)
         for gfn in range(start_gfn, end_gfn):
             slot = self.gfn_to_memslot(gfn)
             if slot is not None and slot.gmem_addr is not None:
                 self.mem.host_zero(self.x86_ops.gmem_get_pfn(self, slot, gfn) << 12)
-        self.mmu_lock.write_lock()
-        try:
-            self.kvm_mmu_invalidate_end()
-        finally:
-            self.mmu_lock.write_unlock()
+        self.invalidate_end()
 
     def mem_is_private(self, gfn):
         return gfn in self.private_gfns
@@ -535,17 +521,8 @@ class Kvm:
     def zap_gfn_range(self, start, end, types=KVM_VALID_ROOTS):
         """Unmap [start, end) from the roots of ``types`` and flush, inside an invalidation
         (kvm_mmu_invalidate_begin/end around the zap, as the mmu_notifier does)."""
-        self.mmu_lock.write_lock()
-        try:
-            self.kvm_mmu_invalidate_begin()
-            self.kvm_mmu_invalidate_range_add(start, end)
-            flush = self.tdp_mmu.unmap_gfn_range(start, end, types, False)
-            self.stat["zaps"] += 1
-            if flush:
-                self.flush_remote_tlbs()
-            self.kvm_mmu_invalidate_end()
-        finally:
-            self.mmu_lock.write_unlock()
+        self.invalidate_and_unmap([(start, end)], types)
+        self.invalidate_end()
 
     def flush_shadow_memslot(self, slot):
         self.zap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages, KVM_ALL_ROOTS)
