@@ -246,8 +246,9 @@ def cmd_explore(args, out):
                       f"--vcpus {args.vcpus}{machine_flags(args)} --replay '{f.minimized}' "
                       f"--trace\n")
             if f.trace and not tracer.enabled:
-                out.write("  last events of the failing run:\n")
-                for line in f.trace[-12:]:
+                at, window = failure_window(f.trace)
+                out.write(f"  events around the failure (event {at + 1} of {len(f.trace)}, every task):\n")
+                for line in window:
                     out.write("    " + line.strip() + "\n")
     return 1 if res.failures else 0
 
@@ -289,6 +290,20 @@ def cmd_campaign(args, out):
         for r in rep.failures:
             out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r, machine_flags(args))}\n")
     return 1 if rep.failures else 0
+
+
+# Trace events that mark where a run went wrong, the first of which a failure report centers on.
+FAILURE_EVENTS = ("kvm_bug_on:", "kvm_vm_dead:", "checker_violation:", "kvm_page_leaked:", "kvm_warn:")
+
+
+def failure_window(trace, before=10, after=4):
+    """(index of the first failure event, the lines around it): the events of every task that led
+    to it, and what followed; the last lines when no event marks the failure."""
+    at = next((i for i, line in enumerate(trace) if any(ev in line for ev in FAILURE_EVENTS)), None)
+    if at is None:
+        at = len(trace) - 1
+        return at, trace[-(before + after):]
+    return at, trace[max(0, at - before):at + after + 1]
 
 
 class _Progress:

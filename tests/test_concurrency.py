@@ -449,3 +449,17 @@ def test_campaign_reports_busy_treated_as_fatal():
     assert all("--bug busy-is-fatal" in f["reproducer"] for f in obj["failures"])
     r = emu_cli("campaign", "accept2", "--vm", "tdx", "--vcpus", "2", "--runs", "60", "--seed", "2", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["failures"] == []
+
+
+def test_failure_report_centers_on_the_failure():
+    """The report shows the events around the first failure event, from every task (here the
+    other vCPU's ACCEPT holding the entry lock, then the AUG that met it), not the run's last lines."""
+    r = emu_cli("explore", "accept2", "--vm", "tdx", "--vcpus", "2", "--random", "300", "--seed", "1",
+                "--bug", "busy-is-fatal")
+    assert r.returncode == 1
+    report = r.stdout[r.stdout.index("events around the failure"):]
+    lines = report.splitlines()[1:]
+    bug = next(i for i, line in enumerate(lines) if "kvm_bug_on:" in line)
+    assert 0 < bug < len(lines) - 1                                   # events before and after it
+    assert any("vcpu-0" in line for line in lines[:bug]) and any("vcpu-1" in line for line in lines[:bug])
+    assert "TDX_OPERAND_BUSY" in lines[bug - 1]
