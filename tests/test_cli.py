@@ -208,3 +208,16 @@ class TestDumpTables:
         p = emu("run", "hello", "--json", "--dump-tables")
         assert p.returncode == 0
         assert isinstance(json.loads(p.stdout), dict)
+
+
+def test_wrong_unicorn_version_is_one_line(tmp_path):
+    """The binding's private module path is only trusted on the tested versions (issue 13 part 5)."""
+    fake = tmp_path / "sitecustomize.py"
+    fake.write_text("import unicorn\nunicorn.__version__ = '2.2.0'\n")
+    import os
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    r = subprocess.run([sys.executable, "-m", "emu", "run", "hello"], capture_output=True, text=True, env=env,
+                       cwd=REPO)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("emu: error: emu needs the Unicorn Python binding 2.1 (tested with 2.1.4), "
+                                "found 2.2.0: pip install 'unicorn>=2.1.4,<2.2'")

@@ -15,8 +15,19 @@ as an exception exit: guests have no IDT, so a real CPU would triple-fault.
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
     UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_INSN, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_TLB_VIRTUAL, UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
 from unicorn import x86_const as X
-from unicorn.unicorn_py3.unicorn import uclib
 import ctypes
+import unicorn
+
+# The fill hook and the slice budget call the C library directly, through the binding's module
+# that loads it; its path is private to the binding, so only the tested versions are accepted.
+TESTED_UNICORN = ("2.1.",)
+try:
+    if not unicorn.__version__.startswith(TESTED_UNICORN):
+        raise ImportError
+    from unicorn.unicorn_py3.unicorn import uclib
+except ImportError:
+    raise ImportError(f"emu needs the Unicorn Python binding 2.1 (tested with 2.1.4), found "
+                      f"{getattr(unicorn, '__version__', '?')}: pip install 'unicorn>=2.1.4,<2.2'") from None
 
 from . import ept as ept_mod
 from . import insn as insn_mod
