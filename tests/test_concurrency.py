@@ -463,3 +463,15 @@ def test_failure_report_centers_on_the_failure():
     assert 0 < bug < len(lines) - 1                                   # events before and after it
     assert any("vcpu-0" in line for line in lines[:bug]) and any("vcpu-1" in line for line in lines[:bug])
     assert "TDX_OPERAND_BUSY" in lines[bug - 1]
+
+
+def test_misconfig_on_a_non_mmio_spte_is_a_retry():
+    """Upstream's handle_mmio_page_fault(): an EPT misconfiguration whose SPTE is no longer an MMIO
+    SPTE (another vCPU changed it since the CPU's walk) makes the guest fault again; no KVM_BUG_ON."""
+    from emu.kvm.mmu import PFERR_RSVD_MASK, PFERR_USER_MASK
+    m = Machine("hello", vm="default")
+    v = m.vcpus[0]
+    v.mmu_load()
+    assert v.kvm_mmu_page_fault(0x200000, PFERR_USER_MASK) == 1           # a normal present SPTE
+    assert v.kvm_mmu_page_fault(0x200000, PFERR_RSVD_MASK) == 1
+    assert not m.kvm.vm_bugged and m.kvm.rcu.depth == {}

@@ -531,11 +531,17 @@ class Kvm:
         """The SPTE at the lowest level reached for ``gpa`` in the root the address uses."""
         root = vcpu.root if self.is_addr_direct(gpa) else vcpu.mirror_root
         gfn = (gpa >> 12) & ~self.gfn_direct_bits
-        it = TdpIter(self, root, PG_LEVEL_4K, gfn, self.tdp_mmu.gfn_root_bits(root))
-        leaf = None
-        for it in for_each_tdp_pte_min_level(it, gfn + 1):
-            leaf = it.old_spte
-        return leaf
+        # kvm_tdp_mmu_get_walk(): lockless, under RCU only (kvm_tdp_mmu_walk_lockless_begin()).
+        who = self.rcu_reader()
+        self.rcu.read_lock(who)
+        try:
+            it = TdpIter(self, root, PG_LEVEL_4K, gfn, self.tdp_mmu.gfn_root_bits(root))
+            leaf = None
+            for it in for_each_tdp_pte_min_level(it, gfn + 1):
+                leaf = it.old_spte
+            return leaf
+        finally:
+            self.rcu.read_unlock(who)
 
     # -- vCPUs --------------------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id):
@@ -684,9 +690,6 @@ class KvmVcpu:
         r = RET_PF_INVALID
         if error_code & PFERR_RSVD_MASK:
             r = mmu_mod.handle_mmio_page_fault(self, gpa)
-            if r == RET_PF_INVALID and not mmu_mod.is_mmio_spte(kvm.get_leaf_spte(self, gpa) or 0):
-                kvm.KVM_BUG_ON(True, f"EPT misconfiguration at gpa {gpa:#x} on a non-MMIO SPTE")
-                return 0
             if r == RET_PF_INVALID:
                 error_code &= ~PFERR_RSVD_MASK    # a stale MMIO SPTE: fault it in normally
         if r == RET_PF_INVALID:

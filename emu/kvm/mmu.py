@@ -214,4 +214,6 @@ def handle_mmio_page_fault(vcpu, addr):
         if get_mmio_spte_generation(spte) != vcpu.kvm.memslots_generation & MMIO_SPTE_GEN_MASK:
             return RET_PF_INVALID
         return RET_PF_EMULATE
-    return RET_PF_INVALID
+    # Not an MMIO SPTE (any more): another vCPU changed it since the CPU's walk.  Let the guest
+    # fault again on the address (upstream's answer, not a KVM bug).
+    return RET_PF_RETRY
