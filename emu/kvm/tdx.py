@@ -66,7 +66,6 @@ class VcpuTdx:
         self.vp_enter_args = dict.fromkeys(VP_ENTER_ARGS, 0)
         self.map_gpa_next = None
         self.map_gpa_end = None
-        self.in_guest = False          # vcpu->mode == IN_GUEST_MODE: inside TDH.VP.ENTER
 
     # tdvmcall_set_return_code() / tdvmcall_set_return_val()
     @property
@@ -376,15 +375,11 @@ class TdxX86Ops(VmxX86Ops):
         if kvm.tdx.wait_for_sept_zap:
             # A zap is retrying a SEAMCALL with no vCPU entering: EXIT_FASTPATH_EXIT_HANDLED, no
             # TDH.VP.ENTER; KVM_RUN loops and tries again (here: once the zap is done).
+            # (It waits in handle_exit, outside guest mode: the zap's kick waits for this vCPU to
+            # take its IPI, which it does only once it is out of vcpu_enter_guest.)
             vcpu.tdx_exit = None
-            if kvm.sched is not None and kvm.sched.current is not None:
-                kvm.sched.wait_until(lambda: not kvm.tdx.wait_for_sept_zap, vcpu.vcpu_id, "sept_zap_wait")
-            return VmExit(-2, 0)
-        t.in_guest = True
-        try:
-            out = self.seamcall(kvm, A.TDH_VP_ENTER, caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, **t.vp_enter_args)
-        finally:
-            t.in_guest = False
+            return VmExit(-3, 0)
+        out = self.seamcall(kvm, A.TDH_VP_ENTER, caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, **t.vp_enter_args)
         vcpu.tdx_exit = out
         if tdx_operand_busy(out.rax):
             # The module was busy (the epoch lock, or the S-EPT tree lock of the zero-step
@@ -407,6 +402,11 @@ class TdxX86Ops(VmxX86Ops):
         kvm = vcpu.kvm
         if exit.reason == -1:
             return 0
+        if exit.reason == -3:
+            # No TD entry while a zap retries with no vCPU entering: wait for it, then enter again.
+            if kvm.sched is not None and kvm.sched.current is not None:
+                kvm.sched.wait_until(lambda: not kvm.tdx.wait_for_sept_zap, vcpu.vcpu_id, "sept_zap_wait")
+            return 1
         if exit.reason == -2 or exit.reason == EXIT_REASON_EXTERNAL_INTERRUPT:
             return 1                                # BUSY entry, or a kick: enter again
         if exit.reason == EXIT_REASON_EPT_VIOLATION:

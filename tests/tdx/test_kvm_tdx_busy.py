@@ -101,7 +101,8 @@ def test_zap_busy_twice_is_kvm_bug_on(private_td):
 
 def test_no_td_entry_while_a_zap_retries(private_td):
     """tdx_vcpu_run(): while wait_for_sept_zap is set no TDH.VP.ENTER is made; the run loop gets
-    EXIT_FASTPATH_EXIT_HANDLED (handled, re-enter) instead."""
+    EXIT_FASTPATH_EXIT_HANDLED (handled, re-enter) instead, and waits outside guest mode (-3: the
+    zap's kick must be able to find this vCPU out of vcpu_enter_guest)."""
     m = private_td
     rec = Recorder(m)
     vcpu = m.vcpus[0]
@@ -111,7 +112,7 @@ def test_no_td_entry_while_a_zap_retries(private_td):
         ex = ops.vcpu_run(vcpu)
     finally:
         m.kvm.tdx.wait_for_sept_zap = False
-    assert ex.reason == -2 and ops.handle_exit(vcpu, ex) == 1
+    assert ex.reason == -3 and ops.handle_exit(vcpu, ex) == 1
     assert rec.calls == []
 
 
