@@ -475,3 +475,33 @@ def test_misconfig_on_a_non_mmio_spte_is_a_retry():
     assert v.kvm_mmu_page_fault(0x200000, PFERR_USER_MASK) == 1           # a normal present SPTE
     assert v.kvm_mmu_page_fault(0x200000, PFERR_RSVD_MASK) == 1
     assert not m.kvm.vm_bugged and m.kvm.rcu.depth == {}
+
+
+SPIN_AND_FAIL = """
+.intel_syntax noprefix
+.include "emu.inc"
+    .text
+    .globl _start
+_start:
+    test rdi, rdi
+    jnz 1f
+    mov ecx, 64                 # vCPU 0 spins a while (so vCPU 1 gets to run), then fails
+2:  pause
+    dec ecx
+    jnz 2b
+    FAIL 0x77
+1:  pause                       # vCPU 1 waits for a flag nobody will set
+    jmp 1b
+"""
+
+
+def test_an_error_stops_the_vcpus_spinning_in_guest_mode(tmp_path):
+    """As QEMU stops the VM on a fatal error: the other vCPUs get a signal and leave KVM_RUN, even
+    one spinning in guest mode; the run ends with the first error (exit status 1)."""
+    src = tmp_path / "spinfail.S"
+    src.write_text(SPIN_AND_FAIL)
+    r = emu_cli("run", src, "--vcpus", "2", "--json")
+    assert r.returncode == 1
+    obj = json.loads(r.stdout)
+    assert obj["exit"] == "fail" and "failed with code 0x77" in obj["error"]
+    assert obj["vcpu_exits"] == ["fail", "stopped"]
