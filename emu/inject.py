@@ -205,7 +205,8 @@ _BUSY_RETRIED = {"TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_AUG", "TDH_VP_ENTER"}
 # SEAMCALLs whose BUSY KVM retries once, with no vCPU entering (tdx_no_vcpus_enter_start/stop).
 _BUSY_RETRIED_ONCE = {"TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE"}
 # Any failure is a KVM_BUG_ON.
-_BUG_ON = {"TDH_PHYMEM_PAGE_WBINVD", "TDH_VP_WR"} | _BUSY_RETRIED | _BUSY_RETRIED_ONCE
+_BUG_ON = ({"TDH_PHYMEM_PAGE_WBINVD", "TDH_VP_WR", "TDH_VP_FLUSH", "TDH_MNG_VPFLUSHDONE", "TDH_MNG_KEY_FREEID"}
+           | _BUSY_RETRIED | _BUSY_RETRIED_ONCE)
 # A failure leaks the page, as upstream accepts (accounted).
 _LEAKED = {"TDH_PHYMEM_PAGE_RECLAIM"}
 

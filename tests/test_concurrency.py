@@ -505,3 +505,22 @@ def test_an_error_stops_the_vcpus_spinning_in_guest_mode(tmp_path):
     obj = json.loads(r.stdout)
     assert obj["exit"] == "fail" and "failed with code 0x77" in obj["error"]
     assert obj["vcpu_exits"] == ["fail", "stopped"]
+
+
+@pytest.mark.parametrize("leaf", ["TDH_MNG_VPFLUSHDONE", "TDH_MNG_KEY_FREEID"])
+def test_teardown_keeps_a_hkid_it_could_not_release(leaf):
+    """tdx_mmu_release_hkid(): a failed VPFLUSHDONE skips the rest, a failed FREEID keeps the HKID;
+    either is a KVM_BUG_ON, no RECLAIM follows, and the TD's pages are leaked and accounted."""
+    from emu.check import check_destroyed
+    m = Machine("private", vm="tdx", inject=[f"seamcall.{leaf}@1=TDX_OPERAND_INVALID"])
+    assert m.run().ok
+    ops = m.kvm.x86_ops
+    before = dict(ops.seamcall_counts)
+    m.destroy()
+    calls = {k: v - before.get(k, 0) for k, v in ops.seamcall_counts.items()}
+    assert m.kvm.vm_bugged and m.kvm.tdx.hkid is not None
+    assert calls.get("TDH_PHYMEM_PAGE_RECLAIM", 0) == 0
+    assert calls.get("TDH_MNG_KEY_FREEID", 0) == (1 if leaf == "TDH_MNG_KEY_FREEID" else 0)
+    leaked = {hpa for hpa, _ in m.host.leaked}
+    assert m.kvm.tdx.tdr_pa in leaked and set(m.kvm.tdx.tdcs_pa) <= leaked
+    assert check_destroyed(m.kvm) == []

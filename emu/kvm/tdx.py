@@ -340,25 +340,43 @@ class TdxX86Ops(VmxX86Ops):
 
     # -- teardown ---------------------------------------------------------------------------------------------
     def vm_destroy_begin(self, kvm):
-        """Unmap private memory while the HKID lives, then release the HKID (tdx_mmu_release_hkid)."""
+        """Unmap private memory while the HKID lives, then release the HKID (tdx_mmu_release_hkid).
+
+        As upstream: a failed VPFLUSHDONE skips the rest, and a failed FREEID keeps the HKID; in
+        both cases (a KVM_BUG_ON) the HKID is leaked, so nothing of the TD can be reclaimed after
+        (tdx_vm_free() and tdx_sept_free_private_spt() leak its pages, accounted)."""
         tdx = kvm.tdx
         kvm.zap_gfn_range(0, kvm.max_gfn_exclusive, KVM_MIRROR_ROOTS)
         for v in kvm.vcpus:
-            self.seamcall(kvm, A.TDH_VP_FLUSH, rcx=v.arch.tdvpr_pa)
+            # tdx_flush_vp(): a vCPU that was never associated is fine.
+            out = self.seamcall(kvm, A.TDH_VP_FLUSH, rcx=v.arch.tdvpr_pa)
+            kvm.KVM_BUG_ON(out.rax not in (A.TDX_SUCCESS, A.TDX_VCPU_NOT_ASSOCIATED),
+                           f"TDH.VP.FLUSH: {A.status_name(out.rax)}")
         out = self.seamcall(kvm, A.TDH_MNG_VPFLUSHDONE, rcx=tdx.tdr_pa)
-        kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MNG.VPFLUSHDONE: {A.status_name(out.rax)}")
-        self.seamcall(kvm, A.TDH_PHYMEM_CACHE_WB)
+        if out.rax == A.TDX_FLUSHVP_NOT_DONE:
+            return
+        if kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MNG.VPFLUSHDONE: {A.status_name(out.rax)}; "
+                                                     f"HKID {tdx.hkid} is leaked"):
+            return
+        self.seamcall(kvm, A.TDH_PHYMEM_CACHE_WB)  # an error here makes FREEID fail
         out = self.seamcall(kvm, A.TDH_MNG_KEY_FREEID, rcx=tdx.tdr_pa)
-        kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MNG.KEY.FREEID: {A.status_name(out.rax)}")
+        if kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MNG.KEY.FREEID: {A.status_name(out.rax)}; "
+                                                    f"HKID {tdx.hkid} is leaked"):
+            return
         tdx.hkid = None
 
     def vm_free(self, kvm):
-        """Reclaim the control pages: vCPUs' TDVPX and TDVPR, the TDCS, then the TDR."""
+        """Reclaim the control pages: vCPUs' TDVPX and TDVPR, the TDCS, then the TDR.  With the
+        HKID still assigned (its release failed) nothing can be reclaimed: every page is leaked."""
         tdx = kvm.tdx
         pages = []
         for v in kvm.vcpus:
             pages += v.arch.tdvpx_pa + [v.arch.tdvpr_pa]
         pages += tdx.tdcs_pa + [tdx.tdr_pa]
+        if tdx.hkid is not None:
+            for page in pages:
+                kvm.leak_page(page, f"the TD's HKID {tdx.hkid} was not released")
+            return
         for page in pages:
             out = self.seamcall(kvm, A.TDH_PHYMEM_PAGE_RECLAIM, rcx=page)
             if out.rax != A.TDX_SUCCESS:
