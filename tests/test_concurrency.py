@@ -524,3 +524,15 @@ def test_teardown_keeps_a_hkid_it_could_not_release(leaf):
     leaked = {hpa for hpa, _ in m.host.leaked}
     assert m.kvm.tdx.tdr_pa in leaked and set(m.kvm.tdx.tdcs_pa) <= leaked
     assert check_destroyed(m.kvm) == []
+
+
+def test_perfetto_gives_the_host_task_a_track(tmp_path):
+    out = tmp_path / "p.json"
+    r = emu_cli("run", "sharedrw", "--vm", "tdx", "--vcpus", "2", "--host", "private 0x1c00000-0x1c02000@40",
+                "--trace", "perfetto", "--trace-file", out)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    events = d["traceEvents"] if isinstance(d, dict) else d
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    assert tracks[2000] == "host task host0"
+    assert any(e.get("tid") == 2000 and e.get("name") == "kvm_set_memory_attributes" for e in events)
