@@ -80,5 +80,3 @@ class Host:
         self.user_next += n * PAGE_SIZE
         return hpa
 
-    def hva_to_pfn(self, hva):
-        return self.mm.hva_to_pfn(hva)

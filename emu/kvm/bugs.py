@@ -33,7 +33,6 @@ class Bugs:
     def __init__(self, names=()):
         for name in BUGS:
             setattr(self, name.replace("-", "_"), False)
-        self.skip_tlb_flush_request = False
         for name in names:
             self.enable(name)
 

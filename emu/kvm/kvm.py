@@ -834,7 +834,7 @@ class KvmVcpu:
                 return self.kvm_run
 
     def process_requests(self):
-        if self.requests & KVM_REQ_TLB_FLUSH and not self.kvm.bugs.skip_tlb_flush_request:
+        if self.requests & KVM_REQ_TLB_FLUSH:
             self.stat["tlb_flush"] += 1
             self.kvm.x86_ops.flush_tlb(self)
             self.kvm.trace_emit("kvm_tlb_flush", self.vcpu_id, vcpu_id=self.vcpu_id, kind="invept")
