@@ -97,6 +97,9 @@ def build_parser():
                       help="exhaustive depth-first search with at most K preemptions (default 2)")
     mode.add_argument("--random", type=int, default=None, metavar="RUNS", help="RUNS random (PCT) schedules")
     mode.add_argument("--replay", default=None, metavar="SCHEDULE", help="run one printed schedule, traced")
+    ex.add_argument("--dpor", action="store_true",
+                    help="dynamic partial-order reduction: one schedule per class of equivalent "
+                         "interleavings (no preemption bound unless --bound K is given)")
     ex.add_argument("--seed", type=int, default=0, help="seed of --random and of the injection plans (default 0)")
     ex.add_argument("--depth", type=int, default=3, help="PCT depth: priority change points + 1 (default 3)")
     ex.add_argument("--max-runs", type=int, default=None, help="stop the search after this many runs")
@@ -200,6 +203,8 @@ def cmd_explore(args, out):
         raise UsageError("--bound must be 0 or more")
     if args.depth < 1:
         raise UsageError("--depth must be at least 1")
+    if args.dpor and (args.random is not None or args.replay is not None):
+        raise UsageError("--dpor is an exhaustive search: it does not combine with --random or --replay")
     tracer = make_tracer(args)
     ex = Explorer(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
                                   no_freeze=args.no_freeze, inject=args.inject, seed=args.seed,
@@ -220,6 +225,8 @@ def cmd_explore(args, out):
     ex.progress = progress
     if args.random is not None:
         res = ex.random(args.random, seed=args.seed, depth=args.depth, stop_at_first=not args.all)
+    elif args.dpor:
+        res = ex.dpor(bound=args.bound, max_runs=args.max_runs, stop_at_first=not args.all)
     else:
         res = ex.dfs(bound=2 if args.bound is None else args.bound, max_runs=args.max_runs,
                      stop_at_first=not args.all)
@@ -234,6 +241,8 @@ def cmd_explore(args, out):
         out.write(json.dumps(res.as_json()) + "\n")
     else:
         what = (f"random (PCT depth {args.depth}, seed {args.seed})" if args.random is not None
+                else ("partial-order reduction" + ("" if args.bound is None else f", preemption bound {args.bound}")
+                      + f", {res.sleep_blocked} runs cut by sleep sets") if args.dpor
                 else f"exhaustive, preemption bound {2 if args.bound is None else args.bound}")
         state = ("interrupted" if res.interrupted else "stopped at the first failure" if f is not None and not args.all
                  else "complete" if res.complete else "stopped")

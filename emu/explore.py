@@ -20,7 +20,8 @@ import time
 import traceback
 
 from .check import check_vm
-from .sched import Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError
+from .sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
+                    SleepBlocked)
 from .trace import Tracer, ListSink, format_text
 
 
@@ -36,6 +37,10 @@ class Outcome:
         self.error = error
         self.reports = reports
         self.trace = trace
+        self.events = None               # (emu.dpor) (task, Footprint, decision) per step
+        self.node_sleep = {}
+        self.blocked = False             # (emu.dpor) cut short: every runnable task slept
+        self.signature = None            # (with_signature) what the run reached
 
     @property
     def schedule(self):
@@ -63,6 +68,7 @@ class ExploreResult:
         self.failures = 0
         self.first_failure = None
         self.complete = False            # the whole bounded space was explored
+        self.sleep_blocked = 0           # (--dpor) runs cut short as redundant
         self.interrupted = False
         self.seconds = 0.0
 
@@ -72,6 +78,7 @@ class ExploreResult:
 
     def as_json(self):
         return {"runs": self.runs, "failures": self.failures, "complete": self.complete,
+                "sleep_blocked": self.sleep_blocked,
                 "interrupted": self.interrupted, "seconds": round(self.seconds, 3),
                 "schedules_per_second": round(self.rate, 1),
                 "first_failure": None if self.first_failure is None else self.first_failure.as_json()}
@@ -120,6 +127,7 @@ class Explorer:
         self.max_steps = max_steps
         self.expected = None
         self.progress = None             # callable(result) every so often
+        self.with_signature = False      # (tests) each outcome carries what the run reached
 
     # -- one run ------------------------------------------------------------------------------------------
     def run(self, strategy, trace=False):
@@ -127,7 +135,12 @@ class Explorer:
         return in_child(lambda: self._run_here(strategy, trace),
                         lambda e: Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None))
 
-    def _run_here(self, strategy, trace):
+    def run_recorded(self, strategy):
+        """Run once with every step's footprint recorded (emu.dpor)."""
+        return in_child(lambda: self._run_here(strategy, False, record=True),
+                        lambda e: Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None))
+
+    def _run_here(self, strategy, trace, record=False):
         m = self.machine
         sink = None
         if trace:
@@ -145,8 +158,15 @@ class Explorer:
                 if problems:
                     raise InvariantBroken(f"after step {s.steps} ({what}, vCPU {who}): " + "; ".join(problems[:3]))
         sched = Scheduler(strategy, max_steps=self.max_steps, tracer=m.tracer, on_step=on_step)
+        if record:
+            from .hw import ept, paging
+            sched.record = True
+            sched.mem = m.host.mem
+            m.host.mem.sched = sched
+            ept.AD_LOG, paging.AD_LOG = [], []
         error = None
         res = None
+        blocked = False
         try:
             res = m.run_scheduled(sched, collect_regs=False)
             if not res.ok:
@@ -163,6 +183,8 @@ class Explorer:
                     and len(sched.decisions) < len(strategy.choices)):
                 error = (f"replay: replay diverged: the run ended after {len(sched.decisions)} decisions, "
                          f"the schedule has {len(strategy.choices)}")
+        except SleepBlocked:
+            blocked = True
         except ScheduleError as e:
             error = f"replay: {e}"
         except InvariantBroken as e:
@@ -170,7 +192,14 @@ class Explorer:
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
         lines = [format_text(ev) for ev in sink.events] if sink is not None else None
-        return Outcome(sched.decisions, error, _per_vcpu(res.reports) if res is not None else None, lines)
+        out = Outcome(sched.decisions, error, _per_vcpu(res.reports) if res is not None else None, lines)
+        if record:
+            out.events = sched.events
+            out.node_sleep = getattr(strategy, "node_sleep", {})
+            out.blocked = blocked
+        if self.with_signature and not blocked:
+            out.signature = signature(m, out)
+        return out
 
     def baseline(self):
         """The non-preemptive run: its reports are what every other run must report."""
@@ -218,6 +247,19 @@ class Explorer:
                     break
                 self._tick(res, t0)
                 outcome = self.run(ReplayStrategy(prefix, strict=False))
+        except KeyboardInterrupt:
+            res.interrupted = True
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def dpor(self, bound=None, max_runs=None, stop_at_first=True):
+        """Every schedule up to equivalence (emu.dpor), within ``bound`` preemptions if given."""
+        from . import dpor
+        res = ExploreResult()
+        t0 = time.perf_counter()
+        try:
+            dpor.explore(self, res, bound=bound, max_runs=max_runs, stop_at_first=stop_at_first,
+                         tick=self._tick)
         except KeyboardInterrupt:
             res.interrupted = True
         res.seconds = time.perf_counter() - t0
@@ -349,6 +391,18 @@ def in_child(fn, on_error):
     its picklable result sent back; ``on_error(exception)`` if it raised."""
     pid, r = _start_child(fn, on_error)
     return _finish_child(pid, r, on_error)
+
+
+def signature(m, outcome):
+    """What a run reached, for comparing searches: the error (without numbers), each vCPU's
+    reports, and every present leaf SPTE of every root (gfn, level, value without its pfn:
+    the same state may have its pages in another order)."""
+    from .kvm.spte import SPTE_BASE_ADDR_MASK
+    tdp = m.kvm.tdp_mmu
+    tables = tuple(sorted((bool(r.is_mirror), tuple((g, l, s & ~SPTE_BASE_ADDR_MASK) for g, l, s in tdp.leaves(r)))
+                          for r in tdp.roots if not r.invalid))
+    reports = tuple(sorted((k, tuple(v)) for k, v in (outcome.reports or {}).items()))
+    return (_error_kind(outcome.error), reports, tables)
 
 
 def _with_choice(d, c):

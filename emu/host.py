@@ -76,6 +76,8 @@ class Host:
         """Fresh pages for page migration, from the headroom above every mapping."""
         if self.user_next + n * PAGE_SIZE > self.user_end:
             raise OutOfHostMemory("no free host memory to migrate pages to")
+        if self.mem.sched is not None:
+            self.mem.sched.touch(("alloc", "user"), False)
         hpa = self.user_next
         self.user_next += n * PAGE_SIZE
         return hpa

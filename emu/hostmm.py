@@ -48,6 +48,8 @@ class HostMm:
 
     def _ptep(self, hva, create):
         """The address of the PTE of ``hva`` (creating the tables on the way), or None."""
+        if self.mem.sched is not None:
+            self.mem.sched.touch("hostmm", create)       # (emu.dpor)
         q = self.mem.q
         table = self.pml4
         for level in (4, 3, 2):
@@ -110,6 +112,8 @@ class HostMm:
         return old
 
     def alloc_user_page(self):
+        if self.mem.sched is not None:
+            self.mem.sched.touch("hostmm")
         if self.free_pages:
             return self.free_pages.pop()
         return self.host.alloc_user_pages(1)
@@ -128,6 +132,8 @@ class HostMm:
 
     def free_old(self, old):
         mem = self.mem
+        if mem.sched is not None:
+            mem.sched.touch("hostmm")
         for pfn in old.values():
             mem.write(pfn << 12, bytes([POISON]) * PAGE_SIZE)
             self.free_pages.append(pfn << 12)

@@ -31,8 +31,30 @@ YIELD_POINTS = frozenset({"frozen_retry", "frozen_wait", "fault_local_retry", "l
                           "sept_zap_wait", "mmu_invalidate_retry"})
 
 
+# What the step after each scheduling point touches, for partial-order reduction (emu.dpor):
+# the operation the point announces.  A point not named here starts a step that counts as
+# touching everything (its code is not audited for what it shares).
+SPTE_READ_POINTS = frozenset({"spte_read"})
+SPTE_WRITE_POINTS = frozenset({"spte_cmpxchg", "spte_write", "spte_xchg", "frozen_retry", "frozen_wait"})
+# Inside a SEAMCALL or a TDCALL: what the module said the call touches (module_keys).
+MODULE_POINTS = frozenset({"seamcall_entry", "sept_entry_locked", "sept_entry_locked_guest",
+                           "sept_locked_exclusive", "epoch_locked", "tdcall_busy"})
+# Steps whose code announces what it shares itself (Scheduler.touch, from the locks, RCU,
+# requests, the allocators, the invalidation state...): a vCPU's entry and guest code (what
+# guest code touched is added as the slice ends: Vcpu.touch_guest), its exit handling and
+# fault path, the retries, a zap's cond_resched.  A vCPU's first step (KVM_RUN) too; a
+# host task's first step is a host event's setup, not audited.
+OWN_POINTS = frozenset({"vm_entry", "guest_mode", "guest_slice", "guest_pause", "vm_exit", "faultin_pfn",
+                        "faultin_pfn_done", "mmu_invalidate_retry", "fault_local_retry", "cond_resched",
+                        "seamcall_exit"})
+
+
 class ScheduleError(Exception):
     pass
+
+
+class SleepBlocked(Exception):
+    """(emu.dpor) every runnable task is in the sleep set: this run adds nothing new."""
 
 
 class Deadlock(Exception):
@@ -106,6 +128,7 @@ class Task:
         self.start = start               # a host task may run from this scheduling point on
         self.sched = None
         self.fair_wait = set()           # after a yield: tasks that must run before this one
+        self.paused_at = ("start", None)  # the point the task's next step starts from
 
     def enabled(self):
         if self.done or (self.wait is not None and not self.wait()):
@@ -121,6 +144,47 @@ class Strategy:
 
     def choose(self, sched, enabled, current, what):
         return sched.default_choice(enabled, current, what)
+
+    def stepped(self, sched):
+        """(with footprints recorded) a step ended: sched.events[-1] holds it."""
+
+    def forced(self, sched, task):
+        """(with footprints recorded) ``task`` runs next: no other task could."""
+
+
+class Footprint:
+    """What one step read and wrote.  Two steps of different tasks are dependent (their
+    order may matter) when one writes what the other reads or writes; a step that
+    touched something unknown counts as reading or writing everything."""
+    __slots__ = ("reads", "writes", "all_r", "all_w")
+
+    def __init__(self):
+        self.reads, self.writes = set(), set()
+        self.all_r = self.all_w = False
+
+    def freeze(self):
+        self.reads = frozenset(self.reads - self.writes)
+        self.writes = frozenset(self.writes)
+
+    def dependent(self, other):
+        if self.all_w or other.all_w:
+            return True
+        if (self.all_r and other.writes) or (other.all_r and self.writes):
+            return True
+        w = self.writes
+        return bool(w and (not w.isdisjoint(other.writes) or not w.isdisjoint(other.reads))
+                    or other.writes and not other.writes.isdisjoint(self.reads))
+
+    def __getstate__(self):
+        return (self.reads, self.writes, self.all_r, self.all_w)
+
+    def __setstate__(self, s):
+        self.reads, self.writes, self.all_r, self.all_w = s
+
+    def __repr__(self):
+        if self.all_w:
+            return "Footprint(*)"
+        return f"Footprint(r={sorted(map(str, self.reads))}, w={sorted(map(str, self.writes))}{', r*' if self.all_r else ''})"
 
 
 class ReplayStrategy(Strategy):
@@ -157,6 +221,14 @@ class Scheduler:
         self.tracer = tracer
         self.error = None
         self.on_step = on_step           # called at every scheduling point (invariant checks)
+        # Footprints (emu.dpor): with ``record`` set, every step (a task's run from one
+        # point to its next) is logged with what it read and wrote.
+        self.record = False
+        self._decided = False
+        self.events = []                 # Step per step taken
+        self.fp = None                   # the running step's Footprint
+        self.mem = None                  # host memory (its bulk writes are touches: HostMemory.sched)
+        self.module_keys = {}            # task -> (reads, writes, reads everything) of its module call
 
     # -- tasks --------------------------------------------------------------------------------------------
     def spawn(self, fn, name=None, host=False, start=0):
@@ -185,7 +257,12 @@ class Scheduler:
             if not enabled:
                 raise Deadlock(f"every vCPU is waiting: {[t.index for t in live]}")
             nxt = self._decide(enabled, None, "start")
+            if self.record:
+                self._begin_step(nxt)
             self._switch(nxt)
+            if self.record:
+                self._end_step(self.events[-1][0])
+                self.strategy.stepped(self)
 
     def _switch(self, t):
         self.current = t
@@ -223,7 +300,11 @@ class Scheduler:
         fair = [t for t in enabled if not (t.fair_wait & live)]
         enabled = fair or enabled
         if len(enabled) == 1:
+            self._decided = False
+            if self.record:
+                self.strategy.forced(self, enabled[0])
             return self._ran(enabled[0])
+        self._decided = True
         default = self.default_choice(enabled, current, what)
         choice = self.strategy.choose(self, enabled, current, what)
         preempt = current is not None and choice is not current and current in enabled
@@ -253,7 +334,13 @@ class Scheduler:
         enabled = [t for t in self.tasks if t.enabled()]
         if not enabled:
             raise Deadlock(f"every vCPU is waiting (at {what})")
+        if self.record:
+            self._end_step(cur.index)
+            cur.paused_at = (what, arg)
+            self.strategy.stepped(self)
         nxt = self._decide(enabled, cur, what)
+        if self.record:
+            self._begin_step(nxt)
         if nxt is not cur:
             if self.tracer is not None and self.tracer.enabled:
                 self.tracer.emit("sched_switch", self.track(cur), msg=f"{cur.name} -> {nxt.name} at {what}")
@@ -264,6 +351,75 @@ class Scheduler:
             self.current = cur
             if self.tracer is not None:
                 self.tracer.vcpu = self.track(cur)
+
+    # -- footprints (emu.dpor) --------------------------------------------------------------------------------
+    def touch(self, key, write=True):
+        """The running step reads (or writes) ``key``: an SPTE's address, a lock, a vCPU's state..."""
+        fp = self.fp
+        if fp is not None:
+            (fp.writes if write else fp.reads).add(key)
+
+    def module_call(self, keys):
+        """The running task enters a SEAMCALL or TDCALL that touches ``keys`` (reads, writes,
+        reads everything), or None for unknown; its steps inside the call get them."""
+        cur = self.current
+        if cur is None:
+            return
+        if keys is None:
+            self.module_keys.pop(cur.index, None)
+            self.touch_all()
+            return
+        self.module_keys[cur.index] = keys
+        fp = self.fp
+        if fp is not None:
+            fp.reads.update(keys[0])
+            fp.writes.update(keys[1])
+            if keys[2]:
+                fp.all_r = True
+
+    def touch_all(self, write=True):
+        """The running step reads (or writes) everything: it depends on every other step."""
+        fp = self.fp
+        if fp is not None:
+            if write:
+                fp.all_w = True
+            else:
+                fp.all_r = True
+
+    def _begin_step(self, task):
+        fp = Footprint()
+        what, arg = task.paused_at
+        if what in SPTE_READ_POINTS:
+            fp.reads.add(("spte", arg))
+        elif what in SPTE_WRITE_POINTS:
+            fp.writes.add(("spte", arg))
+        elif what in MODULE_POINTS:
+            keys = self.module_keys.get(task.index)
+            if keys is None:
+                fp.all_w = True
+            else:
+                fp.reads.update(keys[0])
+                fp.writes.update(keys[1])
+                fp.all_r = keys[2]
+        elif what not in OWN_POINTS and (what != "start" or task.host):
+            fp.all_w = True
+        fp.writes.add(("task", task.index))      # its own state (requests, mode, TLB) is written
+        self.fp = fp
+        self.events.append((task.index, fp, len(self.decisions) - 1 if self._decided else -1))
+
+    def _end_step(self, index):
+        fp = self.fp
+        if fp is None:
+            return
+        self.fp = None
+        from .hw import ept, paging
+        if ept.AD_LOG:
+            fp.writes.update(("spte", a) for a in ept.AD_LOG)
+            ept.AD_LOG.clear()
+        if paging.AD_LOG:
+            fp.writes.update(("page", a >> 12) for a in paging.AD_LOG)
+            paging.AD_LOG.clear()
+        fp.freeze()
 
     def wait_until(self, pred, who=None, what="lock_wait"):
         """Block the running task until ``pred()`` holds (other tasks run meanwhile)."""

@@ -260,6 +260,7 @@ class Machine:
                 while res.error is None and not self._step(v, res, ended):
                     pass
                 if res.error is not None:
+                    self.kvm.touch_all()      # (emu.dpor) every vCPU reads res.error
                     # The run is over (as QEMU stops the VM on a fatal error): signal the other
                     # vCPUs, so one spinning in guest mode on memory leaves KVM_RUN too.
                     for o in self.vcpus:

@@ -156,6 +156,8 @@ class TdxModule:
         if tracer is not None and tracer.enabled:
             tracer.emit("seamcall_entry", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8)
         if self.sched is not None:
+            if self.sched.record:
+                self.sched.module_call(self.footprint(leaf & 0xFFFF, rcx, r8, caller))
             self.sched.point(caller, "seamcall_entry", leaf)
         out = None
         if self.inject is not None:
@@ -175,6 +177,36 @@ class TdxModule:
         if self.sched is not None:
             self.sched.point(caller, "seamcall_exit", leaf)
         return out
+
+    # -- what a call touches (emu.dpor) ---------------------------------------------------------------
+    @staticmethod
+    def sept_keys(gpa, level):
+        """(reads, writes) of an S-EPT entry at ``level`` (0 = 4K) for ``gpa``: the entry is
+        written, the entries above it on the walk are read."""
+        gpa &= ~0xFFF
+        writes = {("sept", level, gpa >> (12 + 9 * level))}
+        reads = {("sept", m, gpa >> (12 + 9 * m)) for m in range(level + 1, 5)}
+        return reads, writes
+
+    def footprint(self, leaf, rcx, r8, caller):
+        """What a SEAMCALL may read and write: for the fault path's leaves, the S-EPT entry, the
+        page it takes, the TD's epoch; None (everything) for the others, rarer, leaves."""
+        if leaf == TDH_VP_ENTER:
+            return frozenset({"td_epoch"}), frozenset({("tdvpr", rcx)}), False
+        if leaf in (TDH_VP_RD, TDH_VP_WR):
+            return frozenset(), frozenset({("tdvpr", rcx)}), False
+        if leaf in (TDH_MEM_PAGE_AUG, TDH_MEM_SEPT_ADD):
+            reads, writes = self.sept_keys(rcx & ~0xFFF, rcx & 7)
+            writes.add(("pamt", r8 >> 12))
+            reads.add("td_epoch")
+            return frozenset(reads), frozenset(writes), False
+        return None
+
+    def tdcall_footprint(self, leaf, rcx, caller):
+        if leaf == TDG_MEM_PAGE_ACCEPT:
+            reads, writes = self.sept_keys(rcx & ~0xFFF, rcx & 7)
+            return frozenset(reads), frozenset(writes), False
+        return frozenset(), frozenset(), False       # the vCPU's own state: its task's
 
     # -- helpers the handlers share -----------------------------------------------------------------------
     def point(self, caller, what):

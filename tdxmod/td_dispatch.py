@@ -139,6 +139,13 @@ def _handle(mod, v, hw, ex, caller=None):
     """Handle one exit inside the module; the TD exit Regs for the VMM, or None to resume."""
     td = v.td
     reason = ex.reason
+    if mod.sched is not None and mod.sched.record:
+        # (emu.dpor) what the module's handling of this exit touches
+        if reason == EXIT_REASON_TDCALL:
+            mod.sched.module_call(mod.tdcall_footprint(hw.reg("rax"), hw.reg("rcx"), caller))
+        elif reason == EXIT_REASON_EPT_VIOLATION:
+            for key in mod.sept_keys(ex.gpa, -1)[0]:
+                mod.sched.touch(key, False)
     if ex.rip != v.rip_on_tdentry:
         # vmexit_stepping_filter(): forward progress since the TD entry resets EPF tracking.
         v.last_epf_gpa_list = []

@@ -242,6 +242,11 @@ def walk(mem, eptp, gpa, access, path=None, set_ad=True):
     return EptTranslation((e & ADDR_MASK & ~page_mask) | (gpa & page_mask), level, perms, dirty)
 
 
+# (emu.dpor) while footprints are recorded: the entries whose A/D bits a walk set (the
+# hardware writes the SPTE: a cmpxchg of KVM's against it then fails).
+AD_LOG = None
+
+
 def _set_bits(q, ptr, bits):
     """Set flag bits with a locked read-modify-write, as the CPU does (a plain store could
     lose a concurrent update by software or by another vCPU's walker)."""
@@ -253,4 +258,6 @@ def _set_bits(q, ptr, bits):
         # cmpxchg: between the read and the store nothing runs (see HostMemory.cmpxchg64)
         if q[i] == old:
             q[i] = old | bits
+            if AD_LOG is not None:
+                AD_LOG.append(ptr)
             return

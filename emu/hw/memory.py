@@ -52,6 +52,7 @@ class HostMemory:
         # since the CPU would see the new bytes (Unicorn tracks only its own stores).
         self.generation = 0
         self.written = []            # (generation, first pfn, last pfn), the last WRITE_LOG writes
+        self.sched = None            # (emu.dpor) the scheduler recording footprints, while it does
 
     # -- the address Unicorn maps (mem_map_ptr) --------------------------------------------------
     def address(self):
@@ -111,6 +112,10 @@ class HostMemory:
         self.generation += 1
         log = self.written
         log.append((self.generation, hpa >> PAGE_SHIFT, (hpa + max(n, 1) - 1) >> PAGE_SHIFT))
+        if self.sched is not None:
+            fp = self.sched.fp
+            if fp is not None:
+                fp.writes.update(("page", pfn) for pfn in range(log[-1][1], log[-1][2] + 1))
         if len(log) > self.WRITE_LOG:
             del log[:len(log) - self.WRITE_LOG]
 
@@ -177,6 +182,10 @@ class PageAllocator:
         self.in_use = 0
 
     def alloc_page(self):
+        if self.mem.sched is not None:
+            # (emu.dpor) Two allocations in either order give the same state up to which page
+            # is which; a free before an allocation may hand that page out, after it not.
+            self.mem.sched.touch(("alloc", self.base), False)
         if self.free_list:
             hpa = self.free_list.pop()
             self.freed.discard(hpa)
@@ -192,6 +201,8 @@ class PageAllocator:
     def alloc_range(self, npages):
         """``npages`` contiguous pages (left untouched: fresh anonymous memory is already zero)."""
         size = npages << PAGE_SHIFT
+        if self.mem.sched is not None:
+            self.mem.sched.touch(("alloc", self.base), False)
         if self.next + size > self.limit:
             raise OutOfHostMemory(f"cannot allocate {size >> 10} KiB of contiguous host memory")
         hpa = self.next
@@ -201,6 +212,8 @@ class PageAllocator:
 
     def free_page(self, hpa):
         assert hpa % PAGE_SIZE == 0 and self.base <= hpa < self.limit, hex(hpa)
+        if self.mem.sched is not None:
+            self.mem.sched.touch(("alloc", self.base))
         self.free_list.append(hpa)
         self.freed.add(hpa)
         self.in_use -= 1

@@ -234,11 +234,17 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
     return Translation(gva, gpa, t.hpa, perms, level, t.level)
 
 
+# (emu.dpor) while footprints are recorded: the guest entries whose A/D bits a walk set.
+AD_LOG = None
+
+
 def _set_bits(q, ptr, bits):
     i = ptr >> 3
     old = q[i]
     if old & bits != bits:
         q[i] = old | bits       # a locked OR: nothing else runs inside this call
+        if AD_LOG is not None:
+            AD_LOG.append(ptr)
 
 
 def probe(q, ept, cr3, gva):

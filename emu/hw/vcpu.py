@@ -16,6 +16,7 @@ from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_T
     UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_INSN, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_TLB_VIRTUAL, UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
 from unicorn import x86_const as X
 import ctypes
+import zlib
 import unicorn
 
 # The fill hook and the slice budget call the C library directly, through the binding's module
@@ -35,7 +36,7 @@ from .ept import EptTranslation, EptViolation, EptMisconfig, decode_eptp, EPT_VI
 from .exits import (VmExit, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI,
                     EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXTERNAL_INTERRUPT)
 from .slice import block_hook_stub, Budget
-from .memory import PAGE_MASK
+from .memory import PAGE_MASK, PAGE_SIZE
 from .paging import Translation, PageFault, GeneralProtection, translate, probe, PAGING, X86_CR0_WP, \
     X86_CR0_PG, X86_CR4_PAE, EFER_NXE, PFERR_WRITE, READ, WRITE, FETCH
 
@@ -113,6 +114,8 @@ class Vcpu:
         self.slice_blocks = 0
         self.pause_window = PAUSE_WINDOW
         self.guest_point = None
+        self.on_leave = None                 # called as guest mode ends (emu.dpor's footprints)
+        self.page_crc = None                 # (emu.dpor) HPA -> CRC of the page when last looked at
         self.intr_pending = False
         self.in_guest = False
         self.slices = 0
@@ -224,6 +227,21 @@ class Vcpu:
                          guest=[list(x) for x in guest_path],
                          ept=[[w, g, p if p == "cached" else [list(x) for x in p]] for w, g, p in eptlog],
                          result=result, walk=" ".join(parts) + " " + result)
+
+    def ept_entries(self):
+        """(emu.dpor) The EPT entries behind every GPA this vCPU caches a translation of, as
+        the tables are now: a change of any of them may change what the guest sees.  (A
+        changed translation differs from the current path at an entry both paths share.)"""
+        out = set()
+        walk = ept_mod.walk
+        for gpage in self.gpa_cache:
+            gpa = gpage << 12
+            if self.secure_eptp is not None and not gpa & self.shared_mask:
+                continue                     # the S-EPT: the TDX module's, tracked as a whole
+            path = []
+            walk(self.mem, self.eptp, gpa, 1, path=path, set_ad=False)
+            out.update(p[1] for p in path)
+        return out
 
     def flush_tlb(self):
         """INVEPT (all contexts) for this vCPU: no cached translation survives it."""
@@ -374,6 +392,8 @@ class Vcpu:
                     return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
         finally:
             self.in_guest = False
+            if self.on_leave is not None:
+                self.on_leave()
         p = self.pending
         if p is None:
             # HLT returns from emu_start with RIP just past it; report the HLT itself.
@@ -440,6 +460,8 @@ class Vcpu:
             hpa = entry.paddr = r.hpa & PAGE_MASK
             perms = entry.perms = r.perms
             self.tlb_shadow[vaddr] = hpa
+            if self.page_crc is not None and hpa not in self.page_crc:
+                self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
             if perms & 4:
                 self.code_pfns.add(hpa >> 12)      # code may be translated from this page
                 if self.slice_blocks and acc == FETCH and (vaddr, hpa) not in self._pause_pages:

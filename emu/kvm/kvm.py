@@ -9,6 +9,8 @@ EPT violations are handled inside run(), as KVM handles them in the kernel;
 only what KVM would hand to userspace comes out.
 """
 
+import zlib
+
 from ..hw.ept import MAXPHYADDR
 from ..hw.exits import EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI, VECTOR_NAMES
 from ..hw.ept import decode_qualification, EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE, \
@@ -114,15 +116,24 @@ class MmuLock:
         self.writer = False
         self.writers_waiting = 0
 
+    def _touch(self, write):
+        # (emu.dpor) two readers' lock and unlock commute; a writer's do not.
+        s = self.kvm.sched
+        if s is not None:
+            s.touch("mmu_lock", write)
+
     def read_lock(self):
+        self._touch(False)
         if self.writer or self.writers_waiting:
             self._wait(lambda: not self.writer and not self.writers_waiting)
         self.readers += 1
 
     def read_unlock(self):
+        self._touch(False)
         self.readers -= 1
 
     def write_lock(self):
+        self._touch(True)
         if self.writer or self.readers:
             self.writers_waiting += 1
             try:
@@ -138,6 +149,7 @@ class MmuLock:
         sched.wait_until(pred, what="lock_wait")
 
     def write_unlock(self):
+        self._touch(True)
         self.writer = False
 
 
@@ -172,7 +184,7 @@ class Kvm:
         self.violations = []              # broken invariants the checker saw during the run
         self.slice_blocks = GUEST_SLICE_BLOCKS
         self.mmu_lock = MmuLock(self)
-        self.rcu = Rcu()
+        self.rcu = Rcu(self)
         self.tdp_mmu = TdpMmu(self)
         self.gfn_direct_bits = 0
         self.nx_huge_pages = False
@@ -196,6 +208,7 @@ class Kvm:
             self.bug_reason = f"KVM_BUG_ON: {what}"
         self.vm_bugged = True
         self.vm_dead = True
+        self.touch_all()
         self.trace_emit("kvm_bug_on", msg=what)
 
     def kvm_vm_dead(self, why):
@@ -203,7 +216,18 @@ class Kvm:
         if not self.vm_dead:
             self.bug_reason = why
         self.vm_dead = True
+        self.touch_all()
         self.trace_emit("kvm_vm_dead", msg=why)
+
+    def touch(self, key, write=True):
+        """(emu.dpor) the running step touches ``key`` of this VM's shared state."""
+        if self.sched is not None:
+            self.sched.touch(key, write)
+
+    def touch_all(self, write=True):
+        """(emu.dpor) the running step depends on everything (a dead VM changes every path)."""
+        if self.sched is not None:
+            self.sched.touch_all(write)
 
     def warn(self, what):
         self.warnings.append(what)
@@ -244,6 +268,7 @@ class Kvm:
         if guest_phys_addr % 4096 or memory_size % 4096 or userspace_addr % 4096:
             raise KvmIoctlError(EINVAL, "memory region not page aligned")
         old = next((s for s in self.memslots if s.id == slot), None)
+        self.touch_all()                      # (emu.dpor) memslots are read on every path
         if memory_size == 0:
             if old is None:
                 raise KvmIoctlError(EINVAL, f"no memslot {slot}")
@@ -270,11 +295,13 @@ class Kvm:
     # -- the invalidation protocol (mmu_notifier, memory attributes, guest_memfd) -----------------------
     def kvm_mmu_invalidate_begin(self):
         """kvm_mmu_invalidate_begin() under mmu_lock: faults that race it must retry."""
+        self.touch("mmu_invalidate")
         self.mmu_invalidate_in_progress += 1
         if self.mmu_invalidate_in_progress == 1:
             self.mmu_invalidate_range_start = self.mmu_invalidate_range_end = None
 
     def kvm_mmu_invalidate_range_add(self, start, end):
+        self.touch("mmu_invalidate")
         if self.mmu_invalidate_range_start is None:
             self.mmu_invalidate_range_start, self.mmu_invalidate_range_end = start, end
         else:
@@ -285,6 +312,7 @@ class Kvm:
     def kvm_mmu_invalidate_end(self):
         """kvm_mmu_invalidate_end(): bump the sequence before dropping in_progress, so a fault
         that saw in_progress drop also sees the new sequence."""
+        self.touch("mmu_invalidate")
         self.mmu_invalidate_seq += 1
         self.mmu_invalidate_in_progress -= 1
         self.KVM_BUG_ON(self.mmu_invalidate_in_progress < 0, "mmu_invalidate_in_progress < 0")
@@ -315,6 +343,7 @@ class Kvm:
             self.mmu_lock.write_unlock()
 
     def mmu_invalidate_retry_gfn(self, mmu_seq, gfn):
+        self.touch("mmu_invalidate", False)
         if self.mmu_invalidate_in_progress:
             start, end = self.mmu_invalidate_range_start, self.mmu_invalidate_range_end
             # A begin with no range added yet covers everything (the range is INVALID_GPA).
@@ -343,6 +372,7 @@ class Kvm:
                                   KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS)
         if self.sched is not None:
             self.sched.point(None, "set_attributes")
+        self.touch_all()                    # attributes are read on many paths: count it as global
         if private:
             self.private_gfns.update(want)
         else:
@@ -397,6 +427,7 @@ class Kvm:
         self.invalidate_end()
 
     def mem_is_private(self, gfn):
+        self.touch("attributes", False)
         return gfn in self.private_gfns
 
     def gfn_to_memslot(self, gfn):
@@ -452,7 +483,10 @@ class Kvm:
         request before it enters again.  A vCPU outside guest mode needs no IPI: its entry
         path checks requests after it sets IN_GUEST_MODE."""
         targets = []
+        sched = self.sched
         for v in vcpus:
+            if sched is not None:
+                sched.touch(("task", v.vcpu_id))      # its requests, its mode, its IPI
             v.requests |= req
             mode = v.mode
             if mode == IN_GUEST_MODE:
@@ -476,8 +510,14 @@ class Kvm:
         """The checker, not KVM: no vCPU in guest mode may use a translation the tables no longer
         give once no flush is owed (every zap's flush, or the TD's TRACK and kick, completed).
         A vCPU outside guest mode may: it flushes before it enters, if a request is pending."""
+        self.touch("flush", False)
         if self.flush_owed or self.tables_checked == self.tables_generation and vcpus is None:
             return
+        if vcpus is None:
+            self.touch_all(False)             # (emu.dpor) it reads every vCPU's TLB and every table
+        else:
+            for v in vcpus:                   # (emu.dpor) the entries behind their TLBs
+                v.touch_tlb()
         from ..check import stale_translations
         for v in self.vcpus if vcpus is None else vcpus:
             if v.hw is None or not entering and not v.hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE
@@ -509,6 +549,7 @@ class Kvm:
             self.trace_emit("kvm_flush_remote_tlbs", msg="delayed (injected)")
             return                            # delivered with the next flush
         targets = self.kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)
+        self.touch("flush")
         self.flush_owed = False
         self.check_guest_tlbs("after kvm_flush_remote_tlbs() returned")
         self.stat["remote_tlb_flush"] += 1
@@ -623,6 +664,8 @@ class KvmVcpu:
     def kick_signal(self):
         """A signal to the vCPU's thread (userspace stopping the VM): KVM_RUN returns -EINTR;
         a vCPU in guest mode is kicked out first."""
+        if self.kvm.sched is not None:
+            self.kvm.sched.touch(("task", self.vcpu_id))
         self.signal_pending = True
         if self.hw is not None and self.hw.in_guest:
             self.hw.kick()
@@ -631,9 +674,46 @@ class KvmVcpu:
         """kvm_vcpu_exit_request(): the last look before entering, with IN_GUEST_MODE set."""
         return self.mode == EXITING_GUEST_MODE or bool(self.requests)
 
+    def touch_guest(self):
+        """(emu.dpor) What guest code may have touched in the step that ends: every page its
+        TLB maps (written, for all we know), the EPT entries behind them, and in a TD the
+        S-EPT (the TDX module's state)."""
+        sched = self.kvm.sched
+        if sched is None or sched.fp is None:
+            return
+        hw = self.hw
+        crc, buf = hw.page_crc, hw.mem.buf
+        for hpa in set(hw.tlb_shadow.values()):
+            # Written if its contents changed since this vCPU last looked (a write of the same
+            # value commutes with reads, and a write of another value conflicts anyway).
+            c = zlib.crc32(buf[hpa:hpa + 4096])
+            if crc is None or crc.get(hpa) != c:
+                sched.touch(("page", hpa >> 12))
+                if crc is not None:
+                    crc[hpa] = c
+            else:
+                sched.touch(("page", hpa >> 12), False)
+        self.touch_tlb()
+
+    def touch_tlb(self):
+        """(emu.dpor) The tables behind this vCPU's cached translations are read: the EPT
+        entries on their paths, and in a TD the S-EPT entries of its private GPAs."""
+        sched, hw = self.kvm.sched, self.hw
+        if sched is None or hw is None:
+            return
+        for sptep in hw.ept_entries():
+            sched.touch(("spte", sptep), False)
+        if hw.secure_eptp is not None:
+            keys = self.kvm.x86_ops.module.sept_keys
+            for gpage in hw.gpa_cache:
+                if not (gpage << 12) & hw.shared_mask:
+                    for key in keys(gpage << 12, -1)[0]:
+                        sched.touch(key, False)
+
     def _guest_point(self, kind):
         """Between two guest slices: still in guest mode; the others may run (a yield)."""
         kvm = self.kvm
+        self.touch_guest()
         if not kvm.flush_owed and self.hw.checked_generation != kvm.tables_generation:
             self.hw.checked_generation = kvm.tables_generation
             kvm.check_guest_tlbs(f"vCPU {self.vcpu_id} between two guest slices", [self])
@@ -754,6 +834,7 @@ class KvmVcpu:
         """is_page_fault_stale(): the root went obsolete, or an invalidation of this gfn ran
         (or runs) since the pfn was looked up: mapping it could map a page being taken away."""
         root = self.mirror_root if fault.is_private and self.kvm.has_mirrored_tdp else self.root
+        self.kvm.touch("roots_valid", False)
         if root is not None and root.invalid:
             return True
         if self.kvm.bugs.fault_ignores_invalidation:
@@ -810,6 +891,9 @@ class KvmVcpu:
                 continue
             if sched is not None:
                 hw.guest_point = self._guest_point
+                hw.on_leave = self.touch_guest if sched.record else None
+                if sched.record and hw.page_crc is None:
+                    hw.page_crc = {}
                 hw.slice_blocks = kvm.slice_blocks if sched.others_live() else 0
                 if not kvm.flush_owed and hw.checked_generation != kvm.tables_generation:
                     # The checker: what this vCPU caches must hold as it enters the guest.

@@ -129,6 +129,7 @@ def _has_private(kvm, gfn, level):
     """hugepage_has_attrs() is false: some gfn of the huge page around ``gfn`` is private."""
     pages = KVM_PAGES_PER_HPAGE(level)
     start = gfn & -pages
+    kvm.touch("attributes", False)
     private = kvm.private_gfns
     if len(private) < pages:
         return any(start <= g < start + pages for g in private)

@@ -8,15 +8,25 @@ be reused while a vCPU still walks it: exactly the bug RCU prevents.
 
 
 class Rcu:
-    def __init__(self):
+    def __init__(self, kvm=None):
         self.depth = {}          # reader -> nesting depth
         self.pending = []        # [set of readers still to leave, callback]
         self.no_grace_period = False
+        self.kvm = kvm
+
+    def _touch(self, write):
+        # (emu.dpor) readers entering commute with each other; a grace period's end and
+        # call_rcu() (which reads who is inside) do not.
+        s = self.kvm.sched if self.kvm is not None else None
+        if s is not None:
+            s.touch("rcu", write)
 
     def read_lock(self, who):
+        self._touch(False)
         self.depth[who] = self.depth.get(who, 0) + 1
 
     def read_unlock(self, who):
+        self._touch(bool(self.pending))
         d = self.depth[who] - 1
         if d:
             self.depth[who] = d
@@ -33,6 +43,7 @@ class Rcu:
                 entry[1]()
 
     def call_rcu(self, fn):
+        self._touch(True)
         if self.no_grace_period:
             fn()                              # bug switch: freed while readers may still walk it
             return

@@ -151,6 +151,7 @@ class TdpMmu:
     def alloc_root(self, vcpu, mirror):
         """kvm_tdp_mmu_alloc_root(): reuse a valid root with the same role, else make one."""
         role = self.root_role(vcpu.root_level, mirror)
+        self.kvm.touch("roots")
         for root in self.roots:
             if root.role == role and root.tdp_mmu_root_count > 0:
                 root.tdp_mmu_root_count += 1
@@ -166,6 +167,7 @@ class TdpMmu:
 
     def put_root(self, root):
         """kvm_tdp_mmu_put_root(): the last reference frees the (already zapped) root after a grace period."""
+        self.kvm.touch("roots")
         root.tdp_mmu_root_count -= 1
         if root.tdp_mmu_root_count:
             return
@@ -175,6 +177,7 @@ class TdpMmu:
     def roots_of_types(self, types):
         """for_each_tdp_mmu_root with a root-type filter (tdp_mmu_root_match)."""
         out = []
+        self.kvm.touch("roots", False)
         for r in self.roots:
             if r.invalid:
                 if types & KVM_INVALID_ROOTS:
@@ -214,6 +217,7 @@ class TdpMmu:
         if was_present:
             # A translation may have gone: until a flush (or the TD's TRACK and kick) completes,
             # a vCPU in guest mode may still use it (the checker allows it only meanwhile).
+            kvm.touch("flush")
             kvm.flush_owed = True
             kvm.tables_generation += 1
         if is_leaf != was_leaf:
@@ -248,6 +252,7 @@ class TdpMmu:
                 old = q[sptep >> 3]
                 if not is_shadow_present_pte(old):
                     continue
+                kvm.touch(("spte", sptep))
                 old = self.mem.xchg64(sptep, REMOVED_SPTE)
             self.handle_changed_spte(sp.as_id, gfn, old, REMOVED_SPTE, level, shared, vcpu)
             if sp.is_mirror:
@@ -588,6 +593,8 @@ class TdpMmu:
 
     def invalidate_roots(self, types):
         """kvm_tdp_mmu_invalidate_roots(): mark roots invalid and drop the MMU's reference later."""
+        self.kvm.touch("roots")
+        self.kvm.touch("roots_valid")
         for root in self.roots_of_types(types):
             if not root.invalid:
                 root.role |= ROLE_INVALID
