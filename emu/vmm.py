@@ -320,8 +320,11 @@ class Machine:
         try:
             run = v.run()
         except KvmIoctlError as e:
+            # KVM_RUN returned an error: -ENOMEM, -EFAULT, or -EIO once the VM is dead
+            # (kvm_vcpu_ioctl() checks kvm->vm_dead, vcpu_enter_guest() KVM_REQ_VM_DEAD).
             ended[v.vcpu_id] = "ioctl_error"
-            res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
+            if res.error is None:
+                res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
             return True
         if res.error is not None and run.exit_reason == KVM_EXIT_INTR:
             ended[v.vcpu_id] = "stopped"          # stopped by the VMM after another vCPU's error

@@ -769,8 +769,8 @@ class KvmVcpu:
         """KVM_RUN"""
         kvm = self.kvm
         if kvm.vm_dead:
-            return KvmRun(KVM_EXIT_INTERNAL_ERROR, suberror="vm_dead",
-                          reason=f"the VM is dead ({kvm.bug_reason})")
+            # kvm_vcpu_ioctl(): every vCPU ioctl of a dead VM fails with -EIO.
+            raise self.vm_dead_error()
         if self.root is None:
             self.mmu_load()
         cui, self.complete_userspace_io = self.complete_userspace_io, None
@@ -828,10 +828,14 @@ class KvmVcpu:
                 sched.point(self.vcpu_id, "vm_exit")
             r = kvm.x86_ops.handle_exit(self, exit)
             if kvm.vm_dead and self.kvm_run is None:
-                return KvmRun(KVM_EXIT_INTERNAL_ERROR, suberror="vm_dead",
-                              reason=f"the VM is dead ({kvm.bug_reason})")
+                # KVM_REQ_VM_DEAD (kvm_vm_dead() / kvm_vm_bugged() request it of every vCPU):
+                # vcpu_enter_guest() returns -EIO before the next entry.
+                raise self.vm_dead_error()
             if r <= 0:
                 return self.kvm_run
+
+    def vm_dead_error(self):
+        return KvmIoctlError(EIO, f"the VM is dead ({self.kvm.bug_reason}) (-EIO)")
 
     def process_requests(self):
         if self.requests & KVM_REQ_TLB_FLUSH:

@@ -323,16 +323,17 @@ class TestGuestErrors:
 
 
 class TestVmDead:
-    """KVM_BUG_ON marks the VM dead: every KVM_RUN returns KVM_EXIT_INTERNAL_ERROR with the reason."""
+    """KVM_BUG_ON marks the VM dead: every KVM_RUN fails with -EIO (kvm_vcpu_ioctl() checks
+    kvm->vm_dead; vcpu_enter_guest() KVM_REQ_VM_DEAD), and the VMM reports the failed ioctl."""
 
     def test_kvm_bug_then_run(self, make_machine):
         m = make_machine("hello", vcpus=2)
         m.kvm.kvm_bug("test")
         for v in m.vcpus:
-            run = v.run()
-            assert run.exit_reason == KVM_EXIT_INTERNAL_ERROR
-            assert run.suberror == "vm_dead"
-            assert run.reason == "the VM is dead (KVM_BUG_ON: test)"
+            with pytest.raises(KvmIoctlError) as e:
+                v.run()
+            assert e.value.errno == 5                    # EIO
+            assert str(e.value) == "the VM is dead (KVM_BUG_ON: test) (-EIO)"
             assert v.stat["exits"] == 0                  # never entered the guest
         assert m.kvm.stat["kvm_bug_on"] == 1
 
@@ -342,8 +343,8 @@ class TestVmDead:
         assert m.kvm.KVM_BUG_ON(1, "first") is True
         m.kvm.kvm_bug("second")
         res = m.run()
-        assert res.exit == "internal_error"
-        assert res.error == "vCPU 0: internal error: the VM is dead (KVM_BUG_ON: first)"
+        assert res.exit == "ioctl_error" and res.vcpu_exits == ["ioctl_error"]
+        assert res.error == "vCPU 0: KVM_RUN failed: the VM is dead (KVM_BUG_ON: first) (-EIO)"
         assert res.stats["kvm_bug_on"] == 2
 
     def test_bug_during_run_stops_the_vcpu(self, make_machine, monkeypatch):
@@ -360,8 +361,9 @@ class TestVmDead:
             return r
         monkeypatch.setattr(kvm.tdp_mmu, "map", map_then_bug)
         res = m.run()
-        assert res.exit == "internal_error"
-        assert res.error == f"vCPU 0: internal error: the VM is dead (KVM_BUG_ON: injected at gfn {calls[1]:#x})"
+        assert res.exit == "ioctl_error"
+        assert res.error == (f"vCPU 0: KVM_RUN failed: the VM is dead (KVM_BUG_ON: injected at gfn "
+                             f"{calls[1]:#x}) (-EIO)")
         assert len(calls) == 2 and res.reports == []
 
 
