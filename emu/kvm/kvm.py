@@ -40,6 +40,10 @@ EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
 # vcpu->requests
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1
+KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 2
+# Requests after which the vCPU flushes its TLB before it enters again (a new root is loaded
+# with a local flush: kvm_mmu_load()).
+KVM_REQS_FLUSHING = KVM_REQ_TLB_FLUSH | KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
 
 # vcpu->mode
 OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE = 0, 1, 2
@@ -173,6 +177,7 @@ class Kvm:
         self.slice_blocks = GUEST_SLICE_BLOCKS
         self.mmu_lock = MmuLock(self)
         self.rcu = Rcu()
+        self.mmu_valid_gen = 0            # kvm->arch.mmu_valid_gen (toggled by kvm_mmu_zap_all_fast)
         self.tdp_mmu = TdpMmu(self)
         self.gfn_direct_bits = 0
         self.nx_huge_pages = False
@@ -378,7 +383,7 @@ class Kvm:
                     return
         for v in self.vcpus:
             hw = v.hw
-            if hw is None or not hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQ_TLB_FLUSH):
+            if hw is None or not hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQS_FLUSHING):
                 continue
             if any(hpa >> 12 == pfn for hpa, _, _, _ in hw.gpa_cache.values()):
                 self.checker_violation(f"{what}: pfn {pfn:#x} freed while vCPU {v.vcpu_id} in guest mode "
@@ -481,7 +486,7 @@ class Kvm:
         from ..check import stale_translations
         for v in self.vcpus if vcpus is None else vcpus:
             if v.hw is None or not entering and not v.hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE
-                                                                          or v.requests & KVM_REQ_TLB_FLUSH):
+                                                                          or v.requests & KVM_REQS_FLUSHING):
                 continue                      # not running guest code, or will flush before it does
             for problem in stale_translations(self, v)[:1]:
                 self.checker_violation(f"{when}: {problem} while in guest mode")
@@ -525,7 +530,42 @@ class Kvm:
         self.invalidate_end()
 
     def flush_shadow_memslot(self, slot):
-        self.zap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages, KVM_ALL_ROOTS)
+        """kvm_arch_flush_shadow_memslot(): a default VM (KVM_X86_QUIRK_SLOT_ZAP_ALL, on by
+        default) zaps everything the fast way; other VM types (a TD) zap the slot's range."""
+        if self.vm_type == KVM_X86_DEFAULT_VM:
+            self.kvm_mmu_zap_all_fast()
+        else:
+            self.kvm_mmu_zap_memslot(slot)
+
+    def kvm_mmu_zap_memslot(self, slot):
+        """kvm_mmu_zap_memslot(): under the write lock, unmap the slot's range from every root
+        (private and shared; invalid roots too) and flush."""
+        self.mmu_lock.write_lock()
+        try:
+            flush = self.tdp_mmu.unmap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages, KVM_VALID_ROOTS,
+                                                 False)
+            self.stat["zaps"] += 1
+            if flush:
+                self.flush_remote_tlbs()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def kvm_mmu_zap_all_fast(self):
+        """kvm_mmu_zap_all_fast(): under the write lock, toggle mmu_valid_gen, invalidate the
+        direct roots (the mirror cannot be zapped this way), and ask every vCPU to drop its
+        obsolete root (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kicking those in guest mode) in the
+        same critical section; then zap the invalidated roots under the read lock.  (The shadow
+        MMU's obsolete pages, kvm_zap_obsolete_pages(), do not exist in this TDP-only model.)"""
+        self.mmu_lock.write_lock()
+        try:
+            self.mmu_valid_gen ^= 1
+            self.trace_emit("kvm_mmu_zap_all_fast", msg=f"mmu_valid_gen {self.mmu_valid_gen}")
+            self.tdp_mmu.invalidate_roots(KVM_DIRECT_ROOTS)
+            self.kvm_make_all_cpus_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+            self.stat["zaps"] += 1
+        finally:
+            self.mmu_lock.write_unlock()
+        self.tdp_mmu.zap_invalidated_roots(True)
 
     def get_leaf_spte(self, vcpu, gpa):
         """The SPTE at the lowest level reached for ``gpa`` in the root the address uses."""
@@ -561,9 +601,9 @@ class Kvm:
         self.mmu_lock.write_lock()
         try:
             self.tdp_mmu.invalidate_roots(KVM_VALID_ROOTS)
-            self.tdp_mmu.zap_invalidated_roots(False)
         finally:
             self.mmu_lock.write_unlock()
+        self.tdp_mmu.zap_invalidated_roots(False)
         self.rcu.barrier()
         for v in self.vcpus:
             v.free_caches()
@@ -667,6 +707,31 @@ class KvmVcpu:
             self.mirror_root = tdp.alloc_root(self, True)
         self.root = tdp.alloc_root(self, False)
         self.kvm.x86_ops.load_mmu_pgd(self, self.root.spt, self.root_level)
+
+    def kvm_mmu_free_obsolete_roots(self):
+        """kvm_mmu_free_obsolete_roots(): put an obsolete (invalid) root; the entry path loads
+        a new one (kvm_mmu_reload() -> kvm_mmu_load(), which flushes the TLB locally)."""
+        tdp = self.kvm.tdp_mmu
+        for attr in ("root", "mirror_root"):
+            root = getattr(self, attr)
+            if root is not None and root.invalid:
+                tdp.put_root(root)
+                setattr(self, attr, None)
+
+    def kvm_mmu_reload(self):
+        """kvm_mmu_reload(): load the roots when a request dropped them."""
+        if self.root is None or self.kvm.has_mirrored_tdp and self.mirror_root is None:
+            tdp = self.kvm.tdp_mmu
+            r = mmu_mod.mmu_topup_memory_caches(self)
+            if r:
+                raise KvmIoctlError(-r, "cannot allocate the MMU roots")
+            if self.kvm.has_mirrored_tdp and self.mirror_root is None:
+                self.mirror_root = tdp.alloc_root(self, True)
+            if self.root is None:
+                self.root = tdp.alloc_root(self, False)
+            self.kvm.x86_ops.load_mmu_pgd(self, self.root.spt, self.root_level)
+            self.kvm.x86_ops.flush_tlb(self)
+            self.kvm.trace_emit("kvm_tlb_flush", self.vcpu_id, vcpu_id=self.vcpu_id, kind="invept (new root)")
 
     def mmu_unload(self):
         tdp = self.kvm.tdp_mmu
@@ -792,6 +857,8 @@ class KvmVcpu:
                 return KvmRun(KVM_EXIT_INTR, reason=why)
             if self.requests:
                 self.process_requests()
+                if self.root is None:
+                    self.kvm_mmu_reload()
             if tracer.enabled:
                 tracer.vcpu = self.vcpu_id
                 kvm.trace_emit("kvm_entry", self.vcpu_id, vcpu_id=self.vcpu_id,
@@ -838,6 +905,8 @@ class KvmVcpu:
         return KvmIoctlError(EIO, f"the VM is dead ({self.kvm.bug_reason}) (-EIO)")
 
     def process_requests(self):
+        if self.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS:
+            self.kvm_mmu_free_obsolete_roots()
         if self.requests & KVM_REQ_TLB_FLUSH:
             self.stat["tlb_flush"] += 1
             self.kvm.x86_ops.flush_tlb(self)

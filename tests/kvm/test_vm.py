@@ -14,7 +14,7 @@ import pytest
 
 import emu.vmm as vmm
 from emu.host import Host, MiB
-from emu.kvm.kvm import (Kvm, KvmIoctlError, KVM_EXIT_HLT, KVM_EXIT_HYPERCALL, KVM_EXIT_INTERNAL_ERROR,
+from emu.kvm.kvm import (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, Kvm, KvmIoctlError, KVM_EXIT_HLT, KVM_EXIT_HYPERCALL, KVM_EXIT_INTERNAL_ERROR,
                          KVM_EXIT_MMIO, KVM_MEM_READONLY, KVM_REQ_TLB_FLUSH)
 from emu.kvm.spte import SHADOW_NONPRESENT_VALUE, make_mmio_spte
 
@@ -178,14 +178,18 @@ class TestNoStaleTranslation:
         assert run.exit_reason == KVM_EXIT_HYPERCALL and run.args[0] == 0x1111
         assert kvm.get_leaf_spte(v, gpa) >> 12 & 0xFFFFFFFFF == (m.hva + gpa) >> 12
         flushes = kvm.stat["remote_tlb_flush"]
+        root = v.root
         self._repoint(m, gpa, new_hpa)
-        assert kvm.stat["remote_tlb_flush"] == flushes + 1 and v.requests & KVM_REQ_TLB_FLUSH
+        # kvm_mmu_zap_all_fast(): no remote flush; the root is obsolete and the vCPU asked to
+        # drop it (it loads a new one with a local flush, kvm_mmu_load()).
+        assert kvm.stat["remote_tlb_flush"] == flushes and v.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+        assert root.invalid
         old = m.host.mem.read(m.hva + gpa, 8)
         run = v.run()
         assert run.exit_reason == KVM_EXIT_HYPERCALL and run.args[0] == 0x2222
+        assert v.root is not root
         assert kvm.get_leaf_spte(v, gpa) >> 12 & 0xFFFFFFFFF == new_hpa >> 12
         assert m.host.mem.read(m.hva + gpa, 8) == old          # the old page is untouched
-        assert v.stat["tlb_flush"] == 1
         assert v.run().exit_reason == KVM_EXIT_HLT
         check_tables(kvm, v.root)
 
@@ -457,5 +461,6 @@ class TestMemslotIoctl:
         assert kvm.stat["pages_4k"] == 7
         kvm.set_user_memory_region(0, 0, 0, 0, 0)
         assert kvm.memslots == [] and kvm.stat["pages_4k"] == 0
-        assert kvm.stat["remote_tlb_flush"] == 1 and m.vcpus[0].requests & KVM_REQ_TLB_FLUSH
+        # kvm_mmu_zap_all_fast(): the vCPU drops its obsolete root instead of a remote flush.
+        assert kvm.stat["remote_tlb_flush"] == 0 and m.vcpus[0].requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
         assert leaves_of(m) == []
