@@ -411,8 +411,10 @@ class Machine:
             if run.cr2 is not None:
                 detail += f" cr2 {run.cr2:#x}"
             insn = f": {run.insn}" if run.insn else ""
+            why = getattr(run, "why", None)
+            how = "(no IDT: triple fault)" if getattr(run, "no_idt", True) or not why else f"(triple fault: {why})"
             msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
-                   f"{insn} (no IDT: triple fault)")
+                   f"{insn} {how}")
         elif r == KVM_EXIT_INTR:
             name = "timeout"
             msg = f"watchdog: the vCPU made no progress ({run.reason}) at rip {rip:#x} {self.symbolize(rip)}"

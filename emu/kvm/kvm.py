@@ -620,6 +620,9 @@ class KvmVcpu:
         self.vcpu_id = vcpu_id
         # The CPU context: KVM's own for a VMX vCPU; for a TD the module's (set by vcpu_create).
         self.hw = None if kvm.has_mirrored_tdp else Vcpu(kvm.mem, vcpu_id)
+        if self.hw is not None:
+            # vmx_update_exception_bitmap() with EPT: #PF is not intercepted; #UD, #DB, #AC, #MC are.
+            self.hw.exception_bitmap = (1 << 6) | (1 << 1) | (1 << 17) | (1 << 18)
         if self.hw is not None and kvm.tracer.enabled:
             self.hw.set_tracer(kvm.tracer)
         self.root = None
@@ -985,11 +988,24 @@ class KvmVcpu:
         self.hw.set_reg("rax", (-KVM_ENOSYS) & ((1 << 64) - 1))
         return 1
 
-    def guest_exception(self, exit):
-        """A guest exception with no IDT to deliver it through: #DF, then a triple fault."""
+    def handle_exception_nmi(self, exit):
+        """handle_exception_nmi(): an exception the exception bitmap intercepts (#UD: handle_ud(),
+        #DB, #AC, #MC) is queued back to the guest (kvm_queue_exception()), to be delivered
+        through its IDT at the next entry.  An emulator failure (no vector to give the guest)
+        shuts the vCPU down."""
+        if exit.misconfig is not None:
+            return self.handle_triple_fault(exit)
+        self.hw.inject_event(exit.vector, exit.error_code)
+        return 1
+
+    def handle_triple_fault(self, exit):
+        """handle_triple_fault(): KVM_EXIT_SHUTDOWN.  The model keeps the exception that started
+        it (vector, error code, CR2, RIP, instruction) and why delivery failed, for the report."""
+        from unicorn import x86_const as X
         insn = self.disassemble(exit.rip)
         self.exit_to_user(KVM_EXIT_SHUTDOWN, vector=exit.vector, error_code=exit.error_code, cr2=exit.cr2,
-                          rip=exit.rip, insn=insn)
+                          rip=exit.rip, insn=insn, why=exit.misconfig,
+                          no_idt=self.hw.uc.reg_read(X.UC_X86_REG_IDTR)[2] == 0)
         return 0
 
     def gpa_to_hva(self, gpa, access=None):
