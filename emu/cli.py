@@ -33,6 +33,9 @@ def _add_run_options(p):
     p.add_argument("--vcpus", default=1, type=int, help="number of vCPUs (default: %(default)s)")
     p.add_argument("--hugepages", choices=("4k", "2m", "1g"), default=None,
                    help="page size of the host memory backing the guest (huge EPT mappings where aligned)")
+    p.add_argument("--sept-ve-disable", choices=("on", "off"), default="on",
+                   help="the TD attribute SEPT_VE_DISABLE (QEMU's sept-ve-disable): off makes an access to an "
+                        "unaccepted page and a bare HLT a #VE for the guest (default: %(default)s; a TD's only)")
     p.add_argument("--trace", nargs="?", const="text", choices=("text", "jsonl", "perfetto"), default=None,
                    help="write the trace (text when given no value; jsonl; perfetto: Chrome/Perfetto "
                         "trace-event JSON) to stderr or --trace-file")
@@ -66,6 +69,12 @@ def check_host_and_bugs(args):
             raise UsageError(f"--bug {name!r}: unknown bug; the bugs are: {', '.join(BUGS)}")
 
 
+def td_attributes(args):
+    """The TD's ATTRIBUTES: a debug TD, with SEPT_VE_DISABLE unless --sept-ve-disable off."""
+    from tdxmod.abi import TD_ATTR_SEPT_VE_DISABLE, TD_ATTR_DEBUG
+    return TD_ATTR_DEBUG | (TD_ATTR_SEPT_VE_DISABLE if getattr(args, "sept_ve_disable", "on") == "on" else 0)
+
+
 def machine_flags(args):
     """The options that shape the machine, for a reproducer's command line."""
     flags = ""
@@ -75,6 +84,8 @@ def machine_flags(args):
         flags += f" --hugepages {args.hugepages}"
     if getattr(args, "no_freeze", False):
         flags += " --no-freeze"
+    if getattr(args, "sept_ve_disable", "on") == "off":
+        flags += " --sept-ve-disable off"
     flags += "".join(f" --host '{h}'" for h in args.host)
     flags += "".join(f" --bug {b}" for b in args.bug)
     return flags
@@ -164,7 +175,7 @@ def cmd_run(args, out):
     tracer = make_tracer(args)
     try:
         m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
-                    no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
+                    td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
                     bugs=args.bug)
         res = m.run()
     finally:
@@ -207,7 +218,7 @@ def cmd_explore(args, out):
         raise UsageError("--dpor is an exhaustive search: it does not combine with --random or --replay")
     tracer = make_tracer(args)
     ex = Explorer(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
-                                  no_freeze=args.no_freeze, inject=args.inject, seed=args.seed,
+                                  td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed,
                                   host_events=args.host, bugs=args.bug),
                   check_steps=args.check_steps)
     if args.replay is not None:
@@ -271,7 +282,7 @@ def cmd_campaign(args, out):
         raise UsageError("--runs needs at least 1")
     try:
         c = Campaign(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
-                                     host_events=args.host, bugs=args.bug),
+                                     td_attributes=td_attributes(args), host_events=args.host, bugs=args.bug),
                      plans=args.inject, max_points=args.max_points)
     except RuntimeError as e:
         raise MachineError(str(e)) from None

@@ -321,8 +321,11 @@ class Machine:
         try:
             run = v.run()
         except KvmIoctlError as e:
+            # KVM_RUN returned an error: -ENOMEM, -EFAULT, or -EIO once the VM is dead
+            # (kvm_vcpu_ioctl() checks kvm->vm_dead, vcpu_enter_guest() KVM_REQ_VM_DEAD).
             ended[v.vcpu_id] = "ioctl_error"
-            res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
+            if res.error is None:
+                res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
             return True
         if res.error is not None and run.exit_reason == KVM_EXIT_INTR:
             ended[v.vcpu_id] = "stopped"          # stopped by the VMM after another vCPU's error
@@ -409,8 +412,10 @@ class Machine:
             if run.cr2 is not None:
                 detail += f" cr2 {run.cr2:#x}"
             insn = f": {run.insn}" if run.insn else ""
+            why = getattr(run, "why", None)
+            how = "(no IDT: triple fault)" if getattr(run, "no_idt", True) or not why else f"(triple fault: {why})"
             msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
-                   f"{insn} (no IDT: triple fault)")
+                   f"{insn} {how}")
         elif r == KVM_EXIT_INTR:
             name = "timeout"
             msg = f"watchdog: the vCPU made no progress ({run.reason}) at rip {rip:#x} {self.symbolize(rip)}"

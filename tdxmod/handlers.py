@@ -242,6 +242,9 @@ def tdh_vp_init(mod, r, caller):
     v.td.num_vcpus += 1
     v.vcpu_index = index
     v.hw = mod.make_cpu(index)
+    # The TD VMCS intercepts no exception the guest could raise (only #MC): every other one is
+    # delivered through the TD's own IDT.
+    v.hw.exception_bitmap = 1 << 18
     # The TD's CPUID: leaf 0x21 names the TDX module (Linux's tdx_early_init looks for it).
     vendor = b"IntelTDX    "
     le = lambda b: int.from_bytes(b, "little")

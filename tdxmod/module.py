@@ -123,6 +123,10 @@ class TdVcpu:
         self.rip_on_tdentry = None
         self.possibly_epf_stepping = 0
         self.last_epf_gpa_list = []
+        # TDVPS.VE_INFO (tdvps_ve_info_t): valid is 0xFFFFFFFF while a #VE's information is
+        # unread; TDG.VP.VEINFO.GET reads it and clears valid.
+        self.ve_info_valid = 0
+        self.ve_info = (0, 0, 0, 0, 0)   # exit reason, exit qualification, GLA, GPA, inst_len_and_info
 
 
 class TdxModule:

@@ -76,6 +76,43 @@ def _stepping_log(v, rip, gpa):
         v.last_epf_gpa_list.append(gpa)
 
 
+def tdx_inject_ve(v, hw, exit_reason, qualification, gpa=0, gla=0, insn_len=0, insn_info=0):
+    """tdx_inject_ve(): with VE_INFO free (valid 0), fill it (exit reason, qualification, GLA,
+    GPA, instruction length and information) and inject #VE (vector 20, no error code);
+    with VE_INFO still unread, inject #DF(0) instead.  Guest RFLAGS.RF is set either way."""
+    if v.ve_info_valid == 0:
+        v.ve_info = (exit_reason & 0xFFFFFFFF, qualification, gla, gpa, insn_len | (insn_info << 32))
+        v.ve_info_valid = VE_INFO_CONTENTS_VALID
+        hw.inject_event(VE_VECTOR)
+    else:
+        hw.inject_event(8, 0)
+    hw.set_reg("rflags", hw.reg("rflags") | (1 << 16))
+
+
+def tdg_vp_veinfo_get(v, hw):
+    """TDG.VP.VEINFO.GET (tdg_vp_veinfo_get.c): RCX, RDX, R8, R9, R10 zeroed; with no valid
+    VE_INFO TDX_NO_VALID_VE_INFO; else RCX = exit reason, RDX = exit qualification, R8 = GLA,
+    R9 = GPA, R10 = instruction length | information << 32, and VE_INFO is free again."""
+    hw.set_regs({"rcx": 0, "rdx": 0, "r8": 0, "r9": 0, "r10": 0})
+    if v.ve_info_valid == 0:
+        return TDX_NO_VALID_VE_INFO
+    reason, qual, gla, gpa, info = v.ve_info
+    hw.set_regs({"rcx": reason, "rdx": qual, "r8": gla, "r9": gpa, "r10": info})
+    v.ve_info_valid = 0
+    return TDX_SUCCESS
+
+
+def _triple_fault(ex, hw):
+    """A TD exit for the CPU's triple fault.  (Model-only registers, for the report: R9 the first
+    exception's interruption information, R10 its error code, R11 CR2, R12 RIP, R13 1 when the
+    TD had no IDT loaded.)"""
+    from unicorn import x86_const as X
+    intr = ex.vector | (3 << 8) | (1 << 31) | ((1 << 11) if ex.error_code is not None else 0)
+    no_idt = 1 if hw.uc.reg_read(X.UC_X86_REG_IDTR)[2] == 0 else 0
+    return _exit(EXIT_REASON_TRIPLE_FAULT, intr=intr, r10=ex.error_code or 0, r11=ex.cr2 or 0, r12=ex.rip,
+                 r13=no_idt)
+
+
 def vp_enter(mod, r, caller):
     from .handlers import _vcpu_operand
     v, st = _vcpu_operand(mod, r.rcx)
@@ -168,7 +205,9 @@ def _handle(mod, v, hw, ex, caller=None):
             return Regs(EXIT_REASON_TDCALL, rcx=ctl, **regs)
         if leaf == TDG_MEM_PAGE_ACCEPT:
             return tdg_mem_page_accept(mod, v, hw, caller)
-        if leaf == TDG_VP_INFO:
+        if leaf == TDG_VP_VEINFO_GET:
+            hw.set_reg("rax", tdg_vp_veinfo_get(v, hw))
+        elif leaf == TDG_VP_INFO:
             # tdg_vp_info(): R8 = num_vcpus (initialized) | max_vcpus << 32, R9 = this vCPU's index,
             # R10 = the commands available (TDG.SYS.RD is not modelled: 0), R11 = 0.
             hw.set_regs({"rax": TDX_SUCCESS, "rcx": 48 if not td.gpaw else 52, "rdx": td.attributes,
@@ -177,9 +216,16 @@ def _handle(mod, v, hw, ex, caller=None):
             hw.set_reg("rax", TDX_OPERAND_INVALID | OPERAND_ID_RCX)
         hw.set_reg("rip", ex.rip + TDCALL_LEN)
         return None
+    if reason == EXIT_REASON_HLT and not td.attributes & TD_ATTR_SEPT_VE_DISABLE:
+        # td_generic_ve_exit(): #VE, exit reason HLT, instruction length 1; the guest's handler
+        # makes the TDG.VP.VMCALL<Instruction.HLT> and skips the HLT.
+        hw.set_reg("rip", ex.rip)
+        tdx_inject_ve(v, hw, EXIT_REASON_HLT, 0, insn_len=1)
+        return None
     if reason == EXIT_REASON_HLT:
-        # A TD halts with TDG.VP.VMCALL<Instruction.HLT>; a bare HLT is taken as that request
-        # (the real module would inject #VE for the guest's handler to make the call).
+        # A TD halts with TDG.VP.VMCALL<Instruction.HLT>.  With SEPT_VE_DISABLE (how every TD is
+        # built unless asked otherwise) a bare HLT is taken as that request, so a guest without
+        # a #VE handler ends with HLT as the guest ABI says (the module would inject #VE).
         v.vmcall_pending = 1
         hw.set_reg("rip", ex.rip)
         return Regs(EXIT_REASON_TDCALL, rcx=0x1C00, r10=0, r11=EXIT_REASON_HLT, r12=0)
@@ -193,9 +239,10 @@ def _handle(mod, v, hw, ex, caller=None):
                 # PENDING only: a PENDING_BLOCKED page is not guest-acceptable, so an access to
                 # it is an ordinary EPT violation.
                 if not td.attributes & TD_ATTR_SEPT_VE_DISABLE:
-                    # #VE to the guest; with no IDT to deliver it through, a triple fault.
-                    return _exit(EXIT_REASON_TRIPLE_FAULT, intr=VE_VECTOR | (3 << 8) | (1 << 31), gpa=gpa,
-                                 r12=ex.rip)
+                    # #VE to the guest, the violation's qualification (uncleared), GPA and GLA
+                    # in VE_INFO; delivered through the TD's IDT at the next entry.
+                    tdx_inject_ve(v, hw, EXIT_REASON_EPT_VIOLATION, ex.qualification, gpa=gpa, gla=ex.gla or 0)
+                    return None
                 ext = TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION
             _stepping_log(v, ex.rip, gpa)
         # tdx_ept_violation_exit_to_vmm(): qualification bits 12:7 cleared, GPA bits 11:0 cleared,
@@ -204,11 +251,15 @@ def _handle(mod, v, hw, ex, caller=None):
     if reason == EXIT_REASON_EPT_MISCONFIG:
         return _exit(EXIT_REASON_EPT_MISCONFIG, gpa=ex.gpa)
     if reason == EXIT_REASON_VMCALL:
-        # VMCALL in a TD: #UD, and with no IDT a triple fault.
-        return _exit(EXIT_REASON_TRIPLE_FAULT, intr=6 | (3 << 8) | (1 << 31), r12=ex.rip)
+        # td_generic_ve_exit(): VMCALL in a TD is a #VE (exit reason VMCALL, length 3).
+        hw.set_reg("rip", ex.rip)
+        tdx_inject_ve(v, hw, EXIT_REASON_VMCALL, 0, insn_len=3)
+        return None
+    if reason == EXIT_REASON_TRIPLE_FAULT:
+        return _triple_fault(ex, hw)
     if reason == EXIT_REASON_EXCEPTION_NMI:
-        intr = ex.vector | (3 << 8) | (1 << 31) | ((1 << 11) if ex.error_code is not None else 0)
-        return _exit(EXIT_REASON_TRIPLE_FAULT, intr=intr, r10=ex.error_code or 0, r11=ex.cr2 or 0, r12=ex.rip)
+        # Not intercepted in a TD: only an emulator failure comes here; the TD shuts down.
+        return _triple_fault(ex, hw)
     return _exit(reason, ex.qualification, 0, ex.gpa or 0)
 
 

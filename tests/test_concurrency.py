@@ -536,3 +536,100 @@ def test_perfetto_gives_the_host_task_a_track(tmp_path):
     tracks = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
     assert tracks[2000] == "host task host0"
     assert any(e.get("tid") == 2000 and e.get("name") == "kvm_set_memory_attributes" for e in events)
+
+
+# ---------------------------------------------------------------------------
+# Memslot deletion: kvm_arch_flush_shadow_memslot()
+# ---------------------------------------------------------------------------
+
+def test_default_vm_memslot_delete_is_zap_all_fast():
+    """kvm_mmu_zap_all_fast() (a default VM, KVM_X86_QUIRK_SLOT_ZAP_ALL): under the write lock
+    mmu_valid_gen toggles, the direct roots become invalid and every vCPU gets
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS; then kvm_tdp_mmu_zap_invalidated_roots() zaps them under the
+    read lock and puts the MMU's reference.  The vCPU puts its own at its next entry and loads a
+    new root (kvm_mmu_free_obsolete_roots(), kvm_mmu_reload())."""
+    from emu.kvm.kvm import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+    m = Machine("touch", vm="default", vcpus=2)
+    kvm, tdp = m.kvm, m.kvm.tdp_mmu
+    for v in m.vcpus:
+        v.mmu_load()
+    m.vcpus[0].kvm_tdp_map_page(0x1000000)
+    old = m.vcpus[0].root
+    assert m.vcpus[1].root is old and tdp.pages > 0
+    kvm.set_user_memory_region(1, 0, m.mem_size, 0x1000, m.hva)      # an extra slot, unused
+    seen = {}
+    real_request, real_zap = kvm.kvm_make_vcpus_request, tdp.zap_root
+
+    def request(vcpus, req, wait=True):
+        seen["request"] = (req, kvm.mmu_lock.writer, old.invalid, [v.vcpu_id for v in vcpus])
+        return real_request(vcpus, req, wait)
+
+    def zap_root(root, shared):
+        seen["zap"] = (root is old, shared, kvm.mmu_lock.readers, kvm.mmu_lock.writer)
+        return real_zap(root, shared)
+    kvm.kvm_make_vcpus_request, tdp.zap_root = request, zap_root
+    gen = kvm.mmu_valid_gen
+    kvm.set_user_memory_region(1, 0, 0, 0, 0)
+    assert kvm.mmu_valid_gen == gen ^ 1
+    assert seen["request"] == (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, True, True, [0, 1])
+    assert seen["zap"] == (True, True, 1, False)                    # shared: under the read lock
+    assert old.invalid and old.zapped and tdp.pages == 0
+    assert old in tdp.roots and old.tdp_mmu_root_count == 2          # the two vCPUs' references
+    assert all(v.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for v in m.vcpus)
+    res = m.run()
+    assert res.ok, res.error
+    assert all(v.root is not None and v.root is not old and not v.root.invalid for v in m.vcpus)
+    assert old not in tdp.roots                                      # the last reference put
+    assert check_vm(kvm) == []
+    m.destroy()
+    assert check_destroyed(kvm) == []
+
+
+def test_td_memslot_delete_zaps_the_slot():
+    """kvm_mmu_zap_memslot() for a TD (not a default VM): the slot's range is unmapped from every
+    root under the write lock; no root is invalidated."""
+    m = Machine("private", vm="tdx")
+    res = m.run()
+    assert res.ok, res.error
+    kvm = m.kvm
+    roots = list(kvm.tdp_mmu.roots)
+    zaps = kvm.stat["zaps"]
+    kvm.set_user_memory_region(0, 0, 0, 0, 0)
+    assert kvm.tdp_mmu.roots == roots and not any(r.invalid for r in roots)
+    assert kvm.stat["zaps"] == zaps + 1 and kvm.stat["pages_4k"] == 0
+    assert kvm.mmu_valid_gen == 0
+    m.destroy()
+    assert check_destroyed(kvm) == []
+
+
+def test_memslot_delete_kicks_vcpus_in_guest_mode():
+    """A host task deletes an unused memslot while two vCPUs spin in guest mode: each is kicked
+    (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS waits for the IPI), loads a new root, faults its pages in
+    again, and the guest's results are unchanged; the checker sees no stale translation."""
+    m = Machine("smp", vm="default", vcpus=2)
+    kvm = m.kvm
+    kvm.set_user_memory_region(1, 0, m.mem_size, 0x1000, m.hva)
+    sched = Scheduler()
+    kicked = []
+    real = kvm.kvm_make_vcpus_request
+
+    def request(vcpus, req, wait=True):
+        t = real(vcpus, req, wait)
+        kicked.append([v.vcpu_id for v in t])
+        return t
+    kvm.kvm_make_vcpus_request = request
+    done = {}
+
+    def host():
+        roots = [v.root for v in m.vcpus]
+        kvm.set_user_memory_region(1, 0, 0, 0, 0)
+        done["old"] = roots
+    sched.spawn(host, name="host0", host=True, start=100)
+    res = m.run_scheduled(sched)
+    assert res.ok, res.error
+    assert sorted(res.reports) == [(0, 2), (0, SMP_ITERS * 2), (1, 2), (1, SMP_ITERS * 2)]
+    assert done["old"][0] is not None and all(v.root is not done["old"][0] for v in m.vcpus)
+    assert kicked == [[0]]                        # vCPU 0 was in guest mode: the IPI
+    assert kvm.violations == [] and check_vm(kvm) == []
+    m.destroy()
+    assert check_destroyed(kvm) == []

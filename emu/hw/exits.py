@@ -63,7 +63,7 @@ class VmExit:
                          f"[{decode_qualification(self.qualification)}]")
         elif self.reason == EXIT_REASON_EPT_MISCONFIG:
             parts.append(f"gpa {self.gpa:#x}: {self.misconfig}")
-        elif self.reason == EXIT_REASON_EXCEPTION_NMI:
+        elif self.reason in (EXIT_REASON_EXCEPTION_NMI, EXIT_REASON_TRIPLE_FAULT):
             parts.append(VECTOR_NAMES.get(self.vector, f"vector {self.vector}"))
             if self.error_code is not None:
                 parts.append(f"error code {self.error_code:#x}")

@@ -8,8 +8,13 @@ the faulting instruction.  Once the exit is handled, ``run()`` restarts there.
 
 VMCALL and TDCALL are invalid instructions to Unicorn; the invalid-instruction
 hook decodes them into exits.  HLT ends emu_start by itself.  Exceptions Unicorn
-raises (#DE, #UD, INT n, ...) arrive through the interrupt hook and end the run
-as an exception exit: guests have no IDT, so a real CPU would triple-fault.
+raises (#DE, #UD, INT n, ...) arrive through the interrupt hook, guest #PF and
+#GP from the fill hook.  An exception whose bit is set in ``exception_bitmap``
+(the VMCS exception bitmap; all of them by default) is an EXCEPTION_NMI exit;
+any other is delivered through the guest's IDT (emu.hw.idt) before the guest
+runs on, and only a delivery that fails for good (a triple fault) exits.  The
+hypervisor injects events with ``inject_event``; they are delivered at the next
+entry.
 """
 
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
@@ -34,7 +39,9 @@ from . import ept as ept_mod
 from . import insn as insn_mod
 from .ept import EptTranslation, EptViolation, EptMisconfig, decode_eptp, EPT_VIOLATION_GVA_TRANSLATED
 from .exits import (VmExit, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI,
-                    EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXTERNAL_INTERRUPT)
+                    EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXTERNAL_INTERRUPT,
+                    EXIT_REASON_TRIPLE_FAULT)
+from . import idt as idt_mod
 from .slice import block_hook_stub, Budget
 from .memory import PAGE_MASK, PAGE_SIZE
 from .paging import Translation, PageFault, GeneralProtection, translate, probe, PAGING, X86_CR0_WP, \
@@ -74,6 +81,8 @@ class Vcpu:
         # linear address widths the walkers implement (48, 48).
         self.cpuid = {0x80000008: (0x3030, 0, 0, 0)}
         self.pending = None                  # the exit recorded by a hook during emu_start
+        self.exception_bitmap = 0xFFFFFFFF   # VMCS exception bitmap: these vectors exit instead of delivery
+        self.event = None                    # an emu.hw.idt.Event to deliver at the next entry
         self.eptp = None
         self.secure_eptp = None
         self.shared_mask = 0
@@ -360,6 +369,10 @@ class Vcpu:
         self.in_guest = True
         try:
             while True:
+                if self.event is not None:
+                    ex = self._deliver_event()
+                    if ex is not None:
+                        return ex
                 if self.mem.generation != self.code_generation:
                     self._code_coherence()
                 if budget is not None:
@@ -380,7 +393,12 @@ class Vcpu:
                         return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
                                       misconfig=f"unicorn: {e}")
                 if self.pending is not None:
-                    break
+                    ex = self._pending_exit()
+                    if ex.reason == EXIT_REASON_EXCEPTION_NMI and not self.exception_bitmap >> ex.vector & 1 \
+                            and ex.misconfig is None:
+                        self._raise(ex)           # delivered through the IDT before the guest goes on
+                        continue
+                    return ex
                 end = self._slice_end or ("guest_slice" if budget is not None and budget.expired else None)
                 if end is None:
                     break
@@ -394,10 +412,66 @@ class Vcpu:
             self.in_guest = False
             if self.on_leave is not None:
                 self.on_leave()
+        # HLT returns from emu_start with RIP just past it; report the HLT itself.
+        return VmExit(EXIT_REASON_HLT, reg(X.UC_X86_REG_RIP) - 1, 1, vcpu=self.index)
+
+    # -- events -----------------------------------------------------------------------------------------
+    def inject_event(self, vector, error_code=None, soft=False):
+        """VM-entry event injection: ``vector`` (with ``error_code``) is delivered through the
+        guest's IDT at the next entry.  RIP is what gets pushed (for a fault, the faulting
+        instruction; for a software interrupt, the next one)."""
+        self.event = idt_mod.Event(vector, error_code, soft)
+
+    def _raise(self, ex):
+        """An exception the guest raised and the bitmap does not intercept: deliver it."""
+        soft = ex.vector == 3 or ex.vector == 4 or (ex.vector >= 32 and ex.insn_len > 0)
+        if soft:
+            self.uc.reg_write(X.UC_X86_REG_RIP, ex.rip + ex.insn_len)     # traps push the next RIP
+        else:
+            self.uc.reg_write(X.UC_X86_REG_RIP, ex.rip)
+        self.pending = None
+        self.event = idt_mod.Event(ex.vector, ex.error_code, soft)
+
+    def _deliver_event(self):
+        """Deliver the pending event; None when the guest may run on, else the VM exit (an EPT
+        exit of a delivery access, the event kept for the next entry; or the triple fault)."""
+        uc = self.uc
+        ev = self.event
+        rip = self._reg_fast(X.UC_X86_REG_RIP)
+        regs = {"rip": rip, "rsp": self._reg_fast(X.UC_X86_REG_RSP),
+                "rflags": self._reg_fast(X.UC_X86_REG_RFLAGS), "cs": uc.reg_read(X.UC_X86_REG_CS),
+                "ss": uc.reg_read(X.UC_X86_REG_SS)}
+        r = idt_mod.deliver(self, ev, regs)
+        if r is None:
+            self.event = None
+            if self.tracer is not None:
+                self.tracer.emit("hw_event", self.index, msg=f"{_vec_name(ev.vector)} delivered through the IDT "
+                                 f"from rip {rip:#x} to {self._reg_fast(X.UC_X86_REG_RIP):#x}")
+            return None
+        if r.__class__ is idt_mod.Shutdown:
+            self.event = None
+            first = r.chain[0]
+            why = "; ".join(f"{_vec_name(v)}{'' if e is None else f'({e:#x})'} {w}" for v, e, w in r.chain[1:])
+            if self.tracer is not None:
+                self.tracer.emit("hw_event", self.index, msg=f"triple fault: {why}")
+            cr2 = self._reg_fast(X.UC_X86_REG_CR2) if first[0] == 14 else None
+            return VmExit(EXIT_REASON_TRIPLE_FAULT, rip, vector=first[0], error_code=first[1], cr2=cr2,
+                          misconfig=why, vcpu=self.index)
+        # An EPT violation or misconfiguration while delivering: the event stays pending.
+        res, gla = r
+        if res.__class__ is EptViolation:
+            q, gpa = res.qualification, res.gpa
+            if q & EPT_VIOLATION_GVA_TRANSLATED:
+                gpa |= gla & 0xFFF
+            return VmExit(EXIT_REASON_EPT_VIOLATION, rip, qualification=q, gpa=gpa, gla=gla, vcpu=self.index)
+        return VmExit(EXIT_REASON_EPT_MISCONFIG, rip, gpa=res.gpa | (gla & 0xFFF), gla=gla, misconfig=res.reason,
+                      vcpu=self.index)
+
+    def _pending_exit(self):
+        """The VmExit for what a hook recorded during emu_start (self.pending)."""
+        uc = self.uc
+        reg = self._reg_fast
         p = self.pending
-        if p is None:
-            # HLT returns from emu_start with RIP just past it; report the HLT itself.
-            return VmExit(EXIT_REASON_HLT, reg(X.UC_X86_REG_RIP) - 1, 1, vcpu=self.index)
         if p.__class__ is VmExit:
             return p
         rip = reg(X.UC_X86_REG_RIP)
@@ -531,6 +605,11 @@ class Vcpu:
         for r, v in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), regs):
             uc.reg_write(r, v)
         return 1                              # handled: skip Unicorn's CPUID
+
+
+def _vec_name(vector):
+    from .exits import VECTOR_NAMES
+    return VECTOR_NAMES.get(vector, f"vector {vector}")
 
 
 def _fmt_ept(entry):

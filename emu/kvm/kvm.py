@@ -42,6 +42,10 @@ EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
 # vcpu->requests
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1
+KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 2
+# Requests after which the vCPU flushes its TLB before it enters again (a new root is loaded
+# with a local flush: kvm_mmu_load()).
+KVM_REQS_FLUSHING = KVM_REQ_TLB_FLUSH | KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
 
 # vcpu->mode
 OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE = 0, 1, 2
@@ -185,6 +189,7 @@ class Kvm:
         self.slice_blocks = GUEST_SLICE_BLOCKS
         self.mmu_lock = MmuLock(self)
         self.rcu = Rcu(self)
+        self.mmu_valid_gen = 0            # kvm->arch.mmu_valid_gen (toggled by kvm_mmu_zap_all_fast)
         self.tdp_mmu = TdpMmu(self)
         self.gfn_direct_bits = 0
         self.nx_huge_pages = False
@@ -408,7 +413,7 @@ class Kvm:
                     return
         for v in self.vcpus:
             hw = v.hw
-            if hw is None or not hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQ_TLB_FLUSH):
+            if hw is None or not hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQS_FLUSHING):
                 continue
             if any(hpa >> 12 == pfn for hpa, _, _, _ in hw.gpa_cache.values()):
                 self.checker_violation(f"{what}: pfn {pfn:#x} freed while vCPU {v.vcpu_id} in guest mode "
@@ -521,7 +526,7 @@ class Kvm:
         from ..check import stale_translations
         for v in self.vcpus if vcpus is None else vcpus:
             if v.hw is None or not entering and not v.hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE
-                                                                          or v.requests & KVM_REQ_TLB_FLUSH):
+                                                                          or v.requests & KVM_REQS_FLUSHING):
                 continue                      # not running guest code, or will flush before it does
             for problem in stale_translations(self, v)[:1]:
                 self.checker_violation(f"{when}: {problem} while in guest mode")
@@ -566,7 +571,42 @@ class Kvm:
         self.invalidate_end()
 
     def flush_shadow_memslot(self, slot):
-        self.zap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages, KVM_ALL_ROOTS)
+        """kvm_arch_flush_shadow_memslot(): a default VM (KVM_X86_QUIRK_SLOT_ZAP_ALL, on by
+        default) zaps everything the fast way; other VM types (a TD) zap the slot's range."""
+        if self.vm_type == KVM_X86_DEFAULT_VM:
+            self.kvm_mmu_zap_all_fast()
+        else:
+            self.kvm_mmu_zap_memslot(slot)
+
+    def kvm_mmu_zap_memslot(self, slot):
+        """kvm_mmu_zap_memslot(): under the write lock, unmap the slot's range from every root
+        (private and shared; invalid roots too) and flush."""
+        self.mmu_lock.write_lock()
+        try:
+            flush = self.tdp_mmu.unmap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages, KVM_VALID_ROOTS,
+                                                 False)
+            self.stat["zaps"] += 1
+            if flush:
+                self.flush_remote_tlbs()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def kvm_mmu_zap_all_fast(self):
+        """kvm_mmu_zap_all_fast(): under the write lock, toggle mmu_valid_gen, invalidate the
+        direct roots (the mirror cannot be zapped this way), and ask every vCPU to drop its
+        obsolete root (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kicking those in guest mode) in the
+        same critical section; then zap the invalidated roots under the read lock.  (The shadow
+        MMU's obsolete pages, kvm_zap_obsolete_pages(), do not exist in this TDP-only model.)"""
+        self.mmu_lock.write_lock()
+        try:
+            self.mmu_valid_gen ^= 1
+            self.trace_emit("kvm_mmu_zap_all_fast", msg=f"mmu_valid_gen {self.mmu_valid_gen}")
+            self.tdp_mmu.invalidate_roots(KVM_DIRECT_ROOTS)
+            self.kvm_make_all_cpus_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+            self.stat["zaps"] += 1
+        finally:
+            self.mmu_lock.write_unlock()
+        self.tdp_mmu.zap_invalidated_roots(True)
 
     def get_leaf_spte(self, vcpu, gpa):
         """The SPTE at the lowest level reached for ``gpa`` in the root the address uses."""
@@ -602,9 +642,9 @@ class Kvm:
         self.mmu_lock.write_lock()
         try:
             self.tdp_mmu.invalidate_roots(KVM_VALID_ROOTS)
-            self.tdp_mmu.zap_invalidated_roots(False)
         finally:
             self.mmu_lock.write_unlock()
+        self.tdp_mmu.zap_invalidated_roots(False)
         self.rcu.barrier()
         for v in self.vcpus:
             v.free_caches()
@@ -621,6 +661,9 @@ class KvmVcpu:
         self.vcpu_id = vcpu_id
         # The CPU context: KVM's own for a VMX vCPU; for a TD the module's (set by vcpu_create).
         self.hw = None if kvm.has_mirrored_tdp else Vcpu(kvm.mem, vcpu_id)
+        if self.hw is not None:
+            # vmx_update_exception_bitmap() with EPT: #PF is not intercepted; #UD, #DB, #AC, #MC are.
+            self.hw.exception_bitmap = (1 << 6) | (1 << 1) | (1 << 17) | (1 << 18)
         if self.hw is not None and kvm.tracer.enabled:
             self.hw.set_tracer(kvm.tracer)
         self.root = None
@@ -748,6 +791,31 @@ class KvmVcpu:
         self.root = tdp.alloc_root(self, False)
         self.kvm.x86_ops.load_mmu_pgd(self, self.root.spt, self.root_level)
 
+    def kvm_mmu_free_obsolete_roots(self):
+        """kvm_mmu_free_obsolete_roots(): put an obsolete (invalid) root; the entry path loads
+        a new one (kvm_mmu_reload() -> kvm_mmu_load(), which flushes the TLB locally)."""
+        tdp = self.kvm.tdp_mmu
+        for attr in ("root", "mirror_root"):
+            root = getattr(self, attr)
+            if root is not None and root.invalid:
+                tdp.put_root(root)
+                setattr(self, attr, None)
+
+    def kvm_mmu_reload(self):
+        """kvm_mmu_reload(): load the roots when a request dropped them."""
+        if self.root is None or self.kvm.has_mirrored_tdp and self.mirror_root is None:
+            tdp = self.kvm.tdp_mmu
+            r = mmu_mod.mmu_topup_memory_caches(self)
+            if r:
+                raise KvmIoctlError(-r, "cannot allocate the MMU roots")
+            if self.kvm.has_mirrored_tdp and self.mirror_root is None:
+                self.mirror_root = tdp.alloc_root(self, True)
+            if self.root is None:
+                self.root = tdp.alloc_root(self, False)
+            self.kvm.x86_ops.load_mmu_pgd(self, self.root.spt, self.root_level)
+            self.kvm.x86_ops.flush_tlb(self)
+            self.kvm.trace_emit("kvm_tlb_flush", self.vcpu_id, vcpu_id=self.vcpu_id, kind="invept (new root)")
+
     def mmu_unload(self):
         tdp = self.kvm.tdp_mmu
         for attr in ("root", "mirror_root"):
@@ -850,8 +918,8 @@ class KvmVcpu:
         """KVM_RUN"""
         kvm = self.kvm
         if kvm.vm_dead:
-            return KvmRun(KVM_EXIT_INTERNAL_ERROR, suberror="vm_dead",
-                          reason=f"the VM is dead ({kvm.bug_reason})")
+            # kvm_vcpu_ioctl(): every vCPU ioctl of a dead VM fails with -EIO.
+            raise self.vm_dead_error()
         if self.root is None:
             self.mmu_load()
         cui, self.complete_userspace_io = self.complete_userspace_io, None
@@ -873,6 +941,8 @@ class KvmVcpu:
                 return KvmRun(KVM_EXIT_INTR, reason=why)
             if self.requests:
                 self.process_requests()
+                if self.root is None:
+                    self.kvm_mmu_reload()
             if tracer.enabled:
                 tracer.vcpu = self.vcpu_id
                 kvm.trace_emit("kvm_entry", self.vcpu_id, vcpu_id=self.vcpu_id,
@@ -912,12 +982,18 @@ class KvmVcpu:
                 sched.point(self.vcpu_id, "vm_exit")
             r = kvm.x86_ops.handle_exit(self, exit)
             if kvm.vm_dead and self.kvm_run is None:
-                return KvmRun(KVM_EXIT_INTERNAL_ERROR, suberror="vm_dead",
-                              reason=f"the VM is dead ({kvm.bug_reason})")
+                # KVM_REQ_VM_DEAD (kvm_vm_dead() / kvm_vm_bugged() request it of every vCPU):
+                # vcpu_enter_guest() returns -EIO before the next entry.
+                raise self.vm_dead_error()
             if r <= 0:
                 return self.kvm_run
 
+    def vm_dead_error(self):
+        return KvmIoctlError(EIO, f"the VM is dead ({self.kvm.bug_reason}) (-EIO)")
+
     def process_requests(self):
+        if self.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS:
+            self.kvm_mmu_free_obsolete_roots()
         if self.requests & KVM_REQ_TLB_FLUSH:
             self.stat["tlb_flush"] += 1
             self.kvm.x86_ops.flush_tlb(self)
@@ -996,11 +1072,24 @@ class KvmVcpu:
         self.hw.set_reg("rax", (-KVM_ENOSYS) & ((1 << 64) - 1))
         return 1
 
-    def guest_exception(self, exit):
-        """A guest exception with no IDT to deliver it through: #DF, then a triple fault."""
+    def handle_exception_nmi(self, exit):
+        """handle_exception_nmi(): an exception the exception bitmap intercepts (#UD: handle_ud(),
+        #DB, #AC, #MC) is queued back to the guest (kvm_queue_exception()), to be delivered
+        through its IDT at the next entry.  An emulator failure (no vector to give the guest)
+        shuts the vCPU down."""
+        if exit.misconfig is not None:
+            return self.handle_triple_fault(exit)
+        self.hw.inject_event(exit.vector, exit.error_code)
+        return 1
+
+    def handle_triple_fault(self, exit):
+        """handle_triple_fault(): KVM_EXIT_SHUTDOWN.  The model keeps the exception that started
+        it (vector, error code, CR2, RIP, instruction) and why delivery failed, for the report."""
+        from unicorn import x86_const as X
         insn = self.disassemble(exit.rip)
         self.exit_to_user(KVM_EXIT_SHUTDOWN, vector=exit.vector, error_code=exit.error_code, cr2=exit.cr2,
-                          rip=exit.rip, insn=insn)
+                          rip=exit.rip, insn=insn, why=exit.misconfig,
+                          no_idt=self.hw.uc.reg_read(X.UC_X86_REG_IDTR)[2] == 0)
         return 0
 
     def gpa_to_hva(self, gpa, access=None):

@@ -47,7 +47,7 @@ KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
 class KvmMmuPage:
     """struct kvm_mmu_page for the TDP MMU: ``spt`` is the HPA of its 512-entry table."""
     __slots__ = ("role", "gfn", "spt", "ptep", "external_spt", "tdp_mmu_root_count", "role_level", "as_id",
-                 "is_mirror", "zapped")
+                 "is_mirror", "zapped", "tdp_mmu_scheduled_root_to_zap")
 
     def __init__(self, spt):
         self.spt = spt
@@ -55,6 +55,7 @@ class KvmMmuPage:
         self.tdp_mmu_root_count = 0
         self.ptep = None
         self.zapped = False           # an invalidated root whose zap is done
+        self.tdp_mmu_scheduled_root_to_zap = False
 
     def init(self, sptep, gfn, role):
         """tdp_mmu_init_sp()"""
@@ -592,20 +593,35 @@ class TdpMmu:
         kvm.rcu.read_unlock(kvm.rcu_reader())
 
     def invalidate_roots(self, types):
-        """kvm_tdp_mmu_invalidate_roots(): mark roots invalid and drop the MMU's reference later."""
+        """kvm_tdp_mmu_invalidate_roots(): mark roots invalid (role.invalid) and schedule them for
+        kvm_tdp_mmu_zap_invalidated_roots(), which is gifted the MMU's reference.  Under the
+        write lock (or with no other user of the VM: its destruction)."""
         self.kvm.touch("roots")
         self.kvm.touch("roots_valid")
-        for root in self.roots_of_types(types):
+        for root in self.roots_of_types(types & ~KVM_INVALID_ROOTS):
             if not root.invalid:
+                root.tdp_mmu_scheduled_root_to_zap = True
                 root.role |= ROLE_INVALID
 
     def zap_invalidated_roots(self, shared):
-        """kvm_tdp_mmu_zap_invalidated_roots()"""
-        for root in list(self.roots):
-            if root.invalid and not root.zapped:
+        """kvm_tdp_mmu_zap_invalidated_roots(): under mmu_lock for read (``shared``) or write,
+        zap every root scheduled by invalidate_roots(), then put the MMU's reference (after the
+        zap: the root must stay reachable by mmu_notifiers while it is zapped).  No TLB flush: a
+        vCPU flushes when it loads its new root (kvm_mmu_load())."""
+        kvm = self.kvm
+        lock = kvm.mmu_lock
+        lock.read_lock() if shared else lock.write_lock()
+        try:
+            for root in list(self.roots):
+                if not root.tdp_mmu_scheduled_root_to_zap:
+                    continue
+                root.tdp_mmu_scheduled_root_to_zap = False
+                kvm.KVM_BUG_ON(not root.invalid, "a root scheduled to zap is not invalid")
                 self.zap_root(root, shared)
                 root.zapped = True
                 self.put_root(root)       # the MMU's reference
+        finally:
+            lock.read_unlock() if shared else lock.write_unlock()
 
     # -- dumping ------------------------------------------------------------------------------------------
     def leaves(self, root):

@@ -435,7 +435,8 @@ class TdxX86Ops(VmxX86Ops):
             intr = out.r9
             vector = intr & 0xFF
             vcpu.exit_to_user(KVM_EXIT_SHUTDOWN, vector=vector, error_code=out.r10 if intr & (1 << 11) else None,
-                              cr2=out.r11 if vector == 14 else None, rip=out.r12, insn=None)
+                              cr2=out.r11 if vector == 14 else None, rip=out.r12, insn=None,
+                              why=None if out.r13 else "delivery through the TD's IDT failed", no_idt=bool(out.r13))
             return 0
         if exit.reason == EXIT_REASON_EPT_MISCONFIG:
             kvm.kvm_bug(f"EPT misconfiguration in a TD at gpa {out.r8:#x}")

@@ -12,6 +12,7 @@ from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EX
                         EXIT_REASON_EXTERNAL_INTERRUPT)
 from .spte import PG_LEVEL_4K
 from .uapi import KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR
+from ..hw.exits import EXIT_REASON_TRIPLE_FAULT
 
 
 class VmxX86Ops:
@@ -89,8 +90,10 @@ class VmxX86Ops:
             return 0
         if r == EXIT_REASON_TDCALL:
             exit.reason, exit.vector = EXIT_REASON_EXCEPTION_NMI, 6     # TDCALL outside a TD: #UD
-            return vcpu.guest_exception(exit)
+            return vcpu.handle_exception_nmi(exit)
         if r == EXIT_REASON_EXCEPTION_NMI:
-            return vcpu.guest_exception(exit)
+            return vcpu.handle_exception_nmi(exit)
+        if r == EXIT_REASON_TRIPLE_FAULT:
+            return vcpu.handle_triple_fault(exit)
         vcpu.exit_to_user(KVM_EXIT_INTERNAL_ERROR, suberror="unexpected_exit", reason=f"exit reason {exit.name}")
         return 0

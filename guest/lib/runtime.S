@@ -460,3 +460,165 @@ emu_assert_fail:
     call emu_halt
     jmp .Lassert_halt
     .size emu_assert_fail, . - emu_assert_fail
+
+# ---------------------------------------------------------------------------
+# Exceptions through a 64-bit IDT (opt-in: a guest that never calls
+# emu_idt_init has no IDT, and an exception shuts it down as before).
+#
+# emu_idt_init(): load this vCPU's GDT (null, 64-bit ring-0 code at 0x08,
+# data at 0x10; CS reloaded, SS/DS/ES = 0x10) and the runtime's IDT (256
+# gates, all not present), and in a TD install emu_ve_handler for #VE
+# (vector 20).  Call it on every vCPU (the tables are shared).  Preserves
+# every register but RAX.
+# emu_idt_set(rdi = vector, rsi = handler): an interrupt gate (type 0xE,
+# selector 0x08, IST 0) for the vector.  The handler is raw: it finds the
+# CPU's frame (RIP, CS, RFLAGS, RSP, SS, below them the error code for
+# vectors 8, 10-14, 17, 21) on the stack and returns with IRETQ.  Preserves
+# every register but RAX.
+# ---------------------------------------------------------------------------
+    .globl emu_idt_init
+    .type emu_idt_init, @function
+emu_idt_init:
+    lea rax, [rip + emu_gdt]
+    mov qword ptr [rip + emu_gdtr + 2], rax
+    lea rax, [rip + emu_idt]
+    mov qword ptr [rip + emu_idtr + 2], rax
+    lgdt [rip + emu_gdtr]
+    lidt [rip + emu_idtr]
+    push 0x08
+    lea rax, [rip + .Lidt_cs_loaded]
+    push rax
+    retfq                                   # CS = 0x08, from the new GDT
+.Lidt_cs_loaded:
+    mov eax, 0x10
+    mov ss, eax
+    mov ds, eax
+    mov es, eax
+    call emu_is_td
+    test eax, eax
+    jz .Lidt_init_done
+    push rdi
+    push rsi
+    mov edi, 20
+    lea rsi, [rip + emu_ve_handler]
+    call emu_idt_set
+    pop rsi
+    pop rdi
+.Lidt_init_done:
+    ret
+    .size emu_idt_init, . - emu_idt_init
+
+    .globl emu_idt_set
+    .type emu_idt_set, @function
+emu_idt_set:
+    push rdx
+    push rdi
+    lea rax, [rip + emu_idt]
+    shl rdi, 4
+    add rdi, rax                            # the gate's address
+    mov rax, rsi
+    and eax, 0xffff                         # offset 15:0
+    or eax, 0x00080000                      # selector 0x08
+    mov rdx, rsi
+    shr rdx, 16
+    shl rdx, 48                             # offset 31:16 in bits 63:48
+    or rax, rdx
+    mov rdx, 0x00008e0000000000             # present, DPL 0, type 0xE (interrupt gate)
+    or rax, rdx
+    mov qword ptr [rdi], rax
+    mov rax, rsi
+    shr rax, 32
+    mov qword ptr [rdi + 8], rax            # offset 63:32, reserved 0
+    pop rdi
+    pop rdx
+    ret
+    .size emu_idt_set, . - emu_idt_set
+
+# ---------------------------------------------------------------------------
+# emu_ve_handler: #VE in a TD, as Linux's handler does it (tdx_get_ve_info(),
+# then virt_exception_kernel()): TDG.VP.VEINFO.GET, then by exit reason
+#   EPT violation (48) on a private GPA: TDG.MEM.PAGE.ACCEPT of its 4K page
+#     (the lazy accept), and the access runs again;
+#   HLT (12): TDG.VP.VMCALL<Instruction.HLT>, then RIP skips the HLT (the
+#     instruction length from VE_INFO);
+#   anything else (an EPT violation on a shared GPA, MMIO, included):
+#     emu_fail with 0x5645_0000 | exit reason ("VE").
+# ---------------------------------------------------------------------------
+    .globl emu_ve_handler
+    .type emu_ve_handler, @function
+emu_ve_handler:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    mov eax, TDG_VP_VEINFO_GET
+    TDCALL
+    test rax, rax
+    jnz .Lve_fail
+    cmp ecx, 48                             # EXIT_REASON_EPT_VIOLATION
+    je .Lve_ept
+    cmp ecx, 12                             # EXIT_REASON_HLT
+    je .Lve_hlt
+    jmp .Lve_fail
+.Lve_ept:
+    push rcx
+    call emu_shared_bit
+    pop rcx
+    test r9, rax
+    jnz .Lve_fail                           # a shared GPA: MMIO, which this runtime does not emulate
+    mov rdi, r9
+    and rdi, -PAGE_SIZE
+    mov esi, PAGE_SIZE
+    call emu_accept
+    test rax, rax
+    jnz .Lve_fail
+    jmp .Lve_done
+.Lve_hlt:
+    call emu_halt                           # TDG.VP.VMCALL<Instruction.HLT>
+    mov eax, r10d                           # the instruction length
+    add qword ptr [rsp + 72], rax           # the saved RIP, past the HLT
+.Lve_done:
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+.Lve_fail:
+    mov edi, ecx
+    or edi, 0x56450000
+    call emu_fail
+    .size emu_ve_handler, . - emu_ve_handler
+
+    .section .data
+    .balign 16
+emu_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff                # 0x08: 64-bit code, ring 0
+    .quad 0x00cf92000000ffff                # 0x10: data, ring 0
+emu_gdt_end:
+    .balign 16
+    .word 0
+emu_gdtr:
+    .word emu_gdt_end - emu_gdt - 1
+    .quad 0
+    .balign 16
+    .word 0
+emu_idtr:
+    .word 256 * 16 - 1
+    .quad 0
+    .section .bss
+    .balign 4096
+    .globl emu_idt
+emu_idt:
+    .zero 256 * 16
+    .text

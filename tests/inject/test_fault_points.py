@@ -16,7 +16,7 @@ import pytest
 
 from emu.check import check_vm, check_destroyed, check_tlbs
 from emu.inject import POINTS, parse_rule, Plan, PlanError
-from emu.kvm.kvm import KVM_EXIT_INTERNAL_ERROR
+from emu.kvm.kvm import KvmIoctlError
 from emu.vmm import Machine
 from tdxmod import abi as A
 
@@ -103,10 +103,11 @@ def test_other_module_errors_are_kvm_bug_on(inject, leaf, status):
     m = td()
     inject(m, f"seamcall.{leaf}@1={status}")
     res = m.run()
-    assert res.exit == "internal_error" and m.kvm.vm_bugged
+    assert res.exit == "ioctl_error" and m.kvm.vm_bugged and "(-EIO)" in res.error
     name = leaf.replace("_", ".")
     assert f"KVM_BUG_ON: {name}" in res.error and status.split("|")[0] in res.error
-    assert m.vcpus[0].run().exit_reason == KVM_EXIT_INTERNAL_ERROR
+    with pytest.raises(KvmIoctlError):
+        m.vcpus[0].run()
     assert finish(m, res) == []
 
 
@@ -119,7 +120,7 @@ def test_reflect_ops(inject, op, error, outcome):
     if outcome == "ok":
         assert res.ok and res.stats["pf_retry"] == 1
     else:
-        assert res.exit == "internal_error" and f"reflect_{op}" in res.error and "injected" in res.error
+        assert res.exit == "ioctl_error" and f"reflect_{op}" in res.error and "injected" in res.error
     assert finish(m, res) == []
 
 
@@ -127,7 +128,7 @@ def test_remove_error_is_kvm_bug_on_and_the_page_is_leaked(inject):
     m = td("convert")
     inject(m, "reflect.remove_spte@1=EIO")
     res = m.run()
-    assert res.exit == "internal_error" and "reflect_remove_spte" in res.error
+    assert res.exit == "ioctl_error" and "reflect_remove_spte" in res.error
     m.destroy()
     assert any("still in the S-EPT" in why for _, why in m.host.leaked)
     assert check_destroyed(m.kvm) == []
@@ -157,7 +158,7 @@ def test_teardown_busy_twice_is_kvm_bug_on(inject):
     m = td("convert")
     inject(m, "seamcall.TDH_MEM_RANGE_BLOCK@every=TDX_OPERAND_BUSY")
     res = m.run()
-    assert res.exit == "internal_error" and "TDH.MEM.RANGE.BLOCK" in res.error
+    assert res.exit == "ioctl_error" and "TDH.MEM.RANGE.BLOCK" in res.error
     m.destroy()
     assert check_destroyed(m.kvm) == []
 

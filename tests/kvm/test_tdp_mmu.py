@@ -251,8 +251,8 @@ class TestZap:
         kvm.rcu.read_lock("x")                          # a lockless walker inside a read-side section
         kvm.mmu_lock.write_lock()
         tdp.invalidate_roots(KVM_VALID_ROOTS)
-        tdp.zap_invalidated_roots(False)
         kvm.mmu_lock.write_unlock()
+        tdp.zap_invalidated_roots(False)                # takes mmu_lock for write itself
         # unlinked and accounted at once ...
         assert read64(kvm.mem, root.spt) == SHADOW_NONPRESENT_VALUE
         assert tdp.pages == 0 and kvm.stat["pages_4k"] == 0

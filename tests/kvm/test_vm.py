@@ -14,7 +14,7 @@ import pytest
 
 import emu.vmm as vmm
 from emu.host import Host, MiB
-from emu.kvm.kvm import (Kvm, KvmIoctlError, KVM_EXIT_HLT, KVM_EXIT_HYPERCALL, KVM_EXIT_INTERNAL_ERROR,
+from emu.kvm.kvm import (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, Kvm, KvmIoctlError, KVM_EXIT_HLT, KVM_EXIT_HYPERCALL, KVM_EXIT_INTERNAL_ERROR,
                          KVM_EXIT_MMIO, KVM_MEM_READONLY, KVM_REQ_TLB_FLUSH)
 from emu.kvm.spte import SHADOW_NONPRESENT_VALUE, make_mmio_spte
 
@@ -178,14 +178,18 @@ class TestNoStaleTranslation:
         assert run.exit_reason == KVM_EXIT_HYPERCALL and run.args[0] == 0x1111
         assert kvm.get_leaf_spte(v, gpa) >> 12 & 0xFFFFFFFFF == (m.hva + gpa) >> 12
         flushes = kvm.stat["remote_tlb_flush"]
+        root = v.root
         self._repoint(m, gpa, new_hpa)
-        assert kvm.stat["remote_tlb_flush"] == flushes + 1 and v.requests & KVM_REQ_TLB_FLUSH
+        # kvm_mmu_zap_all_fast(): no remote flush; the root is obsolete and the vCPU asked to
+        # drop it (it loads a new one with a local flush, kvm_mmu_load()).
+        assert kvm.stat["remote_tlb_flush"] == flushes and v.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+        assert root.invalid
         old = m.host.mem.read(m.hva + gpa, 8)
         run = v.run()
         assert run.exit_reason == KVM_EXIT_HYPERCALL and run.args[0] == 0x2222
+        assert v.root is not root
         assert kvm.get_leaf_spte(v, gpa) >> 12 & 0xFFFFFFFFF == new_hpa >> 12
         assert m.host.mem.read(m.hva + gpa, 8) == old          # the old page is untouched
-        assert v.stat["tlb_flush"] == 1
         assert v.run().exit_reason == KVM_EXIT_HLT
         check_tables(kvm, v.root)
 
@@ -323,16 +327,17 @@ class TestGuestErrors:
 
 
 class TestVmDead:
-    """KVM_BUG_ON marks the VM dead: every KVM_RUN returns KVM_EXIT_INTERNAL_ERROR with the reason."""
+    """KVM_BUG_ON marks the VM dead: every KVM_RUN fails with -EIO (kvm_vcpu_ioctl() checks
+    kvm->vm_dead; vcpu_enter_guest() KVM_REQ_VM_DEAD), and the VMM reports the failed ioctl."""
 
     def test_kvm_bug_then_run(self, make_machine):
         m = make_machine("hello", vcpus=2)
         m.kvm.kvm_bug("test")
         for v in m.vcpus:
-            run = v.run()
-            assert run.exit_reason == KVM_EXIT_INTERNAL_ERROR
-            assert run.suberror == "vm_dead"
-            assert run.reason == "the VM is dead (KVM_BUG_ON: test)"
+            with pytest.raises(KvmIoctlError) as e:
+                v.run()
+            assert e.value.errno == 5                    # EIO
+            assert str(e.value) == "the VM is dead (KVM_BUG_ON: test) (-EIO)"
             assert v.stat["exits"] == 0                  # never entered the guest
         assert m.kvm.stat["kvm_bug_on"] == 1
 
@@ -342,8 +347,8 @@ class TestVmDead:
         assert m.kvm.KVM_BUG_ON(1, "first") is True
         m.kvm.kvm_bug("second")
         res = m.run()
-        assert res.exit == "internal_error"
-        assert res.error == "vCPU 0: internal error: the VM is dead (KVM_BUG_ON: first)"
+        assert res.exit == "ioctl_error" and res.vcpu_exits == ["ioctl_error"]
+        assert res.error == "vCPU 0: KVM_RUN failed: the VM is dead (KVM_BUG_ON: first) (-EIO)"
         assert res.stats["kvm_bug_on"] == 2
 
     def test_bug_during_run_stops_the_vcpu(self, make_machine, monkeypatch):
@@ -360,8 +365,9 @@ class TestVmDead:
             return r
         monkeypatch.setattr(kvm.tdp_mmu, "map", map_then_bug)
         res = m.run()
-        assert res.exit == "internal_error"
-        assert res.error == f"vCPU 0: internal error: the VM is dead (KVM_BUG_ON: injected at gfn {calls[1]:#x})"
+        assert res.exit == "ioctl_error"
+        assert res.error == (f"vCPU 0: KVM_RUN failed: the VM is dead (KVM_BUG_ON: injected at gfn "
+                             f"{calls[1]:#x}) (-EIO)")
         assert len(calls) == 2 and res.reports == []
 
 
@@ -455,5 +461,6 @@ class TestMemslotIoctl:
         assert kvm.stat["pages_4k"] == 7
         kvm.set_user_memory_region(0, 0, 0, 0, 0)
         assert kvm.memslots == [] and kvm.stat["pages_4k"] == 0
-        assert kvm.stat["remote_tlb_flush"] == 1 and m.vcpus[0].requests & KVM_REQ_TLB_FLUSH
+        # kvm_mmu_zap_all_fast(): the vCPU drops its obsolete root instead of a remote flush.
+        assert kvm.stat["remote_tlb_flush"] == 0 and m.vcpus[0].requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
         assert leaves_of(m) == []

@@ -28,7 +28,7 @@ import pytest
 
 from emu.check import check_vm
 from emu.hw.memory import HostAccessError
-from emu.kvm.kvm import KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SHUTDOWN
+from emu.kvm.kvm import KVM_EXIT_SHUTDOWN, KvmIoctlError, EIO
 from emu.kvm.spte import make_spte, make_nonleaf_spte, ACC_ALL, PG_LEVEL_4K, PG_LEVEL_2M
 from emu.kvm.mmu import PFERR_WRITE_MASK, PFERR_PRIVATE_ACCESS
 from emu.kvm.tdp_iter import TdpIter, for_each_tdp_pte_min_level
@@ -487,9 +487,9 @@ def test_non_busy_error_bugs_the_vm(seamcalls, leaf, level, what):
     seamcalls.answer(leaf, A.TDX_EPT_WALK_FAILED | A.OPERAND_ID_RCX)
     res = m.run()
 
-    assert res.exit == "internal_error"
+    assert res.exit == "ioctl_error" and "(-EIO)" in res.error
     assert what in res.error and "TDX_EPT_WALK_FAILED" in res.error
-    assert res.vcpu_exits == ["internal_error"]
+    assert res.vcpu_exits == ["ioctl_error"]
     assert res.reports == []
     kvm = m.kvm
     assert kvm.vm_dead and kvm.vm_bugged and kvm.stat["kvm_bug_on"] == 1
@@ -502,9 +502,9 @@ def test_non_busy_error_bugs_the_vm(seamcalls, leaf, level, what):
     # Every later KVM_RUN fails at once, without entering the TD.
     mark = seamcalls.mark()
     for _ in range(2):
-        run = m.vcpus[0].run()
-        assert run.exit_reason == KVM_EXIT_INTERNAL_ERROR
-        assert what in run.reason
+        with pytest.raises(KvmIoctlError) as e:
+            m.vcpus[0].run()
+        assert e.value.errno == EIO and what in str(e.value)
     assert seamcalls.since(mark) == []
     # A bugged TD can still be torn down completely.
     assert_clean_teardown(m)
@@ -542,7 +542,7 @@ def test_walker_meeting_a_frozen_entry_retries(seamcalls, freeze):
     else:
         assert nested["spte"] & MMU_PRESENT                  # published before the S-EPT has it
         assert nested["calls"] == [("TDH_MEM_PAGE_AUG", AREA + 0x1000, 1)]
-        assert res.exit == "internal_error"
+        assert res.exit == "ioctl_error"
         assert kvm.vm_bugged and "TDH.MEM.PAGE.AUG gpa 0x1001000" in kvm.bug_reason
         assert "TDX_EPT_WALK_FAILED" in kvm.bug_reason
 
@@ -563,9 +563,9 @@ def _assert_dead_after(m, words):
     kvm = m.kvm
     assert kvm.vm_dead and kvm.vm_bugged and kvm.stat["kvm_bug_on"] == 1
     assert words in kvm.bug_reason
-    run = m.vcpus[0].run()
-    assert run.exit_reason == KVM_EXIT_INTERNAL_ERROR
-    assert run.suberror == "vm_dead" and words in run.reason
+    with pytest.raises(KvmIoctlError) as e:
+        m.vcpus[0].run()
+    assert e.value.errno == EIO and words in str(e.value)
 
 
 class TestSeedKvmBugOns:
@@ -755,8 +755,8 @@ def test_pending_access_with_sept_ve_disable_kills_the_vm(seamcalls, pending_gue
                 td_attributes=A.TD_ATTR_SEPT_VE_DISABLE | A.TD_ATTR_DEBUG)
     mark = seamcalls.mark()
     res = m.run()
-    assert res.exit == "internal_error"
-    assert "Guest access before accepting 0x1001000" in res.error
+    assert res.exit == "ioctl_error"         # tdx_handle_ept_violation(): kvm_vm_dead(), -EIO
+    assert "Guest access before accepting 0x1001000" in res.error and "(-EIO)" in res.error
     assert res.reports == [(0, 0x1234)]
     b = _pending_common(m, seamcalls, mark)
     # The TD exit the module made: EPT violation (48), extended type PENDING_EPT_VIOLATION (6).
@@ -765,7 +765,8 @@ def test_pending_access_with_sept_ve_disable_kills_the_vm(seamcalls, pending_gue
     assert m.kvm.vm_dead
     assert m.kvm.stat["kvm_bug_on"] == 0 and not m.kvm.vm_bugged     # kvm_vm_dead(), not KVM_BUG_ON
     mark = seamcalls.mark()
-    assert m.vcpus[0].run().exit_reason == KVM_EXIT_INTERNAL_ERROR
+    with pytest.raises(KvmIoctlError):
+        m.vcpus[0].run()
     assert seamcalls.since(mark) == []
     assert_clean_teardown(m)
 
