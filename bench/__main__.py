@@ -31,6 +31,7 @@ BENCHMARKS = [
     ("kvm.new_page", kvm.bench_new_page),     # new 4K page through KVM's fault path / bare fault  <= 2
     ("td.private_page", td.bench_private_page),  # TD private page / bare fault                     <= 4
     ("td.explore", td.bench_explore),         # race2 schedules explored per second              >= 500
+    ("td.dpor", td.bench_dpor),               # race2 --dpor: 5x fewer than --bound 2; minutes   (#12)
     ("mem", memory.bench_memory),             # 4 GiB guest, 3000 pages: peak RSS                <= 400 MB
     ("trace", trace.bench_trace_cost),        # tracing off / trace calls removed                 <= 1.05
 ]

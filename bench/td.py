@@ -36,3 +36,26 @@ def bench_explore(ctx):
     return [Result("td.explore", f"seed race explored (race2, PCT, {default_jobs()} workers)", res.rate,
                    "schedules/s",
                    ratio=res.rate / 500.0, target=(">=", 1.0), ratio_note="rate / 500 schedules/s")]
+
+
+def bench_dpor(ctx):
+    """Exhaustive searches of race2 (freeze on, no failure): DPOR against the bounded DFS in
+    schedules, and the seconds DPOR takes with no bound and with three vCPUs."""
+    import time
+    out = []
+    dfs = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2)).dfs(bound=2)
+    dpor = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2)).dpor(bound=2)
+    assert dfs.complete and dpor.complete and not dfs.failures and not dpor.failures
+    out.append(Result("td.dpor.bound2", f"race2 2 vCPUs --bound 2: DFS {dfs.runs} schedules, --dpor {dpor.runs}",
+                      dpor.runs, "schedules", ratio=dfs.runs / max(dpor.runs, 1), target=(">=", 5.0),
+                      ratio_note="DFS schedules / DPOR schedules"))
+    for vcpus, bound, limit in ((2, None, 180.0), (3, 2, 300.0)):
+        t0 = time.perf_counter()
+        res = Explorer(lambda: Machine("race2", vm="tdx", vcpus=vcpus)).dpor(bound=bound)
+        secs = time.perf_counter() - t0
+        assert res.complete and not res.failures
+        what = "no bound" if bound is None else f"--bound {bound}"
+        out.append(Result(f"td.dpor.{vcpus}vcpus", f"race2 {vcpus} vCPUs --dpor {what}: {res.runs} schedules, "
+                          f"complete", secs, "s", ratio=secs / limit, target=("<=", 1.0),
+                          ratio_note=f"seconds / {limit:.0f} s"))
+    return out

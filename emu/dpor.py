@@ -241,10 +241,14 @@ def explore(ex, result, bound=None, max_runs=None, stop_at_first=True, tick=None
         if max_runs is not None and result.runs >= max_runs:
             break
         f = frames[-1]
-        candidates = dict(f.sleep)
-        for q in f.done:
-            if q in f.fps:
-                candidates[q] = f.fps[q]
+        candidates = {}
+        if bound is None:
+            # Sleep sets prune what another branch covers; under a preemption bound that
+            # branch may have been cut, so they are used only without one.
+            candidates = dict(f.sleep)
+            for q in f.done:
+                if q in f.fps:
+                    candidates[q] = f.fps[q]
         f.done.add(nxt)
         f.d = _with_choice(f.d, nxt)
         prefix = [g.d.choice for g in frames]
@@ -274,8 +278,9 @@ def _add(frames, dec, initials, bound):
         return
     q = next(q for q in cands if q not in f.sleep)
     f.backtrack.add(q)
-    if bound is not None and not f.allowed(q, bound):
-        # Bounded POR: also where switching to q costs no preemption.
+    if bound is not None:
+        # Bounded POR: the reversal may need q to run earlier than the bound lets it here,
+        # so also try it where switching to it costs no preemption.
         for g in reversed(frames[:dec]):
             if q in g.d.enabled and not g.d.is_preemption(q) and g.allowed(q, bound):
                 g.backtrack.add(q)
