@@ -160,7 +160,7 @@ class TdxModule:
         if tracer is not None and tracer.enabled:
             tracer.emit("seamcall_entry", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8)
         if self.sched is not None:
-            if self.sched.record:
+            if getattr(self.sched, "record", False):
                 self.sched.module_call(self.footprint(leaf & 0xFFFF, rcx, r8, caller))
             self.sched.point(caller, "seamcall_entry", leaf)
         out = None

@@ -176,7 +176,7 @@ def _handle(mod, v, hw, ex, caller=None):
     """Handle one exit inside the module; the TD exit Regs for the VMM, or None to resume."""
     td = v.td
     reason = ex.reason
-    if mod.sched is not None and mod.sched.record:
+    if getattr(mod.sched, "record", False):
         # (emu.dpor) what the module's handling of this exit touches
         if reason == EXIT_REASON_TDCALL:
             mod.sched.module_call(mod.tdcall_footprint(hw.reg("rax"), hw.reg("rcx"), caller))

@@ -122,9 +122,7 @@ class MmuLock:
 
     def _touch(self, write):
         # (emu.dpor) two readers' lock and unlock commute; a writer's do not.
-        s = self.kvm.sched
-        if s is not None:
-            s.touch("mmu_lock", write)
+        self.kvm.touch("mmu_lock", write)
 
     def read_lock(self):
         self._touch(False)
@@ -225,13 +223,14 @@ class Kvm:
         self.trace_emit("kvm_vm_dead", msg=why)
 
     def touch(self, key, write=True):
-        """(emu.dpor) the running step touches ``key`` of this VM's shared state."""
-        if self.sched is not None:
+        """(emu.dpor) the running step touches ``key`` of this VM's shared state (when the
+        scheduler records footprints: a scheduler of a test may not)."""
+        if getattr(self.sched, "fp", None) is not None:
             self.sched.touch(key, write)
 
     def touch_all(self, write=True):
         """(emu.dpor) the running step depends on everything (a dead VM changes every path)."""
-        if self.sched is not None:
+        if getattr(self.sched, "fp", None) is not None:
             self.sched.touch_all(write)
 
     def warn(self, what):
@@ -490,8 +489,7 @@ class Kvm:
         targets = []
         sched = self.sched
         for v in vcpus:
-            if sched is not None:
-                sched.touch(("task", v.vcpu_id))      # its requests, its mode, its IPI
+            self.touch(("task", v.vcpu_id))           # (emu.dpor) its requests, its mode, its IPI
             v.requests |= req
             mode = v.mode
             if mode == IN_GUEST_MODE:
@@ -707,8 +705,7 @@ class KvmVcpu:
     def kick_signal(self):
         """A signal to the vCPU's thread (userspace stopping the VM): KVM_RUN returns -EINTR;
         a vCPU in guest mode is kicked out first."""
-        if self.kvm.sched is not None:
-            self.kvm.sched.touch(("task", self.vcpu_id))
+        self.kvm.touch(("task", self.vcpu_id))
         self.signal_pending = True
         if self.hw is not None and self.hw.in_guest:
             self.hw.kick()
@@ -722,7 +719,7 @@ class KvmVcpu:
         TLB maps (written, for all we know), the EPT entries behind them, and in a TD the
         S-EPT (the TDX module's state)."""
         sched = self.kvm.sched
-        if sched is None or sched.fp is None:
+        if getattr(sched, "fp", None) is None:
             return
         hw = self.hw
         crc, buf = hw.page_crc, hw.mem.buf
@@ -742,7 +739,7 @@ class KvmVcpu:
         """(emu.dpor) The tables behind this vCPU's cached translations are read: the EPT
         entries on their paths, and in a TD the S-EPT entries of its private GPAs."""
         sched, hw = self.kvm.sched, self.hw
-        if sched is None or hw is None:
+        if getattr(sched, "fp", None) is None or hw is None:
             return
         for sptep in hw.ept_entries():
             sched.touch(("spte", sptep), False)
@@ -961,8 +958,9 @@ class KvmVcpu:
                 continue
             if sched is not None:
                 hw.guest_point = self._guest_point
-                hw.on_leave = self.touch_guest if sched.record else None
-                if sched.record and hw.page_crc is None:
+                record = getattr(sched, "record", False)
+                hw.on_leave = self.touch_guest if record else None
+                if record and hw.page_crc is None:
                     hw.page_crc = {}
                 hw.slice_blocks = kvm.slice_blocks if sched.others_live() else 0
                 if not kvm.flush_owed and hw.checked_generation != kvm.tables_generation:

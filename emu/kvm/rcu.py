@@ -17,9 +17,8 @@ class Rcu:
     def _touch(self, write):
         # (emu.dpor) readers entering commute with each other; a grace period's end and
         # call_rcu() (which reads who is inside) do not.
-        s = self.kvm.sched if self.kvm is not None else None
-        if s is not None:
-            s.touch("rcu", write)
+        if self.kvm is not None:
+            self.kvm.touch("rcu", write)
 
     def read_lock(self, who):
         self._touch(False)
