@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	  { echo "error: the Python venv module is missing: install it (Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

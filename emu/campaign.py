@@ -69,13 +69,15 @@ class CampaignReport:
 
 
 class Campaign:
-    def __init__(self, factory, plans=(), max_points=3):
+    def __init__(self, factory, plans=(), max_points=3, baseline=None):
+        """``baseline``: the (expected, calls, None) of a campaign on the same machine, not run again."""
         self.machine = factory()
         self.user_plans = list(plans)
         self.max_points = max_points
         self.progress = None
         counting = Plan((), seed=0, count_all=True)      # a clean run: the results every run must give
-        self.baseline = in_child(lambda: self._baseline(counting), lambda e: (None, {}, f"{type(e).__name__}: {e}"))
+        self.baseline = baseline or in_child(lambda: self._baseline(counting),
+                                             lambda e: (None, {}, f"{type(e).__name__}: {e}"))
         self.expected, self.calls, err = self.baseline
         if err is not None:
             raise RuntimeError(f"the guest fails without injected faults: {err}")
@@ -122,8 +124,10 @@ class Campaign:
         return rules
 
     # -- running ----------------------------------------------------------------------------------------
-    def run(self, runs, seed=0, jobs=None):
-        """``runs`` runs, ``jobs`` at a time (default: one per core); results in run order."""
+    def run(self, runs, seed=0, jobs=None, cluster=None):
+        """``runs`` runs, ``jobs`` at a time (default: one per core); results in run order.
+        ``cluster``: ``(an emu.distributed.Cluster, the Machine's arguments)`` runs them on Ray,
+        with the same results."""
         rep = CampaignReport()
         t0 = time.perf_counter()
 
@@ -132,13 +136,15 @@ class Campaign:
                 rng = random.Random(f"{seed}:{i}")
                 plans = self.user_plans + self.draw(rng)
                 run_seed = rng.getrandbits(32)
-                yield (lambda i=i, plans=plans, run_seed=run_seed: self._one(i, plans, run_seed))
+                yield i, plans, run_seed
 
-        def failed(e):
-            return RunReport(-1, [], "invariant_broken",
-                             f"the model raised {type(e).__name__}: {e}\n{traceback.format_exc()}", [])
+        if cluster is None:
+            results = in_children(((lambda a=a: self._one(*a)) for a in work()), _model_raised, jobs or default_jobs())
+        else:
+            cl, machine_kwargs = cluster
+            results = cl.map(CampaignRuns(self), work(), runs, elf=self.machine.elf, machine=machine_kwargs)
         try:
-            for r in in_children(work(), failed, jobs or default_jobs()):
+            for r in results:
                 rep.runs.append(r)
                 for point in {p for p, _, _ in r.fired}:
                     row = rep.table.setdefault(point, {o: 0 for o in OUTCOMES})
@@ -148,6 +154,8 @@ class Campaign:
                     self.progress(rep, runs)
         except KeyboardInterrupt:
             rep.interrupted = True
+        finally:
+            results.close()
         rep.seconds = time.perf_counter() - t0
         return rep
 
@@ -215,6 +223,25 @@ class Campaign:
             return RunReport(index, plans, "invariant_broken", "; ".join(problems[:3]), plan.fired, schedule,
                              run_seed)
         return RunReport(index, plans, outcome, res.error or kvm.bug_reason, plan.fired, schedule, run_seed)
+
+
+def _model_raised(e):
+    return RunReport(-1, [], "invariant_broken",
+                     f"the model raised {type(e).__name__}: {e}\n{traceback.format_exc()}", [])
+
+
+class CampaignRuns:
+    """Campaign.run's runs as a picklable job for a Ray worker (see emu.distributed): the
+    baseline travels with it, so a worker builds its snapshot and runs (i, plans, seed) as here."""
+
+    on_error = staticmethod(_model_raised)
+
+    def __init__(self, c):
+        self.plans, self.max_points, self.baseline = c.user_plans, c.max_points, c.baseline
+
+    def setup(self, factory):
+        c = Campaign(factory, self.plans, self.max_points, baseline=self.baseline)
+        return lambda args: c._one(*args)
 
 
 def reproducer(guest, vm, vcpus, r, flags=""):

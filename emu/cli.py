@@ -91,6 +91,14 @@ def machine_flags(args):
     return flags
 
 
+def _add_ray_options(p):
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local (a Ray runtime on "
+                        "this machine, for this run); the results are those without --ray")
+    # The tests' dying worker: the first try of this batch kills its Ray worker (os._exit).
+    p.add_argument("--ray-kill-batch", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def build_parser():
     p = _Parser(prog="python -m emu", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -117,11 +125,13 @@ def build_parser():
     ex.add_argument("--all", action="store_true", help="go on after the first failure, counting failures")
     ex.add_argument("--check-steps", action="store_true",
                     help="check the step invariants (emu.check.check_step) at every scheduling point")
+    _add_ray_options(ex)
     camp = sub.add_parser("campaign", help="many runs, each with randomly drawn fault plans (and schedules)")
     _add_run_options(camp)
     camp.add_argument("--runs", type=int, default=100, help="number of runs (default 100)")
     camp.add_argument("--seed", type=int, default=0, help="the campaign's seed: it names every run (default 0)")
     camp.add_argument("--max-points", type=int, default=3, help="fault points drawn per run, at most (default 3; 0: only the --inject plans)")
+    _add_ray_options(camp)
     inj = sub.add_parser("inject", help="fault injection: list the fault points")
     inj.add_argument("--list", action="store_true", help="list every fault point, its errors and KVM's reaction")
     return p
@@ -197,6 +207,31 @@ def cmd_run(args, out):
     return 0 if res.ok else 1
 
 
+def connect_ray(args):
+    """The Ray cluster of --ray, or None; a bad address or a missing Ray is one line."""
+    if args.ray is None:
+        return None
+    from .distributed import Cluster, ClusterError
+    try:
+        cluster = Cluster.connect(args.ray)
+    except ClusterError as e:
+        raise UsageError(str(e)) from None
+    cluster.kill_batch = args.ray_kill_batch
+    return cluster
+
+
+def run_on(cluster, fn):
+    """``fn()``, its cluster closed after it (a --ray local runtime stops); its errors one line."""
+    from .distributed import ClusterError
+    try:
+        return fn()
+    except ClusterError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
 def cmd_explore(args, out):
     from .explore import Explorer
     from .sched import decode_schedule, ScheduleError
@@ -216,11 +251,12 @@ def cmd_explore(args, out):
         raise UsageError("--depth must be at least 1")
     if args.dpor and (args.random is not None or args.replay is not None):
         raise UsageError("--dpor is an exhaustive search: it does not combine with --random or --replay")
+    if args.ray is not None and args.random is None:
+        raise UsageError("--ray runs random exploration (--random RUNS) and campaigns")
     tracer = make_tracer(args)
-    ex = Explorer(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
-                                  td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed,
-                                  host_events=args.host, bugs=args.bug),
-                  check_steps=args.check_steps)
+    mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, td_attributes=td_attributes(args),
+              no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug)
+    ex = Explorer(lambda: Machine(args.guest, **mk), check_steps=args.check_steps)
     if args.replay is not None:
         o = ex.replay(args.replay)
         for line in o.trace or []:
@@ -232,10 +268,13 @@ def cmd_explore(args, out):
         else:
             out.write(f"replayed {args.replay}: {'FAILED: ' + o.error if o.error else 'passed'}\n")
         return 1 if o.error else 0
-    progress = _Progress(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    cluster = connect_ray(args)
+    progress = _Progress(sys.stderr, cluster) if sys.stderr.isatty() and not args.json else None
     ex.progress = progress
     if args.random is not None:
-        res = ex.random(args.random, seed=args.seed, depth=args.depth, stop_at_first=not args.all)
+        res = run_on(cluster, lambda: ex.random(args.random, seed=args.seed, depth=args.depth,
+                                                stop_at_first=not args.all,
+                                                cluster=cluster and (cluster, mk)))
     elif args.dpor:
         res = ex.dpor(bound=args.bound, max_runs=args.max_runs, stop_at_first=not args.all)
     else:
@@ -249,7 +288,10 @@ def cmd_explore(args, out):
             tracer.sinks[0].out.write(line + "\n")
     tracer.close()
     if args.json:
-        out.write(json.dumps(res.as_json()) + "\n")
+        obj = res.as_json()
+        if cluster is not None:
+            obj["ray"] = cluster.stats()
+        out.write(json.dumps(obj) + "\n")
     else:
         what = (f"random (PCT depth {args.depth}, seed {args.seed})" if args.random is not None
                 else ("partial-order reduction" + ("" if args.bound is None else f", preemption bound {args.bound}")
@@ -260,6 +302,8 @@ def cmd_explore(args, out):
         out.write(f"explored {res.runs} schedules of {args.guest} ({what}, {args.vcpus} vCPUs, "
                   f"{'no freeze' if args.no_freeze else 'freeze protocol'}): {res.failures} failing, {state}, "
                   f"{res.rate:.0f} schedules/s\n")
+        if cluster is not None:
+            out.write(ray_line(cluster) + "\n")
         if f is not None:
             out.write(f"first failure: {f.error}\n  schedule:  {f.schedule}\n  minimized: {f.minimized} "
                       f"({f.preemptions} preemptions)\n  replay: python -m emu explore {args.guest} --vm {args.vm} "
@@ -280,16 +324,17 @@ def cmd_campaign(args, out):
     mem = parse_size(args.mem)
     if args.runs < 1:
         raise UsageError("--runs needs at least 1")
+    mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, td_attributes=td_attributes(args),
+              host_events=args.host, bugs=args.bug)
     try:
-        c = Campaign(lambda: Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages,
-                                     td_attributes=td_attributes(args), host_events=args.host, bugs=args.bug),
-                     plans=args.inject, max_points=args.max_points)
+        c = Campaign(lambda: Machine(args.guest, **mk), plans=args.inject, max_points=args.max_points)
     except RuntimeError as e:
         raise MachineError(str(e)) from None
-    progress = _Progress(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    cluster = connect_ray(args)
+    progress = _Progress(sys.stderr, cluster) if sys.stderr.isatty() and not args.json else None
     if progress is not None:
-        c.progress = lambda rep, total: progress.bar(len(rep.runs), total, len(rep.failures))
-    rep = c.run(args.runs, seed=args.seed)
+        c.progress = lambda rep, total: progress.bar(len(rep.runs), total, len(rep.failures), rep.seconds)
+    rep = run_on(cluster, lambda: c.run(args.runs, seed=args.seed, cluster=cluster and (cluster, mk)))
     if progress is not None:
         progress.done()
     tracer = make_tracer(args)
@@ -302,10 +347,14 @@ def cmd_campaign(args, out):
         obj = rep.as_json()
         for f, r in zip(obj["failures"], rep.failures):
             f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r, machine_flags(args))
+        if cluster is not None:
+            obj["ray"] = cluster.stats()
         out.write(json.dumps(obj) + "\n")
     else:
         out.write(f"campaign on {args.guest} ({args.vm} VM, {args.vcpus} vCPUs, seed {args.seed}): "
                   f"{len(rep.runs)} runs in {rep.seconds:.1f} s{' (interrupted)' if rep.interrupted else ''}\n")
+        if cluster is not None:
+            out.write(ray_line(cluster) + "\n")
         out.write(format_table(rep) + "\n")
         for r in rep.failures:
             out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r, machine_flags(args))}\n")
@@ -326,12 +375,31 @@ def failure_window(trace, before=10, after=4):
     return at, trace[max(0, at - before):at + after + 1]
 
 
-class _Progress:
-    """One status line on a terminal: runs, rate, failures (Ctrl-C stops and keeps what was found)."""
+def ray_line(cluster):
+    s = cluster.stats()
+    line = f"on Ray ({s['address']}): {s['workers']} workers"
+    if s["rerun_batches"]:
+        line += f", {s['rerun_batches']} batches run again after their worker died"
+    return line
 
-    def __init__(self, out):
+
+class _Progress:
+    """One status line on a terminal: runs, rate, failures, and on Ray the live workers (Ctrl-C
+    stops and keeps what was found)."""
+
+    def __init__(self, out, cluster=None):
         self.out = out
+        self.cluster = cluster
         self.last = 0.0
+        self.width = 0
+
+    def _workers(self):
+        return f", {self.cluster.workers} workers" if self.cluster is not None else ""
+
+    def _write(self, text):
+        self.width = max(self.width, len(text))
+        self.out.write("\r" + text.ljust(self.width))
+        self.out.flush()
 
     def __call__(self, res):
         import time
@@ -339,10 +407,9 @@ class _Progress:
         if now - self.last < 0.5:
             return
         self.last = now
-        self.out.write(f"\r  {res.runs} runs, {res.rate:.0f}/s, {res.failures} failing   ")
-        self.out.flush()
+        self._write(f"  {res.runs} runs, {res.rate:.0f}/s, {res.failures} failing{self._workers()}")
 
-    def bar(self, done, total, failures):
+    def bar(self, done, total, failures, seconds=0.0):
         import time
         now = time.monotonic()
         if now - self.last < 0.3 and done != total:
@@ -350,11 +417,12 @@ class _Progress:
         self.last = now
         width = 30
         filled = width * done // max(total, 1)
-        self.out.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs, {failures} failing ")
-        self.out.flush()
+        rate = f", {done / seconds:.0f}/s" if seconds else ""
+        self._write(f"  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs{rate}, {failures} failing"
+                    f"{self._workers()}")
 
     def done(self):
-        self.out.write("\r" + " " * 60 + "\r")
+        self.out.write("\r" + " " * max(self.width, 60) + "\r")
 
 
 def print_text(m, res, out):

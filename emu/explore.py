@@ -265,10 +265,12 @@ class Explorer:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def random(self, runs, seed=0, depth=3, stop_at_first=True, jobs=None):
+    def random(self, runs, seed=0, depth=3, stop_at_first=True, jobs=None, cluster=None):
         """``runs`` PCT schedules; seed s names the whole exploration.  Runs are independent, so
         ``jobs`` of them (default: one per core) run at once; results are taken in run order,
-        so the outcome does not depend on ``jobs``."""
+        so the outcome does not depend on ``jobs``.  ``cluster`` (an emu.distributed.Cluster
+        and the Machine's arguments: ``(cluster, machine_kwargs)``) runs them on Ray instead,
+        with the same results."""
         res = ExploreResult()
         t0 = time.perf_counter()
         rng = random.Random(seed)
@@ -280,17 +282,25 @@ class Explorer:
             res.runs += 1
             self._account(res, base, ReplayStrategy([d.choice for d in base.decisions]))
             if res.runs < runs and not (stop_at_first and res.first_failure is not None):
-                seeds = [rng.getrandbits(64) for _ in range(runs - 1)]
-
-                def make(s):
-                    return lambda: self._run_here(PctStrategy(random.Random(s), n, nsteps, depth), False)
-                err = lambda e: Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None)
-                for out in in_children((make(s) for s in seeds), err, jobs):
-                    res.runs += 1
-                    self._account(res, out, ReplayStrategy([d.choice for d in out.decisions]))
-                    self._tick(res, t0)
-                    if stop_at_first and res.first_failure is not None:
-                        break
+                # Run k's seed is the k-th draw of Random(seed): drawn lazily, so a long
+                # exploration (or one cut into batches for a cluster) holds no list of them.
+                seeds = (rng.getrandbits(64) for _ in range(runs - 1))
+                spec = PctRuns(self, n, nsteps, depth)
+                if cluster is None:
+                    run = spec.setup(None, here=self)
+                    outs = in_children(((lambda s=s: run(s)) for s in seeds), _explorer_error, jobs)
+                else:
+                    cl, machine_kwargs = cluster
+                    outs = cl.map(spec, seeds, runs - 1, elf=self.machine.elf, machine=machine_kwargs)
+                try:
+                    for out in outs:
+                        res.runs += 1
+                        self._account(res, out, ReplayStrategy([d.choice for d in out.decisions]))
+                        self._tick(res, t0)
+                        if stop_at_first and res.first_failure is not None:
+                            break
+                finally:
+                    outs.close()             # now, not when collected: a cluster's workers stop
             res.complete = res.runs >= runs
         except KeyboardInterrupt:
             res.interrupted = True
@@ -335,6 +345,40 @@ class Explorer:
         if self.progress is not None:
             res.seconds = time.perf_counter() - t0
             self.progress(res)
+
+
+def _explorer_error(e):
+    return Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None)
+
+
+class PctRuns:
+    """Explorer.random's runs as a picklable job: what a Ray worker needs besides the Machine
+    to run PCT schedule s exactly as this process would (see emu.distributed)."""
+
+    on_error = staticmethod(_explorer_error)
+
+    def __init__(self, ex, n, nsteps, depth):
+        self.expected = ex.expected
+        self.check_invariants, self.check_steps, self.max_steps = ex.check_invariants, ex.check_steps, ex.max_steps
+        self.n, self.nsteps, self.depth = n, nsteps, depth
+
+    def setup(self, factory, here=None):
+        """The runner: seed -> Outcome (in the forked child of a run).  ``here``: this process's
+        Explorer; without it (on a worker) one is built from ``factory``."""
+        ex = here
+        if ex is None:
+            ex = Explorer(factory, self.check_invariants, self.max_steps, self.check_steps)
+            ex.expected = self.expected
+        remote = here is None
+
+        def run(s):
+            out = ex._run_here(PctStrategy(random.Random(s), self.n, self.nsteps, self.depth), False)
+            if remote and out.error is None:
+                # Only a failure's decisions are used (its schedule, minimization): a passing
+                # run need not send hundreds of them over the network.
+                out = Outcome([], None, None)
+            return out
+        return run
 
 
 def _start_child(fn, on_error):
