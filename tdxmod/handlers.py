@@ -245,6 +245,11 @@ def tdh_vp_init(mod, r, caller):
     # The TD VMCS intercepts no exception the guest could raise (only #MC): every other one is
     # delivered through the TD's own IDT.
     v.hw.exception_bitmap = 1 << 18
+    # The "EPT-violation #VE" control is 1 for every TD (PROCBASED_CTLS2_INIT has bit 18, whatever
+    # the attributes: SEPT_VE_DISABLE is about PENDING pages only), and the VE information area
+    # is TDVPS.VE_INFO (init_guest_td_address_fields()).  The S-EPT's entries all suppress #VE,
+    # so only a shared-EPT entry of KVM's with bit 63 clear (its MMIO SPTE) is ever converted.
+    v.hw.ve_info = v.ve_info
     # The TD's CPUID: leaf 0x21 names the TDX module (Linux's tdx_early_init looks for it).
     vendor = b"IntelTDX    "
     le = lambda b: int.from_bytes(b, "little")

@@ -19,6 +19,7 @@ S-EPT are real tables in memory).
 import hashlib
 
 from emu.hw.ept import make_eptp
+from emu.hw.exits import VeInfo
 from . import abi
 from .abi import *  # noqa: F401,F403  (status codes and leaves by name)
 from .pamt import Pamt
@@ -124,9 +125,10 @@ class TdVcpu:
         self.possibly_epf_stepping = 0
         self.last_epf_gpa_list = []
         # TDVPS.VE_INFO (tdvps_ve_info_t): valid is 0xFFFFFFFF while a #VE's information is
-        # unread; TDG.VP.VEINFO.GET reads it and clears valid.
-        self.ve_info_valid = 0
-        self.ve_info = (0, 0, 0, 0, 0)   # exit reason, exit qualification, GLA, GPA, inst_len_and_info
+        # unread; TDG.VP.VEINFO.GET reads it and clears valid.  It is also the TD VMCS's
+        # virtualization-exception information area: the CPU fills it for a convertible EPT
+        # violation (init_guest_td_address_fields(); TDH.VP.INIT hands it to the vCPU).
+        self.ve_info = VeInfo()
 
 
 class TdxModule:

@@ -80,9 +80,12 @@ def tdx_inject_ve(v, hw, exit_reason, qualification, gpa=0, gla=0, insn_len=0, i
     """tdx_inject_ve(): with VE_INFO free (valid 0), fill it (exit reason, qualification, GLA,
     GPA, instruction length and information) and inject #VE (vector 20, no error code);
     with VE_INFO still unread, inject #DF(0) instead.  Guest RFLAGS.RF is set either way."""
-    if v.ve_info_valid == 0:
-        v.ve_info = (exit_reason & 0xFFFFFFFF, qualification, gla, gpa, insn_len | (insn_info << 32))
-        v.ve_info_valid = VE_INFO_CONTENTS_VALID
+    ve = v.ve_info
+    if ve.valid == 0:
+        ve.exit_reason, ve.qualification, ve.gla, ve.gpa = exit_reason & 0xFFFFFFFF, qualification, gla, gpa
+        ve.eptp_index = 0
+        ve.insn_len_info = insn_len | (insn_info << 32)
+        ve.valid = VE_INFO_CONTENTS_VALID
         hw.inject_event(VE_VECTOR)
     else:
         hw.inject_event(8, 0)
@@ -92,13 +95,17 @@ def tdx_inject_ve(v, hw, exit_reason, qualification, gpa=0, gla=0, insn_len=0, i
 def tdg_vp_veinfo_get(v, hw):
     """TDG.VP.VEINFO.GET (tdg_vp_veinfo_get.c): RCX, RDX, R8, R9, R10 zeroed; with no valid
     VE_INFO TDX_NO_VALID_VE_INFO; else RCX = exit reason, RDX = exit qualification, R8 = GLA,
-    R9 = GPA, R10 = instruction length | information << 32, and VE_INFO is free again."""
+    R9 = GPA, R10 = instruction length | information << 32, and VE_INFO is free again.  After
+    the CPU's own #VE (a convertible EPT violation) R10 is whatever the module last stored
+    there: the CPU does not write that non-architectural field (Linux decodes the
+    instruction itself for an EPT-violation #VE)."""
     hw.set_regs({"rcx": 0, "rdx": 0, "r8": 0, "r9": 0, "r10": 0})
-    if v.ve_info_valid == 0:
+    ve = v.ve_info
+    if ve.valid == 0:
         return TDX_NO_VALID_VE_INFO
-    reason, qual, gla, gpa, info = v.ve_info
-    hw.set_regs({"rcx": reason, "rdx": qual, "r8": gla, "r9": gpa, "r10": info})
-    v.ve_info_valid = 0
+    hw.set_regs({"rcx": ve.exit_reason, "rdx": ve.qualification, "r8": ve.gla, "r9": ve.gpa,
+                 "r10": ve.insn_len_info})
+    ve.valid = 0
     return TDX_SUCCESS
 
 

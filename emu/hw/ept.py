@@ -8,8 +8,11 @@ The emulated CPU (IA32_VMX_EPT_VPID_CAP as it would report it):
   execute-only pages, 4- and 5-level walks, UC and WB EPTP memory types,
   2M and 1G pages, accessed/dirty flags.  Not supported: mode-based execute
   control (bit 10 is ignored), advanced EPT-violation information (bits 9-11
-  of the qualification stay 0), sub-page write permissions, #VE (the
-  suppress-#VE bit is ignored: every violation is a VM exit).
+  of the qualification stay 0), sub-page write permissions.  The walk reports
+  the suppress-#VE bit (63) of the entry that decides whether a violation is
+  convertible (SDM "Convertible EPT Violations": the non-present entry, else the
+  leaf); the vCPU turns a convertible one into a #VE when its "EPT-violation
+  #VE" control is on (emu.hw.vcpu), which only a TD's is.
 
 Rules per entry, in the order the checks are made (Bochs'
 translate_guest_physical makes the same ones):
@@ -104,12 +107,16 @@ class EptTranslation:
 
 
 class EptViolation:
-    """Exit reason 48.  ``qualification`` has bits 0-5 set; bits 7 and 8 are the caller's to add."""
-    __slots__ = ("gpa", "qualification")
+    """Exit reason 48.  ``qualification`` has bits 0-5 set; bits 7 and 8 are the caller's to add.
+
+    ``suppress_ve`` is bit 63 of the one entry whose bit decides whether the violation is
+    convertible to a #VE (SDM Vol. 3C "Convertible EPT Violations"): the entry that was not
+    present, or else the leaf that maps the page.  Not part of equality (a walk's outcome)."""
+    __slots__ = ("gpa", "qualification", "suppress_ve")
     reason = 48
 
-    def __init__(self, gpa, qualification):
-        self.gpa, self.qualification = gpa, qualification
+    def __init__(self, gpa, qualification, suppress_ve=True):
+        self.gpa, self.qualification, self.suppress_ve = gpa, qualification, suppress_ve
 
     def __eq__(self, other):
         return (type(other) is EptViolation and self.gpa == other.gpa
@@ -199,7 +206,8 @@ def walk(mem, eptp, gpa, access, path=None, set_ad=True):
         rwx = e & EPT_RWX
         if not rwx:
             # Not present: bits 3-5 report the AND over the path, which includes this entry's 000.
-            return EptViolation(gpa, int(access))
+            # This entry's bit 63 decides whether the violation is convertible.
+            return EptViolation(gpa, int(access), bool(e & EPT_SVE))
         if rwx & 3 == 2:
             return EptMisconfig(gpa, "write without read", level, e)
         if e & RSVD_HIGH:
@@ -227,7 +235,8 @@ def walk(mem, eptp, gpa, access, path=None, set_ad=True):
         level -= 1
 
     if perms & access != access:
-        return EptViolation(gpa, int(access) | (perms << 3))
+        # A permission violation: the leaf's bit 63 decides (non-leaf entries' bit 63 is not used).
+        return EptViolation(gpa, int(access) | (perms << 3), bool(e & EPT_SVE))
 
     dirty = True
     if ad:

@@ -74,3 +74,23 @@ class VmExit:
 
     def __repr__(self):
         return f"VmExit({self.describe()})"
+
+
+class VeInfo:
+    """The virtualization-exception information area (SDM Vol. 3C "Virtualization-Exception
+    Information"; the VMCS's virtualization-exception information address points at it).  A
+    TD's is TDVPS.VE_INFO (tdvps_ve_info_t), which the TDX module also fills when it injects a
+    #VE itself and empties with TDG.VP.VEINFO.GET.
+
+    Architectural: ``exit_reason`` (offset 0), ``valid`` (offset 4: 0xFFFFFFFF once a #VE
+    stored its information, 0 when software freed it; the CPU converts an EPT violation only
+    while it is 0), ``qualification`` (8), ``gla`` (16), ``gpa`` (24), ``eptp_index`` (32).
+    ``insn_len_info`` (instruction length | information << 32) is the TDX module's
+    non-architectural field: the CPU never writes it."""
+    __slots__ = ("exit_reason", "valid", "qualification", "gla", "gpa", "eptp_index", "insn_len_info")
+
+    VALID = 0xFFFFFFFF
+
+    def __init__(self):
+        self.exit_reason = self.valid = self.qualification = self.gla = self.gpa = 0
+        self.eptp_index = self.insn_len_info = 0

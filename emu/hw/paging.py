@@ -99,7 +99,7 @@ def _ept_exit(res, paging_structure):
     q = res.qualification | EPT_VIOLATION_GVA_IS_VALID
     if not paging_structure:
         q |= EPT_VIOLATION_GVA_TRANSLATED
-    return EptViolation(res.gpa, q)
+    return EptViolation(res.gpa, q, res.suppress_ve)
 
 
 def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None, pscache=None):

@@ -14,7 +14,9 @@ raises (#DE, #UD, INT n, ...) arrive through the interrupt hook, guest #PF and
 any other is delivered through the guest's IDT (emu.hw.idt) before the guest
 runs on, and only a delivery that fails for good (a triple fault) exits.  The
 hypervisor injects events with ``inject_event``; they are delivered at the next
-entry.
+entry.  With the "EPT-violation #VE" control on (``ve_info`` set: a TD's, which
+the TDX module always enables), a convertible EPT violation is a #VE instead of
+an exit (``_convert_to_ve``).
 """
 
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
@@ -37,8 +39,9 @@ except ImportError:
 
 from . import ept as ept_mod
 from . import insn as insn_mod
-from .ept import EptTranslation, EptViolation, EptMisconfig, decode_eptp, EPT_VIOLATION_GVA_TRANSLATED
-from .exits import (VmExit, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI,
+from .ept import (EptTranslation, EptViolation, EptMisconfig, decode_eptp, decode_qualification,
+                  EPT_VIOLATION_GVA_TRANSLATED)
+from .exits import (VmExit, VeInfo, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI,
                     EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXTERNAL_INTERRUPT,
                     EXIT_REASON_TRIPLE_FAULT)
 from . import idt as idt_mod
@@ -83,6 +86,10 @@ class Vcpu:
         self.pending = None                  # the exit recorded by a hook during emu_start
         self.exception_bitmap = 0xFFFFFFFF   # VMCS exception bitmap: these vectors exit instead of delivery
         self.event = None                    # an emu.hw.idt.Event to deliver at the next entry
+        # The "EPT-violation #VE" VM-execution control and the virtualization-exception
+        # information area it writes: None while the control is 0 (every VM but a TD).
+        self.ve_info = None
+        self.ve_gpas = None                  # (emu.dpor) GPAs of #VE-converted walks, while recording
         self.eptp = None
         self.secure_eptp = None
         self.shared_mask = 0
@@ -243,7 +250,12 @@ class Vcpu:
         changed translation differs from the current path at an entry both paths share.)"""
         out = set()
         walk = ept_mod.walk
-        for gpage in self.gpa_cache:
+        gpages = list(self.gpa_cache)
+        if self.ve_gpas:
+            # Walks this step turned into a #VE read the shared EPT too (reported once).
+            gpages += [g >> 12 for g in self.ve_gpas]
+            self.ve_gpas.clear()
+        for gpage in gpages:
             gpa = gpage << 12
             if self.secure_eptp is not None and not gpa & self.shared_mask:
                 continue                     # the S-EPT: the TDX module's, tracked as a whole
@@ -393,11 +405,15 @@ class Vcpu:
                         return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
                                       misconfig=f"unicorn: {e}")
                 if self.pending is not None:
+                    p = self.pending
                     ex = self._pending_exit()
                     if ex.reason == EXIT_REASON_EXCEPTION_NMI and not self.exception_bitmap >> ex.vector & 1 \
                             and ex.misconfig is None:
                         self._raise(ex)           # delivered through the IDT before the guest goes on
                         continue
+                    if p.__class__ is EptViolation and not p.suppress_ve and self.ve_info is not None \
+                            and self._convert_to_ve(ex):
+                        continue                  # a #VE, delivered through the IDT
                     return ex
                 end = self._slice_end or ("guest_slice" if budget is not None and budget.expired else None)
                 if end is None:
@@ -416,6 +432,32 @@ class Vcpu:
         return VmExit(EXIT_REASON_HLT, reg(X.UC_X86_REG_RIP) - 1, 1, vcpu=self.index)
 
     # -- events -----------------------------------------------------------------------------------------
+    def _convert_to_ve(self, ex):
+        """A convertible EPT violation (its deciding entry has suppress-#VE clear) with the
+        "EPT-violation #VE" control on: a virtualization exception instead of the VM exit
+        when CR0.PE = 1 and the area's valid word (offset 4) is 0 (SDM Vol. 3C "Convertible
+        EPT Violations").  The CPU stores what the exit would have saved (exit reason 48, the
+        qualification with bits 7/8, GLA, the full GPA, the EPTP index), sets valid, and
+        delivers #VE (vector 20, a fault, no error code) with RIP at the faulting instruction.
+        A violation while delivering an event is never converted: that path exits
+        (``_deliver_event``).  False when it exits after all (the area is busy)."""
+        ve = self.ve_info
+        if ve.valid or not self._reg_fast(X.UC_X86_REG_CR0) & 1:
+            return False
+        ve.exit_reason = EXIT_REASON_EPT_VIOLATION
+        ve.valid = VeInfo.VALID
+        ve.qualification, ve.gla, ve.gpa, ve.eptp_index = ex.qualification, ex.gla or 0, ex.gpa, 0
+        self.uc.reg_write(X.UC_X86_REG_RIP, ex.rip)
+        self.pending = None
+        self.event = idt_mod.Event(20)
+        if self.ve_gpas is not None:
+            self.ve_gpas.append(ex.gpa)       # (emu.dpor) the walk read the entries on its path
+        if self.tracer is not None:
+            self.tracer.emit("hw_event", self.index, msg=f"#VE: convertible EPT violation at rip {ex.rip:#x} "
+                             f"gpa {ex.gpa:#x} gla {ex.gla or 0:#x} qualification {ex.qualification:#x} "
+                             f"[{decode_qualification(ex.qualification)}]")
+        return True
+
     def inject_event(self, vector, error_code=None, soft=False):
         """VM-entry event injection: ``vector`` (with ``error_code``) is delivered through the
         guest's IDT at the next entry.  RIP is what gets pushed (for a fault, the faulting

@@ -962,6 +962,8 @@ class KvmVcpu:
                 hw.on_leave = self.touch_guest if record else None
                 if record and hw.page_crc is None:
                     hw.page_crc = {}
+                if record and hw.ve_gpas is None:
+                    hw.ve_gpas = []
                 hw.slice_blocks = kvm.slice_blocks if sched.others_live() else 0
                 if not kvm.flush_owed and hw.checked_generation != kvm.tables_generation:
                     # The checker: what this vCPU caches must hold as it enters the guest.
