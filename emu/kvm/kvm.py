@@ -25,11 +25,12 @@ from .mmu import (KvmMmuMemoryCache, KvmPageFault, PFERR_WRITE_MASK, PFERR_USER_
                   PFERR_RSVD_MASK)
 from .rcu import Rcu
 from .spte import SHADOW_NONPRESENT_VALUE, PG_LEVEL_4K, MT_MASK_DEFAULT_VM, KVM_PAGES_PER_HPAGE
+from . import spte as spte_mod
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level
 from .tdp_mmu import (TdpMmu, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS,
                       RET_PF_CONTINUE, RET_PF_WRITE_PROTECTED, RET_PF_NAMES, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS,
                       KVM_ALL_ROOTS, KVM_VALID_ROOTS)
-from .x86_ops import VmxX86Ops
+from .x86_ops import VmxX86Ops, X86EMUL_RETRY_INSTR
 from .bugs import Bugs
 from ..hostmm import MIGRATING
 
@@ -193,6 +194,8 @@ class Kvm:
         self.nx_huge_pages = False
         self.has_mirrored_tdp = vm_type == KVM_X86_TDX_VM
         self.mt_mask = MT_MASK_DEFAULT_VM
+        # kvm->arch.shadow_mmio_value: the EPT misconfig value; TDX sets 0 (tdx_vm_init()).
+        self.shadow_mmio_value = spte_mod.shadow_mmio_value
         self.root_level = 4
         # kvm_mmu_max_gfn() + 1: GFNs the TDP MMU may map (shadow_phys_bits = MAXPHYADDR)
         self.max_gfn_exclusive = 1 << (MAXPHYADDR - 12)
@@ -844,6 +847,13 @@ class KvmVcpu:
                 return 0                      # -EFAULT with kvm_run filled in: userspace reads it
             raise KvmIoctlError(-r, f"page fault at gpa {gpa:#x} failed ({r})")
         if r != RET_PF_EMULATE:
+            return 1
+        # x86_emulate_instruction() asks the vendor first (kvm_check_emulate_insn()): a TD's
+        # instructions cannot be read, so TDX answers X86EMUL_RETRY_INSTR and the guest runs
+        # the access again (vt_check_emulate_instruction()): now over the MMIO SPTE just
+        # installed, whose suppress-#VE bit is clear, so the CPU gives the TD a #VE and its
+        # handler asks for the MMIO with TDG.VP.VMCALL<#VE.RequestMMIO>.
+        if self.kvm.x86_ops.check_emulate_instruction(self) == X86EMUL_RETRY_INSTR:
             return 1
         # Emulation: this model has no instruction emulator, so the access goes to
         # userspace as MMIO, which is what KVM does for MMIO and read-only-slot writes.

@@ -209,7 +209,7 @@ def handle_mmio_page_fault(vcpu, addr):
     spte = vcpu.kvm.get_leaf_spte(vcpu, addr)
     if spte is None:
         return RET_PF_RETRY
-    if is_mmio_spte(spte):
+    if is_mmio_spte(spte, vcpu.kvm.shadow_mmio_value):
         # check_mmio_spte(): an SPTE from before the last memslot change may be wrong now
         # (a slot was added there): let the normal fault path replace it.
         if get_mmio_spte_generation(spte) != vcpu.kvm.memslots_generation & MMIO_SPTE_GEN_MASK:

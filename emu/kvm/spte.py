@@ -47,9 +47,13 @@ SHADOW_NONPRESENT_VALUE = 1 << 63
 REMOVED_SPTE = SHADOW_NONPRESENT_VALUE | 0x5A0
 FROZEN_SPTE = REMOVED_SPTE
 
-# MMIO SPTEs: EPT misconfig value W|X (0b110), so an access exits as a misconfig.
+# MMIO SPTEs: EPT misconfig value W|X (0b110), so an access exits as a misconfig.  The value
+# is per VM (kvm->arch.shadow_mmio_value, Kvm.shadow_mmio_value): a TD's is 0
+# (kvm_mmu_set_mmio_spte_value(kvm, 0) in tdx_vm_init()), so its MMIO SPTEs have RWX = 0 and
+# suppress-#VE clear, and an access is a #VE in the guest, not an exit.  The mask is global.
 shadow_mmio_mask = VMX_EPT_RWX_MASK | VMX_EPT_SUPPRESS_VE_BIT
 shadow_mmio_value = VMX_EPT_WRITABLE_MASK | VMX_EPT_EXECUTABLE_MASK
+VMX_EPT_MISCONFIG_WX_VALUE = VMX_EPT_WRITABLE_MASK | VMX_EPT_EXECUTABLE_MASK
 shadow_mmio_access_mask = 0       # ACC bits are not kept in EPT MMIO SPTEs in this model
 
 # Memory type bits KVM ORs into leaf SPTEs (vmx_get_mt_mask) for ordinary RAM.
@@ -97,8 +101,9 @@ def is_removed_spte(spte):
 is_frozen_spte = is_removed_spte
 
 
-def is_mmio_spte(spte):
-    return (spte & shadow_mmio_mask) == shadow_mmio_value and not spte & SPTE_MMU_PRESENT_MASK
+def is_mmio_spte(spte, mmio_value=shadow_mmio_value):
+    """is_mmio_spte(kvm, spte): pass the VM's ``kvm.shadow_mmio_value`` (0 for a TD)."""
+    return (spte & shadow_mmio_mask) == mmio_value and not spte & SPTE_MMU_PRESENT_MASK
 
 
 def is_writable_pte(spte):
@@ -118,8 +123,10 @@ def is_dirty_spte(spte):
 
 
 def is_ept_ve_possible(spte):
-    """An SPTE hardware would turn into a #VE: SVE clear and not the W|X MMIO value."""
-    return not spte & VMX_EPT_SUPPRESS_VE_BIT and (spte & VMX_EPT_RWX_MASK) != shadow_mmio_value
+    """An SPTE hardware would turn into a #VE: SVE clear and not the W|X MMIO value.  (A TD's
+    MMIO SPTE is one, on purpose: upstream's KVM_MMU_WARN_ON of it is compiled only with
+    CONFIG_KVM_PROVE_MMU, and this model does not check it on writes.)"""
+    return not spte & VMX_EPT_SUPPRESS_VE_BIT and (spte & VMX_EPT_RWX_MASK) != VMX_EPT_MISCONFIG_WX_VALUE
 
 
 def make_spte(level, pfn, pte_access, mt_mask, host_writable=True, prefetch=False):
@@ -154,10 +161,11 @@ MMIO_SPTE_GEN_HIGH_SHIFT = 52        # generation bits 18:8 in SPTE bits 62:52
 MMIO_SPTE_GEN_MASK = (1 << 19) - 1
 
 
-def make_mmio_spte(gfn, generation=0):
-    """An MMIO SPTE: the W|X misconfig value, the GFN, and the memslots generation it was made in."""
+def make_mmio_spte(gfn, generation=0, mmio_value=shadow_mmio_value):
+    """make_mmio_spte(): the VM's MMIO value (W|X, a misconfig; a TD's is 0), the GFN, and the
+    memslots generation it was made in."""
     gen = generation & MMIO_SPTE_GEN_MASK
-    return (shadow_mmio_value | (gfn << 12) | ((gen & 0xFF) << MMIO_SPTE_GEN_LOW_SHIFT)
+    return (mmio_value | (gfn << 12) | ((gen & 0xFF) << MMIO_SPTE_GEN_LOW_SHIFT)
             | ((gen >> 8) << MMIO_SPTE_GEN_HIGH_SHIFT))
 
 

@@ -492,7 +492,8 @@ class TdpMmu:
                 and is_access_allowed(fault, it.old_spte)):
             return RET_PF_SPURIOUS
         if fault.slot is None:
-            new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp), kvm.memslots_generation)
+            new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp), kvm.memslots_generation,
+                                      kvm.shadow_mmio_value)
         else:
             new_spte, _wrprot = make_spte(it.level, fault.pfn, ACC_ALL, kvm.mt_mask, host_writable=fault.map_writable)
         if new_spte == it.old_spte:
@@ -504,7 +505,7 @@ class TdpMmu:
             ret = RET_PF_FIXED
         else:
             ret = RET_PF_FIXED
-        if is_mmio_spte(new_spte):
+        if is_mmio_spte(new_spte, kvm.shadow_mmio_value):
             vcpu.stat["pf_mmio_spte_created"] += 1
             return RET_PF_EMULATE
         if kvm.tracer.enabled:

@@ -20,7 +20,8 @@ from .spte import PG_LEVEL_4K, MT_MASK_TDX_VM
 from .tdp_mmu import RET_PF_RETRY, EBUSY, EIO, EINVAL, KVM_MIRROR_ROOTS
 from .x86_ops import VmxX86Ops
 from .uapi import KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_HLT, KVM_EXIT_SYSTEM_EVENT, \
-    KVM_EXIT_HYPERCALL
+    KVM_EXIT_HYPERCALL, KVM_EXIT_MMIO
+from .x86_ops import X86EMUL_RETRY_INSTR
 
 KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
@@ -105,6 +106,10 @@ class TdxX86Ops(VmxX86Ops):
         tdx = kvm.tdx = KvmTdx()
         kvm.gfn_direct_bits = (1 << 47) >> 12
         kvm.mt_mask = MT_MASK_TDX_VM
+        # kvm_mmu_set_mmio_spte_value(kvm, 0): a TD's MMIO SPTE has RWX = 0 (an EPT violation,
+        # not a misconfig) and suppress-#VE clear, so the CPU gives the TD a #VE for it and the
+        # TD asks for the MMIO with TDG.VP.VMCALL<#VE.RequestMMIO> (KVM cannot read its code).
+        kvm.shadow_mmio_value = 0
         host = kvm.host
         tdx.attributes = self.td_attributes
         tdx.hkid = self._alloc_hkid()
@@ -179,6 +184,12 @@ class TdxX86Ops(VmxX86Ops):
         regs["rip"] = self.vp_rd(vcpu, MD_TDVPS_RIP)
         regs["cr3"] = self.vp_rd(vcpu, MD_TDVPS_CR3)
         return regs
+
+    def check_emulate_instruction(self, vcpu):
+        """vt_check_emulate_instruction(): a TD's instructions cannot be emulated; the only way
+        here is MMIO, so let the guest run the access again over the MMIO SPTE (suppress-#VE
+        clear): a #VE, and the guest's TDG.VP.VMCALL<#VE.RequestMMIO>."""
+        return X86EMUL_RETRY_INSTR
 
     def load_mmu_pgd(self, vcpu, root_hpa, root_level):
         """tdx_load_mmu_pgd(): KVM's direct root is the TD's shared EPT pointer."""
@@ -508,9 +519,49 @@ class TdxX86Ops(VmxX86Ops):
             vcpu.exit_to_user(KVM_EXIT_SYSTEM_EVENT, type=KVM_SYSTEM_EVENT_TDX_FATAL,
                               data=[out.r12, out.r13, out.r14, out.r15])
             return 0
+        if sub == A.TDVMCALL_VE_REQUEST_MMIO:
+            # tdcall_to_vmx_exit_reason() makes it EXIT_REASON_EPT_MISCONFIG: tdx_emulate_mmio().
+            return self.emulate_mmio(vcpu, out)
         if sub == A.TDVMCALL_MAP_GPA:
             return self.map_gpa(vcpu, out.r12, out.r13)
         t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
+        return 1
+
+    def emulate_mmio(self, vcpu, out):
+        """tdx_emulate_mmio(): TDG.VP.VMCALL<#VE.RequestMMIO> with R12 = size (1, 2, 4, 8), R13 =
+        direction (0 read, 1 write), R14 = the GPA (shared: with the shared bit), R15 = the value
+        to write.  A bad size or direction, or a private GPA (either end): R10 =
+        TDVMCALL_STATUS_INVALID_OPERAND.  Else the shared bit is stripped and, with no in-kernel
+        device on the MMIO bus (kvm_io_bus_read/write() fail: this model has none), the access
+        goes to userspace as KVM_EXIT_MMIO (phys_addr, len, is_write, data); a read completes
+        with tdx_complete_mmio_read(): R11 = the data userspace put in kvm_run.  R10 is left as
+        the guest passed it (0: success)."""
+        t = vcpu.arch
+        kvm = vcpu.kvm
+        size, write, gpa = out.r12, out.r13, out.r14
+        val = out.r15 if write else 0
+        shared = kvm.gfn_direct_bits << 12
+        if size not in (1, 2, 4, 8) or write not in (0, 1) \
+                or not gpa & shared or not (gpa + size - 1) & shared:
+            t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
+            return 1
+        gpa &= ~shared
+        data = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")    # memcpy(data, &val, size)
+        if write:
+            kvm.trace_emit("kvm_mmio", vcpu.vcpu_id, type="write", len=size, gpa=gpa, val=val)
+            vcpu.exit_to_user(KVM_EXIT_MMIO, phys_addr=gpa, len=size, is_write=True, data=data)
+        else:
+            kvm.trace_emit("kvm_mmio", vcpu.vcpu_id, type="read_unsatisfied", len=size, gpa=gpa, val=0)
+            vcpu.exit_to_user(KVM_EXIT_MMIO, phys_addr=gpa, len=size, is_write=False, data=bytes(size))
+            vcpu.complete_userspace_io = self.complete_mmio_read
+        return 0
+
+    def complete_mmio_read(self, vcpu, run):
+        """tdx_complete_mmio_read(): the first len bytes userspace left in kvm_run's data, as
+        the TDVMCALL's R11."""
+        val = int.from_bytes(bytes(run.data[:run.len]), "little")
+        vcpu.arch.ret_r11 = val
+        vcpu.kvm.trace_emit("kvm_mmio", vcpu.vcpu_id, type="read", len=run.len, gpa=run.phys_addr, val=val)
         return 1
 
     def map_gpa(self, vcpu, gpa, size):

@@ -15,6 +15,11 @@ from .uapi import KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR
 from ..hw.exits import EXIT_REASON_TRIPLE_FAULT
 
 
+# x86_emulate_instruction()'s results (arch/x86/kvm/kvm_emulate.h)
+X86EMUL_CONTINUE = 0
+X86EMUL_RETRY_INSTR = 3
+
+
 class VmxX86Ops:
     name = "vmx"
 
@@ -64,6 +69,10 @@ class VmxX86Ops:
 
     def reflect_free_spt(self, kvm, gfn, level, external_spt):
         raise AssertionError("reflect_free_spt on a VM without a mirror root")
+
+    def check_emulate_instruction(self, vcpu):
+        """vmx_check_emulate_instruction(): VMX can emulate (the model's KVM_EXIT_MMIO stands in)."""
+        return X86EMUL_CONTINUE
 
     # -- running ---------------------------------------------------------------------------------------
     def vcpu_run(self, vcpu):
