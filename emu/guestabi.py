@@ -39,6 +39,18 @@ it, and the strings, from the loaded ELF image, not from guest memory: a TD's
 memory is private, and the image is what was loaded there.  After an assert the
 vCPU is stopped; the run ends with exit "fail".
 
+MMIO: every GPA outside guest memory has no memslot, so an access to it is MMIO.
+The VMM serves one device there, a page of 8-byte registers at EMU_MMIO_GPA
+(EMU_MMIO_REG_*: ID reads EMU_MMIO_ID; SCRATCH reads back what was written,
+byte by byte; WRITES counts the writes the device took; ID and WRITES ignore
+writes).  An access must stay inside one register; any other MMIO access ends
+the run.  No mapping is made for it: a guest maps the page itself (a TD at
+EMU_MMIO_GPA | the shared bit).  In a TD an access is a #VE that the runtime's
+handler turns into TDG.VP.VMCALL<#VE.RequestMMIO> (R11 = 48, R12 = size, R13 =
+0 read / 1 write, R14 = GPA, R15 = the value written; the value read comes
+back in R11).  In a plain VM KVM would emulate the instruction; this model has
+no instruction emulator, so there the access ends the run.
+
 A vCPU ends with HLT.  A guest that does not use the runtime still works; it
 just reports nothing.
 """
@@ -75,6 +87,16 @@ TDX_CPUID_VENDOR = b"IntelTDX    " # EBX, EDX, ECX of CPUID leaf 0x21 in a TD
 # A TD's shared memory: the loader maps the shared alias of every GPA (GPA | the
 # VM's shared bit) at this GVA + GPA, with 2M pages.
 TD_SHARED_WINDOW_GVA = 1 << 46
+
+# The VMM's MMIO device (no memslot there).  Guest memory must end below it.
+EMU_MMIO_GPA = 0x7F0000000000
+EMU_MMIO_REG_ID = 0x0             # read-only: EMU_MMIO_ID
+EMU_MMIO_REG_SCRATCH = 0x8        # read/write
+EMU_MMIO_REG_WRITES = 0x10        # read-only: the writes the device took
+EMU_MMIO_REGS = 0x18              # the registers' end
+EMU_MMIO_ID = 0x4F494D4D2D554D45  # b"EMU-MMIO", little-endian
+TDVMCALL_VE_REQUEST_MMIO = 48     # GHCI TDG.VP.VMCALL<#VE.RequestMMIO>, R11 (EXIT_REASON_EPT_VIOLATION)
+TDVMCALL_EXPOSE_REGS_MMIO = 0xFC00  # R10 to R15
 
 # Memory layout.
 GUEST_LOAD_BASE = 0x100000        # where guest/link.ld puts the image (1 MiB)

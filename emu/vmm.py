@@ -78,6 +78,9 @@ class Machine:
         if mem % guestabi.MEM_ALIGN or mem < guestabi.MIN_MEM_SIZE:
             raise MachineError(f"guest memory must be a multiple of 2 MiB and at least "
                                f"{guestabi.MIN_MEM_SIZE >> 20} MiB (got {mem:#x})")
+        if mem > guestabi.EMU_MMIO_GPA:
+            raise MachineError(f"guest memory of {mem:#x} bytes would reach the MMIO device at GPA "
+                               f"{guestabi.EMU_MMIO_GPA:#x}")
         try:
             self.elf = guests.resolve(guest)
             self.image = loader.load_elf(self.elf)
@@ -89,6 +92,9 @@ class Machine:
             td_attributes = TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG
         self.mem_size = mem
         self.nvcpus = vcpus
+        # The MMIO device's state (guestabi.EMU_MMIO_*): the scratch register, the writes taken.
+        self.mmio_scratch = bytearray(8)
+        self.mmio_writes = 0
         self.tracer = tracer or NULL_TRACER
         if self.tracer.enabled:
             self.tracer.symbolize = self.image.symbolize
@@ -398,12 +404,25 @@ class Machine:
             self.tracer.emit("guest_assert", v.vcpu_id, msg=res.error) if self.tracer.enabled else None
             return "fail"
         name = EXIT_NAMES.get(r, str(r))
-        if r == KVM_EXIT_MMIO:
+        if r == KVM_EXIT_MMIO and getattr(run, "len", None) is not None:
+            # An access KVM decoded for us (a TD's TDG.VP.VMCALL<#VE.RequestMMIO>): the device's.
+            why = self._mmio(run)
+            if why is None:
+                return None
+            msg = (f"{'write to' if run.is_write else 'read of'} {run.len} bytes at GPA {run.phys_addr:#x} "
+                   f"(MMIO: {why}) at rip {rip:#x} {self.symbolize(rip)}")
+        elif r == KVM_EXIT_MMIO:
             insn = v.disassemble(rip)
             s = self.kvm.gfn_to_memslot(run.phys_addr >> 12)
             slot = "no memslot" if s is None else ("a read-only memslot" if s.readonly else f"memslot {s.id}")
-            msg = (f"{'write to' if run.is_write else 'read of'} GPA {run.phys_addr:#x} ({slot}, MMIO with no "
-                   f"device) at rip {rip:#x} {self.symbolize(rip)}: {insn}")
+            device = "MMIO with no device"
+            if s is None and run.phys_addr >> 12 == guestabi.EMU_MMIO_GPA >> 12:
+                # KVM would emulate the instruction (x86_emulate_instruction()); the model has no
+                # emulator, so it cannot say what the access is: only a TD's device accesses,
+                # which the guest decodes itself, reach the device.
+                device = "the MMIO device, which this model serves only to a TD: KVM has no instruction emulator"
+            msg = (f"{'write to' if run.is_write else 'read of'} GPA {run.phys_addr:#x} ({slot}, {device}) "
+                   f"at rip {rip:#x} {self.symbolize(rip)}: {insn}")
         elif r == KVM_EXIT_SHUTDOWN:
             vec = VECTOR_NAMES.get(run.vector, f"vector {run.vector}")
             detail = ""
@@ -431,6 +450,33 @@ class Machine:
         res.exit = name
         res.error = f"vCPU {v.vcpu_id}: {msg}"
         return name
+
+    def _mmio(self, run):
+        """KVM_EXIT_MMIO with the access decoded (phys_addr, len, is_write, data): the device's
+        registers (guestabi.EMU_MMIO_*).  A read leaves the value in ``run.data`` (KVM's
+        completion hands it to the guest).  None when served, else why not (one line)."""
+        off = run.phys_addr - guestabi.EMU_MMIO_GPA
+        n = run.len
+        if not 0 <= off < 0x1000:
+            return "no device at this GPA"
+        if off + n > guestabi.EMU_MMIO_REGS or off >> 3 != (off + n - 1) >> 3:
+            return f"the device has no register at offset {off:#x} for {n} bytes"
+        # (emu.dpor) the device is shared by every vCPU
+        self.kvm.touch(("mmio_device",), run.is_write)
+        reg, at = off & ~7, off & 7
+        if run.is_write:
+            self.mmio_writes += 1
+            if reg == guestabi.EMU_MMIO_REG_SCRATCH:
+                self.mmio_scratch[at:at + n] = bytes(run.data[:n])
+            return None                           # ID and WRITES ignore writes
+        if reg == guestabi.EMU_MMIO_REG_ID:
+            value = guestabi.EMU_MMIO_ID.to_bytes(8, "little")
+        elif reg == guestabi.EMU_MMIO_REG_SCRATCH:
+            value = bytes(self.mmio_scratch)
+        else:
+            value = self.mmio_writes.to_bytes(8, "little")
+        run.data = value[at:at + n]
+        return None
 
     def _assert_site(self, vcpu, site, a, b):
         """The failed assert as a dict (vcpu, file, line, expr, kind, a, b, message), the message
