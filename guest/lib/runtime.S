@@ -539,23 +539,44 @@ emu_idt_set:
 # then virt_exception_kernel()): TDG.VP.VEINFO.GET, then by exit reason
 #   EPT violation (48) on a private GPA: TDG.MEM.PAGE.ACCEPT of its 4K page
 #     (the lazy accept), and the access runs again;
+#   EPT violation (48) on a shared GPA: MMIO (handle_mmio()): decode the
+#     instruction at the saved RIP, make the access with
+#     TDG.VP.VMCALL<#VE.RequestMMIO> (R11 = 48, R12 = size, R13 = 0 read /
+#     1 write, R14 = the GPA from VE_INFO, R15 = the value written), put a
+#     value read into the register, and RIP skips the instruction (its
+#     length from the decode: VE_INFO has none for an EPT violation);
 #   HLT (12): TDG.VP.VMCALL<Instruction.HLT>, then RIP skips the HLT (the
 #     instruction length from VE_INFO);
-#   anything else (an EPT violation on a shared GPA, MMIO, included):
-#     emu_fail with 0x5645_0000 | exit reason ("VE").
+#   anything else: emu_fail with 0x5645_0000 | exit reason ("VE").
+# The MMIO decoder knows only MOV between a register and memory (88, 89, 8A,
+# 8B; 66 and REX prefixes; any ModRM/SIB/displacement form, RIP-relative
+# included): 1, 2, 4 or 8 bytes.  A 4-byte read zero-extends the register, 1
+# and 2 bytes replace its low bytes (AH, CH, DH, BH without REX), as the CPU
+# does.  Any other instruction (and RSP as the register) is emu_fail
+# 0x5645_0030; a TDVMCALL the VMM refuses is emu_fail with its status (R10).
+# The guest's registers are saved as a block, [rsp + 8 * n] = GPR n (RAX,
+# RCX, RDX, RBX, (RSP), RBP, RSI, RDI, R8..R15), the CPU's frame above them.
 # ---------------------------------------------------------------------------
+.equ VE_FRAME_RIP, 16 * 8                   # the CPU's frame: RIP, CS, RFLAGS, RSP, SS
     .globl emu_ve_handler
     .type emu_ve_handler, @function
 emu_ve_handler:
-    push rax
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push r8
-    push r9
-    push r10
+    push r15
+    push r14
+    push r13
+    push r12
     push r11
+    push r10
+    push r9
+    push r8
+    push rdi
+    push rsi
+    push rbp
+    push rsp                                # a placeholder for GPR 4 (never written back)
+    push rbx
+    push rdx
+    push rcx
+    push rax
     mov eax, TDG_VP_VEINFO_GET
     TDCALL
     test rax, rax
@@ -566,11 +587,9 @@ emu_ve_handler:
     je .Lve_hlt
     jmp .Lve_fail
 .Lve_ept:
-    push rcx
-    call emu_shared_bit
-    pop rcx
+    call emu_shared_bit                     # (keeps rcx, r8, r9)
     test r9, rax
-    jnz .Lve_fail                           # a shared GPA: MMIO, which this runtime does not emulate
+    jnz .Lve_mmio                           # a shared GPA: MMIO
     mov rdi, r9
     and rdi, -PAGE_SIZE
     mov esi, PAGE_SIZE
@@ -581,18 +600,172 @@ emu_ve_handler:
 .Lve_hlt:
     call emu_halt                           # TDG.VP.VMCALL<Instruction.HLT>
     mov eax, r10d                           # the instruction length
-    add qword ptr [rsp + 72], rax           # the saved RIP, past the HLT
+    add qword ptr [rsp + VE_FRAME_RIP], rax # the saved RIP, past the HLT
+    jmp .Lve_done
+
+.Lve_mmio:
+    mov r14, r9                             # R14 = the GPA, as VE_INFO has it (shared bit set)
+    mov rsi, qword ptr [rsp + VE_FRAME_RIP] # the instruction
+    mov rdi, rsi                            # the decode cursor
+    xor r8d, r8d                            # r8 = the REX byte (0: none)
+    xor r9d, r9d                            # r9 = 1 with an operand-size (66) prefix
+.Lmmio_prefix:
+    movzx eax, byte ptr [rdi]
+    cmp al, 0x66
+    jne .Lmmio_rex
+    mov r9d, 1
+    inc rdi
+    jmp .Lmmio_prefix
+.Lmmio_rex:
+    mov edx, eax
+    and edx, 0xf0
+    cmp edx, 0x40
+    jne .Lmmio_opcode
+    mov r8d, eax
+    inc rdi
+    movzx eax, byte ptr [rdi]
+.Lmmio_opcode:
+    mov edx, eax
+    and edx, 0xfc
+    cmp edx, 0x88                           # 88, 89: register to memory; 8A, 8B: memory to register
+    jne .Lmmio_bad
+    mov r13d, eax
+    shr r13d, 1
+    and r13d, 1
+    xor r13d, 1                             # R13 = 1 (write) for 88/89, 0 (read) for 8A/8B
+    mov r12d, 1                             # R12 = the size: 1 for 88/8A,
+    test al, 1
+    jz .Lmmio_modrm
+    mov r12d, 8                             # 8 with REX.W,
+    test r8d, 8
+    jnz .Lmmio_modrm
+    mov r12d, 2                             # 2 with 66,
+    test r9d, r9d
+    jnz .Lmmio_modrm
+    mov r12d, 4                             # else 4
+.Lmmio_modrm:
+    movzx eax, byte ptr [rdi + 1]           # ModRM
+    add rdi, 2                              # past the opcode and ModRM
+    mov edx, eax
+    shr edx, 6                              # mod
+    cmp edx, 3
+    je .Lmmio_bad                           # a register operand: not an access
+    mov ecx, eax
+    and ecx, 7                              # rm
+    cmp ecx, 4
+    jne .Lmmio_no_sib
+    movzx ecx, byte ptr [rdi]               # SIB
+    inc rdi
+    and ecx, 7                              # its base: 5 with mod 0 means disp32, no base
+    test edx, edx
+    jnz .Lmmio_disp
+    cmp ecx, 5
+    jne .Lmmio_disp
+    add rdi, 4
+    jmp .Lmmio_disp
+.Lmmio_no_sib:
+    test edx, edx
+    jnz .Lmmio_disp
+    cmp ecx, 5                              # mod 0, rm 5: RIP-relative disp32
+    jne .Lmmio_disp
+    add rdi, 4
+.Lmmio_disp:
+    cmp edx, 1
+    jne 1f
+    inc rdi                                 # disp8
+1:  cmp edx, 2
+    jne 2f
+    add rdi, 4                              # disp32
+2:  # The register: ModRM.reg, REX.R its bit 3.  rbx = its slot (AH..BH: byte 1 of RAX..RBX).
+    mov ebx, eax
+    shr ebx, 3
+    and ebx, 7
+    test r8d, 4
+    jz 3f
+    or ebx, 8
+3:  cmp r12d, 1
+    jne 4f
+    test r8d, r8d
+    jnz 4f
+    cmp ebx, 4
+    jb 4f
+    lea rbx, [rsp + rbx * 8 - 4 * 8 + 1]    # AH, CH, DH, BH
+    jmp .Lmmio_call
+4:  cmp ebx, 4
+    je .Lmmio_bad                           # RSP
+    lea rbx, [rsp + rbx * 8]
+.Lmmio_call:
+    xor r15d, r15d                          # R15 = the value written (0 for a read)
+    test r13d, r13d
+    jz .Lmmio_vmcall
+    cmp r12d, 8
+    jne 5f
+    mov r15, qword ptr [rbx]
+    jmp .Lmmio_vmcall
+5:  cmp r12d, 4
+    jne 6f
+    mov r15d, dword ptr [rbx]
+    jmp .Lmmio_vmcall
+6:  cmp r12d, 2
+    jne 7f
+    movzx r15d, word ptr [rbx]
+    jmp .Lmmio_vmcall
+7:  movzx r15d, byte ptr [rbx]
+.Lmmio_vmcall:
+    mov eax, TDG_VP_VMCALL
+    mov ecx, TDVMCALL_EXPOSE_REGS_MMIO      # R10 to R15
+    xor r10d, r10d                          # GHCI standard
+    mov r11d, TDVMCALL_VE_REQUEST_MMIO
+    TDCALL
+    test rax, rax
+    jnz .Lmmio_failed
+    test r10, r10
+    jnz .Lmmio_failed
+    test r13d, r13d
+    jnz .Lmmio_next                         # a write: done
+    cmp r12d, 8                             # a read: R11 = the value
+    jne 5f
+    mov qword ptr [rbx], r11
+    jmp .Lmmio_next
+5:  cmp r12d, 4
+    jne 6f
+    mov eax, r11d                           # a 32-bit load zero-extends the register
+    mov qword ptr [rbx], rax
+    jmp .Lmmio_next
+6:  cmp r12d, 2
+    jne 7f
+    mov word ptr [rbx], r11w
+    jmp .Lmmio_next
+7:  mov byte ptr [rbx], r11b
+.Lmmio_next:
+    sub rdi, rsi                            # the instruction's length
+    add qword ptr [rsp + VE_FRAME_RIP], rdi
 .Lve_done:
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
     pop rax
+    pop rcx
+    pop rdx
+    pop rbx
+    add rsp, 8                              # the RSP placeholder
+    pop rbp
+    pop rsi
+    pop rdi
+    pop r8
+    pop r9
+    pop r10
+    pop r11
+    pop r12
+    pop r13
+    pop r14
+    pop r15
     iretq
+.Lmmio_failed:
+    mov rdi, rax
+    test rax, rax
+    jnz 8f
+    mov rdi, r10                            # the TDVMCALL status
+8:  call emu_fail
+.Lmmio_bad:
+    mov ecx, 48
 .Lve_fail:
     mov edi, ecx
     or edi, 0x56450000
