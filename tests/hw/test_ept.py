@@ -941,3 +941,32 @@ class TestRandomTrees:
             (pd_base | 5 << 21, 2): (MAP, FRAME[2], R, (p.hpa[4], p.hpa[3], pd + 8 * 5)),
             (pd_base | 6 << 21, 2): (ABSENT,),
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Convertible EPT violations (SDM Vol. 3C "Convertible EPT Violations")
+# ---------------------------------------------------------------------------------------------
+
+SVE = 1 << 63
+
+
+@pytest.mark.parametrize("level", [4, 3, 2, 1])
+def test_suppress_ve_of_a_not_present_entry(level):
+    """A not-present entry decides: its own bit 63 (KVM's SHADOW_NONPRESENT_VALUE sets it; a
+    TD's MMIO SPTE of value 0 does not)."""
+    for sve in (0, SVE):
+        p = std_path(flags={level: sve})
+        got = p.walk(Access.READ)
+        assert_violation(got, GPA, 1)
+        assert got.suppress_ve is bool(sve)
+
+
+def test_suppress_ve_of_a_permission_violation_is_the_leafs():
+    """A present path: only the leaf's bit 63 is used, a non-leaf entry's is not."""
+    p = std_path(flags={1: 1 | (6 << 3)}, extra={4: SVE, 3: SVE, 2: SVE})     # leaf R only, SVE clear
+    got = p.walk(Access.WRITE)
+    assert_violation(got, GPA, 2 | (1 << 3))
+    assert got.suppress_ve is False
+    p = std_path(flags={1: 1 | (6 << 3) | SVE})
+    got = p.walk(Access.WRITE)
+    assert got.suppress_ve is True
