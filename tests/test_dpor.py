@@ -75,6 +75,15 @@ def test_dpor_reaches_every_outcome_the_bounded_search_reaches_no_freeze():
     assert dpor.runs * 5 <= dfs.runs
 
 
+def test_dpor_reaches_what_the_bounded_search_reaches_accept2():
+    """Soundness on a guest where both vCPUs accept the same pages (module locks, BUSY, retries)."""
+    make = lambda: Machine("accept2", vm="tdx", vcpus=2)   # noqa: E731
+    dfs, dfs_seen = _signatures(Explorer(make), lambda ex: ex.dfs(bound=1, stop_at_first=False))
+    dpor, dpor_seen = _signatures(Explorer(make), lambda ex: ex.dpor(bound=1, stop_at_first=False))
+    assert dfs.complete and dpor.complete
+    assert dpor_seen == dfs_seen and dpor.runs < dfs.runs
+
+
 def test_dpor_unbounded_race2_is_complete_and_clean():
     res = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2)).dpor()
     assert res.complete and res.failures == 0 and res.first_failure is None
