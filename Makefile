@@ -34,7 +34,7 @@ check-cc:
 	  { echo "error: no C compiler found (gcc or clang): C guests are compiled with one; install it: apt-get install gcc"; exit 1; }
 
 guests: $(STAMP) check-binutils check-cc
-	$(PY) -m emu.guests build
+	$(PY) -m emu.userspace.guests build
 
 run-guest: guests
 	$(PY) -m emu run $(GUEST) $(RUNARGS)

@@ -13,11 +13,11 @@ import traceback
 import unicorn
 
 from . import Context
-from . import hw
-from . import kvm
-from . import td
-from . import trace
-from . import memory
+from bench import hw
+from bench import kvm
+from bench import td
+from bench import trace
+from bench import memory
 
 # -- the registry -------------------------------------------------------------------------------------
 # (name, function ctx -> list[Result]), run in this order.  Add new layers here.  Baselines shared by
@@ -87,7 +87,7 @@ def main(argv=None):
             print(f"{name:16} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
         return 0
     if args.profile:
-        from . import prof
+        from bench import prof
         prof.main(Context(repeats=args.repeats, scale=args.scale))
         return 0
 

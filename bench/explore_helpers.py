@@ -2,7 +2,7 @@
 
 import traceback
 
-from emu.explore import in_child
+from emu.checkers.explore import in_child
 
 
 def in_child_value(fn):

@@ -3,8 +3,8 @@
 import os
 
 from . import Result
-from . import hw
-from emu.vmm import Machine
+from bench import hw
+from emu.userspace.vmm import Machine
 
 GUEST = os.path.join(os.path.dirname(__file__), "guests", "newpages.S")
 NEWPAGES = 2048

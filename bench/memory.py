@@ -10,7 +10,7 @@ GUEST = os.path.join(os.path.dirname(__file__), "guests", "spread.S")
 
 
 def _peak_rss_of_run(vm):
-    from emu.vmm import Machine
+    from emu.userspace.vmm import Machine
     m = Machine(GUEST, vm=vm, mem=4 << 30, vcpus=1)
     res = m.run()
     assert res.ok, res.error

@@ -12,7 +12,7 @@ import cProfile
 import io
 import pstats
 
-from . import hw
+from bench import hw
 
 TOP = 18
 

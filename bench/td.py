@@ -3,10 +3,10 @@
 import os
 
 from . import Result
-from . import hw
+from bench import hw
 from .kvm import machine_prepare
-from emu.vmm import Machine
-from emu.explore import Explorer, default_jobs
+from emu.userspace.vmm import Machine
+from emu.checkers.explore import Explorer, default_jobs
 
 GUEST = os.path.join(os.path.dirname(__file__), "guests", "tdpages.S")
 TDPAGES = 1024

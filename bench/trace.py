@@ -1,7 +1,7 @@
 """The cost of tracing: off (the default) must cost nothing measurable on the fault path."""
 
 from . import Result
-from . import hw
+from bench import hw
 from .kvm import kvm_prepare, machine_prepare, NEWPAGES, GUEST
 from emu.kvm.kvm import Kvm
 from emu.trace import Tracer

@@ -12,7 +12,7 @@ import json
 import sys
 
 from .trace import Tracer, open_sink
-from .vmm import Machine, MachineError, parse_size
+from .userspace.vmm import Machine, MachineError, parse_size
 
 
 class UsageError(Exception):
@@ -57,7 +57,7 @@ def _add_run_options(p):
 
 
 def check_host_and_bugs(args):
-    from .hostevents import parse_host_event, HostEventError
+    from .userspace.hostevents import parse_host_event, HostEventError
     from .kvm.bugs import BUGS
     for text in args.host:
         try:
@@ -124,7 +124,7 @@ def build_parser():
     ex.add_argument("--max-runs", type=int, default=None, help="stop the search after this many runs")
     ex.add_argument("--all", action="store_true", help="go on after the first failure, counting failures")
     ex.add_argument("--check-steps", action="store_true",
-                    help="check the step invariants (emu.check.check_step) at every scheduling point")
+                    help="check the step invariants (emu.checkers.check.check_step) at every scheduling point")
     _add_ray_options(ex)
     camp = sub.add_parser("campaign", help="many runs, each with randomly drawn fault plans (and schedules)")
     _add_run_options(camp)
@@ -162,7 +162,7 @@ def make_tracer(args):
 
 
 def check_plans(plans):
-    from .inject import parse_rule, PlanError
+    from .checkers.inject import parse_rule, PlanError
     for text in plans:
         try:
             parse_rule(text)
@@ -171,7 +171,7 @@ def check_plans(plans):
 
 
 def cmd_inject(args, out):
-    from .inject import list_points
+    from .checkers.inject import list_points
     if not args.list:
         raise UsageError("inject: say --list")
     out.write(list_points() + "\n")
@@ -211,7 +211,7 @@ def connect_ray(args):
     """The Ray cluster of --ray, or None; a bad address or a missing Ray is one line."""
     if args.ray is None:
         return None
-    from .distributed import Cluster, ClusterError
+    from .checkers.distributed import Cluster, ClusterError
     try:
         cluster = Cluster.connect(args.ray)
     except ClusterError as e:
@@ -222,7 +222,7 @@ def connect_ray(args):
 
 def run_on(cluster, fn):
     """``fn()``, its cluster closed after it (a --ray local runtime stops); its errors one line."""
-    from .distributed import ClusterError
+    from .checkers.distributed import ClusterError
     try:
         return fn()
     except ClusterError as e:
@@ -233,8 +233,8 @@ def run_on(cluster, fn):
 
 
 def cmd_explore(args, out):
-    from .explore import Explorer
-    from .sched import decode_schedule, ScheduleError
+    from .checkers.explore import Explorer
+    from .checkers.sched import decode_schedule, ScheduleError
     check_plans(args.inject)
     check_host_and_bugs(args)
     mem = parse_size(args.mem)
@@ -318,7 +318,7 @@ def cmd_explore(args, out):
 
 
 def cmd_campaign(args, out):
-    from .campaign import Campaign, format_table, reproducer
+    from .checkers.campaign import Campaign, format_table, reproducer
     check_plans(args.inject)
     check_host_and_bugs(args)
     mem = parse_size(args.mem)

@@ -184,7 +184,7 @@ class TdxModule:
             self.sched.point(caller, "seamcall_exit", leaf)
         return out
 
-    # -- what a call touches (emu.dpor) ---------------------------------------------------------------
+    # -- what a call touches (emu.checkers.dpor) ---------------------------------------------------------------
     @staticmethod
     def sept_keys(gpa, level):
         """(reads, writes) of an S-EPT entry at ``level`` (0 = 4K) for ``gpa``: the entry is

@@ -184,7 +184,7 @@ def _handle(mod, v, hw, ex, caller=None):
     td = v.td
     reason = ex.reason
     if getattr(mod.sched, "record", False):
-        # (emu.dpor) what the module's handling of this exit touches
+        # (emu.checkers.dpor) what the module's handling of this exit touches
         if reason == EXIT_REASON_TDCALL:
             mod.sched.module_call(mod.tdcall_footprint(hw.reg("rax"), hw.reg("rcx"), caller))
         elif reason == EXIT_REASON_EPT_VIOLATION:

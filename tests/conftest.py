@@ -2,7 +2,7 @@
 
 import pytest
 
-from emu.inject import Plan
+from emu.checkers.inject import Plan
 
 
 @pytest.fixture

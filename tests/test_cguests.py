@@ -1,5 +1,5 @@
 """C guests (issue 15): guest/include/emu.h, building .c guests, the sync and assert
-hypercalls, the shipped C guests, and the selftest helper (emu.selftest).
+hypercalls, the shipped C guests, and the selftest helper (emu.userspace.selftest).
 
 Every macro and call of emu.h runs on both VM types with exact results; a failing
 GUEST_ASSERT / GUEST_ASSERT_EQ is checked to the character (file:line, the
@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from emu import guestabi, guests, loader
-from emu.selftest import GuestAssert, GuestVM, VM_TYPES, run_guest
-from emu.vmm import Machine, MachineError
+from emu.userspace import guestabi, guests, loader
+from emu.userspace.selftest import GuestAssert, GuestVM, VM_TYPES, run_guest
+from emu.userspace.vmm import Machine, MachineError
 from tdxmod import abi as A
 
 REPO = guests.REPO
@@ -472,7 +472,7 @@ def test_convert_c_in_a_td_sees_each_side():
 
 
 def test_spinlock_and_race2_c_under_the_explorer():
-    from emu.explore import Explorer
+    from emu.checkers.explore import Explorer
     res = Explorer(lambda: Machine("spinlock", vm="tdx", vcpus=2)).random(runs=20, seed=3, depth=3)
     assert res.failures == 0
     res = Explorer(lambda: Machine("race2_c", vm="tdx", vcpus=2, no_freeze=True)).random(runs=200, seed=7, depth=3)

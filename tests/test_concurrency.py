@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from emu.check import check_vm, check_destroyed
-from emu.explore import Explorer
+from emu.checkers.check import check_vm, check_destroyed
+from emu.checkers.explore import Explorer
 from emu.kvm.bugs import BUGS, Bugs
 from emu.kvm.kvm import IN_GUEST_MODE, OUTSIDE_GUEST_MODE, KVM_REQ_TLB_FLUSH, MmuLock
-from emu.sched import Scheduler
-from emu.vmm import Machine, MachineError
-from emu.hostevents import parse_host_event, HostEventError
+from emu.checkers.sched import Scheduler
+from emu.userspace.vmm import Machine, MachineError
+from emu.userspace.hostevents import parse_host_event, HostEventError
 from emu.trace import Tracer, ListSink
 
 VMS = ("default", "tdx")
@@ -88,7 +88,7 @@ def test_smp_explore_and_campaign_clean(vm):
 
 
 def test_smp_campaign_no_failure():
-    from emu.campaign import Campaign
+    from emu.checkers.campaign import Campaign
     rep = Campaign(lambda: Machine("smp", vm="tdx", vcpus=2)).run(30, seed=5)
     assert rep.failures == [], [r.error for r in rep.failures]
 
@@ -215,7 +215,7 @@ def test_migrate_pages_two_vcpus_are_writing(vm):
     """Page migration under two vCPUs writing the pages: the mmu_notifier invalidation unmaps
     them, faults wait on the migration entries, the contents move, the old pages are poisoned and
     freed; no write is lost and the new pages back the guest."""
-    from emu.hostmm import POISON
+    from emu.host.mm import POISON
     sink = ListSink()
     m = Machine("sharedrw", vm=vm, vcpus=2, tracer=Tracer([sink]), host_events=["migrate 0x1c00000-0x1c02000@40"])
     before = [m.host.mm.lookup(m.hva + 0x1c00000 + i * 4096) for i in range(2)]
@@ -239,7 +239,7 @@ def test_migrate_needs_4k_backing():
 
 def test_vmm_page_tables_are_real_tables():
     """The VMM's page tables are x86-64 4-level tables in host memory: walk one by hand."""
-    from emu.hostmm import PTE_P, PTE_PFN
+    from emu.host.mm import PTE_P, PTE_PFN
     m = Machine("hello", vm="default")
     mm, q = m.host.mm, m.host.mem.q
     hva = m.hva + 0x123000
@@ -335,7 +335,7 @@ def test_mmu_lock_prefers_writers():
         lock.read_unlock()
     for fn in (reader0, writer, reader1):
         s.spawn(fn)
-    from emu.sched import ReplayStrategy
+    from emu.checkers.sched import ReplayStrategy
     s.strategy = ReplayStrategy([0, 1, 2, 0, 0], strict=False)
     s.run()
     assert log.index("w in") < log.index("r1 in")
@@ -413,7 +413,7 @@ def test_every_bug_has_a_switch():
 # ---------------------------------------------------------------------------
 
 def test_expected_reactions():
-    from emu.inject import parse_rule, expected_outcomes, judge
+    from emu.checkers.inject import parse_rule, expected_outcomes, judge
     exp = lambda text: sorted(expected_outcomes(parse_rule(text)))       # noqa: E731
     assert exp("seamcall.TDH_MEM_PAGE_AUG@1=TDX_OPERAND_BUSY") == ["survived"]
     assert exp("seamcall.TDH_MEM_PAGE_AUG@every=TDX_OPERAND_BUSY") == ["guest_error", "survived"]
@@ -511,7 +511,7 @@ def test_an_error_stops_the_vcpus_spinning_in_guest_mode(tmp_path):
 def test_teardown_keeps_a_hkid_it_could_not_release(leaf):
     """tdx_mmu_release_hkid(): a failed VPFLUSHDONE skips the rest, a failed FREEID keeps the HKID;
     either is a KVM_BUG_ON, no RECLAIM follows, and the TD's pages are leaked and accounted."""
-    from emu.check import check_destroyed
+    from emu.checkers.check import check_destroyed
     m = Machine("private", vm="tdx", inject=[f"seamcall.{leaf}@1=TDX_OPERAND_INVALID"])
     assert m.run().ok
     ops = m.kvm.x86_ops

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from emu.dpor import races
-from emu.explore import Explorer, _error_kind
-from emu.sched import Footprint
-from emu.vmm import Machine
+from emu.checkers.dpor import races
+from emu.checkers.explore import Explorer, _error_kind
+from emu.checkers.sched import Footprint
+from emu.userspace.vmm import Machine
 
 
 def fp(reads=(), writes=(), all_r=False, all_w=False):

@@ -1,4 +1,4 @@
-"""The scheduler and the interleaving explorer (emu.sched, emu.explore) on the seed's race.
+"""The scheduler and the interleaving explorer (emu.checkers.sched, emu.checkers.explore) on the seed's race.
 
 race2: two vCPUs accept and touch private pages of one unmapped 2M region.  The
 freeze protocol (REMOVED_SPTE while the reflect SEAMCALL runs) must make every
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from emu.explore import Explorer
-from emu.sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
+from emu.checkers.explore import Explorer
+from emu.checkers.sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
                        SCHEDULE_PREFIX)
-from emu.vmm import Machine
+from emu.userspace.vmm import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
 AREA = 0x1400000

@@ -1,5 +1,5 @@
-"""Tests of the guest toolchain: emu.guests (building and finding guests),
-emu.loader (ELF loading and the boot layout) and the guests themselves, run on
+"""Tests of the guest toolchain: emu.userspace.guests (building and finding guests),
+emu.userspace.loader (ELF loading and the boot layout) and the guests themselves, run on
 MiniVm below.
 
 MiniVm is deliberately not emu.hw: no EPT and no VM exits besides the
@@ -26,9 +26,9 @@ from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_
                      UC_HOOK_INSN_INVALID, UC_HOOK_INSN, UC_TLB_VIRTUAL)
 from unicorn import x86_const as X
 
-from emu import guestabi, guests, loader
-from emu.guests import GuestError
-from emu.loader import LoadError
+from emu.userspace import guestabi, guests, loader
+from emu.userspace.guests import GuestError
+from emu.userspace.loader import LoadError
 
 MiB = 1 << 20
 HUGE = 2 * MiB
@@ -394,13 +394,13 @@ def test_missing_binutils_is_one_clear_message(monkeypatch, tmp_path):
 
 def test_cli_build_and_its_error_exit(tmp_path):
     repo = guests.REPO
-    res = subprocess.run([sys.executable, "-m", "emu.guests", "build"], cwd=repo,
+    res = subprocess.run([sys.executable, "-m", "emu.userspace.guests", "build"], cwd=repo,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert [ln.split()[0] for ln in lines] == guests.names()
     # without binutils on PATH: exit 2 and one line on stderr
-    res = subprocess.run([sys.executable, "-m", "emu.guests", "build"], cwd=repo,
+    res = subprocess.run([sys.executable, "-m", "emu.userspace.guests", "build"], cwd=repo,
                          capture_output=True, text=True, env={**os.environ, "PATH": str(tmp_path)})
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "GNU as/ld not found" in res.stderr

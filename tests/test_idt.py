@@ -7,8 +7,8 @@ PENDING page, td_generic_ve_exit() for HLT and VMCALL; TDG.VP.VEINFO.GET)."""
 import pytest
 
 import tdxmod.abi as A
-from emu.check import check_vm, check_destroyed
-from emu.vmm import Machine
+from emu.checkers.check import check_vm, check_destroyed
+from emu.userspace.vmm import Machine
 
 VMS = ("default", "tdx")
 

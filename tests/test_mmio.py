@@ -15,12 +15,12 @@
 import pytest
 
 import tdxmod.abi as A
-from emu import guestabi as G
-from emu.check import check_vm, check_destroyed
+from emu.userspace import guestabi as G
+from emu.checkers.check import check_vm, check_destroyed
 from emu.kvm.kvm import KvmRun, KVM_EXIT_MMIO
 from emu.kvm.spte import make_mmio_spte, SPTE_MMU_PRESENT_MASK
 from emu.trace import Tracer, ListSink
-from emu.vmm import Machine, MachineError
+from emu.userspace.vmm import Machine, MachineError
 from tdxmod import td_dispatch
 from tdxmod.module import Regs
 
@@ -242,7 +242,7 @@ def test_device_registers_and_errors():
 def test_explore_dpor_with_mmio():
     """Partial-order reduction over a run with #VE conversions and device accesses (vCPU 1 only
     halts): every schedule ends like the plain run."""
-    from emu.explore import Explorer
+    from emu.checkers.explore import Explorer
     ex = Explorer(lambda: Machine("mmio", vm="tdx", vcpus=2))
     res = ex.dpor()
     assert res.failures == 0 and res.complete and res.runs >= 2

@@ -79,7 +79,7 @@ def result(p, code):
 @pytest.fixture(scope="module")
 def accept2_elf(tmp_path_factory):
     """The built guest at a path of its own: workers get its bytes, not its path."""
-    from emu import guests
+    from emu.userspace import guests
     path = tmp_path_factory.mktemp("guest") / "accept2.elf"
     shutil.copy(guests.resolve("accept2"), path)
     return path

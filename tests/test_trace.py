@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from emu.explore import Explorer
+from emu.checkers.explore import Explorer
 from emu.trace import Tracer, ListSink, TextSink, JsonlSink, PerfettoSink, format_text
-from emu.vmm import Machine
+from emu.userspace.vmm import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"

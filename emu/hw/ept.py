@@ -251,7 +251,7 @@ def walk(mem, eptp, gpa, access, path=None, set_ad=True):
     return EptTranslation((e & ADDR_MASK & ~page_mask) | (gpa & page_mask), level, perms, dirty)
 
 
-# (emu.dpor) while footprints are recorded: the entries whose A/D bits a walk set (the
+# (emu.checkers.dpor) while footprints are recorded: the entries whose A/D bits a walk set (the
 # hardware writes the SPTE: a cmpxchg of KVM's against it then fails).
 AD_LOG = None
 

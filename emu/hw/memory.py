@@ -52,7 +52,7 @@ class HostMemory:
         # since the CPU would see the new bytes (Unicorn tracks only its own stores).
         self.generation = 0
         self.written = []            # (generation, first pfn, last pfn), the last WRITE_LOG writes
-        self.sched = None            # (emu.dpor) the scheduler recording footprints, while it does
+        self.sched = None            # (emu.checkers.dpor) the scheduler recording footprints, while it does
 
     # -- the address Unicorn maps (mem_map_ptr) --------------------------------------------------
     def address(self):
@@ -183,7 +183,7 @@ class PageAllocator:
 
     def alloc_page(self):
         if self.mem.sched is not None:
-            # (emu.dpor) Two allocations in either order give the same state up to which page
+            # (emu.checkers.dpor) Two allocations in either order give the same state up to which page
             # is which; a free before an allocation may hand that page out, after it not.
             self.mem.sched.touch(("alloc", self.base), False)
         if self.free_list:

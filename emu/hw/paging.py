@@ -234,7 +234,7 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
     return Translation(gva, gpa, t.hpa, perms, level, t.level)
 
 
-# (emu.dpor) while footprints are recorded: the guest entries whose A/D bits a walk set.
+# (emu.checkers.dpor) while footprints are recorded: the guest entries whose A/D bits a walk set.
 AD_LOG = None
 
 

@@ -89,7 +89,7 @@ class Vcpu:
         # The "EPT-violation #VE" VM-execution control and the virtualization-exception
         # information area it writes: None while the control is 0 (every VM but a TD).
         self.ve_info = None
-        self.ve_gpas = None                  # (emu.dpor) GPAs of #VE-converted walks, while recording
+        self.ve_gpas = None                  # (emu.checkers.dpor) GPAs of #VE-converted walks, while recording
         self.eptp = None
         self.secure_eptp = None
         self.shared_mask = 0
@@ -130,8 +130,8 @@ class Vcpu:
         self.slice_blocks = 0
         self.pause_window = PAUSE_WINDOW
         self.guest_point = None
-        self.on_leave = None                 # called as guest mode ends (emu.dpor's footprints)
-        self.page_crc = None                 # (emu.dpor) HPA -> CRC of the page when last looked at
+        self.on_leave = None                 # called as guest mode ends (emu.checkers.dpor's footprints)
+        self.page_crc = None                 # (emu.checkers.dpor) HPA -> CRC of the page when last looked at
         self.intr_pending = False
         self.in_guest = False
         self.slices = 0
@@ -245,7 +245,7 @@ class Vcpu:
                          result=result, walk=" ".join(parts) + " " + result)
 
     def ept_entries(self):
-        """(emu.dpor) The EPT entries behind every GPA this vCPU caches a translation of, as
+        """(emu.checkers.dpor) The EPT entries behind every GPA this vCPU caches a translation of, as
         the tables are now: a change of any of them may change what the guest sees.  (A
         changed translation differs from the current path at an entry both paths share.)"""
         out = set()
@@ -451,7 +451,7 @@ class Vcpu:
         self.pending = None
         self.event = idt_mod.Event(20)
         if self.ve_gpas is not None:
-            self.ve_gpas.append(ex.gpa)       # (emu.dpor) the walk read the entries on its path
+            self.ve_gpas.append(ex.gpa)       # (emu.checkers.dpor) the walk read the entries on its path
         if self.tracer is not None:
             self.tracer.emit("hw_event", self.index, msg=f"#VE: convertible EPT violation at rip {ex.rip:#x} "
                              f"gpa {ex.gpa:#x} gla {ex.gla or 0:#x} qualification {ex.qualification:#x} "

@@ -18,7 +18,7 @@ from ..hw.ept import decode_qualification, EPT_VIOLATION_ACC_READ, EPT_VIOLATION
 from ..hw.vcpu import Vcpu
 from ..hw.memory import OutOfHostMemory
 from ..trace import NULL_TRACER
-from .. import guestabi
+from ..userspace import guestabi
 from . import mmu as mmu_mod
 from .mmu import (KvmMmuMemoryCache, KvmPageFault, PFERR_WRITE_MASK, PFERR_USER_MASK, PFERR_FETCH_MASK,
                   PFERR_PRESENT_MASK, PFERR_GUEST_FINAL_MASK, PFERR_GUEST_PAGE_MASK, PFERR_PRIVATE_ACCESS,
@@ -32,7 +32,7 @@ from .tdp_mmu import (TdpMmu, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_INVALID, RET_
                       KVM_ALL_ROOTS, KVM_VALID_ROOTS)
 from .x86_ops import VmxX86Ops, X86EMUL_RETRY_INSTR
 from .bugs import Bugs
-from ..hostmm import MIGRATING
+from ..host.mm import MIGRATING
 
 from .uapi import *  # noqa: F401,F403  (KVM_X86_*_VM, KVM_MEM_READONLY, KVM_EXIT_*)
 from .uapi import KVM_MEMSLOT_INVALID
@@ -122,7 +122,7 @@ class MmuLock:
         self.writers_waiting = 0
 
     def _touch(self, write):
-        # (emu.dpor) two readers' lock and unlock commute; a writer's do not.
+        # (emu.checkers.dpor) two readers' lock and unlock commute; a writer's do not.
         self.kvm.touch("mmu_lock", write)
 
     def read_lock(self):
@@ -226,13 +226,13 @@ class Kvm:
         self.trace_emit("kvm_vm_dead", msg=why)
 
     def touch(self, key, write=True):
-        """(emu.dpor) the running step touches ``key`` of this VM's shared state (when the
+        """(emu.checkers.dpor) the running step touches ``key`` of this VM's shared state (when the
         scheduler records footprints: a scheduler of a test may not)."""
         if getattr(self.sched, "fp", None) is not None:
             self.sched.touch(key, write)
 
     def touch_all(self, write=True):
-        """(emu.dpor) the running step depends on everything (a dead VM changes every path)."""
+        """(emu.checkers.dpor) the running step depends on everything (a dead VM changes every path)."""
         if getattr(self.sched, "fp", None) is not None:
             self.sched.touch_all(write)
 
@@ -275,7 +275,7 @@ class Kvm:
         if guest_phys_addr % 4096 or memory_size % 4096 or userspace_addr % 4096:
             raise KvmIoctlError(EINVAL, "memory region not page aligned")
         old = next((s for s in self.memslots if s.id == slot), None)
-        self.touch_all()                      # (emu.dpor) memslots are read on every path
+        self.touch_all()                      # (emu.checkers.dpor) memslots are read on every path
         if memory_size == 0:
             if old is None:
                 raise KvmIoctlError(EINVAL, f"no memslot {slot}")
@@ -492,7 +492,7 @@ class Kvm:
         targets = []
         sched = self.sched
         for v in vcpus:
-            self.touch(("task", v.vcpu_id))           # (emu.dpor) its requests, its mode, its IPI
+            self.touch(("task", v.vcpu_id))           # (emu.checkers.dpor) its requests, its mode, its IPI
             v.requests |= req
             mode = v.mode
             if mode == IN_GUEST_MODE:
@@ -520,11 +520,11 @@ class Kvm:
         if self.flush_owed or self.tables_checked == self.tables_generation and vcpus is None:
             return
         if vcpus is None:
-            self.touch_all(False)             # (emu.dpor) it reads every vCPU's TLB and every table
+            self.touch_all(False)             # (emu.checkers.dpor) it reads every vCPU's TLB and every table
         else:
-            for v in vcpus:                   # (emu.dpor) the entries behind their TLBs
+            for v in vcpus:                   # (emu.checkers.dpor) the entries behind their TLBs
                 v.touch_tlb()
-        from ..check import stale_translations
+        from ..checkers.check import stale_translations
         for v in self.vcpus if vcpus is None else vcpus:
             if v.hw is None or not entering and not v.hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE
                                                                           or v.requests & KVM_REQS_FLUSHING):
@@ -718,7 +718,7 @@ class KvmVcpu:
         return self.mode == EXITING_GUEST_MODE or bool(self.requests)
 
     def touch_guest(self):
-        """(emu.dpor) What guest code may have touched in the step that ends: every page its
+        """(emu.checkers.dpor) What guest code may have touched in the step that ends: every page its
         TLB maps (written, for all we know), the EPT entries behind them, and in a TD the
         S-EPT (the TDX module's state)."""
         sched = self.kvm.sched
@@ -739,7 +739,7 @@ class KvmVcpu:
         self.touch_tlb()
 
     def touch_tlb(self):
-        """(emu.dpor) The tables behind this vCPU's cached translations are read: the EPT
+        """(emu.checkers.dpor) The tables behind this vCPU's cached translations are read: the EPT
         entries on their paths, and in a TD the S-EPT entries of its private GPAs."""
         sched, hw = self.kvm.sched, self.hw
         if getattr(sched, "fp", None) is None or hw is None:

@@ -15,7 +15,7 @@ class Rcu:
         self.kvm = kvm
 
     def _touch(self, write):
-        # (emu.dpor) readers entering commute with each other; a grace period's end and
+        # (emu.checkers.dpor) readers entering commute with each other; a grace period's end and
         # call_rcu() (which reads who is inside) do not.
         if self.kvm is not None:
             self.kvm.touch("rcu", write)

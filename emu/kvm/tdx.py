@@ -15,7 +15,7 @@ from ..hw.ept import (EPT_VIOLATION_ACC_WRITE, EPT_VIOLATION_ACC_INSTR, EPT_VIOL
                       EPT_VIOLATION_PROT_WRITE, EPT_VIOLATION_PROT_EXEC, EPT_VIOLATION_EXEC_FOR_RING3_LIN)
 from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TDCALL,
                         EXIT_REASON_TRIPLE_FAULT, EXIT_REASON_EXTERNAL_INTERRUPT, VmExit)
-from .. import guestabi
+from ..userspace import guestabi
 from .spte import PG_LEVEL_4K, MT_MASK_TDX_VM
 from .tdp_mmu import RET_PF_RETRY, EBUSY, EIO, EINVAL, KVM_MIRROR_ROOTS
 from .x86_ops import VmxX86Ops

@@ -4,7 +4,7 @@ KVM's reactions (Linux 6.16, REFERENCE.md sections 1-2): TDX_OPERAND_BUSY from a
 mirror SPTE and retries the fault; any other reflect error restores it and ends in KVM_BUG_ON (the VM is
 dead, every later KVM_RUN is an internal-error exit); a memory-cache or backing failure makes KVM_RUN
 fail with the errno; teardown errors are KVM_BUG_ONs, and a page KVM cannot get back is leaked on
-purpose and accounted (emu.check.check_destroyed).
+purpose and accounted (emu.checkers.check.check_destroyed).
 """
 
 import json
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from emu.check import check_vm, check_destroyed, check_tlbs
-from emu.inject import POINTS, parse_rule, Plan, PlanError
+from emu.checkers.check import check_vm, check_destroyed, check_tlbs
+from emu.checkers.inject import POINTS, parse_rule, Plan, PlanError
 from emu.kvm.kvm import KvmIoctlError
-from emu.vmm import Machine
+from emu.userspace.vmm import Machine
 from tdxmod import abi as A
 
 ROOT = Path(__file__).resolve().parents[2]

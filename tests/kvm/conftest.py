@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import emu.vmm as vmm  # noqa: E402
+import emu.userspace.vmm as vmm  # noqa: E402
 
 TEST_TIMEOUT = 60          # seconds; the whole tests/kvm suite takes a few
 

@@ -1,4 +1,4 @@
-"""Whole VMs (emu.vmm.Machine over emu.kvm.Kvm): guests through the real EPT-violation path.
+"""Whole VMs (emu.userspace.vmm.Machine over emu.kvm.Kvm): guests through the real EPT-violation path.
 
 Checks, with expectations computed independently from the guests' sources, ELF symbols and the
 boot layout:
@@ -12,7 +12,7 @@ boot layout:
 
 import pytest
 
-import emu.vmm as vmm
+import emu.userspace.vmm as vmm
 from emu.host import Host, MiB
 from emu.kvm.kvm import (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, Kvm, KvmIoctlError, KVM_EXIT_HLT, KVM_EXIT_HYPERCALL, KVM_EXIT_INTERNAL_ERROR,
                          KVM_EXIT_MMIO, KVM_MEM_READONLY, KVM_REQ_TLB_FLUSH)

@@ -15,7 +15,7 @@ from emu.kvm.kvm import KVM_REQ_OUTSIDE_GUEST_MODE
 from emu.kvm.uapi import KVM_EXIT_HLT
 from emu.kvm.tdp_mmu import KVM_MIRROR_ROOTS, RET_PF_RETRY
 from emu.kvm.mmu import RET_PF_FIXED
-from emu.vmm import Machine
+from emu.userspace.vmm import Machine
 from tdxmod import abi as A
 from tdxmod.module import Regs
 
@@ -172,7 +172,7 @@ def test_zap_meets_a_guest_holding_the_entry_lock(tmp_path):
     BUSY|RCX (and sets TDHP); KVM (tdx_sept_zap_private_spte()) sets wait_for_sept_zap, kicks every vCPU
     out of guest mode and waits for them, so the ACCEPT finishes and the vCPU leaves the TD; the retried
     BLOCK succeeds, then TRACK, REMOVE and WBINVD; no KVM_BUG_ON."""
-    from emu.sched import Scheduler, Strategy
+    from emu.checkers.sched import Scheduler, Strategy
     path = tmp_path / "accept1.S"
     path.write_text(ACCEPT_GUEST)
     m = Machine(str(path), vm="tdx")

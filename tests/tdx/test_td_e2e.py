@@ -6,7 +6,7 @@ What is checked, and where the expected values come from:
   * the freeze protocol of the seed patch (REFERENCE 1.6): the mirror SPTE holds FROZEN_SPTE
     while the SEAMCALL runs, the old value comes back when the hook fails, the fault is retried;
   * the KVM_BUG_ONs of the seed patch (REFERENCE 1.6, 1.8);
-  * invariants after every run (emu.check.check_vm) and a clean teardown (PAMT empty, every
+  * invariants after every run (emu.checkers.check.check_vm) and a clean teardown (PAMT empty, every
     kernel page back);
   * TDX memory protection, pending pages vs. the TD's ATTRIBUTES (REFERENCE 3.10), MapGPA
     conversion (REFERENCE 1.4 "Who zaps what", 3.5 "Remove a page from a running TD");
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from emu.check import check_vm
+from emu.checkers.check import check_vm
 from emu.hw.memory import HostAccessError
 from emu.kvm.kvm import KVM_EXIT_SHUTDOWN, KvmIoctlError, EIO
 from emu.kvm.spte import make_spte, make_nonleaf_spte, ACC_ALL, PG_LEVEL_4K, PG_LEVEL_2M
@@ -34,7 +34,7 @@ from emu.kvm.mmu import PFERR_WRITE_MASK, PFERR_PRIVATE_ACCESS
 from emu.kvm.tdp_iter import TdpIter, for_each_tdp_pte_min_level
 from emu.kvm.tdp_mmu import RET_PF_RETRY
 from emu.trace import Tracer
-from emu.vmm import Machine
+from emu.userspace.vmm import Machine
 from tdxmod import abi as A
 from tdxmod import sept as S
 from tdxmod.module import Regs, TdxModule

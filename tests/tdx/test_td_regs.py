@@ -1,7 +1,7 @@
 """Register-level tests of what the TDX module does while a TD runs: TDH.VP.ENTER and the TD's exits,
 TDG.MEM.PAGE.ACCEPT's entry lock, the zero-step mitigation, TLB epochs.
 
-A tiny guest runs in a TD that the VMM built (``emu.vmm.Machine``), but every call here is a
+A tiny guest runs in a TD that the VMM built (``emu.userspace.vmm.Machine``), but every call here is a
 SEAMCALL to the module (``module.seamcall``): TDH.VP.ENTER's output registers are the TD exit, the
 guest's registers are read back with TDH.VP.RD (a debug TD).  KVM is not involved: its mirror does
 not know about the S-EPT entries these tests make with SEAMCALLs of their own.  Each test's
@@ -11,7 +11,7 @@ behaviour it checks.
 
 import pytest
 
-from emu.vmm import Machine
+from emu.userspace.vmm import Machine
 from tdxmod import abi as A
 from tdxmod.module import MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, GPR_ORDER
 

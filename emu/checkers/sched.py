@@ -31,7 +31,7 @@ YIELD_POINTS = frozenset({"frozen_retry", "frozen_wait", "fault_local_retry", "l
                           "sept_zap_wait", "mmu_invalidate_retry"})
 
 
-# What the step after each scheduling point touches, for partial-order reduction (emu.dpor):
+# What the step after each scheduling point touches, for partial-order reduction (emu.checkers.dpor):
 # the operation the point announces.  A point not named here starts a step that counts as
 # touching everything (its code is not audited for what it shares).
 SPTE_READ_POINTS = frozenset({"spte_read"})
@@ -54,7 +54,7 @@ class ScheduleError(Exception):
 
 
 class SleepBlocked(Exception):
-    """(emu.dpor) every runnable task is in the sleep set: this run adds nothing new."""
+    """(emu.checkers.dpor) every runnable task is in the sleep set: this run adds nothing new."""
 
 
 class Deadlock(Exception):
@@ -221,7 +221,7 @@ class Scheduler:
         self.tracer = tracer
         self.error = None
         self.on_step = on_step           # called at every scheduling point (invariant checks)
-        # Footprints (emu.dpor): with ``record`` set, every step (a task's run from one
+        # Footprints (emu.checkers.dpor): with ``record`` set, every step (a task's run from one
         # point to its next) is logged with what it read and wrote.
         self.record = False
         self._decided = False
@@ -352,7 +352,7 @@ class Scheduler:
             if self.tracer is not None:
                 self.tracer.vcpu = self.track(cur)
 
-    # -- footprints (emu.dpor) --------------------------------------------------------------------------------
+    # -- footprints (emu.checkers.dpor) --------------------------------------------------------------------------------
     def touch(self, key, write=True):
         """The running step reads (or writes) ``key``: an SPTE's address, a lock, a vCPU's state..."""
         fp = self.fp
@@ -412,7 +412,7 @@ class Scheduler:
         if fp is None:
             return
         self.fp = None
-        from .hw import ept, paging
+        from ..hw import ept, paging
         if ept.AD_LOG:
             fp.writes.update(("spte", a) for a in ept.AD_LOG)
             ept.AD_LOG.clear()

@@ -3,7 +3,7 @@
 Every explored run starts from the same snapshot: the VM is built once (loaded,
 TD finalized), and each run executes in a forked child process, so runs cannot
 affect each other and cost no rebuild.  A run fails when KVM hits a KVM_BUG_ON,
-an invariant of emu.check breaks, a vCPU's reports differ from the
+an invariant of emu.checkers.check breaks, a vCPU's reports differ from the
 non-preemptive run's, or the scheduler finds a deadlock or livelock.
 
     ex = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True))
@@ -22,7 +22,7 @@ import traceback
 from .check import check_vm
 from .sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
                     SleepBlocked)
-from .trace import Tracer, ListSink, format_text
+from ..trace import Tracer, ListSink, format_text
 
 
 class InvariantBroken(Exception):
@@ -37,9 +37,9 @@ class Outcome:
         self.error = error
         self.reports = reports
         self.trace = trace
-        self.events = None               # (emu.dpor) (task, Footprint, decision) per step
+        self.events = None               # (emu.checkers.dpor) (task, Footprint, decision) per step
         self.node_sleep = {}
-        self.blocked = False             # (emu.dpor) cut short: every runnable task slept
+        self.blocked = False             # (emu.checkers.dpor) cut short: every runnable task slept
         self.signature = None            # (with_signature) what the run reached
 
     @property
@@ -123,7 +123,7 @@ class Explorer:
         """``factory()`` builds the Machine every run starts from (it is built once)."""
         self.machine = factory()
         self.check_invariants = check_invariants
-        self.check_steps = check_steps   # also check emu.check.check_step at every scheduling point
+        self.check_steps = check_steps   # also check emu.checkers.check.check_step at every scheduling point
         self.max_steps = max_steps
         self.expected = None
         self.progress = None             # callable(result) every so often
@@ -136,7 +136,7 @@ class Explorer:
                         lambda e: Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None))
 
     def run_recorded(self, strategy):
-        """Run once with every step's footprint recorded (emu.dpor)."""
+        """Run once with every step's footprint recorded (emu.checkers.dpor)."""
         return in_child(lambda: self._run_here(strategy, False, record=True),
                         lambda e: Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None))
 
@@ -159,7 +159,7 @@ class Explorer:
                     raise InvariantBroken(f"after step {s.steps} ({what}, vCPU {who}): " + "; ".join(problems[:3]))
         sched = Scheduler(strategy, max_steps=self.max_steps, tracer=m.tracer, on_step=on_step)
         if record:
-            from .hw import ept, paging
+            from ..hw import ept, paging
             sched.record = True
             sched.mem = m.host.mem
             m.host.mem.sched = sched
@@ -253,7 +253,7 @@ class Explorer:
         return res
 
     def dpor(self, bound=None, max_runs=None, stop_at_first=True):
-        """Every schedule up to equivalence (emu.dpor), within ``bound`` preemptions if given."""
+        """Every schedule up to equivalence (emu.checkers.dpor), within ``bound`` preemptions if given."""
         from . import dpor
         res = ExploreResult()
         t0 = time.perf_counter()
@@ -268,7 +268,7 @@ class Explorer:
     def random(self, runs, seed=0, depth=3, stop_at_first=True, jobs=None, cluster=None):
         """``runs`` PCT schedules; seed s names the whole exploration.  Runs are independent, so
         ``jobs`` of them (default: one per core) run at once; results are taken in run order,
-        so the outcome does not depend on ``jobs``.  ``cluster`` (an emu.distributed.Cluster
+        so the outcome does not depend on ``jobs``.  ``cluster`` (an emu.checkers.distributed.Cluster
         and the Machine's arguments: ``(cluster, machine_kwargs)``) runs them on Ray instead,
         with the same results."""
         res = ExploreResult()
@@ -353,7 +353,7 @@ def _explorer_error(e):
 
 class PctRuns:
     """Explorer.random's runs as a picklable job: what a Ray worker needs besides the Machine
-    to run PCT schedule s exactly as this process would (see emu.distributed)."""
+    to run PCT schedule s exactly as this process would (see emu.checkers.distributed)."""
 
     on_error = staticmethod(_explorer_error)
 
@@ -441,7 +441,7 @@ def signature(m, outcome):
     """What a run reached, for comparing searches: the error (without numbers), each vCPU's
     reports, and every present leaf SPTE of every root (gfn, level, value without its pfn:
     the same state may have its pages in another order)."""
-    from .kvm.spte import SPTE_BASE_ADDR_MASK
+    from ..kvm.spte import SPTE_BASE_ADDR_MASK
     tdp = m.kvm.tdp_mmu
     tables = tuple(sorted((bool(r.is_mirror), tuple((g, l, s & ~SPTE_BASE_ADDR_MASK) for g, l, s in tdp.leaves(r)))
                           for r in tdp.roots if not r.invalid))

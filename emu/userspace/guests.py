@@ -18,8 +18,8 @@ linker script is newer.  Files are written under a temporary name and renamed
 into place, so that two builds running at once (make and a test, say) never
 leave a half-written ELF.
 
-    python -m emu.guests build      build every guest in guest/
-    python -m emu.guests list       print the guest names
+    python -m emu.userspace.guests build      build every guest in guest/
+    python -m emu.userspace.guests list       print the guest names
 """
 
 import argparse
@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GUEST_DIR = REPO / "guest"
 LIB_DIR = GUEST_DIR / "lib"
 INCLUDE_DIR = GUEST_DIR / "include"
@@ -304,7 +304,7 @@ def resolve(arg):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m emu.guests",
+    parser = argparse.ArgumentParser(prog="python -m emu.userspace.guests",
                                      description="Build or list the guests in guest/.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build every guest (only what changed)")

@@ -4,7 +4,7 @@
     result = m.run()        # Result: exit, reports, stats, vcpus
 
 It creates the VM, backs guest memory with host memory, loads the guest ELF
-(emu.loader), creates the vCPUs with the boot registers, and runs them,
+(emu.userspace.loader), creates the vCPUs with the boot registers, and runs them,
 answering the exits KVM hands to userspace: the guest runtime's report and
 fail hypercalls, HLT (the vCPU is done), and errors (the run ends).
 """
@@ -12,14 +12,14 @@ fail hypercalls, HLT (the vCPU is done), and errors (the run ends).
 import struct
 
 from . import guestabi, guests, loader
-from .host import Host, MiB
-from .hw.memory import OutOfHostMemory
-from .kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
+from ..host import Host, MiB
+from ..hw.memory import OutOfHostMemory
+from ..kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
                       KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_INTR, EXIT_NAMES)
-from .kvm.tdx import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
-from .kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
-from .hw.exits import VECTOR_NAMES
-from .trace import NULL_TRACER
+from ..kvm.tdx import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
+from ..kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
+from ..hw.exits import VECTOR_NAMES
+from ..trace import NULL_TRACER
 
 VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "tdx": KVM_X86_TDX_VM}
 HUGEPAGES = {None: PG_LEVEL_4K, "4k": PG_LEVEL_4K, "2m": PG_LEVEL_2M, "1g": PG_LEVEL_1G}
@@ -102,7 +102,7 @@ class Machine:
         align = 1 << (12 + 9 * (self.backing_level - 1))
         self.td = self.vm_type == KVM_X86_TDX_VM
         self.no_freeze = no_freeze
-        from .inject import Plan, PlanError
+        from ..checkers.inject import Plan, PlanError
         try:
             self.plan = Plan(inject, seed=seed, tracer=self.tracer) if inject else None
         except PlanError as e:
@@ -114,7 +114,7 @@ class Machine:
         # Faults are injected into the run, not into building the VM (a failed build is no run).
         self.set_plan(self.plan)
         from .hostevents import parse_host_event, check_event, HostEventError
-        from .kvm.bugs import Bugs
+        from ..kvm.bugs import Bugs
         try:
             self.kvm.bugs = Bugs(bugs)
             self.kvm.rcu.no_grace_period = self.kvm.bugs.free_without_grace_period
@@ -125,7 +125,7 @@ class Machine:
             raise MachineError(str(e)) from None
 
     def set_plan(self, plan):
-        """Make ``plan`` (an emu.inject.Plan, or None) the active fault-injection plan."""
+        """Make ``plan`` (an emu.checkers.inject.Plan, or None) the active fault-injection plan."""
         self.plan = plan
         self.kvm.inject = plan
         if self.td:
@@ -155,7 +155,7 @@ class Machine:
     def _build_td(self, mem, vcpus, align, attributes):
         """A TD as QEMU builds one: guest_memfd-backed slot, all memory private, the image
         added page by page (TDH.MEM.PAGE.ADD, measured), the vCPUs' boot state, finalize."""
-        from .kvm.tdx import TdxX86Ops
+        from ..kvm.tdx import TdxX86Ops
         self.host = Host(2 * mem + align, tdx=True)
         module = self.host.tdx_module
         module.tracer = self.tracer
@@ -230,7 +230,7 @@ class Machine:
         if scheduled is None:
             scheduled = self.nvcpus > 1 or bool(self.host_events)
         if scheduled:
-            from .sched import Scheduler, StepLimit, Deadlock
+            from ..checkers.sched import Scheduler, StepLimit, Deadlock
             try:
                 return self.run_scheduled(Scheduler(max_steps=max_steps, tracer=self.tracer))
             except (StepLimit, Deadlock) as e:
@@ -253,7 +253,7 @@ class Machine:
         return self._finish(res, ended, collect_regs=True)
 
     def run_scheduled(self, sched, collect_regs=True):
-        """Run every vCPU as a task of the deterministic scheduler ``sched`` (emu.sched):
+        """Run every vCPU as a task of the deterministic scheduler ``sched`` (emu.checkers.sched):
         the vCPUs interleave at KVM's and the TDX module's scheduling points."""
         res = Result()
         ended = {}
@@ -266,7 +266,7 @@ class Machine:
                 while res.error is None and not self._step(v, res, ended):
                     pass
                 if res.error is not None:
-                    self.kvm.touch_all()      # (emu.dpor) every vCPU reads res.error
+                    self.kvm.touch_all()      # (emu.checkers.dpor) every vCPU reads res.error
                     # The run is over (as QEMU stops the VM on a fatal error): signal the other
                     # vCPUs, so one spinning in guest mode on memory leaves KVM_RUN too.
                     for o in self.vcpus:
@@ -287,7 +287,7 @@ class Machine:
 
     def _host_task(self, event, who, res):
         from .hostevents import run_event
-        from .kvm.kvm import KvmIoctlError
+        from ..kvm.kvm import KvmIoctlError
 
         def body():
             try:
@@ -461,7 +461,7 @@ class Machine:
             return "no device at this GPA"
         if off + n > guestabi.EMU_MMIO_REGS or off >> 3 != (off + n - 1) >> 3:
             return f"the device has no register at offset {off:#x} for {n} bytes"
-        # (emu.dpor) the device is shared by every vCPU
+        # (emu.checkers.dpor) the device is shared by every vCPU
         self.kvm.touch(("mmio_device",), run.is_write)
         reg, at = off & ~7, off & 7
         if run.is_write:

@@ -14,7 +14,7 @@ destroys the VM, and is classified:
     survived          the guest finished with the baseline's results; every invariant held
     kvm_bug_on        KVM hit a KVM_BUG_ON (the VM is dead): the expected end of some errors
     guest_error       the run ended in another error exit (KVM_RUN failed, watchdog, ...)
-    invariant_broken  an invariant of emu.check broke, a result was lost, teardown left a page
+    invariant_broken  an invariant of emu.checkers.check broke, a result was lost, teardown left a page
                       unaccounted, or the model itself raised: a bug to report
 
 Only invariant_broken counts as a failure; its reproducer is printed.
@@ -126,7 +126,7 @@ class Campaign:
     # -- running ----------------------------------------------------------------------------------------
     def run(self, runs, seed=0, jobs=None, cluster=None):
         """``runs`` runs, ``jobs`` at a time (default: one per core); results in run order.
-        ``cluster``: ``(an emu.distributed.Cluster, the Machine's arguments)`` runs them on Ray,
+        ``cluster``: ``(an emu.checkers.distributed.Cluster, the Machine's arguments)`` runs them on Ray,
         with the same results."""
         rep = CampaignReport()
         t0 = time.perf_counter()
@@ -162,7 +162,7 @@ class Campaign:
     def trace(self, r):
         """The trace (text lines) of run ``r`` again, from the snapshot: the same plans, seed and schedule."""
         def traced():
-            from .trace import Tracer, ListSink, format_text
+            from ..trace import Tracer, ListSink, format_text
             sink = ListSink()
             t = Tracer([sink])
             m = self.machine
@@ -231,7 +231,7 @@ def _model_raised(e):
 
 
 class CampaignRuns:
-    """Campaign.run's runs as a picklable job for a Ray worker (see emu.distributed): the
+    """Campaign.run's runs as a picklable job for a Ray worker (see emu.checkers.distributed): the
     baseline travels with it, so a worker builds its snapshot and runs (i, plans, seed) as here."""
 
     on_error = staticmethod(_model_raised)

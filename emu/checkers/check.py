@@ -17,7 +17,7 @@
   request is still pending for it, which it will process before running the guest).
 """
 
-from .kvm.spte import spte_to_pfn
+from ..kvm.spte import spte_to_pfn
 
 
 def check_vm(kvm):
@@ -131,7 +131,7 @@ def check_accounting(kvm):
 
 def check_tlbs(kvm):
     """No stale guest-physical translation in any vCPU (the part of the TLB KVM must keep right)."""
-    from .kvm.kvm import KVM_REQ_TLB_FLUSH
+    from ..kvm.kvm import KVM_REQ_TLB_FLUSH
     problems = []
     for v in kvm.vcpus:
         if v.hw is None or v.requests & KVM_REQ_TLB_FLUSH:
@@ -142,7 +142,7 @@ def check_tlbs(kvm):
 
 def stale_translations(kvm, v):
     """The guest-physical translations vCPU ``v`` caches that its EPT (or S-EPT) no longer gives."""
-    from .hw.ept import walk, EptTranslation
+    from ..hw.ept import walk, EptTranslation
     hw = v.hw
     if hw is None or hw.eptp is None:
         return []

@@ -2,7 +2,7 @@
 look at what the guest said (GUEST_SYNC, emu_report, GUEST_ASSERT).
 
     import pytest
-    from emu.selftest import run_guest, VM_TYPES
+    from emu.userspace.selftest import run_guest, VM_TYPES
 
     @pytest.mark.parametrize("vm", VM_TYPES)
     def test_counter(vm):
@@ -11,8 +11,8 @@ look at what the guest said (GUEST_SYNC, emu_report, GUEST_ASSERT).
         assert run.syncs == [(0, 1), (1, 1)]    # (vCPU, value) in the order the guest made them
         assert run.syncs_of(1) == [1]
 
-The guest is a .c (compiled, see emu.guests), a .S, an ELF or a name from
-guest/.  A guest that does not build raises emu.vmm.MachineError with the
+The guest is a .c (compiled, see emu.userspace.guests), a .S, an ELF or a name from
+guest/.  A guest that does not build raises emu.userspace.vmm.MachineError with the
 compiler's output.  Each run builds a new VM (a KVM selftest's
 vm_create_with_vcpus), runs every vCPU until it halts or the run fails, and
 keeps the Machine for a closer look (``run.machine.kvm``, ``run.machine.read_gpa``).
@@ -43,7 +43,7 @@ class GuestRun:
 
     def __init__(self, machine, result):
         self.machine = machine
-        self.result = result                    # emu.vmm.Result: exit, error, stats, vcpus, ...
+        self.result = result                    # emu.userspace.vmm.Result: exit, error, stats, vcpus, ...
         self.syncs = list(result.syncs)         # [(vcpu, value)] of GUEST_SYNC, in order
         self.reports = list(result.reports)     # [(vcpu, value)] of emu_report, in order
         ga = result.guest_assert
@@ -87,7 +87,7 @@ class GuestRun:
 class GuestVM:
     """A VM built for a guest: ``GuestVM("my.c", vm="tdx", vcpus=2).run()``.
 
-    ``mem`` is bytes or a size such as "64M"; the other keywords go to emu.vmm.Machine
+    ``mem`` is bytes or a size such as "64M"; the other keywords go to emu.userspace.vmm.Machine
     (``hugepages``, ``tracer``, ``inject``, ``seed``, ...)."""
 
     def __init__(self, guest, vm="default", vcpus=1, mem="64M", **machine_kwargs):

@@ -8,7 +8,7 @@ explorer runs everything: each schedule in a forked child of the snapshot, repla
 prefix of choices.
 
 A step is a task's run from one scheduling point to its next.  With footprints recorded
-(Scheduler.record) each step carries what it read and wrote (emu.sched.Footprint): the
+(Scheduler.record) each step carries what it read and wrote (emu.checkers.sched.Footprint): the
 SPTE a point announces, mmu_lock (a reader's lock and unlock commute), RCU, a vCPU's
 requests and mode, the page allocator, the TDX module's state, and for guest code every
 page its TLB maps and the EPT entries behind them.  A step whose code is not audited
@@ -189,7 +189,7 @@ def _initials(events, clocks, pos, i, j):
 
 
 def explore(ex, result, bound=None, max_runs=None, stop_at_first=True, tick=None):
-    """Source-DPOR over ``ex`` (an emu.explore.Explorer); fills ``result`` (ExploreResult)."""
+    """Source-DPOR over ``ex`` (an emu.checkers.explore.Explorer); fills ``result`` (ExploreResult)."""
     from .explore import _with_choice
     frames = []
     prefix, candidates = [], {}

@@ -1,6 +1,6 @@
 """The ELF loader and the boot layout of a guest.
 
-``load_elf(path)`` reads an x86-64 ELF (ours from emu.guests, or one from any
+``load_elf(path)`` reads an x86-64 ELF (ours from emu.userspace.guests, or one from any
 toolchain) into a GuestImage: the PT_LOAD segments, the entry point and the
 symbols, with a symbolizer for addresses in traces.
 
@@ -29,7 +29,7 @@ from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from emu.guestabi import LOADER_REGION, MEM_ALIGN, MIN_MEM_SIZE, STACK_SIZE
+from emu.userspace.guestabi import LOADER_REGION, MEM_ALIGN, MIN_MEM_SIZE, STACK_SIZE
 
 PAGE_SIZE = 0x1000
 HUGE_PAGE_SIZE = 0x200000

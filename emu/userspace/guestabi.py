@@ -3,13 +3,13 @@
 guest/lib/emu.inc and guest/lib/runtime.S are the guest's copy of these facts;
 keep the two in step (tests/test_guests_loader.py compares them).
 
-Boot state (emu.loader builds it):
+Boot state (emu.userspace.loader builds it):
     Every vCPU starts at the ELF entry in 64-bit mode with paging on
     (CR3 = an identity map of all guest memory in 2M pages), RDI = its index,
     RSI = the number of vCPUs, RSP = the top of its own STACK_SIZE stack.
     The loader's page tables and the stacks live in the top LOADER_REGION
     bytes of guest memory; everything below is the guest's.  Guests built by
-    emu.guests are linked at GUEST_LOAD_BASE.
+    emu.userspace.guests are linked at GUEST_LOAD_BASE.
 
 Hypercalls (the runtime picks the flavour at run time with CPUID leaf 0x21):
     Plain VM, VMCALL (0f 01 c1):

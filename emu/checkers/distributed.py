@@ -105,7 +105,7 @@ class _Worker:
         except ValueError:                   # (only the main thread may; sync actors run there)
             pass
         try:
-            from .vmm import Machine
+            from ..userspace.vmm import Machine
             # The guest travels with the job: a worker needs no checkout, and runs exactly the
             # driver's build of it.  The image is loaded at build time, so the file can go.
             d = tempfile.mkdtemp(prefix="emu-ray-")

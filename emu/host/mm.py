@@ -12,7 +12,7 @@ PTE with a software marker: a fault on one waits), the contents move to a new
 page, the new PTE is installed, and the old page is poisoned and freed.
 """
 
-from .hw.memory import PAGE_SIZE
+from ..hw.memory import PAGE_SIZE
 
 PTE_P, PTE_RW, PTE_US = 1 << 0, 1 << 1, 1 << 2
 PTE_PFN = ((1 << 52) - 1) & ~0xFFF
@@ -49,7 +49,7 @@ class HostMm:
     def _ptep(self, hva, create):
         """The address of the PTE of ``hva`` (creating the tables on the way), or None."""
         if self.mem.sched is not None:
-            self.mem.sched.touch("hostmm", create)       # (emu.dpor)
+            self.mem.sched.touch("hostmm", create)       # (emu.checkers.dpor)
         q = self.mem.q
         table = self.pml4
         for level in (4, 3, 2):

@@ -3,12 +3,12 @@
 Host physical memory is split in two: the kernel's pages (KVM's page tables,
 the pages KVM hands the TDX module) and userspace memory (the VMM's guest RAM,
 guest_memfd).  Userspace memory is reached through the VMM's page tables
-(emu/hostmm.py): a range starts out backed by the run of HPAs equal to its HVAs,
+(emu/host/mm.py): a range starts out backed by the run of HPAs equal to its HVAs,
 and page migration moves pages elsewhere.
 """
 
-from .hw.memory import HostMemory, PageAllocator, OutOfHostMemory, PAGE_SIZE
-from .hostmm import HostMm
+from ..hw.memory import HostMemory, PageAllocator, OutOfHostMemory, PAGE_SIZE
+from .mm import HostMm
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -31,7 +31,7 @@ class Host:
         # With TDX, the PAMT (16 bytes per 4K page of the TDMR, all of memory here) sits above it.
         pamt_size = -(-(tdmr_size >> 12) * 16 // PAGE_SIZE) * PAGE_SIZE if tdx else 0
         self.mem = HostMemory(tdmr_size + pamt_size)
-        # The top of the kernel's memory holds the VMM's page tables (emu/hostmm.py), allocated
+        # The top of the kernel's memory holds the VMM's page tables (emu/host/mm.py), allocated
         # apart from the pages KVM and the TDX module use, so KVM's accounting stays KVM's.
         mm_size = -(-(user_size // 512 + 16 * PAGE_SIZE) // PAGE_SIZE) * PAGE_SIZE
         self.kernel = PageAllocator(self.mem, PAGE_SIZE, kernel_size - mm_size)   # HPA 0 is never handed out
@@ -43,7 +43,7 @@ class Host:
         self.tdx_module = None
         if tdx:
             from tdxmod.module import TdxModule
-            from .hw.vcpu import Vcpu
+            from ..hw.vcpu import Vcpu
             self.tdx_module = TdxModule(self.mem, tdmr_size, 0, tdmr_size)
             module = self.tdx_module
 

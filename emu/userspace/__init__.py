@@ -1,0 +1,7 @@
+"""Userspace: the VMM and what it runs.
+
+vmm         the VMM (QEMU's part): builds the VM from a guest, runs its vCPUs, answers exits
+loader      loads a guest ELF, builds its page tables; guests builds the guests in guest/
+guestabi    the guest ABI (reports, failures, hypercalls); hostevents the host's events on a VM
+selftest    running guests from pytest (the KVM-selftest shape)
+"""
