@@ -122,6 +122,7 @@ class Explorer:
     def __init__(self, factory, check_invariants=True, max_steps=100000, check_steps=False):
         """``factory()`` builds the Machine every run starts from (it is built once)."""
         self.machine = factory()
+        self.machine.prepare_snapshot()         # every run forks from it
         self.check_invariants = check_invariants
         self.check_steps = check_steps   # also check emu.check.check_step at every scheduling point
         self.max_steps = max_steps
