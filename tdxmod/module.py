@@ -17,6 +17,7 @@ S-EPT are real tables in memory).
 """
 
 import hashlib
+from itertools import compress
 
 from emu.hw.ept import make_eptp
 from emu.hw.exits import VeInfo
@@ -340,34 +341,39 @@ class TdxModule:
         return bepoch == td.epoch - 1 and td.refcount[bepoch & 1] == 0
 
     # -- inspection (tests, table dumps, invariant checks) --------------------------------------------------
-    def _walk_sept(self, td, leaf, table):
-        """Visit the TD's S-EPT: leaf(gpa, level, state, hpa) for leaf-state entries,
-        table(gpa, level, child hpa) for non-leaf ones (which it then descends into)."""
+    def sept_scan(self, td):
+        """One walk of the TD's S-EPT: (leaves as sept_leaves() gives them, tables as
+        sept_tables() gives them).  Free entries, most of a table, are skipped by map() and
+        compress() without a Python-level step each (the checker runs after every explored
+        schedule)."""
+        leaves, tables = [], []
         q = self.mem.q
+        free = S.SEPT_FREE_ENTRY.__ne__
+        sept_state, leaf_states, nl_states, hpa_mask = S.sept_state, S.LEAF_STATES, S.NL_STATES, S.SEPT_HPA
 
         def walk(tbl, lvl, base):
             i0 = tbl >> 3
-            for i, e in enumerate(q[i0:i0 + 512].tolist()):
-                if e == S.SEPT_FREE_ENTRY:
-                    continue
-                st = S.sept_state(e)
+            row = q[i0:i0 + 512].tolist()
+            for i in compress(_INDICES, map(free, row)):
+                e = row[i]
+                st = sept_state(e)
                 gpa = base + (i << (12 + 9 * lvl))
-                if S.is_leaf_state(st):
-                    leaf(gpa, lvl, st, e & S.SEPT_HPA)
-                elif st in S.NL_STATES and lvl > 0:
-                    table(gpa, lvl, e & S.SEPT_HPA)
-                    walk(e & S.SEPT_HPA, lvl - 1, gpa)
+                if st in leaf_states:
+                    leaves.append((gpa, lvl, st, e & hpa_mask))
+                elif st in nl_states and lvl > 0:
+                    tables.append((gpa, lvl, e & hpa_mask))
+                    walk(e & hpa_mask, lvl - 1, gpa)
         if td.sept_root is not None:
             walk(td.sept_root, td.sept_top_level, 0)
+        return leaves, tables
 
     def sept_leaves(self, td):
         """(gpa, tdx level, state, hpa) of every leaf-state entry of the TD's S-EPT."""
-        out = []
-        self._walk_sept(td, lambda *x: out.append(x), lambda *x: None)
-        return out
+        return self.sept_scan(td)[0]
 
     def sept_tables(self, td):
         """(gpa, tdx level of the entry, child table HPA) of every non-leaf entry."""
-        out = []
-        self._walk_sept(td, lambda *x: None, lambda *x: out.append(x))
-        return out
+        return self.sept_scan(td)[1]
+
+
+_INDICES = range(512)

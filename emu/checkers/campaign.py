@@ -72,6 +72,7 @@ class Campaign:
     def __init__(self, factory, plans=(), max_points=3, baseline=None):
         """``baseline``: the (expected, calls, None) of a campaign on the same machine, not run again."""
         self.machine = factory()
+        self.machine.prepare_snapshot()         # every run forks from it
         self.user_plans = list(plans)
         self.max_points = max_points
         self.progress = None

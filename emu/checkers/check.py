@@ -23,13 +23,16 @@ from ..kvm.spte import spte_to_pfn
 def check_vm(kvm):
     problems = []
     tdp = kvm.tdp_mmu
+    leaves_of = {}                           # root -> its leaves: each table is read once per check
     for root in tdp.roots:
         if root.invalid:
             continue
-        for sptep, level in tdp.removed_sptes(root):
+        leaves, removed = tdp.scan(root)
+        leaves_of[root] = leaves
+        for sptep, level in removed:
             problems.append(f"{'mirror' if root.is_mirror else 'direct'} root: SPTE at {sptep:#x} "
                             f"(level {level}) left REMOVED")
-        for gfn, level, spte in tdp.leaves(root):
+        for gfn, level, spte in leaves:
             slot = kvm.gfn_to_memslot(gfn)
             if slot is None:
                 continue                     # MMIO SPTEs are not leaves (not present)
@@ -37,11 +40,17 @@ def check_vm(kvm):
             if spte_to_pfn(spte) != want:
                 problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, its backing is pfn {want:#x}")
     if kvm.has_mirrored_tdp:
-        problems += check_mirror_sept(kvm)
-    problems += check_attributes(kvm)
+        problems += check_mirror_sept(kvm, leaves_of)
+    problems += check_attributes(kvm, leaves_of)
     problems += check_accounting(kvm)
     problems += check_tlbs(kvm)
     return problems
+
+
+def _leaves(kvm, root, leaves_of):
+    if leaves_of is not None and root in leaves_of:
+        return leaves_of[root]
+    return kvm.tdp_mmu.leaves(root)
 
 
 def check_step(kvm):
@@ -76,7 +85,7 @@ def _backing_pfn(kvm, slot, gfn, private):
     return kvm.host.mm.lookup(slot.userspace_addr + ((gfn - slot.base_gfn) << 12))
 
 
-def check_attributes(kvm):
+def check_attributes(kvm, leaves_of=None):
     """In a VM with private memory, a mapping agrees with the page's attribute: the direct
     (shared) root maps only shared GFNs, the mirror only private ones."""
     if not kvm.has_mirrored_tdp:
@@ -85,7 +94,7 @@ def check_attributes(kvm):
     for root in kvm.tdp_mmu.roots:
         if root.invalid:
             continue
-        for gfn, level, spte in kvm.tdp_mmu.leaves(root):
+        for gfn, level, spte in _leaves(kvm, root, leaves_of):
             for g in range(gfn, gfn + (1 << (9 * (level - 1)))):
                 if kvm.mem_is_private(g) != root.is_mirror:
                     problems.append(f"the {'mirror' if root.is_mirror else 'direct'} root maps gfn {g:#x}, "
@@ -156,7 +165,7 @@ def stale_translations(kvm, v):
     return problems
 
 
-def check_mirror_sept(kvm):
+def check_mirror_sept(kvm, leaves_of=None):
     from tdxmod import sept as S
     from tdxmod.abi import PT_REG, PT_EPT
     problems = []
@@ -167,10 +176,11 @@ def check_mirror_sept(kvm):
     mirror = next((r for r in kvm.tdp_mmu.roots if r.is_mirror and not r.invalid), None)
     mirror_leaves = {}
     if mirror is not None:
-        for gfn, level, spte in kvm.tdp_mmu.leaves(mirror):
+        for gfn, level, spte in _leaves(kvm, mirror, leaves_of):
             mirror_leaves[gfn << 12] = (level, spte_to_pfn(spte) << 12)
     sept_leaves = {}
-    for gpa, lvl, state, hpa in mod.sept_leaves(td):
+    leaves, tables = mod.sept_scan(td)
+    for gpa, lvl, state, hpa in leaves:
         sept_leaves[gpa] = (lvl + 1, hpa)
         if state not in (S.SEPT_MAPPED, S.SEPT_PENDING):
             problems.append(f"S-EPT leaf gpa {gpa:#x} in state {S.STATE_NAMES.get(state, state)} at quiescence")
@@ -180,7 +190,7 @@ def check_mirror_sept(kvm):
             problems.append(f"gpa {gpa:#x}: mirror {_fmt(m)} but S-EPT {_fmt(s)}")
     # Tables: every S-EPT table below the root is some mirror SP's external page.
     ext = {sp.external_spt for sp in kvm.tdp_mmu.sp_of.values() if sp.is_mirror and sp.external_spt}
-    for gpa, lvl, child in mod.sept_tables(td):
+    for gpa, lvl, child in tables:
         if child not in ext:
             problems.append(f"S-EPT table {child:#x} (gpa {gpa:#x}, level {lvl}) has no mirror page")
     # PAMT: the TD's pages and nothing else.
@@ -190,8 +200,8 @@ def check_mirror_sept(kvm):
     want_regs = {hpa for _, hpa in sept_leaves.values()}
     if regs != want_regs:
         problems.append(f"PAMT: {len(regs)} PT_REG pages, the S-EPT maps {len(want_regs)}")
-    if epts != {c for _, _, c in mod.sept_tables(td)}:
-        problems.append(f"PAMT: {len(epts)} PT_EPT pages, the S-EPT has {len(mod.sept_tables(td))} tables")
+    if epts != {c for _, _, c in tables}:
+        problems.append(f"PAMT: {len(epts)} PT_EPT pages, the S-EPT has {len(tables)} tables")
     if td.chldcnt != len(owned):
         # The TDR's own PAMT owner is 0 (tdh_mng_create), so ``owned`` is every page but the TDR.
         problems.append(f"TDR child count {td.chldcnt}, PAMT owns {len(owned)} pages besides the TDR")

@@ -51,7 +51,7 @@ class HostMemory:
         # guest drops its translated code if one of them hit a page it ran code from,
         # since the CPU would see the new bytes (Unicorn tracks only its own stores).
         self.generation = 0
-        self.written = []            # (generation, first pfn, last pfn), the last WRITE_LOG writes
+        self.written = []            # (generation, first pfn, last pfn): at least the last WRITE_LOG writes
         self.sched = None            # (emu.checkers.dpor) the scheduler recording footprints, while it does
 
     # -- the address Unicorn maps (mem_map_ptr) --------------------------------------------------
@@ -106,7 +106,10 @@ class HostMemory:
         self.buf[hpa:hpa + n] = bytes(n)
         self._log_write(hpa, n)
 
-    WRITE_LOG = 64
+    # The log keeps at least the last WRITE_LOG writes.  A vCPU that finds it lost some drops
+    # all its translated code, so it must outlast what KVM writes between two entries of a
+    # vCPU: a page fault that tops up the MMU caches zeroes some 80 pages.
+    WRITE_LOG = 1024
 
     def _log_write(self, hpa, n):
         self.generation += 1
@@ -116,15 +119,16 @@ class HostMemory:
             fp = self.sched.fp
             if fp is not None:
                 fp.writes.update(("page", pfn) for pfn in range(log[-1][1], log[-1][2] + 1))
-        if len(log) > self.WRITE_LOG:
+        if len(log) > 2 * self.WRITE_LOG:
             del log[:len(log) - self.WRITE_LOG]
 
     def written_since(self, generation):
         """The (first pfn, last pfn) ranges written after ``generation``; None if the log lost some."""
         log = self.written
-        if generation < self.generation - len(log):
+        k = self.generation - generation       # generations are consecutive: the last k entries
+        if k > len(log):
             return None
-        return [(a, b) for g, a, b in log if g > generation]
+        return [(a, b) for _, a, b in log[len(log) - k:]] if k > 0 else []
 
     # -- per-page access policy for host software ---------------------------------------------------
     def protect(self, pfn, owner):

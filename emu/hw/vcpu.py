@@ -331,7 +331,7 @@ class Vcpu:
         ranges = self.mem.written_since(self.code_generation)
         self.code_generation = self.mem.generation
         code = self.code_pfns
-        if ranges is None or any(pfn in code for a, b in ranges for pfn in range(a, b + 1)):
+        if ranges is None or code and any(not code.isdisjoint(range(a, b + 1)) for a, b in ranges):
             self.uc.ctl_flush_tb()
             code.clear()
 

@@ -13,6 +13,8 @@ after an RCU grace period, because lockless walkers (other vCPUs' faults)
 may still be reading them.
 """
 
+from itertools import compress
+
 from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G,
                    KVM_PAGES_PER_HPAGE, is_shadow_present_pte, is_last_spte, is_removed_spte, is_large_pte,
                    spte_to_pfn, make_nonleaf_spte, make_spte, make_mmio_spte, is_mmio_spte, ACC_ALL,
@@ -625,40 +627,50 @@ class TdpMmu:
             lock.read_unlock() if shared else lock.write_unlock()
 
     # -- dumping ------------------------------------------------------------------------------------------
-    def leaves(self, root):
-        """(gfn, level, spte) for every present leaf of ``root`` (gfn without the shared bit)."""
-        out = []
+    def scan(self, root):
+        """One walk of ``root``'s tables: (its leaves as leaves() gives them, its REMOVED SPTEs
+        as removed_sptes() gives them).  The invariant checker runs after every explored
+        schedule, so each table is scanned once, and in C (see _entries)."""
+        leaves, removed = [], []
         q = self.mem.q
 
         def walk(table, level, gfn):
-            i0 = table >> 3
             step = KVM_PAGES_PER_HPAGE(level)
-            for i, spte in enumerate(q[i0:i0 + 512].tolist()):
-                if not spte & SPTE_MMU_PRESENT_MASK:
-                    continue
-                g = gfn + i * step
-                if is_last_spte(spte, level):
-                    out.append((g, level, spte))
-                else:
-                    walk(spte_to_child_pt(spte, level), level - 1, g)
+            for i, spte in _entries(q, table):
+                if spte == REMOVED_SPTE:
+                    removed.append((table + i * 8, level))
+                elif spte & SPTE_MMU_PRESENT_MASK:
+                    g = gfn + i * step
+                    if is_last_spte(spte, level):
+                        leaves.append((g, level, spte))
+                    else:
+                        walk(spte_to_child_pt(spte, level), level - 1, g)
         walk(root.spt, root.role_level, 0)
         bits = self.gfn_root_bits(root)
-        return [(g & ~bits, l, s) for g, l, s in out]
+        if bits:
+            leaves = [(g & ~bits, l, s) for g, l, s in leaves]
+        return leaves, removed
+
+    def leaves(self, root):
+        """(gfn, level, spte) for every present leaf of ``root`` (gfn without the shared bit)."""
+        return self.scan(root)[0]
 
     def removed_sptes(self, root):
         """Every SPTE still REMOVED in the tables reachable from ``root`` (must be none at quiescence)."""
-        out = []
-        q = self.mem.q
+        return self.scan(root)[1]
 
-        def walk(table, level):
-            i0 = table >> 3
-            for i, spte in enumerate(q[i0:i0 + 512].tolist()):
-                if spte == REMOVED_SPTE:
-                    out.append((table + i * 8, level))
-                elif spte & SPTE_MMU_PRESENT_MASK and not is_last_spte(spte, level):
-                    walk(spte_to_child_pt(spte, level), level - 1)
-        walk(root.spt, root.role_level)
-        return out
+
+_INDICES = range(512)
+_NOT_NONPRESENT = SHADOW_NONPRESENT_VALUE.__ne__
+
+
+def _entries(q, table):
+    """(index, value) of every entry of the table at HPA ``table`` but those holding
+    SHADOW_NONPRESENT_VALUE, what a new table is filled with: most of a table's 512 entries,
+    skipped by map() and compress() without a Python-level step each."""
+    i0 = table >> 3
+    row = q[i0:i0 + 512].tolist()
+    return [(i, row[i]) for i in compress(_INDICES, map(_NOT_NONPRESENT, row))]
 
 
 def is_access_allowed(fault, spte):
