@@ -33,6 +33,9 @@ def _add_run_options(p):
     p.add_argument("--vcpus", default=1, type=int, help="number of vCPUs (default: %(default)s)")
     p.add_argument("--hugepages", choices=("4k", "2m", "1g"), default=None,
                    help="page size of the host memory backing the guest (huge EPT mappings where aligned)")
+    p.add_argument("--nx-huge-pages", action="store_true",
+                   help="KVM's NX huge page mitigation (kvm.nx_huge_pages=on): an exec fault maps 4K and "
+                        "marks the table; the 'nx-recover' host event zaps such tables")
     p.add_argument("--sept-ve-disable", choices=("on", "off"), default="on",
                    help="the TD attribute SEPT_VE_DISABLE (QEMU's sept-ve-disable): off makes an access to an "
                         "unaccepted page and a bare HLT a #VE for the guest (default: %(default)s; a TD's only)")
@@ -51,7 +54,7 @@ def _add_run_options(p):
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--host", action="append", default=[], metavar="'EVENT[@STEP]'",
                    help="a host event on a host task, from scheduling point STEP on (repeatable): "
-                        "'migrate START-END', 'shared START-END', 'private START-END'")
+                        "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END'")
     p.add_argument("--bug", action="append", default=[], metavar="NAME",
                    help="switch a realistic KVM bug into the model (repeatable; see `inject --list`)")
 
@@ -82,6 +85,8 @@ def machine_flags(args):
         flags += f" --mem {args.mem}"
     if getattr(args, "hugepages", None):
         flags += f" --hugepages {args.hugepages}"
+    if getattr(args, "nx_huge_pages", False):
+        flags += " --nx-huge-pages"
     if getattr(args, "no_freeze", False):
         flags += " --no-freeze"
     if getattr(args, "sept_ve_disable", "on") == "off":
@@ -185,7 +190,7 @@ def cmd_run(args, out):
     tracer = make_tracer(args)
     try:
         m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
-                    td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
+                    nx_huge_pages=args.nx_huge_pages, td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
                     bugs=args.bug)
         res = m.run()
     finally:
@@ -254,7 +259,8 @@ def cmd_explore(args, out):
     if args.ray is not None and args.random is None:
         raise UsageError("--ray runs random exploration (--random RUNS) and campaigns")
     tracer = make_tracer(args)
-    mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, td_attributes=td_attributes(args),
+    mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
+              td_attributes=td_attributes(args),
               no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug)
     ex = Explorer(lambda: Machine(args.guest, **mk), check_steps=args.check_steps)
     if args.replay is not None:
@@ -324,7 +330,8 @@ def cmd_campaign(args, out):
     mem = parse_size(args.mem)
     if args.runs < 1:
         raise UsageError("--runs needs at least 1")
-    mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, td_attributes=td_attributes(args),
+    mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
+              td_attributes=td_attributes(args),
               host_events=args.host, bugs=args.bug)
     try:
         c = Campaign(lambda: Machine(args.guest, **mk), plans=args.inject, max_points=args.max_points)

@@ -633,3 +633,109 @@ def test_memslot_delete_kicks_vcpus_in_guest_mode():
     assert kvm.violations == [] and check_vm(kvm) == []
     m.destroy()
     assert check_destroyed(kvm) == []
+
+
+# ---------------------------------------------------------------------------
+# The NX huge page mitigation and its recovery worker (free-without-grace-period)
+# ---------------------------------------------------------------------------
+
+NX_MACHINE = dict(vm="default", vcpus=2, hugepages="2m", nx_huge_pages=True)
+NX_RECOVER = "nx-recover 0x0-0x200000@20"
+
+
+def _nx_table(kvm):
+    """The possible NX huge page of the image's 2M region (GPA 0-2M)."""
+    sps = [sp for sp in kvm.tdp_mmu.possible_nx_huge_pages if sp.gfn == 0]
+    assert len(sps) == 1, kvm.tdp_mmu.possible_nx_huge_pages
+    return sps[0]
+
+
+def test_nx_exec_fault_makes_a_disallowed_table_and_data_faults_go_into_it():
+    """With the mitigation, the fetch in the image's 2M region maps 4K and marks its table; the
+    data faults of the same region want 2M but go down into that table (disallowed_hugepage_adjust)."""
+    m = Machine("nxhuge", **NX_MACHINE)
+    res = m.run()
+    assert res.ok, res.error
+    assert sorted(res.reports) == [(0, 18), (1, 18)]
+    kvm = m.kvm
+    sp = _nx_table(kvm)
+    assert sp.nx_huge_page_disallowed and sp.role_level == 1 and kvm.stat["nx_lpage_splits"] == 1
+    assert kvm.mem.q[sp.ptep >> 3] & ~0xFFF & ((1 << 52) - 1) == sp.spt   # linked below the 2M entry
+    root = m.vcpus[0].root
+    leaves = {g: lvl for g, lvl, _ in kvm.tdp_mmu.leaves(root)}
+    assert all(lvl == 1 for g, lvl in leaves.items() if g < 0x200), leaves   # region 0 only at 4K
+    assert sum(1 for g in leaves if g < 0x200) >= 12 + 1                      # 12 data pages and code
+    assert check_vm(kvm) == []
+    # Without the mitigation the same region is one 2M page.
+    m = Machine("nxhuge", vm="default", vcpus=2, hugepages="2m")
+    assert m.run().ok
+    assert not m.kvm.tdp_mmu.possible_nx_huge_pages
+    assert (0, 2) in {(g, lvl) for g, lvl, _ in m.kvm.tdp_mmu.leaves(m.vcpus[0].root)}
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_nx_recovery_zaps_under_the_read_lock_and_frees_after_the_grace_period(bug):
+    m = Machine("nxhuge", bugs=["free-without-grace-period"] if bug else [], **NX_MACHINE)
+    assert m.run().ok
+    kvm = m.kvm
+    sp = _nx_table(kvm)
+    seen = []
+    orig = kvm.tdp_mmu.zap_possible_nx_huge_page
+
+    def zap(sp, who=None):
+        seen.append((kvm.mmu_lock.readers, kvm.mmu_lock.writer))
+        return orig(sp, who)
+    kvm.tdp_mmu.zap_possible_nx_huge_page = zap
+    kvm.rcu.read_lock("walker")                  # a fault's walk, inside the table
+    assert kvm.recover_nx_huge_pages(0, 0x200) == 1
+    assert seen == [(1, False)]                  # mmu_lock for read, not write
+    assert not kvm.tdp_mmu.possible_nx_huge_pages and not sp.nx_huge_page_disallowed
+    assert kvm.stat["nx_lpage_splits"] == 0
+    assert kvm.mem.q[sp.ptep >> 3] == 0x8000000000000000        # the 2M entry zapped (cmpxchg)
+    assert (sp.spt in kvm.host.kernel.freed) == bug               # the bug frees it under the walker
+    kvm.rcu.read_unlock("walker")
+    assert sp.spt in kvm.host.kernel.freed and kvm.tdp_mmu.frees[sp.spt] == 1
+    assert kvm.recover_nx_huge_pages(0, 0x200) == 0
+
+
+def test_nx_recover_event_errors():
+    with pytest.raises(MachineError, match=r"needs the mitigation on \(--nx-huge-pages\)"):
+        Machine("nxhuge", vcpus=2, hugepages="2m", host_events=[NX_RECOVER])
+    assert parse_host_event(NX_RECOVER).kind == "nx-recover"
+    r = emu_cli("run", "nxhuge", "--vcpus", "2", "--hugepages", "2m", "--host", "nx-recover 0x0-0x200000")
+    assert r.returncode == 2 and "needs the mitigation on" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_nx_recover_event_runs_under_the_guest():
+    sink = ListSink()
+    m = Machine("nxhuge", tracer=Tracer([sink]), host_events=[NX_RECOVER], **NX_MACHINE)
+    res = m.run()
+    assert res.ok, res.error
+    assert sorted(res.reports) == [(0, 18), (1, 18)]
+    assert any(e.name == "kvm_nx_recover" for e in sink.events if e.vcpu == "host0")
+    assert check_vm(m.kvm) == []
+
+
+def test_nx_free_without_grace_period_is_found_within_a_minute():
+    t0 = time.perf_counter()
+    ex = Explorer(lambda: Machine("nxhuge", bugs=["free-without-grace-period"], host_events=[NX_RECOVER],
+                                  **NX_MACHINE))
+    ex.MINIMIZE_SECONDS = 5.0
+    r = ex.random(runs=300, seed=1, depth=3)
+    assert r.failures >= 1, f"not found in {r.runs} schedules"
+    assert r.first_failure.error.startswith("checker: use after free"), r.first_failure.error
+    assert time.perf_counter() - t0 < 60
+
+
+def test_nx_no_bug_nothing_reported():
+    ex = Explorer(lambda: Machine("nxhuge", host_events=[NX_RECOVER], **NX_MACHINE))
+    r = ex.random(runs=300, seed=1, depth=3)
+    assert r.failures == 0, r.first_failure and r.first_failure.error
+
+
+def test_nx_reproducer_carries_the_option():
+    r = emu_cli("explore", "nxhuge", "--vcpus", "2", "--hugepages", "2m", "--nx-huge-pages", "--host", NX_RECOVER,
+                "--bug", "free-without-grace-period", "--random", "300", "--seed", "1")
+    assert r.returncode != 0
+    replay = next(line for line in r.stdout.splitlines() if "replay:" in line)
+    assert "--nx-huge-pages" in replay and "--host 'nx-recover" in replay

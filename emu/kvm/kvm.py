@@ -175,7 +175,8 @@ class Kvm:
         self.mmu_invalidate_range_start = self.mmu_invalidate_range_end = None
         self.vcpus = []
         self.stat = {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0, "remote_tlb_flush": 0,
-                     "remote_tlb_flush_requests": 0, "zaps": 0, "kvm_bug_on": 0}
+                     "remote_tlb_flush_requests": 0, "zaps": 0, "kvm_bug_on": 0,
+                     "nx_lpage_splits": 0}
         self.vm_bugged = False
         self.vm_dead = False
         self.bug_reason = None
@@ -624,6 +625,50 @@ class Kvm:
             return leaf
         finally:
             self.rcu.read_unlock(who)
+
+    def recover_nx_huge_pages(self, start_gfn, end_gfn):
+        """kvm_recover_nx_huge_pages() for the TDP MMU, on the recovery worker (a host task):
+        under mmu_lock for read (Linux 6.17; 6.16 takes it for write) and RCU, take each possible
+        NX huge page of [start_gfn, end_gfn) off the list and zap the entry that points to it
+        with a cmpxchg; faults may walk inside the table meanwhile, and RCU keeps it until they
+        are out.  Upstream takes nx_lpage_splits / nx_huge_pages_recovery_ratio from the head of
+        the list; here every one in the range.  Returns how many were zapped."""
+        tdp = self.tdp_mmu
+        lock = self.mmu_lock
+        who = self.rcu_reader()
+        zapped = 0
+        flush = False
+        lock.read_lock()
+        self.rcu.read_lock(who)
+        try:
+            while True:
+                self.touch("possible_nx")
+                sp = next((sp for sp in tdp.possible_nx_huge_pages if start_gfn <= sp.gfn < end_gfn), None)
+                if sp is None:
+                    break
+                if not sp.nx_huge_page_disallowed or sp.is_mirror:
+                    self.warn(f"possible NX huge page {sp!r} not disallowed, or not direct")
+                tdp.unaccount_nx_huge_page(sp)
+                if tdp.zap_possible_nx_huge_page(sp, who):
+                    zapped += 1
+                    flush = True
+                if self.need_resched():
+                    # cond_resched_rwlock_read(), after the flush owed so far.
+                    if flush:
+                        self.flush_remote_tlbs()
+                        flush = False
+                    self.rcu.read_unlock(who)
+                    lock.read_unlock()
+                    self.cond_resched()
+                    lock.read_lock()
+                    self.rcu.read_lock(who)
+            if flush:
+                self.flush_remote_tlbs()
+        finally:
+            self.rcu.read_unlock(who)
+            lock.read_unlock()
+        self.trace_emit("kvm_nx_recover", msg=f"gfn {start_gfn:#x}-{end_gfn:#x}: {zapped} zapped")
+        return zapped
 
     # -- vCPUs --------------------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id):

@@ -129,8 +129,11 @@ def is_ept_ve_possible(spte):
     return not spte & VMX_EPT_SUPPRESS_VE_BIT and (spte & VMX_EPT_RWX_MASK) != VMX_EPT_MISCONFIG_WX_VALUE
 
 
-def make_spte(level, pfn, pte_access, mt_mask, host_writable=True, prefetch=False):
-    """make_spte() for a TDP MMU leaf: (spte, wrprot)."""
+def make_spte(level, pfn, pte_access, mt_mask, host_writable=True, prefetch=False, nx_huge_pages=False):
+    """make_spte() for a TDP MMU leaf: (spte, wrprot).  With the NX huge page mitigation a huge
+    leaf is never executable: a fetch there faults, and is mapped at 4K."""
+    if level > PG_LEVEL_4K and pte_access & ACC_EXEC_MASK and nx_huge_pages:
+        pte_access &= ~ACC_EXEC_MASK
     spte = SPTE_MMU_PRESENT_MASK | shadow_present_mask
     if not prefetch:
         spte |= shadow_accessed_mask

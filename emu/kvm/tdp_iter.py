@@ -12,7 +12,8 @@ from .spte import (KVM_PAGES_PER_HPAGE, SPTE_INDEX, gfn_round_for_level, is_shad
 
 class TdpIter:
     __slots__ = ("next_last_level_gfn", "yielded_gfn", "pt_path", "sptep", "gfn", "gfn_bits", "root_level",
-                 "min_level", "level", "as_id", "old_spte", "valid", "yielded", "q", "sched", "vcpu", "kvm")
+                 "min_level", "level", "as_id", "old_spte", "valid", "yielded", "q", "sched", "vcpu", "kvm",
+                 "frees", "entered")
 
     def __init__(self, kvm, root, min_level, start_gfn, gfn_bits, vcpu=None):
         self.q = kvm.mem.q
@@ -20,6 +21,9 @@ class TdpIter:
         self.kvm = kvm
         self.vcpu = vcpu
         self.pt_path = [0] * PT64_ROOT_MAX_LEVEL
+        # (the checker) table -> how often it had been freed when this walker stepped into it
+        self.frees = kvm.tdp_mmu.frees
+        self.entered = {}
         self.yielded = False
         self.start(root, min_level, start_gfn, gfn_bits)
 
@@ -27,11 +31,21 @@ class TdpIter:
         # kvm_tdp_mmu_read_spte(): READ_ONCE(*sptep)
         if self.sched is not None:
             self.sched.point(self.vcpu, "spte_read", sptep)
-            if sptep & ~0xFFF in self.kvm.host.kernel.freed:
-                # The checker: a walker (under RCU) reads a table that was freed under it.
-                self.kvm.checker_violation(f"use after free: {'vCPU ' + str(self.vcpu) if self.vcpu is not None else 'a zap'}"
-                                           f" reads SPTE {sptep:#x} of a page table already freed")
+            self.check_table(sptep)
         return self.q[sptep >> 3]
+
+    def check_table(self, sptep, what="reads"):
+        """The checker, when the walker reads (or cmpxchgs) an SPTE of a table it is inside
+        (under RCU): the table must not have been freed since the walker stepped in, even if
+        its page was reused since (then its entries would be another table's)."""
+        table = sptep & ~0xFFF
+        if getattr(self.sched, "fp", None) is not None:
+            self.sched.touch(("table", table), False)      # the table's free (emu.checkers.dpor)
+        entered = self.entered.get(table)
+        if entered is not None and self.frees.get(table, 0) != entered or table in self.kvm.host.kernel.freed:
+            who = 'vCPU ' + str(self.vcpu) if self.vcpu is not None else 'a zap'
+            self.kvm.checker_violation(f"use after free: {who} {what} SPTE {sptep:#x} of a page table "
+                                       f"freed since it stepped in")
 
     def start(self, root, min_level, next_last_level_gfn, gfn_bits):
         level = root.role_level
@@ -43,6 +57,7 @@ class TdpIter:
         self.root_level = level
         self.min_level = min_level
         self.pt_path[level - 1] = root.spt
+        self.entered[root.spt] = self.frees.get(root.spt, 0)
         self.as_id = root.as_id
         self.restart()
 
@@ -69,6 +84,7 @@ class TdpIter:
             return False
         self.level -= 1
         self.pt_path[self.level - 1] = child
+        self.entered[child] = self.frees.get(child, 0)
         self.gfn = gfn_round_for_level(self.next_last_level_gfn, self.level)
         self.refresh_sptep()
         return True

@@ -49,10 +49,13 @@ KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
 class KvmMmuPage:
     """struct kvm_mmu_page for the TDP MMU: ``spt`` is the HPA of its 512-entry table."""
     __slots__ = ("role", "gfn", "spt", "ptep", "external_spt", "tdp_mmu_root_count", "role_level", "as_id",
-                 "is_mirror", "zapped", "tdp_mmu_scheduled_root_to_zap")
+                 "is_mirror", "zapped", "tdp_mmu_scheduled_root_to_zap", "nx_huge_page_disallowed")
 
     def __init__(self, spt):
         self.spt = spt
+        # sp->nx_huge_page_disallowed: made by a fault that could not use a huge page because of
+        # the NX huge page mitigation (an exec fault); on the possible-NX list while linked.
+        self.nx_huge_page_disallowed = False
         self.external_spt = None
         self.tdp_mmu_root_count = 0
         self.ptep = None
@@ -86,6 +89,13 @@ class TdpMmu:
         self.roots = []               # kvm->arch.tdp_mmu_roots
         self.pages = 0                # kvm->arch.tdp_mmu_pages
         self.sp_of = {}               # table HPA -> KvmMmuPage (the kernel keeps it in page->private)
+        # kvm->arch.possible_nx_huge_pages: tables that replace a huge page only because of the NX
+        # huge page mitigation, oldest first; the recovery worker zaps them (under
+        # tdp_mmu_pages_lock upstream; ``kvm.touch("possible_nx")`` here, the list and the flags).
+        self.possible_nx_huge_pages = []
+        # (the checker) how often each table page was freed: a walker that entered a table and
+        # then sees another count read a freed page, even if the page was reused since.
+        self.frees = {}
         # The seed patch's protocol; False reproduces the code before it (issue: --no-freeze).
         self.freeze_mirror_sptes = True
 
@@ -128,6 +138,8 @@ class TdpMmu:
         if sp.external_spt is not None:
             host.free_kernel_page(sp.external_spt)
         del self.sp_of[sp.spt]
+        self.kvm.touch(("table", sp.spt))
+        self.frees[sp.spt] = self.frees.get(sp.spt, 0) + 1
         host.free_kernel_page(sp.spt)
 
     def init_child_sp(self, child, it):
@@ -142,6 +154,68 @@ class TdpMmu:
 
     def unaccount_mmu_page(self, sp):
         self.pages -= 1
+
+    # -- the NX huge page mitigation ------------------------------------------------------------------
+    def track_possible_nx_huge_page(self, sp):
+        """track_possible_nx_huge_page(): the table may be replaced by a huge page once no exec
+        fault needs it; the recovery worker finds it on the list (kvm->stat.nx_lpage_splits)."""
+        self.kvm.touch("possible_nx")
+        if sp in self.possible_nx_huge_pages:
+            return
+        self.possible_nx_huge_pages.append(sp)
+        self.kvm.stat["nx_lpage_splits"] += 1
+
+    def untrack_possible_nx_huge_page(self, sp):
+        self.kvm.touch("possible_nx")
+        if sp in self.possible_nx_huge_pages:
+            self.possible_nx_huge_pages.remove(sp)
+            self.kvm.stat["nx_lpage_splits"] -= 1
+
+    def unaccount_nx_huge_page(self, sp):
+        """unaccount_nx_huge_page(): clear the flag and take it off the list."""
+        self.kvm.touch("possible_nx")
+        sp.nx_huge_page_disallowed = False
+        self.untrack_possible_nx_huge_page(sp)
+
+    def unlink_sp(self, sp):
+        """tdp_mmu_unlink_sp(): unaccount, and untrack it if it was a possible NX huge page."""
+        self.unaccount_mmu_page(sp)
+        self.kvm.touch("possible_nx", False)
+        if not sp.nx_huge_page_disallowed:
+            return
+        self.unaccount_nx_huge_page(sp)
+
+    def disallowed_hugepage_adjust(self, fault, spte, cur_level):
+        """disallowed_hugepage_adjust(): a table made for an exec fault sits where this fault
+        wants a huge page: go one level down instead (into that table), and give the pfn back
+        the next 9 bits of the address."""
+        if (cur_level > PG_LEVEL_4K and cur_level == fault.goal_level and is_shadow_present_pte(spte)
+                and not is_large_pte(spte)):
+            self.kvm.touch("possible_nx", False)
+            child = self.sp_of.get(spte_to_child_pt(spte, cur_level))
+            if child is not None and child.nx_huge_page_disallowed:
+                page_mask = KVM_PAGES_PER_HPAGE(cur_level) - KVM_PAGES_PER_HPAGE(cur_level - 1)
+                fault.pfn |= fault.gfn & page_mask
+                fault.goal_level -= 1
+
+    def zap_possible_nx_huge_page(self, sp, who=None):
+        """The TDP MMU's recovery of one possible NX huge page, under mmu_lock for read: zap the
+        entry that points to the table with a cmpxchg, if it still does; handle_removed_pt()
+        frees the table through call_rcu() (as tdp_mmu_zap_possible_nx_huge_page() upstream
+        since the recovery runs under the read lock, Linux 6.17)."""
+        kvm = self.kvm
+        kvm.lockdep_assert_held_read()
+        if sp.ptep is None:
+            kvm.warn("possible NX huge page without a parent entry (a root)")
+            return False
+        self._point(who, "spte_read", sp.ptep)
+        old = self.mem.q[sp.ptep >> 3]
+        # Another task may have changed the entry (the read lock is shared): zap it only while
+        # it still points to this table.
+        if spte_to_child_pt(old, sp.role_level + 1) != sp.spt or self.sp_of.get(sp.spt) is not sp:
+            return False
+        it = _SpIter(sp.ptep, old, sp.gfn, sp.role_level + 1, sp.as_id)
+        return not self.tdp_mmu_set_spte_atomic(it, SHADOW_NONPRESENT_VALUE, who)
 
     # -- roots --------------------------------------------------------------------------------------------
     def root_role(self, level, mirror):
@@ -237,7 +311,7 @@ class TdpMmu:
         base_gfn = sp.gfn
         kvm.trace_emit("kvm_mmu_prepare_zap_page", vcpu, msg=f"sp gfn {base_gfn:x} l{level} "
                        f"{'mirror' if sp.is_mirror else 'direct'}")
-        self.unaccount_mmu_page(sp)
+        self.unlink_sp(sp)
         for i in range(512):
             sptep = pt + i * 8
             gfn = base_gfn + i * KVM_PAGES_PER_HPAGE(level)
@@ -360,6 +434,8 @@ class TdpMmu:
                 return self.set_external_spte_present(it.sptep, it.gfn, it.old_spte, new_spte, it.level, vcpu)
             return self._set_mirror_spte_without_freeze(it, new_spte, vcpu)
         self._point(vcpu, "spte_cmpxchg", it.sptep)
+        if self.kvm.sched is not None and isinstance(it, TdpIter):
+            it.check_table(it.sptep, "cmpxchgs")
         if self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
             it.old_spte = self.mem.q[it.sptep >> 3]      # try_cmpxchg64 refreshes the snapshot
             return -EBUSY
@@ -440,7 +516,10 @@ class TdpMmu:
         kvm.rcu.read_lock(vcpu.vcpu_id)
         try:
             it = TdpIter(kvm, root, PG_LEVEL_4K, fault.gfn, self.gfn_root_bits(root), vcpu.vcpu_id)
+            nx_workaround = kvm.nx_huge_pages          # fault->nx_huge_page_workaround_enabled
             for it in for_each_tdp_pte_min_level(it, fault.gfn + 1):
+                if nx_workaround:
+                    self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
                 if is_removed_spte(it.old_spte):
                     # Another vCPU is installing this entry (frozen while it reflects):
                     # give up and let the guest fault again.
@@ -457,6 +536,7 @@ class TdpMmu:
                 self.init_child_sp(sp, it)
                 if sp.is_mirror:
                     self.alloc_external_spt(vcpu, sp)
+                sp.nx_huge_page_disallowed = fault.huge_page_disallowed
                 if is_shadow_present_pte(it.old_spte):
                     if kvm.KVM_BUG_ON(sp.is_mirror, "splitting a huge mirror SPTE"):
                         self.free_sp(sp)
@@ -467,6 +547,10 @@ class TdpMmu:
                 if r:
                     self.free_sp(sp)
                     return RET_PF_RETRY
+                if fault.huge_page_disallowed and fault.req_level >= it.level:
+                    kvm.touch("possible_nx", False)
+                    if sp.nx_huge_page_disallowed:
+                        self.track_possible_nx_huge_page(sp)
             # The walk ended above the goal level: an SPTE changed under us.
             return RET_PF_RETRY
         finally:
@@ -478,7 +562,7 @@ class TdpMmu:
         level = it.level
         child_level = level - 1
         for i in range(512):
-            self.mem.write64(sp.spt + i * 8, make_small_spte(huge, child_level, i))
+            self.mem.write64(sp.spt + i * 8, make_small_spte(huge, child_level, i, self.kvm.nx_huge_pages))
         ret = self.link_sp(it, sp, True, vcpu.vcpu_id)
         if ret:
             return ret
@@ -497,7 +581,8 @@ class TdpMmu:
             new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp), kvm.memslots_generation,
                                       kvm.shadow_mmio_value)
         else:
-            new_spte, _wrprot = make_spte(it.level, fault.pfn, ACC_ALL, kvm.mt_mask, host_writable=fault.map_writable)
+            new_spte, _wrprot = make_spte(it.level, fault.pfn, ACC_ALL, kvm.mt_mask, host_writable=fault.map_writable,
+                                          nx_huge_pages=kvm.nx_huge_pages)
         if new_spte == it.old_spte:
             ret = RET_PF_SPURIOUS
         elif self.tdp_mmu_set_spte_atomic(it, new_spte, vcpu.vcpu_id):
@@ -673,6 +758,15 @@ def _entries(q, table):
     return [(i, row[i]) for i in compress(_INDICES, map(_NOT_NONPRESENT, row))]
 
 
+class _SpIter:
+    """The iterator tdp_mmu_zap_possible_nx_huge_page() fills from the sp itself (no walk)."""
+    __slots__ = ("sptep", "old_spte", "gfn", "level", "as_id", "yielded")
+
+    def __init__(self, sptep, old_spte, gfn, level, as_id):
+        self.sptep, self.old_spte, self.gfn, self.level, self.as_id = sptep, old_spte, gfn, level, as_id
+        self.yielded = False
+
+
 def is_access_allowed(fault, spte):
     if fault.exec:
         return bool(spte & shadow_x_mask)
@@ -681,9 +775,12 @@ def is_access_allowed(fault, spte):
     return bool(spte & shadow_user_mask)
 
 
-def make_small_spte(huge_spte, child_level, index):
-    """make_small_spte(): one piece of a split huge page (a leaf one level down)."""
+def make_small_spte(huge_spte, child_level, index, nx_huge_pages=False):
+    """make_small_spte(): one piece of a split huge page (a leaf one level down); a 4K piece of
+    a huge page made non-executable by the NX huge page mitigation is executable again."""
     spte = huge_spte + ((index * KVM_PAGES_PER_HPAGE(child_level)) << 12)
     if child_level == PG_LEVEL_4K:
         spte &= ~PT_PAGE_SIZE_MASK
+        if nx_huge_pages:
+            spte |= shadow_x_mask
     return spte

@@ -4,6 +4,10 @@
     --host 'shared START-END[@STEP]'    KVM_SET_MEMORY_ATTRIBUTES to shared, and the hole punched in
                                         guest_memfd (as QEMU converts)  (a TD)
     --host 'private START-END[@STEP]'   KVM_SET_MEMORY_ATTRIBUTES to private  (a TD)
+    --host 'nx-recover START-END[@STEP]'
+                                        the NX huge page recovery worker (kvm_recover_nx_huge_pages,
+                                        a kthread): zaps the possible NX huge pages of the range under
+                                        mmu_lock for read  (--nx-huge-pages)
 
 Each event runs on a host task that the scheduler interleaves with the vCPUs from
 scheduling point STEP on (default 0); if every vCPU has finished by then, it runs then.
@@ -11,8 +15,8 @@ scheduling point STEP on (default 0); if every vCPU has finished by then, it run
 
 import re
 
-EVENTS = ("migrate", "shared", "private")
-_SYNTAX = re.compile(r"^\s*(\w+)\s+(\S+?)-(\S+?)\s*(?:@\s*(\d+))?\s*$")
+EVENTS = ("migrate", "shared", "private", "nx-recover")
+_SYNTAX = re.compile(r"^\s*([\w-]+)\s+(\S+?)-(\S+?)\s*(?:@\s*(\d+))?\s*$")
 
 
 class HostEventError(Exception):
@@ -55,6 +59,9 @@ def check_event(event, machine):
     if event.kind == "migrate" and machine.backing_level != 1:
         raise HostEventError(f"host event {event.text!r}: page migration moves 4K pages; the guest's "
                              f"memory is backed by huge pages (--hugepages)")
+    if event.kind == "nx-recover" and not getattr(machine, "nx_huge_pages", False):
+        raise HostEventError(f"host event {event.text!r}: NX huge page recovery needs the mitigation on "
+                             f"(--nx-huge-pages)")
 
 
 def run_event(event, machine, who):
@@ -65,6 +72,8 @@ def run_event(event, machine, who):
         tracer.emit("host_event", who, msg=f"{event.text} begins")
     if event.kind == "migrate":
         machine.migrate(event.start, event.end)
+    elif event.kind == "nx-recover":
+        kvm.recover_nx_huge_pages(event.start >> 12, event.end >> 12)
     else:
         private = event.kind == "private"
         kvm.set_memory_attributes(event.start >> 12, event.end >> 12, private=private)

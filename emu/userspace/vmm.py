@@ -68,7 +68,8 @@ def parse_size(text):
 
 class Machine:
     def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None,
-                 td_attributes=None, no_freeze=False, inject=(), seed=0, host_events=(), bugs=()):
+                 td_attributes=None, no_freeze=False, inject=(), seed=0, host_events=(), bugs=(),
+                 nx_huge_pages=False):
         if vm not in VM_TYPES:
             raise MachineError(f"unknown VM type {vm!r} (default, tdx)")
         if hugepages not in HUGEPAGES:
@@ -116,6 +117,8 @@ class Machine:
         from .hostevents import parse_host_event, check_event, HostEventError
         from ..kvm.bugs import Bugs
         try:
+            self.nx_huge_pages = bool(nx_huge_pages)
+            self.kvm.nx_huge_pages = self.nx_huge_pages      # the module parameter kvm.nx_huge_pages
             self.kvm.bugs = Bugs(bugs)
             self.kvm.rcu.no_grace_period = self.kvm.bugs.free_without_grace_period
             self.host_events = [e if not isinstance(e, str) else parse_host_event(e) for e in host_events]
