@@ -159,3 +159,53 @@ def test_cli_explore_bad_input(args):
     p = emu("explore", "race2", "--vm", "tdx", "--vcpus", "2", *args)
     assert p.returncode == 2
     assert p.stderr.startswith("emu: error:") and p.stderr.count("\n") == 1
+
+
+# -- PCT's fork tree (emu.checkers.forktree) ----------------------------------------------------------------
+# Runs that chose alike share one process and fork where they part.  That is only a speed-up if
+# every run's outcome is exactly the one it has when it runs alone from the snapshot.
+
+def _pct_outcomes(ex, seeds, tree, jobs=2):
+    from emu.checkers.explore import PctRuns, in_children, _explorer_error, _slim, _error_kind
+    from emu.checkers.forktree import in_cohorts, run_cohort
+    ex.with_signature = True
+    base = ex.baseline()
+    spec = PctRuns(ex, len(ex.machine.vcpus) + len(ex.machine.host_events), max(len(base.decisions), 1), 3)
+    if tree:
+        outs = in_cohorts((spec.strategy(s) for s in seeds), len(seeds), jobs,
+                          lambda members: run_cohort(lambda st: ex._run_here(st, False), members, _slim,
+                                                     _explorer_error),
+                          in_children, _explorer_error)
+    else:
+        run = spec.setup(None, here=ex)
+        outs = in_children(((lambda s=s: run(s)) for s in seeds), _explorer_error, jobs)
+    return [(o.signature, o.error and _error_kind(o.error), o.error and o.schedule) for o in outs]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True),
+    lambda: Machine("sharedrw", vm="tdx", vcpus=2, bugs=["fault-ignores-invalidation"],
+                    host_events=["private 0x1c00000-0x1c02000@40"]),
+], ids=["race2-no-freeze", "sharedrw-host-event-bug"])
+def test_fork_tree_gives_each_run_its_own_outcome(make):
+    # Both machines fail in some of these runs and pass in others, so failures (a branch's
+    # error, its schedule) travel through the tree as well as passes.
+    import random as _random
+    rng = _random.Random(5)
+    seeds = [rng.getrandbits(64) for _ in range(150)]
+    per_run = _pct_outcomes(Explorer(make), seeds, tree=False)
+    tree = _pct_outcomes(Explorer(make), seeds, tree=True)
+    assert len(tree) == len(per_run) == 150
+    assert tree == per_run
+    assert len({o[0] for o in tree}) > 1          # the runs really differ
+    assert any(o[1] for o in tree) and not all(o[1] for o in tree)
+
+
+def test_fork_tree_keeps_the_first_failure():
+    # The same first failure (by run index), schedule and count as the runs one by one would give.
+    a = race2(no_freeze=True).random(runs=300, seed=3, depth=3, stop_at_first=False, jobs=2)
+    b = race2(no_freeze=True).random(runs=300, seed=3, depth=3, stop_at_first=False, jobs=1)
+    assert a.failures == b.failures > 0
+    assert a.first_failure.schedule == b.first_failure.schedule
+    c = race2(no_freeze=True).random(runs=300, seed=3, depth=3, jobs=2)
+    assert c.first_failure.schedule == a.first_failure.schedule and c.runs <= 300

@@ -11,6 +11,7 @@ non-preemptive run's, or the scheduler finds a deadlock or livelock.
     result.first_failure              # Failure(schedule, minimized, error, trace) or None
 """
 
+import gc
 import os
 import pickle
 import random
@@ -23,6 +24,7 @@ from .check import check_vm
 from .sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
                     SleepBlocked)
 from ..trace import Tracer, ListSink, format_text
+from .forktree import in_cohorts, run_cohort
 
 
 class InvariantBroken(Exception):
@@ -288,8 +290,10 @@ class Explorer:
                 seeds = (rng.getrandbits(64) for _ in range(runs - 1))
                 spec = PctRuns(self, n, nsteps, depth)
                 if cluster is None:
-                    run = spec.setup(None, here=self)
-                    outs = in_children(((lambda s=s: run(s)) for s in seeds), _explorer_error, jobs)
+                    outs = in_cohorts((spec.strategy(s) for s in seeds), runs - 1, jobs,
+                                      lambda members: run_cohort(lambda st: self._run_here(st, False), members,
+                                                                 _slim, _explorer_error),
+                                      in_children, _explorer_error)
                 else:
                     cl, machine_kwargs = cluster
                     outs = cl.map(spec, seeds, runs - 1, elf=self.machine.elf, machine=machine_kwargs)
@@ -372,16 +376,21 @@ class PctRuns:
             ex.expected = self.expected
 
         def run(s):
-            out = ex._run_here(PctStrategy(random.Random(s), self.n, self.nsteps, self.depth), False)
-            if out.error is None:
-                # Only a failure's decisions are used (its schedule, minimization): a passing
-                # run need not send hundreds of them over the network, nor pickle them for
-                # the parent (~0.2 ms of a run's ~8 here).
-                slim = Outcome([], None, None)
-                slim.signature = out.signature
-                out = slim
-            return out
+            return _slim(ex._run_here(self.strategy(s), False))
         return run
+
+    def strategy(self, s):
+        return PctStrategy(random.Random(s), self.n, self.nsteps, self.depth)
+
+
+def _slim(out):
+    """What a PCT run sends back.  Only a failure's decisions are used (its schedule, its
+    minimization): a passing run need not send them over the network, nor pickle them."""
+    if out.error is None:
+        slim = Outcome([], None, None)
+        slim.signature = getattr(out, "signature", None)
+        return slim
+    return out
 
 
 def _start_child(fn, on_error):
@@ -389,6 +398,9 @@ def _start_child(fn, on_error):
     pid = os.fork()
     if pid == 0:
         os.close(r)
+        # The snapshot's objects out of the collector's sight: a collection in the child would
+        # write to every one of them (their GC links), copying the pages they share.
+        gc.freeze()
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             data = pickle.dumps(fn())
@@ -414,19 +426,29 @@ def _finish_child(pid, r, on_error):
 
 def in_children(fns, on_error, jobs):
     """Run the callables ``fns`` (an iterable) in forked children, ``jobs`` at a time (the
-    machine's cores), yielding their results in order.  Stop iterating to stop launching."""
+    machine's cores), yielding their results in order.  Stop iterating (or close) to stop:
+    the children still running are killed (and what they forked, emu.checkers.forktree)."""
     fns = iter(fns)
     running = []
-    while True:
-        while len(running) < jobs:
-            fn = next(fns, None)
-            if fn is None:
-                break
-            running.append(_start_child(fn, on_error))
-        if not running:
-            return
-        pid, r = running.pop(0)
-        yield _finish_child(pid, r, on_error)
+    try:
+        while True:
+            while len(running) < jobs:
+                fn = next(fns, None)
+                if fn is None:
+                    break
+                running.append(_start_child(fn, on_error))
+            if not running:
+                return
+            pid, r = running.pop(0)
+            yield _finish_child(pid, r, on_error)
+    finally:
+        for pid, r in running:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            os.close(r)
+            os.waitpid(pid, 0)
 
 
 def default_jobs():
