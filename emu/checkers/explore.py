@@ -16,7 +16,6 @@ import os
 import pickle
 import random
 import signal
-import struct
 import time
 import traceback
 
@@ -24,7 +23,7 @@ from .check import check_vm
 from .sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
                     SleepBlocked)
 from ..trace import Tracer, ListSink, format_text
-from .forktree import in_cohorts, run_cohort
+from .forktree import in_cohorts, run_cohort, send_bytes, receive_bytes
 
 
 class InvariantBroken(Exception):
@@ -406,19 +405,14 @@ def _start_child(fn, on_error):
             data = pickle.dumps(fn())
         except BaseException as e:                   # a bug of ours: the run's result says so
             data = pickle.dumps(on_error(e))
-        with os.fdopen(w, "wb") as f:
-            f.write(struct.pack("<Q", len(data)))
-            f.write(data)
+        send_bytes(w, data)
         os._exit(0)
     os.close(w)
     return pid, r
 
 
 def _finish_child(pid, r, on_error):
-    with os.fdopen(r, "rb") as f:
-        head = f.read(8)
-        data = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
-    os.waitpid(pid, 0)
+    data = receive_bytes(pid, r)
     if data is None:
         return on_error(RuntimeError("the run's process died"))
     return pickle.loads(data)

@@ -26,8 +26,9 @@ from .sched import Strategy
 class Cohort(Strategy):
     """The PCT runs (``[(run_no, PctStrategy)]``, in run order) that have chosen alike so far."""
 
-    def __init__(self, members):
+    def __init__(self, members, on_error):
         self.members = members
+        self.on_error = on_error
         self.results = {}         # run_no -> Outcome, from the branches forked off this process
         self.pipe = None          # in a forked branch: where its results go
         self.forks = 0
@@ -50,9 +51,16 @@ class Cohort(Strategy):
                 return by_index[c]
             os.close(w)
             self.forks += 1
-            self.results.update(_collect(pid, r, groups[c]))
+            self.results.update(self._collect(pid, r, groups[c]))
         self.members = groups[keys[0]]
         return by_index[keys[0]]
+
+    def _collect(self, pid, r, members):
+        data = receive_bytes(pid, r)
+        if data is None:
+            out = self.on_error(RuntimeError("the run's process died"))
+            return {n: out for n, _ in members}
+        return pickle.loads(data)
 
 
 _libc = None
@@ -73,22 +81,26 @@ def _die_with(parent):
         os._exit(1)
 
 
-def _collect(pid, r, members):
+def send_bytes(fd, data):
+    """A child's result to its parent: a length, then the bytes (and the pipe closed)."""
+    with os.fdopen(fd, "wb") as f:
+        f.write(struct.pack("<Q", len(data)))
+        f.write(data)
+
+
+def receive_bytes(pid, r):
+    """What child ``pid`` sent on ``r``, once it has exited; None if it died first."""
     with os.fdopen(r, "rb") as f:
         head = f.read(8)
         data = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
     os.waitpid(pid, 0)
-    if data is None:
-        from .explore import _explorer_error
-        out = _explorer_error(RuntimeError("the run's process died"))
-        return {n: out for n, _ in members}
-    return pickle.loads(data)
+    return data
 
 
 def run_cohort(run_here, members, slim, on_error):
     """Run the cohort ``members`` from here (a child of the snapshot): {run_no: Outcome}.
     ``run_here(strategy)`` runs once; ``slim(outcome)`` is what a run sends back."""
-    st = Cohort(members)
+    st = Cohort(members, on_error)
     try:
         out = slim(run_here(st))
         res = {n: out for n, _ in st.members}
@@ -99,10 +111,7 @@ def run_cohort(run_here, members, slim, on_error):
         res = {n: out for n, _ in st.members}
     res.update(st.results)
     if st.pipe is not None:
-        data = pickle.dumps(res)
-        with os.fdopen(st.pipe, "wb") as f:
-            f.write(struct.pack("<Q", len(data)))
-            f.write(data)
+        send_bytes(st.pipe, pickle.dumps(res))
         os._exit(0)
     return res
 
