@@ -31,7 +31,6 @@ class Cohort(Strategy):
         self.on_error = on_error
         self.results = {}         # run_no -> Outcome, from the branches forked off this process
         self.pipe = None          # in a forked branch: where its results go
-        self.forks = 0
 
     def choose(self, sched, enabled, current, what):
         groups = {}
@@ -50,7 +49,6 @@ class Cohort(Strategy):
                 self.members, self.results, self.pipe = groups[c], {}, w
                 return by_index[c]
             os.close(w)
-            self.forks += 1
             self.results.update(self._collect(pid, r, groups[c]))
         self.members = groups[keys[0]]
         return by_index[keys[0]]
