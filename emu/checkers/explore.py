@@ -130,6 +130,9 @@ class Explorer:
         self.expected = None
         self.progress = None             # callable(result) every so often
         self.with_signature = False      # (tests) each outcome carries what the run reached
+        self.inplace = True              # PCT batches restore the snapshot in place (emu.checkers.inplace)
+        self._in_place = None
+        self.not_in_place = None         # why they fork instead, when they do
 
     # -- one run ------------------------------------------------------------------------------------------
     def run(self, strategy, trace=False):
@@ -210,6 +213,20 @@ class Explorer:
             self.expected = out.reports
         return out
 
+    def in_place(self):
+        """The snapshot as emu.checkers.inplace restores it (built once), or None when the
+        machine holds state it cannot put back, or ``self.inplace`` is off: runs fork instead."""
+        if not self.inplace:
+            return None
+        if self._in_place is None:
+            from .inplace import InPlace, NotRestorable
+            try:
+                self._in_place = InPlace(self.machine)
+            except NotRestorable as e:
+                self._in_place = False
+                self.not_in_place = str(e)
+        return self._in_place or None
+
     # -- strategies -----------------------------------------------------------------------------------------
     def dfs(self, bound=2, max_runs=None, stop_at_first=True):
         """Every schedule with at most ``bound`` preemptions (CHESS), depth-first."""
@@ -289,9 +306,16 @@ class Explorer:
                 seeds = (rng.getrandbits(64) for _ in range(runs - 1))
                 spec = PctRuns(self, n, nsteps, depth)
                 if cluster is None:
-                    outs = in_cohorts((spec.strategy(s) for s in seeds), runs - 1, jobs,
-                                      lambda members: run_cohort(lambda st: self._run_here(st, False), members,
-                                                                 _slim, _explorer_error),
+                    ip = self.in_place()
+                    if ip is not None:
+                        def run_batch(members):
+                            return ip.run_batch(lambda st: self._run_here(st, False), members, _slim,
+                                                _explorer_error)
+                    else:
+                        def run_batch(members):
+                            return run_cohort(lambda st: self._run_here(st, False), members, _slim,
+                                              _explorer_error)
+                    outs = in_cohorts((spec.strategy(s) for s in seeds), runs - 1, jobs, run_batch,
                                       in_children, _explorer_error)
                 else:
                     cl, machine_kwargs = cluster

@@ -290,15 +290,16 @@ class Scheduler:
         return others[0] if others else ordered[0]
 
     def _decide(self, enabled, current, what):
-        if what in YIELD_POINTS and current in enabled and len(enabled) > 1:
-            # A yield (a retry loop, a spinning guest): CHESS's fairness.  The yielding task
-            # may run again only once every other task enabled now has run (or cannot run),
-            # so tasks that retry at each other cannot starve the one they wait for, and an
-            # exploration never follows an unfair schedule forever.
-            current.fair_wait = {t.index for t in enabled if t is not current}
-        live = {t.index for t in enabled}
-        fair = [t for t in enabled if not (t.fair_wait & live)]
-        enabled = fair or enabled
+        if len(enabled) > 1:
+            if what in YIELD_POINTS and current in enabled:
+                # A yield (a retry loop, a spinning guest): CHESS's fairness.  The yielding task
+                # may run again only once every other task enabled now has run (or cannot run),
+                # so tasks that retry at each other cannot starve the one they wait for, and an
+                # exploration never follows an unfair schedule forever.
+                current.fair_wait = {t.index for t in enabled if t is not current}
+            live = {t.index for t in enabled}
+            fair = [t for t in enabled if not (t.fair_wait & live)]
+            enabled = fair or enabled
         if len(enabled) == 1:
             self._decided = False
             if self.record:

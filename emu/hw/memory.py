@@ -14,11 +14,13 @@ Two kinds of access:
 
 import ctypes
 import mmap
+from itertools import compress
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = ~(PAGE_SIZE - 1)
 _U64 = (1 << 64) - 1
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class HostAccessError(Exception):
@@ -43,6 +45,7 @@ class HostMemory:
         self.size = size
         self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.buf = memoryview(self._mm)
+        self.base_address = self.address()
         # q[hpa >> 3] is the 64-bit little-endian word at hpa: the walkers use it directly.
         self.q = self.buf.cast("Q")
         # pfn -> owner name for pages host software may not touch.
@@ -103,7 +106,7 @@ class HostMemory:
 
     def zero(self, hpa, n=PAGE_SIZE):
         self._check(hpa, n)
-        self.buf[hpa:hpa + n] = bytes(n)
+        self.buf[hpa:hpa + n] = _ZERO_PAGE if n == PAGE_SIZE else bytes(n)
         self._log_write(hpa, n)
 
     # The log keeps at least the last WRITE_LOG writes.  A vCPU that finds it lost some drops
@@ -167,6 +170,32 @@ class HostMemory:
     def resident_bytes(self):
         """Bytes of this buffer the host OS has committed (from /proc/self/smaps when available)."""
         return _rss_of_mapping(self.address(), self.size)
+
+
+_INDICES = range(512)
+_rows = {}                   # (buffer address, table, empty) -> (the table's bytes, its entries)
+
+
+def table_entries(mem, table, empty):
+    """(index, value) of every entry of the 4 KiB table at HPA ``table`` but those holding
+    ``empty`` (what a new table is filled with: most of its 512 entries), for the checkers'
+    walks of whole trees.  The entries are found in C (map, compress), and kept with the
+    page's bytes: a page read again with the same bytes costs a 4 KiB compare.  After
+    each explored run every table is read again, and most did not change.  The cache
+    lives outside the model's objects, so runs that restore the snapshot in place
+    (emu.checkers.inplace) keep it; the bytes make it right whatever happened since."""
+    raw = mem._mm[table:table + PAGE_SIZE]
+    key = (mem.base_address, table, empty)
+    hit = _rows.get(key)
+    if hit is not None and hit[0] == raw:
+        return hit[1]
+    i0 = table >> 3
+    row = mem.q[i0:i0 + 512].tolist()
+    out = [(i, row[i]) for i in compress(_INDICES, map(empty.__ne__, row))]
+    if len(_rows) > 65536:
+        _rows.clear()
+    _rows[key] = (raw, out)
+    return out
 
 
 class PageAllocator:

@@ -331,7 +331,8 @@ class Vcpu:
         ranges = self.mem.written_since(self.code_generation)
         self.code_generation = self.mem.generation
         code = self.code_pfns
-        if ranges is None or code and any(not code.isdisjoint(range(a, b + 1)) for a, b in ranges):
+        if ranges is None or code and any(a in code if a == b else not code.isdisjoint(range(a, b + 1))
+                                          for a, b in ranges):
             self.uc.ctl_flush_tb()
             code.clear()
 
@@ -574,14 +575,19 @@ class Vcpu:
                           wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
         if r.__class__ is Translation:
             hpa = entry.paddr = r.hpa & PAGE_MASK
-            perms = entry.perms = r.perms
             self.tlb_shadow[vaddr] = hpa
             if self.page_crc is not None and hpa not in self.page_crc:
                 self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
-            if perms & 4:
+            if acc == FETCH:
+                entry.perms = r.perms
                 self.code_pfns.add(hpa >> 12)      # code may be translated from this page
-                if self.slice_blocks and acc == FETCH and (vaddr, hpa) not in self._pause_pages:
+                if self.slice_blocks and (vaddr, hpa) not in self._pause_pages:
                     self._hook_pauses(vaddr, hpa)
+            else:
+                # A data access installs no execute right: the first fetch from the page
+                # fills again, so code_pfns holds exactly the pages code can come from,
+                # and host writes to data pages never drop translated code.
+                entry.perms = r.perms & ~FETCH
             return True
         self.pending = r
         self._fault_gla = vaddr

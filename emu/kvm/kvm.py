@@ -16,6 +16,7 @@ from ..hw.exits import EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXI
 from ..hw.ept import decode_qualification, EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE, \
     EPT_VIOLATION_ACC_INSTR, EPT_VIOLATION_GVA_IS_VALID, EPT_VIOLATION_GVA_TRANSLATED
 from ..hw.vcpu import Vcpu
+from .attributes import GfnRanges
 from ..hw.memory import OutOfHostMemory
 from ..trace import NULL_TRACER
 from ..userspace import guestabi
@@ -169,7 +170,7 @@ class Kvm:
         self.x86_ops = x86_ops or VmxX86Ops()
         self.memslots = []
         self.memslots_generation = 0      # bumped by every memslot change (MMIO SPTEs record it)
-        self.private_gfns = set()         # KVM_MEMORY_ATTRIBUTE_PRIVATE (an xarray upstream)
+        self.private_gfns = GfnRanges()   # KVM_MEMORY_ATTRIBUTE_PRIVATE (kvm->mem_attr_array)
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = self.mmu_invalidate_range_end = None
@@ -371,8 +372,8 @@ class Kvm:
         flush; then the attributes are stored; then, under mmu_lock again, the post-set
         handler and kvm_mmu_invalidate_end().  A fault that read the old attribute cannot
         map it: the invalidation was in progress, or its sequence moved."""
-        want = set(range(start_gfn, end_gfn))
-        if (want <= self.private_gfns) if private else not (want & self.private_gfns):
+        have = self.private_gfns
+        if have.covers(start_gfn, end_gfn) if private else not have.intersects(start_gfn, end_gfn):
             return                          # nothing to do: the range has these attributes
         self.trace_emit("kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} "
                         f"{'private' if private else 'shared'}")
@@ -382,9 +383,9 @@ class Kvm:
             self.sched.point(None, "set_attributes")
         self.touch_all()                    # attributes are read on many paths: count it as global
         if private:
-            self.private_gfns.update(want)
+            self.private_gfns.add(start_gfn, end_gfn)
         else:
-            self.private_gfns.difference_update(want)
+            self.private_gfns.remove(start_gfn, end_gfn)
         self.invalidate_end()
 
     def mmu_notifier_invalidate_range_start(self, hva_start, hva_end):

@@ -130,10 +130,7 @@ def _has_private(kvm, gfn, level):
     pages = KVM_PAGES_PER_HPAGE(level)
     start = gfn & -pages
     kvm.touch("attributes", False)
-    private = kvm.private_gfns
-    if len(private) < pages:
-        return any(start <= g < start + pages for g in private)
-    return any(g in private for g in range(start, start + pages))
+    return kvm.private_gfns.intersects(start, start + pages)
 
 
 def kvm_mmu_hugepage_adjust(vcpu, fault):

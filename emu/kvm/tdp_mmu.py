@@ -13,13 +13,13 @@ after an RCU grace period, because lockless walkers (other vCPUs' faults)
 may still be reading them.
 """
 
-from itertools import compress
 
 from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G,
                    KVM_PAGES_PER_HPAGE, is_shadow_present_pte, is_last_spte, is_removed_spte, is_large_pte,
                    spte_to_pfn, make_nonleaf_spte, make_spte, make_mmio_spte, is_mmio_spte, ACC_ALL,
                    PT_WRITABLE_MASK,
                    shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK)
+from ..hw.memory import table_entries
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
 from .mmu import (kvm_mmu_hugepage_adjust, RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noqa: F401
                   RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_NAMES)
@@ -715,13 +715,13 @@ class TdpMmu:
     def scan(self, root):
         """One walk of ``root``'s tables: (its leaves as leaves() gives them, its REMOVED SPTEs
         as removed_sptes() gives them).  The invariant checker runs after every explored
-        schedule, so each table is scanned once, and in C (see _entries)."""
+        schedule, so each table is scanned once, and in C (emu.hw.memory.table_entries)."""
         leaves, removed = [], []
-        q = self.mem.q
+        mem = self.mem
 
         def walk(table, level, gfn):
             step = KVM_PAGES_PER_HPAGE(level)
-            for i, spte in _entries(q, table):
+            for i, spte in table_entries(mem, table, SHADOW_NONPRESENT_VALUE):
                 if spte == REMOVED_SPTE:
                     removed.append((table + i * 8, level))
                 elif spte & SPTE_MMU_PRESENT_MASK:
@@ -743,19 +743,6 @@ class TdpMmu:
     def removed_sptes(self, root):
         """Every SPTE still REMOVED in the tables reachable from ``root`` (must be none at quiescence)."""
         return self.scan(root)[1]
-
-
-_INDICES = range(512)
-_NOT_NONPRESENT = SHADOW_NONPRESENT_VALUE.__ne__
-
-
-def _entries(q, table):
-    """(index, value) of every entry of the table at HPA ``table`` but those holding
-    SHADOW_NONPRESENT_VALUE, what a new table is filled with: most of a table's 512 entries,
-    skipped by map() and compress() without a Python-level step each."""
-    i0 = table >> 3
-    row = q[i0:i0 + 512].tolist()
-    return [(i, row[i]) for i in compress(_INDICES, map(_NOT_NONPRESENT, row))]
 
 
 class _SpIter:
