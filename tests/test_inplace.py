@@ -7,6 +7,7 @@ README's bug table (every bug switched in, every shipped guest it is found on), 
 failing runs, livelocks, host events and host-side writes to pages are all compared.
 """
 
+import os
 import random
 import zlib
 
@@ -15,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 from emu.checkers.explore import Explorer, PctRuns, in_children, in_child, _explorer_error, _slim, _error_kind
 from emu.checkers.inplace import InPlace, NotRestorable
+from emu.checkers.pool import Known, pct_runs, serve_runs
 from emu.checkers.sched import Strategy
 from emu.kvm.attributes import GfnRanges
 from emu.userspace.vmm import Machine
@@ -47,13 +49,10 @@ def _outcomes(ex, seeds, inplace):
     if inplace:
         ip = ex.in_place()
         assert ip is not None, ex.not_in_place
-        strategies = [(k, spec.strategy(s)) for k, s in enumerate(seeds)]
-        half = len(strategies) // 2           # two batches: each a process of its own, as explore runs them
-        outs = []
-        for part in (strategies[:half], strategies[half:]):
-            res = in_child(lambda part=part: ip.run_batch(lambda st: ex._run_here(st, False), part, _keep, _explorer_error),
-                           _explorer_error)
-            outs += [res[k] for k, _ in part]
+        serve = serve_runs(ip, lambda st: ex._run_here(st, False), spec.strategy, _keep, _explorer_error)
+        known = Known()
+        outs = list(pct_runs(seeds, len(seeds), 2, serve, spec.strategy, _explorer_error, known))
+        ex.known_hits = known.hits
     else:
         outs = list(in_children(((lambda s=s: ex._run_here(spec.strategy(s), False)) for s in seeds),
                                 _explorer_error, 2))
@@ -70,11 +69,14 @@ def test_in_place_runs_give_each_run_its_own_outcome(case):
     rng = random.Random(7)
     seeds = [rng.getrandbits(64) for _ in range(60)]
     forked = _outcomes(Explorer(lambda: Machine(guest, **kw)), seeds, inplace=False)
-    placed = _outcomes(Explorer(lambda: Machine(guest, **kw)), seeds, inplace=True)
+    ex = Explorer(lambda: Machine(guest, **kw))
+    placed = _outcomes(ex, seeds, inplace=True)
     assert len(placed) == len(forked) == 60
     for k, (a, b) in enumerate(zip(forked, placed)):
         assert a == b, f"run {k}: forked {a[1:]} in place {b[1:]}"
     assert len({o[2] for o in placed}) > 1    # the runs really differ
+    if case == "race2-no-freeze":
+        assert ex.known_hits > 0              # and some were not run at all: their schedule was known
 
 
 def test_explore_finds_the_same_failures_in_place_and_forked():
@@ -185,3 +187,28 @@ def test_translated_code_goes_when_the_run_changed_its_page():
         # and the next run translates again, and gives the first run's outcome
         return ex._run_here(Strategy(), True).error
     assert in_child(check, _explorer_error) is None
+
+
+def test_a_worker_that_dies_fails_its_run_and_is_replaced():
+    ex = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2))
+    base = ex.baseline()
+    spec = PctRuns(ex, 2, len(base.decisions), 3)
+    ip = ex.in_place()
+    seeds = list(range(100, 130))
+
+    def run_here(st):
+        if st.seed == 110:
+            os._exit(3)                       # as a crash of Unicorn would
+        return ex._run_here(st, False)
+
+    def strategy_of(s):
+        st = spec.strategy(s)
+        st.seed = s
+        return st
+    outs = list(pct_runs(seeds, len(seeds), 2, serve_runs(ip, run_here, strategy_of, _slim, _explorer_error),
+                         strategy_of, _explorer_error))
+    assert len(outs) == 30
+    died = [k for k, o in enumerate(outs) if o.error]
+    assert 10 in died and all("the run's process died" in outs[k].error for k in died)
+    assert len(died) <= 2                     # the run, and at most the one queued behind it
+    assert sum(1 for o in outs if o.error is None) >= 28

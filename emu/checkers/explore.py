@@ -308,15 +308,15 @@ class Explorer:
                 if cluster is None:
                     ip = self.in_place()
                     if ip is not None:
-                        def run_batch(members):
-                            return ip.run_batch(lambda st: self._run_here(st, False), members, _slim,
-                                                _explorer_error)
+                        from .pool import pct_runs, serve_runs
+                        serve = serve_runs(ip, lambda st: self._run_here(st, False), spec.strategy, _slim,
+                                           _explorer_error)
+                        outs = pct_runs(seeds, runs - 1, jobs, serve, spec.strategy, _explorer_error)
                     else:
-                        def run_batch(members):
-                            return run_cohort(lambda st: self._run_here(st, False), members, _slim,
-                                              _explorer_error)
-                    outs = in_cohorts((spec.strategy(s) for s in seeds), runs - 1, jobs, run_batch,
-                                      in_children, _explorer_error)
+                        outs = in_cohorts((spec.strategy(s) for s in seeds), runs - 1, jobs,
+                                          lambda members: run_cohort(lambda st: self._run_here(st, False), members,
+                                                                     _slim, _explorer_error),
+                                          in_children, _explorer_error)
                 else:
                     cl, machine_kwargs = cluster
                     outs = cl.map(spec, seeds, runs - 1, elf=self.machine.elf, machine=machine_kwargs)

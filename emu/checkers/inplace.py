@@ -219,18 +219,6 @@ class InPlace:
         for a, b in self.runs:
             move(base + a * PAGE, shadow + a * PAGE, (b - a) * PAGE)
 
-    def run_batch(self, run_here, members, slim, on_error):
-        """The runs ``members`` ([(run_no, strategy)]) one after the other from the snapshot,
-        put back after each: {run_no: slim(outcome)}.  (In a forked child of the snapshot.)"""
-        res = {}
-        for n, st in members:
-            try:
-                res[n] = slim(run_here(st))
-            except Exception as e:            # a bug of ours: the run's result says so
-                res[n] = on_error(e)
-            self.restore()
-        return res
-
     # -- all of it ------------------------------------------------------------------------------------
     def restore(self):
         self._restore_memory()
