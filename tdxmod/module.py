@@ -17,9 +17,9 @@ S-EPT are real tables in memory).
 """
 
 import hashlib
-from itertools import compress
 
 from emu.hw.ept import make_eptp
+from emu.hw.memory import table_entries
 from emu.hw.exits import VeInfo
 from . import abi
 from .abi import *  # noqa: F401,F403  (status codes and leaves by name)
@@ -343,19 +343,14 @@ class TdxModule:
     # -- inspection (tests, table dumps, invariant checks) --------------------------------------------------
     def sept_scan(self, td):
         """One walk of the TD's S-EPT: (leaves as sept_leaves() gives them, tables as
-        sept_tables() gives them).  Free entries, most of a table, are skipped by map() and
-        compress() without a Python-level step each (the checker runs after every explored
-        schedule)."""
+        sept_tables() gives them).  Free entries, most of a table, are skipped in C
+        (emu.hw.memory.table_entries: the checker runs after every explored schedule)."""
         leaves, tables = [], []
-        q = self.mem.q
-        free = S.SEPT_FREE_ENTRY.__ne__
+        mem, free = self.mem, S.SEPT_FREE_ENTRY
         sept_state, leaf_states, nl_states, hpa_mask = S.sept_state, S.LEAF_STATES, S.NL_STATES, S.SEPT_HPA
 
         def walk(tbl, lvl, base):
-            i0 = tbl >> 3
-            row = q[i0:i0 + 512].tolist()
-            for i in compress(_INDICES, map(free, row)):
-                e = row[i]
+            for i, e in table_entries(mem, tbl, free):
                 st = sept_state(e)
                 gpa = base + (i << (12 + 9 * lvl))
                 if st in leaf_states:
@@ -376,4 +371,3 @@ class TdxModule:
         return self.sept_scan(td)[1]
 
 
-_INDICES = range(512)
