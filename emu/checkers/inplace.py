@@ -20,7 +20,8 @@ because a page it came from that the run changed is found when memory is compare
 and the code of every vCPU is dropped then (emu.hw.vcpu.Vcpu._code_coherence's rule).
 
 An object the walk does not know how to restore (a generator, a thread, an unknown
-C type) makes the snapshot refuse (NotRestorable): the caller forks per run instead.
+C type) makes the snapshot refuse (NotRestorable): the explorer forks instead
+(emu.checkers.forktree).
 Runs here give exactly the outcomes of forked runs; tests/test_inplace.py compares
 them over many schedules.
 """
