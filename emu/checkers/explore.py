@@ -130,7 +130,7 @@ class Explorer:
         self.expected = None
         self.progress = None             # callable(result) every so often
         self.with_signature = False      # (tests) each outcome carries what the run reached
-        self.inplace = True              # PCT batches restore the snapshot in place (emu.checkers.inplace)
+        self.inplace = True              # PCT runs go to in-place workers (emu.checkers.inplace, .pool)
         self._in_place = None
         self.not_in_place = None         # why they fork instead, when they do
 
@@ -215,7 +215,8 @@ class Explorer:
 
     def in_place(self):
         """The snapshot as emu.checkers.inplace restores it (built once), or None when the
-        machine holds state it cannot put back, or ``self.inplace`` is off: runs fork instead."""
+        machine holds state it cannot put back, or ``self.inplace`` is off: PCT runs go to the
+        fork tree instead."""
         if not self.inplace:
             return None
         if self._in_place is None:

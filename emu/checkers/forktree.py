@@ -45,7 +45,7 @@ class Cohort(Strategy):
             if pid == 0:
                 os.close(r)
                 gc.freeze()               # as emu.checkers.explore._start_child
-                _die_with(parent)
+                die_with(parent)
                 self.members, self.results, self.pipe = groups[c], {}, w
                 return by_index[c]
             os.close(w)
@@ -64,7 +64,7 @@ class Cohort(Strategy):
 _libc = None
 
 
-def _die_with(parent):
+def die_with(parent):
     """A branch is killed when the process it was forked from dies (a batch stopped early,
     Ctrl-C): PR_SET_PDEATHSIG, then a check that the parent did not die before it was set."""
     global _libc

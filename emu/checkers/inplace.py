@@ -95,7 +95,7 @@ class InPlace:
                 stack.extend(o.keys())
                 stack.extend(o.values())
                 if t is not dict:
-                    self._instance(o, stack, dicts, allow_none=True)
+                    self._instance(o, stack, allow_none=True)
             elif isinstance(o, list):
                 lists.append((o, list(o)))
                 stack.extend(o)
@@ -130,7 +130,7 @@ class InPlace:
                 fresh.append(o)
             elif isinstance(o, random.Random):
                 randoms.append((o, o.getstate()))
-                self._instance(o, stack, dicts, allow_none=True)
+                self._instance(o, stack, allow_none=True)
             elif isinstance(o, Enum):
                 continue
             else:
@@ -139,7 +139,7 @@ class InPlace:
                     # was translated from, the pages whose PAUSEs have hooks.
                     self.hws.append(o)
                     seen.update((id(o.code_pfns), id(o._pause_pages)))
-                self._instance(o, stack, dicts)
+                self._instance(o, stack)
         self.lists, self.dicts, self.sets, self.cells = lists, dicts, sets, cells
         self.cdata, self.deques, self.randoms = cdata, deques, randoms
         if fresh:
@@ -150,20 +150,16 @@ class InPlace:
         else:
             self.fresh = []
 
-    def _instance(self, o, stack, dicts, allow_none=False):
+    def _instance(self, o, stack, allow_none=False):
         d = getattr(o, "__dict__", None)
         slots = [s for c in type(o).__mro__ for s in _slot_names(c)]
         if d is None and not slots:
             if allow_none:
                 return
             raise NotRestorable(f"cannot restore a {type(o).__module__}.{type(o).__qualname__} in place")
-        if type(type(o)).__module__ != "builtins" and type(o).__module__ == "builtins":
-            raise NotRestorable(f"cannot restore a {type(o).__qualname__} in place")
         if d is not None:
             stack.append(d)
         if slots:
-            if isinstance(slots, str):
-                slots = [slots]
             names = tuple(n for n in slots if n not in ("__dict__", "__weakref__"))
             values = tuple(getattr(o, n, _UNSET) for n in names)
             self.slotted.append((o, names, values))

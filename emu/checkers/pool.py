@@ -21,7 +21,7 @@ import select
 import signal
 import struct
 
-from .forktree import _die_with
+from .forktree import die_with
 
 
 class Known:
@@ -80,7 +80,7 @@ class _Worker:
             os.close(res_r)
             gc.freeze()               # as emu.checkers.explore._start_child
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            _die_with(parent)
+            die_with(parent)
             try:
                 serve(os.fdopen(req_r, "rb"), os.fdopen(res_w, "wb"))
             finally:
