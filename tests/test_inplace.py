@@ -212,3 +212,41 @@ def test_a_worker_that_dies_fails_its_run_and_is_replaced():
     assert 10 in died and all("the run's process died" in outs[k].error for k in died)
     assert len(died) <= 2                     # the run, and at most the one queued behind it
     assert sum(1 for o in outs if o.error is None) >= 28
+
+
+def test_results_that_arrive_together_are_all_taken():
+    # While the consumer is busy, a worker's results pile up in the pipe; the parent must
+    # take every one (select() sees the pipe, not a reader's buffer).
+    import pickle
+    import struct
+    from emu.checkers.explore import Outcome
+
+    def serve(req, res):
+        while True:
+            head = req.read(16)
+            if len(head) < 16:
+                return
+            n, seed = struct.unpack("<QQ", head)
+            data = pickle.dumps((n, Outcome([], None, {0: [seed]}), [(n, (0, 1), None, "start")]))
+            res.write(struct.pack("<Q", len(data)) + data)
+            res.flush()
+
+    class Never:                              # a strategy no earlier run's choice matches
+        def choose(self, sched, enabled, current, what):
+            return type(enabled[0])(-1)
+    import signal
+    import time
+
+    def hung(*_):
+        raise TimeoutError("pct_runs waits for a result it already holds")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    outs = []
+    try:
+        for o in pct_runs(range(1000, 1100), 100, 2, serve, lambda s: Never(), _explorer_error):
+            outs.append(o)
+            time.sleep(0.005)                 # a slow consumer (explore minimizing a failure)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert [o.reports[0][0] for o in outs] == list(range(1000, 1100))

@@ -89,7 +89,7 @@ class _Worker:
         os.close(res_w)
         self.pid = pid
         self.req = os.fdopen(req_w, "wb")
-        self.res = os.fdopen(res_r, "rb")
+        self.res = res_r
         self.in_flight = []
 
     def send(self, n, seed):
@@ -98,24 +98,36 @@ class _Worker:
         self.in_flight.append(n)
 
     def receive(self):
-        """(run number, outcome, decisions), or None when the worker died."""
-        head = self.res.read(8)
-        if len(head) < 8:
+        """(run number, outcome, decisions), or None when the worker died.  Read unbuffered:
+        a buffered reader could take the next result out of the pipe with this one, and
+        select() would not see it there."""
+        head = _read_exactly(self.res, 8)
+        if head is None:
             return None
-        data = self.res.read(struct.unpack("<Q", head)[0])
-        return pickle.loads(data)
+        data = _read_exactly(self.res, struct.unpack("<Q", head)[0])
+        return None if data is None else pickle.loads(data)
 
     def stop(self):
-        for f in (self.req, self.res):
-            try:
-                f.close()
-            except OSError:
-                pass
+        try:
+            self.req.close()
+        except OSError:
+            pass
+        os.close(self.res)
         try:
             os.kill(self.pid, signal.SIGKILL)
         except OSError:
             pass
         os.waitpid(self.pid, 0)
+
+
+def _read_exactly(fd, n):
+    out = bytearray()
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            return None
+        out += chunk
+    return bytes(out)
 
 
 def serve_runs(ip, run_here, strategy_of, slim, on_error):
@@ -162,7 +174,7 @@ def pct_runs(seeds, runs, jobs, serve, strategy_of, on_error, known=None, ahead=
             while nxt in done:
                 yield done.pop(nxt)
                 nxt += 1
-            busy = {w.res.fileno(): w for w in workers if w.in_flight}
+            busy = {w.res: w for w in workers if w.in_flight}
             if not busy:
                 continue
             ready, _, _ = select.select(list(busy), [], [])
