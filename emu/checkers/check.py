@@ -18,6 +18,7 @@
 """
 
 from ..kvm.spte import spte_to_pfn
+from ..kvm.kvm_host import KVM_REQ_TLB_FLUSH, KVM_REQS_FLUSHING, OUTSIDE_GUEST_MODE
 
 
 def check_vm(kvm):
@@ -140,7 +141,6 @@ def check_accounting(kvm):
 
 def check_tlbs(kvm):
     """No stale guest-physical translation in any vCPU (the part of the TLB KVM must keep right)."""
-    from ..kvm.kvm import KVM_REQ_TLB_FLUSH
     problems = []
     for v in kvm.vcpus:
         if v.hw is None or v.requests & KVM_REQ_TLB_FLUSH:
@@ -239,3 +239,61 @@ def check_pamt_empty(module):
     """After every TD is destroyed: no page owned in the PAMT."""
     owned = module.pamt.owned_pages()
     return [f"PAMT still owns {len(owned)} pages, e.g. {owned[0][0]:#x}"] if owned else []
+
+
+class RunChecks:
+    """The checks that run while a VM runs, installed into the model as ``kvm.checker``
+    (``install``): the model calls them at the moments it defines (a vCPU entering the guest
+    or between two slices, kvm_flush_remote_tlbs() returning, the host freeing a page) and
+    they record what broke with ``kvm.checker_violation()``; the run then fails with it."""
+
+    def guest_tlbs(self, kvm, when, vcpus=None, entering=False):
+        """No vCPU in guest mode may use a translation the tables no longer give once no flush
+        is owed (every zap's flush, or the TD's TRACK and kick, completed).  A vCPU outside
+        guest mode may: it flushes before it enters, if a request is pending."""
+        kvm.touch("flush", False)
+        if kvm.flush_owed or kvm.tables_checked == kvm.tables_generation and vcpus is None:
+            return
+        if vcpus is None:
+            kvm.touch_all(False)              # (emu.checkers.dpor) it reads every vCPU's TLB and every table
+        else:
+            for v in vcpus:                   # (emu.checkers.dpor) the entries behind their TLBs
+                v.touch_tlb()
+        for v in kvm.vcpus if vcpus is None else vcpus:
+            if v.hw is None or not entering and not v.hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE
+                                                                          or v.requests & KVM_REQS_FLUSHING):
+                continue                      # not running guest code, or will flush before it does
+            for problem in stale_translations(kvm, v)[:1]:
+                kvm.checker_violation(f"{when}: {problem} while in guest mode")
+        if vcpus is None:
+            kvm.tables_checked = kvm.tables_generation
+
+    def page_freed(self, kvm, pfn, what):
+        """When the host frees a page: no SPTE maps it, no vCPU running guest code (or about
+        to) caches it."""
+        tdp = kvm.tdp_mmu
+        for root in tdp.roots:
+            if root.invalid or root.is_mirror:
+                continue
+            for gfn, level, spte in tdp.leaves(root):
+                first = (spte >> 12) & ((1 << 40) - 1)
+                if first <= pfn < first + (1 << (9 * (level - 1))):
+                    kvm.checker_violation(f"{what}: pfn {pfn:#x} freed while gfn {gfn:#x} still maps it")
+                    return
+        for v in kvm.vcpus:
+            hw = v.hw
+            if hw is None or not hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQS_FLUSHING):
+                continue
+            if any(hpa >> 12 == pfn for hpa, _, _, _ in hw.gpa_cache.values()):
+                kvm.checker_violation(f"{what}: pfn {pfn:#x} freed while vCPU {v.vcpu_id} in guest mode "
+                                      f"still caches a translation to it")
+                return
+
+
+RUN_CHECKS = RunChecks()
+
+
+def install(kvm):
+    """Arm the run-time checks on ``kvm`` (the VMM does it for every VM it builds)."""
+    kvm.checker = RUN_CHECKS
+    return kvm

@@ -190,7 +190,6 @@ def _initials(events, clocks, pos, i, j):
 
 def explore(ex, result, bound=None, max_runs=None, stop_at_first=True, tick=None):
     """Source-DPOR over ``ex`` (an emu.checkers.explore.Explorer); fills ``result`` (ExploreResult)."""
-    from .explore import _with_choice
     frames = []
     prefix, candidates = [], {}
     t0 = time.perf_counter()
@@ -250,7 +249,7 @@ def explore(ex, result, bound=None, max_runs=None, stop_at_first=True, tick=None
                 if q in f.fps:
                     candidates[q] = f.fps[q]
         f.done.add(nxt)
-        f.d = _with_choice(f.d, nxt)
+        f.d = f.d.with_choice(nxt)
         prefix = [g.d.choice for g in frames]
         if tick is not None:
             tick(result, t0)

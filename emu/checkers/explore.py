@@ -257,7 +257,7 @@ class Explorer:
                         c = alts[0]
                         tried.add(c)
                         prefix = [f[0].choice for f in frames[:-1]] + [c]
-                        frames[-1][0] = _with_choice(d, c)
+                        frames[-1][0] = d.with_choice(c)
                         break
                     frames.pop()
                 if prefix is None:
@@ -491,11 +491,6 @@ def signature(m, outcome):
                           for r in tdp.roots if not r.invalid))
     reports = tuple(sorted((k, tuple(v)) for k, v in (outcome.reports or {}).items()))
     return (_error_kind(outcome.error), reports, tables)
-
-
-def _with_choice(d, c):
-    from .sched import Decision
-    return Decision(c, d.enabled, d.what, d.current, d.default, d.is_preemption(c))
 
 
 def _per_vcpu(reports):

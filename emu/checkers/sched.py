@@ -106,6 +106,10 @@ class Decision:
     def is_preemption(self, choice):
         return self.current is not None and choice != self.current and self.current in self.enabled
 
+    def with_choice(self, choice):
+        """The same decision, taking ``choice`` instead."""
+        return Decision(choice, self.enabled, self.what, self.current, self.default, self.is_preemption(choice))
+
     def __getstate__(self):
         return (self.choice, self.enabled, self.what, self.current, self.default, self.preempt)
 

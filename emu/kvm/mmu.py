@@ -5,27 +5,20 @@ top up the vCPU's memory caches (outside mmu_lock, where allocation may sleep),
 fault in the pfn from the memslot, take mmu_lock for read, and map.
 """
 
-from .uapi import KVM_MEMSLOT_INVALID
-from .spte import PG_LEVEL_4K, PG_LEVEL_1G, KVM_PAGES_PER_HPAGE, PT64_ROOT_MAX_LEVEL, \
+from ..hw.memory import OutOfHostMemory
+from .kvm_host import KvmIoctlError, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, EIO, ENOENT
+from .tdp_iter import TdpIter, for_each_tdp_pte_min_level
+from .tdp_mmu import KVM_DIRECT_ROOTS, KVM_VALID_ROOTS
+from .uapi import KVM_MEMSLOT_INVALID, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_X86_DEFAULT_VM
+from .x86_ops import X86EMUL_RETRY_INSTR
+from .spte import PG_LEVEL_4K, KVM_PAGES_PER_HPAGE, PT64_ROOT_MAX_LEVEL, \
     is_mmio_spte, get_mmio_spte_generation, MMIO_SPTE_GEN_MASK
 
-# Page-fault error code bits KVM uses (kvm_host.h)
-PFERR_PRESENT_MASK = 1 << 0
-PFERR_WRITE_MASK = 1 << 1
-PFERR_USER_MASK = 1 << 2
-PFERR_RSVD_MASK = 1 << 3
-PFERR_FETCH_MASK = 1 << 4
-PFERR_GUEST_FINAL_MASK = 1 << 32
-PFERR_GUEST_PAGE_MASK = 1 << 33
-PFERR_PRIVATE_ACCESS = 1 << 49
-
-# enum RET_PF_* (mmu_internal.h)
-RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, \
-    RET_PF_SPURIOUS = range(7)
-RET_PF_NAMES = ["CONTINUE", "RETRY", "EMULATE", "WRITE_PROTECTED", "INVALID", "FIXED", "SPURIOUS"]
-
-KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
-KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40
+from .mmu_internal import (  # noqa: F401  (the names mmu.c users import from here)
+    PFERR_PRESENT_MASK, PFERR_WRITE_MASK, PFERR_USER_MASK, PFERR_RSVD_MASK, PFERR_FETCH_MASK,
+    PFERR_GUEST_FINAL_MASK, PFERR_GUEST_PAGE_MASK, PFERR_PRIVATE_ACCESS, RET_PF_CONTINUE, RET_PF_RETRY,
+    RET_PF_EMULATE, RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_NAMES,
+    KVM_MAX_HUGEPAGE_LEVEL, KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, KvmPageFault)
 
 ENOMEM = 12
 EFAULT = 14
@@ -73,32 +66,6 @@ class KvmMmuMemoryCache:
         for page in self.objects:
             self.kvm.host.free_kernel_page(page)
         self.objects.clear()
-
-
-class KvmPageFault:
-    """struct kvm_page_fault"""
-    __slots__ = ("addr", "error_code", "prefetch", "exec", "write", "present", "rsvd", "user", "is_tdp",
-                 "is_private", "max_level", "req_level", "goal_level", "gfn", "slot", "pfn", "map_writable",
-                 "huge_page_disallowed", "mmu_seq")
-
-    def __init__(self, addr, error_code, prefetch=False):
-        self.addr = addr
-        self.error_code = error_code
-        self.prefetch = prefetch
-        self.exec = bool(error_code & PFERR_FETCH_MASK)
-        self.write = bool(error_code & PFERR_WRITE_MASK)
-        self.present = bool(error_code & PFERR_PRESENT_MASK)
-        self.rsvd = bool(error_code & PFERR_RSVD_MASK)
-        self.user = bool(error_code & PFERR_USER_MASK)
-        self.is_tdp = True
-        self.is_private = bool(error_code & PFERR_PRIVATE_ACCESS)
-        self.max_level = KVM_MAX_HUGEPAGE_LEVEL
-        self.req_level = PG_LEVEL_4K
-        self.goal_level = PG_LEVEL_4K
-        self.huge_page_disallowed = False
-        self.slot = None
-        self.pfn = None
-        self.map_writable = False
 
 
 def mmu_topup_memory_caches(vcpu):
@@ -215,3 +182,294 @@ def handle_mmio_page_fault(vcpu, addr):
     # Not an MMIO SPTE (any more): another vCPU changed it since the CPU's walk.  Let the guest
     # fault again on the address (upstream's answer, not a KVM bug).
     return RET_PF_RETRY
+
+
+class KvmMmu:
+    """The VM-wide part of mmu.c: allocation for the MMU, zapping (kvm_mmu_zap_all_fast,
+    kvm_arch_flush_shadow_memslot), the lockless walk, NX huge page recovery."""
+
+    def alloc_page_for(self, cache_name):
+        inj = self.inject
+        if inj is not None and inj.should_fail("mmu_cache_alloc"):
+            return None
+        try:
+            return self.host.alloc_kernel_page()
+        except OutOfHostMemory:
+            return None
+
+    def is_addr_direct(self, gpa):
+        """kvm_is_addr_direct(): shared GPAs (and every GPA of a non-TD) use the direct root."""
+        bits = self.gfn_direct_bits
+        return not bits or bool(gpa & (bits << 12))
+
+    def update_page_stats(self, level, count):
+        key = ("pages_4k", "pages_2m", "pages_1g", "pages_512g", "pages_256t")[level - 1]  # noqa
+        self.stat[key] = self.stat.get(key, 0) + count
+
+    # -- zapping (userspace-visible operations) ----------------------------------------------------------
+    def zap_gfn_range(self, start, end, types=KVM_VALID_ROOTS):
+        """Unmap [start, end) from the roots of ``types`` and flush, inside an invalidation
+        (kvm_mmu_invalidate_begin/end around the zap, as the mmu_notifier does)."""
+        self.invalidate_and_unmap([(start, end)], types)
+        self.invalidate_end()
+
+    def flush_shadow_memslot(self, slot):
+        """kvm_arch_flush_shadow_memslot(): a default VM (KVM_X86_QUIRK_SLOT_ZAP_ALL, on by
+        default) zaps everything the fast way; other VM types (a TD) zap the slot's range."""
+        if self.vm_type == KVM_X86_DEFAULT_VM:
+            self.kvm_mmu_zap_all_fast()
+        else:
+            self.kvm_mmu_zap_memslot(slot)
+
+    def kvm_mmu_zap_memslot(self, slot):
+        """kvm_mmu_zap_memslot(): under the write lock, unmap the slot's range from every root
+        (private and shared; invalid roots too) and flush."""
+        self.mmu_lock.write_lock()
+        try:
+            flush = self.tdp_mmu.unmap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages, KVM_VALID_ROOTS,
+                                                 False)
+            self.stat["zaps"] += 1
+            if flush:
+                self.flush_remote_tlbs()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def kvm_mmu_zap_all_fast(self):
+        """kvm_mmu_zap_all_fast(): under the write lock, toggle mmu_valid_gen, invalidate the
+        direct roots (the mirror cannot be zapped this way), and ask every vCPU to drop its
+        obsolete root (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kicking those in guest mode) in the
+        same critical section; then zap the invalidated roots under the read lock.  (The shadow
+        MMU's obsolete pages, kvm_zap_obsolete_pages(), do not exist in this TDP-only model.)"""
+        self.mmu_lock.write_lock()
+        try:
+            self.mmu_valid_gen ^= 1
+            self.trace_emit("kvm_mmu_zap_all_fast", msg=f"mmu_valid_gen {self.mmu_valid_gen}")
+            self.tdp_mmu.invalidate_roots(KVM_DIRECT_ROOTS)
+            self.kvm_make_all_cpus_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+            self.stat["zaps"] += 1
+        finally:
+            self.mmu_lock.write_unlock()
+        self.tdp_mmu.zap_invalidated_roots(True)
+
+    def get_leaf_spte(self, vcpu, gpa):
+        """The SPTE at the lowest level reached for ``gpa`` in the root the address uses."""
+        root = vcpu.root if self.is_addr_direct(gpa) else vcpu.mirror_root
+        gfn = (gpa >> 12) & ~self.gfn_direct_bits
+        # kvm_tdp_mmu_get_walk(): lockless, under RCU only (kvm_tdp_mmu_walk_lockless_begin()).
+        who = self.rcu_reader()
+        self.rcu.read_lock(who)
+        try:
+            it = TdpIter(self, root, PG_LEVEL_4K, gfn, self.tdp_mmu.gfn_root_bits(root))
+            leaf = None
+            for it in for_each_tdp_pte_min_level(it, gfn + 1):
+                leaf = it.old_spte
+            return leaf
+        finally:
+            self.rcu.read_unlock(who)
+
+    def recover_nx_huge_pages(self, start_gfn, end_gfn):
+        """kvm_recover_nx_huge_pages() for the TDP MMU, on the recovery worker (a host task):
+        under mmu_lock for read (Linux 6.17; 6.16 takes it for write) and RCU, take each possible
+        NX huge page of [start_gfn, end_gfn) off the list and zap the entry that points to it
+        with a cmpxchg; faults may walk inside the table meanwhile, and RCU keeps it until they
+        are out.  Upstream takes nx_lpage_splits / nx_huge_pages_recovery_ratio from the head of
+        the list; here every one in the range.  Returns how many were zapped."""
+        tdp = self.tdp_mmu
+        lock = self.mmu_lock
+        who = self.rcu_reader()
+        zapped = 0
+        flush = False
+        lock.read_lock()
+        self.rcu.read_lock(who)
+        try:
+            while True:
+                self.touch("possible_nx")
+                sp = next((sp for sp in tdp.possible_nx_huge_pages if start_gfn <= sp.gfn < end_gfn), None)
+                if sp is None:
+                    break
+                if not sp.nx_huge_page_disallowed or sp.is_mirror:
+                    self.warn(f"possible NX huge page {sp!r} not disallowed, or not direct")
+                tdp.unaccount_nx_huge_page(sp)
+                if tdp.zap_possible_nx_huge_page(sp, who):
+                    zapped += 1
+                    flush = True
+                if self.need_resched():
+                    # cond_resched_rwlock_read(), after the flush owed so far.
+                    if flush:
+                        self.flush_remote_tlbs()
+                        flush = False
+                    self.rcu.read_unlock(who)
+                    lock.read_unlock()
+                    self.cond_resched()
+                    lock.read_lock()
+                    self.rcu.read_lock(who)
+            if flush:
+                self.flush_remote_tlbs()
+        finally:
+            self.rcu.read_unlock(who)
+            lock.read_unlock()
+        self.trace_emit("kvm_nx_recover", msg=f"gfn {start_gfn:#x}-{end_gfn:#x}: {zapped} zapped")
+        return zapped
+
+
+
+class KvmVcpuMmu:
+    """The vCPU part of mmu.c: roots (kvm_mmu_load/reload/unload) and the page fault
+    (kvm_mmu_page_fault -> kvm_mmu_do_page_fault -> kvm_tdp_page_fault -> kvm_tdp_mmu_map)."""
+
+    def kvm_mmu_hugepage_adjust(self, fault):
+        """(tdp_mmu.py calls mmu.c's kvm_mmu_hugepage_adjust() through the vCPU: mmu_internal.py)"""
+        kvm_mmu_hugepage_adjust(self, fault)
+
+    def kvm_tdp_map_page(self, gpa, private=False):
+        """kvm_tdp_map_page(): map ``gpa`` as a write fault, retrying while RET_PF_RETRY."""
+        error_code = PFERR_WRITE_MASK | PFERR_GUEST_FINAL_MASK | (PFERR_PRIVATE_ACCESS if private else 0)
+        for _ in range(100000):
+            if self.kvm.vm_dead:
+                return -EIO
+            r = self.kvm_mmu_do_page_fault(gpa, error_code)
+            if r < 0:
+                return r
+            if r in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
+                return 0
+            if r == RET_PF_EMULATE:
+                return -ENOENT
+            if r != RET_PF_RETRY:
+                return -EIO
+        return -EIO
+
+    # -- MMU ------------------------------------------------------------------------------------------
+    def mmu_load(self):
+        """kvm_mmu_load(): allocate the roots (mirror first for a TD) and load the EPT pointer."""
+        tdp = self.kvm.tdp_mmu
+        r = mmu_topup_memory_caches(self)
+        if r:
+            raise KvmIoctlError(-r, "cannot allocate the MMU roots")
+        if self.kvm.has_mirrored_tdp:
+            self.mirror_root = tdp.alloc_root(self, True)
+        self.root = tdp.alloc_root(self, False)
+        self.kvm.x86_ops.load_mmu_pgd(self, self.root.spt, self.root_level)
+
+    def kvm_mmu_free_obsolete_roots(self):
+        """kvm_mmu_free_obsolete_roots(): put an obsolete (invalid) root; the entry path loads
+        a new one (kvm_mmu_reload() -> kvm_mmu_load(), which flushes the TLB locally)."""
+        tdp = self.kvm.tdp_mmu
+        for attr in ("root", "mirror_root"):
+            root = getattr(self, attr)
+            if root is not None and root.invalid:
+                tdp.put_root(root)
+                setattr(self, attr, None)
+
+    def kvm_mmu_reload(self):
+        """kvm_mmu_reload(): load the roots when a request dropped them."""
+        if self.root is None or self.kvm.has_mirrored_tdp and self.mirror_root is None:
+            tdp = self.kvm.tdp_mmu
+            r = mmu_topup_memory_caches(self)
+            if r:
+                raise KvmIoctlError(-r, "cannot allocate the MMU roots")
+            if self.kvm.has_mirrored_tdp and self.mirror_root is None:
+                self.mirror_root = tdp.alloc_root(self, True)
+            if self.root is None:
+                self.root = tdp.alloc_root(self, False)
+            self.kvm.x86_ops.load_mmu_pgd(self, self.root.spt, self.root_level)
+            self.kvm.x86_ops.flush_tlb(self)
+            self.kvm.trace_emit("kvm_tlb_flush", self.vcpu_id, vcpu_id=self.vcpu_id, kind="invept (new root)")
+
+    def mmu_unload(self):
+        tdp = self.kvm.tdp_mmu
+        for attr in ("root", "mirror_root"):
+            root = getattr(self, attr)
+            if root is not None:
+                tdp.put_root(root)
+                setattr(self, attr, None)
+
+    def free_caches(self):
+        self.mmu_shadow_page_cache.free_all()
+        self.mmu_external_spt_cache.free_all()
+
+    def prepare_memory_fault_exit(self, fault):
+        """kvm_mmu_prepare_memory_fault_exit(): KVM_RUN fails with -EFAULT and says why in kvm_run."""
+        self.exit_to_user(KVM_EXIT_MEMORY_FAULT, gpa=fault.gfn << 12, size=4096, private=fault.is_private)
+
+    def kvm_mmu_page_fault(self, gpa, error_code):
+        """Returns 1 to resume the guest, 0 after preparing a userspace exit."""
+        r = RET_PF_INVALID
+        if error_code & PFERR_RSVD_MASK:
+            r = handle_mmio_page_fault(self, gpa)
+            if r == RET_PF_INVALID:
+                error_code &= ~PFERR_RSVD_MASK    # a stale MMIO SPTE: fault it in normally
+        if r == RET_PF_INVALID:
+            r = self.kvm_mmu_do_page_fault(gpa, error_code)
+        if r < 0:
+            if r == -EFAULT and self.kvm_run is not None and self.kvm_run.exit_reason == KVM_EXIT_MEMORY_FAULT:
+                return 0                      # -EFAULT with kvm_run filled in: userspace reads it
+            raise KvmIoctlError(-r, f"page fault at gpa {gpa:#x} failed ({r})")
+        if r != RET_PF_EMULATE:
+            return 1
+        # x86_emulate_instruction() asks the vendor first (kvm_check_emulate_insn()): a TD's
+        # instructions cannot be read, so TDX answers X86EMUL_RETRY_INSTR and the guest runs
+        # the access again (vt_check_emulate_instruction()): now over the MMIO SPTE just
+        # installed, whose suppress-#VE bit is clear, so the CPU gives the TD a #VE and its
+        # handler asks for the MMIO with TDG.VP.VMCALL<#VE.RequestMMIO>.
+        if self.kvm.x86_ops.check_emulate_instruction(self) == X86EMUL_RETRY_INSTR:
+            return 1
+        # Emulation: this model has no instruction emulator, so the access goes to
+        # userspace as MMIO, which is what KVM does for MMIO and read-only-slot writes.
+        self.exit_to_user(KVM_EXIT_MMIO, phys_addr=gpa, is_write=bool(error_code & PFERR_WRITE_MASK))
+        return 0
+
+    def kvm_mmu_do_page_fault(self, gpa, error_code):
+        kvm = self.kvm
+        fault = KvmPageFault(gpa, error_code)
+        fault.gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
+        self.stat["pf_taken"] += 1
+        r = self.kvm_tdp_page_fault(fault)
+        if r == RET_PF_FIXED:
+            self.stat["pf_fixed"] += 1
+            self.budget = self.exit_limit     # progress: the watchdog starts over
+        elif r == RET_PF_EMULATE:
+            self.stat["pf_emulate"] += 1
+        elif r == RET_PF_SPURIOUS:
+            self.stat["pf_spurious"] += 1
+        elif r == RET_PF_RETRY:
+            self.stat["pf_retry"] += 1
+        self.last_pf_ret = r
+        if kvm.tracer.enabled and r >= 0:
+            kvm.trace_emit("kvm_tdp_page_fault_done", self.vcpu_id, gfn=fault.gfn, level=fault.goal_level,
+                           root="mirror" if fault.is_private and kvm.has_mirrored_tdp else "direct",
+                           ret=RET_PF_NAMES[r])
+        return r
+
+    def kvm_tdp_page_fault(self, fault):
+        """kvm_tdp_mmu_page_fault(): top up, fault in, then map under the read lock unless stale."""
+        kvm = self.kvm
+        r = mmu_topup_memory_caches(self)
+        if r:
+            return r
+        r = kvm_mmu_faultin_pfn(self, fault)
+        if r != RET_PF_CONTINUE:
+            return r
+        stale = False
+        kvm.mmu_lock.read_lock()
+        try:
+            if self.is_page_fault_stale(fault):
+                kvm.trace_emit("kvm_page_fault_stale", self.vcpu_id, gfn=fault.gfn, mmu_seq=fault.mmu_seq,
+                               seq=kvm.mmu_invalidate_seq, in_progress=kvm.mmu_invalidate_in_progress)
+                stale = True
+                return RET_PF_RETRY
+            return kvm.tdp_mmu.map(self, fault)
+        finally:
+            kvm.mmu_lock.read_unlock()
+            if stale and kvm.sched is not None:
+                kvm.sched.point(self.vcpu_id, "mmu_invalidate_retry")
+
+    def is_page_fault_stale(self, fault):
+        """is_page_fault_stale(): the root went obsolete, or an invalidation of this gfn ran
+        (or runs) since the pfn was looked up: mapping it could map a page being taken away."""
+        root = self.mirror_root if fault.is_private and self.kvm.has_mirrored_tdp else self.root
+        self.kvm.touch("roots_valid", False)
+        if root is not None and root.invalid:
+            return True
+        if self.kvm.bugs.fault_ignores_invalidation:
+            return False
+        return fault.slot is not None and self.kvm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn)

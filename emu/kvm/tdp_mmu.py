@@ -21,7 +21,7 @@ from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_
                    shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK)
 from ..hw.memory import table_entries
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
-from .mmu import (kvm_mmu_hugepage_adjust, RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noqa: F401
+from .mmu_internal import (RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noqa: F401
                   RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_NAMES)
 
 EBUSY = 16
@@ -509,7 +509,7 @@ class TdpMmu:
         """kvm_tdp_mmu_map(): walk to the goal level, linking tables as needed, then map."""
         kvm = self.kvm
         root = self.get_root_for_fault(vcpu, fault)
-        kvm_mmu_hugepage_adjust(vcpu, fault)
+        vcpu.kvm_mmu_hugepage_adjust(fault)
         if kvm.tracer.enabled:
             kvm.trace_emit("kvm_mmu_spte_requested", vcpu.vcpu_id, gfn=fault.gfn, pfn=fault.pfn,
                            level=fault.goal_level, root="mirror" if root.is_mirror else "direct")

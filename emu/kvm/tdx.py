@@ -15,7 +15,6 @@ from ..hw.ept import (EPT_VIOLATION_ACC_WRITE, EPT_VIOLATION_ACC_INSTR, EPT_VIOL
                       EPT_VIOLATION_PROT_WRITE, EPT_VIOLATION_PROT_EXEC, EPT_VIOLATION_EXEC_FOR_RING3_LIN)
 from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TDCALL,
                         EXIT_REASON_TRIPLE_FAULT, EXIT_REASON_EXTERNAL_INTERRUPT, VmExit)
-from ..userspace import guestabi
 from .spte import PG_LEVEL_4K, MT_MASK_TDX_VM
 from .tdp_mmu import RET_PF_RETRY, EBUSY, EIO, EINVAL, KVM_MIRROR_ROOTS
 from .x86_ops import VmxX86Ops
@@ -504,7 +503,7 @@ class TdxX86Ops(VmxX86Ops):
             args = (out.r11, out.r12, out.r13, out.r14)
             vcpu.stat["hypercalls"] += 1
             kvm.trace_emit("kvm_hypercall", vcpu.vcpu_id, msg=f"nr {nr:#x} a0 {args[0]:#x} (TDG.VP.VMCALL)")
-            if nr in guestabi.EMU_USERSPACE_HCS:
+            if nr in kvm.hypercall_exit_enabled:
                 vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=list(args), ret=0)
                 t.ret_r10 = 0                   # complete_hypercall_exit(): R10 = run->hypercall.ret
                 return 0

@@ -139,7 +139,7 @@ class Machine:
             self._build_td(mem, vcpus, align, td_attributes)
         else:
             self.host = Host(mem + align)
-            self.kvm = Kvm(self.host, self.vm_type, tracer=self.tracer)
+            self.kvm = self._create_vm(Kvm(self.host, self.vm_type, tracer=self.tracer))
             self.hva = self.host.mmap(mem, align)
             self.kvm.set_user_memory_region(0, 0, 0, mem, self.hva, backing_level=self.backing_level)
             self.boot = self._load(self.write_gpa)
@@ -148,6 +148,13 @@ class Machine:
                 v = self.kvm.create_vcpu(i)
                 v.set_regs(self.boot.regs(i))
                 self.vcpus.append(v)
+
+    def _create_vm(self, kvm):
+        """KVM_CREATE_VM done: KVM_CAP_EXIT_HYPERCALL for the guest runtime's calls, and the
+        run-time checks armed (emu.checkers.check: the harness's, not QEMU's)."""
+        from ..checkers.check import install
+        kvm.hypercall_exit_enabled.update(guestabi.EMU_USERSPACE_HCS)
+        return install(kvm)
 
     def _load(self, write_gpa, extra_maps=()):
         try:
@@ -163,7 +170,7 @@ class Machine:
         module = self.host.tdx_module
         module.tracer = self.tracer
         ops = TdxX86Ops(module, attributes)
-        self.kvm = Kvm(self.host, KVM_X86_TDX_VM, tracer=self.tracer, x86_ops=ops)
+        self.kvm = self._create_vm(Kvm(self.host, KVM_X86_TDX_VM, tracer=self.tracer, x86_ops=ops))
         # The bug switch: before the seed patch, mirror SPTEs were published, then reflected.
         self.kvm.tdp_mmu.freeze_mirror_sptes = not self.no_freeze
         if self.kvm.vm_dead:

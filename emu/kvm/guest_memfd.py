@@ -1,0 +1,19 @@
+"""guest_memfd (virt/kvm/guest_memfd.c): the private memory of a TD, behind no host mapping."""
+
+from .tdp_mmu import KVM_MIRROR_ROOTS
+
+
+class KvmGmem:
+    """The guest_memfd side of struct kvm."""
+
+    def kvm_gmem_punch_hole(self, start_gfn, end_gfn):
+        """fallocate(PUNCH_HOLE) on guest_memfd: kvm_gmem_invalidate_begin() unmaps the private
+        mappings of the range under an invalidation, the pages are truncated (their contents
+        dropped), then kvm_gmem_invalidate_end()."""
+        self.invalidate_and_unmap([(start_gfn, end_gfn)], KVM_MIRROR_ROOTS)
+        for gfn in range(start_gfn, end_gfn):
+            slot = self.gfn_to_memslot(gfn)
+            if slot is not None and slot.gmem_addr is not None:
+                self.mem.host_zero(self.x86_ops.gmem_get_pfn(self, slot, gfn) << 12)
+        self.invalidate_end()
+

@@ -1,0 +1,77 @@
+"""Definitions KVM shares between its files (include/linux/kvm_host.h, arch/x86/include/asm/kvm_host.h):
+errno values, vcpu->requests and vcpu->mode, struct kvm_memory_slot, and the kvm_run that KVM_RUN fills.
+"""
+
+from .spte import PG_LEVEL_4K, KVM_PAGES_PER_HPAGE
+from .uapi import EXIT_NAMES, KVM_MEM_READONLY
+
+KVM_ENOSYS = 1000
+EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
+
+# vcpu->requests
+KVM_REQ_TLB_FLUSH = 1 << 0
+KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1
+KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 2
+# Requests after which the vCPU flushes its TLB before it enters again (a new root is loaded
+# with a local flush: kvm_mmu_load()).
+KVM_REQS_FLUSHING = KVM_REQ_TLB_FLUSH | KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+
+# vcpu->mode
+OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE = 0, 1, 2
+MODE_NAMES = ("OUTSIDE_GUEST_MODE", "IN_GUEST_MODE", "EXITING_GUEST_MODE")
+GUEST_SLICE_BLOCKS = 4000         # the emulated preemption timer: translated blocks per guest slice
+
+
+class KvmIoctlError(Exception):
+    """An ioctl that fails with an errno (KVM_RUN returning -EFAULT, -ENOMEM, ...)."""
+
+    def __init__(self, errno, msg):
+        self.errno = errno
+        super().__init__(msg)
+
+
+class KvmMemorySlot:
+    """struct kvm_memory_slot: guest frames [base_gfn, base_gfn + npages) at host address userspace_addr.
+
+    ``backing_level`` is the page size of the host memory behind it (1 = 4K pages,
+    2 = 2M and 3 = 1G hugetlbfs-like pages): KVM maps huge pages only where the
+    backing is at least as large.
+    """
+
+    def __init__(self, id, base_gfn, npages, userspace_addr, flags, backing_level=PG_LEVEL_4K, gmem_addr=None):
+        self.id, self.base_gfn, self.npages = id, base_gfn, npages
+        self.userspace_addr, self.flags, self.backing_level = userspace_addr, flags, backing_level
+        self.gmem_addr = gmem_addr            # guest_memfd backing of private pages (TDX)
+
+    @property
+    def readonly(self):
+        return bool(self.flags & KVM_MEM_READONLY)
+
+    def contains(self, gfn):
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def lpage_allowed(self, gfn, level):
+        """The huge page around ``gfn`` lies inside the slot, and the slot's GPA and host
+        address are aligned alike (otherwise KVM disallows huge pages in the whole slot)."""
+        pages = KVM_PAGES_PER_HPAGE(level)
+        start = gfn & -pages
+        if start < self.base_gfn or start + pages > self.base_gfn + self.npages:
+            return False
+        return ((self.base_gfn ^ (self.userspace_addr >> 12)) & (pages - 1)) == 0
+
+
+class KvmRun:
+    """struct kvm_run as userspace reads it after KVM_RUN."""
+
+    def __init__(self, exit_reason, **fields):
+        self.exit_reason = exit_reason
+        self.__dict__.update(fields)
+
+    @property
+    def name(self):
+        return EXIT_NAMES.get(self.exit_reason, str(self.exit_reason))
+
+    def __repr__(self):
+        extra = {k: v for k, v in self.__dict__.items() if k != "exit_reason"}
+        return f"KvmRun({self.name}, {extra})"
+

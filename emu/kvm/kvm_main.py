@@ -1,0 +1,431 @@
+"""struct kvm and the VM-wide code of virt/kvm/kvm_main.c: creating and killing a VM (KVM_BUG_ON,
+kvm_vm_dead), memslots (KVM_SET_USER_MEMORY_REGION), the invalidation protocol shared by the
+mmu_notifier, memory attributes and guest_memfd (kvm_mmu_invalidate_begin/end,
+mmu_invalidate_retry_gfn), KVM_SET_MEMORY_ATTRIBUTES, hva_to_pfn, vCPU requests and kicks
+(kvm_make_vcpus_request_mask, kvm_flush_remote_tlbs), and vCPU creation.
+
+``KvmMain`` and ``KvmVcpuMain`` are the parts of ``emu.kvm.kvm.Kvm`` and ``KvmVcpu`` that
+follow this file; the MMU's parts are in mmu.py, the run loop's in x86.py, VMX's in vmx.py.
+"""
+
+from ..hw.ept import MAXPHYADDR
+from ..host.mm import MIGRATING
+from ..trace import NULL_TRACER
+from . import spte as spte_mod
+from .attributes import GfnRanges
+from .bugs import Bugs
+from .kvm_host import (KvmIoctlError, KvmMemorySlot, EINVAL, EEXIST, EFAULT, KVM_REQ_OUTSIDE_GUEST_MODE,
+                       KVM_REQ_TLB_FLUSH, OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE,
+                       GUEST_SLICE_BLOCKS)
+from .locking import MmuLock
+from .rcu import Rcu
+from .spte import PG_LEVEL_4K, MT_MASK_DEFAULT_VM
+from .tdp_mmu import TdpMmu, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS, KVM_VALID_ROOTS
+from .uapi import KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_MEMSLOT_INVALID, KVM_MEM_READONLY  # noqa: F401
+from .x86_ops import VmxX86Ops
+
+
+class KvmMain:
+    """struct kvm: one VM."""
+
+    vcpu_class = None                     # struct kvm_vcpu as assembled (emu.kvm.kvm.KvmVcpu)
+
+    def __init__(self, host, vm_type=KVM_X86_DEFAULT_VM, tracer=None, x86_ops=None):
+        self.host = host
+        self.mem = host.mem
+        self.vm_type = vm_type
+        self.tracer = tracer or NULL_TRACER
+        self.sched = None                 # the deterministic scheduler, when several vCPUs interleave
+        self.inject = None                # the fault-injection plan, when one is active
+        self.x86_ops = x86_ops or VmxX86Ops()
+        self.memslots = []
+        self.memslots_generation = 0      # bumped by every memslot change (MMIO SPTEs record it)
+        self.private_gfns = GfnRanges()   # KVM_MEMORY_ATTRIBUTE_PRIVATE (kvm->mem_attr_array)
+        self.mmu_invalidate_seq = 0
+        self.mmu_invalidate_in_progress = 0
+        self.mmu_invalidate_range_start = self.mmu_invalidate_range_end = None
+        self.vcpus = []
+        self.stat = {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0, "remote_tlb_flush": 0,
+                     "remote_tlb_flush_requests": 0, "zaps": 0, "kvm_bug_on": 0,
+                     "nx_lpage_splits": 0}
+        self.vm_bugged = False
+        self.vm_dead = False
+        self.bug_reason = None
+        self.warnings = []
+        self.bugs = Bugs()                # realistic bugs, switched in one at a time (emu/kvm/bugs.py)
+        self.flush_owed = False           # a zap's TLB flush has not completed yet
+        self.tables_generation = 0        # (the checker's) bumped by every change of a present SPTE
+        self.tables_checked = -1
+        self.violations = []              # broken invariants the checker saw during the run
+        # KVM_CAP_EXIT_HYPERCALL (kvm->arch.hypercall_exit_enabled): the hypercall numbers that
+        # exit to userspace with KVM_EXIT_HYPERCALL.  Upstream allows KVM_HC_MAP_GPA_RANGE only;
+        # the VMM adds the guest runtime's own calls (emu.userspace.guestabi.EMU_USERSPACE_HCS).
+        self.hypercall_exit_enabled = set()
+        self.checker = None               # the run-time checks (emu.checkers.check.install), or None
+        self.slice_blocks = GUEST_SLICE_BLOCKS
+        self.mmu_lock = MmuLock(self)
+        self.rcu = Rcu(self)
+        self.mmu_valid_gen = 0            # kvm->arch.mmu_valid_gen (toggled by kvm_mmu_zap_all_fast)
+        self.tdp_mmu = TdpMmu(self)
+        self.gfn_direct_bits = 0
+        self.nx_huge_pages = False
+        self.has_mirrored_tdp = vm_type == KVM_X86_TDX_VM
+        self.mt_mask = MT_MASK_DEFAULT_VM
+        # kvm->arch.shadow_mmio_value: the EPT misconfig value; TDX sets 0 (tdx_vm_init()).
+        self.shadow_mmio_value = spte_mod.shadow_mmio_value
+        self.root_level = 4
+        # kvm_mmu_max_gfn() + 1: GFNs the TDP MMU may map (shadow_phys_bits = MAXPHYADDR)
+        self.max_gfn_exclusive = 1 << (MAXPHYADDR - 12)
+        self.x86_ops.vm_init(self)
+
+    # -- errors ------------------------------------------------------------------------------------------
+    def KVM_BUG_ON(self, cond, what):
+        """KVM_BUG_ON(): a KVM bug was detected; the VM is marked bugged (and dead)."""
+        if cond:
+            self.kvm_bug(what)
+        return bool(cond)
+
+    def kvm_bug(self, what):
+        self.stat["kvm_bug_on"] += 1
+        if not self.vm_dead:
+            self.bug_reason = f"KVM_BUG_ON: {what}"
+        self.vm_bugged = True
+        self.vm_dead = True
+        self.touch_all()
+        self.trace_emit("kvm_bug_on", msg=what)
+
+    def kvm_vm_dead(self, why):
+        """kvm_vm_dead(): no KVM bug, but the VM cannot go on (e.g. the guest broke the TDX rules)."""
+        if not self.vm_dead:
+            self.bug_reason = why
+        self.vm_dead = True
+        self.touch_all()
+        self.trace_emit("kvm_vm_dead", msg=why)
+
+    def touch(self, key, write=True):
+        """(emu.checkers.dpor) the running step touches ``key`` of this VM's shared state (when the
+        scheduler records footprints: a scheduler of a test may not)."""
+        if getattr(self.sched, "fp", None) is not None:
+            self.sched.touch(key, write)
+
+    def touch_all(self, write=True):
+        """(emu.checkers.dpor) the running step depends on everything (a dead VM changes every path)."""
+        if getattr(self.sched, "fp", None) is not None:
+            self.sched.touch_all(write)
+
+    def warn(self, what):
+        self.warnings.append(what)
+        self.trace_emit("kvm_warn", msg=what)
+
+    def leak_page(self, hpa, why):
+        self.host.leaked.append((hpa, why))
+        self.trace_emit("kvm_page_leaked", msg=f"hpa {hpa:#x}: {why}")
+
+    def trace_emit(self, name, vcpu=-1, **fields):
+        t = self.tracer
+        if t.enabled:
+            t.emit(name, vcpu, **fields)
+
+    def lockdep_assert_held_read(self):
+        assert self.mmu_lock.readers or self.mmu_lock.writer, "mmu_lock not held"
+
+    def lockdep_assert_held_write(self):
+        assert self.mmu_lock.writer, "mmu_lock not held for write"
+
+    def need_resched(self):
+        return self.sched is not None and self.sched.need_resched()
+
+    def rcu_reader(self):
+        """Who reads under RCU: the running task (a vCPU or a host task), or the caller outside any."""
+        sched = self.sched
+        cur = getattr(sched, "current", None)
+        return None if cur is None else cur.name
+
+    def cond_resched(self):
+        if self.sched is not None:
+            self.sched.point(None, "cond_resched")
+
+    # -- memory ------------------------------------------------------------------------------------------
+    def set_user_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                               backing_level=PG_LEVEL_4K, gmem_addr=None):
+        """KVM_SET_USER_MEMORY_REGION: add a slot, or delete it with memory_size 0."""
+        if guest_phys_addr % 4096 or memory_size % 4096 or userspace_addr % 4096:
+            raise KvmIoctlError(EINVAL, "memory region not page aligned")
+        old = next((s for s in self.memslots if s.id == slot), None)
+        self.touch_all()                      # (emu.checkers.dpor) memslots are read on every path
+        if memory_size == 0:
+            if old is None:
+                raise KvmIoctlError(EINVAL, f"no memslot {slot}")
+            # kvm_invalidate_memslot(): faults on the slot retry while it is zapped, then it goes.
+            old.flags |= KVM_MEMSLOT_INVALID
+            self.memslots_generation += 1
+            self.flush_shadow_memslot(old)
+            self.memslots.remove(old)
+            self.memslots_generation += 1
+            return
+        if old is not None:
+            raise KvmIoctlError(EEXIST, f"memslot {slot} exists (moving slots is not modelled)")
+        base, npages = guest_phys_addr >> 12, memory_size >> 12
+        for s in self.memslots:
+            if base < s.base_gfn + s.npages and s.base_gfn < base + npages:
+                raise KvmIoctlError(EEXIST, f"memslot overlaps slot {s.id}")
+        if not self.host.mm.covers(userspace_addr, userspace_addr + memory_size):
+            raise KvmIoctlError(EFAULT, "userspace_addr outside the VMM's mapped memory")
+        if self.has_mirrored_tdp and gmem_addr is None:
+            raise KvmIoctlError(EINVAL, "a TD's memslot needs guest_memfd backing for its private pages")
+        self.memslots.append(KvmMemorySlot(slot, base, npages, userspace_addr, flags, backing_level, gmem_addr))
+        self.memslots_generation += 1
+
+    # -- the invalidation protocol (mmu_notifier, memory attributes, guest_memfd) -----------------------
+    def kvm_mmu_invalidate_begin(self):
+        """kvm_mmu_invalidate_begin() under mmu_lock: faults that race it must retry."""
+        self.touch("mmu_invalidate")
+        self.mmu_invalidate_in_progress += 1
+        if self.mmu_invalidate_in_progress == 1:
+            self.mmu_invalidate_range_start = self.mmu_invalidate_range_end = None
+
+    def kvm_mmu_invalidate_range_add(self, start, end):
+        self.touch("mmu_invalidate")
+        if self.mmu_invalidate_range_start is None:
+            self.mmu_invalidate_range_start, self.mmu_invalidate_range_end = start, end
+        else:
+            # Fold every range into one (as upstream does): over-invalidating is safe.
+            self.mmu_invalidate_range_start = min(self.mmu_invalidate_range_start, start)
+            self.mmu_invalidate_range_end = max(self.mmu_invalidate_range_end, end)
+
+    def kvm_mmu_invalidate_end(self):
+        """kvm_mmu_invalidate_end(): bump the sequence before dropping in_progress, so a fault
+        that saw in_progress drop also sees the new sequence."""
+        self.touch("mmu_invalidate")
+        self.mmu_invalidate_seq += 1
+        self.mmu_invalidate_in_progress -= 1
+        self.KVM_BUG_ON(self.mmu_invalidate_in_progress < 0, "mmu_invalidate_in_progress < 0")
+
+    def invalidate_and_unmap(self, ranges, types):
+        """Under the write lock: kvm_mmu_invalidate_begin(), each gfn range added and unmapped
+        from the roots of ``types``, then the TLB flush.  The invalidation lasts until
+        invalidate_end(): a fault on those gfns retries meanwhile."""
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_begin()
+            flush = False
+            for start, end in ranges:
+                self.kvm_mmu_invalidate_range_add(start, end)
+                flush = self.tdp_mmu.unmap_gfn_range(start, end, types, flush)
+            if ranges:
+                self.stat["zaps"] += 1
+            if flush:
+                self.flush_remote_tlbs()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def invalidate_end(self):
+        self.mmu_lock.write_lock()
+        try:
+            self.kvm_mmu_invalidate_end()
+        finally:
+            self.mmu_lock.write_unlock()
+
+    def mmu_invalidate_retry_gfn(self, mmu_seq, gfn):
+        self.touch("mmu_invalidate", False)
+        if self.mmu_invalidate_in_progress:
+            start, end = self.mmu_invalidate_range_start, self.mmu_invalidate_range_end
+            # A begin with no range added yet covers everything (the range is INVALID_GPA).
+            if start is None or start <= gfn < end:
+                return True
+        return self.mmu_invalidate_seq != mmu_seq
+
+    # Read without mmu_lock (the early check in kvm_mmu_faultin_pfn): the same test here.
+    mmu_invalidate_retry_gfn_unsafe = mmu_invalidate_retry_gfn
+
+    def set_memory_attributes(self, start_gfn, end_gfn, private):
+        """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_set_mem_attributes()): mark [start, end) private or shared.
+
+        As upstream: under mmu_lock, kvm_mmu_invalidate_begin() and the pre-set handler
+        (kvm_arch_pre_set_memory_attributes(): going private zaps the shared mappings, going
+        shared the private ones, which for a TD are BLOCKed, TRACKed and REMOVEd) with a
+        flush; then the attributes are stored; then, under mmu_lock again, the post-set
+        handler and kvm_mmu_invalidate_end().  A fault that read the old attribute cannot
+        map it: the invalidation was in progress, or its sequence moved."""
+        have = self.private_gfns
+        if have.covers(start_gfn, end_gfn) if private else not have.intersects(start_gfn, end_gfn):
+            return                          # nothing to do: the range has these attributes
+        self.trace_emit("kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} "
+                        f"{'private' if private else 'shared'}")
+        self.invalidate_and_unmap([(start_gfn, end_gfn)] if self.has_mirrored_tdp else [],
+                                  KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS)
+        if self.sched is not None:
+            self.sched.point(None, "set_attributes")
+        self.touch_all()                    # attributes are read on many paths: count it as global
+        if private:
+            self.private_gfns.add(start_gfn, end_gfn)
+        else:
+            self.private_gfns.remove(start_gfn, end_gfn)
+        self.invalidate_end()
+
+    def mmu_notifier_invalidate_range_start(self, hva_start, hva_end):
+        """kvm_mmu_notifier_invalidate_range_start(): the gfns of every memslot behind the hva
+        range are unmapped (shared mappings only: private memory is not behind an hva) inside
+        an invalidation that lasts until _end."""
+        ranges = []
+        for slot in self.memslots:
+            a = max(hva_start, slot.userspace_addr)
+            b = min(hva_end, slot.userspace_addr + (slot.npages << 12))
+            if a < b:
+                ranges.append((slot.base_gfn + ((a - slot.userspace_addr) >> 12),
+                               slot.base_gfn + ((b - slot.userspace_addr + 0xFFF) >> 12)))
+        self.invalidate_and_unmap(ranges, KVM_DIRECT_ROOTS)
+
+    def mmu_notifier_invalidate_range_end(self):
+        self.invalidate_end()
+
+    def mem_is_private(self, gfn):
+        self.touch("attributes", False)
+        return gfn in self.private_gfns
+
+    def gfn_to_memslot(self, gfn):
+        for s in self.memslots:
+            if s.base_gfn <= gfn < s.base_gfn + s.npages:
+                return s
+        return None
+
+    def faultin_pfn(self, slot, gfn, write, is_private):
+        """The host pfn behind ``gfn`` (None if the backing cannot be had)."""
+        inj = self.inject
+        if inj is not None and inj.should_fail("backing_alloc"):
+            return None
+        if is_private:
+            return self.x86_ops.gmem_get_pfn(self, slot, gfn)
+        # hva_to_pfn(): through the VMM's page tables; a page being migrated is waited for.
+        hva = slot.userspace_addr + ((gfn - slot.base_gfn) << 12)
+        mm = self.host.mm
+        pfn = mm.hva_to_pfn(hva)
+        while pfn == MIGRATING:
+            if self.sched is None:
+                return None
+            self.sched.wait_until(lambda: not mm.migrating(hva), what="migration_wait")
+            pfn = mm.hva_to_pfn(hva)
+        return pfn
+
+    # -- TLB -----------------------------------------------------------------------------------------------
+    def kvm_make_vcpus_request(self, vcpus, req, wait=True):
+        """kvm_make_vcpus_request_mask(): set ``req`` on each vCPU and IPI those in guest mode.
+
+        kvm_request_needs_ipi(): the mode goes IN_GUEST_MODE -> EXITING_GUEST_MODE (a
+        cmpxchg); a vCPU that was in guest mode, or (for a request that waits) on its way
+        in with interrupts off, gets the IPI.  With ``wait`` (KVM_REQUEST_WAIT) the caller
+        waits until every IPI was taken: each target has left guest mode and will see the
+        request before it enters again.  A vCPU outside guest mode needs no IPI: its entry
+        path checks requests after it sets IN_GUEST_MODE."""
+        targets = []
+        sched = self.sched
+        for v in vcpus:
+            self.touch(("task", v.vcpu_id))           # (emu.checkers.dpor) its requests, its mode, its IPI
+            v.requests |= req
+            mode = v.mode
+            if mode == IN_GUEST_MODE:
+                v.mode = EXITING_GUEST_MODE
+            if (mode != OUTSIDE_GUEST_MODE) if wait else (mode == IN_GUEST_MODE):
+                if self.bugs.kick_misses_running_vcpu and v.hw is not None and v.hw.in_guest:
+                    continue                  # bug switch: the IPI never reaches a vCPU running guest code
+                if v.hw is not None:
+                    v.hw.kick()
+                    targets.append(v)
+        if wait and targets:
+            sched = self.sched
+            pred = lambda: not any(t.hw.intr_pending for t in targets)   # noqa: E731
+            if sched is not None:
+                sched.wait_until(pred, what="ipi_wait")
+            else:
+                raise AssertionError("a vCPU in guest mode without a scheduler")
+        return targets
+
+    # -- the checker's hooks (emu.checkers.check.install arms them; the model imports no checker) ---------
+    def check_guest_tlbs(self, when, vcpus=None, entering=False):
+        """No vCPU in guest mode uses a translation the tables no longer give (the check runs
+        when one is installed in ``self.checker``)."""
+        c = self.checker
+        if c is not None:
+            c.guest_tlbs(self, when, vcpus, entering)
+
+    def check_page_freed(self, pfn, what):
+        """The host frees page ``pfn``: nothing may still map or cache it (when a checker is installed)."""
+        c = self.checker
+        if c is not None:
+            c.page_freed(self, pfn, what)
+
+    def checker_violation(self, what):
+        """A broken invariant seen while the run goes on: the run fails with it (first one wins)."""
+        self.violations.append(what)
+        self.trace_emit("checker_violation", msg=what)
+
+    def kvm_make_all_cpus_request(self, req, wait=True):
+        return self.kvm_make_vcpus_request(self.vcpus, req, wait)
+
+    def flush_remote_tlbs(self):
+        """kvm_flush_remote_tlbs(): KVM_REQ_TLB_FLUSH to every vCPU, kicking those in guest mode.
+
+        Once this returns, no vCPU runs guest code with a translation the caller removed:
+        vCPUs in guest mode were sent an IPI and have exited; the others process the request
+        before they next enter (vcpu_enter_guest checks requests after setting IN_GUEST_MODE).
+        """
+        self.stat["remote_tlb_flush_requests"] += 1
+        inj = self.inject
+        if inj is not None and inj.should_fail("tlb_flush"):
+            self.trace_emit("kvm_flush_remote_tlbs", msg="delayed (injected)")
+            return                            # delivered with the next flush
+        targets = self.kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)
+        self.touch("flush")
+        self.flush_owed = False
+        self.check_guest_tlbs("after kvm_flush_remote_tlbs() returned")
+        self.stat["remote_tlb_flush"] += 1
+        self.trace_emit("kvm_flush_remote_tlbs", vcpus=len(self.vcpus), kicked=[t.vcpu_id for t in targets])
+
+    def flush_remote_tlbs_gfn(self, gfn, level):
+        self.flush_remote_tlbs()
+
+    # -- vCPUs --------------------------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id):
+        if any(v.vcpu_id == vcpu_id for v in self.vcpus):
+            raise KvmIoctlError(EEXIST, f"vCPU {vcpu_id} exists")
+        v = self.vcpu_class(self, vcpu_id)
+        self.vcpus.append(v)
+        self.x86_ops.vcpu_create(v)
+        return v
+
+    def destroy(self):
+        """kvm_destroy_vm(): drop vCPU roots, zap every root, free every page."""
+        self.x86_ops.vm_destroy_begin(self)
+        for v in self.vcpus:
+            v.mmu_unload()
+        # kvm_mmu_uninit_tdp_mmu(): invalidate all roots (the mirror too) and zap them exclusively.
+        self.mmu_lock.write_lock()
+        try:
+            self.tdp_mmu.invalidate_roots(KVM_VALID_ROOTS)
+        finally:
+            self.mmu_lock.write_unlock()
+        self.tdp_mmu.zap_invalidated_roots(False)
+        self.rcu.barrier()
+        for v in self.vcpus:
+            v.free_caches()
+        self.x86_ops.vm_free(self)
+
+
+
+
+
+class KvmVcpuMain:
+    """The vCPU side of kvm_main.c: kicks (kvm_vcpu_kick) and signals."""
+
+    def kick_outside_guest_mode(self):
+        """KVM_REQ_OUTSIDE_GUEST_MODE for this vCPU: kicked out of guest mode, and waited for."""
+        self.kvm.kvm_make_vcpus_request([self], KVM_REQ_OUTSIDE_GUEST_MODE)
+
+    def kick_signal(self):
+        """A signal to the vCPU's thread (userspace stopping the VM): KVM_RUN returns -EINTR;
+        a vCPU in guest mode is kicked out first."""
+        self.kvm.touch(("task", self.vcpu_id))
+        self.signal_pending = True
+        if self.hw is not None and self.hw.in_guest:
+            self.hw.kick()
+
