@@ -6,8 +6,9 @@
 - for a TD, the mirror root and the S-EPT map exactly the same GPAs to the same
   HPAs at the same levels, and every such S-EPT leaf is in a present or pending
   state; no S-EPT table exists that the mirror does not have;
-- every present leaf of KVM's roots maps a page of the right memslot backing
-  (shared: the slot's hva range; private: its guest_memfd range);
+- every present leaf of KVM's roots maps a GFN that a memslot covers, and a page of
+  the right memslot backing (shared: the slot's hva range; private: its guest_memfd range);
+- an invalid root that was zapped has no present leaf; no vCPU holds a root that was freed;
 - the PAMT owns exactly the TD's pages: its private pages (PT_REG), its S-EPT
   pages (PT_EPT, one per mirror table below the root) and its control pages;
 - every page of the host's kernel allocator has exactly one owner in KVM's
@@ -36,16 +37,54 @@ def check_vm(kvm):
         for gfn, level, spte in leaves:
             slot = kvm.gfn_to_memslot(gfn)
             if slot is None:
-                continue                     # MMIO SPTEs are not leaves (not present)
-            want = _backing_pfn(kvm, slot, gfn, root.is_mirror)
+                # (MMIO SPTEs are not present: a present leaf always needs a memslot)
+                problems.append(_no_memslot(root, gfn, level))
+                continue
+            private = root.is_mirror or kvm.has_private_mem and not kvm.has_mirrored_tdp \
+                and slot.can_be_private and kvm.mem_is_private(gfn)
+            want = _backing_pfn(kvm, slot, gfn, private)
             if spte_to_pfn(spte) != want:
                 problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, its backing is pfn {want:#x}")
+    problems += check_roots(kvm)
     if kvm.has_mirrored_tdp:
         problems += check_mirror_sept(kvm, leaves_of)
     problems += check_attributes(kvm, leaves_of)
     problems += check_accounting(kvm)
     problems += check_tlbs(kvm)
     return problems
+
+
+def _no_memslot(root, gfn, level):
+    return (f"the {'mirror' if root.is_mirror else 'direct'} root maps gfn {gfn:#x} (level {level}), "
+            f"which no memslot covers")
+
+
+def check_roots(kvm):
+    """An invalid root, once zapped, has no present leaf (nothing maps into it any more: every
+    fault on it is stale); no vCPU holds a root that was freed (put for the last time)."""
+    problems = []
+    tdp = kvm.tdp_mmu
+    for root in tdp.roots:
+        if root.invalid and root.zapped:
+            leaves = tdp.leaves(root)
+            if leaves:
+                gfn, level, _ = leaves[0]
+                problems.append(f"an invalid {'mirror' if root.is_mirror else 'direct'} root that was zapped "
+                                f"still maps gfn {gfn:#x} (level {level}) and {len(leaves) - 1} more")
+    for v in kvm.vcpus:
+        problems += freed_roots(kvm, v)
+    return problems
+
+
+def freed_roots(kvm, v):
+    """The roots vCPU ``v`` holds that were freed (no longer a root of the TDP MMU)."""
+    tdp = kvm.tdp_mmu
+    out = []
+    for what in ("root", "mirror_root"):
+        root = getattr(v, what, None)
+        if root is not None and (root not in tdp.roots or tdp.sp_of.get(root.spt) is not root):
+            out.append(f"vCPU {v.vcpu_id} holds {what.replace('_', ' ')} {root!r}, which was freed")
+    return out
 
 
 def _leaves(kvm, root, leaves_of):
@@ -65,8 +104,11 @@ def check_step(kvm):
         for gfn, level, spte in kvm.tdp_mmu.leaves(root):
             slot = kvm.gfn_to_memslot(gfn)
             if slot is None:
+                problems.append(_no_memslot(root, gfn, level))
                 continue
-            if spte_to_pfn(spte) != _backing_pfn(kvm, slot, gfn, root.is_mirror):
+            private = root.is_mirror or kvm.has_private_mem and not kvm.has_mirrored_tdp \
+                and slot.can_be_private and kvm.mem_is_private(gfn)
+            if spte_to_pfn(spte) != _backing_pfn(kvm, slot, gfn, private):
                 problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, not its backing")
     if kvm.has_mirrored_tdp and getattr(kvm, "tdx", None) is not None:
         from tdxmod.abi import PT_REG
@@ -267,6 +309,21 @@ class RunChecks:
                 kvm.checker_violation(f"{when}: {problem} while in guest mode")
         if vcpus is None:
             kvm.tables_checked = kvm.tables_generation
+
+    def leaf_installed(self, kvm, gfn, level):
+        """A present leaf was just installed for ``gfn``: a memslot covers it (one being deleted
+        or moved still does, marked KVM_MEMSLOT_INVALID, until its mappings are zapped).  A leaf
+        for a GFN no memslot covers outlives the memslot deletion that should have removed it:
+        nothing will ever zap it."""
+        if kvm.gfn_to_memslot(gfn) is None:
+            kvm.checker_violation(f"a leaf SPTE (level {level}) was installed for gfn {gfn:#x}, which no "
+                                  f"memslot covers (a fault that looked its memslot up before the slot "
+                                  f"was deleted?)")
+
+    def vcpu_entering(self, kvm, v):
+        """A vCPU enters the guest: on roots that are still the TDP MMU's (not freed)."""
+        for problem in freed_roots(kvm, v)[:1]:
+            kvm.checker_violation(f"vCPU {v.vcpu_id} entering the guest: {problem}")
 
     def page_freed(self, kvm, pfn, what):
         """When the host frees a page: no SPTE maps it, no vCPU running guest code (or about

@@ -24,6 +24,9 @@ BUGS = {
         "page tables unlinked by a zap are freed at once, not after an RCU grace period",
     "fault-ignores-invalidation":
         "the page fault does not check mmu_invalidate_seq/in_progress (is_page_fault_stale() is false)",
+    "memslot-no-srcu-wait":
+        "kvm_swap_active_memslots() does not wait in synchronize_srcu(): a fault that looked up a memslot "
+        "before it was deleted maps its page after the slot was zapped, for a GPA no memslot covers",
 }
 
 

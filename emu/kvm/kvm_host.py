@@ -3,10 +3,9 @@ errno values, vcpu->requests and vcpu->mode, struct kvm_memory_slot, and the kvm
 """
 
 from .spte import PG_LEVEL_4K, KVM_PAGES_PER_HPAGE
-from .uapi import EXIT_NAMES, KVM_MEM_READONLY
+from .uapi import EXIT_NAMES, KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD, KVM_ENOSYS  # noqa: F401
 
-KVM_ENOSYS = 1000
-EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
+EINVAL, EEXIST, EFAULT, EIO, ENOENT, ENOMEM = 22, 17, 14, 5, 2, 12
 
 # vcpu->requests
 KVM_REQ_TLB_FLUSH = 1 << 0
@@ -23,10 +22,13 @@ GUEST_SLICE_BLOCKS = 4000         # the emulated preemption timer: translated bl
 
 
 class KvmIoctlError(Exception):
-    """An ioctl that fails with an errno (KVM_RUN returning -EFAULT, -ENOMEM, ...)."""
+    """An ioctl that fails with an errno (KVM_RUN returning -EFAULT, -ENOMEM, ...).  ``run`` is
+    the kvm_run KVM filled in for userspace to look at (KVM_RUN's -EFAULT with
+    KVM_EXIT_MEMORY_FAULT), else None."""
 
-    def __init__(self, errno, msg):
+    def __init__(self, errno, msg, run=None):
         self.errno = errno
+        self.run = run
         super().__init__(msg)
 
 
@@ -41,11 +43,28 @@ class KvmMemorySlot:
     def __init__(self, id, base_gfn, npages, userspace_addr, flags, backing_level=PG_LEVEL_4K, gmem_addr=None):
         self.id, self.base_gfn, self.npages = id, base_gfn, npages
         self.userspace_addr, self.flags, self.backing_level = userspace_addr, flags, backing_level
-        self.gmem_addr = gmem_addr            # guest_memfd backing of private pages (TDX)
+        # guest_memfd backing of private pages (KVM_MEM_GUEST_MEMFD): the host address of the
+        # slot's range of the file (its pages' HPAs: guest_memfd memory is never migrated)
+        self.gmem_addr = gmem_addr
+        if gmem_addr is not None:
+            self.flags |= KVM_MEM_GUEST_MEMFD
+
+    def copy(self):
+        """kvm_copy_memslot(): the same slot, a new object (memslot changes are made on copies)."""
+        return KvmMemorySlot(self.id, self.base_gfn, self.npages, self.userspace_addr, self.flags,
+                             self.backing_level, self.gmem_addr)
 
     @property
     def readonly(self):
         return bool(self.flags & KVM_MEM_READONLY)
+
+    @property
+    def can_be_private(self):
+        """kvm_slot_can_be_private(): the slot has a guest_memfd."""
+        return bool(self.flags & KVM_MEM_GUEST_MEMFD)
+
+    def __repr__(self):
+        return (f"KvmMemorySlot({self.id}, gfn {self.base_gfn:#x}+{self.npages:#x}, flags {self.flags:#x})")
 
     def contains(self, gfn):
         return self.base_gfn <= gfn < self.base_gfn + self.npages
@@ -58,6 +77,20 @@ class KvmMemorySlot:
         if start < self.base_gfn or start + pages > self.base_gfn + self.npages:
             return False
         return ((self.base_gfn ^ (self.userspace_addr >> 12)) & (pages - 1)) == 0
+
+
+class KvmMemoryFault:
+    """kvm_run.memory_fault: what KVM could not map (kvm_prepare_memory_fault_exit())."""
+    __slots__ = ("flags", "gpa", "size")
+
+    def __init__(self, flags, gpa, size):
+        self.flags, self.gpa, self.size = flags, gpa, size
+
+    def as_dict(self):
+        return {"flags": self.flags, "gpa": self.gpa, "size": self.size}
+
+    def __repr__(self):
+        return f"KvmMemoryFault(flags={self.flags:#x}, gpa={self.gpa:#x}, size={self.size:#x})"
 
 
 class KvmRun:

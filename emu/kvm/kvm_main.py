@@ -19,9 +19,16 @@ from .kvm_host import (KvmIoctlError, KvmMemorySlot, EINVAL, EEXIST, EFAULT, KVM
                        GUEST_SLICE_BLOCKS)
 from .locking import MmuLock
 from .rcu import Rcu
-from .spte import PG_LEVEL_4K, MT_MASK_DEFAULT_VM
+from .srcu import Srcu
+from .spte import PG_LEVEL_4K, MT_MASK_DEFAULT_VM, KVM_PAGES_PER_HPAGE
+from .mmu_internal import KVM_MAX_HUGEPAGE_LEVEL
 from .tdp_mmu import TdpMmu, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS, KVM_VALID_ROOTS
-from .uapi import KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_MEMSLOT_INVALID, KVM_MEM_READONLY  # noqa: F401
+from .uapi import (KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM, KVM_X86_TDX_VM, KVM_MEMSLOT_INVALID,  # noqa: F401
+                   KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD, KVM_USER_MEM_SLOTS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+# enum kvm_mr_change
+KVM_MR_CREATE, KVM_MR_DELETE, KVM_MR_MOVE, KVM_MR_FLAGS_ONLY = range(4)
+KVM_MR_NAMES = ("CREATE", "DELETE", "MOVE", "FLAGS_ONLY")
 from .x86_ops import VmxX86Ops
 
 
@@ -38,8 +45,11 @@ class KvmMain:
         self.sched = None                 # the deterministic scheduler, when several vCPUs interleave
         self.inject = None                # the fault-injection plan, when one is active
         self.x86_ops = x86_ops or VmxX86Ops()
-        self.memslots = []
+        self.memslots = []                # the active memslots (kvm->memslots[0]): a new list per change
+        self.inactive_memslots = None     # the set being prepared (kvm_replace_memslot())
         self.memslots_generation = 0      # bumped by every memslot change (MMIO SPTEs record it)
+        self.slots_locked = False         # kvm->slots_lock
+        self.srcu = Srcu(self)            # kvm->srcu: memslot readers
         self.private_gfns = GfnRanges()   # KVM_MEMORY_ATTRIBUTE_PRIVATE (kvm->mem_attr_array)
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
@@ -70,6 +80,8 @@ class KvmMain:
         self.gfn_direct_bits = 0
         self.nx_huge_pages = False
         self.has_mirrored_tdp = vm_type == KVM_X86_TDX_VM
+        # kvm_arch_has_private_mem(): memory attributes and guest_memfd-backed private memory.
+        self.has_private_mem = vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_TDX_VM)
         self.mt_mask = MT_MASK_DEFAULT_VM
         # kvm->arch.shadow_mmio_value: the EPT misconfig value; TDX sets 0 (tdx_vm_init()).
         self.shadow_mmio_value = spte_mod.shadow_mmio_value
@@ -148,33 +160,138 @@ class KvmMain:
     # -- memory ------------------------------------------------------------------------------------------
     def set_user_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
                                backing_level=PG_LEVEL_4K, gmem_addr=None):
-        """KVM_SET_USER_MEMORY_REGION: add a slot, or delete it with memory_size 0."""
+        """KVM_SET_USER_MEMORY_REGION(2) (kvm_set_memory_region()): create a slot, delete one
+        (memory_size 0), move one (same slot, size and hva at another GPA), or change its flags.
+        ``gmem_addr`` (the slot's range of a guest_memfd, KVM_MEM_GUEST_MEMFD) gives it private
+        pages.  Refusals raise KvmIoctlError with upstream's errno."""
+        if gmem_addr is not None:
+            flags |= KVM_MEM_GUEST_MEMFD
         if guest_phys_addr % 4096 or memory_size % 4096 or userspace_addr % 4096:
             raise KvmIoctlError(EINVAL, "memory region not page aligned")
-        old = next((s for s in self.memslots if s.id == slot), None)
-        self.touch_all()                      # (emu.checkers.dpor) memslots are read on every path
-        if memory_size == 0:
+        if not 0 <= slot < KVM_USER_MEM_SLOTS:
+            raise KvmIoctlError(EINVAL, f"memslot id {slot} out of range (0 to {KVM_USER_MEM_SLOTS - 1})")
+        # check_memory_region_flags(): guest_memfd needs a VM with private memory.
+        valid = KVM_MEM_READONLY | (KVM_MEM_GUEST_MEMFD if self.has_private_mem else 0)
+        if flags & ~valid:
+            raise KvmIoctlError(EINVAL, f"memslot flags {flags:#x} not supported by this VM type"
+                                + (" (KVM_MEM_GUEST_MEMFD needs a VM with private memory)"
+                                   if flags & KVM_MEM_GUEST_MEMFD else ""))
+        if flags & KVM_MEM_GUEST_MEMFD and flags & KVM_MEM_READONLY:
+            # Writes to a read-only slot are emulated MMIO, which private memory cannot be.
+            raise KvmIoctlError(EINVAL, "KVM_MEM_GUEST_MEMFD and KVM_MEM_READONLY do not combine")
+        if flags & KVM_MEM_GUEST_MEMFD and gmem_addr is None:
+            raise KvmIoctlError(EINVAL, "KVM_MEM_GUEST_MEMFD without a guest_memfd")
+        if guest_phys_addr + memory_size > self.max_gfn_exclusive << 12:
+            raise KvmIoctlError(EINVAL, "memory region beyond the guest physical address space")
+        self.slots_lock_acquire()
+        try:
+            old = next((s for s in self.memslots if s.id == slot), None)
+            if memory_size == 0:
+                if old is None:
+                    raise KvmIoctlError(EINVAL, f"no memslot {slot}")
+                return self.kvm_set_memslot(old, None, KVM_MR_DELETE)
+            base, npages = guest_phys_addr >> 12, memory_size >> 12
             if old is None:
-                raise KvmIoctlError(EINVAL, f"no memslot {slot}")
-            # kvm_invalidate_memslot(): faults on the slot retry while it is zapped, then it goes.
-            old.flags |= KVM_MEMSLOT_INVALID
-            self.memslots_generation += 1
-            self.flush_shadow_memslot(old)
-            self.memslots.remove(old)
-            self.memslots_generation += 1
-            return
-        if old is not None:
-            raise KvmIoctlError(EEXIST, f"memslot {slot} exists (moving slots is not modelled)")
-        base, npages = guest_phys_addr >> 12, memory_size >> 12
-        for s in self.memslots:
-            if base < s.base_gfn + s.npages and s.base_gfn < base + npages:
-                raise KvmIoctlError(EEXIST, f"memslot overlaps slot {s.id}")
-        if not self.host.mm.covers(userspace_addr, userspace_addr + memory_size):
-            raise KvmIoctlError(EFAULT, "userspace_addr outside the VMM's mapped memory")
-        if self.has_mirrored_tdp and gmem_addr is None:
-            raise KvmIoctlError(EINVAL, "a TD's memslot needs guest_memfd backing for its private pages")
-        self.memslots.append(KvmMemorySlot(slot, base, npages, userspace_addr, flags, backing_level, gmem_addr))
+                change = KVM_MR_CREATE
+                new = KvmMemorySlot(slot, base, npages, userspace_addr, flags, backing_level, gmem_addr)
+            else:
+                # Modify an existing slot.  Private memslots are immutable: they can only be deleted.
+                if flags & KVM_MEM_GUEST_MEMFD:
+                    raise KvmIoctlError(EINVAL, f"memslot {slot} has a guest_memfd: it cannot be modified, "
+                                                f"only deleted")
+                if (userspace_addr != old.userspace_addr or npages != old.npages
+                        or (flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD)):
+                    raise KvmIoctlError(EINVAL, f"memslot {slot} exists with another size, host address or "
+                                                f"kind")
+                if base != old.base_gfn:
+                    change = KVM_MR_MOVE
+                elif flags != old.flags:
+                    change = KVM_MR_FLAGS_ONLY
+                else:
+                    return None                          # nothing to change
+                new = old.copy()
+                new.base_gfn, new.flags = base, flags
+            if change in (KVM_MR_CREATE, KVM_MR_MOVE):
+                for s in self.memslots:
+                    if s.id != slot and base < s.base_gfn + s.npages and s.base_gfn < base + npages:
+                        raise KvmIoctlError(EEXIST, f"memslot overlaps slot {s.id}")
+            if change == KVM_MR_CREATE:
+                if not self.host.mm.covers(userspace_addr, userspace_addr + memory_size):
+                    raise KvmIoctlError(EFAULT, "userspace_addr outside the VMM's mapped memory")
+                if self.has_mirrored_tdp and gmem_addr is None:
+                    raise KvmIoctlError(EINVAL, "a TD's memslot needs guest_memfd backing for its private pages")
+            return self.kvm_set_memslot(old, new, change)
+        finally:
+            self.slots_lock_release()
+
+    def slots_lock_acquire(self):
+        """kvm->slots_lock: one memslot change at a time (a host task waits for another's)."""
+        self.touch("slots_lock")
+        if self.slots_locked:
+            sched = self.sched
+            if sched is None or sched.current is None:
+                raise AssertionError("slots_lock contended without a scheduler")
+            sched.wait_until(lambda: not self.slots_locked, what="lock_wait")
+        self.slots_locked = True
+
+    def slots_lock_release(self):
+        self.touch("slots_lock")
+        self.slots_locked = False
+
+    def kvm_set_memslot(self, old, new, change):
+        """kvm_set_memslot().  For DELETE and MOVE the old slot is first replaced by a copy marked
+        KVM_MEMSLOT_INVALID (kvm_invalidate_memslot()): once that copy is active and every
+        reader that could have seen the old slot has left kvm->srcu (kvm_swap_active_memslots()
+        waits in synchronize_srcu()), no fault can map a page of the old slot any more (a fault
+        that finds the INVALID slot retries), so kvm_arch_flush_shadow_memslot() removes every
+        mapping for good.  Then the final memslots are installed (another swap and wait)."""
+        self.touch_all()                      # (emu.checkers.dpor) memslots are read on every path
+        if change in (KVM_MR_DELETE, KVM_MR_MOVE):
+            self.trace_emit("kvm_set_memslot", msg=f"{KVM_MR_NAMES[change]} slot {old.id} gfn {old.base_gfn:#x}"
+                            f"+{old.npages:#x}" + (f" to gfn {new.base_gfn:#x}" if new is not None else ""))
+            invalid = old.copy()
+            invalid.flags |= KVM_MEMSLOT_INVALID
+            self.kvm_replace_memslot(old, invalid)
+            self.kvm_swap_active_memslots()
+            # From here no new mapping of the old slot can be made: zap what there is (the slot
+            # as the active memslots hold it now: the INVALID copy, the same range).
+            self.flush_shadow_memslot(invalid)
+            if self.sched is not None:
+                self.sched.point(None, "memslot_flushed")
+            if change == KVM_MR_DELETE:
+                self.kvm_replace_memslot(invalid, None)
+            else:
+                self.kvm_replace_memslot(invalid, new)
+            self.kvm_swap_active_memslots()
+        elif change == KVM_MR_CREATE:
+            self.kvm_replace_memslot(None, new)
+            self.kvm_swap_active_memslots()
+        else:                                  # KVM_MR_FLAGS_ONLY
+            self.kvm_replace_memslot(old, new)
+            self.kvm_swap_active_memslots()
+        return None
+
+    def kvm_replace_memslot(self, old, new):
+        """The inactive set: the active one with ``old`` replaced by ``new`` (either may be None).
+        Readers keep the set they looked up; the swap makes the new one active."""
+        slots = list(self.memslots)
+        if old is None:
+            slots.append(new)
+        elif new is None:
+            slots.remove(old)
+        else:
+            slots[slots.index(old)] = new
+        self.inactive_memslots = slots
+
+    def kvm_swap_active_memslots(self):
+        """kvm_swap_active_memslots(): publish the inactive memslots (rcu_assign_pointer), bump the
+        generation, and wait for the readers of the old set: synchronize_srcu(&kvm->srcu)."""
+        self.memslots = self.inactive_memslots
+        self.inactive_memslots = None
         self.memslots_generation += 1
+        if self.bugs.memslot_no_srcu_wait:
+            return                            # bug switch: readers of the old slot are not waited for
+        self.srcu.synchronize_srcu_expedited()
 
     # -- the invalidation protocol (mmu_notifier, memory attributes, guest_memfd) -----------------------
     def kvm_mmu_invalidate_begin(self):
@@ -201,13 +318,15 @@ class KvmMain:
         self.mmu_invalidate_in_progress -= 1
         self.KVM_BUG_ON(self.mmu_invalidate_in_progress < 0, "mmu_invalidate_in_progress < 0")
 
-    def invalidate_and_unmap(self, ranges, types):
+    def invalidate_and_unmap(self, ranges, types, also_invalidate=()):
         """Under the write lock: kvm_mmu_invalidate_begin(), each gfn range added and unmapped
         from the roots of ``types``, then the TLB flush.  The invalidation lasts until
-        invalidate_end(): a fault on those gfns retries meanwhile."""
+        invalidate_end(): a fault on those gfns (and on ``also_invalidate``'s) retries meanwhile."""
         self.mmu_lock.write_lock()
         try:
             self.kvm_mmu_invalidate_begin()
+            for start, end in also_invalidate:
+                self.kvm_mmu_invalidate_range_add(start, end)
             flush = False
             for start, end in ranges:
                 self.kvm_mmu_invalidate_range_add(start, end)
@@ -238,22 +357,51 @@ class KvmMain:
     # Read without mmu_lock (the early check in kvm_mmu_faultin_pfn): the same test here.
     mmu_invalidate_retry_gfn_unsafe = mmu_invalidate_retry_gfn
 
+    def kvm_vm_ioctl_set_mem_attributes(self, address, size, attributes, flags=0):
+        """KVM_SET_MEMORY_ATTRIBUTES: the ioctl's checks, then kvm_vm_set_mem_attributes().  Only
+        KVM_MEMORY_ATTRIBUTE_PRIVATE exists, and only in a VM with private memory
+        (kvm_supported_mem_attributes()): a default VM refuses it with -EINVAL."""
+        supported = KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
+        if flags:
+            raise KvmIoctlError(EINVAL, "KVM_SET_MEMORY_ATTRIBUTES: flags must be 0")
+        if attributes & ~supported:
+            raise KvmIoctlError(EINVAL, f"KVM_SET_MEMORY_ATTRIBUTES: attributes {attributes:#x} not supported "
+                                        f"by this VM type" + ("" if self.has_private_mem else
+                                                              " (a default VM has no private memory)"))
+        if size == 0 or address + size < address or (address | size) & 0xFFF:
+            raise KvmIoctlError(EINVAL, f"KVM_SET_MEMORY_ATTRIBUTES: bad range {address:#x}+{size:#x} "
+                                        f"(page-aligned, non-empty)")
+        if (address + size) >> 12 > self.max_gfn_exclusive:
+            raise KvmIoctlError(EINVAL, "KVM_SET_MEMORY_ATTRIBUTES: range beyond the guest physical "
+                                        "address space")
+        self.set_memory_attributes(address >> 12, (address + size) >> 12,
+                                   private=bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE))
+
     def set_memory_attributes(self, start_gfn, end_gfn, private):
-        """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_set_mem_attributes()): mark [start, end) private or shared.
+        """kvm_vm_set_mem_attributes(): mark [start, end) private or shared.
 
         As upstream: under mmu_lock, kvm_mmu_invalidate_begin() and the pre-set handler
         (kvm_arch_pre_set_memory_attributes(): going private zaps the shared mappings, going
-        shared the private ones, which for a TD are BLOCKed, TRACKed and REMOVEd) with a
-        flush; then the attributes are stored; then, under mmu_lock again, the post-set
-        handler and kvm_mmu_invalidate_end().  A fault that read the old attribute cannot
-        map it: the invalidation was in progress, or its sequence moved."""
+        shared the private ones, which for a TD are BLOCKed, TRACKed and REMOVEd; a VM without
+        a mirror root has both in its direct root) with a flush; then the attributes are
+        stored; then, under mmu_lock again, the post-set handler and kvm_mmu_invalidate_end().
+        A fault that read the old attribute cannot map it: the invalidation was in progress,
+        or its sequence moved.  The invalidation also covers the huge pages around the range
+        (upstream adds the head and tail huge pages): a fault next to the range must not map a
+        huge page that the new attribute splits."""
         have = self.private_gfns
         if have.covers(start_gfn, end_gfn) if private else not have.intersects(start_gfn, end_gfn):
             return                          # nothing to do: the range has these attributes
         self.trace_emit("kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} "
                         f"{'private' if private else 'shared'}")
-        self.invalidate_and_unmap([(start_gfn, end_gfn)] if self.has_mirrored_tdp else [],
-                                  KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS)
+        if not self.has_mirrored_tdp:
+            types = KVM_DIRECT_ROOTS         # kvm_gfn_range_filter_to_root_types(): one root for all
+        else:
+            types = KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS
+        ranges = [(start_gfn, end_gfn)] if self.has_private_mem else []
+        huge = KVM_PAGES_PER_HPAGE(KVM_MAX_HUGEPAGE_LEVEL)
+        around = [((start_gfn // huge) * huge, -(-end_gfn // huge) * huge)] if ranges else []
+        self.invalidate_and_unmap(ranges, types, around)
         if self.sched is not None:
             self.sched.point(None, "set_attributes")
         self.touch_all()                    # attributes are read on many paths: count it as global
@@ -280,6 +428,10 @@ class KvmMain:
         self.invalidate_end()
 
     def mem_is_private(self, gfn):
+        """kvm_mem_is_private(): the gfn has KVM_MEMORY_ATTRIBUTE_PRIVATE (never in a VM without
+        private memory)."""
+        if not self.has_private_mem:
+            return False
         self.touch("attributes", False)
         return gfn in self.private_gfns
 
@@ -295,7 +447,7 @@ class KvmMain:
         if inj is not None and inj.should_fail("backing_alloc"):
             return None
         if is_private:
-            return self.x86_ops.gmem_get_pfn(self, slot, gfn)
+            return self.kvm_gmem_get_pfn(slot, gfn)
         # hva_to_pfn(): through the VMM's page tables; a page being migrated is waited for.
         hva = slot.userspace_addr + ((gfn - slot.base_gfn) << 12)
         mm = self.host.mm

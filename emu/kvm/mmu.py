@@ -6,10 +6,11 @@ fault in the pfn from the memslot, take mmu_lock for read, and map.
 """
 
 from ..hw.memory import OutOfHostMemory
-from .kvm_host import KvmIoctlError, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, EIO, ENOENT
+from .kvm_host import KvmIoctlError, KvmMemoryFault, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, EIO, ENOENT
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level
 from .tdp_mmu import KVM_DIRECT_ROOTS, KVM_VALID_ROOTS
-from .uapi import KVM_MEMSLOT_INVALID, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_X86_DEFAULT_VM
+from .uapi import (KVM_MEMSLOT_INVALID, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_X86_DEFAULT_VM,
+                   KVM_X86_SW_PROTECTED_VM, KVM_MEMORY_EXIT_FLAG_PRIVATE)
 from .x86_ops import X86EMUL_RETRY_INSTR
 from .spte import PG_LEVEL_4K, KVM_PAGES_PER_HPAGE, PT64_ROOT_MAX_LEVEL, \
     is_mmio_spte, get_mmio_spte_generation, MMIO_SPTE_GEN_MASK
@@ -79,12 +80,14 @@ def mmu_topup_memory_caches(vcpu):
 
 
 def kvm_mmu_max_mapping_level(kvm, slot, gfn, is_private):
-    """The largest level the memslot and its backing allow at ``gfn``."""
-    if is_private and kvm.has_mirrored_tdp:
+    """The largest level the memslot and its backing allow at ``gfn``.  A private page comes from
+    guest_memfd, whose folios are 4K in 6.16 (kvm_gmem_get_pfn()'s max_order is 0); TDX also
+    caps it at 4K (tdx_gmem_private_max_mapping_level)."""
+    if is_private:
         return kvm.x86_ops.private_max_mapping_level(kvm, gfn)
     level = min(KVM_MAX_HUGEPAGE_LEVEL, slot.backing_level)
     while level > PG_LEVEL_4K:
-        if not slot.lpage_allowed(gfn, level) or kvm.has_mirrored_tdp and _has_private(kvm, gfn, level):
+        if not slot.lpage_allowed(gfn, level) or kvm.has_private_mem and _has_private(kvm, gfn, level):
             # KVM_LPAGE_MIXED_FLAG: a shared huge page may not cover a private gfn.
             level -= 1
             continue
@@ -116,36 +119,51 @@ def kvm_mmu_hugepage_adjust(vcpu, fault):
 
 
 def kvm_mmu_faultin_pfn(vcpu, fault):
-    """Find the memslot and the host page backing ``fault.gfn``.
+    """Find the memslot and the host page backing ``fault.gfn`` (kvm_mmu_faultin_pfn()).
 
-    Returns RET_PF_CONTINUE, or RET_PF_EMULATE for a write to a read-only slot
-    (KVM_PFN_ERR_RO_FAULT: the access is emulated, which exits to userspace as
-    MMIO), or a negative errno when the backing cannot be had.
+    In upstream's order: snapshot the invalidation sequence; a fault whose private/shared
+    kind disagrees with the gfn's attribute goes to userspace (KVM_EXIT_MEMORY_FAULT); no
+    memslot is MMIO (a private fault with no memslot goes to userspace too); a memslot being
+    deleted or moved (KVM_MEMSLOT_INVALID) makes the fault retry; then the pfn, from
+    guest_memfd for a private fault (a slot without one cannot be private: KVM_EXIT_MEMORY_FAULT)
+    and through the VMM's mapping for a shared one.  The memslot lookup is done under
+    kvm->srcu (KVM_RUN holds it around the fault): the slot the fault found is not freed under it.
+
+    Returns RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE for a write to a read-only slot
+    (KVM_PFN_ERR_RO_FAULT: the access is emulated, which exits to userspace as MMIO), or a
+    negative errno (-EFAULT, with kvm_run filled in for a memory fault exit).
     """
     kvm = vcpu.kvm
     slot = kvm.gfn_to_memslot(fault.gfn)
     fault.slot = slot
-    if slot is not None and slot.flags & KVM_MEMSLOT_INVALID:
-        # The slot is being deleted or moved: retry until the new memslots are installed.
-        return RET_PF_RETRY
-    # Snapshot the invalidation sequence before looking up the pfn (smp_rmb): an invalidation
-    # that starts after this is caught by is_page_fault_stale() under mmu_lock.
+    # Snapshot the invalidation sequence before looking at attributes and the pfn (smp_rmb): an
+    # invalidation that starts after this is caught by is_page_fault_stale() under mmu_lock.
     fault.mmu_seq = kvm.mmu_invalidate_seq
-    if slot is not None and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
-        return _invalidate_retry(vcpu)
-    if kvm.sched is not None:
-        kvm.sched.point(vcpu.vcpu_id, "faultin_pfn")
-    if kvm.has_mirrored_tdp and (slot is None and fault.is_private
-                                 or slot is not None and fault.is_private != kvm.mem_is_private(fault.gfn)):
-        # The access disagrees with the page's attribute (or a private GPA has no slot):
-        # userspace decides (kvm_mmu_prepare_memory_fault_exit, -EFAULT).
+    if fault.is_private != kvm.mem_is_private(fault.gfn):
+        # The access disagrees with the page's attribute: userspace decides
+        # (kvm_mmu_prepare_memory_fault_exit, -EFAULT).
         vcpu.prepare_memory_fault_exit(fault)
         return -EFAULT
     if slot is None:
-        # No memslot: MMIO.  The TDP MMU installs an MMIO SPTE and the access is emulated.
+        # kvm_handle_noslot_fault(): a private access cannot be MMIO; a shared one is (the TDP MMU
+        # installs an MMIO SPTE and the access is emulated).
+        if fault.is_private:
+            vcpu.prepare_memory_fault_exit(fault)
+            return -EFAULT
         fault.pfn = 0
         return RET_PF_CONTINUE
-    if fault.write and slot.readonly:
+    if slot.flags & KVM_MEMSLOT_INVALID:
+        # The slot is being deleted or moved: retry until the new memslots are installed.
+        return RET_PF_RETRY
+    if kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+        return _invalidate_retry(vcpu)
+    if kvm.sched is not None:
+        kvm.sched.point(vcpu.vcpu_id, "faultin_pfn")
+    if fault.is_private and not slot.can_be_private:
+        # kvm_mmu_faultin_pfn_private(): a private fault on a slot without guest_memfd.
+        vcpu.prepare_memory_fault_exit(fault)
+        return -EFAULT
+    if fault.write and slot.readonly and not fault.is_private:
         return RET_PF_EMULATE
     pfn = kvm.faultin_pfn(slot, fault.gfn, fault.write, fault.is_private)
     if pfn is None:
@@ -155,7 +173,7 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
     if kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
         return _invalidate_retry(vcpu)
     fault.pfn = pfn
-    fault.map_writable = not slot.readonly
+    fault.map_writable = fault.is_private or not slot.readonly
     return RET_PF_CONTINUE
 
 
@@ -388,12 +406,24 @@ class KvmVcpuMmu:
         self.mmu_external_spt_cache.free_all()
 
     def prepare_memory_fault_exit(self, fault):
-        """kvm_mmu_prepare_memory_fault_exit(): KVM_RUN fails with -EFAULT and says why in kvm_run."""
-        self.exit_to_user(KVM_EXIT_MEMORY_FAULT, gpa=fault.gfn << 12, size=4096, private=fault.is_private)
+        """kvm_mmu_prepare_memory_fault_exit() -> kvm_prepare_memory_fault_exit(): KVM_RUN fails
+        with -EFAULT and says why in kvm_run.memory_fault (flags, gpa, size)."""
+        flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
+        gpa = fault.gfn << 12
+        self.exit_to_user(KVM_EXIT_MEMORY_FAULT, memory_fault=KvmMemoryFault(flags, gpa, 4096),
+                          gpa=gpa, size=4096, private=fault.is_private)
 
     def kvm_mmu_page_fault(self, gpa, error_code):
-        """Returns 1 to resume the guest, 0 after preparing a userspace exit."""
+        """Returns 1 to resume the guest, 0 after preparing a userspace exit, -EFAULT after
+        preparing KVM_EXIT_MEMORY_FAULT (KVM_RUN fails with it)."""
         r = RET_PF_INVALID
+        kvm = self.kvm
+        # A software-protected VM has no hardware that says which accesses are private: the
+        # gfn's attribute is the source of truth (except for reserved faults: emulated MMIO is
+        # shared-only).
+        if (not error_code & PFERR_RSVD_MASK and kvm.vm_type == KVM_X86_SW_PROTECTED_VM
+                and kvm.mem_is_private(gpa >> 12)):
+            error_code |= PFERR_PRIVATE_ACCESS
         if error_code & PFERR_RSVD_MASK:
             r = handle_mmio_page_fault(self, gpa)
             if r == RET_PF_INVALID:
@@ -402,7 +432,7 @@ class KvmVcpuMmu:
             r = self.kvm_mmu_do_page_fault(gpa, error_code)
         if r < 0:
             if r == -EFAULT and self.kvm_run is not None and self.kvm_run.exit_reason == KVM_EXIT_MEMORY_FAULT:
-                return 0                      # -EFAULT with kvm_run filled in: userspace reads it
+                return r                      # -EFAULT with kvm_run filled in: userspace reads it
             raise KvmIoctlError(-r, f"page fault at gpa {gpa:#x} failed ({r})")
         if r != RET_PF_EMULATE:
             return 1

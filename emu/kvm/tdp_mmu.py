@@ -299,6 +299,8 @@ class TdpMmu:
             kvm.tables_generation += 1
         if is_leaf != was_leaf:
             kvm.update_page_stats(level, 1 if is_leaf else -1)
+        if is_leaf and (not was_leaf or pfn_changed) and kvm.checker is not None:
+            kvm.checker.leaf_installed(kvm, gfn, level)
         if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
             self.handle_removed_pt(spte_to_child_pt(old_spte, level), shared, vcpu)
 

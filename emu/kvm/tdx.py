@@ -20,12 +20,9 @@ from .tdp_mmu import RET_PF_RETRY, EBUSY, EIO, EINVAL, KVM_MIRROR_ROOTS
 from .x86_ops import VmxX86Ops
 from .uapi import KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_HLT, KVM_EXIT_SYSTEM_EVENT, \
     KVM_EXIT_HYPERCALL, KVM_EXIT_MMIO
+from .uapi import (KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_PAGE_SZ_4K, KVM_MAP_GPA_RANGE_ENCRYPTED,  # noqa: F401
+                   KVM_MAP_GPA_RANGE_DECRYPTED)
 from .x86_ops import X86EMUL_RETRY_INSTR
-
-KVM_HC_MAP_GPA_RANGE = 12
-KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
-KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
-KVM_MAP_GPA_RANGE_DECRYPTED = 0 << 4
 KVM_SYSTEM_EVENT_TDX_FATAL = 7
 
 TD_STATE_UNINITIALIZED, TD_STATE_INITIALIZED, TD_STATE_RUNNABLE = 0, 1, 2
@@ -201,10 +198,6 @@ class TdxX86Ops(VmxX86Ops):
     def private_max_mapping_level(self, kvm, gfn):
         return PG_LEVEL_4K
 
-    def gmem_get_pfn(self, kvm, slot, gfn):
-        """guest_memfd: private pages come from the slot's gmem backing, not its hva."""
-        return (slot.gmem_addr >> 12) + gfn - slot.base_gfn
-
     # -- building the TD image (before TDH.MR.FINALIZE) ---------------------------------------------------
     def init_mem_region(self, vcpu, gpa, source_hpa, measure=True):
         """KVM_TDX_INIT_MEM_REGION for one page: map the mirror (SEPT.ADDs), then TDH.MEM.PAGE.ADD."""
@@ -214,7 +207,7 @@ class TdxX86Ops(VmxX86Ops):
         if r:
             return r
         slot = kvm.gfn_to_memslot(gpa >> 12)
-        target = self.gmem_get_pfn(kvm, slot, gpa >> 12) << 12
+        target = kvm.kvm_gmem_get_pfn(slot, gpa >> 12) << 12
         out = self.seamcall(kvm, A.TDH_MEM_PAGE_ADD, rcx=gpa, rdx=tdx.tdr_pa, r8=target, r9=source_hpa)
         if out.rax != A.TDX_SUCCESS:
             return -EBUSY if tdx_operand_busy(out.rax) else -EIO
@@ -499,15 +492,16 @@ class TdxX86Ops(VmxX86Ops):
         t = vcpu.arch
         kvm = vcpu.kvm
         if out.r10:
+            # tdx_emulate_vmcall(): a KVM hypercall, nr = R10, a0..a3 = R11..R14, the result in R10.
             nr = out.r10
             args = (out.r11, out.r12, out.r13, out.r14)
             vcpu.stat["hypercalls"] += 1
             kvm.trace_emit("kvm_hypercall", vcpu.vcpu_id, msg=f"nr {nr:#x} a0 {args[0]:#x} (TDG.VP.VMCALL)")
-            if nr in kvm.hypercall_exit_enabled:
-                vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=list(args), ret=0)
-                t.ret_r10 = 0                   # complete_hypercall_exit(): R10 = run->hypercall.ret
+            ret = vcpu.kvm_emulate_hypercall(nr, args, self.complete_hypercall_exit)
+            if ret is None:
+                t.ret_r10 = 0
                 return 0
-            t.ret_r10 = (-1000) & ((1 << 64) - 1)      # -KVM_ENOSYS
+            t.ret_r10 = ret & ((1 << 64) - 1)
             return 1
         sub = out.r11
         if sub == A.EXIT_REASON_HLT:
@@ -524,6 +518,13 @@ class TdxX86Ops(VmxX86Ops):
         if sub == A.TDVMCALL_MAP_GPA:
             return self.map_gpa(vcpu, out.r12, out.r13)
         t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
+        return 1
+
+    @staticmethod
+    def complete_hypercall_exit(vcpu, run):
+        """complete_hypercall_exit() for a TD: the TDVMCALL's return code (R10) =
+        kvm_run.hypercall.ret."""
+        vcpu.arch.ret_r10 = run.ret & ((1 << 64) - 1)
         return 1
 
     def emulate_mmio(self, vcpu, out):
@@ -586,7 +587,8 @@ class TdxX86Ops(VmxX86Ops):
         attrs = (KVM_MAP_GPA_RANGE_DECRYPTED if gpa & shared else KVM_MAP_GPA_RANGE_ENCRYPTED) | \
             KVM_MAP_GPA_RANGE_PAGE_SZ_4K
         vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=KVM_HC_MAP_GPA_RANGE, args=[gpa & ~shared, step >> 12, attrs, 0],
-                          ret=0, complete=self.map_gpa_complete)
+                          ret=0)
+        vcpu.complete_userspace_io = self.map_gpa_complete
         return 0
 
     def map_gpa_complete(self, vcpu, run):

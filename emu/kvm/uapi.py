@@ -2,10 +2,34 @@
 
 # enum kvm vm types (uapi)
 KVM_X86_DEFAULT_VM = 0
+KVM_X86_SW_PROTECTED_VM = 1       # private memory from guest_memfd and attributes, no hardware protection
 KVM_X86_TDX_VM = 5
-VM_TYPE_NAMES = {KVM_X86_DEFAULT_VM: "default", KVM_X86_TDX_VM: "tdx"}
+VM_TYPE_NAMES = {KVM_X86_DEFAULT_VM: "default", KVM_X86_SW_PROTECTED_VM: "sw-protected", KVM_X86_TDX_VM: "tdx"}
 
+# struct kvm_userspace_memory_region2 flags
 KVM_MEM_READONLY = 1 << 1
+KVM_MEM_GUEST_MEMFD = 1 << 2
+KVM_USER_MEM_SLOTS = 32764        # KVM_MAX_NR_USER_MEMSLOTS on x86: slot ids 0 .. 32763
+
+# KVM_SET_MEMORY_ATTRIBUTES
+KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+
+# kvm_run.memory_fault.flags
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
+# kvm_run.hypercall.flags
+KVM_EXIT_HYPERCALL_LONG_MODE = 1 << 0
+
+# include/uapi/linux/kvm_para.h
+KVM_HC_MAP_GPA_RANGE = 12
+KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
+KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1
+KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 2
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+KVM_MAP_GPA_RANGE_DECRYPTED = 0 << 4
+# The hypercall error codes KVM returns in RAX (include/uapi/linux/kvm_para.h)
+KVM_ENOSYS = 1000
+KVM_EINVAL = 22
 
 # kvm_run exit reasons (uapi kvm.h)
 KVM_EXIT_UNKNOWN = 0

@@ -11,7 +11,14 @@ from .kvm_host import (KvmIoctlError, KvmRun, EIO, KVM_ENOSYS, KVM_REQ_TLB_FLUSH
                        OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE)
 from .mmu import KvmMmuMemoryCache
 from .spte import SHADOW_NONPRESENT_VALUE
-from .uapi import KVM_EXIT_INTR, KVM_EXIT_HYPERCALL, EXIT_NAMES
+from .uapi import (KVM_EXIT_INTR, KVM_EXIT_HYPERCALL, EXIT_NAMES, KVM_HC_MAP_GPA_RANGE, KVM_EINVAL,
+                   KVM_EXIT_HYPERCALL_LONG_MODE)
+
+
+def complete_hypercall_exit(vcpu, run):
+    """complete_hypercall_exit(): the guest's RAX = kvm_run.hypercall.ret; on to the guest."""
+    vcpu.hw.set_reg("rax", run.ret & ((1 << 64) - 1))
+    return 1
 
 
 class KvmVcpuX86:
@@ -47,6 +54,7 @@ class KvmVcpuX86:
         self.exit_limit = 2000
         self.budget = self.exit_limit
         self.signal_pending = False
+        self.srcu_idx = None              # the kvm->srcu index while in KVM_RUN outside guest mode
 
     # -- registers ------------------------------------------------------------------------------------------
     def get_regs(self):
@@ -116,21 +124,33 @@ class KvmVcpuX86:
         self.kvm.trace_emit("kvm_userspace_exit", self.vcpu_id, reason=EXIT_NAMES.get(reason, reason))
 
     def run(self):
-        """KVM_RUN"""
+        """KVM_RUN (kvm_arch_vcpu_ioctl_run): the vCPU holds kvm->srcu while it runs KVM code
+        (kvm_vcpu_srcu_read_lock()), so the memslots it looks up stay valid until it drops it,
+        which it does only around guest mode (vcpu_enter_guest()) and on the way out."""
         kvm = self.kvm
         if kvm.vm_dead:
             # kvm_vcpu_ioctl(): every vCPU ioctl of a dead VM fails with -EIO.
             raise self.vm_dead_error()
+        self.srcu_idx = kvm.srcu.srcu_read_lock()
+        try:
+            return self._vcpu_run()
+        finally:
+            if self.srcu_idx is not None:
+                kvm.srcu.srcu_read_unlock(self.srcu_idx)
+                self.srcu_idx = None
+
+    def _vcpu_run(self):
+        kvm = self.kvm
         if self.root is None:
             self.mmu_load()
         cui, self.complete_userspace_io = self.complete_userspace_io, None
         prev, self.kvm_run = self.kvm_run, None
         if cui is not None and cui(self, prev) == 0:
-            self.complete_userspace_io = getattr(self.kvm_run, "complete", None)
             return self.kvm_run               # the completion went straight back to userspace
         hw = self.hw
         tracer = kvm.tracer
         sched = kvm.sched
+        srcu = kvm.srcu
         self.budget = self.exit_limit
         while True:
             self.tick()
@@ -154,11 +174,16 @@ class KvmVcpuX86:
             # A remote request made before the mode store is seen here; one made after it
             # finds IN_GUEST_MODE and kicks (kvm_make_vcpus_request).
             self.mode = IN_GUEST_MODE
+            # kvm_vcpu_srcu_read_unlock(): guest mode is not a read-side section (a memslot
+            # change waits only for the KVM code around it).
+            srcu.srcu_read_unlock(self.srcu_idx)
+            self.srcu_idx = None
             if sched is not None:
                 sched.point(self.vcpu_id, "guest_mode")
             if self.kvm_vcpu_exit_request() and not kvm.bugs.entry_ignores_requests:
                 self.mode = OUTSIDE_GUEST_MODE
                 hw.intr_pending = False           # local_irq_enable(): the IPI is taken
+                self.srcu_idx = srcu.srcu_read_lock()
                 continue
             if sched is not None:
                 hw.guest_point = self._guest_point
@@ -173,12 +198,15 @@ class KvmVcpuX86:
                     # The checker: what this vCPU caches must hold as it enters the guest.
                     hw.checked_generation = kvm.tables_generation
                     kvm.check_guest_tlbs(f"vCPU {self.vcpu_id} entering the guest", [self], entering=True)
+            if kvm.checker is not None:
+                kvm.checker.vcpu_entering(kvm, self)
             slices = hw.slices
             exit = kvm.x86_ops.vcpu_run(self)
             if hw.slices != slices:
                 self.budget = self.exit_limit     # the guest ran whole slices: it makes progress
             self.mode = OUTSIDE_GUEST_MODE
             hw.intr_pending = False               # local_irq_enable() after the exit: IPIs taken
+            self.srcu_idx = srcu.srcu_read_lock()
             self.stat["exits"] += 1
             if tracer.enabled:
                 self.trace_exit(exit)
@@ -189,7 +217,12 @@ class KvmVcpuX86:
                 # KVM_REQ_VM_DEAD (kvm_vm_dead() / kvm_vm_bugged() request it of every vCPU):
                 # vcpu_enter_guest() returns -EIO before the next entry.
                 raise self.vm_dead_error()
-            if r <= 0:
+            if r < 0:
+                # KVM_RUN fails; kvm_run says why when KVM filled it in (KVM_EXIT_MEMORY_FAULT).
+                run = self.kvm_run
+                what = f" ({run.name}: {run.memory_fault!r})" if getattr(run, "memory_fault", None) else ""
+                raise KvmIoctlError(-r, f"KVM_RUN failed with {r}{what}", run=run)
+            if r == 0:
                 return self.kvm_run
 
     def vm_dead_error(self):
@@ -208,18 +241,41 @@ class KvmVcpuX86:
         self.hw.set_reg("rip", exit.rip + exit.insn_len)
 
     def handle_hypercall(self, exit, nr, args):
-        """kvm_emulate_hypercall(): a hypercall userspace asked to see (KVM_CAP_EXIT_HYPERCALL:
-        ``kvm.hypercall_exit_enabled``; the VMM enables the guest runtime's report, fail, sync and
-        assert calls) exits to userspace; anything else returns -KVM_ENOSYS."""
+        """kvm_emulate_hypercall(): RAX = nr, RBX, RCX, RDX, RSI = a0..a3; the result goes to RAX.
+        KVM_HC_MAP_GPA_RANGE exits to userspace when userspace asked for it
+        (KVM_CAP_EXIT_HYPERCALL: ``kvm.hypercall_exit_enabled``) and its operands are sane; the
+        VMM also enables the guest runtime's report, fail, sync, assert and ucall calls, which
+        exit the same way.  Anything else returns -KVM_ENOSYS."""
         self.stat["hypercalls"] += 1
         self.skip_emulated_instruction(exit)
         self.kvm.trace_emit("kvm_hypercall", self.vcpu_id,
                             msg=f"nr {nr:#x} a0 {args[0]:#x} a1 {args[1]:#x} a2 {args[2]:#x} a3 {args[3]:#x}")
-        if nr in self.kvm.hypercall_exit_enabled:
-            self.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=list(args), ret=0)
-            return 0
-        self.hw.set_reg("rax", (-KVM_ENOSYS) & ((1 << 64) - 1))
+        ret = self.kvm_emulate_hypercall(nr, args, complete_hypercall_exit)
+        if ret is None:
+            return 0                          # to userspace; complete_hypercall_exit() sets RAX
+        self.hw.set_reg("rax", ret & ((1 << 64) - 1))
         return 1
+
+    def kvm_emulate_hypercall(self, nr, args, complete):
+        """__kvm_emulate_hypercall(): None after preparing KVM_EXIT_HYPERCALL (``complete`` puts
+        userspace's kvm_run.hypercall.ret where the guest expects the result), else the value to
+        return to the guest (-KVM_ENOSYS, -KVM_EINVAL, ...)."""
+        kvm = self.kvm
+        if nr == KVM_HC_MAP_GPA_RANGE:
+            gpa, npages, attrs = args[0], args[1], args[2]
+            if nr not in kvm.hypercall_exit_enabled:
+                return -KVM_ENOSYS
+            if gpa & 0xFFF or not npages or (gpa >> 12) + npages > 1 << 52:
+                return -KVM_EINVAL
+            self.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=[gpa, npages, attrs, 0, 0, 0], ret=0,
+                              flags=KVM_EXIT_HYPERCALL_LONG_MODE)
+            self.complete_userspace_io = complete
+            return None
+        if nr in kvm.hypercall_exit_enabled:
+            self.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=list(args), ret=0, flags=KVM_EXIT_HYPERCALL_LONG_MODE)
+            self.complete_userspace_io = complete
+            return None
+        return -KVM_ENOSYS
 
     def gpa_to_hva(self, gpa, access=None):
         """The host address KVM reads guest-physical ``gpa`` with, through the memslots and the

@@ -54,9 +54,6 @@ class VmxX86Ops:
     def private_max_mapping_level(self, kvm, gfn):
         return PG_LEVEL_4K
 
-    def gmem_get_pfn(self, kvm, slot, gfn):
-        raise AssertionError("private memory in a VM without guest_memfd")
-
     # The mirror hooks: a VMX VM has no mirror root, so the TDP MMU never calls them.
     def reflect_link_spt(self, kvm, gfn, level, external_spt, vcpu=None):
         raise AssertionError("reflect_link_spt on a VM without a mirror root")
