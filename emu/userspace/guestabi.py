@@ -15,13 +15,15 @@ Hypercalls (the runtime picks the flavour at run time with CPUID leaf 0x21):
     Plain VM, VMCALL (0f 01 c1):
         report:  RAX = EMU_HC_REPORT, RBX = value
         fail:    RAX = EMU_HC_FAIL,   RBX = error code
-        sync:    RAX = EMU_HC_SYNC,   RBX = value (GUEST_SYNC of guest/include/emu.h)
+        sync:    RAX = EMU_HC_SYNC,   RBX = value (an assembler guest's sync)
         assert:  RAX = EMU_HC_ASSERT, RBX = address of the assert site, RCX = a, RDX = b
+        ucall:   RAX = EMU_HC_UCALL,  RBX = the struct ucall's handle (C guests' GUEST_*)
     TD, TDCALL (66 0f 01 cc) leaf TDG_VP_VMCALL (RAX = 0) with
     RCX = TDVMCALL_EXPOSE_REGS (R10, R11 and R12 passed to the VMM):
         report:  R10 = EMU_HC_REPORT (non-zero: vendor-specific per the GHCI; KVM
                  runs it as hypercall number R10 with argument R11), R11 = value
         sync:    R10 = EMU_HC_SYNC, R11 = value (vendor-specific, as report)
+        ucall:   R10 = EMU_HC_UCALL, R11 = the struct ucall's handle (as report)
         assert:  RCX = TDVMCALL_EXPOSE_REGS_4 (R10-R13), R10 = EMU_HC_ASSERT,
                  R11 = address of the assert site, R12 = a, R13 = b
         fail:    R10 = 0 (GHCI standard), R11 = GHCI_REPORT_FATAL_ERROR,
@@ -62,9 +64,41 @@ KiB = 1 << 10
 EMU_HC_REPORT = 0x454D0001
 EMU_HC_FAIL = 0x454D0002
 EMU_HC_SYNC = 0x454D0003          # GUEST_SYNC(value)
-EMU_HC_ASSERT = 0x454D0004        # GUEST_ASSERT / GUEST_ASSERT_EQ failed
-# The hypercalls KVM hands to userspace as KVM_EXIT_HYPERCALL (both VM types).
-EMU_USERSPACE_HCS = (EMU_HC_REPORT, EMU_HC_FAIL, EMU_HC_SYNC, EMU_HC_ASSERT)
+EMU_HC_ASSERT = 0x454D0004        # GUEST_ASSERT / GUEST_ASSERT_EQ failed (the assembler-level call)
+EMU_HC_UCALL = 0x454D0005         # a ucall: RBX (VMCALL) / R11 (TDCALL) = the struct ucall's handle
+# The hypercalls KVM hands to userspace as KVM_EXIT_HYPERCALL (every VM type).
+EMU_USERSPACE_HCS = (EMU_HC_REPORT, EMU_HC_FAIL, EMU_HC_SYNC, EMU_HC_ASSERT, EMU_HC_UCALL)
+
+# The ucall transport (the one place the host decodes it; guest/lib/runtime.S's
+# ucall_arch_do_ucall is the one place the guest makes it).  Upstream's x86 selftests do
+# `in %dx, %al` on port UCALL_PIO_PORT with RDI = the address; until port I/O exits exist
+# here, the guest makes the EMU_HC_UCALL hypercall with the address as its argument.
+UCALL_PIO_PORT = 0x1000
+
+
+def ucall_address(run):
+    """The struct ucall a KVM_EXIT_HYPERCALL asks the host to read, or None if it is no ucall
+    (ucall_arch_get_ucall())."""
+    if getattr(run, "nr", None) == EMU_HC_UCALL:
+        return run.args[0]
+    return None
+
+
+# The ucall pool (emu.userspace.ucall_common) lives at this distance below the top of guest
+# memory, inside the loader's region, above its page tables and below the vCPU stacks; the VMM
+# points the guest library's ``ucall_pool`` at it (in a TD: at its shared alias, the pool's
+# pages being shared).
+UCALL_POOL_OFFSET = 2 * 1024 * 1024
+UCALL_POOL_SYMBOL = "ucall_pool"
+
+# The flags of KVM_HC_MAP_GPA_RANGE as the private-memory selftests use them
+# (private_mem_conversions_test.c: "Arbitrary values, KVM doesn't care about the attribute
+# flags"); the VMM does what the selftest's handler does with them.  An attrs value with
+# KVM_MAP_GPA_RANGE_ENCRYPTED (bit 4) set, or zero, is KVM's ABI instead: private, or shared.
+MAP_GPA_SET_ATTRIBUTES = 1 << 0
+MAP_GPA_SHARED = 1 << 1
+MAP_GPA_DO_FALLOCATE = 1 << 2
+MAP_GPA_SELFTEST_FLAGS = MAP_GPA_SET_ATTRIBUTES | MAP_GPA_SHARED | MAP_GPA_DO_FALLOCATE
 
 # The assert site (struct emu_assert_site in guest/include/emu.h), little-endian:
 # file name address, expression address, line, kind.
@@ -77,6 +111,7 @@ TDG_VP_VMCALL = 0                 # TDCALL leaf
 TDG_MEM_PAGE_ACCEPT = 6           # TDCALL leaf; RCX = gpa | level (0 = 4K, 1 = 2M)
 TDVMCALL_EXPOSE_REGS = 0x1C00     # RCX bitmap: bits 10, 11, 12 = R10, R11, R12
 TDVMCALL_EXPOSE_REGS_4 = 0x3C00   # R10 to R13
+TDVMCALL_EXPOSE_REGS_5 = 0x7C00   # R10 to R14 (kvm_hypercall: nr, a0..a3)
 GHCI_REPORT_FATAL_ERROR = 0x10003 # GHCI TDG.VP.VMCALL<ReportFatalError>, R11
 GHCI_INSTRUCTION_HLT = 12         # GHCI TDG.VP.VMCALL<Instruction.HLT>, R11
 GHCI_MAP_GPA = 0x10001            # GHCI TDG.VP.VMCALL<MapGPA>, R11; R12 = gpa, R13 = size

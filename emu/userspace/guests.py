@@ -12,7 +12,10 @@ GNU ld (`ld -T guest/link.ld -nostdlib`) together with the runtime
 (guest/lib/runtime.S).  C guests (guest/include/emu.h) are compiled with the
 system's C compiler ($CC, else gcc, else clang; CFLAGS below) and linked the
 same way, with guest/lib/cstart.S (their _start, which calls guest_main) in
-front of the runtime.  Outputs go to build/guest/ and are rebuilt when the
+front of the runtime, and the selftest library (guest/lib/*.c: ucalls,
+formatting) after it.  Outputs go to build/guest/ for the guests of guest/,
+and for any other source to the cache directory ($EMU_CACHE_DIR, default
+~/.cache/emu: never inside the installed package); they are rebuilt when the
 source, a header it includes, anything in guest/lib/ or guest/include/, or the
 linker script is newer.  Files are written under a temporary name and renamed
 into place, so that two builds running at once (make and a test, say) never
@@ -39,7 +42,25 @@ INCLUDE_DIR = GUEST_DIR / "include"
 LINK_SCRIPT = GUEST_DIR / "link.ld"
 RUNTIME_SRC = LIB_DIR / "runtime.S"
 CSTART_SRC = LIB_DIR / "cstart.S"
+# The selftest library (guest/include/emu.h's ucalls and formatting), linked into C guests.
+LIB_C_SRCS = (LIB_DIR / "ucall_common.c", LIB_DIR / "guest_sprintf.c")
 BUILD_DIR = REPO / "build" / "guest"
+
+
+def cache_dir():
+    """Where guests from outside guest/ are built: $EMU_CACHE_DIR, else ~/.cache/emu (under
+    $XDG_CACHE_HOME when set).  Never inside the installed package."""
+    env = os.environ.get("EMU_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "emu"
+
+
+def build_dir_for(src):
+    """build/guest/ of the repository for its own guests (guest/*), the cache directory's
+    guest/ for any other."""
+    return BUILD_DIR if Path(src).resolve().parent == GUEST_DIR else cache_dir() / "guest"
 
 ASM_SUFFIXES = (".S", ".s")
 C_SUFFIXES = (".c",)
@@ -174,14 +195,24 @@ def _assemble(src, obj):
         ["as", "--64", "-I", str(LIB_DIR), "-o", tmp, str(src)], f"assembling {src}"))
 
 
-def _runtime_object(src=RUNTIME_SRC):
-    """build/guest/lib/runtime.o (a directory of its own, so that a guest
+def _runtime_object(src=RUNTIME_SRC, build_dir=BUILD_DIR):
+    """<build dir>/lib/runtime.o (a directory of its own, so that a guest
     called "runtime" cannot clash with it), assembled again when its sources
-    changed.  The same for cstart.o (src=CSTART_SRC)."""
-    obj = BUILD_DIR / "lib" / f"{src.stem}.o"
-    if _stale(obj, _lib_inputs()):
+    changed.  The same for cstart.o (src=CSTART_SRC) and, compiled, for the
+    selftest library's .c files (LIB_C_SRCS)."""
+    obj = build_dir / "lib" / f"{src.stem}.o"
+    if src.suffix in C_SUFFIXES:
+        if _stale(obj, _lib_inputs() + _include_inputs()):
+            _compile_lib(src, obj)
+    elif _stale(obj, _lib_inputs()):
         _assemble(src, obj)
     return obj
+
+
+def _compile_lib(src, obj):
+    cc = find_compiler()
+    _replace_from_tmp(obj, lambda tmp: _run(
+        [*cc, *CFLAGS, "-I", str(INCLUDE_DIR), "-c", "-o", tmp, str(src)], f"compiling {src}"))
 
 
 def _source_name(src):
@@ -228,13 +259,14 @@ def _c_dependencies(dep):
 
 def elf_path_for(src_path):
     """Where build() puts the ELF for a source: build/guest/<stem>.elf for a
-    guest of guest/, build/guest/ext-<stem>-<hash>.elf for any other (the
-    hash of its absolute path keeps two foo.S from different places apart)."""
+    guest of guest/, <cache dir>/guest/ext-<stem>-<hash>.elf for any other (the
+    hash of its absolute path keeps two foo.S from different places apart;
+    the cache directory is $EMU_CACHE_DIR, default ~/.cache/emu)."""
     src = Path(src_path).resolve()
     if src.parent == GUEST_DIR:
         return BUILD_DIR / f"{src.stem}.elf"
     digest = hashlib.sha256(str(src).encode()).hexdigest()[:8]
-    return BUILD_DIR / f"ext-{src.stem}-{digest}.elf"
+    return build_dir_for(src) / f"ext-{src.stem}-{digest}.elf"
 
 
 def build(src_path):
@@ -249,12 +281,13 @@ def build(src_path):
         find_compiler()
     if not LINK_SCRIPT.is_file() or not RUNTIME_SRC.is_file():
         raise GuestError(f"the guest runtime is missing: expected {RUNTIME_SRC} and {LINK_SCRIPT}")
-    runtime = _runtime_object()
+    bdir = build_dir_for(src)
+    runtime = _runtime_object(build_dir=bdir)
     objs = [runtime]
     elf = elf_path_for(src)
     inputs = [src, runtime] + _lib_inputs()
     if is_c:
-        objs = [_runtime_object(CSTART_SRC), runtime]
+        objs = [_runtime_object(CSTART_SRC, bdir), runtime] + [_runtime_object(c, bdir) for c in LIB_C_SRCS]
         dep = elf.with_suffix(".d")
         inputs += objs + _include_inputs() + _c_dependencies(dep)
     if not _stale(elf, inputs) and (not is_c or dep.is_file()):

@@ -16,26 +16,60 @@ from ..host import Host, MiB
 from ..hw.memory import OutOfHostMemory
 from ..kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
                       KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_INTR, EXIT_NAMES)
-from ..kvm.tdx import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
+from ..kvm.kvm_host import EINVAL, EEXIST, EFAULT
+from ..kvm.uapi import (KVM_X86_SW_PROTECTED_VM, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED,
+                        KVM_MEMORY_ATTRIBUTE_PRIVATE)
 from ..kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
 from ..hw.exits import VECTOR_NAMES
 from ..trace import NULL_TRACER
 
-VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "tdx": KVM_X86_TDX_VM}
+HUGE_2M = 2 * MiB
+VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "sw-protected": KVM_X86_SW_PROTECTED_VM, "tdx": KVM_X86_TDX_VM}
 HUGEPAGES = {None: PG_LEVEL_4K, "4k": PG_LEVEL_4K, "2m": PG_LEVEL_2M, "1g": PG_LEVEL_1G}
+# The ids of the VMM's own memslots for guest memory: 0 for the piece at GPA 0, these for the
+# pieces a memslot host event needs of its own (emu.userspace.hostevents: delete, move).
+VMM_SLOT_BASE = 0x7F00
 
 
 class MachineError(Exception):
     """Bad input to a machine (guest, memory size, vCPU count): one line for the user."""
 
 
+def is_scheduler_control(e):
+    """An exception the scheduler or the explorer raises through a task to stop or steer it
+    (a deadlock, the step limit, a replay that diverged, a run cut short): not a failure of the
+    selftest's own code, so it goes on up."""
+    from ..checkers.sched import Deadlock, StepLimit, ScheduleError, SleepBlocked
+    return isinstance(e, (Deadlock, StepLimit, ScheduleError, SleepBlocked)) or type(e).__name__ == "InvariantBroken"
+
+
+def describe_exception(e):
+    """'AssertionError: message (at test_x.py:42)': where in the selftest's code it was raised."""
+    import os
+    import traceback
+    where = ""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = traceback.extract_tb(e.__traceback__)
+    for f in reversed(frames):
+        if not os.path.abspath(f.filename).startswith(pkg + os.sep):
+            where = f" (at {os.path.basename(f.filename)}:{f.lineno})"
+            break
+    text = str(e)
+    return f"{type(e).__name__}{': ' + text if text else ''}{where}"
+
+
 class Result:
     def __init__(self):
         self.exit = None            # the name of the exit that ended the run ("hlt" when all vCPUs halted)
         self.error = None           # a one-line description when the run ended in an error
+        self.errno = None           # KVM_RUN's errno when it failed (14: -EFAULT with KVM_EXIT_MEMORY_FAULT)
+        self.memory_fault = None    # kvm_run.memory_fault of the run's KVM_EXIT_MEMORY_FAULT: flags, gpa, size
         self.reports = []           # (vcpu, value) in the order the guest made them
-        self.syncs = []             # (vcpu, value) of GUEST_SYNC, in order
-        self.guest_assert = None    # a failed GUEST_ASSERT: vcpu, file, line, expr, kind, a, b
+        self.syncs = []             # (vcpu, stage, *args) of GUEST_SYNC / GUEST_SYNC_ARGS, in order
+        self.printfs = []           # (vcpu, text) of GUEST_PRINTF, in order
+        self.guest_assert = None    # a failed GUEST_ASSERT: vcpu, file, line, expr, kind, a, b, message
+        self.host_exception = None  # the exception a host callback or thread raised (exit "host_assert")
+        self.accepted = False       # a host check (GuestVM.check) accepted the run's exit as expected
         self.vcpu_exits = []        # per vCPU: the exit name that ended it
         self.stats = {}
         self.vcpus = []             # final registers per vCPU
@@ -46,10 +80,28 @@ class Result:
         return self.error is None
 
     def as_json(self):
-        return {"exit": self.exit, "error": self.error, "shared_bit": self.shared_bit, "reports": [v for _, v in self.reports],
+        return {"exit": self.exit, "error": self.error, "errno": self.errno, "memory_fault": self.memory_fault,
+                "shared_bit": self.shared_bit, "reports": [v for _, v in self.reports],
                 "report_vcpus": [c for c, _ in self.reports], "vcpu_exits": self.vcpu_exits,
-                "syncs": [list(s) for s in self.syncs],
+                "syncs": [list(s) for s in self.syncs], "printfs": [list(p) for p in self.printfs],
                 "stats": self.stats, "vcpus": self.vcpus}
+
+
+class MemRegion:
+    """A memslot of the VMM's (a KVM selftest's struct userspace_mem_region): its GPA range, the
+    host memory behind it (``hva``) and, with ``guest_memfd``, its range of a guest_memfd
+    (``gmem``, the private pages)."""
+
+    def __init__(self, slot, gpa, size, guest_memfd=False, hva=None, gmem=None, backing_level=PG_LEVEL_4K):
+        self.slot, self.gpa, self.size, self.guest_memfd = slot, gpa, size, guest_memfd
+        self.hva, self.gmem, self.backing_level = hva, gmem, backing_level
+
+    @property
+    def end(self):
+        return self.gpa + self.size
+
+    def __repr__(self):
+        return f"MemRegion(slot {self.slot}, gpa {self.gpa:#x}+{self.size:#x}{', guest_memfd' if self.guest_memfd else ''})"
 
 
 def parse_size(text):
@@ -69,9 +121,14 @@ def parse_size(text):
 class Machine:
     def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None,
                  td_attributes=None, no_freeze=False, inject=(), seed=0, host_events=(), bugs=(),
-                 nx_huge_pages=False):
+                 nx_huge_pages=False, regions=(), guest_globals=None, virt_maps=(), host_reserve=0):
+        """``regions``: MemRegion (slot, gpa, size, guest_memfd) memslots besides guest memory,
+        made at build time and mapped in the guest's page tables (identity; in a TD also at the
+        shared window); ``virt_maps``: (gpa, size) ranges mapped likewise with no memslot (yet);
+        ``guest_globals``: {symbol: value} written into the image before it is loaded (in a TD
+        before it is measured); ``host_reserve``: host memory kept for memslots added later."""
         if vm not in VM_TYPES:
-            raise MachineError(f"unknown VM type {vm!r} (default, tdx)")
+            raise MachineError(f"unknown VM type {vm!r} ({', '.join(VM_TYPES)})")
         if hugepages not in HUGEPAGES:
             raise MachineError(f"unknown huge page size {hugepages!r} (4k, 2m, 1g)")
         if not isinstance(vcpus, int) or not 1 <= vcpus <= 64:
@@ -88,6 +145,7 @@ class Machine:
         except (guests.GuestError, loader.LoadError) as e:
             raise MachineError(str(e)) from None
         self.vm_type = VM_TYPES[vm]
+        self.vm_name = vm
         if td_attributes is None:
             from tdxmod.abi import TD_ATTR_SEPT_VE_DISABLE, TD_ATTR_DEBUG
             td_attributes = TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG
@@ -102,30 +160,52 @@ class Machine:
         self.backing_level = HUGEPAGES[hugepages]
         align = 1 << (12 + 9 * (self.backing_level - 1))
         self.td = self.vm_type == KVM_X86_TDX_VM
+        self.private_mem = self.vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_TDX_VM)
         self.no_freeze = no_freeze
+        self.nx_huge_pages = bool(nx_huge_pages)
+        # The host side of a selftest (emu.selftest): the vCPUs' ucall callback, host threads,
+        # and the check of a finished run.
+        self.on_ucall = None
+        self.host_threads = []            # (fn, name)
+        self.result_check = None
+        self.regions = {}                 # slot -> MemRegion: every memslot of the VMM's
+        self.removed_ranges = []          # GPA ranges host events deleted or moved away
+        self.host_reserve = host_reserve
+        self.guest_globals = dict(guest_globals or {})
+        self.virt_maps = list(virt_maps)
+        self.ucall_pool_gpa = None
+        from .hostevents import parse_host_event, check_event, HostEventError
+        try:
+            self.host_events = [e if not isinstance(e, str) else parse_host_event(e) for e in host_events]
+            for e in self.host_events:
+                check_event(e, self)
+        except HostEventError as e:
+            raise MachineError(str(e)) from None
+        # The guest's page tables map where a memslot moves to.
+        self.virt_maps += [(e.to, e.end - e.start) for e in self.host_events if e.kind == "move"]
         from ..checkers.inject import Plan, PlanError
         try:
             self.plan = Plan(inject, seed=seed, tracer=self.tracer) if inject else None
         except PlanError as e:
             raise MachineError(str(e)) from None
         try:
-            self._build(mem, vcpus, align, td_attributes)
+            self._build(mem, vcpus, align, td_attributes, list(regions))
         except (OSError, OutOfHostMemory) as e:
             raise MachineError(f"cannot back {mem >> 20} MiB of guest memory on this host: {e}") from None
         # Faults are injected into the run, not into building the VM (a failed build is no run).
         self.set_plan(self.plan)
-        from .hostevents import parse_host_event, check_event, HostEventError
         from ..kvm.bugs import Bugs
         try:
-            self.nx_huge_pages = bool(nx_huge_pages)
             self.kvm.nx_huge_pages = self.nx_huge_pages      # the module parameter kvm.nx_huge_pages
             self.kvm.bugs = Bugs(bugs)
             self.kvm.rcu.no_grace_period = self.kvm.bugs.free_without_grace_period
-            self.host_events = [e if not isinstance(e, str) else parse_host_event(e) for e in host_events]
-            for e in self.host_events:
-                check_event(e, self)
-        except (HostEventError, ValueError) as e:
+        except ValueError as e:
             raise MachineError(str(e)) from None
+
+    @property
+    def user_code(self):
+        """The run calls Python code of a selftest's host side (callbacks, host threads)."""
+        return self.on_ucall is not None or bool(self.host_threads) or self.result_check is not None
 
     def set_plan(self, plan):
         """Make ``plan`` (an emu.checkers.inject.Plan, or None) the active fault-injection plan."""
@@ -134,39 +214,137 @@ class Machine:
         if self.td:
             self.host.tdx_module.inject = plan
 
-    def _build(self, mem, vcpus, align, td_attributes):
+    # -- building -------------------------------------------------------------------------------------------
+    def _main_slots(self):
+        """The memslots of guest memory [0, mem_size): one, unless a memslot host event needs its
+        range in a memslot of its own (then the pieces between).  [(slot id, start, end)]."""
+        cuts = {0, self.mem_size}
+        for e in self.host_events:
+            if e.kind in ("delete", "move"):
+                cuts |= {e.start, e.end}
+        cuts = sorted(cuts)
+        pieces = []
+        for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            pieces.append((0 if a == 0 else VMM_SLOT_BASE + i, a, b))
+        for e in self.host_events:
+            if e.kind in ("delete", "move"):
+                e.slot = next(sid for sid, a, b in pieces if a == e.start)
+        return pieces
+
+    def _host_size(self, mem, align, regions):
+        """Host memory for guest memory (twice with guest_memfd), the regions, and the reserve."""
+        per = 2 if self.private_mem else 1
+        size = per * (mem + align)
+        for r in regions:
+            size += (2 if r.guest_memfd else 1) * (r.size + HUGE_2M)
+        return size + self.host_reserve
+
+    def _build(self, mem, vcpus, align, td_attributes, regions):
         if self.td:
-            self._build_td(mem, vcpus, align, td_attributes)
-        else:
-            self.host = Host(mem + align)
-            self.kvm = self._create_vm(Kvm(self.host, self.vm_type, tracer=self.tracer))
-            self.hva = self.host.mmap(mem, align)
-            self.kvm.set_user_memory_region(0, 0, 0, mem, self.hva, backing_level=self.backing_level)
-            self.boot = self._load(self.write_gpa)
-            self.vcpus = []
-            for i in range(vcpus):
-                v = self.kvm.create_vcpu(i)
-                v.set_regs(self.boot.regs(i))
-                self.vcpus.append(v)
+            return self._build_td(mem, vcpus, align, td_attributes, regions)
+        self.host = Host(self._host_size(mem, align, regions))
+        self.kvm = self._create_vm(Kvm(self.host, self.vm_type, tracer=self.tracer))
+        self.hva = self.host.mmap(mem, align)
+        # A software-protected VM's memory has a guest_memfd too, so the guest may convert any of it.
+        self.gmem = self.host.mmap(mem, align) if self.private_mem else None
+        self._add_main_slots()
+        for r in regions:
+            self.add_region(r.slot, r.gpa, r.size, r.guest_memfd)
+        self.boot = self._load(self.write_gpa, self._extra_maps(regions))
+        self._init_ucall_pool()
+        self.vcpus = []
+        for i in range(vcpus):
+            v = self.kvm.create_vcpu(i)
+            v.set_regs(self.boot.regs(i))
+            self.vcpus.append(v)
+
+    def _add_main_slots(self):
+        for sid, a, b in self._main_slots():
+            self.kvm.set_user_memory_region(sid, 0, a, b - a, self.hva + a, backing_level=self.backing_level,
+                                            gmem_addr=None if self.gmem is None else self.gmem + a)
+            self.regions[sid] = MemRegion(sid, a, b - a, self.gmem is not None, self.hva + a,
+                                          None if self.gmem is None else self.gmem + a, self.backing_level)
 
     def _create_vm(self, kvm):
-        """KVM_CREATE_VM done: KVM_CAP_EXIT_HYPERCALL for the guest runtime's calls, and the
+        """KVM_CREATE_VM done: KVM_CAP_EXIT_HYPERCALL for the guest runtime's calls (and, in a VM
+        with private memory, KVM_HC_MAP_GPA_RANGE, as QEMU and the selftests enable it), and the
         run-time checks armed (emu.checkers.check: the harness's, not QEMU's)."""
         from ..checkers.check import install
         kvm.hypercall_exit_enabled.update(guestabi.EMU_USERSPACE_HCS)
+        if kvm.has_private_mem:
+            kvm.hypercall_exit_enabled.add(KVM_HC_MAP_GPA_RANGE)
         return install(kvm)
+
+    def _extra_maps(self, regions):
+        """The guest page-table mappings besides the identity map of guest memory: the regions
+        and virt_maps (identity, 2M pages), and in a TD their shared aliases in the shared window."""
+        frames = set()
+        for gpa, size in [(r.gpa, r.size) for r in regions] + self.virt_maps:
+            for f in range(gpa & -HUGE_2M, gpa + size, HUGE_2M):
+                if f >= self.mem_size:
+                    frames.add(f)
+        maps = []
+        for f in sorted(frames):
+            if maps and maps[-1][0] + maps[-1][2] == f:
+                maps[-1][2] += HUGE_2M
+            else:
+                maps.append([f, f, HUGE_2M])
+        out = [tuple(m) for m in maps]
+        if self.td:
+            out += [(guestabi.TD_SHARED_WINDOW_GVA + gva, gpa | self.shared_bit, size) for gva, gpa, size in maps]
+        return out
 
     def _load(self, write_gpa, extra_maps=()):
         try:
-            return loader.build_boot(self.image, self.mem_size, self.nvcpus, write_gpa, extra_maps)
+            boot = loader.build_boot(self.image, self.mem_size, self.nvcpus, write_gpa, extra_maps)
         except loader.LoadError as e:
             raise MachineError(str(e)) from None
+        # Globals the host sets before the guest runs (sync_global_to_guest(); the ucall pool).
+        values = dict(self.guest_globals)
+        if self._has_symbol(guestabi.UCALL_POOL_SYMBOL):
+            self.ucall_pool_gpa = self.mem_size - guestabi.UCALL_POOL_OFFSET
+            if boot.page_table_gpas[-1] >= self.ucall_pool_gpa:
+                raise MachineError("the guest's page tables reach the ucall pool: too many extra mappings")
+            values[guestabi.UCALL_POOL_SYMBOL] = self.ucall_pool_gpa + (guestabi.TD_SHARED_WINDOW_GVA if self.td else 0)
+        for name, value in values.items():
+            addr, data = self.global_bytes(name, value)
+            write_gpa(addr, data)
+        return boot
 
-    def _build_td(self, mem, vcpus, align, attributes):
+    def _has_symbol(self, name):
+        return any(n == name for _, _, n in self.image.symbols)
+
+    def global_bytes(self, name, value):
+        """(address, bytes) of the guest global ``name`` set to ``value`` (an int, stored in the
+        symbol's size, little-endian; or bytes, at most that size)."""
+        syms = [(a, size) for a, size, n in self.image.symbols if n == name]
+        if not syms:
+            raise MachineError(f"the guest has no global {name!r} (sync_global_to_guest needs a symbol of "
+                               f"the image: a global or static variable the compiler kept)")
+        addr, size = syms[0]
+        if isinstance(value, (bytes, bytearray)):
+            if size and len(value) > size:
+                raise MachineError(f"{len(value)} bytes do not fit the guest's {name!r} ({size} bytes)")
+            return addr, bytes(value)
+        size = size if size in (1, 2, 4, 8) else 8
+        try:
+            return addr, int(value).to_bytes(size, "little", signed=int(value) < 0)
+        except OverflowError:
+            raise MachineError(f"{value!r} does not fit the guest's {name!r} ({size} bytes)") from None
+
+    def _init_ucall_pool(self):
+        """ucall_init(): the pool in memory the host reads (shared in a TD), nothing in use, each
+        struct's handle its GPA (the guest's ``ucall_pool`` was pointed at it by _load())."""
+        if self.ucall_pool_gpa is None:
+            return
+        from .ucall_common import pool_image
+        self.write_gpa(self.ucall_pool_gpa, pool_image(self.ucall_pool_gpa))
+
+    def _build_td(self, mem, vcpus, align, attributes, regions):
         """A TD as QEMU builds one: guest_memfd-backed slot, all memory private, the image
         added page by page (TDH.MEM.PAGE.ADD, measured), the vCPUs' boot state, finalize."""
         from ..kvm.tdx import TdxX86Ops
-        self.host = Host(2 * mem + align, tdx=True)
+        self.host = Host(self._host_size(mem, align, regions), tdx=True)
         module = self.host.tdx_module
         module.tracer = self.tracer
         ops = TdxX86Ops(module, attributes)
@@ -178,9 +356,10 @@ class Machine:
         self.shared_bit = self.kvm.gfn_direct_bits << 12
         self.hva = self.host.mmap(mem, align)            # shared pages
         self.gmem = self.host.mmap(mem, align)           # guest_memfd: private pages
-        self.kvm.set_user_memory_region(0, 0, 0, mem, self.hva, backing_level=self.backing_level,
-                                        gmem_addr=self.gmem)
+        self._add_main_slots()
         self.kvm.set_memory_attributes(0, mem >> 12, private=True)
+        for r in regions:
+            self.add_region(r.slot, r.gpa, r.size, r.guest_memfd)
         staged = {}
 
         def stage(gpa, data):
@@ -191,7 +370,14 @@ class Machine:
                 buf[off:off + n] = data[:n]
                 gpa, data = gpa + n, data[n:]
         # The shared alias of all memory, mapped at TD_SHARED_WINDOW_GVA in the guest's tables.
-        self.boot = self._load(stage, [(guestabi.TD_SHARED_WINDOW_GVA, self.shared_bit, mem)])
+        self.boot = self._load(stage, [(guestabi.TD_SHARED_WINDOW_GVA, self.shared_bit, mem)]
+                               + self._extra_maps(regions))
+        if self.ucall_pool_gpa is not None:
+            # The pool is shared memory (upstream: vm_vaddr_alloc_shared()); never PAGE.ADDed.
+            from .ucall_common import UCALL_POOL_SIZE
+            self.kvm.set_memory_attributes(self.ucall_pool_gpa >> 12,
+                                           (self.ucall_pool_gpa + UCALL_POOL_SIZE + 0xFFF) >> 12, private=False)
+        self._init_ucall_pool()
         self.vcpus = [self.kvm.create_vcpu(i) for i in range(vcpus)]
         if self.kvm.vm_dead:
             raise MachineError(f"cannot create the TD's vCPUs: {self.kvm.bug_reason}")
@@ -209,6 +395,64 @@ class Machine:
         if ops.finalize(self.kvm):
             raise MachineError(f"KVM_TDX_FINALIZE_VM failed: {self.kvm.bug_reason or ''}")
 
+    # -- memslots, memory attributes, guest_memfd (the selftests' kvm_util operations) ----------------
+    def add_region(self, slot, gpa, size, guest_memfd=True):
+        """vm_mem_add(): host memory for [gpa, gpa + size) (and a guest_memfd range for its
+        private pages), then KVM_SET_USER_MEMORY_REGION2.  KvmIoctlError when KVM refuses."""
+        level = self.backing_level
+        align = 1 << (12 + 9 * (level - 1))
+        if size % align or gpa % align:
+            level, align = PG_LEVEL_4K, 0x1000
+        try:
+            hva = self.host.mmap(size, align)
+            gmem = self.host.mmap(size, align) if guest_memfd else None
+        except OutOfHostMemory as e:
+            raise MachineError(f"no host memory left for memslot {slot} ({size:#x} bytes): {e} "
+                               f"(give the VM a larger host_reserve)") from None
+        self.kvm.set_user_memory_region(slot, 0, gpa, size, hva, backing_level=level, gmem_addr=gmem)
+        self.regions[slot] = MemRegion(slot, gpa, size, guest_memfd, hva, gmem, level)
+        return self.regions[slot]
+
+    def delete_region(self, slot):
+        """vm_mem_region_delete(): KVM_SET_USER_MEMORY_REGION with size 0."""
+        self.kvm.set_user_memory_region(slot, 0, 0, 0, 0)
+        self.regions.pop(slot, None)
+
+    def move_region(self, slot, new_gpa):
+        """vm_mem_region_move(): the same slot, size and host memory at another GPA."""
+        r = self.regions.get(slot)
+        if r is None:
+            raise KvmIoctlError(EINVAL, f"no memslot {slot}")
+        self.kvm.set_user_memory_region(slot, 0, new_gpa, r.size, r.hva, backing_level=r.backing_level,
+                                        gmem_addr=r.gmem)
+        r.gpa = new_gpa
+
+    def region_of(self, gpa):
+        for r in self.regions.values():
+            if r.gpa <= gpa < r.end:
+                return r
+        return None
+
+    def set_memory_attributes(self, gpa, size, private):
+        """vm_set_memory_attributes(): KVM_SET_MEMORY_ATTRIBUTES."""
+        self.kvm.kvm_vm_ioctl_set_mem_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
+
+    def guest_mem_fallocate(self, gpa, size, punch_hole):
+        """vm_guest_mem_fallocate(): fallocate() on the guest_memfd of each memslot in the range:
+        PUNCH_HOLE drops the pages (KVM unmaps them first), else they are allocated (here they
+        always are: nothing to do)."""
+        if (gpa | size) & 0xFFF or not size:
+            raise KvmIoctlError(EINVAL, f"fallocate: range {gpa:#x}+{size:#x} not page aligned")
+        end = gpa + size
+        while gpa < end:
+            r = self.region_of(gpa)
+            if r is None or not r.guest_memfd:
+                raise KvmIoctlError(EINVAL, f"fallocate: no guest_memfd memslot at GPA {gpa:#x}")
+            n = min(end, r.end) - gpa
+            if punch_hole:
+                self.kvm.kvm_gmem_punch_hole(gpa >> 12, (gpa + n) >> 12)
+            gpa += n
+
     # -- guest memory through the VMM's own mapping ---------------------------------------------------
     def write_gpa(self, gpa, data):
         """A write through the VMM's own mapping of guest RAM (its page tables)."""
@@ -225,6 +469,30 @@ class Machine:
             gpa, n = gpa + k, n - k
         return bytes(out)
 
+    def gpa_to_hpa(self, gpa):
+        """addr_gpa2hva() and then the VMM's page tables: where the VMM reads ``gpa`` (its shared
+        backing); KvmIoctlError(EFAULT) outside every memslot of the VMM's."""
+        r = self.region_of(gpa)
+        if r is None:
+            raise KvmIoctlError(EFAULT, f"no memslot of the VMM's covers GPA {gpa:#x}")
+        return self.host.mm.hva_to_hpa(r.hva + gpa - r.gpa)
+
+    def read_guest(self, gpa, n):
+        """Guest memory through the memslots' host mappings (shared memory, as the host sees it)."""
+        out = bytearray()
+        while n > 0:
+            k = min(n, 0x1000 - (gpa & 0xFFF))
+            out += self.host.mem.host_read(self.gpa_to_hpa(gpa), k)
+            gpa, n = gpa + k, n - k
+        return bytes(out)
+
+    def write_guest(self, gpa, data):
+        data = bytes(data)
+        while data:
+            n = min(len(data), 0x1000 - (gpa & 0xFFF))
+            self.host.mem.host_write(self.gpa_to_hpa(gpa), data[:n])
+            gpa, data = gpa + n, data[n:]
+
     def symbolize(self, addr):
         return self.image.symbolize(addr) or f"{addr:#x}"
 
@@ -238,7 +506,7 @@ class Machine:
         runs the vCPUs in turn, one KVM_RUN at a time (no vCPU is in guest mode while
         another runs host code; guests that wait for each other never finish that way)."""
         if scheduled is None:
-            scheduled = self.nvcpus > 1 or bool(self.host_events)
+            scheduled = self.nvcpus > 1 or bool(self.host_events) or self.user_code
         if scheduled:
             from ..checkers.sched import Scheduler, StepLimit, Deadlock
             try:
@@ -287,6 +555,8 @@ class Machine:
             sched.spawn(vcpu_loop(v))
         for k, event in enumerate(self.host_events):
             sched.spawn(self._host_task(event, f"host{k}", res), name=f"host{k}", host=True, start=event.step)
+        for fn, name in self.host_threads:
+            sched.spawn(self._host_thread(fn, name, res), name=name, host=True)
         try:
             sched.run()
         finally:
@@ -306,6 +576,28 @@ class Machine:
                 if res.error is None:
                     res.exit, res.error = "ioctl_error", f"{who}: {event.text}: {e}"
         return body
+
+    def _host_thread(self, fn, name, res):
+        """A selftest's host thread (pthread_create()): ``fn()`` on a host task of the scheduler.
+        An exception it raises ends the run as a failed host assertion."""
+        def body():
+            try:
+                fn()
+            except Exception as e:
+                if is_scheduler_control(e):
+                    raise
+                self._host_failed(res, e, f"host thread {name}")
+        return body
+
+    def _host_failed(self, res, e, who):
+        """A selftest's host code raised ``e`` (its TEST_ASSERT): the run ends with exit
+        "host_assert"; the other vCPUs are stopped as after any error."""
+        self.kvm.touch_all()
+        if res.error is None:
+            res.exit, res.error = "host_assert", f"{who}: {describe_exception(e)}"
+            res.host_exception = e
+        for o in self.vcpus:
+            o.kick_signal()
 
     def migrate(self, start, end):
         """Page migration of the host pages behind guest [start, end) (migrate_pages()): the
@@ -337,12 +629,18 @@ class Machine:
         try:
             run = v.run()
         except KvmIoctlError as e:
-            # KVM_RUN returned an error: -ENOMEM, -EFAULT, or -EIO once the VM is dead
-            # (kvm_vcpu_ioctl() checks kvm->vm_dead, vcpu_enter_guest() KVM_REQ_VM_DEAD).
-            ended[v.vcpu_id] = "ioctl_error"
-            if res.error is None:
-                res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
-            return True
+            if e.run is not None and e.run.exit_reason == KVM_EXIT_MEMORY_FAULT:
+                # -EFAULT with kvm_run.memory_fault filled in: userspace decides (QEMU converts).
+                run = e.run
+                run.errno = e.errno
+            else:
+                # KVM_RUN returned an error: -ENOMEM, -EFAULT, or -EIO once the VM is dead
+                # (kvm_vcpu_ioctl() checks kvm->vm_dead, vcpu_enter_guest() KVM_REQ_VM_DEAD).
+                ended[v.vcpu_id] = "ioctl_error"
+                if res.error is None:
+                    res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
+                    res.errno = e.errno
+                return True
         if res.error is not None and run.exit_reason == KVM_EXIT_INTR:
             ended[v.vcpu_id] = "stopped"          # stopped by the VMM after another vCPU's error
             return True
@@ -361,6 +659,21 @@ class Machine:
         res.vcpus = [v.get_regs() for v in self.vcpus] if collect_regs else []
         res.stats = self.stats()
         res.shared_bit = self.shared_bit if self.td else None
+        if self.result_check is not None and not self.kvm.violations:
+            # A selftest's checks after the run (its TEST_ASSERTs after pthread_join()): an
+            # exception fails the run; passing, they accept the way it ended.
+            try:
+                self.result_check(res)
+                res.accepted = True
+            except Exception as e:
+                if is_scheduler_control(e):
+                    raise
+                res.host_exception = e
+                msg = f"host check: {describe_exception(e)}"
+                if res.error is None:
+                    res.exit, res.error = "host_assert", msg
+                else:
+                    res.error = f"{res.error}; {msg}"
         return res
 
     def _userspace_exit(self, v, run, res):
@@ -374,22 +687,29 @@ class Machine:
             if not run.private:
                 self.gmem_punch_hole(gfn << 12, (gfn + 1) << 12)
             return None
+        if r in (KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO) and self._host_removed(run):
+            # The guest touched memory a host event deleted (or moved away): what the
+            # scenario expects (private_mem_kvm_exits_test asserts KVM_EXIT_MEMORY_FAULT): the
+            # vCPU stops there, and the run is not an error.
+            if r == KVM_EXIT_MEMORY_FAULT and res.memory_fault is None:
+                res.memory_fault = run.memory_fault.as_dict()
+            return EXIT_NAMES[r]
+        addr = guestabi.ucall_address(run) if r == KVM_EXIT_HYPERCALL else None
+        if addr is not None:
+            return self._ucall(v, addr, res)
         if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_REPORT:
             res.reports.append((v.vcpu_id, run.args[0]))
             self.tracer.emit("guest_report", v.vcpu_id, msg=f"value {run.args[0]:#x} ({run.args[0]})") \
                 if self.tracer.enabled else None
             return None
         if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_SYNC:
-            res.syncs.append((v.vcpu_id, run.args[0]))
-            self.tracer.emit("guest_sync", v.vcpu_id, msg=f"value {run.args[0]:#x} ({run.args[0]})") \
-                if self.tracer.enabled else None
-            return None
+            # An assembler guest's sync (no ucall pool): a UCALL_SYNC with no arguments.
+            from .ucall_common import Ucall, UCALL_SYNC
+            return self._ucall_done(v, Ucall(UCALL_SYNC, stage=run.args[0], vcpu=v.vcpu_id), res)
         if r == KVM_EXIT_HLT:
             return "hlt"
         if r == KVM_EXIT_HYPERCALL and run.nr == KVM_HC_MAP_GPA_RANGE:
-            gfn, npages, attrs = run.args[0] >> 12, run.args[1], run.args[2]
-            self.kvm.set_memory_attributes(gfn, gfn + npages, private=bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED))
-            v.complete_userspace_io = run.complete
+            run.ret = self._map_gpa_range(run.args[0], run.args[1] << 12, run.args[2])
             return None
         rip = self._rip(v)
         if r == KVM_EXIT_SYSTEM_EVENT:
@@ -449,10 +769,19 @@ class Machine:
             name = "timeout"
             msg = f"watchdog: the vCPU made no progress ({run.reason}) at rip {rip:#x} {self.symbolize(rip)}"
         elif r == KVM_EXIT_MEMORY_FAULT:
-            attr = "private" if self.kvm.mem_is_private(run.gpa >> 12) else "shared"
-            msg = (f"KVM_EXIT_MEMORY_FAULT: {'private' if run.private else 'shared'} access to GPA {run.gpa:#x}, "
-                   f"which is {attr if self.kvm.gfn_to_memslot(run.gpa >> 12) else 'outside every memslot'} "
-                   f"(the guest did not convert it with MapGPA) at rip {rip:#x} {self.symbolize(rip)}")
+            gfn = run.gpa >> 12
+            attr = "private" if self.kvm.mem_is_private(gfn) else "shared"
+            slot = self.kvm.gfn_to_memslot(gfn)
+            if slot is None:
+                why = "outside every memslot"
+            elif run.private and not slot.can_be_private:
+                why = f"{attr}, in memslot {slot.id}, which has no guest_memfd"
+            else:
+                why = f"{attr} (the guest did not convert it)"
+            msg = (f"KVM_EXIT_MEMORY_FAULT (KVM_RUN: -EFAULT): {'private' if run.private else 'shared'} access "
+                   f"to GPA {run.gpa:#x}, which is {why}, at rip {rip:#x} {self.symbolize(rip)}")
+            res.errno = getattr(run, "errno", 14)
+            res.memory_fault = run.memory_fault.as_dict()
         elif r == KVM_EXIT_INTERNAL_ERROR:
             msg = f"internal error: {run.reason}"
         else:
@@ -460,6 +789,121 @@ class Machine:
         res.exit = name
         res.error = f"vCPU {v.vcpu_id}: {msg}"
         return name
+
+    # -- ucalls -------------------------------------------------------------------------------------------
+    def _ucall(self, v, addr, res):
+        """get_ucall(): the struct ucall the guest pointed at (the handle is its GPA, read
+        through the VMM's mapping: shared memory), handled as a selftest's vCPU thread does."""
+        from . import ucall_common as U
+        if addr == U.GUEST_UCALL_FAILED:
+            res.exit = "fail"
+            res.error = f"vCPU {v.vcpu_id}: the guest failed to allocate a struct ucall (no free one in the pool)"
+            return "fail"
+        if addr == 0:
+            uc = U.Ucall(U.UCALL_NONE, vcpu=v.vcpu_id)            # GUEST_UCALL_NONE()
+        else:
+            try:
+                cmd, args, nargs, text = U.read_ucall(self.read_guest, addr)
+            except KvmIoctlError:
+                res.exit = "fail"
+                res.error = f"vCPU {v.vcpu_id}: a ucall at {addr:#x}, outside the VMM's memory"
+                return "fail"
+            uc = U.Ucall(cmd, raw_args=args, nargs=nargs, vcpu=v.vcpu_id)
+            if cmd == U.UCALL_SYNC:
+                marker = self._sync_marker()
+                if nargs >= 2 and args[0] == marker:          # GUEST_SYNC, GUEST_SYNC_ARGS
+                    uc.stage, uc.args = args[1], tuple(args[2:nargs])
+                elif nargs >= 1:                               # GUEST_SYNC1..6
+                    uc.stage, uc.args = args[0], tuple(args[1:nargs])
+            elif cmd in (U.UCALL_PRINTF, U.UCALL_ABORT):
+                uc.text = text
+            if cmd == U.UCALL_ABORT:
+                uc.guest_assert = self._ucall_assert(v.vcpu_id, args, text)
+        return self._ucall_done(v, uc, res)
+
+    def _sync_marker(self):
+        sym = [a for a, _, n in self.image.symbols if n == "__ucall_sync_hello"]
+        return sym[0] if sym else None
+
+    def _ucall_done(self, v, uc, res):
+        """What the VMM records of a ucall (syncs, printfs, a failed assert), then the selftest's
+        callback on this vCPU's task; the vCPU's final exit, or None to run it again."""
+        from . import ucall_common as U
+        vid = v.vcpu_id
+        outcome = None
+        if uc.cmd == U.UCALL_SYNC:
+            res.syncs.append((vid, uc.stage, *uc.args))
+            if self.tracer.enabled:
+                extra = f" args {', '.join(f'{a:#x}' for a in uc.args)}" if uc.args else ""
+                self.tracer.emit("guest_sync", vid, msg=f"value {uc.stage:#x} ({uc.stage}){extra}")
+        elif uc.cmd == U.UCALL_PRINTF:
+            res.printfs.append((vid, uc.text))
+            if self.tracer.enabled:
+                self.tracer.emit("guest_printf", vid, msg=uc.text.rstrip("\n"))
+        elif uc.cmd == U.UCALL_ABORT:
+            if res.error is None:
+                res.exit = "fail"
+                res.guest_assert = uc.guest_assert
+                res.error = f"vCPU {vid}: {uc.guest_assert['message']}"
+            if self.tracer.enabled:
+                self.tracer.emit("guest_assert", vid, msg=f"vCPU {vid}: {uc.guest_assert['message']}")
+            outcome = "fail"
+        elif uc.cmd not in (U.UCALL_DONE, U.UCALL_NONE):
+            res.exit = "fail"
+            res.error = f"vCPU {vid}: unknown ucall {uc.cmd:#x}"
+            return "fail"
+        fn = self.on_ucall
+        if fn is not None:
+            # (emu.checkers.dpor) the callback's Python state is not announced: it touches everything.
+            self.kvm.touch_all()
+            try:
+                fn(vid, uc)
+            except Exception as e:
+                if is_scheduler_control(e):
+                    raise
+                self._host_failed(res, e, f"vCPU {vid}: on_ucall({U.UCALL_NAMES.get(uc.cmd, uc.cmd)})")
+                return outcome or "host_assert"
+        return outcome
+
+    def _ucall_assert(self, vcpu, args, text):
+        """A UCALL_ABORT's failed assert as a dict (vcpu, file, line, expr, kind, a, b, message),
+        its strings read from the ELF image (what guest memory holds there: a TD's is private)."""
+        from . import ucall_common as U
+        kind = args[U.GUEST_ASSERT_KIND]
+        expr = self.image.read_cstring(args[U.GUEST_ERROR_STRING]) or f"<expression at {args[0]:#x}>"
+        file = self.image.read_cstring(args[U.GUEST_FILE]) or f"<file at {args[1]:#x}>"
+        line = args[U.GUEST_LINE]
+        a, b = args[U.GUEST_ASSERT_A], args[U.GUEST_ASSERT_B]
+        return {"vcpu": vcpu, "file": file, "line": line, "expr": expr, "kind": U.KIND_NAMES.get(kind, "assert"),
+                "a": a, "b": b, "message": U.assert_message(kind, file, line, expr, a, b, text)}
+
+    def _map_gpa_range(self, gpa, size, attrs):
+        """KVM_HC_MAP_GPA_RANGE (KVM_EXIT_HYPERCALL): convert, as the private-memory selftests'
+        handle_exit_hypercall() does with their flags (guestabi.MAP_GPA_*: fallocate() first,
+        PUNCH_HOLE when going shared, then the attributes), or as QEMU does with KVM's ABI
+        (KVM_MAP_GPA_RANGE_ENCRYPTED: private; 0: shared).  Returns kvm_run.hypercall.ret."""
+        if attrs & KVM_MAP_GPA_RANGE_ENCRYPTED:
+            set_attributes, private, fallocate = True, True, False
+        elif attrs & guestabi.MAP_GPA_SELFTEST_FLAGS:
+            set_attributes = bool(attrs & guestabi.MAP_GPA_SET_ATTRIBUTES)
+            private = not attrs & guestabi.MAP_GPA_SHARED
+            fallocate = bool(attrs & guestabi.MAP_GPA_DO_FALLOCATE)
+        else:
+            set_attributes, private, fallocate = True, False, False
+        try:
+            if fallocate:
+                self.guest_mem_fallocate(gpa, size, punch_hole=not private)
+            if set_attributes:
+                self.set_memory_attributes(gpa, size, private)
+        except KvmIoctlError as e:
+            if self.tracer.enabled:
+                self.tracer.emit("host_event", "vmm", msg=f"KVM_HC_MAP_GPA_RANGE {gpa:#x}+{size:#x}: {e}")
+            return (-e.errno) & ((1 << 64) - 1)
+        return 0
+
+    def _host_removed(self, run):
+        gpa = run.gpa if run.exit_reason == KVM_EXIT_MEMORY_FAULT else run.phys_addr
+        return any(a <= gpa < b for a, b in self.removed_ranges)
 
     def _mmio(self, run):
         """KVM_EXIT_MMIO with the access decoded (phys_addr, len, is_write, data): the device's
@@ -555,7 +999,7 @@ class Machine:
         flushes Unicorn's translated code (~0.2 ms, most of it in memory the child must copy).
         Armed now, it is the same hook with no budget until slicing starts, and no code was
         translated yet to lose."""
-        if self.nvcpus > 1 or self.host_events:
+        if self.nvcpus > 1 or self.host_events or self.host_threads:
             for v in self.vcpus:
                 if v.hw is not None and v.hw._budget is None:
                     v.hw._arm_budget()

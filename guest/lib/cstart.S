@@ -2,7 +2,8 @@
 # only (an assembler guest has its own _start).
 #
 #   _start      every vCPU: keep its index and the vCPU count at the top of its
-#               stack, call guest_main(), then GUEST_DONE (halt for good)
+#               stack, call guest_main(), then GUEST_DONE (UCALL_DONE, then
+#               halt for good)
 #   memset, memcpy, memmove, memcmp
 #               what a compiler may call even in freestanding code (a struct
 #               copy, a zeroed array); there is no libc
@@ -26,9 +27,7 @@ _start:
     sub rsp, 16                             # still 16-byte aligned for the call
     xor ebp, ebp                            # the end of the frame chain
     call guest_main
-.Lcstart_done:
-    call emu_halt                           # GUEST_DONE
-    jmp .Lcstart_done
+    call __emu_guest_done                   # GUEST_DONE(): UCALL_DONE, then halt for good
     .size _start, . - _start
 
     .text

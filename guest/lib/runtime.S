@@ -16,6 +16,11 @@
 #   emu_accept(rdi = gpa, rsi = size) -> rax
 #                                    accept private memory in a TD (no-op
 #                                    elsewhere); rax = 0 or the TDX status
+#   ucall_arch_do_ucall(rdi = handle) the ucall transport: the host reads the
+#                                    struct ucall whose handle is rdi
+#   kvm_hypercall(rdi = nr, rsi = a0, rdx = a1, rcx = a2, r8 = a3) -> rax
+#                                    a KVM hypercall (VMCALL; in a TD,
+#                                    TDG.VP.VMCALL with R10 = nr); rax = its result
 #
 # Host protocol (emu/guestabi.py is the host's copy of these facts):
 #   not a TD:  VMCALL with RAX = EMU_HC_REPORT / EMU_HC_FAIL / EMU_HC_SYNC, RBX = value / code
@@ -795,3 +800,96 @@ emu_idtr:
 emu_idt:
     .zero 256 * 16
     .text
+
+# ---------------------------------------------------------------------------
+# The selftest library's calls (guest/include/emu.h, guest/lib/ucall_common.c).
+# They come last so that adding them moved none of the functions above.
+# ---------------------------------------------------------------------------
+
+# ucall_arch_do_ucall(rdi = handle): the ucall transport, the one place the
+# guest makes it.  Upstream's x86 selftests do `in %dx, %al` on port 0x1000
+# with RDI = the address; here, until port I/O exits exist, a hypercall:
+# VMCALL with RAX = EMU_HC_UCALL, RBX = the handle (a TD: TDG.VP.VMCALL with
+# R10 = EMU_HC_UCALL, R11 = the handle).  Preserves every register.
+    .globl ucall_arch_do_ucall
+    .type ucall_arch_do_ucall, @function
+ucall_arch_do_ucall:
+    pushfq
+    push rax
+    push rbx
+    push rcx
+    push r10
+    push r11
+    push r12
+    call emu_is_td
+    test eax, eax
+    jnz .Lucall_td
+    mov eax, EMU_HC_UCALL
+    mov rbx, rdi
+    vmcall
+    jmp .Lucall_done
+.Lucall_td:
+    mov eax, TDG_VP_VMCALL
+    mov ecx, TDVMCALL_EXPOSE_REGS
+    mov r10d, EMU_HC_UCALL
+    mov r11, rdi
+    TDCALL
+.Lucall_done:
+    pop r12
+    pop r11
+    pop r10
+    pop rcx
+    pop rbx
+    pop rax
+    popfq
+    ret
+    .size ucall_arch_do_ucall, . - ucall_arch_do_ucall
+
+# kvm_hypercall(rdi = nr, rsi = a0, rdx = a1, rcx = a2, r8 = a3) -> rax: KVM's
+# hypercall ABI, VMCALL with RAX = nr, RBX/RCX/RDX/RSI = a0..a3, the result in
+# RAX.  In a TD: TDG.VP.VMCALL with R10 = nr (non-zero: a KVM hypercall, not a
+# GHCI call), R11..R14 = a0..a3; KVM answers in R10, returned in RAX.
+# Preserves every register but RAX.
+    .globl kvm_hypercall
+    .type kvm_hypercall, @function
+kvm_hypercall:
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    call emu_is_td
+    test eax, eax
+    jnz .Lhc_td
+    mov rax, rdi
+    mov rbx, rsi
+    xchg rcx, rdx                           # rcx = a1, rdx = a2
+    mov rsi, r8
+    vmcall
+    jmp .Lhc_done
+.Lhc_td:
+    mov r10, rdi
+    mov r11, rsi
+    mov r12, rdx
+    mov r13, rcx
+    mov r14, r8
+    mov eax, TDG_VP_VMCALL
+    mov ecx, TDVMCALL_EXPOSE_REGS_5         # R10 to R14
+    TDCALL
+    mov rax, r10
+.Lhc_done:
+    pop r14
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rbx
+    ret
+    .size kvm_hypercall, . - kvm_hypercall
