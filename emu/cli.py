@@ -28,7 +28,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_run_options(p):
     p.add_argument("guest", help="a guest name from guest/, or a path to a .S, .c or ELF file")
-    p.add_argument("--vm", default="default", choices=("default", "tdx"), help="VM type (default: %(default)s)")
+    p.add_argument("--vm", default="default", choices=("default", "sw-protected", "tdx"),
+                   help="VM type: default, sw-protected (KVM_X86_SW_PROTECTED_VM: private memory from "
+                        "guest_memfd, no hardware protection) or tdx (default: %(default)s)")
     p.add_argument("--mem", default="64M", help="guest memory size, e.g. 64M, 4G (default: %(default)s)")
     p.add_argument("--vcpus", default=1, type=int, help="number of vCPUs (default: %(default)s)")
     p.add_argument("--hugepages", choices=("4k", "2m", "1g"), default=None,
@@ -54,7 +56,8 @@ def _add_run_options(p):
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--host", action="append", default=[], metavar="'EVENT[@STEP]'",
                    help="a host event on a host task, from scheduling point STEP on (repeatable): "
-                        "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END'")
+                        "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END', "
+                        "'delete START-END' (the range's memslot), 'move START-END TO'")
     p.add_argument("--bug", action="append", default=[], metavar="NAME",
                    help="switch a realistic KVM bug into the model (repeatable; see `inject --list`)")
 
@@ -440,12 +443,20 @@ def print_text(m, res, out):
     w("\n")
     for vcpu, value in res.reports:
         w(f"  report  vcpu {vcpu}: {value:#x} ({value})\n")
-    for vcpu, value in res.syncs:
-        w(f"  sync    vcpu {vcpu}: {value:#x} ({value})\n")
+    for vcpu, value, *args in res.syncs:
+        w(f"  sync    vcpu {vcpu}: {value:#x} ({value})" + (f" args {', '.join(f'{a:#x}' for a in args)}" if args
+                                                             else "") + "\n")
+    for vcpu, text in res.printfs:
+        for line in text.rstrip("\n").split("\n"):
+            w(f"  printf  vcpu {vcpu}: {line}\n")
     if res.ok:
         w("exit: hlt (every vCPU halted)\n")
     else:
         w(f"exit: {res.exit}: {res.error}\n")
+    if res.memory_fault is not None:
+        mf = res.memory_fault
+        w(f"memory fault: flags {mf['flags']:#x}, gpa {mf['gpa']:#x}, size {mf['size']:#x}"
+          + (f" (KVM_RUN errno {res.errno})" if res.errno else "") + "\n")
     s = res.stats
     pm = s["pages_mapped"]
     w(f"EPT violations: {s['ept_violations']}   pages mapped: 4K {pm['4k']}, 2M {pm['2m']}, 1G {pm['1g']}   "
@@ -455,7 +466,7 @@ def print_text(m, res, out):
 
 
 def args_vm_name(m):
-    return "TDX" if m.vm_type else "default"
+    return {"tdx": "TDX"}.get(m.vm_name, m.vm_name)
 
 
 def main(argv=None, out=None):

@@ -185,7 +185,9 @@ def check_tlbs(kvm):
     """No stale guest-physical translation in any vCPU (the part of the TLB KVM must keep right)."""
     problems = []
     for v in kvm.vcpus:
-        if v.hw is None or v.requests & KVM_REQ_TLB_FLUSH:
+        # A vCPU with a flush owed (a TLB flush, or an obsolete root to drop: kvm_mmu_reload()
+        # flushes) flushes before it runs guest code again.
+        if v.hw is None or v.requests & KVM_REQS_FLUSHING:
             continue
         problems += stale_translations(kvm, v)
     return problems
@@ -319,6 +321,22 @@ class RunChecks:
             kvm.checker_violation(f"a leaf SPTE (level {level}) was installed for gfn {gfn:#x}, which no "
                                   f"memslot covers (a fault that looked its memslot up before the slot "
                                   f"was deleted?)")
+
+    def memslot_removed(self, kvm, slot):
+        """A memslot was deleted (or moved away) and the new memslots are in: nothing maps its old
+        GFNs.  The flush zapped them once no fault could still be mapping from the old slot (the
+        SRCU wait); a leaf there now was installed by a fault the flush did not wait for, and
+        nothing will ever zap it."""
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
+        tdp = kvm.tdp_mmu
+        for root in tdp.roots:
+            for gfn, level, _ in tdp.leaves(root):
+                if gfn < end and start < gfn + (1 << (9 * (level - 1))) and kvm.gfn_to_memslot(gfn) is None:
+                    kvm.checker_violation(f"memslot {slot.id} (gfn {start:#x}-{end:#x}) is gone, but the "
+                                          f"{'mirror' if root.is_mirror else 'direct'} root still maps gfn "
+                                          f"{gfn:#x} (level {level}): a fault mapped it after the memslot "
+                                          f"was flushed")
+                    return
 
     def vcpu_entering(self, kvm, v):
         """A vCPU enters the guest: on roots that are still the TDP MMU's (not freed)."""

@@ -67,6 +67,11 @@ class InPlace:
     """The state of ``machine`` now, kept to be put back by ``restore()`` after each run."""
 
     def __init__(self, machine):
+        if getattr(machine, "user_code", False):
+            # A selftest's callbacks and host threads keep state where the walk does not reach
+            # (their modules' globals, objects of the test): only a fork gives each run a fresh copy.
+            raise NotRestorable("the selftest's host side (callbacks, host threads) may keep state outside "
+                                "the machine")
         self.machine = machine
         self.mem = machine.host.mem
         self.hws = []                         # every emu.hw.vcpu.Vcpu (KVM's, or the TDX module's)

@@ -72,6 +72,7 @@ class KvmMain:
         # the VMM adds the guest runtime's own calls (emu.userspace.guestabi.EMU_USERSPACE_HCS).
         self.hypercall_exit_enabled = set()
         self.checker = None               # the run-time checks (emu.checkers.check.install), or None
+        self.on_checker_violation = None  # the VMM's: stop the run (a guest may spin forever after a bug)
         self.slice_blocks = GUEST_SLICE_BLOCKS
         self.mmu_lock = MmuLock(self)
         self.rcu = Rcu(self)
@@ -263,6 +264,8 @@ class KvmMain:
             else:
                 self.kvm_replace_memslot(invalid, new)
             self.kvm_swap_active_memslots()
+            if self.checker is not None:
+                self.checker.memslot_removed(self, old)
         elif change == KVM_MR_CREATE:
             self.kvm_replace_memslot(None, new)
             self.kvm_swap_active_memslots()
@@ -510,6 +513,8 @@ class KvmMain:
         """A broken invariant seen while the run goes on: the run fails with it (first one wins)."""
         self.violations.append(what)
         self.trace_emit("checker_violation", msg=what)
+        if self.on_checker_violation is not None:
+            self.on_checker_violation()
 
     def kvm_make_all_cpus_request(self, req, wait=True):
         return self.kvm_make_vcpus_request(self.vcpus, req, wait)

@@ -153,8 +153,12 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
         fault.pfn = 0
         return RET_PF_CONTINUE
     if slot.flags & KVM_MEMSLOT_INVALID:
-        # The slot is being deleted or moved: retry until the new memslots are installed.
-        return RET_PF_RETRY
+        # The slot is being deleted or moved: retry until the new memslots are installed (a
+        # yield: the guest faults again until then, and the task changing them must get to run).
+        # The retries wait for that task's progress, which may take long (a zap of a whole root):
+        # they are no livelock of this vCPU, and its watchdog does not count them.
+        vcpu.budget = vcpu.exit_limit
+        return _invalidate_retry(vcpu)
     if kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
         return _invalidate_retry(vcpu)
     if kvm.sched is not None:

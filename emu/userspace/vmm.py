@@ -541,9 +541,9 @@ class Machine:
 
         def vcpu_loop(v):
             def body():
-                while res.error is None and not self._step(v, res, ended):
+                while res.error is None and not self.kvm.violations and not self._step(v, res, ended):
                     pass
-                if res.error is not None:
+                if res.error is not None or self.kvm.violations:
                     self.kvm.touch_all()      # (emu.checkers.dpor) every vCPU reads res.error
                     # The run is over (as QEMU stops the VM on a fatal error): signal the other
                     # vCPUs, so one spinning in guest mode on memory leaves KVM_RUN too.
@@ -551,6 +551,12 @@ class Machine:
                         if o is not v:
                             o.kick_signal()
             return body
+        def stop():
+            # A broken invariant ends the run: the vCPUs leave KVM_RUN (a guest may read a stale
+            # mapping forever, and never exit otherwise).
+            for o in self.vcpus:
+                o.kick_signal()
+        self.kvm.on_checker_violation = stop
         for v in self.vcpus:
             sched.spawn(vcpu_loop(v))
         for k, event in enumerate(self.host_events):
@@ -560,6 +566,7 @@ class Machine:
         try:
             sched.run()
         finally:
+            self.kvm.on_checker_violation = None
             self.kvm.sched = None
             if self.td:
                 self.host.tdx_module.sched = None
@@ -641,7 +648,7 @@ class Machine:
                     res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
                     res.errno = e.errno
                 return True
-        if res.error is not None and run.exit_reason == KVM_EXIT_INTR:
+        if (res.error is not None or self.kvm.violations) and run.exit_reason == KVM_EXIT_INTR:
             ended[v.vcpu_id] = "stopped"          # stopped by the VMM after another vCPU's error
             return True
         outcome = self._userspace_exit(v, run, res)
