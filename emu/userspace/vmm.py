@@ -54,7 +54,7 @@ def describe_exception(e):
         if not os.path.abspath(f.filename).startswith(pkg + os.sep):
             where = f" (at {os.path.basename(f.filename)}:{f.lineno})"
             break
-    text = str(e)
+    text = str(e).strip().split("\n")[0]        # one line (pytest's assertion detail follows the first)
     return f"{type(e).__name__}{': ' + text if text else ''}{where}"
 
 
