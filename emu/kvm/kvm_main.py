@@ -20,7 +20,7 @@ from .kvm_host import (KvmIoctlError, KvmMemorySlot, EINVAL, EEXIST, EFAULT, KVM
 from .locking import MmuLock
 from .rcu import Rcu
 from .srcu import Srcu
-from .spte import PG_LEVEL_4K, MT_MASK_DEFAULT_VM, KVM_PAGES_PER_HPAGE
+from .spte import PG_LEVEL_4K, PG_LEVEL_2M, MT_MASK_DEFAULT_VM, KVM_PAGES_PER_HPAGE
 from .mmu_internal import KVM_MAX_HUGEPAGE_LEVEL
 from .tdp_mmu import TdpMmu, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS, KVM_VALID_ROOTS
 from .uapi import (KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM, KVM_X86_TDX_VM, KVM_MEMSLOT_INVALID,  # noqa: F401
@@ -402,8 +402,7 @@ class KvmMain:
         else:
             types = KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS
         ranges = [(start_gfn, end_gfn)] if self.has_private_mem else []
-        huge = KVM_PAGES_PER_HPAGE(KVM_MAX_HUGEPAGE_LEVEL)
-        around = [((start_gfn // huge) * huge, -(-end_gfn // huge) * huge)] if ranges else []
+        around = self._hugepages_around(start_gfn, end_gfn) if ranges else []
         self.invalidate_and_unmap(ranges, types, around)
         if self.sched is not None:
             self.sched.point(None, "set_attributes")
@@ -413,6 +412,21 @@ class KvmMain:
         else:
             self.private_gfns.remove(start_gfn, end_gfn)
         self.invalidate_end()
+
+    def _hugepages_around(self, start_gfn, end_gfn):
+        """kvm_arch_pre_set_memory_attributes(): the head and tail huge pages of the range that
+        may be mapped huge now (inside their memslot, backed by pages that large, with no private
+        GFN: a shared mapping), which a fault next to the range could map while the attributes
+        change: they join the invalidation."""
+        out = []
+        for level in range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            pages = KVM_PAGES_PER_HPAGE(level)
+            for gfn in {start_gfn & -pages, (end_gfn - 1) & -pages}:
+                slot = self.gfn_to_memslot(gfn)
+                if (slot is not None and slot.backing_level >= level and slot.lpage_allowed(gfn, level)
+                        and not self.private_gfns.intersects(gfn, gfn + pages)):
+                    out.append((gfn, gfn + pages))
+        return out
 
     def mmu_notifier_invalidate_range_start(self, hva_start, hva_end):
         """kvm_mmu_notifier_invalidate_range_start(): the gfns of every memslot behind the hva
@@ -583,6 +597,8 @@ class KvmVcpuMain:
         a vCPU in guest mode is kicked out first."""
         self.kvm.touch(("task", self.vcpu_id))
         self.signal_pending = True
-        if self.hw is not None and self.hw.in_guest:
+        # In guest mode, or on the way in (a TD's vCPU inside TDH.VP.ENTER, between two of its
+        # TDCALLs), the IPI makes it exit at once or right after it enters.
+        if self.hw is not None and (self.hw.in_guest or self.mode != OUTSIDE_GUEST_MODE):
             self.hw.kick()
 

@@ -158,7 +158,10 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
         # The retries wait for that task's progress, which may take long (a zap of a whole root):
         # they are no livelock of this vCPU, and its watchdog does not count them.
         vcpu.budget = vcpu.exit_limit
-        return _invalidate_retry(vcpu)
+        sched = kvm.sched
+        if sched is not None:
+            sched.point(vcpu.vcpu_id, "mmu_invalidate_retry")
+        return RET_PF_RETRY
     if kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
         return _invalidate_retry(vcpu)
     if kvm.sched is not None:
@@ -184,7 +187,12 @@ def kvm_mmu_faultin_pfn(vcpu, fault):
 def _invalidate_retry(vcpu):
     """RET_PF_RETRY because an invalidation of the gfn runs: the vCPU waits for it to end
     (a yield: it refaults until then, and the invalidating task must get to run)."""
-    sched = vcpu.kvm.sched
+    kvm = vcpu.kvm
+    if kvm.mmu_invalidate_in_progress:
+        # Waiting for another task's invalidation, however long it takes (a conversion of
+        # megabytes of a TD's memory): no livelock of this vCPU, not the watchdog's business.
+        vcpu.budget = vcpu.exit_limit
+    sched = kvm.sched
     if sched is not None:
         sched.point(vcpu.vcpu_id, "mmu_invalidate_retry")
     return RET_PF_RETRY
@@ -494,8 +502,11 @@ class KvmVcpuMmu:
             return kvm.tdp_mmu.map(self, fault)
         finally:
             kvm.mmu_lock.read_unlock()
-            if stale and kvm.sched is not None:
-                kvm.sched.point(self.vcpu_id, "mmu_invalidate_retry")
+            if stale:
+                if kvm.mmu_invalidate_in_progress:
+                    self.budget = self.exit_limit     # (as in _invalidate_retry)
+                if kvm.sched is not None:
+                    kvm.sched.point(self.vcpu_id, "mmu_invalidate_retry")
 
     def is_page_fault_stale(self, fault):
         """is_page_fault_stale(): the root went obsolete, or an invalidation of this gfn ran

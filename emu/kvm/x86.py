@@ -70,8 +70,9 @@ class KvmVcpuX86:
             self.signal_pending = True
 
     def kvm_vcpu_exit_request(self):
-        """kvm_vcpu_exit_request(): the last look before entering, with IN_GUEST_MODE set."""
-        return self.mode == EXITING_GUEST_MODE or bool(self.requests)
+        """kvm_vcpu_exit_request(): the last look before entering, with IN_GUEST_MODE set: a
+        kick, a request, or a signal (xfer_to_guest_mode_work_pending())."""
+        return self.mode == EXITING_GUEST_MODE or bool(self.requests) or self.signal_pending
 
     def touch_guest(self):
         """(emu.checkers.dpor) What guest code may have touched in the step that ends: every page its

@@ -675,12 +675,9 @@ class Machine:
             except Exception as e:
                 if is_scheduler_control(e):
                     raise
-                res.host_exception = e
-                msg = f"host check: {describe_exception(e)}"
-                if res.error is None:
-                    res.exit, res.error = "host_assert", msg
-                else:
-                    res.error = f"{res.error}; {msg}"
+                if res.error is None:               # (else the run's own error stands: the first wins)
+                    res.host_exception = e
+                    res.exit, res.error = "host_assert", f"host check: {describe_exception(e)}"
         return res
 
     def _userspace_exit(self, v, run, res):
