@@ -19,6 +19,7 @@ The two classes hold the state; their functions live in the files upstream keeps
     vmx.py         arch/x86/kvm/vmx/vmx.c     VMX exit handlers
     tdx.py         arch/x86/kvm/vmx/tdx.c     the TDX backend (TdxX86Ops)
     kvm_host.py    include/linux/kvm_host.h   errno, requests, modes, memslots, kvm_run
+    srcu.py        kernel/rcu/srcutree.c      kvm->srcu: memslot readers, synchronize_srcu
 
 This module is also the one place the names scripts import from ``emu.kvm.kvm`` keep living.
 """

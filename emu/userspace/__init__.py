@@ -2,6 +2,8 @@
 
 vmm         the VMM (QEMU's part): builds the VM from a guest, runs its vCPUs, answers exits
 loader      loads a guest ELF, builds its page tables; guests builds the guests in guest/
-guestabi    the guest ABI (reports, failures, hypercalls); hostevents the host's events on a VM
-selftest    running guests from pytest (the KVM-selftest shape)
+guestabi    the guest ABI (reports, failures, hypercalls, the ucall transport); hostevents the host's
+            events on a VM
+ucall_common the host side of a ucall (struct ucall, the pool)
+selftest    selftests from pytest (the KVM-selftest shape; public as emu.selftest)
 """
