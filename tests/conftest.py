@@ -2,7 +2,16 @@
 
 import pytest
 
+import cli_json
 from emu.checkers.inject import Plan
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cli_json_follows_its_schema():
+    """Every `--json` output of the CLI made by any test is validated against docs/schema/
+    (tests/cli_json.py): a field renamed, dropped or of another type fails the test that saw it."""
+    with cli_json.hooked():
+        yield
 
 
 @pytest.fixture
