@@ -1,9 +1,14 @@
 """Fixtures every test directory can use."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
-import cli_json
-from emu.checkers.inject import Plan
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cli_json  # noqa: E402  (tests/cli_json.py)
+from emu.checkers.inject import Plan  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
