@@ -207,9 +207,9 @@ def test_vp_info_counts_initialized_vcpus(guest_dir):
     mod = m.kvm.x86_ops.module
     m.vcpus[1].mmu_load()                     # the shared EPT pointer (TDH.VP.WR)
     tdvpr = m.vcpus[1].arch.tdvpr_pa
-    out = mod.seamcall(A.TDH_VP_ENTER, rcx=tdvpr)
+    out = mod.seamcall(A.TDH_VP_ENTER, rcx=tdvpr, caller=1)          # on vCPU 1's CPU
     assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
-    rd = lambda name: mod.seamcall(A.TDH_VP_RD, rcx=tdvpr, rdx=GPR[name]).r8
+    rd = lambda name: mod.seamcall(A.TDH_VP_RD, rcx=tdvpr, rdx=GPR[name], caller=1).r8
     assert (rd("rax"), rd("rcx"), rd("rdx")) == (SUCCESS, 48, m.kvm.tdx.attributes)
     assert (rd("r8"), rd("r9"), rd("r10"), rd("r11")) == (2 | (64 << 32), 1, 0, 0)
 
@@ -291,11 +291,11 @@ def test_zero_step_busy_on_the_sept_tree_lock(guest_dir):
     the TLB-tracking count given back (revert_tlb_tracking_state())."""
     t = Td(guest_dir, "touch", TOUCH_GUEST)
     _fault_until_recorded(t)
-    t.td.sept_readers = 1
+    t.td.secure_ept_lock = 2                 # one reader (sharex: bits 15:1 count them)
     try:
         out = t.enter()
     finally:
-        t.td.sept_readers = 0
+        t.td.secure_ept_lock = 0
     assert (out.rax, out.rcx, out.rdx) == (OPERAND_BUSY | OP_SEPT_TREE, 0, 0)
     assert out.rax == 0x8000020000000092
     assert t.td.refcount == [0, 0]
