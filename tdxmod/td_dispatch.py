@@ -21,7 +21,6 @@ from emu.hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_TDCALL, EXIT_RE
                           EXIT_REASON_EXCEPTION_NMI, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TRIPLE_FAULT)
 from .abi import *  # noqa: F401,F403
 from .regs import Regs
-from .td_structures import TDVPX_PAGES
 from .helpers import Held, lock_tdvpr, map_tdvps, check_and_associate_vcpu, sept_tree_lock
 from . import locks as L
 from emu.hw.ept import make_eptp, EPT_VIOLATION_ACC_WRITE
@@ -255,35 +254,11 @@ def _handle(mod, v, hw, ex, caller=None):
         v.last_epf_gpa_list = []
         v.possibly_epf_stepping = 0
     if reason == EXIT_REASON_TDCALL:
+        # td_call(): the guest's TDCALL, leaf in RAX (tdx_td_dispatcher.c)
         leaf = hw.reg("rax")
         v.last_tdcall_leaf, v.last_tdcall_rcx = leaf, hw.reg("rcx")
-        if leaf == TDG_VP_VMCALL:
-            ctl = hw.reg("rcx")
-            # tdg_vp_vmcall(): RAX, RCX, RSP (and RBP under NO_RBP_MOD) cannot be passed, and
-            # RCX bits 63:32 are reserved: OPERAND_INVALID|RCX to the guest, no exit.
-            check = 0x13 | (0x20 if td.config_flags & TD_CONFIG_FLAGS_NO_RBP_MOD else 0)
-            if ctl & check or ctl >> 32:
-                hw.set_reg("rax", TDX_OPERAND_INVALID | OPERAND_ID_RCX)
-                hw.set_reg("rip", ex.rip + TDCALL_LEN)
-                return None
-            regs = {name: hw.reg(name) for name, bit in _VMCALL_REGS if ctl >> bit & 1}
-            v.vmcall_pending = TDCALL_LEN
-            v.vmcall_control = ctl
-            v.last_td_exit = LAST_EXIT_TDVMCALL
-            return Regs(EXIT_REASON_TDCALL, rcx=ctl, **regs)
-        if leaf == TDG_MEM_PAGE_ACCEPT:
-            return tdg_mem_page_accept(mod, v, hw, caller)
-        if leaf == TDG_VP_VEINFO_GET:
-            hw.set_reg("rax", tdg_vp_veinfo_get(v, hw))
-        elif leaf == TDG_VP_INFO:
-            # tdg_vp_info(): R8 = num_vcpus (initialized) | max_vcpus << 32, R9 = this vCPU's index,
-            # R10 = the commands available (TDG.SYS.RD is not modelled: 0), R11 = 0.
-            hw.set_regs({"rax": TDX_SUCCESS, "rcx": 48 if not td.gpaw else 52, "rdx": td.attributes,
-                         "r8": td.num_vcpus | (td.max_vcpus << 32), "r9": v.vcpu_index, "r10": 0, "r11": 0})
-        else:
-            hw.set_reg("rax", TDX_OPERAND_INVALID | OPERAND_ID_RCX)
-        hw.set_reg("rip", ex.rip + TDCALL_LEN)
-        return None
+        handler = TDCALL_HANDLERS.get(leaf, tdg_unknown)
+        return handler(mod, v, hw, ex, caller)
     if reason == EXIT_REASON_HLT and not td.attributes & TD_ATTR_SEPT_VE_DISABLE:
         # td_generic_ve_exit(): #VE, exit reason HLT, instruction length 1; the guest's handler
         # makes the TDG.VP.VMCALL<Instruction.HLT> and skips the HLT.
@@ -338,6 +313,52 @@ def _handle(mod, v, hw, ex, caller=None):
         # Otherwise only an emulator failure comes here (model): the vCPU shuts down.
         return _triple_fault(v, ex, hw)
     return _exit(reason, ex.qualification, 0, ex.gpa or 0)
+
+
+def _tdcall_done(hw, ex, status):
+    """The TDCALL completes in the guest: RAX the status, RIP past the instruction."""
+    hw.set_reg("rax", status)
+    hw.set_reg("rip", ex.rip + TDCALL_LEN)
+    return None
+
+
+def tdg_vp_vmcall(mod, v, hw, ex, caller=None):
+    """TDG.VP.VMCALL (tdg_vp_vmcall.c): RAX, RCX, RSP (and RBP under NO_RBP_MOD) cannot be
+    passed, and RCX bits 63:32 are reserved: OPERAND_INVALID|RCX to the guest, no exit.  Else a
+    TD exit (trap-like: LAST_EXIT_TDVMCALL) with the registers the guest selected."""
+    td = v.td
+    ctl = hw.reg("rcx")
+    check = 0x13 | (0x20 if td.config_flags & TD_CONFIG_FLAGS_NO_RBP_MOD else 0)
+    if ctl & check or ctl >> 32:
+        return _tdcall_done(hw, ex, TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+    regs = {name: hw.reg(name) for name, bit in _VMCALL_REGS if ctl >> bit & 1}
+    v.vmcall_pending = TDCALL_LEN
+    v.vmcall_control = ctl
+    v.last_td_exit = LAST_EXIT_TDVMCALL
+    return Regs(EXIT_REASON_TDCALL, rcx=ctl, **regs)
+
+
+def tdg_vp_info(mod, v, hw, ex, caller=None):
+    """TDG.VP.INFO (tdg_vp_info.c): R8 = num_vcpus (initialized) | max_vcpus << 32, R9 = this
+    vCPU's index, R10 = the commands available (TDG.SYS.RD is not modelled: 0), R11 = 0."""
+    td = v.td
+    hw.set_regs({"rcx": 48 if not td.gpaw else 52, "rdx": td.attributes,
+                 "r8": td.num_vcpus | (td.max_vcpus << 32), "r9": v.vcpu_index, "r10": 0, "r11": 0})
+    return _tdcall_done(hw, ex, TDX_SUCCESS)
+
+
+def _tdg_vp_veinfo_get(mod, v, hw, ex, caller=None):
+    return _tdcall_done(hw, ex, tdg_vp_veinfo_get(v, hw))
+
+
+def _tdg_mem_page_accept(mod, v, hw, ex, caller=None):
+    return tdg_mem_page_accept(mod, v, hw, caller)
+
+
+def tdg_unknown(mod, v, hw, ex, caller=None):
+    """td_call(): a leaf it does not know, reserved bits or a version in RAX: OPERAND_INVALID with
+    operand id RAX (0) to the guest."""
+    return _tdcall_done(hw, ex, TDX_OPERAND_INVALID)
 
 
 def _fatal_exit(mod, v, ex):
@@ -429,3 +450,13 @@ def tdg_mem_page_accept(mod, v, hw, caller=None):
     mod.mem.q[ptr >> 3] = S.set_state(e, S.SEPT_MAPPED)     # from the copy read under the lock
     mod.unlock_entry(ptr)
     return done(TDX_SUCCESS)
+
+
+# TDCALL leaf (the guest's RAX) -> handler(mod, vcpu, hw, exit, caller): the TD exit Regs for the
+# VMM, or None when the TDCALL completes in the guest.  Any other leaf: tdg_unknown.
+TDCALL_HANDLERS = {
+    TDG_VP_VMCALL: tdg_vp_vmcall,
+    TDG_VP_INFO: tdg_vp_info,
+    TDG_VP_VEINFO_GET: _tdg_vp_veinfo_get,
+    TDG_MEM_PAGE_ACCEPT: _tdg_mem_page_accept,
+}
