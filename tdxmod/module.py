@@ -43,6 +43,7 @@ class TdxModule:
         self.inject = None
         self.counts = {}               # leaf name -> calls
         self.make_cpu = None           # callable(index) -> emu.hw.vcpu.Vcpu, given by the platform
+        self.on_tdcall = None          # (checkers) callable(vcpu, leaf, status): a TDCALL completed in the guest
         # SEAMRR, the module's own memory: in this model the memory it keeps its PAMT in (the
         # host can neither read it nor hand it to the module as a shared page).
         self.seamrr_base = pamt_base

@@ -20,6 +20,7 @@ from .abi import PT_NDA, PT_REG, PAGE_TYPE_NAMES, TDX_SUCCESS
 from . import locks as L
 
 PAMT_ENTRY_SIZE = 16
+_NO_HP = bytes(b & ~2 for b in range(256))           # a lock's low byte without host priority (bit 1)
 PT_4KB, PT_2MB, PT_1GB = 0, 1, 2
 _LOCK = 0xFFFF
 _PT_SHIFT = 16
@@ -45,8 +46,9 @@ class Pamt:
         self._first = (base >> 3, (base + n4k * PAMT_ENTRY_SIZE) >> 3,
                        (base + (n4k + n2m) * PAMT_ENTRY_SIZE) >> 3)
         self.size = pamt_size(tdmr_size)
-        # An index of the entries that are not PT_NDA (the table in memory stays the truth:
-        # scan_owned_pages() reads it back), so checks need not scan every entry.
+        # An index of the entries that are not PT_NDA: head HPA -> (page type, owner, size) (the
+        # table in memory stays the truth: scan_owned_pages() reads it back), so checks need not
+        # scan every entry.
         self.index = {}
         # (emu.checkers.dpor) touch(key, write): what a lock operation shares, given by the module.
         self.touch = None
@@ -87,7 +89,7 @@ class Pamt:
         if pt == PT_NDA:
             self.index.pop(head, None)
         else:
-            self.index[head] = (pt, owner & ~0xFFF)
+            self.index[head] = (pt, owner & ~0xFFF, size)
 
     def set_bepoch(self, hpa, epoch, size=None):
         self.mem.q[self._slot(hpa, self.leaf_level(hpa) if size is None else size) + 1] = epoch
@@ -194,7 +196,18 @@ class Pamt:
     def owned_pages(self, owner=None):
         """(hpa, page type, owner) of every page not PT_NDA, sorted (from the index); a 2M page
         once, at its first 4K page."""
-        return sorted((hpa, pt, o) for hpa, (pt, o) in self.index.items() if owner is None or o == owner)
+        return sorted((hpa, pt, o) for hpa, (pt, o, _) in self.index.items() if owner is None or o == owner)
+
+    def bepoch_of(self, hpa, size):
+        """(invariants) the BEPOCH of the ``size`` entry at ``hpa``, with no walk."""
+        return self.mem.q[self._slot(hpa, size) + 1]
+
+    def any_lock_held(self):
+        """(invariants) whether any entry's lock, at any level, is held (host priority alone is not
+        a lock): the lock is the low 16 bits of each 16-byte entry, read in C."""
+        raw = bytes(self.mem.buf[self.base:self.base + self.size])
+        low, high = raw[0::16], raw[1::16]
+        return bool(low.translate(_NO_HP).strip(b"\x00") or high.strip(b"\x00"))
 
     def _words(self, level):
         """Word 0 of every entry of one level (read in C: a strided slice of the table)."""

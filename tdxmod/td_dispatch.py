@@ -315,10 +315,12 @@ def _handle(mod, v, hw, ex, caller=None):
     return _exit(reason, ex.qualification, 0, ex.gpa or 0)
 
 
-def _tdcall_done(hw, ex, status):
+def _tdcall_done(mod, v, hw, ex, status):
     """The TDCALL completes in the guest: RAX the status, RIP past the instruction."""
     hw.set_reg("rax", status)
     hw.set_reg("rip", ex.rip + TDCALL_LEN)
+    if mod.on_tdcall is not None:
+        mod.on_tdcall(v, v.last_tdcall_leaf, status)
     return None
 
 
@@ -330,7 +332,7 @@ def tdg_vp_vmcall(mod, v, hw, ex, caller=None):
     ctl = hw.reg("rcx")
     check = 0x13 | (0x20 if td.config_flags & TD_CONFIG_FLAGS_NO_RBP_MOD else 0)
     if ctl & check or ctl >> 32:
-        return _tdcall_done(hw, ex, TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+        return _tdcall_done(mod, v, hw, ex, TDX_OPERAND_INVALID | OPERAND_ID_RCX)
     regs = {name: hw.reg(name) for name, bit in _VMCALL_REGS if ctl >> bit & 1}
     v.vmcall_pending = TDCALL_LEN
     v.vmcall_control = ctl
@@ -344,11 +346,11 @@ def tdg_vp_info(mod, v, hw, ex, caller=None):
     td = v.td
     hw.set_regs({"rcx": 48 if not td.gpaw else 52, "rdx": td.attributes,
                  "r8": td.num_vcpus | (td.max_vcpus << 32), "r9": v.vcpu_index, "r10": 0, "r11": 0})
-    return _tdcall_done(hw, ex, TDX_SUCCESS)
+    return _tdcall_done(mod, v, hw, ex, TDX_SUCCESS)
 
 
 def _tdg_vp_veinfo_get(mod, v, hw, ex, caller=None):
-    return _tdcall_done(hw, ex, tdg_vp_veinfo_get(v, hw))
+    return _tdcall_done(mod, v, hw, ex, tdg_vp_veinfo_get(v, hw))
 
 
 def _tdg_mem_page_accept(mod, v, hw, ex, caller=None):
@@ -358,7 +360,7 @@ def _tdg_mem_page_accept(mod, v, hw, ex, caller=None):
 def tdg_unknown(mod, v, hw, ex, caller=None):
     """td_call(): a leaf it does not know, reserved bits or a version in RAX: OPERAND_INVALID with
     operand id RAX (0) to the guest."""
-    return _tdcall_done(hw, ex, TDX_OPERAND_INVALID)
+    return _tdcall_done(mod, v, hw, ex, TDX_OPERAND_INVALID)
 
 
 def _fatal_exit(mod, v, ex):
@@ -405,6 +407,8 @@ def tdg_mem_page_accept(mod, v, hw, caller=None):
     def done(status):
         hw.set_reg("rax", status)
         hw.set_reg("rip", rip + TDCALL_LEN)
+        if mod.on_tdcall is not None:
+            mod.on_tdcall(v, TDG_MEM_PAGE_ACCEPT, status)
         return None
 
     def violation(e, lvl):
