@@ -732,6 +732,16 @@ class SeamFuzzer(CallMaker):
                         continue
                 i += chunk
             chunk //= 2
+        # then the second CPU's calls, one point at a time
+        for i in range(len(recs)):
+            for entry in list(recs[i].get("nested", ())):
+                if time.perf_counter() > deadline:
+                    break
+                trial_rec = dict(recs[i], nested=[e for e in recs[i]["nested"] if e is not entry])
+                trial = recs[:i] + [trial_rec] + recs[i + 1:]
+                b2 = self.replay(trial)
+                if b2 is not None and b2.kind == failure.kind:
+                    recs = trial
         b = self.replay(recs)
         return Failure(failure.kind, str(b) if b else failure.message, recs, failure.index)
 
