@@ -197,28 +197,28 @@ def _vp_enter(mod, r, caller, held):
         held.stack.pop()()
     held.stack.remove(op_state_lock)
     op_state_lock()
-    shared_eptp = make_eptp(v.shared_eptp, levels=td.pwl, ad=True)
-    if hw.eptp != shared_eptp or hw.secure_eptp != td.secure_eptp:
-        hw.load_eptp(shared_eptp, td.secure_eptp, td.shared_bit)
-    if v.vmcall_pending is not None:
-        # Complete the guest's TDG.VP.VMCALL (save_regs_after_tdvmcall()): every GPR the guest
-        # exposed gets the VMM's value, RAX = 0, RCX = the guest's selection.
-        insn_len = v.vmcall_pending
-        v.vmcall_pending = None
-        if insn_len == TDCALL_LEN:
-            ctl = v.vmcall_control
-            regs = {name: getattr(r, name) for name, bit in _VMCALL_REGS if ctl >> bit & 1}
-            regs["rax"] = TDX_SUCCESS
-            regs["rcx"] = ctl
-            hw.set_regs(regs)
-        hw.set_reg("rip", hw.reg("rip") + insn_len)
-    v.rip_on_tdentry = hw.reg("rip")
     v.state = VCPU_ACTIVE
     # td_vmexit_to_vmm(): however the TD exits (even by an exception of the emulated CPU), the
     # vCPU's state is stored and its count in the epoch given back (not after a fatal exit that
     # found the TD dead: that vCPU stays ACTIVE, counted, and the TD can only be torn down).
     v.exit_state = VCPU_READY
     try:
+        shared_eptp = make_eptp(v.shared_eptp, levels=td.pwl, ad=True)
+        if hw.eptp != shared_eptp or hw.secure_eptp != td.secure_eptp:
+            hw.load_eptp(shared_eptp, td.secure_eptp, td.shared_bit)
+        if v.vmcall_pending is not None:
+            # Complete the guest's TDG.VP.VMCALL (save_regs_after_tdvmcall()): every GPR the guest
+            # exposed gets the VMM's value, RAX = 0, RCX = the guest's selection.
+            insn_len = v.vmcall_pending
+            v.vmcall_pending = None
+            if insn_len == TDCALL_LEN:
+                ctl = v.vmcall_control
+                regs = {name: getattr(r, name) for name, bit in _VMCALL_REGS if ctl >> bit & 1}
+                regs["rax"] = TDX_SUCCESS
+                regs["rcx"] = ctl
+                hw.set_regs(regs)
+            hw.set_reg("rip", hw.reg("rip") + insn_len)
+        v.rip_on_tdentry = hw.reg("rip")
         tracer = mod.tracer
         while True:
             ex = hw.run()

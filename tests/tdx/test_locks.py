@@ -296,16 +296,17 @@ class TdEnvRunnable:
         self.__dict__[name] = value
 
 
-def test_vp_enter_keeps_the_module_consistent_when_the_cpu_raises(make_td):
+@pytest.mark.parametrize("where", ["run", "load_eptp"])
+def test_vp_enter_keeps_the_module_consistent_when_the_cpu_raises(make_td, where):
     """td_vmexit_to_vmm(): however the TD run ends, the vCPU's count in the epoch is given back and
     the TDR and TDVPR released.  An exception out of the emulated CPU (a model failure, which the
-    VMM reports as an internal error) leaves the module as a TD exit would."""
+    VMM reports as an internal error), entering or running, leaves the module as a TD exit would."""
     env = TdEnvRunnable(make_td)
     hw = env.mod.vcpus[env.tdvpr].hw
 
-    def broken():
+    def broken(*args):
         raise RuntimeError("emulated CPU failure")
-    hw.run = broken
+    setattr(hw, where, broken)
     with pytest.raises(RuntimeError):
         env.call(A.TDH_VP_ENTER, rcx=env.tdvpr)
     v = env.mod.vcpus[env.tdvpr]

@@ -576,3 +576,23 @@ def test_machine_check_makes_the_td_fatal(guest_dir):
     assert t.call(A.TDH_MEM_PAGE_AUG, rcx=AREA, rdx=t.tdr, r8=t.m.gmem + AREA).rax == A.TDX_TD_FATAL
     assert t.call(A.TDH_VP_FLUSH, rcx=t.tdvpr).rax == SUCCESS
     assert t.call(A.TDH_MNG_VPFLUSHDONE, rcx=t.tdr).rax == SUCCESS
+
+
+UNKNOWN_TDCALL_GUEST = HEAD + """\
+    TDCALL
+    .globl after_tdcall
+after_tdcall:
+    hlt
+"""
+
+
+@pytest.mark.parametrize("rax", [99, A.TDG_VP_INFO | (1 << 16), A.TDG_VP_INFO | (1 << 40)])
+def test_unknown_tdcall_leaf(guest_dir, rax):
+    """td_call(): an unknown leaf, a version (RAX 23:16) the leaf does not have, or reserved bits of
+    RAX: OPERAND_INVALID with operand id RAX (0) to the guest, which goes on (no TD exit)."""
+    t = Td(guest_dir, "unknowntdcall", UNKNOWN_TDCALL_GUEST)
+    t.wr("rax", rax)
+    out = t.enter()
+    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
+    assert t.rd("rax") == OPERAND_INVALID == 0xC000010000000000
+    assert t.rd("rip") == t.sym("after_tdcall")
