@@ -141,7 +141,8 @@ def build_parser():
     inj.add_argument("--list", action="store_true", help="list every fault point, its errors and KVM's reaction")
     fz = sub.add_parser("fuzz", help="a stateful fuzzer of the TDX module: SEAMCALLs and TDCALLs from two CPUs, "
                                      "every check after every call (docs/fuzzing.md)")
-    fz.add_argument("--calls", type=int, default=10000, help="SEAMCALLs of the first CPU (default %(default)s)")
+    fz.add_argument("--calls", type=int, default=10000,
+                    help="SEAMCALLs to make, both CPUs' (default %(default)s)")
     fz.add_argument("--seed", type=int, default=0, help="the seed: it names the whole run (default 0)")
     fz.add_argument("--second-cpu", type=float, default=0.25, metavar="P",
                     help="probability that the second CPU runs a call at each of the module's scheduling "
@@ -500,7 +501,7 @@ def cmd_fuzz(args, out):
         for (leaf, st), n in sorted(fz.pairs.items()):
             pairs.setdefault(leaf, {})[st] = n
         out.write(json.dumps({
-            "calls": fz.calls, "seed": args.seed, "second_cpu": args.second_cpu,
+            "calls": fz.calls, "second_cpu_calls": fz.second_calls, "seed": args.seed, "second_cpu": args.second_cpu,
             "seconds": round(fz.seconds, 3), "calls_per_second": round(fz.calls / fz.seconds, 1) if fz.seconds else 0,
             "interrupted": fz.interrupted and not timed_out, "timed_out": timed_out,
             "failures": [failure.as_json()] if failure else [], "coverage": cov, "pairs": pairs,
@@ -509,8 +510,9 @@ def cmd_fuzz(args, out):
     else:
         state = ("interrupted" if fz.interrupted and not timed_out else "stopped by --timeout" if timed_out
                  else "a check broke" if failure else "no check broke")
-        out.write(f"fuzzed {fz.calls} calls (seed {args.seed}, second CPU at {args.second_cpu:g} of the module's "
-                  f"scheduling points): {state}, {fz.calls / fz.seconds if fz.seconds else 0:.0f} calls/s\n")
+        out.write(f"fuzzed {fz.calls} calls ({fz.second_calls} of them the second CPU's at the module's scheduling "
+                  f"points, p={args.second_cpu:g}; seed {args.seed}): {state}, "
+                  f"{fz.calls / fz.seconds if fz.seconds else 0:.0f} calls/s\n")
         out.write(f"coverage: {cov['reached']} of {cov['reachable']} reachable (leaf, status) pairs "
                   f"({cov['percent']}%); {cov['possible'] - cov['reachable']} more pairs the handlers name cannot "
                   f"be reached (docs/fuzzing.md)\n")

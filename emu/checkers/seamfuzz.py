@@ -431,7 +431,8 @@ class SeamFuzzer(CallMaker):
         self.second_cpu = second_cpu
         self._fresh(host)
         self.pairs = {}                  # (leaf name, status name) -> count
-        self.calls = 0
+        self.calls = 0                   # SEAMCALLs made, both CPUs'
+        self.second_calls = 0            # of which the second CPU's
         self.records = []
         self.failures = []
 
@@ -469,8 +470,8 @@ class SeamFuzzer(CallMaker):
 
     # -- running -----------------------------------------------------------------------------------------
     def run(self, calls, deadline=None, stop_at_first=True, on_progress=None):
-        """``calls`` top-level calls (each with its second-CPU calls); stops at the first failure
-        (or the deadline, or Ctrl-C: interrupted)."""
+        """About ``calls`` SEAMCALLs (both CPUs'; the last top-level call may bring a few of the
+        second CPU's over); stops at the first failure (or the deadline, or Ctrl-C: interrupted)."""
         self.interrupted = False
         t0 = time.perf_counter()
         try:
@@ -539,6 +540,7 @@ class SeamFuzzer(CallMaker):
             if v is not None and v.hw is not None and v.state != A.VCPU_ACTIVE:
                 v.hw.intr_pending = False
         self.calls += 1
+        self.second_calls += nested
         st = status_of(rec["leaf"] & 0xFFFF, out.rax)
         key = (leaf_name(rec["leaf"]) if rec["leaf"] & 0xFFFF in HANDLERS else "SEAMCALL_UNKNOWN", st)
         self.pairs[key] = self.pairs.get(key, 0) + 1

@@ -119,3 +119,21 @@ def test_cli_fuzz_timeout():
     rc, text = _main(["fuzz", "--calls", "100000000", "--timeout", "0.5", "--json"])
     obj = json.loads(text)
     assert rc == 0 and obj["timed_out"] and not obj["interrupted"] and obj["calls"] < 100000000
+
+
+def test_cli_fuzz_ctrl_c_prints_what_it_found():
+    """Ctrl-C (SIGINT) ends the run within a second or two: the report of the calls made so far,
+    exit status 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "emu", "fuzz", "--calls", "100000000", "--seed", "9", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(3)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 130
+    obj = json.loads(out)
+    assert obj["interrupted"] and obj["calls"] > 0 and obj["failures"] == []
