@@ -9,6 +9,11 @@ walk, check the entry's state against the leaf's legal states, check and lock
 the page in the PAMT, write, release, return a status).  A failed check
 returns a status with the operand id and changes nothing.
 
+``caller`` names the logical CPU the SEAMCALL runs on (current_lp(): KVM passes the vCPU it
+calls for; a scheduler's task is a CPU; otherwise CPU 0): a vCPU is associated with one CPU at a
+time (TDX_VCPU_ASSOCIATED).  The locks are tdx_1.5's (tdxmod/locks.py, helpers.py); a lock held
+across a scheduling point (``sched.point``) can be met there by another CPU's call.
+
 The module's pages (TDR, TDCS, TDVPR, S-EPT) and TD private pages are
 protected: host software touching them gets HostAccessError, as TDX's memory
 protection makes them unreadable to the VMM.  The TD and vCPU control
