@@ -22,7 +22,7 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         if "required: cmd" in message:
-            message = "say what to do: run, explore, campaign or inject (python -m emu --help)"
+            message = "say what to do: run, explore, campaign, inject or fuzz (python -m emu --help)"
         raise UsageError(message)
 
 
@@ -139,6 +139,19 @@ def build_parser():
     _add_ray_options(camp)
     inj = sub.add_parser("inject", help="fault injection: list the fault points")
     inj.add_argument("--list", action="store_true", help="list every fault point, its errors and KVM's reaction")
+    fz = sub.add_parser("fuzz", help="a stateful fuzzer of the TDX module: SEAMCALLs and TDCALLs from two CPUs, "
+                                     "every check after every call (docs/fuzzing.md)")
+    fz.add_argument("--calls", type=int, default=10000,
+                    help="SEAMCALLs to make, both CPUs' (default %(default)s)")
+    fz.add_argument("--seed", type=int, default=0, help="the seed: it names the whole run (default 0)")
+    fz.add_argument("--second-cpu", type=float, default=0.25, metavar="P",
+                    help="probability that the second CPU runs a call at each of the module's scheduling "
+                         "points (default %(default)s; 0: one CPU)")
+    fz.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="stop after this long, reporting what was found")
+    fz.add_argument("--minimize", type=float, default=20.0, metavar="SECONDS",
+                    help="time to shorten a failure's reproducer (default %(default)s)")
+    fz.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
 
@@ -454,6 +467,72 @@ def print_text(m, res, out):
         w("SEAMCALLs: " + ", ".join(f"{k} {v}" for k, v in sorted(s["seamcalls"].items())) + "\n")
 
 
+def cmd_fuzz(args, out):
+    """The TDX module's fuzzer (emu.checkers.seamfuzz): the (leaf, status) pairs reached against those
+    each handler can return; exit 1 with a reproducer when a check broke."""
+    import time
+    from .checkers.seamfuzz import SeamFuzzer, can_return, unreachable
+    if args.calls < 1:
+        raise UsageError("--calls needs at least 1 call")
+    if not 0 <= args.second_cpu <= 1:
+        raise UsageError("--second-cpu is a probability: from 0 to 1")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be more than 0 seconds")
+    if args.minimize < 0:
+        raise UsageError("--minimize must be 0 seconds or more")
+    fz = SeamFuzzer(args.seed, second_cpu=args.second_cpu)
+    tty = sys.stderr.isatty() and not args.json
+    progress = (lambda f: sys.stderr.write(f"\r  {f.calls} calls, {len(f.pairs)} pairs ")) if tty else None
+    deadline = None if args.timeout is None else time.perf_counter() + args.timeout
+    fz.run(args.calls, deadline=deadline, on_progress=progress)
+    if tty:
+        sys.stderr.write("\r" + " " * 40 + "\r")
+    failure = fz.failures[0] if fz.failures else None
+    if failure is not None and args.minimize:
+        try:
+            failure = fz.minimize(failure, seconds=args.minimize)
+        except KeyboardInterrupt:
+            pass
+    cov = fz.coverage()
+    cr, un = can_return(), unreachable()
+    timed_out = fz.interrupted and deadline is not None and time.perf_counter() >= deadline
+    if args.json:
+        pairs = {}
+        for (leaf, st), n in sorted(fz.pairs.items()):
+            pairs.setdefault(leaf, {})[st] = n
+        out.write(json.dumps({
+            "calls": fz.calls, "second_cpu_calls": fz.second_calls, "seed": args.seed, "second_cpu": args.second_cpu,
+            "seconds": round(fz.seconds, 3), "calls_per_second": round(fz.calls / fz.seconds, 1) if fz.seconds else 0,
+            "interrupted": fz.interrupted and not timed_out, "timed_out": timed_out,
+            "failures": [failure.as_json()] if failure else [], "coverage": cov, "pairs": pairs,
+            "can_return": {leaf: sorted(sts) for leaf, sts in sorted(cr.items())},
+            "unreachable": [[leaf, st, why] for (leaf, st), why in sorted(un.items())]}) + "\n")
+    else:
+        state = ("interrupted" if fz.interrupted and not timed_out else "stopped by --timeout" if timed_out
+                 else "a check broke" if failure else "no check broke")
+        out.write(f"fuzzed {fz.calls} calls ({fz.second_calls} of them the second CPU's at the module's scheduling "
+                  f"points, p={args.second_cpu:g}; seed {args.seed}): {state}, "
+                  f"{fz.calls / fz.seconds if fz.seconds else 0:.0f} calls/s\n")
+        out.write(f"coverage: {cov['reached']} of {cov['reachable']} reachable (leaf, status) pairs "
+                  f"({cov['percent']}%); {cov['possible'] - cov['reachable']} more pairs the handlers name cannot "
+                  f"be reached (docs/fuzzing.md)\n")
+        for leaf in sorted(cr):
+            got = {st: n for (lf, st), n in fz.pairs.items() if lf == leaf}
+            reach = sorted(st for st in cr[leaf] if (leaf, st) not in un)
+            line = ", ".join(f"{st} {got[st]}" if st in got else f"{st} -" for st in reach)
+            out.write(f"  {leaf}: {sum(1 for st in reach if st in got)}/{len(reach)}: {line}\n")
+        if failure is not None:
+            out.write(f"check broken ({failure.kind}) at call {failure.index}: {failure.message}\n")
+            out.write(f"reproducer ({len(failure.records)} calls from a fresh module, "
+                      f"seed {args.seed}):\n")
+            for r in failure.records:
+                from .checkers.seamfuzz import format_record
+                out.write("  " + format_record(r) + "\n")
+    if failure is not None:
+        return 1
+    return 130 if fz.interrupted and not timed_out else 0
+
+
 def args_vm_name(m):
     return "TDX" if m.vm_type else "default"
 
@@ -464,7 +543,7 @@ def main(argv=None, out=None):
     try:
         args = parser.parse_args(argv)
         return {"run": cmd_run, "explore": cmd_explore, "inject": cmd_inject,
-                "campaign": cmd_campaign}[args.cmd](args, out)
+                "campaign": cmd_campaign, "fuzz": cmd_fuzz}[args.cmd](args, out)
     except UsageError as e:
         sys.stderr.write(f"emu: error: {e}\n")
         return 2

@@ -349,7 +349,7 @@ def test_mmu_lock_prefers_writers():
 BUG_CASES = [
     # (bug, guest, machine options, explore options)
     ("kick-misses-running-vcpu", "convspin", {}, dict(runs=100, seed=1)),
-    ("entry-ignores-requests", "convspin", {}, dict(runs=300, seed=1)),
+    ("entry-ignores-requests", "convspin", {}, dict(runs=300, seed=2)),
     ("no-track", "convspin", {}, dict(runs=100, seed=1)),
     ("no-kick-after-track", "convspin", {}, dict(runs=100, seed=1)),
     ("busy-is-fatal", "accept2", {}, dict(runs=300, seed=1)),

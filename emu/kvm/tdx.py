@@ -154,17 +154,20 @@ class TdxX86Ops(VmxX86Ops):
             page = host.alloc_kernel_page()
             t.tdvpx_pa.append(page)
             self._check(kvm, self.seamcall(kvm, A.TDH_VP_ADDCX, rcx=page, rdx=t.tdvpr_pa), "TDH.VP.ADDCX")
-        # Version 1: R8 = the x2APIC id.
-        self._check(kvm, self.seamcall(kvm, A.TDH_VP_INIT | (1 << 16), rcx=t.tdvpr_pa, rdx=0, r8=vcpu.vcpu_id),
-                    "TDH.VP.INIT")
+        # Version 1: R8 = the x2APIC id.  On the vCPU's CPU (the KVM_TDX_INIT_VCPU ioctl runs
+        # with the vCPU loaded): the module associates the vCPU with it.
+        self._check(kvm, self.seamcall(kvm, A.TDH_VP_INIT | (1 << 16), caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, rdx=0,
+                                       r8=vcpu.vcpu_id), "TDH.VP.INIT")
         # The CPU the TD vCPU runs on: KVM uses it only to INVEPT (its state is the module's).
         vcpu.hw = self.module.vcpus[t.tdvpr_pa].hw
 
     def vp_wr(self, vcpu, field, value):
-        return self.seamcall(vcpu.kvm, A.TDH_VP_WR, rcx=vcpu.arch.tdvpr_pa, rdx=field, r8=value, r9=(1 << 64) - 1)
+        # td_vmcs_write*(): on the vCPU's CPU (TDH.VP.WR associates the vCPU with the CPU it runs on)
+        return self.seamcall(vcpu.kvm, A.TDH_VP_WR, caller=vcpu.vcpu_id, rcx=vcpu.arch.tdvpr_pa, rdx=field,
+                             r8=value, r9=(1 << 64) - 1)
 
     def vp_rd(self, vcpu, field):
-        out = self.seamcall(vcpu.kvm, A.TDH_VP_RD, rcx=vcpu.arch.tdvpr_pa, rdx=field)
+        out = self.seamcall(vcpu.kvm, A.TDH_VP_RD, caller=vcpu.vcpu_id, rcx=vcpu.arch.tdvpr_pa, rdx=field)
         return out.r8 if out.rax == A.TDX_SUCCESS else None
 
     def set_regs(self, vcpu, regs):
@@ -358,8 +361,8 @@ class TdxX86Ops(VmxX86Ops):
         tdx = kvm.tdx
         kvm.zap_gfn_range(0, kvm.max_gfn_exclusive, KVM_MIRROR_ROOTS)
         for v in kvm.vcpus:
-            # tdx_flush_vp(): a vCPU that was never associated is fine.
-            out = self.seamcall(kvm, A.TDH_VP_FLUSH, rcx=v.arch.tdvpr_pa)
+            # tdx_flush_vp_on_cpu(): on the CPU the vCPU last ran on; one never associated is fine.
+            out = self.seamcall(kvm, A.TDH_VP_FLUSH, caller=v.vcpu_id, rcx=v.arch.tdvpr_pa)
             kvm.KVM_BUG_ON(out.rax not in (A.TDX_SUCCESS, A.TDX_VCPU_NOT_ASSOCIATED),
                            f"TDH.VP.FLUSH: {A.status_name(out.rax)}")
         out = self.seamcall(kvm, A.TDH_MNG_VPFLUSHDONE, rcx=tdx.tdr_pa)
