@@ -17,6 +17,12 @@ hypervisor injects events with ``inject_event``; they are delivered at the next
 entry.  With the "EPT-violation #VE" control on (``ve_info`` set: a TD's, which
 the TDX module always enables), a convertible EPT violation is a #VE instead of
 an exit (``_convert_to_ve``).
+
+An exception a hook raises (a bug of the model: the walker, the fill) is never guest
+behaviour: the binding stops emulation and keeps it, and ``run()`` raises it again
+with its traceback, also where the failed fill made emu_start fail too.  ``kick()``
+may come from another thread (the VMM's signal and timeout watchdog): it stops
+emu_start at the next block, and the vCPU exits as for an IPI.
 """
 
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
@@ -45,7 +51,7 @@ from .exits import (VmExit, VeInfo, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_M
                     EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXTERNAL_INTERRUPT,
                     EXIT_REASON_TRIPLE_FAULT)
 from . import idt as idt_mod
-from .slice import block_hook_stub, Budget
+from .slice import block_hook_stub, Budget, NO_BUDGET
 from .memory import PAGE_MASK, PAGE_SIZE
 from .paging import Translation, PageFault, GeneralProtection, translate, probe, PAGING, X86_CR0_WP, \
     X86_CR0_PG, X86_CR4_PAE, EFER_NXE, PFERR_WRITE, READ, WRITE, FETCH
@@ -64,7 +70,6 @@ _UC_GPRS = [_UC_REG[n] for n in GPRS]
 _VMCALL = b"\x0f\x01\xc1"
 _PAUSE = b"\xf3\x90"
 PAUSE_WINDOW = 8                        # PAUSEs in one slice before it ends (pause-loop exiting's window)
-NO_BUDGET = 1 << 62
 _TDCALL = b"\x66\x0f\x01\xcc"
 _ACCESS = {16: 1, 17: 2, 18: 4}         # UC_MEM_READ/WRITE/FETCH -> R/W/X (the UC_PROT_* bits too)
 
@@ -136,7 +141,13 @@ class Vcpu:
         self.in_guest = False
         self.slices = 0
         self.checked_generation = -1         # (the checker's) tables generation last checked here
+        # The run's deterministic watchdog (emu.hw.slice.BlockLimit, shared by the vCPUs of a
+        # run), or None; with it (or slicing) the blocks guest code runs are counted here.
+        self.limit = None
+        self.blocks = 0
         self._budget = None
+        self._slice_left = 0                 # blocks left in the current slice
+        self._armed = 0                      # the budget emu_start was armed with
         self._pauses = 0
         self._pause_pages = set()            # (GVA page, HPA page) scanned for PAUSE
         self._slice_end = None
@@ -360,8 +371,25 @@ class Vcpu:
 
     def kick(self):
         """An IPI to this CPU: in guest mode it causes an external-interrupt VM exit.  It stays
-        pending until the host takes it with interrupts on (the hypervisor clears it then)."""
+        pending until the host takes it with interrupts on (the hypervisor clears it then).
+
+        Safe from another thread (a signal, the VMM's watchdog): a vCPU inside emu_start (the
+        binding runs it without the GIL) leaves it at the next block; one between two slices
+        or outside guest code sees ``intr_pending`` before it runs any (uc_emu_stop then does
+        nothing).  The caller repeats it until the vCPU is out: a kick that lands just before
+        emu_start begins is lost to Unicorn, which clears its stop request as it starts."""
         self.intr_pending = True
+        if self.in_guest:
+            self.uc.emu_stop()
+
+    def blocks_run(self):
+        """Blocks run so far, the running slice's too (a reader on another thread, the progress
+        line: the callback counts in ``_budget`` while emu_start runs).  0 when not counted."""
+        b = self._budget
+        n = self.blocks
+        if b is not None and self.in_guest:
+            n += max(0, self._armed - b.remaining)
+        return n
 
     def run(self):
         """Run the guest until the next VM exit and return it (a VmExit).
@@ -376,7 +404,8 @@ class Vcpu:
             # (It stays pending until the host enables interrupts: the hypervisor clears it.)
             return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
         slicing = self.slice_blocks
-        if slicing and self._budget is None:
+        limit = self.limit
+        if (slicing or limit is not None) and self._budget is None:
             self._arm_budget()
         budget = self._budget
         self.in_guest = True
@@ -389,22 +418,44 @@ class Vcpu:
                 if self.mem.generation != self.code_generation:
                     self._code_coherence()
                 if budget is not None:
-                    # The budget runs across entries: guest code between exits the module or
+                    # The slice runs across entries: guest code between exits the module or
                     # the hypervisor handles (a TDCALL retried on BUSY) counts until a slice ends.
-                    if not slicing:
-                        budget.remaining = NO_BUDGET
-                    elif budget.remaining <= 0 or budget.remaining > slicing:
-                        budget.remaining = slicing
+                    armed = NO_BUDGET
+                    if slicing:
+                        if self._slice_left <= 0 or self._slice_left > slicing:
+                            self._slice_left = slicing
+                        armed = self._slice_left
+                    if limit is not None:
+                        if limit.left <= 0:
+                            # The run's limit is spent: the VMM's watchdog signals every vCPU,
+                            # and this one exits as for the IPI.
+                            limit.expire(self)
+                            return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
+                        if limit.left < armed:
+                            armed = limit.left
+                    budget.remaining = self._armed = armed
                     budget.expired = 0
                 self._pauses = 0
                 self._slice_end = None
+                failed = None
                 try:
                     uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
                 except UcError as e:
-                    if self.pending is None:
-                        rip = reg(X.UC_X86_REG_RIP)
-                        return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
-                                      misconfig=f"unicorn: {e}")
+                    if uc._hook_exception is not None:
+                        # A hook raised (the binding keeps the first exception), and what it left
+                        # undone (a refused fill) failed emu_start too: the hook's exception is
+                        # the error, never a guest fault.
+                        raise uc._hook_exception
+                    failed = e
+                if budget is not None:
+                    ran = armed - budget.remaining
+                    self.blocks += ran
+                    self._slice_left -= ran
+                    if limit is not None:
+                        limit.spend(ran)
+                if failed is not None and self.pending is None:
+                    return VmExit(EXIT_REASON_EXCEPTION_NMI, reg(X.UC_X86_REG_RIP), vector=6, vcpu=self.index,
+                                  misconfig=f"unicorn: {failed}")
                 if self.pending is not None:
                     p = self.pending
                     ex = self._pending_exit()
@@ -416,8 +467,13 @@ class Vcpu:
                             and self._convert_to_ve(ex):
                         continue                  # a #VE, delivered through the IDT
                     return ex
-                end = self._slice_end or ("guest_slice" if budget is not None and budget.expired else None)
+                if limit is not None and limit.left <= 0:
+                    continue                      # spent: the next entry expires it
+                end = self._slice_end or ("guest_slice" if slicing and self._slice_left <= 0 else None)
                 if end is None:
+                    if self.intr_pending:
+                        # A kick from another thread stopped emu_start (not a HLT).
+                        return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
                     break
                 # Still in guest mode, between two slices: the others may run now.
                 self.slices += 1
