@@ -2,8 +2,10 @@
 
     python -m emu run GUEST [--vm default|tdx] [--mem SIZE] [--vcpus N] [--trace [text|jsonl]] [--json]
 
-Exit status: 0 when the guest ended normally, 1 when it ended in an error exit,
-2 for bad input to the command.  Errors are one line on stderr, never a traceback.
+Exit status: 0 when the guest ended normally, 1 when it ended in an error exit
+(a hang past --timeout or --max-insns too), 2 for bad input to the command, 130 and
+143 when SIGINT or SIGTERM stopped it (the results so far are printed).  Errors are
+one line on stderr, never a traceback (EMU_DEBUG=1 shows a bug's).
 """
 
 import argparse
@@ -11,8 +13,9 @@ import os
 import json
 import sys
 
-from .trace import Tracer, open_sink
+from .trace import Tracer, open_sink, EVENTS
 from .userspace.vmm import Machine, MachineError, parse_size
+from .userspace.watchdog import Signals, StatusLine
 
 
 class UsageError(Exception):
@@ -57,6 +60,38 @@ def _add_run_options(p):
                         "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END'")
     p.add_argument("--bug", action="append", default=[], metavar="NAME",
                    help="switch a realistic KVM bug into the model (repeatable; see `inject --list`)")
+    p.add_argument("--timeout", default=None, metavar="SECONDS", type=_seconds,
+                   help="wall-clock limit of a run (of each run for explore and campaign); past it the run "
+                        "ends as a hang (exit 1)")
+    p.add_argument("--max-insns", default=None, metavar="N", type=_count,
+                   help="limit of guest code per run, all vCPUs together, counted deterministically in "
+                        "translated blocks (each at least one instruction; docs/limits.md); past it the run "
+                        "ends as a hang.  explore and campaign default to 100x the clean run's, at least 10^7")
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _count(text):
+    """A positive whole number: 1000000, 1_000_000, 1e6 or 0x100."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        try:
+            f = float(text)
+            value = int(f) if f == int(f) else None
+        except (ValueError, OverflowError):
+            value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def check_host_and_bugs(args):
@@ -155,9 +190,12 @@ def parse_gpa_range(text):
 
 
 def make_tracer(args):
+    events = [e.strip() for e in args.trace_events.split(",")] if args.trace_events else None
+    unknown = [e for e in events or () if e not in EVENTS]
+    if unknown:
+        raise UsageError(f"--trace-events: unknown event {unknown[0]!r}; the events are: {', '.join(EVENTS)}")
     if not args.trace and not args.trace_file:
         return Tracer()
-    events = [e.strip() for e in args.trace_events.split(",")] if args.trace_events else None
     gpa_range = parse_gpa_range(args.trace_gpa) if args.trace_gpa else None
     try:
         sink = open_sink(args.trace or "text", args.trace_file)
@@ -192,6 +230,9 @@ def cmd_run(args, out):
         m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
                     nx_huge_pages=args.nx_huge_pages, td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
                     bugs=args.bug)
+        m.max_insns, m.timeout, m.signals = args.max_insns, args.timeout, args.signals
+        if sys.stderr.isatty() and not args.json and not (tracer.enabled and args.trace_file is None):
+            m.progress = StatusLine(sys.stderr)     # a long run's status line (not over a trace)
         res = m.run()
     finally:
         tracer.close()
@@ -209,7 +250,16 @@ def cmd_run(args, out):
         print_text(m, res, out)
         if tables is not None:
             out.write(tables + "\n")
+    trace_error(tracer, args)
     return 0 if res.ok else 1
+
+
+def trace_error(tracer, args):
+    """A trace that could not be written (a full disk, /dev/full, a closed pipe): one line, exit 2
+    (the results were printed first)."""
+    if tracer.error is not None:
+        e = tracer.error
+        raise UsageError(f"cannot write the trace to {args.trace_file or 'stderr'}: {e.strerror or e}")
 
 
 def connect_ray(args):
@@ -461,21 +511,41 @@ def args_vm_name(m):
 def main(argv=None, out=None):
     out = out or sys.stdout
     parser = build_parser()
+    signals = None
     try:
         args = parser.parse_args(argv)
-        return {"run": cmd_run, "explore": cmd_explore, "inject": cmd_inject,
-                "campaign": cmd_campaign}[args.cmd](args, out)
+        cmd = {"run": cmd_run, "explore": cmd_explore, "inject": cmd_inject, "campaign": cmd_campaign}[args.cmd]
+        # SIGINT and SIGTERM: `run` stops its vCPUs from the watchdog thread; explore and campaign
+        # (whose process runs no guest code) stop with KeyboardInterrupt and keep their results.
+        with _catch_signals("record" if args.cmd == "run" else "raise") as signals:
+            args.signals = signals
+            status = cmd(args, out)
+        return (signals.exit_status if signals is not None else None) or status
     except UsageError as e:
         sys.stderr.write(f"emu: error: {e}\n")
-        return 2
+        return _status(signals, 2)
     except MachineError as e:
         sys.stderr.write(f"emu: error: {e}\n")
-        return 2
+        return _status(signals, 2)
     except KeyboardInterrupt:
         sys.stderr.write("emu: interrupted\n")
-        return 130
+        return _status(signals, 130)
     except Exception as e:            # a bug in emu itself: one line, the traceback on request
         if os.environ.get("EMU_DEBUG"):
             raise
         sys.stderr.write(f"emu: internal error: {type(e).__name__}: {e} (EMU_DEBUG=1 shows the traceback)\n")
-        return 3
+        return _status(signals, 3)
+
+
+def _status(signals, status):
+    """A command a signal stopped exits with 130 (SIGINT) or 143 (SIGTERM), whatever else happened."""
+    return (signals.exit_status if signals is not None else None) or status
+
+
+def _catch_signals(mode):
+    """Signals(mode) from the main thread; elsewhere (main() called from a thread) none are caught."""
+    import contextlib
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext(None)
+    return Signals(mode)
