@@ -19,8 +19,9 @@ the TDX module always enables), a convertible EPT violation is a #VE instead of
 an exit (``_convert_to_ve``).
 
 An exception a hook raises (a bug of the model: the walker, the fill) is never guest
-behaviour: the binding stops emulation and keeps it, and ``run()`` raises it again
-with its traceback, also where the failed fill made emu_start fail too.  ``kick()``
+behaviour: the hook (``@hook``) keeps it and stops emulation, and ``run()`` raises it
+again with its traceback, also where what the hook left undone (a refused fill) made
+emu_start fail too.  ``kick()``
 may come from another thread (the VMM's signal and timeout watchdog): it stops
 emu_start at the next block, and the vCPU exits as for an IPI.
 """
@@ -29,6 +30,7 @@ from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_T
     UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_INSN, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_TLB_VIRTUAL, UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
 from unicorn import x86_const as X
 import ctypes
+import functools
 import zlib
 import unicorn
 
@@ -74,6 +76,25 @@ _TDCALL = b"\x66\x0f\x01\xcc"
 _ACCESS = {16: 1, 17: 2, 18: 4}         # UC_MEM_READ/WRITE/FETCH -> R/W/X (the UC_PROT_* bits too)
 
 
+def hook(returns=None):
+    """A Unicorn hook of the vCPU.  An exception it raises is a bug of the model, never guest
+    behaviour: the first one is kept in ``_hook_error``, emulation stops, and the hook returns
+    ``returns`` to Unicorn (a value of the type it wants: the binding would print an error for
+    None); ``run()`` raises it again.  Every hook on the vCPU's Unicorn should be one of these."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def hooked(self, uc, *args):
+            try:
+                return fn(self, uc, *args)
+            except BaseException as e:
+                if self._hook_error is None:
+                    self._hook_error = e
+                uc.emu_stop()
+                return returns
+        return hooked
+    return wrap
+
+
 class Vcpu:
     """vCPU ``index`` over host memory ``mem``.
 
@@ -100,6 +121,7 @@ class Vcpu:
         self.shared_mask = 0
         self.stats_fills = 0
         self.tracer = None                   # set (with hw_walk wanted) to trace every walk
+        self._hook_error = None              # the exception a hook raised (``hook``)
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address())
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -360,12 +382,13 @@ class Vcpu:
             if err:
                 raise UcError(err)
         else:
-            def block(uc, _addr, _size, _data):
+            @hook()
+            def block(_self, uc, _addr, _size, _data):
                 b.remaining -= 1
                 if b.remaining <= 0:
                     b.expired = 1
                     uc.emu_stop()
-            self.uc.hook_add(UC_HOOK_BLOCK, block)
+            self.uc.hook_add(UC_HOOK_BLOCK, functools.partial(block, self))
         self.uc.ctl_flush_tb()
         self.code_pfns.clear()
 
@@ -441,12 +464,14 @@ class Vcpu:
                 try:
                     uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
                 except UcError as e:
-                    if uc._hook_exception is not None:
-                        # A hook raised (the binding keeps the first exception), and what it left
-                        # undone (a refused fill) failed emu_start too: the hook's exception is
-                        # the error, never a guest fault.
-                        raise uc._hook_exception
                     failed = e
+                error = self._hook_error or uc._hook_exception
+                if error is not None:
+                    # A hook raised (a hook added without @hook: the binding kept it), and what
+                    # it left undone (a refused fill) may have failed emu_start too: the hook's
+                    # exception is the error, never a guest fault.
+                    self._hook_error = None
+                    raise error
                 if budget is not None:
                     ran = armed - budget.remaining
                     self.blocks += ran
@@ -614,6 +639,7 @@ class Vcpu:
         return gla, bool(writes and access == READ)
 
     # -- hooks (run inside emu_start) ------------------------------------------------------------------
+    @hook(returns=False)
     def _tlb_fill(self, uc, vaddr, access, entry, _data):
         if self.pending is not None:
             return False                     # already exiting: refuse whatever Unicorn tries next
@@ -660,6 +686,7 @@ class Vcpu:
             self.uc.hook_add(UC_HOOK_CODE, self._pause, None, gva_page + i, gva_page + i)
             i = page.find(_PAUSE, i + 1)
 
+    @hook()
     def _pause(self, uc, _addr, _size, _data):
         self._pauses += 1
         if self._pauses >= self.pause_window and self.slice_blocks:
@@ -674,6 +701,7 @@ class Vcpu:
             return bytes(self.mem.buf[hpa + off:hpa + off + n])
         return self.read_guest(rip, n)
 
+    @hook(returns=True)
     def _insn_invalid(self, uc, _data):
         rip = self._reg_fast(X.UC_X86_REG_RIP)
         code = self._code_bytes(rip, 4)
@@ -686,6 +714,7 @@ class Vcpu:
         uc.emu_stop()
         return True
 
+    @hook()
     def _interrupt(self, uc, intno, _data):
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         insn_len = 0
@@ -701,6 +730,7 @@ class Vcpu:
         self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, insn_len, vector=intno, vcpu=self.index)
         uc.emu_stop()
 
+    @hook(returns=1)
     def _cpuid(self, uc, _data):
         leaf = uc.reg_read(X.UC_X86_REG_EAX)
         regs = self.cpuid.get(leaf)
