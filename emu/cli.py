@@ -262,6 +262,12 @@ def trace_error(tracer, args):
         raise UsageError(f"cannot write the trace to {args.trace_file or 'stderr'}: {e.strerror or e}")
 
 
+def quiet(args):
+    """A signal from now on no longer interrupts (explore, campaign: the results are being printed)."""
+    if args.signals is not None:
+        args.signals.quiet()
+
+
 def connect_ray(args):
     """The Ray cluster of --ray, or None; a bad address or a missing Ray is one line."""
     if args.ray is None:
@@ -288,7 +294,7 @@ def run_on(cluster, fn):
 
 
 def cmd_explore(args, out):
-    from .checkers.explore import Explorer
+    from .checkers.explore import Explorer, CleanRunHangs
     from .checkers.sched import decode_schedule, ScheduleError
     check_plans(args.inject)
     check_host_and_bugs(args)
@@ -312,9 +318,11 @@ def cmd_explore(args, out):
     mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
               td_attributes=td_attributes(args),
               no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug)
-    ex = Explorer(lambda: Machine(args.guest, **mk), check_steps=args.check_steps)
+    ex = Explorer(lambda: Machine(args.guest, **mk), check_steps=args.check_steps, max_insns=args.max_insns,
+                  timeout=args.timeout)
     if args.replay is not None:
         o = ex.replay(args.replay)
+        quiet(args)
         for line in o.trace or []:
             tracer.sinks[0].out.write(line + "\n") if tracer.enabled else None
         tracer.close()
@@ -323,19 +331,24 @@ def cmd_explore(args, out):
                                   "trace": o.trace}) + "\n")
         else:
             out.write(f"replayed {args.replay}: {'FAILED: ' + o.error if o.error else 'passed'}\n")
+        trace_error(tracer, args)
         return 1 if o.error else 0
     cluster = connect_ray(args)
     progress = _Progress(sys.stderr, cluster) if sys.stderr.isatty() and not args.json else None
     ex.progress = progress
-    if args.random is not None:
-        res = run_on(cluster, lambda: ex.random(args.random, seed=args.seed, depth=args.depth,
-                                                stop_at_first=not args.all,
-                                                cluster=cluster and (cluster, mk)))
-    elif args.dpor:
-        res = ex.dpor(bound=args.bound, max_runs=args.max_runs, stop_at_first=not args.all)
-    else:
-        res = ex.dfs(bound=2 if args.bound is None else args.bound, max_runs=args.max_runs,
-                     stop_at_first=not args.all)
+    try:
+        if args.random is not None:
+            res = run_on(cluster, lambda: ex.random(args.random, seed=args.seed, depth=args.depth,
+                                                    stop_at_first=not args.all,
+                                                    cluster=cluster and (cluster, mk)))
+        elif args.dpor:
+            res = ex.dpor(bound=args.bound, max_runs=args.max_runs, stop_at_first=not args.all)
+        else:
+            res = ex.dfs(bound=2 if args.bound is None else args.bound, max_runs=args.max_runs,
+                         stop_at_first=not args.all)
+    except CleanRunHangs as e:
+        raise MachineError(str(e)) from None
+    quiet(args)                                    # what was found is printed whole
     if progress is not None:
         progress.done()
     f = res.first_failure
@@ -347,6 +360,8 @@ def cmd_explore(args, out):
         obj = res.as_json()
         if cluster is not None:
             obj["ray"] = cluster.stats()
+        obj["exit"] = "interrupted" if res.interrupted else "done"
+        obj["run_limit"] = ex.run_limit
         out.write(json.dumps(obj) + "\n")
     else:
         what = (f"random (PCT depth {args.depth}, seed {args.seed})" if args.random is not None
@@ -363,13 +378,14 @@ def cmd_explore(args, out):
         if f is not None:
             out.write(f"first failure: {f.error}\n  schedule:  {f.schedule}\n  minimized: {f.minimized} "
                       f"({f.preemptions} preemptions)\n  replay: python -m emu explore {args.guest} --vm {args.vm} "
-                      f"--vcpus {args.vcpus}{machine_flags(args)} --replay '{f.minimized}' "
-                      f"--trace\n")
+                      f"--vcpus {args.vcpus}{machine_flags(args)}{limit_flags(args, ex.run_limit, f.error.startswith('hang: '))} "
+                      f"--replay '{f.minimized}' --trace\n")
             if f.trace and not tracer.enabled:
                 at, window = failure_window(f.trace)
                 out.write(f"  events around the failure (event {at + 1} of {len(f.trace)}, every task):\n")
                 for line in window:
                     out.write("    " + line.strip() + "\n")
+    trace_error(tracer, args)
     return 1 if res.failures else 0
 
 
@@ -380,11 +396,13 @@ def cmd_campaign(args, out):
     mem = parse_size(args.mem)
     if args.runs < 1:
         raise UsageError("--runs needs at least 1")
+    tracer = make_tracer(args)
     mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
               td_attributes=td_attributes(args),
               host_events=args.host, bugs=args.bug)
     try:
-        c = Campaign(lambda: Machine(args.guest, **mk), plans=args.inject, max_points=args.max_points)
+        c = Campaign(lambda: Machine(args.guest, **mk), plans=args.inject, max_points=args.max_points,
+                     max_insns=args.max_insns, timeout=args.timeout)
     except RuntimeError as e:
         raise MachineError(str(e)) from None
     cluster = connect_ray(args)
@@ -392,20 +410,25 @@ def cmd_campaign(args, out):
     if progress is not None:
         c.progress = lambda rep, total: progress.bar(len(rep.runs), total, len(rep.failures), rep.seconds)
     rep = run_on(cluster, lambda: c.run(args.runs, seed=args.seed, cluster=cluster and (cluster, mk)))
+    quiet(args)                                    # what was found is printed whole
     if progress is not None:
         progress.done()
-    tracer = make_tracer(args)
     if tracer.enabled and rep.failures:
         # --trace: the first failing run, traced (a campaign's other runs are not)
         for line in c.trace(rep.failures[0]):
             tracer.sinks[0].out.write(line + "\n")
     tracer.close()
+    flags = machine_flags(args)
     if args.json:
         obj = rep.as_json()
         for f, r in zip(obj["failures"], rep.failures):
-            f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r, machine_flags(args))
+            f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r, flags)
+        for f, r in zip(obj["hangs"], rep.hangs):
+            f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r, flags + limit_flags(args, c.run_limit))
         if cluster is not None:
             obj["ray"] = cluster.stats()
+        obj["exit"] = "interrupted" if rep.interrupted else "done"
+        obj["run_limit"] = c.run_limit
         out.write(json.dumps(obj) + "\n")
     else:
         out.write(f"campaign on {args.guest} ({args.vm} VM, {args.vcpus} vCPUs, seed {args.seed}): "
@@ -414,8 +437,20 @@ def cmd_campaign(args, out):
             out.write(ray_line(cluster) + "\n")
         out.write(format_table(rep) + "\n")
         for r in rep.failures:
-            out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r, machine_flags(args))}\n")
-    return 1 if rep.failures else 0
+            out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r, flags)}\n")
+        for r in rep.hangs:
+            out.write(f"HANG run {r.index}: {r.error}\n  reproduce: "
+                      f"{reproducer(args.guest, args.vm, args.vcpus, r, flags + limit_flags(args, c.run_limit))}\n")
+    trace_error(tracer, args)
+    return 1 if rep.failures or rep.hangs else 0
+
+
+def limit_flags(args, run_limit, hang=True):
+    """The limits a reproducer of a hang needs to stop where the run did."""
+    if not hang:
+        return ""
+    flags = f" --max-insns {run_limit}" if run_limit else ""
+    return flags + (f" --timeout {args.timeout:g}" if args.timeout else "")
 
 
 # Trace events that mark where a run went wrong, the first of which a failure report centers on.
@@ -530,6 +565,14 @@ def main(argv=None, out=None):
     except KeyboardInterrupt:
         sys.stderr.write("emu: interrupted\n")
         return _status(signals, 130)
+    except BrokenPipeError:
+        # Whoever read our output went away (`| head`): nothing more to say, and no error at exit
+        # when Python flushes stdout again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return _status(signals, 141)
     except Exception as e:            # a bug in emu itself: one line, the traceback on request
         if os.environ.get("EMU_DEBUG"):
             raise
