@@ -377,16 +377,19 @@ class Machine:
     def describe_vcpu(self, v):
         """'vCPU 1 at rip 0x100012 spin+0x2: jmp 0x100010, looping in 0x100010-0x100014
         (spin+0x0..spin+0x4)': where a vCPU is, and the loop it spins in when it spins in one."""
-        from ..disasm import disassemble_one, loop_range
+        from ..disasm import loop_range
         rip = self._rip(v)
-        read = self._code_reader(v)
-        insn = disassemble_one(read(rip, 15), rip) or "?"
-        text = f"vCPU {v.vcpu_id} at rip {rip:#x} {self.symbolize(rip)}: {insn}"
-        loop = loop_range(read, rip)
+        text = f"vCPU {v.vcpu_id} at rip {rip:#x} {self.symbolize(rip)}: {self.insn_text(v, rip) or '?'}"
+        loop = loop_range(self._code_reader(v), rip)
         if loop is not None:
             lo, hi = loop
             text += f", looping in {lo:#x}-{hi:#x} ({self.symbolize(lo)}..{self.symbolize(hi - 1)})"
         return text
+
+    def insn_text(self, v, rip):
+        """The instruction at ``rip``, disassembled (None if it cannot be read or decoded)."""
+        from ..disasm import disassemble_one
+        return disassemble_one(self._code_reader(v)(rip, 15), rip)
 
     def _code_reader(self, v):
         """read(gva, n): the guest's code bytes.  A TD's private memory is not the host's to read:
@@ -553,7 +556,8 @@ class Machine:
                 detail += f" error code {run.error_code:#x}"
             if run.cr2 is not None:
                 detail += f" cr2 {run.cr2:#x}"
-            insn = f": {run.insn}" if run.insn else ""
+            insn = run.insn or (self.insn_text(v, run.rip) if self.td else None)   # (a TD's: from its image)
+            insn = f": {insn}" if insn else ""
             why = getattr(run, "why", None)
             how = "(no IDT: triple fault)" if getattr(run, "no_idt", True) or not why else f"(triple fault: {why})"
             msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
@@ -662,14 +666,14 @@ class Machine:
     def destroy(self):
         self.kvm.destroy()
 
-    def prepare_snapshot(self):
+    def prepare_snapshot(self, limited=False):
         """Ready the machine to be forked from many times (emu.explore, emu.campaign): do once
         here what every forked run would do first at the same cost.  A vCPU that can share the
-        CPUs with another task arms its slice budget (emu.hw.slice) at its first entry, which
-        flushes Unicorn's translated code (~0.2 ms, most of it in memory the child must copy).
-        Armed now, it is the same hook with no budget until slicing starts, and no code was
-        translated yet to lose."""
-        if self.nvcpus > 1 or self.host_events:
+        CPUs with another task, or whose runs are ``limited`` (max_insns), arms its slice budget
+        (emu.hw.slice) at its first entry, which flushes Unicorn's translated code (~0.2 ms,
+        most of it in memory the child must copy).  Armed now, it is the same hook with no
+        budget until slicing starts, and no code was translated yet to lose."""
+        if self.nvcpus > 1 or self.host_events or limited:
             for v in self.vcpus:
                 if v.hw is not None and v.hw._budget is None:
                     v.hw._arm_budget()
