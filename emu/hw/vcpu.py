@@ -87,10 +87,9 @@ def hook(returns=None):
             try:
                 return fn(self, uc, *args)
             except BaseException as e:
-                if self._hook_error is None:
-                    self._hook_error = e
-                uc.emu_stop()
+                self._hook_failed(uc, e)
                 return returns
+        hooked.guarded = True
         return hooked
     return wrap
 
@@ -639,42 +638,54 @@ class Vcpu:
         return gla, bool(writes and access == READ)
 
     # -- hooks (run inside emu_start) ------------------------------------------------------------------
-    @hook(returns=False)
+    def _hook_failed(self, uc, e):
+        """(@hook) a hook raised ``e``: keep the first, and stop emulation; run() raises it."""
+        if self._hook_error is None:
+            self._hook_error = e
+        uc.emu_stop()
+
     def _tlb_fill(self, uc, vaddr, access, entry, _data):
-        if self.pending is not None:
-            return False                     # already exiting: refuse whatever Unicorn tries next
-        self.stats_fills += 1
-        reg = self._reg_fast
-        acc = _ACCESS[access]
-        if self.tracer is not None:
-            self._ept_log.clear()
-            path = []
-            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, path=path)
-            self._emit_walk(vaddr, acc, path, r)
-        else:
-            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
-        if r.__class__ is Translation:
-            hpa = entry.paddr = r.hpa & PAGE_MASK
-            self.tlb_shadow[vaddr] = hpa
-            if self.page_crc is not None and hpa not in self.page_crc:
-                self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
-            if acc == FETCH:
-                entry.perms = r.perms
-                self.code_pfns.add(hpa >> 12)      # code may be translated from this page
-                if self.slice_blocks and (vaddr, hpa) not in self._pause_pages:
-                    self._hook_pauses(vaddr, hpa)
+        # (@hook's guard, written out: the fill is the hot hook, and a try costs nothing)
+        try:
+            if self.pending is not None:
+                return False                     # already exiting: refuse whatever Unicorn tries next
+            self.stats_fills += 1
+            reg = self._reg_fast
+            acc = _ACCESS[access]
+            if self.tracer is not None:
+                self._ept_log.clear()
+                path = []
+                r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
+                              wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, path=path)
+                self._emit_walk(vaddr, acc, path, r)
             else:
-                # A data access installs no execute right: the first fetch from the page
-                # fills again, so code_pfns holds exactly the pages code can come from,
-                # and host writes to data pages never drop translated code.
-                entry.perms = r.perms & ~FETCH
-            return True
-        self.pending = r
-        self._fault_gla = vaddr
-        self._fault_access = acc
-        return False
+                r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
+                              wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
+            if r.__class__ is Translation:
+                hpa = entry.paddr = r.hpa & PAGE_MASK
+                self.tlb_shadow[vaddr] = hpa
+                if self.page_crc is not None and hpa not in self.page_crc:
+                    self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
+                if acc == FETCH:
+                    entry.perms = r.perms
+                    self.code_pfns.add(hpa >> 12)      # code may be translated from this page
+                    if self.slice_blocks and (vaddr, hpa) not in self._pause_pages:
+                        self._hook_pauses(vaddr, hpa)
+                else:
+                    # A data access installs no execute right: the first fetch from the page
+                    # fills again, so code_pfns holds exactly the pages code can come from,
+                    # and host writes to data pages never drop translated code.
+                    entry.perms = r.perms & ~FETCH
+                return True
+            self.pending = r
+            self._fault_gla = vaddr
+            self._fault_access = acc
+            return False
+        except BaseException as e:
+            self._hook_failed(uc, e)
+            return False
+
+    _tlb_fill.guarded = True
 
     def _hook_pauses(self, gva_page, hpa):
         """A code hook on every PAUSE of a page about to be translated (the fill comes
