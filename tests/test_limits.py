@@ -512,3 +512,72 @@ def test_td_exception_line_has_the_instruction():
         lines[vm] = [ln for ln in p.stdout.splitlines() if ln.startswith("exit:")][0]
     assert lines["tdx"] == lines["default"]
     assert "at rip 0x100001 _start+0x1: ud2 (no IDT: triple fault)" in lines["tdx"]
+
+
+def test_stalled_ray_worker_is_replaced():
+    """Cluster.map (emu.checkers.distributed) on a stand-in for Ray whose worker never finishes the
+    batch holding run 3: after ``stall`` seconds a run that worker is killed, that batch's runs are
+    hangs, the batch queued behind it runs on the worker that replaces it, and the results come in
+    run order."""
+    from emu.checkers.distributed import Cluster
+
+    class Ref:
+        def __init__(self, value, ok, before):
+            self.value, self.ok, self.before = value, ok, before
+
+        @property
+        def ready(self):                      # an actor runs its batches one after the other
+            return self.ok and all(r.ready for r in self.before)
+
+    class Actor:
+        def __init__(self, ray, *job):
+            self.ray, self.job = ray, job
+            self.run_batch = self
+            self.refs = []
+
+        def remote(self, batch_no, attempt, items):
+            self.ray.calls.append((self, batch_no))
+            ref = Ref(("ok", [Outcome([], None, {0: [i]}) for i in items]), 3 not in items, list(self.refs))
+            self.refs.append(ref)
+            return ref
+
+    class FakeRay:
+        def __init__(self):
+            self.calls, self.killed, self.created = [], [], 0
+
+        def remote(self, **_):
+            def make(_s, *job):
+                self.created += 1
+                return Actor(self, *job)
+            return lambda cls: type("W", (), {"remote": make})()
+
+        def put(self, x):
+            return x
+
+        def cluster_resources(self):
+            return {"CPU": 2}
+
+        def wait(self, refs, num_returns=1, timeout=None):
+            ready = [r for r in refs if r.ready][:num_returns]
+            if not ready:
+                time.sleep(timeout)
+            return ready, [r for r in refs if r not in ready]
+
+        def get(self, ref):
+            return ref.value
+
+        def kill(self, a):
+            self.killed.append(a)
+
+    fake = FakeRay()
+    cl = Cluster(fake, "fake")
+    outs = list(cl.map(type("Spec", (), {"on_error": staticmethod(_explorer_error)})(), iter(range(8)), 8,
+                       elf=REPO / "build" / "guest" / "hello.elf", machine={}, stall=0.3))
+    assert len(outs) == 8
+    assert fake.created == 3                               # two workers, and the one that replaced one
+    stuck = fake.killed[0]                                 # killed first, before the job's end
+    assert 3 in [b for a, b in fake.calls if a is stuck]
+    hung = [i for i, o in enumerate(outs) if o.error is not None]
+    assert hung == [3] and all(o.error.startswith("hang: the run's Ray worker stopped answering") for o in
+                             (outs[i] for i in hung))
+    assert [o.reports for i, o in enumerate(outs) if i not in hung] == [{0: [i]} for i in range(8) if i not in hung]
