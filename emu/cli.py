@@ -554,7 +554,11 @@ def main(argv=None, out=None):
         # (whose process runs no guest code) stop with KeyboardInterrupt and keep their results.
         with _catch_signals("record" if args.cmd == "run" else "raise") as signals:
             args.signals = signals
-            status = cmd(args, out)
+            try:
+                status = cmd(args, out)
+            finally:
+                from .checkers.forktree import kill_children
+                kill_children()           # no process of a run outlives the command
         return (signals.exit_status if signals is not None else None) or status
     except UsageError as e:
         sys.stderr.write(f"emu: error: {e}\n")

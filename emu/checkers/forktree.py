@@ -85,15 +85,28 @@ def fork_child():
     try:
         pid = os.fork()
         if pid == 0:
+            _children.clear()
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
             except ValueError:            # not the main thread (a Ray actor's): it set its own
                 pass
+        else:
+            _children.add(pid)            # before a Ctrl-C can interrupt the caller: kill_children()
         return pid
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_children = set()                         # forked by fork_child, not reaped yet
+
+
+def kill_children():
+    """Kill every process fork_child made that is still there (a Ctrl-C may have interrupted its
+    caller before it kept the pid)."""
+    for pid in list(_children):
+        kill(pid)
 
 
 def reap(pid):
@@ -102,6 +115,7 @@ def reap(pid):
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+    _children.discard(pid)
 
 
 def kill(pid):
