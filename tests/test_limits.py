@@ -122,6 +122,8 @@ def test_signal_stops_a_spinning_guest(tmp_path, guest, vcpus, vm, sig, fmt):
     loop = "spin_loop+0x0..spin_even+0x1" if guest == "spin_forever" else "wait_for_flag+0x0..wait_for_flag+0xb"
     assert res["error"].count(f"({loop})") == len(spinners)
     assert res["vcpu_exits"] == ["interrupted" if i in spinners else "hlt" for i in range(vcpus)]
+    if guest == "wait_forever":                      # interrupted: where every vCPU is
+        assert "; vCPU 0 ended (hlt) at rip 0x" in res["error"] and " emu_halt+0x" in res["error"]
     # The trace is whole: Perfetto's JSON closed, every JSON line complete.
     text = trace.read_text()
     if fmt == "perfetto":

@@ -467,8 +467,13 @@ class Machine:
             running = [v for v in self.vcpus if ended.get(v.vcpu_id, self.stop_reason) in (self.stop_reason, "stopped")]
             for v in running:
                 ended[v.vcpu_id] = self.stop_reason
-            where = "; ".join(self.describe_vcpu(v) for v in running) or "no vCPU was running"
-            res.error = f"{self.stop_why}: {where}"
+            where = [self.describe_vcpu(v) for v in running] or ["no vCPU was running"]
+            if self.stop_reason == "interrupted":
+                # Interrupted: where every vCPU is, those that had ended too.
+                where += [f"vCPU {v.vcpu_id} ended ({ended[v.vcpu_id]}) at rip {rip:#x} {self.symbolize(rip)}: "
+                          f"{self.insn_text(v, rip) or '?'}"
+                          for v in self.vcpus if v not in running for rip in [self._rip(v)]]
+            res.error = f"{self.stop_why}: {'; '.join(where)}"
         if res.error is None and self.kvm.violations:
             res.exit, res.error = "checker", f"checker: {self.kvm.violations[0]}"
         if res.error is None:
