@@ -342,6 +342,8 @@ class Machine:
         finally:
             for v in self.vcpus:
                 v.hw.limit = None
+                if self.stop_reason is not None:
+                    v.signal_pending = False      # the VMM has taken the signal (the thread is joined)
             self.guest_blocks = None if limit is None else limit.used
 
     def _limit_expired(self, hw):
