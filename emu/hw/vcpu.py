@@ -21,9 +21,9 @@ an exit (``_convert_to_ve``).
 An exception a hook raises (a bug of the model: the walker, the fill) is never guest
 behaviour: the hook (``@hook``) keeps it and stops emulation, and ``run()`` raises it
 again with its traceback, also where what the hook left undone (a refused fill) made
-emu_start fail too.  ``kick()``
-may come from another thread (the VMM's signal and timeout watchdog): it stops
-emu_start at the next block, and the vCPU exits as for an IPI.
+emu_start fail too.  ``kick()`` may come from another thread (the VMM's signal and
+timeout watchdog): it stops emu_start at the next block, and the vCPU exits as for an
+IPI.
 """
 
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
@@ -408,10 +408,7 @@ class Vcpu:
         """Blocks run so far, the running slice's too (a reader on another thread, the progress
         line: the callback counts in ``_budget`` while emu_start runs).  0 when not counted."""
         b = self._budget
-        n = self.blocks
-        if b is not None and self.in_guest:
-            n += max(0, self._armed - b.remaining)
-        return n
+        return self.blocks + (max(0, self._armed - b.remaining) if b is not None else 0)
 
     def run(self):
         """Run the guest until the next VM exit and return it (a VmExit).
@@ -473,6 +470,7 @@ class Vcpu:
                     raise error
                 if budget is not None:
                     ran = armed - budget.remaining
+                    self._armed = budget.remaining        # (blocks_run: nothing in flight)
                     self.blocks += ran
                     self._slice_left -= ran
                     if limit is not None:
