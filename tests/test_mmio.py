@@ -191,7 +191,7 @@ def test_without_a_ve_handler(tmp_path):
     res = m.run()
     access = m.image.symbol("access")
     assert res.exit == "shutdown" and res.error == (f"vCPU 0: unhandled guest exception #VE at rip {access:#x} "
-                                                    f"access+0x0 (no IDT: triple fault)")
+                                                    f"access+0x0: mov rax, qword ptr [rbx] (no IDT: triple fault)")
     m = Machine(str(p), vm="default")
     res = m.run()
     assert res.exit == "mmio" and res.error == (

@@ -17,12 +17,20 @@ hypervisor injects events with ``inject_event``; they are delivered at the next
 entry.  With the "EPT-violation #VE" control on (``ve_info`` set: a TD's, which
 the TDX module always enables), a convertible EPT violation is a #VE instead of
 an exit (``_convert_to_ve``).
+
+An exception a hook raises (a bug of the model: the walker, the fill) is never guest
+behaviour: the hook (``@hook``) keeps it and stops emulation, and ``run()`` raises it
+again with its traceback, also where what the hook left undone (a refused fill) made
+emu_start fail too.  ``kick()`` may come from another thread (the VMM's signal and
+timeout watchdog): it stops emu_start at the next block, and the vCPU exits as for an
+IPI.
 """
 
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
     UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_INSN, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_TLB_VIRTUAL, UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
 from unicorn import x86_const as X
 import ctypes
+import functools
 import zlib
 import unicorn
 
@@ -45,7 +53,7 @@ from .exits import (VmExit, VeInfo, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_M
                     EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXTERNAL_INTERRUPT,
                     EXIT_REASON_TRIPLE_FAULT)
 from . import idt as idt_mod
-from .slice import block_hook_stub, Budget
+from .slice import block_hook_stub, Budget, NO_BUDGET
 from .memory import PAGE_MASK, PAGE_SIZE
 from .paging import Translation, PageFault, GeneralProtection, translate, probe, PAGING, X86_CR0_WP, \
     X86_CR0_PG, X86_CR4_PAE, EFER_NXE, PFERR_WRITE, READ, WRITE, FETCH
@@ -64,9 +72,26 @@ _UC_GPRS = [_UC_REG[n] for n in GPRS]
 _VMCALL = b"\x0f\x01\xc1"
 _PAUSE = b"\xf3\x90"
 PAUSE_WINDOW = 8                        # PAUSEs in one slice before it ends (pause-loop exiting's window)
-NO_BUDGET = 1 << 62
 _TDCALL = b"\x66\x0f\x01\xcc"
 _ACCESS = {16: 1, 17: 2, 18: 4}         # UC_MEM_READ/WRITE/FETCH -> R/W/X (the UC_PROT_* bits too)
+
+
+def hook(returns=None):
+    """A Unicorn hook of the vCPU.  An exception it raises is a bug of the model, never guest
+    behaviour: the first one is kept in ``_hook_error``, emulation stops, and the hook returns
+    ``returns`` to Unicorn (a value of the type it wants: the binding would print an error for
+    None); ``run()`` raises it again.  Every hook on the vCPU's Unicorn should be one of these."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def hooked(self, uc, *args):
+            try:
+                return fn(self, uc, *args)
+            except BaseException as e:
+                self._hook_failed(uc, e)
+                return returns
+        hooked.guarded = True
+        return hooked
+    return wrap
 
 
 class Vcpu:
@@ -95,6 +120,7 @@ class Vcpu:
         self.shared_mask = 0
         self.stats_fills = 0
         self.tracer = None                   # set (with hw_walk wanted) to trace every walk
+        self._hook_error = None              # the exception a hook raised (``hook``)
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address())
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -136,7 +162,13 @@ class Vcpu:
         self.in_guest = False
         self.slices = 0
         self.checked_generation = -1         # (the checker's) tables generation last checked here
+        # The run's deterministic watchdog (emu.hw.slice.BlockLimit, shared by the vCPUs of a
+        # run), or None; with it (or slicing) the blocks guest code runs are counted here.
+        self.limit = None
+        self.blocks = 0
         self._budget = None
+        self._slice_left = 0                 # blocks left in the current slice
+        self._armed = 0                      # the budget emu_start was armed with
         self._pauses = 0
         self._pause_pages = set()            # (GVA page, HPA page) scanned for PAUSE
         self._slice_end = None
@@ -349,19 +381,34 @@ class Vcpu:
             if err:
                 raise UcError(err)
         else:
-            def block(uc, _addr, _size, _data):
+            @hook()
+            def block(_self, uc, _addr, _size, _data):
                 b.remaining -= 1
                 if b.remaining <= 0:
                     b.expired = 1
                     uc.emu_stop()
-            self.uc.hook_add(UC_HOOK_BLOCK, block)
+            self.uc.hook_add(UC_HOOK_BLOCK, functools.partial(block, self))
         self.uc.ctl_flush_tb()
         self.code_pfns.clear()
 
     def kick(self):
         """An IPI to this CPU: in guest mode it causes an external-interrupt VM exit.  It stays
-        pending until the host takes it with interrupts on (the hypervisor clears it then)."""
+        pending until the host takes it with interrupts on (the hypervisor clears it then).
+
+        Safe from another thread (a signal, the VMM's watchdog): a vCPU inside emu_start (the
+        binding runs it without the GIL) leaves it at the next block; one between two slices
+        or outside guest code sees ``intr_pending`` before it runs any (uc_emu_stop then does
+        nothing).  The caller repeats it until the vCPU is out: a kick that lands just before
+        emu_start begins is lost to Unicorn, which clears its stop request as it starts."""
         self.intr_pending = True
+        if self.in_guest:
+            self.uc.emu_stop()
+
+    def blocks_run(self):
+        """Blocks run so far, the running slice's too (a reader on another thread, the progress
+        line: the callback counts in ``_budget`` while emu_start runs).  0 when not counted."""
+        b = self._budget
+        return self.blocks + (max(0, self._armed - b.remaining) if b is not None else 0)
 
     def run(self):
         """Run the guest until the next VM exit and return it (a VmExit).
@@ -376,7 +423,8 @@ class Vcpu:
             # (It stays pending until the host enables interrupts: the hypervisor clears it.)
             return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
         slicing = self.slice_blocks
-        if slicing and self._budget is None:
+        limit = self.limit
+        if (slicing or limit is not None) and self._budget is None:
             self._arm_budget()
         budget = self._budget
         self.in_guest = True
@@ -389,22 +437,47 @@ class Vcpu:
                 if self.mem.generation != self.code_generation:
                     self._code_coherence()
                 if budget is not None:
-                    # The budget runs across entries: guest code between exits the module or
+                    # The slice runs across entries: guest code between exits the module or
                     # the hypervisor handles (a TDCALL retried on BUSY) counts until a slice ends.
-                    if not slicing:
-                        budget.remaining = NO_BUDGET
-                    elif budget.remaining <= 0 or budget.remaining > slicing:
-                        budget.remaining = slicing
+                    armed = NO_BUDGET
+                    if slicing:
+                        if self._slice_left <= 0 or self._slice_left > slicing:
+                            self._slice_left = slicing
+                        armed = self._slice_left
+                    if limit is not None:
+                        if limit.left <= 0:
+                            # The run's limit is spent: the VMM's watchdog signals every vCPU,
+                            # and this one exits as for the IPI.
+                            limit.expire(self)
+                            return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
+                        if limit.left < armed:
+                            armed = limit.left
+                    budget.remaining = self._armed = armed
                     budget.expired = 0
                 self._pauses = 0
                 self._slice_end = None
+                failed = None
                 try:
                     uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
                 except UcError as e:
-                    if self.pending is None:
-                        rip = reg(X.UC_X86_REG_RIP)
-                        return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
-                                      misconfig=f"unicorn: {e}")
+                    failed = e
+                error = self._hook_error or uc._hook_exception
+                if error is not None:
+                    # A hook raised (a hook added without @hook: the binding kept it), and what
+                    # it left undone (a refused fill) may have failed emu_start too: the hook's
+                    # exception is the error, never a guest fault.
+                    self._hook_error = None
+                    raise error
+                if budget is not None:
+                    ran = armed - budget.remaining
+                    self._armed = budget.remaining        # (blocks_run: nothing in flight)
+                    self.blocks += ran
+                    self._slice_left -= ran
+                    if limit is not None:
+                        limit.spend(ran)
+                if failed is not None and self.pending is None:
+                    return VmExit(EXIT_REASON_EXCEPTION_NMI, reg(X.UC_X86_REG_RIP), vector=6, vcpu=self.index,
+                                  misconfig=f"unicorn: {failed}")
                 if self.pending is not None:
                     p = self.pending
                     ex = self._pending_exit()
@@ -416,8 +489,13 @@ class Vcpu:
                             and self._convert_to_ve(ex):
                         continue                  # a #VE, delivered through the IDT
                     return ex
-                end = self._slice_end or ("guest_slice" if budget is not None and budget.expired else None)
+                if limit is not None and limit.left <= 0:
+                    continue                      # spent: the next entry expires it
+                end = self._slice_end or ("guest_slice" if slicing and self._slice_left <= 0 else None)
                 if end is None:
+                    if self.intr_pending:
+                        # A kick from another thread stopped emu_start (not a HLT).
+                        return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
                     break
                 # Still in guest mode, between two slices: the others may run now.
                 self.slices += 1
@@ -558,41 +636,54 @@ class Vcpu:
         return gla, bool(writes and access == READ)
 
     # -- hooks (run inside emu_start) ------------------------------------------------------------------
+    def _hook_failed(self, uc, e):
+        """(@hook) a hook raised ``e``: keep the first, and stop emulation; run() raises it."""
+        if self._hook_error is None:
+            self._hook_error = e
+        uc.emu_stop()
+
     def _tlb_fill(self, uc, vaddr, access, entry, _data):
-        if self.pending is not None:
-            return False                     # already exiting: refuse whatever Unicorn tries next
-        self.stats_fills += 1
-        reg = self._reg_fast
-        acc = _ACCESS[access]
-        if self.tracer is not None:
-            self._ept_log.clear()
-            path = []
-            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, path=path)
-            self._emit_walk(vaddr, acc, path, r)
-        else:
-            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
-        if r.__class__ is Translation:
-            hpa = entry.paddr = r.hpa & PAGE_MASK
-            self.tlb_shadow[vaddr] = hpa
-            if self.page_crc is not None and hpa not in self.page_crc:
-                self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
-            if acc == FETCH:
-                entry.perms = r.perms
-                self.code_pfns.add(hpa >> 12)      # code may be translated from this page
-                if self.slice_blocks and (vaddr, hpa) not in self._pause_pages:
-                    self._hook_pauses(vaddr, hpa)
+        # (@hook's guard, written out: the fill is the hot hook, and a try costs nothing)
+        try:
+            if self.pending is not None:
+                return False                     # already exiting: refuse whatever Unicorn tries next
+            self.stats_fills += 1
+            reg = self._reg_fast
+            acc = _ACCESS[access]
+            if self.tracer is not None:
+                self._ept_log.clear()
+                path = []
+                r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
+                              wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, path=path)
+                self._emit_walk(vaddr, acc, path, r)
             else:
-                # A data access installs no execute right: the first fetch from the page
-                # fills again, so code_pfns holds exactly the pages code can come from,
-                # and host writes to data pages never drop translated code.
-                entry.perms = r.perms & ~FETCH
-            return True
-        self.pending = r
-        self._fault_gla = vaddr
-        self._fault_access = acc
-        return False
+                r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
+                              wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
+            if r.__class__ is Translation:
+                hpa = entry.paddr = r.hpa & PAGE_MASK
+                self.tlb_shadow[vaddr] = hpa
+                if self.page_crc is not None and hpa not in self.page_crc:
+                    self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
+                if acc == FETCH:
+                    entry.perms = r.perms
+                    self.code_pfns.add(hpa >> 12)      # code may be translated from this page
+                    if self.slice_blocks and (vaddr, hpa) not in self._pause_pages:
+                        self._hook_pauses(vaddr, hpa)
+                else:
+                    # A data access installs no execute right: the first fetch from the page
+                    # fills again, so code_pfns holds exactly the pages code can come from,
+                    # and host writes to data pages never drop translated code.
+                    entry.perms = r.perms & ~FETCH
+                return True
+            self.pending = r
+            self._fault_gla = vaddr
+            self._fault_access = acc
+            return False
+        except BaseException as e:
+            self._hook_failed(uc, e)
+            return False
+
+    _tlb_fill.guarded = True
 
     def _hook_pauses(self, gva_page, hpa):
         """A code hook on every PAUSE of a page about to be translated (the fill comes
@@ -604,6 +695,7 @@ class Vcpu:
             self.uc.hook_add(UC_HOOK_CODE, self._pause, None, gva_page + i, gva_page + i)
             i = page.find(_PAUSE, i + 1)
 
+    @hook()
     def _pause(self, uc, _addr, _size, _data):
         self._pauses += 1
         if self._pauses >= self.pause_window and self.slice_blocks:
@@ -618,6 +710,7 @@ class Vcpu:
             return bytes(self.mem.buf[hpa + off:hpa + off + n])
         return self.read_guest(rip, n)
 
+    @hook(returns=True)
     def _insn_invalid(self, uc, _data):
         rip = self._reg_fast(X.UC_X86_REG_RIP)
         code = self._code_bytes(rip, 4)
@@ -630,6 +723,7 @@ class Vcpu:
         uc.emu_stop()
         return True
 
+    @hook()
     def _interrupt(self, uc, intno, _data):
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         insn_len = 0
@@ -645,6 +739,7 @@ class Vcpu:
         self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, insn_len, vector=intno, vcpu=self.index)
         uc.emu_stop()
 
+    @hook(returns=1)
     def _cpuid(self, uc, _data):
         leaf = uc.reg_read(X.UC_X86_REG_EAX)
         regs = self.cpuid.get(leaf)

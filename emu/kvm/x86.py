@@ -8,7 +8,7 @@ import zlib
 from ..hw.vcpu import Vcpu
 from ..hw.exits import VECTOR_NAMES  # noqa: F401
 from .kvm_host import (KvmIoctlError, KvmRun, EIO, KVM_ENOSYS, KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
-                       OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE)
+                       KVM_REQ_VM_DEAD, OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE)
 from .mmu import KvmMmuMemoryCache
 from .spte import SHADOW_NONPRESENT_VALUE
 from .uapi import KVM_EXIT_INTR, KVM_EXIT_HYPERCALL, EXIT_NAMES
@@ -196,6 +196,10 @@ class KvmVcpuX86:
         return KvmIoctlError(EIO, f"the VM is dead ({self.kvm.bug_reason}) (-EIO)")
 
     def process_requests(self):
+        if self.requests & KVM_REQ_VM_DEAD:
+            # vcpu_enter_guest(): kvm_check_request(KVM_REQ_VM_DEAD) -> -EIO, no entry.
+            self.requests &= ~KVM_REQ_VM_DEAD
+            raise self.vm_dead_error()
         if self.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS:
             self.kvm_mmu_free_obsolete_roots()
         if self.requests & KVM_REQ_TLB_FLUSH:

@@ -7,8 +7,17 @@ It creates the VM, backs guest memory with host memory, loads the guest ELF
 (emu.userspace.loader), creates the vCPUs with the boot registers, and runs them,
 answering the exits KVM hands to userspace: the guest runtime's report and
 fail hypercalls, HLT (the vCPU is done), and errors (the run ends).
+
+A run can be stopped, as QEMU stops its vCPUs: ``stop()`` (a signal, a watchdog: see
+emu.userspace.watchdog) signals every vCPU, KVM_RUN returns KVM_EXIT_INTR, and no vCPU
+enters again.  Its limits: ``max_insns`` (blocks of guest code, all vCPUs together,
+counted deterministically: emu.hw.slice.BlockLimit) and ``timeout`` (seconds of wall
+clock); a run past either ends with exit "hang", one interrupted by ``signals`` (the
+CLI's emu.userspace.watchdog.Signals) with "interrupted".  Either error line names, for
+every vCPU still running, its RIP, instruction and symbol and the loop it spins in.
 """
 
+import contextlib
 import struct
 
 from . import guestabi, guests, loader
@@ -88,6 +97,14 @@ class Machine:
         except (guests.GuestError, loader.LoadError) as e:
             raise MachineError(str(e)) from None
         self.vm_type = VM_TYPES[vm]
+        # The run's limits and its stop (see the module's docstring): set before run().
+        self.max_insns = None
+        self.timeout = None
+        self.signals = None
+        self.progress = None                 # a callable(text) drawing the status line (a terminal)
+        self.stop_reason = None              # "interrupted" or "hang" once the VMM stops every vCPU
+        self.stop_why = None
+        self.guest_blocks = None             # blocks of guest code the last run ran (when counted)
         if td_attributes is None:
             from tdxmod.abi import TD_ATTR_SEPT_VE_DISABLE, TD_ATTR_DEBUG
             td_attributes = TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG
@@ -245,19 +262,23 @@ class Machine:
                 return self.run_scheduled(Scheduler(max_steps=max_steps, tracer=self.tracer))
             except (StepLimit, Deadlock) as e:
                 res = Result()
-                res.exit, res.error = "timeout", f"the scheduler stopped the run: {e}"
+                if self.stop_reason is not None:
+                    res.exit = self.stop_reason   # (a vCPU left waiting for one that stopped)
+                else:
+                    res.exit, res.error = "timeout", f"the scheduler stopped the run: {e}"
                 return self._finish(res, {}, collect_regs=True)
         res = Result()
         live = list(self.vcpus)
         ended = {}
         exits = 0
-        while live and res.error is None and exits < max_userspace_exits:
-            for v in list(live):
-                exits += 1
-                if self._step(v, res, ended):
-                    live.remove(v)
-                if res.error is not None:
-                    break
+        with self.watchdog():
+            while live and res.error is None and exits < max_userspace_exits:
+                for v in list(live):
+                    exits += 1
+                    if self._step(v, res, ended):
+                        live.remove(v)
+                    if res.error is not None:
+                        break
         if live and res.error is None:
             res.exit, res.error = "timeout", f"the guest made more than {max_userspace_exits} userspace exits"
         return self._finish(res, ended, collect_regs=True)
@@ -288,12 +309,96 @@ class Machine:
         for k, event in enumerate(self.host_events):
             sched.spawn(self._host_task(event, f"host{k}", res), name=f"host{k}", host=True, start=event.step)
         try:
-            sched.run()
+            with self.watchdog():
+                sched.run()
         finally:
             self.kvm.sched = None
             if self.td:
                 self.host.tdx_module.sched = None
         return self._finish(res, ended, collect_regs)
+
+    # -- stopping a run: signals and watchdogs ----------------------------------------------------------
+    @contextlib.contextmanager
+    def watchdog(self):
+        """The run's limits armed around it: the block limit on every vCPU, and the watchdog
+        thread (emu.userspace.watchdog) when there is a timeout, signals or a progress line."""
+        from ..hw.slice import BlockLimit, NO_BUDGET
+        from .watchdog import Watchdog
+        self.stop_reason = self.stop_why = None
+        limit = None
+        if self.max_insns is not None or self.progress is not None:
+            limit = BlockLimit(NO_BUDGET if self.max_insns is None else self.max_insns, self._limit_expired)
+        for v in self.vcpus:
+            v.hw.limit = limit
+        thread = None
+        if self.timeout is not None or self.signals is not None or self.progress is not None:
+            thread = Watchdog(self, self.signals, self.timeout, self.progress)
+        try:
+            if thread is None:
+                yield
+            else:
+                with thread:
+                    yield
+        finally:
+            for v in self.vcpus:
+                v.hw.limit = None
+                if self.stop_reason is not None:
+                    v.signal_pending = False      # the VMM has taken the signal (the thread is joined)
+            self.guest_blocks = None if limit is None else limit.used
+
+    def _limit_expired(self, hw):
+        self.stop("hang", f"--max-insns {self.max_insns} reached")
+
+    def stop(self, reason, why):
+        """Stop every vCPU (safe from another thread): ``reason`` is the run's exit ("interrupted",
+        "hang"), ``why`` its first words.  The first stop wins."""
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_why = reason, why
+        self.kick_all()
+
+    def kick_all(self):
+        """A signal to every vCPU: KVM_RUN returns KVM_EXIT_INTR; one running guest code leaves it."""
+        for v in self.vcpus:
+            v.send_signal()
+
+    def progress_text(self, elapsed):
+        """The status line of a long run: elapsed time, guest blocks, exits, pages mapped."""
+        blocks = sum(v.hw.blocks_run() for v in self.vcpus)
+        exits = sum(v.stat["exits"] for v in self.vcpus)
+        st = self.kvm.stat
+        pages = st["pages_4k"] + st["pages_2m"] + st["pages_1g"]
+        return (f"  {elapsed:6.1f} s   {_count(blocks)} guest blocks   {_count(exits)} exits   "
+                f"{pages} pages mapped   (Ctrl-C stops)")
+
+    def _stopped(self, v, res, ended):
+        """The VMM stopped ``v`` (its KVM_RUN returned for the signal, or it is not run again)."""
+        ended.setdefault(v.vcpu_id, self.stop_reason)
+        if res.error is None:
+            res.exit, res.error = self.stop_reason, self.stop_why     # completed by _finish
+
+    def describe_vcpu(self, v):
+        """'vCPU 1 at rip 0x100012 spin+0x2: jmp 0x100010, looping in 0x100010-0x100014
+        (spin+0x0..spin+0x4)': where a vCPU is, and the loop it spins in when it spins in one."""
+        from ..disasm import loop_range
+        rip = self._rip(v)
+        text = f"vCPU {v.vcpu_id} at rip {rip:#x} {self.symbolize(rip)}: {self.insn_text(v, rip) or '?'}"
+        loop = loop_range(self._code_reader(v), rip)
+        if loop is not None:
+            lo, hi = loop
+            text += f", looping in {lo:#x}-{hi:#x} ({self.symbolize(lo)}..{self.symbolize(hi - 1)})"
+        return text
+
+    def insn_text(self, v, rip):
+        """The instruction at ``rip``, disassembled (None if it cannot be read or decoded)."""
+        from ..disasm import disassemble_one
+        return disassemble_one(self._code_reader(v)(rip, 15), rip)
+
+    def _code_reader(self, v):
+        """read(gva, n): the guest's code bytes.  A TD's private memory is not the host's to read:
+        its code is read from the image the TD was built from (what its memory holds there)."""
+        if self.td:
+            return lambda gva, n: self.image.read(gva, n) or b""
+        return v.read_guest_virt
 
     def _host_task(self, event, who, res):
         from .hostevents import run_event
@@ -334,6 +439,9 @@ class Machine:
 
     def _step(self, v, res, ended):
         """One KVM_RUN of ``v`` and its userspace exit; True when the vCPU is done."""
+        if self.stop_reason is not None:
+            self._stopped(v, res, ended)          # the VM is stopped: no vCPU enters again
+            return True
         try:
             run = v.run()
         except KvmIoctlError as e:
@@ -342,6 +450,9 @@ class Machine:
             ended[v.vcpu_id] = "ioctl_error"
             if res.error is None:
                 res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
+            return True
+        if run.exit_reason == KVM_EXIT_INTR and self.stop_reason is not None:
+            self._stopped(v, res, ended)          # a signal, a watchdog
             return True
         if res.error is not None and run.exit_reason == KVM_EXIT_INTR:
             ended[v.vcpu_id] = "stopped"          # stopped by the VMM after another vCPU's error
@@ -353,6 +464,18 @@ class Machine:
         return False
 
     def _finish(self, res, ended, collect_regs):
+        if self.stop_reason is not None and res.exit == self.stop_reason:
+            # Stopped: every vCPU still running, where it is (its last KVM_RUN has returned).
+            running = [v for v in self.vcpus if ended.get(v.vcpu_id, self.stop_reason) in (self.stop_reason, "stopped")]
+            for v in running:
+                ended[v.vcpu_id] = self.stop_reason
+            where = [self.describe_vcpu(v) for v in running] or ["no vCPU was running"]
+            if self.stop_reason == "interrupted":
+                # Interrupted: where every vCPU is, those that had ended too.
+                where += [f"vCPU {v.vcpu_id} ended ({ended[v.vcpu_id]}) at rip {rip:#x} {self.symbolize(rip)}: "
+                          f"{self.insn_text(v, rip) or '?'}"
+                          for v in self.vcpus if v not in running for rip in [self._rip(v)]]
+            res.error = f"{self.stop_why}: {'; '.join(where)}"
         if res.error is None and self.kvm.violations:
             res.exit, res.error = "checker", f"checker: {self.kvm.violations[0]}"
         if res.error is None:
@@ -440,7 +563,8 @@ class Machine:
                 detail += f" error code {run.error_code:#x}"
             if run.cr2 is not None:
                 detail += f" cr2 {run.cr2:#x}"
-            insn = f": {run.insn}" if run.insn else ""
+            insn = run.insn or (self.insn_text(v, run.rip) if self.td else None)   # (a TD's: from its image)
+            insn = f": {insn}" if insn else ""
             why = getattr(run, "why", None)
             how = "(no IDT: triple fault)" if getattr(run, "no_idt", True) or not why else f"(triple fault: {why})"
             msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
@@ -543,19 +667,28 @@ class Machine:
             "remote_tlb_flushes": kvm.stat["remote_tlb_flush"],
             "seamcalls": dict(getattr(kvm.x86_ops, "seamcall_counts", {})),
             "kvm_bug_on": kvm.stat["kvm_bug_on"],
+            "guest_blocks": self.guest_blocks,
         }
 
     def destroy(self):
         self.kvm.destroy()
 
-    def prepare_snapshot(self):
+    def prepare_snapshot(self, limited=False):
         """Ready the machine to be forked from many times (emu.explore, emu.campaign): do once
         here what every forked run would do first at the same cost.  A vCPU that can share the
-        CPUs with another task arms its slice budget (emu.hw.slice) at its first entry, which
-        flushes Unicorn's translated code (~0.2 ms, most of it in memory the child must copy).
-        Armed now, it is the same hook with no budget until slicing starts, and no code was
-        translated yet to lose."""
-        if self.nvcpus > 1 or self.host_events:
+        CPUs with another task, or whose runs are ``limited`` (max_insns), arms its slice budget
+        (emu.hw.slice) at its first entry, which flushes Unicorn's translated code (~0.2 ms,
+        most of it in memory the child must copy).  Armed now, it is the same hook with no
+        budget until slicing starts, and no code was translated yet to lose."""
+        if self.nvcpus > 1 or self.host_events or limited:
             for v in self.vcpus:
                 if v.hw is not None and v.hw._budget is None:
                     v.hw._arm_budget()
+
+
+def _count(n):
+    """12345678 -> '12.3 M'."""
+    for scale, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
