@@ -34,6 +34,10 @@ FORMATS = {
     "tdcall": "{leaf} rcx {rcx:#x} -> {status}",
     "hw_walk": "{access} gva {gva:#x}: {walk}",
     "tdx_exit": "reason {reason} rip {rip:#x} {where}: {insn}",
+    "kvm_pio": "pio_{rw} at {port:#x} size {size} count {count} val {val:#x}{more}",
+    "kvm_msr": "msr_{rw} {index:x} = {data:#x}{ex} ({msr})",
+    "kvm_cpuid": "func {function:x} idx {index:x} rax {rax:x} rbx {rbx:x} rcx {rcx:x} rdx {rdx:x}, "
+                 "cpuid entry {found}{used_max_basic}",
 }
 
 
