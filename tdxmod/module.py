@@ -16,120 +16,17 @@ structures' contents are Python objects tied to those pages (the PAMT and the
 S-EPT are real tables in memory).
 """
 
-import hashlib
-
-from emu.hw.ept import make_eptp
 from emu.hw.memory import table_entries
-from emu.hw.exits import VeInfo
 from . import abi
 from .abi import *  # noqa: F401,F403  (status codes and leaves by name)
 from .pamt import Pamt
 from . import sept as S
-
-PAGE = 4096
-KEYID_BITS = 6                 # MKTME key-id bits at the top of MAXPHYADDR
-TDCS_PAGES = 4                 # TDH.MNG.ADDCX pages per TD (the last one is the S-EPT root)
-TDVPX_PAGES = 1                # TDH.VP.ADDCX pages per vCPU
-MAX_VCPUS_DEFAULT = 64
-
-# TD_PARAMS (a 1 KiB structure in shared memory; offsets as in the ABI)
-TD_PARAMS_ATTRIBUTES = 0
-TD_PARAMS_XFAM = 8
-TD_PARAMS_MAX_VCPUS = 16
-TD_PARAMS_EPTP_CONTROLS = 24   # bits 2:0 memory type, 5:3 page-walk length - 1
-TD_PARAMS_CONFIG_FLAGS = 32    # bit 0 MAX_GPAW: the shared bit is GPA[51]
-
-# TDH.VP.RD/WR field ids (class in bits 63:56 of this model's encoding)
-MD_TDVPS_VMCS_SHARED_EPTP = 0x203C            # VMCS field: SHARED_EPT_POINTER
-MD_TDVPS_GPR_BASE = 0x0100                    # + index of the GPR (rax=0 .. r15=15), debug TDs only
-MD_TDVPS_RIP = 0x0120
-MD_TDVPS_CR3 = 0x0121
-GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-
-
-class Regs:
-    """The registers a SEAMCALL returns (RAX = status)."""
-    __slots__ = ("rax", "rcx", "rdx", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rbx", "rsi", "rdi")
-
-    def __init__(self, rax=0, rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0, r12=0, r13=0, r14=0, r15=0, rbx=0, rsi=0,
-                 rdi=0):
-        self.rax, self.rcx, self.rdx, self.r8, self.r9, self.r10, self.r11 = rax, rcx, rdx, r8, r9, r10, r11
-        self.r12, self.r13, self.r14, self.r15, self.rbx, self.rsi, self.rdi = r12, r13, r14, r15, rbx, rsi, rdi
-
-    def __repr__(self):
-        return "Regs(" + ", ".join(f"{k}={getattr(self, k):#x}" for k in self.__slots__ if getattr(self, k)) + ")"
-
-
-class Td:
-    """TDR + TDCS of one TD."""
-
-    def __init__(self, tdr, hkid):
-        self.tdr = tdr
-        self.hkid = hkid
-        self.lifecycle = TD_HKID_ASSIGNED
-        self.op_state = OP_STATE_UNINITIALIZED
-        self.tdcx = []
-        self.chldcnt = 0
-        self.attributes = 0
-        self.max_vcpus = MAX_VCPUS_DEFAULT
-        self.pwl = 4
-        self.gpaw = 0
-        self.config_flags = 0
-        self.shared_bit = 1 << 47
-        self.sept_root = None
-        self.epoch = 1
-        self.refcount = [0, 0]
-        self.mrtd = hashlib.sha384()
-        self.finalized_mrtd = None
-        self.vcpus = {}
-        self.num_vcpus = 0             # vCPUs initialized (TDH.VP.INIT)
-        self.fatal = False
-        # S-EPT tree lock: shared (count) or exclusive
-        self.sept_readers = 0
-        self.sept_writer = False
-        self.epoch_locked = False
-        self.wbcache_needed = False
-
-    @property
-    def secure_eptp(self):
-        return make_eptp(self.sept_root, levels=self.pwl, ad=True)
-
-    @property
-    def sept_top_level(self):
-        return self.pwl - 1
-
-
-class TdVcpu:
-    """TDVPR + TDVPS of one TD vCPU.  ``hw`` is the CPU context the module runs it on."""
-
-    def __init__(self, td, tdvpr):
-        self.td = td
-        self.tdvpr = tdvpr
-        self.tdvpx = []
-        self.initialized = False
-        self.hw = None
-        self.shared_eptp = None
-        self.epoch = None              # the epoch this vCPU entered in (counted in td.refcount)
-        self.associated = False
-        self.vmcall_pending = None     # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
-        self.launched = False
-        self.x2apic_id = None
-        self.vcpu_index = None           # the order of TDH.VP.INIT
-        self.last_tdcall_leaf = None     # for the trace
-        self.last_tdcall_rcx = 0
-        self.vmcall_control = 0          # the guest's TDG.VP.VMCALL RCX (which GPRs the VMM answers)
-        self.in_td = False               # between TD entry and TD exit (counted in td.refcount)
-        # Zero-step mitigation (td_exit_stepping.c): EPT violations at one RIP, and the GPAs
-        # recorded once they pass STEPPING_EPF_THRESHOLD.
-        self.rip_on_tdentry = None
-        self.possibly_epf_stepping = 0
-        self.last_epf_gpa_list = []
-        # TDVPS.VE_INFO (tdvps_ve_info_t): valid is 0xFFFFFFFF while a #VE's information is
-        # unread; TDG.VP.VEINFO.GET reads it and clears valid.  It is also the TD VMCS's
-        # virtualization-exception information area: the CPU fills it for a convertible EPT
-        # violation (init_guest_td_address_fields(); TDH.VP.INIT hands it to the vCPU).
-        self.ve_info = VeInfo()
+from .regs import Regs  # noqa: F401  (importable from here, as before)
+from .td_structures import (PAGE, KEYID_BITS, TDCS_PAGES, TDVPX_PAGES, MAX_VCPUS_DEFAULT,  # noqa: F401
+                            TD_PARAMS_ATTRIBUTES, TD_PARAMS_XFAM, TD_PARAMS_MAX_VCPUS, TD_PARAMS_EPTP_CONTROLS,
+                            TD_PARAMS_CONFIG_FLAGS, MD_TDVPS_VMCS_SHARED_EPTP, MD_TDVPS_GPR_BASE, MD_TDVPS_RIP,
+                            MD_TDVPS_CR3, GPR_ORDER, Td, TdVcpu)
+from .vmm_dispatcher import HANDLERS
 
 
 class TdxModule:
@@ -146,10 +43,7 @@ class TdxModule:
         self.inject = None
         self.counts = {}               # leaf name -> calls
         self.make_cpu = None           # callable(index) -> emu.hw.vcpu.Vcpu, given by the platform
-        from .handlers import HANDLERS
-        from .td_dispatch import vp_enter
         self._handlers = HANDLERS
-        self._vp_enter = vp_enter
 
     # -- the interface ----------------------------------------------------------------------------------
     def seamcall(self, leaf, rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0, r12=0, r13=0, r14=0, r15=0, rbx=0,
@@ -172,11 +66,8 @@ class TdxModule:
             if status is not None:
                 out = Regs(status)
         if out is None:
-            if (leaf & 0xFFFF) == TDH_VP_ENTER:
-                out = self._vp_enter(self, inp, caller)
-            else:
-                handler = self._handlers.get(leaf & 0xFFFF)
-                out = handler(self, inp, caller) if handler is not None else Regs(TDX_OPERAND_INVALID)
+            handler = self._handlers.get(leaf & 0xFFFF)
+            out = handler(self, inp, caller) if handler is not None else Regs(TDX_OPERAND_INVALID)
         if tracer is not None and tracer.enabled:
             tracer.emit("seamcall", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8, status=abi.status_name(out.rax),
                         rax=out.rax, out_rcx=out.rcx, out_rdx=out.rdx,

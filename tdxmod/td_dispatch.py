@@ -1,5 +1,9 @@
 """TDH.VP.ENTER and what the module does while the TD runs (the TD dispatcher).
 
+Follows src/td_transitions/tdh_vp_enter.c, td_exit.c and td_exit_stepping.c,
+src/td_dispatcher/tdx_td_dispatcher.c and vm_exits/ (td_ept_violation.c, td_other_exits.c,
+tdg_mem_page_accept.c, tdg_vp_veinfo_get.c, tdg_vp_info.c, tdg_vp_vmcall.c) of the TDX module (tdx_1.5).
+
 The module enters the TD on the vCPU's CPU context with the secure EPTP (its
 S-EPT) and the shared EPTP (KVM's direct root), and handles the TD's exits
 itself where the ABI says so: TDCALLs other than TDG.VP.VMCALL, and private
@@ -16,7 +20,9 @@ returned as TDH.VP.ENTER's output registers:
 from emu.hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_TDCALL, EXIT_REASON_HLT, EXIT_REASON_VMCALL,
                           EXIT_REASON_EXCEPTION_NMI, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TRIPLE_FAULT)
 from .abi import *  # noqa: F401,F403
-from .module import Regs, TDVPX_PAGES
+from .regs import Regs
+from .td_structures import TDVPX_PAGES
+from .helpers import vcpu_operand
 from emu.hw.ept import make_eptp, EPT_VIOLATION_ACC_WRITE
 from . import sept as S
 
@@ -121,8 +127,7 @@ def _triple_fault(ex, hw):
 
 
 def vp_enter(mod, r, caller):
-    from .handlers import _vcpu_operand
-    v, st = _vcpu_operand(mod, r.rcx)
+    v, st = vcpu_operand(mod, r.rcx)
     if st:
         return Regs(st)
     td = v.td
