@@ -4,8 +4,6 @@ keeps current (kvm_update_cpuid_runtime()), CPUID exits (kvm_emulate_cpuid()), a
 (KVM_GET_SUPPORTED_CPUID: the emulated CPU's features, KVM's signature leaves).
 """
 
-from ..hw.ept import MAXPHYADDR
-from ..hw.msr import VIRT_ADDR_BITS
 from .kvm_host import KvmIoctlError, EINVAL
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0          # (sic, uapi spelling)
@@ -64,17 +62,29 @@ def kvm_find_cpuid_entry2(entries, function, index=None):
 
 
 def kvm_get_supported_cpuid():
-    """KVM_GET_SUPPORTED_CPUID: what KVM can give a guest on this (emulated) host, leaf by leaf:
-    (function, index) -> (eax, ebx, ecx, edx) masks of supported feature bits, the address widths
-    the hardware walkers implement, and KVM's own leaves 0x40000000 (signature) and 0x40000001
-    (features: only KVM_FEATURE_NOP_IO_DELAY, the one this model honours: it has no kvmclock,
-    async PF or PV EOI)."""
+    """KVM_GET_SUPPORTED_CPUID: what KVM can give a guest on this host, as KvmCpuidEntry2s: the
+    CPU's own leaves (emu.hw.cpuid), plus what KVM emulates whatever the CPU (x2APIC,
+    TSC_ADJUST, ARCH_CAPABILITIES), plus KVM's leaves 0x40000000 (signature, max KVM leaf) and
+    0x40000001 (features: only KVM_FEATURE_NOP_IO_DELAY, the one this model honours: it has no
+    kvmclock, async PF or PV EOI).  Per-vCPU fields (APIC ids, topology) are userspace's."""
+    from ..hw.cpuid import native_cpuid_table, INDEXED_LEAVES
+    out = []
+    for (leaf, sub), regs in sorted(native_cpuid_table().items()):
+        eax, ebx, ecx, edx = regs
+        if leaf == 1:
+            ebx &= 0x0000FFFF                   # APIC id and logical count: userspace's
+            ecx |= 1 << 21                      # x2APIC
+        elif (leaf, sub) == (7, 0):
+            ebx |= 1 << 1                       # TSC_ADJUST
+            edx |= 1 << 29                      # ARCH_CAPABILITIES
+        elif leaf == 0xB:
+            edx = 0
+        flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX if leaf in INDEXED_LEAVES else 0
+        out.append(KvmCpuidEntry2(leaf, sub, flags, eax, ebx, ecx, edx))
     sig = [int.from_bytes(KVM_SIGNATURE[i:i + 4], "little") for i in (0, 4, 8)]
-    return {
-        (KVM_CPUID_SIGNATURE, 0): (KVM_CPUID_FEATURES, sig[0], sig[1], sig[2]),
-        (KVM_CPUID_FEATURES, 0): (1 << KVM_FEATURE_NOP_IO_DELAY, 0, 0, 0),
-        (0x80000008, 0): (MAXPHYADDR | VIRT_ADDR_BITS << 8, 0, 0, 0),
-    }
+    out.append(KvmCpuidEntry2(KVM_CPUID_SIGNATURE, 0, 0, KVM_CPUID_FEATURES, sig[0], sig[1], sig[2]))
+    out.append(KvmCpuidEntry2(KVM_CPUID_FEATURES, 0, 0, 1 << KVM_FEATURE_NOP_IO_DELAY, 0, 0, 0))
+    return out
 
 
 class KvmVcpuCpuid:
