@@ -8,7 +8,7 @@ tdx_set_msr() in tdx.py) comes between the two, as kvm_x86_ops.get_msr/set_msr.
 Emulated here: EFER (set_efer(): legal bits SCE, LME, LMA, NX; LME may not change while paging
 is on; LMA is the CPU's), APIC_BASE (kvm_apic_set_base(), no in-kernel local APIC), IA32_TSC and
 IA32_TSC_ADJUST (the L1 TSC offset), PAT (kvm_pat_valid()), MISC_ENABLE (its read-only and
-ignored bits), UCODE_REV, ARCH_CAPABILITIES, and the MSRs read as 0 (PLATFORM_ID,
+ignored bits), UCODE_REV, ARCH_CAPABILITIES, POWER_CTL, and the MSRs read as 0 (PLATFORM_ID,
 EBL_CR_POWERON).  Any other MSR is KVM_MSR_RET_UNSUPPORTED: #GP, or userspace's.
 """
 
@@ -41,6 +41,7 @@ MSR_IA32_MISC_ENABLE_PMU_RO_MASK = MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL | MSR_IA32_
 PAT_DEFAULT = 0x0007040600070406
 LAPIC_MODE_DISABLED, LAPIC_MODE_INVALID, LAPIC_MODE_XAPIC, LAPIC_MODE_X2APIC = 0, X2APIC_ENABLE, \
     MSR_IA32_APICBASE_ENABLE, MSR_IA32_APICBASE_ENABLE | X2APIC_ENABLE
+MSR_IA32_POWER_CTL = 0x1FC
 _U64 = (1 << 64) - 1
 
 
@@ -67,6 +68,7 @@ class VcpuMsrs:
         self.ia32_tsc_adjust_msr = 0
         self.feature_control = 0                # vmx->msr_ia32_feature_control
         self.feature_control_valid_bits = 1     # FEAT_CTL_LOCKED
+        self.msr_ia32_power_ctl = 0
 
 
 class KvmMsrFilter:
@@ -204,6 +206,9 @@ class KvmVcpuMsr:
             # KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT (on by default): MWAIT's bit is not checked
             m.ia32_misc_enable_msr = data
             return 0
+        if index == MSR_IA32_POWER_CTL:
+            m.msr_ia32_power_ctl = data
+            return 0
         if index == MSR_IA32_TSC:
             hw = self.hw
             if host_initiated:
@@ -240,6 +245,8 @@ class KvmVcpuMsr:
             return 1, 0                                # kvm_x2apic_msr_read(): no in-kernel local APIC
         if index == MSR_IA32_MISC_ENABLE:
             return 0, m.ia32_misc_enable_msr
+        if index == MSR_IA32_POWER_CTL:
+            return 0, m.msr_ia32_power_ctl
         if index == MSR_EFER:
             return 0, self.kvm.x86_ops.get_efer(self)
         return KVM_MSR_RET_UNSUPPORTED, 0
