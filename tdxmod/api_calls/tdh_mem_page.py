@@ -77,6 +77,7 @@ def tdh_mem_page_add(mod, r, caller):
     if st:
         return Regs(st)
     mod.mem.write(target, mod.mem.read(source, PAGE))
+    mod.mem.td_write(target)                    # copied in with the TD's key
     mod.give_to_td(target, td.tdr)
     td.chldcnt += 1
     mod.mem.q[ptr >> 3] = S.make_mapped(target)
