@@ -30,6 +30,13 @@ from ..hw.exits import VECTOR_NAMES
 from ..trace import NULL_TRACER
 
 VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "tdx": KVM_X86_TDX_VM}
+# What a TD's #VE stood for (VE_INFO's exit reason), for the error line of a TD with no handler.
+VE_CAUSES = {10: "a CPUID leaf the TDX module does not virtualize (td_cpuid_exit())",
+             12: "HLT (the TDX module's td_generic_ve_exit())",
+             30: "port I/O (the TDX module's td_generic_ve_exit())",
+             31: "an RDMSR the TDX module does not handle (td_rdmsr_exit())",
+             32: "a WRMSR the TDX module does not handle (td_wrmsr_exit())",
+             48: "an EPT violation"}
 HUGEPAGES = {None: PG_LEVEL_4K, "4k": PG_LEVEL_4K, "2m": PG_LEVEL_2M, "1g": PG_LEVEL_1G}
 
 
@@ -181,11 +188,14 @@ class Machine:
 
     def _init_vcpu(self, v, index, nvcpus):
         """KVM_SET_CPUID2 (the -cpu host table, emu.userspace.cpu) and the boot MSRs (KVM_SET_MSRS,
-        host-initiated): the local APIC's base, enabled, BSP on vCPU 0; IA32_ARCH_CAPABILITIES."""
-        v.set_cpuid2(cpu_model.cpuid_host(index, nvcpus))
-        v.set_msrs({MSR_IA32_APICBASE: APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE |
-                    (MSR_IA32_APICBASE_BSP if index == 0 else 0),
-                    MSR_IA32_ARCH_CAPABILITIES: cpu_model.ARCH_CAPABILITIES})
+        host-initiated): IA32_ARCH_CAPABILITIES, and in a plain VM the local APIC's base, enabled,
+        BSP on vCPU 0 (a TD's is KVM's: x2APIC mode, set by KVM_TDX_INIT_VCPU)."""
+        v.set_cpuid2(cpu_model.cpuid_host(index, nvcpus, td=self.td))
+        msrs = {MSR_IA32_ARCH_CAPABILITIES: cpu_model.ARCH_CAPABILITIES}
+        if not self.td:
+            msrs[MSR_IA32_APICBASE] = APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE | \
+                (MSR_IA32_APICBASE_BSP if index == 0 else 0)
+        v.set_msrs(msrs)
 
     def _load(self, write_gpa, extra_maps=()):
         try:
@@ -428,7 +438,12 @@ class Machine:
             return None
         if r == KVM_EXIT_HYPERCALL and run.nr == KVM_HC_MAP_GPA_RANGE:
             gfn, npages, attrs = run.args[0] >> 12, run.args[1], run.args[2]
-            self.kvm.set_memory_attributes(gfn, gfn + npages, private=bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED))
+            private = bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
+            self.kvm.set_memory_attributes(gfn, gfn + npages, private=private)
+            if not private:
+                # kvm_convert_memory(): memory made shared is discarded from guest_memfd
+                # (ram_block_discard_guest_memfd_range(): PUNCH_HOLE), its pages back to the host.
+                self.gmem_punch_hole(gfn << 12, (gfn + npages) << 12)
             v.complete_userspace_io = run.complete
             return None
         rip = self._rip(v)
@@ -483,6 +498,11 @@ class Machine:
             insn = f": {run.insn}" if run.insn else ""
             why = getattr(run, "why", None)
             how = "(no IDT: triple fault)" if getattr(run, "no_idt", True) or not why else f"(triple fault: {why})"
+            ve = getattr(run, "ve_exit_reason", None)
+            if ve is not None:
+                # a TD: say what the #VE stood for, and who reacted how
+                vec += f" (for {VE_CAUSES.get(ve, f'exit reason {ve}')})"
+                how += "; the module: TD exit TRIPLE_FAULT; KVM: KVM_EXIT_SHUTDOWN"
             msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
                    f"{insn} {how}")
         elif r == KVM_EXIT_INTR:
