@@ -162,8 +162,9 @@ class KvmVcpuCpuid:
     def kvm_cpuid(self, function, index, exact_only=False):
         """kvm_cpuid(): (eax, ebx, ecx, edx, exact).  A missing leaf is zeros, except that leaves
         0xB and 0x1F pass CL through and give EDX (the x2APIC id) when their subleaf 1 exists."""
-        if self.cpuid_dynamic_bits_dirty:
-            self.kvm_update_cpuid_runtime()
+        # cpuid_dynamic_bits_dirty: KVM sets it when CR4 or APIC_BASE change.  The model's CPU
+        # runs MOV to CR4 itself (no exit), so CR4's bits are read again at every CPUID.
+        self.kvm_update_cpuid_runtime()
         orig = function
         entry = self.kvm_find_cpuid_entry_index(function, index)
         exact = entry is not None

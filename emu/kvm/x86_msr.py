@@ -103,8 +103,8 @@ class KvmX86Msr:
             if rflags & ~(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE) or not rflags:
                 raise KvmIoctlError(EINVAL, "KVM_X86_SET_MSR_FILTER: a range with bad flags (-EINVAL)")
             size = -(-nmsrs // 64) * 8                    # BITS_TO_LONGS(nmsrs) * sizeof(long)
-            if size > KVM_MSR_FILTER_MAX_BITMAP_SIZE or len(bitmap) < size:
-                raise KvmIoctlError(EINVAL, "KVM_X86_SET_MSR_FILTER: bad bitmap size (-EINVAL)")
+            if size > KVM_MSR_FILTER_MAX_BITMAP_SIZE:
+                raise KvmIoctlError(EINVAL, "KVM_X86_SET_MSR_FILTER: bitmap too large (-EINVAL)")
             kept.append((rflags, base, nmsrs, int.from_bytes(bytes(bitmap[:size]), "little")))
         if not kept and not default_allow:
             raise KvmIoctlError(EINVAL, "KVM_X86_SET_MSR_FILTER: deny by default with no range (-EINVAL)")
