@@ -329,3 +329,41 @@ def test_kvm_run_io_of_a_td(tmp_path):
         if run.exit_reason == 2:
             break
     assert (run.direction, run.size, run.port, run.count, bytes(run.data)) == (1, 2, 0x3F8, 1, b"A\0")
+
+
+C_GUEST = """\
+#include "emu.h"
+
+void guest_main(void)
+{
+	u32 a, b, c, d;
+
+	if (emu_vcpu_id())
+		return;
+	emu_idt_init();
+	emu_console_puts("c!\\n");
+	GUEST_SYNC(inb(0x60));
+	GUEST_SYNC(inl(EMU_DEBUGCON_PORT));
+	cpuid_count(0x40000000, 0, &a, &b, &c, &d);
+	GUEST_SYNC(b);
+	GUEST_SYNC(rdmsr(0x35));
+	wrmsr(0x277, 0x0006060606060606UL);
+	GUEST_SYNC(rdmsr(0x277));
+}
+"""
+
+
+@pytest.mark.parametrize("attrs", [None] + [p.values[0] for p in BOTH])
+def test_c_guest_helpers(tmp_path, attrs):
+    """emu.h's inb/inl/cpuid_count/rdmsr/wrmsr/emu_console_puts, in a plain VM and in a TD either way."""
+    import re
+    from emu.userspace import guestabi, guests
+    text = (guests.INCLUDE_DIR / "emu.h").read_text()
+    assert int(re.search(r"#define EMU_DEBUGCON_PORT\s+(0x\w+)", text).group(1), 16) == guestabi.EMU_DEBUGCON_PORT
+    assert int(re.search(r"#define EMU_IO_DELAY_PORT\s+(0x\w+)", text).group(1), 16) == guestabi.IO_DELAY_PORT
+    p = tmp_path / "helpers.c"
+    p.write_text(C_GUEST)
+    res = Machine(str(p), vm="tdx" if attrs else "default", td_attributes=attrs).run()
+    assert res.ok, res.error
+    assert res.syncs == [(0, 0xFF), (0, 0xE9E9E9E9), (0, 0x4B4D564B), (0, 0x10001), (0, 0x0006060606060606)]
+    assert res.console == "c!\n"
