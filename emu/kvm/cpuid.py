@@ -11,7 +11,6 @@ KVM_CPUID_SIGNATURE = 0x40000000
 KVM_CPUID_FEATURES = 0x40000001
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 KVM_FEATURE_NOP_IO_DELAY = 1
-EBUSY = 16
 
 # Feature bits (leaf, subleaf, register, bit) KVM reads or keeps current (cpufeatures.h)
 X86_FEATURE_OSXSAVE = (1, 0, "ecx", 27)
@@ -88,56 +87,61 @@ def kvm_get_supported_cpuid():
 
 
 class KvmVcpuCpuid:
-    """The CPUID half of struct kvm_vcpu_arch: cpuid_entries and the lookup."""
+    """The CPUID half of struct kvm_vcpu_arch: cpuid_entries and the lookup.  KVM keeps the table
+    as plain tuples (function, index, flags, eax, ebx, ecx, edx), never changed in place: the bits
+    kvm_update_cpuid_runtime() keeps current are applied as an entry is read (``_runtime``), which
+    answers the same, and leaves nothing for a snapshot restored in place (emu.checkers.inplace)
+    to put back."""
 
     def cpuid_entries(self):
-        entries = getattr(self, "_cpuid_entries", None)
-        if entries is None:
-            entries = self._cpuid_entries = []
-        return entries
+        return self._cpuid_entries
 
     def set_cpuid2(self, entries):
-        """KVM_SET_CPUID2: kvm_set_cpuid().  After the vCPU ran, only the same table is accepted
-        (-EBUSY otherwise, kvm_cpuid_check_equal()); a linear-address width other than 48 or 57
-        in 0x80000008 is -EINVAL (kvm_check_cpuid())."""
-        entries = [e.copy() for e in entries]
+        """KVM_SET_CPUID2: kvm_set_cpuid().  After the vCPU ran, only the same table is accepted,
+        KVM's runtime bits set alike on both sides (kvm_cpuid_check_equal(): -EINVAL otherwise);
+        a linear-address width other than 48 or 57 in 0x80000008 is -EINVAL (kvm_check_cpuid())."""
+        table = [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in entries]
         if self.has_run:
-            old = self.cpuid_entries()
-            if len(old) != len(entries) or any(a != b for a, b in zip(old, entries)):
-                raise KvmIoctlError(EBUSY, "KVM_SET_CPUID2 after KVM_RUN with a different table (-EBUSY)")
+            now = [t[:3] + self._runtime(t) for t in self._cpuid_entries]
+            if [t[:3] + self._runtime(t) for t in table] != now:
+                raise KvmIoctlError(EINVAL, "KVM_SET_CPUID2 after KVM_RUN with a different table (-EINVAL)")
             return
-        e = kvm_find_cpuid_entry2(entries, 0x80000008)
-        if e is not None and (e.eax >> 8 & 0xFF) not in (48, 57, 0):
-            raise KvmIoctlError(EINVAL, f"KVM_SET_CPUID2: linear-address width {e.eax >> 8 & 0xFF} "
-                                        f"is neither 48 nor 57 (-EINVAL)")
-        self._cpuid_entries = entries
-        self.cpuid_dynamic_bits_dirty = True
+        for t in table:
+            if t[0] == 0x80000008 and (t[3] >> 8 & 0xFF) not in (48, 57, 0):
+                raise KvmIoctlError(EINVAL, f"KVM_SET_CPUID2: linear-address width {t[3] >> 8 & 0xFF} "
+                                            f"is neither 48 nor 57 (-EINVAL)")
+        self._cpuid_entries = table
 
     def get_cpuid2(self):
-        return [e.copy() for e in self.cpuid_entries()]
+        """KVM_GET_CPUID2: the table, with the runtime bits as they are now."""
+        return [KvmCpuidEntry2(t[0], t[1], t[2], *self._runtime(t)) for t in self._cpuid_entries]
 
     def kvm_find_cpuid_entry_index(self, function, index):
-        return kvm_find_cpuid_entry2(self.cpuid_entries(), function, index)
+        for t in self._cpuid_entries:
+            if t[0] == function and (not t[2] & KVM_CPUID_FLAG_SIGNIFCANT_INDEX or index is None or t[1] == index):
+                return t
+        return None
 
     def kvm_find_cpuid_entry(self, function):
-        return kvm_find_cpuid_entry2(self.cpuid_entries(), function)
+        return self.kvm_find_cpuid_entry_index(function, None)
 
     def guest_cpu_cap_has(self, feature):
         leaf, sub, reg, bit = feature
-        e = self.kvm_find_cpuid_entry_index(leaf, sub)
-        return e is not None and bool(getattr(e, reg) >> bit & 1)
+        t = self.kvm_find_cpuid_entry_index(leaf, sub)
+        return t is not None and bool(t[3 + "abcd".index(reg[1])] >> bit & 1)
 
-    def kvm_update_cpuid_runtime(self):
-        """The bits that follow guest state: OSXSAVE and OSPKE (CR4), APIC (APIC_BASE.EN)."""
-        self.cpuid_dynamic_bits_dirty = False
-        cr4 = self.kvm.x86_ops.get_cr4(self)
-        e = self.kvm_find_cpuid_entry(1)
-        if e is not None:
-            e.ecx = _set_bit(e.ecx, 27, cr4 & X86_CR4_OSXSAVE)
-            e.edx = _set_bit(e.edx, 9, self.msrs.apic_base & MSR_IA32_APICBASE_ENABLE)
-        e = self.kvm_find_cpuid_entry_index(7, 0)
-        if e is not None:
-            e.ecx = _set_bit(e.ecx, 4, cr4 & X86_CR4_PKE)
+    def _runtime(self, t):
+        """kvm_update_cpuid_runtime(): CPUID.1:ECX.OSXSAVE and CPUID.7.0:ECX.OSPKE follow CR4,
+        CPUID.1:EDX.APIC follows IA32_APICBASE.EN.  (KVM redoes it when CR4 or APIC_BASE change;
+        the model's CPU runs MOV to CR4 itself, so CR4 is read at each lookup.)"""
+        eax, ebx, ecx, edx = t[3:]
+        if t[0] == 1:
+            cr4 = self.kvm.x86_ops.get_cr4(self)
+            ecx = _set_bit(ecx, 27, cr4 & X86_CR4_OSXSAVE)
+            edx = _set_bit(edx, 9, self.msrs.apic_base & MSR_IA32_APICBASE_ENABLE)
+        elif t[0] == 7 and t[1] == 0:
+            ecx = _set_bit(ecx, 4, self.kvm.x86_ops.get_cr4(self) & X86_CR4_PKE)
+        return eax, ebx, ecx, edx
 
     def get_out_of_range_cpuid_entry(self, function, index):
         """Intel: a leaf above its class's maximum (basic 0, extended 0x80000000, the
@@ -146,7 +150,7 @@ class KvmVcpuCpuid:
         basic = self.kvm_find_cpuid_entry(0)
         if basic is None:
             return function, None
-        vendor = b"".join(r.to_bytes(4, "little") for r in (basic.ebx, basic.edx, basic.ecx))
+        vendor = b"".join(r.to_bytes(4, "little") for r in (basic[4], basic[6], basic[5]))
         if vendor in (b"AuthenticAMD", b"HygonGenuine"):
             return function, None
         if 0x40000000 <= function <= 0x4FFFFFFF:
@@ -155,16 +159,13 @@ class KvmVcpuCpuid:
             cls = self.kvm_find_cpuid_entry(0xC0000000)
         else:
             cls = self.kvm_find_cpuid_entry(function & 0x80000000)
-        if cls is not None and function <= cls.eax:
+        if cls is not None and function <= cls[3]:
             return function, None
-        return basic.eax, self.kvm_find_cpuid_entry_index(basic.eax, index)
+        return basic[3], self.kvm_find_cpuid_entry_index(basic[3], index)
 
     def kvm_cpuid(self, function, index, exact_only=False):
         """kvm_cpuid(): (eax, ebx, ecx, edx, exact).  A missing leaf is zeros, except that leaves
         0xB and 0x1F pass CL through and give EDX (the x2APIC id) when their subleaf 1 exists."""
-        # cpuid_dynamic_bits_dirty: KVM sets it when CR4 or APIC_BASE change.  The model's CPU
-        # runs MOV to CR4 itself (no exit), so CR4's bits are read again at every CPUID.
-        self.kvm_update_cpuid_runtime()
         orig = function
         entry = self.kvm_find_cpuid_entry_index(function, index)
         exact = entry is not None
@@ -173,13 +174,13 @@ class KvmVcpuCpuid:
             function, entry = self.get_out_of_range_cpuid_entry(function, index)
             used_max_basic = entry is not None
         if entry is not None:
-            regs = entry.regs()
+            regs = self._runtime(entry)
         else:
             regs = (0, 0, 0, 0)
             if function in (0xB, 0x1F):
                 e1 = self.kvm_find_cpuid_entry_index(function, 1)
                 if e1 is not None:
-                    regs = (0, 0, index & 0xFF, e1.edx)
+                    regs = (0, 0, index & 0xFF, e1[6])
         self.kvm.trace_emit("kvm_cpuid", self.vcpu_id, function=orig, index=index, rax=regs[0], rbx=regs[1],
                             rcx=regs[2], rdx=regs[3], found="found" if exact else "not found",
                             used_max_basic=", used max basic" if used_max_basic else "")

@@ -52,7 +52,7 @@ class KvmVcpu(KvmVcpuX86, KvmVcpuMsr, KvmVcpuPio, KvmVcpuCpuid, KvmVcpuMmu, KvmV
         self.msrs = VcpuMsrs()
         self.pio = KvmPio()
         self.has_run = False
-        self.cpuid_dynamic_bits_dirty = True
+        self._cpuid_entries = []              # vcpu->arch.cpuid_entries (emu.kvm.cpuid)
         self.emulated_exit = None             # the exit an instruction KVM completes later came from
         self.cui_linear_rip = None            # vcpu->arch.cui_linear_rip
         KvmVcpuX86.__init__(self, kvm, vcpu_id)

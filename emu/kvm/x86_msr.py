@@ -160,9 +160,7 @@ class KvmVcpuMsr:
                 return 1
             if old_mode == LAPIC_MODE_DISABLED and new_mode == LAPIC_MODE_X2APIC:
                 return 1
-        if (m.apic_base ^ value) & MSR_IA32_APICBASE_ENABLE:
-            self.cpuid_dynamic_bits_dirty = True       # CPUID.1:EDX.APIC follows it
-        m.apic_base = value
+        m.apic_base = value                            # (CPUID.1:EDX.APIC follows it: emu.kvm.cpuid)
         return 0
 
     def adjust_tsc_offset_guest(self, adj):

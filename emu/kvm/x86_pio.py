@@ -23,7 +23,7 @@ class KvmPio:
     def __init__(self):
         self.port = self.size = self.count = 0
         self.in_ = False
-        self.data = bytearray(PAGE_SIZE)
+        self.data = b""                       # the pio_data page's first size * count bytes
 
 
 class KvmVcpuPio:
@@ -34,12 +34,9 @@ class KvmVcpuPio:
         pio = self.pio
         pio.port, pio.in_, pio.count, pio.size = port, in_, count, size
         n = size * count
-        if in_:
-            pio.data[:n] = bytes(n)
-        else:
-            pio.data[:n] = data[:n]
+        pio.data = bytes(n) if in_ else bytes(data[:n])
         self.exit_to_user(KVM_EXIT_IO, direction=KVM_EXIT_IO_IN if in_ else KVM_EXIT_IO_OUT, size=size, port=port,
-                          count=count, data_offset=KVM_PIO_PAGE_OFFSET * PAGE_SIZE, data=bytearray(pio.data[:n]))
+                          count=count, data_offset=KVM_PIO_PAGE_OFFSET * PAGE_SIZE, data=bytearray(pio.data))
         return 0
 
     def trace_pio(self, write, port, size, count, data):

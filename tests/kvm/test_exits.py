@@ -419,4 +419,4 @@ def test_set_cpuid2_checks(tmp_path):
     v.set_cpuid2(same)                                                                # after KVM_RUN: the same
     with pytest.raises(KvmIoctlError) as e:
         v.set_cpuid2(same[:-1])
-    assert e.value.errno == 16
+    assert e.value.errno == 22
