@@ -116,7 +116,7 @@ class TestPortIo:
 
     def test_outs_segment_override(self):
         """OUTS reads DS:RSI, which FS: overrides (the base of FS is added)."""
-        src = f"mov dx, 0x70\nlea rsi, [0x100]\nfs outsb\nhlt\n"
+        src = "mov dx, 0x70\nlea rsi, [0x100]\nfs outsb\nhlt\n"
 
         def setup(m, v):
             v.uc.msr_write(MSR_FS_BASE, DATA)
