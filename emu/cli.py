@@ -540,6 +540,8 @@ def print_text(m, res, out):
         w(f"  report  vcpu {vcpu}: {value:#x} ({value})\n")
     for vcpu, value in res.syncs:
         w(f"  sync    vcpu {vcpu}: {value:#x} ({value})\n")
+    for line in res.console.splitlines():                # the debug console (port 0xe9)
+        w(f"  console {line}\n")
     if res.ok:
         w("exit: hlt (every vCPU halted)\n")
     else:

@@ -36,17 +36,21 @@ FORMATS = {
     "tdcall": "{leaf} rcx {rcx:#x} -> {status}",
     "hw_walk": "{access} gva {gva:#x}: {walk}",
     "tdx_exit": "reason {reason} rip {rip:#x} {where}: {insn}",
+    "kvm_pio": "pio_{rw} at {port:#x} size {size} count {count} val {val:#x}{more}",
+    "kvm_msr": "msr_{rw} {index:x} = {data:#x}{ex} ({msr})",
+    "kvm_cpuid": "func {function:x} idx {index:x} rax {rax:x} rbx {rbx:x} rcx {rcx:x} rdx {rdx:x}, "
+                 "cpuid entry {found}{used_max_basic}",
 }
 
 
 # Every event name the layers emit (--trace-events takes these; tests/test_trace.py checks that
 # every name the code emits is here).
 EVENTS = (
-    "checker_violation", "guest_assert", "guest_report", "guest_sync", "host_event", "host_migrate", "hw_event",
-    "hw_walk", "inject", "kvm_bug_on", "kvm_entry", "kvm_exit", "kvm_flush_remote_tlbs", "kvm_hypercall",
-    "kvm_mmio", "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_mmu_set_spte", "kvm_mmu_spte_requested",
+    "checker_violation", "guest_assert", "guest_console", "guest_report", "guest_sync", "host_event", "host_migrate", "hw_event",
+    "hw_walk", "inject", "kvm_bug_on", "kvm_cpuid", "kvm_entry", "kvm_exit", "kvm_flush_remote_tlbs", "kvm_hypercall",
+    "kvm_mmio", "kvm_msr", "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_mmu_set_spte", "kvm_mmu_spte_requested",
     "kvm_mmu_zap_all_fast", "kvm_nx_recover", "kvm_page_fault", "kvm_page_fault_stale", "kvm_page_leaked",
-    "kvm_reflect", "kvm_set_memory_attributes", "kvm_tdp_mmu_spte_changed", "kvm_tdp_mmu_spte_frozen",
+    "kvm_pio", "kvm_reflect", "kvm_set_memory_attributes", "kvm_tdp_mmu_spte_changed", "kvm_tdp_mmu_spte_frozen",
     "kvm_tdp_mmu_spte_frozen_retry", "kvm_tdp_mmu_spte_unfrozen", "kvm_tdp_page_fault_done", "kvm_tlb_flush",
     "kvm_userspace_exit", "kvm_vm_dead", "kvm_warn", "sched_switch", "seamcall", "seamcall_entry", "tdcall",
     "tdx_exit",

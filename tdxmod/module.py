@@ -152,8 +152,13 @@ class TdxModule:
         return cur.index if cur is not None else 0
 
     def give_to_module(self, hpa, pt, owner):
+        """A control page (TDR, TDCS, TDVPR, TDVPX) or an S-EPT page: the module fills it with a
+        private key (the TDR with the global one, the others with the TD's: tdh_mng_create.c
+        zero_area_cacheline(), tdh_mng_add_cx.c and tdh_mem_sept_add.c fill_area_cacheline()),
+        so every line gets the TD bit."""
         self.pamt.set(hpa, pt, owner)
         self.mem.protect(hpa >> 12, "the TDX module")
+        self.mem.td_write(hpa)
 
     def give_to_td(self, hpa, owner, npages=1):
         """``npages`` (1 or 512) private pages from ``hpa``: a 2M page is its PAMT 2M entry."""

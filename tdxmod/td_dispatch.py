@@ -18,7 +18,11 @@ returned as TDH.VP.ENTER's output registers:
 """
 
 from emu.hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_TDCALL, EXIT_REASON_HLT, EXIT_REASON_VMCALL,
-                          EXIT_REASON_EXCEPTION_NMI, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TRIPLE_FAULT)
+                          EXIT_REASON_EXCEPTION_NMI, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TRIPLE_FAULT,
+                          EXIT_REASON_CPUID, EXIT_REASON_IO_INSTRUCTION, EXIT_REASON_MSR_READ,
+                          EXIT_REASON_MSR_WRITE)
+from .td_cpuid import td_cpuid_exit
+from .td_msr import td_rdmsr_exit, td_wrmsr_exit, TD_MSR_ACCESS_SUCCESS, TD_MSR_ACCESS_GP
 from .abi import *  # noqa: F401,F403
 from .regs import Regs
 from .helpers import Held, lock_tdvpr, map_tdvps, check_and_associate_vcpu, sept_tree_lock
@@ -121,18 +125,24 @@ def tdg_vp_veinfo_get(v, hw):
     return TDX_SUCCESS
 
 
+def _no_idt(hw):
+    from unicorn import x86_const as X
+    return hw.uc.reg_read(X.UC_X86_REG_IDTR)[2] == 0
+
+
 def _triple_fault(v, ex, hw):
     """A TD exit for the CPU's triple fault: async_tdexit_to_vmm(TDX_NON_RECOVERABLE_VCPU), RAX =
     0x4000000100000000 | 2, and the vCPU DISABLED (TDH.VP.ENTER: VCPU_STATE_INCORRECT; TDH.VP.RD
     still reads it).  (Model-only registers, for the report: R9 the first exception's
     interruption information, R10 its error code, R11 CR2, R12 RIP, R13 1 when the TD had no
-    IDT loaded.)"""
+    IDT loaded, R14 for a #VE the exit reason it stood for | 1 << 32.)"""
     from unicorn import x86_const as X
     v.exit_state = VCPU_DISABLED
     intr = ex.vector | (3 << 8) | (1 << 31) | ((1 << 11) if ex.error_code is not None else 0)
     no_idt = 1 if hw.uc.reg_read(X.UC_X86_REG_IDTR)[2] == 0 else 0
+    ve = v.ve_info.exit_reason | 1 << 32 if v is not None and ex.vector == VE_VECTOR and v.ve_info.valid else 0
     return _exit(TDX_NON_RECOVERABLE_VCPU | EXIT_REASON_TRIPLE_FAULT, intr=intr, r10=ex.error_code or 0,
-                 r11=ex.cr2 or 0, r12=ex.rip, r13=no_idt)
+                 r11=ex.cr2 or 0, r12=ex.rip, r13=no_idt, r14=ve)
 
 
 # TDH.VP.ENTER's RCX (vcpu_and_flags_t): bit 0 the host-recoverability hint, bit 1 RESUME_L1,
@@ -259,20 +269,35 @@ def _handle(mod, v, hw, ex, caller=None):
         v.last_tdcall_leaf, v.last_tdcall_rcx = leaf, hw.reg("rcx")
         handler = TDCALL_HANDLERS.get(leaf, tdg_unknown)
         return handler(mod, v, hw, ex, caller)
-    if reason == EXIT_REASON_HLT and not td.attributes & TD_ATTR_SEPT_VE_DISABLE:
-        # td_generic_ve_exit(): #VE, exit reason HLT, instruction length 1; the guest's handler
-        # makes the TDG.VP.VMCALL<Instruction.HLT> and skips the HLT.
-        hw.set_reg("rip", ex.rip)
-        tdx_inject_ve(v, hw, EXIT_REASON_HLT, 0, insn_len=1)
-        return None
-    if reason == EXIT_REASON_HLT:
-        # A TD halts with TDG.VP.VMCALL<Instruction.HLT>.  With SEPT_VE_DISABLE (how every TD is
-        # built unless asked otherwise) a bare HLT is taken as that request, so a guest without
-        # a #VE handler ends with HLT as the guest ABI says (the module would inject #VE).
+    if reason == EXIT_REASON_HLT and _no_idt(hw):
+        # (model) A guest that loaded no IDT runs on its firmware's, and TDVF's #VE handler
+        # (CcExitHandleVe) turns a HLT's #VE into TDG.VP.VMCALL<Instruction.HLT>: the bare HLT
+        # is taken as that request, so a guest without the runtime ends with HLT, as the guest
+        # ABI says.  Any other #VE with no IDT cannot be delivered: a triple fault, below.
         v.vmcall_pending = 1
         v.last_td_exit = LAST_EXIT_TDVMCALL
         hw.set_reg("rip", ex.rip)
         return Regs(EXIT_REASON_TDCALL, rcx=0x1C00, r10=0, r11=EXIT_REASON_HLT, r12=0)
+    if reason == EXIT_REASON_HLT or reason == EXIT_REASON_IO_INSTRUCTION:
+        # td_generic_ve_exit(), whatever SEPT_VE_DISABLE: #VE with the exit reason, the exit
+        # qualification (I/O: size, direction, string, rep, port) and the instruction length;
+        # the guest's handler asks the VMM (TDG.VP.VMCALL<Instruction.HLT/IO>) and skips it.
+        hw.set_reg("rip", ex.rip)
+        tdx_inject_ve(v, hw, reason, ex.qualification, insn_len=ex.insn_len)
+        return None
+    if reason == EXIT_REASON_CPUID:
+        if td_cpuid_exit(v, hw, ex):
+            tdx_inject_ve(v, hw, EXIT_REASON_CPUID, 0, insn_len=ex.insn_len)
+        return None
+    if reason == EXIT_REASON_MSR_READ or reason == EXIT_REASON_MSR_WRITE:
+        status = td_rdmsr_exit(v, hw) if reason == EXIT_REASON_MSR_READ else td_wrmsr_exit(v, hw)
+        if status == TD_MSR_ACCESS_SUCCESS:
+            hw.set_reg("rip", ex.rip + ex.insn_len)
+        elif status == TD_MSR_ACCESS_GP:
+            hw.inject_event(13, 0)                # inject_gp(0), RIP on the instruction
+        else:
+            tdx_inject_ve(v, hw, reason, 0, insn_len=ex.insn_len)
+        return None
     if reason == EXIT_REASON_EPT_VIOLATION:
         # td_ept_violation_exit()
         gpa = ex.gpa
@@ -451,6 +476,7 @@ def tdg_mem_page_accept(mod, v, hw, caller=None):
     hpa = e & S.SEPT_HPA
     size = 0x1000 << (9 * level)
     mod.mem.zero(hpa, size)
+    mod.mem.td_write(hpa, size)                 # zero_area_cacheline() with the TD's key
     mod.mem.q[ptr >> 3] = S.set_state(e, S.SEPT_MAPPED)     # from the copy read under the lock
     mod.unlock_entry(ptr)
     return done(TDX_SUCCESS)

@@ -125,6 +125,7 @@ class TdVcpu:
         # virtualization-exception information area: the CPU fills it for a convertible EPT
         # violation (init_guest_td_address_fields(); TDH.VP.INIT hands it to the vCPU).
         self.ve_info = VeInfo()
+        self.debugctl = 0              # the guest's IA32_DEBUGCTL (td_msr: the module emulates it)
 
     @property
     def initialized(self):

@@ -396,7 +396,8 @@ def test_ctrl_c_keeps_results_and_leaves_no_process(args):
 
 
 # -- exceptions in Unicorn hooks are internal errors ------------------------------------------------------
-HOOKS = {"_tlb_fill": False, "_cpuid": 1, "_insn_invalid": True, "_interrupt": None, "_pause": None}
+HOOKS = {"_tlb_fill": False, "_exit_site_c": None, "_missed_cpuid": 1, "_missed_in": 0, "_missed_out": None,
+         "_insn_invalid": True, "_interrupt": None, "_pause": None}
 
 
 def test_every_hook_is_guarded():
@@ -406,7 +407,7 @@ def test_every_hook_is_guarded():
         assert getattr(getattr(Vcpu, name), "guarded", False), name
 
 
-@pytest.mark.parametrize("name,guest", [("_tlb_fill", "hello"), ("_cpuid", "hello"),
+@pytest.mark.parametrize("name,guest", [("_tlb_fill", "hello"), ("_exit_site", "hello"),
                                         ("_insn_invalid", REPO / "tests" / "kvm" / "guests" / "ud.S")])
 @pytest.mark.parametrize("vm", ["default", "tdx"])
 def test_hook_exception_is_raised_not_a_guest_fault(monkeypatch, capfd, name, guest, vm):
@@ -420,6 +421,8 @@ def test_hook_exception_is_raised_not_a_guest_fault(monkeypatch, capfd, name, gu
         raise IndexError("a bug in a hook")
     if name == "_tlb_fill":
         monkeypatch.setattr("emu.hw.vcpu.translate", boom)          # the walk, in the real fill hook
+    elif name == "_exit_site":
+        monkeypatch.setattr(Vcpu, name, boom)        # what the C code hook (_exit_site_c) calls
     else:
         # (before the vCPUs exist: hooks are bound at creation)
         monkeypatch.setattr(Vcpu, name, hook(returns=HOOKS[name])(boom))

@@ -364,6 +364,13 @@ class KvmMain:
         if c is not None:
             c.page_freed(self, pfn, what)
 
+    def check_td_page_freed(self, hpa, what):
+        """The host frees page ``hpa`` that a TD had: no cache line may still hold its TD bit
+        (when a checker is installed).  ``what`` names the KVM path."""
+        c = self.checker
+        if c is not None:
+            c.td_page_freed(self, hpa, what)
+
     def checker_violation(self, what):
         """A broken invariant seen while the run goes on: the run fails with it (first one wins)."""
         self.violations.append(what)

@@ -111,9 +111,12 @@ class KvmVcpuX86:
         kvm.sched.point(self.vcpu_id, kind)
 
     # -- running ------------------------------------------------------------------------------------------
-    def exit_to_user(self, reason, **fields):
-        self.kvm_run = KvmRun(reason, **fields)
-        self.kvm.trace_emit("kvm_userspace_exit", self.vcpu_id, reason=EXIT_NAMES.get(reason, reason))
+    def exit_to_user(self, exit_reason, **fields):
+        self.kvm_run = KvmRun(exit_reason, **fields)
+        # the port of KVM_EXIT_IO, the MSR of KVM_EXIT_X86_RDMSR/WRMSR
+        extra = {k: fields[k] for k in ("port", "index") if k in fields}
+        self.kvm.trace_emit("kvm_userspace_exit", self.vcpu_id, reason=EXIT_NAMES.get(exit_reason, exit_reason),
+                            **extra)
 
     def run(self):
         """KVM_RUN"""

@@ -91,6 +91,7 @@ def tdh_mem_page_add(mod, r, caller, held):
     if st:
         return Regs(st)
     mod.mem.write(target, mod.mem.read(source, PAGE))
+    mod.mem.td_write(target)                    # copied in with the TD's key
     mod.mem.q[ptr >> 3] = S.make_mapped(target)       # sept_set_leaf_unlocked_entry()
     td.mrtd.update(b"MEM.PAGE.ADD" + gpa.to_bytes(8, "little"))
     td.chldcnt += 1

@@ -5,6 +5,7 @@ tdh_vp_rd_wr.c (with src/common/metadata_handlers/metadata_vp.c) and tdh_vp_flus
 module (tdx_1.5).  TDH.VP.ENTER is in td_dispatch.py (src/td_transitions/tdh_vp_enter.c).
 """
 
+from ..td_msr import td_msr_bitmap
 from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
 from ..td_structures import (TdVcpu, TDVPX_PAGES, MD_TDVPS_VMCS_SHARED_EPTP, MD_TDVPS_GPR_BASE, MD_TDVPS_RIP,
@@ -93,10 +94,9 @@ def tdh_vp_init(mod, r, caller, held):
     # is TDVPS.VE_INFO (init_guest_td_address_fields()).  The S-EPT's entries all suppress #VE,
     # so only a shared-EPT entry of KVM's with bit 63 clear (its MMIO SPTE) is ever converted.
     v.hw.ve_info = v.ve_info
-    # The TD's CPUID: leaf 0x21 names the TDX module (Linux's tdx_early_init looks for it).
-    vendor = b"IntelTDX    "
-    le = lambda b: int.from_bytes(b, "little")
-    v.hw.cpuid[0x21] = (0, le(vendor[0:4]), le(vendor[8:12]), le(vendor[4:8]))
+    # The TD VMCS's MSR bitmap: only the MSRs the module lets through do not exit (tdxmod.td_msr).
+    # CPUID exits unconditionally: the module answers or makes it a #VE (tdxmod.td_cpuid).
+    v.hw.msr_bitmap = td_msr_bitmap()
     # init_vcpu_gprs_and_registers(): RCX = R8 = the initial RCX, RSI = the vCPU index.
     v.hw.set_regs({"rcx": r.rdx, "r8": r.rdx, "rsi": index, "rbx": 48 if not v.td.gpaw else 52})
     v.state = VCPU_READY

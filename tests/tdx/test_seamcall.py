@@ -1857,14 +1857,18 @@ def test_freed_pages_are_host_accessible(td_init):
     hpa = env.make_state(G, 0, MAPPED)
     child = env.sept_pages[-1]
     env.ok(env.remove(G))
+    env.mem.movdir64b(hpa)                      # tdx_clear_page(): the lines are the host's again
     env.mem.host_write(hpa, b"reuse")
     env.ok(env.sept_remove(G, 1))
+    env.mem.movdir64b(child)
     env.mem.host_write(child, b"reuse")
     release_hkid(env)
     tdcs0 = env.tdcs[0]
     env.ok(env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=tdcs0))
+    env.mem.movdir64b(tdcs0)
     env.mem.host_write(tdcs0, b"reuse")
     assert env.mem.host_read(tdcs0, 5) == b"reuse"
+    assert env.mem.machine_checks == []
 
 
 # ==================================================================================================

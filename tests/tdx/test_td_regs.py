@@ -23,6 +23,14 @@ from tdxhelpers import (SUCCESS, OPERAND_BUSY, OPERAND_INVALID, TLB_TRACKING_NOT
 AREA = 0x1000000                      # private GPA outside the loaded image (16 MiB)
 EXIT_EPT_VIOLATION = 48
 EXIT_TDCALL = 77
+
+
+def at_hlt(out):
+    """The guest stopped at its final HLT.  A HLT in a TD is a #VE (td_generic_ve_exit(), whatever
+    SEPT_VE_DISABLE); these guests load no IDT, so the TD firmware's #VE handler, which the model
+    stands in for, asks for TDG.VP.VMCALL<Instruction.HLT>: that TD exit, every register as the
+    guest left it."""
+    return out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
 GPR = {name: MD_TDVPS_GPR_BASE + i for i, name in enumerate(GPR_ORDER)}
 
 HEAD = """\
@@ -34,7 +42,7 @@ _start:
 """
 
 # TDG.VP.VMCALL exposing RDX, RBX, RSI, RDI, R8..R15 (RCX bits 2, 3, 6..15), an unknown
-# sub-function; then a bare HLT (taken as Instruction.HLT) to read the registers back.
+# sub-function; then a bare HLT (where the guest stops: at_hlt()) to read the registers back.
 VMCALL_GUEST = HEAD + """\
     mov rdx, 0x0202
     mov rbx, 0x0303
@@ -162,7 +170,7 @@ def test_tdvmcall_completion_copies_every_exposed_register(guest_dir):
     host = dict(rdx=0xA2, rbx=0xA3, rsi=0xA6, rdi=0xA7, r8=0xA8, r9=0xA9, r10=0xAA, r11=0xAB, r12=0xAC,
                 r13=0xAD, r14=0xAE, r15=0xAF)
     out = t.enter(**host)
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT          # the bare HLT
+    assert at_hlt(out)          # the bare HLT
     assert t.rd("rip") == t.sym("after_vmcall")
     for name, value in host.items():
         assert t.rd(name) == value, name
@@ -186,7 +194,7 @@ def test_tdvmcall_refuses_rax_rcx_rsp_and_reserved_bits(guest_dir, ctl):
     t = Td(guest_dir, "vmcallrcx", VMCALL_RCX_GUEST)
     t.wr("rcx", ctl)
     out = t.enter()
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT and out.rcx == 0x1C00
+    assert at_hlt(out)
     assert t.rd("rax") == OPERAND_INVALID | OP_RCX
     assert t.rd("rip") == t.sym("vmcall_done")
 
@@ -208,7 +216,7 @@ def test_vp_info_counts_initialized_vcpus(guest_dir):
     m.vcpus[1].mmu_load()                     # the shared EPT pointer (TDH.VP.WR)
     tdvpr = m.vcpus[1].arch.tdvpr_pa
     out = mod.seamcall(A.TDH_VP_ENTER, rcx=tdvpr, caller=1)          # on vCPU 1's CPU
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
+    assert at_hlt(out)
     rd = lambda name: mod.seamcall(A.TDH_VP_RD, rcx=tdvpr, rdx=GPR[name], caller=1).r8
     assert (rd("rax"), rd("rcx"), rd("rdx")) == (SUCCESS, 48, m.kvm.tdx.attributes)
     assert (rd("r8"), rd("r9"), rd("r10"), rd("r11")) == (2 | (64 << 32), 1, 0, 0)
@@ -325,7 +333,7 @@ def test_zero_step_holds_the_sept_tree_lock_against_aug(guest_dir):
     assert t.call(A.TDH_MEM_PAGE_AUG, rcx=AREA, rdx=t.tdr, r8=page).rax == SUCCESS
     t.mod.mem.write64(t.entry_pa(AREA), entry_value(MAPPED, page))
     out = t.enter()
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT     # the read went through
+    assert at_hlt(out)     # the read went through
     assert t.v.last_epf_gpa_list == [] and t.v.possibly_epf_stepping == 0
 
 
@@ -335,7 +343,7 @@ def test_zero_step_holds_the_sept_tree_lock_against_aug(guest_dir):
 def _accept(t, rcx):
     t.wr("rcx", rcx)
     out = t.enter()
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
+    assert at_hlt(out)
     assert t.rd("rip") == t.sym("accepted")
     return t.rd("rax")
 
@@ -408,7 +416,7 @@ def test_host_meets_the_guest_held_lock(guest_dir):
     assert (b.rax, b.rcx, b.rdx) == (OPERAND_BUSY | OP_RCX, arch_entry(PENDING, page), info(PENDING, 0))
     assert seen["entry"] == entry_value(PENDING, page) | TDEL | TDHP
     assert seen["in_td"][0] and sum(seen["in_td"][1]) == 1
-    assert out.rax == EXIT_TDCALL and t.rd("rax") == SUCCESS
+    assert at_hlt(out) and t.rd("rax") == SUCCESS
     assert t.mod.mem.read64(pa) == entry_value(MAPPED, page)
     assert t.td.refcount == [0, 0] and not t.v.in_td
 
@@ -440,7 +448,7 @@ def test_remove_tracking_follows_vcpus_in_the_td(guest_dir):
         out = t.enter()
     finally:
         t.mod.sched = None
-    assert out.rax == EXIT_TDCALL
+    assert at_hlt(out)
     assert seen[:3] == [TLB_TRACKING_NOT_DONE | OP_RCX, SUCCESS, TLB_TRACKING_NOT_DONE | OP_RCX]
     assert seen[3][bepoch & 1] == 1 and t.td.epoch == bepoch + 1
     # The vCPU has left the TD: tracked now.  A vCPU entering in the new epoch would not matter.
