@@ -12,7 +12,7 @@ RUNARGS ?= --trace
 # What sets the project up: the .venv stamp, or nothing when PY names another Python.
 SETUP  := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 
-.PHONY: run-guest test guests bench docs clean check-binutils check-cc venv
+.PHONY: run-guest test guests native bench docs clean check-binutils check-cc venv
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
@@ -42,13 +42,20 @@ check-cc:
 guests: $(SETUP) check-binutils check-cc
 	$(PY) -m emu.userspace.guests build
 
-run-guest: guests
+# The compiled hardware MMU (emu/hw/mmu.c, emu/hw/native.py): built with the same compiler; where it
+# cannot be, runs use the Python walkers and say so in one line.
+native: $(SETUP) check-cc
+	$(PY) -m emu.hw.native build
+
+run-guest: guests native
 	$(PY) -m emu run $(GUEST) $(RUNARGS)
 
-test: guests
+# The suite on the compiled MMU, then the hardware tests once more on the Python walkers.
+test: guests native
 	$(PY) -m pytest
+	EMU_PURE_PYTHON=1 $(PY) -m pytest -q tests/hw
 
-bench: guests
+bench: guests native
 	$(PY) -m bench
 
 # The docs extra of pyproject.toml (quoted for the shell): mkdocs, and nothing of the project itself,

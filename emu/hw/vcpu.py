@@ -5,6 +5,13 @@ every TLB miss calls ``_tlb_fill``, which runs the guest walk and the EPT walk
 (``paging.translate``) and either fills the TLB entry (host frame + rights) or
 records a VM exit and refuses the fill, which makes emu_start stop with RIP at
 the faulting instruction.  Once the exit is handled, ``run()`` restarts there.
+Where the compiled MMU is built (emu.hw.native), its C callback is the fill hook
+instead: it does the same in C with the same caches (no Python for a fill that
+translates, an exit recorded in the Mmu for ``run()`` to pick up) and calls
+``_fill_slow``/``_fetch_slow`` only for what needs the Python model: tracing,
+DPOR's footprints, a code page to scan for exiting instructions.  The state
+Python reads after fills (``tlb_shadow``, ``gpa_cache``, ``code_pfns``,
+``stats_fills``) is then the Mmu's, read through properties.
 
 VMCALL and TDCALL are invalid instructions to Unicorn; the invalid-instruction
 hook decodes them into exits.  HLT ends emu_start by itself.  CPUID and the I/O
@@ -58,6 +65,8 @@ except ImportError:
                       f"{getattr(unicorn, '__version__', '?')}: pip install 'unicorn>=2.1.4,<2.2'") from None
 
 from . import ept as ept_mod
+from . import paging as paging_mod
+from . import native
 from . import insn as insn_mod
 from .ept import (EptTranslation, EptViolation, EptMisconfig, decode_eptp, decode_qualification,
                   EPT_VIOLATION_GVA_TRANSLATED)
@@ -140,7 +149,8 @@ class Vcpu:
     ``run()`` until it returns an exit it cannot handle.
     """
 
-    def __init__(self, mem, index=0):
+    def __init__(self, mem, index=0, *, pure_python=False):
+        """``pure_python``: (tests) the Python MMU even where the compiled one is loaded."""
         self.mem = mem
         self.index = index
         self.pending = None                  # the exit recorded by a hook during emu_start
@@ -153,7 +163,7 @@ class Vcpu:
         self.eptp = None
         self.secure_eptp = None
         self.shared_mask = 0
-        self.stats_fills = 0
+        self._fills = 0                      # stats_fills, with the Python MMU
         self.tracer = None                   # set (with hw_walk wanted) to trace every walk
         self._hook_error = None              # the exception a hook raised (``hook``)
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -162,7 +172,20 @@ class Vcpu:
         # No stop address: with exits enabled and an empty list, emu_start runs until an exit.
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
+        self._mmu = None
+        if native.mmu is not None and not pure_python:
+            # The compiled fill: a C function Unicorn calls with the Mmu as its user data.
+            self._mmu = native.mmu.Mmu(mem, uc._uch.value, ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value,
+                                       X.UC_X86_REG_CR3, X.UC_X86_REG_CR0, X.UC_X86_REG_MSR,
+                                       self._fill_slow, self._fetch_slow)
+            hh = ctypes.c_size_t()
+            err = uclib.uc_hook_add(uc._uch, ctypes.byref(hh), UC_HOOK_TLB_FILL,
+                                    ctypes.c_void_p(native.mmu.fill_callback()), ctypes.c_void_p(id(self._mmu)),
+                                    ctypes.c_uint64(1), ctypes.c_uint64(0))
+            if err:
+                raise UcError(err)
+        else:
+            uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._insn_invalid)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
         uc.hook_add(UC_HOOK_INSN, self._missed_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
@@ -182,10 +205,14 @@ class Vcpu:
         uc.msr_write(MSR_EFER, BOOT_EFER)
         uc.reg_write(X.UC_X86_REG_CR0, BOOT_CR0)
         self._ept = None
-        self.gpa_cache = {}
-        self.pscache = {}                    # paging-structure cache (emu.hw.paging.translate)
-        self.tlb_shadow = {}                 # GVA page -> HPA page of every fill since the last flush
-        self.code_pfns = set()               # host pages filled executable since the last code flush
+        # The MMU's caches: the Mmu's with the compiled MMU (the properties below read them).
+        self._gpa_cache = {}                 # gfn -> (HPA page, level, perms, dirty) (_make_ept)
+        self.pscache = {} if self._mmu is None else None   # paging-structure cache (paging.translate)
+        self._tlb_shadow = {}                # GVA page -> HPA page of every fill since the last flush
+        self._code_pfns = set()              # host pages filled executable since the last code flush
+        m = self._mmu
+        self._tlb_get = self._tlb_shadow.get if m is None else m.tlb_get
+        self._tlb_put = self._tlb_shadow.__setitem__ if m is None else m.tlb_put
         self.code_generation = mem.generation
         # Register reads in the TLB-fill hook go straight to the C library: the binding's
         # reg_read costs ~1.7 us, a direct call ~0.5 us, and a fill reads two registers.
@@ -220,6 +247,32 @@ class Vcpu:
         self._pause_pages = set()            # (GVA page, HPA page) scanned for PAUSE
         self._slice_end = None
 
+    # -- what the MMU cached (the compiled MMU keeps it in C) -----------------------------------------
+    @property
+    def gpa_cache(self):
+        """gfn -> (HPA page, level, perms, dirty): the guest-physical translations cached (a copy
+        with the compiled MMU)."""
+        return self._gpa_cache if self._mmu is None else dict(self._mmu.gpa_items())
+
+    @property
+    def tlb_shadow(self):
+        """GVA page -> HPA page of every fill since the last flush (a copy with the compiled MMU)."""
+        return self._tlb_shadow if self._mmu is None else dict(self._mmu.tlb_items())
+
+    @property
+    def code_pfns(self):
+        """The host pages filled executable since the last code flush (the set itself: clear() it
+        to forget them)."""
+        m = self._mmu
+        if m is not None and m.code_logged:
+            self._code_pfns.update(m.take_code())
+        return self._code_pfns
+
+    @property
+    def stats_fills(self):
+        """TLB fills (misses) so far."""
+        return self._fills if self._mmu is None else self._mmu.fills
+
     # -- VMCS-like state ------------------------------------------------------------------------------
     def load_eptp(self, eptp, secure_eptp=None, shared_mask=0):
         """Load the EPT pointer(s); the VM-entry checks on them raise InvalidEptp.
@@ -244,14 +297,24 @@ class Vcpu:
         flush, which is exactly why KVM must flush.  A write through a cached
         translation whose EPT leaf is not yet dirty walks again, so D is set.
         """
-        mem, walk = self.mem, ept_mod.walk
+        # The Python MMU walks with the Python walker (the compiled one is the Mmu's).
+        mem, walk = self.mem, ept_mod.walk if self._mmu is not None else ept_mod.walk_py
         eptp, secure, shared = self.eptp, self.secure_eptp, self.shared_mask
         pt_shared = 3 if decode_eptp(eptp)[2] else 1
         pt_secure = 3 if secure is not None and decode_eptp(secure)[2] else 1
-        cache = self.gpa_cache = {}
         tracer = self.tracer
+        m = self._mmu
+        if m is not None:
+            # The same walk in C, on the Mmu's cache (the fill's).
+            m.set_eptp(eptp, secure, shared)
+            if tracer is None:
+                return m.ept
+            return self._make_traced_ept(m.gpa_get, lambda k, v: m.gpa_put(k, *v), mem, walk, eptp, secure,
+                                         shared, pt_shared, pt_secure)
+        cache = self._gpa_cache = {}
         if tracer is not None:
-            return self._make_traced_ept(cache, mem, walk, eptp, secure, shared, pt_shared, pt_secure)
+            return self._make_traced_ept(cache.get, cache.__setitem__, mem, walk, eptp, secure, shared,
+                                         pt_shared, pt_secure)
 
         def ept(gpa, access):
             if secure is None or gpa & shared:
@@ -271,7 +334,7 @@ class Vcpu:
             return t
         return ept
 
-    def _make_traced_ept(self, cache, mem, walk, eptp, secure, shared, pt_shared, pt_secure):
+    def _make_traced_ept(self, cache_get, cache_put, mem, walk, eptp, secure, shared, pt_shared, pt_secure):
         """The same walk, recording each EPT (or S-EPT) walk for the hw_walk trace event."""
         log = self._ept_log = []
 
@@ -282,7 +345,7 @@ class Vcpu:
                 root, pt, which = secure, pt_secure, "S-EPT"
             if access == PAGING:
                 access = pt
-            c = cache.get(gpa >> 12)
+            c = cache_get(gpa >> 12)
             if c is not None:
                 hpa, level, perms, dirty = c
                 if perms & access == access and (dirty or not access & 2):
@@ -292,7 +355,7 @@ class Vcpu:
             t = walk(mem, root, gpa, access, path=path)
             log.append((which, gpa, path))
             if t.__class__ is EptTranslation:
-                cache[gpa >> 12] = (t.hpa & PAGE_MASK, t.level, t.perms, t.dirty)
+                cache_put(gpa >> 12, (t.hpa & PAGE_MASK, t.level, t.perms, t.dirty))
             return t
         return ept
 
@@ -346,9 +409,12 @@ class Vcpu:
     def flush_tlb(self):
         """INVEPT (all contexts) for this vCPU: no cached translation survives it."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-        self.gpa_cache.clear()
-        self.pscache.clear()
-        self.tlb_shadow.clear()
+        if self._mmu is not None:
+            self._mmu.flush()
+        else:
+            self._gpa_cache.clear()
+            self.pscache.clear()
+            self._tlb_shadow.clear()
 
     # -- registers ------------------------------------------------------------------------------------
     def get_regs(self):
@@ -415,7 +481,8 @@ class Vcpu:
             self.uc.ctl_flush_tb()
             code.clear()
             # New code may hold new RDMSR/WRMSR: scan the code pages the TLB maps again.
-            for key in [k for k in self._site_pages if self.tlb_shadow.get(k[0]) == k[1]]:
+            tlb_get = self._tlb_get
+            for key in [k for k in self._site_pages if tlb_get(k[0]) == k[1]]:
                 self._scan_code_page(*key)
 
     def _arm_budget(self):
@@ -477,6 +544,7 @@ class Vcpu:
         if (slicing or limit is not None) and self._budget is None:
             self._arm_budget()
         budget = self._budget
+        mmu = self._mmu
         self.in_guest = True
         try:
             while True:
@@ -506,6 +574,8 @@ class Vcpu:
                     budget.expired = 0
                 self._pauses = 0
                 self._slice_end = None
+                if mmu is not None:
+                    self._mmu_enter()
                 failed = None
                 try:
                     uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
@@ -518,6 +588,9 @@ class Vcpu:
                     # exception is the error, never a guest fault.
                     self._hook_error = None
                     raise error
+                if mmu is not None and mmu.fault and self.pending is None:
+                    # The exit a refused compiled fill recorded.
+                    self.pending, self._fault_gla, self._fault_access = mmu.take_fault()
                 if budget is not None:
                     ran = armed - budget.remaining
                     self._armed = budget.remaining        # (blocks_run: nothing in flight)
@@ -692,55 +765,97 @@ class Vcpu:
             self._hook_error = e
         uc.emu_stop()
 
+    def _mmu_enter(self):
+        """(the compiled MMU) Guest code is about to run: nothing recorded yet; the fills hand over
+        to the Python model when tracing walks, or when DPOR records footprints (the pages a vCPU
+        saw, the flags a walk set)."""
+        self._mmu.enter(self.tracer is not None or self.page_crc is not None or ept_mod.AD_LOG is not None
+                        or paging_mod.AD_LOG is not None, self.slice_blocks)
+
     def _tlb_fill(self, uc, vaddr, access, entry, _data):
+        """The TLB-fill hook of the Python MMU."""
         # (@hook's guard, written out: the fill is the hot hook, and a try costs nothing)
         try:
             if self.pending is not None:
                 return False                     # already exiting: refuse whatever Unicorn tries next
-            self.stats_fills += 1
-            reg = self._reg_fast
-            acc = _ACCESS[access]
-            if self.tracer is not None:
-                self._ept_log.clear()
-                path = []
-                r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                              wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, path=path)
-                self._emit_walk(vaddr, acc, path, r)
-            else:
-                r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                              wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
-            if r.__class__ is Translation:
-                hpa = entry.paddr = r.hpa & PAGE_MASK
-                self.tlb_shadow[vaddr] = hpa
-                if self.page_crc is not None and hpa not in self.page_crc:
-                    self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
-                if acc == FETCH:
-                    entry.perms = r.perms
-                    self.code_pfns.add(hpa >> 12)      # code may be translated from this page
-                    if (vaddr, hpa) not in self._site_pages:
-                        self._scan_code_page(vaddr, hpa)
-                    if self.slice_blocks and (vaddr, hpa) not in self._pause_pages:
-                        self._hook_pauses(vaddr, hpa)
-                else:
-                    # A data access installs no execute right: the first fetch from the page
-                    # fills again, so code_pfns holds exactly the pages code can come from,
-                    # and host writes to data pages never drop translated code.
-                    entry.perms = r.perms & ~FETCH
-                return True
-            self.pending = r
-            self._fault_gla = vaddr
-            self._fault_access = acc
-            return False
+            self._fills += 1
+            r = self._fill(vaddr, _ACCESS[access])
+            if r is None:
+                return False
+            entry.paddr, entry.perms = r
+            return True
         except BaseException as e:
             self._hook_failed(uc, e)
             return False
 
     _tlb_fill.guarded = True
 
+    def _fill(self, vaddr, acc):
+        """A TLB miss on the page ``vaddr`` for ``acc``: (HPA page, rights) to fill, or None when
+        the walk ends in an exit (recorded in ``pending``)."""
+        reg = self._reg_fast
+        if self.tracer is not None:
+            self._ept_log.clear()
+            path = []
+            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
+                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, path=path)
+            self._emit_walk(vaddr, acc, path, r)
+        else:
+            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
+                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
+        if r.__class__ is Translation:
+            hpa = r.hpa & PAGE_MASK
+            self._tlb_put(vaddr, hpa)
+            if self.page_crc is not None and hpa not in self.page_crc:
+                self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
+            if acc == FETCH:
+                self._fetched(vaddr, hpa)
+                return hpa, r.perms
+            # A data access installs no execute right: the first fetch from the page
+            # fills again, so code_pfns holds exactly the pages code can come from,
+            # and host writes to data pages never drop translated code.
+            return hpa, r.perms & ~FETCH
+        self.pending = r
+        self._fault_gla = vaddr
+        self._fault_access = acc
+        return None
+
+    def _fetched(self, vaddr, hpa):
+        """The page ``vaddr`` is filled executable from ``hpa``: code may be translated from it."""
+        self._code_pfns.add(hpa >> 12)
+        if (vaddr, hpa) not in self._site_pages:
+            self._scan_code_page(vaddr, hpa)
+        if self.slice_blocks and (vaddr, hpa) not in self._pause_pages:
+            self._hook_pauses(vaddr, hpa)
+
+    def _fill_slow(self, vaddr, access):
+        """(the compiled fill) a fill it hands over whole: HPA page | rights, or -1 (refused)."""
+        try:
+            r = self._fill(vaddr, _ACCESS[access])
+            return -1 if r is None else r[0] | r[1]
+        except BaseException as e:           # (@hook's guard: a C callback, not the binding's)
+            self._hook_failed(self.uc, e)
+            return -1
+
+    _fill_slow.guarded = True
+
+    def _fetch_slow(self, vaddr, hpa):
+        """(the compiled fill) a code page it translated: True when it may be filled."""
+        try:
+            self._fetched(vaddr, hpa)
+            return True
+        except BaseException as e:
+            self._hook_failed(self.uc, e)
+            return False
+
+    _fetch_slow.guarded = True
+
     def _hook_pauses(self, gva_page, hpa):
         """A code hook on every PAUSE of a page about to be translated (the fill comes
         first).  A byte pair inside another instruction gets a hook that never fires."""
         self._pause_pages.add((gva_page, hpa))
+        if self._mmu is not None:
+            self._mmu.scanned(gva_page, hpa, 2)
         page = bytes(self.mem.buf[hpa:hpa + 0x1000])
         i = page.find(_PAUSE)
         while i >= 0:
@@ -756,7 +871,7 @@ class Vcpu:
 
     def _code_bytes(self, rip, n):
         """The instruction bytes at ``rip``: from the page the TLB holds (it was just fetched)."""
-        hpa = self.tlb_shadow.get(rip & ~0xFFF)
+        hpa = self._tlb_get(rip & ~0xFFF)
         off = rip & 0xFFF
         if hpa is not None and off <= 0x1000 - n:
             return bytes(self.mem.buf[hpa + off:hpa + off + n])
@@ -767,12 +882,11 @@ class Vcpu:
         rip = self._reg_fast(X.UC_X86_REG_RIP)
         code = self._code_bytes(rip, 4)
         if code[:3] == _VMCALL:
-            self.pending = VmExit(EXIT_REASON_VMCALL, rip, 3, vcpu=self.index)
+            self._exit_now(VmExit(EXIT_REASON_VMCALL, rip, 3, vcpu=self.index))
         elif code[:4] == _TDCALL:
-            self.pending = VmExit(EXIT_REASON_TDCALL, rip, 4, vcpu=self.index)
+            self._exit_now(VmExit(EXIT_REASON_TDCALL, rip, 4, vcpu=self.index))
         else:
-            self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index)
-        uc.emu_stop()
+            self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index))
         return True
 
     @hook()
@@ -788,8 +902,7 @@ class Vcpu:
             elif len(before) == 2 and before[0] == 0xCD and before[1] == intno:
                 insn_len = 2
             rip -= insn_len
-        self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, insn_len, vector=intno, vcpu=self.index)
-        uc.emu_stop()
+        self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, insn_len, vector=intno, vcpu=self.index))
 
     # -- the instructions that exit: CPUID, IN/OUT/INS/OUTS, RDMSR/WRMSR -------------------------------
     def _scan_code_page(self, gva_page, hpa):
@@ -798,6 +911,8 @@ class Vcpu:
         filled executable, before Unicorn translates code from it.  A hook on bytes inside
         another instruction never fires (no instruction begins there)."""
         self._site_pages.add((gva_page, hpa))
+        if self._mmu is not None:
+            self._mmu.scanned(gva_page, hpa, 1)
         page = bytes(self.mem.buf[hpa:hpa + 0x1000])
         uch, cb, sites = self.uc._uch, self._exit_site_cb, self._sites
         hh = ctypes.c_size_t()
@@ -827,7 +942,7 @@ class Vcpu:
         Unicorn before it does anything (RIP at the instruction).  A privilege check that
         fails comes first (Unicorn raises the #GP itself): RDMSR/WRMSR above CPL 0, I/O above
         IOPL."""
-        if self.pending is not None:
+        if self.pending is not None or self._mmu is not None and self._mmu.exiting:
             return
         code = self._code_bytes(addr, 15)
         i = 0
@@ -866,7 +981,10 @@ class Vcpu:
                               vcpu=self.index))
 
     def _exit_now(self, exit):
+        """(a hook) Record the exit and stop emulation; every fill is refused from now on."""
         self.pending = exit
+        if self._mmu is not None:
+            self._mmu.exiting = 1
         self.uc.emu_stop()
 
     def _decode_io(self, rip):
@@ -895,12 +1013,11 @@ class Vcpu:
     def _missed(self, what):
         """An exiting instruction ran that no exit-site hook caught (the guest wrote it where it
         runs code, after the page was scanned): an error exit, never a wrong answer."""
-        if self.pending is None:
+        if self.pending is None and not (self._mmu is not None and self._mmu.exiting):
             rip = self._reg_fast(X.UC_X86_REG_RIP)
-            self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
+            self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
                                   misconfig=f"{what} at {rip:#x} was not seen before it ran (code the guest "
-                                            f"wrote where it runs: not supported)")
-            self.uc.emu_stop()
+                                            f"wrote where it runs: not supported)"))
 
     @hook(returns=1)
     def _missed_cpuid(self, uc, _data):
@@ -932,15 +1049,13 @@ class Vcpu:
         else #GP(0), as a CPU without that MSR."""
         reg = self._reg_fast
         if index not in _CPU_MSRS:
-            self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, length, vector=13, error_code=0, vcpu=self.index)
-            uc.emu_stop()
+            self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, length, vector=13, error_code=0, vcpu=self.index))
             return
         if write:
             value = (reg(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32 | reg(X.UC_X86_REG_RAX) & 0xFFFFFFFF
             if index in msr_mod.CANONICAL_MSRS and not msr_mod.is_canonical(value):
-                self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, length, vector=13, error_code=0,
-                                      vcpu=self.index)
-                uc.emu_stop()
+                self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, length, vector=13, error_code=0,
+                                      vcpu=self.index))
                 return
             if index == msr_mod.MSR_IA32_TSC:
                 self.tsc_offset = (value - self.host_tsc) & ((1 << 64) - 1)
