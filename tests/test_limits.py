@@ -397,7 +397,7 @@ def test_ctrl_c_keeps_results_and_leaves_no_process(args):
 
 # -- exceptions in Unicorn hooks are internal errors ------------------------------------------------------
 HOOKS = {"_tlb_fill": False, "_exit_site_c": None, "_missed_cpuid": 1, "_missed_in": 0, "_missed_out": None,
-         "_insn_invalid": True, "_interrupt": None, "_pause": None}
+         "_insn_invalid": True, "_interrupt": None, "_pause": None, "_fill_slow": -1, "_fetch_slow": False}
 
 
 def test_every_hook_is_guarded():
@@ -407,20 +407,27 @@ def test_every_hook_is_guarded():
         assert getattr(getattr(Vcpu, name), "guarded", False), name
 
 
-@pytest.mark.parametrize("name,guest", [("_tlb_fill", "hello"), ("_exit_site", "hello"),
+@pytest.mark.parametrize("name,guest", [("_tlb_fill", "hello"), ("_exit_site", "hello"), ("_fetch_slow", "hello"),
                                         ("_insn_invalid", REPO / "tests" / "kvm" / "guests" / "ud.S")])
 @pytest.mark.parametrize("vm", ["default", "tdx"])
 def test_hook_exception_is_raised_not_a_guest_fault(monkeypatch, capfd, name, guest, vm):
-    """The TLB fill (whose refused fill fails emu_start too), an instruction hook, the invalid-opcode
+    """The TLB fill (whose refused fill fails emu_start too) of the Python MMU, the compiled fill's
+    hand-over to the Python model (a code page to scan), an instruction hook, the invalid-opcode
     hook: the hook's exception comes out of the run with its traceback, no exit is made of it, and
     nothing is printed."""
     import traceback
+    from emu.hw import native
     from emu.hw.vcpu import Vcpu, hook
 
     def boom(*a, **k):
         raise IndexError("a bug in a hook")
     if name == "_tlb_fill":
+        monkeypatch.setattr(native, "mmu", None)                    # vCPUs with the Python MMU
         monkeypatch.setattr("emu.hw.vcpu.translate", boom)          # the walk, in the real fill hook
+    elif name == "_fetch_slow":
+        if native.mmu is None:
+            pytest.skip(f"no compiled MMU: {native.why_not}")
+        monkeypatch.setattr(Vcpu, "_scan_code_page", boom)          # what the compiled fill hands over
     elif name == "_exit_site":
         monkeypatch.setattr(Vcpu, name, boom)        # what the C code hook (_exit_site_c) calls
     else:
@@ -439,7 +446,9 @@ def test_shared_eptp_beyond_host_memory_is_an_internal_error(monkeypatch):
     of the model's) is raised, not turned into a TD triple fault."""
     from tdxmod.module import MD_TDVPS_VMCS_SHARED_EPTP
     from tdxmod import abi as A
+    from emu.hw import native
     from emu.hw import vcpu as vcpu_mod
+    monkeypatch.setattr(native, "mmu", None)                        # vCPUs with the Python MMU
     m = Machine("sharedrw", vm="tdx")
     v = m.vcpus[0]
     v.mmu_load()
@@ -456,7 +465,7 @@ def test_shared_eptp_beyond_host_memory_is_an_internal_error(monkeypatch):
 def test_hook_exception_cli_one_line_or_traceback(tmp_path):
     script = ("import sys; from emu.hw import vcpu\n"
               "def boom(*a, **k): raise IndexError('a bug in a hook')\n"
-              "vcpu.translate = boom\n"
+              "vcpu.Vcpu._scan_code_page = boom\n"
               "from emu.cli import main; sys.exit(main(['run', 'hello']))\n")
     p = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 3 and p.stdout == ""

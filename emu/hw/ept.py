@@ -296,14 +296,6 @@ def _set_bits(q, ptr, bits):
 # which stays the reference, the fallback for what the compiled one leaves to it (a path to
 # record, an invalid EPTP, a GPA too wide), and the whole walker with EMU_PURE_PYTHON=1.
 walk_py = walk
-
-
-def _use_native(paging):
-    """(emu.hw.paging, as its import ends: every class the compiled MMU creates exists then)"""
-    global walk
-    from . import native
-    if native.load(sys.modules[__name__], paging, walk_py) is not None:
-        walk = native.mmu.walk
-
-
-from . import paging as _paging          # noqa: E402,F401  (its import ends with _use_native)
+from . import native as _native          # noqa: E402  (after the classes the compiled walk creates)
+if _native.load(sys.modules[__name__], walk_py) is not None:
+    walk = _native.mmu.walk

@@ -580,8 +580,9 @@ static inline int ept_exit(res_t *r, int paging_structure)
     return r->kind;
 }
 
-/* ``nxe``: 0/1, or -1 to read EFER when it matters (the fill). */
-static int translate(Mmu *m, uint64_t cr3, uint64_t gva, int access, int wp, int nxe, adlog_t *elog,
+/* ``nxe``: 0/1, or -1 to read EFER when it matters (the fill); ``use_ps``: with the
+ * paging-structure cache (always, but for the benchmark of a whole walk). */
+static int translate(Mmu *m, uint64_t cr3, uint64_t gva, int access, int wp, int nxe, int use_ps, adlog_t *elog,
                      adlog_t *glog, res_t *r)
 {
     const hostmem_t *h = &m->h;
@@ -594,11 +595,11 @@ static int translate(Mmu *m, uint64_t cr3, uint64_t gva, int access, int wp, int
     uint64_t pfec = (access == WRITE ? PFERR_WRITE : 0) | (access == FETCH && nxe ? PFERR_FETCH : 0);
     uint64_t table = cr3 & PT_ADDR, e = 0;
     uint64_t ent[4][3];                 /* (entry GPA, entry HPA, value) from the top */
-    int n = 0, rw = 1, us = 1, level = 4, shift = 12, cached_leaf = 0, have_key = 1;
+    int n = 0, rw = 1, us = 1, level = 4, shift = 12, cached_leaf = 0, have_key = use_ps;
     uint64_t xd = 0;
     uint64_t key[2] = {table, gva >> 21};
     (void)us;
-    uint64_t *hit = map_get(&m->ps, key);
+    uint64_t *hit = use_ps ? map_get(&m->ps, key) : NULL;
     if (hit) {
         for (int i = 0; i < 3; i++) {
             if (!mem_ok(h, hit[3 * i + 1]) || h->q[hit[3 * i + 1] >> 3] != hit[3 * i + 2]) {
@@ -755,7 +756,7 @@ static bool fill_cb(void *uc, uint64_t vaddr, int type, struct uc_tlb_entry *ent
     m->reg_read(uc, m->reg_cr3, &cr3);
     m->reg_read(uc, m->reg_cr0, &cr0);
     res_t r;
-    int k = translate(m, cr3, vaddr, acc, (int)!!(cr0 & X86_CR0_WP), -1, NULL, NULL, &r);
+    int k = translate(m, cr3, vaddr, acc, (int)!!(cr0 & X86_CR0_WP), -1, 1, NULL, NULL, &r);
     if (k == RES_FALLBACK)
         return fill_slow(m, vaddr, type, entry);
     if (k != RES_OK) {
@@ -834,6 +835,10 @@ static int Mmu_init(Mmu *self, PyObject *args, PyObject *kw)
     int cr3, cr0, msr;
     if (!PyArg_ParseTuple(args, "OKKiiiOO", &mem, &uc, &reg_read, &cr3, &cr0, &msr, &fill_py, &fetch_py))
         return -1;
+    if (!paging_module) {
+        PyErr_SetString(PyExc_RuntimeError, "emu.hw._mmu: setup_paging() first (import emu.hw.paging)");
+        return -1;
+    }
     if (mem_of(mem, &self->h) < 0)
         return -1;
     Py_XSETREF(self->mem, Py_NewRef(mem));
@@ -964,17 +969,17 @@ static PyObject *Mmu_ept(Mmu *self, PyObject *const *args, Py_ssize_t nargs)
     return t;
 }
 
-/* translate(cr3, gva, access, wp, nxe): the 2D walk on this vCPU's caches (the fill's),
- * for tests; None where the fill would hand over to Python. */
+/* translate(cr3, gva, access, wp, nxe, pscache=True): the 2D walk on this vCPU's caches (the
+ * fill's), for tests and the benchmark; None where the fill would hand over to Python. */
 static PyObject *Mmu_translate(Mmu *self, PyObject *args)
 {
     unsigned long long cr3, gva;
-    int access, wp, nxe;
-    if (!PyArg_ParseTuple(args, "KKipp", &cr3, &gva, &access, &wp, &nxe))
+    int access, wp, nxe, use_ps = 1;
+    if (!PyArg_ParseTuple(args, "KKipp|p", &cr3, &gva, &access, &wp, &nxe, &use_ps))
         return NULL;
     adlog_t elog = {.n = 0}, glog = {.n = 0};
     res_t r;
-    int k = translate(self, cr3, gva, access, wp, nxe, &elog, &glog, &r);
+    int k = translate(self, cr3, gva, access, wp, nxe, use_ps, &elog, &glog, &r);
     if (flush_adlog(ept_module, &elog) < 0 || flush_adlog(paging_module, &glog) < 0)
         return NULL;
     if (k == RES_FALLBACK)
@@ -1266,55 +1271,73 @@ static PyObject *mod_walk(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
     return ept_result(&r);
 }
 
-static PyObject *mod_setup(PyObject *mod, PyObject *args)
-{
-    PyObject *ept, *paging, *walk;
-    if (!PyArg_ParseTuple(args, "OOO", &ept, &paging, &walk))
-        return NULL;
-    static const char *const trans[] = {"hpa", "level", "perms", "dirty", NULL};
-    static const char *const viol[] = {"gpa", "qualification", "suppress_ve", NULL};
-    static const char *const pf[] = {"gva", "error_code", NULL};
-    static const char *const gp[] = {"gva", NULL};
-    static const char *const xl[] = {"gva", "gpa", "hpa", "perms", "level", "ept_level", NULL};
-    PyObject *c;
 #define CLS(mod, name, spec, names)                                                              \
     if (!(c = PyObject_GetAttrString(mod, name)) || cls_init(&spec, c, names) < 0) {             \
         Py_XDECREF(c);                                                                           \
         return NULL;                                                                             \
     }                                                                                            \
     Py_DECREF(c);
+
+static long width_of(PyObject *mod, const char *name)
+{
+    PyObject *o = PyObject_GetAttrString(mod, name);
+    if (!o)
+        return -1;
+    long n = PyLong_AsLong(o);
+    Py_DECREF(o);
+    if (n < 36 || n > 52) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "setup: %s out of range", name);
+        return -1;
+    }
+    return n;
+}
+
+/* setup(ept module, its Python walk): as emu/hw/ept.py's import ends. */
+static PyObject *mod_setup(PyObject *mod, PyObject *args)
+{
+    PyObject *ept, *walk, *c;
+    if (!PyArg_ParseTuple(args, "OO", &ept, &walk))
+        return NULL;
+    static const char *const trans[] = {"hpa", "level", "perms", "dirty", NULL};
+    static const char *const viol[] = {"gpa", "qualification", "suppress_ve", NULL};
     CLS(ept, "EptTranslation", C_TRANS, trans)
     CLS(ept, "EptViolation", C_VIOL, viol)
-    CLS(paging, "PageFault", C_PF, pf)
-    CLS(paging, "GeneralProtection", C_GP, gp)
-    CLS(paging, "Translation", C_XL, xl)
-#undef CLS
-    PyObject *mp = PyObject_GetAttrString(ept, "MAXPHYADDR"), *gmp = PyObject_GetAttrString(paging, "GUEST_MAXPHYADDR");
-    if (!mp || !gmp) {
-        Py_XDECREF(mp);
-        Py_XDECREF(gmp);
+    long n = width_of(ept, "MAXPHYADDR");
+    if (n < 0)
         return NULL;
-    }
-    long n = PyLong_AsLong(mp), gn = PyLong_AsLong(gmp);
-    Py_DECREF(mp);
-    Py_DECREF(gmp);
-    if (n < 36 || n > 52 || gn < 36 || gn > 52) {
-        PyErr_SetString(PyExc_ValueError, "setup: address width out of range");
-        return NULL;
-    }
     ADDR_MASK = ((1ULL << n) - 1) & ~0xFFFULL;
     RSVD_HIGH = ((1ULL << 52) - 1) & ~((1ULL << n) - 1);
     EPTP_RSVD = 0xF00ULL | RSVD_HIGH | (0xFFFULL << 52);
-    PT_ADDR = ((1ULL << gn) - 1) & ~0xFFFULL;
-    PT_RSVD_HIGH = ((1ULL << 52) - 1) & ~((1ULL << gn) - 1);
     Py_XSETREF(misconfig_py, PyObject_GetAttrString(ept, "_misconfig"));
     if (!misconfig_py)
         return NULL;
     Py_XSETREF(walk_py, Py_NewRef(walk));
     Py_XSETREF(ept_module, Py_NewRef(ept));
+    Py_RETURN_NONE;
+}
+
+/* setup_paging(paging module): as emu/hw/paging.py's import ends (the 2D walk's classes). */
+static PyObject *mod_setup_paging(PyObject *mod, PyObject *args)
+{
+    PyObject *paging, *c;
+    if (!PyArg_ParseTuple(args, "O", &paging))
+        return NULL;
+    static const char *const pf[] = {"gva", "error_code", NULL};
+    static const char *const gp[] = {"gva", NULL};
+    static const char *const xl[] = {"gva", "gpa", "hpa", "perms", "level", "ept_level", NULL};
+    CLS(paging, "PageFault", C_PF, pf)
+    CLS(paging, "GeneralProtection", C_GP, gp)
+    CLS(paging, "Translation", C_XL, xl)
+    long gn = width_of(paging, "GUEST_MAXPHYADDR");
+    if (gn < 0)
+        return NULL;
+    PT_ADDR = ((1ULL << gn) - 1) & ~0xFFFULL;
+    PT_RSVD_HIGH = ((1ULL << 52) - 1) & ~((1ULL << gn) - 1);
     Py_XSETREF(paging_module, Py_NewRef(paging));
     Py_RETURN_NONE;
 }
+#undef CLS
 
 static PyObject *mod_fill_callback(PyObject *mod, PyObject *unused)
 {
@@ -1324,7 +1347,8 @@ static PyObject *mod_fill_callback(PyObject *mod, PyObject *unused)
 static PyMethodDef mod_methods[] = {
     {"walk", (PyCFunction)(void (*)(void))mod_walk, METH_FASTCALL | METH_KEYWORDS,
      "walk(mem, eptp, gpa, access, path=None, set_ad=True): emu.hw.ept.walk, compiled"},
-    {"setup", (PyCFunction)mod_setup, METH_VARARGS, "setup(ept module, paging module, Python walk)"},
+    {"setup", (PyCFunction)mod_setup, METH_VARARGS, "setup(ept module, its Python walk)"},
+    {"setup_paging", (PyCFunction)mod_setup_paging, METH_VARARGS, "setup_paging(paging module)"},
     {"fill_callback", (PyCFunction)mod_fill_callback, METH_NOARGS,
      "the address of the UC_HOOK_TLB_FILL callback (user data: an Mmu)"},
     {NULL}

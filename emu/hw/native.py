@@ -12,7 +12,6 @@ changed source is never loaded stale.  The file is written under a temporary nam
 into place: two processes building at once never load half a file.
 
     python -m emu.hw.native build     build it (if stale) and print its path
-    python -m emu.hw.native status    say which MMU a run uses
 """
 
 import hashlib
@@ -121,9 +120,10 @@ def _load(path):
     return module
 
 
-def load(ept, paging, walk_py):
+def load(ept, walk_py):
     """Load (building if needed) and set up the module; None, having said why on stderr once,
-    where it cannot be.  Called by emu.hw.ept as it is imported."""
+    where it cannot be.  Called by emu.hw.ept as its import ends (emu.hw.paging then gives it its
+    classes); this module imports neither."""
     global mmu, why_not
     if mmu is not None or why_not is not None:
         return mmu
@@ -132,7 +132,7 @@ def load(ept, paging, walk_py):
         return None
     try:
         module = _load(build())
-        module.setup(ept, paging, walk_py)
+        module.setup(ept, walk_py)
     except (BuildError, ImportError, OSError) as e:
         why_not = str(e)
         print(f"emu: the hardware MMU runs in pure Python (slower): {why_not}", file=sys.stderr)
@@ -143,21 +143,17 @@ def load(ept, paging, walk_py):
 
 def main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m emu.hw.native", description="The compiled hardware MMU.")
-    ap.add_argument("cmd", choices=("build", "status"))
-    args = ap.parse_args(argv)
-    if args.cmd == "build":
-        if pure_python_requested():
-            print("EMU_PURE_PYTHON is set: nothing to build")
-            return 0
-        try:
-            print(os.path.relpath(build(), Path.cwd()))
-        except BuildError as e:
-            # Not an error for make: runs fall back to the Python walkers, and say so.
-            print(f"emu: the hardware MMU runs in pure Python (slower): {e}", file=sys.stderr)
+    ap = argparse.ArgumentParser(prog="python -m emu.hw.native", description="Build the compiled hardware MMU.")
+    ap.add_argument("cmd", choices=("build",))
+    ap.parse_args(argv)
+    if pure_python_requested():
+        print("EMU_PURE_PYTHON is set: nothing to build")
         return 0
-    from emu.hw import ept, native        # loads the module as a run does
-    print(f"compiled: {native.mmu.__file__}" if native.mmu is not None else f"pure Python: {native.why_not}")
+    try:
+        print(os.path.relpath(build(), Path.cwd()))
+    except BuildError as e:
+        # Not an error for make: runs fall back to the Python walkers, and say so.
+        print(f"emu: the hardware MMU runs in pure Python (slower): {e}", file=sys.stderr)
     return 0
 
 

@@ -267,5 +267,7 @@ def probe(q, ept, cr3, gva):
     return None
 
 
-from . import ept as _ept                # noqa: E402
-_ept._use_native(sys.modules[__name__])
+# The compiled 2D walk (emu/hw/mmu.c) creates this module's classes: it learns them here.
+from . import native as _native          # noqa: E402
+if _native.mmu is not None:
+    _native.mmu.setup_paging(sys.modules[__name__])

@@ -448,11 +448,11 @@ def test_without_a_compiler_runs_fall_back_to_python_with_one_line(monkeypatch, 
     monkeypatch.setattr(native, "mmu", None)
     monkeypatch.setattr(native, "why_not", None)
     monkeypatch.delenv("EMU_PURE_PYTHON", raising=False)
-    assert native.load(ept_mod, paging_mod, ept_mod.walk_py) is None
+    assert native.load(ept_mod, ept_mod.walk_py) is None
     err = capsys.readouterr().err
     assert err == ("emu: the hardware MMU runs in pure Python (slower): no C compiler found (gcc or clang): "
                    "install one (apt-get install gcc)\n")
-    assert native.load(ept_mod, paging_mod, ept_mod.walk_py) is None      # said once
+    assert native.load(ept_mod, ept_mod.walk_py) is None      # said once
     assert capsys.readouterr().err == ""
 
 
