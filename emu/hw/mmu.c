@@ -372,7 +372,9 @@ static int ept_walk(const hostmem_t *h, const eptp_t *p, uint64_t gpa, int acces
 /* ---------------------------------------------------------------------------------------- */
 /* The vCPU's MMU */
 
-typedef uint64_t (*uc_reg_read_t)(void *uc, int regid, void *value);
+typedef int (*uc_reg_read_t)(void *uc, int regid, void *value);
+typedef int (*uc_emu_start_t)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
+typedef int (*uc_reg_write_t)(void *uc, int regid, const void *value);
 
 struct uc_tlb_entry { uint64_t paddr; uint32_t perms; };
 struct uc_x86_msr { uint32_t rid; uint64_t value; };
@@ -392,7 +394,10 @@ typedef struct {
     /* Unicorn */
     void *uc;
     uc_reg_read_t reg_read;
-    int reg_cr3, reg_cr0, reg_msr;
+    uc_emu_start_t emu_start;
+    uc_reg_write_t reg_write;
+    int reg_cr3, reg_cr0, reg_msr, reg_rip;
+    uint64_t rip;                    /* RIP as emu_start returned (start()) */
     /* what the fill reads */
     int exiting;                     /* an exit is recorded: refuse every fill (Vcpu.pending) */
     int force_py;                    /* every fill goes to the Python model (tracing, DPOR) */
@@ -831,9 +836,10 @@ static int mem_of(PyObject *mem, hostmem_t *h)
 static int Mmu_init(Mmu *self, PyObject *args, PyObject *kw)
 {
     PyObject *mem, *fill_py, *fetch_py;
-    unsigned long long uc, reg_read;
-    int cr3, cr0, msr;
-    if (!PyArg_ParseTuple(args, "OKKiiiOO", &mem, &uc, &reg_read, &cr3, &cr0, &msr, &fill_py, &fetch_py))
+    unsigned long long uc, reg_read, reg_write, emu_start;
+    int cr3, cr0, msr, rip;
+    if (!PyArg_ParseTuple(args, "OKKKKiiiiOO", &mem, &uc, &reg_read, &reg_write, &emu_start, &cr3, &cr0, &msr, &rip,
+                          &fill_py, &fetch_py))
         return -1;
     if (!paging_module) {
         PyErr_SetString(PyExc_RuntimeError, "emu.hw._mmu: setup_paging() first (import emu.hw.paging)");
@@ -846,7 +852,9 @@ static int Mmu_init(Mmu *self, PyObject *args, PyObject *kw)
     Py_XSETREF(self->fetch_py, Py_NewRef(fetch_py));
     self->uc = (void *)(uintptr_t)uc;
     self->reg_read = (uc_reg_read_t)(uintptr_t)reg_read;
-    self->reg_cr3 = cr3; self->reg_cr0 = cr0; self->reg_msr = msr;
+    self->emu_start = (uc_emu_start_t)(uintptr_t)emu_start;
+    self->reg_write = (uc_reg_write_t)(uintptr_t)reg_write;
+    self->reg_cr3 = cr3; self->reg_cr0 = cr0; self->reg_msr = msr; self->reg_rip = rip;
     if (!self->gpa.rec && (map_init(&self->gpa, 1, 2) < 0 || map_init(&self->ps, 2, 9) < 0 ||
                            map_init(&self->tlb, 1, 1) < 0 || map_init(&self->scanned, 2, 1) < 0)) {
         PyErr_NoMemory();
@@ -1024,6 +1032,78 @@ static PyObject *Mmu_enter(Mmu *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* start(force_py, slicing) -> Unicorn's status: enter() and emu_start from RIP (Vcpu.run),
+ * without the GIL as the binding runs it (another thread may kick the vCPU; Python hooks take
+ * the GIL back); ``rip`` is RIP once it returns. */
+static PyObject *Mmu_start(Mmu *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *r = Mmu_enter(self, args, nargs);
+    if (!r)
+        return NULL;
+    Py_DECREF(r);
+    uint64_t rip = 0;
+    int err = self->reg_read(self->uc, self->reg_rip, &rip);
+    if (!err) {
+        Py_BEGIN_ALLOW_THREADS
+        err = self->emu_start(self->uc, rip, 0, 0, 0);
+        Py_END_ALLOW_THREADS
+    }
+    self->rip = 0;
+    self->reg_read(self->uc, self->reg_rip, &self->rip);
+    return PyLong_FromLong(err);
+}
+
+/* reg(id) -> the value of a register of at most 64 bits (Vcpu._reg_fast): uc_reg_read, with
+ * no ctypes in between. */
+static PyObject *Mmu_reg(Mmu *self, PyObject *arg)
+{
+    long id = PyLong_AsLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    uint64_t v = 0;
+    int err = self->reg_read(self->uc, (int)id, &v);
+    if (err) {
+        PyErr_Format(PyExc_ValueError, "uc_reg_read(%ld) failed: error %d", id, err);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+/* set_reg(id, value): uc_reg_write of a 64-bit register (the value taken modulo 2**64, as
+ * ctypes does). */
+static PyObject *Mmu_set_reg(Mmu *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_reg(id, int)");
+        return NULL;
+    }
+    long id = PyLong_AsLong(args[0]);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    uint64_t v = PyLong_AsUnsignedLongLongMask(args[1]);
+    if (v == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    int err = self->reg_write(self->uc, (int)id, &v);
+    if (err) {
+        PyErr_Format(PyExc_ValueError, "uc_reg_write(%ld) failed: error %d", id, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* code_bytes(gva, n) -> the n bytes at gva from the page the TLB maps it to, or None when it is
+ * not mapped there or they cross the page's end (Vcpu._code_bytes). */
+static PyObject *Mmu_code_bytes(Mmu *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t gva, n;
+    if (nargs != 2 || get_u64(args[0], &gva) < 0 || get_u64(args[1], &n) < 0)
+        return NULL;
+    uint64_t page = gva & ~0xFFFULL, off = gva & 0xFFF, *c = map_get(&self->tlb, &page);
+    if (!c || off + n > 0x1000 || (c[0] + 0x1000) > self->h.nwords * 8)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)self->h.q + c[0] + off, (Py_ssize_t)n);
+}
+
 /* take_fault() -> (the exit's object, GVA page, access) recorded by a refused fill. */
 static PyObject *Mmu_take_fault(Mmu *self, PyObject *unused)
 {
@@ -1181,6 +1261,10 @@ static PyMethodDef Mmu_methods[] = {
     {"translate", (PyCFunction)Mmu_translate, METH_VARARGS, NULL},
     {"fill", (PyCFunction)Mmu_fill, METH_VARARGS, NULL},
     {"enter", (PyCFunction)(void (*)(void))Mmu_enter, METH_FASTCALL, NULL},
+    {"start", (PyCFunction)(void (*)(void))Mmu_start, METH_FASTCALL, NULL},
+    {"code_bytes", (PyCFunction)(void (*)(void))Mmu_code_bytes, METH_FASTCALL, NULL},
+    {"reg", (PyCFunction)Mmu_reg, METH_O, NULL},
+    {"set_reg", (PyCFunction)(void (*)(void))Mmu_set_reg, METH_FASTCALL, NULL},
     {"take_fault", (PyCFunction)Mmu_take_fault, METH_NOARGS, NULL},
     {"gpa_items", (PyCFunction)Mmu_gpa_items, METH_NOARGS, NULL},
     {"gpa_get", (PyCFunction)Mmu_gpa_get, METH_O, NULL},
@@ -1200,6 +1284,7 @@ static PyMemberDef Mmu_members[] = {
     {"exiting", T_INT, offsetof(Mmu, exiting), 0, NULL},
     {"fault", T_INT, offsetof(Mmu, fault_kind), READONLY, NULL},
     {"code_logged", T_INT, offsetof(Mmu, ncode), READONLY, NULL},
+    {"rip", T_ULONGLONG, offsetof(Mmu, rip), READONLY, NULL},
     {NULL}
 };
 

@@ -357,7 +357,7 @@ def fill_native(v, page, uc_type):
             out = ("error", type(e).__name__, str(e))
     v.pending = None
     v._hook_error = None
-    v._mmu_enter()
+    v._mmu.enter(v._fill_to_python(), v.slice_blocks)
     return out
 
 
