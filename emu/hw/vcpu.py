@@ -105,6 +105,7 @@ _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3") | frozens
 _EXIT_SITE = re.compile(rb"[\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3\x40-\x4f]*"
                         rb"(?:[\xe4-\xe7\xec-\xef\x6c-\x6f]|\x0f[\x30\x32\xa2]|\x0f\Z|\Z)")
 _CODE_HOOK_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+_INSN_INVALID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
 # I/O opcodes: (size class, in, string, immediate port).  Size class 1 = byte, 0 = word/dword.
 _IO_OPCODES = {0xE4: (1, True, False, True), 0xE5: (0, True, False, True), 0xE6: (1, False, False, True),
                0xE7: (0, False, False, True), 0xEC: (1, True, False, False), 0xED: (0, True, False, False),
@@ -186,9 +187,13 @@ class Vcpu:
                                     ctypes.c_uint64(1), ctypes.c_uint64(0))
             if err:
                 raise UcError(err)
+            uc._emu_mmu = self._mmu          # the hook's user data lives as long as the Unicorn instance
         else:
             uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._insn_invalid)
+        # VMCALL and TDCALL exit through this one (twice per TD private page): a C callback of
+        # ours, without the binding's layers of Python around it.
+        self._insn_invalid_cb = _INSN_INVALID_CFUNC(lambda _uch, _data: self._insn_invalid(uc, None))
+        self._hook_c(UC_HOOK_INSN_INVALID, self._insn_invalid_cb)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
         uc.hook_add(UC_HOOK_INSN, self._missed_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INSN, self._missed_in, None, 1, 0, X.UC_X86_INS_IN)
@@ -252,6 +257,14 @@ class Vcpu:
         self._pauses = 0
         self._pause_pages = set()            # (GVA page, HPA page) scanned for PAUSE
         self._slice_end = None
+
+    def _hook_c(self, kind, cb, *extra):
+        """uc_hook_add of a ctypes callback (or a C function's address) on every address."""
+        hh = ctypes.c_size_t()
+        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(hh), kind, cb, None, ctypes.c_uint64(1), ctypes.c_uint64(0),
+                                *extra)
+        if err:
+            raise UcError(err)
 
     # -- what the MMU cached (the compiled MMU keeps it in C) -----------------------------------------
     @property
