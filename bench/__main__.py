@@ -1,8 +1,10 @@
 """``python -m bench``: run the benchmark suite and print a table (``--json``: one JSON object).
 
-``--baseline PATH`` runs each benchmark a second time, right after ours, in the source tree at
-PATH (a worktree of the commit to compare with: ``git worktree add /tmp/base HEAD~1``), with
-the same Python, options and machine, and adds its value and ours against it to every row.
+``--baseline PATH`` runs each benchmark twice, back to back: ours, then the source tree's at PATH
+(a checkout of the commit to compare with: ``git archive HEAD~1 | tar -x -C /tmp/base``), each in
+a fresh process (``python -m bench --json --only NAME`` there: the same conditions for both, a
+peak RSS of its own), with the same Python and options, and adds its value and ours against it
+to every row.
 
 Exit status: 0; 1 with ``--check`` when a target is missed; 2 when a benchmark failed or for
 bad options.
@@ -19,7 +21,7 @@ import traceback
 
 import unicorn
 
-from . import Context
+from . import Context, Result
 from bench import hw
 from bench import kvm
 from bench import td
@@ -130,20 +132,27 @@ def main(argv=None):
     selected = [(n, f) for n, f in BENCHMARKS if not args.only or any(n.startswith(p) for p in args.only)]
     results, errors, durations = [], [], {}
     baseline = {} if args.baseline is not None else None
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, fn in selected:
         if not args.json:
             print(f"running {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        try:
-            results += fn(ctx)
-        except Exception as e:              # report and go on with the others
-            errors.append((name, f"{type(e).__name__}: {e}"))
-            traceback.print_exc(file=sys.stderr)
+        if baseline is None:
+            try:
+                results += fn(ctx)
+            except Exception as e:              # report and go on with the others
+                errors.append((name, f"{type(e).__name__}: {e}"))
+                traceback.print_exc(file=sys.stderr)
+        else:
+            got, err = run_tree(here, name, ctx)          # ours too in a fresh process: the same conditions
+            results += [Result.from_dict(r) for r in got.values()]
+            if err:
+                errors.append((name, err))
         durations[name] = round(time.perf_counter() - t0, 2)
         if baseline is not None:
             if not args.json:
                 print(f"running {name} in {args.baseline} ...", file=sys.stderr, flush=True)
-            got, err = run_baseline(args.baseline, name, ctx)
+            got, err = run_tree(args.baseline, name, ctx)
             baseline.update(got)
             if err:
                 errors.append((f"{name} (baseline)", err))
@@ -177,7 +186,7 @@ def main(argv=None):
     return 1 if args.check and missed else 0
 
 
-def run_baseline(path, name, ctx):
+def run_tree(path, name, ctx):
     """The results ({key: row dict}) of benchmark ``name`` run by the source tree at ``path``, in a
     child process (its own emu and bench first on the path); and an error line, or None."""
     cmd = [sys.executable, "-m", "bench", "--json", "--only", name, "--repeats", str(ctx.repeats),
