@@ -20,12 +20,15 @@ TOP = 12
 # (component, predicate on (file, function)), first match wins
 COMPONENTS = [
     ("Unicorn: emu_start (guest code, compiled fills)",
-     lambda f, fn: "unicorn" in f and fn == "emu_start"),
+     lambda f, fn: "unicorn" in f and fn == "emu_start" or f == "~" and "'start' of 'emu.hw._mmu.Mmu'" in fn),
     ("Unicorn binding (registers, hooks' trampolines)", lambda f, fn: "unicorn" in f),
     ("hw: Python fill and walks (vcpu fill, paging, ept)",
      lambda f, fn: f.endswith(("emu/hw/paging.py", "emu/hw/ept.py")) or f.endswith("emu/hw/vcpu.py")
      and fn in ("_tlb_fill", "_fill", "ept", "_fill_slow", "_fetch_slow", "_fetched")),
-    ("hw: exit path (Vcpu.run, exit decode, VmExit)", lambda f, fn: "/emu/hw/" in f),
+    ("hw: host memory (HostMemory, the page allocator)", lambda f, fn: f.endswith("emu/hw/memory.py")),
+    ("hw: bare host (BareHost: map a page)", lambda f, fn: f.endswith("emu/hw/bare.py")),
+    ("hw: exit path (Vcpu.run, exit decode, VmExit, registers)",
+     lambda f, fn: "/emu/hw/" in f or f == "~" and "emu.hw._mmu" in fn),
     ("KVM: run loop, exit handlers (x86, vmx, kvm_main)",
      lambda f, fn: f.endswith(("emu/kvm/x86.py", "emu/kvm/vmx.py", "emu/kvm/kvm_main.py", "emu/kvm/kvm.py"))),
     ("KVM: page fault (mmu, mmu_internal)", lambda f, fn: f.endswith(("emu/kvm/mmu.py", "emu/kvm/mmu_internal.py"))),

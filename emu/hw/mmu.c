@@ -375,6 +375,7 @@ static int ept_walk(const hostmem_t *h, const eptp_t *p, uint64_t gpa, int acces
 typedef int (*uc_reg_read_t)(void *uc, int regid, void *value);
 typedef int (*uc_emu_start_t)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
 typedef int (*uc_reg_write_t)(void *uc, int regid, const void *value);
+typedef int (*uc_emu_stop_t)(void *uc);
 
 struct uc_tlb_entry { uint64_t paddr; uint32_t perms; };
 struct uc_x86_msr { uint32_t rid; uint64_t value; };
@@ -396,6 +397,7 @@ typedef struct {
     uc_reg_read_t reg_read;
     uc_emu_start_t emu_start;
     uc_reg_write_t reg_write;
+    uc_emu_stop_t emu_stop;
     int reg_cr3, reg_cr0, reg_msr, reg_rip;
     uint64_t rip;                    /* RIP as emu_start returned (start()) */
     /* what the fill reads */
@@ -836,10 +838,10 @@ static int mem_of(PyObject *mem, hostmem_t *h)
 static int Mmu_init(Mmu *self, PyObject *args, PyObject *kw)
 {
     PyObject *mem, *fill_py, *fetch_py;
-    unsigned long long uc, reg_read, reg_write, emu_start;
+    unsigned long long uc, reg_read, reg_write, emu_start, emu_stop;
     int cr3, cr0, msr, rip;
-    if (!PyArg_ParseTuple(args, "OKKKKiiiiOO", &mem, &uc, &reg_read, &reg_write, &emu_start, &cr3, &cr0, &msr, &rip,
-                          &fill_py, &fetch_py))
+    if (!PyArg_ParseTuple(args, "OKKKKKiiiiOO", &mem, &uc, &reg_read, &reg_write, &emu_start, &emu_stop, &cr3, &cr0,
+                          &msr, &rip, &fill_py, &fetch_py))
         return -1;
     if (!paging_module) {
         PyErr_SetString(PyExc_RuntimeError, "emu.hw._mmu: setup_paging() first (import emu.hw.paging)");
@@ -854,6 +856,7 @@ static int Mmu_init(Mmu *self, PyObject *args, PyObject *kw)
     self->reg_read = (uc_reg_read_t)(uintptr_t)reg_read;
     self->emu_start = (uc_emu_start_t)(uintptr_t)emu_start;
     self->reg_write = (uc_reg_write_t)(uintptr_t)reg_write;
+    self->emu_stop = (uc_emu_stop_t)(uintptr_t)emu_stop;
     self->reg_cr3 = cr3; self->reg_cr0 = cr0; self->reg_msr = msr; self->reg_rip = rip;
     if (!self->gpa.rec && (map_init(&self->gpa, 1, 2) < 0 || map_init(&self->ps, 2, 9) < 0 ||
                            map_init(&self->tlb, 1, 1) < 0 || map_init(&self->scanned, 2, 1) < 0)) {
@@ -1091,6 +1094,17 @@ static PyObject *Mmu_set_reg(Mmu *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* stop(): uc_emu_stop (a hook ends emulation: Vcpu._exit_now). */
+static PyObject *Mmu_stop(Mmu *self, PyObject *unused)
+{
+    int err = self->emu_stop(self->uc);
+    if (err) {
+        PyErr_Format(PyExc_ValueError, "uc_emu_stop failed: error %d", err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* code_bytes(gva, n) -> the n bytes at gva from the page the TLB maps it to, or None when it is
  * not mapped there or they cross the page's end (Vcpu._code_bytes). */
 static PyObject *Mmu_code_bytes(Mmu *self, PyObject *const *args, Py_ssize_t nargs)
@@ -1264,6 +1278,7 @@ static PyMethodDef Mmu_methods[] = {
     {"start", (PyCFunction)(void (*)(void))Mmu_start, METH_FASTCALL, NULL},
     {"code_bytes", (PyCFunction)(void (*)(void))Mmu_code_bytes, METH_FASTCALL, NULL},
     {"reg", (PyCFunction)Mmu_reg, METH_O, NULL},
+    {"stop", (PyCFunction)Mmu_stop, METH_NOARGS, NULL},
     {"set_reg", (PyCFunction)(void (*)(void))Mmu_set_reg, METH_FASTCALL, NULL},
     {"take_fault", (PyCFunction)Mmu_take_fault, METH_NOARGS, NULL},
     {"gpa_items", (PyCFunction)Mmu_gpa_items, METH_NOARGS, NULL},

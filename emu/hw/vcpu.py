@@ -179,8 +179,9 @@ class Vcpu:
             def addr(fn):
                 return ctypes.cast(fn, ctypes.c_void_p).value
             self._mmu = native.mmu.Mmu(mem, uc._uch.value, addr(uclib.uc_reg_read), addr(uclib.uc_reg_write),
-                                       addr(uclib.uc_emu_start), X.UC_X86_REG_CR3, X.UC_X86_REG_CR0,
-                                       X.UC_X86_REG_MSR, X.UC_X86_REG_RIP, self._fill_slow, self._fetch_slow)
+                                       addr(uclib.uc_emu_start), addr(uclib.uc_emu_stop), X.UC_X86_REG_CR3,
+                                       X.UC_X86_REG_CR0, X.UC_X86_REG_MSR, X.UC_X86_REG_RIP,
+                                       self._fill_slow, self._fetch_slow)
             hh = ctypes.c_size_t()
             err = uclib.uc_hook_add(uc._uch, ctypes.byref(hh), UC_HOOK_TLB_FILL,
                                     ctypes.c_void_p(native.mmu.fill_callback()), ctypes.c_void_p(id(self._mmu)),
@@ -1016,9 +1017,12 @@ class Vcpu:
     def _exit_now(self, exit):
         """(a hook) Record the exit and stop emulation; every fill is refused from now on."""
         self.pending = exit
-        if self._mmu is not None:
-            self._mmu.exiting = 1
-        self.uc.emu_stop()
+        m = self._mmu
+        if m is not None:
+            m.exiting = 1
+            m.stop()
+        else:
+            self.uc.emu_stop()
 
     def _decode_io(self, rip):
         """(length, in, string, rep, immediate, the port (None: DX), 67 prefix, segment base
