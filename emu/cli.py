@@ -36,6 +36,18 @@ def _add_run_options(p):
     p.add_argument("--nx-huge-pages", action="store_true",
                    help="KVM's NX huge page mitigation (kvm.nx_huge_pages=on): an exec fault maps 4K and "
                         "marks the table; the 'nx-recover' host event zaps such tables")
+    p.add_argument("--tdx-huge-pages", action="store_true",
+                   help="KVM's kvm_intel.tdx_huge_page (the S-EPT hugepage series, RFC v5): a TD's private "
+                        "memory mapped with 2M pages once the TD runs; needs --hugepages 2m (guest_memfd in "
+                        "2M folios) and implies --mirror-hooks 7.2")
+    p.add_argument("--mirror-hooks", choices=("6.16", "7.2"), default=None,
+                   help="how KVM reflects a TD's mirror SPTEs into the S-EPT: 6.16, the seed's reflect_* "
+                        "freeze protocol (default), or 7.2, one set_external_spte(old, new) from "
+                        "__handle_changed_spte() (default with --tdx-huge-pages)")
+    p.add_argument("--demote-interruptible", action="store_true",
+                   help="a TDX module without TDX_FEATURES0.ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 "
+                        "source, modules before 1.5.28): DEMOTE returns TDX_INTERRUPTED_RESTARTABLE on a "
+                        "pending host interrupt, and KVM keeps tdx_huge_page off")
     p.add_argument("--sept-ve-disable", choices=("on", "off"), default="on",
                    help="the TD attribute SEPT_VE_DISABLE (QEMU's sept-ve-disable): off makes an access to an "
                         "unaccepted page and a bare HLT a #VE for the guest (default: %(default)s; a TD's only)")
@@ -78,6 +90,12 @@ def td_attributes(args):
     return TD_ATTR_DEBUG | (TD_ATTR_SEPT_VE_DISABLE if getattr(args, "sept_ve_disable", "on") == "on" else 0)
 
 
+def huge_page_options(args):
+    """The Machine options of TDX private huge pages (issue 24)."""
+    return dict(tdx_huge_pages=args.tdx_huge_pages, mirror_hooks=args.mirror_hooks,
+                demote_interruptible=args.demote_interruptible)
+
+
 def machine_flags(args):
     """The options that shape the machine, for a reproducer's command line."""
     flags = ""
@@ -89,6 +107,12 @@ def machine_flags(args):
         flags += " --nx-huge-pages"
     if getattr(args, "no_freeze", False):
         flags += " --no-freeze"
+    if getattr(args, "tdx_huge_pages", False):
+        flags += " --tdx-huge-pages"
+    if getattr(args, "mirror_hooks", None):
+        flags += f" --mirror-hooks {args.mirror_hooks}"
+    if getattr(args, "demote_interruptible", False):
+        flags += " --demote-interruptible"
     if getattr(args, "sept_ve_disable", "on") == "off":
         flags += " --sept-ve-disable off"
     flags += "".join(f" --host '{h}'" for h in args.host)
@@ -191,7 +215,7 @@ def cmd_run(args, out):
     try:
         m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
                     nx_huge_pages=args.nx_huge_pages, td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
-                    bugs=args.bug)
+                    bugs=args.bug, **huge_page_options(args))
         res = m.run()
     finally:
         tracer.close()
@@ -261,7 +285,8 @@ def cmd_explore(args, out):
     tracer = make_tracer(args)
     mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
               td_attributes=td_attributes(args),
-              no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug)
+              no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug,
+              **huge_page_options(args))
     ex = Explorer(lambda: Machine(args.guest, **mk), check_steps=args.check_steps)
     if args.replay is not None:
         o = ex.replay(args.replay)
@@ -332,7 +357,7 @@ def cmd_campaign(args, out):
         raise UsageError("--runs needs at least 1")
     mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
               td_attributes=td_attributes(args),
-              host_events=args.host, bugs=args.bug)
+              host_events=args.host, bugs=args.bug, **huge_page_options(args))
     try:
         c = Campaign(lambda: Machine(args.guest, **mk), plans=args.inject, max_points=args.max_points)
     except RuntimeError as e:

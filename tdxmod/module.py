@@ -43,6 +43,9 @@ class TdxModule:
         self.inject = None
         self.counts = {}               # leaf name -> calls
         self.make_cpu = None           # callable(index) -> emu.hw.vcpu.Vcpu, given by the platform
+        # TDX_FEATURES0 as TDH.SYS.RD reports it: a module that demotes without being interrupted
+        # (1.5.28 and later); the platform may take the bit away (a tdx_1.5-source module).
+        self.features0 = TDX_FEATURES0_NO_RBP_MOD | TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
         self._handlers = HANDLERS
 
     # -- the interface ----------------------------------------------------------------------------------

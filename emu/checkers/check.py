@@ -268,6 +268,16 @@ class RunChecks:
         if vcpus is None:
             kvm.tables_checked = kvm.tables_generation
 
+    def zap_range(self, kvm, gfn, level, start, end):
+        """A zap of private memory [start, end) meets a mirror leaf: the leaf must lie inside the
+        range.  A TD's private page is its data (its lifetime is the S-EPT mapping's): a huge
+        leaf that reaches out of the range would take pages the zap was not asked for (KVM splits
+        the head and tail huge pages first: tdx_gmem_convert())."""
+        last = gfn + (1 << (9 * (level - 1)))
+        if gfn < start or last > end:
+            kvm.checker_violation(f"zap of gfn {start:#x}-{end:#x} removes the {('4K', '2M', '1G')[level - 1]} "
+                                  f"private page at gfn {gfn:#x}-{last:#x}: beyond the range asked")
+
     def page_freed(self, kvm, pfn, what):
         """When the host frees a page: no SPTE maps it, no vCPU running guest code (or about
         to) caches it."""
