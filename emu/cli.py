@@ -66,7 +66,8 @@ def _add_run_options(p):
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--host", action="append", default=[], metavar="'EVENT[@STEP]'",
                    help="a host event on a host task, from scheduling point STEP on (repeatable): "
-                        "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END'")
+                        "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END', "
+                        "'punch START-END'")
     p.add_argument("--bug", action="append", default=[], metavar="NAME",
                    help="switch a realistic KVM bug into the model (repeatable; see `inject --list`)")
 
