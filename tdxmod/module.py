@@ -9,6 +9,11 @@ walk, check the entry's state against the leaf's legal states, check and lock
 the page in the PAMT, write, release, return a status).  A failed check
 returns a status with the operand id and changes nothing.
 
+``caller`` names the logical CPU the SEAMCALL runs on (current_lp(): KVM passes the vCPU it
+calls for; a scheduler's task is a CPU; otherwise CPU 0): a vCPU is associated with one CPU at a
+time (TDX_VCPU_ASSOCIATED).  The locks are tdx_1.5's (tdxmod/locks.py, helpers.py); a lock held
+across a scheduling point (``sched.point``) can be met there by another CPU's call.
+
 The module's pages (TDR, TDCS, TDVPR, S-EPT) and TD private pages are
 protected: host software touching them gets HostAccessError, as TDX's memory
 protection makes them unreadable to the VMM.  The TD and vCPU control
@@ -43,6 +48,12 @@ class TdxModule:
         self.inject = None
         self.counts = {}               # leaf name -> calls
         self.make_cpu = None           # callable(index) -> emu.hw.vcpu.Vcpu, given by the platform
+        self.on_tdcall = None          # (checkers) callable(vcpu, leaf, status): a TDCALL completed in the guest
+        # SEAMRR, the module's own memory: in this model the memory it keeps its PAMT in (the
+        # host can neither read it nor hand it to the module as a shared page).
+        self.seamrr_base = pamt_base
+        self.seamrr_end = pamt_base + self.pamt.size
+        self.pamt.touch = self.touch
         # TDX_FEATURES0 as TDH.SYS.RD reports it: a module that demotes without being interrupted
         # (1.5.28 and later); the platform may take the bit away (a tdx_1.5-source module).
         self.features0 = TDX_FEATURES0_NO_RBP_MOD | TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
@@ -61,7 +72,7 @@ class TdxModule:
             tracer.emit("seamcall_entry", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8)
         if self.sched is not None:
             if getattr(self.sched, "record", False):
-                self.sched.module_call(self.footprint(leaf & 0xFFFF, rcx, r8, caller))
+                self.sched.module_call(self.footprint(leaf & 0xFFFF, inp, caller))
             self.sched.point(caller, "seamcall_entry", leaf)
         out = None
         if self.inject is not None:
@@ -89,17 +100,26 @@ class TdxModule:
         reads = {("sept", m, gpa >> (12 + 9 * m)) for m in range(level + 1, 5)}
         return reads, writes
 
-    def footprint(self, leaf, rcx, r8, caller):
-        """What a SEAMCALL may read and write: for the fault path's leaves, the S-EPT entry, the
-        page it takes, the TD's epoch; None (everything) for the others, rarer, leaves."""
+    def footprint(self, leaf, r, caller):
+        """What a SEAMCALL may read and write: for the fault path's leaves and the vCPU's own, the
+        S-EPT entry, the page it takes, the TD's state, epoch and vCPU; None (everything) for the
+        others, rarer, leaves.  The locks a call takes announce themselves as it takes them
+        (touch(): a shared acquire is a read, anything else a write)."""
         if leaf == TDH_VP_ENTER:
-            return frozenset({"td_epoch"}), frozenset({("tdvpr", rcx)}), False
+            v = self.vcpus.get(r.rcx & ~0xFFF & ((1 << 52) - 1))
+            reads = {"td_epoch"} | ({("td", v.td.tdr)} if v is not None else set())
+            return frozenset(reads), frozenset({("tdvpr", r.rcx)}), False
         if leaf in (TDH_VP_RD, TDH_VP_WR):
-            return frozenset(), frozenset({("tdvpr", rcx)}), False
+            v = self.vcpus.get(r.rcx)
+            reads = {("td", v.td.tdr)} if v is not None else set()
+            return frozenset(reads), frozenset({("tdvpr", r.rcx)}), False
         if leaf in (TDH_MEM_PAGE_AUG, TDH_MEM_SEPT_ADD):
-            reads, writes = self.sept_keys(rcx & ~0xFFF, rcx & 7)
-            writes.add(("pamt", r8 >> 12))
+            level = r.rcx & 7
+            reads, writes = self.sept_keys(r.rcx & ~0xFFF, level)
+            size = level if leaf == TDH_MEM_PAGE_AUG and level < 2 else 0
+            writes.add(("pamt", size, r.r8 >> (12 + 9 * size)))
             reads.add("td_epoch")
+            reads.add(("td", r.rdx & ~0xFFF))
             return frozenset(reads), frozenset(writes), False
         return None
 
@@ -115,52 +135,47 @@ class TdxModule:
         if self.sched is not None:
             self.sched.point(caller, what)
 
-    def hpa_operand(self, hpa, op, expect_pt=PT_NDA):
-        """Checks of an HPA operand in order; a status or None."""
-        if hpa & 0xFFF or hpa >> self.x86_phys_bits:
-            return TDX_OPERAND_INVALID | op
-        if not self.pamt.covers(hpa):
-            return TDX_OPERAND_ADDR_RANGE_ERROR | op
-        if self.pamt.page_type(hpa) != expect_pt:
-            return TDX_PAGE_METADATA_INCORRECT | op
-        return None
+    def touch(self, key, write):
+        """(emu.checkers.dpor) the running step reads or writes ``key`` (a lock, a structure)."""
+        sched = self.sched
+        if sched is not None and getattr(sched, "record", False):
+            sched.touch(key, write)
 
-    def td_operand(self, tdr, op=OPERAND_ID_RCX, keys=True, tdcs=True):
-        """(td, None) or (None, status) for a TDR operand.
-
-        The TD state checks are check_td_in_correct_build_state()'s, in its order: TD_FATAL,
-        then keys configured, then the TDCS pages allocated (``keys``/``tdcs`` False for the
-        leaves that do not go through it)."""
-        if tdr & 0xFFF or tdr >> self.x86_phys_bits:
-            return None, TDX_OPERAND_INVALID | op
-        if not self.pamt.covers(tdr):
-            return None, TDX_OPERAND_ADDR_RANGE_ERROR | op
-        if self.pamt.page_type(tdr) != PT_TDR:
-            return None, TDX_PAGE_METADATA_INCORRECT | op
-        td = self.tds[tdr]
-        if td.fatal:
-            return None, TDX_TD_FATAL
-        if keys and td.lifecycle != TD_KEYS_CONFIGURED:
-            return None, TDX_TD_KEYS_NOT_CONFIGURED
-        if keys and tdcs and len(td.tdcx) < TDCS_PAGES:
-            return None, TDX_TDCS_NOT_ALLOCATED
-        return td, None
+    def current_lp(self, caller):
+        """get_local_data()->lp_info.lp_id: the logical CPU a SEAMCALL runs on.  KVM names the vCPU
+        it calls for (its vcpu_id, or the vCPU: each vCPU thread runs on a CPU of its own in this
+        model); otherwise the scheduler's running task (a host task is a CPU too); otherwise
+        CPU 0."""
+        if caller.__class__ is int:
+            return caller
+        vid = getattr(caller, "vcpu_id", None)
+        if vid is not None:
+            return vid
+        cur = getattr(self.sched, "current", None)
+        return cur.index if cur is not None else 0
 
     def give_to_module(self, hpa, pt, owner):
+        """A control page (TDR, TDCS, TDVPR, TDVPX) or an S-EPT page: the module fills it with a
+        private key (the TDR with the global one, the others with the TD's: tdh_mng_create.c
+        zero_area_cacheline(), tdh_mng_add_cx.c and tdh_mem_sept_add.c fill_area_cacheline()),
+        so every line gets the TD bit."""
         self.pamt.set(hpa, pt, owner)
         self.mem.protect(hpa >> 12, "the TDX module")
+        self.mem.td_write(hpa)
 
     def give_to_td(self, hpa, owner, npages=1):
-        """``npages`` (1 or 512) private pages from ``hpa``; a 2M page is one PAMT page of size 1."""
+        """``npages`` (1 or 512) private pages from ``hpa``: a 2M page is its PAMT 2M entry."""
         size = 1 if npages == 512 else 0
+        self.pamt.set(hpa, PT_REG, owner, size)
+        self.pamt.set_bepoch(hpa, 0, size)
         for i in range(npages):
-            self.pamt.set(hpa + i * PAGE, PT_REG, owner, size)
             self.mem.protect((hpa >> 12) + i, "TD private memory")
 
     def release(self, hpa, npages=1):
+        size = 1 if npages == 512 else 0
+        self.pamt.set(hpa, PT_NDA, 0, size)
+        self.pamt.set_bepoch(hpa, 0, size)
         for i in range(npages):
-            self.pamt.set(hpa + i * PAGE, PT_NDA, 0)
-            self.pamt.set_bepoch(hpa + i * PAGE, 0)
             self.mem.unprotect((hpa >> 12) + i)
 
     def private_gpa_ok(self, td, gpa):

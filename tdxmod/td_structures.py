@@ -10,6 +10,7 @@ import hashlib
 from emu.hw.ept import make_eptp
 from emu.hw.exits import VeInfo
 from .abi import *  # noqa: F401,F403
+from . import locks as L
 
 PAGE = 4096
 KEYID_BITS = 6                 # MKTME key-id bits at the top of MAXPHYADDR
@@ -56,12 +57,33 @@ class Td:
         self.finalized_mrtd = None
         self.vcpus = {}
         self.num_vcpus = 0             # vCPUs initialized (TDH.VP.INIT)
-        self.fatal = False
-        # S-EPT tree lock: shared (count) or exclusive
-        self.sept_readers = 0
-        self.sept_writer = False
-        self.epoch_locked = False
+        self.fatal = False             # TDR.FATAL: set by a TD exit the module deems non-recoverable
+        self.num_assoc_vcpus = 0       # TDCS.NUM_ASSOC_VCPUS: vCPUs associated with a logical CPU
+        # The TDCS locks (tdxmod.locks): the op_state lock (sharex_hp), the S-EPT tree lock
+        # (secure_ept_lock, sharex) and the TD epoch lock (sharex).  The TDR's own lock is its
+        # page's PAMT entry lock (in the PAMT, as the TDVPR's is).
+        self.op_state_lock = 0
+        self.secure_ept_lock = 0
+        self.epoch_lock = 0
         self.wbcache_needed = False
+
+    # Views of the lock words (tests, invariants)
+    @property
+    def sept_readers(self):
+        return L.sharex_readers(self.secure_ept_lock)
+
+    @property
+    def sept_writer(self):
+        return bool(self.secure_ept_lock & L.SHAREX_EXCLUSIVE_LOCK)
+
+    @property
+    def epoch_locked(self):
+        return bool(self.epoch_lock & L.SHAREX_EXCLUSIVE_LOCK)
+
+    @epoch_locked.setter
+    def epoch_locked(self, held):
+        """(tests) another CPU's TDH.MEM.TRACK holds the epoch lock (or not)."""
+        self.epoch_lock = L.SHAREX_EXCLUSIVE_LOCK if held else L.SHAREX_FREE
 
     @property
     def secure_eptp(self):
@@ -79,11 +101,13 @@ class TdVcpu:
         self.td = td
         self.tdvpr = tdvpr
         self.tdvpx = []
-        self.initialized = False
+        self.state = VCPU_UNINITIALIZED  # TDVPS.STATE: READY after TDH.VP.INIT, ACTIVE while in the TD
+        self.assoc_lpid = None         # TDVPS.ASSOC_LPID: the logical CPU it is associated with (None: -1)
+        self.last_td_exit = LAST_EXIT_ASYNC_FAULT
+        self.exit_state = None         # (in TDH.VP.ENTER) the TDVPS.STATE the TD exit stores; None: the TD died
         self.hw = None
         self.shared_eptp = None
         self.epoch = None              # the epoch this vCPU entered in (counted in td.refcount)
-        self.associated = False
         self.vmcall_pending = None     # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
         self.launched = False
         self.x2apic_id = None
@@ -91,7 +115,6 @@ class TdVcpu:
         self.last_tdcall_leaf = None     # for the trace
         self.last_tdcall_rcx = 0
         self.vmcall_control = 0          # the guest's TDG.VP.VMCALL RCX (which GPRs the VMM answers)
-        self.in_td = False               # between TD entry and TD exit (counted in td.refcount)
         # Zero-step mitigation (td_exit_stepping.c): EPT violations at one RIP, and the GPAs
         # recorded once they pass STEPPING_EPF_THRESHOLD.
         self.rip_on_tdentry = None
@@ -102,3 +125,17 @@ class TdVcpu:
         # virtualization-exception information area: the CPU fills it for a convertible EPT
         # violation (init_guest_td_address_fields(); TDH.VP.INIT hands it to the vCPU).
         self.ve_info = VeInfo()
+        self.debugctl = 0              # the guest's IA32_DEBUGCTL (td_msr: the module emulates it)
+
+    @property
+    def initialized(self):
+        return self.state != VCPU_UNINITIALIZED
+
+    @property
+    def associated(self):
+        return self.assoc_lpid is not None
+
+    @property
+    def in_td(self):
+        """Between TD entry and TD exit (counted in td.refcount)."""
+        return self.state == VCPU_ACTIVE

@@ -300,10 +300,23 @@ class RunChecks:
                 return
 
 
+    def td_page_freed(self, kvm, hpa, what):
+        """A page a TD had goes back to the host allocator: none of its cache lines may still
+        hold the TD bit (KVM clears every page it takes back: tdx_clear_page())."""
+        n = kvm.mem.td_line_count(hpa >> 12)
+        if n:
+            kvm.checker_violation(f"{what}: page {hpa:#x} goes back to the host with {n} of its 64 cache lines "
+                                  f"still holding the TD's integrity bit (not cleared with tdx_clear_page())")
+
+    def machine_check(self, kvm, hpa, what):
+        kvm.checker_violation(what)
+
+
 RUN_CHECKS = RunChecks()
 
 
 def install(kvm):
     """Arm the run-time checks on ``kvm`` (the VMM does it for every VM it builds)."""
     kvm.checker = RUN_CHECKS
+    kvm.mem.on_machine_check = lambda hpa, what: RUN_CHECKS.machine_check(kvm, hpa, what)
     return kvm

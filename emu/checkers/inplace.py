@@ -136,9 +136,9 @@ class InPlace:
             else:
                 if t is Vcpu:
                     # Kept across runs, as Unicorn keeps what they describe: the pages code
-                    # was translated from, the pages whose PAUSEs have hooks.
+                    # was translated from, the pages whose PAUSEs and exit sites have hooks.
                     self.hws.append(o)
-                    seen.update((id(o.code_pfns), id(o._pause_pages)))
+                    seen.update((id(o.code_pfns), id(o._pause_pages), id(o._site_pages), id(o._sites)))
                 self._instance(o, stack)
         self.lists, self.dicts, self.sets, self.cells = lists, dicts, sets, cells
         self.cdata, self.deques, self.randoms = cdata, deques, randoms

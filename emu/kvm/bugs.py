@@ -22,6 +22,9 @@ BUGS = {
         "TDX_OPERAND_BUSY from SEPT.ADD/AUG is treated as a hard error (KVM_BUG_ON) instead of a retry",
     "free-without-grace-period":
         "page tables unlinked by a zap are freed at once, not after an RCU grace period",
+    "no-clear-page":
+        "tdx_clear_page() is skipped: pages KVM takes back from a TD (TDH.MEM.PAGE.REMOVE, "
+        "TDH.PHYMEM.PAGE.RECLAIM) go back to the host with the TD's integrity bit in their cache lines",
     "fault-ignores-invalidation":
         "the page fault does not check mmu_invalidate_seq/in_progress (is_page_fault_stale() is false)",
     # TDX private huge pages (issue 24): the races reviewers raised against the series.

@@ -12,6 +12,7 @@ EINVAL, EEXIST, EFAULT, EIO, ENOENT = 22, 17, 14, 5, 2
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 2
+KVM_REQ_VM_DEAD = 1 << 3                # kvm_vm_dead(): the next vcpu_enter_guest() fails with -EIO
 # Requests after which the vCPU flushes its TLB before it enters again (a new root is loaded
 # with a local flush: kvm_mmu_load()).
 KVM_REQS_FLUSHING = KVM_REQ_TLB_FLUSH | KVM_REQ_MMU_FREE_OBSOLETE_ROOTS

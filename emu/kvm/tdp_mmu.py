@@ -154,6 +154,8 @@ class TdpMmu:
         """tdp_mmu_free_sp()"""
         host = self.kvm.host
         if sp.external_spt is not None:
+            self.kvm.check_td_page_freed(sp.external_spt, "tdp_mmu_free_sp() frees an S-EPT page "
+                                         "after TDH.PHYMEM.PAGE.RECLAIM (tdx_sept_free_private_spt())")
             host.free_kernel_page(sp.external_spt)
         del self.sp_of[sp.spt]
         self.kvm.touch(("table", sp.spt))

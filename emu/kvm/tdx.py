@@ -34,6 +34,11 @@ from .uapi import KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_HLT, KVM_
     KVM_EXIT_HYPERCALL, KVM_EXIT_MMIO
 from .x86_ops import X86EMUL_RETRY_INSTR
 from .kvm_host import KvmIoctlError
+from .x86_msr import (MSR_IA32_APICBASE_BSP, X2APIC_ENABLE, MSR_IA32_APICBASE_ENABLE, APIC_DEFAULT_PHYS_BASE,
+                      )
+from ..hw.msr import (MSR_IA32_UCODE_REV, MSR_IA32_ARCH_CAPABILITIES, MSR_IA32_CR_PAT, MSR_IA32_MISC_ENABLE,
+                      MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL, EFER_SCE, EFER_LME, EFER_LMA, EFER_NX)
+from ..hw.exits import EXIT_REASON_CPUID, EXIT_REASON_IO_INSTRUCTION, EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE
 
 KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
@@ -89,6 +94,9 @@ class VcpuTdx:
         self.vp_enter_args = dict.fromkeys(VP_ENTER_ARGS, 0)
         self.map_gpa_next = None
         self.map_gpa_end = None
+        self.regs = {}                        # vcpu->arch.regs: KVM's copy (kvm_rax_write() and co.)
+        self.exit_reason = None               # the exit the TDVMCALL stands for (tdcall_to_vmx_exit_reason())
+        self.efer = 0                         # vcpu->arch.efer (the TD's own is the module's)
         self.pamt_cache = []                 # the per-vCPU split cache (struct tdx_pamt_cache)
         self.ext_exit_qualification = 0      # RDX of the last TD exit
 
@@ -186,17 +194,69 @@ class TdxX86Ops(VmxX86Ops):
             page = host.alloc_kernel_page()
             t.tdvpx_pa.append(page)
             self._check(kvm, self.seamcall(kvm, A.TDH_VP_ADDCX, rcx=page, rdx=t.tdvpr_pa), "TDH.VP.ADDCX")
-        # Version 1: R8 = the x2APIC id.
-        self._check(kvm, self.seamcall(kvm, A.TDH_VP_INIT | (1 << 16), rcx=t.tdvpr_pa, rdx=0, r8=vcpu.vcpu_id),
-                    "TDH.VP.INIT")
+        # Version 1: R8 = the x2APIC id.  On the vCPU's CPU (the KVM_TDX_INIT_VCPU ioctl runs
+        # with the vCPU loaded): the module associates the vCPU with it.
+        self._check(kvm, self.seamcall(kvm, A.TDH_VP_INIT | (1 << 16), caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, rdx=0,
+                                       r8=vcpu.vcpu_id), "TDH.VP.INIT")
         # The CPU the TD vCPU runs on: KVM uses it only to INVEPT (its state is the module's).
         vcpu.hw = self.module.vcpus[t.tdvpr_pa].hw
+        # tdx_vcpu_init(): the local APIC in x2APIC mode, BSP on vCPU 0 (userspace may not write
+        # it: tdx_is_read_only_msr()); EFER as the TD runs (tdx_vcpu_create()).
+        vcpu.msrs.apic_base = APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE | X2APIC_ENABLE | \
+            (MSR_IA32_APICBASE_BSP if vcpu.vcpu_id == 0 else 0)
+        t.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NX
+
+    # -- MSRs (tdx_get_msr(), tdx_set_msr(), tdx_has_emulated_msr()) ---------------------------------------
+    def get_msr(self, vcpu, index, host_initiated):
+        if index == MSR_IA32_FEAT_CTL:
+            return 0, 1                       # FEAT_CTL_LOCKED (no LMCE: MCG_CAP has no LMCE_P)
+        if not tdx_has_emulated_msr(index):
+            return 1, 0
+        return vcpu.kvm_get_msr_common(index, host_initiated)
+
+    def set_msr(self, vcpu, index, data, host_initiated):
+        if index in (MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL):
+            return 1                          # tdx_is_read_only_msr()
+        if not tdx_has_emulated_msr(index):
+            return 1
+        return vcpu.kvm_set_msr_common(index, data, host_initiated)
+
+    def complete_emulated_msr(self, vcpu, exit, err):
+        """tdx_complete_emulated_msr(): a failure is TDVMCALL_STATUS_INVALID_OPERAND (the guest's
+        #VE handler raises #GP); an RDMSR's EDX:EAX is the TDVMCALL's R11."""
+        t = vcpu.arch
+        if err:
+            t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
+            return 1
+        if t.exit_reason == EXIT_REASON_MSR_READ:
+            t.ret_r11 = (t.regs.get("rdx", 0) & 0xFFFFFFFF) << 32 | t.regs.get("rax", 0) & 0xFFFFFFFF
+        return 1
+
+    def write_edx_eax(self, vcpu, data):
+        vcpu.arch.regs.update(rax=data & 0xFFFFFFFF, rdx=data >> 32 & 0xFFFFFFFF)
+
+    def get_efer(self, vcpu):
+        return vcpu.arch.efer
+
+    def set_efer(self, vcpu, efer):
+        vcpu.arch.efer = efer
+
+    def is_paging(self, vcpu):
+        return True
+
+    def get_cr4(self, vcpu):
+        return 0                              # the TD's CR4 is the module's: KVM sees none of its bits
+
+    def recalc_msr_intercepts(self, vcpu):
+        pass                                  # the TD VMCS's MSR bitmap is the module's
 
     def vp_wr(self, vcpu, field, value):
-        return self.seamcall(vcpu.kvm, A.TDH_VP_WR, rcx=vcpu.arch.tdvpr_pa, rdx=field, r8=value, r9=(1 << 64) - 1)
+        # td_vmcs_write*(): on the vCPU's CPU (TDH.VP.WR associates the vCPU with the CPU it runs on)
+        return self.seamcall(vcpu.kvm, A.TDH_VP_WR, caller=vcpu.vcpu_id, rcx=vcpu.arch.tdvpr_pa, rdx=field,
+                             r8=value, r9=(1 << 64) - 1)
 
     def vp_rd(self, vcpu, field):
-        out = self.seamcall(vcpu.kvm, A.TDH_VP_RD, rcx=vcpu.arch.tdvpr_pa, rdx=field)
+        out = self.seamcall(vcpu.kvm, A.TDH_VP_RD, caller=vcpu.vcpu_id, rcx=vcpu.arch.tdvpr_pa, rdx=field)
         return out.r8 if out.rax == A.TDX_SUCCESS else None
 
     def set_regs(self, vcpu, regs):
@@ -394,8 +454,15 @@ class TdxX86Ops(VmxX86Ops):
                 kvm.kvm_bug(f"TDH.PHYMEM.PAGE.WBINVD {hpa + (k << 12):#x} failed: {A.status_name(out.rax)}")
                 return -EIO
         for k in range(KVM_PAGES_PER_HPAGE(level)):
-            kvm.mem.host_zero(hpa + (k << 12))
+            self.tdx_clear_page(kvm, hpa + (k << 12))
         return 0
+
+    def tdx_clear_page(self, kvm, hpa):
+        """tdx_clear_page(): MOVDIR64B of zeros with the host key over the page KVM took back from
+        the TD, which drops the lines' TD bit (and any poison) so the host may use it again."""
+        if kvm.bugs.no_clear_page:
+            return                            # bug switch: the page keeps the TD's integrity bits
+        kvm.mem.movdir64b(hpa)
 
     def reflect_free_spt(self, kvm, gfn, level, external_spt):
         """tdx_sept_free_private_spt(): only once the HKID is freed; RECLAIM, then clear."""
@@ -406,7 +473,7 @@ class TdxX86Ops(VmxX86Ops):
         if out.rax != A.TDX_SUCCESS:
             kvm.warn(f"TDH.PHYMEM.PAGE.RECLAIM of S-EPT page {external_spt:#x}: {A.status_name(out.rax)}")
             return -EIO
-        kvm.mem.host_zero(external_spt)
+        self.tdx_clear_page(kvm, external_spt)
         return 0
 
     # -- the 7.2 mirror hooks: one set_external_spte(old, new) (v5 05/45, 32/45, 34/45, 39/45) -----------
@@ -643,8 +710,8 @@ class TdxX86Ops(VmxX86Ops):
         tdx = kvm.tdx
         kvm.zap_gfn_range(0, kvm.max_gfn_exclusive, KVM_MIRROR_ROOTS)
         for v in kvm.vcpus:
-            # tdx_flush_vp(): a vCPU that was never associated is fine.
-            out = self.seamcall(kvm, A.TDH_VP_FLUSH, rcx=v.arch.tdvpr_pa)
+            # tdx_flush_vp_on_cpu(): on the CPU the vCPU last ran on; one never associated is fine.
+            out = self.seamcall(kvm, A.TDH_VP_FLUSH, caller=v.vcpu_id, rcx=v.arch.tdvpr_pa)
             kvm.KVM_BUG_ON(out.rax not in (A.TDX_SUCCESS, A.TDX_VCPU_NOT_ASSOCIATED),
                            f"TDH.VP.FLUSH: {A.status_name(out.rax)}")
         out = self.seamcall(kvm, A.TDH_MNG_VPFLUSHDONE, rcx=tdx.tdr_pa)
@@ -677,7 +744,9 @@ class TdxX86Ops(VmxX86Ops):
             if out.rax != A.TDX_SUCCESS:
                 kvm.leak_page(page, f"TDH.PHYMEM.PAGE.RECLAIM failed: {A.status_name(out.rax)}")
                 continue
-            kvm.mem.host_zero(page)
+            self.tdx_clear_page(kvm, page)
+            kvm.check_td_page_freed(page, "tdx_reclaim_td_control_pages() frees a control page "
+                                    "(TDR, TDCS, TDVPR or TDVPX) after TDH.PHYMEM.PAGE.RECLAIM")
             kvm.host.free_kernel_page(page)
 
     # -- running --------------------------------------------------------------------------------------------
@@ -732,7 +801,8 @@ class TdxX86Ops(VmxX86Ops):
             vector = intr & 0xFF
             vcpu.exit_to_user(KVM_EXIT_SHUTDOWN, vector=vector, error_code=out.r10 if intr & (1 << 11) else None,
                               cr2=out.r11 if vector == 14 else None, rip=out.r12, insn=None,
-                              why=None if out.r13 else "delivery through the TD's IDT failed", no_idt=bool(out.r13))
+                              why=None if out.r13 else "delivery through the TD's IDT failed", no_idt=bool(out.r13),
+                              ve_exit_reason=out.r14 & 0xFFFFFFFF if out.r14 >> 32 else None)
             return 0
         if exit.reason == EXIT_REASON_EPT_MISCONFIG:
             kvm.kvm_bug(f"EPT misconfiguration in a TD at gpa {out.r8:#x}")
@@ -802,6 +872,18 @@ class TdxX86Ops(VmxX86Ops):
             t.ret_r10 = (-1000) & ((1 << 64) - 1)      # -KVM_ENOSYS
             return 1
         sub = out.r11
+        # tdcall_to_vmx_exit_reason(): these sub-functions are the exit they stand for
+        t.exit_reason = sub if sub in (EXIT_REASON_CPUID, A.EXIT_REASON_HLT, EXIT_REASON_IO_INSTRUCTION,
+                                       EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE) else None
+        if sub == EXIT_REASON_CPUID:
+            return self.emulate_cpuid(vcpu, out)
+        if sub == EXIT_REASON_IO_INSTRUCTION:
+            return self.emulate_io(vcpu, out)
+        if sub == EXIT_REASON_MSR_READ:
+            # kvm_rcx_write(R12), kvm_emulate_rdmsr(); the answer in R11 (tdx_complete_emulated_msr())
+            return vcpu.kvm_emulate_rdmsr(None, ecx=out.r12)
+        if sub == EXIT_REASON_MSR_WRITE:
+            return vcpu.kvm_emulate_wrmsr(None, ecx=out.r12, data=out.r13)
         if sub == A.EXIT_REASON_HLT:
             vcpu.stat["halt_exits"] += 1
             vcpu.exit_to_user(KVM_EXIT_HLT)
@@ -817,6 +899,33 @@ class TdxX86Ops(VmxX86Ops):
             return self.map_gpa(vcpu, out.r12, out.r13)
         t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
         return 1
+
+    def emulate_cpuid(self, vcpu, out):
+        """tdx_emulate_cpuid(): EAX and ECX in R12 and R13; kvm_cpuid() from the VMM's table;
+        EAX, EBX, ECX, EDX back in R12..R15."""
+        t = vcpu.arch
+        eax, ebx, ecx, edx, _ = vcpu.kvm_cpuid(out.r12 & 0xFFFFFFFF, out.r13 & 0xFFFFFFFF)
+        t.vp_enter_args.update(r12=eax, r13=ebx, r14=ecx, r15=edx)
+        return 1
+
+    def emulate_io(self, vcpu, out):
+        """tdx_emulate_io(): R12 size (1, 2, 4), R13 direction (0 in, 1 out), R14 port, R15 the
+        value to write; anything else is TDVMCALL_STATUS_INVALID_OPERAND.  No device in the
+        kernel: KVM_EXIT_IO (count 1), completed by tdx_complete_pio_in() (R11 = the value
+        userspace left in kvm_run) or tdx_complete_pio_out()."""
+        t = vcpu.arch
+        vcpu.stat["io_exits"] += 1
+        size, write, port = out.r12, out.r13, out.r14 & 0xFFFF
+        if write not in (0, 1) or size not in (1, 2, 4):
+            t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
+            return 1
+        if write:
+            vcpu.emulator_pio_out(size, port, (out.r15 & 0xFFFFFFFF).to_bytes(4, "little"), 1)
+            vcpu.complete_userspace_io = _tdx_complete_pio_out
+        else:
+            vcpu.emulator_pio_in(size, port, 1)
+            vcpu.complete_userspace_io = _tdx_complete_pio_in
+        return 0
 
     def emulate_mmio(self, vcpu, out):
         """tdx_emulate_mmio(): TDG.VP.VMCALL<#VE.RequestMMIO> with R12 = size (1, 2, 4, 8), R13 =
@@ -891,3 +1000,35 @@ class TdxX86Ops(VmxX86Ops):
             return self._map_gpa_step(vcpu)
         t.ret_r10, t.ret_r11 = A.TDVMCALL_STATUS_SUCCESS, 0
         return 1
+
+
+def _tdx_complete_pio_out(vcpu, run):
+    vcpu.pio.count = 0
+    return 1
+
+
+def _tdx_complete_pio_in(vcpu, run):
+    """tdx_complete_pio_in(): the value read is the TDVMCALL's R11."""
+    data = vcpu.complete_emulator_pio_in(run)
+    vcpu.arch.ret_r11 = int.from_bytes(data, "little")
+    return 1
+
+
+def tdx_has_emulated_msr(index):
+    """tdx_has_emulated_msr(): the MSRs KVM may emulate for a TD (the rest is INVALID_OPERAND).
+    Of these the model's kvm_{get,set}_msr_common() has UCODE_REV, ARCH_CAPABILITIES, PAT,
+    MISC_ENABLE, APIC_BASE, EFER, POWER_CTL; MTRRs, MCE banks, TSC deadline, PLATFORM_INFO and
+    the x2APIC registers are KVM_MSR_RET_UNSUPPORTED there."""
+    if index in (MSR_IA32_UCODE_REV, MSR_IA32_ARCH_CAPABILITIES, 0x1FC, MSR_IA32_CR_PAT, 0xFE, 0x2FF, 0x6E0,
+                 MSR_IA32_MISC_ENABLE, 0xCE, 0x140, MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL,
+                 0x179, 0x17A, 0x17B, 0x4D0, 0x4B564D05):
+        return True                           # ...POWER_CTL, MTRRcap, MTRRdefType, TSC_DEADLINE, PLATFORM_INFO,
+                                              # MISC_FEATURES_ENABLES, MCG_CAP/STATUS/CTL, MCG_EXT_CTL, POLL_CONTROL
+    if 0x200 <= index <= 0x26F:               # MTRRphysBase0 .. MTRRfix4K_F8000
+        return True
+    if 0x400 <= index < 0x400 + 4 * 32 or 0x280 <= index < 0x280 + 32:
+        return True                           # MCx_{CTL,STATUS,ADDR,MISC}, MCx_CTL2
+    if 0x800 <= index <= 0x8FF:
+        # x2APIC registers the CPU virtualizes (TPR, PPR, EOI, ISR, TMR, IRR) are not KVM's
+        return not (index in (0x808, 0x80A, 0x80B) or 0x810 <= index <= 0x827)
+    return False

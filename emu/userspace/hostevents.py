@@ -36,6 +36,10 @@ class HostEvent:
 
 
 def parse_host_event(text):
+    body, at, step_text = (text or "").partition("@")
+    if at and not re.fullmatch(r"\s*\d+\s*", step_text):
+        raise HostEventError(f"bad step in host event {text!r}: STEP (after @) is a scheduling point, "
+                             f"a whole number (e.g. @40)")
     m = _SYNTAX.match(text or "")
     if not m:
         raise HostEventError(f"bad host event {text!r}: the syntax is 'EVENT START-END[@STEP]' with EVENT one of "

@@ -9,15 +9,21 @@ from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
 from ..td_structures import (Td, PAGE, TDCS_PAGES, TD_PARAMS_ATTRIBUTES, TD_PARAMS_MAX_VCPUS,
                             TD_PARAMS_EPTP_CONTROLS, TD_PARAMS_CONFIG_FLAGS)
+from ..helpers import (seamcall_leaf, check_and_lock_private_hpa, check_lock_tdr, check_state_and_lock_op_state,
+                       shared_hpa_check)
+from ..locks import TDX_LOCK_EXCLUSIVE, TDX_LOCK_NO_LOCK
 from .. import sept as S
 
 
-def tdh_mng_create(mod, r, caller):
-    """tdh_mng_create.c: the HKID operand first, then the TDR page, then the KOT (HKID in use)."""
+@seamcall_leaf
+def tdh_mng_create(mod, r, caller, held):
+    """tdh_mng_create.c: the HKID operand first, then the TDR page (PT_NDA, locked exclusively),
+    then the KOT (HKID in use)."""
     tdr, hkid = r.rcx, r.rdx
     if not 0 < hkid < (1 << 6):                       # reserved bits 63:16, is_private_hkid()
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
-    st = mod.hpa_operand(tdr, OPERAND_ID_RCX)
+    st = check_and_lock_private_hpa(mod, held, tdr, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller,
+                                    point="tdr_locked")
     if st:
         return Regs(st)
     if hkid in mod.hkids:
@@ -29,26 +35,37 @@ def tdh_mng_create(mod, r, caller):
     return Regs(TDX_SUCCESS)
 
 
-def tdh_mng_key_config(mod, r, caller):
-    """tdh_mng_key_config.c.  This platform has one package, so the first call configures every
-    package and the TD leaves HKID_ASSIGNED: a second call is LIFECYCLE_STATE_INCORRECT
-    (TDX_KEY_CONFIGURED is for a package already configured while others are not)."""
-    td, st = mod.td_operand(r.rcx, keys=False)
+@seamcall_leaf
+def tdh_mng_key_config(mod, r, caller, held):
+    """tdh_mng_key_config.c: the TDR exclusively, TD_FATAL, the lifecycle.  This platform has one
+    package, so the first call configures every package and the TD leaves HKID_ASSIGNED: a
+    second call is LIFECYCLE_STATE_INCORRECT (TDX_KEY_CONFIGURED is for a package already
+    configured while others are not)."""
+    td, st = check_lock_tdr(mod, held, r.rcx, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, caller)
     if st:
         return Regs(st)
+    if td.fatal:
+        return Regs(TDX_TD_FATAL)
     if td.lifecycle != TD_HKID_ASSIGNED:
         return Regs(TDX_LIFECYCLE_STATE_INCORRECT)
     td.lifecycle = TD_KEYS_CONFIGURED
     return Regs(TDX_SUCCESS)
 
 
-def tdh_mng_addcx(mod, r, caller):
-    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX, tdcs=False)
+@seamcall_leaf
+def tdh_mng_addcx(mod, r, caller, held):
+    """tdh_mng_add_cx.c: the TDR exclusively, TD_FATAL, keys configured, the page count, then the
+    new page (PT_NDA, locked exclusively)."""
+    td, st = check_lock_tdr(mod, held, r.rdx, OPERAND_ID_RDX, TDX_LOCK_EXCLUSIVE, caller)
     if st:
         return Regs(st)
+    if td.fatal:
+        return Regs(TDX_TD_FATAL)
+    if td.lifecycle != TD_KEYS_CONFIGURED:
+        return Regs(TDX_TD_KEYS_NOT_CONFIGURED)
     if len(td.tdcx) >= TDCS_PAGES:
         return Regs(TDX_TDCX_NUM_INCORRECT)
-    st = mod.hpa_operand(r.rcx, OPERAND_ID_RCX)
+    st = check_and_lock_private_hpa(mod, held, r.rcx, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, PT_NDA)
     if st:
         return Regs(st)
     mod.mem.zero(r.rcx)
@@ -58,14 +75,18 @@ def tdh_mng_addcx(mod, r, caller):
     return Regs(TDX_SUCCESS)
 
 
-def tdh_mng_init(mod, r, caller):
-    td, st = mod.td_operand(r.rcx)
+@seamcall_leaf
+def tdh_mng_init(mod, r, caller, held):
+    """tdh_mng_init.c: the TDR exclusively, the TD's state (no op_state lock: the TDR is held
+    exclusively), then TD_PARAMS, a shared page (OPERAND_INVALID|RDX otherwise)."""
+    td, st = check_lock_tdr(mod, held, r.rcx, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, caller)
     if st:
         return Regs(st)
-    if td.op_state != OP_STATE_UNINITIALIZED:
-        return Regs(TDX_OP_STATE_INCORRECT)
+    st = check_state_and_lock_op_state(mod, held, td, TDH_MNG_INIT, TDX_LOCK_NO_LOCK)
+    if st:
+        return Regs(st)
     params = r.rdx
-    if params & 0x3FF or params + 1024 > mod.mem.size:
+    if not shared_hpa_check(mod, params, 1024, read=True):
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
     mem = mod.mem
     attributes = mem.read64(params + TD_PARAMS_ATTRIBUTES)
@@ -93,21 +114,26 @@ def tdh_mng_init(mod, r, caller):
     return Regs(TDX_SUCCESS)
 
 
-def tdh_mng_vpflushdone(mod, r, caller):
-    td, st = mod.td_operand(r.rcx, keys=False)
+@seamcall_leaf
+def tdh_mng_vpflushdone(mod, r, caller, held):
+    """tdh_mng_vpflushdone.c: the TDR exclusively (no TD_FATAL check: a fatal TD is torn down),
+    the lifecycle, then no vCPU still associated with a CPU (TDX_FLUSHVP_NOT_DONE)."""
+    td, st = check_lock_tdr(mod, held, r.rcx, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, caller)
     if st:
         return Regs(st)
     if td.lifecycle not in (TD_HKID_ASSIGNED, TD_KEYS_CONFIGURED):
         return Regs(TDX_LIFECYCLE_STATE_INCORRECT)
-    if any(v.associated for v in td.vcpus.values()):
+    if len(td.tdcx) >= TDCS_PAGES and td.op_state != OP_STATE_UNINITIALIZED and td.num_assoc_vcpus:
         return Regs(TDX_FLUSHVP_NOT_DONE)
     td.lifecycle = TD_BLOCKED
     td.wbcache_needed = True
     return Regs(TDX_SUCCESS)
 
 
-def tdh_mng_key_freeid(mod, r, caller):
-    td, st = mod.td_operand(r.rcx, keys=False)
+@seamcall_leaf
+def tdh_mng_key_freeid(mod, r, caller, held):
+    """tdh_mng_key_freeid.c: the TDR exclusively, the lifecycle, then TDH.PHYMEM.CACHE.WB done."""
+    td, st = check_lock_tdr(mod, held, r.rcx, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, caller)
     if st:
         return Regs(st)
     if td.lifecycle != TD_BLOCKED:
@@ -117,7 +143,6 @@ def tdh_mng_key_freeid(mod, r, caller):
     td.lifecycle = TD_TEARDOWN
     mod.hkids.discard(td.hkid)
     return Regs(TDX_SUCCESS)
-
 
 
 # leaf number -> handler (the dispatcher's table: tdxmod/vmm_dispatcher.py)

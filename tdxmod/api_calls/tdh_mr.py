@@ -6,15 +6,21 @@ Follows src/vmm_dispatcher/api_calls/tdh_mr_extend.c and tdh_mr_finalize.c of th
 from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
 from ..td_structures import PAGE
+from ..helpers import seamcall_leaf, check_lock_tdr, check_state_and_lock_op_state
+from ..locks import TDX_LOCK_EXCLUSIVE, TDX_LOCK_NO_LOCK
 from .. import sept as S
 
 
-def tdh_mr_extend(mod, r, caller):
-    td, st = mod.td_operand(r.rdx, OPERAND_ID_RDX)
+@seamcall_leaf
+def tdh_mr_extend(mod, r, caller, held):
+    """tdh_mr_extend.c: the TDR exclusively (so the S-EPT too), the TD's state, the GPA, the walk
+    to a present leaf, then the 256 bytes measured."""
+    td, st = check_lock_tdr(mod, held, r.rdx, OPERAND_ID_RDX, TDX_LOCK_EXCLUSIVE, caller)
     if st:
         return Regs(st)
-    if td.op_state != OP_STATE_INITIALIZED:
-        return Regs(TDX_OP_STATE_INCORRECT)
+    st = check_state_and_lock_op_state(mod, held, td, TDH_MR_EXTEND, TDX_LOCK_NO_LOCK)
+    if st:
+        return Regs(st)
     gpa = r.rcx
     if gpa & 0xFF or not mod.private_gpa_ok(td, gpa):
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
@@ -30,12 +36,15 @@ def tdh_mr_extend(mod, r, caller):
     return Regs(TDX_SUCCESS)
 
 
-def tdh_mr_finalize(mod, r, caller):
-    td, st = mod.td_operand(r.rcx)
+@seamcall_leaf
+def tdh_mr_finalize(mod, r, caller, held):
+    """tdh_mr_finalize.c: the TDR exclusively, the TD's state, at least one vCPU initialized."""
+    td, st = check_lock_tdr(mod, held, r.rcx, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, caller)
     if st:
         return Regs(st)
-    if td.op_state != OP_STATE_INITIALIZED:
-        return Regs(TDX_OP_STATE_INCORRECT)
+    st = check_state_and_lock_op_state(mod, held, td, TDH_MR_FINALIZE, TDX_LOCK_NO_LOCK)
+    if st:
+        return Regs(st)
     if td.num_vcpus == 0:
         return Regs(TDX_NO_VCPUS)
     td.finalized_mrtd = td.mrtd.hexdigest()
