@@ -39,7 +39,7 @@ SPTE_WRITE_POINTS = frozenset({"spte_cmpxchg", "spte_write", "spte_xchg", "froze
 # Inside a SEAMCALL or a TDCALL: what the module said the call touches (module_keys).
 MODULE_POINTS = frozenset({"seamcall_entry", "sept_entry_locked", "sept_entry_locked_guest",
                            "sept_locked_exclusive", "epoch_locked", "tdcall_busy", "tdr_locked",
-                           "tdvpr_locked", "pamt_locked"})
+                           "tdvpr_locked", "pamt_locked", "host_interrupt_window", "tdcall_accept_2m"})
 # Steps whose code announces what it shares itself (Scheduler.touch, from the locks, RCU,
 # requests, the allocators, the invalidation state...): a vCPU's entry and guest code (what
 # guest code touched is added as the slice ends: Vcpu.touch_guest), its exit handling and

@@ -387,7 +387,7 @@ class TdxX86Ops(VmxX86Ops):
     def _no_vcpus_enter_stop(self, kvm):
         kvm.tdx.wait_for_sept_zap = False
 
-    def tdh_do_no_vcpus(self, kvm, leaf, **regs):
+    def tdh_do_no_vcpus(self, kvm, leaf, caller=None, **regs):
         """tdh_do_no_vcpus() (Sean's TDX cleanup, 6.19): one SEAMCALL that removes, blocks or splits
         S-EPT entries; on BUSY, once more with every vCPU out of the TD and none entering
         (wait_for_sept_zap).  mmu_lock must be held for write (asserted with the 7.2 hooks, as
@@ -395,16 +395,16 @@ class TdxX86Ops(VmxX86Ops):
         guaranteed to succeed absent KVM or TDX-module bugs."""
         if kvm.tdp_mmu.mirror_hooks_72 and not kvm.bugs.split_under_shared_lock:
             kvm.lockdep_assert_held_write()
-        out = self.seamcall(kvm, leaf, **regs)
+        out = self.seamcall(kvm, leaf, caller=caller, **regs)
         if tdx_operand_busy(out.rax):
             self._no_vcpus_enter_start(kvm)
-            out = self.seamcall(kvm, leaf, **regs)
+            out = self.seamcall(kvm, leaf, caller=caller, **regs)
             self._no_vcpus_enter_stop(kvm)
         return out
 
     _busy_retry = tdh_do_no_vcpus            # (the 6.16 name of the same retry)
 
-    def _track(self, kvm):
+    def _track(self, kvm, caller=None):
         """tdx_track(): TDH.MEM.TRACK (a BUSY retried once with no vCPU entering), then every vCPU
         out of the guest."""
         tdx = kvm.tdx
@@ -412,7 +412,7 @@ class TdxX86Ops(VmxX86Ops):
             return
         if kvm.bugs.no_track:
             return                            # bug switch: neither TRACK nor the kick
-        out = self._busy_retry(kvm, A.TDH_MEM_TRACK, rcx=tdx.tdr_pa)
+        out = self._busy_retry(kvm, A.TDH_MEM_TRACK, caller=caller, rcx=tdx.tdr_pa)
         kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MEM.TRACK failed: {A.status_name(out.rax)}")
         if kvm.bugs.no_kick_after_track:
             return                            # bug switch: vCPUs stay in the TD with the old epoch
@@ -555,14 +555,15 @@ class TdxX86Ops(VmxX86Ops):
             return -EIO
         if self.tdx_get_pamt_cache(kvm, vcpu) is None:
             return -EIO
-        out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_RANGE_BLOCK, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
+        out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_RANGE_BLOCK, caller=vcpu, rcx=gpa | (level - 1),
+                                   rdx=tdx.tdr_pa)
         if out.rax != A.TDX_SUCCESS:
             kvm.kvm_bug(f"TDH.MEM.RANGE.BLOCK gpa {gpa:#x} failed: {A.status_name(out.rax)} "
                         f"entry {out.rcx:#x} info {out.rdx:#x}")
             return -EIO
-        self._track(kvm)
-        out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_PAGE_DEMOTE, rcx=gpa | (level - 1), rdx=tdx.tdr_pa,
-                                   r8=external_spt)
+        self._track(kvm, vcpu)
+        out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_PAGE_DEMOTE, caller=vcpu, rcx=gpa | (level - 1),
+                                   rdx=tdx.tdr_pa, r8=external_spt)
         if kvm.bugs.demote_interrupted_retried_forever:
             # Bug switch: RFC v1's "do { DEMOTE } while (err == TDX_INTERRUPTED_RESTARTABLE)", with
             # mmu_lock held for write and nothing bounding it but the host's soft-lockup detector.
@@ -573,8 +574,8 @@ class TdxX86Ops(VmxX86Ops):
                                     f"returned TDX_INTERRUPTED_RESTARTABLE {tries} times in a row with "
                                     f"mmu_lock held for write")
                     return -EIO
-                out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_PAGE_DEMOTE, rcx=gpa | (level - 1), rdx=tdx.tdr_pa,
-                                           r8=external_spt)
+                out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_PAGE_DEMOTE, caller=vcpu, rcx=gpa | (level - 1),
+                                           rdx=tdx.tdr_pa, r8=external_spt)
                 tries += 1
         if out.rax != A.TDX_SUCCESS:
             kvm.kvm_bug(f"TDH.MEM.PAGE.DEMOTE gpa {gpa:#x} failed: {A.status_name(out.rax)} "
