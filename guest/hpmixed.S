@@ -1,16 +1,19 @@
-# hpmixed: two vCPUs accept the same 2M region at different levels at the same time.  vCPU 0
-# accepts the region at 2M (ACCEPT_LEVEL region, 1; 4K pages when the module answers
-# TDX_PAGE_SIZE_MISMATCH), vCPU 1 (and any other) accepts pages 1 to 8 at 4K.  Whichever comes
-# first decides KVM's mapping: a 2M ACCEPT exit maps the region at 2M (--tdx-huge-pages); a 4K
-# ACCEPT on a 2M PENDING page makes KVM split it (BLOCK, TRACK, DEMOTE, GUEST_INHIBIT); a 4K ACCEPT
-# of a 2M page already accepted is TDX_PAGE_ALREADY_ACCEPTED, which counts as done.  Each vCPU then
-# writes its qword (at 8 * vCPU) into the pages it accepted (vCPU 0: pages 0-15), all meet at a
-# barrier, and each checks every qword written.
+# hpmixed: vCPUs accepting the same 2M region at different levels at the same time.  vCPU 0
+# accepts the region at 2M (ACCEPT_LEVEL region, 1; when the module answers
+# TDX_PAGE_SIZE_MISMATCH, the 16 pages it uses at 4K).  Every other vCPU accepts pages 1 to 4 of
+# the region at 4K, each followed by the same page of a 2M region of its own (so that its faults,
+# SEPT.ADD and AUG, run beside the other vCPUs').  Whichever comes first decides KVM's mapping: a
+# 2M ACCEPT exit maps the region at 2M (--tdx-huge-pages); a 4K ACCEPT on a 2M PENDING page makes
+# KVM split it (BLOCK, TRACK, DEMOTE) and set GUEST_INHIBIT; a 4K ACCEPT of a 2M page already
+# accepted is TDX_PAGE_ALREADY_ACCEPTED, which counts as done.  Each vCPU writes its qword (at
+# 8 * vCPU, 0x100 + vCPU) into the pages it accepted, all meet at a barrier, and each checks every
+# qword written.  With three vCPUs two of them race to split the same 2M page.
 # Reports per vCPU: the qwords it checked (16 + 8 * (vCPUs - 1)).
 .intel_syntax noprefix
 .include "emu.inc"
 
 .equ REGION, 0x2400000
+.equ SMALL, 4                           # pages each other vCPU accepts in the region, and in its own
 
     .data
     .balign 64
@@ -28,8 +31,8 @@ _start:
     ACCEPT_LEVEL rbx, TDX_PS_2M
     bt rax, 63
     jnc 1f
-    mov rdi, rbx                        # PAGE_SIZE_MISMATCH (or another error): 4K pages
-    mov esi, HUGE_PAGE_SIZE
+    mov rdi, rbx                        # PAGE_SIZE_MISMATCH: the 16 pages it uses, at 4K
+    mov esi, 16 * PAGE_SIZE
     call emu_accept
     test rax, rax
     jnz hm_failed
@@ -42,6 +45,9 @@ _start:
     jb 2b
     jmp hm_meet
 hm_small:
+    mov r15, r12
+    shl r15, 21
+    add r15, rbx                        # r15 = this vCPU's own region
     mov ecx, 1
 3:  mov rdi, rcx
     shl rdi, 12
@@ -50,8 +56,15 @@ hm_small:
     bt rax, 63
     jc hm_failed
     mov [rdi + r12 * 8], r14
+    mov rdi, rcx
+    shl rdi, 12
+    add rdi, r15
+    ACCEPT_LEVEL rdi, TDX_PS_4K
+    test rax, rax
+    jnz hm_failed
+    mov [rdi + r12 * 8], r14
     inc ecx
-    cmp ecx, 9
+    cmp ecx, SMALL + 1
     jb 3b
 hm_meet:
     lock inc qword ptr [rip + hm_arrived]
@@ -69,19 +82,25 @@ hm_meet:
     inc ecx
     cmp ecx, 16
     jb 6b
-    mov r8d, 1                          # every other vCPU's qword in pages 1-8
+    mov r8d, 1                          # every other vCPU's qword in pages 1-4, here and in its region
 7:  cmp r8, r13
     jae 9f
     lea r9, [r8 + 0x100]
+    mov r10, r8
+    shl r10, 21
+    add r10, rbx
     mov ecx, 1
 8:  mov rdx, rcx
     shl rdx, 12
-    add rdx, rbx
-    cmp [rdx + r8 * 8], r9
+    lea rax, [rbx + rdx]
+    cmp [rax + r8 * 8], r9
     jne hm_lost
-    inc r15
+    lea rax, [r10 + rdx]
+    cmp [rax + r8 * 8], r9
+    jne hm_lost
+    add r15, 2
     inc ecx
-    cmp ecx, 9
+    cmp ecx, SMALL + 1
     jb 8b
     inc r8
     jmp 7b

@@ -202,9 +202,11 @@ def check_mirror_sept(kvm, leaves_of=None):
         problems.append(f"PAMT: {len(regs)} PT_REG pages, the S-EPT maps {len(want_regs)}")
     if epts != {c for _, _, c in tables}:
         problems.append(f"PAMT: {len(epts)} PT_EPT pages, the S-EPT has {len(tables)} tables")
-    if td.chldcnt != len(owned):
+    # A 2M page is one PAMT entry (its 2M entry) and 512 children of the TDR.
+    pages = sum(512 ** mod.pamt.index[hpa][2] for hpa, _, _ in owned)
+    if td.chldcnt != pages:
         # The TDR's own PAMT owner is 0 (tdh_mng_create), so ``owned`` is every page but the TDR.
-        problems.append(f"TDR child count {td.chldcnt}, PAMT owns {len(owned)} pages besides the TDR")
+        problems.append(f"TDR child count {td.chldcnt}, PAMT owns {pages} pages besides the TDR")
     return problems
 
 

@@ -47,7 +47,7 @@ MODULE_POINTS = frozenset({"seamcall_entry", "sept_entry_locked", "sept_entry_lo
 # host task's first step is a host event's setup, not audited.
 OWN_POINTS = frozenset({"vm_entry", "guest_mode", "guest_slice", "guest_pause", "vm_exit", "faultin_pfn",
                         "faultin_pfn_done", "mmu_invalidate_retry", "fault_local_retry", "cond_resched",
-                        "seamcall_exit", "lpage_info"})
+                        "seamcall_exit", "lpage_info", "split_alloc"})
 
 
 class ScheduleError(Exception):

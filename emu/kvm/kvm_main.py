@@ -461,6 +461,8 @@ class KvmVcpuMain:
         footprint (the running step's is the main thread's), and a vCPU running guest code in
         Unicorn leaves it (emu.hw.vcpu.Vcpu.kick)."""
         self.signal_pending = True
-        if self.hw is not None and self.hw.in_guest:
+        # kvm_vcpu_kick(): IN_GUEST_MODE (on its way in, past its last look at requests) is
+        # enough for the IPI, which the entry then takes at once.
+        if self.hw is not None and (self.hw.in_guest or self.mode == IN_GUEST_MODE):
             self.hw.kick()
 

@@ -206,14 +206,14 @@ class TdpMmu:
         self.unaccount_nx_huge_page(sp)
 
     def disallowed_hugepage_adjust(self, fault, spte, cur_level):
-        """disallowed_hugepage_adjust(): a table made for an exec fault sits where this fault
-        wants a huge page: go one level down instead (into that table), and give the pfn back
-        the next 9 bits of the address."""
+        """disallowed_hugepage_adjust(): a table made for an exec fault (or any table of a mirror
+        root) sits where this fault wants a huge page: go one level down instead (into that
+        table), and give the pfn back the next 9 bits of the address."""
         if (cur_level > PG_LEVEL_4K and cur_level == fault.goal_level and is_shadow_present_pte(spte)
                 and not is_large_pte(spte)):
             self.kvm.touch("possible_nx", False)
             child = self.sp_of.get(spte_to_child_pt(spte, cur_level))
-            if child is not None and child.nx_huge_page_disallowed:
+            if child is not None and (child.nx_huge_page_disallowed or child.is_mirror):
                 page_mask = KVM_PAGES_PER_HPAGE(cur_level) - KVM_PAGES_PER_HPAGE(cur_level - 1)
                 fault.pfn |= fault.gfn & page_mask
                 fault.goal_level -= 1
@@ -679,7 +679,11 @@ class TdpMmu:
             it = TdpIter(kvm, root, PG_LEVEL_4K, fault.gfn, self.gfn_root_bits(root), vcpu.vcpu_id)
             nx_workaround = kvm.nx_huge_pages          # fault->nx_huge_page_workaround_enabled
             for it in for_each_tdp_pte_min_level(it, fault.gfn + 1):
-                if nx_workaround:
+                # Don't replace a table with a huge SPTE (promotion) if the NX huge page
+                # workaround is on (thrashing), nor in a mirror root: KVM does not promote S-EPT
+                # entries under the read lock (v5 "Prevent hugepage promotion for mirror roots
+                # in fault path": PROMOTE needs BLOCK first, and all 512 children alike).
+                if nx_workaround or root.is_mirror:
                     self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
                 if is_removed_spte(it.old_spte):
                     # Another vCPU is installing this entry (frozen while it reflects):
@@ -745,6 +749,8 @@ class TdpMmu:
         S-EPT page and the split cache's top-up; allocated with mmu_lock dropped (it may sleep).
         None when the host has no page."""
         kvm = self.kvm
+        # GFP_KERNEL_ACCOUNT may sleep: with mmu_lock dropped, others run meanwhile.
+        self._point(vcpu, "split_alloc")
         spt = kvm.alloc_page_for("split")
         if spt is None:
             return None
