@@ -18,7 +18,9 @@ from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_
                    KVM_PAGES_PER_HPAGE, is_shadow_present_pte, is_last_spte, is_removed_spte, is_large_pte,
                    spte_to_pfn, make_nonleaf_spte, make_spte, make_mmio_spte, is_mmio_spte, ACC_ALL,
                    PT_WRITABLE_MASK,
-                   shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK)
+                   shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK,
+                   EPT_SPTE_MMU_WRITABLE, SPTE_TDP_AD_MASK, SPTE_TDP_AD_ENABLED, shadow_accessed_mask,
+                   shadow_dirty_mask)
 from ..hw.memory import table_entries
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
 from .mmu_internal import (RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noqa: F401
@@ -622,7 +624,7 @@ class TdpMmu:
         if is_removed_spte(old_spte) or is_removed_spte(new_spte):
             kvm.warn(f"non-atomic set with a frozen SPTE (gfn {gfn:#x})")
         self._point(vcpu, "spte_write", sptep)
-        old_spte = self.mem.xchg64(sptep, new_spte)
+        old_spte = self.kvm_tdp_mmu_write_spte(sptep, old_spte, new_spte, level)
         if self.mirror_hooks_72:
             # 7.2: the change reaches the S-EPT from handle_changed_spte() (a zap, or a split).
             self.handle_changed_spte(as_id, gfn, old_spte, new_spte, level, False, vcpu, sptep)
@@ -640,6 +642,16 @@ class TdpMmu:
             kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte),
                            f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}")
             self.remove_external_spte(gfn, old_spte, level, vcpu)
+        return old_spte
+
+    def kvm_tdp_mmu_write_spte(self, sptep, old_spte, new_spte, level):
+        """kvm_tdp_mmu_write_spte(): an xchg (returning what the SPTE held) when the CPU may
+        change the old SPTE meanwhile (its A/D bits: kvm_tdp_mmu_spte_need_atomic_update()),
+        else a plain store, and the caller's ``old_spte`` is taken as what it replaced."""
+        if (is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level)
+                and spte_needs_atomic_update(old_spte)):
+            return self.mem.xchg64(sptep, new_spte)
+        self.mem.write64(sptep, new_spte)
         return old_spte
 
     def iter_set_spte(self, it, new_spte, vcpu=None):
@@ -1016,6 +1028,15 @@ class _SpIter:
     def __init__(self, sptep, old_spte, gfn, level, as_id):
         self.sptep, self.old_spte, self.gfn, self.level, self.as_id = sptep, old_spte, gfn, level, as_id
         self.yielded = False
+
+
+def spte_needs_atomic_update(spte):
+    """spte_needs_atomic_update(): the CPU may set A or D (or KVM's fast path W) under us."""
+    if not spte & PT_WRITABLE_MASK and spte & EPT_SPTE_MMU_WRITABLE:
+        return True
+    if spte & SPTE_TDP_AD_MASK != SPTE_TDP_AD_ENABLED:
+        return False
+    return not spte & shadow_accessed_mask or bool(spte & PT_WRITABLE_MASK and not spte & shadow_dirty_mask)
 
 
 def is_access_allowed(fault, spte):
