@@ -124,6 +124,7 @@ STATUS_NAMES = {v: k for k, v in dict(globals()).items()
                                                       "TDX_NON_RECOVERABLE") and isinstance(v, int)}
 
 # -- Operand ids (RAX[31:0] detail of an error status) ---------------------------------------------
+OPERAND_ID_RAX = 0
 OPERAND_ID_RCX = 1
 OPERAND_ID_RDX = 2
 OPERAND_ID_R8 = 8
