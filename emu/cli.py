@@ -132,6 +132,13 @@ def huge_page_options(args):
                 demote_interruptible=args.demote_interruptible)
 
 
+def hooks_note(args):
+    """What an exploration's summary says of the mirror hooks when they are not 6.16's."""
+    if getattr(args, "tdx_huge_pages", False) or getattr(args, "mirror_hooks", None) == "7.2":
+        return ", mirror hooks 7.2" + (", TDX huge pages" if getattr(args, "tdx_huge_pages", False) else "")
+    return ""
+
+
 def machine_flags(args):
     """The options that shape the machine, for a reproducer's command line."""
     flags = ""
@@ -410,7 +417,7 @@ def cmd_explore(args, out):
         state = ("interrupted" if res.interrupted else "stopped at the first failure" if f is not None and not args.all
                  else "complete" if res.complete else "stopped")
         out.write(f"explored {res.runs} schedules of {args.guest} ({what}, {args.vcpus} vCPUs, "
-                  f"{'no freeze' if args.no_freeze else 'freeze protocol'}): {res.failures} failing, {state}, "
+                  f"{'no freeze' if args.no_freeze else 'freeze protocol'}{hooks_note(args)}): {res.failures} failing, {state}, "
                   f"{res.rate:.0f} schedules/s\n")
         if cluster is not None:
             out.write(ray_line(cluster) + "\n")

@@ -119,6 +119,8 @@ class Machine:
                 raise MachineError("--tdx-huge-pages needs guest_memfd backed by 2M folios: --hugepages 2m")
             if mirror_hooks == MIRROR_HOOKS_616:
                 raise MachineError("--tdx-huge-pages builds on the 7.2 mirror hooks: not with --mirror-hooks 6.16")
+        if demote_interruptible and vm != "tdx":
+            raise MachineError("--demote-interruptible is about the TDX module: it needs --vm tdx")
         self.mirror_hooks = mirror_hooks or (MIRROR_HOOKS_72 if tdx_huge_pages else MIRROR_HOOKS_616)
         self.tdx_huge_pages = bool(tdx_huge_pages)
         self.demote_interruptible = bool(demote_interruptible)
