@@ -248,6 +248,9 @@ def tdh_mem_page_demote(mod, r, caller, held):
     base = child & ~S.SEPT_HPA
     for i in range(512):
         q[(new >> 3) + i] = base | (huge + i * step)
+    # (written through the TD's key: "This can fail; in this case the new SEPT pages are modified
+    # but their PAMT entries are not yet updated" -- the page's lines hold the TD bit from here on)
+    mod.mem.td_write(new)
     if _interruptible(mod, td) and mod.interrupt_pending_host_side(caller):
         return Regs(TDX_INTERRUPTED_RESTARTABLE, rcx=r.rcx, rdx=r.rdx)
     st = pamt_demote(mod, held, huge, caller) if level == 1 else TDX_OPERAND_INVALID   # (no 1G pages)
