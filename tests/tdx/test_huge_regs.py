@@ -14,7 +14,7 @@ from tdxmod.pamt import PT_4KB, PT_2MB
 
 from tdxhelpers import (PAGE, M2, SUCCESS, OPERAND_BUSY, OPERAND_INVALID, EPT_ENTRY_STATE_INCORRECT,
                         TLB_TRACKING_NOT_DONE, PAGE_SIZE_MISMATCH, PAGE_METADATA_INCORRECT, PAGE_ALREADY_ACCEPTED, OP_RCX, OP_R8,
-                        PT_NDA, PT_REG, PT_EPT, TDEL, FREE, NL_MAPPED, NL_BLOCKED, PENDING, PENDING_BLOCKED,
+                        PT_NDA, PT_REG, PT_EPT, TDEL, TDHP, FREE, NL_MAPPED, NL_BLOCKED, PENDING, PENDING_BLOCKED,
                         MAPPED, entry_value, decode_state, arch_entry, info)
 
 GPA_RANGE_NOT_BLOCKED = 0xC0000B0600000000
@@ -409,3 +409,34 @@ def test_accept_2m_is_resumable_across_an_interrupt(huge_td):
     assert out.rax == EXIT_TDCALL and t.rd("rax") == SUCCESS
     assert t.entry(AREA, 1) == entry_value(MAPPED, page)
     assert t.mod.mem.read(page, 4) == b"kept"
+
+
+def test_accept_4k_inside_a_2m_mapped_page_is_already_accepted(huge_td):
+    """tdg_mem_page_accept() at level 0 where a 2M MAPPED leaf is: the walk stops at level 1 on a
+    guest-accessible leaf -> PAGE_ALREADY_ACCEPTED with the level (1), no exit."""
+    t = huge_td
+    t.aug_2m()
+    t.wr("rcx", AREA | 1)
+    assert t.enter().rax == EXIT_TDCALL and t.rd("rax") == SUCCESS
+    t.m.kvm.x86_ops.set_regs(t.m.vcpus[0], {"rip": t.m.image.symbol("accept")})
+    t.wr("rcx", AREA + 9 * PAGE)
+    out = t.enter()
+    assert out.rax == EXIT_TDCALL and t.rd("rax") == PAGE_ALREADY_ACCEPTED | 1
+
+
+def test_demote_losing_the_entry_lock_gives_the_host_priority(huge_td):
+    """tdh_mem_page_demote() -> sept_lock_acquire_host() on an entry the guest holds: BUSY|RCX and
+    TDHP set; the guest's next 2M ACCEPT (sept_lock_acquire_guest()) then backs off with
+    BUSY_HOST_PRIORITY|RCX, so the host's retry gets the lock."""
+    t = huge_td
+    page = t.aug_2m()
+    pa = t.entry_pa(AREA, 1)
+    t.mod.mem.write64(pa, entry_value(PENDING, page) | TDEL)            # the guest holds it
+    out = t.call(A.TDH_MEM_PAGE_DEMOTE, rcx=AREA | 1, rdx=t.tdr, r8=t.m.host.alloc_kernel_page())
+    assert out.rax == OPERAND_BUSY | OP_RCX
+    assert t.mod.mem.read64(pa) == entry_value(PENDING, page) | TDEL | TDHP
+    t.mod.mem.write64(pa, entry_value(PENDING, page) | TDHP)            # the guest let it go
+    t.wr("rcx", AREA | 1)
+    assert t.enter().rax == EXIT_TDCALL
+    assert t.rd("rax") == A.TDX_OPERAND_BUSY_HOST_PRIORITY | OP_RCX
+    assert t.mod.mem.read64(pa) == entry_value(PENDING, page) | TDHP
