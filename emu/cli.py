@@ -49,7 +49,7 @@ def _add_run_options(p):
                         "__handle_changed_spte() (default with --tdx-huge-pages)")
     p.add_argument("--demote-interruptible", action="store_true",
                    help="a TDX module without TDX_FEATURES0.ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 "
-                        "source, modules before 1.5.28): DEMOTE returns TDX_INTERRUPTED_RESTARTABLE on a "
+                        "source, which has no such bit): DEMOTE returns TDX_INTERRUPTED_RESTARTABLE on a "
                         "pending host interrupt, and KVM keeps tdx_huge_page off")
     p.add_argument("--sept-ve-disable", choices=("on", "off"), default="on",
                    help="the TD attribute SEPT_VE_DISABLE (QEMU's sept-ve-disable): off makes an access to an "

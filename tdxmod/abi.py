@@ -191,10 +191,9 @@ EPF_GPA_LIST_SIZE = 32
 
 # TDX_FEATURES0 (TDH.SYS.RD metadata): the feature bits KVM looks at
 TDX_FEATURES0_NO_RBP_MOD = 1 << 18
-TDX_FEATURES0_DYNAMIC_PAMT = 1 << 36
-# Without it (TDX modules before 1.5.28, and the tdx_1.5 source), TDH.MEM.PAGE.DEMOTE checks for a
+# Without it (the tdx_1.5 source, which has no such bit), TDH.MEM.PAGE.DEMOTE checks for a
 # pending host interrupt and may return TDX_INTERRUPTED_RESTARTABLE; with it, a TD without L2 VMs
-# is never interrupted there (ABI spec 348551-007, 5.4.25.3.9).
+# is never interrupted there (bit 51 as issue 24 gives it: not verifiable from the tdx_1.5 source).
 TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY = 1 << 51
 
 # Page-info levels (RCX[2:0])

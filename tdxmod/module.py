@@ -55,7 +55,7 @@ class TdxModule:
         self.seamrr_end = pamt_base + self.pamt.size
         self.pamt.touch = self.touch
         # TDX_FEATURES0 as TDH.SYS.RD reports it: a module that demotes without being interrupted
-        # (1.5.28 and later); the platform may take the bit away (a tdx_1.5-source module).
+        # (a module newer than the tdx_1.5 source); the platform may take the bit away (a tdx_1.5-source module).
         self.features0 = TDX_FEATURES0_NO_RBP_MOD | TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
         self._handlers = HANDLERS
 

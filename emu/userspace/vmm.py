@@ -245,7 +245,7 @@ class Machine:
         module = self.host.tdx_module
         module.tracer = self.tracer
         if self.demote_interruptible:
-            # A module without ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 source, modules before 1.5.28).
+            # A module without ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 source, which has no such bit).
             from tdxmod.abi import TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
             module.features0 &= ~TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
         ops = TdxX86Ops(module, attributes, tdx_huge_page=self.tdx_huge_pages)
