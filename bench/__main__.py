@@ -39,6 +39,7 @@ BENCHMARKS = [
     ("hw.walks", hw.bench_walks),             # EPT walk <= 0.5 us, 2D walk, TLB-miss fill / trivial fill <= 2
     ("kvm.new_page", kvm.bench_new_page),     # new 4K page through KVM's fault path / bare fault  <= 3
     ("td.private_page", td.bench_private_page),  # TD private page / bare fault                     <= 6
+    ("td.huge_page", td.bench_huge_page),     # a 2M private page / 512 4K private pages          <= 0.25
     ("td.explore", td.bench_explore),         # race2 schedules explored per second              >= 500
     ("td.dpor", td.bench_dpor),               # race2 --dpor: 5x fewer than --bound 2; minutes   (#12)
     ("mem", memory.bench_memory),             # 4 GiB guest, 3000 pages: peak RSS                <= 400 MB

@@ -39,6 +39,18 @@ def _add_run_options(p):
     p.add_argument("--nx-huge-pages", action="store_true",
                    help="KVM's NX huge page mitigation (kvm.nx_huge_pages=on): an exec fault maps 4K and "
                         "marks the table; the 'nx-recover' host event zaps such tables")
+    p.add_argument("--tdx-huge-pages", action="store_true",
+                   help="KVM's kvm_intel.tdx_huge_page (the S-EPT hugepage series, RFC v5): a TD's private "
+                        "memory mapped with 2M pages once the TD runs; needs --hugepages 2m (guest_memfd in "
+                        "2M folios) and implies --mirror-hooks 7.2")
+    p.add_argument("--mirror-hooks", choices=("6.16", "7.2"), default=None,
+                   help="how KVM reflects a TD's mirror SPTEs into the S-EPT: 6.16, the seed's reflect_* "
+                        "freeze protocol (default), or 7.2, one set_external_spte(old, new) from "
+                        "__handle_changed_spte() (default with --tdx-huge-pages)")
+    p.add_argument("--demote-interruptible", action="store_true",
+                   help="a TDX module without TDX_FEATURES0.ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 "
+                        "source, which has no such bit): DEMOTE returns TDX_INTERRUPTED_RESTARTABLE on a "
+                        "pending host interrupt, and KVM keeps tdx_huge_page off")
     p.add_argument("--sept-ve-disable", choices=("on", "off"), default="on",
                    help="the TD attribute SEPT_VE_DISABLE (QEMU's sept-ve-disable): off makes an access to an "
                         "unaccepted page and a bare HLT a #VE for the guest (default: %(default)s; a TD's only)")
@@ -57,7 +69,8 @@ def _add_run_options(p):
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--host", action="append", default=[], metavar="'EVENT[@STEP]'",
                    help="a host event on a host task, from scheduling point STEP on (repeatable): "
-                        "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END'")
+                        "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END', "
+                        "'punch START-END'")
     p.add_argument("--bug", action="append", default=[], metavar="NAME",
                    help="switch a realistic KVM bug into the model (repeatable; see `inject --list`)")
     p.add_argument("--timeout", default=None, metavar="SECONDS", type=_seconds,
@@ -113,6 +126,19 @@ def td_attributes(args):
     return TD_ATTR_DEBUG | (TD_ATTR_SEPT_VE_DISABLE if getattr(args, "sept_ve_disable", "on") == "on" else 0)
 
 
+def huge_page_options(args):
+    """The Machine options of TDX private huge pages (issue 24)."""
+    return dict(tdx_huge_pages=args.tdx_huge_pages, mirror_hooks=args.mirror_hooks,
+                demote_interruptible=args.demote_interruptible)
+
+
+def hooks_note(args):
+    """What an exploration's summary says of the mirror hooks when they are not 6.16's."""
+    if getattr(args, "tdx_huge_pages", False) or getattr(args, "mirror_hooks", None) == "7.2":
+        return ", mirror hooks 7.2" + (", TDX huge pages" if getattr(args, "tdx_huge_pages", False) else "")
+    return ""
+
+
 def machine_flags(args):
     """The options that shape the machine, for a reproducer's command line."""
     flags = ""
@@ -124,6 +150,12 @@ def machine_flags(args):
         flags += " --nx-huge-pages"
     if getattr(args, "no_freeze", False):
         flags += " --no-freeze"
+    if getattr(args, "tdx_huge_pages", False):
+        flags += " --tdx-huge-pages"
+    if getattr(args, "mirror_hooks", None):
+        flags += f" --mirror-hooks {args.mirror_hooks}"
+    if getattr(args, "demote_interruptible", False):
+        flags += " --demote-interruptible"
     if getattr(args, "sept_ve_disable", "on") == "off":
         flags += " --sept-ve-disable off"
     flags += "".join(f" --host '{h}'" for h in args.host)
@@ -242,7 +274,7 @@ def cmd_run(args, out):
     try:
         m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
                     nx_huge_pages=args.nx_huge_pages, td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
-                    bugs=args.bug)
+                    bugs=args.bug, **huge_page_options(args))
         m.max_insns, m.timeout, m.signals = args.max_insns, args.timeout, args.signals
         if sys.stderr.isatty() and not args.json and not (tracer.enabled and args.trace_file is None):
             m.progress = StatusLine(sys.stderr)     # a long run's status line (not over a trace)
@@ -330,7 +362,8 @@ def cmd_explore(args, out):
     tracer = make_tracer(args)
     mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
               td_attributes=td_attributes(args),
-              no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug)
+              no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug,
+              **huge_page_options(args))
     ex = Explorer(lambda: Machine(args.guest, **mk), check_steps=args.check_steps, max_insns=args.max_insns,
                   timeout=args.timeout)
     if args.replay is not None:
@@ -384,7 +417,7 @@ def cmd_explore(args, out):
         state = ("interrupted" if res.interrupted else "stopped at the first failure" if f is not None and not args.all
                  else "complete" if res.complete else "stopped")
         out.write(f"explored {res.runs} schedules of {args.guest} ({what}, {args.vcpus} vCPUs, "
-                  f"{'no freeze' if args.no_freeze else 'freeze protocol'}): {res.failures} failing, {state}, "
+                  f"{'no freeze' if args.no_freeze else 'freeze protocol'}{hooks_note(args)}): {res.failures} failing, {state}, "
                   f"{res.rate:.0f} schedules/s\n")
         if cluster is not None:
             out.write(ray_line(cluster) + "\n")
@@ -412,7 +445,7 @@ def cmd_campaign(args, out):
     tracer = make_tracer(args)
     mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
               td_attributes=td_attributes(args),
-              host_events=args.host, bugs=args.bug)
+              host_events=args.host, bugs=args.bug, **huge_page_options(args))
     try:
         c = Campaign(lambda: Machine(args.guest, **mk), plans=args.inject, max_points=args.max_points,
                      max_insns=args.max_insns, timeout=args.timeout)

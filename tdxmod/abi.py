@@ -68,7 +68,8 @@ TDVMCALL_STATUS_INVALID_OPERAND = 0x8000000000000000
 
 # -- Status codes (RAX) ---------------------------------------------------------------------------
 TDX_SUCCESS = 0
-TDX_INTERRUPTED_RESTARTABLE = 0x8000000400000000  # (TDH.MEM.PAGE.DEMOTE, not modelled yet)
+TDX_INTERRUPTED_RESUMABLE = 0x8000000300000000
+TDX_INTERRUPTED_RESTARTABLE = 0x8000000400000000
 TDX_OPERAND_BUSY = 0x8000020000000000
 TDX_PREVIOUS_TLB_EPOCH_BUSY = 0x8000020100000000
 TDX_OPERAND_BUSY_HOST_PRIORITY = 0x8000020400000000
@@ -97,6 +98,7 @@ TDX_EPT_ENTRY_LEAF = 0xC0000B0500000000
 TDX_GPA_RANGE_NOT_BLOCKED = 0xC0000B0600000000
 TDX_GPA_RANGE_ALREADY_BLOCKED = 0x00000B0700000000   # informational
 TDX_TLB_TRACKING_NOT_DONE = 0xC0000B0800000000
+TDX_EPT_INVALID_PROMOTE_CONDITIONS = 0xC0000B0900000000
 TDX_PAGE_ALREADY_ACCEPTED = 0x00000B0A00000000       # informational
 TDX_PAGE_SIZE_MISMATCH = 0xC0000B0B00000000
 TDX_EPT_ENTRY_STATE_INCORRECT = 0xC0000B0D00000000
@@ -122,6 +124,7 @@ STATUS_NAMES = {v: k for k, v in dict(globals()).items()
                                                       "TDX_NON_RECOVERABLE") and isinstance(v, int)}
 
 # -- Operand ids (RAX[31:0] detail of an error status) ---------------------------------------------
+OPERAND_ID_RAX = 0
 OPERAND_ID_RCX = 1
 OPERAND_ID_RDX = 2
 OPERAND_ID_R8 = 8
@@ -185,6 +188,13 @@ TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION = 6
 # Zero-step mitigation (td_exit_stepping.h, tdx_tdvps.h)
 STEPPING_EPF_THRESHOLD = 6       # EPT violations at one RIP before the GPAs are recorded
 EPF_GPA_LIST_SIZE = 32
+
+# TDX_FEATURES0 (TDH.SYS.RD metadata): the feature bits KVM looks at
+TDX_FEATURES0_NO_RBP_MOD = 1 << 18
+# Without it (the tdx_1.5 source, which has no such bit), TDH.MEM.PAGE.DEMOTE checks for a
+# pending host interrupt and may return TDX_INTERRUPTED_RESTARTABLE; with it, a TD without L2 VMs
+# is never interrupted there (bit 51 as issue 24 gives it: not verifiable from the tdx_1.5 source).
+TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY = 1 << 51
 
 # Page-info levels (RCX[2:0])
 TDX_PS_4K, TDX_PS_2M, TDX_PS_1G = 0, 1, 2

@@ -54,6 +54,9 @@ class TdxModule:
         self.seamrr_base = pamt_base
         self.seamrr_end = pamt_base + self.pamt.size
         self.pamt.touch = self.touch
+        # TDX_FEATURES0 as TDH.SYS.RD reports it: a module that demotes without being interrupted
+        # (a module newer than the tdx_1.5 source); the platform may take the bit away (a tdx_1.5-source module).
+        self.features0 = TDX_FEATURES0_NO_RBP_MOD | TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
         self._handlers = HANDLERS
 
     # -- the interface ----------------------------------------------------------------------------------
@@ -239,7 +242,24 @@ class TdxModule:
 
     def sept_details(self, e, lvl):
         """set_arch_septe_details_in_vmm_regs(): RCX = the architectural entry, RDX = level and state."""
+        e = S.cleanup_if_pending(e, lvl)
         return S.architectural_entry(e), S.entry_info(S.sept_state(e), lvl)
+
+    def interrupt_pending_host_side(self, caller):
+        """is_interrupt_pending_host_side(), where a long SEAMCALL (DEMOTE, PROMOTE) may give up
+        with TDX_INTERRUPTED_RESTARTABLE.  A host interrupt is pending when the fault point
+        tdx.host_interrupt fires, or when the scheduler lets another task run at this point: a
+        host CPU inside a SEAMCALL is preempted only by an interrupt, which the module sees
+        pending (so the explorer's preemptions here are interrupts)."""
+        inj = self.inject
+        if inj is not None and inj.should_fail("tdx.host_interrupt"):
+            return True
+        sched = self.sched
+        if sched is None:
+            return False
+        before = sched.steps
+        sched.point(caller, "host_interrupt_window")
+        return sched.steps > before + 1
 
     def is_tlb_tracked(self, td, bepoch):
         if bepoch < td.epoch - 1:
@@ -260,7 +280,7 @@ class TdxModule:
                 st = sept_state(e)
                 gpa = base + (i << (12 + 9 * lvl))
                 if st in leaf_states:
-                    leaves.append((gpa, lvl, st, e & hpa_mask))
+                    leaves.append((gpa, lvl, st, S.leaf_hpa(e, lvl)))
                 elif st in nl_states and lvl > 0:
                     tables.append((gpa, lvl, e & hpa_mask))
                     walk(e & hpa_mask, lvl - 1, gpa)

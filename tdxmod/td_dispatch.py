@@ -473,10 +473,35 @@ def tdg_mem_page_accept(mod, v, hw, caller=None):
     if state not in S.TDCALL_LEGAL_STATES[TDG_MEM_PAGE_ACCEPT]:
         mod.unlock_entry(ptr)
         return violation(e, lvl)
-    hpa = e & S.SEPT_HPA
-    size = 0x1000 << (9 * level)
-    mod.mem.zero(hpa, size)
-    mod.mem.td_write(hpa, size)                 # zero_area_cacheline() with the TD's key
+    hpa = S.leaf_hpa(e, level)
+    if level == 0:
+        mod.mem.zero(hpa, 0x1000)
+        mod.mem.td_write(hpa, 0x1000)            # zero_area_cacheline() with the TD's key
+        interrupted = False
+    else:
+        # A 2M ACCEPT clears the page 4K at a time, counting in the entry (INIT_COUNTER, bits
+        # 20:12), and stops when an interrupt is pending in the guest: the TDCALL is left
+        # unfinished (RIP and RAX unchanged), the TD exits for the interrupt, and the ACCEPT
+        # resumes from the count when the guest runs the TDCALL again.
+        counter = (e & S.SEPT_ACCEPT_COUNTER) >> S.SEPT_ACCEPT_COUNTER_SHIFT
+        interrupted = False
+        while True:
+            mod.mem.zero(hpa + (counter << 12), 0x1000)
+            mod.mem.td_write(hpa + (counter << 12), 0x1000)
+            if counter == 511:
+                counter = 0
+                break
+            counter += 1
+            if counter % 128 == 0:
+                mod.point(caller, "tdcall_accept_2m")      # (another CPU may kick this one meanwhile)
+            if hw.intr_pending:                            # is_interrupt_pending_guest_side()
+                interrupted = True
+                break
+        e = (e & ~S.SEPT_ACCEPT_COUNTER) | (counter << S.SEPT_ACCEPT_COUNTER_SHIFT)
+    if interrupted:
+        mod.mem.q[ptr >> 3] = e                            # still PENDING, with the count so far
+        mod.unlock_entry(ptr)
+        return None
     mod.mem.q[ptr >> 3] = S.set_state(e, S.SEPT_MAPPED)     # from the copy read under the lock
     mod.unlock_entry(ptr)
     return done(TDX_SUCCESS)

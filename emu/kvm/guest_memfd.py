@@ -1,5 +1,6 @@
 """guest_memfd (virt/kvm/guest_memfd.c): the private memory of a TD, behind no host mapping."""
 
+from .kvm_host import KvmIoctlError
 from .tdp_mmu import KVM_MIRROR_ROOTS
 
 
@@ -9,7 +10,11 @@ class KvmGmem:
     def kvm_gmem_punch_hole(self, start_gfn, end_gfn):
         """fallocate(PUNCH_HOLE) on guest_memfd: kvm_gmem_invalidate_begin() unmaps the private
         mappings of the range under an invalidation, the pages are truncated (their contents
-        dropped), then kvm_gmem_invalidate_end()."""
+        dropped), then kvm_gmem_invalidate_end().  A TD's huge private pages that the hole cuts
+        are split first, so that only the hole goes (as for a conversion: kvm_gmem_convert)."""
+        r = self.x86_ops.gmem_convert(self, start_gfn, end_gfn, False)
+        if r:
+            raise KvmIoctlError(-r, f"punching gfn {start_gfn:#x}-{end_gfn:#x}: splitting failed ({r})")
         self.invalidate_and_unmap([(start_gfn, end_gfn)], KVM_MIRROR_ROOTS)
         for gfn in range(start_gfn, end_gfn):
             slot = self.gfn_to_memslot(gfn)

@@ -43,6 +43,9 @@ class KvmMemorySlot:
         self.id, self.base_gfn, self.npages = id, base_gfn, npages
         self.userspace_addr, self.flags, self.backing_level = userspace_addr, flags, backing_level
         self.gmem_addr = gmem_addr            # guest_memfd backing of private pages (TDX)
+        # slot->arch.lpage_info: per level (2M, 1G), per huge page, the disallow_lpage flags that are
+        # kept rather than computed (KVM_LPAGE_GUEST_INHIBIT_FLAG); mixed attributes are computed.
+        self.lpage_info = {}
 
     @property
     def readonly(self):

@@ -94,6 +94,13 @@ class KvmMain:
         self.trace_emit("kvm_bug_on", msg=what)
         self._vm_dead()
 
+    def soft_lockup(self, what):
+        """The host's soft-lockup detector (kernel/watchdog.c) on a CPU spinning in KVM without
+        scheduling: "BUG: soft lockup".  The model cannot leave the CPU stuck, so the VM stops
+        with it (the run reports it rather than hanging)."""
+        self.trace_emit("soft_lockup", msg=what)
+        self.kvm_vm_dead(f"BUG: soft lockup - {what}")
+
     def kvm_vm_dead(self, why):
         """kvm_vm_dead(): no KVM bug, but the VM cannot go on (e.g. the guest broke the TDX rules)."""
         if not self.vm_dead:
@@ -262,6 +269,11 @@ class KvmMain:
             return                          # nothing to do: the range has these attributes
         self.trace_emit("kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} "
                         f"{'private' if private else 'shared'}")
+        # kvm_arch_gmem_convert() (v5 43-44/45): TDX splits the huge private pages the range cuts
+        # before they are zapped, so that exactly the range goes.
+        r = self.x86_ops.gmem_convert(self, start_gfn, end_gfn, private)
+        if r:
+            raise KvmIoctlError(-r, f"converting gfn {start_gfn:#x}-{end_gfn:#x}: splitting failed ({r})")
         self.invalidate_and_unmap([(start_gfn, end_gfn)] if self.has_mirrored_tdp else [],
                                   KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS)
         if self.sched is not None:
@@ -449,6 +461,8 @@ class KvmVcpuMain:
         footprint (the running step's is the main thread's), and a vCPU running guest code in
         Unicorn leaves it (emu.hw.vcpu.Vcpu.kick)."""
         self.signal_pending = True
-        if self.hw is not None and self.hw.in_guest:
+        # kvm_vcpu_kick(): IN_GUEST_MODE (on its way in, past its last look at requests) is
+        # enough for the IPI, which the entry then takes at once.
+        if self.hw is not None and (self.hw.in_guest or self.mode == IN_GUEST_MODE):
             self.hw.kick()
 

@@ -84,7 +84,8 @@ class VmxX86Ops:
         """vmx_load_mmu_pgd(): construct_eptp() with WB, the walk length and A/D (enable_ept_ad_bits)."""
         vcpu.hw.load_eptp(make_eptp(root_hpa, levels=root_level, ad=True))
 
-    def private_max_mapping_level(self, kvm, gfn):
+    def gmem_max_mapping_level(self, kvm, gfn):
+        """kvm_x86_ops.gmem_max_mapping_level (6.16's private_max_mapping_level)."""
         return PG_LEVEL_4K
 
     def gmem_get_pfn(self, kvm, slot, gfn):
@@ -102,6 +103,19 @@ class VmxX86Ops:
 
     def reflect_free_spt(self, kvm, gfn, level, external_spt):
         raise AssertionError("reflect_free_spt on a VM without a mirror root")
+
+    # The 7.2 shape of the same hooks (--mirror-hooks 7.2).
+    def set_external_spte(self, kvm, gfn, old_spte, new_spte, level, vcpu=None):
+        raise AssertionError("set_external_spte on a VM without a mirror root")
+
+    def reclaim_external_sp(self, kvm, gfn, sp):
+        raise AssertionError("reclaim_external_sp on a VM without a mirror root")
+
+    def topup_external_cache(self, kvm, vcpu, min_objs):
+        return 0                              # KVM_X86_OP_OPTIONAL_RET0
+
+    def gmem_convert(self, kvm, start, end, to_private):
+        return 0                              # KVM_X86_OP_OPTIONAL_RET0
 
     def check_emulate_instruction(self, vcpu):
         """vmx_check_emulate_instruction(): VMX can emulate (the model's KVM_EXIT_MMIO stands in)."""

@@ -4,6 +4,9 @@
     --host 'shared START-END[@STEP]'    KVM_SET_MEMORY_ATTRIBUTES to shared, and the hole punched in
                                         guest_memfd (as QEMU converts)  (a TD)
     --host 'private START-END[@STEP]'   KVM_SET_MEMORY_ATTRIBUTES to private  (a TD)
+    --host 'punch START-END[@STEP]'     fallocate(PUNCH_HOLE) on guest_memfd: private memory taken
+                                        from under the TD (its data gone; a TD's huge pages the hole
+                                        cuts are split first, so only the hole goes)  (a TD)
     --host 'nx-recover START-END[@STEP]'
                                         the NX huge page recovery worker (kvm_recover_nx_huge_pages,
                                         a kthread): zaps the possible NX huge pages of the range under
@@ -15,7 +18,7 @@ scheduling point STEP on (default 0); if every vCPU has finished by then, it run
 
 import re
 
-EVENTS = ("migrate", "shared", "private", "nx-recover")
+EVENTS = ("migrate", "shared", "private", "nx-recover", "punch")
 _SYNTAX = re.compile(r"^\s*([\w-]+)\s+(\S+?)-(\S+?)\s*(?:@\s*(\d+))?\s*$")
 
 
@@ -60,6 +63,8 @@ def check_event(event, machine):
                              f"({machine.mem_size:#x} bytes)")
     if event.kind in ("shared", "private") and not machine.td:
         raise HostEventError(f"host event {event.text!r}: memory attributes need a TD (--vm tdx)")
+    if event.kind == "punch" and not machine.td:
+        raise HostEventError(f"host event {event.text!r}: guest_memfd (private memory) needs a TD (--vm tdx)")
     if event.kind == "migrate" and machine.backing_level != 1:
         raise HostEventError(f"host event {event.text!r}: page migration moves 4K pages; the guest's "
                              f"memory is backed by huge pages (--hugepages)")
@@ -78,6 +83,8 @@ def run_event(event, machine, who):
         machine.migrate(event.start, event.end)
     elif event.kind == "nx-recover":
         kvm.recover_nx_huge_pages(event.start >> 12, event.end >> 12)
+    elif event.kind == "punch":
+        machine.gmem_punch_hole(event.start, event.end)
     else:
         private = event.kind == "private"
         kvm.set_memory_attributes(event.start >> 12, event.end >> 12, private=private)

@@ -94,7 +94,7 @@ def parse_size(text):
 class Machine:
     def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None,
                  td_attributes=None, no_freeze=False, inject=(), seed=0, host_events=(), bugs=(),
-                 nx_huge_pages=False):
+                 nx_huge_pages=False, mirror_hooks=None, tdx_huge_pages=False, demote_interruptible=False):
         if vm not in VM_TYPES:
             raise MachineError(f"unknown VM type {vm!r} (default, tdx)")
         if hugepages not in HUGEPAGES:
@@ -107,6 +107,23 @@ class Machine:
         if mem > guestabi.EMU_MMIO_GPA:
             raise MachineError(f"guest memory of {mem:#x} bytes would reach the MMIO device at GPA "
                                f"{guestabi.EMU_MMIO_GPA:#x}")
+        from ..kvm.tdp_mmu import MIRROR_HOOKS, MIRROR_HOOKS_616, MIRROR_HOOKS_72
+        if mirror_hooks is not None and mirror_hooks not in MIRROR_HOOKS:
+            raise MachineError(f"unknown mirror hooks {mirror_hooks!r} ({', '.join(MIRROR_HOOKS)})")
+        if tdx_huge_pages:
+            # kvm_intel.tdx_huge_page: private 2M mappings, built on the 7.2 mirror hooks, with
+            # guest_memfd backed by huge folios.
+            if vm != "tdx":
+                raise MachineError("--tdx-huge-pages is about a TD's private memory: it needs --vm tdx")
+            if HUGEPAGES[hugepages] < PG_LEVEL_2M:
+                raise MachineError("--tdx-huge-pages needs guest_memfd backed by 2M folios: --hugepages 2m")
+            if mirror_hooks == MIRROR_HOOKS_616:
+                raise MachineError("--tdx-huge-pages builds on the 7.2 mirror hooks: not with --mirror-hooks 6.16")
+        if demote_interruptible and vm != "tdx":
+            raise MachineError("--demote-interruptible is about the TDX module: it needs --vm tdx")
+        self.mirror_hooks = mirror_hooks or (MIRROR_HOOKS_72 if tdx_huge_pages else MIRROR_HOOKS_616)
+        self.tdx_huge_pages = bool(tdx_huge_pages)
+        self.demote_interruptible = bool(demote_interruptible)
         try:
             self.elf = guests.resolve(guest)
             self.image = loader.load_elf(self.elf)
@@ -227,10 +244,15 @@ class Machine:
         self.host = Host(2 * mem + align, tdx=True)
         module = self.host.tdx_module
         module.tracer = self.tracer
-        ops = TdxX86Ops(module, attributes)
+        if self.demote_interruptible:
+            # A module without ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 source, which has no such bit).
+            from tdxmod.abi import TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
+            module.features0 &= ~TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
+        ops = TdxX86Ops(module, attributes, tdx_huge_page=self.tdx_huge_pages)
         self.kvm = self._create_vm(Kvm(self.host, KVM_X86_TDX_VM, tracer=self.tracer, x86_ops=ops))
         # The bug switch: before the seed patch, mirror SPTEs were published, then reflected.
         self.kvm.tdp_mmu.freeze_mirror_sptes = not self.no_freeze
+        self.kvm.tdp_mmu.mirror_hooks = self.mirror_hooks
         if self.kvm.vm_dead:
             raise MachineError(f"cannot create the TD: {self.kvm.bug_reason}")
         self.shared_bit = self.kvm.gfn_direct_bits << 12

@@ -68,6 +68,15 @@ u64 emu_is_td(void);
 /* TDG.MEM.PAGE.ACCEPT of [gpa, gpa + size) (whole pages; 2M where it can).
  * 0, or the first TDX error status.  Outside a TD: 0, nothing to do. */
 u64 emu_accept(u64 gpa, u64 size);
+/* One TDG.MEM.PAGE.ACCEPT of the page at gpa at a level: EMU_ACCEPT_4K (0) or
+ * EMU_ACCEPT_2M (1), retried while the module is busy.  The TDX status as the
+ * module returned it: 0 on success, TDX_PAGE_ALREADY_ACCEPTED | level (bit 63
+ * clear), TDX_PAGE_SIZE_MISMATCH | level, ...  Outside a TD: 0. */
+u64 emu_accept_level(u64 gpa, u64 level);
+#define EMU_ACCEPT_4K                   0
+#define EMU_ACCEPT_2M                   1
+#define TDX_PAGE_ALREADY_ACCEPTED       0x00000B0A00000000UL
+#define TDX_PAGE_SIZE_MISMATCH          0xC0000B0B00000000UL
 /* TDG.VP.VMCALL<MapGPA>: convert [gpa, gpa + size) to shared (gpa has the
  * shared bit) or to private.  0, or the TDVMCALL status.  Outside a TD: 0. */
 u64 emu_map_gpa(u64 gpa, u64 size);

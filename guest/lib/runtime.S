@@ -960,3 +960,45 @@ emu_idtr:
 emu_idt:
     .zero 256 * 16
     .text
+
+# ---------------------------------------------------------------------------
+# emu_accept_level(rdi = gpa, rsi = level) -> rax: one TDG.MEM.PAGE.ACCEPT of
+# the page at gpa at the level asked (0 = 4K, 1 = 2M; TDCALL leaf 6, RCX =
+# gpa | level), retried while the module answers BUSY (TDX_OPERAND_BUSY or
+# BUSY_HOST_PRIORITY).  rax = the TDX status as the module returned it: 0,
+# informational (TDX_PAGE_ALREADY_ACCEPTED | level) or an error
+# (TDX_PAGE_SIZE_MISMATCH | level, ...).  Outside a TD: 0.  C guests: emu.h.
+# ---------------------------------------------------------------------------
+    .globl emu_accept_level
+    .type emu_accept_level, @function
+emu_accept_level:
+    pushfq
+    push rcx
+    push rdx
+    push r8
+    push r9
+    push r10
+    call emu_is_td
+    test eax, eax
+    jz .Laccept_level_ok
+.Laccept_level_again:
+    mov rcx, rdi
+    and rcx, -PAGE_SIZE
+    or rcx, rsi
+    mov eax, TDG_MEM_PAGE_ACCEPT
+    TDCALL
+    call accept_status_class
+    cmp r10d, 1
+    je .Laccept_level_again                 # busy: try again
+    jmp .Laccept_level_out
+.Laccept_level_ok:
+    xor eax, eax
+.Laccept_level_out:
+    pop r10
+    pop r9
+    pop r8
+    pop rdx
+    pop rcx
+    popfq
+    ret
+    .size emu_accept_level, . - emu_accept_level

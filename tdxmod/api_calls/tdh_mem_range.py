@@ -33,6 +33,7 @@ def tdh_mem_range_block(mod, r, caller, held):
         return Regs(TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
     new = {S.SEPT_NL_MAPPED: S.SEPT_NL_BLOCKED, S.SEPT_MAPPED: S.SEPT_BLOCKED,
            S.SEPT_PENDING: S.SEPT_PENDING_BLOCKED}[state]
+    e = S.cleanup_if_pending(e, level)                 # block_sept_entry(): a 2M ACCEPT starts over
     mod.mem.q[ptr >> 3] = S.set_state(e, new)          # still locked: released on the way out
     mod.pamt.set_bepoch(e & S.SEPT_HPA, td.epoch)
     return Regs(TDX_SUCCESS)
