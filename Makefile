@@ -1,5 +1,7 @@
 # The two commands a new user types: `make run-guest` and `make test`.
 # Each sets itself up on first use (.venv, packages, guest builds).
+# `make docs` builds the documentation site and checks its links.
+# PY=/path/to/python runs everything with that Python as it is (no .venv is made or changed).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -7,15 +9,19 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 GUEST  ?= hello
 RUNARGS ?= --trace
+# What sets the project up: the .venv stamp, or nothing when PY names another Python.
+SETUP  := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 
-.PHONY: run-guest test guests bench clean check-binutils check-cc venv
+.PHONY: run-guest test guests native bench docs clean check-binutils check-cc venv
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 	  { echo "error: Python >= 3.10 is needed (found: $$($(PYTHON) --version 2>&1))"; exit 1; }
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || \
 	  { echo "error: the Python venv module is missing: install it (Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,ray]'
 	@touch $(STAMP)
@@ -33,17 +39,34 @@ check-cc:
 	  command -v gcc >/dev/null 2>&1 || command -v clang >/dev/null 2>&1; fi || \
 	  { echo "error: no C compiler found (gcc or clang): C guests are compiled with one; install it: apt-get install gcc"; exit 1; }
 
-guests: $(STAMP) check-binutils check-cc
+guests: $(SETUP) check-binutils check-cc
 	$(PY) -m emu.userspace.guests build
 
-run-guest: guests
+# The compiled hardware MMU (emu/hw/mmu.c, emu/hw/native.py): built with the same compiler; where it
+# cannot be, runs use the Python walkers and say so in one line.
+native: $(SETUP) check-cc
+	$(PY) -m emu.hw.native build
+
+run-guest: guests native
 	$(PY) -m emu run $(GUEST) $(RUNARGS)
 
-test: guests
+# The suite on the compiled MMU, then the hardware tests once more on the Python walkers.
+test: guests native
 	$(PY) -m pytest
+	EMU_PURE_PYTHON=1 $(PY) -m pytest -q tests/hw
 
-bench: guests
+bench: guests native
 	$(PY) -m bench
+
+# The docs extra of pyproject.toml (quoted for the shell): mkdocs, and nothing of the project itself,
+# so `make docs` needs no guest build and installs in seconds.  (No --quiet on the build: it hides the
+# warnings --strict counts.)
+DOCS_REQS := $(shell sed -n 's/^docs *= *\[\(.*\)\].*/\1/p' pyproject.toml | tr '",' "' ")
+
+docs: | $(filter $(VENV)/bin/python,$(PY))
+	@$(PY) -c 'import mkdocs' 2>/dev/null || $(PY) -m pip install --quiet $(DOCS_REQS)
+	$(PY) tools/check_links.py
+	$(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

@@ -65,6 +65,15 @@ class Result:
         d["ok"] = self.ok
         return d
 
+    @classmethod
+    def from_dict(cls, d):
+        """The Result of an ``as_dict()`` (another process's ``--json`` row)."""
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if kw.get("target"):
+            op, bound = kw["target"].split()
+            kw["target"] = (op, float(bound))
+        return cls(**kw)
+
 
 def time_best(prepares, repeats):
     """Best-of-``repeats`` timing of several runs, interleaved so that drift hits them alike.

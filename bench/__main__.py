@@ -1,18 +1,27 @@
 """``python -m bench``: run the benchmark suite and print a table (``--json``: one JSON object).
 
-Exit status: 0; 1 with ``--check`` when a target is missed; 2 when a benchmark failed.
+``--baseline PATH`` runs each benchmark twice, back to back: ours, then the source tree's at PATH
+(a checkout of the commit to compare with: ``git archive HEAD~1 | tar -x -C /tmp/base``), each in
+a fresh process (``python -m bench --json --only NAME`` there: the same conditions for both, a
+peak RSS of its own), with the same Python and options, and adds its value and ours against it
+to every row.
+
+Exit status: 0; 1 with ``--check`` when a target is missed; 2 when a benchmark failed or for
+bad options.
 """
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
 
 import unicorn
 
-from . import Context
+from . import Context, Result
 from bench import hw
 from bench import kvm
 from bench import td
@@ -27,9 +36,10 @@ BENCHMARKS = [
     ("hw.warm_loop", hw.bench_warm_loop),     # warm guest loop, ours/raw insn/s   target >= 0.95
     ("hw.sliced_loop", hw.bench_sliced_loop),  # two vCPUs sliced in guest mode / unsliced time  <= 2
     ("hw.new_page", hw.bench_new_page),       # new 4K page (BareHost) / bare fault target <= 2
-    ("hw.walks", hw.bench_walks),             # EPT walk, 2D walk, TLB-miss fill (no targets)
-    ("kvm.new_page", kvm.bench_new_page),     # new 4K page through KVM's fault path / bare fault  <= 2
-    ("td.private_page", td.bench_private_page),  # TD private page / bare fault                     <= 4
+    ("hw.walks", hw.bench_walks),             # EPT walk <= 0.5 us, 2D walk, TLB-miss fill / trivial fill <= 2
+    ("kvm.new_page", kvm.bench_new_page),     # new 4K page through KVM's fault path / bare fault  <= 3
+    ("td.private_page", td.bench_private_page),  # TD private page / bare fault                     <= 6
+    ("td.huge_page", td.bench_huge_page),     # a 2M private page / 512 4K private pages          <= 0.25
     ("td.explore", td.bench_explore),         # race2 schedules explored per second              >= 500
     ("td.dpor", td.bench_dpor),               # race2 --dpor: 5x fewer than --bound 2; minutes   (#12)
     ("mem", memory.bench_memory),             # 4 GiB guest, 3000 pages: peak RSS                <= 400 MB
@@ -49,14 +59,36 @@ def fmt_value(value, unit):
     return f"{value:.4g} {unit}"
 
 
-def table(results, errors):
-    rows = [("benchmark", "value", "ratio", "target", "status", "ratio is")]
+def higher_is_better(unit):
+    """Rates (insn/s, schedules/s) are better higher; times, sizes and counts lower."""
+    return unit.endswith("/s")
+
+
+def vs_baseline(r, base):
+    """How much better ours is than the baseline's value (> 1: better, < 1: worse), or None."""
+    if base is None or not base.get("value") or not r.value:
+        return None
+    b = base["value"]
+    return r.value / b if higher_is_better(r.unit) else b / r.value
+
+
+def table(results, errors, baseline=None):
+    head = ("benchmark", "value", "ratio", "target", "status", "ratio is")
+    if baseline is not None:
+        head += ("baseline", "vs base")
+    rows = [head]
     for r in results:
-        rows.append((r.label, fmt_value(r.value, r.unit),
-                     "" if r.ratio is None else f"{r.ratio:.2f}x",
-                     "" if r.target is None else f"{r.target[0]} {r.target[1]}",
-                     {True: "ok", False: "MISS", None: ""}[r.ok],
-                     r.ratio_note))
+        row = (r.label, fmt_value(r.value, r.unit),
+               "" if r.ratio is None else f"{r.ratio:.2f}x",
+               "" if r.target is None else f"{r.target[0]} {r.target[1]}",
+               {True: "ok", False: "MISS", None: ""}[r.ok],
+               r.ratio_note)
+        if baseline is not None:
+            base = baseline.get(r.key)
+            v = vs_baseline(r, base)
+            row += ("" if base is None else fmt_value(base["value"], base["unit"]),
+                    "" if v is None else f"{v:.2f}x")
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for k, row in enumerate(rows):
@@ -79,8 +111,14 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=1.0, help="scale iteration/page counts (e.g. 0.2: quick)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--profile", action="store_true",
-                    help="cProfile the TLB-fill paths (new page, fill) instead of benchmarking")
+                    help="where each microsecond of the fault paths goes (a table per path) instead of benchmarking")
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="run each benchmark again in the source tree at PATH (the commit to compare with), "
+                         "right after ours, and compare every row")
     args = ap.parse_args(argv)
+    if args.baseline is not None and not os.path.isfile(os.path.join(args.baseline, "bench", "__main__.py")):
+        print(f"error: --baseline {args.baseline}: not a source tree with bench/ in it", file=sys.stderr)
+        return 2
 
     if args.list:
         for name, fn in BENCHMARKS:
@@ -94,28 +132,52 @@ def main(argv=None):
     ctx = Context(repeats=max(1, args.repeats), scale=args.scale)
     selected = [(n, f) for n, f in BENCHMARKS if not args.only or any(n.startswith(p) for p in args.only)]
     results, errors, durations = [], [], {}
+    baseline = {} if args.baseline is not None else None
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, fn in selected:
         if not args.json:
             print(f"running {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        try:
-            results += fn(ctx)
-        except Exception as e:              # report and go on with the others
-            errors.append((name, f"{type(e).__name__}: {e}"))
-            traceback.print_exc(file=sys.stderr)
+        if baseline is None:
+            try:
+                results += fn(ctx)
+            except Exception as e:              # report and go on with the others
+                errors.append((name, f"{type(e).__name__}: {e}"))
+                traceback.print_exc(file=sys.stderr)
+        else:
+            got, err = run_tree(here, name, ctx)          # ours too in a fresh process: the same conditions
+            results += [Result.from_dict(r) for r in got.values()]
+            if err:
+                errors.append((name, err))
         durations[name] = round(time.perf_counter() - t0, 2)
+        if baseline is not None:
+            if not args.json:
+                print(f"running {name} in {args.baseline} ...", file=sys.stderr, flush=True)
+            got, err = run_tree(args.baseline, name, ctx)
+            baseline.update(got)
+            if err:
+                errors.append((f"{name} (baseline)", err))
 
     missed = [r.key for r in results if r.ok is False]
     if args.json:
+        rows = []
+        for r in results:
+            d = r.as_dict()
+            if baseline is not None:
+                base = baseline.get(r.key)
+                d["baseline_value"] = None if base is None else base["value"]
+                d["vs_baseline"] = vs_baseline(r, base)
+            rows.append(d)
         print(json.dumps({
             "python": platform.python_version(), "unicorn": unicorn.__version__,
             "machine": platform.machine(), "repeats": ctx.repeats, "scale": ctx.scale,
-            "results": [r.as_dict() for r in results],
+            "baseline": args.baseline,
+            "results": rows,
             "errors": [{"benchmark": n, "error": m} for n, m in errors],
             "durations_s": durations, "targets_missed": missed,
         }, indent=1))
     else:
-        print(table(results, errors))
+        print(table(results, errors, baseline))
         print(f"\nbest of {ctx.repeats}; Python {platform.python_version()}, Unicorn {unicorn.__version__}; "
               f"wall time per benchmark: " + ", ".join(f"{n} {t}s" for n, t in durations.items()))
         if missed:
@@ -123,6 +185,22 @@ def main(argv=None):
     if errors:
         return 2
     return 1 if args.check and missed else 0
+
+
+def run_tree(path, name, ctx):
+    """The results ({key: row dict}) of benchmark ``name`` run by the source tree at ``path``, in a
+    child process (its own emu and bench first on the path); and an error line, or None."""
+    cmd = [sys.executable, "-m", "bench", "--json", "--only", name, "--repeats", str(ctx.repeats),
+           "--scale", str(ctx.scale)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.abspath(path),
+                                                                  os.environ.get("PYTHONPATH")) if p))
+    try:
+        p = subprocess.run(cmd, cwd=path, env=env, capture_output=True, text=True, timeout=3600)
+        data = json.loads(p.stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+        return {}, f"the baseline's run failed: {type(e).__name__}: {e}"
+    errs = "; ".join(f"{e['benchmark']}: {e['error']}" for e in data.get("errors", []))
+    return {r["key"]: r for r in data.get("results", [])}, errs or None
 
 
 if __name__ == "__main__":

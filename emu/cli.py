@@ -2,8 +2,10 @@
 
     python -m emu run GUEST [--vm default|tdx] [--mem SIZE] [--vcpus N] [--trace [text|jsonl]] [--json]
 
-Exit status: 0 when the guest ended normally, 1 when it ended in an error exit,
-2 for bad input to the command.  Errors are one line on stderr, never a traceback.
+Exit status: 0 when the guest ended normally, 1 when it ended in an error exit
+(a hang past --timeout or --max-insns too), 2 for bad input to the command, 130 and
+143 when SIGINT or SIGTERM stopped it (the results so far are printed).  Errors are
+one line on stderr, never a traceback (EMU_DEBUG=1 shows a bug's).
 """
 
 import argparse
@@ -11,8 +13,9 @@ import os
 import json
 import sys
 
-from .trace import Tracer, open_sink
+from .trace import Tracer, open_sink, EVENTS
 from .userspace.vmm import Machine, MachineError, parse_size
+from .userspace.watchdog import Signals, StatusLine
 
 
 class UsageError(Exception):
@@ -22,7 +25,7 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         if "required: cmd" in message:
-            message = "say what to do: run, explore, campaign or inject (python -m emu --help)"
+            message = "say what to do: run, explore, campaign, inject or fuzz (python -m emu --help)"
         raise UsageError(message)
 
 
@@ -38,6 +41,18 @@ def _add_run_options(p):
     p.add_argument("--nx-huge-pages", action="store_true",
                    help="KVM's NX huge page mitigation (kvm.nx_huge_pages=on): an exec fault maps 4K and "
                         "marks the table; the 'nx-recover' host event zaps such tables")
+    p.add_argument("--tdx-huge-pages", action="store_true",
+                   help="KVM's kvm_intel.tdx_huge_page (the S-EPT hugepage series, RFC v5): a TD's private "
+                        "memory mapped with 2M pages once the TD runs; needs --hugepages 2m (guest_memfd in "
+                        "2M folios) and implies --mirror-hooks 7.2")
+    p.add_argument("--mirror-hooks", choices=("6.16", "7.2"), default=None,
+                   help="how KVM reflects a TD's mirror SPTEs into the S-EPT: 6.16, the seed's reflect_* "
+                        "freeze protocol (default), or 7.2, one set_external_spte(old, new) from "
+                        "__handle_changed_spte() (default with --tdx-huge-pages)")
+    p.add_argument("--demote-interruptible", action="store_true",
+                   help="a TDX module without TDX_FEATURES0.ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 "
+                        "source, which has no such bit): DEMOTE returns TDX_INTERRUPTED_RESTARTABLE on a "
+                        "pending host interrupt, and KVM keeps tdx_huge_page off")
     p.add_argument("--sept-ve-disable", choices=("on", "off"), default="on",
                    help="the TD attribute SEPT_VE_DISABLE (QEMU's sept-ve-disable): off makes an access to an "
                         "unaccepted page and a bare HLT a #VE for the guest (default: %(default)s; a TD's only)")
@@ -57,9 +72,41 @@ def _add_run_options(p):
     p.add_argument("--host", action="append", default=[], metavar="'EVENT[@STEP]'",
                    help="a host event on a host task, from scheduling point STEP on (repeatable): "
                         "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END', "
-                        "'delete START-END' (the range's memslot), 'move START-END TO'")
+                        "'punch START-END', 'delete START-END' (the range's memslot), 'move START-END TO'")
     p.add_argument("--bug", action="append", default=[], metavar="NAME",
                    help="switch a realistic KVM bug into the model (repeatable; see `inject --list`)")
+    p.add_argument("--timeout", default=None, metavar="SECONDS", type=_seconds,
+                   help="wall-clock limit of a run (of each run for explore and campaign); past it the run "
+                        "ends as a hang (exit 1)")
+    p.add_argument("--max-insns", default=None, metavar="N", type=_count,
+                   help="limit of guest code per run, all vCPUs together, counted deterministically in "
+                        "translated blocks (each at least one instruction; docs/limits.md); past it the run "
+                        "ends as a hang.  explore and campaign default to 100x the clean run's, at least 10^7")
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _count(text):
+    """A positive whole number: 1000000, 1_000_000, 1e6 or 0x100."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        try:
+            f = float(text)
+            value = int(f) if f == int(f) else None
+        except (ValueError, OverflowError):
+            value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def check_host_and_bugs(args):
@@ -81,6 +128,19 @@ def td_attributes(args):
     return TD_ATTR_DEBUG | (TD_ATTR_SEPT_VE_DISABLE if getattr(args, "sept_ve_disable", "on") == "on" else 0)
 
 
+def huge_page_options(args):
+    """The Machine options of TDX private huge pages (issue 24)."""
+    return dict(tdx_huge_pages=args.tdx_huge_pages, mirror_hooks=args.mirror_hooks,
+                demote_interruptible=args.demote_interruptible)
+
+
+def hooks_note(args):
+    """What an exploration's summary says of the mirror hooks when they are not 6.16's."""
+    if getattr(args, "tdx_huge_pages", False) or getattr(args, "mirror_hooks", None) == "7.2":
+        return ", mirror hooks 7.2" + (", TDX huge pages" if getattr(args, "tdx_huge_pages", False) else "")
+    return ""
+
+
 def machine_flags(args):
     """The options that shape the machine, for a reproducer's command line."""
     flags = ""
@@ -92,6 +152,12 @@ def machine_flags(args):
         flags += " --nx-huge-pages"
     if getattr(args, "no_freeze", False):
         flags += " --no-freeze"
+    if getattr(args, "tdx_huge_pages", False):
+        flags += " --tdx-huge-pages"
+    if getattr(args, "mirror_hooks", None):
+        flags += f" --mirror-hooks {args.mirror_hooks}"
+    if getattr(args, "demote_interruptible", False):
+        flags += " --demote-interruptible"
     if getattr(args, "sept_ve_disable", "on") == "off":
         flags += " --sept-ve-disable off"
     flags += "".join(f" --host '{h}'" for h in args.host)
@@ -142,6 +208,19 @@ def build_parser():
     _add_ray_options(camp)
     inj = sub.add_parser("inject", help="fault injection: list the fault points")
     inj.add_argument("--list", action="store_true", help="list every fault point, its errors and KVM's reaction")
+    fz = sub.add_parser("fuzz", help="a stateful fuzzer of the TDX module: SEAMCALLs and TDCALLs from two CPUs, "
+                                     "every check after every call (docs/fuzzing.md)")
+    fz.add_argument("--calls", type=int, default=10000,
+                    help="SEAMCALLs to make, both CPUs' (default %(default)s)")
+    fz.add_argument("--seed", type=int, default=0, help="the seed: it names the whole run (default 0)")
+    fz.add_argument("--second-cpu", type=float, default=0.25, metavar="P",
+                    help="probability that the second CPU runs a call at each of the module's scheduling "
+                         "points (default %(default)s; 0: one CPU)")
+    fz.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="stop after this long, reporting what was found")
+    fz.add_argument("--minimize", type=float, default=20.0, metavar="SECONDS",
+                    help="time to shorten a failure's reproducer (default %(default)s)")
+    fz.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
 
@@ -158,9 +237,12 @@ def parse_gpa_range(text):
 
 
 def make_tracer(args):
+    events = [e.strip() for e in args.trace_events.split(",")] if args.trace_events else None
+    unknown = [e for e in events or () if e not in EVENTS]
+    if unknown:
+        raise UsageError(f"--trace-events: unknown event {unknown[0]!r}; the events are: {', '.join(EVENTS)}")
     if not args.trace and not args.trace_file:
         return Tracer()
-    events = [e.strip() for e in args.trace_events.split(",")] if args.trace_events else None
     gpa_range = parse_gpa_range(args.trace_gpa) if args.trace_gpa else None
     try:
         sink = open_sink(args.trace or "text", args.trace_file)
@@ -194,7 +276,10 @@ def cmd_run(args, out):
     try:
         m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
                     nx_huge_pages=args.nx_huge_pages, td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
-                    bugs=args.bug)
+                    bugs=args.bug, **huge_page_options(args))
+        m.max_insns, m.timeout, m.signals = args.max_insns, args.timeout, args.signals
+        if sys.stderr.isatty() and not args.json and not (tracer.enabled and args.trace_file is None):
+            m.progress = StatusLine(sys.stderr)     # a long run's status line (not over a trace)
         res = m.run()
     finally:
         tracer.close()
@@ -212,7 +297,22 @@ def cmd_run(args, out):
         print_text(m, res, out)
         if tables is not None:
             out.write(tables + "\n")
+    trace_error(tracer, args)
     return 0 if res.ok else 1
+
+
+def trace_error(tracer, args):
+    """A trace that could not be written (a full disk, /dev/full, a closed pipe): one line, exit 2
+    (the results were printed first)."""
+    if tracer.error is not None:
+        e = tracer.error
+        raise UsageError(f"cannot write the trace to {args.trace_file or 'stderr'}: {e.strerror or e}")
+
+
+def quiet(args):
+    """A signal from now on no longer interrupts (explore, campaign: the results are being printed)."""
+    if args.signals is not None:
+        args.signals.quiet()
 
 
 def connect_ray(args):
@@ -241,7 +341,7 @@ def run_on(cluster, fn):
 
 
 def cmd_explore(args, out):
-    from .checkers.explore import Explorer
+    from .checkers.explore import Explorer, CleanRunHangs
     from .checkers.sched import decode_schedule, ScheduleError
     check_plans(args.inject)
     check_host_and_bugs(args)
@@ -264,10 +364,13 @@ def cmd_explore(args, out):
     tracer = make_tracer(args)
     mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
               td_attributes=td_attributes(args),
-              no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug)
-    ex = Explorer(lambda: Machine(args.guest, **mk), check_steps=args.check_steps)
+              no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug,
+              **huge_page_options(args))
+    ex = Explorer(lambda: Machine(args.guest, **mk), check_steps=args.check_steps, max_insns=args.max_insns,
+                  timeout=args.timeout)
     if args.replay is not None:
         o = ex.replay(args.replay)
+        quiet(args)
         for line in o.trace or []:
             tracer.sinks[0].out.write(line + "\n") if tracer.enabled else None
         tracer.close()
@@ -276,19 +379,24 @@ def cmd_explore(args, out):
                                   "trace": o.trace}) + "\n")
         else:
             out.write(f"replayed {args.replay}: {'FAILED: ' + o.error if o.error else 'passed'}\n")
+        trace_error(tracer, args)
         return 1 if o.error else 0
     cluster = connect_ray(args)
     progress = _Progress(sys.stderr, cluster) if sys.stderr.isatty() and not args.json else None
     ex.progress = progress
-    if args.random is not None:
-        res = run_on(cluster, lambda: ex.random(args.random, seed=args.seed, depth=args.depth,
-                                                stop_at_first=not args.all,
-                                                cluster=cluster and (cluster, mk)))
-    elif args.dpor:
-        res = ex.dpor(bound=args.bound, max_runs=args.max_runs, stop_at_first=not args.all)
-    else:
-        res = ex.dfs(bound=2 if args.bound is None else args.bound, max_runs=args.max_runs,
-                     stop_at_first=not args.all)
+    try:
+        if args.random is not None:
+            res = run_on(cluster, lambda: ex.random(args.random, seed=args.seed, depth=args.depth,
+                                                    stop_at_first=not args.all,
+                                                    cluster=cluster and (cluster, mk)))
+        elif args.dpor:
+            res = ex.dpor(bound=args.bound, max_runs=args.max_runs, stop_at_first=not args.all)
+        else:
+            res = ex.dfs(bound=2 if args.bound is None else args.bound, max_runs=args.max_runs,
+                         stop_at_first=not args.all)
+    except CleanRunHangs as e:
+        raise MachineError(str(e)) from None
+    quiet(args)                                    # what was found is printed whole
     if progress is not None:
         progress.done()
     f = res.first_failure
@@ -300,6 +408,8 @@ def cmd_explore(args, out):
         obj = res.as_json()
         if cluster is not None:
             obj["ray"] = cluster.stats()
+        obj["exit"] = "interrupted" if res.interrupted else "done"
+        obj["run_limit"] = ex.run_limit
         out.write(json.dumps(obj) + "\n")
     else:
         what = (f"random (PCT depth {args.depth}, seed {args.seed})" if args.random is not None
@@ -309,20 +419,21 @@ def cmd_explore(args, out):
         state = ("interrupted" if res.interrupted else "stopped at the first failure" if f is not None and not args.all
                  else "complete" if res.complete else "stopped")
         out.write(f"explored {res.runs} schedules of {args.guest} ({what}, {args.vcpus} vCPUs, "
-                  f"{'no freeze' if args.no_freeze else 'freeze protocol'}): {res.failures} failing, {state}, "
+                  f"{'no freeze' if args.no_freeze else 'freeze protocol'}{hooks_note(args)}): {res.failures} failing, {state}, "
                   f"{res.rate:.0f} schedules/s\n")
         if cluster is not None:
             out.write(ray_line(cluster) + "\n")
         if f is not None:
             out.write(f"first failure: {f.error}\n  schedule:  {f.schedule}\n  minimized: {f.minimized} "
                       f"({f.preemptions} preemptions)\n  replay: python -m emu explore {args.guest} --vm {args.vm} "
-                      f"--vcpus {args.vcpus}{machine_flags(args)} --replay '{f.minimized}' "
-                      f"--trace\n")
+                      f"--vcpus {args.vcpus}{machine_flags(args)}{limit_flags(args, ex.run_limit, f.error.startswith('hang: '))} "
+                      f"--replay '{f.minimized}' --trace\n")
             if f.trace and not tracer.enabled:
                 at, window = failure_window(f.trace)
                 out.write(f"  events around the failure (event {at + 1} of {len(f.trace)}, every task):\n")
                 for line in window:
                     out.write("    " + line.strip() + "\n")
+    trace_error(tracer, args)
     return 1 if res.failures else 0
 
 
@@ -333,11 +444,13 @@ def cmd_campaign(args, out):
     mem = parse_size(args.mem)
     if args.runs < 1:
         raise UsageError("--runs needs at least 1")
+    tracer = make_tracer(args)
     mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
               td_attributes=td_attributes(args),
-              host_events=args.host, bugs=args.bug)
+              host_events=args.host, bugs=args.bug, **huge_page_options(args))
     try:
-        c = Campaign(lambda: Machine(args.guest, **mk), plans=args.inject, max_points=args.max_points)
+        c = Campaign(lambda: Machine(args.guest, **mk), plans=args.inject, max_points=args.max_points,
+                     max_insns=args.max_insns, timeout=args.timeout)
     except RuntimeError as e:
         raise MachineError(str(e)) from None
     cluster = connect_ray(args)
@@ -345,20 +458,25 @@ def cmd_campaign(args, out):
     if progress is not None:
         c.progress = lambda rep, total: progress.bar(len(rep.runs), total, len(rep.failures), rep.seconds)
     rep = run_on(cluster, lambda: c.run(args.runs, seed=args.seed, cluster=cluster and (cluster, mk)))
+    quiet(args)                                    # what was found is printed whole
     if progress is not None:
         progress.done()
-    tracer = make_tracer(args)
     if tracer.enabled and rep.failures:
         # --trace: the first failing run, traced (a campaign's other runs are not)
         for line in c.trace(rep.failures[0]):
             tracer.sinks[0].out.write(line + "\n")
     tracer.close()
+    flags = machine_flags(args)
     if args.json:
         obj = rep.as_json()
         for f, r in zip(obj["failures"], rep.failures):
-            f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r, machine_flags(args))
+            f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r, flags)
+        for f, r in zip(obj["hangs"], rep.hangs):
+            f["reproducer"] = reproducer(args.guest, args.vm, args.vcpus, r, flags + limit_flags(args, c.run_limit))
         if cluster is not None:
             obj["ray"] = cluster.stats()
+        obj["exit"] = "interrupted" if rep.interrupted else "done"
+        obj["run_limit"] = c.run_limit
         out.write(json.dumps(obj) + "\n")
     else:
         out.write(f"campaign on {args.guest} ({args.vm} VM, {args.vcpus} vCPUs, seed {args.seed}): "
@@ -367,8 +485,20 @@ def cmd_campaign(args, out):
             out.write(ray_line(cluster) + "\n")
         out.write(format_table(rep) + "\n")
         for r in rep.failures:
-            out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r, machine_flags(args))}\n")
-    return 1 if rep.failures else 0
+            out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r, flags)}\n")
+        for r in rep.hangs:
+            out.write(f"HANG run {r.index}: {r.error}\n  reproduce: "
+                      f"{reproducer(args.guest, args.vm, args.vcpus, r, flags + limit_flags(args, c.run_limit))}\n")
+    trace_error(tracer, args)
+    return 1 if rep.failures or rep.hangs else 0
+
+
+def limit_flags(args, run_limit, hang=True):
+    """The limits a reproducer of a hang needs to stop where the run did."""
+    if not hang:
+        return ""
+    flags = f" --max-insns {run_limit}" if run_limit else ""
+    return flags + (f" --timeout {args.timeout:g}" if args.timeout else "")
 
 
 # Trace events that mark where a run went wrong, the first of which a failure report centers on.
@@ -449,6 +579,8 @@ def print_text(m, res, out):
     for vcpu, text in res.printfs:
         for line in text.rstrip("\n").split("\n"):
             w(f"  printf  vcpu {vcpu}: {line}\n")
+    for line in res.console.splitlines():                # the debug console (port 0xe9)
+        w(f"  console {line}\n")
     if res.ok:
         w("exit: hlt (every vCPU halted)\n")
     else:
@@ -465,6 +597,72 @@ def print_text(m, res, out):
         w("SEAMCALLs: " + ", ".join(f"{k} {v}" for k, v in sorted(s["seamcalls"].items())) + "\n")
 
 
+def cmd_fuzz(args, out):
+    """The TDX module's fuzzer (emu.checkers.seamfuzz): the (leaf, status) pairs reached against those
+    each handler can return; exit 1 with a reproducer when a check broke."""
+    import time
+    from .checkers.seamfuzz import SeamFuzzer, can_return, unreachable
+    if args.calls < 1:
+        raise UsageError("--calls needs at least 1 call")
+    if not 0 <= args.second_cpu <= 1:
+        raise UsageError("--second-cpu is a probability: from 0 to 1")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be more than 0 seconds")
+    if args.minimize < 0:
+        raise UsageError("--minimize must be 0 seconds or more")
+    fz = SeamFuzzer(args.seed, second_cpu=args.second_cpu)
+    tty = sys.stderr.isatty() and not args.json
+    progress = (lambda f: sys.stderr.write(f"\r  {f.calls} calls, {len(f.pairs)} pairs ")) if tty else None
+    deadline = None if args.timeout is None else time.perf_counter() + args.timeout
+    fz.run(args.calls, deadline=deadline, on_progress=progress)
+    if tty:
+        sys.stderr.write("\r" + " " * 40 + "\r")
+    failure = fz.failures[0] if fz.failures else None
+    if failure is not None and args.minimize:
+        try:
+            failure = fz.minimize(failure, seconds=args.minimize)
+        except KeyboardInterrupt:
+            pass
+    cov = fz.coverage()
+    cr, un = can_return(), unreachable()
+    timed_out = fz.interrupted and deadline is not None and time.perf_counter() >= deadline
+    if args.json:
+        pairs = {}
+        for (leaf, st), n in sorted(fz.pairs.items()):
+            pairs.setdefault(leaf, {})[st] = n
+        out.write(json.dumps({
+            "calls": fz.calls, "second_cpu_calls": fz.second_calls, "seed": args.seed, "second_cpu": args.second_cpu,
+            "seconds": round(fz.seconds, 3), "calls_per_second": round(fz.calls / fz.seconds, 1) if fz.seconds else 0,
+            "interrupted": fz.interrupted and not timed_out, "timed_out": timed_out,
+            "failures": [failure.as_json()] if failure else [], "coverage": cov, "pairs": pairs,
+            "can_return": {leaf: sorted(sts) for leaf, sts in sorted(cr.items())},
+            "unreachable": [[leaf, st, why] for (leaf, st), why in sorted(un.items())]}) + "\n")
+    else:
+        state = ("interrupted" if fz.interrupted and not timed_out else "stopped by --timeout" if timed_out
+                 else "a check broke" if failure else "no check broke")
+        out.write(f"fuzzed {fz.calls} calls ({fz.second_calls} of them the second CPU's at the module's scheduling "
+                  f"points, p={args.second_cpu:g}; seed {args.seed}): {state}, "
+                  f"{fz.calls / fz.seconds if fz.seconds else 0:.0f} calls/s\n")
+        out.write(f"coverage: {cov['reached']} of {cov['reachable']} reachable (leaf, status) pairs "
+                  f"({cov['percent']}%); {cov['possible'] - cov['reachable']} more pairs the handlers name cannot "
+                  f"be reached (docs/fuzzing.md)\n")
+        for leaf in sorted(cr):
+            got = {st: n for (lf, st), n in fz.pairs.items() if lf == leaf}
+            reach = sorted(st for st in cr[leaf] if (leaf, st) not in un)
+            line = ", ".join(f"{st} {got[st]}" if st in got else f"{st} -" for st in reach)
+            out.write(f"  {leaf}: {sum(1 for st in reach if st in got)}/{len(reach)}: {line}\n")
+        if failure is not None:
+            out.write(f"check broken ({failure.kind}) at call {failure.index}: {failure.message}\n")
+            out.write(f"reproducer ({len(failure.records)} calls from a fresh module, "
+                      f"seed {args.seed}):\n")
+            for r in failure.records:
+                from .checkers.seamfuzz import format_record
+                out.write("  " + format_record(r) + "\n")
+    if failure is not None:
+        return 1
+    return 130 if fz.interrupted and not timed_out else 0
+
+
 def args_vm_name(m):
     return {"tdx": "TDX"}.get(m.vm_name, m.vm_name)
 
@@ -472,21 +670,54 @@ def args_vm_name(m):
 def main(argv=None, out=None):
     out = out or sys.stdout
     parser = build_parser()
+    signals = None
     try:
         args = parser.parse_args(argv)
-        return {"run": cmd_run, "explore": cmd_explore, "inject": cmd_inject,
-                "campaign": cmd_campaign}[args.cmd](args, out)
+        cmd = {"run": cmd_run, "explore": cmd_explore, "inject": cmd_inject, "campaign": cmd_campaign,
+               "fuzz": cmd_fuzz}[args.cmd]
+        # SIGINT and SIGTERM: `run` stops its vCPUs from the watchdog thread; explore and campaign
+        # (whose process runs no guest code) stop with KeyboardInterrupt and keep their results.
+        with _catch_signals("record" if args.cmd == "run" else "raise") as signals:
+            args.signals = signals
+            try:
+                status = cmd(args, out)
+            finally:
+                from .checkers.forktree import kill_children
+                kill_children()           # no process of a run outlives the command
+        return (signals.exit_status if signals is not None else None) or status
     except UsageError as e:
         sys.stderr.write(f"emu: error: {e}\n")
-        return 2
+        return _status(signals, 2)
     except MachineError as e:
         sys.stderr.write(f"emu: error: {e}\n")
-        return 2
+        return _status(signals, 2)
     except KeyboardInterrupt:
         sys.stderr.write("emu: interrupted\n")
-        return 130
+        return _status(signals, 130)
+    except BrokenPipeError:
+        # Whoever read our output went away (`| head`): nothing more to say, and no error at exit
+        # when Python flushes stdout again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return _status(signals, 141)
     except Exception as e:            # a bug in emu itself: one line, the traceback on request
         if os.environ.get("EMU_DEBUG"):
             raise
         sys.stderr.write(f"emu: internal error: {type(e).__name__}: {e} (EMU_DEBUG=1 shows the traceback)\n")
-        return 3
+        return _status(signals, 3)
+
+
+def _status(signals, status):
+    """A command a signal stopped exits with 130 (SIGINT) or 143 (SIGTERM), whatever else happened."""
+    return (signals.exit_status if signals is not None else None) or status
+
+
+def _catch_signals(mode):
+    """Signals(mode) from the main thread; elsewhere (main() called from a thread) none are caught."""
+    import contextlib
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext(None)
+    return Signals(mode)

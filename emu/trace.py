@@ -10,7 +10,9 @@ text sink renders each event with its format below.
 
 Sinks stream: each event is written when emitted, so nothing already traced is
 lost when a run ends in an error.  The Perfetto sink writes a complete JSON
-array (closing it when the tracer closes).
+array (closing it when the tracer closes).  A sink whose output fails (a full disk,
+a closed pipe) keeps the error and writes nothing more: the run goes on, and the
+CLI reports it (``Tracer.error``).
 """
 
 import json
@@ -34,7 +36,57 @@ FORMATS = {
     "tdcall": "{leaf} rcx {rcx:#x} -> {status}",
     "hw_walk": "{access} gva {gva:#x}: {walk}",
     "tdx_exit": "reason {reason} rip {rip:#x} {where}: {insn}",
+    "kvm_pio": "pio_{rw} at {port:#x} size {size} count {count} val {val:#x}{more}",
+    "kvm_msr": "msr_{rw} {index:x} = {data:#x}{ex} ({msr})",
+    "kvm_cpuid": "func {function:x} idx {index:x} rax {rax:x} rbx {rbx:x} rcx {rcx:x} rdx {rdx:x}, "
+                 "cpuid entry {found}{used_max_basic}",
 }
+
+
+# Every event name the layers emit (--trace-events takes these; tests/test_trace.py checks that
+# every name the code emits is here).
+EVENTS = (
+    "checker_violation", "guest_assert", "guest_console", "guest_report", "guest_sync", "host_event", "host_migrate", "hw_event",
+    "hw_walk", "inject", "kvm_bug_on", "kvm_cpuid", "kvm_entry", "kvm_exit", "kvm_flush_remote_tlbs", "kvm_hypercall",
+    "kvm_mmio", "kvm_msr", "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_mmu_set_spte", "kvm_mmu_split_huge_page",
+    "kvm_mmu_spte_requested", "kvm_mmu_zap_all_fast", "kvm_nx_recover", "kvm_page_fault", "kvm_page_fault_stale", "kvm_page_leaked",
+    "kvm_pio", "kvm_reflect", "kvm_set_memory_attributes", "kvm_tdp_mmu_spte_changed", "kvm_tdp_mmu_spte_frozen",
+    "kvm_tdp_mmu_spte_frozen_retry", "kvm_tdp_mmu_spte_unfrozen", "kvm_tdp_page_fault_done", "kvm_tdx_huge_page",
+    "kvm_tlb_flush", "kvm_userspace_exit", "kvm_vm_dead", "kvm_warn", "sched_switch", "seamcall", "seamcall_entry",
+    "soft_lockup", "tdcall", "tdx_exit",
+)
+
+
+class Stream:
+    """A sink's output: a write that fails keeps the OSError in ``error`` and drops everything
+    after it (a trace cut short, never the run)."""
+
+    def __init__(self, out, owned=False):
+        self.out = out
+        self.owned = owned                # opened by open_sink: closed with the sink
+        self.error = None
+
+    def write(self, text):
+        if self.error is None:
+            try:
+                self.out.write(text)
+            except OSError as e:
+                self.error = e
+
+    def flush(self):
+        if self.error is None:
+            try:
+                self.out.flush()
+            except OSError as e:
+                self.error = e
+
+    def close(self):
+        self.flush()
+        if self.owned:
+            try:
+                self.out.close()
+            except OSError as e:
+                self.error = self.error or e
 
 
 class Event:
@@ -78,26 +130,30 @@ def format_text(ev):
     return f"{task:>12} [{cpu:03d}] {ev.ts // 1000000:5d}.{ev.ts % 1000000:06d}: {ev.name + ':':<28} {ev.text()}"
 
 
+def _stream(out):
+    return out if isinstance(out, Stream) else Stream(out)
+
+
 class TextSink:
     def __init__(self, out):
-        self.out = out
+        self.out = _stream(out)
 
     def write(self, ev):
         self.out.write(format_text(ev) + "\n")
 
     def close(self):
-        self.out.flush()
+        self.out.close()
 
 
 class JsonlSink:
     def __init__(self, out):
-        self.out = out
+        self.out = _stream(out)
 
     def write(self, ev):
         self.out.write(json.dumps(ev.as_dict()) + "\n")
 
     def close(self):
-        self.out.flush()
+        self.out.close()
 
 
 MODULE_TID = 1000       # the TDX module's track
@@ -114,7 +170,7 @@ class PerfettoSink:
     Timestamps are the logical clock (one microsecond per event)."""
 
     def __init__(self, out):
-        self.out = out
+        self.out = _stream(out)
         self.first = True
         self.tracks = set()
         self.out.write('{"displayTimeUnit": "ns", "traceEvents": [\n')
@@ -177,7 +233,7 @@ class PerfettoSink:
                 self._emit({"name": "SEAMCALL", "cat": "seamcall", "ph": "e", "pid": 1, "tid": MODULE_TID,
                             "ts": self.last_ts, "id": sid})
         self.out.write("\n]}\n")
-        self.out.flush()
+        self.out.close()
 
 
 class ListSink:
@@ -241,6 +297,15 @@ class Tracer:
         for s in self.sinks:
             s.close()
 
+    @property
+    def error(self):
+        """The first OSError a sink's output met (the trace is cut short there), or None."""
+        for s in self.sinks:
+            out = getattr(s, "out", None)
+            if getattr(out, "error", None) is not None:
+                return out.error
+        return None
+
 
 NULL_TRACER = Tracer()
 
@@ -250,5 +315,5 @@ SINKS = {"text": TextSink, "jsonl": JsonlSink, "perfetto": PerfettoSink}
 def open_sink(fmt, path=None):
     if fmt not in SINKS:
         raise ValueError(f"unknown trace format {fmt!r} (text, jsonl, perfetto)")
-    out = sys.stderr if path is None else open(path, "w")
+    out = Stream(sys.stderr) if path is None else Stream(open(path, "w"), owned=True)
     return SINKS[fmt](out)

@@ -1,13 +1,14 @@
-# lazyaccept: private memory accepted lazily, through #VE.  vCPU 0 loads the
-# runtime's IDT (emu_idt_init: in a TD its #VE handler), then writes and
+# lazyaccept: private memory accepted lazily, through #VE.  Every vCPU loads
+# the runtime's IDT (emu_idt_init: in a TD its #VE handler); vCPU 0 writes and
 # reads back 8 private pages it never accepted: in a TD without
 # SEPT_VE_DISABLE (`--td-attr ve`) each first access to a PENDING page is a
 # #VE; the handler gets the GPA with TDG.VP.VEINFO.GET and accepts the page
 # (TDG.MEM.PAGE.ACCEPT), and the access runs again.  With SEPT_VE_DISABLE
 # (the default TD) an access to a PENDING page kills the TD, so the guest
 # asks TDG.VP.INFO for the attributes and then accepts the pages up front.
-# Finally it ends with a bare HLT: in a TD without SEPT_VE_DISABLE that is a
-# #VE too, which the handler turns into TDG.VP.VMCALL<Instruction.HLT>.
+# Finally every vCPU ends with a bare HLT: in a TD that is a #VE too (with or
+# without SEPT_VE_DISABLE), which the handler turns into
+# TDG.VP.VMCALL<Instruction.HLT>.
 # Reports: the number of pages, the sum of what it read back (the same
 # everywhere: 8, 0x8000000000000024).
 
@@ -22,9 +23,9 @@
     .globl _start
     .type _start, @function
 _start:
+    call emu_idt_init
     test rdi, rdi
     jnz halt
-    call emu_idt_init
     call emu_is_td
     test eax, eax
     jz touch
@@ -65,7 +66,7 @@ halt:
     call emu_is_td
     test eax, eax
     jz .Lplain
-    hlt                                     # a TD: #VE (or, with SEPT_VE_DISABLE, Instruction.HLT)
+    hlt                                     # a TD: #VE, then TDG.VP.VMCALL<Instruction.HLT>
     jmp halt
 .Lplain:
     EXIT

@@ -9,6 +9,11 @@ walk, check the entry's state against the leaf's legal states, check and lock
 the page in the PAMT, write, release, return a status).  A failed check
 returns a status with the operand id and changes nothing.
 
+``caller`` names the logical CPU the SEAMCALL runs on (current_lp(): KVM passes the vCPU it
+calls for; a scheduler's task is a CPU; otherwise CPU 0): a vCPU is associated with one CPU at a
+time (TDX_VCPU_ASSOCIATED).  The locks are tdx_1.5's (tdxmod/locks.py, helpers.py); a lock held
+across a scheduling point (``sched.point``) can be met there by another CPU's call.
+
 The module's pages (TDR, TDCS, TDVPR, S-EPT) and TD private pages are
 protected: host software touching them gets HostAccessError, as TDX's memory
 protection makes them unreadable to the VMM.  The TD and vCPU control
@@ -16,120 +21,17 @@ structures' contents are Python objects tied to those pages (the PAMT and the
 S-EPT are real tables in memory).
 """
 
-import hashlib
-
-from emu.hw.ept import make_eptp
 from emu.hw.memory import table_entries
-from emu.hw.exits import VeInfo
 from . import abi
 from .abi import *  # noqa: F401,F403  (status codes and leaves by name)
 from .pamt import Pamt
 from . import sept as S
-
-PAGE = 4096
-KEYID_BITS = 6                 # MKTME key-id bits at the top of MAXPHYADDR
-TDCS_PAGES = 4                 # TDH.MNG.ADDCX pages per TD (the last one is the S-EPT root)
-TDVPX_PAGES = 1                # TDH.VP.ADDCX pages per vCPU
-MAX_VCPUS_DEFAULT = 64
-
-# TD_PARAMS (a 1 KiB structure in shared memory; offsets as in the ABI)
-TD_PARAMS_ATTRIBUTES = 0
-TD_PARAMS_XFAM = 8
-TD_PARAMS_MAX_VCPUS = 16
-TD_PARAMS_EPTP_CONTROLS = 24   # bits 2:0 memory type, 5:3 page-walk length - 1
-TD_PARAMS_CONFIG_FLAGS = 32    # bit 0 MAX_GPAW: the shared bit is GPA[51]
-
-# TDH.VP.RD/WR field ids (class in bits 63:56 of this model's encoding)
-MD_TDVPS_VMCS_SHARED_EPTP = 0x203C            # VMCS field: SHARED_EPT_POINTER
-MD_TDVPS_GPR_BASE = 0x0100                    # + index of the GPR (rax=0 .. r15=15), debug TDs only
-MD_TDVPS_RIP = 0x0120
-MD_TDVPS_CR3 = 0x0121
-GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-
-
-class Regs:
-    """The registers a SEAMCALL returns (RAX = status)."""
-    __slots__ = ("rax", "rcx", "rdx", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rbx", "rsi", "rdi")
-
-    def __init__(self, rax=0, rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0, r12=0, r13=0, r14=0, r15=0, rbx=0, rsi=0,
-                 rdi=0):
-        self.rax, self.rcx, self.rdx, self.r8, self.r9, self.r10, self.r11 = rax, rcx, rdx, r8, r9, r10, r11
-        self.r12, self.r13, self.r14, self.r15, self.rbx, self.rsi, self.rdi = r12, r13, r14, r15, rbx, rsi, rdi
-
-    def __repr__(self):
-        return "Regs(" + ", ".join(f"{k}={getattr(self, k):#x}" for k in self.__slots__ if getattr(self, k)) + ")"
-
-
-class Td:
-    """TDR + TDCS of one TD."""
-
-    def __init__(self, tdr, hkid):
-        self.tdr = tdr
-        self.hkid = hkid
-        self.lifecycle = TD_HKID_ASSIGNED
-        self.op_state = OP_STATE_UNINITIALIZED
-        self.tdcx = []
-        self.chldcnt = 0
-        self.attributes = 0
-        self.max_vcpus = MAX_VCPUS_DEFAULT
-        self.pwl = 4
-        self.gpaw = 0
-        self.config_flags = 0
-        self.shared_bit = 1 << 47
-        self.sept_root = None
-        self.epoch = 1
-        self.refcount = [0, 0]
-        self.mrtd = hashlib.sha384()
-        self.finalized_mrtd = None
-        self.vcpus = {}
-        self.num_vcpus = 0             # vCPUs initialized (TDH.VP.INIT)
-        self.fatal = False
-        # S-EPT tree lock: shared (count) or exclusive
-        self.sept_readers = 0
-        self.sept_writer = False
-        self.epoch_locked = False
-        self.wbcache_needed = False
-
-    @property
-    def secure_eptp(self):
-        return make_eptp(self.sept_root, levels=self.pwl, ad=True)
-
-    @property
-    def sept_top_level(self):
-        return self.pwl - 1
-
-
-class TdVcpu:
-    """TDVPR + TDVPS of one TD vCPU.  ``hw`` is the CPU context the module runs it on."""
-
-    def __init__(self, td, tdvpr):
-        self.td = td
-        self.tdvpr = tdvpr
-        self.tdvpx = []
-        self.initialized = False
-        self.hw = None
-        self.shared_eptp = None
-        self.epoch = None              # the epoch this vCPU entered in (counted in td.refcount)
-        self.associated = False
-        self.vmcall_pending = None     # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
-        self.launched = False
-        self.x2apic_id = None
-        self.vcpu_index = None           # the order of TDH.VP.INIT
-        self.last_tdcall_leaf = None     # for the trace
-        self.last_tdcall_rcx = 0
-        self.vmcall_control = 0          # the guest's TDG.VP.VMCALL RCX (which GPRs the VMM answers)
-        self.in_td = False               # between TD entry and TD exit (counted in td.refcount)
-        # Zero-step mitigation (td_exit_stepping.c): EPT violations at one RIP, and the GPAs
-        # recorded once they pass STEPPING_EPF_THRESHOLD.
-        self.rip_on_tdentry = None
-        self.possibly_epf_stepping = 0
-        self.last_epf_gpa_list = []
-        # TDVPS.VE_INFO (tdvps_ve_info_t): valid is 0xFFFFFFFF while a #VE's information is
-        # unread; TDG.VP.VEINFO.GET reads it and clears valid.  It is also the TD VMCS's
-        # virtualization-exception information area: the CPU fills it for a convertible EPT
-        # violation (init_guest_td_address_fields(); TDH.VP.INIT hands it to the vCPU).
-        self.ve_info = VeInfo()
+from .regs import Regs  # noqa: F401  (importable from here, as before)
+from .td_structures import (PAGE, KEYID_BITS, TDCS_PAGES, TDVPX_PAGES, MAX_VCPUS_DEFAULT,  # noqa: F401
+                            TD_PARAMS_ATTRIBUTES, TD_PARAMS_XFAM, TD_PARAMS_MAX_VCPUS, TD_PARAMS_EPTP_CONTROLS,
+                            TD_PARAMS_CONFIG_FLAGS, MD_TDVPS_VMCS_SHARED_EPTP, MD_TDVPS_GPR_BASE, MD_TDVPS_RIP,
+                            MD_TDVPS_CR3, GPR_ORDER, Td, TdVcpu)
+from .vmm_dispatcher import HANDLERS
 
 
 class TdxModule:
@@ -146,10 +48,16 @@ class TdxModule:
         self.inject = None
         self.counts = {}               # leaf name -> calls
         self.make_cpu = None           # callable(index) -> emu.hw.vcpu.Vcpu, given by the platform
-        from .handlers import HANDLERS
-        from .td_dispatch import vp_enter
+        self.on_tdcall = None          # (checkers) callable(vcpu, leaf, status): a TDCALL completed in the guest
+        # SEAMRR, the module's own memory: in this model the memory it keeps its PAMT in (the
+        # host can neither read it nor hand it to the module as a shared page).
+        self.seamrr_base = pamt_base
+        self.seamrr_end = pamt_base + self.pamt.size
+        self.pamt.touch = self.touch
+        # TDX_FEATURES0 as TDH.SYS.RD reports it: a module that demotes without being interrupted
+        # (a module newer than the tdx_1.5 source); the platform may take the bit away (a tdx_1.5-source module).
+        self.features0 = TDX_FEATURES0_NO_RBP_MOD | TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
         self._handlers = HANDLERS
-        self._vp_enter = vp_enter
 
     # -- the interface ----------------------------------------------------------------------------------
     def seamcall(self, leaf, rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0, r12=0, r13=0, r14=0, r15=0, rbx=0,
@@ -164,7 +72,7 @@ class TdxModule:
             tracer.emit("seamcall_entry", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8)
         if self.sched is not None:
             if getattr(self.sched, "record", False):
-                self.sched.module_call(self.footprint(leaf & 0xFFFF, rcx, r8, caller))
+                self.sched.module_call(self.footprint(leaf & 0xFFFF, inp, caller))
             self.sched.point(caller, "seamcall_entry", leaf)
         out = None
         if self.inject is not None:
@@ -172,11 +80,8 @@ class TdxModule:
             if status is not None:
                 out = Regs(status)
         if out is None:
-            if (leaf & 0xFFFF) == TDH_VP_ENTER:
-                out = self._vp_enter(self, inp, caller)
-            else:
-                handler = self._handlers.get(leaf & 0xFFFF)
-                out = handler(self, inp, caller) if handler is not None else Regs(TDX_OPERAND_INVALID)
+            handler = self._handlers.get(leaf & 0xFFFF)
+            out = handler(self, inp, caller) if handler is not None else Regs(TDX_OPERAND_INVALID)
         if tracer is not None and tracer.enabled:
             tracer.emit("seamcall", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8, status=abi.status_name(out.rax),
                         rax=out.rax, out_rcx=out.rcx, out_rdx=out.rdx,
@@ -195,17 +100,26 @@ class TdxModule:
         reads = {("sept", m, gpa >> (12 + 9 * m)) for m in range(level + 1, 5)}
         return reads, writes
 
-    def footprint(self, leaf, rcx, r8, caller):
-        """What a SEAMCALL may read and write: for the fault path's leaves, the S-EPT entry, the
-        page it takes, the TD's epoch; None (everything) for the others, rarer, leaves."""
+    def footprint(self, leaf, r, caller):
+        """What a SEAMCALL may read and write: for the fault path's leaves and the vCPU's own, the
+        S-EPT entry, the page it takes, the TD's state, epoch and vCPU; None (everything) for the
+        others, rarer, leaves.  The locks a call takes announce themselves as it takes them
+        (touch(): a shared acquire is a read, anything else a write)."""
         if leaf == TDH_VP_ENTER:
-            return frozenset({"td_epoch"}), frozenset({("tdvpr", rcx)}), False
+            v = self.vcpus.get(r.rcx & ~0xFFF & ((1 << 52) - 1))
+            reads = {"td_epoch"} | ({("td", v.td.tdr)} if v is not None else set())
+            return frozenset(reads), frozenset({("tdvpr", r.rcx)}), False
         if leaf in (TDH_VP_RD, TDH_VP_WR):
-            return frozenset(), frozenset({("tdvpr", rcx)}), False
+            v = self.vcpus.get(r.rcx)
+            reads = {("td", v.td.tdr)} if v is not None else set()
+            return frozenset(reads), frozenset({("tdvpr", r.rcx)}), False
         if leaf in (TDH_MEM_PAGE_AUG, TDH_MEM_SEPT_ADD):
-            reads, writes = self.sept_keys(rcx & ~0xFFF, rcx & 7)
-            writes.add(("pamt", r8 >> 12))
+            level = r.rcx & 7
+            reads, writes = self.sept_keys(r.rcx & ~0xFFF, level)
+            size = level if leaf == TDH_MEM_PAGE_AUG and level < 2 else 0
+            writes.add(("pamt", size, r.r8 >> (12 + 9 * size)))
             reads.add("td_epoch")
+            reads.add(("td", r.rdx & ~0xFFF))
             return frozenset(reads), frozenset(writes), False
         return None
 
@@ -221,52 +135,47 @@ class TdxModule:
         if self.sched is not None:
             self.sched.point(caller, what)
 
-    def hpa_operand(self, hpa, op, expect_pt=PT_NDA):
-        """Checks of an HPA operand in order; a status or None."""
-        if hpa & 0xFFF or hpa >> self.x86_phys_bits:
-            return TDX_OPERAND_INVALID | op
-        if not self.pamt.covers(hpa):
-            return TDX_OPERAND_ADDR_RANGE_ERROR | op
-        if self.pamt.page_type(hpa) != expect_pt:
-            return TDX_PAGE_METADATA_INCORRECT | op
-        return None
+    def touch(self, key, write):
+        """(emu.checkers.dpor) the running step reads or writes ``key`` (a lock, a structure)."""
+        sched = self.sched
+        if sched is not None and getattr(sched, "record", False):
+            sched.touch(key, write)
 
-    def td_operand(self, tdr, op=OPERAND_ID_RCX, keys=True, tdcs=True):
-        """(td, None) or (None, status) for a TDR operand.
-
-        The TD state checks are check_td_in_correct_build_state()'s, in its order: TD_FATAL,
-        then keys configured, then the TDCS pages allocated (``keys``/``tdcs`` False for the
-        leaves that do not go through it)."""
-        if tdr & 0xFFF or tdr >> self.x86_phys_bits:
-            return None, TDX_OPERAND_INVALID | op
-        if not self.pamt.covers(tdr):
-            return None, TDX_OPERAND_ADDR_RANGE_ERROR | op
-        if self.pamt.page_type(tdr) != PT_TDR:
-            return None, TDX_PAGE_METADATA_INCORRECT | op
-        td = self.tds[tdr]
-        if td.fatal:
-            return None, TDX_TD_FATAL
-        if keys and td.lifecycle != TD_KEYS_CONFIGURED:
-            return None, TDX_TD_KEYS_NOT_CONFIGURED
-        if keys and tdcs and len(td.tdcx) < TDCS_PAGES:
-            return None, TDX_TDCS_NOT_ALLOCATED
-        return td, None
+    def current_lp(self, caller):
+        """get_local_data()->lp_info.lp_id: the logical CPU a SEAMCALL runs on.  KVM names the vCPU
+        it calls for (its vcpu_id, or the vCPU: each vCPU thread runs on a CPU of its own in this
+        model); otherwise the scheduler's running task (a host task is a CPU too); otherwise
+        CPU 0."""
+        if caller.__class__ is int:
+            return caller
+        vid = getattr(caller, "vcpu_id", None)
+        if vid is not None:
+            return vid
+        cur = getattr(self.sched, "current", None)
+        return cur.index if cur is not None else 0
 
     def give_to_module(self, hpa, pt, owner):
+        """A control page (TDR, TDCS, TDVPR, TDVPX) or an S-EPT page: the module fills it with a
+        private key (the TDR with the global one, the others with the TD's: tdh_mng_create.c
+        zero_area_cacheline(), tdh_mng_add_cx.c and tdh_mem_sept_add.c fill_area_cacheline()),
+        so every line gets the TD bit."""
         self.pamt.set(hpa, pt, owner)
         self.mem.protect(hpa >> 12, "the TDX module")
+        self.mem.td_write(hpa)
 
     def give_to_td(self, hpa, owner, npages=1):
-        """``npages`` (1 or 512) private pages from ``hpa``; a 2M page is one PAMT page of size 1."""
+        """``npages`` (1 or 512) private pages from ``hpa``: a 2M page is its PAMT 2M entry."""
         size = 1 if npages == 512 else 0
+        self.pamt.set(hpa, PT_REG, owner, size)
+        self.pamt.set_bepoch(hpa, 0, size)
         for i in range(npages):
-            self.pamt.set(hpa + i * PAGE, PT_REG, owner, size)
             self.mem.protect((hpa >> 12) + i, "TD private memory")
 
     def release(self, hpa, npages=1):
+        size = 1 if npages == 512 else 0
+        self.pamt.set(hpa, PT_NDA, 0, size)
+        self.pamt.set_bepoch(hpa, 0, size)
         for i in range(npages):
-            self.pamt.set(hpa + i * PAGE, PT_NDA, 0)
-            self.pamt.set_bepoch(hpa + i * PAGE, 0)
             self.mem.unprotect((hpa >> 12) + i)
 
     def private_gpa_ok(self, td, gpa):
@@ -333,7 +242,24 @@ class TdxModule:
 
     def sept_details(self, e, lvl):
         """set_arch_septe_details_in_vmm_regs(): RCX = the architectural entry, RDX = level and state."""
+        e = S.cleanup_if_pending(e, lvl)
         return S.architectural_entry(e), S.entry_info(S.sept_state(e), lvl)
+
+    def interrupt_pending_host_side(self, caller):
+        """is_interrupt_pending_host_side(), where a long SEAMCALL (DEMOTE, PROMOTE) may give up
+        with TDX_INTERRUPTED_RESTARTABLE.  A host interrupt is pending when the fault point
+        tdx.host_interrupt fires, or when the scheduler lets another task run at this point: a
+        host CPU inside a SEAMCALL is preempted only by an interrupt, which the module sees
+        pending (so the explorer's preemptions here are interrupts)."""
+        inj = self.inject
+        if inj is not None and inj.should_fail("tdx.host_interrupt"):
+            return True
+        sched = self.sched
+        if sched is None:
+            return False
+        before = sched.steps
+        sched.point(caller, "host_interrupt_window")
+        return sched.steps > before + 1
 
     def is_tlb_tracked(self, td, bepoch):
         if bepoch < td.epoch - 1:
@@ -354,7 +280,7 @@ class TdxModule:
                 st = sept_state(e)
                 gpa = base + (i << (12 + 9 * lvl))
                 if st in leaf_states:
-                    leaves.append((gpa, lvl, st, e & hpa_mask))
+                    leaves.append((gpa, lvl, st, S.leaf_hpa(e, lvl)))
                 elif st in nl_states and lvl > 0:
                     tables.append((gpa, lvl, e & hpa_mask))
                     walk(e & hpa_mask, lvl - 1, gpa)

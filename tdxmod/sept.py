@@ -22,6 +22,10 @@ SEPT_TDB = 1 << 55               # blocked
 SEPT_TDP = 1 << 56               # pending
 SEPT_SVE = 1 << 63
 SEPT_HPA = ADDR_MASK
+# A 2M leaf's bits 20:12 (its HPA's reserved bits): the INIT_COUNTER, how many 4K chunks a
+# TDG.MEM.PAGE.ACCEPT at 2M has cleared so far (it is resumable: x86_defs.h accept_counter).
+SEPT_ACCEPT_COUNTER = 0x1FF << 12
+SEPT_ACCEPT_COUNTER_SHIFT = 12
 
 # The state is 7 bits: enc[0] = bit 9, enc[4:1] = bits 56:53, enc[6:5] = bits 7:6.
 _STATE_BITS = (1 << 9) | (0xF << 53) | (3 << 6)
@@ -94,6 +98,28 @@ def is_leaf_state(state):
     return state in LEAF_STATES
 
 
+def cleanup_if_pending(e, level):
+    """sept_cleanup_if_pending(): a PENDING 2M leaf's INIT_COUNTER zeroed (BLOCK, REMOVE, DEMOTE,
+    PROMOTE and the error details all look at the entry so)."""
+    if level == 1 and sept_state(e) in PENDING_GUEST_ACCEPTABLE:
+        return e & ~SEPT_ACCEPT_COUNTER
+    return e
+
+
+def leaf_hpa(e, level):
+    """leaf_ept_entry_to_hpa() at offset 0: the page a leaf at ``level`` maps (bits below the
+    page size, a 2M leaf's INIT_COUNTER, are not part of it)."""
+    return e & SEPT_HPA & ~((0x1000 << (9 * level)) - 1)
+
+
+MAPPED_OR_PENDING = (SEPT_MAPPED, SEPT_PENDING)                          # mapped_or_pending
+# tlb_tracking_required: every state DEMOTE, PROMOTE and REMOVE act on
+TLB_TRACKING_REQUIRED = (SEPT_NL_MAPPED, SEPT_NL_BLOCKED, SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING,
+                         SEPT_PENDING_BLOCKED)
+# sept_unblock(): a blocked entry's state before its BLOCK
+UNBLOCKED = {SEPT_NL_BLOCKED: SEPT_NL_MAPPED, SEPT_BLOCKED: SEPT_MAPPED, SEPT_PENDING_BLOCKED: SEPT_PENDING}
+
+
 def architectural_entry(e):
     """RCX of an error: the entry as the ABI reports it (FREE -> 0x8000000000000000)."""
     state = sept_state(e)
@@ -127,7 +153,9 @@ SEAMCALL_LEGAL_STATES = {
     3: (SEPT_FREE, SEPT_NL_MAPPED),                                     # TDH.MEM.SEPT.ADD
     6: (SEPT_FREE, SEPT_REMOVED),                                       # TDH.MEM.PAGE.AUG
     7: (SEPT_NL_MAPPED, SEPT_MAPPED, SEPT_PENDING),                     # TDH.MEM.RANGE.BLOCK
+    15: (SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING, SEPT_PENDING_BLOCKED),  # TDH.MEM.PAGE.DEMOTE
     16: (SEPT_MAPPED,),                                                 # TDH.MR.EXTEND
+    23: (SEPT_NL_MAPPED, SEPT_NL_BLOCKED),                              # TDH.MEM.PAGE.PROMOTE
     29: (SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING, SEPT_PENDING_BLOCKED),  # TDH.MEM.PAGE.REMOVE
     30: (SEPT_NL_MAPPED, SEPT_NL_BLOCKED),                              # TDH.MEM.SEPT.REMOVE
     39: (SEPT_NL_BLOCKED, SEPT_BLOCKED, SEPT_PENDING_BLOCKED),          # TDH.MEM.RANGE.UNBLOCK

@@ -1,8 +1,22 @@
 """Fixtures every test directory can use."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
-from emu.checkers.inject import Plan
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cli_json  # noqa: E402  (tests/cli_json.py)
+from emu.checkers.inject import Plan  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cli_json_follows_its_schema():
+    """Every `--json` output of the CLI made by any test is validated against docs/schema/
+    (tests/cli_json.py): a field renamed, dropped or of another type fails the test that saw it."""
+    with cli_json.hooked():
+        yield
 
 
 @pytest.fixture

@@ -190,8 +190,9 @@ def test_without_a_ve_handler(tmp_path):
     m = Machine(str(p), vm="tdx")
     res = m.run()
     access = m.image.symbol("access")
-    assert res.exit == "shutdown" and res.error == (f"vCPU 0: unhandled guest exception #VE at rip {access:#x} "
-                                                    f"access+0x0 (no IDT: triple fault)")
+    assert res.exit == "shutdown" and res.error == (f"vCPU 0: unhandled guest exception #VE (for an EPT violation) "
+                                                    f"at rip {access:#x} access+0x0: mov rax, qword ptr [rbx] (no IDT: triple fault); the "
+                                                    f"module: TD exit TRIPLE_FAULT; KVM: KVM_EXIT_SHUTDOWN")
     m = Machine(str(p), vm="default")
     res = m.run()
     assert res.exit == "mmio" and res.error == (

@@ -189,3 +189,14 @@ def test_the_hidden_option_is_hidden():
     helps = [a.format_help() for a in cli.build_parser()._subparsers._group_actions[0].choices.values()]
     assert all("--ray-kill-batch" not in h for h in helps)
     assert sum("--ray ADDRESS" in h for h in helps) == 2
+
+
+def test_hangs_on_ray_are_the_local_hangs(env, head):
+    """Runs past their limit (the schedules that lose lost_wakeup's wake-up) hang on the Ray workers
+    exactly as they do here: the same failures, first failure and run limit."""
+    args = ("explore", ROOT / "tests" / "guests" / "lost_wakeup.S", "--vcpus", "2", "--random", "16", "--seed", "1",
+            "--all", "--max-insns", "200000", "--json")
+    local, _ = result(emu(env, *args), 1)
+    assert local["failures"] > 0 and local["first_failure"]["error"].startswith("hang: --max-insns 200000")
+    remote, _ = result(emu(env, *args, "--ray", head), 1)
+    assert remote == local

@@ -16,21 +16,27 @@ destroys the VM, and is classified:
     guest_error       the run ended in another error exit (KVM_RUN failed, watchdog, ...)
     invariant_broken  an invariant of emu.checkers.check broke, a result was lost, teardown left a page
                       unaccounted, or the model itself raised: a bug to report
+    hang              the run went past its limit of guest code (--max-insns, by default 100x the
+                      clean run's, at least 10^7 blocks) or of wall clock (--timeout), or its
+                      process stopped answering: the table goes on
 
-Only invariant_broken counts as a failure; its reproducer is printed.
+invariant_broken is a failure, and a hang is reported as one: each is printed with its reproducer.
+A clean run that hangs is an error before any run.
 """
 
+import collections
 import random
 import time
 import traceback
 
 from . import check
-from .explore import in_child, in_children, default_jobs, PctStrategy, _per_vcpu
+from .explore import (in_child, in_children, default_jobs, PctStrategy, _per_vcpu, BASELINE_LIMIT, run_limits)
+from .forktree import Stalled
 from .inject import Plan, POINTS, judge
 from .sched import Scheduler
 from tdxmod import abi as A
 
-OUTCOMES = ("survived", "kvm_bug_on", "guest_error", "invariant_broken")
+OUTCOMES = ("survived", "kvm_bug_on", "guest_error", "invariant_broken", "hang")
 
 _SEAMCALL_ERRORS = (A.TDX_OPERAND_BUSY | A.OPERAND_ID_RCX, A.TDX_OPERAND_BUSY | A.OPERAND_ID_SEPT,
                     A.TDX_EPT_WALK_FAILED | A.OPERAND_ID_RCX, A.TDX_EPT_ENTRY_STATE_INCORRECT | A.OPERAND_ID_RCX,
@@ -59,42 +65,58 @@ class CampaignReport:
     def failures(self):
         return [r for r in self.runs if r.outcome == "invariant_broken"]
 
+    @property
+    def hangs(self):
+        return [r for r in self.runs if r.outcome == "hang"]
+
     def as_json(self):
         return {"runs": len(self.runs), "seconds": round(self.seconds, 3),
                 "outcomes": {o: self.count(o) for o in OUTCOMES},
                 "points": {p: dict(c) for p, c in sorted(self.table.items())},
                 "failures": [{"run": r.index, "plans": r.plans, "error": r.error, "schedule": r.schedule}
                              for r in self.failures],
+                "hangs": [{"run": r.index, "plans": r.plans, "error": r.error, "schedule": r.schedule}
+                          for r in self.hangs],
                 "interrupted": self.interrupted}
 
 
 class Campaign:
-    def __init__(self, factory, plans=(), max_points=3, baseline=None):
-        """``baseline``: the (expected, calls, None) of a campaign on the same machine, not run again."""
+    def __init__(self, factory, plans=(), max_points=3, baseline=None, max_insns=None, timeout=None):
+        """``baseline``: the (expected, calls, None, limits) of a campaign on the same machine, not
+        run again.  ``max_insns``, ``timeout``: each run's limits (by default from the clean run)."""
         self.machine = factory()
-        self.machine.prepare_snapshot()         # every run forks from it
+        self.machine.prepare_snapshot(limited=True)     # every run forks from it
         self.user_plans = list(plans)
         self.max_points = max_points
         self.progress = None
+        self.timeout = timeout
         counting = Plan((), seed=0, count_all=True)      # a clean run: the results every run must give
-        self.baseline = baseline or in_child(lambda: self._baseline(counting),
-                                             lambda e: (None, {}, f"{type(e).__name__}: {e}"))
-        self.expected, self.calls, err = self.baseline
+        if baseline is None:
+            t0 = time.perf_counter()
+            expected, calls, err, blocks = in_child(lambda: self._baseline(counting, max_insns),
+                                                    lambda e: (None, {}, f"{type(e).__name__}: {e}", None))
+            baseline = (expected, calls, err, run_limits(max_insns, blocks, time.perf_counter() - t0, timeout))
+        self.baseline = baseline
+        self.expected, self.calls, err, (self.run_limit, self.stall_seconds) = baseline
         if err is not None:
-            raise RuntimeError(f"the guest fails without injected faults: {err}")
+            raise RuntimeError(err if err.startswith("the guest hangs") else
+                               f"the guest fails without injected faults: {err}")
 
-    def _baseline(self, counting):
+    def _baseline(self, counting, max_insns):
         m = self.machine
         m.set_plan(counting)
+        m.max_insns, m.timeout = max_insns or BASELINE_LIMIT, self.timeout
         res = m.run()
+        if res.exit == "hang":
+            return None, {}, f"the guest hangs without injected faults, so there is nothing to inject: {res.error}", None
         if not res.ok:
-            return None, {}, res.error
+            return None, {}, res.error, None
         problems = check.check_vm(m.kvm)
         m.destroy()
         problems += check.check_destroyed(m.kvm)
         if problems:
-            return None, {}, "; ".join(problems[:3])
-        return _per_vcpu(res.reports), dict(counting.calls), None
+            return None, {}, "; ".join(problems[:3]), None
+        return _per_vcpu(res.reports), dict(counting.calls), None, m.guest_blocks
 
     # -- drawing plans --------------------------------------------------------------------------------
     # A delayed TLB flush breaks KVM's own guarantee (a stale translation survives): the checker
@@ -131,21 +153,28 @@ class Campaign:
         with the same results."""
         rep = CampaignReport()
         t0 = time.perf_counter()
+        handed = collections.deque()         # the runs handed out, in run order: a result is the first's
 
         def work():
             for i in range(runs):
                 rng = random.Random(f"{seed}:{i}")
                 plans = self.user_plans + self.draw(rng)
                 run_seed = rng.getrandbits(32)
+                handed.append((i, plans, run_seed))
                 yield i, plans, run_seed
 
         if cluster is None:
-            results = in_children(((lambda a=a: self._one(*a)) for a in work()), _model_raised, jobs or default_jobs())
+            results = in_children(((lambda a=a: self._one(*a)) for a in work()), _model_raised, jobs or default_jobs(),
+                                  stall=self.stall_seconds)
         else:
             cl, machine_kwargs = cluster
-            results = cl.map(CampaignRuns(self), work(), runs, elf=self.machine.elf, machine=machine_kwargs)
+            results = cl.map(CampaignRuns(self), work(), runs, elf=self.machine.elf, machine=machine_kwargs,
+                             stall=self.stall_seconds)
         try:
             for r in results:
+                i, plans, run_seed = handed.popleft()
+                if r.index == -1:                # its process died or stopped answering: say which run
+                    r.index, r.plans, r.seed = i, plans, run_seed
                 rep.runs.append(r)
                 for point in {p for p, _, _ in r.fired}:
                     row = rep.table.setdefault(point, {o: 0 for o in OUTCOMES})
@@ -173,7 +202,7 @@ class Campaign:
                 m.host.tdx_module.tracer = t
             self._one(r.index, r.plans, r.seed)
             return [format_text(ev) for ev in sink.events]
-        return in_child(traced, lambda e: [f"(tracing the run failed: {type(e).__name__}: {e})"])
+        return in_child(traced, lambda e: [f"(tracing the run failed: {type(e).__name__}: {e})"], self.stall_seconds)
 
     def _one(self, index, plans, run_seed):
         try:
@@ -187,6 +216,7 @@ class Campaign:
         m = self.machine
         plan = Plan(plans, seed=run_seed, tracer=m.tracer)
         m.set_plan(plan)
+        m.max_insns, m.timeout = self.run_limit, self.timeout
         schedule = None
         if m.nvcpus > 1 or m.host_events:
             strategy = PctStrategy(random.Random(run_seed), m.nvcpus + len(m.host_events), 40, 3)
@@ -208,13 +238,15 @@ class Campaign:
             problems.append(res.error)
         elif kvm.vm_bugged:
             outcome = "kvm_bug_on"
+        elif res.exit == "hang":
+            outcome = "hang"
         else:
             outcome = "guest_error"
         m.destroy()                      # with the plan still active: teardown has fault points too
         problems += check.check_destroyed(kvm)
         if outcome == "survived" and kvm.vm_bugged:
             outcome = "kvm_bug_on"         # the guest finished, but teardown hit a KVM_BUG_ON
-        if not problems:
+        if not problems and outcome != "hang":
             # Each fault's reaction must be upstream's: a run that survived a fault KVM must not
             # swallow, or died of one it retries, is a failure (as is any error with no fault).
             why = judge([r for rs in plan.rules.values() for r in rs], {p for p, _, _ in plan.fired}, outcome)
@@ -227,6 +259,8 @@ class Campaign:
 
 
 def _model_raised(e):
+    if isinstance(e, Stalled):
+        return RunReport(-1, [], "hang", str(e), [])
     return RunReport(-1, [], "invariant_broken",
                      f"the model raised {type(e).__name__}: {e}\n{traceback.format_exc()}", [])
 
@@ -239,9 +273,10 @@ class CampaignRuns:
 
     def __init__(self, c):
         self.plans, self.max_points, self.baseline = c.user_plans, c.max_points, c.baseline
+        self.timeout = c.timeout
 
     def setup(self, factory):
-        c = Campaign(factory, self.plans, self.max_points, baseline=self.baseline)
+        c = Campaign(factory, self.plans, self.max_points, baseline=self.baseline, timeout=self.timeout)
         return lambda args: c._one(*args)
 
 

@@ -246,9 +246,11 @@ def check_mirror_sept(kvm, leaves_of=None):
         problems.append(f"PAMT: {len(regs)} PT_REG pages, the S-EPT maps {len(want_regs)}")
     if epts != {c for _, _, c in tables}:
         problems.append(f"PAMT: {len(epts)} PT_EPT pages, the S-EPT has {len(tables)} tables")
-    if td.chldcnt != len(owned):
+    # A 2M page is one PAMT entry (its 2M entry) and 512 children of the TDR.
+    pages = sum(512 ** mod.pamt.index[hpa][2] for hpa, _, _ in owned)
+    if td.chldcnt != pages:
         # The TDR's own PAMT owner is 0 (tdh_mng_create), so ``owned`` is every page but the TDR.
-        problems.append(f"TDR child count {td.chldcnt}, PAMT owns {len(owned)} pages besides the TDR")
+        problems.append(f"TDR child count {td.chldcnt}, PAMT owns {pages} pages besides the TDR")
     return problems
 
 
@@ -342,6 +344,15 @@ class RunChecks:
         """A vCPU enters the guest: on roots that are still the TDP MMU's (not freed)."""
         for problem in freed_roots(kvm, v)[:1]:
             kvm.checker_violation(f"vCPU {v.vcpu_id} entering the guest: {problem}")
+    def zap_range(self, kvm, gfn, level, start, end):
+        """A zap of private memory [start, end) meets a mirror leaf: the leaf must lie inside the
+        range.  A TD's private page is its data (its lifetime is the S-EPT mapping's): a huge
+        leaf that reaches out of the range would take pages the zap was not asked for (KVM splits
+        the head and tail huge pages first: tdx_gmem_convert())."""
+        last = gfn + (1 << (9 * (level - 1)))
+        if gfn < start or last > end:
+            kvm.checker_violation(f"zap of gfn {start:#x}-{end:#x} removes the {('4K', '2M', '1G')[level - 1]} "
+                                  f"private page at gfn {gfn:#x}-{last:#x}: beyond the range asked")
 
     def page_freed(self, kvm, pfn, what):
         """When the host frees a page: no SPTE maps it, no vCPU running guest code (or about
@@ -365,10 +376,23 @@ class RunChecks:
                 return
 
 
+    def td_page_freed(self, kvm, hpa, what):
+        """A page a TD had goes back to the host allocator: none of its cache lines may still
+        hold the TD bit (KVM clears every page it takes back: tdx_clear_page())."""
+        n = kvm.mem.td_line_count(hpa >> 12)
+        if n:
+            kvm.checker_violation(f"{what}: page {hpa:#x} goes back to the host with {n} of its 64 cache lines "
+                                  f"still holding the TD's integrity bit (not cleared with tdx_clear_page())")
+
+    def machine_check(self, kvm, hpa, what):
+        kvm.checker_violation(what)
+
+
 RUN_CHECKS = RunChecks()
 
 
 def install(kvm):
     """Arm the run-time checks on ``kvm`` (the VMM does it for every VM it builds)."""
     kvm.checker = RUN_CHECKS
+    kvm.mem.on_machine_check = lambda hpa, what: RUN_CHECKS.machine_check(kvm, hpa, what)
     return kvm

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import tempfile
+import time
 
 INSTALL_HINT = "pip install 'emu[ray]'"
 CONNECT_TIMEOUT = 3.0        # seconds: an address with no cluster behind it fails this fast
@@ -197,11 +198,15 @@ class Cluster:
         return {"address": self.address, "workers": self.peak_workers, "rerun_batches": self.rerun_batches}
 
     # -- the job ------------------------------------------------------------------------------------
-    def map(self, spec, items, total, elf, machine):
+    def map(self, spec, items, total, elf, machine, stall=None):
         """The results of ``items`` (run arguments, in run order), in that order.  Stop iterating
         to stop the job.  On Ctrl-C, the results already back are given (in order, up to gaps
-        where a batch was still running), then KeyboardInterrupt is raised again."""
+        where a batch was still running), then KeyboardInterrupt is raised again.  A worker that
+        spends more than ``stall`` seconds per run over a batch has stopped answering: it is
+        killed, the batch's runs are ``spec.on_error(Stalled)`` (hangs), and the batches queued
+        behind it run elsewhere."""
         from ray.exceptions import RayActorError, RayTaskError
+        from .forktree import Stalled
         ray = self.ray
         n = self.cpus()
         size = max(1, min(MAX_BATCH, -(-total // (n * 8))))
@@ -217,6 +222,7 @@ class Cluster:
         pending = {}                         # ref -> (batch, attempt, items, actor)
         done = {}                            # batch -> results
         out = 0                              # the next batch to give back
+        since = {}                           # actor -> when the batch it runs now began
 
         def next_batch():
             nonlocal fresh, exhausted
@@ -242,6 +248,8 @@ class Cluster:
                         b = next_batch()
                         if b is None:
                             break
+                        if load[a] == 0:
+                            since[a] = time.monotonic()
                         pending[a.run_batch.remote(*b)] = (*b, a)
                         load[a] += 1
                 while out in done:
@@ -251,11 +259,40 @@ class Cluster:
                     if again:
                         raise ClusterError("every Ray worker died")
                     return
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                wait = None
+                if stall is not None:
+                    busy = [since[a] for a in load if load[a]]
+                    wait = max(0.0, min(busy) + stall * size - time.monotonic()) if busy else None
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
+                if not ready and wait is not None:
+                    now = time.monotonic()
+                    for a in [a for a in load if load[a] and now - since[a] >= stall * size]:
+                        # Stopped answering: the batch it runs is reported, the ones behind it go
+                        # elsewhere, and a fresh worker takes its place.
+                        mine = sorted((v[0], v[1], v[2], ref) for ref, v in pending.items() if v[3] is a)
+                        for k, (batch, attempt, chunk, ref) in enumerate(mine):
+                            del pending[ref]
+                            if k == 0:
+                                err = Stalled(f"the run's Ray worker stopped answering (killed after "
+                                              f"{stall * size:.0f} s)")
+                                done[batch] = [spec.on_error(err) for _ in chunk]
+                            else:
+                                heapq.heappush(again, (batch, attempt, chunk))
+                        del load[a]
+                        self._actors.remove(a)
+                        try:
+                            ray.kill(a)
+                        except Exception:
+                            pass
+                        new = self._worker_cls.remote(*job)
+                        self._actors.append(new)
+                        load[new] = 0
+                    continue
                 for ref in ready:
                     batch, attempt, chunk, a = pending.pop(ref)
                     if a in load:
                         load[a] -= 1
+                        since[a] = time.monotonic()
                     try:
                         kind, value = ray.get(ref)
                     except RayActorError as e:

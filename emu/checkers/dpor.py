@@ -198,6 +198,8 @@ def explore(ex, result, bound=None, max_runs=None, stop_at_first=True, tick=None
         out = ex.run_recorded(DporStrategy(prefix, candidates))
         if first:
             first = False
+            out.seconds = time.perf_counter() - t0
+            ex.baseline_done(out)            # the clean run: every run's limits (or CleanRunHangs)
             if out.error is None and not out.blocked:
                 ex.expected = out.reports
         result.runs += 1

@@ -4,7 +4,14 @@ Every explored run starts from the same snapshot: the VM is built once (loaded,
 TD finalized), and each run executes in a forked child process, so runs cannot
 affect each other and cost no rebuild.  A run fails when KVM hits a KVM_BUG_ON,
 an invariant of emu.checkers.check breaks, a vCPU's reports differ from the
-non-preemptive run's, or the scheduler finds a deadlock or livelock.
+non-preemptive run's, or the scheduler finds a deadlock or livelock, or it hangs.
+
+No run hangs the exploration: each runs under a limit of guest code (``max_insns``, by
+default 100x the clean run's, at least MIN_RUN_LIMIT blocks) and of wall clock
+(``timeout``, none by default); a run past either fails as a hang ("hang: ...", with its
+schedule).  A clean run that hangs is an error before any other run (CleanRunHangs).  A
+process that stops answering (a run that takes ``stall_seconds``) is killed and its run
+reported as a hang.
 
     ex = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True))
     result = ex.dfs(bound=2)          # or ex.random(runs=1000, seed=1, depth=3)
@@ -15,7 +22,6 @@ import gc
 import os
 import pickle
 import random
-import signal
 import time
 import traceback
 
@@ -23,11 +29,28 @@ from .check import check_vm
 from .sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
                     SleepBlocked)
 from ..trace import Tracer, ListSink, format_text
-from .forktree import in_cohorts, run_cohort, send_bytes, receive_bytes
+from .forktree import (in_cohorts, run_cohort, send_bytes, receive_bytes, fork_child, kill, die_with, Deadline,
+                       Stalled)
+
+BASELINE_LIMIT = 10 ** 9          # blocks of guest code the clean run may run (without --max-insns)
+MIN_RUN_LIMIT = 10 ** 7           # a run's default limit: 100x the clean run's blocks, at least this
+RUN_LIMIT_FACTOR = 100
+MIN_STALL_SECONDS = 60.0          # a run's process that answers within this (or 100x the clean run) is alive
 
 
 class InvariantBroken(Exception):
     pass
+
+
+class CleanRunHangs(Exception):
+    """The guest hangs without any preemption or fault: there is nothing to explore."""
+
+
+def run_limits(user_max_insns, baseline_blocks, baseline_seconds, timeout):
+    """(the limit of every run, the seconds after which a run's process counts as stalled)."""
+    limit = user_max_insns or max(MIN_RUN_LIMIT, RUN_LIMIT_FACTOR * (baseline_blocks or 0))
+    stall = max(MIN_STALL_SECONDS, RUN_LIMIT_FACTOR * baseline_seconds, 2 * (timeout or 0))
+    return limit, stall
 
 
 class Outcome:
@@ -42,6 +65,8 @@ class Outcome:
         self.node_sleep = {}
         self.blocked = False             # (emu.checkers.dpor) cut short: every runnable task slept
         self.signature = None            # (with_signature) what the run reached
+        self.blocks = None               # blocks of guest code the run ran
+        self.seconds = None              # (the clean run) its wall-clock time
 
     @property
     def schedule(self):
@@ -120,13 +145,19 @@ class PctStrategy(Strategy):
 
 
 class Explorer:
-    def __init__(self, factory, check_invariants=True, max_steps=100000, check_steps=False):
-        """``factory()`` builds the Machine every run starts from (it is built once)."""
+    def __init__(self, factory, check_invariants=True, max_steps=100000, check_steps=False, max_insns=None,
+                 timeout=None):
+        """``factory()`` builds the Machine every run starts from (it is built once).  ``max_insns``
+        and ``timeout``: each run's limits (--max-insns, --timeout; see the module's docstring)."""
         self.machine = factory()
-        self.machine.prepare_snapshot()         # every run forks from it
+        self.machine.prepare_snapshot(limited=True)     # every run forks from it
         self.check_invariants = check_invariants
         self.check_steps = check_steps   # also check emu.checkers.check.check_step at every scheduling point
         self.max_steps = max_steps
+        self.max_insns = max_insns
+        self.timeout = timeout
+        self.run_limit = None            # every run's limit, from the clean run (baseline_done)
+        self.stall_seconds = None
         self.expected = None
         self.progress = None             # callable(result) every so often
         self.with_signature = False      # (tests) each outcome carries what the run reached
@@ -137,13 +168,11 @@ class Explorer:
     # -- one run ------------------------------------------------------------------------------------------
     def run(self, strategy, trace=False):
         """Run once from the snapshot (in a forked child) with ``strategy``."""
-        return in_child(lambda: self._run_here(strategy, trace),
-                        lambda e: Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None))
+        return in_child(lambda: self._run_here(strategy, trace), _explorer_error, self.stall_seconds)
 
     def run_recorded(self, strategy):
         """Run once with every step's footprint recorded (emu.checkers.dpor)."""
-        return in_child(lambda: self._run_here(strategy, False, record=True),
-                        lambda e: Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None))
+        return in_child(lambda: self._run_here(strategy, False, record=True), _explorer_error, self.stall_seconds)
 
     def _run_here(self, strategy, trace, record=False):
         m = self.machine
@@ -172,9 +201,13 @@ class Explorer:
         error = None
         res = None
         blocked = False
+        m.max_insns = self.run_limit or self.max_insns or BASELINE_LIMIT
+        m.timeout = self.timeout
         try:
             res = m.run_scheduled(sched, collect_regs=False)
-            if not res.ok and not res.accepted:          # (a selftest's check may expect the exit)
+            if res.exit == "hang":
+                error = f"hang: {res.error}"
+            elif not res.ok and not res.accepted:        # (a selftest's check may expect the exit)
                 error = res.error
             elif m.kvm.vm_dead:
                 error = f"the VM is dead: {m.kvm.bug_reason}"
@@ -198,6 +231,7 @@ class Explorer:
             error = f"{type(e).__name__}: {e}"
         lines = [format_text(ev) for ev in sink.events] if sink is not None else None
         out = Outcome(sched.decisions, error, _per_vcpu(res.reports) if res is not None else None, lines)
+        out.blocks = m.guest_blocks
         if record:
             out.events = sched.events
             out.node_sleep = getattr(strategy, "node_sleep", {})
@@ -208,10 +242,21 @@ class Explorer:
 
     def baseline(self):
         """The non-preemptive run: its reports are what every other run must report."""
+        t0 = time.perf_counter()
         out = self.run(Strategy())
+        out.seconds = time.perf_counter() - t0
+        self.baseline_done(out)
         if out.error is None:
             self.expected = out.reports
         return out
+
+    def baseline_done(self, out):
+        """The clean run ``out`` sets every run's limits; CleanRunHangs if it hung itself."""
+        if out.error is not None and out.error.startswith("hang: "):
+            raise CleanRunHangs(f"the guest hangs in its clean run (no preemption, no fault), so there is "
+                                f"nothing to explore: {out.error[len('hang: '):]}")
+        self.run_limit, self.stall_seconds = run_limits(self.max_insns, out.blocks, out.seconds or 0.0,
+                                                        self.timeout)
 
     def in_place(self):
         """The snapshot as emu.checkers.inplace restores it (built once), or None when the
@@ -312,15 +357,17 @@ class Explorer:
                         from .pool import pct_runs, serve_runs
                         serve = serve_runs(ip, lambda st: self._run_here(st, False), spec.strategy, _slim,
                                            _explorer_error)
-                        outs = pct_runs(seeds, runs - 1, jobs, serve, spec.strategy, _explorer_error)
+                        outs = pct_runs(seeds, runs - 1, jobs, serve, spec.strategy, _explorer_error,
+                                        stall=self.stall_seconds)
                     else:
                         outs = in_cohorts((spec.strategy(s) for s in seeds), runs - 1, jobs,
                                           lambda members: run_cohort(lambda st: self._run_here(st, False), members,
                                                                      _slim, _explorer_error),
-                                          in_children, _explorer_error)
+                                          in_children, _explorer_error, stall=self.stall_seconds)
                 else:
                     cl, machine_kwargs = cluster
-                    outs = cl.map(spec, seeds, runs - 1, elf=self.machine.elf, machine=machine_kwargs)
+                    outs = cl.map(spec, seeds, runs - 1, elf=self.machine.elf, machine=machine_kwargs,
+                                  stall=self.stall_seconds)
                 try:
                     for out in outs:
                         res.runs += 1
@@ -377,6 +424,8 @@ class Explorer:
 
 
 def _explorer_error(e):
+    if isinstance(e, Stalled):
+        return Outcome([], f"hang: {e}", None)
     return Outcome([], f"explorer: {type(e).__name__}: {e}\n{traceback.format_exc()}", None)
 
 
@@ -389,6 +438,7 @@ class PctRuns:
     def __init__(self, ex, n, nsteps, depth):
         self.expected = ex.expected
         self.check_invariants, self.check_steps, self.max_steps = ex.check_invariants, ex.check_steps, ex.max_steps
+        self.run_limit, self.timeout = ex.run_limit, ex.timeout
         self.n, self.nsteps, self.depth = n, nsteps, depth
 
     def setup(self, factory, here=None):
@@ -396,8 +446,9 @@ class PctRuns:
         Explorer; without it (on a worker) one is built from ``factory``."""
         ex = here
         if ex is None:
-            ex = Explorer(factory, self.check_invariants, self.max_steps, self.check_steps)
+            ex = Explorer(factory, self.check_invariants, self.max_steps, self.check_steps, timeout=self.timeout)
             ex.expected = self.expected
+            ex.run_limit = self.run_limit
 
         def run(s):
             return _slim(ex._run_here(self.strategy(s), False))
@@ -419,34 +470,43 @@ def _slim(out):
 
 def _start_child(fn, on_error):
     r, w = os.pipe()
-    pid = os.fork()
+    parent = os.getpid()
+    pid = fork_child()
     if pid == 0:
-        os.close(r)
-        # The snapshot's objects out of the collector's sight: a collection in the child would
-        # write to every one of them (their GC links), copying the pages they share.
-        gc.freeze()
+        # The child never returns into the parent's code (its copy of the stack): it ends here.
         try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            data = pickle.dumps(fn())
-        except BaseException as e:                   # a bug of ours: the run's result says so
-            data = pickle.dumps(on_error(e))
-        send_bytes(w, data)
-        os._exit(0)
+            os.close(r)
+            die_with(parent)
+            # The snapshot's objects out of the collector's sight: a collection in the child would
+            # write to every one of them (their GC links), copying the pages they share.
+            gc.freeze()
+            try:
+                data = pickle.dumps(fn())
+            except BaseException as e:               # a bug of ours: the run's result says so
+                data = pickle.dumps(on_error(e))
+            send_bytes(w, data)
+        finally:
+            os._exit(0)
     os.close(w)
     return pid, r
 
 
-def _finish_child(pid, r, on_error):
-    data = receive_bytes(pid, r)
+def _finish_child(pid, r, on_error, deadline=None):
+    try:
+        data = receive_bytes(pid, r, deadline)
+    except Stalled as e:
+        return on_error(e)
     if data is None:
         return on_error(RuntimeError("the run's process died"))
     return pickle.loads(data)
 
 
-def in_children(fns, on_error, jobs):
+def in_children(fns, on_error, jobs, stall=None):
     """Run the callables ``fns`` (an iterable) in forked children, ``jobs`` at a time (the
     machine's cores), yielding their results in order.  Stop iterating (or close) to stop:
-    the children still running are killed (and what they forked, emu.checkers.forktree)."""
+    the children still running are killed (and what they forked, emu.checkers.forktree).
+    A child that has not answered ``stall`` seconds after it started is killed, and its
+    result is ``on_error(Stalled)``."""
     fns = iter(fns)
     running = []
     try:
@@ -455,30 +515,27 @@ def in_children(fns, on_error, jobs):
                 fn = next(fns, None)
                 if fn is None:
                     break
-                running.append(_start_child(fn, on_error))
+                running.append((*_start_child(fn, on_error), Deadline.within(stall)))
             if not running:
                 return
-            pid, r = running.pop(0)
-            yield _finish_child(pid, r, on_error)
+            pid, r, deadline = running.pop(0)
+            yield _finish_child(pid, r, on_error, deadline)
     finally:
-        for pid, r in running:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for pid, r, _ in running:
             os.close(r)
-            os.waitpid(pid, 0)
+            kill(pid)
 
 
 def default_jobs():
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def in_child(fn, on_error):
+def in_child(fn, on_error, stall=None):
     """``fn()`` in a forked child of this process (a copy-on-write snapshot of everything),
-    its picklable result sent back; ``on_error(exception)`` if it raised."""
+    its picklable result sent back; ``on_error(exception)`` if it raised (or stalled: see
+    in_children).  A Ctrl-C while it runs kills it."""
     pid, r = _start_child(fn, on_error)
-    return _finish_child(pid, r, on_error)
+    return _finish_child(pid, r, on_error, Deadline.within(stall))
 
 
 def signature(m, outcome):

@@ -13,12 +13,21 @@ already translated.
 
 Batches of runs go to ``jobs`` processes at once, as single runs did; the outcomes come back
 in run order.
+
+The processes of a run (a batch, its branches, the explorer's single runs, the in-place
+workers) are forked by ``fork_child``, die with the process that forked them, and never
+unwind into the code of the process they were copied from (whatever happens, they end with
+os._exit).  A parent that stops waiting (Ctrl-C, a run that stopped answering: ``Stalled``)
+kills what it forked.
 """
 
 import gc
 import os
 import pickle
+import select
+import signal
 import struct
+import time
 
 from .sched import Strategy
 
@@ -41,7 +50,7 @@ class Cohort(Strategy):
         parent = os.getpid()
         for c in keys[1:]:
             r, w = os.pipe()
-            pid = os.fork()
+            pid = fork_child()
             if pid == 0:
                 os.close(r)
                 gc.freeze()               # as emu.checkers.explore._start_child
@@ -59,6 +68,63 @@ class Cohort(Strategy):
             out = self.on_error(RuntimeError("the run's process died"))
             return {n: out for n, _ in members}
         return pickle.loads(data)
+
+
+class Stalled(Exception):
+    """A run's process stopped answering within its deadline: it was killed, and its runs are
+    reported as hangs (the exploration goes on)."""
+
+
+def fork_child():
+    """os.fork() for a process of runs.  The child ignores SIGINT (Ctrl-C reaches every process
+    of the terminal's group: the parent stops the children itself and keeps what they found),
+    takes SIGTERM's default action and leaves the parent's signal wakeup fd alone; SIGINT and
+    SIGTERM are blocked across the fork, so neither can land in the child before that."""
+    mask = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _children.clear()
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
+            except ValueError:            # not the main thread (a Ray actor's): it set its own
+                pass
+        else:
+            _children.add(pid)            # before a Ctrl-C can interrupt the caller: kill_children()
+        return pid
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_children = set()                         # forked by fork_child, not reaped yet
+
+
+def kill_children():
+    """Kill every process fork_child made that is still there (a Ctrl-C may have interrupted its
+    caller before it kept the pid)."""
+    for pid in list(_children):
+        kill(pid)
+
+
+def reap(pid):
+    """waitpid(), for a child that may have been reaped already."""
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    _children.discard(pid)
+
+
+def kill(pid):
+    """SIGKILL, then reap: the child and (die_with) what it forked are gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    reap(pid)
 
 
 _libc = None
@@ -80,18 +146,51 @@ def die_with(parent):
 
 
 def send_bytes(fd, data):
-    """A child's result to its parent: a length, then the bytes (and the pipe closed)."""
-    with os.fdopen(fd, "wb") as f:
-        f.write(struct.pack("<Q", len(data)))
-        f.write(data)
+    """A child's result to its parent: a length, then the bytes (and the pipe closed).  A parent
+    that stopped listening is not an error of the child's (it exits next)."""
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(data)))
+            f.write(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
 
 
-def receive_bytes(pid, r):
-    """What child ``pid`` sent on ``r``, once it has exited; None if it died first."""
-    with os.fdopen(r, "rb") as f:
-        head = f.read(8)
-        data = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
-    os.waitpid(pid, 0)
+class Deadline:
+    """When a child that has not answered counts as stalled: ``seconds`` from now."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    @classmethod
+    def within(cls, seconds):
+        return None if seconds is None else cls(seconds)
+
+    def left(self):
+        return max(0.0, self.at - time.monotonic())
+
+    def stalled(self):
+        return Stalled(f"the run's process stopped answering (killed after {self.seconds:.0f} s)")
+
+
+def receive_bytes(pid, r, deadline=None):
+    """What child ``pid`` sent on ``r``, once it has exited; None if it died first.  Past
+    ``deadline`` (a Deadline) with nothing sent, Stalled.  Whatever stops the wait (Stalled,
+    Ctrl-C) kills the child first."""
+    try:
+        if deadline is not None and not select.select([r], [], [], deadline.left())[0]:
+            raise deadline.stalled()
+        with os.fdopen(r, "rb") as f:
+            r = None
+            head = f.read(8)
+            data = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
+    except BaseException:
+        if r is not None:
+            os.close(r)
+        kill(pid)
+        raise
+    reap(pid)
     return data
 
 
@@ -109,8 +208,10 @@ def run_cohort(run_here, members, slim, on_error):
         res = {n: out for n, _ in st.members}
     res.update(st.results)
     if st.pipe is not None:
-        send_bytes(st.pipe, pickle.dumps(res))
-        os._exit(0)
+        try:
+            send_bytes(st.pipe, pickle.dumps(res))
+        finally:
+            os._exit(0)
     return res
 
 
@@ -119,9 +220,10 @@ def batch_size(runs, jobs):
     return max(8, min(250, -(-runs // (2 * jobs))))
 
 
-def in_cohorts(strategies, runs, jobs, run_batch, in_children, on_error):
+def in_cohorts(strategies, runs, jobs, run_batch, in_children, on_error, stall=None):
     """Yield the outcomes of ``runs`` PCT runs (``strategies``: an iterator of PctStrategy, in run
-    order), in run order, ``run_batch(members)`` running each batch in a child of the snapshot."""
+    order), in run order, ``run_batch(members)`` running each batch in a child of the snapshot.
+    ``stall``: seconds a run may take before its batch's process counts as stopped answering."""
     size = batch_size(runs, jobs)
 
     def batches():
@@ -134,7 +236,8 @@ def in_cohorts(strategies, runs, jobs, run_batch, in_children, on_error):
             n += k
             left -= k
 
-    outs = in_children(batches(), lambda e: {"error": on_error(e)}, jobs)
+    outs = in_children(batches(), lambda e: {"error": on_error(e)}, jobs,
+                       **({} if stall is None else {"stall": stall * size}))
     n = 0
     try:
         for res in outs:

@@ -74,13 +74,18 @@ _register(Point("spte_cmpxchg", "KVM: tdp_mmu_set_spte_atomic's cmpxchg (and the
                 {"LOST": "lost"}, "lost", "-EBUSY: the fault returns RET_PF_RETRY and the guest faults again"))
 _register(Point("tlb_flush", "KVM: kvm_flush_remote_tlbs", {"DELAYED": "delayed"}, "delayed",
                 "the flush requests reach the vCPUs only with the next flush: a stale translation may be used"))
-for _op in ("link_spt", "set_spte", "remove_spte", "free_spt"):
+_register(Point("tdx.host_interrupt", "the TDX module: a host interrupt pending where DEMOTE (without "
+                "ENHANCED_DEMOTE_INTERRUPTIBILITY) and PROMOTE look for one", {"PENDING": "pending"}, "pending",
+                "TDX_INTERRUPTED_RESTARTABLE, nothing done: KVM turns huge pages off on such a module, so "
+                "only PROMOTE (never called by KVM) or a bug switch meets it"))
+for _op in ("link_spt", "set_spte", "remove_spte", "free_spt", "split_spte"):
     _register(Point(f"reflect.{_op}", f"KVM: the x86 op reflect_{_op} (before its SEAMCALLs)",
                     _kvm_errno("EBUSY", "EIO"), -ERRNO["EBUSY"],
                     {"link_spt": "-EBUSY: old SPTE restored, fault retried; -EIO: KVM_BUG_ON",
                      "set_spte": "-EBUSY: old SPTE restored, fault retried; -EIO: KVM_BUG_ON",
                      "remove_spte": "any error: KVM_BUG_ON (the VM is dead)",
-                     "free_spt": "any error: the S-EPT page is leaked on purpose (accounted)"}[_op]))
+                     "free_spt": "any error: the S-EPT page is leaked on purpose (accounted)",
+                     "split_spte": "(--mirror-hooks 7.2, a split: BLOCK, TRACK, DEMOTE) any error: KVM_BUG_ON"}[_op]))
 
 
 def parse_status(text):
@@ -203,7 +208,7 @@ SURVIVED, ERROR_EXIT, BUG_ON = "survived", "guest_error", "kvm_bug_on"
 # SEAMCALLs whose BUSY KVM retries until it goes through (the fault is retried, the TD entered again).
 _BUSY_RETRIED = {"TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_AUG", "TDH_VP_ENTER"}
 # SEAMCALLs whose BUSY KVM retries once, with no vCPU entering (tdx_no_vcpus_enter_start/stop).
-_BUSY_RETRIED_ONCE = {"TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE"}
+_BUSY_RETRIED_ONCE = {"TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE", "TDH_MEM_PAGE_DEMOTE"}
 # Any failure is a KVM_BUG_ON.
 _BUG_ON = ({"TDH_PHYMEM_PAGE_WBINVD", "TDH_VP_WR", "TDH_VP_FLUSH", "TDH_MNG_VPFLUSHDONE", "TDH_MNG_KEY_FREEID"}
            | _BUSY_RETRIED | _BUSY_RETRIED_ONCE)
@@ -244,8 +249,10 @@ def expected_outcomes(rule):
         if err == -ERRNO["EBUSY"]:
             return frozenset({SURVIVED} | stuck)
         return frozenset({BUG_ON})
-    if name == "reflect.remove_spte":
+    if name in ("reflect.remove_spte", "reflect.split_spte"):
         return frozenset({BUG_ON})
+    if name == "tdx.host_interrupt":
+        return frozenset({SURVIVED})
     if name in ("reflect.free_spt", "tlb_flush"):
         return frozenset({SURVIVED})
     return frozenset({SURVIVED, ERROR_EXIT, BUG_ON})

@@ -12,7 +12,8 @@ another, and between two runs it restores what a run can change:
   each list's, dict's and set's items, each closure cell, each ctypes structure's bytes,
   put back in the same objects, so what holds them (Unicorn's hooks, closures) still
   holds the right ones;
-- each vCPU's Unicorn CPU context, and its TLB flushed.
+- each vCPU's Unicorn CPU context, and its TLB flushed (with the compiled MMU, its
+  counters and flags put back, its caches flushed with the TLB).
 
 What stays is Unicorn's translated code (the point: a run no longer translates the
 guest again) and the code hooks on PAUSE that came with it.  Translated code stays right
@@ -82,6 +83,9 @@ class InPlace:
     # -- objects --------------------------------------------------------------------------------------
     def _walk(self, root):
         from ..hw.vcpu import Vcpu
+        from ..hw import native
+        mmu_type = native.mmu.Mmu if native.mmu is not None else None
+        self.mmus = []
         seen = set()
         self.slotted = []
         lists, dicts, sets, cells, cdata, deques, fresh, randoms = [], [], [], [], [], [], [], []
@@ -129,6 +133,8 @@ class InPlace:
                 stack.extend((o.func, o.args, o.keywords))
             elif isinstance(o, Uc) or isinstance(o, _CFUNC):
                 continue                      # Unicorn's: its CPU context is saved apart
+            elif t is mmu_type:
+                self.mmus.append((o, o.getstate()))   # a vCPU's compiled MMU: counters, flags
             elif isinstance(o, _CDATA):
                 cdata.append((o, ctypes.string_at(ctypes.addressof(o), ctypes.sizeof(o))))
             elif isinstance(o, _HASH):
@@ -141,9 +147,9 @@ class InPlace:
             else:
                 if t is Vcpu:
                     # Kept across runs, as Unicorn keeps what they describe: the pages code
-                    # was translated from, the pages whose PAUSEs have hooks.
+                    # was translated from, the pages whose PAUSEs and exit sites have hooks.
                     self.hws.append(o)
-                    seen.update((id(o.code_pfns), id(o._pause_pages)))
+                    seen.update((id(o.code_pfns), id(o._pause_pages), id(o._site_pages), id(o._sites)))
                 self._instance(o, stack)
         self.lists, self.dicts, self.sets, self.cells = lists, dicts, sets, cells
         self.cdata, self.deques, self.randoms = cdata, deques, randoms
@@ -252,6 +258,8 @@ class InPlace:
             d[k] = v.copy()
         for uc, ctx in self.contexts:
             uc.context_restore(ctx)
+        for mmu, state in self.mmus:
+            mmu.setstate(state)
         for hw in self.hws:
             hw.flush_tlb()
             hw.code_generation = self.mem.generation

@@ -12,16 +12,20 @@ enabled tasks, the running one, the point).  If it reaches the end of a run alre
 run k is that run, and its outcome is known without running it.  (1000 PCT runs of race2
 make 673 distinct schedules.)  Outcomes are yielded in run order, so the result does not
 depend on ``jobs`` or on which worker ran what.
+
+A worker that takes longer than ``stall`` seconds over one run has stopped answering: it is
+killed, that run is reported (``on_error(Stalled)``: a hang), its other runs go to the worker
+that replaces it.
 """
 
 import gc
 import os
 import pickle
 import select
-import signal
 import struct
+import time
 
-from .forktree import die_with
+from .forktree import die_with, fork_child, kill, Stalled
 
 
 class Known:
@@ -74,14 +78,13 @@ class _Worker:
         req_r, req_w = os.pipe()
         res_r, res_w = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
+        pid = fork_child()
         if pid == 0:
-            os.close(req_w)
-            os.close(res_r)
-            gc.freeze()               # as emu.checkers.explore._start_child
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            die_with(parent)
             try:
+                os.close(req_w)
+                os.close(res_r)
+                gc.freeze()               # as emu.checkers.explore._start_child
+                die_with(parent)
                 serve(os.fdopen(req_r, "rb"), os.fdopen(res_w, "wb"))
             finally:
                 os._exit(0)
@@ -91,11 +94,19 @@ class _Worker:
         self.req = os.fdopen(req_w, "wb")
         self.res = res_r
         self.in_flight = []
+        self.seeds = {}
+        self.since = None             # when its current run began
 
     def send(self, n, seed):
-        self.req.write(struct.pack("<QQ", n, seed))
-        self.req.flush()
+        if not self.in_flight:
+            self.since = time.monotonic()
+        try:
+            self.req.write(struct.pack("<QQ", n, seed))
+            self.req.flush()
+        except BrokenPipeError:
+            pass                      # it died: receive() says so, and its runs are reported
         self.in_flight.append(n)
+        self.seeds[n] = seed
 
     def receive(self):
         """(run number, outcome, decisions), or None when the worker died.  Read unbuffered:
@@ -113,11 +124,7 @@ class _Worker:
         except OSError:
             pass
         os.close(self.res)
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        os.waitpid(self.pid, 0)
+        kill(self.pid)
 
 
 def _read_exactly(fd, n):
@@ -151,8 +158,9 @@ def serve_runs(ip, run_here, strategy_of, slim, on_error):
     return serve
 
 
-def pct_runs(seeds, runs, jobs, serve, strategy_of, on_error, known=None, ahead=2):
-    """Yield the outcomes of ``runs`` PCT runs (``seeds``, in run order), in run order."""
+def pct_runs(seeds, runs, jobs, serve, strategy_of, on_error, known=None, ahead=2, stall=None):
+    """Yield the outcomes of ``runs`` PCT runs (``seeds``, in run order), in run order.  A worker
+    that spends more than ``stall`` seconds over one run is replaced (see the module's docstring)."""
     known = known if known is not None else Known()
     seeds = iter(seeds)
     workers = []
@@ -177,7 +185,22 @@ def pct_runs(seeds, runs, jobs, serve, strategy_of, on_error, known=None, ahead=
             busy = {w.res: w for w in workers if w.in_flight}
             if not busy:
                 continue
-            ready, _, _ = select.select(list(busy), [], [])
+            wait = None if stall is None else max(0.0, min(w.since for w in busy.values()) + stall - time.monotonic())
+            ready, _, _ = select.select(list(busy), [], [], wait)
+            if not ready:
+                for w in busy.values():
+                    if time.monotonic() - w.since >= stall:
+                        # Stopped answering: its run is a hang; the runs queued behind it go on
+                        # the worker that replaces it.
+                        stuck, rest = w.in_flight[0], w.in_flight[1:]
+                        done[stuck] = on_error(Stalled(f"the run's process stopped answering "
+                                                       f"(killed after {stall:.0f} s)"))
+                        w.in_flight = []
+                        w.stop()
+                        new = workers[workers.index(w)] = _Worker(serve)
+                        for n in rest:
+                            new.send(n, w.seeds[n])
+                continue
             for fd in ready:
                 w = busy[fd]
                 got = w.receive()
@@ -190,6 +213,8 @@ def pct_runs(seeds, runs, jobs, serve, strategy_of, on_error, known=None, ahead=
                     continue
                 n, out, decisions = got
                 w.in_flight.remove(n)
+                w.seeds.pop(n, None)
+                w.since = time.monotonic()
                 known.add(decisions, out)
                 done[n] = out
     finally:

@@ -38,7 +38,8 @@ SPTE_READ_POINTS = frozenset({"spte_read"})
 SPTE_WRITE_POINTS = frozenset({"spte_cmpxchg", "spte_write", "spte_xchg", "frozen_retry", "frozen_wait"})
 # Inside a SEAMCALL or a TDCALL: what the module said the call touches (module_keys).
 MODULE_POINTS = frozenset({"seamcall_entry", "sept_entry_locked", "sept_entry_locked_guest",
-                           "sept_locked_exclusive", "epoch_locked", "tdcall_busy"})
+                           "sept_locked_exclusive", "epoch_locked", "tdcall_busy", "tdr_locked",
+                           "tdvpr_locked", "pamt_locked", "host_interrupt_window", "tdcall_accept_2m"})
 # Steps whose code announces what it shares itself (Scheduler.touch, from the locks, RCU,
 # requests, the allocators, the invalidation state...): a vCPU's entry and guest code (what
 # guest code touched is added as the slice ends: Vcpu.touch_guest), its exit handling and
@@ -46,7 +47,7 @@ MODULE_POINTS = frozenset({"seamcall_entry", "sept_entry_locked", "sept_entry_lo
 # host task's first step is a host event's setup, not audited.
 OWN_POINTS = frozenset({"vm_entry", "guest_mode", "guest_slice", "guest_pause", "vm_exit", "faultin_pfn",
                         "faultin_pfn_done", "mmu_invalidate_retry", "fault_local_retry", "cond_resched",
-                        "seamcall_exit"})
+                        "seamcall_exit", "lpage_info", "split_alloc"})
 
 
 class ScheduleError(Exception):

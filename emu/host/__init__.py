@@ -9,6 +9,7 @@ and page migration moves pages elsewhere.
 
 from ..hw.memory import HostMemory, PageAllocator, OutOfHostMemory, PAGE_SIZE
 from .mm import HostMm
+from tdxmod.pamt import pamt_size as tdx_pamt_size
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -28,8 +29,8 @@ class Host:
         self.kernel_base = 0
         self.user_base = kernel_size
         tdmr_size = kernel_size + user_size
-        # With TDX, the PAMT (16 bytes per 4K page of the TDMR, all of memory here) sits above it.
-        pamt_size = -(-(tdmr_size >> 12) * 16 // PAGE_SIZE) * PAGE_SIZE if tdx else 0
+        # With TDX, the PAMT (16 bytes per 1G, 2M and 4K of the TDMR, all of memory here) sits above it.
+        pamt_size = tdx_pamt_size(tdmr_size) if tdx else 0
         self.mem = HostMemory(tdmr_size + pamt_size)
         # The top of the kernel's memory holds the VMM's page tables (emu/host/mm.py), allocated
         # apart from the pages KVM and the TDX module use, so KVM's accounting stays KVM's.

@@ -26,6 +26,7 @@ which is decided on the permissions ANDed over every entry of the path.
 """
 
 import enum
+import sys
 
 MAXPHYADDR = 48
 ADDR_MASK = ((1 << MAXPHYADDR) - 1) & ~0xFFF          # bits N-1:12
@@ -142,6 +143,23 @@ class EptMisconfig:
         return f"EptMisconfig(gpa={self.gpa:#x}, reason={self.reason!r}{where})"
 
 
+# Misconfiguration reasons (the compiled walker, emu/hw/mmu.c, reports the same codes).
+M_WNR, M_RSVD_HIGH, M_RSVD_1G, M_RSVD_2M, M_MEMTYPE, M_RSVD_TOP, M_RSVD_NONLEAF = range(1, 8)
+MISCONFIG_REASONS = {
+    M_WNR: "write without read",
+    M_RSVD_HIGH: f"reserved address bits 51:{MAXPHYADDR}",
+    M_RSVD_1G: "reserved bits 29:12 in a 1G leaf",
+    M_RSVD_2M: "reserved bits 20:12 in a 2M leaf",
+    M_MEMTYPE: "reserved memory type {mt}",
+    M_RSVD_TOP: "reserved bits 7:3 in a level-{level} entry",
+    M_RSVD_NONLEAF: "reserved bits 6:3 in a level-{level} non-leaf entry",
+}
+
+
+def _misconfig(gpa, reason, level, e):
+    return EptMisconfig(gpa, MISCONFIG_REASONS[reason].format(level=level, mt=(e >> EPT_MT_SHIFT) & 7), level, e)
+
+
 class InvalidEptp(ValueError):
     """An EPTP that VM entry would refuse (SDM: checks on VMX controls)."""
 
@@ -209,23 +227,23 @@ def walk(mem, eptp, gpa, access, path=None, set_ad=True):
             # This entry's bit 63 decides whether the violation is convertible.
             return EptViolation(gpa, int(access), bool(e & EPT_SVE))
         if rwx & 3 == 2:
-            return EptMisconfig(gpa, "write without read", level, e)
+            return _misconfig(gpa, M_WNR, level, e)
         if e & RSVD_HIGH:
-            return EptMisconfig(gpa, f"reserved address bits 51:{MAXPHYADDR}", level, e)
+            return _misconfig(gpa, M_RSVD_HIGH, level, e)
         leaf = level == 1 or (e & EPT_PS and level <= 3)
         if leaf:
             if level == 3 and e & _RSVD_1G:
-                return EptMisconfig(gpa, "reserved bits 29:12 in a 1G leaf", level, e)
+                return _misconfig(gpa, M_RSVD_1G, level, e)
             if level == 2 and e & _RSVD_2M:
-                return EptMisconfig(gpa, "reserved bits 20:12 in a 2M leaf", level, e)
+                return _misconfig(gpa, M_RSVD_2M, level, e)
             mt = (e >> EPT_MT_SHIFT) & 7
             if mt in _BAD_MT:
-                return EptMisconfig(gpa, f"reserved memory type {mt}", level, e)
+                return _misconfig(gpa, M_MEMTYPE, level, e)
         elif level >= 4:
             if e & _RSVD_NONLEAF_TOP:
-                return EptMisconfig(gpa, f"reserved bits 7:3 in a level-{level} entry", level, e)
+                return _misconfig(gpa, M_RSVD_TOP, level, e)
         elif e & _RSVD_NONLEAF:
-            return EptMisconfig(gpa, f"reserved bits 6:3 in a level-{level} non-leaf entry", level, e)
+            return _misconfig(gpa, M_RSVD_NONLEAF, level, e)
         perms &= rwx
         if ad and set_ad and not e & EPT_A:
             used.append(ptr)
@@ -270,3 +288,14 @@ def _set_bits(q, ptr, bits):
             if AD_LOG is not None:
                 AD_LOG.append(ptr)
             return
+
+
+
+# The compiled walker (emu/hw/mmu.c, through emu.hw.native) takes over ``walk`` when it is
+# built: the same function, proven equal to the Python one above (tests/hw/test_native.py),
+# which stays the reference, the fallback for what the compiled one leaves to it (a path to
+# record, an invalid EPTP, a GPA too wide), and the whole walker with EMU_PURE_PYTHON=1.
+walk_py = walk
+from . import native as _native          # noqa: E402  (after the classes the compiled walk creates)
+if _native.load(sys.modules[__name__], walk_py) is not None:
+    walk = _native.mmu.walk

@@ -12,6 +12,9 @@ EXIT_REASON_EXTERNAL_INTERRUPT = 1
 EXIT_REASON_CPUID = 10
 EXIT_REASON_HLT = 12
 EXIT_REASON_VMCALL = 18
+EXIT_REASON_IO_INSTRUCTION = 30
+EXIT_REASON_MSR_READ = 31
+EXIT_REASON_MSR_WRITE = 32
 EXIT_REASON_EPT_VIOLATION = 48
 EXIT_REASON_EPT_MISCONFIG = 49
 EXIT_REASON_TDCALL = 77
@@ -23,10 +26,38 @@ REASON_NAMES = {
     EXIT_REASON_CPUID: "CPUID",
     EXIT_REASON_HLT: "HLT",
     EXIT_REASON_VMCALL: "VMCALL",
+    EXIT_REASON_IO_INSTRUCTION: "IO_INSTRUCTION",
+    EXIT_REASON_MSR_READ: "MSR_READ",
+    EXIT_REASON_MSR_WRITE: "MSR_WRITE",
     EXIT_REASON_EPT_VIOLATION: "EPT_VIOLATION",
     EXIT_REASON_EPT_MISCONFIG: "EPT_MISCONFIG",
     EXIT_REASON_TDCALL: "TDCALL",
 }
+
+# Exit qualification for I/O instructions (SDM Vol. 3C Table 28-5): bits 2:0 size - 1, bit 3 direction
+# (1 = IN), bit 4 string instruction, bit 5 REP prefix, bit 6 operand encoding (1 = immediate), 31:16 port.
+IO_QUAL_IN = 1 << 3
+IO_QUAL_STRING = 1 << 4
+IO_QUAL_REP = 1 << 5
+IO_QUAL_IMM = 1 << 6
+
+
+def io_qualification(size, is_in, port, string=False, rep=False, imm=False):
+    """The exit qualification of an I/O instruction of ``size`` bytes (1, 2, 4) on ``port``."""
+    return ((size - 1) | (IO_QUAL_IN if is_in else 0) | (IO_QUAL_STRING if string else 0) |
+            (IO_QUAL_REP if rep else 0) | (IO_QUAL_IMM if imm else 0) | (port & 0xFFFF) << 16)
+
+
+def decode_io_qualification(q):
+    """'in 2 bytes port 0x60 dx' style words for an I/O exit qualification."""
+    words = ["in" if q & IO_QUAL_IN else "out", f"{(q & 7) + 1} byte{'s' if q & 7 else ''}",
+             f"port {q >> 16 & 0xFFFF:#x}", "imm" if q & IO_QUAL_IMM else "dx"]
+    if q & IO_QUAL_STRING:
+        words.append("string")
+    if q & IO_QUAL_REP:
+        words.append("rep")
+    return " ".join(words)
+
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
@@ -35,10 +66,12 @@ VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "
 class VmExit:
     """One VM exit.
 
-    ``rip`` is the guest RIP of the instruction that caused it (for HLT, VMCALL and
-    TDCALL the instruction itself, ``insn_len`` bytes long: the hypervisor advances
-    RIP when it completes the instruction, as kvm_skip_emulated_instruction does).
-    ``gpa``/``gla``/``qualification`` are the VMCS exit fields for EPT exits;
+    ``rip`` is the guest RIP of the instruction that caused it (for HLT, VMCALL, TDCALL,
+    CPUID, RDMSR, WRMSR and I/O instructions the instruction itself, ``insn_len`` bytes long:
+    the hypervisor advances RIP when it completes the instruction, as
+    kvm_skip_emulated_instruction does).
+    ``gpa``/``gla``/``qualification`` are the VMCS exit fields for EPT exits (for an I/O
+    instruction: the I/O qualification, and for INS/OUTS the guest-linear address in ``gla``);
     ``vector``/``error_code``/``cr2`` for exceptions; ``misconfig`` names the rule
     an EPT misconfiguration broke.
     """
@@ -63,6 +96,8 @@ class VmExit:
                          f"[{decode_qualification(self.qualification)}]")
         elif self.reason == EXIT_REASON_EPT_MISCONFIG:
             parts.append(f"gpa {self.gpa:#x}: {self.misconfig}")
+        elif self.reason == EXIT_REASON_IO_INSTRUCTION:
+            parts.append(f"qual {self.qualification:#x} [{decode_io_qualification(self.qualification)}]")
         elif self.reason in (EXIT_REASON_EXCEPTION_NMI, EXIT_REASON_TRIPLE_FAULT):
             parts.append(VECTOR_NAMES.get(self.vector, f"vector {self.vector}"))
             if self.error_code is not None:

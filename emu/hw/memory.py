@@ -10,12 +10,25 @@ Two kinds of access:
 - host software (``host_*``): what KVM and the VMM do.  These honour the
   per-page access policy, which the TDX module uses to make its own pages
   and TD private pages unreachable to the host (TDX memory protection).
+
+TD memory integrity: each 64-byte cache line remembers whether it was last
+written with a TD's private key (its TD bit, ``td_lines``).  The TDX module
+sets it where it writes with a TD's key (``td_write``); host software sees
+it: a host read of such a line returns zeros, a host write of part of one is a
+machine check (recorded, and handed to ``on_machine_check``), a host write of
+whole lines makes them the host's again, and so does ``movdir64b`` (what KVM's
+tdx_clear_page() does).  Physical accesses (the walkers, the CPU, the module)
+never look at it: the TD's own accesses use its key, and the hot paths pay
+nothing.
 """
 
 import ctypes
 import mmap
 from itertools import compress
 
+LINE_SIZE = 64                     # a cache line: the TD bit's granule
+LINES_PER_PAGE = 64
+ALL_LINES = (1 << LINES_PER_PAGE) - 1
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = ~(PAGE_SIZE - 1)
@@ -34,6 +47,18 @@ class HostAccessError(Exception):
 
 class OutOfHostMemory(Exception):
     pass
+
+
+def _lines_mask(off, n):
+    """The lines of a page that bytes [off, off + n) of it touch."""
+    first, last = off // LINE_SIZE, (off + n - 1) // LINE_SIZE
+    return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+
+
+def _whole_lines_mask(off, n):
+    """The lines of a page that bytes [off, off + n) cover entirely."""
+    first, end = -(-off // LINE_SIZE), (off + n) // LINE_SIZE
+    return ((1 << end) - 1) & ~((1 << first) - 1) if end > first else 0
 
 
 class HostMemory:
@@ -56,6 +81,10 @@ class HostMemory:
         self.generation = 0
         self.written = []            # (generation, first pfn, last pfn): at least the last WRITE_LOG writes
         self.sched = None            # (emu.checkers.dpor) the scheduler recording footprints, while it does
+        # pfn -> the lines of the page whose TD bit is set (bit i: bytes 64 i .. 64 i + 63)
+        self.td_lines = {}
+        self.machine_checks = []     # (hpa, what): host writes that hit part of a TD line
+        self.on_machine_check = None # called (hpa, what) for each (the run-time checks report it)
 
     # -- the address Unicorn maps (mem_map_ptr) --------------------------------------------------
     def address(self):
@@ -149,23 +178,104 @@ class HostMemory:
 
     def host_read(self, hpa, n):
         self.check_host(hpa, n, False)
-        return self.read(hpa, n)
+        data = self.read(hpa, n)
+        if self.td_lines:
+            data = self._td_read(hpa, data)
+        return data
 
     def host_write(self, hpa, data):
         self.check_host(hpa, len(data), True)
+        if self.td_lines:
+            self._td_host_write(hpa, len(data))
         self.write(hpa, data)
 
     def host_read64(self, hpa):
         self.check_host(hpa, 8, False)
+        if self.td_lines and self.td_lines.get(hpa >> PAGE_SHIFT, 0) >> ((hpa & 0xFFF) // LINE_SIZE) & 1:
+            return 0
         return self.read64(hpa)
 
     def host_write64(self, hpa, value):
         self.check_host(hpa, 8, True)
+        if self.td_lines:
+            self._td_host_write(hpa, 8)
         self.write64(hpa, value)
 
     def host_zero(self, hpa, n=PAGE_SIZE):
         self.check_host(hpa, n, True)
+        if self.td_lines:
+            self._td_host_write(hpa, n)
         self.zero(hpa, n)
+
+    # -- the TD bit -------------------------------------------------------------------------------------
+    def td_write(self, hpa, n=PAGE_SIZE):
+        """Lines [hpa, hpa + n) were written with a TD's private key (by the TDX module)."""
+        self._td_update(hpa, n, True)
+
+    def movdir64b(self, hpa, n=PAGE_SIZE):
+        """64-byte direct stores of zeros with the host key over [hpa, hpa + n) (whole lines):
+        the lines are the host's again (tdx_clear_page())."""
+        if hpa % LINE_SIZE or n % LINE_SIZE:
+            raise ValueError(f"MOVDIR64B stores whole lines: {hpa:#x}+{n:#x}")
+        self._td_update(hpa, n, False)
+        self.zero(hpa, n)
+
+    def td_line_count(self, pfn):
+        return bin(self.td_lines.get(pfn, 0)).count("1")
+
+    def _td_update(self, hpa, n, set_):
+        while n > 0:
+            pfn, off = hpa >> PAGE_SHIFT, hpa & 0xFFF
+            k = min(n, PAGE_SIZE - off)
+            m = _lines_mask(off, k)
+            old = self.td_lines.get(pfn, 0)
+            new = old | m if set_ else old & ~m
+            if new:
+                self.td_lines[pfn] = new
+            else:
+                self.td_lines.pop(pfn, None)
+            hpa, n = hpa + k, n - k
+
+    def _td_read(self, hpa, data):
+        """A host read: the bytes of TD lines read as zeros."""
+        out = bytearray(data)
+        pos = 0
+        while pos < len(out):
+            a = hpa + pos
+            pfn, off = a >> PAGE_SHIFT, a & 0xFFF
+            k = min(len(out) - pos, PAGE_SIZE - off)
+            mask = self.td_lines.get(pfn, 0) & _lines_mask(off, k)
+            while mask:
+                line = (mask & -mask).bit_length() - 1
+                mask &= mask - 1
+                lo = max(line * LINE_SIZE, off) - off + pos
+                hi = min((line + 1) * LINE_SIZE, off + k) - off + pos
+                out[lo:hi] = bytes(hi - lo)
+            pos += k
+        return bytes(out)
+
+    def _td_host_write(self, hpa, n):
+        """A host write: whole TD lines become the host's; part of one is a machine check."""
+        while n > 0:
+            pfn, off = hpa >> PAGE_SHIFT, hpa & 0xFFF
+            k = min(n, PAGE_SIZE - off)
+            td = self.td_lines.get(pfn, 0)
+            if td & _lines_mask(off, k):
+                partial = td & _lines_mask(off, k) & ~_whole_lines_mask(off, k)
+                if partial:
+                    line = (partial & -partial).bit_length() - 1
+                    where = (pfn << PAGE_SHIFT) + line * LINE_SIZE
+                    what = (f"machine check: a host write of {k} bytes at HPA {hpa:#x} covers part of the "
+                            f"cache line at {where:#x}, which holds a TD's integrity bit")
+                    self.machine_checks.append((where, what))
+                    if self.on_machine_check is not None:
+                        self.on_machine_check(where, what)
+                left = td & ~_whole_lines_mask(off, k)     # a line written in part stays poisoned
+                if left:
+                    self.td_lines[pfn] = left
+                else:
+                    del self.td_lines[pfn]
+            hpa, n = hpa + k, n - k
 
     def resident_bytes(self):
         """Bytes of this buffer the host OS has committed (from /proc/self/smaps when available)."""

@@ -10,6 +10,8 @@ The guest runs at CPL 0 (see README "Fidelity"): user-mode checks are modelled
 but every access the vCPU makes is a supervisor access.
 """
 
+import sys
+
 from .ept import EptTranslation, EptViolation, EPT_VIOLATION_GVA_IS_VALID, EPT_VIOLATION_GVA_TRANSLATED
 
 GUEST_MAXPHYADDR = 48        # CPUID.80000008H:EAX[7:0] as the guest sees it
@@ -263,3 +265,9 @@ def probe(q, ept, cr3, gva):
             return (e & PT_ADDR & ~mask) | (gva & mask)
         table = e & PT_ADDR
     return None
+
+
+# The compiled 2D walk (emu/hw/mmu.c) creates this module's classes: it learns them here.
+from . import native as _native          # noqa: E402
+if _native.mmu is not None:
+    _native.mmu.setup_paging(sys.modules[__name__])

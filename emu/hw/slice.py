@@ -13,6 +13,10 @@ hook once per translated block.  The block hook is eight x86-64 instructions
 of machine code placed in an executable page (the callback never enters
 Python); where no executable page can be had (another host architecture, W^X),
 a Python block hook does the same, slowly.
+
+The same counter is the run's deterministic watchdog (``BlockLimit``, the VMM's
+--max-insns): the blocks guest code runs are counted by the callback, so a run
+stops after the same number of blocks, at the same instruction, every time.
 """
 
 import ctypes
@@ -50,3 +54,23 @@ def block_hook_stub():
 
 class Budget(ctypes.Structure):
     _fields_ = [("remaining", ctypes.c_int64), ("expired", ctypes.c_uint64), ("stop", ctypes.c_void_p)]
+
+
+NO_BUDGET = 1 << 62                     # a budget that never runs out
+
+
+class BlockLimit:
+    """Blocks of guest code the vCPUs that share it may still run, all together (``left``),
+    and those they ran (``used``).  It is counted by the slice budget's callback, so it is
+    deterministic: the same guest and schedule stop at the same block.  When none are left,
+    each vCPU's next entry (or the slice that spends the last one) calls ``expire(vcpu)``
+    (the VMM's watchdog, which signals every vCPU) and exits as an IPI would."""
+
+    def __init__(self, blocks=NO_BUDGET, expire=None):
+        self.left = blocks
+        self.used = 0
+        self.expire = expire or (lambda vcpu: None)
+
+    def spend(self, n):
+        self.left -= n
+        self.used += n

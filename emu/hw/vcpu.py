@@ -5,9 +5,27 @@ every TLB miss calls ``_tlb_fill``, which runs the guest walk and the EPT walk
 (``paging.translate``) and either fills the TLB entry (host frame + rights) or
 records a VM exit and refuses the fill, which makes emu_start stop with RIP at
 the faulting instruction.  Once the exit is handled, ``run()`` restarts there.
+Where the compiled MMU is built (emu.hw.native), its C callback is the fill hook
+instead: it does the same in C with the same caches (no Python for a fill that
+translates, an exit recorded in the Mmu for ``run()`` to pick up) and calls
+``_fill_slow``/``_fetch_slow`` only for what needs the Python model: tracing,
+DPOR's footprints, a code page to scan for exiting instructions.  The state
+Python reads after fills (``tlb_shadow``, ``gpa_cache``, ``code_pfns``,
+``stats_fills``) is then the Mmu's, read through properties.
 
 VMCALL and TDCALL are invalid instructions to Unicorn; the invalid-instruction
-hook decodes them into exits.  HLT ends emu_start by itself.  Exceptions Unicorn
+hook decodes them into exits.  HLT ends emu_start by itself.  CPUID and the I/O
+instructions (IN, OUT, INS, OUTS) exit unconditionally, as with VMX's
+"unconditional I/O exiting", and RDMSR/WRMSR exit unless the MSR bitmap lets the
+CPU do them (``_msr_native``).  These exits must happen before the instruction
+does anything, and Unicorn's instruction hooks fire in the middle of it and let
+the rest of the translated block run: so a code hook (which can stop Unicorn
+before the instruction) sits on every place of a code page where one of them may
+begin, found when the page is filled executable (``_scan_code_page``); the hook
+decodes the instruction there (``_exit_site``).  The instruction hooks stay as
+the alarm for one the scan missed (code the guest wrote into a page it runs).
+RDTSC and RDTSCP return the TSC of this model (a deterministic count plus the VMCS
+TSC offset), not Unicorn's wall-clock one.  Exceptions Unicorn
 raises (#DE, #UD, INT n, ...) arrive through the interrupt hook, guest #PF and
 #GP from the fill hook.  An exception whose bit is set in ``exception_bitmap``
 (the VMCS exception bitmap; all of them by default) is an EXCEPTION_NMI exit;
@@ -17,12 +35,21 @@ hypervisor injects events with ``inject_event``; they are delivered at the next
 entry.  With the "EPT-violation #VE" control on (``ve_info`` set: a TD's, which
 the TDX module always enables), a convertible EPT violation is a #VE instead of
 an exit (``_convert_to_ve``).
+
+An exception a hook raises (a bug of the model: the walker, the fill) is never guest
+behaviour: the hook (``@hook``) keeps it and stops emulation, and ``run()`` raises it
+again with its traceback, also where what the hook left undone (a refused fill) made
+emu_start fail too.  ``kick()`` may come from another thread (the VMM's signal and
+timeout watchdog): it stops emu_start at the next block, and the vCPU exits as for an
+IPI.
 """
 
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
     UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_INSN, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_TLB_VIRTUAL, UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
 from unicorn import x86_const as X
 import ctypes
+import functools
+import re
 import zlib
 import unicorn
 
@@ -38,6 +65,8 @@ except ImportError:
                       f"{getattr(unicorn, '__version__', '?')}: pip install 'unicorn>=2.1.4,<2.2'") from None
 
 from . import ept as ept_mod
+from . import paging as paging_mod
+from . import native
 from . import insn as insn_mod
 from .ept import (EptTranslation, EptViolation, EptMisconfig, decode_eptp, decode_qualification,
                   EPT_VIOLATION_GVA_TRANSLATED)
@@ -45,10 +74,13 @@ from .exits import (VmExit, VeInfo, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_M
                     EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXTERNAL_INTERRUPT,
                     EXIT_REASON_TRIPLE_FAULT)
 from . import idt as idt_mod
-from .slice import block_hook_stub, Budget
+from .slice import block_hook_stub, Budget, NO_BUDGET
 from .memory import PAGE_MASK, PAGE_SIZE
 from .paging import Translation, PageFault, GeneralProtection, translate, probe, PAGING, X86_CR0_WP, \
     X86_CR0_PG, X86_CR4_PAE, EFER_NXE, PFERR_WRITE, READ, WRITE, FETCH
+from .exits import (EXIT_REASON_CPUID, EXIT_REASON_IO_INSTRUCTION, EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE,
+                    io_qualification)
+from . import msr as msr_mod
 
 MSR_EFER = 0xC0000080
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
@@ -64,9 +96,50 @@ _UC_GPRS = [_UC_REG[n] for n in GPRS]
 _VMCALL = b"\x0f\x01\xc1"
 _PAUSE = b"\xf3\x90"
 PAUSE_WINDOW = 8                        # PAUSEs in one slice before it ends (pause-loop exiting's window)
-NO_BUDGET = 1 << 62
 _TDCALL = b"\x66\x0f\x01\xcc"
+_RDMSR, _WRMSR, _CPUID = b"\x0f\x32", b"\x0f\x30", b"\x0f\xa2"
+# Prefixes that may come before an instruction's opcode (legacy, then REX).
+_PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3") | frozenset(range(0x40, 0x50))
+# Where an exiting instruction may begin: a run of prefixes, then an I/O opcode or 0F 30/32/A2.
+# (A trailing run of prefixes or a 0F at the page's end may begin one that goes on in the next page.)
+_EXIT_SITE = re.compile(rb"[\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3\x40-\x4f]*"
+                        rb"(?:[\xe4-\xe7\xec-\xef\x6c-\x6f]|\x0f[\x30\x32\xa2]|\x0f\Z|\Z)")
+_CODE_HOOK_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+_INSN_INVALID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+# I/O opcodes: (size class, in, string, immediate port).  Size class 1 = byte, 0 = word/dword.
+_IO_OPCODES = {0xE4: (1, True, False, True), 0xE5: (0, True, False, True), 0xE6: (1, False, False, True),
+               0xE7: (0, False, False, True), 0xEC: (1, True, False, False), 0xED: (0, True, False, False),
+               0xEE: (1, False, False, False), 0xEF: (0, False, False, False), 0x6C: (1, True, True, False),
+               0x6D: (0, True, True, False), 0x6E: (1, False, True, False), 0x6F: (0, False, True, False)}
+# MSRs the emulated CPU itself keeps (Unicorn's state, or the TSC below): an access the MSR
+# bitmap does not intercept is carried out on them; any other MSR is #GP, as on a CPU without it.
+_CPU_MSRS = frozenset((msr_mod.MSR_IA32_TSC, msr_mod.MSR_IA32_SYSENTER_CS, msr_mod.MSR_IA32_SYSENTER_ESP,
+                       msr_mod.MSR_IA32_SYSENTER_EIP, msr_mod.MSR_IA32_CR_PAT, msr_mod.MSR_EFER, msr_mod.MSR_STAR,
+                       msr_mod.MSR_LSTAR, msr_mod.MSR_CSTAR, msr_mod.MSR_SYSCALL_MASK, msr_mod.MSR_FS_BASE,
+                       msr_mod.MSR_GS_BASE, msr_mod.MSR_KERNEL_GS_BASE, msr_mod.MSR_TSC_AUX))
+# The host TSC: a count that every read advances by TSC_STEP, so that two reads differ, as time
+# passes between two instructions, and a run replays exactly.
+TSC_STEP = 1000
+_TSC_HOOK_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
 _ACCESS = {16: 1, 17: 2, 18: 4}         # UC_MEM_READ/WRITE/FETCH -> R/W/X (the UC_PROT_* bits too)
+
+
+def hook(returns=None):
+    """A Unicorn hook of the vCPU.  An exception it raises is a bug of the model, never guest
+    behaviour: the first one is kept in ``_hook_error``, emulation stops, and the hook returns
+    ``returns`` to Unicorn (a value of the type it wants: the binding would print an error for
+    None); ``run()`` raises it again.  Every hook on the vCPU's Unicorn should be one of these."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def hooked(self, uc, *args):
+            try:
+                return fn(self, uc, *args)
+            except BaseException as e:
+                self._hook_failed(uc, e)
+                return returns
+        hooked.guarded = True
+        return hooked
+    return wrap
 
 
 class Vcpu:
@@ -77,12 +150,10 @@ class Vcpu:
     ``run()`` until it returns an exit it cannot handle.
     """
 
-    def __init__(self, mem, index=0):
+    def __init__(self, mem, index=0, *, pure_python=False):
+        """``pure_python``: (tests) the Python MMU even where the compiled one is loaded."""
         self.mem = mem
         self.index = index
-        # leaf -> (eax, ebx, ecx, edx), as the hypervisor sets it.  0x80000008: the physical and
-        # linear address widths the walkers implement (48, 48).
-        self.cpuid = {0x80000008: (0x3030, 0, 0, 0)}
         self.pending = None                  # the exit recorded by a hook during emu_start
         self.exception_bitmap = 0xFFFFFFFF   # VMCS exception bitmap: these vectors exit instead of delivery
         self.event = None                    # an emu.hw.idt.Event to deliver at the next entry
@@ -93,36 +164,77 @@ class Vcpu:
         self.eptp = None
         self.secure_eptp = None
         self.shared_mask = 0
-        self.stats_fills = 0
+        self._fills = 0                      # stats_fills, with the Python MMU
         self.tracer = None                   # set (with hw_walk wanted) to trace every walk
+        self._hook_error = None              # the exception a hook raised (``hook``)
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address())
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         # No stop address: with exits enabled and an empty list, emu_start runs until an exit.
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._insn_invalid)
+        self._mmu = None
+        if native.mmu is not None and not pure_python:
+            # The compiled fill: a C function Unicorn calls with the Mmu as its user data.
+            def addr(fn):
+                return ctypes.cast(fn, ctypes.c_void_p).value
+            self._mmu = native.mmu.Mmu(mem, uc._uch.value, addr(uclib.uc_reg_read), addr(uclib.uc_reg_write),
+                                       addr(uclib.uc_emu_start), addr(uclib.uc_emu_stop), X.UC_X86_REG_CR3,
+                                       X.UC_X86_REG_CR0, X.UC_X86_REG_MSR, X.UC_X86_REG_RIP,
+                                       self._fill_slow, self._fetch_slow)
+            hh = ctypes.c_size_t()
+            err = uclib.uc_hook_add(uc._uch, ctypes.byref(hh), UC_HOOK_TLB_FILL,
+                                    ctypes.c_void_p(native.mmu.fill_callback()), ctypes.c_void_p(id(self._mmu)),
+                                    ctypes.c_uint64(1), ctypes.c_uint64(0))
+            if err:
+                raise UcError(err)
+            uc._emu_mmu = self._mmu          # the hook's user data lives as long as the Unicorn instance
+        else:
+            uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
+        # VMCALL and TDCALL exit through this one (twice per TD private page): a C callback of
+        # ours, without the binding's layers of Python around it.
+        self._insn_invalid_cb = _INSN_INVALID_CFUNC(lambda _uch, _data: self._insn_invalid(uc, None))
+        self._hook_c(UC_HOOK_INSN_INVALID, self._insn_invalid_cb)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
-        uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, self._missed_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, self._missed_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._missed_out, None, 1, 0, X.UC_X86_INS_OUT)
+        self._hook_tsc()
+        # One C callback for every exit-site code hook (the binding would make one per hook).
+        self._exit_site_cb = _CODE_HOOK_CFUNC(self._exit_site_c)
+        # The VMCS MSR bitmap (emu.hw.msr.MsrBitmap), None while "use MSR bitmaps" is 0: then every
+        # RDMSR and WRMSR exits.  The TSC offset is the VMCS field (RDTSC = host TSC + offset).
+        self.msr_bitmap = None
+        self.tsc_offset = 0
+        self.host_tsc = 0
+        self._site_pages = set()             # (GVA page, HPA page) scanned for exit sites
+        self._sites = set()                  # GVAs that have an exit-site code hook
         uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | X86_CR4_PAE)
         uc.msr_write(MSR_EFER, BOOT_EFER)
         uc.reg_write(X.UC_X86_REG_CR0, BOOT_CR0)
         self._ept = None
-        self.gpa_cache = {}
-        self.pscache = {}                    # paging-structure cache (emu.hw.paging.translate)
-        self.tlb_shadow = {}                 # GVA page -> HPA page of every fill since the last flush
-        self.code_pfns = set()               # host pages filled executable since the last code flush
+        # The MMU's caches: the Mmu's with the compiled MMU (the properties below read them).
+        self._gpa_cache = {}                 # gfn -> (HPA page, level, perms, dirty) (_make_ept)
+        self.pscache = {} if self._mmu is None else None   # paging-structure cache (paging.translate)
+        self._tlb_shadow = {}                # GVA page -> HPA page of every fill since the last flush
+        self._code_pfns = set()              # host pages filled executable since the last code flush
+        m = self._mmu
+        self._tlb_get = self._tlb_shadow.get if m is None else m.tlb_get
+        self._tlb_put = self._tlb_shadow.__setitem__ if m is None else m.tlb_put
         self.code_generation = mem.generation
-        # Register reads in the TLB-fill hook go straight to the C library: the binding's
-        # reg_read costs ~1.7 us, a direct call ~0.5 us, and a fill reads two registers.
-        val = ctypes.c_uint64()
-        read, uch, ref = uclib.uc_reg_read, uc._uch, ctypes.byref(val)
+        # Register reads go straight to the C library: the binding's reg_read costs ~1.7 us, a
+        # direct call ~0.5 us, the compiled MMU's ~0.05 us.
+        if self._mmu is not None:
+            self._reg_fast = self._mmu.reg
+        else:
+            val = ctypes.c_uint64()
+            read, uch, ref = uclib.uc_reg_read, uc._uch, ctypes.byref(val)
 
-        def reg_fast(reg_id):
-            read(uch, reg_id, ref)
-            return val.value
-        self._reg_fast = reg_fast
+            def reg_fast(reg_id):
+                val.value = 0
+                read(uch, reg_id, ref)
+                return val.value
+            self._reg_fast = reg_fast
         self._nxe = lambda: bool(uc.msr_read(MSR_EFER) & EFER_NXE)
         # Guest mode across scheduling points (emu.hw.slice): with slice_blocks set, guest
         # code runs in slices; guest_point(kind) is called between two slices, the vCPU
@@ -136,10 +248,50 @@ class Vcpu:
         self.in_guest = False
         self.slices = 0
         self.checked_generation = -1         # (the checker's) tables generation last checked here
+        # The run's deterministic watchdog (emu.hw.slice.BlockLimit, shared by the vCPUs of a
+        # run), or None; with it (or slicing) the blocks guest code runs are counted here.
+        self.limit = None
+        self.blocks = 0
         self._budget = None
+        self._slice_left = 0                 # blocks left in the current slice
+        self._armed = 0                      # the budget emu_start was armed with
         self._pauses = 0
         self._pause_pages = set()            # (GVA page, HPA page) scanned for PAUSE
         self._slice_end = None
+
+    def _hook_c(self, kind, cb, *extra):
+        """uc_hook_add of a ctypes callback (or a C function's address) on every address."""
+        hh = ctypes.c_size_t()
+        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(hh), kind, cb, None, ctypes.c_uint64(1), ctypes.c_uint64(0),
+                                *extra)
+        if err:
+            raise UcError(err)
+
+    # -- what the MMU cached (the compiled MMU keeps it in C) -----------------------------------------
+    @property
+    def gpa_cache(self):
+        """gfn -> (HPA page, level, perms, dirty): the guest-physical translations cached (a copy
+        with the compiled MMU)."""
+        return self._gpa_cache if self._mmu is None else dict(self._mmu.gpa_items())
+
+    @property
+    def tlb_shadow(self):
+        """GVA page -> HPA page of every fill since the last flush (a copy with the compiled MMU)."""
+        return self._tlb_shadow if self._mmu is None else dict(self._mmu.tlb_items())
+
+    @property
+    def code_pfns(self):
+        """The host pages filled executable since the last code flush (the set itself: clear() it
+        to forget them)."""
+        m = self._mmu
+        if m is not None and m.code_logged:
+            self._code_pfns.update(m.take_code())
+        return self._code_pfns
+
+    @property
+    def stats_fills(self):
+        """TLB fills (misses) so far."""
+        return self._fills if self._mmu is None else self._mmu.fills
 
     # -- VMCS-like state ------------------------------------------------------------------------------
     def load_eptp(self, eptp, secure_eptp=None, shared_mask=0):
@@ -165,14 +317,24 @@ class Vcpu:
         flush, which is exactly why KVM must flush.  A write through a cached
         translation whose EPT leaf is not yet dirty walks again, so D is set.
         """
-        mem, walk = self.mem, ept_mod.walk
+        # The Python MMU walks with the Python walker (the compiled one is the Mmu's).
+        mem, walk = self.mem, ept_mod.walk if self._mmu is not None else ept_mod.walk_py
         eptp, secure, shared = self.eptp, self.secure_eptp, self.shared_mask
         pt_shared = 3 if decode_eptp(eptp)[2] else 1
         pt_secure = 3 if secure is not None and decode_eptp(secure)[2] else 1
-        cache = self.gpa_cache = {}
         tracer = self.tracer
+        m = self._mmu
+        if m is not None:
+            # The same walk in C, on the Mmu's cache (the fill's).
+            m.set_eptp(eptp, secure, shared)
+            if tracer is None:
+                return m.ept
+            return self._make_traced_ept(m.gpa_get, lambda k, v: m.gpa_put(k, *v), mem, walk, eptp, secure,
+                                         shared, pt_shared, pt_secure)
+        cache = self._gpa_cache = {}
         if tracer is not None:
-            return self._make_traced_ept(cache, mem, walk, eptp, secure, shared, pt_shared, pt_secure)
+            return self._make_traced_ept(cache.get, cache.__setitem__, mem, walk, eptp, secure, shared,
+                                         pt_shared, pt_secure)
 
         def ept(gpa, access):
             if secure is None or gpa & shared:
@@ -192,7 +354,7 @@ class Vcpu:
             return t
         return ept
 
-    def _make_traced_ept(self, cache, mem, walk, eptp, secure, shared, pt_shared, pt_secure):
+    def _make_traced_ept(self, cache_get, cache_put, mem, walk, eptp, secure, shared, pt_shared, pt_secure):
         """The same walk, recording each EPT (or S-EPT) walk for the hw_walk trace event."""
         log = self._ept_log = []
 
@@ -203,7 +365,7 @@ class Vcpu:
                 root, pt, which = secure, pt_secure, "S-EPT"
             if access == PAGING:
                 access = pt
-            c = cache.get(gpa >> 12)
+            c = cache_get(gpa >> 12)
             if c is not None:
                 hpa, level, perms, dirty = c
                 if perms & access == access and (dirty or not access & 2):
@@ -213,7 +375,7 @@ class Vcpu:
             t = walk(mem, root, gpa, access, path=path)
             log.append((which, gpa, path))
             if t.__class__ is EptTranslation:
-                cache[gpa >> 12] = (t.hpa & PAGE_MASK, t.level, t.perms, t.dirty)
+                cache_put(gpa >> 12, (t.hpa & PAGE_MASK, t.level, t.perms, t.dirty))
             return t
         return ept
 
@@ -267,9 +429,12 @@ class Vcpu:
     def flush_tlb(self):
         """INVEPT (all contexts) for this vCPU: no cached translation survives it."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-        self.gpa_cache.clear()
-        self.pscache.clear()
-        self.tlb_shadow.clear()
+        if self._mmu is not None:
+            self._mmu.flush()
+        else:
+            self._gpa_cache.clear()
+            self.pscache.clear()
+            self._tlb_shadow.clear()
 
     # -- registers ------------------------------------------------------------------------------------
     def get_regs(self):
@@ -292,7 +457,10 @@ class Vcpu:
         return self._reg_fast(_UC_REG[name])
 
     def set_reg(self, name, value):
-        self.uc.reg_write(_UC_REG[name], value)
+        if self._mmu is not None:
+            self._mmu.set_reg(_UC_REG[name], value)
+        else:
+            self.uc.reg_write(_UC_REG[name], value)
 
     # -- guest memory as this vCPU sees it (no side effects) -------------------------------------------
     def gva_to_hpa(self, gva):
@@ -335,6 +503,10 @@ class Vcpu:
                                           for a, b in ranges):
             self.uc.ctl_flush_tb()
             code.clear()
+            # New code may hold new RDMSR/WRMSR: scan the code pages the TLB maps again.
+            tlb_get = self._tlb_get
+            for key in [k for k in self._site_pages if tlb_get(k[0]) == k[1]]:
+                self._scan_code_page(*key)
 
     def _arm_budget(self):
         """Install the block-budget hook (once; Unicorn translates blocks with it from then on)."""
@@ -349,19 +521,34 @@ class Vcpu:
             if err:
                 raise UcError(err)
         else:
-            def block(uc, _addr, _size, _data):
+            @hook()
+            def block(_self, uc, _addr, _size, _data):
                 b.remaining -= 1
                 if b.remaining <= 0:
                     b.expired = 1
                     uc.emu_stop()
-            self.uc.hook_add(UC_HOOK_BLOCK, block)
+            self.uc.hook_add(UC_HOOK_BLOCK, functools.partial(block, self))
         self.uc.ctl_flush_tb()
         self.code_pfns.clear()
 
     def kick(self):
         """An IPI to this CPU: in guest mode it causes an external-interrupt VM exit.  It stays
-        pending until the host takes it with interrupts on (the hypervisor clears it then)."""
+        pending until the host takes it with interrupts on (the hypervisor clears it then).
+
+        Safe from another thread (a signal, the VMM's watchdog): a vCPU inside emu_start (the
+        binding runs it without the GIL) leaves it at the next block; one between two slices
+        or outside guest code sees ``intr_pending`` before it runs any (uc_emu_stop then does
+        nothing).  The caller repeats it until the vCPU is out: a kick that lands just before
+        emu_start begins is lost to Unicorn, which clears its stop request as it starts."""
         self.intr_pending = True
+        if self.in_guest:
+            self.uc.emu_stop()
+
+    def blocks_run(self):
+        """Blocks run so far, the running slice's too (a reader on another thread, the progress
+        line: the callback counts in ``_budget`` while emu_start runs).  0 when not counted."""
+        b = self._budget
+        return self.blocks + (max(0, self._armed - b.remaining) if b is not None else 0)
 
     def run(self):
         """Run the guest until the next VM exit and return it (a VmExit).
@@ -376,9 +563,11 @@ class Vcpu:
             # (It stays pending until the host enables interrupts: the hypervisor clears it.)
             return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
         slicing = self.slice_blocks
-        if slicing and self._budget is None:
+        limit = self.limit
+        if (slicing or limit is not None) and self._budget is None:
             self._arm_budget()
         budget = self._budget
+        mmu = self._mmu
         self.in_guest = True
         try:
             while True:
@@ -389,22 +578,57 @@ class Vcpu:
                 if self.mem.generation != self.code_generation:
                     self._code_coherence()
                 if budget is not None:
-                    # The budget runs across entries: guest code between exits the module or
+                    # The slice runs across entries: guest code between exits the module or
                     # the hypervisor handles (a TDCALL retried on BUSY) counts until a slice ends.
-                    if not slicing:
-                        budget.remaining = NO_BUDGET
-                    elif budget.remaining <= 0 or budget.remaining > slicing:
-                        budget.remaining = slicing
+                    armed = NO_BUDGET
+                    if slicing:
+                        if self._slice_left <= 0 or self._slice_left > slicing:
+                            self._slice_left = slicing
+                        armed = self._slice_left
+                    if limit is not None:
+                        if limit.left <= 0:
+                            # The run's limit is spent: the VMM's watchdog signals every vCPU,
+                            # and this one exits as for the IPI.
+                            limit.expire(self)
+                            return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, reg(X.UC_X86_REG_RIP), vcpu=self.index)
+                        if limit.left < armed:
+                            armed = limit.left
+                    budget.remaining = self._armed = armed
                     budget.expired = 0
                 self._pauses = 0
                 self._slice_end = None
-                try:
-                    uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
-                except UcError as e:
-                    if self.pending is None:
-                        rip = reg(X.UC_X86_REG_RIP)
-                        return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
-                                      misconfig=f"unicorn: {e}")
+                failed = None
+                if mmu is not None:
+                    # What the binding's emu_start does, in one call (no exception on a refused fill).
+                    uc._hook_exception = None
+                    err = mmu.start(self._fill_to_python(), self.slice_blocks)
+                    if err:
+                        failed = UcError(err)
+                else:
+                    try:
+                        uc.emu_start(reg(X.UC_X86_REG_RIP), 0)
+                    except UcError as e:
+                        failed = e
+                error = self._hook_error or uc._hook_exception
+                if error is not None:
+                    # A hook raised (a hook added without @hook: the binding kept it), and what
+                    # it left undone (a refused fill) may have failed emu_start too: the hook's
+                    # exception is the error, never a guest fault.
+                    self._hook_error = None
+                    raise error
+                if mmu is not None and mmu.fault and self.pending is None:
+                    # The exit a refused compiled fill recorded.
+                    self.pending, self._fault_gla, self._fault_access = mmu.take_fault()
+                if budget is not None:
+                    ran = armed - budget.remaining
+                    self._armed = budget.remaining        # (blocks_run: nothing in flight)
+                    self.blocks += ran
+                    self._slice_left -= ran
+                    if limit is not None:
+                        limit.spend(ran)
+                if failed is not None and self.pending is None:
+                    return VmExit(EXIT_REASON_EXCEPTION_NMI, self._rip_out(), vector=6, vcpu=self.index,
+                                  misconfig=f"unicorn: {failed}")
                 if self.pending is not None:
                     p = self.pending
                     ex = self._pending_exit()
@@ -416,8 +640,13 @@ class Vcpu:
                             and self._convert_to_ve(ex):
                         continue                  # a #VE, delivered through the IDT
                     return ex
-                end = self._slice_end or ("guest_slice" if budget is not None and budget.expired else None)
+                if limit is not None and limit.left <= 0:
+                    continue                      # spent: the next entry expires it
+                end = self._slice_end or ("guest_slice" if slicing and self._slice_left <= 0 else None)
                 if end is None:
+                    if self.intr_pending:
+                        # A kick from another thread stopped emu_start (not a HLT).
+                        return VmExit(EXIT_REASON_EXTERNAL_INTERRUPT, self._rip_out(), vcpu=self.index)
                     break
                 # Still in guest mode, between two slices: the others may run now.
                 self.slices += 1
@@ -430,7 +659,11 @@ class Vcpu:
             if self.on_leave is not None:
                 self.on_leave()
         # HLT returns from emu_start with RIP just past it; report the HLT itself.
-        return VmExit(EXIT_REASON_HLT, reg(X.UC_X86_REG_RIP) - 1, 1, vcpu=self.index)
+        return VmExit(EXIT_REASON_HLT, self._rip_out() - 1, 1, vcpu=self.index)
+
+    def _rip_out(self):
+        """RIP as the last emu_start left it (the compiled MMU read it as it returned)."""
+        return self._mmu.rip if self._mmu is not None else self._reg_fast(X.UC_X86_REG_RIP)
 
     # -- events -----------------------------------------------------------------------------------------
     def _convert_to_ve(self, ex):
@@ -513,11 +746,10 @@ class Vcpu:
     def _pending_exit(self):
         """The VmExit for what a hook recorded during emu_start (self.pending)."""
         uc = self.uc
-        reg = self._reg_fast
         p = self.pending
         if p.__class__ is VmExit:
             return p
-        rip = reg(X.UC_X86_REG_RIP)
+        rip = self._rip_out()
         gla, rmw = self._exact_access(rip)
         if p.__class__ is EptViolation:
             q, gpa = p.qualification, p.gpa
@@ -558,12 +790,40 @@ class Vcpu:
         return gla, bool(writes and access == READ)
 
     # -- hooks (run inside emu_start) ------------------------------------------------------------------
+    def _hook_failed(self, uc, e):
+        """(@hook) a hook raised ``e``: keep the first, and stop emulation; run() raises it."""
+        if self._hook_error is None:
+            self._hook_error = e
+        uc.emu_stop()
+
+    def _fill_to_python(self):
+        """(the compiled MMU) Whether its fills hand over to the Python model: when tracing walks,
+        or when DPOR records footprints (the pages a vCPU saw, the flags a walk set)."""
+        return (self.tracer is not None or self.page_crc is not None or ept_mod.AD_LOG is not None
+                or paging_mod.AD_LOG is not None)
+
     def _tlb_fill(self, uc, vaddr, access, entry, _data):
-        if self.pending is not None:
-            return False                     # already exiting: refuse whatever Unicorn tries next
-        self.stats_fills += 1
+        """The TLB-fill hook of the Python MMU."""
+        # (@hook's guard, written out: the fill is the hot hook, and a try costs nothing)
+        try:
+            if self.pending is not None:
+                return False                     # already exiting: refuse whatever Unicorn tries next
+            self._fills += 1
+            r = self._fill(vaddr, _ACCESS[access])
+            if r is None:
+                return False
+            entry.paddr, entry.perms = r
+            return True
+        except BaseException as e:
+            self._hook_failed(uc, e)
+            return False
+
+    _tlb_fill.guarded = True
+
+    def _fill(self, vaddr, acc):
+        """A TLB miss on the page ``vaddr`` for ``acc``: (HPA page, rights) to fill, or None when
+        the walk ends in an exit (recorded in ``pending``)."""
         reg = self._reg_fast
-        acc = _ACCESS[access]
         if self.tracer is not None:
             self._ept_log.clear()
             path = []
@@ -574,36 +834,65 @@ class Vcpu:
             r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
                           wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
         if r.__class__ is Translation:
-            hpa = entry.paddr = r.hpa & PAGE_MASK
-            self.tlb_shadow[vaddr] = hpa
+            hpa = r.hpa & PAGE_MASK
+            self._tlb_put(vaddr, hpa)
             if self.page_crc is not None and hpa not in self.page_crc:
                 self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
             if acc == FETCH:
-                entry.perms = r.perms
-                self.code_pfns.add(hpa >> 12)      # code may be translated from this page
-                if self.slice_blocks and (vaddr, hpa) not in self._pause_pages:
-                    self._hook_pauses(vaddr, hpa)
-            else:
-                # A data access installs no execute right: the first fetch from the page
-                # fills again, so code_pfns holds exactly the pages code can come from,
-                # and host writes to data pages never drop translated code.
-                entry.perms = r.perms & ~FETCH
-            return True
+                self._fetched(vaddr, hpa)
+                return hpa, r.perms
+            # A data access installs no execute right: the first fetch from the page
+            # fills again, so code_pfns holds exactly the pages code can come from,
+            # and host writes to data pages never drop translated code.
+            return hpa, r.perms & ~FETCH
         self.pending = r
         self._fault_gla = vaddr
         self._fault_access = acc
-        return False
+        return None
+
+    def _fetched(self, vaddr, hpa):
+        """The page ``vaddr`` is filled executable from ``hpa``: code may be translated from it."""
+        self._code_pfns.add(hpa >> 12)
+        if (vaddr, hpa) not in self._site_pages:
+            self._scan_code_page(vaddr, hpa)
+        if self.slice_blocks and (vaddr, hpa) not in self._pause_pages:
+            self._hook_pauses(vaddr, hpa)
+
+    def _fill_slow(self, vaddr, access):
+        """(the compiled fill) a fill it hands over whole: HPA page | rights, or -1 (refused)."""
+        try:
+            r = self._fill(vaddr, _ACCESS[access])
+            return -1 if r is None else r[0] | r[1]
+        except BaseException as e:           # (@hook's guard: a C callback, not the binding's)
+            self._hook_failed(self.uc, e)
+            return -1
+
+    _fill_slow.guarded = True
+
+    def _fetch_slow(self, vaddr, hpa):
+        """(the compiled fill) a code page it translated: True when it may be filled."""
+        try:
+            self._fetched(vaddr, hpa)
+            return True
+        except BaseException as e:
+            self._hook_failed(self.uc, e)
+            return False
+
+    _fetch_slow.guarded = True
 
     def _hook_pauses(self, gva_page, hpa):
         """A code hook on every PAUSE of a page about to be translated (the fill comes
         first).  A byte pair inside another instruction gets a hook that never fires."""
         self._pause_pages.add((gva_page, hpa))
+        if self._mmu is not None:
+            self._mmu.scanned(gva_page, hpa, 2)
         page = bytes(self.mem.buf[hpa:hpa + 0x1000])
         i = page.find(_PAUSE)
         while i >= 0:
             self.uc.hook_add(UC_HOOK_CODE, self._pause, None, gva_page + i, gva_page + i)
             i = page.find(_PAUSE, i + 1)
 
+    @hook()
     def _pause(self, uc, _addr, _size, _data):
         self._pauses += 1
         if self._pauses >= self.pause_window and self.slice_blocks:
@@ -612,24 +901,29 @@ class Vcpu:
 
     def _code_bytes(self, rip, n):
         """The instruction bytes at ``rip``: from the page the TLB holds (it was just fetched)."""
-        hpa = self.tlb_shadow.get(rip & ~0xFFF)
+        if self._mmu is not None:
+            code = self._mmu.code_bytes(rip, n)
+            if code is not None:
+                return code
+        hpa = self._tlb_get(rip & ~0xFFF)
         off = rip & 0xFFF
         if hpa is not None and off <= 0x1000 - n:
             return bytes(self.mem.buf[hpa + off:hpa + off + n])
         return self.read_guest(rip, n)
 
+    @hook(returns=True)
     def _insn_invalid(self, uc, _data):
         rip = self._reg_fast(X.UC_X86_REG_RIP)
         code = self._code_bytes(rip, 4)
         if code[:3] == _VMCALL:
-            self.pending = VmExit(EXIT_REASON_VMCALL, rip, 3, vcpu=self.index)
+            self._exit_now(VmExit(EXIT_REASON_VMCALL, rip, 3, vcpu=self.index))
         elif code[:4] == _TDCALL:
-            self.pending = VmExit(EXIT_REASON_TDCALL, rip, 4, vcpu=self.index)
+            self._exit_now(VmExit(EXIT_REASON_TDCALL, rip, 4, vcpu=self.index))
         else:
-            self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index)
-        uc.emu_stop()
+            self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index))
         return True
 
+    @hook()
     def _interrupt(self, uc, intno, _data):
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         insn_len = 0
@@ -642,17 +936,207 @@ class Vcpu:
             elif len(before) == 2 and before[0] == 0xCD and before[1] == intno:
                 insn_len = 2
             rip -= insn_len
-        self.pending = VmExit(EXIT_REASON_EXCEPTION_NMI, rip, insn_len, vector=intno, vcpu=self.index)
-        uc.emu_stop()
+        self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, insn_len, vector=intno, vcpu=self.index))
 
-    def _cpuid(self, uc, _data):
-        leaf = uc.reg_read(X.UC_X86_REG_EAX)
-        regs = self.cpuid.get(leaf)
-        if regs is None:
-            return 0                          # Unicorn's own CPUID model answers
-        for r, v in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), regs):
-            uc.reg_write(r, v)
-        return 1                              # handled: skip Unicorn's CPUID
+    # -- the instructions that exit: CPUID, IN/OUT/INS/OUTS, RDMSR/WRMSR -------------------------------
+    def _scan_code_page(self, gva_page, hpa):
+        """A code hook on every byte of a code page where CPUID, an I/O instruction, RDMSR or
+        WRMSR may begin (the opcode and each prefix byte before it), added as the page is
+        filled executable, before Unicorn translates code from it.  A hook on bytes inside
+        another instruction never fires (no instruction begins there)."""
+        self._site_pages.add((gva_page, hpa))
+        if self._mmu is not None:
+            self._mmu.scanned(gva_page, hpa, 1)
+        page = bytes(self.mem.buf[hpa:hpa + 0x1000])
+        uch, cb, sites = self.uc._uch, self._exit_site_cb, self._sites
+        hh = ctypes.c_size_t()
+        for m in _EXIT_SITE.finditer(page):
+            a, end = m.span()
+            if end - a >= 2 and page[end - 2] == 0x0F and page[end - 1] in (0x30, 0x32, 0xA2):
+                end -= 1                       # the 0F begins the opcode: no hook on its second byte
+            for off in range(a, end):
+                gva = gva_page + off
+                if gva not in sites:
+                    sites.add(gva)
+                    err = uclib.uc_hook_add(uch, ctypes.byref(hh), UC_HOOK_CODE, cb, None, ctypes.c_uint64(gva),
+                                            ctypes.c_uint64(gva))
+                    if err:
+                        raise UcError(err)
+
+    def _exit_site_c(self, _uch, addr, _size, _data):
+        try:
+            self._exit_site(addr)
+        except BaseException as e:           # (@hook's guard: a C callback, not the binding's)
+            self._hook_failed(self.uc, e)
+
+    _exit_site_c.guarded = True
+
+    def _exit_site(self, addr):
+        """The instruction at ``addr`` is about to run: if it exits, record the exit and stop
+        Unicorn before it does anything (RIP at the instruction).  A privilege check that
+        fails comes first (Unicorn raises the #GP itself): RDMSR/WRMSR above CPL 0, I/O above
+        IOPL."""
+        if self.pending is not None or self._mmu is not None and self._mmu.exiting:
+            return
+        code = self._code_bytes(addr, 15)
+        i = 0
+        while i < len(code) and code[i] in _PREFIXES:
+            i += 1
+        if i >= len(code):
+            return
+        op = code[i]
+        reg = self._reg_fast
+        if op == 0x0F:
+            two = code[i:i + 2]
+            if two == _CPUID:
+                self._exit_now(VmExit(EXIT_REASON_CPUID, addr, i + 2, vcpu=self.index))
+            elif (two == _RDMSR or two == _WRMSR) and not reg(X.UC_X86_REG_CS) & 3:
+                self._msr_exit(addr, i + 2, two == _WRMSR)
+            return
+        if op not in _IO_OPCODES:
+            return
+        if (reg(X.UC_X86_REG_CS) & 3) > (reg(X.UC_X86_REG_RFLAGS) >> 12 & 3):
+            return                             # CPL > IOPL: Unicorn's #GP
+        d = self._decode_io(addr)
+        length, is_in, string, rep, imm, port, addr32, seg = d
+        byte, opsize16 = _IO_OPCODES[op][0], 0x66 in code[:i]
+        size = 1 if byte else (2 if opsize16 else 4)
+        if port is None:
+            port = reg(X.UC_X86_REG_RDX) & 0xFFFF
+        gla = None
+        if string:
+            gla = reg(X.UC_X86_REG_RDI) if is_in else reg(X.UC_X86_REG_RSI)
+            if addr32:
+                gla &= 0xFFFFFFFF
+            if seg is not None and not is_in:
+                gla = (gla + self.uc.reg_read(seg)) & ((1 << 64) - 1)
+        self._exit_now(VmExit(EXIT_REASON_IO_INSTRUCTION, addr, length,
+                              qualification=io_qualification(size, is_in, port, string, rep, imm), gla=gla,
+                              vcpu=self.index))
+
+    def _exit_now(self, exit):
+        """(a hook) Record the exit and stop emulation; every fill is refused from now on."""
+        self.pending = exit
+        m = self._mmu
+        if m is not None:
+            m.exiting = 1
+            m.stop()
+        else:
+            self.uc.emu_stop()
+
+    def _decode_io(self, rip):
+        """(length, in, string, rep, immediate, the port (None: DX), 67 prefix, segment base
+        register) of the I/O instruction at ``rip``; None if the bytes are not one."""
+        code = self._code_bytes(rip, 15)
+        i, rep, addr32, seg = 0, False, False, None
+        while i < len(code) and (code[i] in _PREFIXES):
+            b = code[i]
+            if b in (0xF2, 0xF3):
+                rep = True
+            elif b == 0x67:
+                addr32 = True
+            elif b == 0x64:
+                seg = X.UC_X86_REG_FS_BASE
+            elif b == 0x65:
+                seg = X.UC_X86_REG_GS_BASE
+            i += 1
+        if i >= len(code) or code[i] not in _IO_OPCODES:
+            return None
+        _, is_in, string, imm = _IO_OPCODES[code[i]]
+        port = code[i + 1] if imm else None
+        length = i + 1 + (1 if imm else 0)
+        return length, is_in, string, string and rep, imm, port, addr32, seg
+
+    def _missed(self, what):
+        """An exiting instruction ran that no exit-site hook caught (the guest wrote it where it
+        runs code, after the page was scanned): an error exit, never a wrong answer."""
+        if self.pending is None and not (self._mmu is not None and self._mmu.exiting):
+            rip = self._reg_fast(X.UC_X86_REG_RIP)
+            self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
+                                  misconfig=f"{what} at {rip:#x} was not seen before it ran (code the guest "
+                                            f"wrote where it runs: not supported)"))
+
+    @hook(returns=1)
+    def _missed_cpuid(self, uc, _data):
+        self._missed("a CPUID")
+        return 1
+
+    @hook(returns=0)
+    def _missed_in(self, uc, port, size, _data):
+        self._missed("an IN/INS")
+        return 0
+
+    @hook()
+    def _missed_out(self, uc, port, size, value, _data):
+        self._missed("an OUT/OUTS")
+
+    def _msr_exit(self, addr, length, write):
+        """RDMSR/WRMSR: an exit if the MSR bitmap intercepts the MSR (all when there is none)."""
+        index = self._reg_fast(X.UC_X86_REG_RCX) & 0xFFFFFFFF
+        bitmap = self.msr_bitmap
+        if bitmap is None or bitmap.intercepted(index, write):
+            self._exit_now(VmExit(EXIT_REASON_MSR_WRITE if write else EXIT_REASON_MSR_READ, addr, length,
+                                  vcpu=self.index))
+        else:
+            self._msr_native(self.uc, addr, length, index, write)
+
+    def _msr_native(self, uc, rip, length, index, write):
+        """The CPU carries out an RDMSR/WRMSR the MSR bitmap lets through: on the MSRs it keeps
+        (Unicorn's, with the canonical-address check of WRMSR; the TSC: host TSC + offset),
+        else #GP(0), as a CPU without that MSR."""
+        reg = self._reg_fast
+        if index not in _CPU_MSRS:
+            self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, length, vector=13, error_code=0, vcpu=self.index))
+            return
+        if write:
+            value = (reg(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32 | reg(X.UC_X86_REG_RAX) & 0xFFFFFFFF
+            if index in msr_mod.CANONICAL_MSRS and not msr_mod.is_canonical(value):
+                self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, length, vector=13, error_code=0,
+                                      vcpu=self.index))
+                return
+            if index == msr_mod.MSR_IA32_TSC:
+                self.tsc_offset = (value - self.host_tsc) & ((1 << 64) - 1)
+            else:
+                uc.msr_write(index, value)
+        else:
+            value = self.read_tsc() if index == msr_mod.MSR_IA32_TSC else uc.msr_read(index)
+            uc.reg_write(X.UC_X86_REG_RAX, value & 0xFFFFFFFF)
+            uc.reg_write(X.UC_X86_REG_RDX, value >> 32 & 0xFFFFFFFF)
+        uc.reg_write(X.UC_X86_REG_RIP, rip + length)          # Unicorn goes on after the instruction
+
+    # -- the TSC ---------------------------------------------------------------------------------------------
+    def read_tsc(self):
+        """RDTSC: the host TSC (advanced by TSC_STEP) plus the VMCS TSC offset."""
+        self.host_tsc += TSC_STEP
+        return (self.host_tsc + self.tsc_offset) & ((1 << 64) - 1)
+
+    def _hook_tsc(self):
+        """RDTSC and RDTSCP hooks (the binding has none: straight to the C library)."""
+        def rdtsc(_uc, _data):
+            try:
+                t = self.read_tsc()
+                self.uc.reg_write(X.UC_X86_REG_RAX, t & 0xFFFFFFFF)
+                self.uc.reg_write(X.UC_X86_REG_RDX, t >> 32)
+            except BaseException as e:       # (@hook's guard: a C callback, not the binding's)
+                self._hook_failed(self.uc, e)
+            return 1
+
+        def rdtscp(_uc, _data):
+            rdtsc(_uc, _data)
+            try:
+                self.uc.reg_write(X.UC_X86_REG_RCX, self.uc.msr_read(msr_mod.MSR_TSC_AUX) & 0xFFFFFFFF)
+            except BaseException as e:
+                self._hook_failed(self.uc, e)
+            return 1
+        self._tsc_cbs = []
+        for insn, fn in ((X.UC_X86_INS_RDTSC, rdtsc), (X.UC_X86_INS_RDTSCP, rdtscp)):
+            cb = _TSC_HOOK_CFUNC(fn)
+            self._tsc_cbs.append(cb)          # keep the C callback alive
+            hh = ctypes.c_size_t()
+            err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(hh), UC_HOOK_INSN, cb, None, ctypes.c_uint64(1),
+                                    ctypes.c_uint64(0), ctypes.c_int(insn))
+            if err:
+                raise UcError(err)
 
 
 def _vec_name(vector):

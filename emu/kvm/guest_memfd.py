@@ -6,6 +6,7 @@ without PUNCH_HOLE) has nothing to do, and a page that was never written, or who
 punched, reads as zeros (as a freshly allocated folio does).
 """
 
+from .kvm_host import KvmIoctlError
 from .tdp_mmu import KVM_MIRROR_ROOTS, KVM_DIRECT_ROOTS
 
 
@@ -21,11 +22,21 @@ class KvmGmem:
         mappings of the range under an invalidation (KVM_FILTER_PRIVATE: the mirror root of a TD;
         a VM without a mirror keeps private and shared mappings in its direct root, and zaps the
         range there), the pages are truncated (their contents dropped), then
-        kvm_gmem_invalidate_end()."""
+        kvm_gmem_invalidate_end().  A TD's huge private pages that the hole cuts are split first,
+        so that only the hole goes (as for a conversion: kvm_gmem_convert)."""
+        r = self.x86_ops.gmem_convert(self, start_gfn, end_gfn, False)
+        if r:
+            raise KvmIoctlError(-r, f"punching gfn {start_gfn:#x}-{end_gfn:#x}: splitting failed ({r})")
         types = KVM_MIRROR_ROOTS if self.has_mirrored_tdp else KVM_DIRECT_ROOTS
         self.invalidate_and_unmap([(start_gfn, end_gfn)], types)
         for gfn in range(start_gfn, end_gfn):
             slot = self.gfn_to_memslot(gfn)
             if slot is not None and slot.gmem_addr is not None:
-                self.mem.host_zero(self.kvm_gmem_get_pfn(slot, gfn) << 12)
+                hpa = self.kvm_gmem_get_pfn(slot, gfn) << 12
+                if hpa >> 12 in self.mem.protected:
+                    continue                  # still the TD's (KVM could not take it back): leaked, kept
+                # truncate_inode_pages_range(): the page goes back to the host's allocator
+                self.check_td_page_freed(hpa, f"kvm_gmem_punch_hole() frees the private page of gfn {gfn:#x}, "
+                                              f"which TDH.MEM.PAGE.REMOVE gave back (tdx_sept_remove_private_spte())")
+                self.mem.host_zero(hpa)
         self.invalidate_end()

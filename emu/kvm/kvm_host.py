@@ -11,6 +11,7 @@ EINVAL, EEXIST, EFAULT, EIO, ENOENT, ENOMEM = 22, 17, 14, 5, 2, 12
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 2
+KVM_REQ_VM_DEAD = 1 << 3                # kvm_vm_dead(): the next vcpu_enter_guest() fails with -EIO
 # Requests after which the vCPU flushes its TLB before it enters again (a new root is loaded
 # with a local flush: kvm_mmu_load()).
 KVM_REQS_FLUSHING = KVM_REQ_TLB_FLUSH | KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
@@ -48,11 +49,17 @@ class KvmMemorySlot:
         self.gmem_addr = gmem_addr
         if gmem_addr is not None:
             self.flags |= KVM_MEM_GUEST_MEMFD
+        # slot->arch.lpage_info: per level (2M, 1G), per huge page, the disallow_lpage flags that are
+        # kept rather than computed (KVM_LPAGE_GUEST_INHIBIT_FLAG); mixed attributes are computed.
+        self.lpage_info = {}
 
     def copy(self):
-        """kvm_copy_memslot(): the same slot, a new object (memslot changes are made on copies)."""
-        return KvmMemorySlot(self.id, self.base_gfn, self.npages, self.userspace_addr, self.flags,
-                             self.backing_level, self.gmem_addr)
+        """kvm_copy_memslot(): the same slot, a new object (memslot changes are made on copies);
+        slot->arch is copied as a whole, so the copy shares lpage_info."""
+        new = KvmMemorySlot(self.id, self.base_gfn, self.npages, self.userspace_addr, self.flags,
+                            self.backing_level, self.gmem_addr)
+        new.lpage_info = self.lpage_info
+        return new
 
     @property
     def readonly(self):

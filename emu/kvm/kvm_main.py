@@ -15,7 +15,7 @@ from . import spte as spte_mod
 from .attributes import GfnRanges
 from .bugs import Bugs
 from .kvm_host import (KvmIoctlError, KvmMemorySlot, EINVAL, EEXIST, EFAULT, KVM_REQ_OUTSIDE_GUEST_MODE,
-                       KVM_REQ_TLB_FLUSH, OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE,
+                       KVM_REQ_TLB_FLUSH, KVM_REQ_VM_DEAD, OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE,
                        GUEST_SLICE_BLOCKS)
 from .locking import MmuLock
 from .rcu import Rcu
@@ -99,21 +99,38 @@ class KvmMain:
         return bool(cond)
 
     def kvm_bug(self, what):
+        """kvm_vm_bugged(): the VM is bugged, and dead (kvm_vm_dead())."""
         self.stat["kvm_bug_on"] += 1
         if not self.vm_dead:
             self.bug_reason = f"KVM_BUG_ON: {what}"
         self.vm_bugged = True
-        self.vm_dead = True
-        self.touch_all()
         self.trace_emit("kvm_bug_on", msg=what)
+        self._vm_dead()
+
+    def soft_lockup(self, what):
+        """The host's soft-lockup detector (kernel/watchdog.c) on a CPU spinning in KVM without
+        scheduling: "BUG: soft lockup".  The model cannot leave the CPU stuck, so the VM stops
+        with it (the run reports it rather than hanging)."""
+        self.trace_emit("soft_lockup", msg=what)
+        self.kvm_vm_dead(f"BUG: soft lockup - {what}")
 
     def kvm_vm_dead(self, why):
         """kvm_vm_dead(): no KVM bug, but the VM cannot go on (e.g. the guest broke the TDX rules)."""
         if not self.vm_dead:
             self.bug_reason = why
+        self.trace_emit("kvm_vm_dead", msg=why)
+        self._vm_dead()
+
+    def _vm_dead(self):
+        """kvm->vm_dead, and KVM_REQ_VM_DEAD to every vCPU with a kick: a vCPU running guest code
+        (spinning, say, while another one hit the KVM_BUG_ON) leaves guest mode, and its next
+        vcpu_enter_guest() fails with -EIO, as every vCPU ioctl does from now on.  Upstream's
+        request also waits for the IPIs to be taken (KVM_REQUEST_WAIT); the model does not wait
+        (nothing the dying VM does depends on it, and a wait would add a scheduling point to
+        every KVM_BUG_ON)."""
         self.vm_dead = True
         self.touch_all()
-        self.trace_emit("kvm_vm_dead", msg=why)
+        self.kvm_make_all_cpus_request(KVM_REQ_VM_DEAD, wait=False)
 
     def touch(self, key, write=True):
         """(emu.checkers.dpor) the running step touches ``key`` of this VM's shared state (when the
@@ -397,6 +414,11 @@ class KvmMain:
             return                          # nothing to do: the range has these attributes
         self.trace_emit("kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} "
                         f"{'private' if private else 'shared'}")
+        # kvm_arch_gmem_convert() (v5 43-44/45): TDX splits the huge private pages the range cuts
+        # before they are zapped, so that exactly the range goes.
+        r = self.x86_ops.gmem_convert(self, start_gfn, end_gfn, private)
+        if r:
+            raise KvmIoctlError(-r, f"converting gfn {start_gfn:#x}-{end_gfn:#x}: splitting failed ({r})")
         if not self.has_mirrored_tdp:
             types = KVM_DIRECT_ROOTS         # kvm_gfn_range_filter_to_root_types(): one root for all
         else:
@@ -523,6 +545,13 @@ class KvmMain:
         if c is not None:
             c.page_freed(self, pfn, what)
 
+    def check_td_page_freed(self, hpa, what):
+        """The host frees page ``hpa`` that a TD had: no cache line may still hold its TD bit
+        (when a checker is installed).  ``what`` names the KVM path."""
+        c = self.checker
+        if c is not None:
+            c.td_page_freed(self, hpa, what)
+
     def checker_violation(self, what):
         """A broken invariant seen while the run goes on: the run fails with it (first one wins)."""
         self.violations.append(what)
@@ -596,9 +625,15 @@ class KvmVcpuMain:
         """A signal to the vCPU's thread (userspace stopping the VM): KVM_RUN returns -EINTR;
         a vCPU in guest mode is kicked out first."""
         self.kvm.touch(("task", self.vcpu_id))
+        self.send_signal()
+
+    def send_signal(self):
+        """kick_signal() from another thread (the VMM's signal and timeout watchdog): no
+        footprint (the running step's is the main thread's), and a vCPU running guest code in
+        Unicorn leaves it (emu.hw.vcpu.Vcpu.kick)."""
         self.signal_pending = True
-        # In guest mode, or on the way in (a TD's vCPU inside TDH.VP.ENTER, between two of its
-        # TDCALLs), the IPI makes it exit at once or right after it enters.
-        if self.hw is not None and (self.hw.in_guest or self.mode != OUTSIDE_GUEST_MODE):
+        # kvm_vcpu_kick(): IN_GUEST_MODE (on its way in, past its last look at requests) is
+        # enough for the IPI, which the entry then takes at once.
+        if self.hw is not None and (self.hw.in_guest or self.mode == IN_GUEST_MODE):
             self.hw.kick()
 

@@ -48,3 +48,34 @@ class MmuLock:
         self._touch(True)
         self.writer = False
 
+
+
+class Mutex:
+    """struct mutex, as the scheduler sees it: one owner; a task that cannot take it sleeps
+    (the others run meanwhile).  ``lockdep_assert_held()`` is lockdep's check of the owner."""
+
+    def __init__(self, kvm, name):
+        self.kvm = kvm
+        self.name = name
+        self.owner = None
+
+    def _who(self):
+        sched = self.kvm.sched
+        cur = getattr(sched, "current", None)
+        return "main" if cur is None else cur.name
+
+    def lock(self):
+        self.kvm.touch(("mutex", self.name))
+        if self.owner is not None:
+            sched = self.kvm.sched
+            if sched is None:
+                raise AssertionError(f"{self.name} contended without a scheduler")
+            sched.wait_until(lambda: self.owner is None, what="lock_wait")
+        self.owner = self._who()
+
+    def unlock(self):
+        self.kvm.touch(("mutex", self.name))
+        self.owner = None
+
+    def lockdep_assert_held(self):
+        assert self.owner is not None and self.owner == self._who(), f"{self.name} not held"

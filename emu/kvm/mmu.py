@@ -23,6 +23,8 @@ from .mmu_internal import (  # noqa: F401  (the names mmu.c users import from he
 
 ENOMEM = 12
 EFAULT = 14
+KVM_LPAGE_MIXED_FLAG = 1 << 31
+KVM_LPAGE_GUEST_INHIBIT_FLAG = 1 << 30
 
 
 class KvmMmuMemoryCache:
@@ -80,15 +82,24 @@ def mmu_topup_memory_caches(vcpu):
 
 
 def kvm_mmu_max_mapping_level(kvm, slot, gfn, is_private):
-    """The largest level the memslot and its backing allow at ``gfn``.  A private page comes from
-    guest_memfd, whose folios are 4K in 6.16 (kvm_gmem_get_pfn()'s max_order is 0); TDX also
-    caps it at 4K (tdx_gmem_private_max_mapping_level)."""
-    if is_private:
-        return kvm.x86_ops.private_max_mapping_level(kvm, gfn)
+    """The largest level the memslot and its backing allow at ``gfn``: the host's page size (for
+    private memory the guest_memfd folio's, with the vendor's limit, gmem_max_mapping_level():
+    4K for a VM without TDX's huge pages, as 6.16's kvm_gmem_get_pfn() gives order-0 folios),
+    then lpage_info level by level: the huge page inside the slot and aligned alike, not mixed
+    (KVM_LPAGE_MIXED_FLAG: all of it private, or all shared), not inhibited by the guest
+    (KVM_LPAGE_GUEST_INHIBIT_FLAG)."""
     level = min(KVM_MAX_HUGEPAGE_LEVEL, slot.backing_level)
+    if is_private:
+        # kvm_max_private_mapping_level()
+        level = min(level, kvm.x86_ops.gmem_max_mapping_level(kvm, gfn))
     while level > PG_LEVEL_4K:
-        if not slot.lpage_allowed(gfn, level) or kvm.has_private_mem and _has_private(kvm, gfn, level):
+        if is_private:
+            disallowed = (not _gmem_lpage_allowed(slot, gfn, level) or not _all_private(kvm, gfn, level)
+                          or hugepage_test_guest_inhibit(kvm, slot, gfn, level))
+        else:
             # KVM_LPAGE_MIXED_FLAG: a shared huge page may not cover a private gfn.
+            disallowed = not slot.lpage_allowed(gfn, level) or kvm.has_private_mem and _has_private(kvm, gfn, level)
+        if disallowed:
             level -= 1
             continue
         break
@@ -101,6 +112,63 @@ def _has_private(kvm, gfn, level):
     start = gfn & -pages
     kvm.touch("attributes", False)
     return kvm.private_gfns.intersects(start, start + pages)
+
+
+def _all_private(kvm, gfn, level):
+    """hugepage_has_attrs(PRIVATE): every gfn of the huge page around ``gfn`` is private."""
+    pages = KVM_PAGES_PER_HPAGE(level)
+    start = gfn & -pages
+    kvm.touch("attributes", False)
+    return kvm.private_gfns.covers(start, start + pages)
+
+
+def _gmem_lpage_allowed(slot, gfn, level):
+    """The huge page lies inside the slot and guest_memfd's offset is aligned like the gfn (a
+    folio of that order can back it: kvm_gmem_get_pfn()'s max_order)."""
+    pages = KVM_PAGES_PER_HPAGE(level)
+    start = gfn & -pages
+    if start < slot.base_gfn or start + pages > slot.base_gfn + slot.npages:
+        return False
+    return ((slot.base_gfn ^ (slot.gmem_addr >> 12)) & (pages - 1)) == 0
+
+
+# -- KVM_LPAGE_GUEST_INHIBIT_FLAG (v5 40/45): one-way, set by TDX when the guest ACCEPTs below a mapping's level
+def _lpage_key(slot, gfn, level):
+    return slot.id, level, gfn >> (9 * (level - 1))
+
+
+def _lpage_point(kvm, who, key, write):
+    """lpage_info is shared state read without mmu_lock: a scheduling point, for the explorer."""
+    kvm.touch(("lpage_info", key), write)
+    sched = kvm.sched
+    if sched is not None:
+        sched.point(who, "lpage_info")
+
+
+def hugepage_set_guest_inhibit(kvm, slot, gfn, level, who=None):
+    """hugepage_set_guest_inhibit(): no mapping at ``level`` or above for the huge page around
+    ``gfn``.  Never cleared: a vCPU tests it without mmu_lock (tdx_handle_mismatched_accept()),
+    and a stale "set" would make it skip the split it needs."""
+    key = _lpage_key(slot, gfn, level)
+    _lpage_point(kvm, who, key, True)
+    slot.lpage_info[key] = slot.lpage_info.get(key, 0) | KVM_LPAGE_GUEST_INHIBIT_FLAG
+
+
+def hugepage_test_guest_inhibit(kvm, slot, gfn, level, who=None):
+    """hugepage_test_guest_inhibit() (read without mmu_lock by TDX, under it by the fault)."""
+    key = _lpage_key(slot, gfn, level)
+    if who is not None:
+        _lpage_point(kvm, who, key, False)
+    else:
+        kvm.touch(("lpage_info", key), False)
+    return bool(slot.lpage_info.get(key, 0) & KVM_LPAGE_GUEST_INHIBIT_FLAG)
+
+
+def hugepage_clear_guest_inhibit(kvm, slot, gfn, level, who=None):
+    """Not upstream (the flag is one-way): only the guest-inhibit-cleared bug switch clears it."""
+    key = _lpage_key(slot, gfn, level)
+    _lpage_point(kvm, who, key, True)
+    slot.lpage_info[key] = slot.lpage_info.get(key, 0) & ~KVM_LPAGE_GUEST_INHIBIT_FLAG
 
 
 def kvm_mmu_hugepage_adjust(vcpu, fault):

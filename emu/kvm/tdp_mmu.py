@@ -18,7 +18,9 @@ from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_
                    KVM_PAGES_PER_HPAGE, is_shadow_present_pte, is_last_spte, is_removed_spte, is_large_pte,
                    spte_to_pfn, make_nonleaf_spte, make_spte, make_mmio_spte, is_mmio_spte, ACC_ALL,
                    PT_WRITABLE_MASK,
-                   shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK)
+                   shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK,
+                   EPT_SPTE_MMU_WRITABLE, SPTE_TDP_AD_MASK, SPTE_TDP_AD_ENABLED, shadow_accessed_mask,
+                   shadow_dirty_mask)
 from ..hw.memory import table_entries
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
 from .mmu_internal import (RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noqa: F401
@@ -27,6 +29,7 @@ from .mmu_internal import (RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noq
 EBUSY = 16
 EIO = 5
 EINVAL = 22
+ENOMEM = 12
 
 
 # union kvm_mmu_page_role, bit positions
@@ -44,6 +47,21 @@ ROLE_SMM_SHIFT = 24
 KVM_INVALID_ROOTS, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS = 1, 2, 4
 KVM_VALID_ROOTS = KVM_DIRECT_ROOTS | KVM_MIRROR_ROOTS
 KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
+
+# The shape of the mirror hooks (--mirror-hooks): the seed's reflect_* freeze protocol as in Linux
+# 6.16, or 7.2's one set_external_spte(old_spte, new_spte) from __handle_changed_spte().
+MIRROR_HOOKS_616, MIRROR_HOOKS_72 = "6.16", "7.2"
+MIRROR_HOOKS = (MIRROR_HOOKS_616, MIRROR_HOOKS_72)
+# The fault point in front of each kind of set_external_spte() (the 6.16 hooks' names).
+_KIND_FAULT_POINT = {"link": "link_spt", "map": "set_spte", "split": "split_spte", "zap": "remove_spte"}
+
+
+def external_spte_kind(old_spte, new_spte, level):
+    """What tdx_sept_set_private_spte() makes of a mirror SPTE's change: a split (present to
+    present), a zap (present to not present), a link (a new table) or a map (a new leaf)."""
+    if is_shadow_present_pte(old_spte):
+        return "split" if is_shadow_present_pte(new_spte) else "zap"
+    return "map" if is_last_spte(new_spte, level) else "link"
 
 
 class KvmMmuPage:
@@ -98,6 +116,8 @@ class TdpMmu:
         self.frees = {}
         # The seed patch's protocol; False reproduces the code before it (issue: --no-freeze).
         self.freeze_mirror_sptes = True
+        # The shape of the mirror hooks: 6.16's reflect_* (the seed's) or 7.2's set_external_spte.
+        self.mirror_hooks = MIRROR_HOOKS_616
 
     # -- helpers ------------------------------------------------------------------------------------------
     def sptep_to_sp(self, sptep):
@@ -136,6 +156,8 @@ class TdpMmu:
         """tdp_mmu_free_sp()"""
         host = self.kvm.host
         if sp.external_spt is not None:
+            self.kvm.check_td_page_freed(sp.external_spt, "tdp_mmu_free_sp() frees an S-EPT page "
+                                         "after TDH.PHYMEM.PAGE.RECLAIM (tdx_sept_free_private_spt())")
             host.free_kernel_page(sp.external_spt)
         del self.sp_of[sp.spt]
         self.kvm.touch(("table", sp.spt))
@@ -186,14 +208,14 @@ class TdpMmu:
         self.unaccount_nx_huge_page(sp)
 
     def disallowed_hugepage_adjust(self, fault, spte, cur_level):
-        """disallowed_hugepage_adjust(): a table made for an exec fault sits where this fault
-        wants a huge page: go one level down instead (into that table), and give the pfn back
-        the next 9 bits of the address."""
+        """disallowed_hugepage_adjust(): a table made for an exec fault (or any table of a mirror
+        root) sits where this fault wants a huge page: go one level down instead (into that
+        table), and give the pfn back the next 9 bits of the address."""
         if (cur_level > PG_LEVEL_4K and cur_level == fault.goal_level and is_shadow_present_pte(spte)
                 and not is_large_pte(spte)):
             self.kvm.touch("possible_nx", False)
             child = self.sp_of.get(spte_to_child_pt(spte, cur_level))
-            if child is not None and child.nx_huge_page_disallowed:
+            if child is not None and (child.nx_huge_page_disallowed or child.is_mirror):
                 page_mask = KVM_PAGES_PER_HPAGE(cur_level) - KVM_PAGES_PER_HPAGE(cur_level - 1)
                 fault.pfn |= fault.gfn & page_mask
                 fault.goal_level -= 1
@@ -269,8 +291,35 @@ class TdpMmu:
         return 0 if root.is_mirror else self.kvm.gfn_direct_bits
 
     # -- setting SPTEs ------------------------------------------------------------------------------------
-    def handle_changed_spte(self, as_id, gfn, old_spte, new_spte, level, shared, vcpu=None):
-        """Bookkeeping after an SPTE changed; recursion into removed tables."""
+    @property
+    def mirror_hooks_72(self):
+        """The mirror hooks as Linux 7.2 has them (one set_external_spte(old, new) from
+        __handle_changed_spte()), not the seed's reflect_* freeze protocol of 6.16."""
+        return self.mirror_hooks == MIRROR_HOOKS_72
+
+    def handle_changed_spte(self, as_id, gfn, old_spte, new_spte, level, shared, vcpu=None, sptep=None):
+        """handle_changed_spte(): bookkeeping after an SPTE changed (non-atomically, or an entry of a
+        removed table), and the recursion into removed tables.  With the 7.2 hooks a change of a
+        mirror SPTE (``sptep`` names the table it is in) reaches the TDX code from here; the
+        callers cannot handle a failure, so it bugs the VM, and a page the S-EPT may still map
+        is leaked."""
+        sp = None if sptep is None else self.sp_of.get(sptep & ~0xFFF)
+        # Only a leaf's removal or split (v5 34/45): making a mirror SPTE present is the atomic
+        # path's, which must know the S-EPT took it before it publishes the SPTE.
+        r = self._handle_changed_spte(sp, as_id, gfn, old_spte, new_spte, level, shared, vcpu, leaf_only=True)
+        if r and self.kvm.KVM_BUG_ON(True, f"set_external_spte gfn {gfn:#x} level {level} "
+                                           f"{spte_str(old_spte)} -> {spte_str(new_spte)} failed ({r})"):
+            if is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level) and not is_shadow_present_pte(new_spte):
+                self.kvm.leak_page(spte_to_pfn(old_spte) << 12, f"private page of gfn {gfn:#x} level {level} "
+                                   f"still in the S-EPT")
+
+    def _handle_changed_spte(self, sp, as_id, gfn, old_spte, new_spte, level, shared, vcpu=None, leaf_only=False):
+        """__handle_changed_spte(): 0, or the error of the external SPTE update (7.2 hooks).
+
+        Removing a table is handle_removed_pt()'s (the TDX module wants every child gone before
+        its parent); every other change of a mirror SPTE (link, map, split, zap) goes to
+        set_external_spte() here, before the trace and the page stats, so that a failed update
+        leaves no trace of a change that the caller will undo (Sean's fix to v5 08/45)."""
         kvm = self.kvm
         was_present = is_shadow_present_pte(old_spte)
         is_present = is_shadow_present_pte(new_spte)
@@ -284,13 +333,26 @@ class TdpMmu:
             kvm.kvm_bug(f"leaf SPTE for gfn {gfn:#x} changed pfn {spte_to_pfn(old_spte):#x} -> "
                         f"{spte_to_pfn(new_spte):#x}")
         if old_spte == new_spte:
-            return
-        if kvm.tracer.enabled:
-            kvm.trace_emit("kvm_tdp_mmu_spte_changed", vcpu, as_id=as_id, gfn=gfn, level=level, old_spte=old_spte,
-                           new_spte=new_spte)
+            return 0
+        hooks_72 = self.mirror_hooks_72
+        if not hooks_72 and kvm.tracer.enabled or not was_present and not is_present:
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_changed", vcpu, as_id=as_id, gfn=gfn, level=level,
+                               old_spte=old_spte, new_spte=new_spte)
         if not was_present and not is_present:
             # Non-present to non-present happens only for MMIO SPTEs and freezing.
-            return
+            return 0
+        removed_pt = was_present and not was_leaf and (is_leaf or not is_present or pfn_changed)
+        if hooks_72:
+            if removed_pt:
+                self.handle_removed_pt(spte_to_child_pt(old_spte, level), shared, vcpu)
+            elif sp is not None and sp.is_mirror and (was_leaf and not is_leaf or not leaf_only):
+                r = self.set_external_spte(gfn, old_spte, new_spte, level, vcpu)
+                if r:
+                    return r
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_changed", vcpu, as_id=as_id, gfn=gfn, level=level,
+                               old_spte=old_spte, new_spte=new_spte)
         if was_present:
             # A translation may have gone: until a flush (or the TD's TRACK and kick) completes,
             # a vCPU in guest mode may still use it (the checker allows it only meanwhile).
@@ -301,8 +363,9 @@ class TdpMmu:
             kvm.update_page_stats(level, 1 if is_leaf else -1)
         if is_leaf and (not was_leaf or pfn_changed) and kvm.checker is not None:
             kvm.checker.leaf_installed(kvm, gfn, level)
-        if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
+        if removed_pt and not hooks_72:
             self.handle_removed_pt(spte_to_child_pt(old_spte, level), shared, vcpu)
+        return 0
 
     def handle_removed_pt(self, pt, shared, vcpu=None):
         """A table was unlinked: freeze and process each of its entries, then free it after RCU."""
@@ -333,18 +396,58 @@ class TdpMmu:
                     continue
                 kvm.touch(("spte", sptep))
                 old = self.mem.xchg64(sptep, REMOVED_SPTE)
+            if sp.is_mirror and not shared and self.mirror_hooks_72:
+                # 7.2: a leaf's removal reaches the S-EPT through set_external_spte(), from
+                # handle_changed_spte() (v5 08/45, 34/45).
+                self.handle_changed_spte(sp.as_id, gfn, old, REMOVED_SPTE, level, shared, vcpu, sptep)
+                continue
             self.handle_changed_spte(sp.as_id, gfn, old, REMOVED_SPTE, level, shared, vcpu)
             if sp.is_mirror:
                 if kvm.KVM_BUG_ON(shared, "removing a mirror table under the shared mmu_lock"):
                     continue
                 self.remove_external_spte(gfn, old, level, vcpu)
         if sp.is_mirror and sp.external_spt is not None:
-            if self._reflect_fault("free_spt") or kvm.x86_ops.reflect_free_spt(kvm, base_gfn, level,
-                                                                                sp.external_spt):
+            if self.mirror_hooks_72:
+                self.reclaim_external_sp(base_gfn, sp)
+            elif self._reflect_fault("free_spt") or kvm.x86_ops.reflect_free_spt(kvm, base_gfn, level,
+                                                                                  sp.external_spt):
                 # WARN upstream: the module still owns the page, so it is leaked on purpose.
                 kvm.leak_page(sp.external_spt, f"S-EPT page of gfn {base_gfn:#x} level {level}")
                 sp.external_spt = None
         kvm.rcu.call_rcu(lambda: self.free_sp(sp))
+
+    # -- the 7.2 mirror hooks: kvm_x86_ops.set_external_spte() and .reclaim_external_sp() ------------
+    def set_external_spte(self, gfn, old_spte, new_spte, level, vcpu=None):
+        """kvm_x86_call(set_external_spte)(kvm, gfn, old_spte, new_spte, level): the one hook through
+        which 7.2 reflects a mirror SPTE's change (the TDX code decides what it is: link, map,
+        split or zap).  The reflect.* fault points stand before it, one per kind."""
+        kvm = self.kvm
+        kind = external_spte_kind(old_spte, new_spte, level)
+        err = self._reflect_fault(_KIND_FAULT_POINT[kind])
+        if err:
+            # As the TDX code would return it: -EBUSY (a retry for link and map), or a KVM_BUG_ON
+            # and -EIO (split and zap bug the VM in handle_changed_spte()).
+            if err != -EBUSY and kind in ("link", "map"):
+                kvm.kvm_bug(f"set_external_spte ({kind}) gfn {gfn:#x} level {level} failed ({err}, injected)")
+            ret = err
+        else:
+            ret = kvm.x86_ops.set_external_spte(kvm, gfn, old_spte, new_spte, level, vcpu)
+        if kvm.tracer.enabled:
+            kvm.trace_emit("kvm_reflect", vcpu, op=f"set_external_spte:{kind}", gfn=gfn, level=level, ret=ret)
+        return ret
+
+    def reclaim_external_sp(self, gfn, sp):
+        """kvm_x86_call(reclaim_external_sp)(kvm, gfn, sp) (v5 09/45): the TDX code reclaims the
+        S-EPT page, or clears sp->external_spt to leak it."""
+        kvm = self.kvm
+        if self._reflect_fault("free_spt"):
+            kvm.leak_page(sp.external_spt, f"S-EPT page of gfn {gfn:#x} level {sp.role_level} (injected)")
+            sp.external_spt = None
+        else:
+            kvm.x86_ops.reclaim_external_sp(kvm, gfn, sp)
+        if kvm.tracer.enabled:
+            kvm.trace_emit("kvm_reflect", None, op="reclaim_external_sp", gfn=gfn, level=sp.role_level,
+                           ret=0 if sp.external_spt is not None else "leaked")
 
     def remove_external_spte(self, gfn, old_spte, level, vcpu=None):
         """remove_external_spte(): only leaves have a page in the S-EPT to remove."""
@@ -427,6 +530,8 @@ class TdpMmu:
         if it.yielded or is_removed_spte(it.old_spte):
             kvm.warn("atomic SPTE update on a yielded iterator or a frozen SPTE")
         if not is_removed_spte(new_spte) and self.is_mirror_sptep(it.sptep):
+            if self.mirror_hooks_72:
+                return self._set_mirror_spte_atomic(it, new_spte, vcpu)
             # Mirror SPTEs can only be installed atomically: zapping one needs the
             # S-EPT's BLOCK/TRACK/REMOVE sequence, which runs under the write lock.
             if kvm.KVM_BUG_ON(not is_shadow_present_pte(new_spte),
@@ -442,6 +547,51 @@ class TdpMmu:
             it.old_spte = self.mem.q[it.sptep >> 3]      # try_cmpxchg64 refreshes the snapshot
             return -EBUSY
         return 0
+
+    def _set_mirror_spte_atomic(self, it, new_spte, vcpu):
+        """__tdp_mmu_set_spte_atomic() for a mirror SPTE with the 7.2 hooks (v5 06/45 and Sean's
+        fix to 08/45): freeze the SPTE, let __handle_changed_spte() propagate the change through
+        set_external_spte(), then publish the new value, or put the old one back on failure, so
+        that installing a mirror SPTE is atomic as far as other vCPUs can tell.  Under the read
+        lock KVM neither zaps nor splits a mirror SPTE: a present old SPTE bugs the VM."""
+        kvm = self.kvm
+        sp = self.sptep_to_sp(it.sptep)
+        old_spte = it.old_spte
+        if kvm.KVM_BUG_ON(is_shadow_present_pte(old_spte) and not kvm.bugs.split_under_shared_lock,
+                          f"mirror SPTE for gfn {it.gfn:#x} level {it.level} zapped or split under the "
+                          f"shared mmu_lock") \
+                or kvm.KVM_BUG_ON(not is_shadow_present_pte(new_spte),
+                                  f"atomic zap of mirror SPTE for gfn {it.gfn:#x}"):
+            return -EBUSY
+        self._point(vcpu, "spte_cmpxchg", it.sptep)
+        if not self.freeze_mirror_sptes:
+            # --no-freeze: publish first, then reflect (before the seed patch).
+            if self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, old_spte, new_spte):
+                it.old_spte = self.mem.q[it.sptep >> 3]
+                return -EBUSY
+            ret = self._handle_changed_spte(sp, it.as_id, it.gfn, old_spte, new_spte, it.level, True, vcpu)
+            if ret:
+                self._point(vcpu, "spte_write", it.sptep)
+                self.mem.write64(it.sptep, old_spte)
+            return ret
+        if self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, old_spte, REMOVED_SPTE):
+            it.old_spte = self.mem.q[it.sptep >> 3]      # v5 02/45: the snapshot is refreshed
+            return -EBUSY
+        if kvm.tracer.enabled:
+            kvm.trace_emit("kvm_tdp_mmu_spte_frozen", vcpu, gfn=it.gfn, level=it.level, old_spte=old_spte)
+        ret = self._handle_changed_spte(sp, it.as_id, it.gfn, old_spte, new_spte, it.level, True, vcpu)
+        self._point(vcpu, "spte_write", it.sptep)
+        if ret and kvm.bugs.reflect_error_leaves_frozen:
+            return ret                        # bug switch: the SPTE stays FROZEN_SPTE
+        if ret:
+            self.mem.write64(it.sptep, old_spte)
+            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="restored",
+                           spte=old_spte, ret=ret)
+        else:
+            self.mem.write64(it.sptep, new_spte)
+            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="new_spte",
+                           spte=new_spte)
+        return ret
 
     def _set_mirror_spte_without_freeze(self, it, new_spte, vcpu):
         """What the code did before the seed patch (--no-freeze): publish the mirror
@@ -464,6 +614,8 @@ class TdpMmu:
         ret = self.__tdp_mmu_set_spte_atomic(it, new_spte, vcpu)
         if ret:
             return ret
+        if self.mirror_hooks_72 and not is_removed_spte(new_spte) and self.is_mirror_sptep(it.sptep):
+            return 0                          # handled inside the freeze
         self.handle_changed_spte(it.as_id, it.gfn, it.old_spte, new_spte, it.level, True, vcpu)
         return 0
 
@@ -474,13 +626,34 @@ class TdpMmu:
         if is_removed_spte(old_spte) or is_removed_spte(new_spte):
             kvm.warn(f"non-atomic set with a frozen SPTE (gfn {gfn:#x})")
         self._point(vcpu, "spte_write", sptep)
-        old_spte = self.mem.xchg64(sptep, new_spte)
+        old_spte = self.kvm_tdp_mmu_write_spte(sptep, old_spte, new_spte, level)
+        if self.mirror_hooks_72:
+            # 7.2: the change reaches the S-EPT from handle_changed_spte() (a zap, or a split).
+            self.handle_changed_spte(as_id, gfn, old_spte, new_spte, level, False, vcpu, sptep)
+            if self.is_mirror_sptep(sptep):
+                # Non-atomic writes make a mirror SPTE present only to split a huge leaf (the
+                # split runs under the write lock: v5 39/45); anything else is not propagated.
+                split = is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level) \
+                    and not is_last_spte(new_spte, level)
+                kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte) and not split,
+                               f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}")
+            return old_spte
         self.handle_changed_spte(as_id, gfn, old_spte, new_spte, level, False, vcpu)
         if self.is_mirror_sptep(sptep):
             # Mirror SPTEs are made present only through the atomic (reflecting) path.
             kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte),
                            f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}")
             self.remove_external_spte(gfn, old_spte, level, vcpu)
+        return old_spte
+
+    def kvm_tdp_mmu_write_spte(self, sptep, old_spte, new_spte, level):
+        """kvm_tdp_mmu_write_spte(): an xchg (returning what the SPTE held) when the CPU may
+        change the old SPTE meanwhile (its A/D bits: kvm_tdp_mmu_spte_need_atomic_update()),
+        else a plain store, and the caller's ``old_spte`` is taken as what it replaced."""
+        if (is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level)
+                and spte_needs_atomic_update(old_spte)):
+            return self.mem.xchg64(sptep, new_spte)
+        self.mem.write64(sptep, new_spte)
         return old_spte
 
     def iter_set_spte(self, it, new_spte, vcpu=None):
@@ -520,7 +693,11 @@ class TdpMmu:
             it = TdpIter(kvm, root, PG_LEVEL_4K, fault.gfn, self.gfn_root_bits(root), vcpu.vcpu_id)
             nx_workaround = kvm.nx_huge_pages          # fault->nx_huge_page_workaround_enabled
             for it in for_each_tdp_pte_min_level(it, fault.gfn + 1):
-                if nx_workaround:
+                # Don't replace a table with a huge SPTE (promotion) if the NX huge page
+                # workaround is on (thrashing), nor in a mirror root: KVM does not promote S-EPT
+                # entries under the read lock (v5 "Prevent hugepage promotion for mirror roots
+                # in fault path": PROMOTE needs BLOCK first, and all 512 children alike).
+                if nx_workaround or root.is_mirror:
                     self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
                 if is_removed_spte(it.old_spte):
                     # Another vCPU is installing this entry (frozen while it reflects):
@@ -540,7 +717,10 @@ class TdpMmu:
                     self.alloc_external_spt(vcpu, sp)
                 sp.nx_huge_page_disallowed = fault.huge_page_disallowed
                 if is_shadow_present_pte(it.old_spte):
-                    if kvm.KVM_BUG_ON(sp.is_mirror, "splitting a huge mirror SPTE"):
+                    # A huge mirror SPTE above the goal: 6.16 has no huge mirror SPTEs at all; with
+                    # the 7.2 hooks the atomic path refuses it (v5 06/45: no split under the read
+                    # lock; a mismatched ACCEPT splits under the write lock before the fault).
+                    if not self.mirror_hooks_72 and kvm.KVM_BUG_ON(sp.is_mirror, "splitting a huge mirror SPTE"):
                         self.free_sp(sp)
                         return RET_PF_RETRY
                     r = self.split_huge_page(it, sp, vcpu)
@@ -558,19 +738,112 @@ class TdpMmu:
         finally:
             kvm.rcu.read_unlock(vcpu.vcpu_id)
 
-    def split_huge_page(self, it, sp, vcpu):
-        """tdp_mmu_split_huge_page(): fill the new table with the huge page's pieces, then link it."""
+    def split_huge_page(self, it, sp, vcpu, shared=True):
+        """tdp_mmu_split_huge_page(): fill the new table with the huge page's pieces, then link it
+        (atomically under the read lock, or with a plain write under the write lock).  A mirror
+        table's link is the S-EPT's split (set_external_spte(): BLOCK, TRACK, DEMOTE)."""
         huge = it.old_spte
         level = it.level
         child_level = level - 1
+        who = vcpu.vcpu_id if hasattr(vcpu, "vcpu_id") else vcpu
         for i in range(512):
             self.mem.write64(sp.spt + i * 8, make_small_spte(huge, child_level, i, self.kvm.nx_huge_pages))
-        ret = self.link_sp(it, sp, True, vcpu.vcpu_id)
+        ret = self.link_sp(it, sp, shared, who)
         if ret:
             return ret
         # handle_changed_spte already dropped the huge leaf; its pieces count one level down.
         self.kvm.update_page_stats(child_level, 512)
+        if self.kvm.tracer.enabled:
+            self.kvm.trace_emit("kvm_mmu_split_huge_page", who, gfn=it.gfn, spte=huge, level=level, errno=0)
         return 0
+
+    # -- splitting huge pages outside the fault path (tdp_mmu_split_huge_pages_root) ---------------
+    def tdp_mmu_alloc_sp_for_split(self, it, vcpu=None):
+        """tdp_mmu_alloc_sp_for_split() (v5 37/45, 38/45): a table page, and for a mirror root its
+        S-EPT page and the split cache's top-up; allocated with mmu_lock dropped (it may sleep).
+        None when the host has no page."""
+        kvm = self.kvm
+        # GFP_KERNEL_ACCOUNT may sleep: with mmu_lock dropped, others run meanwhile.
+        self._point(vcpu, "split_alloc")
+        spt = kvm.alloc_page_for("split")
+        if spt is None:
+            return None
+        kvm.mem.buf[spt:spt + 4096] = SHADOW_NONPRESENT_VALUE.to_bytes(8, "little") * 512
+        sp = KvmMmuPage(spt)
+        self.sp_of[spt] = sp
+        if self.is_mirror_sptep(it.sptep):
+            sp.external_spt = kvm.alloc_page_for("split")
+            if sp.external_spt is None or kvm.x86_ops.topup_external_cache(kvm, vcpu, 1):
+                self.free_sp(sp)
+                return None
+        return sp
+
+    def tdp_mmu_split_huge_pages_root(self, root, start, end, target_level, shared, vcpu=None):
+        """tdp_mmu_split_huge_pages_root(): split every huge page of [start, end) in ``root`` one
+        level at a time down to ``target_level`` (the walk is pre-order, so a 1G page's 2M
+        pieces are met again).  To allocate, mmu_lock is dropped and taken again, and the walk
+        restarts at the same GFN so the SPTE is read again: another task may have split or
+        zapped it meanwhile.  0, or -ENOMEM."""
+        kvm = self.kvm
+        lock = kvm.mmu_lock
+        who = kvm.rcu_reader()
+        sp = None
+        end = min(end, kvm.max_gfn_exclusive)
+        kvm.rcu.read_lock(who)
+        try:
+            it = TdpIter(kvm, root, target_level + 1, start, self.gfn_root_bits(root), vcpu)
+            for it in for_each_tdp_pte_min_level(it, end):
+                while True:                                 # "retry:"
+                    if kvm.vm_dead:
+                        return -EIO                         # (a bugged VM's hooks fail for good)
+                    if self.cond_resched(it, False, shared):
+                        break
+                    if not is_shadow_present_pte(it.old_spte) or not is_large_pte(it.old_spte):
+                        break
+                    if sp is None:
+                        kvm.rcu.read_unlock(who)
+                        lock.read_unlock() if shared else lock.write_unlock()
+                        sp = self.tdp_mmu_alloc_sp_for_split(it, vcpu)
+                        lock.read_lock() if shared else lock.write_lock()
+                        if sp is None:
+                            kvm.trace_emit("kvm_mmu_split_huge_page", vcpu, gfn=it.gfn, spte=it.old_spte,
+                                           level=it.level, errno=-ENOMEM)
+                            return -ENOMEM
+                        kvm.rcu.read_lock(who)
+                        if kvm.bugs.split_alloc_no_recheck:
+                            continue                        # bug switch: split what was read before
+                        it.yielded = True                   # read the SPTE again: restart the walk here
+                        break
+                    self.init_child_sp(sp, it)
+                    if self.split_huge_page(it, sp, vcpu, shared):
+                        continue                            # "goto retry" (it.old_spte was refreshed)
+                    sp = None
+                    break
+        finally:
+            kvm.rcu.read_unlock(who)
+        # A split that lost its race to another task's leaves an sp unused.
+        if sp is not None:
+            self.free_sp(sp)
+        return 0
+
+    def tdp_mmu_split_huge_pages(self, types, start, end, target_level, shared, vcpu=None):
+        """tdp_mmu_split_huge_pages() (v5, before 41/45): every root of ``types``."""
+        kvm = self.kvm
+        if shared:
+            kvm.lockdep_assert_held_read()
+        else:
+            kvm.lockdep_assert_held_write()
+        for root in self.roots_of_types(types):
+            r = self.tdp_mmu_split_huge_pages_root(root, start, end, target_level, shared, vcpu)
+            if r:
+                return r
+        return 0
+
+    def kvm_tdp_mmu_mirrors_split_huge_pages(self, start, end, target_level, shared=False, vcpu=None):
+        """kvm_tdp_mmu_mirrors_split_huge_pages() (Sean, 2026-01-29): split the huge pages of
+        [start, end) in every mirror root (in practice there is one valid mirror root) under
+        mmu_lock held for write.  Used for a mismatched ACCEPT and before a conversion."""
+        return self.tdp_mmu_split_huge_pages(KVM_MIRROR_ROOTS, start, end, target_level, shared, vcpu)
 
     def map_handle_target_level(self, vcpu, fault, it):
         """tdp_mmu_map_handle_target_level()"""
@@ -639,6 +912,9 @@ class TdpMmu:
                 continue
             if not is_shadow_present_pte(it.old_spte) or not is_last_spte(it.old_spte, it.level):
                 continue
+            if root.is_mirror and kvm.checker is not None:
+                # A private page outside [start, end) would go with the leaf (its data lost).
+                kvm.checker.zap_range(kvm, it.gfn, it.level, start, end)
             self.iter_set_spte(it, SHADOW_NONPRESENT_VALUE)
             # No vCPU uses an invalid root, so its zapped SPTEs need no TLB flush.
             if not root.invalid:
@@ -754,6 +1030,15 @@ class _SpIter:
     def __init__(self, sptep, old_spte, gfn, level, as_id):
         self.sptep, self.old_spte, self.gfn, self.level, self.as_id = sptep, old_spte, gfn, level, as_id
         self.yielded = False
+
+
+def spte_needs_atomic_update(spte):
+    """spte_needs_atomic_update(): the CPU may set A or D (or KVM's fast path W) under us."""
+    if not spte & PT_WRITABLE_MASK and spte & EPT_SPTE_MMU_WRITABLE:
+        return True
+    if spte & SPTE_TDP_AD_MASK != SPTE_TDP_AD_ENABLED:
+        return False
+    return not spte & shadow_accessed_mask or bool(spte & PT_WRITABLE_MASK and not spte & shadow_dirty_mask)
 
 
 def is_access_allowed(fault, spte):

@@ -33,6 +33,7 @@ KVM_EINVAL = 22
 
 # kvm_run exit reasons (uapi kvm.h)
 KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_IO = 2
 KVM_EXIT_HYPERCALL = 3
 KVM_EXIT_HLT = 5
 KVM_EXIT_MMIO = 6
@@ -41,9 +42,29 @@ KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_MEMORY_FAULT = 39
 KVM_EXIT_INTR = 10
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
 EXIT_NAMES = {KVM_EXIT_INTR: "intr", KVM_EXIT_UNKNOWN: "unknown", KVM_EXIT_HYPERCALL: "hypercall", KVM_EXIT_HLT: "hlt",
-              KVM_EXIT_MMIO: "mmio", KVM_EXIT_SHUTDOWN: "shutdown", KVM_EXIT_INTERNAL_ERROR: "internal_error",
+              KVM_EXIT_IO: "io", KVM_EXIT_X86_RDMSR: "x86_rdmsr", KVM_EXIT_X86_WRMSR: "x86_wrmsr", KVM_EXIT_MMIO: "mmio", KVM_EXIT_SHUTDOWN: "shutdown", KVM_EXIT_INTERNAL_ERROR: "internal_error",
               KVM_EXIT_SYSTEM_EVENT: "system_event", KVM_EXIT_MEMORY_FAULT: "memory_fault"}
 
 # Internal memslot flag (include/linux/kvm_host.h): the slot is being deleted or moved.
 KVM_MEMSLOT_INVALID = 1 << 16
+
+# kvm_run.io (KVM_EXIT_IO): direction; the data sit at data_offset from kvm_run, in the page after it
+KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
+KVM_PIO_PAGE_OFFSET = 1
+
+# kvm_run.msr (KVM_EXIT_X86_RDMSR/WRMSR): reason; KVM_CAP_X86_USER_SPACE_MSR takes a mask of them
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+KVM_MSR_EXIT_REASON_VALID_MASK = KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER
+
+# KVM_X86_SET_MSR_FILTER (arch/x86/include/uapi/asm/kvm.h)
+KVM_MSR_FILTER_READ = 1 << 0
+KVM_MSR_FILTER_WRITE = 1 << 1
+KVM_MSR_FILTER_DEFAULT_ALLOW = 0
+KVM_MSR_FILTER_DEFAULT_DENY = 1 << 0
+KVM_MSR_FILTER_MAX_RANGES = 16
+KVM_MSR_FILTER_MAX_BITMAP_SIZE = 0x600

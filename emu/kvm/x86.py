@@ -8,7 +8,7 @@ import zlib
 from ..hw.vcpu import Vcpu
 from ..hw.exits import VECTOR_NAMES  # noqa: F401
 from .kvm_host import (KvmIoctlError, KvmRun, EIO, KVM_ENOSYS, KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
-                       OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE)
+                       KVM_REQ_VM_DEAD, OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE)
 from .mmu import KvmMmuMemoryCache
 from .spte import SHADOW_NONPRESENT_VALUE
 from .uapi import (KVM_EXIT_INTR, KVM_EXIT_HYPERCALL, EXIT_NAMES, KVM_HC_MAP_GPA_RANGE, KVM_EINVAL,
@@ -120,9 +120,12 @@ class KvmVcpuX86:
         kvm.sched.point(self.vcpu_id, kind)
 
     # -- running ------------------------------------------------------------------------------------------
-    def exit_to_user(self, reason, **fields):
-        self.kvm_run = KvmRun(reason, **fields)
-        self.kvm.trace_emit("kvm_userspace_exit", self.vcpu_id, reason=EXIT_NAMES.get(reason, reason))
+    def exit_to_user(self, exit_reason, **fields):
+        self.kvm_run = KvmRun(exit_reason, **fields)
+        # the port of KVM_EXIT_IO, the MSR of KVM_EXIT_X86_RDMSR/WRMSR
+        extra = {k: fields[k] for k in ("port", "index") if k in fields}
+        self.kvm.trace_emit("kvm_userspace_exit", self.vcpu_id, reason=EXIT_NAMES.get(exit_reason, exit_reason),
+                            **extra)
 
     def run(self):
         """KVM_RUN (kvm_arch_vcpu_ioctl_run): the vCPU holds kvm->srcu while it runs KVM code
@@ -230,6 +233,10 @@ class KvmVcpuX86:
         return KvmIoctlError(EIO, f"the VM is dead ({self.kvm.bug_reason}) (-EIO)")
 
     def process_requests(self):
+        if self.requests & KVM_REQ_VM_DEAD:
+            # vcpu_enter_guest(): kvm_check_request(KVM_REQ_VM_DEAD) -> -EIO, no entry.
+            self.requests &= ~KVM_REQ_VM_DEAD
+            raise self.vm_dead_error()
         if self.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS:
             self.kvm_mmu_free_obsolete_roots()
         if self.requests & KVM_REQ_TLB_FLUSH:

@@ -53,6 +53,17 @@ handler turns into TDG.VP.VMCALL<#VE.RequestMMIO> (R11 = 48, R12 = size, R13 =
 back in R11).  In a plain VM KVM would emulate the instruction; this model has
 no instruction emulator, so there the access ends the run.
 
+Port I/O (the VMM's device table, Machine.pio_handlers, port -> handler):
+    EMU_DEBUGCON_PORT (0xe9, QEMU's isa-debugcon): each byte written is console
+        output (the run's text and --json "console"); a read returns 0xe9.
+    IO_DELAY_PORT (0x80, QEMU's ioport80): writes are dropped, reads return 0xff.
+    Any other port is unassigned: a write is dropped, a read returns all ones
+    (as QEMU's unassigned I/O).  The selftest ucall port 0x1000 is registered by
+    the selftest API.
+MSRs: the VMM filters MSR_CORE_THREAD_COUNT (0x35) and answers it itself, as
+QEMU does (KVM_X86_SET_MSR_FILTER, KVM_EXIT_X86_RDMSR): cores in 31:16,
+threads in 15:0.
+
 A vCPU ends with HLT.  A guest that does not use the runtime still works; it
 just reports nothing.
 """
@@ -132,6 +143,12 @@ EMU_MMIO_REGS = 0x18              # the registers' end
 EMU_MMIO_ID = 0x4F494D4D2D554D45  # b"EMU-MMIO", little-endian
 TDVMCALL_VE_REQUEST_MMIO = 48     # GHCI TDG.VP.VMCALL<#VE.RequestMMIO>, R11 (EXIT_REASON_EPT_VIOLATION)
 TDVMCALL_EXPOSE_REGS_MMIO = 0xFC00  # R10 to R15
+
+# Port I/O devices of the VMM (Machine.pio_handlers).
+EMU_DEBUGCON_PORT = 0xE9          # debug console: bytes written are the run's console output
+DEBUGCON_READBACK = 0xE9          # what a read of it returns (QEMU's isa-debugcon "readback")
+IO_DELAY_PORT = 0x80              # POST/delay port: a sink
+MSR_CORE_THREAD_COUNT = 0x35      # the MSR the VMM answers (KVM_EXIT_X86_RDMSR)
 
 # Memory layout.
 GUEST_LOAD_BASE = 0x100000        # where guest/link.ld puts the image (1 MiB)

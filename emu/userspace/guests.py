@@ -291,16 +291,38 @@ def build(src_path):
         dep = elf.with_suffix(".d")
         inputs += objs + _include_inputs() + _c_dependencies(dep)
     if not _stale(elf, inputs) and (not is_c or dep.is_file()):
+        if not is_c and not _defines_start(elf):
+            raise _no_start(src_path)
         return elf
     obj = elf.with_suffix(".o")
     if is_c:
         _compile(src, obj, dep)
     else:
         _assemble(src, obj)
+    if not is_c and not _defines_start(obj):
+        raise _no_start(src_path)
     _replace_from_tmp(elf, lambda tmp: _run(
         ["ld", "-T", str(LINK_SCRIPT), "-nostdlib", "-o", tmp, str(obj), *map(str, objs)],
         f"linking {src}"))
     return elf
+
+
+def _no_start(src_path):
+    return GuestError(f"{src_path}: no _start: a guest's code begins at the global label _start "
+                      f"(.globl _start, then _start: on its first instruction)")
+
+
+def _defines_start(obj):
+    """The assembled guest (or its ELF) defines a global _start (else ld would warn, link anyway
+    and start it at the beginning of .text: in the runtime)."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+    with open(obj, "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        if not isinstance(symtab, SymbolTableSection):
+            return False
+        return any(s.name == "_start" and s["st_shndx"] != "SHN_UNDEF" and s["st_info"]["bind"] != "STB_LOCAL"
+                   for s in symtab.iter_symbols())
 
 
 def _is_elf(path):

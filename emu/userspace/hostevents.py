@@ -4,6 +4,9 @@
     --host 'shared START-END[@STEP]'    KVM_SET_MEMORY_ATTRIBUTES to shared, and the hole punched in
                                         guest_memfd (as QEMU converts)  (a TD or a sw-protected VM)
     --host 'private START-END[@STEP]'   KVM_SET_MEMORY_ATTRIBUTES to private  (likewise)
+    --host 'punch START-END[@STEP]'     fallocate(PUNCH_HOLE) on guest_memfd: private memory taken
+                                        from under the TD (its data gone; a TD's huge pages the hole
+                                        cuts are split first, so only the hole goes)  (a TD)
     --host 'nx-recover START-END[@STEP]'
                                         the NX huge page recovery worker (kvm_recover_nx_huge_pages,
                                         a kthread): zaps the possible NX huge pages of the range under
@@ -25,7 +28,7 @@ scheduling point STEP on (default 0); if every vCPU has finished by then, it run
 
 import re
 
-EVENTS = ("migrate", "shared", "private", "nx-recover", "delete", "move")
+EVENTS = ("migrate", "shared", "private", "nx-recover", "punch", "delete", "move")
 _SYNTAX = re.compile(r"^\s*([\w-]+)\s+(\S+?)-([^\s@]+)(?:\s+([^\s@]+))?\s*(?:@\s*(\d+))?\s*$")
 
 
@@ -44,6 +47,10 @@ class HostEvent:
 
 
 def parse_host_event(text):
+    body, at, step_text = (text or "").partition("@")
+    if at and not re.fullmatch(r"\s*\d+\s*", step_text):
+        raise HostEventError(f"bad step in host event {text!r}: STEP (after @) is a scheduling point, "
+                             f"a whole number (e.g. @40)")
     m = _SYNTAX.match(text or "")
     if not m:
         raise HostEventError(f"bad host event {text!r}: the syntax is 'EVENT START-END[@STEP]' (or "
@@ -94,6 +101,8 @@ def check_event(event, machine):
         if event.to < machine.mem_size:
             raise HostEventError(f"host event {event.text!r}: TO must lie above guest memory "
                                  f"({machine.mem_size:#x}), where no memslot is")
+    if event.kind == "punch" and not machine.td:
+        raise HostEventError(f"host event {event.text!r}: guest_memfd (private memory) needs a TD (--vm tdx)")
     if event.kind == "migrate" and machine.backing_level != 1:
         raise HostEventError(f"host event {event.text!r}: page migration moves 4K pages; the guest's "
                              f"memory is backed by huge pages (--hugepages)")
@@ -112,6 +121,8 @@ def run_event(event, machine, who):
         machine.migrate(event.start, event.end)
     elif event.kind == "nx-recover":
         kvm.recover_nx_huge_pages(event.start >> 12, event.end >> 12)
+    elif event.kind == "punch":
+        machine.gmem_punch_hole(event.start, event.end)
     elif event.kind == "delete":
         machine.removed_ranges.append((event.start, event.end))
         machine.delete_region(event.slot)

@@ -172,6 +172,16 @@ def _read_image(path, elf, file_size):
     if etype not in ("ET_EXEC", "ET_DYN"):
         raise LoadError(f"{path}: ELF type {etype}, not an executable")
 
+    for ph in elf.iter_segments():
+        # A guest runs on bare (virtual) hardware: nobody there loads shared libraries or
+        # relocates a position-independent image.
+        if ph["p_type"] == "PT_INTERP":
+            interp = ph.data().rstrip(b"\0").decode("utf-8", "replace")
+            raise LoadError(f"{path}: a dynamically linked program (it asks for the interpreter {interp}): a guest "
+                            f"must be a static, freestanding executable (e.g. gcc -static -nostdlib)")
+        if ph["p_type"] == "PT_DYNAMIC":
+            raise LoadError(f"{path}: not a static executable (it has a PT_DYNAMIC segment: it needs relocating "
+                            f"or shared libraries): link it with -static -nostdlib (not -static-pie)")
     segments = []
     for idx, ph in enumerate(elf.iter_segments()):
         if ph["p_type"] != "PT_LOAD" or ph["p_memsz"] == 0:

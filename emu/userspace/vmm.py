@@ -4,11 +4,22 @@
     result = m.run()        # Result: exit, reports, stats, vcpus
 
 It creates the VM, backs guest memory with host memory, loads the guest ELF
-(emu.userspace.loader), creates the vCPUs with the boot registers, and runs them,
-answering the exits KVM hands to userspace: the guest runtime's report and
-fail hypercalls, HLT (the vCPU is done), and errors (the run ends).
+(emu.userspace.loader), creates the vCPUs with the boot registers, the CPUID table
+(emu.userspace.cpu) and the boot MSRs, and runs them, answering the exits KVM hands to
+userspace: the guest runtime's report and fail hypercalls, port I/O (the device table
+``pio_handlers``: port -> handler), the MSRs it filters, HLT (the vCPU is done), and
+errors (the run ends).
+
+A run can be stopped, as QEMU stops its vCPUs: ``stop()`` (a signal, a watchdog: see
+emu.userspace.watchdog) signals every vCPU, KVM_RUN returns KVM_EXIT_INTR, and no vCPU
+enters again.  Its limits: ``max_insns`` (blocks of guest code, all vCPUs together,
+counted deterministically: emu.hw.slice.BlockLimit) and ``timeout`` (seconds of wall
+clock); a run past either ends with exit "hang", one interrupted by ``signals`` (the
+CLI's emu.userspace.watchdog.Signals) with "interrupted".  Either error line names, for
+every vCPU still running, its RIP, instruction and symbol and the loop it spins in.
 """
 
+import contextlib
 import struct
 
 from . import guestabi, guests, loader
@@ -19,12 +30,25 @@ from ..kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, K
 from ..kvm.kvm_host import EINVAL, EEXIST, EFAULT
 from ..kvm.uapi import (KVM_X86_SW_PROTECTED_VM, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED,
                         KVM_MEMORY_ATTRIBUTE_PRIVATE)
+from ..kvm.uapi import (KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR,
+                        KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_FILTER_READ, KVM_MSR_FILTER_WRITE,
+                        KVM_MSR_FILTER_DEFAULT_ALLOW)
+from ..kvm.x86_msr import MSR_IA32_APICBASE_BSP, MSR_IA32_APICBASE_ENABLE, APIC_DEFAULT_PHYS_BASE
+from ..hw.msr import MSR_IA32_APICBASE, MSR_IA32_ARCH_CAPABILITIES
+from . import cpu as cpu_model
 from ..kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
 from ..hw.exits import VECTOR_NAMES
 from ..trace import NULL_TRACER
 
 HUGE_2M = 2 * MiB
 VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "sw-protected": KVM_X86_SW_PROTECTED_VM, "tdx": KVM_X86_TDX_VM}
+# What a TD's #VE stood for (VE_INFO's exit reason), for the error line of a TD with no handler.
+VE_CAUSES = {10: "a CPUID leaf the TDX module does not virtualize (td_cpuid_exit())",
+             12: "HLT (the TDX module's td_generic_ve_exit())",
+             30: "port I/O (the TDX module's td_generic_ve_exit())",
+             31: "an RDMSR the TDX module does not handle (td_rdmsr_exit())",
+             32: "a WRMSR the TDX module does not handle (td_wrmsr_exit())",
+             48: "an EPT violation"}
 HUGEPAGES = {None: PG_LEVEL_4K, "4k": PG_LEVEL_4K, "2m": PG_LEVEL_2M, "1g": PG_LEVEL_1G}
 # The ids of the VMM's own memslots for guest memory: 0 for the piece at GPA 0, these for the
 # pieces a memslot host event needs of its own (emu.userspace.hostevents: delete, move).
@@ -74,6 +98,7 @@ class Result:
         self.stats = {}
         self.vcpus = []             # final registers per vCPU
         self.shared_bit = None      # a TD's shared-GPA bit
+        self.console = ""           # what the guest wrote to the debug console port
 
     @property
     def ok(self):
@@ -84,6 +109,7 @@ class Result:
                 "shared_bit": self.shared_bit, "reports": [v for _, v in self.reports],
                 "report_vcpus": [c for c, _ in self.reports], "vcpu_exits": self.vcpu_exits,
                 "syncs": [list(s) for s in self.syncs], "printfs": [list(p) for p in self.printfs],
+                "console": self.console,
                 "stats": self.stats, "vcpus": self.vcpus}
 
 
@@ -121,7 +147,8 @@ def parse_size(text):
 class Machine:
     def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None,
                  td_attributes=None, no_freeze=False, inject=(), seed=0, host_events=(), bugs=(),
-                 nx_huge_pages=False, regions=(), guest_globals=None, virt_maps=(), host_reserve=0):
+                 nx_huge_pages=False, mirror_hooks=None, tdx_huge_pages=False, demote_interruptible=False,
+                 regions=(), guest_globals=None, virt_maps=(), host_reserve=0):
         """``regions``: MemRegion (slot, gpa, size, guest_memfd) memslots besides guest memory,
         made at build time and mapped in the guest's page tables (identity; in a TD also at the
         shared window); ``virt_maps``: (gpa, size) ranges mapped likewise with no memslot (yet);
@@ -139,6 +166,23 @@ class Machine:
         if mem > guestabi.EMU_MMIO_GPA:
             raise MachineError(f"guest memory of {mem:#x} bytes would reach the MMIO device at GPA "
                                f"{guestabi.EMU_MMIO_GPA:#x}")
+        from ..kvm.tdp_mmu import MIRROR_HOOKS, MIRROR_HOOKS_616, MIRROR_HOOKS_72
+        if mirror_hooks is not None and mirror_hooks not in MIRROR_HOOKS:
+            raise MachineError(f"unknown mirror hooks {mirror_hooks!r} ({', '.join(MIRROR_HOOKS)})")
+        if tdx_huge_pages:
+            # kvm_intel.tdx_huge_page: private 2M mappings, built on the 7.2 mirror hooks, with
+            # guest_memfd backed by huge folios.
+            if vm != "tdx":
+                raise MachineError("--tdx-huge-pages is about a TD's private memory: it needs --vm tdx")
+            if HUGEPAGES[hugepages] < PG_LEVEL_2M:
+                raise MachineError("--tdx-huge-pages needs guest_memfd backed by 2M folios: --hugepages 2m")
+            if mirror_hooks == MIRROR_HOOKS_616:
+                raise MachineError("--tdx-huge-pages builds on the 7.2 mirror hooks: not with --mirror-hooks 6.16")
+        if demote_interruptible and vm != "tdx":
+            raise MachineError("--demote-interruptible is about the TDX module: it needs --vm tdx")
+        self.mirror_hooks = mirror_hooks or (MIRROR_HOOKS_72 if tdx_huge_pages else MIRROR_HOOKS_616)
+        self.tdx_huge_pages = bool(tdx_huge_pages)
+        self.demote_interruptible = bool(demote_interruptible)
         try:
             self.elf = guests.resolve(guest)
             self.image = loader.load_elf(self.elf)
@@ -146,6 +190,14 @@ class Machine:
             raise MachineError(str(e)) from None
         self.vm_type = VM_TYPES[vm]
         self.vm_name = vm
+        # The run's limits and its stop (see the module's docstring): set before run().
+        self.max_insns = None
+        self.timeout = None
+        self.signals = None
+        self.progress = None                 # a callable(text) drawing the status line (a terminal)
+        self.stop_reason = None              # "interrupted" or "hang" once the VMM stops every vCPU
+        self.stop_why = None
+        self.guest_blocks = None             # blocks of guest code the last run ran (when counted)
         if td_attributes is None:
             from tdxmod.abi import TD_ATTR_SEPT_VE_DISABLE, TD_ATTR_DEBUG
             td_attributes = TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG
@@ -154,6 +206,13 @@ class Machine:
         # The MMIO device's state (guestabi.EMU_MMIO_*): the scratch register, the writes taken.
         self.mmio_scratch = bytearray(8)
         self.mmio_writes = 0
+        # The port I/O devices: port -> handler(vcpu_id, is_write, size, data) -> the bytes read (IN)
+        # or None.  A port with no handler reads all ones and drops writes (QEMU's unassigned I/O).
+        self.console = bytearray()
+        self.pio_handlers = {guestabi.IO_DELAY_PORT: self._pio_delay, guestabi.EMU_DEBUGCON_PORT: self._pio_debugcon}
+        self.pio_counts = {}          # port -> I/O exits userspace took for it
+        # MSRs the VMM filters and answers (index -> handler(vcpu, is_write, data) -> (ok, data)).
+        self.msr_handlers = {guestabi.MSR_CORE_THREAD_COUNT: self._msr_core_thread_count}
         self.tracer = tracer or NULL_TRACER
         if self.tracer.enabled:
             self.tracer.symbolize = self.image.symbolize
@@ -255,6 +314,7 @@ class Machine:
         self.vcpus = []
         for i in range(vcpus):
             v = self.kvm.create_vcpu(i)
+            self._init_vcpu(v, i, vcpus)
             v.set_regs(self.boot.regs(i))
             self.vcpus.append(v)
 
@@ -267,13 +327,30 @@ class Machine:
 
     def _create_vm(self, kvm):
         """KVM_CREATE_VM done: KVM_CAP_EXIT_HYPERCALL for the guest runtime's calls (and, in a VM
-        with private memory, KVM_HC_MAP_GPA_RANGE, as QEMU and the selftests enable it), and the
-        run-time checks armed (emu.checkers.check: the harness's, not QEMU's)."""
+        with private memory, KVM_HC_MAP_GPA_RANGE, as QEMU and the selftests enable it); the MSRs
+        the VMM answers itself (QEMU's kvm_arch_init(): KVM_CAP_X86_USER_SPACE_MSR with
+        KVM_MSR_EXIT_REASON_FILTER, and a filter that denies them to the guest so that KVM hands
+        them over); and the run-time checks armed (emu.checkers.check: the harness's, not QEMU's)."""
         from ..checkers.check import install
         kvm.hypercall_exit_enabled.update(guestabi.EMU_USERSPACE_HCS)
         if kvm.has_private_mem:
             kvm.hypercall_exit_enabled.add(KVM_HC_MAP_GPA_RANGE)
+        kvm.enable_cap_user_space_msr(KVM_MSR_EXIT_REASON_FILTER)
+        kvm.set_msr_filter(KVM_MSR_FILTER_DEFAULT_ALLOW,
+                           [(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE, index, 1, bytes(8))
+                            for index in sorted(self.msr_handlers)])
         return install(kvm)
+
+    def _init_vcpu(self, v, index, nvcpus):
+        """KVM_SET_CPUID2 (the -cpu host table, emu.userspace.cpu) and the boot MSRs (KVM_SET_MSRS,
+        host-initiated): IA32_ARCH_CAPABILITIES, and in a plain VM the local APIC's base, enabled,
+        BSP on vCPU 0 (a TD's is KVM's: x2APIC mode, set by KVM_TDX_INIT_VCPU)."""
+        v.set_cpuid2(cpu_model.cpuid_host(index, nvcpus, td=self.td))
+        msrs = {MSR_IA32_ARCH_CAPABILITIES: cpu_model.ARCH_CAPABILITIES}
+        if not self.td:
+            msrs[MSR_IA32_APICBASE] = APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE | \
+                (MSR_IA32_APICBASE_BSP if index == 0 else 0)
+        v.set_msrs(msrs)
 
     def _extra_maps(self, regions):
         """The guest page-table mappings besides the identity map of guest memory: the regions
@@ -347,10 +424,15 @@ class Machine:
         self.host = Host(self._host_size(mem, align, regions), tdx=True)
         module = self.host.tdx_module
         module.tracer = self.tracer
-        ops = TdxX86Ops(module, attributes)
+        if self.demote_interruptible:
+            # A module without ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 source, which has no such bit).
+            from tdxmod.abi import TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
+            module.features0 &= ~TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
+        ops = TdxX86Ops(module, attributes, tdx_huge_page=self.tdx_huge_pages)
         self.kvm = self._create_vm(Kvm(self.host, KVM_X86_TDX_VM, tracer=self.tracer, x86_ops=ops))
         # The bug switch: before the seed patch, mirror SPTEs were published, then reflected.
         self.kvm.tdp_mmu.freeze_mirror_sptes = not self.no_freeze
+        self.kvm.tdp_mmu.mirror_hooks = self.mirror_hooks
         if self.kvm.vm_dead:
             raise MachineError(f"cannot create the TD: {self.kvm.bug_reason}")
         self.shared_bit = self.kvm.gfn_direct_bits << 12
@@ -381,6 +463,8 @@ class Machine:
         self.vcpus = [self.kvm.create_vcpu(i) for i in range(vcpus)]
         if self.kvm.vm_dead:
             raise MachineError(f"cannot create the TD's vCPUs: {self.kvm.bug_reason}")
+        for i, v in enumerate(self.vcpus):
+            self._init_vcpu(v, i, vcpus)
         source = self.host.mmap(0x1000)                  # the VMM's source page for PAGE.ADD
         v0 = self.vcpus[0]
         v0.mmu_load()
@@ -513,19 +597,23 @@ class Machine:
                 return self.run_scheduled(Scheduler(max_steps=max_steps, tracer=self.tracer))
             except (StepLimit, Deadlock) as e:
                 res = Result()
-                res.exit, res.error = "timeout", f"the scheduler stopped the run: {e}"
+                if self.stop_reason is not None:
+                    res.exit = self.stop_reason   # (a vCPU left waiting for one that stopped)
+                else:
+                    res.exit, res.error = "timeout", f"the scheduler stopped the run: {e}"
                 return self._finish(res, {}, collect_regs=True)
         res = Result()
         live = list(self.vcpus)
         ended = {}
         exits = 0
-        while live and res.error is None and exits < max_userspace_exits:
-            for v in list(live):
-                exits += 1
-                if self._step(v, res, ended):
-                    live.remove(v)
-                if res.error is not None:
-                    break
+        with self.watchdog():
+            while live and res.error is None and exits < max_userspace_exits:
+                for v in list(live):
+                    exits += 1
+                    if self._step(v, res, ended):
+                        live.remove(v)
+                    if res.error is not None:
+                        break
         if live and res.error is None:
             res.exit, res.error = "timeout", f"the guest made more than {max_userspace_exits} userspace exits"
         return self._finish(res, ended, collect_regs=True)
@@ -564,13 +652,97 @@ class Machine:
         for fn, name in self.host_threads:
             sched.spawn(self._host_thread(fn, name, res), name=name, host=True)
         try:
-            sched.run()
+            with self.watchdog():
+                sched.run()
         finally:
             self.kvm.on_checker_violation = None
             self.kvm.sched = None
             if self.td:
                 self.host.tdx_module.sched = None
         return self._finish(res, ended, collect_regs)
+
+    # -- stopping a run: signals and watchdogs ----------------------------------------------------------
+    @contextlib.contextmanager
+    def watchdog(self):
+        """The run's limits armed around it: the block limit on every vCPU, and the watchdog
+        thread (emu.userspace.watchdog) when there is a timeout, signals or a progress line."""
+        from ..hw.slice import BlockLimit, NO_BUDGET
+        from .watchdog import Watchdog
+        self.stop_reason = self.stop_why = None
+        limit = None
+        if self.max_insns is not None or self.progress is not None:
+            limit = BlockLimit(NO_BUDGET if self.max_insns is None else self.max_insns, self._limit_expired)
+        for v in self.vcpus:
+            v.hw.limit = limit
+        thread = None
+        if self.timeout is not None or self.signals is not None or self.progress is not None:
+            thread = Watchdog(self, self.signals, self.timeout, self.progress)
+        try:
+            if thread is None:
+                yield
+            else:
+                with thread:
+                    yield
+        finally:
+            for v in self.vcpus:
+                v.hw.limit = None
+                if self.stop_reason is not None:
+                    v.signal_pending = False      # the VMM has taken the signal (the thread is joined)
+            self.guest_blocks = None if limit is None else limit.used
+
+    def _limit_expired(self, hw):
+        self.stop("hang", f"--max-insns {self.max_insns} reached")
+
+    def stop(self, reason, why):
+        """Stop every vCPU (safe from another thread): ``reason`` is the run's exit ("interrupted",
+        "hang"), ``why`` its first words.  The first stop wins."""
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_why = reason, why
+        self.kick_all()
+
+    def kick_all(self):
+        """A signal to every vCPU: KVM_RUN returns KVM_EXIT_INTR; one running guest code leaves it."""
+        for v in self.vcpus:
+            v.send_signal()
+
+    def progress_text(self, elapsed):
+        """The status line of a long run: elapsed time, guest blocks, exits, pages mapped."""
+        blocks = sum(v.hw.blocks_run() for v in self.vcpus)
+        exits = sum(v.stat["exits"] for v in self.vcpus)
+        st = self.kvm.stat
+        pages = st["pages_4k"] + st["pages_2m"] + st["pages_1g"]
+        return (f"  {elapsed:6.1f} s   {_count(blocks)} guest blocks   {_count(exits)} exits   "
+                f"{pages} pages mapped   (Ctrl-C stops)")
+
+    def _stopped(self, v, res, ended):
+        """The VMM stopped ``v`` (its KVM_RUN returned for the signal, or it is not run again)."""
+        ended.setdefault(v.vcpu_id, self.stop_reason)
+        if res.error is None:
+            res.exit, res.error = self.stop_reason, self.stop_why     # completed by _finish
+
+    def describe_vcpu(self, v):
+        """'vCPU 1 at rip 0x100012 spin+0x2: jmp 0x100010, looping in 0x100010-0x100014
+        (spin+0x0..spin+0x4)': where a vCPU is, and the loop it spins in when it spins in one."""
+        from ..disasm import loop_range
+        rip = self._rip(v)
+        text = f"vCPU {v.vcpu_id} at rip {rip:#x} {self.symbolize(rip)}: {self.insn_text(v, rip) or '?'}"
+        loop = loop_range(self._code_reader(v), rip)
+        if loop is not None:
+            lo, hi = loop
+            text += f", looping in {lo:#x}-{hi:#x} ({self.symbolize(lo)}..{self.symbolize(hi - 1)})"
+        return text
+
+    def insn_text(self, v, rip):
+        """The instruction at ``rip``, disassembled (None if it cannot be read or decoded)."""
+        from ..disasm import disassemble_one
+        return disassemble_one(self._code_reader(v)(rip, 15), rip)
+
+    def _code_reader(self, v):
+        """read(gva, n): the guest's code bytes.  A TD's private memory is not the host's to read:
+        its code is read from the image the TD was built from (what its memory holds there)."""
+        if self.td:
+            return lambda gva, n: self.image.read(gva, n) or b""
+        return v.read_guest_virt
 
     def _host_task(self, event, who, res):
         from .hostevents import run_event
@@ -633,6 +805,9 @@ class Machine:
 
     def _step(self, v, res, ended):
         """One KVM_RUN of ``v`` and its userspace exit; True when the vCPU is done."""
+        if self.stop_reason is not None:
+            self._stopped(v, res, ended)          # the VM is stopped: no vCPU enters again
+            return True
         try:
             run = v.run()
         except KvmIoctlError as e:
@@ -648,6 +823,9 @@ class Machine:
                     res.exit, res.error = "ioctl_error", f"vCPU {v.vcpu_id}: KVM_RUN failed: {e}"
                     res.errno = e.errno
                 return True
+        if run.exit_reason == KVM_EXIT_INTR and self.stop_reason is not None:
+            self._stopped(v, res, ended)          # a signal, a watchdog
+            return True
         if (res.error is not None or self.kvm.violations) and run.exit_reason == KVM_EXIT_INTR:
             ended[v.vcpu_id] = "stopped"          # stopped by the VMM after another vCPU's error
             return True
@@ -658,6 +836,18 @@ class Machine:
         return False
 
     def _finish(self, res, ended, collect_regs):
+        if self.stop_reason is not None and res.exit == self.stop_reason:
+            # Stopped: every vCPU still running, where it is (its last KVM_RUN has returned).
+            running = [v for v in self.vcpus if ended.get(v.vcpu_id, self.stop_reason) in (self.stop_reason, "stopped")]
+            for v in running:
+                ended[v.vcpu_id] = self.stop_reason
+            where = [self.describe_vcpu(v) for v in running] or ["no vCPU was running"]
+            if self.stop_reason == "interrupted":
+                # Interrupted: where every vCPU is, those that had ended too.
+                where += [f"vCPU {v.vcpu_id} ended ({ended[v.vcpu_id]}) at rip {rip:#x} {self.symbolize(rip)}: "
+                          f"{self.insn_text(v, rip) or '?'}"
+                          for v in self.vcpus if v not in running for rip in [self._rip(v)]]
+            res.error = f"{self.stop_why}: {'; '.join(where)}"
         if res.error is None and self.kvm.violations:
             res.exit, res.error = "checker", f"checker: {self.kvm.violations[0]}"
         if res.error is None:
@@ -666,6 +856,7 @@ class Machine:
         res.vcpus = [v.get_regs() for v in self.vcpus] if collect_regs else []
         res.stats = self.stats()
         res.shared_bit = self.shared_bit if self.td else None
+        res.console = self.console.decode("latin-1")
         if self.result_check is not None and not self.kvm.violations:
             # A selftest's checks after the run (its TEST_ASSERTs after pthread_join()): an
             # exception fails the run; passing, they accept the way it ended.
@@ -712,6 +903,12 @@ class Machine:
             return self._ucall_done(v, Ucall(UCALL_SYNC, stage=run.args[0], vcpu=v.vcpu_id), res)
         if r == KVM_EXIT_HLT:
             return "hlt"
+        if r == KVM_EXIT_IO:
+            self._pio(v, run)
+            return None
+        if r in (KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR):
+            self._msr_exit(v, run)
+            return None
         if r == KVM_EXIT_HYPERCALL and run.nr == KVM_HC_MAP_GPA_RANGE:
             run.ret = self._map_gpa_range(run.args[0], run.args[1] << 12, run.args[2])
             return None
@@ -764,9 +961,15 @@ class Machine:
                 detail += f" error code {run.error_code:#x}"
             if run.cr2 is not None:
                 detail += f" cr2 {run.cr2:#x}"
-            insn = f": {run.insn}" if run.insn else ""
+            insn = run.insn or (self.insn_text(v, run.rip) if self.td else None)   # (a TD's: from its image)
+            insn = f": {insn}" if insn else ""
             why = getattr(run, "why", None)
             how = "(no IDT: triple fault)" if getattr(run, "no_idt", True) or not why else f"(triple fault: {why})"
+            ve = getattr(run, "ve_exit_reason", None)
+            if ve is not None:
+                # a TD: say what the #VE stood for, and who reacted how
+                vec += f" (for {VE_CAUSES.get(ve, f'exit reason {ve}')})"
+                how += "; the module: TD exit TRIPLE_FAULT; KVM: KVM_EXIT_SHUTDOWN"
             msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
                    f"{insn} {how}")
         elif r == KVM_EXIT_INTR:
@@ -886,6 +1089,7 @@ class Machine:
         handle_exit_hypercall() does with their flags (guestabi.MAP_GPA_*: fallocate() first,
         PUNCH_HOLE when going shared, then the attributes), or as QEMU does with KVM's ABI
         (KVM_MAP_GPA_RANGE_ENCRYPTED: private; 0: shared).  Returns kvm_run.hypercall.ret."""
+        discard = False
         if attrs & KVM_MAP_GPA_RANGE_ENCRYPTED:
             set_attributes, private, fallocate = True, True, False
         elif attrs & guestabi.MAP_GPA_SELFTEST_FLAGS:
@@ -893,12 +1097,16 @@ class Machine:
             private = not attrs & guestabi.MAP_GPA_SHARED
             fallocate = bool(attrs & guestabi.MAP_GPA_DO_FALLOCATE)
         else:
-            set_attributes, private, fallocate = True, False, False
+            # QEMU's kvm_convert_memory(): memory made shared is then discarded from guest_memfd
+            # (ram_block_discard_guest_memfd_range(): PUNCH_HOLE), its pages back to the host.
+            set_attributes, private, fallocate, discard = True, False, False, True
         try:
             if fallocate:
                 self.guest_mem_fallocate(gpa, size, punch_hole=not private)
             if set_attributes:
                 self.set_memory_attributes(gpa, size, private)
+            if discard:
+                self.guest_mem_fallocate(gpa, size, punch_hole=True)
         except KvmIoctlError as e:
             if self.tracer.enabled:
                 self.tracer.emit("host_event", "vmm", msg=f"KVM_HC_MAP_GPA_RANGE {gpa:#x}+{size:#x}: {e}")
@@ -908,6 +1116,54 @@ class Machine:
     def _host_removed(self, run):
         gpa = run.gpa if run.exit_reason == KVM_EXIT_MEMORY_FAULT else run.phys_addr
         return any(a <= gpa < b for a, b in self.removed_ranges)
+    # -- port I/O -----------------------------------------------------------------------------------------
+    def _pio(self, v, run):
+        """KVM_EXIT_IO: each of run.count elements to the port's handler (QEMU's kvm_handle_io()
+        loops over them on its I/O address space); an IN leaves the data in run.data."""
+        is_write = run.direction == KVM_EXIT_IO_OUT
+        size, port = run.size, run.port
+        self.pio_counts[port] = self.pio_counts.get(port, 0) + 1
+        handler = self.pio_handlers.get(port)
+        self.kvm.touch(("pio", port), True)           # (emu.checkers.dpor) the device is every vCPU's
+        for i in range(run.count):
+            chunk = run.data[i * size:(i + 1) * size]
+            if handler is None:
+                out = None if is_write else b"\xff" * size
+            else:
+                out = handler(v.vcpu_id, is_write, size, bytes(chunk))
+            if not is_write:
+                run.data[i * size:(i + 1) * size] = bytes(out if out is not None else b"\xff" * size)[:size]
+
+    def _pio_delay(self, vcpu, is_write, size, data):
+        """Port 0x80 (QEMU's ioport80): a sink; reads return 0xff."""
+        return None if is_write else b"\xff" * size
+
+    def _pio_debugcon(self, vcpu, is_write, size, data):
+        """Port 0xe9 (QEMU's isa-debugcon): written bytes are console output (the low byte of
+        each access, as the device takes 8 bits); a read returns the readback value 0xe9."""
+        if not is_write:
+            return bytes([guestabi.DEBUGCON_READBACK]) * size
+        self.console.append(data[0])
+        if self.tracer.enabled:
+            self.tracer.emit("guest_console", vcpu, msg=f"{data[0]:#04x} {chr(data[0])!r}")
+        return None
+
+    # -- MSRs the VMM answers -----------------------------------------------------------------------------
+    def _msr_exit(self, v, run):
+        """KVM_EXIT_X86_RDMSR/WRMSR: the handler's answer, or run.msr.error = 1 (KVM injects #GP)."""
+        handler = self.msr_handlers.get(run.index)
+        is_write = run.exit_reason == KVM_EXIT_X86_WRMSR
+        ok, data = handler(v, is_write, run.data) if handler is not None else (False, 0)
+        run.error = 0 if ok else 1
+        if not is_write and ok:
+            run.data = data
+
+    def _msr_core_thread_count(self, v, is_write, data):
+        """kvm_rdmsr_core_thread_count(): threads (15:0) and cores (31:16) of the package; a write
+        is refused (#GP)."""
+        if is_write:
+            return False, 0
+        return True, self.nvcpus | self.nvcpus << 16
 
     def _mmio(self, run):
         """KVM_EXIT_MMIO with the access decoded (phys_addr, len, is_write, data): the device's
@@ -983,6 +1239,7 @@ class Machine:
             "pf_retry": total("pf_retry"),
             "pf_emulate": total("pf_emulate"),
             "hypercalls": total("hypercalls"),
+            "io_exits": total("io_exits"),
             "tlb_flushes": total("tlb_flush"),
             "tlb_fills": sum(v.hw.stats_fills for v in self.vcpus),
             "pages_mapped": {"4k": kvm.stat["pages_4k"], "2m": kvm.stat["pages_2m"], "1g": kvm.stat["pages_1g"]},
@@ -991,19 +1248,28 @@ class Machine:
             "remote_tlb_flushes": kvm.stat["remote_tlb_flush"],
             "seamcalls": dict(getattr(kvm.x86_ops, "seamcall_counts", {})),
             "kvm_bug_on": kvm.stat["kvm_bug_on"],
+            "guest_blocks": self.guest_blocks,
         }
 
     def destroy(self):
         self.kvm.destroy()
 
-    def prepare_snapshot(self):
+    def prepare_snapshot(self, limited=False):
         """Ready the machine to be forked from many times (emu.explore, emu.campaign): do once
         here what every forked run would do first at the same cost.  A vCPU that can share the
-        CPUs with another task arms its slice budget (emu.hw.slice) at its first entry, which
-        flushes Unicorn's translated code (~0.2 ms, most of it in memory the child must copy).
-        Armed now, it is the same hook with no budget until slicing starts, and no code was
-        translated yet to lose."""
-        if self.nvcpus > 1 or self.host_events or self.host_threads:
+        CPUs with another task, or whose runs are ``limited`` (max_insns), arms its slice budget
+        (emu.hw.slice) at its first entry, which flushes Unicorn's translated code (~0.2 ms,
+        most of it in memory the child must copy).  Armed now, it is the same hook with no
+        budget until slicing starts, and no code was translated yet to lose."""
+        if self.nvcpus > 1 or self.host_events or self.host_threads or limited:
             for v in self.vcpus:
                 if v.hw is not None and v.hw._budget is None:
                     v.hw._arm_budget()
+
+
+def _count(n):
+    """12345678 -> '12.3 M'."""
+    for scale, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)

@@ -93,6 +93,15 @@ u64 emu_is_td(void);
 /* TDG.MEM.PAGE.ACCEPT of [gpa, gpa + size) (whole pages; 2M where it can).
  * 0, or the first TDX error status.  Outside a TD: 0, nothing to do. */
 u64 emu_accept(u64 gpa, u64 size);
+/* One TDG.MEM.PAGE.ACCEPT of the page at gpa at a level: EMU_ACCEPT_4K (0) or
+ * EMU_ACCEPT_2M (1), retried while the module is busy.  The TDX status as the
+ * module returned it: 0 on success, TDX_PAGE_ALREADY_ACCEPTED | level (bit 63
+ * clear), TDX_PAGE_SIZE_MISMATCH | level, ...  Outside a TD: 0. */
+u64 emu_accept_level(u64 gpa, u64 level);
+#define EMU_ACCEPT_4K                   0
+#define EMU_ACCEPT_2M                   1
+#define TDX_PAGE_ALREADY_ACCEPTED       0x00000B0A00000000UL
+#define TDX_PAGE_SIZE_MISMATCH          0xC0000B0B00000000UL
 /* TDG.VP.VMCALL<MapGPA>: convert [gpa, gpa + size) to shared (gpa has the
  * shared bit) or to private.  0, or the TDVMCALL status.  Outside a TD: 0. */
 u64 emu_map_gpa(u64 gpa, u64 size);
@@ -316,5 +325,49 @@ static inline void kvm_hypercall_map_gpa_range(u64 gpa, u64 size, u64 flags)
 			__FILE__, expr, __LINE__, kind };                        \
 		emu_assert_fail(&__emu_site, (u64)(a), (u64)(b));               \
 	} while (0)
+
+/* ---- Port I/O, MSRs, CPUID (docs/exits.md): each a VM exit KVM handles; in a
+ * TD a #VE that the runtime's handler (installed by emu_idt_init()) turns into
+ * TDG.VP.VMCALL<Instruction.IO/RDMSR/WRMSR/CPUID>, or one the TDX module
+ * answers.  An MSR access KVM refuses is a #GP. ---- */
+#define EMU_DEBUGCON_PORT        0xe9            /* bytes written: the run's console */
+#define EMU_IO_DELAY_PORT        0x80            /* a sink */
+
+/* Load the runtime's GDT and IDT (in a TD: its #VE handler); on every vCPU. */
+void emu_idt_init(void);
+/* An interrupt gate for a vector (the handler is raw: it ends with IRETQ). */
+void emu_idt_set(u64 vector, void *handler);
+
+static inline void outb(u16 port, u8 value)  { __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port)); }
+static inline void outw(u16 port, u16 value) { __asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port)); }
+static inline void outl(u16 port, u32 value) { __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port)); }
+static inline u8 inb(u16 port)   { u8 v;  __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u16 inw(u16 port)  { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 inl(u16 port)  { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+static inline u64 rdmsr(u32 msr)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	return (u64)hi << 32 | lo;
+}
+
+static inline void wrmsr(u32 msr, u64 value)
+{
+	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)value), "d"((u32)(value >> 32)) : "memory");
+}
+
+static inline void cpuid_count(u32 leaf, u32 subleaf, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(subleaf));
+}
+
+/* Write a string to the debug console (one OUT per byte: a TD's runtime
+ * refuses string I/O, as Linux's #VE handler does). */
+static inline void emu_console_puts(const char *s)
+{
+	while (*s)
+		outb(EMU_DEBUGCON_PORT, (u8)*s++);
+}
 
 #endif /* EMU_H */

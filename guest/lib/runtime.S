@@ -552,6 +552,22 @@ emu_idt_set:
 #     length from the decode: VE_INFO has none for an EPT violation);
 #   HLT (12): TDG.VP.VMCALL<Instruction.HLT>, then RIP skips the HLT (the
 #     instruction length from VE_INFO);
+#   CPUID (10), as Linux's handle_cpuid(): a leaf outside the hypervisor
+#     range 0x40000000-0x4fffffff reads as zeros; one inside it is asked with
+#     TDG.VP.VMCALL<Instruction.CPUID> (R11 = 10, R12 = EAX, R13 = ECX; the
+#     answer in R12..R15 -> EAX, EBX, ECX, EDX);
+#   I/O (30), as handle_io(): the qualification gives size, direction and
+#     port; TDG.VP.VMCALL<Instruction.IO> (R11 = 30, R12 = size, R13 = 0 in /
+#     1 out, R14 = port, R15 = RAX for OUT); an IN puts R11 into AL, AX, or
+#     EAX zero-extended, as the CPU does (Linux clears one bit more:
+#     GENMASK(8 * size, 0)); INS/OUTS are refused, as Linux refuses them;
+#   RDMSR (31) / WRMSR (32), as read_msr()/write_msr():
+#     TDG.VP.VMCALL<Instruction.RDMSR> (R12 = ECX; EDX:EAX = R11) or
+#     <Instruction.WRMSR> (R12 = ECX, R13 = EDX:EAX);
+#   and RIP skips the instruction (its length from VE_INFO).  A request the
+#   VMM refuses (R10 != 0), or INS/OUTS, is a #GP at the instruction, as
+#   Linux's ve_raise_fault(): the handler of vector 13 in the IDT loaded now
+#   runs with error code 0; with none, emu_fail 0x5645_0100 | exit reason;
 #   anything else: emu_fail with 0x5645_0000 | exit reason ("VE").
 # The MMIO decoder knows only MOV between a register and memory (88, 89, 8A,
 # 8B; 66 and REX prefixes; any ModRM/SIB/displacement form, RIP-relative
@@ -590,6 +606,16 @@ emu_ve_handler:
     je .Lve_ept
     cmp ecx, 12                             # EXIT_REASON_HLT
     je .Lve_hlt
+    mov ebx, r10d                           # the instruction's length
+    mov ebp, ecx                            # the exit reason
+    cmp ecx, 10                             # EXIT_REASON_CPUID
+    je .Lve_cpuid
+    cmp ecx, 30                             # EXIT_REASON_IO_INSTRUCTION
+    je .Lve_io
+    cmp ecx, 31                             # EXIT_REASON_MSR_READ
+    je .Lve_rdmsr
+    cmp ecx, 32                             # EXIT_REASON_MSR_WRITE
+    je .Lve_wrmsr
     jmp .Lve_fail
 .Lve_ept:
     call emu_shared_bit                     # (keeps rcx, r8, r9)
@@ -607,6 +633,145 @@ emu_ve_handler:
     mov eax, r10d                           # the instruction length
     add qword ptr [rsp + VE_FRAME_RIP], rax # the saved RIP, past the HLT
     jmp .Lve_done
+
+.Lve_cpuid:
+    mov r12d, dword ptr [rsp]               # the leaf (EAX)
+    lea eax, [r12 - 0x40000000]
+    cmp eax, 0x10000000
+    jae .Lcpuid_zeros                       # outside the hypervisor range: all zeros
+    mov r13d, dword ptr [rsp + 8]           # the subleaf (ECX)
+    mov r11d, 10                            # Instruction.CPUID
+    call .Lve_vmcall
+    mov eax, r12d
+    mov qword ptr [rsp], rax                # EAX, EBX, ECX, EDX (32-bit: the upper halves zero)
+    mov eax, r13d
+    mov qword ptr [rsp + 3 * 8], rax
+    mov eax, r14d
+    mov qword ptr [rsp + 8], rax
+    mov eax, r15d
+    mov qword ptr [rsp + 2 * 8], rax
+    jmp .Lve_skip
+.Lcpuid_zeros:
+    xor eax, eax
+    mov qword ptr [rsp], rax
+    mov qword ptr [rsp + 8], rax
+    mov qword ptr [rsp + 2 * 8], rax
+    mov qword ptr [rsp + 3 * 8], rax
+    jmp .Lve_skip
+
+.Lve_io:
+    test edx, 16                            # INS/OUTS: refused (a #GP)
+    jnz .Lve_gp
+    mov r12d, edx
+    and r12d, 7
+    inc r12d                                # R12 = the size
+    mov r13d, edx
+    shr r13d, 3
+    and r13d, 1
+    xor r13d, 1                             # R13 = 1 for OUT, 0 for IN
+    mov r14d, edx
+    shr r14d, 16                            # R14 = the port
+    mov r15, qword ptr [rsp]                # R15 = RAX (what an OUT writes)
+    mov r11d, 30                            # Instruction.IO
+    call .Lve_vmcall
+    test r13d, r13d
+    jnz .Lve_skip                           # OUT: done
+    cmp r12d, 4
+    jne 1f
+    mov eax, r11d                           # IN EAX: zero-extends RAX
+    mov qword ptr [rsp], rax
+    jmp .Lve_skip
+1:  cmp r12d, 2
+    jne 2f
+    mov word ptr [rsp], r11w                # IN AX: the rest of RAX stays
+    jmp .Lve_skip
+2:  mov byte ptr [rsp], r11b                # IN AL
+    jmp .Lve_skip
+
+.Lve_rdmsr:
+    mov r12d, dword ptr [rsp + 8]           # R12 = ECX
+    mov r11d, 31                            # Instruction.RDMSR
+    call .Lve_vmcall
+    mov eax, r11d
+    mov qword ptr [rsp], rax                # EAX = R11[31:0]
+    shr r11, 32
+    mov qword ptr [rsp + 2 * 8], r11        # EDX = R11[63:32]
+    jmp .Lve_skip
+
+.Lve_wrmsr:
+    mov r12d, dword ptr [rsp + 8]           # R12 = ECX
+    mov r13d, dword ptr [rsp + 2 * 8]
+    shl r13, 32
+    mov eax, dword ptr [rsp]
+    or r13, rax                             # R13 = EDX:EAX
+    mov r11d, 32                            # Instruction.WRMSR
+    call .Lve_vmcall
+.Lve_skip:
+    add qword ptr [rsp + VE_FRAME_RIP], rbx # RIP past the instruction (VE_INFO's length)
+    jmp .Lve_done
+
+# TDG.VP.VMCALL with R11 = the sub-function, R12..R15 as set (R10..R15 exposed); on success
+# it returns with the answer in R11..R15; a refusal (R10 != 0) is a #GP at the instruction.
+# (Called from the cases above: [rsp + 8] is the block.)
+.Lve_vmcall:
+    mov eax, TDG_VP_VMCALL
+    mov ecx, TDVMCALL_EXPOSE_REGS_MMIO      # R10 to R15
+    xor r10d, r10d                          # GHCI standard
+    TDCALL
+    test rax, rax
+    jnz .Lve_vmcall_broken
+    test r10, r10
+    jnz .Lve_vmcall_refused
+    ret
+.Lve_vmcall_broken:
+    mov rdi, rax                            # the TDCALL's status: the module refused the call
+    call emu_fail
+.Lve_vmcall_refused:
+    add rsp, 8                              # drop the return address: back on the block
+.Lve_gp:
+    # ve_raise_fault(): a #GP(0) at the instruction.  The IDT loaded now (SIDT) gives the
+    # handler of vector 13; the GPRs go back, error code 0 goes on the #VE's frame, and the
+    # handler runs as if the instruction had faulted.  Its address waits in the block's RSP
+    # slot (GPR 4, never written back), read below RSP after the pops: interrupts are off in
+    # this handler (an interrupt gate), so nothing can overwrite it meanwhile.
+    sub rsp, 16
+    sidt [rsp]
+    mov rax, qword ptr [rsp + 2]            # the IDT's base
+    add rsp, 16
+    mov rdx, qword ptr [rax + 13 * 16]      # gate 13, low half
+    bt rdx, 47                              # present?
+    jnc .Lve_gp_none
+    mov rcx, rdx
+    and ecx, 0xffff                         # offset 15:0
+    shr rdx, 48
+    shl rdx, 16
+    or rcx, rdx                             # offset 31:16
+    mov rdx, qword ptr [rax + 13 * 16 + 8]
+    shl rdx, 32
+    or rcx, rdx                             # offset 63:32
+    mov qword ptr [rsp + 4 * 8], rcx
+    pop rax
+    pop rcx
+    pop rdx
+    pop rbx
+    add rsp, 8
+    pop rbp
+    pop rsi
+    pop rdi
+    pop r8
+    pop r9
+    pop r10
+    pop r11
+    pop r12
+    pop r13
+    pop r14
+    pop r15
+    push 0                                  # the #GP's error code
+    jmp qword ptr [rsp - 11 * 8]            # the block's RSP slot
+.Lve_gp_none:
+    mov edi, 0x56450100                     # no #GP handler: emu_fail 0x5645_0100 | exit reason
+    or edi, ebp
+    call emu_fail
 
 .Lve_mmio:
     mov r14, r9                             # R14 = the GPA, as VE_INFO has it (shared bit set)
@@ -800,6 +965,48 @@ emu_idtr:
 emu_idt:
     .zero 256 * 16
     .text
+
+# ---------------------------------------------------------------------------
+# emu_accept_level(rdi = gpa, rsi = level) -> rax: one TDG.MEM.PAGE.ACCEPT of
+# the page at gpa at the level asked (0 = 4K, 1 = 2M; TDCALL leaf 6, RCX =
+# gpa | level), retried while the module answers BUSY (TDX_OPERAND_BUSY or
+# BUSY_HOST_PRIORITY).  rax = the TDX status as the module returned it: 0,
+# informational (TDX_PAGE_ALREADY_ACCEPTED | level) or an error
+# (TDX_PAGE_SIZE_MISMATCH | level, ...).  Outside a TD: 0.  C guests: emu.h.
+# ---------------------------------------------------------------------------
+    .globl emu_accept_level
+    .type emu_accept_level, @function
+emu_accept_level:
+    pushfq
+    push rcx
+    push rdx
+    push r8
+    push r9
+    push r10
+    call emu_is_td
+    test eax, eax
+    jz .Laccept_level_ok
+.Laccept_level_again:
+    mov rcx, rdi
+    and rcx, -PAGE_SIZE
+    or rcx, rsi
+    mov eax, TDG_MEM_PAGE_ACCEPT
+    TDCALL
+    call accept_status_class
+    cmp r10d, 1
+    je .Laccept_level_again                 # busy: try again
+    jmp .Laccept_level_out
+.Laccept_level_ok:
+    xor eax, eax
+.Laccept_level_out:
+    pop r10
+    pop r9
+    pop r8
+    pop rdx
+    pop rcx
+    popfq
+    ret
+    .size emu_accept_level, . - emu_accept_level
 
 # ---------------------------------------------------------------------------
 # The selftest library's calls (guest/include/emu.h, guest/lib/ucall_common.c).

@@ -20,9 +20,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from emu.hw import ept as ept_mod
+from emu.hw import native
 from emu.hw.ept import (MAXPHYADDR, Access, EptMisconfig, EptTranslation, EptViolation,
                         InvalidEptp, decode_eptp, make_eptp, walk)
 from emu.hw.memory import HostMemory
+
+
+@pytest.fixture(autouse=True, scope="module", params=["compiled", "python"])
+def walker(request):
+    """Every test here runs on both walkers: the compiled one (emu/hw/mmu.c, what ``walk`` is
+    when it is built) and the Python reference (``walk_py``)."""
+    global walk
+    if request.param == "compiled" and native.mmu is None:
+        pytest.skip(f"no compiled MMU: {native.why_not}")
+    walk = ept_mod.walk if request.param == "compiled" else ept_mod.walk_py
+    yield request.param
+    walk = ept_mod.walk
 
 # ---------------------------------------------------------------------------------------------
 # Spec constants (REFERENCE.md 4.1, 4.2, 4.4)

@@ -162,7 +162,7 @@ ACCEPT_GUEST = """\
 _start:
     mov rax, 6
     TDCALL
-    hlt
+    EXIT                # TDG.VP.VMCALL<Instruction.HLT> (a bare HLT in a TD is a #VE)
 """
 
 

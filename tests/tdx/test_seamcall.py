@@ -159,7 +159,9 @@ def test_mng_addcx_bad_operands(td_created, case):
     page = env.kpage()
     rcx, rdx, expect = {
         "rdx_not_tdr": (page, env.kpage(), PAGE_METADATA_INCORRECT | OP_RDX),
-        "rcx_not_nda": (env.tdr, env.tdr, PAGE_METADATA_INCORRECT | OP_RCX),
+        # the TDR itself: this call holds its PAMT entry exclusively, so the new page's lock
+        # (pamt_walk()) is BUSY before its page type is looked at
+        "rcx_not_nda": (env.tdr, env.tdr, OPERAND_BUSY | OP_RCX),
         "rcx_misaligned": (page + 0x800, env.tdr, OPERAND_INVALID | OP_RCX),
         "rcx_outside": (env.pamt.base, env.tdr, OPERAND_ADDR_RANGE_ERROR | OP_RCX),
     }[case]
@@ -555,25 +557,33 @@ def test_vp_init_after_finalize(td_vcpu):
 
 
 def test_vp_wr_shared_eptp_keeps_bits_51_12(td_vcpu):
+    """The field's write mask is bits 51:12 (td_vmcs_fields_lookup.c); the value must then pass
+    shared_hpa_check() (md_vp_handle_field_attribute_on_wr()): bits 51:48 are above MAX_PA (48)."""
     env = td_vcpu
     tdvpr = env.vcpus[0][0]
     assert _vp_rd(env, tdvpr, 0x203C) == 0
-    out = env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=U64, r9=U64)
+    out = env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=0xFFF0_0000_0000_7FFF, r9=U64)
     assert out.rax == SUCCESS
     assert out.r8 == 0                                   # the previous value
-    assert _vp_rd(env, tdvpr, 0x203C) == 0x000FFFFFFFFFF000
-    out = env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=0x12345678_9ABC_D01E, r9=U64)
-    assert out.rax == SUCCESS and out.r8 == 0x000FFFFFFFFFF000
-    assert _vp_rd(env, tdvpr, 0x203C) == 0x00045678_9ABC_D000
+    assert _vp_rd(env, tdvpr, 0x203C) == 0x7000                # bits 11:0 and 63:52 dropped
+    out = env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=0xABC0_0000_9ABC_D01E, r9=U64)
+    assert out.rax == SUCCESS and out.r8 == 0x7000
+    assert _vp_rd(env, tdvpr, 0x203C) == 0x0000_9ABC_D000
+    # bits 51:48 (above MAX_PA) or 47:42 (a private HKID): TDX_METADATA_FIELD_VALUE_NOT_VALID,
+    # nothing written
+    for bad in (0x000F_0000_0000_1000, 0x0000_0400_0000_1000):
+        out = env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=bad, r9=U64)
+        assert (out.rax, out.r8) == (0xC0000C0300000000, 0)
+        assert _vp_rd(env, tdvpr, 0x203C) == 0x0000_9ABC_D000
 
 
 def test_vp_wr_shared_eptp_partial_mask(td_vcpu):
     """Only the bits in R9 are written."""
     env = td_vcpu
     tdvpr = env.vcpus[0][0]
-    env.ok(env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=U64, r9=U64))
+    env.ok(env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=0x0000_03FF_FFFF_F000, r9=U64))
     env.ok(env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=0, r9=0x00000000FFFFF000))
-    assert _vp_rd(env, tdvpr, 0x203C) == 0x000FFFFF00000000
+    assert _vp_rd(env, tdvpr, 0x203C) == 0x0000_03FF_0000_0000
 
 
 def test_vp_wr_zero_mask_writes_nothing(td_vcpu):
@@ -732,7 +742,9 @@ def test_sept_add_page_not_nda(td_init, case):
     pt, owner = env.pamt.page_type(page), env.pamt.owner(page)
     chld = env.td.chldcnt
     out = env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=page)
-    assert out.rax == PAGE_METADATA_INCORRECT | OP_R8
+    # The TDR: this call holds its PAMT entry shared, so the new page's exclusive lock is BUSY
+    # (pamt_walk() comes before the page type check).
+    assert out.rax == (OPERAND_BUSY if case == "tdr_page" else PAGE_METADATA_INCORRECT) | OP_R8
     assert env.entry(G, 1) == FREE_ENTRY
     assert (env.pamt.page_type(page), env.pamt.owner(page), env.td.chldcnt) == (pt, owner, chld)
 
@@ -1430,7 +1442,7 @@ def test_teardown_lifecycle_sequence(td_vcpu):
 def test_vpflushdone_with_associated_vcpu(td_vcpu):
     env = td_vcpu
     tdvpr = env.vcpus[0][0]
-    env.mod.vcpus[tdvpr].associated = True   # as after TDH.VP.ENTER on some LP
+    assert env.mod.vcpus[tdvpr].associated   # TDH.VP.INIT associated it with this LP
     assert env.call(A.TDH_MNG_VPFLUSHDONE, rcx=env.tdr).rax == FLUSHVP_NOT_DONE
     assert env.td.lifecycle == TD_KEYS_CONFIGURED
     env.ok(env.call(A.TDH_VP_FLUSH, rcx=tdvpr))
@@ -1597,12 +1609,12 @@ def test_reclaim_check_order(td_run):
     out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=hpa)
     assert (out.rax, out.rcx, out.rdx, out.r8) == (LIFECYCLE_STATE_INCORRECT, PT_REG, env.tdr, 1)
     # a held PAMT entry lock
-    assert env.pamt.try_lock(hpa)
+    assert env.pamt.try_lock(hpa, 1)                   # the 2M page's entry
     try:
         out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=hpa)
         assert (out.rax, out.rcx, out.rdx, out.r8) == (OPERAND_BUSY | OP_RCX, 0, 0, 0)
     finally:
-        env.pamt.unlock(hpa)
+        env.pamt.unlock(hpa, 1)
     # the NDA check comes after the lock, before any output
     nda = env.kpage()
     out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=nda)
@@ -1845,14 +1857,18 @@ def test_freed_pages_are_host_accessible(td_init):
     hpa = env.make_state(G, 0, MAPPED)
     child = env.sept_pages[-1]
     env.ok(env.remove(G))
+    env.mem.movdir64b(hpa)                      # tdx_clear_page(): the lines are the host's again
     env.mem.host_write(hpa, b"reuse")
     env.ok(env.sept_remove(G, 1))
+    env.mem.movdir64b(child)
     env.mem.host_write(child, b"reuse")
     release_hkid(env)
     tdcs0 = env.tdcs[0]
     env.ok(env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=tdcs0))
+    env.mem.movdir64b(tdcs0)
     env.mem.host_write(tdcs0, b"reuse")
     assert env.mem.host_read(tdcs0, 5) == b"reuse"
+    assert env.mem.machine_checks == []
 
 
 # ==================================================================================================

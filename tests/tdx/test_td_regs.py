@@ -23,6 +23,14 @@ from tdxhelpers import (SUCCESS, OPERAND_BUSY, OPERAND_INVALID, TLB_TRACKING_NOT
 AREA = 0x1000000                      # private GPA outside the loaded image (16 MiB)
 EXIT_EPT_VIOLATION = 48
 EXIT_TDCALL = 77
+
+
+def at_hlt(out):
+    """The guest stopped at its final HLT.  A HLT in a TD is a #VE (td_generic_ve_exit(), whatever
+    SEPT_VE_DISABLE); these guests load no IDT, so the TD firmware's #VE handler, which the model
+    stands in for, asks for TDG.VP.VMCALL<Instruction.HLT>: that TD exit, every register as the
+    guest left it."""
+    return out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
 GPR = {name: MD_TDVPS_GPR_BASE + i for i, name in enumerate(GPR_ORDER)}
 
 HEAD = """\
@@ -34,7 +42,7 @@ _start:
 """
 
 # TDG.VP.VMCALL exposing RDX, RBX, RSI, RDI, R8..R15 (RCX bits 2, 3, 6..15), an unknown
-# sub-function; then a bare HLT (taken as Instruction.HLT) to read the registers back.
+# sub-function; then a bare HLT (where the guest stops: at_hlt()) to read the registers back.
 VMCALL_GUEST = HEAD + """\
     mov rdx, 0x0202
     mov rbx, 0x0303
@@ -162,7 +170,7 @@ def test_tdvmcall_completion_copies_every_exposed_register(guest_dir):
     host = dict(rdx=0xA2, rbx=0xA3, rsi=0xA6, rdi=0xA7, r8=0xA8, r9=0xA9, r10=0xAA, r11=0xAB, r12=0xAC,
                 r13=0xAD, r14=0xAE, r15=0xAF)
     out = t.enter(**host)
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT          # the bare HLT
+    assert at_hlt(out)          # the bare HLT
     assert t.rd("rip") == t.sym("after_vmcall")
     for name, value in host.items():
         assert t.rd(name) == value, name
@@ -186,7 +194,7 @@ def test_tdvmcall_refuses_rax_rcx_rsp_and_reserved_bits(guest_dir, ctl):
     t = Td(guest_dir, "vmcallrcx", VMCALL_RCX_GUEST)
     t.wr("rcx", ctl)
     out = t.enter()
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT and out.rcx == 0x1C00
+    assert at_hlt(out)
     assert t.rd("rax") == OPERAND_INVALID | OP_RCX
     assert t.rd("rip") == t.sym("vmcall_done")
 
@@ -207,9 +215,9 @@ def test_vp_info_counts_initialized_vcpus(guest_dir):
     mod = m.kvm.x86_ops.module
     m.vcpus[1].mmu_load()                     # the shared EPT pointer (TDH.VP.WR)
     tdvpr = m.vcpus[1].arch.tdvpr_pa
-    out = mod.seamcall(A.TDH_VP_ENTER, rcx=tdvpr)
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
-    rd = lambda name: mod.seamcall(A.TDH_VP_RD, rcx=tdvpr, rdx=GPR[name]).r8
+    out = mod.seamcall(A.TDH_VP_ENTER, rcx=tdvpr, caller=1)          # on vCPU 1's CPU
+    assert at_hlt(out)
+    rd = lambda name: mod.seamcall(A.TDH_VP_RD, rcx=tdvpr, rdx=GPR[name], caller=1).r8
     assert (rd("rax"), rd("rcx"), rd("rdx")) == (SUCCESS, 48, m.kvm.tdx.attributes)
     assert (rd("r8"), rd("r9"), rd("r10"), rd("r11")) == (2 | (64 << 32), 1, 0, 0)
 
@@ -291,11 +299,11 @@ def test_zero_step_busy_on_the_sept_tree_lock(guest_dir):
     the TLB-tracking count given back (revert_tlb_tracking_state())."""
     t = Td(guest_dir, "touch", TOUCH_GUEST)
     _fault_until_recorded(t)
-    t.td.sept_readers = 1
+    t.td.secure_ept_lock = 2                 # one reader (sharex: bits 15:1 count them)
     try:
         out = t.enter()
     finally:
-        t.td.sept_readers = 0
+        t.td.secure_ept_lock = 0
     assert (out.rax, out.rcx, out.rdx) == (OPERAND_BUSY | OP_SEPT_TREE, 0, 0)
     assert out.rax == 0x8000020000000092
     assert t.td.refcount == [0, 0]
@@ -325,7 +333,7 @@ def test_zero_step_holds_the_sept_tree_lock_against_aug(guest_dir):
     assert t.call(A.TDH_MEM_PAGE_AUG, rcx=AREA, rdx=t.tdr, r8=page).rax == SUCCESS
     t.mod.mem.write64(t.entry_pa(AREA), entry_value(MAPPED, page))
     out = t.enter()
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT     # the read went through
+    assert at_hlt(out)     # the read went through
     assert t.v.last_epf_gpa_list == [] and t.v.possibly_epf_stepping == 0
 
 
@@ -335,7 +343,7 @@ def test_zero_step_holds_the_sept_tree_lock_against_aug(guest_dir):
 def _accept(t, rcx):
     t.wr("rcx", rcx)
     out = t.enter()
-    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
+    assert at_hlt(out)
     assert t.rd("rip") == t.sym("accepted")
     return t.rd("rax")
 
@@ -408,7 +416,7 @@ def test_host_meets_the_guest_held_lock(guest_dir):
     assert (b.rax, b.rcx, b.rdx) == (OPERAND_BUSY | OP_RCX, arch_entry(PENDING, page), info(PENDING, 0))
     assert seen["entry"] == entry_value(PENDING, page) | TDEL | TDHP
     assert seen["in_td"][0] and sum(seen["in_td"][1]) == 1
-    assert out.rax == EXIT_TDCALL and t.rd("rax") == SUCCESS
+    assert at_hlt(out) and t.rd("rax") == SUCCESS
     assert t.mod.mem.read64(pa) == entry_value(MAPPED, page)
     assert t.td.refcount == [0, 0] and not t.v.in_td
 
@@ -440,7 +448,7 @@ def test_remove_tracking_follows_vcpus_in_the_td(guest_dir):
         out = t.enter()
     finally:
         t.mod.sched = None
-    assert out.rax == EXIT_TDCALL
+    assert at_hlt(out)
     assert seen[:3] == [TLB_TRACKING_NOT_DONE | OP_RCX, SUCCESS, TLB_TRACKING_NOT_DONE | OP_RCX]
     assert seen[3][bepoch & 1] == 1 and t.td.epoch == bepoch + 1
     # The vCPU has left the TD: tracked now.  A vCPU entering in the new epoch would not matter.
@@ -473,3 +481,126 @@ def test_track_busy_while_vcpu_enters(guest_dir):
     assert seen["enter"].rax == OPERAND_BUSY | OP_TD_EPOCH == 0x80000200000000A9
     assert seen["refcount"] == [0, 0]
     assert t.rd("rip") == t.sym("_start")
+
+
+# ==================================================================================================
+# One logical CPU per vCPU (issue 28 defects 2 and 4) and the module's fatal paths
+# ==================================================================================================
+VCPU_ASSOCIATED = 0x8000070100000000
+NON_RECOVERABLE_VCPU = 0x4000000100000000
+NON_RECOVERABLE_TD_NON_ACCESSIBLE = 0x6000000500000000
+EXIT_TRIPLE_FAULT = 2
+
+
+def test_zero_step_exit_keeps_the_vcpu_associated(guest_dir):
+    """Issue 28 defect 2.  tdh_vp_enter() associates the vCPU (check_and_associate_vcpu()) before
+    the stepping filter (handle_stepping_filter()): after TDH.VP.FLUSH, an entry that ends in the
+    emulated EPT-violation exit leaves the vCPU associated with this CPU, so TDH.MNG.VPFLUSHDONE is
+    TDX_FLUSHVP_NOT_DONE until the next TDH.VP.FLUSH."""
+    t = Td(guest_dir, "touch", TOUCH_GUEST)
+    _fault_until_recorded(t)
+    assert t.call(A.TDH_VP_FLUSH, rcx=t.tdvpr).rax == SUCCESS
+    assert not t.v.associated and t.td.num_assoc_vcpus == 0
+    out = t.enter()
+    assert (out.rax, out.rcx, out.r8) == (EXIT_EPT_VIOLATION, 0x2, AREA)        # emulated: no entry
+    assert t.v.assoc_lpid == 0 and t.td.num_assoc_vcpus == 1
+    assert t.call(A.TDH_MNG_VPFLUSHDONE, rcx=t.tdr).rax == A.TDX_FLUSHVP_NOT_DONE
+    assert t.call(A.TDH_VP_FLUSH, rcx=t.tdvpr).rax == SUCCESS
+    assert t.call(A.TDH_MNG_VPFLUSHDONE, rcx=t.tdr).rax == SUCCESS
+
+
+def test_a_vcpu_in_the_td_on_one_cpu(guest_dir):
+    """Issue 28 defect 4.  While the vCPU runs in the TD (held at ACCEPT's scheduling point):
+    check_and_associate_vcpu() refuses a second TDH.VP.ENTER of it on another CPU (its state is
+    ACTIVE: TDX_VCPU_STATE_INCORRECT) and TDH.VP.WR (the same); TDH.VP.FLUSH cannot take its TDVPR
+    exclusively (VP.ENTER holds it shared until the TD exit): BUSY|RCX.  After a TRACK moved the
+    epoch, the refused entry has not touched the TLB tracking: [0, 0] once the vCPU is out."""
+    t = Td(guest_dir, "accept", ACCEPT_GUEST)
+    t.aug(AREA)
+    t.wr("rcx", AREA)
+    seen = {}
+
+    def other_cpu():
+        seen["track"] = t.call(A.TDH_MEM_TRACK, rcx=t.tdr).rax
+        seen["enter"] = t.mod.seamcall(A.TDH_VP_ENTER, rcx=t.tdvpr, caller=1).rax
+        seen["enter0"] = t.mod.seamcall(A.TDH_VP_ENTER, rcx=t.tdvpr, caller=0).rax
+        seen["wr"] = t.mod.seamcall(A.TDH_VP_WR, rcx=t.tdvpr, rdx=GPR["rbx"], r8=1, r9=1, caller=0).rax
+        seen["flush"] = t.call(A.TDH_VP_FLUSH, rcx=t.tdvpr).rax
+        seen["refcount"] = list(t.td.refcount)
+    t.mod.sched = RaceSched("sept_entry_locked_guest", other_cpu)
+    try:
+        out = t.enter()
+    finally:
+        t.mod.sched = None
+    assert seen["track"] == SUCCESS
+    assert seen["enter"] == seen["enter0"] == seen["wr"] == A.TDX_VCPU_STATE_INCORRECT
+    assert seen["flush"] == OPERAND_BUSY | OP_RCX
+    assert sum(seen["refcount"]) == 1                        # the vCPU in the TD, in the old epoch
+    assert out.rax == EXIT_TDCALL and t.rd("rax") == SUCCESS
+    assert t.td.refcount == [0, 0] and t.v.state == A.VCPU_READY
+    assert t.call(A.TDH_MEM_TRACK, rcx=t.tdr).rax == SUCCESS    # nothing left in the previous epoch
+    assert t.mod.seamcall(A.TDH_VP_ENTER, rcx=t.tdvpr, caller=1).rax == VCPU_ASSOCIATED
+
+
+TRIPLE_FAULT_GUEST = HEAD + """\
+    ud2
+"""
+
+MC_GUEST = HEAD + """\
+    int 0x12
+    hlt
+"""
+
+
+def test_triple_fault_disables_the_vcpu(guest_dir):
+    """tdx_td_dispatcher(): a triple fault is async_tdexit_to_vmm(TDX_NON_RECOVERABLE_VCPU): RAX =
+    0x4000000100000000 | 2, the vCPU DISABLED (td_exit.c): TDH.VP.ENTER is then
+    VCPU_STATE_INCORRECT, TDH.VP.WR too, TDH.VP.RD still reads it (check_and_associate_vcpu(),
+    allow_disabled on a read); the TD itself is not fatal."""
+    t = Td(guest_dir, "triple", TRIPLE_FAULT_GUEST)
+    out = t.enter()
+    assert out.rax == NON_RECOVERABLE_VCPU | EXIT_TRIPLE_FAULT
+    assert t.v.state == A.VCPU_DISABLED and t.td.refcount == [0, 0] and not t.td.fatal
+    assert t.enter().rax == A.TDX_VCPU_STATE_INCORRECT
+    assert t.call(A.TDH_VP_WR, rcx=t.tdvpr, rdx=GPR["rbx"], r8=1, r9=1).rax == A.TDX_VCPU_STATE_INCORRECT
+    assert t.rd("rip") == t.sym("_start")
+    assert t.call(A.TDH_MEM_TRACK, rcx=t.tdr).rax == SUCCESS
+
+
+def test_machine_check_makes_the_td_fatal(guest_dir):
+    """td_exception_or_nmi_exit(): a #MC exit (vector 18, the only exception the TD VMCS intercepts;
+    the emulated CPU reports the guest's INT 18 so) is async_tdexit_to_vmm(
+    TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE): RAX = 0x6000000500000000 | 0, R9 the interruption
+    information; TDR.FATAL is set (td_exit.c) without touching the TD (is_td_dead: the vCPU stays
+    ACTIVE and counted).  Later SEAMCALLs on the TD are TD_FATAL
+    (check_td_in_correct_build_state()); its teardown still works."""
+    t = Td(guest_dir, "mc", MC_GUEST)
+    out = t.enter()
+    assert out.rax == NON_RECOVERABLE_TD_NON_ACCESSIBLE | 0
+    assert out.r9 == 18 | (3 << 8) | (1 << 31)
+    assert t.td.fatal and t.v.state == A.VCPU_ACTIVE and sum(t.td.refcount) == 1
+    assert t.enter().rax == A.TDX_TD_FATAL
+    assert t.call(A.TDH_MEM_TRACK, rcx=t.tdr).rax == A.TDX_TD_FATAL
+    assert t.call(A.TDH_MEM_PAGE_AUG, rcx=AREA, rdx=t.tdr, r8=t.m.gmem + AREA).rax == A.TDX_TD_FATAL
+    assert t.call(A.TDH_VP_FLUSH, rcx=t.tdvpr).rax == SUCCESS
+    assert t.call(A.TDH_MNG_VPFLUSHDONE, rcx=t.tdr).rax == SUCCESS
+
+
+UNKNOWN_TDCALL_GUEST = HEAD + """\
+    TDCALL
+    .globl after_tdcall
+after_tdcall:
+    hlt
+"""
+
+
+@pytest.mark.parametrize("rax", [99, A.TDG_VP_INFO | (1 << 16), A.TDG_VP_INFO | (1 << 40)])
+def test_unknown_tdcall_leaf(guest_dir, rax):
+    """td_call(): an unknown leaf, a version (RAX 23:16) the leaf does not have, or reserved bits of
+    RAX: OPERAND_INVALID with operand id RAX (0) to the guest, which goes on (no TD exit)."""
+    t = Td(guest_dir, "unknowntdcall", UNKNOWN_TDCALL_GUEST)
+    t.wr("rax", rax)
+    out = t.enter()
+    assert out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
+    assert t.rd("rax") == OPERAND_INVALID == 0xC000010000000000
+    assert t.rd("rip") == t.sym("after_tdcall")
