@@ -46,11 +46,11 @@ FORMATS = {
 # Every event name the layers emit (--trace-events takes these; tests/test_trace.py checks that
 # every name the code emits is here).
 EVENTS = (
-    "checker_violation", "guest_assert", "guest_console", "guest_report", "guest_sync", "host_event", "host_migrate", "hw_event",
+    "checker_violation", "guest_assert", "guest_console", "guest_printf", "guest_report", "guest_sync", "host_event", "host_migrate", "hw_event",
     "hw_walk", "inject", "kvm_bug_on", "kvm_cpuid", "kvm_entry", "kvm_exit", "kvm_flush_remote_tlbs", "kvm_hypercall",
     "kvm_mmio", "kvm_msr", "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_mmu_set_spte", "kvm_mmu_split_huge_page",
     "kvm_mmu_spte_requested", "kvm_mmu_zap_all_fast", "kvm_nx_recover", "kvm_page_fault", "kvm_page_fault_stale", "kvm_page_leaked",
-    "kvm_pio", "kvm_reflect", "kvm_set_memory_attributes", "kvm_tdp_mmu_spte_changed", "kvm_tdp_mmu_spte_frozen",
+    "kvm_pio", "kvm_reflect", "kvm_set_memory_attributes", "kvm_set_memslot", "kvm_tdp_mmu_spte_changed", "kvm_tdp_mmu_spte_frozen",
     "kvm_tdp_mmu_spte_frozen_retry", "kvm_tdp_mmu_spte_unfrozen", "kvm_tdp_page_fault_done", "kvm_tdx_huge_page",
     "kvm_tlb_flush", "kvm_userspace_exit", "kvm_vm_dead", "kvm_warn", "sched_switch", "seamcall", "seamcall_entry",
     "soft_lockup", "tdcall", "tdx_exit",
