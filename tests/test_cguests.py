@@ -500,12 +500,14 @@ def test_guest_vm_builds_then_runs(gdir):
 
 
 def test_readme_example_runs(tmp_path):
-    """The complete example test of the README is tests/test_selftest_example.py; it
-    must be what the README shows.  The first C guest of docs/c-guests.md runs too."""
-    readme = (REPO / "README.md").read_text()
-    for rel in ("tests/guests/counter.c", "tests/test_selftest_example.py"):
-        body = (REPO / rel).read_text().strip()
-        assert body in readme, f"README does not show {rel} as it is"
+    """The complete example tests of the README (tests/test_selftest_example.py) and of
+    docs/python-api.md (tests/test_counter_example.py) must be what the pages show.  The first C guest of docs/c-guests.md runs too."""
+    for page, rels in (("README.md", ("tests/guests/convert.c", "tests/test_selftest_example.py")),
+                       ("docs/python-api.md", ("tests/guests/counter.c", "tests/test_counter_example.py"))):
+        text = (REPO / page).read_text()
+        for rel in rels:
+            body = (REPO / rel).read_text().strip()
+            assert body in text, f"{page} does not show {rel} as it is"
     first = re.search(r"```c\n(.*?)```", (REPO / "docs" / "c-guests.md").read_text(), re.S).group(1)
     src = tmp_path / "readme.c"
     src.write_text(first)
