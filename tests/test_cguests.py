@@ -345,7 +345,7 @@ void guest_main(void)
 """)
     elf = guests.build(src)
     # out of the tree: built into the cache directory, never into the package
-    assert elf.parent == guests.cache_dir() / "guest" and re.fullmatch(r"ext-layout-[0-9a-f]{8}\.elf", elf.name)
+    assert elf.parent == guests.cache_dir() / "guest" / guests.checkout_key() and re.fullmatch(r"ext-layout-[0-9a-f]{8}\.elf", elf.name)
     image = loader.load_elf(elf)
     assert image.entry == image.symbol("_start") == guestabi.GUEST_LOAD_BASE   # cstart's _start comes first
     for sym in ("guest_main", "emu_sync", "emu_assert_fail", "emu_report", "memset", "memcpy"):

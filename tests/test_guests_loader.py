@@ -324,7 +324,7 @@ def test_each_guest_builds_and_loads(name):
 def test_build_is_incremental_and_external_names(tmp_path):
     src = write_source(tmp_path, "mine.S", ".globl _start\n_start:\n    EXIT\n")
     elf = guests.build(src)
-    assert elf.parent == guests.cache_dir() / "guest"      # out of the tree: the cache directory
+    assert elf.parent == guests.cache_dir() / "guest" / guests.checkout_key()      # out of the tree: the cache directory
     assert re.fullmatch(r"ext-mine-[0-9a-f]{8}\.elf", elf.name)
     first = elf.stat().st_mtime_ns
     assert guests.build(src) == elf and elf.stat().st_mtime_ns == first  # up to date

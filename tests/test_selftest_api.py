@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -672,8 +673,9 @@ def test_out_of_tree_guests_build_into_emu_cache_dir(tmp_path):
     res = emu_cli("run", src, "--json", env=env)
     assert res.returncode == 0 and json.loads(res.stdout)["syncs"] == [[0, 3]]
     built = sorted(p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*.elf"))
-    assert len(built) == 1 and re.fullmatch(r"guest/ext-cached-[0-9a-f]{8}\.elf", built[0])
-    assert {p.name for p in (tmp_path / "cache" / "guest" / "lib").iterdir()} >= {
+    assert len(built) == 1 and built[0] == f"guest/{guests.checkout_key()}/{Path(built[0]).name}"
+    assert re.fullmatch(r"ext-cached-[0-9a-f]{8}\.elf", Path(built[0]).name)
+    assert {p.name for p in (tmp_path / "cache" / "guest" / guests.checkout_key() / "lib").iterdir()} >= {
         "runtime.o", "cstart.o", "ucall_common.o", "guest_sprintf.o"}
     assert not list(guests.BUILD_DIR.glob("ext-cached-*"))
 

@@ -58,9 +58,17 @@ def cache_dir():
 
 
 def build_dir_for(src):
-    """build/guest/ of the repository for its own guests (guest/*), the cache directory's
-    guest/ for any other."""
-    return BUILD_DIR if Path(src).resolve().parent == GUEST_DIR else cache_dir() / "guest"
+    """build/guest/ of the repository for its own guests (guest/*), for any other the cache
+    directory's guest/<checkout>/: a guest links this checkout's runtime, and two checkouts (two
+    versions of emu, or a worktree) must not take each other's runtime objects or ELFs."""
+    if Path(src).resolve().parent == GUEST_DIR:
+        return BUILD_DIR
+    return cache_dir() / "guest" / checkout_key()
+
+
+def checkout_key():
+    """The cache's name for this checkout: a hash of its path."""
+    return hashlib.sha256(str(REPO.resolve()).encode()).hexdigest()[:8]
 
 ASM_SUFFIXES = (".S", ".s")
 C_SUFFIXES = (".c",)
