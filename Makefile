@@ -1,6 +1,7 @@
 # The two commands a new user types: `make run-guest` and `make test`.
 # Each sets itself up on first use (.venv, packages, guest builds).
-# `make docs` builds the documentation site and checks its links.
+# `make docs` builds the documentation site and checks its links; `make lint` runs ruff (lint and
+# format check) and mypy (the public API's annotations).
 # PY=/path/to/python runs everything with that Python as it is (no .venv is made or changed).
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ RUNARGS ?= --trace
 # What sets the project up: the .venv stamp, or nothing when PY names another Python.
 SETUP  := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 
-.PHONY: run-guest test guests native bench docs clean check-binutils check-cc venv
+.PHONY: run-guest test guests native bench docs lint clean check-binutils check-cc venv
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
@@ -67,6 +68,15 @@ docs: | $(filter $(VENV)/bin/python,$(PY))
 	@$(PY) -c 'import mkdocs' 2>/dev/null || $(PY) -m pip install --quiet $(DOCS_REQS)
 	$(PY) tools/check_links.py
 	$(PY) -m mkdocs build --strict
+
+# The lint extra of pyproject.toml, installed the same way as the docs' (nothing of the project itself).
+LINT_REQS := $(shell sed -n 's/^lint *= *\[\(.*\)\].*/\1/p' pyproject.toml | tr '",' "' ")
+
+lint: | $(filter $(VENV)/bin/python,$(PY))
+	@$(PY) -c 'import ruff, mypy' 2>/dev/null || $(PY) -m pip install --quiet $(LINT_REQS)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

@@ -12,7 +12,7 @@ import pytest
 from emu.checkers.check import check_vm, check_destroyed
 from emu.checkers.explore import Explorer
 from emu.kvm.bugs import BUGS, Bugs
-from emu.kvm.kvm import IN_GUEST_MODE, OUTSIDE_GUEST_MODE, KVM_REQ_TLB_FLUSH, MmuLock
+from emu.kvm.kvm import IN_GUEST_MODE, OUTSIDE_GUEST_MODE, KVM_REQ_TLB_FLUSH
 from emu.checkers.sched import Scheduler
 from emu.userspace.vmm import Machine, MachineError
 from emu.userspace.hostevents import parse_host_event, HostEventError

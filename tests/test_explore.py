@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from emu.checkers.explore import Explorer
-from emu.checkers.sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
+from emu.checkers.sched import (Scheduler, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
                        SCHEDULE_PREFIX)
 from emu.userspace.vmm import Machine
 

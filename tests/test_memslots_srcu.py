@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from emu.checkers.check import check_vm, RUN_CHECKS
-from emu.checkers.sched import Scheduler, Deadlock
+from emu.checkers.sched import Scheduler
 from emu.kvm.kvm import KvmIoctlError, KVM_MEMSLOT_INVALID
 from emu.kvm.mmu import RET_PF_RETRY, PFERR_WRITE_MASK
 from emu.kvm.srcu import Srcu
@@ -267,7 +267,7 @@ def test_memslot_race_found_without_the_srcu_wait(vm):
     assert "1 failing" in r.stdout
     first = next(line for line in r.stdout.splitlines() if line.startswith("first failure:"))
     assert "which no memslot covers" in first or "is gone, but the" in first
-    assert f"--bug memslot-no-srcu-wait --replay 'emu-sched/1:" in r.stdout
+    assert "--bug memslot-no-srcu-wait --replay 'emu-sched/1:" in r.stdout
 
 
 def test_memslot_race_run_and_campaign():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from emu.checkers.explore import Explorer
-from emu.trace import Tracer, ListSink, TextSink, JsonlSink, PerfettoSink, format_text
+from emu.trace import Tracer, ListSink, TextSink, JsonlSink
 from emu.userspace.vmm import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,6 @@ def test_td_events_and_fields():
 
 
 def test_scheduling_injection_and_flush_events():
-    sink = ListSink()
     ex = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True))
     res = ex.dfs(bound=2)
     assert any("sched_switch" in line for line in res.first_failure.trace)
@@ -122,7 +121,7 @@ def test_text_trace_is_golden():
 
 def test_jsonl_sink_keeps_typed_fields():
     buf = io.StringIO()
-    res = Machine("hello", tracer=Tracer([JsonlSink(buf)])).run()
+    Machine("hello", tracer=Tracer([JsonlSink(buf)])).run()
     lines = [json.loads(l) for l in buf.getvalue().splitlines()]
     exit0 = next(l for l in lines if l["event"] == "kvm_exit")
     assert exit0["gpa"] == 0x3C00000 and exit0["vcpu"] == 0 and isinstance(exit0["seq"], int)

@@ -57,7 +57,10 @@ def lines_outside_code(path):
             yield n, re.sub(r"`[^`]*`", "``", line)
 
 
-def anchors(path, _cache={}):
+_ANCHORS = {}
+
+
+def anchors(path, _cache=_ANCHORS):
     """The anchors of a Markdown file's headings as GitHub makes them and as mkdocs does
     (duplicates numbered -1, -2, ... in both)."""
     if path not in _cache:

@@ -24,10 +24,16 @@ invariant_broken is a failure, and a hang is reported as one: each is printed wi
 A clean run that hangs is an error before any run.
 """
 
+from __future__ import annotations
+
 import collections
 import random
 import time
 import traceback
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from ..userspace.vmm import Machine
 
 from . import check
 from .explore import (in_child, in_children, default_jobs, PctStrategy, _per_vcpu, BASELINE_LIMIT, run_limits)
@@ -81,7 +87,8 @@ class CampaignReport:
 
 
 class Campaign:
-    def __init__(self, factory, plans=(), max_points=3, baseline=None, max_insns=None, timeout=None):
+    def __init__(self, factory: Callable[[], Machine], plans: Sequence[str] = (), max_points: int = 3,
+                 baseline: tuple | None = None, max_insns: int | None = None, timeout: float | None = None) -> None:
         """``baseline``: the (expected, calls, None, limits) of a campaign on the same machine, not
         run again.  ``max_insns``, ``timeout``: each run's limits (by default from the clean run)."""
         self.machine = factory()
@@ -147,13 +154,13 @@ class Campaign:
         return rules
 
     # -- running ----------------------------------------------------------------------------------------
-    def run(self, runs, seed=0, jobs=None, cluster=None):
+    def run(self, runs: int, seed: int = 0, jobs: int | None = None, cluster: tuple | None = None) -> CampaignReport:
         """``runs`` runs, ``jobs`` at a time (default: one per core); results in run order.
         ``cluster``: ``(an emu.checkers.distributed.Cluster, the Machine's arguments)`` runs them on Ray,
         with the same results."""
         rep = CampaignReport()
         t0 = time.perf_counter()
-        handed = collections.deque()         # the runs handed out, in run order: a result is the first's
+        handed: collections.deque = collections.deque()   # the runs handed out, in run order: a result is the first's
 
         def work():
             for i in range(runs):

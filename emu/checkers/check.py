@@ -19,7 +19,7 @@
 """
 
 from ..kvm.spte import spte_to_pfn
-from ..kvm.kvm_host import KVM_REQ_TLB_FLUSH, KVM_REQS_FLUSHING, OUTSIDE_GUEST_MODE
+from ..kvm.kvm_host import KVM_REQS_FLUSHING, OUTSIDE_GUEST_MODE
 
 
 def check_vm(kvm):

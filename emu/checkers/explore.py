@@ -18,12 +18,18 @@ reported as a hang.
     result.first_failure              # Failure(schedule, minimized, error, trace) or None
 """
 
+from __future__ import annotations
+
 import gc
 import os
 import pickle
 import random
 import time
 import traceback
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from ..userspace.vmm import Machine
 
 from .check import check_vm
 from .sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
@@ -145,8 +151,8 @@ class PctStrategy(Strategy):
 
 
 class Explorer:
-    def __init__(self, factory, check_invariants=True, max_steps=100000, check_steps=False, max_insns=None,
-                 timeout=None):
+    def __init__(self, factory: Callable[[], Machine], check_invariants: bool = True, max_steps: int = 100000,
+                 check_steps: bool = False, max_insns: int | None = None, timeout: float | None = None) -> None:
         """``factory()`` builds the Machine every run starts from (it is built once).  ``max_insns``
         and ``timeout``: each run's limits (--max-insns, --timeout; see the module's docstring)."""
         self.machine = factory()
@@ -274,12 +280,12 @@ class Explorer:
         return self._in_place or None
 
     # -- strategies -----------------------------------------------------------------------------------------
-    def dfs(self, bound=2, max_runs=None, stop_at_first=True):
+    def dfs(self, bound: int = 2, max_runs: int | None = None, stop_at_first: bool = True) -> ExploreResult:
         """Every schedule with at most ``bound`` preemptions (CHESS), depth-first."""
         res = ExploreResult()
         t0 = time.perf_counter()
-        frames = []                      # per decision depth: [decision, tried choices, preemptions before]
-        prefix = []
+        frames: list = []                # per decision depth: [decision, tried choices, preemptions before]
+        prefix: list | None = []
         try:
             base = self.baseline()
             outcome = base
@@ -317,7 +323,8 @@ class Explorer:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def dpor(self, bound=None, max_runs=None, stop_at_first=True):
+    def dpor(self, bound: int | None = None, max_runs: int | None = None,
+             stop_at_first: bool = True) -> ExploreResult:
         """Every schedule up to equivalence (emu.checkers.dpor), within ``bound`` preemptions if given."""
         from . import dpor
         res = ExploreResult()
@@ -330,7 +337,8 @@ class Explorer:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def random(self, runs, seed=0, depth=3, stop_at_first=True, jobs=None, cluster=None):
+    def random(self, runs: int, seed: int = 0, depth: int = 3, stop_at_first: bool = True, jobs: int | None = None,
+               cluster: tuple | None = None) -> ExploreResult:
         """``runs`` PCT schedules; seed s names the whole exploration.  Runs are independent, so
         ``jobs`` of them (default: one per core) run at once; results are taken in run order,
         so the outcome does not depend on ``jobs``.  ``cluster`` (an emu.checkers.distributed.Cluster
@@ -383,7 +391,7 @@ class Explorer:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def replay(self, schedule):
+    def replay(self, schedule: str) -> Outcome:
         """Run ``schedule`` (a printed schedule) exactly, with its trace."""
         choices = decode_schedule(schedule)
         return self.run(ReplayStrategy(choices, strict=True), trace=True)

@@ -25,8 +25,14 @@ A misconfiguration anywhere on the path wins over a permission violation,
 which is decided on the permissions ANDed over every entry of the path.
 """
 
+from __future__ import annotations
+
 import enum
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .memory import HostMemory
 
 MAXPHYADDR = 48
 ADDR_MASK = ((1 << MAXPHYADDR) - 1) & ~0xFFF          # bits N-1:12
@@ -176,7 +182,7 @@ def make_eptp(root_hpa, levels=4, ad=False, memtype=MT_WB):
     return root_hpa | memtype | ((levels - 1) << EPTP_PWL_SHIFT) | (EPTP_AD if ad else 0)
 
 
-_eptp_cache = {}
+_eptp_cache: dict[int, tuple] = {}
 
 
 def decode_eptp(eptp):
@@ -197,7 +203,8 @@ def decode_eptp(eptp):
     return d
 
 
-def walk(mem, eptp, gpa, access, path=None, set_ad=True):
+def walk(mem: HostMemory, eptp: int, gpa: int, access: Access | int, path: list | None = None,
+         set_ad: bool = True) -> EptTranslation | EptViolation | EptMisconfig:
     """Translate ``gpa`` for ``access`` through the EPT rooted at ``eptp``.
 
     ``access`` is an Access, or READ|WRITE (3) for a guest paging-structure access
@@ -298,4 +305,4 @@ def _set_bits(q, ptr, bits):
 walk_py = walk
 from . import native as _native          # noqa: E402  (after the classes the compiled walk creates)
 if _native.load(sys.modules[__name__], walk_py) is not None:
-    walk = _native.mmu.walk
+    walk = _native.mmu.walk  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EX
                         EXIT_REASON_TRIPLE_FAULT, EXIT_REASON_EXTERNAL_INTERRUPT, VmExit)
 from .spte import (PG_LEVEL_4K, PG_LEVEL_2M, MT_MASK_TDX_VM, KVM_PAGES_PER_HPAGE, gfn_round_for_level,
                    is_shadow_present_pte, is_last_spte, spte_to_pfn)
-from .tdp_mmu import RET_PF_RETRY, EBUSY, EIO, EINVAL, ENOMEM, KVM_MIRROR_ROOTS
+from .tdp_mmu import RET_PF_RETRY, EBUSY, EIO, EINVAL, KVM_MIRROR_ROOTS
 from .tdp_iter import spte_to_child_pt
 from .locking import Mutex
 from .mmu import hugepage_set_guest_inhibit, hugepage_test_guest_inhibit, hugepage_clear_guest_inhibit

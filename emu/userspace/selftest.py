@@ -37,7 +37,11 @@ beside the vCPUs, and a run with either is scheduled (even with one vCPU), so ``
 interleaves them.  docs/selftests.md is the guide.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import os
+from typing import Any, Callable
 
 from . import guests, loader
 from .ucall_common import (UCALL_NONE, UCALL_SYNC, UCALL_ABORT, UCALL_PRINTF, UCALL_DONE,  # noqa: F401
@@ -70,7 +74,7 @@ class GuestAssert:
 class GuestRun:
     """The outcome of one run of a guest."""
 
-    def __init__(self, machine, result):
+    def __init__(self, machine: Machine, result: Any) -> None:
         self.machine = machine
         self.result = result                    # emu.userspace.vmm.Result: exit, error, stats, vcpus, ...
         self.syncs = list(result.syncs)         # [(vcpu, stage, *args)] of GUEST_SYNC(_ARGS), in order
@@ -80,7 +84,7 @@ class GuestRun:
         self.guest_assert = GuestAssert(**ga) if ga is not None else None
 
     @property
-    def exit(self):
+    def exit(self) -> str:
         """"hlt" when every vCPU finished (GUEST_DONE or returned from guest_main), else the
         exit that ended the run: "fail" for a failed GUEST_ASSERT, "host_assert" for an
         exception in the host side (on_ucall, a host thread, a check), "memory_fault" for
@@ -88,39 +92,39 @@ class GuestRun:
         return self.result.exit
 
     @property
-    def error(self):
+    def error(self) -> str | None:
         """One line when the run ended in an error, else None."""
         return self.result.error
 
     @property
-    def errno(self):
+    def errno(self) -> int | None:
         """KVM_RUN's errno when it failed (14, EFAULT, for KVM_EXIT_MEMORY_FAULT), else None."""
         return self.result.errno
 
     @property
-    def memory_fault(self):
+    def memory_fault(self) -> dict[str, int] | None:
         """kvm_run.memory_fault of the run's KVM_EXIT_MEMORY_FAULT: {"flags", "gpa", "size"}
         (flags bit 3 = KVM_MEMORY_EXIT_FLAG_PRIVATE), else None."""
         return self.result.memory_fault
 
     @property
-    def host_exception(self):
+    def host_exception(self) -> BaseException | None:
         """The exception the host side raised (exit "host_assert"), else None."""
         return self.result.host_exception
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.result.error is None
 
-    def syncs_of(self, vcpu):
+    def syncs_of(self, vcpu: int) -> list[int]:
         """The stages vCPU ``vcpu`` passed to GUEST_SYNC (and GUEST_SYNC_ARGS), in order."""
         return [s[1] for s in self.syncs if s[0] == vcpu]
 
-    def reports_of(self, vcpu):
+    def reports_of(self, vcpu: int) -> list[int]:
         """The values vCPU ``vcpu`` reported, in order."""
         return [v for c, v in self.reports if c == vcpu]
 
-    def assert_ok(self):
+    def assert_ok(self) -> GuestRun:
         """Raise AssertionError with the guest's message when a GUEST_ASSERT failed, with the host
         side's exception (chained) when it raised, or when the run ended in any other error
         (what REPORT_GUEST_ASSERT and TEST_ASSERT do in a KVM selftest)."""
@@ -141,7 +145,8 @@ class GuestVM:
     runs; the other keywords go to emu.userspace.vmm.Machine (``hugepages``, ``tracer``,
     ``inject``, ``seed``, ``bugs``, ``host_events``, ...)."""
 
-    def __init__(self, guest, vm="default", vcpus=1, mem="64M", host_reserve=HOST_RESERVE, **machine_kwargs):
+    def __init__(self, guest: str | os.PathLike[str], vm: str = "default", vcpus: int = 1, mem: int | str = "64M",
+                 host_reserve: int | str = HOST_RESERVE, **machine_kwargs: Any) -> None:
         if vm not in _MACHINE_VM_TYPES:
             raise MachineError(f"unknown VM type {vm!r} ({', '.join(_MACHINE_VM_TYPES)})")
         self.guest = str(guest)
@@ -155,26 +160,27 @@ class GuestVM:
             self.image = loader.load_elf(guests.resolve(self.guest))
         except (guests.GuestError, loader.LoadError) as e:
             raise MachineError(str(e)) from None
-        self._machine = None
-        self._regions = {}                 # slot -> MemRegion, until the VM is built
-        self._globals = {}
-        self._virt_maps = []
-        self._deferred = []                # host operations to make once the VM is built, in order
-        self._on_ucall = None
-        self._threads = []
-        self._checks = []
+        self._machine: Machine | None = None
+        self._regions: dict[int, MemRegion] = {}                 # slot -> MemRegion, until the VM is built
+        self._globals: dict[str, int | bytes] = {}
+        self._virt_maps: list[tuple[int, int]] = []
+        self._deferred: list = []          # host operations to make once the VM is built, in order
+        self._on_ucall: Callable[[int, Ucall], None] | None = None
+        self._threads: list[tuple[Callable[[], None], str]] = []
+        self._checks: list[Callable[[GuestRun], None]] = []
         self._ran = False
 
     # -- the VM ---------------------------------------------------------------------------------------
     @property
-    def machine(self):
+    def machine(self) -> Machine:
         """The emu.userspace.vmm.Machine (built now if it was not)."""
         if self._machine is None:
             self._build()
+        assert self._machine is not None
         return self._machine
 
     @property
-    def built(self):
+    def built(self) -> bool:
         return self._machine is not None
 
     def _build(self):
@@ -197,7 +203,7 @@ class GuestVM:
         else:
             m.result_check = None
 
-    def run(self):
+    def run(self) -> GuestRun:
         """Run every vCPU until it finishes (or the run fails); return a GuestRun.  A VM runs once."""
         if self._ran:
             raise RuntimeError("this GuestVM has run: build a new one for another run")
@@ -207,7 +213,7 @@ class GuestVM:
         return GuestRun(m, m.run())
 
     # -- the host side ----------------------------------------------------------------------------------
-    def on_ucall(self, fn):
+    def on_ucall(self, fn: Callable[[int, Ucall], None]) -> Callable[[int, Ucall], None]:
         """``fn(vcpu_id, uc)`` for every ucall of every vCPU, on that vCPU's own task (a selftest's
         vCPU thread after vcpu_run() and get_ucall()); the vCPU resumes when it returns.  ``uc``:
         emu.userspace.ucall_common.Ucall (cmd, stage, args, text).  An exception ends the run
@@ -218,7 +224,7 @@ class GuestVM:
             self._machine.on_ucall = fn
         return fn
 
-    def spawn(self, fn, name=None):
+    def spawn(self, fn: Callable[[], None], name: str | None = None) -> Callable[[], None]:
         """A host thread (pthread_create()): ``fn()`` runs on a task of the scheduler beside the
         vCPUs from the start of the run, so explore interleaves it with them.  An exception ends
         the run (exit "host_assert").  Threads are spawned before the run."""
@@ -229,7 +235,7 @@ class GuestVM:
             self._machine.host_threads = list(self._threads)
         return fn
 
-    def check(self, fn):
+    def check(self, fn: Callable[[GuestRun], None]) -> Callable[[GuestRun], None]:
         """``fn(run)`` after the run (and after every explored schedule) with the GuestRun: the
         selftest's assertions after pthread_join().  An exception fails the run (exit
         "host_assert"); when it returns, the run's ending is accepted as expected (explore counts
@@ -237,7 +243,7 @@ class GuestVM:
         self._checks.append(fn)
         return fn
 
-    def wait_for(self, pred):
+    def wait_for(self, pred: Callable[[], object]) -> None:
         """Yield until ``pred()`` holds (inside a host thread or an on_ucall callback): the other
         tasks run meanwhile.  If no task could ever make it true, the run ends ("timeout")."""
         sched = self._machine.kvm.sched if self._machine is not None else None
@@ -249,12 +255,12 @@ class GuestVM:
         sched.wait_until(pred, what="host_wait")
 
     # -- guest memory ---------------------------------------------------------------------------------
-    def read(self, gpa, size):
+    def read(self, gpa: int, size: int) -> bytes:
         """``size`` bytes of guest memory at ``gpa`` through the host's mapping (addr_gpa2hva():
         shared memory; a private page's contents are not there)."""
         return self.machine.read_guest(gpa, size)
 
-    def write(self, gpa, data):
+    def write(self, gpa: int, data: bytes) -> None:
         """Write guest memory at ``gpa`` through the host's mapping (before the run: once built)."""
         data = bytes(data)
         if self._machine is None:
@@ -263,7 +269,7 @@ class GuestVM:
         else:
             self._machine.write_guest(gpa, data)
 
-    def sync_global_to_guest(self, symbol, value):
+    def sync_global_to_guest(self, symbol: str, value: int | bytes) -> None:
         """Set the guest's global ``symbol`` to ``value`` (an int, in the symbol's size, or bytes)
         before the run (in a TD, before the image is measured)."""
         if self._machine is not None:
@@ -277,7 +283,7 @@ class GuestVM:
         probe(symbol, value)                    # the same checks now, the write at build
         self._globals[symbol] = value
 
-    def virt_map(self, gpa, size):
+    def virt_map(self, gpa: int, size: int) -> None:
         """Map [gpa, gpa + size) in the guest's page tables (identity, 2M pages; in a TD also in
         the shared window) though no memslot is there yet: for memslots added, or moved there,
         while the guest runs.  Before the VM is built."""
@@ -286,7 +292,7 @@ class GuestVM:
         self._virt_maps.append((gpa, size))
 
     # -- memslots (vm_mem_add, vm_mem_region_delete, vm_mem_region_move) ------------------------------------
-    def mem_region_add(self, slot, gpa, size, guest_memfd=True):
+    def mem_region_add(self, slot: int, gpa: int, size: int, guest_memfd: bool = True) -> None:
         """A memslot at [gpa, gpa + size) with host memory behind it (and a guest_memfd for its
         private pages, in a TD too).  Before the run it is also mapped in the guest's page tables
         (identity; in a TD also at the shared window)."""
@@ -296,7 +302,7 @@ class GuestVM:
         self._check_region(slot, gpa, size, guest_memfd)
         self._regions[slot] = MemRegion(slot, gpa, size, bool(guest_memfd))
 
-    def mem_region_delete(self, slot):
+    def mem_region_delete(self, slot: int) -> None:
         """KVM_SET_USER_MEMORY_REGION with size 0: delete memslot ``slot``."""
         if self._machine is not None:
             self._machine.delete_region(slot)
@@ -305,7 +311,7 @@ class GuestVM:
             raise KvmIoctlError(EINVAL, f"no memslot {slot}")
         del self._regions[slot]
 
-    def mem_region_move(self, slot, new_gpa):
+    def mem_region_move(self, slot: int, new_gpa: int) -> None:
         """Move memslot ``slot`` (same size and host memory) to ``new_gpa``.  KVM refuses to move a
         memslot with a guest_memfd (EINVAL: private memslots are immutable)."""
         if self._machine is not None:
@@ -322,7 +328,7 @@ class GuestVM:
         r.gpa = new_gpa
 
     # -- memory attributes and guest_memfd ------------------------------------------------------------------
-    def set_memory_attributes(self, gpa, size, private):
+    def set_memory_attributes(self, gpa: int, size: int, private: bool) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES: [gpa, gpa + size) private (``private`` true, or
         KVM_MEMORY_ATTRIBUTE_PRIVATE) or shared.  A default VM refuses private with EINVAL."""
         private = bool(private)
@@ -337,15 +343,15 @@ class GuestVM:
                                         f"(page-aligned, non-empty)")
         self._deferred.append(lambda m: m.set_memory_attributes(gpa, size, private))
 
-    def mem_set_private(self, gpa, size):
+    def mem_set_private(self, gpa: int, size: int) -> None:
         """vm_mem_set_private()"""
         self.set_memory_attributes(gpa, size, True)
 
-    def mem_set_shared(self, gpa, size):
+    def mem_set_shared(self, gpa: int, size: int) -> None:
         """vm_mem_set_shared()"""
         self.set_memory_attributes(gpa, size, False)
 
-    def guest_mem_fallocate(self, gpa, size, punch_hole):
+    def guest_mem_fallocate(self, gpa: int, size: int, punch_hole: bool) -> None:
         """vm_guest_mem_fallocate(): fallocate() on the guest_memfd behind [gpa, gpa + size);
         ``punch_hole`` drops the pages (KVM unmaps them first), else they are allocated."""
         if self._machine is not None:
@@ -389,7 +395,8 @@ class _ImageOnly:
         self.image = image
 
 
-def run_guest(guest, vm="default", vcpus=1, mem="64M", **machine_kwargs):
+def run_guest(guest: str | os.PathLike[str], vm: str = "default", vcpus: int = 1, mem: int | str = "64M",
+              **machine_kwargs: Any) -> GuestRun:
     """Build a VM for ``guest``, run it, and return a GuestRun."""
     return GuestVM(guest, vm=vm, vcpus=vcpus, mem=mem, **machine_kwargs).run()
 
@@ -401,15 +408,15 @@ class Failure:
     """A failing schedule: replay it with ``explore(factory, replay=schedule)``."""
     schedule: str
     error: str
-    minimized: str = None          # (the first failure) the schedule with every needless deviation dropped
-    trace: list = None             # (the first failure) the trace of the minimized schedule
+    minimized: str | None = None          # (the first failure) the schedule with every needless deviation dropped
+    trace: list[str] | None = None             # (the first failure) the trace of the minimized schedule
 
 
 class Exploration:
     """What ``explore`` found: ``schedules`` run, ``failures`` (a list of Failure, the first
     minimized and traced), ``complete`` (the bounded space was covered, or every run made)."""
 
-    def __init__(self, result, failures):
+    def __init__(self, result: Any, failures: list[Failure]) -> None:
         self.result = result                     # emu.checkers.explore.ExploreResult
         self.schedules = result.runs
         self.failures = failures
@@ -420,8 +427,9 @@ class Exploration:
         return f"Exploration(schedules={self.schedules}, failures={len(self.failures)}, complete={self.complete})"
 
 
-def explore(factory, random=None, seed=0, bound=None, dpor=False, depth=3, max_runs=None, stop_at_first=True,
-            replay=None, check_steps=False):
+def explore(factory: Callable[[], GuestVM], random: int | None = None, seed: int = 0, bound: int | None = None,
+            dpor: bool = False, depth: int = 3, max_runs: int | None = None, stop_at_first: bool = True,
+            replay: str | None = None, check_steps: bool = False) -> Exploration:
     """Explore the interleavings of a selftest's scenario: ``factory()`` returns a GuestVM, its
     memslots, globals, callbacks and host threads set up, not run.  It is built once; every run
     starts from that snapshot (in a forked process: the callbacks' state starts afresh each time).

@@ -19,15 +19,19 @@ CLI's emu.userspace.watchdog.Signals) with "interrupted".  Either error line nam
 every vCPU still running, its RIP, instruction and symbol and the loop it spins in.
 """
 
+from __future__ import annotations
+
 import contextlib
+import os
 import struct
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import guestabi, guests, loader
 from ..host import Host, MiB
 from ..hw.memory import OutOfHostMemory
 from ..kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
                       KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_INTR, EXIT_NAMES)
-from ..kvm.kvm_host import EINVAL, EEXIST, EFAULT
+from ..kvm.kvm_host import EINVAL, EFAULT
 from ..kvm.uapi import (KVM_X86_SW_PROTECTED_VM, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED,
                         KVM_MEMORY_ATTRIBUTE_PRIVATE)
 from ..kvm.uapi import (KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR,
@@ -39,6 +43,9 @@ from . import cpu as cpu_model
 from ..kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
 from ..hw.exits import VECTOR_NAMES
 from ..trace import NULL_TRACER
+
+if TYPE_CHECKING:
+    from ..trace import Tracer
 
 HUGE_2M = 2 * MiB
 VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "sw-protected": KVM_X86_SW_PROTECTED_VM, "tdx": KVM_X86_TDX_VM}
@@ -145,10 +152,13 @@ def parse_size(text):
 
 
 class Machine:
-    def __init__(self, guest, vm="default", mem=64 * MiB, vcpus=1, tracer=None, hugepages=None,
-                 td_attributes=None, no_freeze=False, inject=(), seed=0, host_events=(), bugs=(),
-                 nx_huge_pages=False, mirror_hooks=None, tdx_huge_pages=False, demote_interruptible=False,
-                 regions=(), guest_globals=None, virt_maps=(), host_reserve=0):
+    def __init__(self, guest: str | os.PathLike[str], vm: str = "default", mem: int = 64 * MiB, vcpus: int = 1,
+                 tracer: Tracer | None = None, hugepages: str | None = None, td_attributes: int | None = None,
+                 no_freeze: bool = False, inject: Sequence[Any] = (), seed: int = 0, host_events: Sequence[Any] = (),
+                 bugs: Sequence[str] = (), nx_huge_pages: bool = False, mirror_hooks: str | None = None,
+                 tdx_huge_pages: bool = False, demote_interruptible: bool = False, regions: Sequence[MemRegion] = (),
+                 guest_globals: dict[str, int | bytes] | None = None, virt_maps: Sequence[tuple[int, int]] = (),
+                 host_reserve: int = 0) -> None:
         """``regions``: MemRegion (slot, gpa, size, guest_memfd) memslots besides guest memory,
         made at build time and mapped in the guest's page tables (identity; in a TD also at the
         shared window); ``virt_maps``: (gpa, size) ranges mapped likewise with no memslot (yet);
@@ -210,7 +220,7 @@ class Machine:
         # or None.  A port with no handler reads all ones and drops writes (QEMU's unassigned I/O).
         self.console = bytearray()
         self.pio_handlers = {guestabi.IO_DELAY_PORT: self._pio_delay, guestabi.EMU_DEBUGCON_PORT: self._pio_debugcon}
-        self.pio_counts = {}          # port -> I/O exits userspace took for it
+        self.pio_counts: dict[int, int] = {}          # port -> I/O exits userspace took for it
         # MSRs the VMM filters and answers (index -> handler(vcpu, is_write, data) -> (ok, data)).
         self.msr_handlers = {guestabi.MSR_CORE_THREAD_COUNT: self._msr_core_thread_count}
         self.tracer = tracer or NULL_TRACER
@@ -224,11 +234,11 @@ class Machine:
         self.nx_huge_pages = bool(nx_huge_pages)
         # The host side of a selftest (emu.selftest): the vCPUs' ucall callback, host threads,
         # and the check of a finished run.
-        self.on_ucall = None
-        self.host_threads = []            # (fn, name)
+        self.on_ucall: Any = None
+        self.host_threads: list = []            # (fn, name)
         self.result_check = None
-        self.regions = {}                 # slot -> MemRegion: every memslot of the VMM's
-        self.removed_ranges = []          # GPA ranges host events deleted or moved away
+        self.regions: dict[int, MemRegion] = {}           # slot -> MemRegion: every memslot of the VMM's
+        self.removed_ranges: list[tuple[int, int]] = []     # GPA ranges host events deleted or moved away
         self.host_reserve = host_reserve
         self.guest_globals = dict(guest_globals or {})
         self.virt_maps = list(virt_maps)
@@ -236,8 +246,8 @@ class Machine:
         from .hostevents import parse_host_event, check_event, HostEventError
         try:
             self.host_events = [e if not isinstance(e, str) else parse_host_event(e) for e in host_events]
-            for e in self.host_events:
-                check_event(e, self)
+            for event in self.host_events:
+                check_event(event, self)
         except HostEventError as e:
             raise MachineError(str(e)) from None
         # The guest's page tables map where a memslot moves to.
@@ -538,14 +548,14 @@ class Machine:
             gpa += n
 
     # -- guest memory through the VMM's own mapping ---------------------------------------------------
-    def write_gpa(self, gpa, data):
+    def write_gpa(self, gpa: int, data: bytes) -> None:
         """A write through the VMM's own mapping of guest RAM (its page tables)."""
         while data:
             n = min(len(data), 0x1000 - (gpa & 0xFFF))
             self.host.mem.host_write(self.host.mm.hva_to_hpa(self.hva + gpa), data[:n])
             gpa, data = gpa + n, data[n:]
 
-    def read_gpa(self, gpa, n):
+    def read_gpa(self, gpa: int, n: int) -> bytes:
         out = bytearray()
         while n > 0:
             k = min(n, 0x1000 - (gpa & 0xFFF))
@@ -581,7 +591,8 @@ class Machine:
         return self.image.symbolize(addr) or f"{addr:#x}"
 
     # -- running ----------------------------------------------------------------------------------------
-    def run(self, max_userspace_exits=1_000_000, max_steps=20_000_000, scheduled=None):
+    def run(self, max_userspace_exits: int = 1_000_000, max_steps: int = 20_000_000,
+            scheduled: Any = None) -> Result:
         """Run every vCPU until it halts or fails.
 
         One vCPU with no host event runs alone, at full speed.  Otherwise the vCPUs (and the
@@ -604,7 +615,7 @@ class Machine:
                 return self._finish(res, {}, collect_regs=True)
         res = Result()
         live = list(self.vcpus)
-        ended = {}
+        ended: dict[int, str] = {}
         exits = 0
         with self.watchdog():
             while live and res.error is None and exits < max_userspace_exits:

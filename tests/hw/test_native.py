@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 
 from emu.hw import ept as ept_mod
 from emu.hw import native
-from emu.hw import paging as paging_mod
 from emu.hw.ept import InvalidEptp, make_eptp
 from emu.hw.memory import HostMemory
 from emu.hw.vcpu import Vcpu

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from emu.checkers.check import check_vm, check_destroyed, check_tlbs
-from emu.checkers.inject import POINTS, parse_rule, Plan, PlanError
+from emu.checkers.inject import POINTS, parse_rule, PlanError
 from emu.kvm.kvm import KvmIoctlError
 from emu.userspace.vmm import Machine
 from tdxmod import abi as A
@@ -165,7 +165,7 @@ def test_teardown_busy_twice_is_kvm_bug_on(inject):
 
 def test_reclaim_failure_leaks_and_accounts(inject):
     m = td()
-    res = m.run()
+    m.run()
     inject(m, "seamcall.TDH_PHYMEM_PAGE_RECLAIM@1=TDX_LIFECYCLE_STATE_INCORRECT")
     m.destroy()
     assert len(m.host.leaked) >= 1
@@ -210,7 +210,7 @@ def test_a_delayed_tlb_flush_is_caught_by_the_invariant_checker(inject):
     their translations: exactly what check_tlbs exists to catch."""
     m = td("convert")
     inject(m, "tlb_flush@every")
-    res = m.run()
+    m.run()
     stale = check_tlbs(m.kvm)
     assert stale and all("caches gpa" in s for s in stale)
 

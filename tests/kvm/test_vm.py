@@ -14,8 +14,7 @@ import pytest
 
 import emu.userspace.vmm as vmm
 from emu.host import Host, MiB
-from emu.kvm.kvm import (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, Kvm, KvmIoctlError, KVM_EXIT_HLT, KVM_EXIT_HYPERCALL, KVM_EXIT_INTERNAL_ERROR,
-                         KVM_EXIT_MMIO, KVM_MEM_READONLY, KVM_REQ_TLB_FLUSH)
+from emu.kvm.kvm import (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, Kvm, KvmIoctlError, KVM_EXIT_HLT, KVM_EXIT_HYPERCALL, KVM_EXIT_MMIO, KVM_MEM_READONLY, KVM_REQ_TLB_FLUSH)
 from emu.kvm.spte import SHADOW_NONPRESENT_VALUE, make_mmio_spte
 
 from kvmhelpers import (TEST_GUESTS, check_tables, iter_at, fnv1a64, hello_string, equ, expected_touched_pages, record_violations,

@@ -10,7 +10,7 @@ import pytest
 
 from emu.hw.memory import HostAccessError
 from tdxmod import abi as A
-from tdxmod.module import MD_TDVPS_VMCS_SHARED_EPTP, MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, GPR_ORDER
+from tdxmod.module import MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, GPR_ORDER
 
 from tdxhelpers import (  # noqa: F401  (the spec constants)
     PAGE, MiB, M2, U64, SUCCESS, OPERAND_BUSY, PREVIOUS_TLB_EPOCH_BUSY, OPERAND_INVALID, OPERAND_ADDR_RANGE_ERROR,
