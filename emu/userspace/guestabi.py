@@ -17,13 +17,11 @@ Hypercalls (the runtime picks the flavour at run time with CPUID leaf 0x21):
         fail:    RAX = EMU_HC_FAIL,   RBX = error code
         sync:    RAX = EMU_HC_SYNC,   RBX = value (an assembler guest's sync)
         assert:  RAX = EMU_HC_ASSERT, RBX = address of the assert site, RCX = a, RDX = b
-        ucall:   RAX = EMU_HC_UCALL,  RBX = the struct ucall's handle (C guests' GUEST_*)
     TD, TDCALL (66 0f 01 cc) leaf TDG_VP_VMCALL (RAX = 0) with
     RCX = TDVMCALL_EXPOSE_REGS (R10, R11 and R12 passed to the VMM):
         report:  R10 = EMU_HC_REPORT (non-zero: vendor-specific per the GHCI; KVM
                  runs it as hypercall number R10 with argument R11), R11 = value
         sync:    R10 = EMU_HC_SYNC, R11 = value (vendor-specific, as report)
-        ucall:   R10 = EMU_HC_UCALL, R11 = the struct ucall's handle (as report)
         assert:  RCX = TDVMCALL_EXPOSE_REGS_4 (R10-R13), R10 = EMU_HC_ASSERT,
                  R11 = address of the assert site, R12 = a, R13 = b
         fail:    R10 = 0 (GHCI standard), R11 = GHCI_REPORT_FATAL_ERROR,
@@ -33,6 +31,15 @@ Hypercalls (the runtime picks the flavour at run time with CPUID leaf 0x21):
     The runtime preserves every register across a report; the host need not
     write any register back (a TD's RAX = 0 and R10 = 0 mean success).
     After a fail the vCPU executes HLT in a loop.
+
+The ucall (C guests' GUEST_*, ucall_arch_do_ucall in guest/lib/runtime.S), as
+upstream's selftests (lib/x86/ucall.c) make it:
+    Plain VM: `in al, dx` with DX = UCALL_PIO_PORT, RDI = the struct ucall's
+        address; KVM_EXIT_IO, and the host reads RDI (KVM_GET_REGS).
+    TD: TDG.VP.VMCALL<#VE.RequestMMIO> (R11 = 48), an 8-byte write (R12 = 8,
+        R13 = 1) of the address (R15) to UCALL_MMIO_GPA | the shared bit (R14:
+        the guest's ucall_mmio_gpa, which the host sets); KVM_EXIT_MMIO at
+        UCALL_MMIO_GPA, and the host takes the address from the data.
 
 The assert site is a constant in the image's .rodata (ASSERT_SITE_FORMAT): the
 addresses of the source file name and of the asserted expression (NUL-terminated
@@ -58,8 +65,9 @@ Port I/O (the VMM's device table, Machine.pio_handlers, port -> handler):
         output (the run's text and --json "console"); a read returns 0xe9.
     IO_DELAY_PORT (0x80, QEMU's ioport80): writes are dropped, reads return 0xff.
     Any other port is unassigned: a write is dropped, a read returns all ones
-    (as QEMU's unassigned I/O).  The selftest ucall port 0x1000 is registered by
-    the selftest API.
+    (as QEMU's unassigned I/O).
+    UCALL_PIO_PORT (0x1000) is no device: in a plain VM an I/O exit there is a
+    ucall (above), taken before the device table.
 MSRs: the VMM filters MSR_CORE_THREAD_COUNT (0x35) and answers it itself, as
 QEMU does (KVM_X86_SET_MSR_FILTER, KVM_EXIT_X86_RDMSR): cores in 31:16,
 threads in 15:0.
@@ -76,22 +84,34 @@ EMU_HC_REPORT = 0x454D0001
 EMU_HC_FAIL = 0x454D0002
 EMU_HC_SYNC = 0x454D0003          # GUEST_SYNC(value)
 EMU_HC_ASSERT = 0x454D0004        # GUEST_ASSERT / GUEST_ASSERT_EQ failed (the assembler-level call)
-EMU_HC_UCALL = 0x454D0005         # a ucall: RBX (VMCALL) / R11 (TDCALL) = the struct ucall's handle
 # The hypercalls KVM hands to userspace as KVM_EXIT_HYPERCALL (every VM type).
-EMU_USERSPACE_HCS = (EMU_HC_REPORT, EMU_HC_FAIL, EMU_HC_SYNC, EMU_HC_ASSERT, EMU_HC_UCALL)
+EMU_USERSPACE_HCS = (EMU_HC_REPORT, EMU_HC_FAIL, EMU_HC_SYNC, EMU_HC_ASSERT)
 
 # The ucall transport (the one place the host decodes it; guest/lib/runtime.S's
-# ucall_arch_do_ucall is the one place the guest makes it).  Upstream's x86 selftests do
-# `in %dx, %al` on port UCALL_PIO_PORT with RDI = the address; until port I/O exits exist
-# here, the guest makes the EMU_HC_UCALL hypercall with the address as its argument.
+# ucall_arch_do_ucall is the one place the guest makes it), as upstream's lib/x86/ucall.c and
+# the TDX selftests' ucall: a plain VM's guest does `in %dx, %al` on port UCALL_PIO_PORT with
+# RDI = the address; a TD's guest, whose registers the host cannot read, writes the address
+# (8 bytes, TDG.VP.VMCALL<#VE.RequestMMIO>) to UCALL_MMIO_GPA | the shared bit.  Upstream puts
+# that GPA just past memslot 0; here it is the page after the VMM's MMIO device (EMU_MMIO_GPA),
+# where no memslot may go, so a selftest's own memslots cannot cover it.
 UCALL_PIO_PORT = 0x1000
+UCALL_MMIO_GPA = 0x7F0000001000
+UCALL_MMIO_GPA_SYMBOL = "ucall_mmio_gpa"  # the guest's copy (with the shared bit in a TD)
 
 
-def ucall_address(run):
-    """The struct ucall a KVM_EXIT_HYPERCALL asks the host to read, or None if it is no ucall
-    (ucall_arch_get_ucall())."""
-    if getattr(run, "nr", None) == EMU_HC_UCALL:
-        return run.args[0]
+def ucall_arch_get_ucall(vcpu, run, td):
+    """ucall_arch_get_ucall(): the address of the struct ucall this KVM_RUN exit hands the host,
+    or None if it is no ucall.  A plain VM: KVM_EXIT_IO at UCALL_PIO_PORT (upstream looks at the
+    port only), the address in RDI (vcpu_regs_get(): KVM_GET_REGS).  A TD: KVM_EXIT_MMIO, an
+    8-byte write at UCALL_MMIO_GPA (KVM has stripped the shared bit), the address its data."""
+    from ..kvm.uapi import KVM_EXIT_IO, KVM_EXIT_MMIO
+    if td:
+        if run.exit_reason == KVM_EXIT_MMIO and run.phys_addr == UCALL_MMIO_GPA \
+                and getattr(run, "len", None) == 8 and run.is_write:
+            return int.from_bytes(bytes(run.data[:8]), "little")
+        return None
+    if run.exit_reason == KVM_EXIT_IO and run.port == UCALL_PIO_PORT:
+        return vcpu.get_regs()["rdi"]
     return None
 
 

@@ -43,7 +43,7 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from . import guests, loader
+from . import guestabi, guests, loader
 from .ucall_common import (UCALL_NONE, UCALL_SYNC, UCALL_ABORT, UCALL_PRINTF, UCALL_DONE,  # noqa: F401
                            UCALL_UNHANDLED, UCALL_MAX_ARGS, Ucall)
 from .vmm import Machine, MachineError, MemRegion, parse_size, VM_TYPES as _MACHINE_VM_TYPES
@@ -377,6 +377,10 @@ class GuestVM:
     def _check_overlap(self, slot, gpa, size):
         if gpa < self.mem:
             raise KvmIoctlError(EEXIST, "memslot overlaps slot 0 (the guest's memory)")
+        if gpa < guestabi.UCALL_MMIO_GPA + 0x1000 and guestabi.EMU_MMIO_GPA < gpa + size:
+            # (KVM would take it; the VMM's MMIO device and the TD's ucall GPA would be gone)
+            raise KvmIoctlError(EEXIST, f"memslot overlaps the VMM's MMIO pages ({guestabi.EMU_MMIO_GPA:#x}: "
+                                        f"the MMIO device and the ucall GPA)")
         for r in self._regions.values():
             if r.slot != slot and gpa < r.end and r.gpa < gpa + size:
                 raise KvmIoctlError(EEXIST, f"memslot overlaps slot {r.slot}")

@@ -23,8 +23,8 @@ by ucall_init()); the VMM writes each struct's GPA there, which it reads through
 mapping.  ``nargs`` is emu's addition: upstream's host knows how many arguments each of its
 tests passes; a generic host needs to be told (uc.args of a GUEST_SYNC is empty, of a
 GUEST_SYNC_ARGS four values).  The transport, how the guest says "read the ucall at this
-address", is emu.userspace.guestabi's (EMU_HC_UCALL: one hypercall today; upstream's x86 uses
-``in`` from port 0x1000 with RDI = the address).
+address", is emu.userspace.guestabi.ucall_arch_get_ucall()'s, as upstream's x86: ``in`` from
+port 0x1000 with RDI = the address; in a TD an 8-byte MMIO write of the address to the ucall GPA.
 
 A failed assert (UCALL_ABORT) carries upstream's three arguments (the expression, the file
 name, the line; the strings' addresses are in the guest image's .rodata) and emu's three more:

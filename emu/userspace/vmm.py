@@ -393,6 +393,9 @@ class Machine:
             if boot.page_table_gpas[-1] >= self.ucall_pool_gpa:
                 raise MachineError("the guest's page tables reach the ucall pool: too many extra mappings")
             values[guestabi.UCALL_POOL_SYMBOL] = self.ucall_pool_gpa + (guestabi.TD_SHARED_WINDOW_GVA if self.td else 0)
+        if self._has_symbol(guestabi.UCALL_MMIO_GPA_SYMBOL):
+            # ucall_arch_init(): a TD's ucall goes to the shared alias of UCALL_MMIO_GPA
+            values[guestabi.UCALL_MMIO_GPA_SYMBOL] = guestabi.UCALL_MMIO_GPA | (self.shared_bit if self.td else 0)
         for name, value in values.items():
             addr, data = self.global_bytes(name, value)
             write_gpa(addr, data)
@@ -900,8 +903,11 @@ class Machine:
             if r == KVM_EXIT_MEMORY_FAULT and res.memory_fault is None:
                 res.memory_fault = run.memory_fault.as_dict()
             return EXIT_NAMES[r]
-        addr = guestabi.ucall_address(run) if r == KVM_EXIT_HYPERCALL else None
+        addr = guestabi.ucall_arch_get_ucall(v, run, self.td) if r in (KVM_EXIT_IO, KVM_EXIT_MMIO) else None
         if addr is not None:
+            # The ucall's own port or GPA, not a device: no device footprint (emu.checkers.dpor)
+            if r == KVM_EXIT_IO:
+                self.pio_counts[run.port] = self.pio_counts.get(run.port, 0) + 1
             return self._ucall(v, addr, res)
         if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_REPORT:
             res.reports.append((v.vcpu_id, run.args[0]))

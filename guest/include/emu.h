@@ -221,7 +221,9 @@ struct ucall {
 	u64 nargs;
 };
 
-/* The ucall transport (guest/lib/runtime.S). */
+/* The ucall transport (guest/lib/runtime.S), as upstream's: `in` from port
+ * 0x1000 with RDI = uc in a plain VM, an 8-byte MMIO write of uc to the ucall
+ * GPA in a TD.  Clobbers RAX. */
 void ucall_arch_do_ucall(u64 uc);
 #define GUEST_UCALL_FAILED ((u64)-1)
 

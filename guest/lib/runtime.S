@@ -16,8 +16,10 @@
 #   emu_accept(rdi = gpa, rsi = size) -> rax
 #                                    accept private memory in a TD (no-op
 #                                    elsewhere); rax = 0 or the TDX status
-#   ucall_arch_do_ucall(rdi = handle) the ucall transport: the host reads the
-#                                    struct ucall whose handle is rdi
+#   ucall_arch_do_ucall(rdi = address) the ucall transport: the host reads the
+#                                    struct ucall at rdi (a plain VM: `in` from
+#                                    UCALL_PIO_PORT; a TD: an MMIO write of rdi to
+#                                    ucall_mmio_gpa); clobbers rax
 #   kvm_hypercall(rdi = nr, rsi = a0, rdx = a1, rcx = a2, r8 = a3) -> rax
 #                                    a KVM hypercall (VMCALL; in a TD,
 #                                    TDG.VP.VMCALL with R10 = nr); rax = its result
@@ -1013,44 +1015,68 @@ emu_accept_level:
 # They come last so that adding them moved none of the functions above.
 # ---------------------------------------------------------------------------
 
-# ucall_arch_do_ucall(rdi = handle): the ucall transport, the one place the
-# guest makes it.  Upstream's x86 selftests do `in %dx, %al` on port 0x1000
-# with RDI = the address; here, until port I/O exits exist, a hypercall:
-# VMCALL with RAX = EMU_HC_UCALL, RBX = the handle (a TD: TDG.VP.VMCALL with
-# R10 = EMU_HC_UCALL, R11 = the handle).  Preserves every register.
+# ucall_arch_do_ucall(rdi = the struct ucall's address): the ucall transport,
+# the one place the guest makes it, as upstream's lib/x86/ucall.c.  A plain
+# VM: `in al, dx` from UCALL_PIO_PORT with RDI = the address; KVM exits with
+# KVM_EXIT_IO and the host reads RDI (KVM_GET_REGS).  A TD, whose registers the
+# host cannot read: an 8-byte MMIO write of the address to ucall_mmio_gpa (the
+# TDX selftests' ucall: tdg_vp_vmcall_ve_request_mmio_write()), asked for
+# directly with TDG.VP.VMCALL<#VE.RequestMMIO>, no #VE; KVM exits with
+# KVM_EXIT_MMIO and the host takes the address from the data.  Clobbers RAX
+# (upstream's asm declares "rax" clobbered: AL is what the IN read, 0 as KVM
+# leaves it); preserves every other register.
     .globl ucall_arch_do_ucall
     .type ucall_arch_do_ucall, @function
 ucall_arch_do_ucall:
     pushfq
-    push rax
-    push rbx
+    push rdx
+    call emu_is_td
+    test eax, eax
+    jnz .Lucall_td
+    mov edx, UCALL_PIO_PORT
+    in al, dx
+    jmp .Lucall_done
+.Lucall_td:
     push rcx
     push r10
     push r11
     push r12
-    call emu_is_td
-    test eax, eax
-    jnz .Lucall_td
-    mov eax, EMU_HC_UCALL
-    mov rbx, rdi
-    vmcall
-    jmp .Lucall_done
-.Lucall_td:
+    push r13
+    push r14
+    push r15
     mov eax, TDG_VP_VMCALL
-    mov ecx, TDVMCALL_EXPOSE_REGS
-    mov r10d, EMU_HC_UCALL
-    mov r11, rdi
+    mov ecx, TDVMCALL_EXPOSE_REGS_MMIO      # R10 to R15
+    xor r10d, r10d                          # GHCI standard
+    mov r11d, TDVMCALL_VE_REQUEST_MMIO
+    mov r12d, 8                             # size
+    mov r13d, 1                             # a write
+    mov r14, qword ptr [rip + ucall_mmio_gpa]
+    mov r15, rdi                            # the value: the address
     TDCALL
-.Lucall_done:
+    pop r15
+    pop r14
+    pop r13
     pop r12
     pop r11
     pop r10
     pop rcx
-    pop rbx
-    pop rax
+.Lucall_done:
+    pop rdx
     popfq
     ret
     .size ucall_arch_do_ucall, . - ucall_arch_do_ucall
+
+    .section .data
+    .balign 8
+# The GPA of a TD's ucall MMIO write, the shared bit set: written by the host
+# before the guest runs (ucall_arch_init(): guestabi.UCALL_MMIO_GPA | the shared
+# bit), as upstream's sync_global_to_guest(vm, ucall_mmio_gpa).
+    .globl ucall_mmio_gpa
+    .type ucall_mmio_gpa, @object
+ucall_mmio_gpa:
+    .quad 0
+    .size ucall_mmio_gpa, . - ucall_mmio_gpa
+    .text
 
 # kvm_hypercall(rdi = nr, rsi = a0, rdx = a1, rcx = a2, r8 = a3) -> rax: KVM's
 # hypercall ABI, VMCALL with RAX = nr, RBX/RCX/RDX/RSI = a0..a3, the result in
