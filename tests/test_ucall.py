@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from emu.kvm.kvm import KvmVcpu
-from emu.selftest import GuestVM, KvmIoctlError, UCALL_SYNC
+from emu.selftest import GuestVM, KvmIoctlError
 from emu.trace import ListSink, Tracer
 from emu.userspace import guestabi
-from emu.userspace.ucall_common import UCALL_SIZE, UCALL_HEADER_UCALLS, UCALL_POOL_SIZE
+from emu.userspace.ucall_common import UCALL_SIZE, UCALL_HEADER_UCALLS
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("clang") is None,
                                 reason="no C compiler (gcc or clang)")
