@@ -33,6 +33,8 @@ the kind of assert (ASSERT_KIND_*) and, for the comparing asserts, the two value
 
 import struct
 
+from ..kvm.kvm_host import KvmIoctlError
+
 # enum ucall (include/ucall_common.h)
 UCALL_NONE, UCALL_SYNC, UCALL_ABORT, UCALL_PRINTF, UCALL_DONE, UCALL_UNHANDLED = range(6)
 UCALL_NAMES = {UCALL_NONE: "UCALL_NONE", UCALL_SYNC: "UCALL_SYNC", UCALL_ABORT: "UCALL_ABORT",
@@ -135,3 +137,116 @@ def assert_message(kind, file, line, expr, a, b, text):
     if kind == ASSERT_KIND_FAIL:
         return f"GUEST_FAIL at {where}: {text}"
     return f"GUEST_ASSERT failed at {where}: {expr}"
+
+
+def is_scheduler_control(e):
+    """An exception the scheduler or the explorer raises through a task to stop or steer it
+    (a deadlock, the step limit, a replay that diverged, a run cut short): not a failure of the
+    selftest's own code, so it goes on up."""
+    from ..checkers.sched import Deadlock, StepLimit, ScheduleError, SleepBlocked
+    return isinstance(e, (Deadlock, StepLimit, ScheduleError, SleepBlocked)) or type(e).__name__ == "InvariantBroken"
+
+
+def describe_exception(e):
+    """'AssertionError: message (at test_x.py:42)': where in the selftest's code it was raised."""
+    import os
+    import traceback
+    where = ""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = traceback.extract_tb(e.__traceback__)
+    for f in reversed(frames):
+        if not os.path.abspath(f.filename).startswith(pkg + os.sep):
+            where = f" (at {os.path.basename(f.filename)}:{f.lineno})"
+            break
+    text = str(e).strip().split("\n")[0]        # one line (pytest's assertion detail follows the first)
+    return f"{type(e).__name__}{': ' + text if text else ''}{where}"
+
+
+class UcallHost:
+    """The VMM's side of ucalls (get_ucall() and what a selftest's vCPU thread does with one), a
+    part of emu.userspace.vmm.Machine: the struct the guest pointed at is read through the VMM's
+    mapping, recorded in the run's Result (syncs, printfs, a failed assert) and handed to the
+    selftest's on_ucall callback on the vCPU's own task."""
+
+    def _ucall(self, v, addr, res):
+        """get_ucall(): the struct ucall the guest pointed at (the handle is its GPA, read
+        through the VMM's mapping: shared memory), handled as a selftest's vCPU thread does."""
+        if addr == GUEST_UCALL_FAILED:
+            res.exit = "fail"
+            res.error = f"vCPU {v.vcpu_id}: the guest failed to allocate a struct ucall (no free one in the pool)"
+            return "fail"
+        if addr == 0:
+            uc = Ucall(UCALL_NONE, vcpu=v.vcpu_id)            # GUEST_UCALL_NONE()
+        else:
+            try:
+                cmd, args, nargs, text = read_ucall(self.read_guest, addr)
+            except KvmIoctlError:
+                res.exit = "fail"
+                res.error = f"vCPU {v.vcpu_id}: a ucall at {addr:#x}, outside the VMM's memory"
+                return "fail"
+            uc = Ucall(cmd, raw_args=args, nargs=nargs, vcpu=v.vcpu_id)
+            if cmd == UCALL_SYNC:
+                marker = self._sync_marker()
+                if nargs >= 2 and args[0] == marker:          # GUEST_SYNC, GUEST_SYNC_ARGS
+                    uc.stage, uc.args = args[1], tuple(args[2:nargs])
+                elif nargs >= 1:                               # GUEST_SYNC1..6
+                    uc.stage, uc.args = args[0], tuple(args[1:nargs])
+            elif cmd in (UCALL_PRINTF, UCALL_ABORT):
+                uc.text = text
+            if cmd == UCALL_ABORT:
+                uc.guest_assert = self._ucall_assert(v.vcpu_id, args, text)
+        return self._ucall_done(v, uc, res)
+
+    def _sync_marker(self):
+        sym = [a for a, _, n in self.image.symbols if n == "__ucall_sync_hello"]
+        return sym[0] if sym else None
+
+    def _ucall_done(self, v, uc, res):
+        """What the VMM records of a ucall (syncs, printfs, a failed assert), then the selftest's
+        callback on this vCPU's task; the vCPU's final exit, or None to run it again."""
+        vid = v.vcpu_id
+        outcome = None
+        if uc.cmd == UCALL_SYNC:
+            res.syncs.append((vid, uc.stage, *uc.args))
+            if self.tracer.enabled:
+                extra = f" args {', '.join(f'{a:#x}' for a in uc.args)}" if uc.args else ""
+                self.tracer.emit("guest_sync", vid, msg=f"value {uc.stage:#x} ({uc.stage}){extra}")
+        elif uc.cmd == UCALL_PRINTF:
+            res.printfs.append((vid, uc.text))
+            if self.tracer.enabled:
+                self.tracer.emit("guest_printf", vid, msg=uc.text.rstrip("\n"))
+        elif uc.cmd == UCALL_ABORT:
+            if res.error is None:
+                res.exit = "fail"
+                res.guest_assert = uc.guest_assert
+                res.error = f"vCPU {vid}: {uc.guest_assert['message']}"
+            if self.tracer.enabled:
+                self.tracer.emit("guest_assert", vid, msg=f"vCPU {vid}: {uc.guest_assert['message']}")
+            outcome = "fail"
+        elif uc.cmd not in (UCALL_DONE, UCALL_NONE):
+            res.exit = "fail"
+            res.error = f"vCPU {vid}: unknown ucall {uc.cmd:#x}"
+            return "fail"
+        fn = self.on_ucall
+        if fn is not None:
+            # (emu.checkers.dpor) the callback's Python state is not announced: it touches everything.
+            self.kvm.touch_all()
+            try:
+                fn(vid, uc)
+            except Exception as e:
+                if is_scheduler_control(e):
+                    raise
+                self._host_failed(res, e, f"vCPU {vid}: on_ucall({UCALL_NAMES.get(uc.cmd, uc.cmd)})")
+                return outcome or "host_assert"
+        return outcome
+
+    def _ucall_assert(self, vcpu, args, text):
+        """A UCALL_ABORT's failed assert as a dict (vcpu, file, line, expr, kind, a, b, message),
+        its strings read from the ELF image (what guest memory holds there: a TD's is private)."""
+        kind = args[GUEST_ASSERT_KIND]
+        expr = self.image.read_cstring(args[GUEST_ERROR_STRING]) or f"<expression at {args[0]:#x}>"
+        file = self.image.read_cstring(args[GUEST_FILE]) or f"<file at {args[1]:#x}>"
+        line = args[GUEST_LINE]
+        a, b = args[GUEST_ASSERT_A], args[GUEST_ASSERT_B]
+        return {"vcpu": vcpu, "file": file, "line": line, "expr": expr, "kind": KIND_NAMES.get(kind, "assert"),
+                "a": a, "b": b, "message": assert_message(kind, file, line, expr, a, b, text)}

@@ -34,12 +34,14 @@ from ..kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, K
 from ..kvm.kvm_host import EINVAL, EFAULT
 from ..kvm.uapi import (KVM_X86_SW_PROTECTED_VM, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED,
                         KVM_MEMORY_ATTRIBUTE_PRIVATE)
-from ..kvm.uapi import (KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR,
+from ..kvm.uapi import (KVM_EXIT_IO, KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR,
                         KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_FILTER_READ, KVM_MSR_FILTER_WRITE,
                         KVM_MSR_FILTER_DEFAULT_ALLOW)
 from ..kvm.x86_msr import MSR_IA32_APICBASE_BSP, MSR_IA32_APICBASE_ENABLE, APIC_DEFAULT_PHYS_BASE
 from ..hw.msr import MSR_IA32_APICBASE, MSR_IA32_ARCH_CAPABILITIES
 from . import cpu as cpu_model
+from .devices import VmmDevices
+from .ucall_common import UcallHost, is_scheduler_control, describe_exception
 from ..kvm.spte import PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G
 from ..hw.exits import VECTOR_NAMES
 from ..trace import NULL_TRACER
@@ -64,29 +66,6 @@ VMM_SLOT_BASE = 0x7F00
 
 class MachineError(Exception):
     """Bad input to a machine (guest, memory size, vCPU count): one line for the user."""
-
-
-def is_scheduler_control(e):
-    """An exception the scheduler or the explorer raises through a task to stop or steer it
-    (a deadlock, the step limit, a replay that diverged, a run cut short): not a failure of the
-    selftest's own code, so it goes on up."""
-    from ..checkers.sched import Deadlock, StepLimit, ScheduleError, SleepBlocked
-    return isinstance(e, (Deadlock, StepLimit, ScheduleError, SleepBlocked)) or type(e).__name__ == "InvariantBroken"
-
-
-def describe_exception(e):
-    """'AssertionError: message (at test_x.py:42)': where in the selftest's code it was raised."""
-    import os
-    import traceback
-    where = ""
-    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frames = traceback.extract_tb(e.__traceback__)
-    for f in reversed(frames):
-        if not os.path.abspath(f.filename).startswith(pkg + os.sep):
-            where = f" (at {os.path.basename(f.filename)}:{f.lineno})"
-            break
-    text = str(e).strip().split("\n")[0]        # one line (pytest's assertion detail follows the first)
-    return f"{type(e).__name__}{': ' + text if text else ''}{where}"
 
 
 class Result:
@@ -151,7 +130,7 @@ def parse_size(text):
     return n * mult
 
 
-class Machine:
+class Machine(VmmDevices, UcallHost):
     def __init__(self, guest: str | os.PathLike[str], vm: str = "default", mem: int = 64 * MiB, vcpus: int = 1,
                  tracer: Tracer | None = None, hugepages: str | None = None, td_attributes: int | None = None,
                  no_freeze: bool = False, inject: Sequence[Any] = (), seed: int = 0, host_events: Sequence[Any] = (),
@@ -1014,93 +993,6 @@ class Machine:
         res.error = f"vCPU {v.vcpu_id}: {msg}"
         return name
 
-    # -- ucalls -------------------------------------------------------------------------------------------
-    def _ucall(self, v, addr, res):
-        """get_ucall(): the struct ucall the guest pointed at (the handle is its GPA, read
-        through the VMM's mapping: shared memory), handled as a selftest's vCPU thread does."""
-        from . import ucall_common as U
-        if addr == U.GUEST_UCALL_FAILED:
-            res.exit = "fail"
-            res.error = f"vCPU {v.vcpu_id}: the guest failed to allocate a struct ucall (no free one in the pool)"
-            return "fail"
-        if addr == 0:
-            uc = U.Ucall(U.UCALL_NONE, vcpu=v.vcpu_id)            # GUEST_UCALL_NONE()
-        else:
-            try:
-                cmd, args, nargs, text = U.read_ucall(self.read_guest, addr)
-            except KvmIoctlError:
-                res.exit = "fail"
-                res.error = f"vCPU {v.vcpu_id}: a ucall at {addr:#x}, outside the VMM's memory"
-                return "fail"
-            uc = U.Ucall(cmd, raw_args=args, nargs=nargs, vcpu=v.vcpu_id)
-            if cmd == U.UCALL_SYNC:
-                marker = self._sync_marker()
-                if nargs >= 2 and args[0] == marker:          # GUEST_SYNC, GUEST_SYNC_ARGS
-                    uc.stage, uc.args = args[1], tuple(args[2:nargs])
-                elif nargs >= 1:                               # GUEST_SYNC1..6
-                    uc.stage, uc.args = args[0], tuple(args[1:nargs])
-            elif cmd in (U.UCALL_PRINTF, U.UCALL_ABORT):
-                uc.text = text
-            if cmd == U.UCALL_ABORT:
-                uc.guest_assert = self._ucall_assert(v.vcpu_id, args, text)
-        return self._ucall_done(v, uc, res)
-
-    def _sync_marker(self):
-        sym = [a for a, _, n in self.image.symbols if n == "__ucall_sync_hello"]
-        return sym[0] if sym else None
-
-    def _ucall_done(self, v, uc, res):
-        """What the VMM records of a ucall (syncs, printfs, a failed assert), then the selftest's
-        callback on this vCPU's task; the vCPU's final exit, or None to run it again."""
-        from . import ucall_common as U
-        vid = v.vcpu_id
-        outcome = None
-        if uc.cmd == U.UCALL_SYNC:
-            res.syncs.append((vid, uc.stage, *uc.args))
-            if self.tracer.enabled:
-                extra = f" args {', '.join(f'{a:#x}' for a in uc.args)}" if uc.args else ""
-                self.tracer.emit("guest_sync", vid, msg=f"value {uc.stage:#x} ({uc.stage}){extra}")
-        elif uc.cmd == U.UCALL_PRINTF:
-            res.printfs.append((vid, uc.text))
-            if self.tracer.enabled:
-                self.tracer.emit("guest_printf", vid, msg=uc.text.rstrip("\n"))
-        elif uc.cmd == U.UCALL_ABORT:
-            if res.error is None:
-                res.exit = "fail"
-                res.guest_assert = uc.guest_assert
-                res.error = f"vCPU {vid}: {uc.guest_assert['message']}"
-            if self.tracer.enabled:
-                self.tracer.emit("guest_assert", vid, msg=f"vCPU {vid}: {uc.guest_assert['message']}")
-            outcome = "fail"
-        elif uc.cmd not in (U.UCALL_DONE, U.UCALL_NONE):
-            res.exit = "fail"
-            res.error = f"vCPU {vid}: unknown ucall {uc.cmd:#x}"
-            return "fail"
-        fn = self.on_ucall
-        if fn is not None:
-            # (emu.checkers.dpor) the callback's Python state is not announced: it touches everything.
-            self.kvm.touch_all()
-            try:
-                fn(vid, uc)
-            except Exception as e:
-                if is_scheduler_control(e):
-                    raise
-                self._host_failed(res, e, f"vCPU {vid}: on_ucall({U.UCALL_NAMES.get(uc.cmd, uc.cmd)})")
-                return outcome or "host_assert"
-        return outcome
-
-    def _ucall_assert(self, vcpu, args, text):
-        """A UCALL_ABORT's failed assert as a dict (vcpu, file, line, expr, kind, a, b, message),
-        its strings read from the ELF image (what guest memory holds there: a TD's is private)."""
-        from . import ucall_common as U
-        kind = args[U.GUEST_ASSERT_KIND]
-        expr = self.image.read_cstring(args[U.GUEST_ERROR_STRING]) or f"<expression at {args[0]:#x}>"
-        file = self.image.read_cstring(args[U.GUEST_FILE]) or f"<file at {args[1]:#x}>"
-        line = args[U.GUEST_LINE]
-        a, b = args[U.GUEST_ASSERT_A], args[U.GUEST_ASSERT_B]
-        return {"vcpu": vcpu, "file": file, "line": line, "expr": expr, "kind": U.KIND_NAMES.get(kind, "assert"),
-                "a": a, "b": b, "message": U.assert_message(kind, file, line, expr, a, b, text)}
-
     def _map_gpa_range(self, gpa, size, attrs):
         """KVM_HC_MAP_GPA_RANGE (KVM_EXIT_HYPERCALL): convert, as the private-memory selftests'
         handle_exit_hypercall() does with their flags (guestabi.MAP_GPA_*: fallocate() first,
@@ -1133,82 +1025,6 @@ class Machine:
     def _host_removed(self, run):
         gpa = run.gpa if run.exit_reason == KVM_EXIT_MEMORY_FAULT else run.phys_addr
         return any(a <= gpa < b for a, b in self.removed_ranges)
-    # -- port I/O -----------------------------------------------------------------------------------------
-    def _pio(self, v, run):
-        """KVM_EXIT_IO: each of run.count elements to the port's handler (QEMU's kvm_handle_io()
-        loops over them on its I/O address space); an IN leaves the data in run.data."""
-        is_write = run.direction == KVM_EXIT_IO_OUT
-        size, port = run.size, run.port
-        self.pio_counts[port] = self.pio_counts.get(port, 0) + 1
-        handler = self.pio_handlers.get(port)
-        self.kvm.touch(("pio", port), True)           # (emu.checkers.dpor) the device is every vCPU's
-        for i in range(run.count):
-            chunk = run.data[i * size:(i + 1) * size]
-            if handler is None:
-                out = None if is_write else b"\xff" * size
-            else:
-                out = handler(v.vcpu_id, is_write, size, bytes(chunk))
-            if not is_write:
-                run.data[i * size:(i + 1) * size] = bytes(out if out is not None else b"\xff" * size)[:size]
-
-    def _pio_delay(self, vcpu, is_write, size, data):
-        """Port 0x80 (QEMU's ioport80): a sink; reads return 0xff."""
-        return None if is_write else b"\xff" * size
-
-    def _pio_debugcon(self, vcpu, is_write, size, data):
-        """Port 0xe9 (QEMU's isa-debugcon): written bytes are console output (the low byte of
-        each access, as the device takes 8 bits); a read returns the readback value 0xe9."""
-        if not is_write:
-            return bytes([guestabi.DEBUGCON_READBACK]) * size
-        self.console.append(data[0])
-        if self.tracer.enabled:
-            self.tracer.emit("guest_console", vcpu, msg=f"{data[0]:#04x} {chr(data[0])!r}")
-        return None
-
-    # -- MSRs the VMM answers -----------------------------------------------------------------------------
-    def _msr_exit(self, v, run):
-        """KVM_EXIT_X86_RDMSR/WRMSR: the handler's answer, or run.msr.error = 1 (KVM injects #GP)."""
-        handler = self.msr_handlers.get(run.index)
-        is_write = run.exit_reason == KVM_EXIT_X86_WRMSR
-        ok, data = handler(v, is_write, run.data) if handler is not None else (False, 0)
-        run.error = 0 if ok else 1
-        if not is_write and ok:
-            run.data = data
-
-    def _msr_core_thread_count(self, v, is_write, data):
-        """kvm_rdmsr_core_thread_count(): threads (15:0) and cores (31:16) of the package; a write
-        is refused (#GP)."""
-        if is_write:
-            return False, 0
-        return True, self.nvcpus | self.nvcpus << 16
-
-    def _mmio(self, run):
-        """KVM_EXIT_MMIO with the access decoded (phys_addr, len, is_write, data): the device's
-        registers (guestabi.EMU_MMIO_*).  A read leaves the value in ``run.data`` (KVM's
-        completion hands it to the guest).  None when served, else why not (one line)."""
-        off = run.phys_addr - guestabi.EMU_MMIO_GPA
-        n = run.len
-        if not 0 <= off < 0x1000:
-            return "no device at this GPA"
-        if off + n > guestabi.EMU_MMIO_REGS or off >> 3 != (off + n - 1) >> 3:
-            return f"the device has no register at offset {off:#x} for {n} bytes"
-        # (emu.checkers.dpor) the device is shared by every vCPU
-        self.kvm.touch(("mmio_device",), run.is_write)
-        reg, at = off & ~7, off & 7
-        if run.is_write:
-            self.mmio_writes += 1
-            if reg == guestabi.EMU_MMIO_REG_SCRATCH:
-                self.mmio_scratch[at:at + n] = bytes(run.data[:n])
-            return None                           # ID and WRITES ignore writes
-        if reg == guestabi.EMU_MMIO_REG_ID:
-            value = guestabi.EMU_MMIO_ID.to_bytes(8, "little")
-        elif reg == guestabi.EMU_MMIO_REG_SCRATCH:
-            value = bytes(self.mmio_scratch)
-        else:
-            value = self.mmio_writes.to_bytes(8, "little")
-        run.data = value[at:at + n]
-        return None
-
     def _assert_site(self, vcpu, site, a, b):
         """The failed assert as a dict (vcpu, file, line, expr, kind, a, b, message), the message
         'GUEST_ASSERT_EQ failed at guest/x.c:42: a == b (0x3 != 0x4)'.  The assert site and its
