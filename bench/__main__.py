@@ -27,6 +27,7 @@ from bench import kvm
 from bench import td
 from bench import trace
 from bench import memory
+from bench import selftest
 
 # -- the registry -------------------------------------------------------------------------------------
 # (name, function ctx -> list[Result]), run in this order.  Add new layers here.  Baselines shared by
@@ -41,6 +42,7 @@ BENCHMARKS = [
     ("td.private_page", td.bench_private_page),  # TD private page / bare fault                     <= 6
     ("td.huge_page", td.bench_huge_page),     # a 2M private page / 512 4K private pages          <= 0.25
     ("td.explore", td.bench_explore),         # race2 schedules explored per second              >= 500
+    ("selftest.conversions", selftest.bench_conversions),  # the conversion selftest port, 4 vCPUs (s)
     ("td.dpor", td.bench_dpor),               # race2 --dpor: 5x fewer than --bound 2; minutes   (#12)
     ("mem", memory.bench_memory),             # 4 GiB guest, 3000 pages: peak RSS                <= 400 MB
     ("trace", trace.bench_trace_cost),        # tracing off / trace calls removed                 <= 1.05
