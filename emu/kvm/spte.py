@@ -74,8 +74,12 @@ def KVM_PAGES_PER_HPAGE(level):
     return 1 << (9 * (level - 1))
 
 
+# KVM_PAGES_PER_HPAGE() by level, for the fault path's rounding (a lookup, not a call)
+_PAGES_PER_HPAGE = (0,) + tuple(KVM_PAGES_PER_HPAGE(level) for level in range(1, PT64_ROOT_MAX_LEVEL + 1))
+
+
 def gfn_round_for_level(gfn, level):
-    return gfn & -KVM_PAGES_PER_HPAGE(level)
+    return gfn & -_PAGES_PER_HPAGE[level]
 
 
 def SPTE_INDEX(addr, level):

@@ -168,8 +168,9 @@ class TdpMmu:
         parent = self.sptep_to_sp(it.sptep)
         role = (parent.role & ~ROLE_LEVEL_MASK) | (parent.role_level - 1)
         child.init(it.sptep, it.gfn, role)
-        self.kvm.trace_emit("kvm_mmu_get_page", msg=f"sp gfn {it.gfn:x} l{role & 0xF} "
-                            f"{'mirror' if role & ROLE_IS_MIRROR else 'direct'} new")
+        if self.kvm.tracer.enabled:
+            self.kvm.trace_emit("kvm_mmu_get_page", msg=f"sp gfn {it.gfn:x} l{role & 0xF} "
+                                f"{'mirror' if role & ROLE_IS_MIRROR else 'direct'} new")
 
     def account_mmu_page(self, sp):
         self.pages += 1
@@ -292,10 +293,16 @@ class TdpMmu:
 
     # -- setting SPTEs ------------------------------------------------------------------------------------
     @property
-    def mirror_hooks_72(self):
-        """The mirror hooks as Linux 7.2 has them (one set_external_spte(old, new) from
-        __handle_changed_spte()), not the seed's reflect_* freeze protocol of 6.16."""
-        return self.mirror_hooks == MIRROR_HOOKS_72
+    def mirror_hooks(self):
+        return self._mirror_hooks
+
+    @mirror_hooks.setter
+    def mirror_hooks(self, hooks):
+        self._mirror_hooks = hooks
+        # The mirror hooks as Linux 7.2 has them (one set_external_spte(old, new) from
+        # __handle_changed_spte()), not the seed's reflect_* freeze protocol of 6.16 (a plain
+        # attribute: the fault path tests it twice a fault).
+        self.mirror_hooks_72 = hooks == MIRROR_HOOKS_72
 
     def handle_changed_spte(self, as_id, gfn, old_spte, new_spte, level, shared, vcpu=None, sptep=None):
         """handle_changed_spte(): bookkeeping after an SPTE changed (non-atomically, or an entry of a
@@ -481,11 +488,14 @@ class TdpMmu:
             return ret                        # bug switch: the SPTE stays REMOVED_SPTE
         if ret:
             self.mem.write64(sptep, old_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="restored", spte=old_spte,
-                           ret=ret)
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="restored",
+                               spte=old_spte, ret=ret)
         else:
             self.mem.write64(sptep, new_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="new_spte", spte=new_spte)
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="new_spte",
+                               spte=new_spte)
         return ret
 
     def reflect(self, gfn, level, new_spte, is_leaf, vcpu):
@@ -527,7 +537,7 @@ class TdpMmu:
         kvm = self.kvm
         if it.yielded or is_removed_spte(it.old_spte):
             kvm.warn("atomic SPTE update on a yielded iterator or a frozen SPTE")
-        if not is_removed_spte(new_spte) and self.is_mirror_sptep(it.sptep):
+        if not is_removed_spte(new_spte) and self.sp_of[it.sptep & ~0xFFF].is_mirror:      # is_mirror_sptep()
             if self.mirror_hooks_72:
                 return self._set_mirror_spte_atomic(it, new_spte, vcpu)
             # Mirror SPTEs can only be installed atomically: zapping one needs the
@@ -538,10 +548,12 @@ class TdpMmu:
             if self.freeze_mirror_sptes:
                 return self.set_external_spte_present(it.sptep, it.gfn, it.old_spte, new_spte, it.level, vcpu)
             return self._set_mirror_spte_without_freeze(it, new_spte, vcpu)
-        self._point(vcpu, "spte_cmpxchg", it.sptep)
-        if self.kvm.sched is not None and isinstance(it, TdpIter):
-            it.check_table(it.sptep, "cmpxchgs")
-        if self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
+        sched = kvm.sched
+        if sched is not None:
+            sched.point(vcpu, "spte_cmpxchg", it.sptep)
+            if isinstance(it, TdpIter):
+                it.check_table(it.sptep, "cmpxchgs")
+        if kvm.inject is not None and self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
             it.old_spte = self.mem.q[it.sptep >> 3]      # try_cmpxchg64 refreshes the snapshot
             return -EBUSY
         return 0
@@ -583,12 +595,14 @@ class TdpMmu:
             return ret                        # bug switch: the SPTE stays FROZEN_SPTE
         if ret:
             self.mem.write64(it.sptep, old_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="restored",
-                           spte=old_spte, ret=ret)
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="restored",
+                               spte=old_spte, ret=ret)
         else:
             self.mem.write64(it.sptep, new_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="new_spte",
-                           spte=new_spte)
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="new_spte",
+                               spte=new_spte)
         return ret
 
     def _set_mirror_spte_without_freeze(self, it, new_spte, vcpu):
@@ -846,11 +860,11 @@ class TdpMmu:
     def map_handle_target_level(self, vcpu, fault, it):
         """tdp_mmu_map_handle_target_level()"""
         kvm = self.kvm
-        sp = self.sptep_to_sp(it.sptep)
         if (is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level)
                 and is_access_allowed(fault, it.old_spte)):
             return RET_PF_SPURIOUS
         if fault.slot is None:
+            sp = self.sptep_to_sp(it.sptep)
             new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp), kvm.memslots_generation,
                                       kvm.shadow_mmio_value)
         else:
