@@ -7,7 +7,8 @@ scheduling point (another vCPU may run between two reads).
 """
 
 from .spte import (KVM_PAGES_PER_HPAGE, SPTE_INDEX, gfn_round_for_level, SPTE_MMU_PRESENT_MASK, PT_PAGE_SIZE_MASK,
-                   PG_LEVEL_4K, SPTE_BASE_ADDR_MASK, PT64_ROOT_MAX_LEVEL)
+                   PG_LEVEL_4K, SPTE_BASE_ADDR_MASK, PT64_ROOT_MAX_LEVEL, PAGES_PER_HPAGE, GFN_INDEX_SHIFT,
+                   SPTE_INDEX_MASK)
 
 
 class TdpIter:
@@ -73,7 +74,9 @@ class TdpIter:
 
     def refresh_sptep(self):
         level = self.level
-        sptep = self.sptep = self.pt_path[level - 1] + (SPTE_INDEX((self.gfn | self.gfn_bits) << 12, level) << 3)
+        # SPTE_INDEX((gfn | gfn_bits) << 12, level), by lookup
+        index = ((self.gfn | self.gfn_bits) >> GFN_INDEX_SHIFT[level]) & SPTE_INDEX_MASK
+        sptep = self.sptep = self.pt_path[level - 1] + (index << 3)
         # read_spte() without its scheduling point when there is no scheduler (the hot path)
         self.old_spte = self.q[sptep >> 3] if self.sched is None else self.read_spte(sptep)
 
@@ -92,7 +95,7 @@ class TdpIter:
         self.pt_path[level - 1] = child
         if self.entered is not None:
             self.entered[child] = self.frees.get(child, 0)
-        self.gfn = gfn_round_for_level(self.next_last_level_gfn, level)
+        self.gfn = self.next_last_level_gfn & -PAGES_PER_HPAGE[level]     # gfn_round_for_level()
         self.refresh_sptep()
         return True
 

@@ -20,7 +20,7 @@ from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_
                    PT_WRITABLE_MASK,
                    shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK,
                    EPT_SPTE_MMU_WRITABLE, SPTE_TDP_AD_MASK, SPTE_TDP_AD_ENABLED, shadow_accessed_mask,
-                   shadow_dirty_mask)
+                   shadow_dirty_mask, PAGES_PER_HPAGE)
 from ..hw.memory import table_entries
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
 from .mmu_internal import (RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noqa: F401
@@ -332,9 +332,10 @@ class TdpMmu:
         is_present = is_shadow_present_pte(new_spte)
         was_leaf = was_present and is_last_spte(old_spte, level)
         is_leaf = is_present and is_last_spte(new_spte, level)
-        pfn_changed = spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
+        # (only a present old SPTE has a pfn that can change)
+        pfn_changed = was_present and spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
 
-        assert 1 <= level <= 5 and gfn % KVM_PAGES_PER_HPAGE(level) == 0, (level, gfn)
+        assert 1 <= level <= 5 and not gfn & (PAGES_PER_HPAGE[level] - 1), (level, gfn)
         if was_leaf and is_leaf and pfn_changed:
             # pr_err + BUG() upstream: a leaf may not be repointed without a zap in between.
             kvm.kvm_bug(f"leaf SPTE for gfn {gfn:#x} changed pfn {spte_to_pfn(old_spte):#x} -> "
@@ -704,14 +705,18 @@ class TdpMmu:
         try:
             it = TdpIter(kvm, root, PG_LEVEL_4K, fault.gfn, self.gfn_root_bits(root), vcpu.vcpu_id)
             nx_workaround = kvm.nx_huge_pages          # fault->nx_huge_page_workaround_enabled
-            for it in for_each_tdp_pte_min_level(it, fault.gfn + 1):
+            end = fault.gfn + 1
+            # tdp_mmu_for_each_pte(it, kvm, root, fault->gfn, fault->gfn + 1), the loop written
+            # out (for_each_tdp_pte_min_level() without the generator: this is every fault's walk)
+            while it.valid and it.gfn < end:
                 # Don't replace a table with a huge SPTE (promotion) if the NX huge page
                 # workaround is on (thrashing), nor in a mirror root: KVM does not promote S-EPT
                 # entries under the read lock (v5 "Prevent hugepage promotion for mirror roots
                 # in fault path": PROMOTE needs BLOCK first, and all 512 children alike).
                 if nx_workaround or root.is_mirror:
                     self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
-                if is_removed_spte(it.old_spte):
+                old_spte = it.old_spte
+                if is_removed_spte(old_spte):
                     # Another vCPU is installing this entry (frozen while it reflects):
                     # give up and let the guest fault again.
                     kvm.trace_emit("kvm_tdp_mmu_spte_frozen_retry", vcpu.vcpu_id, gfn=it.gfn, level=it.level)
@@ -720,7 +725,8 @@ class TdpMmu:
                 if it.level == fault.goal_level:
                     return self.map_handle_target_level(vcpu, fault, it)
                 # Step down into existing non-leaf SPTEs.
-                if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
+                if is_shadow_present_pte(old_spte) and not is_large_pte(old_spte):
+                    it.next()
                     continue
                 # Missing table (or a huge page to split): make one and link it.
                 sp = self.alloc_sp(vcpu)
@@ -745,6 +751,7 @@ class TdpMmu:
                     kvm.touch("possible_nx", False)
                     if sp.nx_huge_page_disallowed:
                         self.track_possible_nx_huge_page(sp)
+                it.next()
             # The walk ended above the goal level: an SPTE changed under us.
             return RET_PF_RETRY
         finally:
