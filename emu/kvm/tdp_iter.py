@@ -24,8 +24,8 @@ class TdpIter:
         self.pt_path = [0] * PT64_ROOT_MAX_LEVEL
         # (the checker) table -> how often it had been freed when this walker stepped into it;
         # only a scheduled run checks it (check_table), so only a scheduled run records it.
-        self.frees = kvm.tdp_mmu.frees
         self.entered = {} if self.sched is not None else None
+        self.frees = kvm.tdp_mmu.frees if self.sched is not None else None
         self.yielded = False
         self.start(root, min_level, start_gfn, gfn_bits)
 

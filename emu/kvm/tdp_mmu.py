@@ -536,9 +536,10 @@ class TdpMmu:
 
     def __tdp_mmu_set_spte_atomic(self, it, new_spte, vcpu):
         kvm = self.kvm
-        if it.yielded or is_removed_spte(it.old_spte):
+        # (is_removed_spte() twice, and is_mirror_sptep(), written out: every fault's SPTE)
+        if it.yielded or it.old_spte == REMOVED_SPTE:
             kvm.warn("atomic SPTE update on a yielded iterator or a frozen SPTE")
-        if not is_removed_spte(new_spte) and self.sp_of[it.sptep & ~0xFFF].is_mirror:      # is_mirror_sptep()
+        if new_spte != REMOVED_SPTE and self.sp_of[it.sptep & ~0xFFF].is_mirror:
             if self.mirror_hooks_72:
                 return self._set_mirror_spte_atomic(it, new_spte, vcpu)
             # Mirror SPTEs can only be installed atomically: zapping one needs the
@@ -716,7 +717,7 @@ class TdpMmu:
                 if nx_workaround or root.is_mirror:
                     self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
                 old_spte = it.old_spte
-                if is_removed_spte(old_spte):
+                if old_spte == REMOVED_SPTE:                     # is_removed_spte()
                     # Another vCPU is installing this entry (frozen while it reflects):
                     # give up and let the guest fault again.
                     kvm.trace_emit("kvm_tdp_mmu_spte_frozen_retry", vcpu.vcpu_id, gfn=it.gfn, level=it.level)
@@ -724,8 +725,9 @@ class TdpMmu:
                     return RET_PF_RETRY
                 if it.level == fault.goal_level:
                     return self.map_handle_target_level(vcpu, fault, it)
-                # Step down into existing non-leaf SPTEs.
-                if is_shadow_present_pte(old_spte) and not is_large_pte(old_spte):
+                # Step down into existing non-leaf SPTEs (is_shadow_present_pte() and not
+                # is_large_pte(), the bit tests written out: every level of every fault).
+                if old_spte & SPTE_MMU_PRESENT_MASK and not old_spte & PT_PAGE_SIZE_MASK:
                     it.next()
                     continue
                 # Missing table (or a huge page to split): make one and link it.
