@@ -53,7 +53,6 @@ class TdxModule:
         # host can neither read it nor hand it to the module as a shared page).
         self.seamrr_base = pamt_base
         self.seamrr_end = pamt_base + self.pamt.size
-        self.pamt.touch = self.touch
         # TDX_FEATURES0 as TDH.SYS.RD reports it: a module that demotes without being interrupted
         # (a module newer than the tdx_1.5 source); the platform may take the bit away (a tdx_1.5-source module).
         self.features0 = TDX_FEATURES0_NO_RBP_MOD | TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
@@ -128,6 +127,18 @@ class TdxModule:
             reads, writes = self.sept_keys(rcx & ~0xFFF, rcx & 7)
             return frozenset(reads), frozenset(writes), False
         return frozenset(), frozenset(), False       # the vCPU's own state: its task's
+
+    @property
+    def sched(self):
+        """The deterministic scheduler the module's CPUs run under (emu.checkers.sched), or None."""
+        return self._sched
+
+    @sched.setter
+    def sched(self, sched):
+        self._sched = sched
+        # (emu.checkers.dpor) Only a scheduler records what a lock operation shares: without one
+        # the PAMT's lock operations (a dozen a private page) do not announce it.
+        self.pamt.touch = self.touch if sched is not None else None
 
     # -- helpers the handlers share -----------------------------------------------------------------------
     def point(self, caller, what):
