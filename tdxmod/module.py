@@ -53,6 +53,8 @@ class TdxModule:
         # host can neither read it nor hand it to the module as a shared page).
         self.seamrr_base = pamt_base
         self.seamrr_end = pamt_base + self.pamt.size
+        self.pamt.touch = self.touch
+        self.pamt.module = self
         # TDX_FEATURES0 as TDH.SYS.RD reports it: a module that demotes without being interrupted
         # (a module newer than the tdx_1.5 source); the platform may take the bit away (a tdx_1.5-source module).
         self.features0 = TDX_FEATURES0_NO_RBP_MOD | TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
@@ -128,18 +130,6 @@ class TdxModule:
             return frozenset(reads), frozenset(writes), False
         return frozenset(), frozenset(), False       # the vCPU's own state: its task's
 
-    @property
-    def sched(self):
-        """The deterministic scheduler the module's CPUs run under (emu.checkers.sched), or None."""
-        return self._sched
-
-    @sched.setter
-    def sched(self, sched):
-        self._sched = sched
-        # (emu.checkers.dpor) Only a scheduler records what a lock operation shares: without one
-        # the PAMT's lock operations (a dozen a private page) do not announce it.
-        self.pamt.touch = self.touch if sched is not None else None
-
     # -- helpers the handlers share -----------------------------------------------------------------------
     def point(self, caller, what):
         """A scheduling point inside the module: another CPU may run while locks are held here."""
@@ -206,7 +196,7 @@ class TdxModule:
         table = td.sept_root
         lvl = td.sept_top_level
         while True:
-            ptr = table + (S.index(gpa, lvl) << 3)
+            ptr = table + (((gpa >> S.GPA_INDEX_SHIFT[lvl]) & 511) << 3)        # S.index(gpa, lvl)
             e = q[ptr >> 3]
             if lvl == level:
                 return ptr, e, lvl

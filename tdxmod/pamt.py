@@ -50,8 +50,11 @@ class Pamt:
         # table in memory stays the truth: scan_owned_pages() reads it back), so checks need not
         # scan every entry.
         self.index = {}
-        # (emu.checkers.dpor) touch(key, write): what a lock operation shares, given by the module.
+        # (emu.checkers.dpor) touch(key, write): what a lock operation shares, given by the module,
+        # and the module itself: only under its scheduler (module.sched) does anything record it,
+        # so only then do the lock operations (a dozen a private page) work out what they share.
         self.touch = None
+        self.module = None
 
     def covers(self, hpa):
         return self.tdmr_base <= hpa < self.tdmr_end
@@ -112,7 +115,7 @@ class Pamt:
         old = q[i] & _LOCK
         new, status = L.sharex_hp_acquire(old, lock_type, is_guest)
         q[i] = (q[i] & ~_LOCK) | new
-        if self.touch is not None:
+        if self.touch is not None and self.module.sched is not None:
             self._touched(hpa, level, lock_type == L.TDX_LOCK_EXCLUSIVE or not L.is_a_read(old, new, status))
         return status
 
@@ -120,7 +123,7 @@ class Pamt:
         i = self._slot(hpa, level)
         q = self.mem.q
         q[i] = (q[i] & ~_LOCK) | L.sharex_hp_release(q[i] & _LOCK, lock_type)
-        if self.touch is not None:
+        if self.touch is not None and self.module.sched is not None:
             self._touched(hpa, level, lock_type == L.TDX_LOCK_EXCLUSIVE)
 
     def _promote(self, hpa, level):
@@ -128,12 +131,11 @@ class Pamt:
         q = self.mem.q
         new, status = L.sharex_hp_promote(q[i] & _LOCK)
         q[i] = (q[i] & ~_LOCK) | new
-        if self.touch is not None:
+        if self.touch is not None and self.module.sched is not None:
             self._touched(hpa, level, True)
         return status
 
     def _touched(self, hpa, level, write):
-        # (emu.checkers.dpor) ``touch`` is set only while the module runs under a scheduler
         self.touch(("pamt", level, hpa >> (12 + 9 * level)), write)
 
     def walk(self, hpa, lock_type, leaf_size=PT_4KB, walk_to_leaf_size=True, is_guest=False):
