@@ -43,7 +43,8 @@ class TdpIter:
         table = sptep & ~0xFFF
         if getattr(self.sched, "fp", None) is not None:
             self.sched.touch(("table", table), False)      # the table's free (emu.checkers.dpor)
-        entered = self.entered.get(table)
+        # (an iterator made with no scheduler recorded nothing: only the freed page is checked)
+        entered = self.entered.get(table) if self.entered is not None else None
         if entered is not None and self.frees.get(table, 0) != entered or table in self.kvm.host.kernel.freed:
             who = 'vCPU ' + str(self.vcpu) if self.vcpu is not None else 'a zap'
             self.kvm.checker_violation(f"use after free: {who} {what} SPTE {sptep:#x} of a page table "
