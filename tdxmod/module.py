@@ -66,8 +66,8 @@ class TdxModule:
         """One SEAMCALL: the leaf (RAX) and input registers in, a Regs out (RAX = status)."""
         name = abi.seamcall_name(leaf)
         self.counts[name] = self.counts.get(name, 0) + 1
-        inp = Regs(leaf, rcx=rcx, rdx=rdx, r8=r8, r9=r9, r10=r10, r11=r11, r12=r12, r13=r13, r14=r14, r15=r15,
-                   rbx=rbx, rsi=rsi, rdi=rdi)
+        # (positional: Regs' own order, rax rcx rdx r8..r15 rbx rsi rdi; a third of the keywords' cost)
+        inp = Regs(leaf, rcx, rdx, r8, r9, r10, r11, r12, r13, r14, r15, rbx, rsi, rdi)
         tracer = self.tracer
         if tracer is not None and tracer.enabled:
             tracer.emit("seamcall_entry", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8)
