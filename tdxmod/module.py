@@ -200,7 +200,7 @@ class TdxModule:
             e = q[ptr >> 3]
             if lvl == level:
                 return ptr, e, lvl
-            if not e & S.SEPT_RWX or S.is_leaf_state(S.sept_state(e)):
+            if not e & S.SEPT_RWX or S.sept_state(e) in S.LEAF_STATES:       # S.is_leaf_state()
                 return ptr, e, lvl
             table = e & S.SEPT_HPA
             lvl -= 1
