@@ -165,13 +165,15 @@ def check_state_and_lock_op_state(mod, held, td, leaf, lock_type):
         old = td.op_state_lock
         new, st = L.sharex_hp_acquire(old, lock_type)
         td.op_state_lock = new
-        mod.touch(("op_state", td.tdr), lock_type == L.TDX_LOCK_EXCLUSIVE or not L.is_a_read(old, new, st))
+        if mod.sched is not None:       # (emu.checkers.dpor: only a scheduler records footprints)
+            mod.touch(("op_state", td.tdr), lock_type == L.TDX_LOCK_EXCLUSIVE or not L.is_a_read(old, new, st))
         if st:
             return st | OPERAND_ID_OP_STATE
 
         def release():
             td.op_state_lock = L.sharex_hp_release(td.op_state_lock, lock_type)
-            mod.touch(("op_state", td.tdr), lock_type == L.TDX_LOCK_EXCLUSIVE)
+            if mod.sched is not None:
+                mod.touch(("op_state", td.tdr), lock_type == L.TDX_LOCK_EXCLUSIVE)
         held.push(release)
     if td.op_state not in OP_STATE_ALLOWED.get(leaf, ()):
         return TDX_OP_STATE_INCORRECT
@@ -185,14 +187,16 @@ def sept_tree_lock(mod, held, td, lock_type):
     new, ok = L.sharex_acquire(old, lock_type)
     td.secure_ept_lock = new
     exclusive = lock_type == L.TDX_LOCK_EXCLUSIVE
-    mod.touch(("sept_tree", td.tdr), exclusive or not ok)
+    if mod.sched is not None:           # (emu.checkers.dpor: only a scheduler records footprints)
+        mod.touch(("sept_tree", td.tdr), exclusive or not ok)
     if not ok:
         # (A failed shared acquire leaves its count: the exclusive holder's release clears it.)
         return False
 
     def release():
         td.secure_ept_lock = L.sharex_release(td.secure_ept_lock, lock_type)
-        mod.touch(("sept_tree", td.tdr), exclusive)
+        if mod.sched is not None:
+            mod.touch(("sept_tree", td.tdr), exclusive)
     held.push(release)
     return True
 
@@ -226,7 +230,8 @@ def map_tdvps(v):
 def associate_vcpu(mod, v, lp):
     """associate_vcpu(): (status, new association).  A vCPU associated with another logical CPU
     is TDX_VCPU_ASSOCIATED; a new association counts in TDCS.NUM_ASSOC_VCPUS."""
-    mod.touch(("tdvpr", v.tdvpr), True)
+    if mod.sched is not None:           # (emu.checkers.dpor: only a scheduler records footprints)
+        mod.touch(("tdvpr", v.tdvpr), True)
     if v.assoc_lpid is not None and v.assoc_lpid != lp:
         return TDX_VCPU_ASSOCIATED, False
     if v.assoc_lpid is None:

@@ -54,6 +54,7 @@ class TdxModule:
         self.seamrr_base = pamt_base
         self.seamrr_end = pamt_base + self.pamt.size
         self.pamt.touch = self.touch
+        self.pamt.module = self
         # TDX_FEATURES0 as TDH.SYS.RD reports it: a module that demotes without being interrupted
         # (a module newer than the tdx_1.5 source); the platform may take the bit away (a tdx_1.5-source module).
         self.features0 = TDX_FEATURES0_NO_RBP_MOD | TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
@@ -65,8 +66,8 @@ class TdxModule:
         """One SEAMCALL: the leaf (RAX) and input registers in, a Regs out (RAX = status)."""
         name = abi.seamcall_name(leaf)
         self.counts[name] = self.counts.get(name, 0) + 1
-        inp = Regs(leaf, rcx=rcx, rdx=rdx, r8=r8, r9=r9, r10=r10, r11=r11, r12=r12, r13=r13, r14=r14, r15=r15,
-                   rbx=rbx, rsi=rsi, rdi=rdi)
+        # (positional: Regs' own order, rax rcx rdx r8..r15 rbx rsi rdi; a third of the keywords' cost)
+        inp = Regs(leaf, rcx, rdx, r8, r9, r10, r11, r12, r13, r14, r15, rbx, rsi, rdi)
         tracer = self.tracer
         if tracer is not None and tracer.enabled:
             tracer.emit("seamcall_entry", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8)
@@ -195,11 +196,11 @@ class TdxModule:
         table = td.sept_root
         lvl = td.sept_top_level
         while True:
-            ptr = table + (S.index(gpa, lvl) << 3)
+            ptr = table + (((gpa >> S.GPA_INDEX_SHIFT[lvl]) & 511) << 3)        # S.index(gpa, lvl)
             e = q[ptr >> 3]
             if lvl == level:
                 return ptr, e, lvl
-            if not e & S.SEPT_RWX or S.is_leaf_state(S.sept_state(e)):
+            if not e & S.SEPT_RWX or S.sept_state(e) in S.LEAF_STATES:       # S.is_leaf_state()
                 return ptr, e, lvl
             table = e & S.SEPT_HPA
             lvl -= 1

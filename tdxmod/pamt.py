@@ -50,8 +50,11 @@ class Pamt:
         # table in memory stays the truth: scan_owned_pages() reads it back), so checks need not
         # scan every entry.
         self.index = {}
-        # (emu.checkers.dpor) touch(key, write): what a lock operation shares, given by the module.
+        # (emu.checkers.dpor) touch(key, write): what a lock operation shares, given by the module,
+        # and the module itself: only under its scheduler (module.sched) does anything record it,
+        # so only then do the lock operations (a dozen a private page) work out what they share.
         self.touch = None
+        self.module = None
 
     def covers(self, hpa):
         return self.tdmr_base <= hpa < self.tdmr_end
@@ -104,53 +107,59 @@ class Pamt:
     def lock_word(self, hpa, level=PT_4KB):
         return self.mem.q[self._slot(hpa, level)] & _LOCK
 
-    def _acquire(self, hpa, level, lock_type, is_guest):
-        i = self._slot(hpa, level)
+    def _acquire(self, hpa, level, lock_type, is_guest, i=None):
+        """The lock of the entry at ``level`` (word index ``i``, when the caller has it)."""
+        if i is None:
+            i = self._slot(hpa, level)
         q = self.mem.q
         old = q[i] & _LOCK
         new, status = L.sharex_hp_acquire(old, lock_type, is_guest)
         q[i] = (q[i] & ~_LOCK) | new
-        self._touched(hpa, level, lock_type == L.TDX_LOCK_EXCLUSIVE or not L.is_a_read(old, new, status))
+        if self.touch is not None and self.module.sched is not None:
+            self._touched(hpa, level, lock_type == L.TDX_LOCK_EXCLUSIVE or not L.is_a_read(old, new, status))
         return status
 
     def _release(self, hpa, level, lock_type):
         i = self._slot(hpa, level)
         q = self.mem.q
         q[i] = (q[i] & ~_LOCK) | L.sharex_hp_release(q[i] & _LOCK, lock_type)
-        self._touched(hpa, level, lock_type == L.TDX_LOCK_EXCLUSIVE)
+        if self.touch is not None and self.module.sched is not None:
+            self._touched(hpa, level, lock_type == L.TDX_LOCK_EXCLUSIVE)
 
     def _promote(self, hpa, level):
         i = self._slot(hpa, level)
         q = self.mem.q
         new, status = L.sharex_hp_promote(q[i] & _LOCK)
         q[i] = (q[i] & ~_LOCK) | new
-        self._touched(hpa, level, True)
+        if self.touch is not None and self.module.sched is not None:
+            self._touched(hpa, level, True)
         return status
 
     def _touched(self, hpa, level, write):
-        if self.touch is not None:
-            self.touch(("pamt", level, hpa >> (12 + 9 * level)), write)
+        self.touch(("pamt", level, hpa >> (12 + 9 * level)), write)
 
     def walk(self, hpa, lock_type, leaf_size=PT_4KB, walk_to_leaf_size=True, is_guest=False):
         """pamt_walk(): (status, level of the entry found, locked as ``lock_type``).  The levels
         above it are held shared; pamt_unwalk() releases all.  On a failure nothing is held."""
         target = leaf_size if walk_to_leaf_size else PT_4KB
         q = self.mem.q
-        st = self._acquire(hpa, PT_1GB, L.TDX_LOCK_SHARED, is_guest)
+        i = self._slot(hpa, PT_1GB)
+        st = self._acquire(hpa, PT_1GB, L.TDX_LOCK_SHARED, is_guest, i)
         if st != TDX_SUCCESS:
             return st, None
-        if (q[self._slot(hpa, PT_1GB)] & _PT_MASK) >> _PT_SHIFT == PT_REG or target == PT_1GB:
+        if (q[i] & _PT_MASK) >> _PT_SHIFT == PT_REG or target == PT_1GB:
             if lock_type == L.TDX_LOCK_EXCLUSIVE:
                 st = self._promote(hpa, PT_1GB)
                 if st != TDX_SUCCESS:
                     self._release(hpa, PT_1GB, L.TDX_LOCK_SHARED)
                     return st, None
             return TDX_SUCCESS, PT_1GB
-        st = self._acquire(hpa, PT_2MB, L.TDX_LOCK_SHARED, is_guest)
+        i = self._slot(hpa, PT_2MB)
+        st = self._acquire(hpa, PT_2MB, L.TDX_LOCK_SHARED, is_guest, i)
         if st != TDX_SUCCESS:
             self._release(hpa, PT_1GB, L.TDX_LOCK_SHARED)
             return st, None
-        if (q[self._slot(hpa, PT_2MB)] & _PT_MASK) >> _PT_SHIFT == PT_REG or target == PT_2MB:
+        if (q[i] & _PT_MASK) >> _PT_SHIFT == PT_REG or target == PT_2MB:
             if lock_type == L.TDX_LOCK_EXCLUSIVE:
                 st = self._promote(hpa, PT_2MB)
                 if st != TDX_SUCCESS:

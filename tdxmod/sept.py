@@ -136,7 +136,11 @@ def entry_info(state, level):
 
 
 def index(gpa, level):
-    return (gpa >> (12 + 9 * level)) & 511
+    return (gpa >> GPA_INDEX_SHIFT[level]) & 511
+
+
+# By level: where a GPA's index bits into that level's table start (a lookup for the walks).
+GPA_INDEX_SHIFT = tuple(12 + 9 * level for level in range(5))
 
 
 def describe(e):

@@ -188,7 +188,8 @@ def _vp_enter(mod, r, caller, held):
     # this vCPU in the current epoch, and flush if the epoch moved since its last entry on
     # this CPU.
     lock, ok = L.sharex_acquire(td.epoch_lock, L.TDX_LOCK_SHARED)
-    mod.touch("td_epoch", not ok)
+    if mod.sched is not None:           # (emu.checkers.dpor: only a scheduler records footprints)
+        mod.touch("td_epoch", not ok)
     if not ok:
         td.epoch_lock = lock
         return Regs(TDX_OPERAND_BUSY | OPERAND_ID_TD_EPOCH)

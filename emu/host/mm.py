@@ -44,7 +44,10 @@ class HostMm:
         return any(a <= start and end <= b for a, b in self.vmas)
 
     def _in_vma(self, hva):
-        return any(a <= hva < b for a, b in self.vmas)
+        for a, b in self.vmas:
+            if a <= hva < b:
+                return True
+        return False
 
     def _ptep(self, hva, create):
         """The address of the PTE of ``hva`` (creating the tables on the way), or None."""

@@ -366,7 +366,8 @@ class KvmMain:
             self.mmu_lock.write_unlock()
 
     def mmu_invalidate_retry_gfn(self, mmu_seq, gfn):
-        self.touch("mmu_invalidate", False)
+        if self.sched is not None:
+            self.touch("mmu_invalidate", False)
         if self.mmu_invalidate_in_progress:
             start, end = self.mmu_invalidate_range_start, self.mmu_invalidate_range_end
             # A begin with no range added yet covers everything (the range is INVALID_GPA).

@@ -15,17 +15,20 @@ class MmuLock:
         self.writers_waiting = 0
 
     def _touch(self, write):
-        # (emu.checkers.dpor) two readers' lock and unlock commute; a writer's do not.
+        # (emu.checkers.dpor) two readers' lock and unlock commute; a writer's do not.  (With no
+        # scheduler nothing records footprints: the hot read side does not call this then.)
         self.kvm.touch("mmu_lock", write)
 
     def read_lock(self):
-        self._touch(False)
+        if self.kvm.sched is not None:
+            self._touch(False)
         if self.writer or self.writers_waiting:
             self._wait(lambda: not self.writer and not self.writers_waiting)
         self.readers += 1
 
     def read_unlock(self):
-        self._touch(False)
+        if self.kvm.sched is not None:
+            self._touch(False)
         self.readers -= 1
 
     def write_lock(self):

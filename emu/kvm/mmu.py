@@ -580,7 +580,8 @@ class KvmVcpuMmu:
         """is_page_fault_stale(): the root went obsolete, or an invalidation of this gfn ran
         (or runs) since the pfn was looked up: mapping it could map a page being taken away."""
         root = self.mirror_root if fault.is_private and self.kvm.has_mirrored_tdp else self.root
-        self.kvm.touch("roots_valid", False)
+        if self.kvm.sched is not None:
+            self.kvm.touch("roots_valid", False)
         if root is not None and root.invalid:
             return True
         if self.kvm.bugs.fault_ignores_invalidation:

@@ -35,13 +35,13 @@ class KvmPageFault:
         self.addr = addr
         self.error_code = error_code
         self.prefetch = prefetch
-        self.exec = bool(error_code & PFERR_FETCH_MASK)
-        self.write = bool(error_code & PFERR_WRITE_MASK)
-        self.present = bool(error_code & PFERR_PRESENT_MASK)
-        self.rsvd = bool(error_code & PFERR_RSVD_MASK)
-        self.user = bool(error_code & PFERR_USER_MASK)
+        self.exec = error_code & PFERR_FETCH_MASK != 0
+        self.write = error_code & PFERR_WRITE_MASK != 0
+        self.present = error_code & PFERR_PRESENT_MASK != 0
+        self.rsvd = error_code & PFERR_RSVD_MASK != 0
+        self.user = error_code & PFERR_USER_MASK != 0
         self.is_tdp = True
-        self.is_private = bool(error_code & PFERR_PRIVATE_ACCESS)
+        self.is_private = error_code & PFERR_PRIVATE_ACCESS != 0
         self.max_level = KVM_MAX_HUGEPAGE_LEVEL
         self.req_level = PG_LEVEL_4K
         self.goal_level = PG_LEVEL_4K

@@ -16,16 +16,19 @@ class Rcu:
 
     def _touch(self, write):
         # (emu.checkers.dpor) readers entering commute with each other; a grace period's end and
-        # call_rcu() (which reads who is inside) do not.
+        # call_rcu() (which reads who is inside) do not.  Only a scheduler records footprints:
+        # the read side, every fault's, does not call this without one.
         if self.kvm is not None:
             self.kvm.touch("rcu", write)
 
     def read_lock(self, who):
-        self._touch(False)
+        if self.kvm is not None and self.kvm.sched is not None:
+            self._touch(False)
         self.depth[who] = self.depth.get(who, 0) + 1
 
     def read_unlock(self, who):
-        self._touch(bool(self.pending))
+        if self.kvm is not None and self.kvm.sched is not None:
+            self._touch(bool(self.pending))
         d = self.depth[who] - 1
         if d:
             self.depth[who] = d

@@ -74,12 +74,24 @@ def KVM_PAGES_PER_HPAGE(level):
     return 1 << (9 * (level - 1))
 
 
+def SPTE_LEVEL_SHIFT(level):
+    return 12 + 9 * (level - 1)
+
+
+# By level (lookups, not calls, for the walks of the fault path): KVM_PAGES_PER_HPAGE(), and
+# where a GFN's bits of SPTE_INDEX() start (SPTE_INDEX(gfn << 12, level) is
+# (gfn >> GFN_INDEX_SHIFT[level]) & SPTE_INDEX_MASK).
+PAGES_PER_HPAGE = (0,) + tuple(KVM_PAGES_PER_HPAGE(level) for level in range(1, PT64_ROOT_MAX_LEVEL + 1))
+GFN_INDEX_SHIFT = (0,) + tuple(SPTE_LEVEL_SHIFT(level) - 12 for level in range(1, PT64_ROOT_MAX_LEVEL + 1))
+SPTE_INDEX_MASK = 511
+
+
 def gfn_round_for_level(gfn, level):
-    return gfn & -KVM_PAGES_PER_HPAGE(level)
+    return gfn & -PAGES_PER_HPAGE[level]
 
 
 def SPTE_INDEX(addr, level):
-    return (addr >> (12 + 9 * (level - 1))) & 511
+    return (addr >> SPTE_LEVEL_SHIFT(level)) & SPTE_INDEX_MASK
 
 
 def is_shadow_present_pte(spte):

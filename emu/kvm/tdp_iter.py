@@ -6,8 +6,9 @@ the snapshot KVM's cmpxchg compares against; every read of an SPTE is a
 scheduling point (another vCPU may run between two reads).
 """
 
-from .spte import (KVM_PAGES_PER_HPAGE, SPTE_INDEX, gfn_round_for_level, is_shadow_present_pte, is_last_spte,
-                   SPTE_BASE_ADDR_MASK, PT64_ROOT_MAX_LEVEL)
+from .spte import (KVM_PAGES_PER_HPAGE, SPTE_INDEX, gfn_round_for_level, SPTE_MMU_PRESENT_MASK, PT_PAGE_SIZE_MASK,
+                   PG_LEVEL_4K, SPTE_BASE_ADDR_MASK, PT64_ROOT_MAX_LEVEL, PAGES_PER_HPAGE, GFN_INDEX_SHIFT,
+                   SPTE_INDEX_MASK)
 
 
 class TdpIter:
@@ -21,9 +22,10 @@ class TdpIter:
         self.kvm = kvm
         self.vcpu = vcpu
         self.pt_path = [0] * PT64_ROOT_MAX_LEVEL
-        # (the checker) table -> how often it had been freed when this walker stepped into it
-        self.frees = kvm.tdp_mmu.frees
-        self.entered = {}
+        # (the checker) table -> how often it had been freed when this walker stepped into it;
+        # only a scheduled run checks it (check_table), so only a scheduled run records it.
+        self.entered = {} if self.sched is not None else None
+        self.frees = kvm.tdp_mmu.frees if self.sched is not None else None
         self.yielded = False
         self.start(root, min_level, start_gfn, gfn_bits)
 
@@ -41,7 +43,8 @@ class TdpIter:
         table = sptep & ~0xFFF
         if getattr(self.sched, "fp", None) is not None:
             self.sched.touch(("table", table), False)      # the table's free (emu.checkers.dpor)
-        entered = self.entered.get(table)
+        # (an iterator made with no scheduler recorded nothing: only the freed page is checked)
+        entered = self.entered.get(table) if self.entered is not None else None
         if entered is not None and self.frees.get(table, 0) != entered or table in self.kvm.host.kernel.freed:
             who = 'vCPU ' + str(self.vcpu) if self.vcpu is not None else 'a zap'
             self.kvm.checker_violation(f"use after free: {who} {what} SPTE {sptep:#x} of a page table "
@@ -57,7 +60,8 @@ class TdpIter:
         self.root_level = level
         self.min_level = min_level
         self.pt_path[level - 1] = root.spt
-        self.entered[root.spt] = self.frees.get(root.spt, 0)
+        if self.entered is not None:
+            self.entered[root.spt] = self.frees.get(root.spt, 0)
         self.as_id = root.as_id
         self.restart()
 
@@ -70,22 +74,29 @@ class TdpIter:
         self.valid = True
 
     def refresh_sptep(self):
-        self.sptep = self.pt_path[self.level - 1] + (SPTE_INDEX((self.gfn | self.gfn_bits) << 12, self.level) << 3)
-        self.old_spte = self.read_spte(self.sptep)
+        level = self.level
+        # SPTE_INDEX((gfn | gfn_bits) << 12, level), by lookup
+        index = ((self.gfn | self.gfn_bits) >> GFN_INDEX_SHIFT[level]) & SPTE_INDEX_MASK
+        sptep = self.sptep = self.pt_path[level - 1] + (index << 3)
+        # read_spte() without its scheduling point when there is no scheduler (the hot path)
+        self.old_spte = self.q[sptep >> 3] if self.sched is None else self.read_spte(sptep)
 
     def try_step_down(self):
-        if self.level == self.min_level:
+        level = self.level
+        if level == self.min_level:
             return False
         # Re-read: the snapshot may be stale, and stepping into a table that was
         # just zapped would walk a page on its way to being freed.
-        self.old_spte = self.read_spte(self.sptep)
-        child = spte_to_child_pt(self.old_spte, self.level)
+        sptep = self.sptep
+        spte = self.old_spte = self.q[sptep >> 3] if self.sched is None else self.read_spte(sptep)
+        child = spte_to_child_pt(spte, level)
         if child is None:
             return False
-        self.level -= 1
-        self.pt_path[self.level - 1] = child
-        self.entered[child] = self.frees.get(child, 0)
-        self.gfn = gfn_round_for_level(self.next_last_level_gfn, self.level)
+        level = self.level = level - 1
+        self.pt_path[level - 1] = child
+        if self.entered is not None:
+            self.entered[child] = self.frees.get(child, 0)
+        self.gfn = self.next_last_level_gfn & -PAGES_PER_HPAGE[level]     # gfn_round_for_level()
         self.refresh_sptep()
         return True
 
@@ -95,8 +106,8 @@ class TdpIter:
             return False
         self.gfn += KVM_PAGES_PER_HPAGE(self.level)
         self.next_last_level_gfn = self.gfn
-        self.sptep += 8
-        self.old_spte = self.read_spte(self.sptep)
+        sptep = self.sptep = self.sptep + 8
+        self.old_spte = self.q[sptep >> 3] if self.sched is None else self.read_spte(sptep)
         return True
 
     def try_step_up(self):
@@ -124,7 +135,9 @@ class TdpIter:
 
 def spte_to_child_pt(spte, level):
     """The HPA of the table a non-leaf SPTE points to; None for a leaf or a non-present SPTE."""
-    if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+    # not is_shadow_present_pte() or is_last_spte(), written out: every step down of every
+    # walk comes here
+    if not spte & SPTE_MMU_PRESENT_MASK or level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK:
         return None
     return spte & SPTE_BASE_ADDR_MASK
 

@@ -20,7 +20,7 @@ from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_
                    PT_WRITABLE_MASK,
                    shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK,
                    EPT_SPTE_MMU_WRITABLE, SPTE_TDP_AD_MASK, SPTE_TDP_AD_ENABLED, shadow_accessed_mask,
-                   shadow_dirty_mask)
+                   shadow_dirty_mask, PAGES_PER_HPAGE)
 from ..hw.memory import table_entries
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
 from .mmu_internal import (RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noqa: F401
@@ -168,8 +168,9 @@ class TdpMmu:
         parent = self.sptep_to_sp(it.sptep)
         role = (parent.role & ~ROLE_LEVEL_MASK) | (parent.role_level - 1)
         child.init(it.sptep, it.gfn, role)
-        self.kvm.trace_emit("kvm_mmu_get_page", msg=f"sp gfn {it.gfn:x} l{role & 0xF} "
-                            f"{'mirror' if role & ROLE_IS_MIRROR else 'direct'} new")
+        if self.kvm.tracer.enabled:
+            self.kvm.trace_emit("kvm_mmu_get_page", msg=f"sp gfn {it.gfn:x} l{role & 0xF} "
+                                f"{'mirror' if role & ROLE_IS_MIRROR else 'direct'} new")
 
     def account_mmu_page(self, sp):
         self.pages += 1
@@ -292,10 +293,16 @@ class TdpMmu:
 
     # -- setting SPTEs ------------------------------------------------------------------------------------
     @property
-    def mirror_hooks_72(self):
-        """The mirror hooks as Linux 7.2 has them (one set_external_spte(old, new) from
-        __handle_changed_spte()), not the seed's reflect_* freeze protocol of 6.16."""
-        return self.mirror_hooks == MIRROR_HOOKS_72
+    def mirror_hooks(self):
+        return self._mirror_hooks
+
+    @mirror_hooks.setter
+    def mirror_hooks(self, hooks):
+        self._mirror_hooks = hooks
+        # The mirror hooks as Linux 7.2 has them (one set_external_spte(old, new) from
+        # __handle_changed_spte()), not the seed's reflect_* freeze protocol of 6.16 (a plain
+        # attribute: the fault path tests it twice a fault).
+        self.mirror_hooks_72 = hooks == MIRROR_HOOKS_72
 
     def handle_changed_spte(self, as_id, gfn, old_spte, new_spte, level, shared, vcpu=None, sptep=None):
         """handle_changed_spte(): bookkeeping after an SPTE changed (non-atomically, or an entry of a
@@ -325,9 +332,10 @@ class TdpMmu:
         is_present = is_shadow_present_pte(new_spte)
         was_leaf = was_present and is_last_spte(old_spte, level)
         is_leaf = is_present and is_last_spte(new_spte, level)
-        pfn_changed = spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
+        # (only a present old SPTE has a pfn that can change)
+        pfn_changed = was_present and spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
 
-        assert 1 <= level <= 5 and gfn % KVM_PAGES_PER_HPAGE(level) == 0, (level, gfn)
+        assert 1 <= level <= 5 and not gfn & (PAGES_PER_HPAGE[level] - 1), (level, gfn)
         if was_leaf and is_leaf and pfn_changed:
             # pr_err + BUG() upstream: a leaf may not be repointed without a zap in between.
             kvm.kvm_bug(f"leaf SPTE for gfn {gfn:#x} changed pfn {spte_to_pfn(old_spte):#x} -> "
@@ -483,11 +491,14 @@ class TdpMmu:
             return ret                        # bug switch: the SPTE stays REMOVED_SPTE
         if ret:
             self.mem.write64(sptep, old_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="restored", spte=old_spte,
-                           ret=ret)
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="restored",
+                               spte=old_spte, ret=ret)
         else:
             self.mem.write64(sptep, new_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="new_spte", spte=new_spte)
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="new_spte",
+                               spte=new_spte)
         return ret
 
     def reflect(self, gfn, level, new_spte, is_leaf, vcpu):
@@ -527,9 +538,10 @@ class TdpMmu:
 
     def __tdp_mmu_set_spte_atomic(self, it, new_spte, vcpu):
         kvm = self.kvm
-        if it.yielded or is_removed_spte(it.old_spte):
+        # (is_removed_spte() twice, and is_mirror_sptep(), written out: every fault's SPTE)
+        if it.yielded or it.old_spte == REMOVED_SPTE:
             kvm.warn("atomic SPTE update on a yielded iterator or a frozen SPTE")
-        if not is_removed_spte(new_spte) and self.is_mirror_sptep(it.sptep):
+        if new_spte != REMOVED_SPTE and self.sp_of[it.sptep & ~0xFFF].is_mirror:
             if self.mirror_hooks_72:
                 return self._set_mirror_spte_atomic(it, new_spte, vcpu)
             # Mirror SPTEs can only be installed atomically: zapping one needs the
@@ -540,10 +552,12 @@ class TdpMmu:
             if self.freeze_mirror_sptes:
                 return self.set_external_spte_present(it.sptep, it.gfn, it.old_spte, new_spte, it.level, vcpu)
             return self._set_mirror_spte_without_freeze(it, new_spte, vcpu)
-        self._point(vcpu, "spte_cmpxchg", it.sptep)
-        if self.kvm.sched is not None and isinstance(it, TdpIter):
-            it.check_table(it.sptep, "cmpxchgs")
-        if self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
+        sched = kvm.sched
+        if sched is not None:
+            sched.point(vcpu, "spte_cmpxchg", it.sptep)
+            if isinstance(it, TdpIter):
+                it.check_table(it.sptep, "cmpxchgs")
+        if kvm.inject is not None and self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
             it.old_spte = self.mem.q[it.sptep >> 3]      # try_cmpxchg64 refreshes the snapshot
             return -EBUSY
         return 0
@@ -585,12 +599,14 @@ class TdpMmu:
             return ret                        # bug switch: the SPTE stays FROZEN_SPTE
         if ret:
             self.mem.write64(it.sptep, old_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="restored",
-                           spte=old_spte, ret=ret)
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="restored",
+                               spte=old_spte, ret=ret)
         else:
             self.mem.write64(it.sptep, new_spte)
-            kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="new_spte",
-                           spte=new_spte)
+            if kvm.tracer.enabled:
+                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="new_spte",
+                               spte=new_spte)
         return ret
 
     def _set_mirror_spte_without_freeze(self, it, new_spte, vcpu):
@@ -692,14 +708,18 @@ class TdpMmu:
         try:
             it = TdpIter(kvm, root, PG_LEVEL_4K, fault.gfn, self.gfn_root_bits(root), vcpu.vcpu_id)
             nx_workaround = kvm.nx_huge_pages          # fault->nx_huge_page_workaround_enabled
-            for it in for_each_tdp_pte_min_level(it, fault.gfn + 1):
+            end = fault.gfn + 1
+            # tdp_mmu_for_each_pte(it, kvm, root, fault->gfn, fault->gfn + 1), the loop written
+            # out (for_each_tdp_pte_min_level() without the generator: this is every fault's walk)
+            while it.valid and it.gfn < end:
                 # Don't replace a table with a huge SPTE (promotion) if the NX huge page
                 # workaround is on (thrashing), nor in a mirror root: KVM does not promote S-EPT
                 # entries under the read lock (v5 "Prevent hugepage promotion for mirror roots
                 # in fault path": PROMOTE needs BLOCK first, and all 512 children alike).
                 if nx_workaround or root.is_mirror:
                     self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
-                if is_removed_spte(it.old_spte):
+                old_spte = it.old_spte
+                if old_spte == REMOVED_SPTE:                     # is_removed_spte()
                     # Another vCPU is installing this entry (frozen while it reflects):
                     # give up and let the guest fault again.
                     kvm.trace_emit("kvm_tdp_mmu_spte_frozen_retry", vcpu.vcpu_id, gfn=it.gfn, level=it.level)
@@ -707,8 +727,10 @@ class TdpMmu:
                     return RET_PF_RETRY
                 if it.level == fault.goal_level:
                     return self.map_handle_target_level(vcpu, fault, it)
-                # Step down into existing non-leaf SPTEs.
-                if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
+                # Step down into existing non-leaf SPTEs (is_shadow_present_pte() and not
+                # is_large_pte(), the bit tests written out: every level of every fault).
+                if old_spte & SPTE_MMU_PRESENT_MASK and not old_spte & PT_PAGE_SIZE_MASK:
+                    it.next()
                     continue
                 # Missing table (or a huge page to split): make one and link it.
                 sp = self.alloc_sp(vcpu)
@@ -733,6 +755,7 @@ class TdpMmu:
                     kvm.touch("possible_nx", False)
                     if sp.nx_huge_page_disallowed:
                         self.track_possible_nx_huge_page(sp)
+                it.next()
             # The walk ended above the goal level: an SPTE changed under us.
             return RET_PF_RETRY
         finally:
@@ -848,11 +871,11 @@ class TdpMmu:
     def map_handle_target_level(self, vcpu, fault, it):
         """tdp_mmu_map_handle_target_level()"""
         kvm = self.kvm
-        sp = self.sptep_to_sp(it.sptep)
         if (is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level)
                 and is_access_allowed(fault, it.old_spte)):
             return RET_PF_SPURIOUS
         if fault.slot is None:
+            sp = self.sptep_to_sp(it.sptep)
             new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp), kvm.memslots_generation,
                                       kvm.shadow_mmio_value)
         else:

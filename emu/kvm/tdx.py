@@ -15,6 +15,8 @@ tdx_huge_page parameter, tdx_gmem_max_mapping_level(), tdx_handle_mismatched_acc
 GUEST_INHIBIT, tdx_gmem_convert(), and the split caches.
 """
 
+import operator
+
 from tdxmod import abi as A
 from tdxmod.module import (TDCS_PAGES, TDVPX_PAGES, TD_PARAMS_ATTRIBUTES, TD_PARAMS_MAX_VCPUS,
                            TD_PARAMS_EPTP_CONTROLS, TD_PARAMS_CONFIG_FLAGS, MD_TDVPS_VMCS_SHARED_EPTP,
@@ -56,6 +58,7 @@ SOFTLOCKUP_RETRIES = 1000
 KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1      # as emu/kvm/kvm.py numbers it
 # struct tdx_module_args members TDH.VP.ENTER passes in and out besides RCX (the TDVPR)
 VP_ENTER_ARGS = ("rdx", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rbx", "rdi", "rsi")
+_vp_enter_args_of = operator.attrgetter(*VP_ENTER_ARGS)      # a TD exit's Regs -> their values, in order
 
 
 def tdx_operand_busy(err):
@@ -763,8 +766,7 @@ class TdxX86Ops(VmxX86Ops):
             if kvm.sched is not None:
                 kvm.sched.point(vcpu.vcpu_id, "lock_wait")
             return VmExit(-2, 0)
-        for name in VP_ENTER_ARGS:
-            t.vp_enter_args[name] = getattr(out, name)
+        t.vp_enter_args.update(zip(VP_ENTER_ARGS, _vp_enter_args_of(out)))
         t.ext_exit_qualification = out.rdx
         if out.rax & A.TDX_ERROR:
             kvm.kvm_bug(f"TDH.VP.ENTER failed: {A.status_name(out.rax)}")
