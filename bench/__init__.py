@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, asdict
 @dataclass
 class Context:
     repeats: int = 5
-    scale: float = 1.0           # multiplies iteration / page counts (e.g. 0.2 for a quick run)
+    scale: float = 1.0  # multiplies iteration / page counts (e.g. 0.2 for a quick run)
     cache: dict = field(default_factory=dict)
 
     def n(self, count, minimum=1):
@@ -42,14 +42,14 @@ class Context:
 
 @dataclass
 class Result:
-    key: str                     # stable id, e.g. "hw.warm_loop.ours"
-    label: str                   # what the table prints
-    value: float                 # in ``unit``
-    unit: str                    # "insn/s", "s/page", "s/walk", ... (seconds are printed scaled)
-    baseline_key: str = None     # the Result this one is a ratio against
-    ratio: float = None          # value / baseline value (or the inverse: see ``ratio_note``)
-    ratio_note: str = ""         # how the ratio reads, e.g. "ours/raw insn/s"
-    target: tuple = None         # (">=", 0.95) or ("<=", 2.0) on ``ratio``
+    key: str  # stable id, e.g. "hw.warm_loop.ours"
+    label: str  # what the table prints
+    value: float  # in ``unit``
+    unit: str  # "insn/s", "s/page", "s/walk", ... (seconds are printed scaled)
+    baseline_key: str = None  # the Result this one is a ratio against
+    ratio: float = None  # value / baseline value (or the inverse: see ``ratio_note``)
+    ratio_note: str = ""  # how the ratio reads, e.g. "ours/raw insn/s"
+    target: tuple = None  # (">=", 0.95) or ("<=", 2.0) on ``ratio``
     detail: dict = field(default_factory=dict)
 
     @property

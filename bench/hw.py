@@ -20,8 +20,17 @@ and runs from GVA ``CODE`` with identity 4K guest paging.
 
 import struct
 
-from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, UC_TLB_VIRTUAL,
-                     UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+from unicorn import (
+    Uc,
+    UcError,
+    UC_ARCH_X86,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_HOOK_TLB_FILL,
+    UC_TLB_VIRTUAL,
+    UC_CTL_TLB_FLUSH,
+    UC_CTL_IO_WRITE,
+)
 from unicorn import x86_const as X
 
 from emu.hw.bare import BareHost
@@ -37,11 +46,11 @@ PAGE = 0x1000
 # -- guest layout (GVA == GPA; on the raw baselines also == the Unicorn address) --------------------
 GUEST_SIZE = 32 << 20
 CODE = 0x100000
-BUF = 0x200000               # the warm loop's buffer
+BUF = 0x200000  # the warm loop's buffer
 BUF_SIZE = 16 << 10
-PAGES = 0x400000             # the "new page" / fill region
-MAX_PAGES = 4096             # up to 0x1400000
-PT_BASE = 0x1800000          # guest PML4, PDPT, PD, then the PTs (4K identity map of [0, GUEST_SIZE))
+PAGES = 0x400000  # the "new page" / fill region
+MAX_PAGES = 4096  # up to 0x1400000
+PT_BASE = 0x1800000  # guest PML4, PDPT, PD, then the PTs (4K identity map of [0, GUEST_SIZE))
 
 # rsi = buffer, rcx = iterations (> 0), rax = 0.  7 instructions per iteration, then HLT.
 #   1: mov rdx, [rsi+rax]; add rdx, rcx; mov [rsi+rax], rdx
@@ -49,16 +58,16 @@ PT_BASE = 0x1800000          # guest PML4, PDPT, PD, then the PTs (4K identity m
 #      dec ecx; jnz 1b
 #      hlt
 WARM_LOOP = CODE
-WARM_CODE = bytes.fromhex("488b1406" "4801ca" "48891406" "83c040" "25c03f0000" "ffc9" "75e9" "f4")
+WARM_CODE = bytes.fromhex("488b14064801ca4889140683c04025c03f0000ffc975e9f4")
 WARM_INSNS_PER_ITER = 7
 
 # rsi = first page, rcx = pages (> 0): one 8-byte load per 4K page, in sequence.
 #   2: mov rdx, [rsi]; add rsi, 4096; dec ecx; jnz 2b
 #      hlt
 PAGES_LOOP = CODE + 0x100
-PAGES_CODE = bytes.fromhex("488b16" "4881c600100000" "ffc9" "75f2" "f4")
+PAGES_CODE = bytes.fromhex("488b164881c600100000ffc975f2f4")
 
-_UC_PROT = {16: 1, 17: 3, 18: 5}      # UC_MEM_READ/WRITE/FETCH -> perms a trivial fill grants
+_UC_PROT = {16: 1, 17: 3, 18: 5}  # UC_MEM_READ/WRITE/FETCH -> perms a trivial fill grants
 
 
 # ==================================================================================================
@@ -76,8 +85,9 @@ class HwRig:
         h.write_gpa(pdpt, struct.pack("<Q", pd | 3))
         h.write_gpa(pd, struct.pack(f"<{npt}Q", *((PT_BASE + (3 + i) * PAGE) | 3 for i in range(npt))))
         for i in range(npt):
-            h.write_gpa(PT_BASE + (3 + i) * PAGE,
-                        struct.pack("<512Q", *((((i << 9) + j) << 12) | 3 for j in range(512))))
+            h.write_gpa(
+                PT_BASE + (3 + i) * PAGE, struct.pack("<512Q", *((((i << 9) + j) << 12) | 3 for j in range(512)))
+            )
         assert PT_BASE >= PAGES + MAX_PAGES * PAGE and PT_BASE + (3 + npt) * PAGE <= GUEST_SIZE
         h.write_gpa(WARM_LOOP, WARM_CODE)
         h.write_gpa(PAGES_LOOP, PAGES_CODE)
@@ -172,7 +182,7 @@ def bench_warm_loop(ctx):
 
     def prep_raw():
         _raw_set(raw, WARM_LOOP, BUF, iters)
-        return lambda: raw.emu_start(WARM_LOOP, raw_end)    # ends at the HLT (raw_end is never reached)
+        return lambda: raw.emu_start(WARM_LOOP, raw_end)  # ends at the HLT (raw_end is never reached)
 
     # (a') for reference: raw Unicorn in UC_TLB_VIRTUAL mode with a trivial identity fill, configured
     # as the Vcpu is: what UC_TLB_VIRTUAL itself costs, our MMU apart.
@@ -180,6 +190,7 @@ def bench_warm_loop(ctx):
         entry.paddr = vaddr & ~0xFFF
         entry.perms = UC_PROT_ALL
         return True
+
     virt = _raw_uc_virtual(fill)
 
     def prep_virt():
@@ -209,17 +220,34 @@ def bench_warm_loop(ctx):
         raise RuntimeError("the warm loop left different memory on raw Unicorn and on the Vcpu")
     ips_raw, ips_virt, ips_ours = insns / t_raw, insns / t_virt, insns / t_ours
     return [
-        Result("hw.warm_loop.raw", "warm loop, raw Unicorn (UC_TLB_CPU, no hooks)", ips_raw, "insn/s",
-               detail={"iterations": iters, "guest_insns": insns, "buffer_bytes": BUF_SIZE,
-                       "times_s": all_t[0]}),
-        Result("hw.warm_loop.virtual", "warm loop, raw Unicorn UC_TLB_VIRTUAL (ref.)", ips_virt, "insn/s",
-               baseline_key="hw.warm_loop.raw", ratio=ips_virt / ips_raw, ratio_note="virtual/raw insn/s",
-               detail={"times_s": all_t[1]}),
-        Result("hw.warm_loop.ours", "warm loop, Vcpu (our MMU, TLB warm)", ips_ours, "insn/s",
-               baseline_key="hw.warm_loop.raw", ratio=ips_ours / ips_raw, ratio_note="ours/raw insn/s",
-               target=(">=", 0.95),
-               detail={"fills_during_timed_runs": timed_fills, "same_memory_after_first_run": same,
-                       "times_s": all_t[2]}),
+        Result(
+            "hw.warm_loop.raw",
+            "warm loop, raw Unicorn (UC_TLB_CPU, no hooks)",
+            ips_raw,
+            "insn/s",
+            detail={"iterations": iters, "guest_insns": insns, "buffer_bytes": BUF_SIZE, "times_s": all_t[0]},
+        ),
+        Result(
+            "hw.warm_loop.virtual",
+            "warm loop, raw Unicorn UC_TLB_VIRTUAL (ref.)",
+            ips_virt,
+            "insn/s",
+            baseline_key="hw.warm_loop.raw",
+            ratio=ips_virt / ips_raw,
+            ratio_note="virtual/raw insn/s",
+            detail={"times_s": all_t[1]},
+        ),
+        Result(
+            "hw.warm_loop.ours",
+            "warm loop, Vcpu (our MMU, TLB warm)",
+            ips_ours,
+            "insn/s",
+            baseline_key="hw.warm_loop.raw",
+            ratio=ips_ours / ips_raw,
+            ratio_note="ours/raw insn/s",
+            target=(">=", 0.95),
+            detail={"fills_during_timed_runs": timed_fills, "same_memory_after_first_run": same, "times_s": all_t[2]},
+        ),
     ]
 
 
@@ -229,9 +257,10 @@ def bench_sliced_loop(ctx):
     loops run one after the other unsliced.  Target: slicing costs at most 2x."""
     import greenlet
     from emu.kvm.kvm import GUEST_SLICE_BLOCKS
+
     iters = ctx.n(2_000_000, 1000)
     rigs = [HwRig(), HwRig()]
-    for rig in rigs:                       # warm: fault everything in through BareHost
+    for rig in rigs:  # warm: fault everything in through BareHost
         rig.start(WARM_LOOP, BUF, iters)
         rig.run_host()
 
@@ -251,7 +280,8 @@ def bench_sliced_loop(ctx):
                 slices[i] += 1
                 other = tasks[1 - i]
                 if not other.dead:
-                    other.switch()         # the other vCPU runs while this one stays in guest mode
+                    other.switch()  # the other vCPU runs while this one stays in guest mode
+
             rig.vcpu.guest_point = point
             rig.vcpu.slice_blocks = GUEST_SLICE_BLOCKS
             rig.start(WARM_LOOP, BUF, iters)
@@ -259,7 +289,9 @@ def bench_sliced_loop(ctx):
             def body():
                 rig.run_direct()
                 rig.vcpu.guest_point = None
+
             return greenlet.greenlet(body, main)
+
         tasks.extend(make(i, rig) for i, rig in enumerate(rigs))
 
         def run():
@@ -268,18 +300,30 @@ def bench_sliced_loop(ctx):
                     if not t.dead:
                         t.switch()
             ctx.slices = sum(slices)
+
         return run
 
     (t_plain, t_sliced), all_t = time_best([prep_plain, prep_sliced], ctx.repeats)
     insns = 2 * (iters * WARM_INSNS_PER_ITER + 1)
     return [
-        Result("hw.sliced_loop.plain", "two warm loops, one after the other (no slicing)", insns / t_plain,
-               "insn/s", detail={"iterations": iters, "times_s": all_t[0]}),
-        Result("hw.sliced_loop.sliced", "two warm loops interleaved in guest-mode slices", insns / t_sliced,
-               "insn/s", baseline_key="hw.sliced_loop.plain", ratio=t_sliced / t_plain,
-               ratio_note="sliced/plain time", target=("<=", 2.0),
-               detail={"slice_blocks": GUEST_SLICE_BLOCKS, "slices": getattr(ctx, "slices", None),
-                       "times_s": all_t[1]}),
+        Result(
+            "hw.sliced_loop.plain",
+            "two warm loops, one after the other (no slicing)",
+            insns / t_plain,
+            "insn/s",
+            detail={"iterations": iters, "times_s": all_t[0]},
+        ),
+        Result(
+            "hw.sliced_loop.sliced",
+            "two warm loops interleaved in guest-mode slices",
+            insns / t_sliced,
+            "insn/s",
+            baseline_key="hw.sliced_loop.plain",
+            ratio=t_sliced / t_plain,
+            ratio_note="sliced/plain time",
+            target=("<=", 2.0),
+            detail={"slice_blocks": GUEST_SLICE_BLOCKS, "slices": getattr(ctx, "slices", None), "times_s": all_t[1]},
+        ),
     ]
 
 
@@ -317,7 +361,7 @@ def bare_fault_prepare():
 
     def prepare(n):
         seen.clear()
-        seen.add(PAGES_LOOP & ~0xFFF)                # the code page is not new (as for the Vcpu)
+        seen.add(PAGES_LOOP & ~0xFFF)  # the code page is not new (as for the Vcpu)
         _flush(uc)
         _raw_set(uc, PAGES_LOOP, PAGES, n)
 
@@ -331,9 +375,10 @@ def bare_fault_prepare():
                     faults += 1
                     rip = uc.reg_read(X.UC_X86_REG_RIP)
             state["faults"] = faults
+
         return go
 
-    prepare(MAX_PAGES)()                              # warm: translate the code, commit the memory
+    prepare(MAX_PAGES)()  # warm: translate the code, commit the memory
     prepare.state = state
     return prepare
 
@@ -350,7 +395,7 @@ def vcpu_prepare(rig=None):
         rig.start(PAGES_LOOP, PAGES, n)
         return rig.run_host
 
-    rig.start(PAGES_LOOP, PAGES, MAX_PAGES)           # warm: map every page once, build the tables
+    rig.start(PAGES_LOOP, PAGES, MAX_PAGES)  # warm: map every page once, build the tables
     rig.run_host()
     prepare.rig = rig
     return prepare
@@ -376,12 +421,24 @@ def bench_new_page(ctx):
     bare_pp, ours_pp = t_bare / n, t_ours / n
     ctx.cache.setdefault("hw.bare_fault", bare_pp)
     return [
-        Result("hw.bare_fault", "bare Unicorn fault + restart (per page)", bare_pp, "s/page",
-               detail={"pages": n, "times_s": all_t[0]}),
-        Result("hw.new_page", "new 4K page: exit+walk+map+resume (BareHost)", ours_pp, "s/page",
-               baseline_key="hw.bare_fault", ratio=ours_pp / bare_pp, ratio_note="ours/bare per page",
-               target=("<=", 2.0),
-               detail={"pages": n, "exits_per_run": exits, "fills_per_page": fills / n, "times_s": all_t[1]}),
+        Result(
+            "hw.bare_fault",
+            "bare Unicorn fault + restart (per page)",
+            bare_pp,
+            "s/page",
+            detail={"pages": n, "times_s": all_t[0]},
+        ),
+        Result(
+            "hw.new_page",
+            "new 4K page: exit+walk+map+resume (BareHost)",
+            ours_pp,
+            "s/page",
+            baseline_key="hw.bare_fault",
+            ratio=ours_pp / bare_pp,
+            ratio_note="ours/bare per page",
+            target=("<=", 2.0),
+            detail={"pages": n, "exits_per_run": exits, "fills_per_page": fills / n, "times_s": all_t[1]},
+        ),
     ]
 
 
@@ -394,10 +451,10 @@ def walk_loops(rig, n):
     the vCPU's fill makes, whole (no paging-structure cache), over the vCPU's EPT access (its
     GPA cache): compiled when the compiled MMU is built."""
     mem, eptp = rig.host.mem, rig.host.eptp
-    q, ept, cr3 = mem.q, rig.vcpu._ept, rig.cr3        # _ept: the EPT callback the Vcpu's fills use
+    q, ept, cr3 = mem.q, rig.vcpu._ept, rig.cr3  # _ept: the EPT callback the Vcpu's fills use
     mmu = rig.vcpu._mmu
     gpas = pages(n)
-    for g in gpas:                                    # steady state: every A flag set, all mapped
+    for g in gpas:  # steady state: every A flag set, all mapped
         assert walk(mem, eptp, g, READ).__class__ is EptTranslation
         assert translate(q, ept, cr3, g, READ).__class__ is Translation
 
@@ -406,22 +463,27 @@ def walk_loops(rig, n):
             walk(mem, eptp, g, READ)
 
     if mmu is not None:
+
         def walks_2d():
             for g in gpas:
                 mmu.translate(cr3, g, READ, True, True, False)
     else:
+
         def walks_2d():
             for g in gpas:
                 translate(q, ept, cr3, g, READ)
+
     return ept_walks, walks_2d
 
 
 def fill_run(rig, n):
     """A prepare for a run touching ``n`` mapped pages after an INVEPT: TLB-miss fills, no exits."""
+
     def prepare():
         rig.vcpu.flush_tlb()
         rig.start(PAGES_LOOP, PAGES, n)
         return rig.run_direct
+
     return prepare
 
 
@@ -442,6 +504,7 @@ def bare_fill_prepare(n):
         _raw_set(uc, PAGES_LOOP, PAGES, n)
         count[0] = 0
         return lambda: uc.emu_start(PAGES_LOOP, 0)
+
     prepare()()
     prepare.count = count
     return prepare
@@ -450,7 +513,7 @@ def bare_fill_prepare(n):
 def bench_walks(ctx):
     """One EPT walk, one 2D walk, one TLB-miss fill with nothing changed (vs a bare Unicorn fill)."""
     n = ctx.n(2048, 64)
-    rig = vcpu_prepare().rig                        # every page mapped, tables built
+    rig = vcpu_prepare().rig  # every page mapped, tables built
     ept_walks, walks_2d = walk_loops(rig, n)
     (t_ept, t_2d), _ = time_best([lambda: ept_walks, lambda: walks_2d], ctx.repeats)
 
@@ -464,16 +527,48 @@ def bench_walks(ctx):
     fill_s, bare_fill_s = t_fill / fills, t_bare / bare_fills
     which = "compiled" if v._mmu is not None else "Python"
     return [
-        Result("hw.ept_walk", "one 4-level EPT walk (A/D on, nothing to set)", ept_us, "s/walk",
-               ratio=ept_us / 0.5e-6, target=("<=", 1.0), ratio_note="walk / 0.5 us", detail={"walks": n}),
-        Result("hw.walk_2d", f"one 2D walk (4-level guest under 4-level EPT, {which})", d2_us, "s/walk",
-               baseline_key="hw.ept_walk", ratio=d2_us / ept_us, ratio_note="2D walk / EPT walk",
-               detail={"walks": n, "mmu": which}),
-        Result("hw.bare_fill", "bare Unicorn TLB fill (trivial hook)", bare_fill_s, "s/fill",
-               detail={"pages": n, "fills_per_run": bare_fills}),
-        Result("hw.fill", "TLB-miss fill, nothing changed (Vcpu)", fill_s, "s/fill",
-               baseline_key="hw.bare_fill", ratio=fill_s / bare_fill_s, ratio_note="ours/bare per fill",
-               target=("<=", 2.0),
-               detail={"pages": n, "fills_per_run": fills, "expected_fills": n + 1,
-                       "stats_fills_matches": fills == bare_fills == n + 1, "mmu": which}),
+        Result(
+            "hw.ept_walk",
+            "one 4-level EPT walk (A/D on, nothing to set)",
+            ept_us,
+            "s/walk",
+            ratio=ept_us / 0.5e-6,
+            target=("<=", 1.0),
+            ratio_note="walk / 0.5 us",
+            detail={"walks": n},
+        ),
+        Result(
+            "hw.walk_2d",
+            f"one 2D walk (4-level guest under 4-level EPT, {which})",
+            d2_us,
+            "s/walk",
+            baseline_key="hw.ept_walk",
+            ratio=d2_us / ept_us,
+            ratio_note="2D walk / EPT walk",
+            detail={"walks": n, "mmu": which},
+        ),
+        Result(
+            "hw.bare_fill",
+            "bare Unicorn TLB fill (trivial hook)",
+            bare_fill_s,
+            "s/fill",
+            detail={"pages": n, "fills_per_run": bare_fills},
+        ),
+        Result(
+            "hw.fill",
+            "TLB-miss fill, nothing changed (Vcpu)",
+            fill_s,
+            "s/fill",
+            baseline_key="hw.bare_fill",
+            ratio=fill_s / bare_fill_s,
+            ratio_note="ours/bare per fill",
+            target=("<=", 2.0),
+            detail={
+                "pages": n,
+                "fills_per_run": fills,
+                "expected_fills": n + 1,
+                "stats_fills_matches": fills == bare_fills == n + 1,
+                "mmu": which,
+            },
+        ),
     ]

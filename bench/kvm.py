@@ -17,6 +17,7 @@ def machine_prepare(guest, vm, **kw):
     def run():
         res = m.run()
         assert res.ok, res.error
+
     return run
 
 
@@ -30,6 +31,15 @@ def bench_new_page(ctx):
     """New 4K page through KVM's fault path (default VM) vs the bare Unicorn fault, target <= 3x."""
     bare = hw.bare_fault_per_page(ctx)
     per, _ = hw.per_new_page(kvm_prepare, NEWPAGES, ctx.repeats)
-    return [Result("kvm.new_page", "new 4K page, default VM: exit+walk+map+resume (KVM)", per, "s/page",
-                   baseline_key="hw.bare_fault", ratio=per / bare, target=("<=", 3.0),
-                   ratio_note="ours/bare fault per page")]
+    return [
+        Result(
+            "kvm.new_page",
+            "new 4K page, default VM: exit+walk+map+resume (KVM)",
+            per,
+            "s/page",
+            baseline_key="hw.bare_fault",
+            ratio=per / bare,
+            target=("<=", 3.0),
+            ratio_note="ours/bare fault per page",
+        )
+    ]

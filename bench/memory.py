@@ -11,6 +11,7 @@ GUEST = os.path.join(os.path.dirname(__file__), "guests", "spread.S")
 
 def _peak_rss_of_run(vm):
     from emu.userspace.vmm import Machine
+
     m = Machine(GUEST, vm=vm, mem=4 << 30, vcpus=1)
     res = m.run()
     assert res.ok, res.error
@@ -22,7 +23,15 @@ def bench_memory(ctx):
     out = []
     for vm in ("default", "tdx"):
         rss, faults = in_child_value(lambda: _peak_rss_of_run(vm))
-        out.append(Result(f"mem.{vm}", f"4 GiB {vm} guest touching 3000 pages: peak RSS ({faults} EPT violations)",
-                          rss / (1 << 20), "MiB", ratio=rss / (400 << 20), target=("<=", 1.0),
-                          ratio_note="peak RSS / 400 MiB"))
+        out.append(
+            Result(
+                f"mem.{vm}",
+                f"4 GiB {vm} guest touching 3000 pages: peak RSS ({faults} EPT violations)",
+                rss / (1 << 20),
+                "MiB",
+                ratio=rss / (400 << 20),
+                target=("<=", 1.0),
+                ratio_note="peak RSS / 400 MiB",
+            )
+        )
     return out

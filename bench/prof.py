@@ -19,21 +19,34 @@ TOP = 12
 
 # (component, predicate on (file, function)), first match wins
 COMPONENTS = [
-    ("Unicorn: emu_start (guest code, compiled fills)",
-     lambda f, fn: "unicorn" in f and fn == "emu_start" or f == "~" and "'start' of 'emu.hw._mmu.Mmu'" in fn),
+    (
+        "Unicorn: emu_start (guest code, compiled fills)",
+        lambda f, fn: "unicorn" in f and fn == "emu_start" or f == "~" and "'start' of 'emu.hw._mmu.Mmu'" in fn,
+    ),
     ("Unicorn binding (registers, hooks' trampolines)", lambda f, fn: "unicorn" in f),
-    ("hw: Python fill and walks (vcpu fill, paging, ept)",
-     lambda f, fn: f.endswith(("emu/hw/paging.py", "emu/hw/ept.py")) or f.endswith("emu/hw/vcpu.py")
-     and fn in ("_tlb_fill", "_fill", "ept", "_fill_slow", "_fetch_slow", "_fetched")),
+    (
+        "hw: Python fill and walks (vcpu fill, paging, ept)",
+        lambda f, fn: (
+            f.endswith(("emu/hw/paging.py", "emu/hw/ept.py"))
+            or f.endswith("emu/hw/vcpu.py")
+            and fn in ("_tlb_fill", "_fill", "ept", "_fill_slow", "_fetch_slow", "_fetched")
+        ),
+    ),
     ("hw: host memory (HostMemory, the page allocator)", lambda f, fn: f.endswith("emu/hw/memory.py")),
     ("hw: bare host (BareHost: map a page)", lambda f, fn: f.endswith("emu/hw/bare.py")),
-    ("hw: exit path (Vcpu.run, exit decode, VmExit, registers)",
-     lambda f, fn: "/emu/hw/" in f or f == "~" and "emu.hw._mmu" in fn),
-    ("KVM: run loop, exit handlers (x86, vmx, kvm_main)",
-     lambda f, fn: f.endswith(("emu/kvm/x86.py", "emu/kvm/vmx.py", "emu/kvm/kvm_main.py", "emu/kvm/kvm.py"))),
+    (
+        "hw: exit path (Vcpu.run, exit decode, VmExit, registers)",
+        lambda f, fn: "/emu/hw/" in f or f == "~" and "emu.hw._mmu" in fn,
+    ),
+    (
+        "KVM: run loop, exit handlers (x86, vmx, kvm_main)",
+        lambda f, fn: f.endswith(("emu/kvm/x86.py", "emu/kvm/vmx.py", "emu/kvm/kvm_main.py", "emu/kvm/kvm.py")),
+    ),
     ("KVM: page fault (mmu, mmu_internal)", lambda f, fn: f.endswith(("emu/kvm/mmu.py", "emu/kvm/mmu_internal.py"))),
-    ("KVM: TDP MMU (tdp_mmu, tdp_iter, spte)",
-     lambda f, fn: f.endswith(("emu/kvm/tdp_mmu.py", "emu/kvm/tdp_iter.py", "emu/kvm/spte.py"))),
+    (
+        "KVM: TDP MMU (tdp_mmu, tdp_iter, spte)",
+        lambda f, fn: f.endswith(("emu/kvm/tdp_mmu.py", "emu/kvm/tdp_iter.py", "emu/kvm/spte.py")),
+    ),
     ("KVM: TDX (tdx)", lambda f, fn: f.endswith("emu/kvm/tdx.py")),
     ("KVM: other", lambda f, fn: "/emu/kvm/" in f),
     ("host kernel (emu/host)", lambda f, fn: "/emu/host/" in f),
@@ -70,8 +83,10 @@ def profile_path(title, prepare, n, unit, repeats, runs=2):
     total = st.total_tt
     rows = components(st)
     calls = sum(c for _, _, c in rows)
-    print(f"\n{title}: {per * 1e6:.2f} us/{unit} without the profiler ({n} {unit}s, best of {repeats}); "
-          f"{calls / (runs * n):.0f} Python calls/{unit}")
+    print(
+        f"\n{title}: {per * 1e6:.2f} us/{unit} without the profiler ({n} {unit}s, best of {repeats}); "
+        f"{calls / (runs * n):.0f} Python calls/{unit}"
+    )
     w = max(len(r[0]) for r in rows)
     print(f"  {'component':{w}}  {'calls/' + unit:>10}  {'share':>6}  {'us/' + unit:>8}")
     for name, tt, nc in rows:
@@ -87,7 +102,7 @@ def _short(path):
     for mark in ("/emu/", "/tdxmod/", "/bench/", "/unicorn/"):
         i = path.rfind(mark)
         if i >= 0:
-            return path[i + 1:]
+            return path[i + 1 :]
     return path
 
 
@@ -98,6 +113,5 @@ def main(ctx=None):
     prep = hw.vcpu_prepare()
     profile_path("new 4K page (Vcpu + BareHost)", lambda: prep(n), n, "page", repeats)
     profile_path("TLB-miss fill, nothing changed (Vcpu)", hw.fill_run(prep.rig, n), n + 1, "fill", repeats)
-    profile_path("new 4K page, default VM (KVM)", lambda: kvm.kvm_prepare(kvm.NEWPAGES), kvm.NEWPAGES, "page",
-                 repeats)
+    profile_path("new 4K page, default VM (KVM)", lambda: kvm.kvm_prepare(kvm.NEWPAGES), kvm.NEWPAGES, "page", repeats)
     profile_path("TD private page", lambda: td.td_prepare(td.TDPAGES), td.TDPAGES, "page", max(2, repeats // 2))

@@ -29,15 +29,21 @@ def bench_conversions(ctx):
 
         def prepare(vm_type=vm_type):
             vm = ports.conversions_vm(vm_type, nr_vcpus=NR_VCPUS)
-            assert vm.machine is not None            # built (a TD measured) before the clock starts
+            assert vm.machine is not None  # built (a TD measured) before the clock starts
             return lambda: runs.append(vm.run())
 
         (best,), _ = time_best([prepare], max(1, min(ctx.repeats, 2)))
         run = runs[-1]
         run.assert_ok()
         syncs = len(run.syncs)
-        pages = sum(s[3] for s in run.syncs) // 4096    # the pages the host checked, all syncs
-        out.append(Result(f"selftest.conversions.{vm_type.replace('-', '_')}",
-                          f"private_mem_conversions_test, {NR_VCPUS} vCPUs, {vm_type} ({syncs} syncs)",
-                          best, "s", detail={"syncs": syncs, "us_per_checked_page": round(best / pages * 1e6, 2)}))
+        pages = sum(s[3] for s in run.syncs) // 4096  # the pages the host checked, all syncs
+        out.append(
+            Result(
+                f"selftest.conversions.{vm_type.replace('-', '_')}",
+                f"private_mem_conversions_test, {NR_VCPUS} vCPUs, {vm_type} ({syncs} syncs)",
+                best,
+                "s",
+                detail={"syncs": syncs, "us_per_checked_page": round(best / pages * 1e6, 2)},
+            )
+        )
     return out

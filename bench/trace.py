@@ -28,8 +28,24 @@ def bench_trace_cost(ctx):
 
     def traced_prepare(n):
         return machine_prepare(GUEST, "default", tracer=Tracer([_Discard()]))
+
     on, _ = hw.per_new_page(traced_prepare, NEWPAGES, max(2, ctx.repeats // 2))
-    return [Result("trace.off", "new 4K page, tracing off vs trace calls removed", off, "s/page",
-                   ratio=off / none, target=("<=", 1.05), ratio_note="off / no trace calls"),
-            Result("trace.on", "new 4K page, tracing on (every event, discarded)", on, "s/page",
-                   ratio=on / off, ratio_note="on / off")]
+    return [
+        Result(
+            "trace.off",
+            "new 4K page, tracing off vs trace calls removed",
+            off,
+            "s/page",
+            ratio=off / none,
+            target=("<=", 1.05),
+            ratio_note="off / no trace calls",
+        ),
+        Result(
+            "trace.on",
+            "new 4K page, tracing on (every event, discarded)",
+            on,
+            "s/page",
+            ratio=on / off,
+            ratio_note="on / off",
+        ),
+    ]

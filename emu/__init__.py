@@ -1,10 +1,10 @@
 """emu: an EPT-walk emulator with KVM's TDP MMU (and its mirror) and a simulated TDX module.
 
-    hw/         the CPU: memory, walkers, TLB, the Unicorn vCPU
-    kvm/        KVM's MMU and VM/vCPU API; host/ the host kernel (page allocator, VMM page tables)
-    userspace/  the VMM, the loader, guests, host events
-    checkers/   the scheduler, explorer, DPOR, campaigns, invariants
-    trace, dump, disasm, cli
+hw/         the CPU: memory, walkers, TLB, the Unicorn vCPU
+kvm/        KVM's MMU and VM/vCPU API; host/ the host kernel (page allocator, VMM page tables)
+userspace/  the VMM, the loader, guests, host events
+checkers/   the scheduler, explorer, DPOR, campaigns, invariants
+trace, dump, disasm, cli
 """
 
 import importlib
@@ -15,12 +15,20 @@ import sys
 # Version 0.1 had these modules at the top level; scripts import them by those names
 # (``from emu.vmm import Machine``).  The old name is the same module object as the new one.
 MOVED = {
-    "emu.sched": "emu.checkers.sched", "emu.explore": "emu.checkers.explore", "emu.dpor": "emu.checkers.dpor",
-    "emu.campaign": "emu.checkers.campaign", "emu.check": "emu.checkers.check", "emu.inject": "emu.checkers.inject",
+    "emu.sched": "emu.checkers.sched",
+    "emu.explore": "emu.checkers.explore",
+    "emu.dpor": "emu.checkers.dpor",
+    "emu.campaign": "emu.checkers.campaign",
+    "emu.check": "emu.checkers.check",
+    "emu.inject": "emu.checkers.inject",
     "emu.distributed": "emu.checkers.distributed",
-    "emu.vmm": "emu.userspace.vmm", "emu.loader": "emu.userspace.loader", "emu.guests": "emu.userspace.guests",
-    "emu.guestabi": "emu.userspace.guestabi", "emu.hostevents": "emu.userspace.hostevents",
-    "emu.selftest": "emu.userspace.selftest", "emu.hostmm": "emu.host.mm",
+    "emu.vmm": "emu.userspace.vmm",
+    "emu.loader": "emu.userspace.loader",
+    "emu.guests": "emu.userspace.guests",
+    "emu.guestabi": "emu.userspace.guestabi",
+    "emu.hostevents": "emu.userspace.hostevents",
+    "emu.selftest": "emu.userspace.selftest",
+    "emu.hostmm": "emu.host.mm",
 }
 
 
@@ -36,7 +44,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return module
 
     def exec_module(self, module):
-        pass                          # already executed under its new name
+        pass  # already executed under its new name
 
 
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):

@@ -31,57 +31,120 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_run_options(p):
     p.add_argument("guest", help="a guest name from guest/, or a path to a .S, .c or ELF file")
-    p.add_argument("--vm", default="default", choices=("default", "sw-protected", "tdx"),
-                   help="VM type: default, sw-protected (KVM_X86_SW_PROTECTED_VM: private memory from "
-                        "guest_memfd, no hardware protection) or tdx (default: %(default)s)")
+    p.add_argument(
+        "--vm",
+        default="default",
+        choices=("default", "sw-protected", "tdx"),
+        help="VM type: default, sw-protected (KVM_X86_SW_PROTECTED_VM: private memory from "
+        "guest_memfd, no hardware protection) or tdx (default: %(default)s)",
+    )
     p.add_argument("--mem", default="64M", help="guest memory size, e.g. 64M, 4G (default: %(default)s)")
     p.add_argument("--vcpus", default=1, type=int, help="number of vCPUs (default: %(default)s)")
-    p.add_argument("--hugepages", choices=("4k", "2m", "1g"), default=None,
-                   help="page size of the host memory backing the guest (huge EPT mappings where aligned)")
-    p.add_argument("--nx-huge-pages", action="store_true",
-                   help="KVM's NX huge page mitigation (kvm.nx_huge_pages=on): an exec fault maps 4K and "
-                        "marks the table; the 'nx-recover' host event zaps such tables")
-    p.add_argument("--tdx-huge-pages", action="store_true",
-                   help="KVM's kvm_intel.tdx_huge_page (the S-EPT hugepage series, RFC v5): a TD's private "
-                        "memory mapped with 2M pages once the TD runs; needs --hugepages 2m (guest_memfd in "
-                        "2M folios) and implies --mirror-hooks 7.2")
-    p.add_argument("--mirror-hooks", choices=("6.16", "7.2"), default=None,
-                   help="how KVM reflects a TD's mirror SPTEs into the S-EPT: 6.16, the seed's reflect_* "
-                        "freeze protocol (default), or 7.2, one set_external_spte(old, new) from "
-                        "__handle_changed_spte() (default with --tdx-huge-pages)")
-    p.add_argument("--demote-interruptible", action="store_true",
-                   help="a TDX module without TDX_FEATURES0.ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 "
-                        "source, which has no such bit): DEMOTE returns TDX_INTERRUPTED_RESTARTABLE on a "
-                        "pending host interrupt, and KVM keeps tdx_huge_page off")
-    p.add_argument("--sept-ve-disable", choices=("on", "off"), default="on",
-                   help="the TD attribute SEPT_VE_DISABLE (QEMU's sept-ve-disable): off makes an access to an "
-                        "unaccepted page and a bare HLT a #VE for the guest (default: %(default)s; a TD's only)")
-    p.add_argument("--trace", nargs="?", const="text", choices=("text", "jsonl", "perfetto"), default=None,
-                   help="write the trace (text when given no value; jsonl; perfetto: Chrome/Perfetto "
-                        "trace-event JSON) to stderr or --trace-file")
+    p.add_argument(
+        "--hugepages",
+        choices=("4k", "2m", "1g"),
+        default=None,
+        help="page size of the host memory backing the guest (huge EPT mappings where aligned)",
+    )
+    p.add_argument(
+        "--nx-huge-pages",
+        action="store_true",
+        help="KVM's NX huge page mitigation (kvm.nx_huge_pages=on): an exec fault maps 4K and "
+        "marks the table; the 'nx-recover' host event zaps such tables",
+    )
+    p.add_argument(
+        "--tdx-huge-pages",
+        action="store_true",
+        help="KVM's kvm_intel.tdx_huge_page (the S-EPT hugepage series, RFC v5): a TD's private "
+        "memory mapped with 2M pages once the TD runs; needs --hugepages 2m (guest_memfd in "
+        "2M folios) and implies --mirror-hooks 7.2",
+    )
+    p.add_argument(
+        "--mirror-hooks",
+        choices=("6.16", "7.2"),
+        default=None,
+        help="how KVM reflects a TD's mirror SPTEs into the S-EPT: 6.16, the seed's reflect_* "
+        "freeze protocol (default), or 7.2, one set_external_spte(old, new) from "
+        "__handle_changed_spte() (default with --tdx-huge-pages)",
+    )
+    p.add_argument(
+        "--demote-interruptible",
+        action="store_true",
+        help="a TDX module without TDX_FEATURES0.ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 "
+        "source, which has no such bit): DEMOTE returns TDX_INTERRUPTED_RESTARTABLE on a "
+        "pending host interrupt, and KVM keeps tdx_huge_page off",
+    )
+    p.add_argument(
+        "--sept-ve-disable",
+        choices=("on", "off"),
+        default="on",
+        help="the TD attribute SEPT_VE_DISABLE (QEMU's sept-ve-disable): off makes an access to an "
+        "unaccepted page and a bare HLT a #VE for the guest (default: %(default)s; a TD's only)",
+    )
+    p.add_argument(
+        "--trace",
+        nargs="?",
+        const="text",
+        choices=("text", "jsonl", "perfetto"),
+        default=None,
+        help="write the trace (text when given no value; jsonl; perfetto: Chrome/Perfetto "
+        "trace-event JSON) to stderr or --trace-file",
+    )
     p.add_argument("--trace-file", default=None, help="write the trace here instead of stderr")
     p.add_argument("--trace-events", default=None, help="comma-separated event names to keep")
-    p.add_argument("--trace-gpa", default=None, metavar="START-END",
-                   help="keep only events about GPAs in [START, END) (events with no GPA are kept)")
-    p.add_argument("--inject", action="append", default=[], metavar="PLAN",
-                   help="fault-injection plan POINT[@N|@every|@p=P][=ERROR] (repeatable; see `inject --list`)")
-    p.add_argument("--dump-tables", action="store_true",
-                   help="print the mirror root, the S-EPT and the shared EPT side by side at the end of the run "
-                        "(the --trace-gpa range only, when given)")
+    p.add_argument(
+        "--trace-gpa",
+        default=None,
+        metavar="START-END",
+        help="keep only events about GPAs in [START, END) (events with no GPA are kept)",
+    )
+    p.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="PLAN",
+        help="fault-injection plan POINT[@N|@every|@p=P][=ERROR] (repeatable; see `inject --list`)",
+    )
+    p.add_argument(
+        "--dump-tables",
+        action="store_true",
+        help="print the mirror root, the S-EPT and the shared EPT side by side at the end of the run "
+        "(the --trace-gpa range only, when given)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--host", action="append", default=[], metavar="'EVENT[@STEP]'",
-                   help="a host event on a host task, from scheduling point STEP on (repeatable): "
-                        "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END', "
-                        "'punch START-END', 'delete START-END' (the range's memslot), 'move START-END TO'")
-    p.add_argument("--bug", action="append", default=[], metavar="NAME",
-                   help="switch a realistic KVM bug into the model (repeatable; see `inject --list`)")
-    p.add_argument("--timeout", default=None, metavar="SECONDS", type=_seconds,
-                   help="wall-clock limit of a run (of each run for explore and campaign); past it the run "
-                        "ends as a hang (exit 1)")
-    p.add_argument("--max-insns", default=None, metavar="N", type=_count,
-                   help="limit of guest code per run, all vCPUs together, counted deterministically in "
-                        "translated blocks (each at least one instruction; docs/limits.md); past it the run "
-                        "ends as a hang.  explore and campaign default to 100x the clean run's, at least 10^7")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="'EVENT[@STEP]'",
+        help="a host event on a host task, from scheduling point STEP on (repeatable): "
+        "'migrate START-END', 'shared START-END', 'private START-END', 'nx-recover START-END', "
+        "'punch START-END', 'delete START-END' (the range's memslot), 'move START-END TO'",
+    )
+    p.add_argument(
+        "--bug",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="switch a realistic KVM bug into the model (repeatable; see `inject --list`)",
+    )
+    p.add_argument(
+        "--timeout",
+        default=None,
+        metavar="SECONDS",
+        type=_seconds,
+        help="wall-clock limit of a run (of each run for explore and campaign); past it the run "
+        "ends as a hang (exit 1)",
+    )
+    p.add_argument(
+        "--max-insns",
+        default=None,
+        metavar="N",
+        type=_count,
+        help="limit of guest code per run, all vCPUs together, counted deterministically in "
+        "translated blocks (each at least one instruction; docs/limits.md); past it the run "
+        "ends as a hang.  explore and campaign default to 100x the clean run's, at least 10^7",
+    )
 
 
 def _seconds(text):
@@ -112,6 +175,7 @@ def _count(text):
 def check_host_and_bugs(args):
     from .userspace.hostevents import parse_host_event, HostEventError
     from .kvm.bugs import BUGS
+
     for text in args.host:
         try:
             parse_host_event(text)
@@ -125,13 +189,17 @@ def check_host_and_bugs(args):
 def td_attributes(args):
     """The TD's ATTRIBUTES: a debug TD, with SEPT_VE_DISABLE unless --sept-ve-disable off."""
     from tdxmod.abi import TD_ATTR_SEPT_VE_DISABLE, TD_ATTR_DEBUG
+
     return TD_ATTR_DEBUG | (TD_ATTR_SEPT_VE_DISABLE if getattr(args, "sept_ve_disable", "on") == "on" else 0)
 
 
 def huge_page_options(args):
     """The Machine options of TDX private huge pages (issue 24)."""
-    return dict(tdx_huge_pages=args.tdx_huge_pages, mirror_hooks=args.mirror_hooks,
-                demote_interruptible=args.demote_interruptible)
+    return dict(
+        tdx_huge_pages=args.tdx_huge_pages,
+        mirror_hooks=args.mirror_hooks,
+        demote_interruptible=args.demote_interruptible,
+    )
 
 
 def hooks_note(args):
@@ -166,9 +234,13 @@ def machine_flags(args):
 
 
 def _add_ray_options(p):
-    p.add_argument("--ray", default=None, metavar="ADDRESS",
-                   help="run on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local (a Ray runtime on "
-                        "this machine, for this run); the results are those without --ray")
+    p.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local (a Ray runtime on "
+        "this machine, for this run); the results are those without --ray",
+    )
     # The tests' dying worker: the first try of this batch kills its Ray worker (os._exit).
     p.add_argument("--ray-kill-batch", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -179,47 +251,78 @@ def build_parser():
     run = sub.add_parser("run", help="run a guest")
     _add_run_options(run)
     run.add_argument("--seed", type=int, default=0, help="seed of the fault-injection plans (default 0)")
-    run.add_argument("--no-freeze", action="store_true",
-                     help="the bug switch: reflect mirror SPTEs without freezing them (before the seed patch)")
+    run.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="the bug switch: reflect mirror SPTEs without freezing them (before the seed patch)",
+    )
     ex = sub.add_parser("explore", help="explore the vCPU interleavings of a guest")
     _add_run_options(ex)
-    ex.add_argument("--no-freeze", action="store_true",
-                    help="the bug switch: reflect mirror SPTEs without freezing them (before the seed patch)")
+    ex.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="the bug switch: reflect mirror SPTEs without freezing them (before the seed patch)",
+    )
     mode = ex.add_mutually_exclusive_group()
-    mode.add_argument("--bound", type=int, default=None,
-                      help="exhaustive depth-first search with at most K preemptions (default 2)")
+    mode.add_argument(
+        "--bound", type=int, default=None, help="exhaustive depth-first search with at most K preemptions (default 2)"
+    )
     mode.add_argument("--random", type=int, default=None, metavar="RUNS", help="RUNS random (PCT) schedules")
     mode.add_argument("--replay", default=None, metavar="SCHEDULE", help="run one printed schedule, traced")
-    ex.add_argument("--dpor", action="store_true",
-                    help="dynamic partial-order reduction: one schedule per class of equivalent "
-                         "interleavings (no preemption bound unless --bound K is given)")
+    ex.add_argument(
+        "--dpor",
+        action="store_true",
+        help="dynamic partial-order reduction: one schedule per class of equivalent "
+        "interleavings (no preemption bound unless --bound K is given)",
+    )
     ex.add_argument("--seed", type=int, default=0, help="seed of --random and of the injection plans (default 0)")
     ex.add_argument("--depth", type=int, default=3, help="PCT depth: priority change points + 1 (default 3)")
     ex.add_argument("--max-runs", type=int, default=None, help="stop the search after this many runs")
     ex.add_argument("--all", action="store_true", help="go on after the first failure, counting failures")
-    ex.add_argument("--check-steps", action="store_true",
-                    help="check the step invariants (emu.checkers.check.check_step) at every scheduling point")
+    ex.add_argument(
+        "--check-steps",
+        action="store_true",
+        help="check the step invariants (emu.checkers.check.check_step) at every scheduling point",
+    )
     _add_ray_options(ex)
     camp = sub.add_parser("campaign", help="many runs, each with randomly drawn fault plans (and schedules)")
     _add_run_options(camp)
     camp.add_argument("--runs", type=int, default=100, help="number of runs (default 100)")
     camp.add_argument("--seed", type=int, default=0, help="the campaign's seed: it names every run (default 0)")
-    camp.add_argument("--max-points", type=int, default=3, help="fault points drawn per run, at most (default 3; 0: only the --inject plans)")
+    camp.add_argument(
+        "--max-points",
+        type=int,
+        default=3,
+        help="fault points drawn per run, at most (default 3; 0: only the --inject plans)",
+    )
     _add_ray_options(camp)
     inj = sub.add_parser("inject", help="fault injection: list the fault points")
     inj.add_argument("--list", action="store_true", help="list every fault point, its errors and KVM's reaction")
-    fz = sub.add_parser("fuzz", help="a stateful fuzzer of the TDX module: SEAMCALLs and TDCALLs from two CPUs, "
-                                     "every check after every call (docs/fuzzing.md)")
-    fz.add_argument("--calls", type=int, default=10000,
-                    help="SEAMCALLs to make, both CPUs' (default %(default)s)")
+    fz = sub.add_parser(
+        "fuzz",
+        help="a stateful fuzzer of the TDX module: SEAMCALLs and TDCALLs from two CPUs, "
+        "every check after every call (docs/fuzzing.md)",
+    )
+    fz.add_argument("--calls", type=int, default=10000, help="SEAMCALLs to make, both CPUs' (default %(default)s)")
     fz.add_argument("--seed", type=int, default=0, help="the seed: it names the whole run (default 0)")
-    fz.add_argument("--second-cpu", type=float, default=0.25, metavar="P",
-                    help="probability that the second CPU runs a call at each of the module's scheduling "
-                         "points (default %(default)s; 0: one CPU)")
-    fz.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                    help="stop after this long, reporting what was found")
-    fz.add_argument("--minimize", type=float, default=20.0, metavar="SECONDS",
-                    help="time to shorten a failure's reproducer (default %(default)s)")
+    fz.add_argument(
+        "--second-cpu",
+        type=float,
+        default=0.25,
+        metavar="P",
+        help="probability that the second CPU runs a call at each of the module's scheduling "
+        "points (default %(default)s; 0: one CPU)",
+    )
+    fz.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS", help="stop after this long, reporting what was found"
+    )
+    fz.add_argument(
+        "--minimize",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="time to shorten a failure's reproducer (default %(default)s)",
+    )
     fz.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
@@ -253,6 +356,7 @@ def make_tracer(args):
 
 def check_plans(plans):
     from .checkers.inject import parse_rule, PlanError
+
     for text in plans:
         try:
             parse_rule(text)
@@ -262,6 +366,7 @@ def check_plans(plans):
 
 def cmd_inject(args, out):
     from .checkers.inject import list_points
+
     if not args.list:
         raise UsageError("inject: say --list")
     out.write(list_points() + "\n")
@@ -274,18 +379,32 @@ def cmd_run(args, out):
     mem = parse_size(args.mem)
     tracer = make_tracer(args)
     try:
-        m = Machine(args.guest, vm=args.vm, mem=mem, vcpus=args.vcpus, tracer=tracer, hugepages=args.hugepages,
-                    nx_huge_pages=args.nx_huge_pages, td_attributes=td_attributes(args), no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host,
-                    bugs=args.bug, **huge_page_options(args))
+        m = Machine(
+            args.guest,
+            vm=args.vm,
+            mem=mem,
+            vcpus=args.vcpus,
+            tracer=tracer,
+            hugepages=args.hugepages,
+            nx_huge_pages=args.nx_huge_pages,
+            td_attributes=td_attributes(args),
+            no_freeze=args.no_freeze,
+            inject=args.inject,
+            seed=args.seed,
+            host_events=args.host,
+            bugs=args.bug,
+            **huge_page_options(args),
+        )
         m.max_insns, m.timeout, m.signals = args.max_insns, args.timeout, args.signals
         if sys.stderr.isatty() and not args.json and not (tracer.enabled and args.trace_file is None):
-            m.progress = StatusLine(sys.stderr)     # a long run's status line (not over a trace)
+            m.progress = StatusLine(sys.stderr)  # a long run's status line (not over a trace)
         res = m.run()
     finally:
         tracer.close()
     tables = None
     if args.dump_tables:
         from .dump import dump_tables
+
         lo, hi = parse_gpa_range(args.trace_gpa) if args.trace_gpa else (0, None)
         tables = dump_tables(m.kvm, lo, hi)
     if args.json:
@@ -320,6 +439,7 @@ def connect_ray(args):
     if args.ray is None:
         return None
     from .checkers.distributed import Cluster, ClusterError
+
     try:
         cluster = Cluster.connect(args.ray)
     except ClusterError as e:
@@ -331,6 +451,7 @@ def connect_ray(args):
 def run_on(cluster, fn):
     """``fn()``, its cluster closed after it (a --ray local runtime stops); its errors one line."""
     from .checkers.distributed import ClusterError
+
     try:
         return fn()
     except ClusterError as e:
@@ -343,6 +464,7 @@ def run_on(cluster, fn):
 def cmd_explore(args, out):
     from .checkers.explore import Explorer, CleanRunHangs
     from .checkers.sched import decode_schedule, ScheduleError
+
     check_plans(args.inject)
     check_host_and_bugs(args)
     mem = parse_size(args.mem)
@@ -362,12 +484,23 @@ def cmd_explore(args, out):
     if args.ray is not None and args.random is None:
         raise UsageError("--ray runs random exploration (--random RUNS) and campaigns")
     tracer = make_tracer(args)
-    mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
-              td_attributes=td_attributes(args),
-              no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, host_events=args.host, bugs=args.bug,
-              **huge_page_options(args))
-    ex = Explorer(lambda: Machine(args.guest, **mk), check_steps=args.check_steps, max_insns=args.max_insns,
-                  timeout=args.timeout)
+    mk = dict(
+        vm=args.vm,
+        mem=mem,
+        vcpus=args.vcpus,
+        hugepages=args.hugepages,
+        nx_huge_pages=args.nx_huge_pages,
+        td_attributes=td_attributes(args),
+        no_freeze=args.no_freeze,
+        inject=args.inject,
+        seed=args.seed,
+        host_events=args.host,
+        bugs=args.bug,
+        **huge_page_options(args),
+    )
+    ex = Explorer(
+        lambda: Machine(args.guest, **mk), check_steps=args.check_steps, max_insns=args.max_insns, timeout=args.timeout
+    )
     if args.replay is not None:
         o = ex.replay(args.replay)
         quiet(args)
@@ -375,8 +508,9 @@ def cmd_explore(args, out):
             tracer.sinks[0].out.write(line + "\n") if tracer.enabled else None
         tracer.close()
         if args.json:
-            out.write(json.dumps({"schedule": args.replay, "error": o.error, "reports": o.reports,
-                                  "trace": o.trace}) + "\n")
+            out.write(
+                json.dumps({"schedule": args.replay, "error": o.error, "reports": o.reports, "trace": o.trace}) + "\n"
+            )
         else:
             out.write(f"replayed {args.replay}: {'FAILED: ' + o.error if o.error else 'passed'}\n")
         trace_error(tracer, args)
@@ -386,17 +520,25 @@ def cmd_explore(args, out):
     ex.progress = progress
     try:
         if args.random is not None:
-            res = run_on(cluster, lambda: ex.random(args.random, seed=args.seed, depth=args.depth,
-                                                    stop_at_first=not args.all,
-                                                    cluster=cluster and (cluster, mk)))
+            res = run_on(
+                cluster,
+                lambda: ex.random(
+                    args.random,
+                    seed=args.seed,
+                    depth=args.depth,
+                    stop_at_first=not args.all,
+                    cluster=cluster and (cluster, mk),
+                ),
+            )
         elif args.dpor:
             res = ex.dpor(bound=args.bound, max_runs=args.max_runs, stop_at_first=not args.all)
         else:
-            res = ex.dfs(bound=2 if args.bound is None else args.bound, max_runs=args.max_runs,
-                         stop_at_first=not args.all)
+            res = ex.dfs(
+                bound=2 if args.bound is None else args.bound, max_runs=args.max_runs, stop_at_first=not args.all
+            )
     except CleanRunHangs as e:
         raise MachineError(str(e)) from None
-    quiet(args)                                    # what was found is printed whole
+    quiet(args)  # what was found is printed whole
     if progress is not None:
         progress.done()
     f = res.first_failure
@@ -412,22 +554,40 @@ def cmd_explore(args, out):
         obj["run_limit"] = ex.run_limit
         out.write(json.dumps(obj) + "\n")
     else:
-        what = (f"random (PCT depth {args.depth}, seed {args.seed})" if args.random is not None
-                else ("partial-order reduction" + ("" if args.bound is None else f", preemption bound {args.bound}")
-                      + f", {res.sleep_blocked} runs cut by sleep sets") if args.dpor
-                else f"exhaustive, preemption bound {2 if args.bound is None else args.bound}")
-        state = ("interrupted" if res.interrupted else "stopped at the first failure" if f is not None and not args.all
-                 else "complete" if res.complete else "stopped")
-        out.write(f"explored {res.runs} schedules of {args.guest} ({what}, {args.vcpus} vCPUs, "
-                  f"{'no freeze' if args.no_freeze else 'freeze protocol'}{hooks_note(args)}): {res.failures} failing, {state}, "
-                  f"{res.rate:.0f} schedules/s\n")
+        what = (
+            f"random (PCT depth {args.depth}, seed {args.seed})"
+            if args.random is not None
+            else (
+                "partial-order reduction"
+                + ("" if args.bound is None else f", preemption bound {args.bound}")
+                + f", {res.sleep_blocked} runs cut by sleep sets"
+            )
+            if args.dpor
+            else f"exhaustive, preemption bound {2 if args.bound is None else args.bound}"
+        )
+        state = (
+            "interrupted"
+            if res.interrupted
+            else "stopped at the first failure"
+            if f is not None and not args.all
+            else "complete"
+            if res.complete
+            else "stopped"
+        )
+        out.write(
+            f"explored {res.runs} schedules of {args.guest} ({what}, {args.vcpus} vCPUs, "
+            f"{'no freeze' if args.no_freeze else 'freeze protocol'}{hooks_note(args)}): {res.failures} failing, {state}, "
+            f"{res.rate:.0f} schedules/s\n"
+        )
         if cluster is not None:
             out.write(ray_line(cluster) + "\n")
         if f is not None:
-            out.write(f"first failure: {f.error}\n  schedule:  {f.schedule}\n  minimized: {f.minimized} "
-                      f"({f.preemptions} preemptions)\n  replay: python -m emu explore {args.guest} --vm {args.vm} "
-                      f"--vcpus {args.vcpus}{machine_flags(args)}{limit_flags(args, ex.run_limit, f.error.startswith('hang: '))} "
-                      f"--replay '{f.minimized}' --trace\n")
+            out.write(
+                f"first failure: {f.error}\n  schedule:  {f.schedule}\n  minimized: {f.minimized} "
+                f"({f.preemptions} preemptions)\n  replay: python -m emu explore {args.guest} --vm {args.vm} "
+                f"--vcpus {args.vcpus}{machine_flags(args)}{limit_flags(args, ex.run_limit, f.error.startswith('hang: '))} "
+                f"--replay '{f.minimized}' --trace\n"
+            )
             if f.trace and not tracer.enabled:
                 at, window = failure_window(f.trace)
                 out.write(f"  events around the failure (event {at + 1} of {len(f.trace)}, every task):\n")
@@ -439,18 +599,32 @@ def cmd_explore(args, out):
 
 def cmd_campaign(args, out):
     from .checkers.campaign import Campaign, format_table, reproducer
+
     check_plans(args.inject)
     check_host_and_bugs(args)
     mem = parse_size(args.mem)
     if args.runs < 1:
         raise UsageError("--runs needs at least 1")
     tracer = make_tracer(args)
-    mk = dict(vm=args.vm, mem=mem, vcpus=args.vcpus, hugepages=args.hugepages, nx_huge_pages=args.nx_huge_pages,
-              td_attributes=td_attributes(args),
-              host_events=args.host, bugs=args.bug, **huge_page_options(args))
+    mk = dict(
+        vm=args.vm,
+        mem=mem,
+        vcpus=args.vcpus,
+        hugepages=args.hugepages,
+        nx_huge_pages=args.nx_huge_pages,
+        td_attributes=td_attributes(args),
+        host_events=args.host,
+        bugs=args.bug,
+        **huge_page_options(args),
+    )
     try:
-        c = Campaign(lambda: Machine(args.guest, **mk), plans=args.inject, max_points=args.max_points,
-                     max_insns=args.max_insns, timeout=args.timeout)
+        c = Campaign(
+            lambda: Machine(args.guest, **mk),
+            plans=args.inject,
+            max_points=args.max_points,
+            max_insns=args.max_insns,
+            timeout=args.timeout,
+        )
     except RuntimeError as e:
         raise MachineError(str(e)) from None
     cluster = connect_ray(args)
@@ -458,7 +632,7 @@ def cmd_campaign(args, out):
     if progress is not None:
         c.progress = lambda rep, total: progress.bar(len(rep.runs), total, len(rep.failures), rep.seconds)
     rep = run_on(cluster, lambda: c.run(args.runs, seed=args.seed, cluster=cluster and (cluster, mk)))
-    quiet(args)                                    # what was found is printed whole
+    quiet(args)  # what was found is printed whole
     if progress is not None:
         progress.done()
     if tracer.enabled and rep.failures:
@@ -479,16 +653,22 @@ def cmd_campaign(args, out):
         obj["run_limit"] = c.run_limit
         out.write(json.dumps(obj) + "\n")
     else:
-        out.write(f"campaign on {args.guest} ({args.vm} VM, {args.vcpus} vCPUs, seed {args.seed}): "
-                  f"{len(rep.runs)} runs in {rep.seconds:.1f} s{' (interrupted)' if rep.interrupted else ''}\n")
+        out.write(
+            f"campaign on {args.guest} ({args.vm} VM, {args.vcpus} vCPUs, seed {args.seed}): "
+            f"{len(rep.runs)} runs in {rep.seconds:.1f} s{' (interrupted)' if rep.interrupted else ''}\n"
+        )
         if cluster is not None:
             out.write(ray_line(cluster) + "\n")
         out.write(format_table(rep) + "\n")
         for r in rep.failures:
-            out.write(f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r, flags)}\n")
+            out.write(
+                f"FAILED run {r.index}: {r.error}\n  reproduce: {reproducer(args.guest, args.vm, args.vcpus, r, flags)}\n"
+            )
         for r in rep.hangs:
-            out.write(f"HANG run {r.index}: {r.error}\n  reproduce: "
-                      f"{reproducer(args.guest, args.vm, args.vcpus, r, flags + limit_flags(args, c.run_limit))}\n")
+            out.write(
+                f"HANG run {r.index}: {r.error}\n  reproduce: "
+                f"{reproducer(args.guest, args.vm, args.vcpus, r, flags + limit_flags(args, c.run_limit))}\n"
+            )
     trace_error(tracer, args)
     return 1 if rep.failures or rep.hangs else 0
 
@@ -511,8 +691,8 @@ def failure_window(trace, before=10, after=4):
     at = next((i for i, line in enumerate(trace) if any(ev in line for ev in FAILURE_EVENTS)), None)
     if at is None:
         at = len(trace) - 1
-        return at, trace[-(before + after):]
-    return at, trace[max(0, at - before):at + after + 1]
+        return at, trace[-(before + after) :]
+    return at, trace[max(0, at - before) : at + after + 1]
 
 
 def ray_line(cluster):
@@ -543,6 +723,7 @@ class _Progress:
 
     def __call__(self, res):
         import time
+
         now = time.monotonic()
         if now - self.last < 0.5:
             return
@@ -551,6 +732,7 @@ class _Progress:
 
     def bar(self, done, total, failures, seconds=0.0):
         import time
+
         now = time.monotonic()
         if now - self.last < 0.3 and done != total:
             return
@@ -558,8 +740,9 @@ class _Progress:
         width = 30
         filled = width * done // max(total, 1)
         rate = f", {done / seconds:.0f}/s" if seconds else ""
-        self._write(f"  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs{rate}, {failures} failing"
-                    f"{self._workers()}")
+        self._write(
+            f"  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs{rate}, {failures} failing{self._workers()}"
+        )
 
     def done(self):
         self.out.write("\r" + " " * max(self.width, 60) + "\r")
@@ -574,12 +757,15 @@ def print_text(m, res, out):
     for vcpu, value in res.reports:
         w(f"  report  vcpu {vcpu}: {value:#x} ({value})\n")
     for vcpu, value, *args in res.syncs:
-        w(f"  sync    vcpu {vcpu}: {value:#x} ({value})" + (f" args {', '.join(f'{a:#x}' for a in args)}" if args
-                                                             else "") + "\n")
+        w(
+            f"  sync    vcpu {vcpu}: {value:#x} ({value})"
+            + (f" args {', '.join(f'{a:#x}' for a in args)}" if args else "")
+            + "\n"
+        )
     for vcpu, text in res.printfs:
         for line in text.rstrip("\n").split("\n"):
             w(f"  printf  vcpu {vcpu}: {line}\n")
-    for line in res.console.splitlines():                # the debug console (port 0xe9)
+    for line in res.console.splitlines():  # the debug console (port 0xe9)
         w(f"  console {line}\n")
     if res.ok:
         w("exit: hlt (every vCPU halted)\n")
@@ -587,12 +773,17 @@ def print_text(m, res, out):
         w(f"exit: {res.exit}: {res.error}\n")
     if res.memory_fault is not None:
         mf = res.memory_fault
-        w(f"memory fault: flags {mf['flags']:#x}, gpa {mf['gpa']:#x}, size {mf['size']:#x}"
-          + (f" (KVM_RUN errno {res.errno})" if res.errno else "") + "\n")
+        w(
+            f"memory fault: flags {mf['flags']:#x}, gpa {mf['gpa']:#x}, size {mf['size']:#x}"
+            + (f" (KVM_RUN errno {res.errno})" if res.errno else "")
+            + "\n"
+        )
     s = res.stats
     pm = s["pages_mapped"]
-    w(f"EPT violations: {s['ept_violations']}   pages mapped: 4K {pm['4k']}, 2M {pm['2m']}, 1G {pm['1g']}   "
-      f"page tables: {s['page_tables']}   zaps: {s['zaps']}   TLB fills: {s['tlb_fills']}\n")
+    w(
+        f"EPT violations: {s['ept_violations']}   pages mapped: 4K {pm['4k']}, 2M {pm['2m']}, 1G {pm['1g']}   "
+        f"page tables: {s['page_tables']}   zaps: {s['zaps']}   TLB fills: {s['tlb_fills']}\n"
+    )
     if s["seamcalls"]:
         w("SEAMCALLs: " + ", ".join(f"{k} {v}" for k, v in sorted(s["seamcalls"].items())) + "\n")
 
@@ -602,6 +793,7 @@ def cmd_fuzz(args, out):
     each handler can return; exit 1 with a reproducer when a check broke."""
     import time
     from .checkers.seamfuzz import SeamFuzzer, can_return, unreachable
+
     if args.calls < 1:
         raise UsageError("--calls needs at least 1 call")
     if not 0 <= args.second_cpu <= 1:
@@ -630,22 +822,46 @@ def cmd_fuzz(args, out):
         pairs = {}
         for (leaf, st), n in sorted(fz.pairs.items()):
             pairs.setdefault(leaf, {})[st] = n
-        out.write(json.dumps({
-            "calls": fz.calls, "second_cpu_calls": fz.second_calls, "seed": args.seed, "second_cpu": args.second_cpu,
-            "seconds": round(fz.seconds, 3), "calls_per_second": round(fz.calls / fz.seconds, 1) if fz.seconds else 0,
-            "interrupted": fz.interrupted and not timed_out, "timed_out": timed_out,
-            "failures": [failure.as_json()] if failure else [], "coverage": cov, "pairs": pairs,
-            "can_return": {leaf: sorted(sts) for leaf, sts in sorted(cr.items())},
-            "unreachable": [[leaf, st, why] for (leaf, st), why in sorted(un.items())]}) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "calls": fz.calls,
+                    "second_cpu_calls": fz.second_calls,
+                    "seed": args.seed,
+                    "second_cpu": args.second_cpu,
+                    "seconds": round(fz.seconds, 3),
+                    "calls_per_second": round(fz.calls / fz.seconds, 1) if fz.seconds else 0,
+                    "interrupted": fz.interrupted and not timed_out,
+                    "timed_out": timed_out,
+                    "failures": [failure.as_json()] if failure else [],
+                    "coverage": cov,
+                    "pairs": pairs,
+                    "can_return": {leaf: sorted(sts) for leaf, sts in sorted(cr.items())},
+                    "unreachable": [[leaf, st, why] for (leaf, st), why in sorted(un.items())],
+                }
+            )
+            + "\n"
+        )
     else:
-        state = ("interrupted" if fz.interrupted and not timed_out else "stopped by --timeout" if timed_out
-                 else "a check broke" if failure else "no check broke")
-        out.write(f"fuzzed {fz.calls} calls ({fz.second_calls} of them the second CPU's at the module's scheduling "
-                  f"points, p={args.second_cpu:g}; seed {args.seed}): {state}, "
-                  f"{fz.calls / fz.seconds if fz.seconds else 0:.0f} calls/s\n")
-        out.write(f"coverage: {cov['reached']} of {cov['reachable']} reachable (leaf, status) pairs "
-                  f"({cov['percent']}%); {cov['possible'] - cov['reachable']} more pairs the handlers name cannot "
-                  f"be reached (docs/fuzzing.md)\n")
+        state = (
+            "interrupted"
+            if fz.interrupted and not timed_out
+            else "stopped by --timeout"
+            if timed_out
+            else "a check broke"
+            if failure
+            else "no check broke"
+        )
+        out.write(
+            f"fuzzed {fz.calls} calls ({fz.second_calls} of them the second CPU's at the module's scheduling "
+            f"points, p={args.second_cpu:g}; seed {args.seed}): {state}, "
+            f"{fz.calls / fz.seconds if fz.seconds else 0:.0f} calls/s\n"
+        )
+        out.write(
+            f"coverage: {cov['reached']} of {cov['reachable']} reachable (leaf, status) pairs "
+            f"({cov['percent']}%); {cov['possible'] - cov['reachable']} more pairs the handlers name cannot "
+            f"be reached (docs/fuzzing.md)\n"
+        )
         for leaf in sorted(cr):
             got = {st: n for (lf, st), n in fz.pairs.items() if lf == leaf}
             reach = sorted(st for st in cr[leaf] if (leaf, st) not in un)
@@ -653,10 +869,10 @@ def cmd_fuzz(args, out):
             out.write(f"  {leaf}: {sum(1 for st in reach if st in got)}/{len(reach)}: {line}\n")
         if failure is not None:
             out.write(f"check broken ({failure.kind}) at call {failure.index}: {failure.message}\n")
-            out.write(f"reproducer ({len(failure.records)} calls from a fresh module, "
-                      f"seed {args.seed}):\n")
+            out.write(f"reproducer ({len(failure.records)} calls from a fresh module, seed {args.seed}):\n")
             for r in failure.records:
                 from .checkers.seamfuzz import format_record
+
                 out.write("  " + format_record(r) + "\n")
     if failure is not None:
         return 1
@@ -673,8 +889,13 @@ def main(argv=None, out=None):
     signals = None
     try:
         args = parser.parse_args(argv)
-        cmd = {"run": cmd_run, "explore": cmd_explore, "inject": cmd_inject, "campaign": cmd_campaign,
-               "fuzz": cmd_fuzz}[args.cmd]
+        cmd = {
+            "run": cmd_run,
+            "explore": cmd_explore,
+            "inject": cmd_inject,
+            "campaign": cmd_campaign,
+            "fuzz": cmd_fuzz,
+        }[args.cmd]
         # SIGINT and SIGTERM: `run` stops its vCPUs from the watchdog thread; explore and campaign
         # (whose process runs no guest code) stop with KeyboardInterrupt and keep their results.
         with _catch_signals("record" if args.cmd == "run" else "raise") as signals:
@@ -683,7 +904,8 @@ def main(argv=None, out=None):
                 status = cmd(args, out)
             finally:
                 from .checkers.forktree import kill_children
-                kill_children()           # no process of a run outlives the command
+
+                kill_children()  # no process of a run outlives the command
         return (signals.exit_status if signals is not None else None) or status
     except UsageError as e:
         sys.stderr.write(f"emu: error: {e}\n")
@@ -702,7 +924,7 @@ def main(argv=None, out=None):
         except OSError:
             pass
         return _status(signals, 141)
-    except Exception as e:            # a bug in emu itself: one line, the traceback on request
+    except Exception as e:  # a bug in emu itself: one line, the traceback on request
         if os.environ.get("EMU_DEBUG"):
             raise
         sys.stderr.write(f"emu: internal error: {type(e).__name__}: {e} (EMU_DEBUG=1 shows the traceback)\n")
@@ -718,6 +940,7 @@ def _catch_signals(mode):
     """Signals(mode) from the main thread; elsewhere (main() called from a thread) none are caught."""
     import contextlib
     import threading
+
     if threading.current_thread() is not threading.main_thread():
         return contextlib.nullcontext(None)
     return Signals(mode)

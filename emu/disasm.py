@@ -5,7 +5,7 @@ import capstone
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 
-_KNOWN = {b"\x66\x0f\x01\xcc": "tdcall"}      # newer than capstone 5
+_KNOWN = {b"\x66\x0f\x01\xcc": "tdcall"}  # newer than capstone 5
 
 
 def disassemble_one(code, addr):
@@ -36,7 +36,8 @@ def loop_range(read, rip, limit=64):
     ways of a conditional one); a call is taken to return; a return, an indirect jump, HLT
     or an undecodable instruction ends a path."""
     from capstone import x86_const as C
-    succ = {}                               # address -> (size, successor addresses)
+
+    succ = {}  # address -> (size, successor addresses)
     todo = [rip]
     while todo and len(succ) < limit:
         a = todo.pop()

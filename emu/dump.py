@@ -29,6 +29,7 @@ def _col(x):
 
 def dump_tables(kvm, gpa_start=0, gpa_end=None):
     """The mappings of [gpa_start, gpa_end) as text."""
+
     def wanted(gpa):
         return gpa >= gpa_start and (gpa_end is None or gpa < gpa_end)
 
@@ -40,6 +41,7 @@ def dump_tables(kvm, gpa_start=0, gpa_end=None):
         return "\n".join(lines)
 
     from tdxmod import sept as S
+
     mod = kvm.x86_ops.module
     td = mod.tds.get(kvm.tdx.tdr_pa)
     mirror = _leaves(kvm, True)
@@ -48,8 +50,10 @@ def dump_tables(kvm, gpa_start=0, gpa_end=None):
         for gpa, lvl, state, hpa in mod.sept_leaves(td):
             sept[gpa] = f"{LEVEL_NAMES.get(lvl + 1)} {S.STATE_NAMES.get(state, state)} pfn {hpa >> 12:#x}"
     shared_bit = kvm.gfn_direct_bits << 12
-    lines = [f"TD: shared bit {shared_bit:#x}; private GPAs: mirror root and S-EPT; shared: KVM's direct root",
-             f"{'GPA':<16}{'mirror root':<34}{'S-EPT':<28}shared EPT (GPA | shared bit)"]
+    lines = [
+        f"TD: shared bit {shared_bit:#x}; private GPAs: mirror root and S-EPT; shared: KVM's direct root",
+        f"{'GPA':<16}{'mirror root':<34}{'S-EPT':<28}shared EPT (GPA | shared bit)",
+    ]
     for gpa in sorted(g for g in set(mirror) | set(sept) | set(direct) if wanted(g)):
         lines.append(f"{gpa:#016x}  {_col(mirror.get(gpa)):<32}  {sept.get(gpa, '-'):<26}  {_col(direct.get(gpa))}")
     return "\n".join(lines)

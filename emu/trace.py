@@ -22,7 +22,7 @@ import sys
 FORMATS = {
     "kvm_entry": "vcpu {vcpu_id}, rip {rip:#x}",
     "kvm_exit": "vcpu {vcpu_id} reason {reason} rip {rip:#x} info1 {info1:#018x} info2 {info2:#018x} "
-                "error_code {error_code:#010x}{detail}",
+    "error_code {error_code:#010x}{detail}",
     "kvm_page_fault": "vcpu {vcpu_id} rip {rip:#x} address {address:#018x} error_code {error_code:#x}",
     "kvm_tdp_page_fault_done": "gfn {gfn:x} level {level} {root} ret {ret}",
     "kvm_mmu_spte_requested": "gfn {gfn:x} pfn {pfn:x} level {level} {root}",
@@ -39,21 +39,62 @@ FORMATS = {
     "kvm_pio": "pio_{rw} at {port:#x} size {size} count {count} val {val:#x}{more}",
     "kvm_msr": "msr_{rw} {index:x} = {data:#x}{ex} ({msr})",
     "kvm_cpuid": "func {function:x} idx {index:x} rax {rax:x} rbx {rbx:x} rcx {rcx:x} rdx {rdx:x}, "
-                 "cpuid entry {found}{used_max_basic}",
+    "cpuid entry {found}{used_max_basic}",
 }
 
 
 # Every event name the layers emit (--trace-events takes these; tests/test_trace.py checks that
 # every name the code emits is here).
 EVENTS = (
-    "checker_violation", "guest_assert", "guest_console", "guest_printf", "guest_report", "guest_sync", "host_event", "host_migrate", "hw_event",
-    "hw_walk", "inject", "kvm_bug_on", "kvm_cpuid", "kvm_entry", "kvm_exit", "kvm_flush_remote_tlbs", "kvm_hypercall",
-    "kvm_mmio", "kvm_msr", "kvm_mmu_get_page", "kvm_mmu_prepare_zap_page", "kvm_mmu_set_spte", "kvm_mmu_split_huge_page",
-    "kvm_mmu_spte_requested", "kvm_mmu_zap_all_fast", "kvm_nx_recover", "kvm_page_fault", "kvm_page_fault_stale", "kvm_page_leaked",
-    "kvm_pio", "kvm_reflect", "kvm_set_memory_attributes", "kvm_set_memslot", "kvm_tdp_mmu_spte_changed", "kvm_tdp_mmu_spte_frozen",
-    "kvm_tdp_mmu_spte_frozen_retry", "kvm_tdp_mmu_spte_unfrozen", "kvm_tdp_page_fault_done", "kvm_tdx_huge_page",
-    "kvm_tlb_flush", "kvm_userspace_exit", "kvm_vm_dead", "kvm_warn", "sched_switch", "seamcall", "seamcall_entry",
-    "soft_lockup", "tdcall", "tdx_exit",
+    "checker_violation",
+    "guest_assert",
+    "guest_console",
+    "guest_printf",
+    "guest_report",
+    "guest_sync",
+    "host_event",
+    "host_migrate",
+    "hw_event",
+    "hw_walk",
+    "inject",
+    "kvm_bug_on",
+    "kvm_cpuid",
+    "kvm_entry",
+    "kvm_exit",
+    "kvm_flush_remote_tlbs",
+    "kvm_hypercall",
+    "kvm_mmio",
+    "kvm_msr",
+    "kvm_mmu_get_page",
+    "kvm_mmu_prepare_zap_page",
+    "kvm_mmu_set_spte",
+    "kvm_mmu_split_huge_page",
+    "kvm_mmu_spte_requested",
+    "kvm_mmu_zap_all_fast",
+    "kvm_nx_recover",
+    "kvm_page_fault",
+    "kvm_page_fault_stale",
+    "kvm_page_leaked",
+    "kvm_pio",
+    "kvm_reflect",
+    "kvm_set_memory_attributes",
+    "kvm_set_memslot",
+    "kvm_tdp_mmu_spte_changed",
+    "kvm_tdp_mmu_spte_frozen",
+    "kvm_tdp_mmu_spte_frozen_retry",
+    "kvm_tdp_mmu_spte_unfrozen",
+    "kvm_tdp_page_fault_done",
+    "kvm_tdx_huge_page",
+    "kvm_tlb_flush",
+    "kvm_userspace_exit",
+    "kvm_vm_dead",
+    "kvm_warn",
+    "sched_switch",
+    "seamcall",
+    "seamcall_entry",
+    "soft_lockup",
+    "tdcall",
+    "tdx_exit",
 )
 
 
@@ -63,7 +104,7 @@ class Stream:
 
     def __init__(self, out, owned=False):
         self.out = out
-        self.owned = owned                # opened by open_sink: closed with the sink
+        self.owned = owned  # opened by open_sink: closed with the sink
         self.error = None
 
     def write(self, text):
@@ -122,7 +163,7 @@ def _fmt_value(k, v):
 
 def format_text(ev):
     """One line in the style of `trace-cmd report`."""
-    if isinstance(ev.vcpu, str):                  # a host task ("host0"): a track of its own
+    if isinstance(ev.vcpu, str):  # a host task ("host0"): a track of its own
         task, cpu = ev.vcpu, 0
     else:
         task = "emu" if ev.vcpu is None else f"vcpu-{ev.vcpu}"
@@ -156,9 +197,9 @@ class JsonlSink:
         self.out.close()
 
 
-MODULE_TID = 1000       # the TDX module's track
-HOST_TID = 2000         # host tasks' tracks (host0, host1, ...)
-VMM_TID = 999           # userspace and setup (no vCPU)
+MODULE_TID = 1000  # the TDX module's track
+HOST_TID = 2000  # host tasks' tracks (host0, host1, ...)
+VMM_TID = 999  # userspace and setup (no vCPU)
 
 
 class PerfettoSink:
@@ -176,7 +217,7 @@ class PerfettoSink:
         self.out.write('{"displayTimeUnit": "ns", "traceEvents": [\n')
         self._meta(0, "process_name", {"name": "emu VM"}, pid=1)
         self.open_calls = {}
-        self.open_faults = {}            # tid -> page-fault slices not closed yet
+        self.open_faults = {}  # tid -> page-fault slices not closed yet
         self.last_ts = 0
 
     def _emit(self, obj):
@@ -193,7 +234,7 @@ class PerfettoSink:
 
     def write(self, ev):
         self.last_ts = ev.ts
-        if isinstance(ev.vcpu, str):              # a host task: its own track
+        if isinstance(ev.vcpu, str):  # a host task: its own track
             tid = HOST_TID + int(ev.vcpu.removeprefix("host") or 0)
             self._track(tid, f"host task {ev.vcpu}")
         else:
@@ -207,13 +248,17 @@ class PerfettoSink:
             key = ev.vcpu
             if ev.name == "seamcall_entry":
                 self.open_calls.setdefault(key, []).append(ev.seq)
-                self._emit(dict(base, name=ev.fields.get("leaf", "SEAMCALL"), cat="seamcall", ph="b",
-                                tid=MODULE_TID, id=ev.seq))
+                self._emit(
+                    dict(
+                        base, name=ev.fields.get("leaf", "SEAMCALL"), cat="seamcall", ph="b", tid=MODULE_TID, id=ev.seq
+                    )
+                )
             else:
                 stack = self.open_calls.get(key) or [ev.seq]
                 sid = stack.pop()
-                self._emit(dict(base, name=ev.fields.get("leaf", "SEAMCALL"), cat="seamcall", ph="e",
-                                tid=MODULE_TID, id=sid))
+                self._emit(
+                    dict(base, name=ev.fields.get("leaf", "SEAMCALL"), cat="seamcall", ph="e", tid=MODULE_TID, id=sid)
+                )
         elif ev.name == "kvm_page_fault":
             self.open_faults[tid] = self.open_faults.get(tid, 0) + 1
             self._emit(dict(base, name="page fault", ph="B"))
@@ -230,8 +275,17 @@ class PerfettoSink:
                 self._emit({"name": "page fault", "ph": "E", "pid": 1, "tid": tid, "ts": self.last_ts})
         for key, stack in self.open_calls.items():
             for sid in stack:
-                self._emit({"name": "SEAMCALL", "cat": "seamcall", "ph": "e", "pid": 1, "tid": MODULE_TID,
-                            "ts": self.last_ts, "id": sid})
+                self._emit(
+                    {
+                        "name": "SEAMCALL",
+                        "cat": "seamcall",
+                        "ph": "e",
+                        "pid": 1,
+                        "tid": MODULE_TID,
+                        "ts": self.last_ts,
+                        "id": sid,
+                    }
+                )
         self.out.write("\n]}\n")
         self.out.close()
 
@@ -262,8 +316,8 @@ class Tracer:
         self.gpa_range = gpa_range
         self.enabled = bool(self.sinks)
         self.seq = 0
-        self.vcpu = None                  # the vCPU running now (set by whoever switches vCPUs)
-        self.symbolize = None             # addr -> "sym+0x12" (the VMM sets it from the guest ELF)
+        self.vcpu = None  # the vCPU running now (set by whoever switches vCPUs)
+        self.symbolize = None  # addr -> "sym+0x12" (the VMM sets it from the guest ELF)
 
     def add_sink(self, sink):
         self.sinks.append(sink)

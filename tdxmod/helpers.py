@@ -50,6 +50,7 @@ OP_STATE_ALLOWED = {
 
 class Held:
     """What a SEAMCALL holds: release callbacks, run last-in first-out on the way out."""
+
     __slots__ = ("stack",)
 
     def __init__(self):
@@ -72,6 +73,7 @@ class Held:
 def seamcall_leaf(fn):
     """A handler ``fn(mod, r, caller, held)`` as the dispatcher calls it: (mod, r, caller), with
     every lock it took released however it returns (or raises)."""
+
     @functools.wraps(fn)
     def leaf(mod, r, caller):
         held = Held()
@@ -79,6 +81,7 @@ def seamcall_leaf(fn):
             return fn(mod, r, caller, held)
         finally:
             held.release()
+
     return leaf
 
 
@@ -127,8 +130,16 @@ def check_and_lock_private_hpa(mod, held, hpa, op, lock_type, expected_pt, level
 def check_lock_tdr(mod, held, tdr, op, lock_type, caller=None):
     """check_lock_and_map_explicit_tdr(): (td, None) with the TDR locked, or (None, status).
     A TDR held exclusively is a scheduling point ("tdr_locked")."""
-    st = check_and_lock_private_hpa(mod, held, tdr, op, lock_type, PT_TDR, caller=caller,
-                                    point="tdr_locked" if lock_type == L.TDX_LOCK_EXCLUSIVE else None)
+    st = check_and_lock_private_hpa(
+        mod,
+        held,
+        tdr,
+        op,
+        lock_type,
+        PT_TDR,
+        caller=caller,
+        point="tdr_locked" if lock_type == L.TDX_LOCK_EXCLUSIVE else None,
+    )
     if st:
         return None, st
     return mod.tds[tdr], None
@@ -165,7 +176,7 @@ def check_state_and_lock_op_state(mod, held, td, leaf, lock_type):
         old = td.op_state_lock
         new, st = L.sharex_hp_acquire(old, lock_type)
         td.op_state_lock = new
-        if mod.sched is not None:       # (emu.checkers.dpor: only a scheduler records footprints)
+        if mod.sched is not None:  # (emu.checkers.dpor: only a scheduler records footprints)
             mod.touch(("op_state", td.tdr), lock_type == L.TDX_LOCK_EXCLUSIVE or not L.is_a_read(old, new, st))
         if st:
             return st | OPERAND_ID_OP_STATE
@@ -174,6 +185,7 @@ def check_state_and_lock_op_state(mod, held, td, leaf, lock_type):
             td.op_state_lock = L.sharex_hp_release(td.op_state_lock, lock_type)
             if mod.sched is not None:
                 mod.touch(("op_state", td.tdr), lock_type == L.TDX_LOCK_EXCLUSIVE)
+
         held.push(release)
     if td.op_state not in OP_STATE_ALLOWED.get(leaf, ()):
         return TDX_OP_STATE_INCORRECT
@@ -187,7 +199,7 @@ def sept_tree_lock(mod, held, td, lock_type):
     new, ok = L.sharex_acquire(old, lock_type)
     td.secure_ept_lock = new
     exclusive = lock_type == L.TDX_LOCK_EXCLUSIVE
-    if mod.sched is not None:           # (emu.checkers.dpor: only a scheduler records footprints)
+    if mod.sched is not None:  # (emu.checkers.dpor: only a scheduler records footprints)
         mod.touch(("sept_tree", td.tdr), exclusive or not ok)
     if not ok:
         # (A failed shared acquire leaves its count: the exclusive holder's release clears it.)
@@ -197,6 +209,7 @@ def sept_tree_lock(mod, held, td, lock_type):
         td.secure_ept_lock = L.sharex_release(td.secure_ept_lock, lock_type)
         if mod.sched is not None:
             mod.touch(("sept_tree", td.tdr), exclusive)
+
     held.push(release)
     return True
 
@@ -207,8 +220,16 @@ def lock_tdvpr(mod, held, tdvpr, op, lock_type, leaf, op_state_lock=L.TDX_LOCK_S
     (check_and_lock_explicit_4k_private_hpa), its owner TDR locked shared
     (lock_and_map_implicit_tdr), then check_state_map_tdcs_and_lock() unless ``leaf`` is None.
     (v, None) or (None, status).  A TDVPR held exclusively is a scheduling point ("tdvpr_locked")."""
-    st = check_and_lock_private_hpa(mod, held, tdvpr, op, lock_type, PT_TDVPR, caller=caller,
-                                    point="tdvpr_locked" if lock_type == L.TDX_LOCK_EXCLUSIVE else None)
+    st = check_and_lock_private_hpa(
+        mod,
+        held,
+        tdvpr,
+        op,
+        lock_type,
+        PT_TDVPR,
+        caller=caller,
+        point="tdvpr_locked" if lock_type == L.TDX_LOCK_EXCLUSIVE else None,
+    )
     if st:
         return None, st
     v = mod.vcpus[tdvpr]
@@ -230,7 +251,7 @@ def map_tdvps(v):
 def associate_vcpu(mod, v, lp):
     """associate_vcpu(): (status, new association).  A vCPU associated with another logical CPU
     is TDX_VCPU_ASSOCIATED; a new association counts in TDCS.NUM_ASSOC_VCPUS."""
-    if mod.sched is not None:           # (emu.checkers.dpor: only a scheduler records footprints)
+    if mod.sched is not None:  # (emu.checkers.dpor: only a scheduler records footprints)
         mod.touch(("tdvpr", v.tdvpr), True)
     if v.assoc_lpid is not None and v.assoc_lpid != lp:
         return TDX_VCPU_ASSOCIATED, False

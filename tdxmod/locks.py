@@ -76,7 +76,7 @@ def sharex_hp_acquire(raw, lock_type, is_guest=False):
         if raw == SHAREX_HP_HOST_PRIORITY:
             if is_guest:
                 return raw, TDX_OPERAND_BUSY_HOST_PRIORITY
-            return SHAREX_HP_EXCLUSIVE_LOCK, TDX_SUCCESS     # a host takes it and clears priority
+            return SHAREX_HP_EXCLUSIVE_LOCK, TDX_SUCCESS  # a host takes it and clears priority
         if is_guest:
             return raw, TDX_OPERAND_BUSY
         return raw | SHAREX_HP_HOST_PRIORITY, TDX_OPERAND_BUSY
@@ -84,7 +84,7 @@ def sharex_hp_acquire(raw, lock_type, is_guest=False):
         counted = (raw + SHAREX_HP_SINGLE_READER) & _U16
         if is_guest:
             if raw & SHAREX_HP_HOST_PRIORITY:
-                return raw, TDX_OPERAND_BUSY_HOST_PRIORITY   # the count is given back
+                return raw, TDX_OPERAND_BUSY_HOST_PRIORITY  # the count is given back
             if raw & SHAREX_HP_EXCLUSIVE_LOCK:
                 return counted, TDX_OPERAND_BUSY
             return counted, TDX_SUCCESS

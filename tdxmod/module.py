@@ -27,10 +27,25 @@ from .abi import *  # noqa: F401,F403  (status codes and leaves by name)
 from .pamt import Pamt
 from . import sept as S
 from .regs import Regs  # noqa: F401  (importable from here, as before)
-from .td_structures import (PAGE, KEYID_BITS, TDCS_PAGES, TDVPX_PAGES, MAX_VCPUS_DEFAULT,  # noqa: F401
-                            TD_PARAMS_ATTRIBUTES, TD_PARAMS_XFAM, TD_PARAMS_MAX_VCPUS, TD_PARAMS_EPTP_CONTROLS,
-                            TD_PARAMS_CONFIG_FLAGS, MD_TDVPS_VMCS_SHARED_EPTP, MD_TDVPS_GPR_BASE, MD_TDVPS_RIP,
-                            MD_TDVPS_CR3, GPR_ORDER, Td, TdVcpu)
+from .td_structures import (  # noqa: F401  (the names importable from here, as before)
+    PAGE,
+    KEYID_BITS,
+    TDCS_PAGES,
+    TDVPX_PAGES,
+    MAX_VCPUS_DEFAULT,
+    TD_PARAMS_ATTRIBUTES,
+    TD_PARAMS_XFAM,
+    TD_PARAMS_MAX_VCPUS,
+    TD_PARAMS_EPTP_CONTROLS,
+    TD_PARAMS_CONFIG_FLAGS,
+    MD_TDVPS_VMCS_SHARED_EPTP,
+    MD_TDVPS_GPR_BASE,
+    MD_TDVPS_RIP,
+    MD_TDVPS_CR3,
+    GPR_ORDER,
+    Td,
+    TdVcpu,
+)
 from .vmm_dispatcher import HANDLERS
 
 
@@ -40,15 +55,15 @@ class TdxModule:
         self.pamt = Pamt(mem, pamt_base, tdmr_base, tdmr_size)
         self.maxphyaddr = maxphyaddr
         self.x86_phys_bits = maxphyaddr - KEYID_BITS
-        self.tds = {}                  # TDR PA -> Td
-        self.vcpus = {}                # TDVPR PA -> TdVcpu
+        self.tds = {}  # TDR PA -> Td
+        self.vcpus = {}  # TDVPR PA -> TdVcpu
         self.hkids = set()
         self.tracer = None
         self.sched = None
         self.inject = None
-        self.counts = {}               # leaf name -> calls
-        self.make_cpu = None           # callable(index) -> emu.hw.vcpu.Vcpu, given by the platform
-        self.on_tdcall = None          # (checkers) callable(vcpu, leaf, status): a TDCALL completed in the guest
+        self.counts = {}  # leaf name -> calls
+        self.make_cpu = None  # callable(index) -> emu.hw.vcpu.Vcpu, given by the platform
+        self.on_tdcall = None  # (checkers) callable(vcpu, leaf, status): a TDCALL completed in the guest
         # SEAMRR, the module's own memory: in this model the memory it keeps its PAMT in (the
         # host can neither read it nor hand it to the module as a shared page).
         self.seamrr_base = pamt_base
@@ -61,8 +76,9 @@ class TdxModule:
         self._handlers = HANDLERS
 
     # -- the interface ----------------------------------------------------------------------------------
-    def seamcall(self, leaf, rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0, r12=0, r13=0, r14=0, r15=0, rbx=0,
-                 rsi=0, rdi=0, caller=None):
+    def seamcall(
+        self, leaf, rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0, r12=0, r13=0, r14=0, r15=0, rbx=0, rsi=0, rdi=0, caller=None
+    ):
         """One SEAMCALL: the leaf (RAX) and input registers in, a Regs out (RAX = status)."""
         name = abi.seamcall_name(leaf)
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -84,9 +100,19 @@ class TdxModule:
             handler = self._handlers.get(leaf & 0xFFFF)
             out = handler(self, inp, caller) if handler is not None else Regs(TDX_OPERAND_INVALID)
         if tracer is not None and tracer.enabled:
-            tracer.emit("seamcall", caller, leaf=name, rcx=rcx, rdx=rdx, r8=r8, status=abi.status_name(out.rax),
-                        rax=out.rax, out_rcx=out.rcx, out_rdx=out.rdx,
-                        outputs=f" rcx {out.rcx:#x} rdx {out.rdx:#x}" if out.rax and out.rax & TDX_ERROR else "")
+            tracer.emit(
+                "seamcall",
+                caller,
+                leaf=name,
+                rcx=rcx,
+                rdx=rdx,
+                r8=r8,
+                status=abi.status_name(out.rax),
+                rax=out.rax,
+                out_rcx=out.rcx,
+                out_rdx=out.rdx,
+                outputs=f" rcx {out.rcx:#x} rdx {out.rdx:#x}" if out.rax and out.rax & TDX_ERROR else "",
+            )
         if self.sched is not None:
             self.sched.point(caller, "seamcall_exit", leaf)
         return out
@@ -128,7 +154,7 @@ class TdxModule:
         if leaf == TDG_MEM_PAGE_ACCEPT:
             reads, writes = self.sept_keys(rcx & ~0xFFF, rcx & 7)
             return frozenset(reads), frozenset(writes), False
-        return frozenset(), frozenset(), False       # the vCPU's own state: its task's
+        return frozenset(), frozenset(), False  # the vCPU's own state: its task's
 
     # -- helpers the handlers share -----------------------------------------------------------------------
     def point(self, caller, what):
@@ -196,22 +222,26 @@ class TdxModule:
         table = td.sept_root
         lvl = td.sept_top_level
         while True:
-            ptr = table + (((gpa >> S.GPA_INDEX_SHIFT[lvl]) & 511) << 3)        # S.index(gpa, lvl)
+            ptr = table + (((gpa >> S.GPA_INDEX_SHIFT[lvl]) & 511) << 3)  # S.index(gpa, lvl)
             e = q[ptr >> 3]
             if lvl == level:
                 return ptr, e, lvl
-            if not e & S.SEPT_RWX or S.sept_state(e) in S.LEAF_STATES:       # S.is_leaf_state()
+            if not e & S.SEPT_RWX or S.sept_state(e) in S.LEAF_STATES:  # S.is_leaf_state()
                 return ptr, e, lvl
             table = e & S.SEPT_HPA
             lvl -= 1
 
     def walk_failed(self, e, lvl):
-        return Regs(TDX_EPT_WALK_FAILED | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
-                    rdx=S.entry_info(S.sept_state(e), lvl))
+        return Regs(
+            TDX_EPT_WALK_FAILED | OPERAND_ID_RCX, rcx=S.architectural_entry(e), rdx=S.entry_info(S.sept_state(e), lvl)
+        )
 
     def state_incorrect(self, e, lvl):
-        return Regs(TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX, rcx=S.architectural_entry(e),
-                    rdx=S.entry_info(S.sept_state(e), lvl))
+        return Regs(
+            TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX,
+            rcx=S.architectural_entry(e),
+            rdx=S.entry_info(S.sept_state(e), lvl),
+        )
 
     def lock_entry(self, ptr):
         """sept_lock_acquire_host(): the entry lock (TDEL).  A host that loses it sets TDHP so
@@ -285,6 +315,7 @@ class TdxModule:
                 elif st in nl_states and lvl > 0:
                     tables.append((gpa, lvl, e & hpa_mask))
                     walk(e & hpa_mask, lvl - 1, gpa)
+
         if td.sept_root is not None:
             walk(td.sept_root, td.sept_top_level, 0)
         return leaves, tables
@@ -296,5 +327,3 @@ class TdxModule:
     def sept_tables(self, td):
         """(gpa, tdx level of the entry, child table HPA) of every non-leaf entry."""
         return self.sept_scan(td)[1]
-
-

@@ -20,7 +20,7 @@ from .abi import PT_NDA, PT_REG, PAGE_TYPE_NAMES, TDX_SUCCESS
 from . import locks as L
 
 PAMT_ENTRY_SIZE = 16
-_NO_HP = bytes(b & ~2 for b in range(256))           # a lock's low byte without host priority (bit 1)
+_NO_HP = bytes(b & ~2 for b in range(256))  # a lock's low byte without host priority (bit 1)
 PT_4KB, PT_2MB, PT_1GB = 0, 1, 2
 _LOCK = 0xFFFF
 _PT_SHIFT = 16
@@ -43,8 +43,7 @@ class Pamt:
         n4k = tdmr_size >> 12
         n2m = -(-tdmr_size >> 21)
         # word index (8-byte units) of each level's first entry
-        self._first = (base >> 3, (base + n4k * PAMT_ENTRY_SIZE) >> 3,
-                       (base + (n4k + n2m) * PAMT_ENTRY_SIZE) >> 3)
+        self._first = (base >> 3, (base + n4k * PAMT_ENTRY_SIZE) >> 3, (base + (n4k + n2m) * PAMT_ENTRY_SIZE) >> 3)
         self.size = pamt_size(tdmr_size)
         # An index of the entries that are not PT_NDA: head HPA -> (page type, owner, size) (the
         # table in memory stays the truth: scan_owned_pages() reads it back), so checks need not
@@ -214,7 +213,7 @@ class Pamt:
     def any_lock_held(self):
         """(invariants) whether any entry's lock, at any level, is held (host priority alone is not
         a lock): the lock is the low 16 bits of each 16-byte entry, read in C."""
-        raw = bytes(self.mem.buf[self.base:self.base + self.size])
+        raw = bytes(self.mem.buf[self.base : self.base + self.size])
         low, high = raw[0::16], raw[1::16]
         return bool(low.translate(_NO_HP).strip(b"\x00") or high.strip(b"\x00"))
 
@@ -222,7 +221,7 @@ class Pamt:
         """Word 0 of every entry of one level (read in C: a strided slice of the table)."""
         n = -(-(self.tdmr_end - self.tdmr_base) >> (12 + 9 * level))
         first = self._first[level]
-        return self.mem.q[first:first + 2 * n:2].tolist()
+        return self.mem.q[first : first + 2 * n : 2].tolist()
 
     def scan_owned_pages(self, owner=None):
         """The same, read from the table in memory (slow: every entry)."""

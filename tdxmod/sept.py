@@ -14,12 +14,12 @@ SEPT_RWX = 7
 SEPT_MT_WB = 6 << 3
 SEPT_IPAT = 1 << 6
 SEPT_PS = 1 << 7
-SEPT_TDEL = 1 << 11              # entry lock
-SEPT_TDHP = 1 << 52              # host priority (a host lost the entry lock)
+SEPT_TDEL = 1 << 11  # entry lock
+SEPT_TDHP = 1 << 52  # host priority (a host lost the entry lock)
 SEPT_TDEX = 1 << 53
 SEPT_TDBW = 1 << 54
-SEPT_TDB = 1 << 55               # blocked
-SEPT_TDP = 1 << 56               # pending
+SEPT_TDB = 1 << 55  # blocked
+SEPT_TDP = 1 << 56  # pending
 SEPT_SVE = 1 << 63
 SEPT_HPA = ADDR_MASK
 # A 2M leaf's bits 20:12 (its HPA's reserved bits): the INIT_COUNTER, how many 4K chunks a
@@ -39,13 +39,28 @@ SEPT_BLOCKED = 0x68
 SEPT_PENDING = 0x70
 SEPT_PENDING_BLOCKED = 0x78
 
-STATE_NAMES = {SEPT_FREE: "FREE", SEPT_REMOVED: "REMOVED", SEPT_NL_MAPPED: "NL_MAPPED",
-               SEPT_NL_BLOCKED: "NL_BLOCKED", SEPT_MAPPED: "MAPPED", SEPT_BLOCKED: "BLOCKED",
-               SEPT_PENDING: "PENDING", SEPT_PENDING_BLOCKED: "PENDING_BLOCKED"}
+STATE_NAMES = {
+    SEPT_FREE: "FREE",
+    SEPT_REMOVED: "REMOVED",
+    SEPT_NL_MAPPED: "NL_MAPPED",
+    SEPT_NL_BLOCKED: "NL_BLOCKED",
+    SEPT_MAPPED: "MAPPED",
+    SEPT_BLOCKED: "BLOCKED",
+    SEPT_PENDING: "PENDING",
+    SEPT_PENDING_BLOCKED: "PENDING_BLOCKED",
+}
 
 # Public state codes reported in RDX[15:8] (Linux enum tdx_sept_entry_state)
-PUBLIC_STATE = {SEPT_FREE: 0, SEPT_BLOCKED: 1, SEPT_PENDING: 2, SEPT_PENDING_BLOCKED: 3, SEPT_MAPPED: 4,
-                SEPT_REMOVED: 5, SEPT_NL_BLOCKED: 0x81, SEPT_NL_MAPPED: 0x84}
+PUBLIC_STATE = {
+    SEPT_FREE: 0,
+    SEPT_BLOCKED: 1,
+    SEPT_PENDING: 2,
+    SEPT_PENDING_BLOCKED: 3,
+    SEPT_MAPPED: 4,
+    SEPT_REMOVED: 5,
+    SEPT_NL_BLOCKED: 0x81,
+    SEPT_NL_MAPPED: 0x84,
+}
 
 # A new S-EPT page: every entry FREE, with suppress-#VE.
 SEPT_FREE_ENTRY = 0x80E0000000000000
@@ -112,10 +127,9 @@ def leaf_hpa(e, level):
     return e & SEPT_HPA & ~((0x1000 << (9 * level)) - 1)
 
 
-MAPPED_OR_PENDING = (SEPT_MAPPED, SEPT_PENDING)                          # mapped_or_pending
+MAPPED_OR_PENDING = (SEPT_MAPPED, SEPT_PENDING)  # mapped_or_pending
 # tlb_tracking_required: every state DEMOTE, PROMOTE and REMOVE act on
-TLB_TRACKING_REQUIRED = (SEPT_NL_MAPPED, SEPT_NL_BLOCKED, SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING,
-                         SEPT_PENDING_BLOCKED)
+TLB_TRACKING_REQUIRED = (SEPT_NL_MAPPED, SEPT_NL_BLOCKED, SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING, SEPT_PENDING_BLOCKED)
 # sept_unblock(): a blocked entry's state before its BLOCK
 UNBLOCKED = {SEPT_NL_BLOCKED: SEPT_NL_MAPPED, SEPT_BLOCKED: SEPT_MAPPED, SEPT_PENDING_BLOCKED: SEPT_PENDING}
 
@@ -153,22 +167,22 @@ def describe(e):
 # restricted to the states this model has).  Keys are SEAMCALL leaf numbers; TDCALL_LEGAL_STATES
 # is keyed by TDCALL leaf number.
 SEAMCALL_LEGAL_STATES = {
-    2: (SEPT_FREE,),                                                    # TDH.MEM.PAGE.ADD
-    3: (SEPT_FREE, SEPT_NL_MAPPED),                                     # TDH.MEM.SEPT.ADD
-    6: (SEPT_FREE, SEPT_REMOVED),                                       # TDH.MEM.PAGE.AUG
-    7: (SEPT_NL_MAPPED, SEPT_MAPPED, SEPT_PENDING),                     # TDH.MEM.RANGE.BLOCK
+    2: (SEPT_FREE,),  # TDH.MEM.PAGE.ADD
+    3: (SEPT_FREE, SEPT_NL_MAPPED),  # TDH.MEM.SEPT.ADD
+    6: (SEPT_FREE, SEPT_REMOVED),  # TDH.MEM.PAGE.AUG
+    7: (SEPT_NL_MAPPED, SEPT_MAPPED, SEPT_PENDING),  # TDH.MEM.RANGE.BLOCK
     15: (SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING, SEPT_PENDING_BLOCKED),  # TDH.MEM.PAGE.DEMOTE
-    16: (SEPT_MAPPED,),                                                 # TDH.MR.EXTEND
-    23: (SEPT_NL_MAPPED, SEPT_NL_BLOCKED),                              # TDH.MEM.PAGE.PROMOTE
+    16: (SEPT_MAPPED,),  # TDH.MR.EXTEND
+    23: (SEPT_NL_MAPPED, SEPT_NL_BLOCKED),  # TDH.MEM.PAGE.PROMOTE
     29: (SEPT_MAPPED, SEPT_BLOCKED, SEPT_PENDING, SEPT_PENDING_BLOCKED),  # TDH.MEM.PAGE.REMOVE
-    30: (SEPT_NL_MAPPED, SEPT_NL_BLOCKED),                              # TDH.MEM.SEPT.REMOVE
-    39: (SEPT_NL_BLOCKED, SEPT_BLOCKED, SEPT_PENDING_BLOCKED),          # TDH.MEM.RANGE.UNBLOCK
+    30: (SEPT_NL_MAPPED, SEPT_NL_BLOCKED),  # TDH.MEM.SEPT.REMOVE
+    39: (SEPT_NL_BLOCKED, SEPT_BLOCKED, SEPT_PENDING_BLOCKED),  # TDH.MEM.RANGE.UNBLOCK
 }
-TDCALL_LEGAL_STATES = {6: (SEPT_PENDING,)}                              # TDG.MEM.PAGE.ACCEPT
+TDCALL_LEGAL_STATES = {6: (SEPT_PENDING,)}  # TDG.MEM.PAGE.ACCEPT
 
-BLOCKED_STATES = (SEPT_NL_BLOCKED, SEPT_BLOCKED, SEPT_PENDING_BLOCKED)   # any_blocked
-GUEST_ACCESSIBLE_LEAF = (SEPT_MAPPED,)                                  # guest_accessible_leaf
-PENDING_GUEST_ACCEPTABLE = (SEPT_PENDING,)                              # any_pending_and_guest_acceptable
+BLOCKED_STATES = (SEPT_NL_BLOCKED, SEPT_BLOCKED, SEPT_PENDING_BLOCKED)  # any_blocked
+GUEST_ACCESSIBLE_LEAF = (SEPT_MAPPED,)  # guest_accessible_leaf
+PENDING_GUEST_ACCEPTABLE = (SEPT_PENDING,)  # any_pending_and_guest_acceptable
 
 
 def seamcall_allowed(leaf, state):

@@ -17,7 +17,7 @@ from emu.hw.cpuid import native_cpuid, MAX_EXTENDED_LEAF
 CPUID_LAST_BASE_LEAF = 0x23
 CPUID_RESERVED_START, CPUID_RESERVED_END = 0x40000000, 0x4FFFFFFF
 CPUID_MAX_EXTENDED_VAL_LEAF = 0x80000000
-NA = None                                    # CPUID_SUBLEAF_NA: the leaf has no subleaves
+NA = None  # CPUID_SUBLEAF_NA: the leaf has no subleaves
 
 
 def _r(eax=0, ebx=0, ecx=0, edx=0):
@@ -88,14 +88,14 @@ def td_cpuid_value(v, hw, leaf, subleaf, entry):
     native = native_cpuid(leaf, subleaf)
     eax, ebx, ecx, edx = ((n & ~f0 | f1) & 0xFFFFFFFF for n, f0, f1 in zip(native, fixed0, fixed1))
     if leaf == 1:
-        ebx = ebx & ~0xFF000000 | (v.vcpu_index & 0xFF) << 24        # INITIAL_APIC_ID = VCPU_INDEX
+        ebx = ebx & ~0xFF000000 | (v.vcpu_index & 0xFF) << 24  # INITIAL_APIC_ID = VCPU_INDEX
         ecx = ecx & ~(1 << 27) | (1 << 27 if hw.reg("cr4") & X86_CR4_OSXSAVE else 0)
     elif leaf == 7 and subleaf == 0:
         ecx = ecx & ~(1 << 4) | (1 << 4 if hw.reg("cr4") & X86_CR4_PKE else 0)
     elif leaf == 0xD and subleaf <= 1:
-        ebx = native[1]                                           # the CPU's XSAVE size
+        ebx = native[1]  # the CPU's XSAVE size
     elif leaf == 0x80000001:
-        edx |= 1 << 11                                            # SYSCALL: the TD is in 64-bit mode
+        edx |= 1 << 11  # SYSCALL: the TD is in 64-bit mode
     return eax, ebx, ecx, edx
 
 
@@ -105,7 +105,8 @@ def td_cpuid_exit(v, hw, ex):
     leaf = hw.reg("rax") & 0xFFFFFFFF
     subleaf = hw.reg("rcx") & 0xFFFFFFFF
     if not CPUID_RESERVED_START <= leaf <= CPUID_RESERVED_END and (
-            leaf > MAX_EXTENDED_LEAF or CPUID_LAST_BASE_LEAF < leaf < CPUID_MAX_EXTENDED_VAL_LEAF):
+        leaf > MAX_EXTENDED_LEAF or CPUID_LAST_BASE_LEAF < leaf < CPUID_MAX_EXTENDED_VAL_LEAF
+    ):
         leaf = CPUID_LAST_BASE_LEAF
     entry = get_cpuid_lookup_entry(leaf, subleaf)
     if entry is None or entry[0]:

@@ -17,10 +17,19 @@ returned as TDH.VP.ENTER's output registers:
     RBX, RSI, RDI as the guest exposed them.
 """
 
-from emu.hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_TDCALL, EXIT_REASON_HLT, EXIT_REASON_VMCALL,
-                          EXIT_REASON_EXCEPTION_NMI, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TRIPLE_FAULT,
-                          EXIT_REASON_CPUID, EXIT_REASON_IO_INSTRUCTION, EXIT_REASON_MSR_READ,
-                          EXIT_REASON_MSR_WRITE)
+from emu.hw.exits import (
+    EXIT_REASON_EPT_VIOLATION,
+    EXIT_REASON_TDCALL,
+    EXIT_REASON_HLT,
+    EXIT_REASON_VMCALL,
+    EXIT_REASON_EXCEPTION_NMI,
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_TRIPLE_FAULT,
+    EXIT_REASON_CPUID,
+    EXIT_REASON_IO_INSTRUCTION,
+    EXIT_REASON_MSR_READ,
+    EXIT_REASON_MSR_WRITE,
+)
 from .td_cpuid import td_cpuid_exit
 from .td_msr import td_rdmsr_exit, td_wrmsr_exit, TD_MSR_ACCESS_SUCCESS, TD_MSR_ACCESS_GP
 from .abi import *  # noqa: F401,F403
@@ -31,8 +40,20 @@ from emu.hw.ept import make_eptp, EPT_VIOLATION_ACC_WRITE
 from . import sept as S
 
 # Bits of RCX in TDG.VP.VMCALL: which registers the guest passes to the VMM (and gets back).
-_VMCALL_REGS = (("rdx", 2), ("rbx", 3), ("rsi", 6), ("rdi", 7), ("r8", 8), ("r9", 9), ("r10", 10), ("r11", 11),
-                ("r12", 12), ("r13", 13), ("r14", 14), ("r15", 15))
+_VMCALL_REGS = (
+    ("rdx", 2),
+    ("rbx", 3),
+    ("rsi", 6),
+    ("rdi", 7),
+    ("r8", 8),
+    ("r9", 9),
+    ("r10", 10),
+    ("r11", 11),
+    ("r12", 12),
+    ("r13", 13),
+    ("r14", 14),
+    ("r15", 15),
+)
 TDCALL_LEN = 4
 VE_VECTOR = 20
 # EPT-violation exit qualification bits the module clears (tdx_ept_violation_exit_to_vmm():
@@ -65,7 +86,7 @@ def _stepping_filter(mod, v, td, caller, held):
     mod.point(caller, "sept_locked_exclusive")
     for gpa in v.last_epf_gpa_list:
         for key in mod.sept_keys(gpa, -1)[0]:
-            mod.touch(key, False)                   # (emu.checkers.dpor) the walk reads them
+            mod.touch(key, False)  # (emu.checkers.dpor) the walk reads them
         if _epf_expected(mod, td, gpa):
             _revert_tlb_tracking_state(td, v)
             # emulate_ept_violation_td_exit(): a write, no extended qualification, GPRs 0; the
@@ -119,14 +140,14 @@ def tdg_vp_veinfo_get(v, hw):
     ve = v.ve_info
     if ve.valid == 0:
         return TDX_NO_VALID_VE_INFO
-    hw.set_regs({"rcx": ve.exit_reason, "rdx": ve.qualification, "r8": ve.gla, "r9": ve.gpa,
-                 "r10": ve.insn_len_info})
+    hw.set_regs({"rcx": ve.exit_reason, "rdx": ve.qualification, "r8": ve.gla, "r9": ve.gpa, "r10": ve.insn_len_info})
     ve.valid = 0
     return TDX_SUCCESS
 
 
 def _no_idt(hw):
     from unicorn import x86_const as X
+
     return hw.uc.reg_read(X.UC_X86_REG_IDTR)[2] == 0
 
 
@@ -137,12 +158,20 @@ def _triple_fault(v, ex, hw):
     interruption information, R10 its error code, R11 CR2, R12 RIP, R13 1 when the TD had no
     IDT loaded, R14 for a #VE the exit reason it stood for | 1 << 32.)"""
     from unicorn import x86_const as X
+
     v.exit_state = VCPU_DISABLED
     intr = ex.vector | (3 << 8) | (1 << 31) | ((1 << 11) if ex.error_code is not None else 0)
     no_idt = 1 if hw.uc.reg_read(X.UC_X86_REG_IDTR)[2] == 0 else 0
     ve = v.ve_info.exit_reason | 1 << 32 if v is not None and ex.vector == VE_VECTOR and v.ve_info.valid else 0
-    return _exit(TDX_NON_RECOVERABLE_VCPU | EXIT_REASON_TRIPLE_FAULT, intr=intr, r10=ex.error_code or 0,
-                 r11=ex.cr2 or 0, r12=ex.rip, r13=no_idt, r14=ve)
+    return _exit(
+        TDX_NON_RECOVERABLE_VCPU | EXIT_REASON_TRIPLE_FAULT,
+        intr=intr,
+        r10=ex.error_code or 0,
+        r11=ex.cr2 or 0,
+        r12=ex.rip,
+        r13=no_idt,
+        r14=ve,
+    )
 
 
 # TDH.VP.ENTER's RCX (vcpu_and_flags_t): bit 0 the host-recoverability hint, bit 1 RESUME_L1,
@@ -170,7 +199,7 @@ def _vp_enter(mod, r, caller, held):
     v, st = lock_tdvpr(mod, held, r.rcx & ~0xFFF, OPERAND_ID_RCX, L.TDX_LOCK_SHARED, TDH_VP_ENTER)
     if st:
         return Regs(st)
-    op_state_lock = held.stack[-1]                       # released before the TD entry
+    op_state_lock = held.stack[-1]  # released before the TD entry
     td = v.td
     if not map_tdvps(v):
         return Regs(TDX_TDCX_NUM_INCORRECT)
@@ -178,17 +207,17 @@ def _vp_enter(mod, r, caller, held):
     if st:
         return Regs(st)
     if r.rcx & 1 and v.last_td_exit != LAST_EXIT_ASYNC_TRAP:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)   # the host-recoverability hint
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)  # the host-recoverability hint
     if r.rcx & 2:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)   # RESUME_L1: the TD has no L2 VM
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RCX)  # RESUME_L1: the TD has no L2 VM
     hw = v.hw
     if v.shared_eptp is None:
-        return Regs(TDX_VCPU_STATE_INCORRECT)               # (model: the VMM never wrote SHARED_EPTP)
+        return Regs(TDX_VCPU_STATE_INCORRECT)  # (model: the VMM never wrote SHARED_EPTP)
     # adjust_tlb_tracking_state(): the epoch lock (shared; BUSY while TRACK holds it), count
     # this vCPU in the current epoch, and flush if the epoch moved since its last entry on
     # this CPU.
     lock, ok = L.sharex_acquire(td.epoch_lock, L.TDX_LOCK_SHARED)
-    if mod.sched is not None:           # (emu.checkers.dpor: only a scheduler records footprints)
+    if mod.sched is not None:  # (emu.checkers.dpor: only a scheduler records footprints)
         mod.touch("td_epoch", not ok)
     if not ok:
         td.epoch_lock = lock
@@ -295,7 +324,7 @@ def _handle(mod, v, hw, ex, caller=None):
         if status == TD_MSR_ACCESS_SUCCESS:
             hw.set_reg("rip", ex.rip + ex.insn_len)
         elif status == TD_MSR_ACCESS_GP:
-            hw.inject_event(13, 0)                # inject_gp(0), RIP on the instruction
+            hw.inject_event(13, 0)  # inject_gp(0), RIP on the instruction
         else:
             tdx_inject_ve(v, hw, reason, 0, insn_len=ex.insn_len)
         return None
@@ -370,8 +399,16 @@ def tdg_vp_info(mod, v, hw, ex, caller=None):
     """TDG.VP.INFO (tdg_vp_info.c): R8 = num_vcpus (initialized) | max_vcpus << 32, R9 = this
     vCPU's index, R10 = the commands available (TDG.SYS.RD is not modelled: 0), R11 = 0."""
     td = v.td
-    hw.set_regs({"rcx": 48 if not td.gpaw else 52, "rdx": td.attributes,
-                 "r8": td.num_vcpus | (td.max_vcpus << 32), "r9": v.vcpu_index, "r10": 0, "r11": 0})
+    hw.set_regs(
+        {
+            "rcx": 48 if not td.gpaw else 52,
+            "rdx": td.attributes,
+            "r8": td.num_vcpus | (td.max_vcpus << 32),
+            "r9": v.vcpu_index,
+            "r10": 0,
+            "r11": 0,
+        }
+    )
     return _tdcall_done(mod, v, hw, ex, TDX_SUCCESS)
 
 
@@ -397,17 +434,22 @@ def _fatal_exit(mod, v, ex):
     intr = 0
     if ex.reason == EXIT_REASON_EXCEPTION_NMI and ex.vector is not None:
         intr = ex.vector | (3 << 8) | (1 << 31)
-    return Regs(TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE | (ex.reason & 0xFFFF), rcx=ex.qualification or 0,
-                r9=intr)
+    return Regs(TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE | (ex.reason & 0xFFFF), rcx=ex.qualification or 0, r9=intr)
 
 
 def _trace(mod, tracer, caller, v, hw, ex, out):
     """tdcall for a TDCALL the module completed; tdx_exit for what goes to the VMM."""
     from emu.disasm import disassemble_one
     from .abi import TDCALL_NAMES, status_name
+
     if ex.reason == EXIT_REASON_TDCALL and out is None:
-        tracer.emit("tdcall", caller, leaf=TDCALL_NAMES.get(v.last_tdcall_leaf, "TDCALL"), rcx=v.last_tdcall_rcx,
-                    status=status_name(hw.reg("rax")))
+        tracer.emit(
+            "tdcall",
+            caller,
+            leaf=TDCALL_NAMES.get(v.last_tdcall_leaf, "TDCALL"),
+            rcx=v.last_tdcall_rcx,
+            status=status_name(hw.reg("rax")),
+        )
         return
     if out is None:
         return
@@ -415,8 +457,18 @@ def _trace(mod, tracer, caller, v, hw, ex, out):
     sym = tracer.symbolize(rip) if tracer.symbolize else None
     insn = disassemble_one(hw.read_guest(rip, 15), rip) or "?"
     from emu.hw.exits import REASON_NAMES
-    tracer.emit("tdx_exit", caller, reason=REASON_NAMES.get(out.rax & 0xFFFF, str(out.rax & 0xFFFF)), rip=rip, where=sym or f"{rip:#x}", insn=insn,
-                qualification=out.rcx, ext_qualification=out.rdx, gpa=out.r8)
+
+    tracer.emit(
+        "tdx_exit",
+        caller,
+        reason=REASON_NAMES.get(out.rax & 0xFFFF, str(out.rax & 0xFFFF)),
+        rip=rip,
+        where=sym or f"{rip:#x}",
+        insn=insn,
+        qualification=out.rcx,
+        ext_qualification=out.rdx,
+        gpa=out.r8,
+    )
 
 
 def tdg_mem_page_accept(mod, v, hw, caller=None):
@@ -462,7 +514,7 @@ def tdg_mem_page_accept(mod, v, hw, caller=None):
         # retrying in a loop would never let it finish).
         mod.point(caller, "tdcall_busy")
         return done(st | OPERAND_ID_RCX)
-    e = mod.mem.q[ptr >> 3]                     # the copy, read again under the lock
+    e = mod.mem.q[ptr >> 3]  # the copy, read again under the lock
     mod.point(caller, "sept_entry_locked_guest")
     state = S.sept_state(e)
     if state != S.SEPT_FREE and not S.is_leaf_state(state):
@@ -477,7 +529,7 @@ def tdg_mem_page_accept(mod, v, hw, caller=None):
     hpa = S.leaf_hpa(e, level)
     if level == 0:
         mod.mem.zero(hpa, 0x1000)
-        mod.mem.td_write(hpa, 0x1000)            # zero_area_cacheline() with the TD's key
+        mod.mem.td_write(hpa, 0x1000)  # zero_area_cacheline() with the TD's key
         interrupted = False
     else:
         # A 2M ACCEPT clears the page 4K at a time, counting in the entry (INIT_COUNTER, bits
@@ -494,16 +546,16 @@ def tdg_mem_page_accept(mod, v, hw, caller=None):
                 break
             counter += 1
             if counter % 128 == 0:
-                mod.point(caller, "tdcall_accept_2m")      # (another CPU may kick this one meanwhile)
-            if hw.intr_pending:                            # is_interrupt_pending_guest_side()
+                mod.point(caller, "tdcall_accept_2m")  # (another CPU may kick this one meanwhile)
+            if hw.intr_pending:  # is_interrupt_pending_guest_side()
                 interrupted = True
                 break
         e = (e & ~S.SEPT_ACCEPT_COUNTER) | (counter << S.SEPT_ACCEPT_COUNTER_SHIFT)
     if interrupted:
-        mod.mem.q[ptr >> 3] = e                            # still PENDING, with the count so far
+        mod.mem.q[ptr >> 3] = e  # still PENDING, with the count so far
         mod.unlock_entry(ptr)
         return None
-    mod.mem.q[ptr >> 3] = S.set_state(e, S.SEPT_MAPPED)     # from the copy read under the lock
+    mod.mem.q[ptr >> 3] = S.set_state(e, S.SEPT_MAPPED)  # from the copy read under the lock
     mod.unlock_entry(ptr)
     return done(TDX_SUCCESS)
 

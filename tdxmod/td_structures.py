@@ -13,25 +13,41 @@ from .abi import *  # noqa: F401,F403
 from . import locks as L
 
 PAGE = 4096
-KEYID_BITS = 6                 # MKTME key-id bits at the top of MAXPHYADDR
-TDCS_PAGES = 4                 # TDH.MNG.ADDCX pages per TD (the last one is the S-EPT root)
-TDVPX_PAGES = 1                # TDH.VP.ADDCX pages per vCPU
+KEYID_BITS = 6  # MKTME key-id bits at the top of MAXPHYADDR
+TDCS_PAGES = 4  # TDH.MNG.ADDCX pages per TD (the last one is the S-EPT root)
+TDVPX_PAGES = 1  # TDH.VP.ADDCX pages per vCPU
 MAX_VCPUS_DEFAULT = 64
 
 # TD_PARAMS (a 1 KiB structure in shared memory; offsets as in the ABI)
 TD_PARAMS_ATTRIBUTES = 0
 TD_PARAMS_XFAM = 8
 TD_PARAMS_MAX_VCPUS = 16
-TD_PARAMS_EPTP_CONTROLS = 24   # bits 2:0 memory type, 5:3 page-walk length - 1
-TD_PARAMS_CONFIG_FLAGS = 32    # bit 0 MAX_GPAW: the shared bit is GPA[51]
+TD_PARAMS_EPTP_CONTROLS = 24  # bits 2:0 memory type, 5:3 page-walk length - 1
+TD_PARAMS_CONFIG_FLAGS = 32  # bit 0 MAX_GPAW: the shared bit is GPA[51]
 
 # TDH.VP.RD/WR field ids (class in bits 63:56 of this model's encoding)
-MD_TDVPS_VMCS_SHARED_EPTP = 0x203C            # VMCS field: SHARED_EPT_POINTER
-MD_TDVPS_GPR_BASE = 0x0100                    # + index of the GPR (rax=0 .. r15=15), debug TDs only
+MD_TDVPS_VMCS_SHARED_EPTP = 0x203C  # VMCS field: SHARED_EPT_POINTER
+MD_TDVPS_GPR_BASE = 0x0100  # + index of the GPR (rax=0 .. r15=15), debug TDs only
 MD_TDVPS_RIP = 0x0120
 MD_TDVPS_CR3 = 0x0121
-GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+GPR_ORDER = (
+    "rax",
+    "rcx",
+    "rdx",
+    "rbx",
+    "rsp",
+    "rbp",
+    "rsi",
+    "rdi",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+)
 
 
 class Td:
@@ -56,9 +72,9 @@ class Td:
         self.mrtd = hashlib.sha384()
         self.finalized_mrtd = None
         self.vcpus = {}
-        self.num_vcpus = 0             # vCPUs initialized (TDH.VP.INIT)
-        self.fatal = False             # TDR.FATAL: set by a TD exit the module deems non-recoverable
-        self.num_assoc_vcpus = 0       # TDCS.NUM_ASSOC_VCPUS: vCPUs associated with a logical CPU
+        self.num_vcpus = 0  # vCPUs initialized (TDH.VP.INIT)
+        self.fatal = False  # TDR.FATAL: set by a TD exit the module deems non-recoverable
+        self.num_assoc_vcpus = 0  # TDCS.NUM_ASSOC_VCPUS: vCPUs associated with a logical CPU
         # The TDCS locks (tdxmod.locks): the op_state lock (sharex_hp), the S-EPT tree lock
         # (secure_ept_lock, sharex) and the TD epoch lock (sharex).  The TDR's own lock is its
         # page's PAMT entry lock (in the PAMT, as the TDVPR's is).
@@ -102,19 +118,19 @@ class TdVcpu:
         self.tdvpr = tdvpr
         self.tdvpx = []
         self.state = VCPU_UNINITIALIZED  # TDVPS.STATE: READY after TDH.VP.INIT, ACTIVE while in the TD
-        self.assoc_lpid = None         # TDVPS.ASSOC_LPID: the logical CPU it is associated with (None: -1)
+        self.assoc_lpid = None  # TDVPS.ASSOC_LPID: the logical CPU it is associated with (None: -1)
         self.last_td_exit = LAST_EXIT_ASYNC_FAULT
-        self.exit_state = None         # (in TDH.VP.ENTER) the TDVPS.STATE the TD exit stores; None: the TD died
+        self.exit_state = None  # (in TDH.VP.ENTER) the TDVPS.STATE the TD exit stores; None: the TD died
         self.hw = None
         self.shared_eptp = None
-        self.epoch = None              # the epoch this vCPU entered in (counted in td.refcount)
-        self.vmcall_pending = None     # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
+        self.epoch = None  # the epoch this vCPU entered in (counted in td.refcount)
+        self.vmcall_pending = None  # the TDCALL awaiting the VMM's TDG.VP.VMCALL answer
         self.launched = False
         self.x2apic_id = None
-        self.vcpu_index = None           # the order of TDH.VP.INIT
-        self.last_tdcall_leaf = None     # for the trace
+        self.vcpu_index = None  # the order of TDH.VP.INIT
+        self.last_tdcall_leaf = None  # for the trace
         self.last_tdcall_rcx = 0
-        self.vmcall_control = 0          # the guest's TDG.VP.VMCALL RCX (which GPRs the VMM answers)
+        self.vmcall_control = 0  # the guest's TDG.VP.VMCALL RCX (which GPRs the VMM answers)
         # Zero-step mitigation (td_exit_stepping.c): EPT violations at one RIP, and the GPAs
         # recorded once they pass STEPPING_EPF_THRESHOLD.
         self.rip_on_tdentry = None
@@ -125,7 +141,7 @@ class TdVcpu:
         # virtualization-exception information area: the CPU fills it for a convertible EPT
         # violation (init_guest_td_address_fields(); TDH.VP.INIT hands it to the vCPU).
         self.ve_info = VeInfo()
-        self.debugctl = 0              # the guest's IA32_DEBUGCTL (td_msr: the module emulates it)
+        self.debugctl = 0  # the guest's IA32_DEBUGCTL (td_msr: the module emulates it)
 
     @property
     def initialized(self):

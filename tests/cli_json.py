@@ -50,7 +50,7 @@ def emu_args(argv):
     argv = [str(a) for a in argv]
     for i in range(len(argv) - 1):
         if argv[i] == "-m" and argv[i + 1] == "emu":
-            return argv[i + 2:]
+            return argv[i + 2 :]
     return None
 
 
@@ -65,19 +65,22 @@ def validate_output(args, stdout, returncode=None):
         stdout = stdout.decode("utf-8", "replace")
     if not (stdout or "").strip():
         assert returncode not in (0, 1), (
-            f"`emu {' '.join(map(str, args))}` exited {returncode} and printed no JSON object")
+            f"`emu {' '.join(map(str, args))}` exited {returncode} and printed no JSON object"
+        )
         return None
     try:
         obj = json.loads(stdout)
     except ValueError as e:
-        raise AssertionError(f"`emu {' '.join(map(str, args))}`: stdout is not one JSON object ({e}): "
-                             f"{stdout[:300]!r}") from None
+        raise AssertionError(
+            f"`emu {' '.join(map(str, args))}`: stdout is not one JSON object ({e}): {stdout[:300]!r}"
+        ) from None
     errors = sorted(validator(name).iter_errors(obj), key=lambda e: list(e.absolute_path))
     if errors:
         where = lambda e: "/".join(map(str, e.absolute_path)) or "(the object)"
         raise AssertionError(
             f"`emu {' '.join(map(str, args))}`: the output does not follow docs/schema/{name}.schema.json: "
-            + "; ".join(f"{where(e)}: {e.message}" for e in errors[:5]))
+            + "; ".join(f"{where(e)}: {e.message}" for e in errors[:5])
+        )
     return obj
 
 

@@ -16,13 +16,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_GUESTS = REPO / "tests" / "kvm" / "guests"
-REGS = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
-        "r15", "rip", "rflags"]
+REGS = [
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rbp",
+    "rsp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rip",
+    "rflags",
+]
 
 
 def emu(*args):
-    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "emu", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def fnv1a64(data):
@@ -70,7 +89,7 @@ class TestRunJson:
         regs = out["vcpus"][0]
         assert set(REGS) <= set(regs)
         assert all(k == k.lower() and type(v) is int for k, v in regs.items())
-        assert regs["rax"] == hello_hash()               # the hash is still in RAX at the HLT
+        assert regs["rax"] == hello_hash()  # the hash is still in RAX at the HLT
 
     def test_json_two_vcpus(self):
         p = emu("run", "touch", "--json", "--vcpus", "2")
@@ -80,7 +99,7 @@ class TestRunJson:
         odd = sum(i * 0x1000 + 0x5A for i in range(1, 32, 2))
         even = sum(i * 0x1000 + 0x5A for i in range(0, 32, 2))
         assert sorted(zip(out["report_vcpus"], out["reports"])) == sorted([(0, 16), (0, even), (1, 16), (1, odd)])
-        assert out["stats"]["ept_violations"] == out["stats"]["pages_mapped"]["4k"] == 39   # 32 + 7: two stacks
+        assert out["stats"]["ept_violations"] == out["stats"]["pages_mapped"]["4k"] == 39  # 32 + 7: two stacks
 
     def test_fail_guest_exits_1(self):
         p = emu("run", TEST_GUESTS / "fail.S", "--json")
@@ -108,10 +127,10 @@ class TestTrace:
         p = emu("run", "touch", "--trace")
         assert p.returncode == 0, p.stderr[-2000:]
         names = [m.group(1) for m in re.finditer(r"^\s*\S+ \[\d{3}\]\s+\d+\.\d{6}: (\w+):", p.stderr, re.M)]
-        assert len(names) == len(p.stderr.splitlines())          # every line is an event line
+        assert len(names) == len(p.stderr.splitlines())  # every line is an event line
         for ev in ("kvm_exit", "kvm_page_fault", "kvm_tdp_mmu_spte_changed", "kvm_entry", "kvm_mmu_set_spte"):
             assert ev in names
-        assert names.count("kvm_page_fault") == 38               # one per first-touched 4K page
+        assert names.count("kvm_page_fault") == 38  # one per first-touched 4K page
         assert p.stderr.count("reason EPT_VIOLATION") == 38
         assert names.count("kvm_tdp_mmu_spte_changed") == 38 + 5  # 38 leaves + 5 linked tables
         assert names.count("kvm_mmu_set_spte") == 38
@@ -149,8 +168,17 @@ class TestBadInput:
         if vcpus == "0":
             assert line == "emu: error: bad vCPU count 0: 1 to 64"
 
-    @pytest.mark.parametrize("args", [["run", "hello", "--bogus"], ["run"], [], ["walk", "hello"],
-                                      ["run", "hello", "--trace", "bogus"], ["run", "hello", "--vm", "sev"]])
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["run", "hello", "--bogus"],
+            ["run"],
+            [],
+            ["walk", "hello"],
+            ["run", "hello", "--trace", "bogus"],
+            ["run", "hello", "--vm", "sev"],
+        ],
+    )
     def test_bad_options(self, args):
         line = assert_usage_error(emu(*args))
         if "--bogus" in args:
@@ -163,8 +191,10 @@ class TestBadInput:
     def test_neither_elf_nor_source(self, tmp_path):
         f = tmp_path / "notes.txt"
         f.write_text("hello\n")
-        assert assert_usage_error(emu("run", f)) == \
-            f"emu: error: {f} is not an ELF file, assembler source (.S) or C source (.c)"
+        assert (
+            assert_usage_error(emu("run", f))
+            == f"emu: error: {f} is not an ELF file, assembler source (.S) or C source (.c)"
+        )
 
     def test_truncated_elf(self, tmp_path):
         f = tmp_path / "broken"
@@ -197,12 +227,12 @@ class TestDumpTables:
         p = emu("run", "hello", "--dump-tables")
         assert p.returncode == 0
         rows = re.findall(r"^\s*(?:gpa )?(0x[0-9a-f]+)\b.*\b4K\b.*\bpfn (0x[0-9a-f]+) A D\s*$", p.stdout, re.M)
-        assert len(rows) == 7                             # one line per leaf of the direct root
+        assert len(rows) == 7  # one line per leaf of the direct root
         gfns = [int(g, 16) >> 12 for g, _ in rows]
         assert gfns == sorted(gfns) and len(set(gfns)) == 7
-        assert {0x100, 0x101, 0x102} <= set(gfns)         # hello's text, rodata and data pages
+        assert {0x100, 0x101, 0x102} <= set(gfns)  # hello's text, rodata and data pages
         offsets = {int(pfn, 16) - (int(g, 16) >> 12) for g, pfn in rows}
-        assert len(offsets) == 1                          # one memslot: pfn = hva >> 12 + gfn everywhere
+        assert len(offsets) == 1  # one memslot: pfn = hva >> 12 + gfn everywhere
 
     def test_dump_tables_keeps_json_stdout_parseable(self):
         p = emu("run", "hello", "--json", "--dump-tables")
@@ -215,9 +245,11 @@ def test_wrong_unicorn_version_is_one_line(tmp_path):
     fake = tmp_path / "sitecustomize.py"
     fake.write_text("import unicorn\nunicorn.__version__ = '2.2.0'\n")
     import os
+
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
-    r = subprocess.run([sys.executable, "-m", "emu", "run", "hello"], capture_output=True, text=True, env=env,
-                       cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "emu", "run", "hello"], capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == ("emu: error: emu needs the Unicorn Python binding 2.1 (tested with 2.1.4), "
-                                "found 2.2.0: pip install 'unicorn>=2.1.4,<2.2'")
+    assert r.stderr.strip() == (
+        "emu: error: emu needs the Unicorn Python binding 2.1 (tested with 2.1.4), "
+        "found 2.2.0: pip install 'unicorn>=2.1.4,<2.2'"
+    )

@@ -23,13 +23,13 @@ SMP_ITERS = 64
 
 
 def emu_cli(*args):
-    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 # ---------------------------------------------------------------------------
 # Guest mode lasts across scheduling points
 # ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("vm", VMS)
 @pytest.mark.parametrize("vcpus", [1, 2, 3])
@@ -38,12 +38,13 @@ def test_smp_guest_completes(vm, vcpus):
     m = Machine("smp", vm=vm, vcpus=vcpus)
     res = m.run()
     assert res.ok, res.error
-    assert sorted(res.reports) == sorted([(i, SMP_ITERS * vcpus) for i in range(vcpus)] +
-                                         [(i, vcpus) for i in range(vcpus)])
+    assert sorted(res.reports) == sorted(
+        [(i, SMP_ITERS * vcpus) for i in range(vcpus)] + [(i, vcpus) for i in range(vcpus)]
+    )
     assert res.vcpu_exits == ["hlt"] * vcpus
     assert check_vm(m.kvm) == []
     m.destroy()
-    assert check_destroyed(m.kvm) == []          # TD teardown after vCPUs spun in guest mode
+    assert check_destroyed(m.kvm) == []  # TD teardown after vCPUs spun in guest mode
 
 
 def test_smp_cli_exit_status_and_json():
@@ -57,7 +58,7 @@ def test_guest_points_are_in_guest_mode():
     """At a guest-mode scheduling point the vCPU is IN_GUEST_MODE with its hardware in the guest,
     and other tasks run meanwhile; both kinds of point (budget, PAUSE window) happen."""
     seen = {}
-    for guest in ("smp", "convspin"):          # smp's barrier spins without PAUSE, convspin with it
+    for guest in ("smp", "convspin"):  # smp's barrier spins without PAUSE, convspin with it
         m = Machine(guest, vm="default", vcpus=2)
 
         def on_step(s, who, what):
@@ -65,6 +66,7 @@ def test_guest_points_are_in_guest_mode():
                 v = m.kvm.vcpus[who]
                 assert v.mode == IN_GUEST_MODE and v.hw.in_guest
                 seen[what] = seen.get(what, 0) + 1
+
         res = m.run_scheduled(Scheduler(on_step=on_step))
         assert res.ok
         assert all(v.mode == OUTSIDE_GUEST_MODE and not v.hw.in_guest for v in m.kvm.vcpus)
@@ -89,6 +91,7 @@ def test_smp_explore_and_campaign_clean(vm):
 
 def test_smp_campaign_no_failure():
     from emu.checkers.campaign import Campaign
+
     rep = Campaign(lambda: Machine("smp", vm="tdx", vcpus=2)).run(30, seed=5)
     assert rep.failures == [], [r.error for r in rep.failures]
 
@@ -104,7 +107,9 @@ def test_fairness_at_yields():
             for _ in range(3):
                 order.append(i)
                 s.point(i, "frozen_retry")
+
         return body
+
     for i in range(3):
         s.spawn(spinner(i))
     s.run()
@@ -115,6 +120,7 @@ def test_fairness_at_yields():
 # ---------------------------------------------------------------------------
 # Kicks: remote requests reach vCPUs in guest mode
 # ---------------------------------------------------------------------------
+
 
 def test_remote_flush_kicks_a_vcpu_in_guest_mode():
     """convspin in a TD: vCPU 1 spins in guest mode while vCPU 0 converts pages it used; each
@@ -132,8 +138,7 @@ def test_remote_flush_kicks_a_vcpu_in_guest_mode():
     mine = [e.name for e in sink.events if e.vcpu == 1 and e.name in ("kvm_exit", "kvm_tlb_flush", "kvm_entry")]
     assert "kvm_exit kvm_tlb_flush kvm_entry" in " ".join(mine)
     assert m.kvm.violations == []
-    assert sorted(res.reports) == sorted([(0, 0x30300000007fe00), (1, 0xc2c2c0000007fe00),
-                                          (1, 0x30300000007fe00)])
+    assert sorted(res.reports) == sorted([(0, 0x30300000007FE00), (1, 0xC2C2C0000007FE00), (1, 0x30300000007FE00)])
 
 
 def test_make_request_sets_exiting_mode_and_waits():
@@ -151,25 +156,35 @@ def test_make_request_sets_exiting_mode_and_waits():
 # Host events
 # ---------------------------------------------------------------------------
 
+
 def test_parse_host_events():
     e = parse_host_event("migrate 0x1000-0x3000@7")
     assert e.text == "migrate 0x1000-0x3000@7"
     assert (e.kind, e.start, e.end, e.step) == ("migrate", 0x1000, 0x3000, 7)
     e = parse_host_event("shared 0x200000-0x400000")
     assert (e.kind, e.step) == ("shared", 0)
-    for bad in ("move 0x1000-0x2000", "shared 0x1000", "private 0x2000-0x1000", "shared 0x1001-0x2000",
-                "shared a-b", "shared 0x1000-0x2000@x"):
+    for bad in (
+        "move 0x1000-0x2000",
+        "shared 0x1000",
+        "private 0x2000-0x1000",
+        "shared 0x1001-0x2000",
+        "shared a-b",
+        "shared 0x1000-0x2000@x",
+    ):
         with pytest.raises(HostEventError):
             parse_host_event(bad)
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--host", "flip 0x1000-0x2000"], "unknown host event 'flip'"),
-    (["--host", "shared 0x1000"], "the syntax is 'EVENT START-END[@STEP]'"),
-    (["--host", "shared 0x1000-0x2000"], "memory attributes need a TD"),
-    (["--vm", "tdx", "--host", "private 0x0-0x80000000"], "GPA range outside guest memory"),
-    (["--bug", "nope"], "unknown bug; the bugs are: kick-misses-running-vcpu"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--host", "flip 0x1000-0x2000"], "unknown host event 'flip'"),
+        (["--host", "shared 0x1000"], "the syntax is 'EVENT START-END[@STEP]'"),
+        (["--host", "shared 0x1000-0x2000"], "memory attributes need a TD"),
+        (["--vm", "tdx", "--host", "private 0x0-0x80000000"], "GPA range outside guest memory"),
+        (["--bug", "nope"], "unknown bug; the bugs are: kick-misses-running-vcpu"),
+    ],
+)
 def test_host_event_and_bug_errors(args, msg):
     r = emu_cli("run", "hello", *args)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
@@ -181,14 +196,15 @@ def test_host_private_event_under_the_guest():
     when a vCPU touches it (QEMU's answer to KVM_EXIT_MEMORY_FAULT); the results do not change,
     and the host task traces on a track of its own."""
     sink = ListSink()
-    m = Machine("sharedrw", vm="tdx", vcpus=2, tracer=Tracer([sink]),
-                host_events=["private 0x1c00000-0x1c02000@40"])
+    m = Machine("sharedrw", vm="tdx", vcpus=2, tracer=Tracer([sink]), host_events=["private 0x1c00000-0x1c02000@40"])
     res = m.run()
     assert res.ok, res.error
     assert sorted(res.reports) == [(0, 600), (1, 600)]
     host = [e for e in sink.events if e.vcpu == "host0"]
     assert [e.fields["msg"] for e in host if e.name == "host_event"] == [
-        "private 0x1c00000-0x1c02000@40 begins", "private 0x1c00000-0x1c02000@40 done"]
+        "private 0x1c00000-0x1c02000@40 begins",
+        "private 0x1c00000-0x1c02000@40 done",
+    ]
     assert any(e.name == "kvm_set_memory_attributes" for e in host)
     assert check_vm(m.kvm) == []
 
@@ -207,7 +223,7 @@ def test_host_event_in_explore_is_a_choice():
     r = ex.random(runs=60, seed=1, depth=3)
     assert r.failures == 0
     base = ex.baseline()
-    assert any(2 in d.enabled for d in base.decisions)      # the host task (after the 2 vCPUs) was a choice
+    assert any(2 in d.enabled for d in base.decisions)  # the host task (after the 2 vCPUs) was a choice
 
 
 @pytest.mark.parametrize("vm", VMS)
@@ -216,17 +232,18 @@ def test_migrate_pages_two_vcpus_are_writing(vm):
     them, faults wait on the migration entries, the contents move, the old pages are poisoned and
     freed; no write is lost and the new pages back the guest."""
     from emu.host.mm import POISON
+
     sink = ListSink()
     m = Machine("sharedrw", vm=vm, vcpus=2, tracer=Tracer([sink]), host_events=["migrate 0x1c00000-0x1c02000@40"])
-    before = [m.host.mm.lookup(m.hva + 0x1c00000 + i * 4096) for i in range(2)]
-    assert before == [(m.hva + 0x1c00000) >> 12, ((m.hva + 0x1c00000) >> 12) + 1]     # not moved yet
+    before = [m.host.mm.lookup(m.hva + 0x1C00000 + i * 4096) for i in range(2)]
+    assert before == [(m.hva + 0x1C00000) >> 12, ((m.hva + 0x1C00000) >> 12) + 1]  # not moved yet
     res = m.run()
     assert res.ok, res.error
     assert sorted(res.reports) == [(0, 600), (1, 600)]
-    after = [m.host.mm.lookup(m.hva + 0x1c00000 + i * 4096) for i in range(2)]
+    after = [m.host.mm.lookup(m.hva + 0x1C00000 + i * 4096) for i in range(2)]
     assert set(after).isdisjoint(before)
     assert m.host.mem.read(before[0] << 12, 16) == bytes([POISON]) * 16
-    assert int.from_bytes(m.read_gpa(0x1c00000, 8), "little") == 300       # vCPU 0's qword, page 0
+    assert int.from_bytes(m.read_gpa(0x1C00000, 8), "little") == 300  # vCPU 0's qword, page 0
     moved = [e for e in sink.events if e.name == "host_migrate"]
     assert len(moved) == 1 and moved[0].vcpu == "host0"
     assert check_vm(m.kvm) == [] and m.kvm.violations == []
@@ -240,6 +257,7 @@ def test_migrate_needs_4k_backing():
 def test_vmm_page_tables_are_real_tables():
     """The VMM's page tables are x86-64 4-level tables in host memory: walk one by hand."""
     from emu.host.mm import PTE_P, PTE_PFN
+
     m = Machine("hello", vm="default")
     mm, q = m.host.mm, m.host.mem.q
     hva = m.hva + 0x123000
@@ -250,12 +268,13 @@ def test_vmm_page_tables_are_real_tables():
         assert e & PTE_P
         table = e & PTE_PFN
     assert table >> 12 == pfn == hva >> 12
-    assert mm.hva_to_pfn(0x10) is None                      # outside every mapping: -EFAULT
+    assert mm.hva_to_pfn(0x10) is None  # outside every mapping: -EFAULT
 
 
 # ---------------------------------------------------------------------------
 # Upstream's invalidation protocol and mmu_lock
 # ---------------------------------------------------------------------------
+
 
 def test_mmu_invalidate_retry_gfn():
     m = Machine("hello", vm="default")
@@ -263,15 +282,15 @@ def test_mmu_invalidate_retry_gfn():
     seq = kvm.mmu_invalidate_seq
     assert not kvm.mmu_invalidate_retry_gfn(seq, 5)
     kvm.kvm_mmu_invalidate_begin()
-    assert kvm.mmu_invalidate_retry_gfn(seq, 5)            # no range yet: everything
+    assert kvm.mmu_invalidate_retry_gfn(seq, 5)  # no range yet: everything
     kvm.kvm_mmu_invalidate_range_add(10, 20)
     assert kvm.mmu_invalidate_retry_gfn(seq, 10) and kvm.mmu_invalidate_retry_gfn(seq, 19)
     assert not kvm.mmu_invalidate_retry_gfn(seq, 20) and not kvm.mmu_invalidate_retry_gfn(seq, 9)
     kvm.kvm_mmu_invalidate_range_add(30, 31)
-    assert kvm.mmu_invalidate_retry_gfn(seq, 25)           # ranges fold into one
+    assert kvm.mmu_invalidate_retry_gfn(seq, 25)  # ranges fold into one
     kvm.kvm_mmu_invalidate_end()
     assert kvm.mmu_invalidate_in_progress == 0 and kvm.mmu_invalidate_seq == seq + 1
-    assert kvm.mmu_invalidate_retry_gfn(seq, 5)            # the sequence moved
+    assert kvm.mmu_invalidate_retry_gfn(seq, 5)  # the sequence moved
     assert not kvm.mmu_invalidate_retry_gfn(seq + 1, 5)
 
 
@@ -286,12 +305,13 @@ def test_set_memory_attributes_upstream_order():
     def unmap(start, end, types, flush):
         seen.append(("zap", kvm.mmu_invalidate_in_progress, kvm.mem_is_private(start), kvm.mmu_lock.writer))
         return real(start, end, types, flush)
+
     kvm.tdp_mmu.unmap_gfn_range = unmap
     seq = kvm.mmu_invalidate_seq
     kvm.set_memory_attributes(0x1000, 0x1002, private=False)
     assert seen == [("zap", 1, True, True)]
     assert not kvm.mem_is_private(0x1000) and kvm.mmu_invalidate_seq == seq + 1
-    kvm.set_memory_attributes(0x1000, 0x1002, private=False)        # already shared: nothing to do
+    kvm.set_memory_attributes(0x1000, 0x1002, private=False)  # already shared: nothing to do
     assert len(seen) == 1 and kvm.mmu_invalidate_seq == seq + 1
 
 
@@ -303,6 +323,7 @@ def test_memslot_delete_marks_it_invalid_while_zapping():
     kvm.flush_shadow_memslot = lambda slot: (flags.append(slot.flags), real(slot))
     kvm.set_user_memory_region(0, 0, 0, 0, 0)
     from emu.kvm.uapi import KVM_MEMSLOT_INVALID
+
     assert flags and flags[0] & KVM_MEMSLOT_INVALID and kvm.memslots == []
 
 
@@ -333,9 +354,11 @@ def test_mmu_lock_prefers_writers():
         lock.read_lock()
         log.append("r1 in")
         lock.read_unlock()
+
     for fn in (reader0, writer, reader1):
         s.spawn(fn)
     from emu.checkers.sched import ReplayStrategy
+
     s.strategy = ReplayStrategy([0, 1, 2, 0, 0], strict=False)
     s.run()
     assert log.index("w in") < log.index("r1 in")
@@ -354,8 +377,12 @@ BUG_CASES = [
     ("no-kick-after-track", "convspin", {}, dict(runs=100, seed=1)),
     ("busy-is-fatal", "accept2", {}, dict(runs=300, seed=1)),
     ("reflect-error-leaves-frozen", "accept2", {}, dict(runs=300, seed=1)),
-    ("fault-ignores-invalidation", "sharedrw", {"host_events": ["private 0x1c00000-0x1c02000@40"]},
-     dict(runs=300, seed=1)),
+    (
+        "fault-ignores-invalidation",
+        "sharedrw",
+        {"host_events": ["private 0x1c00000-0x1c02000@40"]},
+        dict(runs=300, seed=1),
+    ),
 ]
 # The same bugs in a plain VM, under page migration.
 MIGRATE_CASES = [
@@ -368,8 +395,9 @@ MIGRATE_CASES = [
 @pytest.mark.parametrize("bug, how", MIGRATE_CASES, ids=[c[0] for c in MIGRATE_CASES])
 def test_bug_is_found_under_migration(bug, how):
     t0 = time.perf_counter()
-    ex = Explorer(lambda: Machine("sharedrw", vm="default", vcpus=2, bugs=[bug],
-                                  host_events=["migrate 0x1c00000-0x1c02000@40"]))
+    ex = Explorer(
+        lambda: Machine("sharedrw", vm="default", vcpus=2, bugs=[bug], host_events=["migrate 0x1c00000-0x1c02000@40"])
+    )
     ex.MINIMIZE_SECONDS = 5.0
     r = ex.random(depth=3, **how)
     # Found by the run-time checker (the old page freed while an SPTE maps it) or, when the stale
@@ -377,8 +405,9 @@ def test_bug_is_found_under_migration(bug, how):
     # page other than the memslot's backing): which schedule comes first depends on how many
     # scheduling points the guest's exits make.
     err = r.first_failure.error if r.failures else ""
-    assert err.startswith("checker:") or (err.startswith("invariant broken:") and "its backing is" in err), \
+    assert err.startswith("checker:") or (err.startswith("invariant broken:") and "its backing is" in err), (
         r.first_failure
+    )
     assert time.perf_counter() - t0 < 60
 
 
@@ -398,8 +427,10 @@ def test_bug_is_found_within_a_minute(bug, guest, opts, how):
     assert time.perf_counter() - t0 < 60
 
 
-@pytest.mark.parametrize("guest, opts", [("convspin", {}), ("accept2", {}),
-                                         ("sharedrw", {"host_events": ["private 0x1c00000-0x1c02000@40"]})])
+@pytest.mark.parametrize(
+    "guest, opts",
+    [("convspin", {}), ("accept2", {}), ("sharedrw", {"host_events": ["private 0x1c00000-0x1c02000@40"]})],
+)
 def test_no_bug_nothing_reported(guest, opts):
     ex = Explorer(lambda: Machine(guest, vm="tdx", vcpus=2, **opts))
     r = ex.random(runs=300, seed=1, depth=3)
@@ -418,15 +449,17 @@ def test_every_bug_has_a_switch():
 # Campaigns judge each reaction
 # ---------------------------------------------------------------------------
 
+
 def test_expected_reactions():
     from emu.checkers.inject import parse_rule, expected_outcomes, judge
-    exp = lambda text: sorted(expected_outcomes(parse_rule(text)))       # noqa: E731
+
+    exp = lambda text: sorted(expected_outcomes(parse_rule(text)))  # noqa: E731
     assert exp("seamcall.TDH_MEM_PAGE_AUG@1=TDX_OPERAND_BUSY") == ["survived"]
     assert exp("seamcall.TDH_MEM_PAGE_AUG@every=TDX_OPERAND_BUSY") == ["guest_error", "survived"]
     assert exp("seamcall.TDH_MEM_PAGE_AUG@1=TDX_EPT_WALK_FAILED") == ["kvm_bug_on"]
     assert exp("seamcall.TDH_MEM_RANGE_BLOCK@2=TDX_OPERAND_BUSY") == ["survived"]
     assert exp("seamcall.TDH_MEM_RANGE_BLOCK@every=TDX_OPERAND_BUSY") == ["kvm_bug_on", "survived"]
-    assert exp("seamcall.TDH_PHYMEM_PAGE_RECLAIM@1=TDX_OPERAND_INVALID") == ["survived"]      # leaked
+    assert exp("seamcall.TDH_PHYMEM_PAGE_RECLAIM@1=TDX_OPERAND_INVALID") == ["survived"]  # leaked
     assert exp("reflect.set_spte@1=EBUSY") == ["survived"] and exp("reflect.set_spte@1=EIO") == ["kvm_bug_on"]
     assert exp("reflect.remove_spte@1=EBUSY") == ["kvm_bug_on"]
     assert exp("backing_alloc@1") == ["guest_error"]
@@ -434,21 +467,33 @@ def test_expected_reactions():
     assert judge(rules, {"reflect.set_spte"}, "kvm_bug_on") is None
     assert "does not survive" in judge(rules, {"reflect.set_spte"}, "survived")
     assert judge([], set(), "kvm_bug_on") == "kvm_bug_on with no fault injected"
-    assert judge(rules, set(), "survived") is None                         # it never fired
+    assert judge(rules, set(), "survived") is None  # it never fired
 
 
 def test_inject_list_shows_the_judged_reaction():
     r = emu_cli("inject", "--list")
     assert r.returncode == 0
-    assert ("campaigns accept (a fault that fires once): BUSY: survived; other statuses: kvm_bug_on"
-            in r.stdout)
+    assert "campaigns accept (a fault that fires once): BUSY: survived; other statuses: kvm_bug_on" in r.stdout
 
 
 def test_campaign_reports_busy_treated_as_fatal():
     """A BUSY KVM retries upstream, turned into a KVM_BUG_ON: the campaign counts the runs whose
     reaction differs as failures, each with its reproducer."""
-    r = emu_cli("campaign", "accept2", "--vm", "tdx", "--vcpus", "2", "--runs", "60", "--seed", "2",
-                "--bug", "busy-is-fatal", "--json")
+    r = emu_cli(
+        "campaign",
+        "accept2",
+        "--vm",
+        "tdx",
+        "--vcpus",
+        "2",
+        "--runs",
+        "60",
+        "--seed",
+        "2",
+        "--bug",
+        "busy-is-fatal",
+        "--json",
+    )
     assert r.returncode == 1
     obj = json.loads(r.stdout)
     assert obj["failures"] and all("reaction differs from upstream" in f["error"] for f in obj["failures"])
@@ -460,13 +505,14 @@ def test_campaign_reports_busy_treated_as_fatal():
 def test_failure_report_centers_on_the_failure():
     """The report shows the events around the first failure event, from every task (here the
     other vCPU's ACCEPT holding the entry lock, then the AUG that met it), not the run's last lines."""
-    r = emu_cli("explore", "accept2", "--vm", "tdx", "--vcpus", "2", "--random", "300", "--seed", "1",
-                "--bug", "busy-is-fatal")
+    r = emu_cli(
+        "explore", "accept2", "--vm", "tdx", "--vcpus", "2", "--random", "300", "--seed", "1", "--bug", "busy-is-fatal"
+    )
     assert r.returncode == 1
-    report = r.stdout[r.stdout.index("events around the failure"):]
+    report = r.stdout[r.stdout.index("events around the failure") :]
     lines = report.splitlines()[1:]
     bug = next(i for i, line in enumerate(lines) if "kvm_bug_on:" in line)
-    assert 0 < bug < len(lines) - 1                                   # events before and after it
+    assert 0 < bug < len(lines) - 1  # events before and after it
     assert any("vcpu-0" in line for line in lines[:bug]) and any("vcpu-1" in line for line in lines[:bug])
     assert "TDX_OPERAND_BUSY" in lines[bug - 1]
 
@@ -475,10 +521,11 @@ def test_misconfig_on_a_non_mmio_spte_is_a_retry():
     """Upstream's handle_mmio_page_fault(): an EPT misconfiguration whose SPTE is no longer an MMIO
     SPTE (another vCPU changed it since the CPU's walk) makes the guest fault again; no KVM_BUG_ON."""
     from emu.kvm.mmu import PFERR_RSVD_MASK, PFERR_USER_MASK
+
     m = Machine("hello", vm="default")
     v = m.vcpus[0]
     v.mmu_load()
-    assert v.kvm_mmu_page_fault(0x200000, PFERR_USER_MASK) == 1           # a normal present SPTE
+    assert v.kvm_mmu_page_fault(0x200000, PFERR_USER_MASK) == 1  # a normal present SPTE
     assert v.kvm_mmu_page_fault(0x200000, PFERR_RSVD_MASK) == 1
     assert not m.kvm.vm_bugged and m.kvm.rcu.depth == {}
 
@@ -518,6 +565,7 @@ def test_teardown_keeps_a_hkid_it_could_not_release(leaf):
     """tdx_mmu_release_hkid(): a failed VPFLUSHDONE skips the rest, a failed FREEID keeps the HKID;
     either is a KVM_BUG_ON, no RECLAIM follows, and the TD's pages are leaked and accounted."""
     from emu.checkers.check import check_destroyed
+
     m = Machine("private", vm="tdx", inject=[f"seamcall.{leaf}@1=TDX_OPERAND_INVALID"])
     assert m.run().ok
     ops = m.kvm.x86_ops
@@ -534,8 +582,20 @@ def test_teardown_keeps_a_hkid_it_could_not_release(leaf):
 
 def test_perfetto_gives_the_host_task_a_track(tmp_path):
     out = tmp_path / "p.json"
-    r = emu_cli("run", "sharedrw", "--vm", "tdx", "--vcpus", "2", "--host", "private 0x1c00000-0x1c02000@40",
-                "--trace", "perfetto", "--trace-file", out)
+    r = emu_cli(
+        "run",
+        "sharedrw",
+        "--vm",
+        "tdx",
+        "--vcpus",
+        "2",
+        "--host",
+        "private 0x1c00000-0x1c02000@40",
+        "--trace",
+        "perfetto",
+        "--trace-file",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     events = d["traceEvents"] if isinstance(d, dict) else d
@@ -548,6 +608,7 @@ def test_perfetto_gives_the_host_task_a_track(tmp_path):
 # Memslot deletion: kvm_arch_flush_shadow_memslot()
 # ---------------------------------------------------------------------------
 
+
 def test_default_vm_memslot_delete_is_zap_all_fast():
     """kvm_mmu_zap_all_fast() (a default VM, KVM_X86_QUIRK_SLOT_ZAP_ALL): under the write lock
     mmu_valid_gen toggles, the direct roots become invalid and every vCPU gets
@@ -555,6 +616,7 @@ def test_default_vm_memslot_delete_is_zap_all_fast():
     read lock and puts the MMU's reference.  The vCPU puts its own at its next entry and loads a
     new root (kvm_mmu_free_obsolete_roots(), kvm_mmu_reload())."""
     from emu.kvm.kvm import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+
     m = Machine("touch", vm="default", vcpus=2)
     kvm, tdp = m.kvm, m.kvm.tdp_mmu
     for v in m.vcpus:
@@ -562,7 +624,7 @@ def test_default_vm_memslot_delete_is_zap_all_fast():
     m.vcpus[0].kvm_tdp_map_page(0x1000000)
     old = m.vcpus[0].root
     assert m.vcpus[1].root is old and tdp.pages > 0
-    kvm.set_user_memory_region(1, 0, m.mem_size, 0x1000, m.hva)      # an extra slot, unused
+    kvm.set_user_memory_region(1, 0, m.mem_size, 0x1000, m.hva)  # an extra slot, unused
     seen = {}
     real_request, real_zap = kvm.kvm_make_vcpus_request, tdp.zap_root
 
@@ -573,19 +635,20 @@ def test_default_vm_memslot_delete_is_zap_all_fast():
     def zap_root(root, shared):
         seen["zap"] = (root is old, shared, kvm.mmu_lock.readers, kvm.mmu_lock.writer)
         return real_zap(root, shared)
+
     kvm.kvm_make_vcpus_request, tdp.zap_root = request, zap_root
     gen = kvm.mmu_valid_gen
     kvm.set_user_memory_region(1, 0, 0, 0, 0)
     assert kvm.mmu_valid_gen == gen ^ 1
     assert seen["request"] == (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, True, True, [0, 1])
-    assert seen["zap"] == (True, True, 1, False)                    # shared: under the read lock
+    assert seen["zap"] == (True, True, 1, False)  # shared: under the read lock
     assert old.invalid and old.zapped and tdp.pages == 0
-    assert old in tdp.roots and old.tdp_mmu_root_count == 2          # the two vCPUs' references
+    assert old in tdp.roots and old.tdp_mmu_root_count == 2  # the two vCPUs' references
     assert all(v.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for v in m.vcpus)
     res = m.run()
     assert res.ok, res.error
     assert all(v.root is not None and v.root is not old and not v.root.invalid for v in m.vcpus)
-    assert old not in tdp.roots                                      # the last reference put
+    assert old not in tdp.roots  # the last reference put
     assert check_vm(kvm) == []
     m.destroy()
     assert check_destroyed(kvm) == []
@@ -623,6 +686,7 @@ def test_memslot_delete_kicks_vcpus_in_guest_mode():
         t = real(vcpus, req, wait)
         kicked.append([v.vcpu_id for v in t])
         return t
+
     kvm.kvm_make_vcpus_request = request
     done = {}
 
@@ -630,6 +694,7 @@ def test_memslot_delete_kicks_vcpus_in_guest_mode():
         roots = [v.root for v in m.vcpus]
         kvm.set_user_memory_region(1, 0, 0, 0, 0)
         done["old"] = roots
+
     sched.spawn(host, name="host0", host=True, start=100)
     res = m.run_scheduled(sched)
     assert res.ok, res.error
@@ -668,11 +733,11 @@ def test_nx_exec_fault_makes_a_disallowed_table_and_data_faults_go_into_it():
     kvm = m.kvm
     sp = _nx_table(kvm)
     assert sp.nx_huge_page_disallowed and sp.role_level == 1 and kvm.stat["nx_lpage_splits"] == 1
-    assert kvm.mem.q[sp.ptep >> 3] & ~0xFFF & ((1 << 52) - 1) == sp.spt   # linked below the 2M entry
+    assert kvm.mem.q[sp.ptep >> 3] & ~0xFFF & ((1 << 52) - 1) == sp.spt  # linked below the 2M entry
     root = m.vcpus[0].root
     leaves = {g: lvl for g, lvl, _ in kvm.tdp_mmu.leaves(root)}
-    assert all(lvl == 1 for g, lvl in leaves.items() if g < 0x200), leaves   # region 0 only at 4K
-    assert sum(1 for g in leaves if g < 0x200) >= 12 + 1                      # 12 data pages and code
+    assert all(lvl == 1 for g, lvl in leaves.items() if g < 0x200), leaves  # region 0 only at 4K
+    assert sum(1 for g in leaves if g < 0x200) >= 12 + 1  # 12 data pages and code
     assert check_vm(kvm) == []
     # Without the mitigation the same region is one 2M page.
     m = Machine("nxhuge", vm="default", vcpus=2, hugepages="2m")
@@ -693,14 +758,15 @@ def test_nx_recovery_zaps_under_the_read_lock_and_frees_after_the_grace_period(b
     def zap(sp, who=None):
         seen.append((kvm.mmu_lock.readers, kvm.mmu_lock.writer))
         return orig(sp, who)
+
     kvm.tdp_mmu.zap_possible_nx_huge_page = zap
-    kvm.rcu.read_lock("walker")                  # a fault's walk, inside the table
+    kvm.rcu.read_lock("walker")  # a fault's walk, inside the table
     assert kvm.recover_nx_huge_pages(0, 0x200) == 1
-    assert seen == [(1, False)]                  # mmu_lock for read, not write
+    assert seen == [(1, False)]  # mmu_lock for read, not write
     assert not kvm.tdp_mmu.possible_nx_huge_pages and not sp.nx_huge_page_disallowed
     assert kvm.stat["nx_lpage_splits"] == 0
-    assert kvm.mem.q[sp.ptep >> 3] == 0x8000000000000000        # the 2M entry zapped (cmpxchg)
-    assert (sp.spt in kvm.host.kernel.freed) == bug               # the bug frees it under the walker
+    assert kvm.mem.q[sp.ptep >> 3] == 0x8000000000000000  # the 2M entry zapped (cmpxchg)
+    assert (sp.spt in kvm.host.kernel.freed) == bug  # the bug frees it under the walker
     kvm.rcu.read_unlock("walker")
     assert sp.spt in kvm.host.kernel.freed and kvm.tdp_mmu.frees[sp.spt] == 1
     assert kvm.recover_nx_huge_pages(0, 0x200) == 0
@@ -726,8 +792,7 @@ def test_nx_recover_event_runs_under_the_guest():
 
 def test_nx_free_without_grace_period_is_found_within_a_minute():
     t0 = time.perf_counter()
-    ex = Explorer(lambda: Machine("nxhuge", bugs=["free-without-grace-period"], host_events=[NX_RECOVER],
-                                  **NX_MACHINE))
+    ex = Explorer(lambda: Machine("nxhuge", bugs=["free-without-grace-period"], host_events=[NX_RECOVER], **NX_MACHINE))
     ex.MINIMIZE_SECONDS = 5.0
     r = ex.random(runs=300, seed=1, depth=3)
     assert r.failures >= 1, f"not found in {r.runs} schedules"
@@ -742,8 +807,23 @@ def test_nx_no_bug_nothing_reported():
 
 
 def test_nx_reproducer_carries_the_option():
-    r = emu_cli("explore", "nxhuge", "--vcpus", "2", "--hugepages", "2m", "--nx-huge-pages", "--host", NX_RECOVER,
-                "--bug", "free-without-grace-period", "--random", "300", "--seed", "1")
+    r = emu_cli(
+        "explore",
+        "nxhuge",
+        "--vcpus",
+        "2",
+        "--hugepages",
+        "2m",
+        "--nx-huge-pages",
+        "--host",
+        NX_RECOVER,
+        "--bug",
+        "free-without-grace-period",
+        "--random",
+        "300",
+        "--seed",
+        "1",
+    )
     assert r.returncode != 0
     replay = next(line for line in r.stdout.splitlines() if "replay:" in line)
     assert "--nx-huge-pages" in replay and "--host 'nx-recover" in replay

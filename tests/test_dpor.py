@@ -23,12 +23,12 @@ def fp(reads=(), writes=(), all_r=False, all_w=False):
 # -- the dependency relation ------------------------------------------------------------------------------
 def test_footprints_conflict_only_through_a_write():
     a = fp(reads={("spte", 8)})
-    assert not a.dependent(fp(reads={("spte", 8)}))          # two reads commute
-    assert a.dependent(fp(writes={("spte", 8)}))             # a read and a write do not
+    assert not a.dependent(fp(reads={("spte", 8)}))  # two reads commute
+    assert a.dependent(fp(writes={("spte", 8)}))  # a read and a write do not
     assert fp(writes={("spte", 8)}).dependent(fp(writes={("spte", 8)}))
     assert not fp(writes={("spte", 8)}).dependent(fp(writes={("spte", 16)}))
-    assert fp(all_w=True).dependent(fp())                    # unknown: dependent on everything
-    assert fp(all_r=True).dependent(fp(writes={"x"}))        # reads everything: any write
+    assert fp(all_w=True).dependent(fp())  # unknown: dependent on everything
+    assert fp(all_r=True).dependent(fp(writes={"x"}))  # reads everything: any write
     assert not fp(all_r=True).dependent(fp(reads={"x"}))
 
 
@@ -37,7 +37,7 @@ def test_races_finds_the_unordered_conflicting_pair_only():
     events = [(0, fp(writes={"x"}), 0), (1, fp(reads={"y"}), 1), (1, fp(writes={"x"}), -1)]
     found = [(i, j) for i, j, _ in races(events)]
     assert found == [(0, 2)]
-    (_, _, initials), = races(events)
+    ((_, _, initials),) = races(events)
     assert initials == [1]
 
 
@@ -57,6 +57,7 @@ def _signatures(ex, search):
         if outcome.signature is not None:
             seen.add(outcome.signature)
         return account(res, outcome, trace_strategy)
+
     ex._account = keep
     ex.with_signature = True
     res = search(ex)
@@ -66,18 +67,18 @@ def _signatures(ex, search):
 def test_dpor_reaches_every_outcome_the_bounded_search_reaches_no_freeze():
     """Soundness: on the seed's race (no freeze), DFS and DPOR with the same bound reach the
     same distinct outcomes (errors, reports and final table contents), with far fewer runs."""
-    make = lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True)   # noqa: E731
+    make = lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True)  # noqa: E731
     dfs, dfs_seen = _signatures(Explorer(make), lambda ex: ex.dfs(bound=1, stop_at_first=False))
     dpor, dpor_seen = _signatures(Explorer(make), lambda ex: ex.dpor(bound=1, stop_at_first=False))
     assert dfs.complete and dpor.complete
     assert dpor_seen == dfs_seen
-    assert len({s[0] for s in dfs_seen}) >= 2                 # the failures and the clean end
+    assert len({s[0] for s in dfs_seen}) >= 2  # the failures and the clean end
     assert dpor.runs * 5 <= dfs.runs
 
 
 def test_dpor_reaches_what_the_bounded_search_reaches_accept2():
     """Soundness on a guest where both vCPUs accept the same pages (module locks, BUSY, retries)."""
-    make = lambda: Machine("accept2", vm="tdx", vcpus=2)   # noqa: E731
+    make = lambda: Machine("accept2", vm="tdx", vcpus=2)  # noqa: E731
     dfs, dfs_seen = _signatures(Explorer(make), lambda ex: ex.dfs(bound=1, stop_at_first=False))
     dpor, dpor_seen = _signatures(Explorer(make), lambda ex: ex.dpor(bound=1, stop_at_first=False))
     assert dfs.complete and dpor.complete

@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 
 from emu.checkers.explore import Explorer
-from emu.checkers.sched import (Scheduler, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
-                       SCHEDULE_PREFIX)
+from emu.checkers.sched import (
+    Scheduler,
+    ReplayStrategy,
+    encode_schedule,
+    decode_schedule,
+    ScheduleError,
+    SCHEDULE_PREFIX,
+)
 from emu.userspace.vmm import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +56,9 @@ def test_no_freeze_finds_the_seed_race(race_found):
     assert "-> TDX_EPT_WALK_FAILED|0x1 rcx 0x8000000000000000 rdx 0x1" in done[aug]
     # and vCPU 0 had entered that SEPT.ADD before vCPU 1's AUG: the preemption is inside it
     text = "\n".join(f.trace)
-    assert text.index("seamcall_entry:              TDH_MEM_SEPT_ADD rcx 0x1400001") < \
-        text.index("TDH_MEM_PAGE_AUG rcx 0x1401000")
+    assert text.index("seamcall_entry:              TDH_MEM_SEPT_ADD rcx 0x1400001") < text.index(
+        "TDH_MEM_PAGE_AUG rcx 0x1401000"
+    )
 
 
 def test_replay_is_byte_for_byte(race_found):
@@ -76,7 +83,7 @@ def test_the_failing_schedule_passes_with_the_protocol(race_found):
 def test_freeze_protocol_survives_every_schedule_with_two_preemptions():
     res = race2(no_freeze=False).dfs(bound=2)
     assert res.complete and res.failures == 0 and res.first_failure is None
-    assert res.runs > 100          # the bounded space is real, not one schedule
+    assert res.runs > 100  # the bounded space is real, not one schedule
 
 
 def test_random_pct_finds_the_race_and_is_seeded():
@@ -129,13 +136,15 @@ def test_a_replay_that_diverges_says_where():
 
 # -- the command line ---------------------------------------------------------------------------------------
 def emu(*args):
-    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "emu", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_explore_json_finds_the_race():
-    p = emu("explore", "race2", "--vm", "tdx", "--vcpus", "2", "--no-freeze", "--random", "100", "--seed", "3",
-            "--json")
+    p = emu(
+        "explore", "race2", "--vm", "tdx", "--vcpus", "2", "--no-freeze", "--random", "100", "--seed", "3", "--json"
+    )
     assert p.returncode == 1, p.stderr
     out = json.loads(p.stdout)
     assert {"runs", "failures", "first_failure"} <= set(out)
@@ -165,39 +174,55 @@ def test_cli_explore_bad_input(args):
 # Runs that chose alike share one process and fork where they part.  That is only a speed-up if
 # every run's outcome is exactly the one it has when it runs alone from the snapshot.
 
+
 def _pct_outcomes(ex, seeds, tree, jobs=2):
     from emu.checkers.explore import PctRuns, in_children, _explorer_error, _slim, _error_kind
     from emu.checkers.forktree import in_cohorts, run_cohort
+
     ex.with_signature = True
     base = ex.baseline()
     spec = PctRuns(ex, len(ex.machine.vcpus) + len(ex.machine.host_events), max(len(base.decisions), 1), 3)
     if tree:
-        outs = in_cohorts((spec.strategy(s) for s in seeds), len(seeds), jobs,
-                          lambda members: run_cohort(lambda st: ex._run_here(st, False), members, _slim,
-                                                     _explorer_error),
-                          in_children, _explorer_error)
+        outs = in_cohorts(
+            (spec.strategy(s) for s in seeds),
+            len(seeds),
+            jobs,
+            lambda members: run_cohort(lambda st: ex._run_here(st, False), members, _slim, _explorer_error),
+            in_children,
+            _explorer_error,
+        )
     else:
         run = spec.setup(None, here=ex)
         outs = in_children(((lambda s=s: run(s)) for s in seeds), _explorer_error, jobs)
     return [(o.signature, o.error and _error_kind(o.error), o.error and o.schedule) for o in outs]
 
 
-@pytest.mark.parametrize("make", [
-    lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True),
-    lambda: Machine("sharedrw", vm="tdx", vcpus=2, bugs=["fault-ignores-invalidation"],
-                    host_events=["private 0x1c00000-0x1c02000@40"]),
-], ids=["race2-no-freeze", "sharedrw-host-event-bug"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True),
+        lambda: Machine(
+            "sharedrw",
+            vm="tdx",
+            vcpus=2,
+            bugs=["fault-ignores-invalidation"],
+            host_events=["private 0x1c00000-0x1c02000@40"],
+        ),
+    ],
+    ids=["race2-no-freeze", "sharedrw-host-event-bug"],
+)
 def test_fork_tree_gives_each_run_its_own_outcome(make):
     # Both machines fail in some of these runs and pass in others, so failures (a branch's
     # error, its schedule) travel through the tree as well as passes.
     import random as _random
+
     rng = _random.Random(5)
     seeds = [rng.getrandbits(64) for _ in range(150)]
     per_run = _pct_outcomes(Explorer(make), seeds, tree=False)
     tree = _pct_outcomes(Explorer(make), seeds, tree=True)
     assert len(tree) == len(per_run) == 150
     assert tree == per_run
-    assert len({o[0] for o in tree}) > 1          # the runs really differ
+    assert len({o[0] for o in tree}) > 1  # the runs really differ
     assert any(o[1] for o in tree) and not all(o[1] for o in tree)
 
 

@@ -22,8 +22,17 @@ import sys
 import time
 
 import pytest
-from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL,
-                     UC_HOOK_INSN_INVALID, UC_HOOK_INSN, UC_TLB_VIRTUAL)
+from unicorn import (
+    Uc,
+    UcError,
+    UC_ARCH_X86,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_HOOK_TLB_FILL,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INSN,
+    UC_TLB_VIRTUAL,
+)
 from unicorn import x86_const as X
 
 from emu.userspace import guestabi, guests, loader
@@ -40,16 +49,37 @@ HUGE = 2 * MiB
 _VMCALL = guestabi.VMCALL_BYTES
 _TDCALL = guestabi.TDCALL_BYTES
 MSR_EFER = 0xC0000080
-BOOT_EFER = (1 << 8) | (1 << 10)                 # LME | LMA
-BOOT_CR0 = (1 << 31) | (1 << 16) | 0x33          # PG WP NE ET MP PE
+BOOT_EFER = (1 << 8) | (1 << 10)  # LME | LMA
+BOOT_CR0 = (1 << 31) | (1 << 16) | 0x33  # PG WP NE ET MP PE
 CR4_PAE = 1 << 5
 TDX_PAGE_ALREADY_ACCEPTED = 0x00000B0A00000000
 TDX_PAGE_SIZE_MISMATCH = 0xC0000B0B00000000
 TDX_OPERAND_BUSY = 0x8000020000000000
 
-REG = {n: getattr(X, "UC_X86_REG_" + n.upper()) for n in
-       ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
-        "r12", "r13", "r14", "r15", "rip", "rflags", "cr3")}
+REG = {
+    n: getattr(X, "UC_X86_REG_" + n.upper())
+    for n in (
+        "rax",
+        "rbx",
+        "rcx",
+        "rdx",
+        "rsi",
+        "rdi",
+        "rbp",
+        "rsp",
+        "r8",
+        "r9",
+        "r10",
+        "r11",
+        "r12",
+        "r13",
+        "r14",
+        "r15",
+        "rip",
+        "rflags",
+        "cr3",
+    )
+}
 
 
 class GuestFault(Exception):
@@ -60,25 +90,25 @@ class MiniVm:
     def __init__(self, mem_size, td=False):
         self.mem_size = mem_size
         self.td = td
-        self.buf = mmap.mmap(-1, mem_size)       # shared by every vCPU's Uc
+        self.buf = mmap.mmap(-1, mem_size)  # shared by every vCPU's Uc
         self._ptr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
-        self.reports = {}                        # vCPU -> [values]
-        self.fails = {}                          # vCPU -> code
-        self.accepted_4k = set()                 # GPAs accepted with TDG.MEM.PAGE.ACCEPT
+        self.reports = {}  # vCPU -> [values]
+        self.fails = {}  # vCPU -> code
+        self.accepted_4k = set()  # GPAs accepted with TDG.MEM.PAGE.ACCEPT
         self.accepted_2m = set()
-        self.accept_log = []                     # (gpa, level, status)
-        self.busy_once = set()                   # (gpa, level) to answer BUSY once
-        self.hypercalls = []                     # (vcpu, kind, regs) in order
+        self.accept_log = []  # (gpa, level, status)
+        self.busy_once = set()  # (gpa, level) to answer BUSY once
+        self.hypercalls = []  # (vcpu, kind, regs) in order
         self.final_regs = {}
-        self.td_halted = set()                   # vCPUs that halted with TDG.VP.VMCALL<Instruction.HLT>
+        self.td_halted = set()  # vCPUs that halted with TDG.VP.VMCALL<Instruction.HLT>
 
     # memory, as the loader's write_gpa callback and for tests
     def write_gpa(self, gpa, data):
         assert 0 <= gpa and gpa + len(data) <= self.mem_size, hex(gpa)
-        self.buf[gpa:gpa + len(data)] = data
+        self.buf[gpa : gpa + len(data)] = data
 
     def read_gpa(self, gpa, n):
-        return bytes(self.buf[gpa:gpa + n])
+        return bytes(self.buf[gpa : gpa + n])
 
     def read64(self, gpa):
         return struct.unpack_from("<Q", self.buf, gpa)[0]
@@ -107,7 +137,7 @@ class MiniVm:
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | CR4_PAE)
         uc.msr_write(MSR_EFER, BOOT_EFER)
-        uc.reg_write(X.UC_X86_REG_CR0, BOOT_CR0)   # with PG set, `mov cr3` flushes the TLB
+        uc.reg_write(X.UC_X86_REG_CR0, BOOT_CR0)  # with PG set, `mov cr3` flushes the TLB
         for name in ("rsp", "rdi", "rsi", "cr3"):
             uc.reg_write(REG[name], regs[name])
         fault = []
@@ -139,8 +169,12 @@ class MiniVm:
             if self.td and uc.reg_read(X.UC_X86_REG_EAX) == guestabi.TDX_CPUID_LEAF:
                 v = guestabi.TDX_CPUID_VENDOR
                 ebx, edx, ecx = (struct.unpack_from("<I", v, k)[0] for k in (0, 4, 8))
-                for r, val in ((X.UC_X86_REG_RAX, 0), (X.UC_X86_REG_RBX, ebx),
-                               (X.UC_X86_REG_RCX, ecx), (X.UC_X86_REG_RDX, edx)):
+                for r, val in (
+                    (X.UC_X86_REG_RAX, 0),
+                    (X.UC_X86_REG_RBX, ebx),
+                    (X.UC_X86_REG_RCX, ecx),
+                    (X.UC_X86_REG_RDX, edx),
+                ):
                     uc.reg_write(r, val)
                 return 1
             return 0
@@ -156,8 +190,7 @@ class MiniVm:
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         gpa = self.translate(uc.reg_read(X.UC_X86_REG_CR3), rip - 1)
         if i not in self.td_halted and (gpa is None or self.read_gpa(gpa, 1) != b"\xf4"):
-            raise GuestFault(f"vCPU {i} stopped at {rip:#x} without HLT "
-                             f"(instruction limit {max_insns}?)")
+            raise GuestFault(f"vCPU {i} stopped at {rip:#x} without HLT (instruction limit {max_insns}?)")
         self.final_regs[i] = {n: uc.reg_read(r) for n, r in REG.items()}
 
     def _vmcall(self, i, uc):
@@ -225,9 +258,11 @@ class MiniVm:
 # Helpers
 # ---------------------------------------------------------------------------
 
+
 class FakeMemory:
     """Guest memory as a bytearray, filled with a poison byte so that what
     the loader did not write (and .bss it forgot to zero) shows."""
+
     POISON = 0xA5
 
     def __init__(self, size):
@@ -236,7 +271,7 @@ class FakeMemory:
 
     def write_gpa(self, gpa, data):
         assert 0 <= gpa and gpa + len(data) <= len(self.buf), f"write outside memory at {gpa:#x}"
-        self.buf[gpa:gpa + len(data)] = data
+        self.buf[gpa : gpa + len(data)] = data
         self.writes.append((gpa, len(data)))
 
     def read64(self, gpa):
@@ -251,7 +286,7 @@ class SparseMemory:
 
     def write_gpa(self, gpa, data):
         for off in range(0, len(data), 0x1000):
-            chunk = data[off:off + 0x1000]
+            chunk = data[off : off + 0x1000]
             if any(chunk) or (gpa + off) in self.pages:
                 self.pages[gpa + off] = bytes(chunk)
 
@@ -299,6 +334,7 @@ needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not i
 # Building and finding guests
 # ---------------------------------------------------------------------------
 
+
 def test_names_lists_the_guests():
     assert {"hello", "touch", "pagewalk"} <= set(guests.names())
     assert guests.names() == sorted(guests.names())
@@ -324,7 +360,7 @@ def test_each_guest_builds_and_loads(name):
 def test_build_is_incremental_and_external_names(tmp_path):
     src = write_source(tmp_path, "mine.S", ".globl _start\n_start:\n    EXIT\n")
     elf = guests.build(src)
-    assert elf.parent == guests.cache_dir() / "guest" / guests.checkout_key()      # out of the tree: the cache directory
+    assert elf.parent == guests.cache_dir() / "guest" / guests.checkout_key()  # out of the tree: the cache directory
     assert re.fullmatch(r"ext-mine-[0-9a-f]{8}\.elf", elf.name)
     first = elf.stat().st_mtime_ns
     assert guests.build(src) == elf and elf.stat().st_mtime_ns == first  # up to date
@@ -344,7 +380,7 @@ def test_resolve_accepts_paths_to_source_and_elf(tmp_path):
     src = write_source(tmp_path, "p.S", ".globl _start\n_start:\n    EXIT\n")
     elf = guests.resolve(str(src))
     assert elf.is_file()
-    copy = tmp_path / "copied-guest"           # an ELF needs no particular name
+    copy = tmp_path / "copied-guest"  # an ELF needs no particular name
     shutil.copy(elf, copy)
     assert guests.resolve(str(copy)) == copy
 
@@ -385,23 +421,30 @@ def test_a_file_that_is_neither_elf_nor_source_is_refused(tmp_path):
 
 
 def test_missing_binutils_is_one_clear_message(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))       # nothing in it
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing in it
     with pytest.raises(GuestError) as ei:
         guests.check_binutils()
-    assert str(ei.value) == ("GNU as/ld not found: guests are assembled with binutils; "
-                             "install it: apt-get install binutils")
+    assert str(ei.value) == (
+        "GNU as/ld not found: guests are assembled with binutils; install it: apt-get install binutils"
+    )
 
 
 def test_cli_build_and_its_error_exit(tmp_path):
     repo = guests.REPO
-    res = subprocess.run([sys.executable, "-m", "emu.userspace.guests", "build"], cwd=repo,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "emu.userspace.guests", "build"], cwd=repo, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert [ln.split()[0] for ln in lines] == guests.names()
     # without binutils on PATH: exit 2 and one line on stderr
-    res = subprocess.run([sys.executable, "-m", "emu.userspace.guests", "build"], cwd=repo,
-                         capture_output=True, text=True, env={**os.environ, "PATH": str(tmp_path)})
+    res = subprocess.run(
+        [sys.executable, "-m", "emu.userspace.guests", "build"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": str(tmp_path)},
+    )
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "GNU as/ld not found" in res.stderr
     assert "Traceback" not in res.stderr
@@ -409,11 +452,17 @@ def test_cli_build_and_its_error_exit(tmp_path):
 
 def test_emu_inc_constants_match_guestabi():
     text = (guests.LIB_DIR / "emu.inc").read_text()
-    equs = {m.group(1): int(m.group(2), 0)
-            for m in re.finditer(r"^\.equ\s+(\w+),\s*(0x[0-9a-fA-F]+|\d+)", text, re.M)}
+    equs = {m.group(1): int(m.group(2), 0) for m in re.finditer(r"^\.equ\s+(\w+),\s*(0x[0-9a-fA-F]+|\d+)", text, re.M)}
     shared = [n for n in equs if hasattr(guestabi, n)]
-    assert {"EMU_HC_REPORT", "EMU_HC_FAIL", "GHCI_REPORT_FATAL_ERROR", "GHCI_INSTRUCTION_HLT",
-            "TDVMCALL_EXPOSE_REGS", "TDG_VP_VMCALL", "TDG_MEM_PAGE_ACCEPT"} <= set(shared)
+    assert {
+        "EMU_HC_REPORT",
+        "EMU_HC_FAIL",
+        "GHCI_REPORT_FATAL_ERROR",
+        "GHCI_INSTRUCTION_HLT",
+        "TDVMCALL_EXPOSE_REGS",
+        "TDG_VP_VMCALL",
+        "TDG_MEM_PAGE_ACCEPT",
+    } <= set(shared)
     for n in shared:
         assert equs[n] == getattr(guestabi, n), n
 
@@ -421,6 +470,7 @@ def test_emu_inc_constants_match_guestabi():
 # ---------------------------------------------------------------------------
 # The loader: images
 # ---------------------------------------------------------------------------
+
 
 def test_symbolize_names_touch_loop():
     image = image_of("touch")
@@ -430,7 +480,7 @@ def test_symbolize_names_touch_loop():
     area = image.symbol("touch_area")
     assert image.symbolize(area + 0x3008) == "touch_area+0x3008"
     assert image.symbolize(guestabi.GUEST_LOAD_BASE - 1) is None
-    assert image.symbolize(0x7FF000) is None                    # a stack address
+    assert image.symbolize(0x7FF000) is None  # a stack address
     # the symbol list holds functions and labels, not .equ constants
     names = {n for _a, _s, n in image.symbols}
     assert {"_start", "touch_loop", "emu_report", "touch_area"} <= names
@@ -454,10 +504,11 @@ def test_load_errors_are_one_clear_message(tmp_path):
 
     # no PT_LOAD: turn every program header into PT_NOTE
     def no_load(d):
-        phoff, = struct.unpack_from("<Q", d, 32)
+        (phoff,) = struct.unpack_from("<Q", d, 32)
         phentsize, phnum = struct.unpack_from("<HH", d, 54)
         for k in range(phnum):
             struct.pack_into("<I", d, phoff + k * phentsize, 4)
+
     with pytest.raises(LoadError, match="no PT_LOAD"):
         loader.load_elf(_patched(tmp_path, "noload.elf", no_load))
 
@@ -469,8 +520,7 @@ def test_load_errors_are_one_clear_message(tmp_path):
 
     # damaged program-header table offset
     with pytest.raises(LoadError, match="corrupt"):
-        loader.load_elf(_patched(tmp_path, "badphoff.elf",
-                                 lambda d: struct.pack_into("<Q", d, 32, 1 << 40)))
+        loader.load_elf(_patched(tmp_path, "badphoff.elf", lambda d: struct.pack_into("<Q", d, 32, 1 << 40)))
 
     with pytest.raises(LoadError, match="cannot read"):
         loader.load_elf(tmp_path / "absent.elf")
@@ -487,17 +537,18 @@ def test_relocatable_object_is_refused():
 # The loader: boot layout
 # ---------------------------------------------------------------------------
 
+
 def test_segments_land_at_their_paddr_and_bss_is_zeroed():
     image = image_of("touch")
     mem = FakeMemory(8 * MiB)
     boot = loader.build_boot(image, 8 * MiB, 2, mem.write_gpa)
     for seg in image.segments:
-        assert mem.buf[seg.paddr:seg.paddr + len(seg.data)] == seg.data
-        assert not any(mem.buf[seg.paddr + len(seg.data):seg.end]), ".bss not zeroed"
+        assert mem.buf[seg.paddr : seg.paddr + len(seg.data)] == seg.data
+        assert not any(mem.buf[seg.paddr + len(seg.data) : seg.end]), ".bss not zeroed"
         for page in range(seg.paddr & ~0xFFF, seg.end, 0x1000):
             assert page in boot.pages
     area = image.symbol("touch_area")
-    assert mem.buf[area:area + 32 * 0x1000] == bytes(32 * 0x1000)
+    assert mem.buf[area : area + 32 * 0x1000] == bytes(32 * 0x1000)
     # nothing else below the loader region was touched
     lo, hi = image.image_range()
     assert mem.buf[hi] == FakeMemory.POISON and mem.buf[lo - 1] == FakeMemory.POISON
@@ -537,8 +588,7 @@ def test_stacks_and_registers():
         assert (lo, hi) == (mem_size - (i + 1) * stack, mem_size - i * stack)
         assert not any(mem.buf[lo:hi])
         assert all(p in boot.pages for p in range(lo, hi, 0x1000))
-        assert boot.regs(i) == {"rip": boot.entry, "rsp": hi, "rdi": i, "rsi": 4,
-                                "cr3": boot.cr3}
+        assert boot.regs(i) == {"rip": boot.entry, "rsp": hi, "rdi": i, "rsi": 4, "cr3": boot.cr3}
         assert hi % 16 == 0
     assert max(boot.page_table_gpas) < boot.stack_range(3)[0]
     assert boot.pages == sorted(set(boot.pages))
@@ -547,30 +597,32 @@ def test_stacks_and_registers():
 
 
 def test_identity_map_of_more_than_one_gib():
-    mem_size = 5 * 1024 * MiB + 4 * MiB       # several PDs, a partial last one
+    mem_size = 5 * 1024 * MiB + 4 * MiB  # several PDs, a partial last one
     mem = SparseMemory()
     boot = loader.build_boot(image_of("hello"), mem_size, 1, mem.write_gpa)
     for gva in (0, 1 << 30, (3 << 30) + 0x123456, mem_size - 1):
         assert loader.decode_map(mem.read64, boot.cr3, gva) == (gva, HUGE)
     assert loader.decode_map(mem.read64, boot.cr3, mem_size) is None
-    assert len(boot.page_table_gpas) == 1 + 1 + 6           # PML4, PDPT, 6 PDs
+    assert len(boot.page_table_gpas) == 1 + 1 + 6  # PML4, PDPT, 6 PDs
 
 
 def test_extra_maps():
     mem = FakeMemory(8 * MiB)
     shared = 1 << 47
-    window_gva = 0xFFFF_8000_0000_0000                      # upper canonical half
-    boot = loader.build_boot(image_of("hello"), 8 * MiB, 1, mem.write_gpa,
-                             extra_maps=[(window_gva, shared, 4 * MiB), (1 << 40, 0, HUGE)])
+    window_gva = 0xFFFF_8000_0000_0000  # upper canonical half
+    boot = loader.build_boot(
+        image_of("hello"), 8 * MiB, 1, mem.write_gpa, extra_maps=[(window_gva, shared, 4 * MiB), (1 << 40, 0, HUGE)]
+    )
     assert loader.decode_map(mem.read64, boot.cr3, window_gva + 0x201234) == (shared + 0x201234, HUGE)
     assert loader.decode_map(mem.read64, boot.cr3, (1 << 40) + 5) == (5, HUGE)
     assert loader.decode_map(mem.read64, boot.cr3, 0x123) == (0x123, HUGE)
-    for bad, why in [((0x400000, 0, HUGE), "already mapped"),
-                     ((1 << 40, 0x1000, HUGE), "2 MiB-aligned"),
-                     ((1 << 47, 0, HUGE), "canonical")]:
+    for bad, why in [
+        ((0x400000, 0, HUGE), "already mapped"),
+        ((1 << 40, 0x1000, HUGE), "2 MiB-aligned"),
+        ((1 << 47, 0, HUGE), "canonical"),
+    ]:
         with pytest.raises(LoadError, match=why):
-            loader.build_boot(image_of("hello"), 8 * MiB, 1, FakeMemory(8 * MiB).write_gpa,
-                              extra_maps=[bad])
+            loader.build_boot(image_of("hello"), 8 * MiB, 1, FakeMemory(8 * MiB).write_gpa, extra_maps=[bad])
 
 
 def _image_with_segment(paddr, memsz):
@@ -587,17 +639,20 @@ def test_segment_in_the_top_4mib_is_a_load_error():
         loader.build_boot(_image_with_segment(4 * MiB - 0x1000, 0x2000), 8 * MiB, 1, mem.write_gpa)
     with pytest.raises(LoadError, match="beyond guest memory"):
         loader.build_boot(_image_with_segment(8 * MiB, 0x1000), 8 * MiB, 1, mem.write_gpa)
-    assert mem.writes == []                                 # nothing written on error
+    assert mem.writes == []  # nothing written on error
     # just below the region is fine
     loader.build_boot(_image_with_segment(4 * MiB - 0x1000, 0x1000), 8 * MiB, 1, mem.write_gpa)
 
 
-@pytest.mark.parametrize("mem_size,nvcpus,why", [
-    (9 * MiB, 1, "multiple of 2 MiB"),
-    (6 * MiB, 1, "too small"),
-    (8 * MiB, 0, "at least 1"),
-    (8 * MiB, 300, "do not fit"),
-])
+@pytest.mark.parametrize(
+    "mem_size,nvcpus,why",
+    [
+        (9 * MiB, 1, "multiple of 2 MiB"),
+        (6 * MiB, 1, "too small"),
+        (8 * MiB, 0, "at least 1"),
+        (8 * MiB, 300, "do not fit"),
+    ],
+)
 def test_bad_boot_parameters(mem_size, nvcpus, why):
     with pytest.raises(LoadError, match=why):
         loader.build_boot(image_of("hello"), mem_size, nvcpus, FakeMemory(16 * MiB).write_gpa)
@@ -628,8 +683,11 @@ def test_gcc_static_elf_loads_at_lds_default_address(tmp_path):
     src = tmp_path / "cguest.c"
     src.write_text(C_GUEST)
     elf = tmp_path / "cguest"
-    subprocess.run(["gcc", "-static", "-nostdlib", "-ffreestanding", "-fno-pic", "-O1",
-                    "-mno-red-zone", "-o", str(elf), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        ["gcc", "-static", "-nostdlib", "-ffreestanding", "-fno-pic", "-O1", "-mno-red-zone", "-o", str(elf), str(src)],
+        check=True,
+        capture_output=True,
+    )
     assert guests.resolve(str(elf)) == elf
     image = loader.load_elf(elf)
     assert image.image_range()[0] == 0x400000
@@ -687,9 +745,9 @@ def test_touch_fails_on_a_dirty_page():
     image = image_of("touch")
     vm = MiniVm(16 * MiB)
     vm.boot(image, 1)
-    vm.write_gpa(image.symbol("touch_area") + 5 * 0x1000, b"\x01")   # after the loader
+    vm.write_gpa(image.symbol("touch_area") + 5 * 0x1000, b"\x01")  # after the loader
     vm.run()
-    assert vm.fails == {0: 2} and vm.reports == {}               # FAIL_NOT_ZERO
+    assert vm.fails == {0: 2} and vm.reports == {}  # FAIL_NOT_ZERO
 
 
 @flavours
@@ -699,7 +757,7 @@ def test_pagewalk_reads_through_its_own_tables(td):
     pml4 = image.symbol("pt_pool")
     assert vm.reports == {0: [pml4] + [0x4B1DFACE00000000 + k for k in (1, 2, 3, 4)]}
     assert vm.final_regs[0]["cr3"] == pml4
-    assert vm.final_regs[1]["cr3"] == vm.boot_info.cr3             # vCPU 1 just exits
+    assert vm.final_regs[1]["cr3"] == vm.boot_info.cr3  # vCPU 1 just exits
     # its tables map what the header says
     walk = lambda gva: loader.decode_map(vm.read64, pml4, gva)
     data = image.symbol("alias_data")
@@ -713,11 +771,23 @@ def test_pagewalk_reads_through_its_own_tables(td):
     assert vm.accept_log == ([(0x200000, 1, 0)] if td else [])
 
 
-PRESERVED = {"rax": 0x1111111111111111, "rbx": 0x2222222222222222, "rcx": 0x3333333333333333,
-             "rdx": 0x4444444444444444, "rsi": 0x5555555555555555, "rdi": 0x6666666666666666,
-             "rbp": 0x7777777777777777, "r8": 0x8888888888888888, "r9": 0x9999999999999999,
-             "r10": 0xAAAAAAAAAAAAAAAA, "r11": 0xBBBBBBBBBBBBBBBB, "r12": 0xCCCCCCCCCCCCCCCC,
-             "r13": 0xDDDDDDDDDDDDDDDD, "r14": 0xEEEEEEEEEEEEEEEE, "r15": 0xFFFFFFFFFFFFFFFF}
+PRESERVED = {
+    "rax": 0x1111111111111111,
+    "rbx": 0x2222222222222222,
+    "rcx": 0x3333333333333333,
+    "rdx": 0x4444444444444444,
+    "rsi": 0x5555555555555555,
+    "rdi": 0x6666666666666666,
+    "rbp": 0x7777777777777777,
+    "r8": 0x8888888888888888,
+    "r9": 0x9999999999999999,
+    "r10": 0xAAAAAAAAAAAAAAAA,
+    "r11": 0xBBBBBBBBBBBBBBBB,
+    "r12": 0xCCCCCCCCCCCCCCCC,
+    "r13": 0xDDDDDDDDDDDDDDDD,
+    "r14": 0xEEEEEEEEEEEEEEEE,
+    "r15": 0xFFFFFFFFFFFFFFFF,
+}
 
 # Fill every register, set CF, report in every operand form, and check that
 # nothing moved (each register against its value in .rodata).
@@ -751,7 +821,8 @@ lost:
     FAIL 0x73
     .section .rodata
 """
-    + "".join(f"value_{r}: .quad {v:#x}\n" for r, v in PRESERVED.items()))
+    + "".join(f"value_{r}: .quad {v:#x}\n" for r, v in PRESERVED.items())
+)
 
 
 @flavours
@@ -760,30 +831,36 @@ def test_report_preserves_registers_and_flags(tmp_path, td):
     vm, _ = run_guest(image, 1, td)
     assert vm.fails == {}
     rsp = vm.boot_info.regs(0)["rsp"] - 64
-    assert vm.reports == {0: [0x1111111111111111, 0x123456789ABCDEF0, (1 << 64) - 2,
-                              rsp, 0x1111111111111111, 0x6666666666666666, int(td)]}
+    assert vm.reports == {
+        0: [0x1111111111111111, 0x123456789ABCDEF0, (1 << 64) - 2, rsp, 0x1111111111111111, 0x6666666666666666, int(td)]
+    }
     regs = vm.final_regs[0]
     # A TD halts inside emu_halt's TDG.VP.VMCALL<Instruction.HLT>, with the call's registers live.
     halt_regs = {"rax", "rcx", "r10", "r11", "r12"} if td else {"rax"}
-    assert {r: regs[r] for r in PRESERVED if r not in halt_regs} == {r: v for r, v in PRESERVED.items()
-                                                                     if r not in halt_regs}
+    assert {r: regs[r] for r in PRESERVED if r not in halt_regs} == {
+        r: v for r, v in PRESERVED.items() if r not in halt_regs
+    }
     if not td:
-        assert regs["rax"] == 0                     # emu_is_td's answer
+        assert regs["rax"] == 0  # emu_is_td's answer
 
 
 @flavours
 def test_fail_reports_the_code_and_halts(tmp_path, td):
-    src = write_source(tmp_path, "failing.S", """
+    src = write_source(
+        tmp_path,
+        "failing.S",
+        """
 .globl _start
 _start:
     mov rbx, 0x5150
     FAIL 0x42
     REPORT 1            # never reached
-""")
+""",
+    )
     vm, image = run_guest(loader.load_elf(guests.build(src)), 2, td)
     assert vm.fails == {0: 0x42, 1: 0x42} and vm.reports == {}
     regs = vm.final_regs[0]
-    assert regs["rbx"] == 0x5150                    # registers kept for a post-mortem
+    assert regs["rbx"] == 0x5150  # registers kept for a post-mortem
     assert image.symbolize(regs["rip"]).startswith("emu_fail")
     last = [r for _i, _k, r in vm.hypercalls][-1]
     if td:
@@ -793,7 +870,10 @@ _start:
 
 
 def test_emu_accept_uses_2m_pages_where_it_can(tmp_path):
-    src = write_source(tmp_path, "accept.S", """
+    src = write_source(
+        tmp_path,
+        "accept.S",
+        """
 .globl _start
 _start:
     mov rdi, 0x1ff000           # 4K, then a whole 2M page, then 4K up to the end
@@ -805,17 +885,16 @@ _start:
     call emu_accept
     REPORT rax
     EXIT
-""")
+""",
+    )
     image = loader.load_elf(guests.build(src))
     vm = MiniVm(16 * MiB, td=True)
     vm.boot(image, 1)
     vm.busy_once = {(0x200000, 1)}
     vm.run()
     assert vm.reports == {0: [0, 0]}
-    ok, already, mismatch, busy = (0, TDX_PAGE_ALREADY_ACCEPTED, TDX_PAGE_SIZE_MISMATCH,
-                                   TDX_OPERAND_BUSY)
-    first = [(0x1FF000, 0, ok), (0x200000, 1, busy), (0x200000, 1, ok),
-             (0x400000, 0, ok), (0x401000, 0, ok)]
+    ok, already, mismatch, busy = (0, TDX_PAGE_ALREADY_ACCEPTED, TDX_PAGE_SIZE_MISMATCH, TDX_OPERAND_BUSY)
+    first = [(0x1FF000, 0, ok), (0x200000, 1, busy), (0x200000, 1, ok), (0x400000, 0, ok), (0x401000, 0, ok)]
     # 4K pages inside: the 2M accept is refused, then page by page
     second = [(0x400000, 1, mismatch), (0x400000, 0, already), (0x401000, 0, already)]
     second += [(gpa, 0, ok) for gpa in range(0x402000, 0x600000, 0x1000)]
@@ -825,7 +904,10 @@ _start:
 
 
 def test_emu_accept_returns_an_error_status(tmp_path):
-    src = write_source(tmp_path, "accept_bad.S", """
+    src = write_source(
+        tmp_path,
+        "accept_bad.S",
+        """
 .globl _start
 _start:
     mov rdi, 0x300000
@@ -833,9 +915,10 @@ _start:
     call emu_accept
     REPORT rax
     EXIT
-""")
+""",
+    )
     vm = MiniVm(16 * MiB, td=True)
     vm.boot(loader.load_elf(guests.build(src)), 1)
-    vm._accept = lambda gpa, level: 0xC000010000000001     # OPERAND_INVALID | RCX
+    vm._accept = lambda gpa, level: 0xC000010000000001  # OPERAND_INVALID | RCX
     vm.run()
     assert vm.reports == {0: [0xC000010000000001]}

@@ -18,14 +18,13 @@ from emu.userspace.vmm import Machine, MachineError
 from tdxmod import abi as A
 
 HUGE = dict(vm="tdx", hugepages="2m", tdx_huge_pages=True)
-VE = A.TD_ATTR_DEBUG                     # --sept-ve-disable off: an access to a PENDING page is a #VE
+VE = A.TD_ATTR_DEBUG  # --sept-ve-disable off: an access to a PENDING page is a #VE
 MISMATCH_2M = A.TDX_PAGE_SIZE_MISMATCH | 1
 PUNCH = "punch 0x2405000-0x2406000@300"
 
 
 def emu_cli(*args):
-    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def run(guest, vcpus=1, **kw):
@@ -35,9 +34,12 @@ def run(guest, vcpus=1, **kw):
     res = m.run()
     assert res.ok, res.error
     assert check_vm(m.kvm) == []
-    calls = Counter((e.fields["leaf"], e.fields["status"], e.fields["rcx"] & 7) for e in sink.events
-                    if e.name == "seamcall" and e.fields["leaf"].startswith("TDH_MEM"))
-    m.destroy()                                   # (its SEAMCALLs are not counted)
+    calls = Counter(
+        (e.fields["leaf"], e.fields["status"], e.fields["rcx"] & 7)
+        for e in sink.events
+        if e.name == "seamcall" and e.fields["leaf"].startswith("TDH_MEM")
+    )
+    m.destroy()  # (its SEAMCALLs are not counted)
     assert check_destroyed(m.kvm) == []
     return res, calls
 
@@ -53,6 +55,7 @@ def per_vcpu(res):
 # The scenario guests
 # ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_hpaccept_one_aug_at_2m(vcpus):
     """With --tdx-huge-pages a 2M ACCEPT's exit is one 2M AUG per vCPU and the ACCEPT returns 0."""
@@ -63,9 +66,11 @@ def test_hpaccept_one_aug_at_2m(vcpus):
     assert not any(leaf == "TDH_MEM_PAGE_DEMOTE" for leaf, _, _ in calls)
 
 
-@pytest.mark.parametrize("kw, first", [(dict(vm="tdx"), MISMATCH_2M), (dict(vm="default"), 0),
-                                       (dict(vm="tdx", hugepages="2m"), MISMATCH_2M)],
-                         ids=["td-4k", "plain", "td-2m-backing-no-option"])
+@pytest.mark.parametrize(
+    "kw, first",
+    [(dict(vm="tdx"), MISMATCH_2M), (dict(vm="default"), 0), (dict(vm="tdx", hugepages="2m"), MISMATCH_2M)],
+    ids=["td-4k", "plain", "td-2m-backing-no-option"],
+)
 def test_hpaccept_without_huge_pages(kw, first):
     """Without the option KVM maps 4K: the 2M ACCEPT is PAGE_SIZE_MISMATCH|1 and the guest accepts 4K."""
     res, calls = run("hpaccept", **kw)
@@ -99,28 +104,36 @@ def test_hpconvert_splits_and_zaps_one_page(vcpus):
     page (REMOVE at 4K), the other 511 keep their data."""
     res, calls = run("hpconvert", vcpus, **HUGE)
     for v, reports in per_vcpu(res).items():
-        assert reports == [((v + 1) << 32) * 511 + 130816 - 5, 0x5ad0 + v, 0, 0]
+        assert reports == [((v + 1) << 32) * 511 + 130816 - 5, 0x5AD0 + v, 0, 0]
     assert calls[("TDH_MEM_PAGE_DEMOTE", "TDX_SUCCESS", 1)] == vcpus
     assert not any(leaf == "TDH_MEM_PAGE_REMOVE" and level == 1 for leaf, _, level in calls)
 
 
 def test_hpconvert_4k():
     res, _ = run("hpconvert", vm="tdx")
-    assert per_vcpu(res)[0] == [(1 << 32) * 511 + 130816 - 5, 0x5ad0, 0, 0]
+    assert per_vcpu(res)[0] == [(1 << 32) * 511 + 130816 - 5, 0x5AD0, 0, 0]
 
 
 @pytest.mark.parametrize("kw", [HUGE, dict(vm="tdx")], ids=["huge", "4k"])
 def test_hppunch_keeps_the_other_511_pages(kw):
     """A host punch of 4K out of a 2M private page under the guest: split, then one page removed."""
     res, calls = run("hppunch", host_events=[PUNCH], **kw)
-    assert per_vcpu(res)[0] == [200, 0x1ff0001fefb]
+    assert per_vcpu(res)[0] == [200, 0x1FF0001FEFB]
     assert calls[("TDH_MEM_PAGE_DEMOTE", "TDX_SUCCESS", 1)] == (1 if kw is HUGE else 0)
     assert calls[("TDH_MEM_PAGE_REMOVE", "TDX_SUCCESS", 0)] == 1
 
 
-@pytest.mark.parametrize("guest, vcpus, kw", [("hpmixed", 2, HUGE), ("hpmixed", 3, HUGE), ("hpmixed", 2, dict(vm="tdx")),
-                                               ("hpmixed", 2, dict(vm="default")), ("hprace", 3, HUGE),
-                                               ("hprace", 2, dict(vm="tdx"))])
+@pytest.mark.parametrize(
+    "guest, vcpus, kw",
+    [
+        ("hpmixed", 2, HUGE),
+        ("hpmixed", 3, HUGE),
+        ("hpmixed", 2, dict(vm="tdx")),
+        ("hpmixed", 2, dict(vm="default")),
+        ("hprace", 3, HUGE),
+        ("hprace", 2, dict(vm="tdx")),
+    ],
+)
 def test_mixed_level_accepts(guest, vcpus, kw):
     res, _ = run(guest, vcpus, **kw)
     per = 16 + (8 if guest == "hpmixed" else 16) * (vcpus - 1)
@@ -142,13 +155,17 @@ def test_mirror_leaves_never_promoted():
 # Options
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(vm="default", hugepages="2m", tdx_huge_pages=True), "needs --vm tdx"),
-    (dict(vm="tdx", tdx_huge_pages=True), "--hugepages 2m"),
-    (dict(vm="tdx", hugepages="2m", tdx_huge_pages=True, mirror_hooks="6.16"), "7.2 mirror hooks"),
-    (dict(vm="tdx", mirror_hooks="6.17"), "unknown mirror hooks"),
-    (dict(vm="default", demote_interruptible=True), "needs --vm tdx"),
-])
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(vm="default", hugepages="2m", tdx_huge_pages=True), "needs --vm tdx"),
+        (dict(vm="tdx", tdx_huge_pages=True), "--hugepages 2m"),
+        (dict(vm="tdx", hugepages="2m", tdx_huge_pages=True, mirror_hooks="6.16"), "7.2 mirror hooks"),
+        (dict(vm="tdx", mirror_hooks="6.17"), "unknown mirror hooks"),
+        (dict(vm="default", demote_interruptible=True), "needs --vm tdx"),
+    ],
+)
 def test_option_errors(kw, msg):
     with pytest.raises(MachineError, match=msg):
         Machine("hpaccept", **kw)
@@ -167,8 +184,9 @@ def test_demote_interruptible_module_keeps_huge_pages_off():
 
 
 def test_cli_run_and_reproducer_flags():
-    r = emu_cli("run", "hpsplit", "--vm", "tdx", "--hugepages", "2m", "--tdx-huge-pages", "--sept-ve-disable", "off",
-                "--json")
+    r = emu_cli(
+        "run", "hpsplit", "--vm", "tdx", "--hugepages", "2m", "--tdx-huge-pages", "--sept-ve-disable", "off", "--json"
+    )
     assert r.returncode == 0, r.stderr
     r = emu_cli("run", "hpaccept", "--vm", "tdx", "--tdx-huge-pages")
     assert r.returncode != 0 and "--hugepages 2m" in r.stderr
@@ -178,16 +196,19 @@ def test_cli_run_and_reproducer_flags():
 # The zap checker, fault points
 # ---------------------------------------------------------------------------
 
+
 def test_over_zap_is_caught(monkeypatch):
     """A conversion that does not split first (tdx_gmem_convert() doing nothing) zaps the whole 2M
     page for one 4K page: the checker names it (the guest then dies touching a page it had
     accepted, which the run reports first)."""
     from emu.kvm.tdx import TdxX86Ops
+
     monkeypatch.setattr(TdxX86Ops, "gmem_convert", lambda self, kvm, start, end, to_private: 0)
     m = Machine("hpconvert", **HUGE)
     assert not m.run().ok
-    assert m.kvm.violations == ["zap of gfn 0x2405-0x2406 removes the 2M private page at gfn 0x2400-0x2600: "
-                                "beyond the range asked"]
+    assert m.kvm.violations == [
+        "zap of gfn 0x2405-0x2406 removes the 2M private page at gfn 0x2400-0x2600: beyond the range asked"
+    ]
 
 
 def test_split_fault_point_kills_the_vm():
@@ -203,8 +224,14 @@ def test_host_interrupt_fault_point_without_enhanced_interruptibility():
     """tdx.host_interrupt once, on a module without ENHANCED_DEMOTE_INTERRUPTIBILITY, with KVM's
     huge pages forced on (demote-interrupted-is-error): the DEMOTE is INTERRUPTED_RESTARTABLE and
     KVM, treating it as an error, kills the VM."""
-    m = Machine("hpsplit", td_attributes=VE, demote_interruptible=True, bugs=["demote-interrupted-is-error"],
-                inject=["tdx.host_interrupt@1"], **HUGE)
+    m = Machine(
+        "hpsplit",
+        td_attributes=VE,
+        demote_interruptible=True,
+        bugs=["demote-interrupted-is-error"],
+        inject=["tdx.host_interrupt@1"],
+        **HUGE,
+    )
     res = m.run()
     assert not res.ok and "TDX_INTERRUPTED_RESTARTABLE" in res.error, res.error
 
@@ -220,8 +247,12 @@ HUGE_BUG_CASES = [
     ("inhibit-on-shared-root", {}, 1, "under the shared mmu_lock"),
     ("split-alloc-no-recheck", {}, 3, "TDH.MEM.PAGE.DEMOTE"),
     ("demote-interrupted-is-error", {"demote_interruptible": True}, 2, "TDX_INTERRUPTED_RESTARTABLE"),
-    ("demote-interrupted-retried-forever", {"demote_interruptible": True, "inject": ["tdx.host_interrupt@every"]}, 1,
-     "soft lockup"),
+    (
+        "demote-interrupted-retried-forever",
+        {"demote_interruptible": True, "inject": ["tdx.host_interrupt@every"]},
+        1,
+        "soft lockup",
+    ),
 ]
 
 
@@ -252,8 +283,23 @@ def test_mixed_level_accept_dpor_no_failure():
 
 
 def test_reproducer_carries_the_options():
-    r = emu_cli("explore", "hprace", "--vm", "tdx", "--vcpus", "3", "--hugepages", "2m", "--tdx-huge-pages",
-                "--bug", "guest-inhibit-cleared", "--random", "300", "--seed", "1")
+    r = emu_cli(
+        "explore",
+        "hprace",
+        "--vm",
+        "tdx",
+        "--vcpus",
+        "3",
+        "--hugepages",
+        "2m",
+        "--tdx-huge-pages",
+        "--bug",
+        "guest-inhibit-cleared",
+        "--random",
+        "300",
+        "--seed",
+        "1",
+    )
     assert r.returncode != 0
     replay = next(line for line in r.stdout.splitlines() if "replay:" in line)
     assert "--tdx-huge-pages" in replay and "--hugepages 2m" in replay and "--mirror-hooks" not in replay

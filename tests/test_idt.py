@@ -66,8 +66,16 @@ def test_idt_guest(vm):
     m, res = run("idt", vm)
     assert res.ok, res.error
     sym = m.image.symbol
-    assert [v for _, v in res.reports] == [sym("ud_site"), 0x10000, 0, 0x40000000, 2, 0x40000000,
-                                           sym("int_next"), 0x1d7]
+    assert [v for _, v in res.reports] == [
+        sym("ud_site"),
+        0x10000,
+        0,
+        0x40000000,
+        2,
+        0x40000000,
+        sym("int_next"),
+        0x1D7,
+    ]
     assert check_vm(m.kvm) == []
     m.destroy()
     assert check_destroyed(m.kvm) == []
@@ -77,13 +85,16 @@ def test_idt_guest(vm):
 def test_bad_gate_selector_is_gp_with_ext(tmp_path, vm):
     """A #UD whose gate names selector 0x18, beyond the GDT's limit (0x17): #GP with error code
     0x18 | EXT (1), delivered after the benign #UD (serially), RIP still the UD2."""
-    body = _set(6, "ud_handler") + """
+    body = (
+        _set(6, "ud_handler")
+        + """
     lea rax, [rip + emu_idt]
     mov word ptr [rax + 6 * 16 + 2], 0x18
     .globl site
 site:
     ud2
 """
+    )
     p = guest(tmp_path, "badsel", body, [(13, "gp_handler")])
     m, res = run(p, vm)
     assert res.ok, res.error
@@ -95,7 +106,9 @@ def test_pf_with_gate_not_present_is_a_double_fault(tmp_path, vm):
     """#PF, and the #PF gate (an interrupt gate) not present: #NP(14 * 8 + IDT + EXT = 0x73) while
     delivering a page fault is a double fault: #DF with error code 0, pushed RIP the faulting
     instruction."""
-    body = _set(14, "pf_handler") + """
+    body = (
+        _set(14, "pf_handler")
+        + """
     lea rax, [rip + emu_idt]
     and byte ptr [rax + 14 * 16 + 5], 0x7f
     mov ebx, UNMAPPED
@@ -103,6 +116,7 @@ def test_pf_with_gate_not_present_is_a_double_fault(tmp_path, vm):
 site:
     mov rax, qword ptr [rbx]
 """
+    )
     p = guest(tmp_path, "df", body, [(8, "df_handler")])
     m, res = run(p, vm)
     assert res.ok, res.error
@@ -127,10 +141,12 @@ site:
     run_ = m.vcpus[0].kvm_run
     assert (run_.vector, run_.error_code, run_.cr2, run_.rip) == (14, 0, 0x40000000, site)
     if vm == "default":
-        assert res.error == (f"vCPU 0: unhandled guest exception #PF error code 0x0 cr2 0x40000000 at rip "
-                             f"{site:#x} site+0x0: mov rax, qword ptr [rbx] (triple fault: #GP(0x73) IDT[14] "
-                             f"type 0x0 is not a 64-bit interrupt or trap gate; #GP(0x43) IDT[8] type 0x0 is "
-                             f"not a 64-bit interrupt or trap gate)")
+        assert res.error == (
+            f"vCPU 0: unhandled guest exception #PF error code 0x0 cr2 0x40000000 at rip "
+            f"{site:#x} site+0x0: mov rax, qword ptr [rbx] (triple fault: #GP(0x73) IDT[14] "
+            f"type 0x0 is not a 64-bit interrupt or trap gate; #GP(0x43) IDT[8] type 0x0 is "
+            f"not a 64-bit interrupt or trap gate)"
+        )
     else:
         assert res.error.endswith("(triple fault: delivery through the TD's IDT failed)")
 
@@ -152,7 +168,7 @@ site:
     r = m.vcpus[0].kvm_run
     assert (r.vector, r.error_code, r.rip) == (6, None, m.image.symbol("site"))
     if vm == "default":
-        assert m.vcpus[0].get_regs()["cr2"] == 0x40000ff8
+        assert m.vcpus[0].get_regs()["cr2"] == 0x40000FF8
         assert r.why == ("#PF(0x2) #PF at 0x40000ff8; #PF(0x2) #PF at 0x40000ff8; #PF(0x2) #PF at 0x40000ff8")
 
 
@@ -183,12 +199,28 @@ def test_ve_info_for_a_pending_page_hlt_and_double_fault(tmp_path):
     assert res.ok, res.error
     hlt3 = m.image.symbol("hlt3")
     assert [v for _, v in res.reports] == [
-        0, 48, 0x182, 0x1000018, 0x1000018, 0,          # the PENDING page (then accepted)
-        0, 12, 0, 0, 0, 1,                              # hlt1
-        0x20,                                           # hlt2: VE_INFO left unread
-        8, 0, hlt3,                                     # hlt3: #DF, error code 0, RIP the HLT
-        0, 12, 1,                                       # VEINFO.GET: hlt2's
-        A.TDX_NO_VALID_VE_INFO, 0]
+        0,
+        48,
+        0x182,
+        0x1000018,
+        0x1000018,
+        0,  # the PENDING page (then accepted)
+        0,
+        12,
+        0,
+        0,
+        0,
+        1,  # hlt1
+        0x20,  # hlt2: VE_INFO left unread
+        8,
+        0,
+        hlt3,  # hlt3: #DF, error code 0, RIP the HLT
+        0,
+        12,
+        1,  # VEINFO.GET: hlt2's
+        A.TDX_NO_VALID_VE_INFO,
+        0,
+    ]
     assert check_vm(m.kvm) == []
     m.destroy()
     assert check_destroyed(m.kvm) == []
@@ -216,11 +248,20 @@ def test_lazyaccept_cli():
     import json
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "emu", "run", "lazyaccept", "--vm", "tdx", "--sept-ve-disable",
-                        "off", "--json"], capture_output=True, text=True, timeout=120)
+
+    r = subprocess.run(
+        [sys.executable, "-m", "emu", "run", "lazyaccept", "--vm", "tdx", "--sept-ve-disable", "off", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout)
     assert obj["exit"] == "hlt" and obj["reports"] == [8, 0x8000000000000024]
-    r = subprocess.run([sys.executable, "-m", "emu", "run", "hello", "--sept-ve-disable", "maybe"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "emu", "run", "hello", "--sept-ve-disable", "maybe"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -54,13 +54,14 @@ def _outcomes(ex, seeds, inplace):
         outs = list(pct_runs(seeds, len(seeds), 2, serve, spec.strategy, _explorer_error, known))
         ex.known_hits = known.hits
     else:
-        outs = list(in_children(((lambda s=s: ex._run_here(spec.strategy(s), False)) for s in seeds),
-                                _explorer_error, 2))
+        outs = list(
+            in_children(((lambda s=s: ex._run_here(spec.strategy(s), False)) for s in seeds), _explorer_error, 2)
+        )
     return [(o.signature, o.error and _error_kind(o.error), o.schedule, o.reports) for o in outs]
 
 
 def _keep(out):
-    return out                                # the whole outcome: its decisions and reports too
+    return out  # the whole outcome: its decisions and reports too
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -74,9 +75,9 @@ def test_in_place_runs_give_each_run_its_own_outcome(case):
     assert len(placed) == len(forked) == 60
     for k, (a, b) in enumerate(zip(forked, placed)):
         assert a == b, f"run {k}: forked {a[1:]} in place {b[1:]}"
-    assert len({o[2] for o in placed}) > 1    # the runs really differ
+    assert len({o[2] for o in placed}) > 1  # the runs really differ
     if case == "race2-no-freeze":
-        assert ex.known_hits > 0              # and some were not run at all: their schedule was known
+        assert ex.known_hits > 0  # and some were not run at all: their schedule was known
 
 
 def test_explore_finds_the_same_failures_in_place_and_forked():
@@ -84,6 +85,7 @@ def test_explore_finds_the_same_failures_in_place_and_forked():
         ex = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True))
         ex.inplace = inplace
         return ex.random(runs=300, seed=3, depth=3, stop_at_first=stop, jobs=2)
+
     a, b = explore(True, False), explore(False, False)
     assert a.failures == b.failures > 0
     assert a.first_failure.schedule == b.first_failure.schedule
@@ -98,13 +100,30 @@ def _state(m, ip):
     vCPUs' registers, KVM's counters and page tables, the host's allocator, the attributes."""
     mem = m.host.mem
     regs = [hw.get_regs() for hw in ip.hws]
-    return (zlib.crc32(mem.buf), regs, dict(m.kvm.stat), m.kvm.tdp_mmu.pages, len(m.kvm.tdp_mmu.sp_of),
-            m.host.kernel.in_use, m.host.kernel.next, list(m.host.kernel.free_list), mem.generation,
-            m.kvm.private_gfns.starts[:], m.kvm.private_gfns.ends[:])
+    return (
+        zlib.crc32(mem.buf),
+        regs,
+        dict(m.kvm.stat),
+        m.kvm.tdp_mmu.pages,
+        len(m.kvm.tdp_mmu.sp_of),
+        m.host.kernel.in_use,
+        m.host.kernel.next,
+        list(m.host.kernel.free_list),
+        mem.generation,
+        m.kvm.private_gfns.starts[:],
+        m.kvm.private_gfns.ends[:],
+    )
 
 
-@pytest.mark.parametrize("case", ["race2-no-freeze", "sharedrw-td-fault-ignores-invalidation", "sharedrw-migrate",
-                                  "nxhuge-free-without-grace-period"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "race2-no-freeze",
+        "sharedrw-td-fault-ignores-invalidation",
+        "sharedrw-migrate",
+        "nxhuge-free-without-grace-period",
+    ],
+)
 def test_restore_puts_every_byte_and_counter_back(case):
     guest, kw = CASES[case]
     ex = Explorer(lambda: Machine(guest, **kw))
@@ -120,19 +139,20 @@ def test_restore_puts_every_byte_and_counter_back(case):
         assert _state(m, ip) == before
         for s in range(1, 6):
             ex._run_here(spec.strategy(s), False)
-            assert _state(m, ip) != before        # a run changes memory (so the check can fail)
+            assert _state(m, ip) != before  # a run changes memory (so the check can fail)
             ip.restore()
             assert _state(m, ip) == before
         # and the non-preemptive run, traced, is the first one again, line for line
         again = ex._run_here(Strategy(), True)
         assert again.trace == base.trace and again.reports == base.reports and again.error == base.error
         return True
+
     assert in_child(check, _explorer_error) is True
 
 
 def test_a_machine_that_cannot_be_restored_forks_instead():
     ex = Explorer(lambda: Machine("race2", vm="tdx", vcpus=2, no_freeze=True))
-    ex.machine.kvm.pending_work = (x for x in range(3))     # a generator: no way to put it back
+    ex.machine.kvm.pending_work = (x for x in range(3))  # a generator: no way to put it back
     assert ex.in_place() is None
     assert "generator" in ex.not_in_place
     with pytest.raises(NotRestorable):
@@ -143,9 +163,13 @@ def test_a_machine_that_cannot_be_restored_forks_instead():
 
 # -- the memory attributes' runs (emu.kvm.attributes) --------------------------------------------------------
 
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 80), st.integers(0, 40)), max_size=25),
-       st.integers(0, 130), st.integers(0, 50))
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 80), st.integers(0, 40)), max_size=25),
+    st.integers(0, 130),
+    st.integers(0, 50),
+)
 def test_gfn_ranges_behave_as_a_set_of_gfns(ops, probe, width):
     r, model = GfnRanges(), set()
     for add, start, n in ops:
@@ -181,11 +205,12 @@ def test_translated_code_goes_when_the_run_changed_its_page():
         assert ip.code_flushes == 0 and set().union(*(hw.code_pfns for hw in ip.hws)) == code
         ex._run_here(Strategy(), False)
         page = min(code) << 12
-        m.host.mem.buf[page] ^= 0xFF          # as the guest's own store would (Unicorn's, not logged)
+        m.host.mem.buf[page] ^= 0xFF  # as the guest's own store would (Unicorn's, not logged)
         ip.restore()
         assert ip.code_flushes == 1 and not any(hw.code_pfns for hw in ip.hws)
         # and the next run translates again, and gives the first run's outcome
         return ex._run_here(Strategy(), True).error
+
     assert in_child(check, _explorer_error) is None
 
 
@@ -198,19 +223,28 @@ def test_a_worker_that_dies_fails_its_run_and_is_replaced():
 
     def run_here(st):
         if st.seed == 110:
-            os._exit(3)                       # as a crash of Unicorn would
+            os._exit(3)  # as a crash of Unicorn would
         return ex._run_here(st, False)
 
     def strategy_of(s):
         st = spec.strategy(s)
         st.seed = s
         return st
-    outs = list(pct_runs(seeds, len(seeds), 2, serve_runs(ip, run_here, strategy_of, _slim, _explorer_error),
-                         strategy_of, _explorer_error))
+
+    outs = list(
+        pct_runs(
+            seeds,
+            len(seeds),
+            2,
+            serve_runs(ip, run_here, strategy_of, _slim, _explorer_error),
+            strategy_of,
+            _explorer_error,
+        )
+    )
     assert len(outs) == 30
     died = [k for k, o in enumerate(outs) if o.error]
     assert 10 in died and all("the run's process died" in outs[k].error for k in died)
-    assert len(died) <= 2                     # the run, and at most the one queued behind it
+    assert len(died) <= 2  # the run, and at most the one queued behind it
     assert sum(1 for o in outs if o.error is None) >= 28
 
 
@@ -231,21 +265,23 @@ def test_results_that_arrive_together_are_all_taken():
             res.write(struct.pack("<Q", len(data)) + data)
             res.flush()
 
-    class Never:                              # a strategy no earlier run's choice matches
+    class Never:  # a strategy no earlier run's choice matches
         def choose(self, sched, enabled, current, what):
             return type(enabled[0])(-1)
+
     import signal
     import time
 
     def hung(*_):
         raise TimeoutError("pct_runs waits for a result it already holds")
+
     old = signal.signal(signal.SIGALRM, hung)
     signal.alarm(30)
     outs = []
     try:
         for o in pct_runs(range(1000, 1100), 100, 2, serve, lambda s: Never(), _explorer_error):
             outs.append(o)
-            time.sleep(0.005)                 # a slow consumer (explore minimizing a failure)
+            time.sleep(0.005)  # a slow consumer (explore minimizing a failure)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

@@ -40,7 +40,7 @@ def imports_of(name, path, known):
             cands = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                stem = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+                stem = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
             else:
                 stem = node.module or ""
             cands = [stem] + [f"{stem}.{a.name}" for a in node.names]
@@ -87,6 +87,7 @@ def test_no_import_circles(graph):
                     break
             if len(comp) > 1:
                 out.append(sorted(comp))
+
     for v in sorted(graph):
         if v not in index:
             visit(v)
@@ -106,6 +107,11 @@ RULES = [
 
 @pytest.mark.parametrize("layer,forbidden", RULES)
 def test_layers_point_one_way(graph, layer, forbidden):
-    bad = sorted((m, i) for m, deps in graph.items() if m == layer or m.startswith(layer + ".")
-                 for i in deps if any(i == f or i.startswith(f + ".") for f in forbidden))
+    bad = sorted(
+        (m, i)
+        for m, deps in graph.items()
+        if m == layer or m.startswith(layer + ".")
+        for i in deps
+        if any(i == f or i.startswith(f + ".") for f in forbidden)
+    )
     assert bad == [], f"{layer} imports what sits above it: {bad}"

@@ -30,8 +30,9 @@ GUESTS = REPO / "tests" / "guests"
 
 
 def emu(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "emu", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120, **kw
+    )
 
 
 _started = []
@@ -39,8 +40,14 @@ _started = []
 
 def start(*args):
     """emu in a process group of its own (a terminal's Ctrl-C reaches the whole group)."""
-    p = subprocess.Popen([sys.executable, "-m", "emu", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "emu", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _started.append(p)
     return p
 
@@ -97,16 +104,32 @@ def alive(pid):
 
 
 # -- signals ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("guest,vcpus,vm,sig,fmt", [
-    ("spin_forever", 1, "default", signal.SIGINT, "jsonl"),
-    ("spin_forever", 1, "tdx", signal.SIGTERM, "perfetto"),
-    ("wait_forever", 2, "default", signal.SIGTERM, "perfetto"),
-    ("wait_forever", 2, "tdx", signal.SIGINT, "jsonl"),
-])
+@pytest.mark.parametrize(
+    "guest,vcpus,vm,sig,fmt",
+    [
+        ("spin_forever", 1, "default", signal.SIGINT, "jsonl"),
+        ("spin_forever", 1, "tdx", signal.SIGTERM, "perfetto"),
+        ("wait_forever", 2, "default", signal.SIGTERM, "perfetto"),
+        ("wait_forever", 2, "tdx", signal.SIGINT, "jsonl"),
+    ],
+)
 def test_signal_stops_a_spinning_guest(tmp_path, guest, vcpus, vm, sig, fmt):
     trace = tmp_path / f"trace.{fmt}"
-    p = start("run", guest, "--vcpus", vcpus, "--vm", vm, "--json", "--trace", fmt, "--trace-file", trace,
-              "--trace-events", "kvm_entry,kvm_exit,kvm_userspace_exit")
+    p = start(
+        "run",
+        guest,
+        "--vcpus",
+        vcpus,
+        "--vm",
+        vm,
+        "--json",
+        "--trace",
+        fmt,
+        "--trace-file",
+        trace,
+        "--trace-events",
+        "kvm_entry,kvm_exit,kvm_userspace_exit",
+    )
     running(p)
     os.kill(p.pid, sig)
     out, err = p.communicate(timeout=30)
@@ -122,7 +145,7 @@ def test_signal_stops_a_spinning_guest(tmp_path, guest, vcpus, vm, sig, fmt):
     loop = "spin_loop+0x0..spin_even+0x1" if guest == "spin_forever" else "wait_for_flag+0x0..wait_for_flag+0xb"
     assert res["error"].count(f"({loop})") == len(spinners)
     assert res["vcpu_exits"] == ["interrupted" if i in spinners else "hlt" for i in range(vcpus)]
-    if guest == "wait_forever":                      # interrupted: where every vCPU is
+    if guest == "wait_forever":  # interrupted: where every vCPU is
         assert "; vCPU 0 ended (hlt) at rip 0x" in res["error"] and " emu_halt+0x" in res["error"]
     # The trace is whole: Perfetto's JSON closed, every JSON line complete.
     text = trace.read_text()
@@ -147,21 +170,25 @@ def test_sigint_text_output_names_the_loop():
 
 # -- the watchdogs --------------------------------------------------------------------------------------
 def test_max_insns_stops_at_the_same_point_every_time():
-    runs = [json.loads(emu("run", "spin_forever", "--max-insns", n, "--json").stdout)
-            for n in (1_000_003, 1_000_003, 1_000_004)]
+    runs = [
+        json.loads(emu("run", "spin_forever", "--max-insns", n, "--json").stdout)
+        for n in (1_000_003, 1_000_003, 1_000_004)
+    ]
     a, b, c = runs
     assert a["exit"] == "hang" and a["stats"]["guest_blocks"] == 1_000_003
     assert a["vcpus"] == b["vcpus"] and a["error"] == b["error"]
     assert a["error"].startswith("--max-insns 1000003 reached: vCPU 0 at rip ")
     # Block-granular: one block more is another point of the loop (the loop is two blocks a turn).
     assert c["vcpus"][0]["rip"] != a["vcpus"][0]["rip"] or c["vcpus"][0]["rax"] != a["vcpus"][0]["rax"]
-    assert abs(a["vcpus"][0]["rax"] - 1_000_003 // 2) <= 2         # two blocks per turn of the loop
+    assert abs(a["vcpus"][0]["rax"] - 1_000_003 // 2) <= 2  # two blocks per turn of the loop
 
 
 @pytest.mark.parametrize("vm", ["default", "tdx"])
 def test_max_insns_two_vcpus_deterministic(vm):
-    outs = [json.loads(emu("run", "spin_forever", "--vm", vm, "--vcpus", 2, "--max-insns", 300_007, "--json").stdout)
-            for _ in range(2)]
+    outs = [
+        json.loads(emu("run", "spin_forever", "--vm", vm, "--vcpus", 2, "--max-insns", 300_007, "--json").stdout)
+        for _ in range(2)
+    ]
     assert outs[0]["exit"] == "hang" and outs[0]["vcpus"] == outs[1]["vcpus"]
     assert sum(v["rax"] for v in outs[0]["vcpus"]) > 0
     assert outs[0]["stats"]["guest_blocks"] == 300_007
@@ -177,8 +204,17 @@ def test_timeout_is_a_hang():
     assert "looping in " in res["error"] and "vCPU 0" not in res["error"]
 
 
-@pytest.mark.parametrize("opt,value", [("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "x"),
-                                       ("--max-insns", "0"), ("--max-insns", "1.5"), ("--max-insns", "lots")])
+@pytest.mark.parametrize(
+    "opt,value",
+    [
+        ("--timeout", "0"),
+        ("--timeout", "-1"),
+        ("--timeout", "x"),
+        ("--max-insns", "0"),
+        ("--max-insns", "1.5"),
+        ("--max-insns", "lots"),
+    ],
+)
 def test_bad_limits_are_refused(opt, value):
     p = emu("run", "hello", opt, value)
     assert p.returncode == 2 and p.stdout == "" and len(p.stderr.splitlines()) == 1
@@ -187,9 +223,15 @@ def test_bad_limits_are_refused(opt, value):
 
 def test_progress_line_on_a_terminal_only():
     import pty
+
     master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "emu", "run", "spin_forever", "--timeout", "2.6"], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=slave, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "emu", "run", "spin_forever", "--timeout", "2.6"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
     os.close(slave)
     chunks = []
     while True:
@@ -207,7 +249,7 @@ def test_progress_line_on_a_terminal_only():
     assert p.returncode == 1 and "exit: hang: --timeout 2.6 s reached" in out
     lines = [t for t in err.split("\r") if t.strip()]
     assert lines and all("guest blocks" in t and "exits" in t and "pages mapped" in t for t in lines)
-    assert err.endswith("\r") and not err.rstrip("\r").split("\r")[-1].strip()       # cleared
+    assert err.endswith("\r") and not err.rstrip("\r").split("\r")[-1].strip()  # cleared
     # On a pipe: never (the same run).
     p = emu("run", "spin_forever", "--timeout", "2.6")
     assert p.returncode == 1 and p.stderr == ""
@@ -215,22 +257,26 @@ def test_progress_line_on_a_terminal_only():
 
 # -- the loop finder ------------------------------------------------------------------------------------
 def _reader(base, code):
-    return lambda a, n: code[a - base:a - base + n] if base <= a < base + len(code) else b""
+    return lambda a, n: code[a - base : a - base + n] if base <= a < base + len(code) else b""
 
 
-@pytest.mark.parametrize("code,rip,expect", [
-    ("ebfe", 0, (0, 2)),                                          # 1: jmp 1b
-    ("488b0500000000" "4885c0" "74f4" "f4", 0, (0, 12)),          # mov; test; jz 1b; hlt
-    ("488b0500000000" "4885c0" "74f4" "f4", 12, None),            # the hlt after it
-    ("e800000000" "ebf9", 0, (0, 7)),                             # 1: call f; jmp 1b (f returns)
-    ("4885c0" "7402" "ebf9" "c3", 0, (0, 7)),                     # a loop left by a jz to a ret
-    ("c3", 0, None),
-    ("ffe0", 0, None),                                            # jmp rax: unknown
-])
+@pytest.mark.parametrize(
+    "code,rip,expect",
+    [
+        ("ebfe", 0, (0, 2)),  # 1: jmp 1b
+        ("488b05000000004885c074f4f4", 0, (0, 12)),  # mov; test; jz 1b; hlt
+        ("488b05000000004885c074f4f4", 12, None),  # the hlt after it
+        ("e800000000ebf9", 0, (0, 7)),  # 1: call f; jmp 1b (f returns)
+        ("4885c07402ebf9c3", 0, (0, 7)),  # a loop left by a jz to a ret
+        ("c3", 0, None),
+        ("ffe0", 0, None),  # jmp rax: unknown
+    ],
+)
 def test_loop_range(code, rip, expect):
     code = bytes.fromhex(code)
-    assert loop_range(_reader(0x1000, code), 0x1000 + rip) == (None if expect is None else
-                                                                 (0x1000 + expect[0], 0x1000 + expect[1]))
+    assert loop_range(_reader(0x1000, code), 0x1000 + rip) == (
+        None if expect is None else (0x1000 + expect[0], 0x1000 + expect[1])
+    )
 
 
 # -- a dead VM stops every vCPU ---------------------------------------------------------------------------
@@ -243,7 +289,7 @@ def test_dead_vm_kicks_a_vcpu_spinning_in_guest_mode(vm):
     kvm = m.kvm
     v1 = m.vcpus[1]
     state = {}
-    guard = BlockLimit(10 ** 7)                  # without the kick: a bounded spin, then a failure
+    guard = BlockLimit(10**7)  # without the kick: a bounded spin, then a failure
     for v in m.vcpus:
         v.hw.limit = guard
 
@@ -251,6 +297,7 @@ def test_dead_vm_kicks_a_vcpu_spinning_in_guest_mode(vm):
         if what == "guest_slice" and who == 1 and "blocks" not in state and all(t.done for t in s.tasks[:1]):
             kvm.kvm_vm_dead("the test kills the VM")
             state["blocks"] = v1.hw.blocks
+
     results = {}
 
     def task(v):
@@ -264,7 +311,9 @@ def test_dead_vm_kicks_a_vcpu_spinning_in_guest_mode(vm):
                 if run.name == "hlt":
                     results[v.vcpu_id] = "hlt"
                     return
+
         return body
+
     sched = Scheduler(ReplayStrategy([1], strict=False), on_step=on_step, max_steps=20000)
     kvm.sched = sched
     if m.td:
@@ -273,15 +322,28 @@ def test_dead_vm_kicks_a_vcpu_spinning_in_guest_mode(vm):
         sched.spawn(task(v))
     sched.run()
     assert results == {0: "hlt", 1: EIO}
-    assert v1.hw.blocks == state["blocks"]          # not one more block of guest code
+    assert v1.hw.blocks == state["blocks"]  # not one more block of guest code
     assert not v1.hw.in_guest
 
 
 def test_campaign_spinner_and_a_dying_vcpu():
     """vCPU 1 spins while an injected fault kills the VM under vCPU 0: every run ends (kvm_bug_on or
     hang), none is broken, and the campaign's table goes on."""
-    p = emu("campaign", GUESTS / "spin_waiter.S", "--vm", "tdx", "--vcpus", 2, "--runs", 8, "--max-points", 2,
-            "--inject", "seamcall.TDH_MEM_PAGE_AUG@1=TDX_OPERAND_INVALID", "--json")
+    p = emu(
+        "campaign",
+        GUESTS / "spin_waiter.S",
+        "--vm",
+        "tdx",
+        "--vcpus",
+        2,
+        "--runs",
+        8,
+        "--max-points",
+        2,
+        "--inject",
+        "seamcall.TDH_MEM_PAGE_AUG@1=TDX_OPERAND_INVALID",
+        "--json",
+    )
     assert p.returncode in (0, 1), p.stderr
     res = json.loads(p.stdout)
     assert res["runs"] == 8 and res["outcomes"]["invariant_broken"] == 0
@@ -294,13 +356,22 @@ def test_explore_reports_a_schedule_that_hangs():
     p = emu("explore", GUESTS / "lost_wakeup.S", "--vcpus", 2, "--json")
     assert p.returncode == 1, p.stderr
     res = json.loads(p.stdout)
-    assert res["run_limit"] == 10 ** 7                   # the clean run is short: the floor
+    assert res["run_limit"] == 10**7  # the clean run is short: the floor
     f = res["first_failure"]
     assert f["error"].startswith("hang: --max-insns 10000000 reached: vCPU 1 at rip ")
     assert "(lw_spin+0x0..lw_spin+0xb)" in f["error"]
     # The printed reproducer hangs the same way.
-    p = emu("explore", GUESTS / "lost_wakeup.S", "--vcpus", 2, "--max-insns", res["run_limit"],
-            "--replay", f["minimized"], "--json")
+    p = emu(
+        "explore",
+        GUESTS / "lost_wakeup.S",
+        "--vcpus",
+        2,
+        "--max-insns",
+        res["run_limit"],
+        "--replay",
+        f["minimized"],
+        "--json",
+    )
     assert p.returncode == 1
     assert json.loads(p.stdout)["error"] == f["error"]
 
@@ -335,16 +406,18 @@ def test_explorer_clean_run_hangs_raises():
 def test_stalled_child_is_killed_and_reported():
     """in_children: a run's process that does not answer within ``stall`` seconds is killed, its
     run is a hang, and the others go on."""
+
     def run(k):
         def fn():
             if k == 1:
                 time.sleep(600)
             return Outcome([], None, {0: [k]})
+
         return fn
+
     t0 = time.monotonic()
     outs = list(in_children((run(k) for k in range(4)), _explorer_error, 2, stall=1.0))
-    assert [o.error for o in outs] == [None, "hang: the run's process stopped answering (killed after 1 s)",
-                                       None, None]
+    assert [o.error for o in outs] == [None, "hang: the run's process stopped answering (killed after 1 s)", None, None]
     assert [o.reports for o in outs if o.error is None] == [{0: [0]}, {0: [2]}, {0: [3]}]
     assert time.monotonic() - t0 < 60
 
@@ -352,6 +425,7 @@ def test_stalled_child_is_killed_and_reported():
 def test_stalled_pool_worker_is_replaced():
     """pct_runs: a worker stuck in one run is killed after ``stall`` seconds; that run is a hang,
     and the runs queued behind it run on the worker that replaces it."""
+
     def serve(req, res):
         while True:
             head = req.read(16)
@@ -367,6 +441,7 @@ def test_stalled_pool_worker_is_replaced():
     class Never:
         def choose(self, sched, enabled, current, what):
             return type(enabled[0])(-1)
+
     outs = list(pct_runs(range(1000, 1010), 10, 2, serve, lambda s: Never(), _explorer_error, stall=1.0))
     assert [o.error for o in outs].count(None) == 9
     assert outs[3].error.startswith("hang: the run's process stopped answering")
@@ -374,11 +449,14 @@ def test_stalled_pool_worker_is_replaced():
 
 
 # -- Ctrl-C on explore and campaign -------------------------------------------------------------------
-@pytest.mark.parametrize("args", [
-    ["explore", GUESTS / "lost_wakeup.S", "--vcpus", 2, "--random", 500, "--all", "--max-insns", 10 ** 12],
-    ["explore", GUESTS / "lost_wakeup.S", "--vcpus", 2, "--bound", 3, "--all", "--max-insns", 10 ** 12],
-    ["campaign", "convert", "--vm", "tdx", "--runs", 2000],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["explore", GUESTS / "lost_wakeup.S", "--vcpus", 2, "--random", 500, "--all", "--max-insns", 10**12],
+        ["explore", GUESTS / "lost_wakeup.S", "--vcpus", 2, "--bound", 3, "--all", "--max-insns", 10**12],
+        ["campaign", "convert", "--vm", "tdx", "--runs", 2000],
+    ],
+)
 def test_ctrl_c_keeps_results_and_leaves_no_process(args):
     p = start(*args)
     # Runs under way: processes running runs (some of them spinning in guest code).
@@ -386,7 +464,7 @@ def test_ctrl_c_keeps_results_and_leaves_no_process(args):
     time.sleep(1.5)
     procs = descendants(p.pid)
     assert procs
-    os.killpg(p.pid, signal.SIGINT)                   # a terminal's Ctrl-C: the whole group
+    os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
     assert "internal error" not in err and "Traceback" not in err
@@ -396,19 +474,37 @@ def test_ctrl_c_keeps_results_and_leaves_no_process(args):
 
 
 # -- exceptions in Unicorn hooks are internal errors ------------------------------------------------------
-HOOKS = {"_tlb_fill": False, "_exit_site_c": None, "_missed_cpuid": 1, "_missed_in": 0, "_missed_out": None,
-         "_insn_invalid": True, "_interrupt": None, "_pause": None, "_fill_slow": -1, "_fetch_slow": False}
+HOOKS = {
+    "_tlb_fill": False,
+    "_exit_site_c": None,
+    "_missed_cpuid": 1,
+    "_missed_in": 0,
+    "_missed_out": None,
+    "_insn_invalid": True,
+    "_interrupt": None,
+    "_pause": None,
+    "_fill_slow": -1,
+    "_fetch_slow": False,
+}
 
 
 def test_every_hook_is_guarded():
     """Every Unicorn hook of the vCPU goes through emu.hw.vcpu.hook (its exceptions are kept)."""
     from emu.hw.vcpu import Vcpu
+
     for name in HOOKS:
         assert getattr(getattr(Vcpu, name), "guarded", False), name
 
 
-@pytest.mark.parametrize("name,guest", [("_tlb_fill", "hello"), ("_exit_site", "hello"), ("_fetch_slow", "hello"),
-                                        ("_insn_invalid", REPO / "tests" / "kvm" / "guests" / "ud.S")])
+@pytest.mark.parametrize(
+    "name,guest",
+    [
+        ("_tlb_fill", "hello"),
+        ("_exit_site", "hello"),
+        ("_fetch_slow", "hello"),
+        ("_insn_invalid", REPO / "tests" / "kvm" / "guests" / "ud.S"),
+    ],
+)
 @pytest.mark.parametrize("vm", ["default", "tdx"])
 def test_hook_exception_is_raised_not_a_guest_fault(monkeypatch, capfd, name, guest, vm):
     """The TLB fill (whose refused fill fails emu_start too) of the Python MMU, the compiled fill's
@@ -421,15 +517,16 @@ def test_hook_exception_is_raised_not_a_guest_fault(monkeypatch, capfd, name, gu
 
     def boom(*a, **k):
         raise IndexError("a bug in a hook")
+
     if name == "_tlb_fill":
-        monkeypatch.setattr(native, "mmu", None)                    # vCPUs with the Python MMU
-        monkeypatch.setattr("emu.hw.vcpu.translate", boom)          # the walk, in the real fill hook
+        monkeypatch.setattr(native, "mmu", None)  # vCPUs with the Python MMU
+        monkeypatch.setattr("emu.hw.vcpu.translate", boom)  # the walk, in the real fill hook
     elif name == "_fetch_slow":
         if native.mmu is None:
             pytest.skip(f"no compiled MMU: {native.why_not}")
-        monkeypatch.setattr(Vcpu, "_scan_code_page", boom)          # what the compiled fill hands over
+        monkeypatch.setattr(Vcpu, "_scan_code_page", boom)  # what the compiled fill hands over
     elif name == "_exit_site":
-        monkeypatch.setattr(Vcpu, name, boom)        # what the C code hook (_exit_site_c) calls
+        monkeypatch.setattr(Vcpu, name, boom)  # what the C code hook (_exit_site_c) calls
     else:
         # (before the vCPUs exist: hooks are bound at creation)
         monkeypatch.setattr(Vcpu, name, hook(returns=HOOKS[name])(boom))
@@ -448,30 +545,42 @@ def test_shared_eptp_beyond_host_memory_is_an_internal_error(monkeypatch):
     from tdxmod import abi as A
     from emu.hw import native
     from emu.hw import vcpu as vcpu_mod
-    monkeypatch.setattr(native, "mmu", None)                        # vCPUs with the Python MMU
+
+    monkeypatch.setattr(native, "mmu", None)  # vCPUs with the Python MMU
     m = Machine("sharedrw", vm="tdx")
     v = m.vcpus[0]
     v.mmu_load()
-    assert m.kvm.x86_ops.vp_wr(v, MD_TDVPS_VMCS_SHARED_EPTP, 1 << 46).rax & ~0xFFFFFFFF == \
-        A.TDX_METADATA_FIELD_VALUE_NOT_VALID & ~0xFFFFFFFF
+    assert (
+        m.kvm.x86_ops.vp_wr(v, MD_TDVPS_VMCS_SHARED_EPTP, 1 << 46).rax & ~0xFFFFFFFF
+        == A.TDX_METADATA_FIELD_VALUE_NOT_VALID & ~0xFFFFFFFF
+    )
 
     def beyond(*a, **k):
         raise IndexError("host memory index out of range")
+
     monkeypatch.setattr(vcpu_mod, "translate", beyond)
     with pytest.raises(IndexError):
         m.run()
 
 
 def test_hook_exception_cli_one_line_or_traceback(tmp_path):
-    script = ("import sys; from emu.hw import vcpu\n"
-              "def boom(*a, **k): raise IndexError('a bug in a hook')\n"
-              "vcpu.Vcpu._scan_code_page = boom\n"
-              "from emu.cli import main; sys.exit(main(['run', 'hello']))\n")
+    script = (
+        "import sys; from emu.hw import vcpu\n"
+        "def boom(*a, **k): raise IndexError('a bug in a hook')\n"
+        "vcpu.Vcpu._scan_code_page = boom\n"
+        "from emu.cli import main; sys.exit(main(['run', 'hello']))\n"
+    )
     p = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 3 and p.stdout == ""
     assert p.stderr == ("emu: internal error: IndexError: a bug in a hook (EMU_DEBUG=1 shows the traceback)\n")
-    p = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, EMU_DEBUG="1"))
+    p = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, EMU_DEBUG="1"),
+    )
     assert p.returncode == 1 and "Traceback" in p.stderr and "in boom" in p.stderr
 
 
@@ -481,13 +590,16 @@ def test_empty_source_has_no_start(tmp_path):
     src.write_text("")
     p = emu("run", src)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr == f"emu: error: {src}: no _start: a guest's code begins at the global label _start " \
-                       f"(.globl _start, then _start: on its first instruction)\n"
+    assert (
+        p.stderr == f"emu: error: {src}: no _start: a guest's code begins at the global label _start "
+        f"(.globl _start, then _start: on its first instruction)\n"
+    )
 
 
 @pytest.mark.skipif(not Path("/bin/true").is_file(), reason="no /bin/true")
 def test_dynamic_elf_is_refused():
     from elftools.elf.elffile import ELFFile
+
     with open("/bin/true", "rb") as f:
         if not any(s["p_type"] == "PT_INTERP" for s in ELFFile(f).iter_segments()):
             pytest.skip("/bin/true is static here")
@@ -500,7 +612,7 @@ def test_trace_file_that_cannot_be_written():
     p = emu("run", "hello", "--trace", "jsonl", "--trace-file", "/dev/full")
     assert p.returncode == 2
     assert p.stderr == "emu: error: cannot write the trace to /dev/full: No space left on device\n"
-    assert "exit: hlt" in p.stdout and "report  vcpu 0:" in p.stdout       # the results, still
+    assert "exit: hlt" in p.stdout and "report  vcpu 0:" in p.stdout  # the results, still
 
 
 def test_unknown_trace_event_is_refused():
@@ -513,6 +625,7 @@ def test_every_emitted_event_is_known():
     """--trace-events takes emu.trace.EVENTS: every event name the code emits must be there."""
     import re
     from emu.trace import EVENTS
+
     emitted = set()
     for path in list((REPO / "emu").rglob("*.py")) + list((REPO / "tdxmod").rglob("*.py")):
         emitted |= set(re.findall(r'(?:trace_emit|\bemit)\(\s*"([a-z_0-9]+)"', path.read_text()))
@@ -547,7 +660,7 @@ def test_stalled_ray_worker_is_replaced():
             self.value, self.ok, self.before = value, ok, before
 
         @property
-        def ready(self):                      # an actor runs its batches one after the other
+        def ready(self):  # an actor runs its batches one after the other
             return self.ok and all(r.ready for r in self.before)
 
     class Actor:
@@ -570,6 +683,7 @@ def test_stalled_ray_worker_is_replaced():
             def make(_s, *job):
                 self.created += 1
                 return Actor(self, *job)
+
             return lambda cls: type("W", (), {"remote": make})()
 
         def put(self, x):
@@ -592,13 +706,22 @@ def test_stalled_ray_worker_is_replaced():
 
     fake = FakeRay()
     cl = Cluster(fake, "fake")
-    outs = list(cl.map(type("Spec", (), {"on_error": staticmethod(_explorer_error)})(), iter(range(8)), 8,
-                       elf=REPO / "build" / "guest" / "hello.elf", machine={}, stall=0.3))
+    outs = list(
+        cl.map(
+            type("Spec", (), {"on_error": staticmethod(_explorer_error)})(),
+            iter(range(8)),
+            8,
+            elf=REPO / "build" / "guest" / "hello.elf",
+            machine={},
+            stall=0.3,
+        )
+    )
     assert len(outs) == 8
-    assert fake.created == 3                               # two workers, and the one that replaced one
-    stuck = fake.killed[0]                                 # killed first, before the job's end
+    assert fake.created == 3  # two workers, and the one that replaced one
+    stuck = fake.killed[0]  # killed first, before the job's end
     assert 3 in [b for a, b in fake.calls if a is stuck]
     hung = [i for i, o in enumerate(outs) if o.error is not None]
-    assert hung == [3] and all(o.error.startswith("hang: the run's Ray worker stopped answering") for o in
-                             (outs[i] for i in hung))
+    assert hung == [3] and all(
+        o.error.startswith("hang: the run's Ray worker stopped answering") for o in (outs[i] for i in hung)
+    )
     assert [o.reports for i, o in enumerate(outs) if i not in hung] == [{0: [i]} for i in range(8) if i not in hung]

@@ -41,6 +41,7 @@ class FakeKvm:
 # SRCU
 # ---------------------------------------------------------------------------
 
+
 def test_synchronize_srcu_waits_for_the_readers_that_were_inside_only():
     """A grace period waits for the sections open when it began; a section that begins after the
     index flipped is not waited for (so a grace period ends while new readers keep coming)."""
@@ -49,7 +50,7 @@ def test_synchronize_srcu_waits_for_the_readers_that_were_inside_only():
     srcu = Srcu(kvm)
     log = []
 
-    def reader_a():                          # inside before the grace period, leaves later
+    def reader_a():  # inside before the grace period, leaves later
         idx = srcu.srcu_read_lock()
         log.append(("a in", idx))
         for _ in range(3):
@@ -62,26 +63,27 @@ def test_synchronize_srcu_waits_for_the_readers_that_were_inside_only():
         srcu.synchronize_srcu()
         log.append("sync done")
 
-    def reader_b():                          # enters after the flip, stays inside past the sync
+    def reader_b():  # enters after the flip, stays inside past the sync
         s.wait_until(lambda: srcu.srcu_idx == 1)
         idx = srcu.srcu_read_lock()
         log.append(("b in", idx))
         s.wait_until(lambda: "sync done" in log)
         srcu.srcu_read_unlock(idx)
         log.append("b out")
+
     s.spawn(reader_a)
     s.spawn(writer, name="writer", host=True, start=1)
     s.spawn(reader_b)
     s.run()
-    assert log.index("a out") < log.index("sync done")          # waited for a
-    assert log.index(("b in", 1)) < log.index("sync done") < log.index("b out")   # not for b
+    assert log.index("a out") < log.index("sync done")  # waited for a
+    assert log.index(("b in", 1)) < log.index("sync done") < log.index("b out")  # not for b
     assert srcu.grace_periods == 1 and srcu.readers() == 0
     assert ("srcu", True) in kvm.touched and ("srcu", False) in kvm.touched
 
 
 def test_synchronize_srcu_with_a_reader_and_no_scheduler_is_an_error():
     srcu = Srcu(FakeKvm(None))
-    srcu.synchronize_srcu()                  # no reader: returns at once
+    srcu.synchronize_srcu()  # no reader: returns at once
     idx = srcu.srcu_read_lock()
     with pytest.raises(AssertionError, match="no scheduler"):
         srcu.synchronize_srcu()
@@ -99,10 +101,11 @@ def test_kvm_run_holds_kvm_srcu_outside_guest_mode():
 
     def on_step(sched, who, what):
         seen.setdefault(what, set()).add(srcu.readers())
+
     res = m.run_scheduled(Scheduler(on_step=on_step))
     assert res.ok, res.error
     assert seen["vm_exit"] >= {1} and 0 not in seen["vm_exit"] and 0 not in seen["faultin_pfn"]
-    assert 0 in seen["guest_slice"]                      # both vCPUs in the guest: nobody inside
+    assert 0 in seen["guest_slice"]  # both vCPUs in the guest: nobody inside
     assert srcu.readers() == 0
 
 
@@ -110,21 +113,24 @@ def test_kvm_run_holds_kvm_srcu_outside_guest_mode():
 # kvm_set_memslot()
 # ---------------------------------------------------------------------------
 
+
 def test_delete_installs_the_invalid_copy_waits_flushes_then_removes():
     m = Machine("hello", vm="default", host_reserve=16 << 20)
     kvm = m.kvm
     m.add_region(3, 0x40000000, 0x4000, guest_memfd=False)
     order = []
     real_flush, real_sync = kvm.flush_shadow_memslot, kvm.srcu.synchronize_srcu_expedited
-    kvm.flush_shadow_memslot = lambda slot: (order.append(("flush", [(s.id, s.flags & KVM_MEMSLOT_INVALID)
-                                                                     for s in kvm.memslots])), real_flush(slot))
+    kvm.flush_shadow_memslot = lambda slot: (
+        order.append(("flush", [(s.id, s.flags & KVM_MEMSLOT_INVALID) for s in kvm.memslots])),
+        real_flush(slot),
+    )
     kvm.srcu.synchronize_srcu_expedited = lambda: (order.append(("sync", [s.id for s in kvm.memslots])), real_sync())
     gen = kvm.memslots_generation
     old = kvm.memslots
     m.delete_region(3)
     assert order == [("sync", [0, 3]), ("flush", [(0, 0), (3, KVM_MEMSLOT_INVALID)]), ("sync", [0])]
     assert kvm.memslots_generation == gen + 2 and kvm.memslots is not old and [s.id for s in old] == [0, 3]
-    assert not old[1].flags & KVM_MEMSLOT_INVALID          # the old slot itself was never changed
+    assert not old[1].flags & KVM_MEMSLOT_INVALID  # the old slot itself was never changed
     with pytest.raises(KvmIoctlError) as e:
         m.delete_region(3)
     assert e.value.errno == 22
@@ -139,14 +145,14 @@ def test_move_and_what_may_not_change():
     slot = kvm.gfn_to_memslot(0x80000)
     assert slot.id == 3 and slot.userspace_addr == r.hva and kvm.gfn_to_memslot(0x40000) is None
     assert kvm.srcu.grace_periods == grace + 2
-    assert kvm.set_user_memory_region(3, 0, 0x80000000, 0x4000, r.hva) is None   # nothing to change
+    assert kvm.set_user_memory_region(3, 0, 0x80000000, 0x4000, r.hva) is None  # nothing to change
     assert kvm.srcu.grace_periods == grace + 2
     for flags, size, hva in ((2, 0x4000, r.hva), (0, 0x8000, r.hva), (0, 0x4000, r.hva + 0x1000)):
-        with pytest.raises(KvmIoctlError) as e:           # READONLY toggled, another size, another hva
+        with pytest.raises(KvmIoctlError) as e:  # READONLY toggled, another size, another hva
             kvm.set_user_memory_region(3, flags, 0x80000000, size, hva)
         assert e.value.errno == 22
     with pytest.raises(KvmIoctlError) as e:
-        kvm.set_user_memory_region(4, 0, 0x80002000, 0x4000, r.hva)   # overlaps
+        kvm.set_user_memory_region(4, 0, 0x80002000, 0x4000, r.hva)  # overlaps
     assert e.value.errno == 17
 
 
@@ -157,7 +163,7 @@ def test_private_memslots_are_immutable_and_guest_memfd_needs_private_memory():
         m.move_region(3, 0x80000000)
     assert e.value.errno == 22
     with pytest.raises(KvmIoctlError) as e:
-        m.kvm.set_user_memory_region(4, 2, 0x90000000, 0x4000, r.hva, gmem_addr=r.gmem)   # READONLY + gmem
+        m.kvm.set_user_memory_region(4, 2, 0x90000000, 0x4000, r.hva, gmem_addr=r.gmem)  # READONLY + gmem
     assert e.value.errno == 22
     d = Machine("hello", vm="default", host_reserve=16 << 20)
     with pytest.raises(KvmIoctlError) as e:
@@ -185,6 +191,7 @@ def test_a_fault_on_an_invalid_slot_retries():
 # The checker's memslot invariants
 # ---------------------------------------------------------------------------
 
+
 def test_checker_sees_a_leaf_no_memslot_covers_a_zapped_invalid_root_and_a_freed_root():
     m = Machine("hello", vm="default", host_reserve=16 << 20)
     assert m.run().ok
@@ -196,16 +203,18 @@ def test_checker_sees_a_leaf_no_memslot_covers_a_zapped_invalid_root_and_a_freed
     assert any("which no memslot covers" in p for p in problems)
     kvm.violations.clear()
     RUN_CHECKS.leaf_installed(kvm, 0x100, 1)
-    assert kvm.violations == ["a leaf SPTE (level 1) was installed for gfn 0x100, which no memslot covers "
-                              "(a fault that looked its memslot up before the slot was deleted?)"]
+    assert kvm.violations == [
+        "a leaf SPTE (level 1) was installed for gfn 0x100, which no memslot covers "
+        "(a fault that looked its memslot up before the slot was deleted?)"
+    ]
     m = Machine("hello", vm="default", host_reserve=16 << 20)
     assert m.run().ok
     kvm, tdp = m.kvm, m.kvm.tdp_mmu
     root = m.vcpus[0].root
-    root.role |= 1 << 11                    # ROLE_INVALID, and pretend the zap is done
+    root.role |= 1 << 11  # ROLE_INVALID, and pretend the zap is done
     root.zapped = True
     assert any("invalid direct root that was zapped still maps" in p for p in check_vm(kvm))
-    tdp.roots.remove(root)                  # freed while the vCPU still holds it
+    tdp.roots.remove(root)  # freed while the vCPU still holds it
     assert any("which was freed" in p for p in check_vm(kvm))
     kvm.violations.clear()
     RUN_CHECKS.vcpu_entering(kvm, m.vcpus[0])
@@ -216,11 +225,15 @@ def test_checker_sees_a_leaf_no_memslot_covers_a_zapped_invalid_root_and_a_freed
 # Host events: delete and move
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, msg", [
-    ("move 0x2000000-0x2008000", "needs the GPA to move to"),
-    ("delete 0x2000000-0x2008000 0x1000", "delete takes no TO"),
-    ("move 0x2000000-0x2008000 0x10000800", "TO must be 4 KiB aligned"),
-])
+
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("move 0x2000000-0x2008000", "needs the GPA to move to"),
+        ("delete 0x2000000-0x2008000 0x1000", "delete takes no TO"),
+        ("move 0x2000000-0x2008000 0x10000800", "TO must be 4 KiB aligned"),
+    ],
+)
 def test_memslot_host_event_syntax(text, msg):
     with pytest.raises(HostEventError, match=msg):
         parse_host_event(text)
@@ -228,12 +241,15 @@ def test_memslot_host_event_syntax(text, msg):
     assert (e.kind, e.start, e.end, e.to, e.step) == ("move", 0x2000000, 0x2008000, 0x10000000, 7)
 
 
-@pytest.mark.parametrize("vm, events, msg", [
-    ("tdx", ["move 0x2000000-0x2008000 0x10000000"], "cannot be moved"),
-    ("default", ["move 0x2000000-0x2008000 0x1000000"], "TO must lie above guest memory"),
-    ("default", ["delete 0x3e00000-0x3e01000"], "loader's top"),
-    ("default", ["delete 0x2000000-0x2008000", "delete 0x2004000-0x2010000"], "memslot ranges overlap"),
-])
+@pytest.mark.parametrize(
+    "vm, events, msg",
+    [
+        ("tdx", ["move 0x2000000-0x2008000 0x10000000"], "cannot be moved"),
+        ("default", ["move 0x2000000-0x2008000 0x1000000"], "TO must lie above guest memory"),
+        ("default", ["delete 0x3e00000-0x3e01000"], "loader's top"),
+        ("default", ["delete 0x2000000-0x2008000", "delete 0x2004000-0x2010000"], "memslot ranges overlap"),
+    ],
+)
 def test_memslot_host_event_refusals(vm, events, msg):
     with pytest.raises(MachineError, match=msg):
         Machine("memslot_race", vm=vm, host_events=events)
@@ -253,16 +269,39 @@ def test_delete_event_gives_the_range_a_memslot_of_its_own():
 def test_memslot_race_is_clean_with_the_srcu_wait(vm):
     """Every explored schedule: faults that lose the race retry or exit with
     KVM_EXIT_MEMORY_FAULT; nothing maps the deleted range afterwards."""
-    r = emu_cli("explore", "memslot_race", "--vm", vm, "--vcpus", "2", "--host", RACE, "--random",
-                "12" if vm == "default" else "150", "--json")
+    r = emu_cli(
+        "explore",
+        "memslot_race",
+        "--vm",
+        vm,
+        "--vcpus",
+        "2",
+        "--host",
+        RACE,
+        "--random",
+        "12" if vm == "default" else "150",
+        "--json",
+    )
     obj = json.loads(r.stdout)
     assert r.returncode == 0 and obj["failures"] == 0 and obj["complete"], r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("vm", ["tdx", "sw-protected"])
 def test_memslot_race_found_without_the_srcu_wait(vm):
-    r = emu_cli("explore", "memslot_race", "--vm", vm, "--vcpus", "2", "--host", RACE, "--random", "300",
-                "--bug", "memslot-no-srcu-wait")
+    r = emu_cli(
+        "explore",
+        "memslot_race",
+        "--vm",
+        vm,
+        "--vcpus",
+        "2",
+        "--host",
+        RACE,
+        "--random",
+        "300",
+        "--bug",
+        "memslot-no-srcu-wait",
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "1 failing" in r.stdout
     first = next(line for line in r.stdout.splitlines() if line.startswith("first failure:"))
@@ -275,7 +314,20 @@ def test_memslot_race_run_and_campaign():
     obj = json.loads(r.stdout)
     assert r.returncode == 0 and obj["exit"] == "hlt" and obj["error"] is None
     assert set(obj["vcpu_exits"]) <= {"hlt", "memory_fault"}
-    r = emu_cli("campaign", "memslot_race", "--vm", "tdx", "--vcpus", "2", "--host", RACE, "--runs", "6",
-                "--max-points", "0", "--json")
+    r = emu_cli(
+        "campaign",
+        "memslot_race",
+        "--vm",
+        "tdx",
+        "--vcpus",
+        "2",
+        "--host",
+        RACE,
+        "--runs",
+        "6",
+        "--max-points",
+        "0",
+        "--json",
+    )
     obj = json.loads(r.stdout)
     assert r.returncode == 0 and obj["failures"] == [], r.stdout + r.stderr

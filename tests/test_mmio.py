@@ -26,7 +26,7 @@ from tdxmod.module import Regs
 
 SHARED = 1 << 47
 DEV = G.EMU_MMIO_GPA
-WINDOW = 0x600000000000                        # the mmio guest's GVA of the device page
+WINDOW = 0x600000000000  # the mmio guest's GVA of the device page
 REPORTS = [G.EMU_MMIO_ID, 0x11223344, 0xFFFFFFFFFFFF7788, 0x7700, 0x33443344556677AB, 4, 0x45]
 
 
@@ -82,6 +82,7 @@ def test_ve_info_tdvmcall_registers_and_kvm_exit_mmio(monkeypatch):
         st = real_get(v, hw)
         ve.append((st, hw.reg("rcx"), hw.reg("rdx"), hw.reg("r8"), hw.reg("r9"), hw.reg("r10")))
         return st
+
     monkeypatch.setattr(td_dispatch, "tdg_vp_veinfo_get", veinfo_get)
     m = Machine("mmio", vm="tdx")
     ops = m.kvm.x86_ops
@@ -101,20 +102,38 @@ def test_ve_info_tdvmcall_registers_and_kvm_exit_mmio(monkeypatch):
         r = real_complete(vcpu, run)
         r11.append(vcpu.arch.vp_enter_args["r11"])
         return r
+
     monkeypatch.setattr(ops, "handle_vmcall", handle_vmcall)
     monkeypatch.setattr(ops, "complete_mmio_read", complete)
     monkeypatch.setattr(m, "_mmio", dev)
     res = m.run()
     assert res.ok, res.error
-    assert ve[:2] == [(A.TDX_SUCCESS, 48, 0x181, WINDOW, DEV | SHARED, 0),
-                      (A.TDX_SUCCESS, 48, 0x182, WINDOW + 8, DEV | SHARED | 8, 0)]
-    assert len(ve) == 11                                      # one #VE per MMIO access
-    assert vmcalls[:2] == [(77, 0xFC00, 0, 48, 8, 0, DEV | SHARED, 0),
-                           (77, 0xFC00, 0, 48, 8, 1, DEV | SHARED | 8, 0x1122334455667788)]
-    assert [(v[4], v[5]) for v in vmcalls] == [(8, 0), (8, 1), (4, 0), (2, 0), (1, 0), (1, 1), (2, 1), (8, 0),
-                                               (4, 1), (8, 0), (1, 0)]
-    assert mmio[:2] == [(DEV, 8, False, G.EMU_MMIO_ID.to_bytes(8, "little")),
-                        (DEV + 8, 8, True, bytes.fromhex("8877665544332211"))]
+    assert ve[:2] == [
+        (A.TDX_SUCCESS, 48, 0x181, WINDOW, DEV | SHARED, 0),
+        (A.TDX_SUCCESS, 48, 0x182, WINDOW + 8, DEV | SHARED | 8, 0),
+    ]
+    assert len(ve) == 11  # one #VE per MMIO access
+    assert vmcalls[:2] == [
+        (77, 0xFC00, 0, 48, 8, 0, DEV | SHARED, 0),
+        (77, 0xFC00, 0, 48, 8, 1, DEV | SHARED | 8, 0x1122334455667788),
+    ]
+    assert [(v[4], v[5]) for v in vmcalls] == [
+        (8, 0),
+        (8, 1),
+        (4, 0),
+        (2, 0),
+        (1, 0),
+        (1, 1),
+        (2, 1),
+        (8, 0),
+        (4, 1),
+        (8, 0),
+        (1, 0),
+    ]
+    assert mmio[:2] == [
+        (DEV, 8, False, G.EMU_MMIO_ID.to_bytes(8, "little")),
+        (DEV + 8, 8, True, bytes.fromhex("8877665544332211")),
+    ]
     assert r11[:4] == [G.EMU_MMIO_ID, 0x11223344, 0x7788, 0x77]
 
 
@@ -126,25 +145,48 @@ def test_trace_of_the_first_access():
     m = Machine("mmio", vm="tdx", tracer=Tracer([sink]))
     assert m.run().ok
     first = m.image.symbol("mmio_first")
-    evs = [e for e in sink.events if e.name in ("tdx_exit", "kvm_tdp_page_fault_done", "hw_event", "kvm_mmio",
-                                                "kvm_userspace_exit")
-           and not (e.name == "kvm_tdp_page_fault_done" and e.fields["root"] == "mirror")]
+    evs = [
+        e
+        for e in sink.events
+        if e.name in ("tdx_exit", "kvm_tdp_page_fault_done", "hw_event", "kvm_mmio", "kvm_userspace_exit")
+        and not (e.name == "kvm_tdp_page_fault_done" and e.fields["root"] == "mirror")
+    ]
     start = next(i for i, e in enumerate(evs) if e.name == "tdx_exit" and e.fields["rip"] == first)
-    got = [(e.name, {k: e.fields[k] for k in keys if k in e.fields})
-           for e, keys in zip(evs[start:start + 8], [("reason", "qualification", "gpa")] * 8)]
-    names = [e.name for e in evs[start:start + 8]]
-    assert names == ["tdx_exit", "kvm_tdp_page_fault_done", "hw_event", "hw_event", "tdx_exit", "kvm_mmio",
-                     "kvm_userspace_exit", "kvm_mmio"]
+    got = [
+        (e.name, {k: e.fields[k] for k in keys if k in e.fields})
+        for e, keys in zip(evs[start : start + 8], [("reason", "qualification", "gpa")] * 8)
+    ]
+    names = [e.name for e in evs[start : start + 8]]
+    assert names == [
+        "tdx_exit",
+        "kvm_tdp_page_fault_done",
+        "hw_event",
+        "hw_event",
+        "tdx_exit",
+        "kvm_mmio",
+        "kvm_userspace_exit",
+        "kvm_mmio",
+    ]
     assert got[0][1] == {"reason": "EPT_VIOLATION", "qualification": 1, "gpa": DEV | SHARED}
     assert evs[start + 1].fields["ret"] == "EMULATE" and evs[start + 1].fields["root"] == "direct"
-    assert evs[start + 2].fields["msg"] == (f"#VE: convertible EPT violation at rip {first:#x} gpa {DEV | SHARED:#x} "
-                                           f"gla {WINDOW:#x} qualification 0x181 [read,gla-valid,final-translation]")
+    assert evs[start + 2].fields["msg"] == (
+        f"#VE: convertible EPT violation at rip {first:#x} gpa {DEV | SHARED:#x} "
+        f"gla {WINDOW:#x} qualification 0x181 [read,gla-valid,final-translation]"
+    )
     assert evs[start + 3].fields["msg"].startswith("#VE delivered through the IDT")
     assert evs[start + 4].fields["reason"] == "TDCALL"
-    assert {k: evs[start + 5].fields[k] for k in ("type", "len", "gpa", "val")} == \
-        {"type": "read_unsatisfied", "len": 8, "gpa": DEV, "val": 0}
-    assert {k: evs[start + 7].fields[k] for k in ("type", "len", "gpa", "val")} == \
-        {"type": "read", "len": 8, "gpa": DEV, "val": G.EMU_MMIO_ID}
+    assert {k: evs[start + 5].fields[k] for k in ("type", "len", "gpa", "val")} == {
+        "type": "read_unsatisfied",
+        "len": 8,
+        "gpa": DEV,
+        "val": 0,
+    }
+    assert {k: evs[start + 7].fields[k] for k in ("type", "len", "gpa", "val")} == {
+        "type": "read",
+        "len": 8,
+        "gpa": DEV,
+        "val": G.EMU_MMIO_ID,
+    }
 
 
 NO_IDT = """
@@ -190,14 +232,17 @@ def test_without_a_ve_handler(tmp_path):
     m = Machine(str(p), vm="tdx")
     res = m.run()
     access = m.image.symbol("access")
-    assert res.exit == "shutdown" and res.error == (f"vCPU 0: unhandled guest exception #VE (for an EPT violation) "
-                                                    f"at rip {access:#x} access+0x0: mov rax, qword ptr [rbx] (no IDT: triple fault); the "
-                                                    f"module: TD exit TRIPLE_FAULT; KVM: KVM_EXIT_SHUTDOWN")
+    assert res.exit == "shutdown" and res.error == (
+        f"vCPU 0: unhandled guest exception #VE (for an EPT violation) "
+        f"at rip {access:#x} access+0x0: mov rax, qword ptr [rbx] (no IDT: triple fault); the "
+        f"module: TD exit TRIPLE_FAULT; KVM: KVM_EXIT_SHUTDOWN"
+    )
     m = Machine(str(p), vm="default")
     res = m.run()
     assert res.exit == "mmio" and res.error == (
         f"vCPU 0: read of GPA {DEV:#x} (no memslot, the MMIO device, which this model serves only to a TD: "
-        f"KVM has no instruction emulator) at rip {access:#x} access+0x0: mov rax, qword ptr [rbx]")
+        f"KVM has no instruction emulator) at rip {access:#x} access+0x0: mov rax, qword ptr [rbx]"
+    )
 
 
 def test_a_busy_ve_info_area_makes_it_an_exit():
@@ -228,7 +273,7 @@ def test_device_registers_and_errors():
     its page, is one line (the run ends with exit mmio)."""
     m = Machine("mmio", vm="tdx")
     run = KvmRun(KVM_EXIT_MMIO, phys_addr=DEV + 0x11, len=2, is_write=False, data=bytes(2))
-    assert m._mmio(run) is None and run.data == bytes(2)          # WRITES, bytes 1-2: 0
+    assert m._mmio(run) is None and run.data == bytes(2)  # WRITES, bytes 1-2: 0
     run = KvmRun(KVM_EXIT_MMIO, phys_addr=DEV + 0x18, len=8, is_write=False, data=bytes(8))
     assert m._mmio(run) == "the device has no register at offset 0x18 for 8 bytes"
     run = KvmRun(KVM_EXIT_MMIO, phys_addr=DEV + 4, len=8, is_write=True, data=bytes(8))
@@ -244,6 +289,7 @@ def test_explore_dpor_with_mmio():
     """Partial-order reduction over a run with #VE conversions and device accesses (vCPU 1 only
     halts): every schedule ends like the plain run."""
     from emu.checkers.explore import Explorer
+
     ex = Explorer(lambda: Machine("mmio", vm="tdx", vcpus=2))
     res = ex.dpor()
     assert res.failures == 0 and res.complete and res.runs >= 2

@@ -19,5 +19,6 @@ def test_the_readme_imports():
     from emu.explore import Explorer
     import emu.userspace.vmm as vmm
     import emu.userspace.selftest as selftest
+
     assert Machine is vmm.Machine and run_guest is selftest.run_guest and VM_TYPES is selftest.VM_TYPES
     assert Host.__module__ == "emu.host" and Explorer.__module__ == "emu.checkers.explore"

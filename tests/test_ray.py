@@ -30,8 +30,13 @@ def free_port():
 @pytest.fixture(scope="module")
 def env():
     """The environment of a user of this cluster: the token, no usage reports."""
-    e = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-             RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    e = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=str(ROOT),
+    )
     e.pop("RAY_ADDRESS", None)
     return e
 
@@ -46,10 +51,24 @@ def head(env, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("ray") / "head.log"
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-                              f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                              "--disable-usage-stats"], stdout=f, stderr=subprocess.STDOUT, env=env,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ray.scripts.scripts",
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                "--num-cpus=2",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while "will now block forever" not in log.read_text():
@@ -57,7 +76,7 @@ def head(env, tmp_path_factory):
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
-        p.terminate()                 # `ray start --block` stops the processes it started
+        p.terminate()  # `ray start --block` stops the processes it started
         try:
             p.wait(30)
         except subprocess.TimeoutExpired:
@@ -66,8 +85,14 @@ def head(env, tmp_path_factory):
 
 
 def emu(env, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "emu", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def result(p, code):
@@ -80,13 +105,26 @@ def result(p, code):
 def accept2_elf(tmp_path_factory):
     """The built guest at a path of its own: workers get its bytes, not its path."""
     from emu.userspace import guests
+
     path = tmp_path_factory.mktemp("guest") / "accept2.elf"
     shutil.copy(guests.resolve("accept2"), path)
     return path
 
 
-CAMPAIGN = ("campaign", "--vm", "tdx", "--vcpus", "2", "--runs", "60", "--seed", "2", "--bug", "busy-is-fatal",
-            "--json")
+CAMPAIGN = (
+    "campaign",
+    "--vm",
+    "tdx",
+    "--vcpus",
+    "2",
+    "--runs",
+    "60",
+    "--seed",
+    "2",
+    "--bug",
+    "busy-is-fatal",
+    "--json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +144,28 @@ def test_campaign_on_ray_is_the_local_campaign(env, head, accept2_elf, local_cam
 def test_a_dead_workers_batch_runs_again(env, head, accept2_elf, local_campaign):
     """The worker running batch 1 dies (os._exit, the hidden --ray-kill-batch); its batch runs on
     another worker, the result says so and is still exact."""
-    remote, ray_info = result(emu(env, CAMPAIGN[0], accept2_elf, *CAMPAIGN[1:], "--ray", head,
-                                  "--ray-kill-batch", "1"), 1)
+    remote, ray_info = result(
+        emu(env, CAMPAIGN[0], accept2_elf, *CAMPAIGN[1:], "--ray", head, "--ray-kill-batch", "1"), 1
+    )
     assert remote == local_campaign
     assert ray_info["rerun_batches"] >= 1
 
 
-EXPLORE = ("explore", "race2", "--vm", "tdx", "--vcpus", "2", "--no-freeze", "--random", "60", "--seed", "3",
-           "--all", "--json")
+EXPLORE = (
+    "explore",
+    "race2",
+    "--vm",
+    "tdx",
+    "--vcpus",
+    "2",
+    "--no-freeze",
+    "--random",
+    "60",
+    "--seed",
+    "3",
+    "--all",
+    "--json",
+)
 
 
 def test_explore_on_ray_is_the_local_exploration(env, head):
@@ -178,7 +230,8 @@ def test_ray_only_with_random_exploration(env):
 
 def test_ray_not_installed(monkeypatch, capsys):
     from emu import cli
-    monkeypatch.setitem(sys.modules, "ray", None)            # `import ray` fails as if not installed
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
     assert cli.main(["campaign", "hello", "--runs", "3", "--ray", "local"]) == 2
     err = capsys.readouterr().err
     assert err == "emu: error: --ray needs Ray, an optional extra: pip install 'emu[ray]'\n"
@@ -186,6 +239,7 @@ def test_ray_not_installed(monkeypatch, capsys):
 
 def test_the_hidden_option_is_hidden():
     from emu import cli
+
     helps = [a.format_help() for a in cli.build_parser()._subparsers._group_actions[0].choices.values()]
     assert all("--ray-kill-batch" not in h for h in helps)
     assert sum("--ray ADDRESS" in h for h in helps) == 2
@@ -194,8 +248,20 @@ def test_the_hidden_option_is_hidden():
 def test_hangs_on_ray_are_the_local_hangs(env, head):
     """Runs past their limit (the schedules that lose lost_wakeup's wake-up) hang on the Ray workers
     exactly as they do here: the same failures, first failure and run limit."""
-    args = ("explore", ROOT / "tests" / "guests" / "lost_wakeup.S", "--vcpus", "2", "--random", "16", "--seed", "1",
-            "--all", "--max-insns", "200000", "--json")
+    args = (
+        "explore",
+        ROOT / "tests" / "guests" / "lost_wakeup.S",
+        "--vcpus",
+        "2",
+        "--random",
+        "16",
+        "--seed",
+        "1",
+        "--all",
+        "--max-insns",
+        "200000",
+        "--json",
+    )
     local, _ = result(emu(env, *args), 1)
     assert local["failures"] > 0 and local["first_failure"]["error"].startswith("hang: --max-insns 200000")
     remote, _ = result(emu(env, *args, "--ray", head), 1)

@@ -19,8 +19,9 @@ import pytest
 
 from emu.selftest import GuestVM, UCALL_SYNC, UCALL_DONE, explore
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("clang") is None,
-                                reason="no C compiler (gcc or clang)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("clang") is None, reason="no C compiler (gcc or clang)"
+)
 
 LONG = bool(os.environ.get("EMU_LONG_TESTS"))
 SCHEDULES = int(os.environ.get("EMU_SELFTEST_SCHEDULES", "8"))
@@ -62,7 +63,7 @@ def conversions_vm(vm_type, nr_vcpus=1, nr_memslots=1, variants=ALL_VARIANTS, ra
             done.add(vcpu)
             return
         if uc.cmd != UCALL_SYNC:
-            return                                  # (UCALL_ABORT ends the run: REPORT_GUEST_ASSERT)
+            return  # (UCALL_ABORT ends the run: REPORT_GUEST_ASSERT)
         assert uc.stage in (SYNC_SHARED, SYNC_PRIVATE), f"Unknown sync command '{uc.stage}'"
         gpa, size, current = uc.args[:3]
         for i in range(0, size, PAGE_SIZE):
@@ -79,6 +80,7 @@ def conversions_vm(vm_type, nr_vcpus=1, nr_memslots=1, variants=ALL_VARIANTS, ra
     def joined(run):
         run.assert_ok()
         assert done == set(range(nr_vcpus)), f"vCPUs {sorted(done)} finished, of {nr_vcpus}"
+
     return vm
 
 
@@ -126,8 +128,11 @@ def test_private_mem_conversions_four_vcpus(vm_type, nr_memslots):
     for v in range(4):
         mine = [(s[1], s[3]) for s in run.syncs if s[0] == v]
         assert mine == expected_syncs(variants, ranges)
-        assert all(BASE_DATA_GPA + v * 2 * SZ_2M <= s[2] < BASE_DATA_GPA + (v * 2 + 1) * SZ_2M + PAGE_SIZE
-                   for s in run.syncs if s[0] == v)
+        assert all(
+            BASE_DATA_GPA + v * 2 * SZ_2M <= s[2] < BASE_DATA_GPA + (v * 2 + 1) * SZ_2M + PAGE_SIZE
+            for s in run.syncs
+            if s[0] == v
+        )
     assert [s.id for s in run.machine.kvm.memslots][-nr_memslots:] == [BASE_DATA_SLOT + i for i in range(nr_memslots)]
 
 
@@ -136,7 +141,7 @@ def test_private_mem_conversions_host_catches_a_wrong_pattern():
     memcmp_g fail, with upstream's message."""
     vm = conversions_vm("sw-protected", variants=1, ranges=1)
     real = vm.write
-    vm.write = lambda gpa, data: real(gpa, bytes([0x5a]) * len(data))
+    vm.write = lambda gpa, data: real(gpa, bytes([0x5A]) * len(data))
     run = vm.run()
     assert run.exit == "fail"
     assert run.guest_assert.kind == "assert" and run.guest_assert.expr == "__m[__i] == (u8)(init_p)"
@@ -147,8 +152,11 @@ def test_private_mem_conversions_host_catches_a_wrong_pattern():
 def test_private_mem_conversions_explored(vm_type):
     """Two vCPUs converting at once, under explore: every schedule passes the test's checks and
     the model's invariants."""
-    res = explore(lambda: conversions_vm(vm_type, nr_vcpus=2, variants=0b1001 if LONG else 0b1000, ranges=0b1),
-                  random=SCHEDULES, seed=1)
+    res = explore(
+        lambda: conversions_vm(vm_type, nr_vcpus=2, variants=0b1001 if LONG else 0b1000, ranges=0b1),
+        random=SCHEDULES,
+        seed=1,
+    )
     assert res.failures == [] and res.schedules == SCHEDULES
 
 
@@ -156,7 +164,7 @@ def test_private_mem_conversions_explored(vm_type):
 # private_mem_kvm_exits_test
 # ---------------------------------------------------------------------------
 
-EXITS_TEST_GVA = 0xc0000000
+EXITS_TEST_GVA = 0xC0000000
 EXITS_TEST_GPA = EXITS_TEST_GVA
 EXITS_TEST_NPAGES = 1
 EXITS_TEST_SIZE = EXITS_TEST_NPAGES * PAGE_SIZE
@@ -165,9 +173,8 @@ KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
 
 def expect_private_memory_fault(run):
-    assert run.exit == "memory_fault" and run.errno == 14, run.error          # KVM_RUN: -EFAULT
-    assert run.memory_fault == {"flags": KVM_MEMORY_EXIT_FLAG_PRIVATE, "gpa": EXITS_TEST_GPA,
-                                "size": EXITS_TEST_SIZE}
+    assert run.exit == "memory_fault" and run.errno == 14, run.error  # KVM_RUN: -EFAULT
+    assert run.memory_fault == {"flags": KVM_MEMORY_EXIT_FLAG_PRIVATE, "gpa": EXITS_TEST_GPA, "size": EXITS_TEST_SIZE}
 
 
 def kvm_exits_vm(vm_type, deleted=True, **kwargs):
@@ -223,8 +230,11 @@ TDX_UPM_TEST_AREA_GPA = 0x80000000
 TDX_UPM_TEST_AREA_SIZE = SZ_2M
 TDX_UPM_GENERAL_AREA_0_SIZE = 1 << 20
 TDX_UPM_FOCUS_AREA_SIZE = (32 + 8) << 10
-(SYNC_CHECK_READ_PRIVATE_MEMORY_FROM_HOST, SYNC_CHECK_READ_SHARED_MEMORY_FROM_HOST,
- SYNC_CHECK_READ_PRIVATE_MEMORY_FROM_HOST_AGAIN) = 1, 2, 3
+(
+    SYNC_CHECK_READ_PRIVATE_MEMORY_FROM_HOST,
+    SYNC_CHECK_READ_SHARED_MEMORY_FROM_HOST,
+    SYNC_CHECK_READ_PRIVATE_MEMORY_FROM_HOST_AGAIN,
+) = 1, 2, 3
 
 
 def upm_vm(watcher=False, **kwargs):
@@ -241,7 +251,7 @@ def upm_vm(watcher=False, **kwargs):
 
     def areas():
         area = vm.read(TDX_UPM_TEST_AREA_GPA, TDX_UPM_TEST_AREA_SIZE)
-        return area[:g0] + area[g0 + focus:], area[g0:g0 + focus]
+        return area[:g0] + area[g0 + focus :], area[g0 : g0 + focus]
 
     def same(data, pattern):
         return data == bytes([pattern]) * len(data)
@@ -253,31 +263,37 @@ def upm_vm(watcher=False, **kwargs):
         stages.append(uc.stage)
         general, focus_area = areas()
         if uc.stage == SYNC_CHECK_READ_PRIVATE_MEMORY_FROM_HOST:
-            assert same(general, PATTERN_CONFIDENCE_CHECK) and same(focus_area, PATTERN_CONFIDENCE_CHECK), \
+            assert same(general, PATTERN_CONFIDENCE_CHECK) and same(focus_area, PATTERN_CONFIDENCE_CHECK), (
                 "Host should read PATTERN_CONFIDENCE_CHECK from guest's private memory."
+            )
         elif uc.stage == SYNC_CHECK_READ_SHARED_MEMORY_FROM_HOST:
             assert same(focus_area, PATTERN_GUEST_FOCUS), "Host should have the same view of shared memory as guest."
-            assert same(general, PATTERN_CONFIDENCE_CHECK), \
+            assert same(general, PATTERN_CONFIDENCE_CHECK), (
                 "Host's view of private memory should still be backed by regular memory."
+            )
             # Check that host can use shared memory
             vm.write(TDX_UPM_TEST_AREA_GPA + g0, bytes([PATTERN_HOST_FOCUS]) * focus)
             assert same(areas()[1], PATTERN_HOST_FOCUS), "Host should be able to use shared memory."
         else:
             assert uc.stage == SYNC_CHECK_READ_PRIVATE_MEMORY_FROM_HOST_AGAIN
-            assert same(general, PATTERN_CONFIDENCE_CHECK) and same(focus_area, PATTERN_HOST_FOCUS), \
+            assert same(general, PATTERN_CONFIDENCE_CHECK) and same(focus_area, PATTERN_HOST_FOCUS), (
                 "Host's view of private memory should be backed by regular memory."
+            )
 
     if watcher:
+
         def watch():
             for stage in (1, 2, 3):
                 vm.wait_for(lambda: len(stages) >= stage)
                 assert same(areas()[0], PATTERN_CONFIDENCE_CHECK)
+
         vm.spawn(watch, name="watcher")
 
     @vm.check
     def passed(run):
         run.assert_ok()
         assert stages == [1, 2, 3]
+
     return vm
 
 

@@ -56,9 +56,15 @@ def test_default_vm_events_and_fields():
     # the loader's identity map uses 2M pages: PML4E, PDPTE, PDE (a leaf)
     full = [w for w in walk if len(w.fields["guest"]) == 3 and w.fields["result"].startswith("-> gpa")]
     assert full and [lvl for lvl, *_ in full[0].fields["guest"]] == [4, 3, 2]
-    assert full[0].fields["guest"][2][3] & 0x80                  # PS: the 2M leaf
-    for name in ("kvm_entry", "kvm_mmu_spte_requested", "kvm_mmu_set_spte", "kvm_hypercall", "kvm_userspace_exit",
-                 "kvm_mmu_get_page"):
+    assert full[0].fields["guest"][2][3] & 0x80  # PS: the 2M leaf
+    for name in (
+        "kvm_entry",
+        "kvm_mmu_spte_requested",
+        "kvm_mmu_set_spte",
+        "kvm_hypercall",
+        "kvm_userspace_exit",
+        "kvm_mmu_get_page",
+    ):
         assert by_name(evs, name), name
 
 
@@ -77,7 +83,7 @@ def test_td_events_and_fields():
     tx = [e.fields for e in by_name(evs, "tdx_exit")]
     accept_exit = [t for t in tx if t["reason"] == "EPT_VIOLATION"][0]
     assert accept_exit["insn"] == "tdcall" and accept_exit["where"].startswith("emu_accept+")
-    assert accept_exit["ext_qualification"] & 0xF == 1          # type ACCEPT
+    assert accept_exit["ext_qualification"] & 0xF == 1  # type ACCEPT
     done = [e.fields for e in by_name(evs, "kvm_tdp_page_fault_done") if e.fields["root"] == "mirror"]
     assert done and done[0]["ret"] == "FIXED"
     walks = [w.fields for w in by_name(evs, "hw_walk") if any(x[0] == "S-EPT" for x in w.fields["ept"])]
@@ -165,8 +171,12 @@ def check_trace_event_format(doc):
 @pytest.mark.parametrize("guest, vm", [("hello", "default"), ("private", "tdx"), ("convert", "tdx")])
 def test_perfetto_trace_event_json(tmp_path, guest, vm):
     out = tmp_path / "t.json"
-    p = subprocess.run([sys.executable, "-m", "emu", "run", guest, "--vm", vm, "--trace", "perfetto",
-                        "--trace-file", out], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "emu", "run", guest, "--vm", vm, "--trace", "perfetto", "--trace-file", out],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     doc = json.loads(out.read_text())
     check_trace_event_format(doc)
@@ -178,6 +188,7 @@ def test_perfetto_trace_event_json(tmp_path, guest, vm):
 
 def test_dump_tables_api():
     from emu.dump import dump_tables
+
     m, res, _ = traced("convert", vm="tdx")
     text = dump_tables(m.kvm, 0x1000000, 0x1004000)
     rows = [l for l in text.splitlines() if l.startswith("0x")]

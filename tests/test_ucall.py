@@ -18,8 +18,9 @@ from emu.trace import ListSink, Tracer
 from emu.userspace import guestabi
 from emu.userspace.ucall_common import UCALL_SIZE, UCALL_HEADER_UCALLS
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("clang") is None,
-                                reason="no C compiler (gcc or clang)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("clang") is None, reason="no C compiler (gcc or clang)"
+)
 
 PLAIN = ("default", "sw-protected")
 EVENTS = ["kvm_exit", "kvm_pio", "kvm_mmio", "kvm_userspace_exit", "guest_sync", "guest_printf"]
@@ -57,6 +58,7 @@ def get_regs_calls(monkeypatch):
         if sys._getframe(1).f_code is guestabi.ucall_arch_get_ucall.__code__:
             calls.append((self.vcpu_id, regs["rdi"]))
         return regs
+
     monkeypatch.setattr(KvmVcpu, "get_regs", spy)
     return calls
 
@@ -96,11 +98,16 @@ def test_a_plain_vms_ucall_is_an_in_from_the_ucall_port_with_rdi(gdir, vm, get_r
         # exit qualification: size 1 (0), IN (bit 3), DX (bit 6 clear), port in 31:16
         assert e["info1"] == 0x1000 << 16 | 8
         assert (evs[i + 1].name, evs[i + 1].fields) == ("kvm_userspace_exit", {"reason": "io", "port": 0x1000})
-        got = [ev.name for ev in evs[i + 2:i + 2 + len(follow)]]
+        got = [ev.name for ev in evs[i + 2 : i + 2 + len(follow)]]
         assert got == follow
         pio = evs[i + 2 + len(follow)]
-        assert pio.name == "kvm_pio" and pio.fields["rw"] == "read" and pio.fields["port"] == 0x1000 \
-            and pio.fields["size"] == 1 and pio.fields["val"] == 0
+        assert (
+            pio.name == "kvm_pio"
+            and pio.fields["rw"] == "read"
+            and pio.fields["port"] == 0x1000
+            and pio.fields["size"] == 1
+            and pio.fields["val"] == 0
+        )
 
 
 def test_a_tds_ucall_is_an_mmio_write_of_the_address_to_the_ucall_gpa(gdir, get_regs_calls):
@@ -110,7 +117,7 @@ def test_a_tds_ucall_is_an_mmio_write_of_the_address_to_the_ucall_gpa(gdir, get_
     m = gvm.machine
     stats = run.result.stats
     assert stats["io_exits"] == 0 and stats["hypercalls"] == 0 and m.pio_counts == {}
-    assert get_regs_calls == []                              # a TD's registers are not the host's to read
+    assert get_regs_calls == []  # a TD's registers are not the host's to read
     mmio = [e.fields for e in evs if e.name == "kvm_mmio"]
     assert len(mmio) == 4
     for f in mmio:
@@ -160,7 +167,7 @@ def test_a_tds_in_from_the_ucall_port_is_no_ucall(gdir):
     gvm = GuestVM(write_guest(gdir, "own", OWN), vm="tdx")
     run = gvm.run()
     run.assert_ok()
-    assert run.syncs == [(0, 0x112233ff)] and gvm.machine.pio_counts == {0x1000: 1}
+    assert run.syncs == [(0, 0x112233FF)] and gvm.machine.pio_counts == {0x1000: 1}
 
 
 BAD = """
@@ -183,8 +190,12 @@ def test_a_ucall_at_a_bad_address_fails_the_run_cleanly(gdir, vm):
 
 def test_a_ucall_at_a_bad_address_on_the_cli_is_one_line(gdir):
     src = write_guest(gdir, "bad", BAD)
-    p = subprocess.run([sys.executable, "-m", "emu", "run", str(src)], cwd=guestabi.__file__.rsplit("/emu/", 1)[0],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "emu", "run", str(src)],
+        cwd=guestabi.__file__.rsplit("/emu/", 1)[0],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and "Traceback" not in p.stdout + p.stderr
     assert "exit: fail: vCPU 0: a ucall at 0x7000000000, outside the VMM's memory" in p.stdout
 
@@ -201,6 +212,7 @@ def test_the_ucall_port_has_no_device_footprint(gdir, vm, monkeypatch):
     def touch(key, write=True):
         keys.append(key)
         return real(key, write)
+
     monkeypatch.setattr(kvm, "touch", touch)
     gvm.run().assert_ok()
     assert not [k for k in keys if isinstance(k, tuple) and k[0] in ("pio", "mmio_device")]
@@ -208,10 +220,13 @@ def test_the_ucall_port_has_no_device_footprint(gdir, vm, monkeypatch):
 
 def test_no_memslot_may_cover_the_ucall_gpa(gdir):
     gvm = GuestVM(write_guest(gdir, "three", THREE))
-    for gpa, size in ((guestabi.UCALL_MMIO_GPA, 0x1000), (guestabi.EMU_MMIO_GPA - 0x1000, 0x2000),
-                      (guestabi.UCALL_MMIO_GPA - 0x10000, 0x20000)):
+    for gpa, size in (
+        (guestabi.UCALL_MMIO_GPA, 0x1000),
+        (guestabi.EMU_MMIO_GPA - 0x1000, 0x2000),
+        (guestabi.UCALL_MMIO_GPA - 0x10000, 0x20000),
+    ):
         with pytest.raises(KvmIoctlError) as e:
             gvm.mem_region_add(10, gpa, size, guest_memfd=False)
         assert e.value.errno == 17 and "MMIO" in str(e.value)
-    gvm.mem_region_add(10, guestabi.UCALL_MMIO_GPA + 0x1000, 0x1000, guest_memfd=False)   # the page after: fine
+    gvm.mem_region_add(10, guestabi.UCALL_MMIO_GPA + 0x1000, 0x1000, guest_memfd=False)  # the page after: fine
     gvm.run().assert_ok()

@@ -29,9 +29,9 @@ def default_files():
 def github_slug(text):
     """The anchor GitHub gives a heading: markup dropped, lowercase, punctuation but '-' and '_'
     removed, each space a '-'."""
-    text = re.sub(r"`([^`]*)`", r"\1", text)                      # code spans keep their text
-    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)        # links keep their text
-    text = re.sub(r"<[^>]+>", "", text)                            # inline HTML
+    text = re.sub(r"`([^`]*)`", r"\1", text)  # code spans keep their text
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)  # links keep their text
+    text = re.sub(r"<[^>]+>", "", text)  # inline HTML
     text = text.strip().lower()
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
@@ -101,8 +101,10 @@ def check_file(path):
                 if anchor not in on_github and anchor not in in_mkdocs:
                     problems.append(f"{where}: no heading with anchor #{anchor} in {dest.relative_to(ROOT)}")
                 elif anchor not in on_github or (in_site and anchor not in in_mkdocs):
-                    problems.append(f"{where}: the heading's anchor differs between GitHub and mkdocs "
-                                    f"(punctuation): reword the heading")
+                    problems.append(
+                        f"{where}: the heading's anchor differs between GitHub and mkdocs "
+                        f"(punctuation): reword the heading"
+                    )
             elif anchor:
                 problems.append(f"{where}: an anchor into a file that is not Markdown")
     return problems

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..userspace.vmm import Machine
 
 from . import check
-from .explore import (in_child, in_children, default_jobs, PctStrategy, _per_vcpu, BASELINE_LIMIT, run_limits)
+from .explore import in_child, in_children, default_jobs, PctStrategy, _per_vcpu, BASELINE_LIMIT, run_limits
 from .forktree import Stalled
 from .inject import Plan, POINTS, judge
 from .sched import Scheduler
@@ -44,9 +44,13 @@ from tdxmod import abi as A
 
 OUTCOMES = ("survived", "kvm_bug_on", "guest_error", "invariant_broken", "hang")
 
-_SEAMCALL_ERRORS = (A.TDX_OPERAND_BUSY | A.OPERAND_ID_RCX, A.TDX_OPERAND_BUSY | A.OPERAND_ID_SEPT,
-                    A.TDX_EPT_WALK_FAILED | A.OPERAND_ID_RCX, A.TDX_EPT_ENTRY_STATE_INCORRECT | A.OPERAND_ID_RCX,
-                    A.TDX_OPERAND_INVALID | A.OPERAND_ID_RCX)
+_SEAMCALL_ERRORS = (
+    A.TDX_OPERAND_BUSY | A.OPERAND_ID_RCX,
+    A.TDX_OPERAND_BUSY | A.OPERAND_ID_SEPT,
+    A.TDX_EPT_WALK_FAILED | A.OPERAND_ID_RCX,
+    A.TDX_EPT_ENTRY_STATE_INCORRECT | A.OPERAND_ID_RCX,
+    A.TDX_OPERAND_INVALID | A.OPERAND_ID_RCX,
+)
 
 
 class RunReport:
@@ -60,7 +64,7 @@ class RunReport:
 class CampaignReport:
     def __init__(self):
         self.runs = []
-        self.table = {}                  # point -> {outcome: runs in which it fired}
+        self.table = {}  # point -> {outcome: runs in which it fired}
         self.seconds = 0.0
         self.interrupted = False
 
@@ -76,38 +80,50 @@ class CampaignReport:
         return [r for r in self.runs if r.outcome == "hang"]
 
     def as_json(self):
-        return {"runs": len(self.runs), "seconds": round(self.seconds, 3),
-                "outcomes": {o: self.count(o) for o in OUTCOMES},
-                "points": {p: dict(c) for p, c in sorted(self.table.items())},
-                "failures": [{"run": r.index, "plans": r.plans, "error": r.error, "schedule": r.schedule}
-                             for r in self.failures],
-                "hangs": [{"run": r.index, "plans": r.plans, "error": r.error, "schedule": r.schedule}
-                          for r in self.hangs],
-                "interrupted": self.interrupted}
+        return {
+            "runs": len(self.runs),
+            "seconds": round(self.seconds, 3),
+            "outcomes": {o: self.count(o) for o in OUTCOMES},
+            "points": {p: dict(c) for p, c in sorted(self.table.items())},
+            "failures": [
+                {"run": r.index, "plans": r.plans, "error": r.error, "schedule": r.schedule} for r in self.failures
+            ],
+            "hangs": [{"run": r.index, "plans": r.plans, "error": r.error, "schedule": r.schedule} for r in self.hangs],
+            "interrupted": self.interrupted,
+        }
 
 
 class Campaign:
-    def __init__(self, factory: Callable[[], Machine], plans: Sequence[str] = (), max_points: int = 3,
-                 baseline: tuple | None = None, max_insns: int | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], Machine],
+        plans: Sequence[str] = (),
+        max_points: int = 3,
+        baseline: tuple | None = None,
+        max_insns: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
         """``baseline``: the (expected, calls, None, limits) of a campaign on the same machine, not
         run again.  ``max_insns``, ``timeout``: each run's limits (by default from the clean run)."""
         self.machine = factory()
-        self.machine.prepare_snapshot(limited=True)     # every run forks from it
+        self.machine.prepare_snapshot(limited=True)  # every run forks from it
         self.user_plans = list(plans)
         self.max_points = max_points
         self.progress = None
         self.timeout = timeout
-        counting = Plan((), seed=0, count_all=True)      # a clean run: the results every run must give
+        counting = Plan((), seed=0, count_all=True)  # a clean run: the results every run must give
         if baseline is None:
             t0 = time.perf_counter()
-            expected, calls, err, blocks = in_child(lambda: self._baseline(counting, max_insns),
-                                                    lambda e: (None, {}, f"{type(e).__name__}: {e}", None))
+            expected, calls, err, blocks = in_child(
+                lambda: self._baseline(counting, max_insns), lambda e: (None, {}, f"{type(e).__name__}: {e}", None)
+            )
             baseline = (expected, calls, err, run_limits(max_insns, blocks, time.perf_counter() - t0, timeout))
         self.baseline = baseline
         self.expected, self.calls, err, (self.run_limit, self.stall_seconds) = baseline
         if err is not None:
-            raise RuntimeError(err if err.startswith("the guest hangs") else
-                               f"the guest fails without injected faults: {err}")
+            raise RuntimeError(
+                err if err.startswith("the guest hangs") else f"the guest fails without injected faults: {err}"
+            )
 
     def _baseline(self, counting, max_insns):
         m = self.machine
@@ -115,7 +131,12 @@ class Campaign:
         m.max_insns, m.timeout = max_insns or BASELINE_LIMIT, self.timeout
         res = m.run()
         if res.exit == "hang":
-            return None, {}, f"the guest hangs without injected faults, so there is nothing to inject: {res.error}", None
+            return (
+                None,
+                {},
+                f"the guest hangs without injected faults, so there is nothing to inject: {res.error}",
+                None,
+            )
         if not res.ok:
             return None, {}, res.error, None
         problems = check.check_vm(m.kvm)
@@ -160,7 +181,7 @@ class Campaign:
         with the same results."""
         rep = CampaignReport()
         t0 = time.perf_counter()
-        handed: collections.deque = collections.deque()   # the runs handed out, in run order: a result is the first's
+        handed: collections.deque = collections.deque()  # the runs handed out, in run order: a result is the first's
 
         def work():
             for i in range(runs):
@@ -171,16 +192,21 @@ class Campaign:
                 yield i, plans, run_seed
 
         if cluster is None:
-            results = in_children(((lambda a=a: self._one(*a)) for a in work()), _model_raised, jobs or default_jobs(),
-                                  stall=self.stall_seconds)
+            results = in_children(
+                ((lambda a=a: self._one(*a)) for a in work()),
+                _model_raised,
+                jobs or default_jobs(),
+                stall=self.stall_seconds,
+            )
         else:
             cl, machine_kwargs = cluster
-            results = cl.map(CampaignRuns(self), work(), runs, elf=self.machine.elf, machine=machine_kwargs,
-                             stall=self.stall_seconds)
+            results = cl.map(
+                CampaignRuns(self), work(), runs, elf=self.machine.elf, machine=machine_kwargs, stall=self.stall_seconds
+            )
         try:
             for r in results:
                 i, plans, run_seed = handed.popleft()
-                if r.index == -1:                # its process died or stopped answering: say which run
+                if r.index == -1:  # its process died or stopped answering: say which run
                     r.index, r.plans, r.seed = i, plans, run_seed
                 rep.runs.append(r)
                 for point in {p for p, _, _ in r.fired}:
@@ -198,8 +224,10 @@ class Campaign:
 
     def trace(self, r):
         """The trace (text lines) of run ``r`` again, from the snapshot: the same plans, seed and schedule."""
+
         def traced():
             from ..trace import Tracer, ListSink, format_text
+
             sink = ListSink()
             t = Tracer([sink])
             m = self.machine
@@ -209,15 +237,21 @@ class Campaign:
                 m.host.tdx_module.tracer = t
             self._one(r.index, r.plans, r.seed)
             return [format_text(ev) for ev in sink.events]
+
         return in_child(traced, lambda e: [f"(tracing the run failed: {type(e).__name__}: {e})"], self.stall_seconds)
 
     def _one(self, index, plans, run_seed):
         try:
             return self._one_run(index, plans, run_seed)
-        except Exception as e:                       # a bug of the model: a failure, with its reproducer
-            return RunReport(index, plans, "invariant_broken",
-                             f"the model raised {type(e).__name__}: {e}\n{traceback.format_exc()}", [],
-                             seed=run_seed)
+        except Exception as e:  # a bug of the model: a failure, with its reproducer
+            return RunReport(
+                index,
+                plans,
+                "invariant_broken",
+                f"the model raised {type(e).__name__}: {e}\n{traceback.format_exc()}",
+                [],
+                seed=run_seed,
+            )
 
     def _one_run(self, index, plans, run_seed):
         m = self.machine
@@ -249,10 +283,10 @@ class Campaign:
             outcome = "hang"
         else:
             outcome = "guest_error"
-        m.destroy()                      # with the plan still active: teardown has fault points too
+        m.destroy()  # with the plan still active: teardown has fault points too
         problems += check.check_destroyed(kvm)
         if outcome == "survived" and kvm.vm_bugged:
-            outcome = "kvm_bug_on"         # the guest finished, but teardown hit a KVM_BUG_ON
+            outcome = "kvm_bug_on"  # the guest finished, but teardown hit a KVM_BUG_ON
         if not problems and outcome != "hang":
             # Each fault's reaction must be upstream's: a run that survived a fault KVM must not
             # swallow, or died of one it retries, is a failure (as is any error with no fault).
@@ -260,16 +294,16 @@ class Campaign:
             if why is not None:
                 problems.append(f"reaction differs from upstream: {why} ({res.error or kvm.bug_reason or 'no error'})")
         if problems:
-            return RunReport(index, plans, "invariant_broken", "; ".join(problems[:3]), plan.fired, schedule,
-                             run_seed)
+            return RunReport(index, plans, "invariant_broken", "; ".join(problems[:3]), plan.fired, schedule, run_seed)
         return RunReport(index, plans, outcome, res.error or kvm.bug_reason, plan.fired, schedule, run_seed)
 
 
 def _model_raised(e):
     if isinstance(e, Stalled):
         return RunReport(-1, [], "hang", str(e), [])
-    return RunReport(-1, [], "invariant_broken",
-                     f"the model raised {type(e).__name__}: {e}\n{traceback.format_exc()}", [])
+    return RunReport(
+        -1, [], "invariant_broken", f"the model raised {type(e).__name__}: {e}\n{traceback.format_exc()}", []
+    )
 
 
 class CampaignRuns:
@@ -290,8 +324,10 @@ class CampaignRuns:
 def reproducer(guest, vm, vcpus, r, flags=""):
     inj = " ".join(f"--inject '{p}'" for p in r.plans)
     if r.schedule is not None:
-        return (f"python -m emu explore {guest} --vm {vm} --vcpus {vcpus}{flags} {inj} --seed {r.seed} "
-                f"--replay '{r.schedule}'")
+        return (
+            f"python -m emu explore {guest} --vm {vm} --vcpus {vcpus}{flags} {inj} --seed {r.seed} "
+            f"--replay '{r.schedule}'"
+        )
     return f"python -m emu run {guest} --vm {vm}{flags} {inj} --seed {r.seed}"
 
 

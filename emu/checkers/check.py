@@ -25,23 +25,29 @@ from ..kvm.kvm_host import KVM_REQS_FLUSHING, OUTSIDE_GUEST_MODE
 def check_vm(kvm):
     problems = []
     tdp = kvm.tdp_mmu
-    leaves_of = {}                           # root -> its leaves: each table is read once per check
+    leaves_of = {}  # root -> its leaves: each table is read once per check
     for root in tdp.roots:
         if root.invalid:
             continue
         leaves, removed = tdp.scan(root)
         leaves_of[root] = leaves
         for sptep, level in removed:
-            problems.append(f"{'mirror' if root.is_mirror else 'direct'} root: SPTE at {sptep:#x} "
-                            f"(level {level}) left REMOVED")
+            problems.append(
+                f"{'mirror' if root.is_mirror else 'direct'} root: SPTE at {sptep:#x} (level {level}) left REMOVED"
+            )
         for gfn, level, spte in leaves:
             slot = kvm.gfn_to_memslot(gfn)
             if slot is None:
                 # (MMIO SPTEs are not present: a present leaf always needs a memslot)
                 problems.append(_no_memslot(root, gfn, level))
                 continue
-            private = root.is_mirror or kvm.has_private_mem and not kvm.has_mirrored_tdp \
-                and slot.can_be_private and kvm.mem_is_private(gfn)
+            private = (
+                root.is_mirror
+                or kvm.has_private_mem
+                and not kvm.has_mirrored_tdp
+                and slot.can_be_private
+                and kvm.mem_is_private(gfn)
+            )
             want = _backing_pfn(kvm, slot, gfn, private)
             if spte_to_pfn(spte) != want:
                 problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, its backing is pfn {want:#x}")
@@ -55,8 +61,10 @@ def check_vm(kvm):
 
 
 def _no_memslot(root, gfn, level):
-    return (f"the {'mirror' if root.is_mirror else 'direct'} root maps gfn {gfn:#x} (level {level}), "
-            f"which no memslot covers")
+    return (
+        f"the {'mirror' if root.is_mirror else 'direct'} root maps gfn {gfn:#x} (level {level}), "
+        f"which no memslot covers"
+    )
 
 
 def check_roots(kvm):
@@ -69,8 +77,10 @@ def check_roots(kvm):
             leaves = tdp.leaves(root)
             if leaves:
                 gfn, level, _ = leaves[0]
-                problems.append(f"an invalid {'mirror' if root.is_mirror else 'direct'} root that was zapped "
-                                f"still maps gfn {gfn:#x} (level {level}) and {len(leaves) - 1} more")
+                problems.append(
+                    f"an invalid {'mirror' if root.is_mirror else 'direct'} root that was zapped "
+                    f"still maps gfn {gfn:#x} (level {level}) and {len(leaves) - 1} more"
+                )
     for v in kvm.vcpus:
         problems += freed_roots(kvm, v)
     return problems
@@ -106,12 +116,18 @@ def check_step(kvm):
             if slot is None:
                 problems.append(_no_memslot(root, gfn, level))
                 continue
-            private = root.is_mirror or kvm.has_private_mem and not kvm.has_mirrored_tdp \
-                and slot.can_be_private and kvm.mem_is_private(gfn)
+            private = (
+                root.is_mirror
+                or kvm.has_private_mem
+                and not kvm.has_mirrored_tdp
+                and slot.can_be_private
+                and kvm.mem_is_private(gfn)
+            )
             if spte_to_pfn(spte) != _backing_pfn(kvm, slot, gfn, private):
                 problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, not its backing")
     if kvm.has_mirrored_tdp and getattr(kvm, "tdx", None) is not None:
         from tdxmod.abi import PT_REG
+
         mod = kvm.x86_ops.module
         td = mod.tds.get(kvm.tdx.tdr_pa)
         if td is not None:
@@ -140,8 +156,10 @@ def check_attributes(kvm, leaves_of=None):
         for gfn, level, spte in _leaves(kvm, root, leaves_of):
             for g in range(gfn, gfn + (1 << (9 * (level - 1)))):
                 if kvm.mem_is_private(g) != root.is_mirror:
-                    problems.append(f"the {'mirror' if root.is_mirror else 'direct'} root maps gfn {g:#x}, "
-                                    f"whose attribute is {'private' if kvm.mem_is_private(g) else 'shared'}")
+                    problems.append(
+                        f"the {'mirror' if root.is_mirror else 'direct'} root maps gfn {g:#x}, "
+                        f"whose attribute is {'private' if kvm.mem_is_private(g) else 'shared'}"
+                    )
                     break
     return problems
 
@@ -155,6 +173,7 @@ def check_accounting(kvm):
         if hpa in owners:
             problems.append(f"page {hpa:#x} owned twice: {owners[hpa]} and {what}")
         owners[hpa] = what
+
     for spt, sp in kvm.tdp_mmu.sp_of.items():
         own(spt, f"page table of {sp!r}")
         if sp.external_spt is not None:
@@ -196,6 +215,7 @@ def check_tlbs(kvm):
 def stale_translations(kvm, v):
     """The guest-physical translations vCPU ``v`` caches that its EPT (or S-EPT) no longer gives."""
     from ..hw.ept import walk, EptTranslation
+
     hw = v.hw
     if hw is None or hw.eptp is None:
         return []
@@ -212,6 +232,7 @@ def stale_translations(kvm, v):
 def check_mirror_sept(kvm, leaves_of=None):
     from tdxmod import sept as S
     from tdxmod.abi import PT_REG, PT_EPT
+
     problems = []
     mod = kvm.x86_ops.module
     td = mod.tds.get(kvm.tdx.tdr_pa)
@@ -268,14 +289,17 @@ def check_destroyed(kvm):
     leaked = {hpa for hpa, _ in kvm.host.leaked}
     kernel_leaked = {hpa for hpa in leaked if hpa < kvm.host.user_base}
     if kvm.host.kernel.in_use != len(kernel_leaked):
-        problems.append(f"after destroy {kvm.host.kernel.in_use} kernel pages are in use, "
-                        f"{len(kernel_leaked)} were leaked on purpose")
+        problems.append(
+            f"after destroy {kvm.host.kernel.in_use} kernel pages are in use, "
+            f"{len(kernel_leaked)} were leaked on purpose"
+        )
     module = getattr(kvm.x86_ops, "module", None)
     if module is not None:
         owned = {hpa for hpa, _, _ in module.pamt.owned_pages()}
         if owned - leaked:
-            problems.append(f"after destroy the PAMT owns {len(owned - leaked)} pages nobody leaked, "
-                            f"e.g. {min(owned - leaked):#x}")
+            problems.append(
+                f"after destroy the PAMT owns {len(owned - leaked)} pages nobody leaked, e.g. {min(owned - leaked):#x}"
+            )
     if kvm.rcu.pending:
         problems.append(f"{len(kvm.rcu.pending)} RCU callbacks never ran")
     return problems
@@ -301,14 +325,18 @@ class RunChecks:
         if kvm.flush_owed or kvm.tables_checked == kvm.tables_generation and vcpus is None:
             return
         if vcpus is None:
-            kvm.touch_all(False)              # (emu.checkers.dpor) it reads every vCPU's TLB and every table
+            kvm.touch_all(False)  # (emu.checkers.dpor) it reads every vCPU's TLB and every table
         else:
-            for v in vcpus:                   # (emu.checkers.dpor) the entries behind their TLBs
+            for v in vcpus:  # (emu.checkers.dpor) the entries behind their TLBs
                 v.touch_tlb()
         for v in kvm.vcpus if vcpus is None else vcpus:
-            if v.hw is None or not entering and not v.hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE
-                                                                          or v.requests & KVM_REQS_FLUSHING):
-                continue                      # not running guest code, or will flush before it does
+            if (
+                v.hw is None
+                or not entering
+                and not v.hw.in_guest
+                and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQS_FLUSHING)
+            ):
+                continue  # not running guest code, or will flush before it does
             for problem in stale_translations(kvm, v)[:1]:
                 kvm.checker_violation(f"{when}: {problem} while in guest mode")
         if vcpus is None:
@@ -320,9 +348,11 @@ class RunChecks:
         for a GFN no memslot covers outlives the memslot deletion that should have removed it:
         nothing will ever zap it."""
         if kvm.gfn_to_memslot(gfn) is None:
-            kvm.checker_violation(f"a leaf SPTE (level {level}) was installed for gfn {gfn:#x}, which no "
-                                  f"memslot covers (a fault that looked its memslot up before the slot "
-                                  f"was deleted?)")
+            kvm.checker_violation(
+                f"a leaf SPTE (level {level}) was installed for gfn {gfn:#x}, which no "
+                f"memslot covers (a fault that looked its memslot up before the slot "
+                f"was deleted?)"
+            )
 
     def memslot_removed(self, kvm, slot):
         """A memslot was deleted (or moved away) and the new memslots are in: nothing maps its old
@@ -334,16 +364,19 @@ class RunChecks:
         for root in tdp.roots:
             for gfn, level, _ in tdp.leaves(root):
                 if gfn < end and start < gfn + (1 << (9 * (level - 1))) and kvm.gfn_to_memslot(gfn) is None:
-                    kvm.checker_violation(f"memslot {slot.id} (gfn {start:#x}-{end:#x}) is gone, but the "
-                                          f"{'mirror' if root.is_mirror else 'direct'} root still maps gfn "
-                                          f"{gfn:#x} (level {level}): a fault mapped it after the memslot "
-                                          f"was flushed")
+                    kvm.checker_violation(
+                        f"memslot {slot.id} (gfn {start:#x}-{end:#x}) is gone, but the "
+                        f"{'mirror' if root.is_mirror else 'direct'} root still maps gfn "
+                        f"{gfn:#x} (level {level}): a fault mapped it after the memslot "
+                        f"was flushed"
+                    )
                     return
 
     def vcpu_entering(self, kvm, v):
         """A vCPU enters the guest: on roots that are still the TDP MMU's (not freed)."""
         for problem in freed_roots(kvm, v)[:1]:
             kvm.checker_violation(f"vCPU {v.vcpu_id} entering the guest: {problem}")
+
     def zap_range(self, kvm, gfn, level, start, end):
         """A zap of private memory [start, end) meets a mirror leaf: the leaf must lie inside the
         range.  A TD's private page is its data (its lifetime is the S-EPT mapping's): a huge
@@ -351,8 +384,10 @@ class RunChecks:
         the head and tail huge pages first: tdx_gmem_convert())."""
         last = gfn + (1 << (9 * (level - 1)))
         if gfn < start or last > end:
-            kvm.checker_violation(f"zap of gfn {start:#x}-{end:#x} removes the {('4K', '2M', '1G')[level - 1]} "
-                                  f"private page at gfn {gfn:#x}-{last:#x}: beyond the range asked")
+            kvm.checker_violation(
+                f"zap of gfn {start:#x}-{end:#x} removes the {('4K', '2M', '1G')[level - 1]} "
+                f"private page at gfn {gfn:#x}-{last:#x}: beyond the range asked"
+            )
 
     def page_freed(self, kvm, pfn, what):
         """When the host frees a page: no SPTE maps it, no vCPU running guest code (or about
@@ -371,18 +406,20 @@ class RunChecks:
             if hw is None or not hw.in_guest and (v.mode == OUTSIDE_GUEST_MODE or v.requests & KVM_REQS_FLUSHING):
                 continue
             if any(hpa >> 12 == pfn for hpa, _, _, _ in hw.gpa_cache.values()):
-                kvm.checker_violation(f"{what}: pfn {pfn:#x} freed while vCPU {v.vcpu_id} in guest mode "
-                                      f"still caches a translation to it")
+                kvm.checker_violation(
+                    f"{what}: pfn {pfn:#x} freed while vCPU {v.vcpu_id} in guest mode still caches a translation to it"
+                )
                 return
-
 
     def td_page_freed(self, kvm, hpa, what):
         """A page a TD had goes back to the host allocator: none of its cache lines may still
         hold the TD bit (KVM clears every page it takes back: tdx_clear_page())."""
         n = kvm.mem.td_line_count(hpa >> 12)
         if n:
-            kvm.checker_violation(f"{what}: page {hpa:#x} goes back to the host with {n} of its 64 cache lines "
-                                  f"still holding the TD's integrity bit (not cleared with tdx_clear_page())")
+            kvm.checker_violation(
+                f"{what}: page {hpa:#x} goes back to the host with {n} of its 64 cache lines "
+                f"still holding the TD's integrity bit (not cleared with tdx_clear_page())"
+            )
 
     def machine_check(self, kvm, hpa, what):
         kvm.checker_violation(what)

@@ -22,10 +22,10 @@ import tempfile
 import time
 
 INSTALL_HINT = "pip install 'emu[ray]'"
-CONNECT_TIMEOUT = 3.0        # seconds: an address with no cluster behind it fails this fast
-IN_FLIGHT = 2                # batches queued per worker, so a worker never waits for the driver
-MAX_BATCH = 64               # runs per batch: ~0.3 s of PCT runs, ~1.5 s of campaign runs
-MAX_ATTEMPTS = 3             # a batch that kills this many workers is a bug, not bad luck
+CONNECT_TIMEOUT = 3.0  # seconds: an address with no cluster behind it fails this fast
+IN_FLIGHT = 2  # batches queued per worker, so a worker never waits for the driver
+MAX_BATCH = 64  # runs per batch: ~0.3 s of PCT runs, ~1.5 s of campaign runs
+MAX_ATTEMPTS = 3  # a batch that kills this many workers is a bug, not bad luck
 
 
 class ClusterError(Exception):
@@ -58,9 +58,10 @@ def _probe(address, host, port, client):
     # connect is not enough: a proxy, or another service, may accept any connection.
     def nobody(why):
         return ClusterError(f"--ray {address}: no Ray cluster there ({why}; start one with `ray start --head`)")
+
     try:
         import grpc
-    except ImportError:                      # Ray without its client extra: TCP is all we can try
+    except ImportError:  # Ray without its client extra: TCP is all we can try
         try:
             socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
         except OSError as e:
@@ -68,21 +69,22 @@ def _probe(address, host, port, client):
         return
     channel = grpc.insecure_channel(f"{host}:{port}")
     try:
-        call = channel.unary_unary(_PROBE_RPC[client], request_serializer=lambda b: b,
-                                   response_deserializer=lambda b: b)
+        call = channel.unary_unary(
+            _PROBE_RPC[client], request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
         call(b"", timeout=CONNECT_TIMEOUT)
     except grpc.RpcError as e:
         code = e.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise nobody(f"cannot connect to {host}:{port}") from None
         if code == grpc.StatusCode.UNIMPLEMENTED:
-            raise nobody(f"{host}:{port} answers, but not as Ray's "
-                         f"{'client server' if client else 'GCS'}") from None
+            raise nobody(f"{host}:{port} answers, but not as Ray's {'client server' if client else 'GCS'}") from None
         if code == grpc.StatusCode.UNAUTHENTICATED and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
             # Ray 2.60 sends its token only when told to, and otherwise retries for 20 s.
-            raise ClusterError(f"--ray {address}: the cluster wants Ray's auth token: set RAY_AUTH_MODE=token "
-                               f"(the token from `ray get-auth-token` in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
-                               ) from None
+            raise ClusterError(
+                f"--ray {address}: the cluster wants Ray's auth token: set RAY_AUTH_MODE=token "
+                f"(the token from `ray get-auth-token` in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            ) from None
         # Anything else (an error about the empty request) is Ray answering.
     finally:
         channel.close()
@@ -103,10 +105,11 @@ class _Worker:
             # Ctrl-C on a terminal reaches a --ray local runtime's workers too; a worker that took
             # it would fail its batch.  The driver stops the workers itself, keeping their results.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        except ValueError:                   # (only the main thread may; sync actors run there)
+        except ValueError:  # (only the main thread may; sync actors run there)
             pass
         try:
             from ..userspace.vmm import Machine
+
             # The guest travels with the job: a worker needs no checkout, and runs exactly the
             # driver's build of it.  The image is loaded at build time, so the file can go.
             d = tempfile.mkdtemp(prefix="emu-ray-")
@@ -124,10 +127,11 @@ class _Worker:
 
     def run_batch(self, batch_no, attempt, items):
         from .explore import in_child
+
         if self.error is not None:
             return ("init_error", self.error)
         if batch_no == self.kill_batch and attempt == 0:
-            os._exit(1)                       # the tests' dying worker (a hidden option)
+            os._exit(1)  # the tests' dying worker (a hidden option)
         return ("ok", [in_child(lambda item=item: self.run(item), self.on_error) for item in items])
 
 
@@ -135,10 +139,10 @@ class Cluster:
     def __init__(self, ray, address):
         self.ray = ray
         self.address = address
-        self.workers = 0                     # live workers, for the progress line
+        self.workers = 0  # live workers, for the progress line
         self.peak_workers = 0
         self.rerun_batches = 0
-        self.kill_batch = None               # the tests' hook: the first try of this batch kills its worker
+        self.kill_batch = None  # the tests' hook: the first try of this batch kills its worker
         self._actors = []
         self._worker_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_Worker)
 
@@ -146,13 +150,14 @@ class Cluster:
     def connect(cls, address):
         client = address.startswith("ray://")
         if address not in ("local", "auto"):
-            host, port = _host_port(address[len("ray://"):] if client else address)
+            host, port = _host_port(address[len("ray://") :] if client else address)
         ray = _import_ray()
         if address not in ("local", "auto"):
             _probe(address, host, port, client)
         import logging
         import emu
         import tdxmod
+
         # Ship the driver's own emu to the workers: a worker that imported another version of the
         # model would give other results.  The nodes need only the dependencies installed.
         # (Paths, not the modules: Ray Client pickles the runtime env.)
@@ -161,8 +166,13 @@ class Cluster:
         try:
             if address == "local":
                 # "local" to Ray too: without it, ray.init() joins a cluster already on this machine.
-                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                         object_store_memory=128 << 20, **opts)
+                ray.init(
+                    address="local",
+                    num_cpus=os.cpu_count() or 1,
+                    include_dashboard=False,
+                    object_store_memory=128 << 20,
+                    **opts,
+                )
             else:
                 ray.init(address=address, **opts)
         except Exception as e:
@@ -173,6 +183,7 @@ class Cluster:
         # Ray prints a dead worker's notice on the driver's stdout even with log_to_driver off,
         # into --json output; the result reports it (rerun_batches) instead.
         import ray._private.worker as rw
+
         if hasattr(rw, "_worker_logs_enabled"):
             rw._worker_logs_enabled = False
         return cls(ray, address)
@@ -182,7 +193,7 @@ class Cluster:
 
     def close(self):
         self._kill_all()
-        self.ray.shutdown()                  # a --ray local runtime stops; a cluster is only left
+        self.ray.shutdown()  # a --ray local runtime stops; a cluster is only left
 
     def _kill_all(self):
         for a in self._actors:
@@ -207,6 +218,7 @@ class Cluster:
         behind it run elsewhere."""
         from ray.exceptions import RayActorError, RayTaskError
         from .forktree import Stalled
+
         ray = self.ray
         n = self.cpus()
         size = max(1, min(MAX_BATCH, -(-total // (n * 8))))
@@ -216,13 +228,13 @@ class Cluster:
         self.workers = self.peak_workers = n
         load = {a: 0 for a in self._actors}
         items = iter(items)
-        fresh = 0                            # the next batch number to cut from items
+        fresh = 0  # the next batch number to cut from items
         exhausted = False
-        again = []                           # heap: batches whose worker died, (batch, attempt, items)
-        pending = {}                         # ref -> (batch, attempt, items, actor)
-        done = {}                            # batch -> results
-        out = 0                              # the next batch to give back
-        since = {}                           # actor -> when the batch it runs now began
+        again = []  # heap: batches whose worker died, (batch, attempt, items)
+        pending = {}  # ref -> (batch, attempt, items, actor)
+        done = {}  # batch -> results
+        out = 0  # the next batch to give back
+        since = {}  # actor -> when the batch it runs now began
 
         def next_batch():
             nonlocal fresh, exhausted
@@ -273,8 +285,9 @@ class Cluster:
                         for k, (batch, attempt, chunk, ref) in enumerate(mine):
                             del pending[ref]
                             if k == 0:
-                                err = Stalled(f"the run's Ray worker stopped answering (killed after "
-                                              f"{stall * size:.0f} s)")
+                                err = Stalled(
+                                    f"the run's Ray worker stopped answering (killed after {stall * size:.0f} s)"
+                                )
                                 done[batch] = [spec.on_error(err) for _ in chunk]
                             else:
                                 heapq.heappush(again, (batch, attempt, chunk))
@@ -299,15 +312,16 @@ class Cluster:
                         # The worker died (its node went away, it was killed): only this batch is
                         # lost; it runs again elsewhere, and run i gives the same result anywhere.
                         if attempt + 1 >= MAX_ATTEMPTS:
-                            raise ClusterError(f"batch {batch} killed {MAX_ATTEMPTS} Ray workers: "
-                                               f"{_first_line(e)}") from None
+                            raise ClusterError(
+                                f"batch {batch} killed {MAX_ATTEMPTS} Ray workers: {_first_line(e)}"
+                            ) from None
                         heapq.heappush(again, (batch, attempt + 1, chunk))
                         self.rerun_batches += 1
                         if a in load:
                             del load[a]
                             self._actors.remove(a)
                             try:
-                                ray.kill(a)      # (if only unreachable, it must not come back)
+                                ray.kill(a)  # (if only unreachable, it must not come back)
                             except Exception:
                                 pass
                             new = self._worker_cls.remote(*job)
@@ -328,4 +342,3 @@ class Cluster:
             raise
         finally:
             self._kill_all()
-

@@ -42,7 +42,7 @@ class DporStrategy(Strategy):
         self.prefix = list(prefix)
         self.candidates = dict(candidates)
         self.sleep = {}
-        self.node_sleep = {}             # decision index -> the sleep set there (past the prefix)
+        self.node_sleep = {}  # decision index -> the sleep set there (past the prefix)
 
     def choose(self, sched, enabled, current, what):
         k = len(sched.decisions)
@@ -51,8 +51,10 @@ class DporStrategy(Strategy):
             for t in enabled:
                 if t.index == want:
                     return t
-            raise ScheduleError(f"replay diverged at decision {k} ({what}): vCPU {want} cannot run "
-                                f"(runnable: {[t.index for t in enabled]})")
+            raise ScheduleError(
+                f"replay diverged at decision {k} ({what}): vCPU {want} cannot run "
+                f"(runnable: {[t.index for t in enabled]})"
+            )
         awake = [t for t in enabled if t.index not in self.sleep]
         if not awake:
             raise SleepBlocked()
@@ -75,15 +77,16 @@ class DporStrategy(Strategy):
 
 class Frame:
     """One decision of the current branch."""
+
     __slots__ = ("d", "done", "backtrack", "sleep", "fps", "pre")
 
     def __init__(self, d, sleep, pre):
         self.d = d
         self.done = {d.choice}
         self.backtrack = {d.choice}
-        self.sleep = sleep               # task -> footprint: asleep when this decision was reached
-        self.fps = {}                    # task -> footprint of its first step from here
-        self.pre = pre                   # preemptions before this decision
+        self.sleep = sleep  # task -> footprint: asleep when this decision was reached
+        self.fps = {}  # task -> footprint of its first step from here
+        self.pre = pre  # preemptions before this decision
 
     def allowed(self, task, bound):
         return bound is None or self.pre + self.d.is_preemption(task) <= bound
@@ -94,15 +97,15 @@ def races(events):
     that can start a schedule in which j comes before i."""
     ntasks = 1 + max((e[0] for e in events), default=0)
     zero = (0,) * ntasks
-    clocks = []                          # the vector clock of each step (happens-before)
-    pos = []                             # each step's number within its task (1-based)
+    clocks = []  # the vector clock of each step (happens-before)
+    pos = []  # each step's number within its task (1-based)
     count = [0] * ntasks
-    last = [None] * ntasks               # the last step of each task
-    last_writer = [None] * ntasks        # the last step of each task that wrote something
+    last = [None] * ntasks  # the last step of each task
+    last_writer = [None] * ntasks  # the last step of each task that wrote something
     last_all_w = [None] * ntasks
     last_all_r = [None] * ntasks
-    key_w = {}                           # key -> [last step of each task that wrote it]
-    key_r = {}                           # key -> [last step of each task that read it]
+    key_w = {}  # key -> [last step of each task that wrote it]
+    key_r = {}  # key -> [last step of each task that read it]
     out = []
     for j, (p, fp, _) in enumerate(events):
         # The latest step of each other task that j depends on.
@@ -111,6 +114,7 @@ def races(events):
         def see(q, i):
             if i is not None and q != p and (cand[q] is None or i > cand[q]):
                 cand[q] = i
+
         for q in range(ntasks):
             see(q, last_all_w[q])
             if fp.all_w:
@@ -199,7 +203,7 @@ def explore(ex, result, bound=None, max_runs=None, stop_at_first=True, tick=None
         if first:
             first = False
             out.seconds = time.perf_counter() - t0
-            ex.baseline_done(out)            # the clean run: every run's limits (or CleanRunHangs)
+            ex.baseline_done(out)  # the clean run: every run's limits (or CleanRunHangs)
             if out.error is None and not out.blocked:
                 ex.expected = out.reports
         result.runs += 1
@@ -230,8 +234,9 @@ def explore(ex, result, bound=None, max_runs=None, stop_at_first=True, tick=None
         nxt = None
         while frames:
             f = frames[-1]
-            todo = sorted(q for q in f.backtrack - f.done
-                          if q not in f.sleep and q in f.d.enabled and f.allowed(q, bound))
+            todo = sorted(
+                q for q in f.backtrack - f.done if q not in f.sleep and q in f.d.enabled and f.allowed(q, bound)
+            )
             if todo:
                 nxt = todo[0]
                 break
@@ -262,7 +267,7 @@ def _backtrack(frames, events, bound):
     for i, j, initials in races(events):
         dec = events[i][2]
         if dec < 0 or dec >= len(frames):
-            continue                     # i was the only task that could run there
+            continue  # i was the only task that could run there
         _add(frames, dec, initials, bound)
 
 

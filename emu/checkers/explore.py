@@ -32,16 +32,14 @@ if TYPE_CHECKING:
     from ..userspace.vmm import Machine
 
 from .check import check_vm
-from .sched import (Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError,
-                    SleepBlocked)
+from .sched import Scheduler, Strategy, ReplayStrategy, encode_schedule, decode_schedule, ScheduleError, SleepBlocked
 from ..trace import Tracer, ListSink, format_text
-from .forktree import (in_cohorts, run_cohort, send_bytes, receive_bytes, fork_child, kill, die_with, Deadline,
-                       Stalled)
+from .forktree import in_cohorts, run_cohort, send_bytes, receive_bytes, fork_child, kill, die_with, Deadline, Stalled
 
-BASELINE_LIMIT = 10 ** 9          # blocks of guest code the clean run may run (without --max-insns)
-MIN_RUN_LIMIT = 10 ** 7           # a run's default limit: 100x the clean run's blocks, at least this
+BASELINE_LIMIT = 10**9  # blocks of guest code the clean run may run (without --max-insns)
+MIN_RUN_LIMIT = 10**7  # a run's default limit: 100x the clean run's blocks, at least this
 RUN_LIMIT_FACTOR = 100
-MIN_STALL_SECONDS = 60.0          # a run's process that answers within this (or 100x the clean run) is alive
+MIN_STALL_SECONDS = 60.0  # a run's process that answers within this (or 100x the clean run) is alive
 
 
 class InvariantBroken(Exception):
@@ -67,12 +65,12 @@ class Outcome:
         self.error = error
         self.reports = reports
         self.trace = trace
-        self.events = None               # (emu.checkers.dpor) (task, Footprint, decision) per step
+        self.events = None  # (emu.checkers.dpor) (task, Footprint, decision) per step
         self.node_sleep = {}
-        self.blocked = False             # (emu.checkers.dpor) cut short: every runnable task slept
-        self.signature = None            # (with_signature) what the run reached
-        self.blocks = None               # blocks of guest code the run ran
-        self.seconds = None              # (the clean run) its wall-clock time
+        self.blocked = False  # (emu.checkers.dpor) cut short: every runnable task slept
+        self.signature = None  # (with_signature) what the run reached
+        self.blocks = None  # blocks of guest code the run ran
+        self.seconds = None  # (the clean run) its wall-clock time
 
     @property
     def schedule(self):
@@ -90,8 +88,13 @@ class Failure:
         self.preemptions = preemptions
 
     def as_json(self):
-        return {"schedule": self.schedule, "minimized": self.minimized, "error": self.error,
-                "preemptions": self.preemptions, "trace": self.trace}
+        return {
+            "schedule": self.schedule,
+            "minimized": self.minimized,
+            "error": self.error,
+            "preemptions": self.preemptions,
+            "trace": self.trace,
+        }
 
 
 class ExploreResult:
@@ -99,8 +102,8 @@ class ExploreResult:
         self.runs = 0
         self.failures = 0
         self.first_failure = None
-        self.complete = False            # the whole bounded space was explored
-        self.sleep_blocked = 0           # (--dpor) runs cut short as redundant
+        self.complete = False  # the whole bounded space was explored
+        self.sleep_blocked = 0  # (--dpor) runs cut short as redundant
         self.interrupted = False
         self.seconds = 0.0
 
@@ -109,11 +112,16 @@ class ExploreResult:
         return self.runs / self.seconds if self.seconds else 0.0
 
     def as_json(self):
-        return {"runs": self.runs, "failures": self.failures, "complete": self.complete,
-                "sleep_blocked": self.sleep_blocked,
-                "interrupted": self.interrupted, "seconds": round(self.seconds, 3),
-                "schedules_per_second": round(self.rate, 1),
-                "first_failure": None if self.first_failure is None else self.first_failure.as_json()}
+        return {
+            "runs": self.runs,
+            "failures": self.failures,
+            "complete": self.complete,
+            "sleep_blocked": self.sleep_blocked,
+            "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3),
+            "schedules_per_second": round(self.rate, 1),
+            "first_failure": None if self.first_failure is None else self.first_failure.as_json(),
+        }
 
 
 class DeviationStrategy(Strategy):
@@ -151,25 +159,32 @@ class PctStrategy(Strategy):
 
 
 class Explorer:
-    def __init__(self, factory: Callable[[], Machine], check_invariants: bool = True, max_steps: int = 100000,
-                 check_steps: bool = False, max_insns: int | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], Machine],
+        check_invariants: bool = True,
+        max_steps: int = 100000,
+        check_steps: bool = False,
+        max_insns: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
         """``factory()`` builds the Machine every run starts from (it is built once).  ``max_insns``
         and ``timeout``: each run's limits (--max-insns, --timeout; see the module's docstring)."""
         self.machine = factory()
-        self.machine.prepare_snapshot(limited=True)     # every run forks from it
+        self.machine.prepare_snapshot(limited=True)  # every run forks from it
         self.check_invariants = check_invariants
-        self.check_steps = check_steps   # also check emu.checkers.check.check_step at every scheduling point
+        self.check_steps = check_steps  # also check emu.checkers.check.check_step at every scheduling point
         self.max_steps = max_steps
         self.max_insns = max_insns
         self.timeout = timeout
-        self.run_limit = None            # every run's limit, from the clean run (baseline_done)
+        self.run_limit = None  # every run's limit, from the clean run (baseline_done)
         self.stall_seconds = None
         self.expected = None
-        self.progress = None             # callable(result) every so often
-        self.with_signature = False      # (tests) each outcome carries what the run reached
-        self.inplace = True              # PCT runs go to in-place workers (emu.checkers.inplace, .pool)
+        self.progress = None  # callable(result) every so often
+        self.with_signature = False  # (tests) each outcome carries what the run reached
+        self.inplace = True  # PCT runs go to in-place workers (emu.checkers.inplace, .pool)
         self._in_place = None
-        self.not_in_place = None         # why they fork instead, when they do
+        self.not_in_place = None  # why they fork instead, when they do
 
     # -- one run ------------------------------------------------------------------------------------------
     def run(self, strategy, trace=False):
@@ -189,7 +204,7 @@ class Explorer:
             m.tracer = m.kvm.tracer = t
             if m.td:
                 m.host.tdx_module.tracer = t
-        on_step = None                   # (the step-invariant checker, on request)
+        on_step = None  # (the step-invariant checker, on request)
         if self.check_steps:
             from .check import check_step
 
@@ -197,9 +212,11 @@ class Explorer:
                 problems = check_step(m.kvm)
                 if problems:
                     raise InvariantBroken(f"after step {s.steps} ({what}, vCPU {who}): " + "; ".join(problems[:3]))
+
         sched = Scheduler(strategy, max_steps=self.max_steps, tracer=m.tracer, on_step=on_step)
         if record:
             from ..hw import ept, paging
+
             sched.record = True
             sched.mem = m.host.mem
             m.host.mem.sched = sched
@@ -213,7 +230,7 @@ class Explorer:
             res = m.run_scheduled(sched, collect_regs=False)
             if res.exit == "hang":
                 error = f"hang: {res.error}"
-            elif not res.ok and not res.accepted:        # (a selftest's check may expect the exit)
+            elif not res.ok and not res.accepted:  # (a selftest's check may expect the exit)
                 error = res.error
             elif m.kvm.vm_dead:
                 error = f"the VM is dead: {m.kvm.bug_reason}"
@@ -223,10 +240,16 @@ class Explorer:
                     error = "invariant broken: " + "; ".join(problems[:3])
             if error is None and self.expected is not None and _per_vcpu(res.reports) != self.expected:
                 error = f"guest results differ: {_per_vcpu(res.reports)} != {self.expected}"
-            if (error is None and isinstance(strategy, ReplayStrategy) and strategy.strict
-                    and len(sched.decisions) < len(strategy.choices)):
-                error = (f"replay: replay diverged: the run ended after {len(sched.decisions)} decisions, "
-                         f"the schedule has {len(strategy.choices)}")
+            if (
+                error is None
+                and isinstance(strategy, ReplayStrategy)
+                and strategy.strict
+                and len(sched.decisions) < len(strategy.choices)
+            ):
+                error = (
+                    f"replay: replay diverged: the run ended after {len(sched.decisions)} decisions, "
+                    f"the schedule has {len(strategy.choices)}"
+                )
         except SleepBlocked:
             blocked = True
         except ScheduleError as e:
@@ -259,10 +282,11 @@ class Explorer:
     def baseline_done(self, out):
         """The clean run ``out`` sets every run's limits; CleanRunHangs if it hung itself."""
         if out.error is not None and out.error.startswith("hang: "):
-            raise CleanRunHangs(f"the guest hangs in its clean run (no preemption, no fault), so there is "
-                                f"nothing to explore: {out.error[len('hang: '):]}")
-        self.run_limit, self.stall_seconds = run_limits(self.max_insns, out.blocks, out.seconds or 0.0,
-                                                        self.timeout)
+            raise CleanRunHangs(
+                f"the guest hangs in its clean run (no preemption, no fault), so there is "
+                f"nothing to explore: {out.error[len('hang: ') :]}"
+            )
+        self.run_limit, self.stall_seconds = run_limits(self.max_insns, out.blocks, out.seconds or 0.0, self.timeout)
 
     def in_place(self):
         """The snapshot as emu.checkers.inplace restores it (built once), or None when the
@@ -272,6 +296,7 @@ class Explorer:
             return None
         if self._in_place is None:
             from .inplace import InPlace, NotRestorable
+
             try:
                 self._in_place = InPlace(self.machine)
             except NotRestorable as e:
@@ -284,7 +309,7 @@ class Explorer:
         """Every schedule with at most ``bound`` preemptions (CHESS), depth-first."""
         res = ExploreResult()
         t0 = time.perf_counter()
-        frames: list = []                # per decision depth: [decision, tried choices, preemptions before]
+        frames: list = []  # per decision depth: [decision, tried choices, preemptions before]
         prefix: list | None = []
         try:
             base = self.baseline()
@@ -323,22 +348,28 @@ class Explorer:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def dpor(self, bound: int | None = None, max_runs: int | None = None,
-             stop_at_first: bool = True) -> ExploreResult:
+    def dpor(self, bound: int | None = None, max_runs: int | None = None, stop_at_first: bool = True) -> ExploreResult:
         """Every schedule up to equivalence (emu.checkers.dpor), within ``bound`` preemptions if given."""
         from . import dpor
+
         res = ExploreResult()
         t0 = time.perf_counter()
         try:
-            dpor.explore(self, res, bound=bound, max_runs=max_runs, stop_at_first=stop_at_first,
-                         tick=self._tick)
+            dpor.explore(self, res, bound=bound, max_runs=max_runs, stop_at_first=stop_at_first, tick=self._tick)
         except KeyboardInterrupt:
             res.interrupted = True
         res.seconds = time.perf_counter() - t0
         return res
 
-    def random(self, runs: int, seed: int = 0, depth: int = 3, stop_at_first: bool = True, jobs: int | None = None,
-               cluster: tuple | None = None) -> ExploreResult:
+    def random(
+        self,
+        runs: int,
+        seed: int = 0,
+        depth: int = 3,
+        stop_at_first: bool = True,
+        jobs: int | None = None,
+        cluster: tuple | None = None,
+    ) -> ExploreResult:
         """``runs`` PCT schedules; seed s names the whole exploration.  Runs are independent, so
         ``jobs`` of them (default: one per core) run at once; results are taken in run order,
         so the outcome does not depend on ``jobs``.  ``cluster`` (an emu.checkers.distributed.Cluster
@@ -363,19 +394,30 @@ class Explorer:
                     ip = self.in_place()
                     if ip is not None:
                         from .pool import pct_runs, serve_runs
-                        serve = serve_runs(ip, lambda st: self._run_here(st, False), spec.strategy, _slim,
-                                           _explorer_error)
-                        outs = pct_runs(seeds, runs - 1, jobs, serve, spec.strategy, _explorer_error,
-                                        stall=self.stall_seconds)
+
+                        serve = serve_runs(
+                            ip, lambda st: self._run_here(st, False), spec.strategy, _slim, _explorer_error
+                        )
+                        outs = pct_runs(
+                            seeds, runs - 1, jobs, serve, spec.strategy, _explorer_error, stall=self.stall_seconds
+                        )
                     else:
-                        outs = in_cohorts((spec.strategy(s) for s in seeds), runs - 1, jobs,
-                                          lambda members: run_cohort(lambda st: self._run_here(st, False), members,
-                                                                     _slim, _explorer_error),
-                                          in_children, _explorer_error, stall=self.stall_seconds)
+                        outs = in_cohorts(
+                            (spec.strategy(s) for s in seeds),
+                            runs - 1,
+                            jobs,
+                            lambda members: run_cohort(
+                                lambda st: self._run_here(st, False), members, _slim, _explorer_error
+                            ),
+                            in_children,
+                            _explorer_error,
+                            stall=self.stall_seconds,
+                        )
                 else:
                     cl, machine_kwargs = cluster
-                    outs = cl.map(spec, seeds, runs - 1, elf=self.machine.elf, machine=machine_kwargs,
-                                  stall=self.stall_seconds)
+                    outs = cl.map(
+                        spec, seeds, runs - 1, elf=self.machine.elf, machine=machine_kwargs, stall=self.stall_seconds
+                    )
                 try:
                     for out in outs:
                         res.runs += 1
@@ -384,7 +426,7 @@ class Explorer:
                         if stop_at_first and res.first_failure is not None:
                             break
                 finally:
-                    outs.close()             # now, not when collected: a cluster's workers stop
+                    outs.close()  # now, not when collected: a cluster's workers stop
             res.complete = res.runs >= runs
         except KeyboardInterrupt:
             res.interrupted = True
@@ -404,8 +446,7 @@ class Explorer:
         if res.first_failure is None:
             minimized = self.minimize(outcome)
             traced = self.run(ReplayStrategy(decode_schedule(minimized), strict=True), trace=True)
-            res.first_failure = Failure(outcome.schedule, outcome.error, traced.trace, minimized,
-                                        outcome.preemptions)
+            res.first_failure = Failure(outcome.schedule, outcome.error, traced.trace, minimized, outcome.preemptions)
 
     MINIMIZE_SECONDS = 20.0
 
@@ -460,6 +501,7 @@ class PctRuns:
 
         def run(s):
             return _slim(ex._run_here(self.strategy(s), False))
+
         return run
 
     def strategy(self, s):
@@ -490,7 +532,7 @@ def _start_child(fn, on_error):
             gc.freeze()
             try:
                 data = pickle.dumps(fn())
-            except BaseException as e:               # a bug of ours: the run's result says so
+            except BaseException as e:  # a bug of ours: the run's result says so
                 data = pickle.dumps(on_error(e))
             send_bytes(w, data)
         finally:
@@ -551,9 +593,15 @@ def signature(m, outcome):
     reports, and every present leaf SPTE of every root (gfn, level, value without its pfn:
     the same state may have its pages in another order)."""
     from ..kvm.spte import SPTE_BASE_ADDR_MASK
+
     tdp = m.kvm.tdp_mmu
-    tables = tuple(sorted((bool(r.is_mirror), tuple((g, l, s & ~SPTE_BASE_ADDR_MASK) for g, l, s in tdp.leaves(r)))
-                          for r in tdp.roots if not r.invalid))
+    tables = tuple(
+        sorted(
+            (bool(r.is_mirror), tuple((g, l, s & ~SPTE_BASE_ADDR_MASK) for g, l, s in tdp.leaves(r)))
+            for r in tdp.roots
+            if not r.invalid
+        )
+    )
     reports = tuple(sorted((k, tuple(v)) for k, v in (outcome.reports or {}).items()))
     return (_error_kind(outcome.error), reports, tables)
 
@@ -570,5 +618,6 @@ def _error_kind(error):
     if not error:
         return None
     import re
+
     text = re.sub(r"vCPU \d+: ", "", error)
     return re.sub(r"0x[0-9a-fA-F]+|\b\d+\b", "N", text)

@@ -38,22 +38,22 @@ class Cohort(Strategy):
     def __init__(self, members, on_error):
         self.members = members
         self.on_error = on_error
-        self.results = {}         # run_no -> Outcome, from the branches forked off this process
-        self.pipe = None          # in a forked branch: where its results go
+        self.results = {}  # run_no -> Outcome, from the branches forked off this process
+        self.pipe = None  # in a forked branch: where its results go
 
     def choose(self, sched, enabled, current, what):
         groups = {}
         for m in self.members:
             groups.setdefault(m[1].choose(sched, enabled, current, what).index, []).append(m)
         by_index = {t.index: t for t in enabled}
-        keys = list(groups)       # keys[0] holds this cohort's first run: it goes on here
+        keys = list(groups)  # keys[0] holds this cohort's first run: it goes on here
         parent = os.getpid()
         for c in keys[1:]:
             r, w = os.pipe()
             pid = fork_child()
             if pid == 0:
                 os.close(r)
-                gc.freeze()               # as emu.checkers.explore._start_child
+                gc.freeze()  # as emu.checkers.explore._start_child
                 die_with(parent)
                 self.members, self.results, self.pipe = groups[c], {}, w
                 return by_index[c]
@@ -90,16 +90,16 @@ def fork_child():
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
-            except ValueError:            # not the main thread (a Ray actor's): it set its own
+            except ValueError:  # not the main thread (a Ray actor's): it set its own
                 pass
         else:
-            _children.add(pid)            # before a Ctrl-C can interrupt the caller: kill_children()
+            _children.add(pid)  # before a Ctrl-C can interrupt the caller: kill_children()
         return pid
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-_children = set()                         # forked by fork_child, not reaped yet
+_children = set()  # forked by fork_child, not reaped yet
 
 
 def kill_children():
@@ -137,8 +137,9 @@ def die_with(parent):
     try:
         if _libc is None:
             import ctypes
+
             _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl(1, 9, 0, 0, 0)          # PR_SET_PDEATHSIG, SIGKILL
+        _libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:
@@ -204,7 +205,7 @@ def run_cohort(run_here, members, slim, on_error):
     except BaseException as e:
         if st.pipe is None:
             raise
-        out = on_error(e)         # a branch must not unwind into its parent's code
+        out = on_error(e)  # a branch must not unwind into its parent's code
         res = {n: out for n, _ in st.members}
     res.update(st.results)
     if st.pipe is not None:
@@ -236,12 +237,13 @@ def in_cohorts(strategies, runs, jobs, run_batch, in_children, on_error, stall=N
             n += k
             left -= k
 
-    outs = in_children(batches(), lambda e: {"error": on_error(e)}, jobs,
-                       **({} if stall is None else {"stall": stall * size}))
+    outs = in_children(
+        batches(), lambda e: {"error": on_error(e)}, jobs, **({} if stall is None else {"stall": stall * size})
+    )
     n = 0
     try:
         for res in outs:
-            if "error" in res:            # the batch's process itself failed: every run in it says so
+            if "error" in res:  # the batch's process itself failed: every run in it says so
                 k = min(size, runs - n)
                 res = {n + i: res["error"] for i in range(k)}
             for k in sorted(res):

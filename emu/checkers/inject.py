@@ -37,8 +37,7 @@ class Point:
             return parse_status(text)
         if text.upper() in self.errors:
             return self.errors[text.upper()]
-        raise PlanError(f"fault point {self.name} cannot fail with {text!r} (it can: "
-                        f"{', '.join(self.errors)})")
+        raise PlanError(f"fault point {self.name} cannot fail with {text!r} (it can: {', '.join(self.errors)})")
 
     def describe_errors(self):
         return "a TDX status (name or number)" if self.errors == "status" else ", ".join(self.errors)
@@ -64,28 +63,78 @@ def _register(p):
 
 
 for _leaf, _name in sorted(A.SEAMCALL_NAMES.items()):
-    _register(Point(f"seamcall.{_name}", "the TDX module, at SEAMCALL entry (no state changes)", "status",
-                    A.TDX_OPERAND_BUSY, "as KVM handles that status for that leaf"))
-_register(Point("mmu_cache_alloc", "KVM: a page for the vCPU's MMU memory caches (top-up before mmu_lock)",
-                _kvm_errno("ENOMEM"), -ERRNO["ENOMEM"], "the fault fails with -ENOMEM: KVM_RUN returns it"))
-_register(Point("backing_alloc", "KVM: faulting in the host page behind a GFN (faultin_pfn)",
-                _kvm_errno("EFAULT"), -ERRNO["EFAULT"], "the fault fails with -EFAULT: KVM_RUN returns it"))
-_register(Point("spte_cmpxchg", "KVM: tdp_mmu_set_spte_atomic's cmpxchg (and the freeze's)",
-                {"LOST": "lost"}, "lost", "-EBUSY: the fault returns RET_PF_RETRY and the guest faults again"))
-_register(Point("tlb_flush", "KVM: kvm_flush_remote_tlbs", {"DELAYED": "delayed"}, "delayed",
-                "the flush requests reach the vCPUs only with the next flush: a stale translation may be used"))
-_register(Point("tdx.host_interrupt", "the TDX module: a host interrupt pending where DEMOTE (without "
-                "ENHANCED_DEMOTE_INTERRUPTIBILITY) and PROMOTE look for one", {"PENDING": "pending"}, "pending",
-                "TDX_INTERRUPTED_RESTARTABLE, nothing done: KVM turns huge pages off on such a module, so "
-                "only PROMOTE (never called by KVM) or a bug switch meets it"))
+    _register(
+        Point(
+            f"seamcall.{_name}",
+            "the TDX module, at SEAMCALL entry (no state changes)",
+            "status",
+            A.TDX_OPERAND_BUSY,
+            "as KVM handles that status for that leaf",
+        )
+    )
+_register(
+    Point(
+        "mmu_cache_alloc",
+        "KVM: a page for the vCPU's MMU memory caches (top-up before mmu_lock)",
+        _kvm_errno("ENOMEM"),
+        -ERRNO["ENOMEM"],
+        "the fault fails with -ENOMEM: KVM_RUN returns it",
+    )
+)
+_register(
+    Point(
+        "backing_alloc",
+        "KVM: faulting in the host page behind a GFN (faultin_pfn)",
+        _kvm_errno("EFAULT"),
+        -ERRNO["EFAULT"],
+        "the fault fails with -EFAULT: KVM_RUN returns it",
+    )
+)
+_register(
+    Point(
+        "spte_cmpxchg",
+        "KVM: tdp_mmu_set_spte_atomic's cmpxchg (and the freeze's)",
+        {"LOST": "lost"},
+        "lost",
+        "-EBUSY: the fault returns RET_PF_RETRY and the guest faults again",
+    )
+)
+_register(
+    Point(
+        "tlb_flush",
+        "KVM: kvm_flush_remote_tlbs",
+        {"DELAYED": "delayed"},
+        "delayed",
+        "the flush requests reach the vCPUs only with the next flush: a stale translation may be used",
+    )
+)
+_register(
+    Point(
+        "tdx.host_interrupt",
+        "the TDX module: a host interrupt pending where DEMOTE (without "
+        "ENHANCED_DEMOTE_INTERRUPTIBILITY) and PROMOTE look for one",
+        {"PENDING": "pending"},
+        "pending",
+        "TDX_INTERRUPTED_RESTARTABLE, nothing done: KVM turns huge pages off on such a module, so "
+        "only PROMOTE (never called by KVM) or a bug switch meets it",
+    )
+)
 for _op in ("link_spt", "set_spte", "remove_spte", "free_spt", "split_spte"):
-    _register(Point(f"reflect.{_op}", f"KVM: the x86 op reflect_{_op} (before its SEAMCALLs)",
-                    _kvm_errno("EBUSY", "EIO"), -ERRNO["EBUSY"],
-                    {"link_spt": "-EBUSY: old SPTE restored, fault retried; -EIO: KVM_BUG_ON",
-                     "set_spte": "-EBUSY: old SPTE restored, fault retried; -EIO: KVM_BUG_ON",
-                     "remove_spte": "any error: KVM_BUG_ON (the VM is dead)",
-                     "free_spt": "any error: the S-EPT page is leaked on purpose (accounted)",
-                     "split_spte": "(--mirror-hooks 7.2, a split: BLOCK, TRACK, DEMOTE) any error: KVM_BUG_ON"}[_op]))
+    _register(
+        Point(
+            f"reflect.{_op}",
+            f"KVM: the x86 op reflect_{_op} (before its SEAMCALLs)",
+            _kvm_errno("EBUSY", "EIO"),
+            -ERRNO["EBUSY"],
+            {
+                "link_spt": "-EBUSY: old SPTE restored, fault retried; -EIO: KVM_BUG_ON",
+                "set_spte": "-EBUSY: old SPTE restored, fault retried; -EIO: KVM_BUG_ON",
+                "remove_spte": "any error: KVM_BUG_ON (the VM is dead)",
+                "free_spt": "any error: the S-EPT page is leaked on purpose (accounted)",
+                "split_spte": "(--mirror-hooks 7.2, a split: BLOCK, TRACK, DEMOTE) any error: KVM_BUG_ON",
+            }[_op],
+        )
+    )
 
 
 def parse_status(text):
@@ -99,8 +148,9 @@ def parse_status(text):
             name = "TDX_" + name
         value = getattr(A, name, None)
         if not isinstance(value, int) or name not in A.STATUS_NAMES.values():
-            raise PlanError(f"unknown TDX status {base!r} (e.g. TDX_OPERAND_BUSY, TDX_EPT_WALK_FAILED|0x1, "
-                            f"or a number)") from None
+            raise PlanError(
+                f"unknown TDX status {base!r} (e.g. TDX_OPERAND_BUSY, TDX_EPT_WALK_FAILED|0x1, or a number)"
+            ) from None
     if detail:
         try:
             value |= int(detail, 0)
@@ -168,9 +218,9 @@ class Plan:
         self.rng = random.Random(seed)
         self.seed = seed
         self.calls = {}
-        self.fired = []                  # (point, call number, error)
+        self.fired = []  # (point, call number, error)
         self.tracer = tracer
-        self.count_all = count_all       # count the calls of every point (to plan campaigns)
+        self.count_all = count_all  # count the calls of every point (to plan campaigns)
 
     def _check(self, point):
         rules = self.rules.get(point)
@@ -180,8 +230,7 @@ class Plan:
             return None
         n = self.calls[point] = self.calls.get(point, 0) + 1
         for r in rules:
-            if (r.when == "every" or (r.when == "nth" and n == r.n)
-                    or (r.when == "p" and self.rng.random() < r.p)):
+            if r.when == "every" or (r.when == "nth" and n == r.n) or (r.when == "p" and self.rng.random() < r.p):
                 self.fired.append((point, n, r.error))
                 if self.tracer is not None and self.tracer.enabled:
                     self.tracer.emit("inject", msg=f"{point} call {n} fails: {POINTS[point].error_name(r.error)}")
@@ -210,8 +259,11 @@ _BUSY_RETRIED = {"TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_AUG", "TDH_VP_ENTER"}
 # SEAMCALLs whose BUSY KVM retries once, with no vCPU entering (tdx_no_vcpus_enter_start/stop).
 _BUSY_RETRIED_ONCE = {"TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE", "TDH_MEM_PAGE_DEMOTE"}
 # Any failure is a KVM_BUG_ON.
-_BUG_ON = ({"TDH_PHYMEM_PAGE_WBINVD", "TDH_VP_WR", "TDH_VP_FLUSH", "TDH_MNG_VPFLUSHDONE", "TDH_MNG_KEY_FREEID"}
-           | _BUSY_RETRIED | _BUSY_RETRIED_ONCE)
+_BUG_ON = (
+    {"TDH_PHYMEM_PAGE_WBINVD", "TDH_VP_WR", "TDH_VP_FLUSH", "TDH_MNG_VPFLUSHDONE", "TDH_MNG_KEY_FREEID"}
+    | _BUSY_RETRIED
+    | _BUSY_RETRIED_ONCE
+)
 # A failure leaks the page, as upstream accepts (accounted).
 _LEAKED = {"TDH_PHYMEM_PAGE_RECLAIM"}
 
@@ -225,9 +277,11 @@ def expected_outcomes(rule):
     name, err, persistent = rule.point, rule.error, rule.when != "nth"
     stuck = {ERROR_EXIT} if persistent else set()
     if name.startswith("seamcall."):
-        leaf = name[len("seamcall."):]
-        busy = isinstance(err, int) and (err & A.TDX_STATUS_MASK) in (A.TDX_OPERAND_BUSY,
-                                                                         A.TDX_OPERAND_BUSY_HOST_PRIORITY)
+        leaf = name[len("seamcall.") :]
+        busy = isinstance(err, int) and (err & A.TDX_STATUS_MASK) in (
+            A.TDX_OPERAND_BUSY,
+            A.TDX_OPERAND_BUSY_HOST_PRIORITY,
+        )
         if busy and leaf in _BUSY_RETRIED:
             return frozenset({SURVIVED} | stuck)
         if busy and leaf in _BUSY_RETRIED_ONCE:
@@ -271,16 +325,20 @@ def judge(rules, fired_points, outcome):
         must = [r.text for r in fired if SURVIVED not in expected_outcomes(r)]
         return f"survived, but upstream does not survive {', '.join(must)}"
     if outcome not in allowed:
-        return (f"{outcome}, but upstream's reaction to {', '.join(r.text for r in fired)} is "
-                f"{' or '.join(sorted(allowed))}")
+        return (
+            f"{outcome}, but upstream's reaction to {', '.join(r.text for r in fired)} is "
+            f"{' or '.join(sorted(allowed))}"
+        )
     return None
 
 
 def _reaction_classes(point):
     """For inject --list: the judged outcomes of each kind of error at this point."""
+
     class _R:
         def __init__(self, err, when="nth"):
             self.point, self.error, self.when, self.text = point.name, err, when, ""
+
     if point.errors == "status":
         busy = expected_outcomes(_R(A.TDX_OPERAND_BUSY))
         other = expected_outcomes(_R(A.TDX_OPERAND_INVALID))
@@ -292,7 +350,9 @@ def list_points():
     lines = []
     for name, p in POINTS.items():
         default = "" if p.default is None else f" (default {p.error_name(p.default)})"
-        lines.append(f"{name:<36} {p.where}\n{'':<36} errors: {p.describe_errors()}{default}\n"
-                     f"{'':<36} KVM's reaction: {p.reaction}\n"
-                     f"{'':<36} campaigns accept (a fault that fires once): {_reaction_classes(p)}")
+        lines.append(
+            f"{name:<36} {p.where}\n{'':<36} errors: {p.describe_errors()}{default}\n"
+            f"{'':<36} KVM's reaction: {p.reaction}\n"
+            f"{'':<36} campaigns accept (a fault that fires once): {_reaction_classes(p)}"
+        )
     return "\n".join(lines)

@@ -43,10 +43,27 @@ class NotRestorable(Exception):
     pass
 
 
-_ATOMIC = (type(None), bool, int, float, complex, str, bytes, range, type, types.ModuleType,
-           types.BuiltinFunctionType, types.CodeType, memoryview, mmap.mmap, type(Ellipsis),
-           type(NotImplemented), types.MethodDescriptorType, types.WrapperDescriptorType,
-           type(ctypes.byref(ctypes.c_int())))
+_ATOMIC = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    range,
+    type,
+    types.ModuleType,
+    types.BuiltinFunctionType,
+    types.CodeType,
+    memoryview,
+    mmap.mmap,
+    type(Ellipsis),
+    type(NotImplemented),
+    types.MethodDescriptorType,
+    types.WrapperDescriptorType,
+    type(ctypes.byref(ctypes.c_int())),
+)
 _HASH = type(hashlib.sha256())
 _CFUNC = ctypes._CFuncPtr
 _CDATA = (ctypes._SimpleCData, ctypes.Structure, ctypes.Union, ctypes.Array)
@@ -71,11 +88,10 @@ class InPlace:
         if getattr(machine, "user_code", False):
             # A selftest's callbacks and host threads keep state where the walk does not reach
             # (their modules' globals, objects of the test): only a fork gives each run a fresh copy.
-            raise NotRestorable("the selftest's host side (callbacks, host threads) may keep state outside "
-                                "the machine")
+            raise NotRestorable("the selftest's host side (callbacks, host threads) may keep state outside the machine")
         self.machine = machine
         self.mem = machine.host.mem
-        self.hws = []                         # every emu.hw.vcpu.Vcpu (KVM's, or the TDX module's)
+        self.hws = []  # every emu.hw.vcpu.Vcpu (KVM's, or the TDX module's)
         self._walk(machine)
         self._save_memory()
         self.contexts = [(hw.uc, hw.uc.context_save()) for hw in self.hws]
@@ -84,6 +100,7 @@ class InPlace:
     def _walk(self, root):
         from ..hw.vcpu import Vcpu
         from ..hw import native
+
         mmu_type = native.mmu.Mmu if native.mmu is not None else None
         self.mmus = []
         seen = set()
@@ -91,9 +108,10 @@ class InPlace:
         lists, dicts, sets, cells, cdata, deques, fresh, randoms = [], [], [], [], [], [], [], []
         stack = [root]
         from unicorn import Uc
+
         while stack:
             o = stack.pop()
-            if id(o) in seen or isinstance(o, _ATOMIC) or type(o) is object:   # (a sentinel)
+            if id(o) in seen or isinstance(o, _ATOMIC) or type(o) is object:  # (a sentinel)
                 continue
             seen.add(id(o))
             t = type(o)
@@ -132,9 +150,9 @@ class InPlace:
             elif t is functools.partial:
                 stack.extend((o.func, o.args, o.keywords))
             elif isinstance(o, Uc) or isinstance(o, _CFUNC):
-                continue                      # Unicorn's: its CPU context is saved apart
+                continue  # Unicorn's: its CPU context is saved apart
             elif t is mmu_type:
-                self.mmus.append((o, o.getstate()))   # a vCPU's compiled MMU: counters, flags
+                self.mmus.append((o, o.getstate()))  # a vCPU's compiled MMU: counters, flags
             elif isinstance(o, _CDATA):
                 cdata.append((o, ctypes.string_at(ctypes.addressof(o), ctypes.sizeof(o))))
             elif isinstance(o, _HASH):
@@ -201,7 +219,7 @@ class InPlace:
             grew = False
             for i, (x, y) in enumerate(zip(now, self.ever)):
                 if x & 1 and not y & 1:
-                    self.ever[i] = 1          # the shadow holds zero there: the page was untouched
+                    self.ever[i] = 1  # the shadow holds zero there: the page was untouched
                     grew = True
             if grew:
                 self.runs = _runs(self.ever)

@@ -83,7 +83,7 @@ class _Worker:
             try:
                 os.close(req_w)
                 os.close(res_r)
-                gc.freeze()               # as emu.checkers.explore._start_child
+                gc.freeze()  # as emu.checkers.explore._start_child
                 die_with(parent)
                 serve(os.fdopen(req_r, "rb"), os.fdopen(res_w, "wb"))
             finally:
@@ -95,7 +95,7 @@ class _Worker:
         self.res = res_r
         self.in_flight = []
         self.seeds = {}
-        self.since = None             # when its current run began
+        self.since = None  # when its current run began
 
     def send(self, n, seed):
         if not self.in_flight:
@@ -104,7 +104,7 @@ class _Worker:
             self.req.write(struct.pack("<QQ", n, seed))
             self.req.flush()
         except BrokenPipeError:
-            pass                      # it died: receive() says so, and its runs are reported
+            pass  # it died: receive() says so, and its runs are reported
         self.in_flight.append(n)
         self.seeds[n] = seed
 
@@ -139,6 +139,7 @@ def _read_exactly(fd, n):
 
 def serve_runs(ip, run_here, strategy_of, slim, on_error):
     """A worker's loop: runs (number, seed) in, (number, slim outcome, decisions) out."""
+
     def serve(req, res):
         while True:
             head = req.read(16)
@@ -147,7 +148,7 @@ def serve_runs(ip, run_here, strategy_of, slim, on_error):
             n, seed = struct.unpack("<QQ", head)
             try:
                 out = run_here(strategy_of(seed))
-            except Exception as e:               # a bug of ours: the run's result says so
+            except Exception as e:  # a bug of ours: the run's result says so
                 out = on_error(e)
             decisions = [(d.choice, d.enabled, d.current, d.what) for d in out.decisions]
             data = pickle.dumps((n, slim(out), decisions))
@@ -155,6 +156,7 @@ def serve_runs(ip, run_here, strategy_of, slim, on_error):
             res.write(data)
             res.flush()
             ip.restore()
+
     return serve
 
 
@@ -164,9 +166,9 @@ def pct_runs(seeds, runs, jobs, serve, strategy_of, on_error, known=None, ahead=
     known = known if known is not None else Known()
     seeds = iter(seeds)
     workers = []
-    done = {}                    # run number -> outcome, not yet yielded
-    sent = 0                     # runs handed out or found known
-    nxt = 0                      # the next run to yield
+    done = {}  # run number -> outcome, not yet yielded
+    sent = 0  # runs handed out or found known
+    nxt = 0  # the next run to yield
     try:
         workers = [_Worker(serve) for _ in range(min(jobs, runs))]
         while nxt < runs:
@@ -193,8 +195,9 @@ def pct_runs(seeds, runs, jobs, serve, strategy_of, on_error, known=None, ahead=
                         # Stopped answering: its run is a hang; the runs queued behind it go on
                         # the worker that replaces it.
                         stuck, rest = w.in_flight[0], w.in_flight[1:]
-                        done[stuck] = on_error(Stalled(f"the run's process stopped answering "
-                                                       f"(killed after {stall:.0f} s)"))
+                        done[stuck] = on_error(
+                            Stalled(f"the run's process stopped answering (killed after {stall:.0f} s)")
+                        )
                         w.in_flight = []
                         w.stop()
                         new = workers[workers.index(w)] = _Worker(serve)
@@ -204,7 +207,7 @@ def pct_runs(seeds, runs, jobs, serve, strategy_of, on_error, known=None, ahead=
             for fd in ready:
                 w = busy[fd]
                 got = w.receive()
-                if got is None:                  # it died: its runs say so, another takes its place
+                if got is None:  # it died: its runs say so, another takes its place
                     for n in w.in_flight:
                         done[n] = on_error(RuntimeError("the run's process died"))
                     w.in_flight = []

@@ -26,9 +26,22 @@ SCHEDULE_PREFIX = "emu-sched/1:"
 # A vCPU in guest mode between two slices (its budget ran out, or a window of PAUSEs) yields
 # too: a spinning vCPU gives way (CHESS's fairness for spin loops), so spinning neither starves
 # the others nor adds choices.
-YIELD_POINTS = frozenset({"frozen_retry", "frozen_wait", "fault_local_retry", "lock_wait", "cond_resched",
-                          "ipi_wait", "guest_slice", "guest_pause", "vcpu_on_spin", "tdcall_busy",
-                          "sept_zap_wait", "mmu_invalidate_retry"})
+YIELD_POINTS = frozenset(
+    {
+        "frozen_retry",
+        "frozen_wait",
+        "fault_local_retry",
+        "lock_wait",
+        "cond_resched",
+        "ipi_wait",
+        "guest_slice",
+        "guest_pause",
+        "vcpu_on_spin",
+        "tdcall_busy",
+        "sept_zap_wait",
+        "mmu_invalidate_retry",
+    }
+)
 
 
 # What the step after each scheduling point touches, for partial-order reduction (emu.checkers.dpor):
@@ -37,17 +50,43 @@ YIELD_POINTS = frozenset({"frozen_retry", "frozen_wait", "fault_local_retry", "l
 SPTE_READ_POINTS = frozenset({"spte_read"})
 SPTE_WRITE_POINTS = frozenset({"spte_cmpxchg", "spte_write", "spte_xchg", "frozen_retry", "frozen_wait"})
 # Inside a SEAMCALL or a TDCALL: what the module said the call touches (module_keys).
-MODULE_POINTS = frozenset({"seamcall_entry", "sept_entry_locked", "sept_entry_locked_guest",
-                           "sept_locked_exclusive", "epoch_locked", "tdcall_busy", "tdr_locked",
-                           "tdvpr_locked", "pamt_locked", "host_interrupt_window", "tdcall_accept_2m"})
+MODULE_POINTS = frozenset(
+    {
+        "seamcall_entry",
+        "sept_entry_locked",
+        "sept_entry_locked_guest",
+        "sept_locked_exclusive",
+        "epoch_locked",
+        "tdcall_busy",
+        "tdr_locked",
+        "tdvpr_locked",
+        "pamt_locked",
+        "host_interrupt_window",
+        "tdcall_accept_2m",
+    }
+)
 # Steps whose code announces what it shares itself (Scheduler.touch, from the locks, RCU,
 # requests, the allocators, the invalidation state...): a vCPU's entry and guest code (what
 # guest code touched is added as the slice ends: Vcpu.touch_guest), its exit handling and
 # fault path, the retries, a zap's cond_resched.  A vCPU's first step (KVM_RUN) too; a
 # host task's first step is a host event's setup, not audited.
-OWN_POINTS = frozenset({"vm_entry", "guest_mode", "guest_slice", "guest_pause", "vm_exit", "faultin_pfn",
-                        "faultin_pfn_done", "mmu_invalidate_retry", "fault_local_retry", "cond_resched",
-                        "seamcall_exit", "lpage_info", "split_alloc"})
+OWN_POINTS = frozenset(
+    {
+        "vm_entry",
+        "guest_mode",
+        "guest_slice",
+        "guest_pause",
+        "vm_exit",
+        "faultin_pfn",
+        "faultin_pfn_done",
+        "mmu_invalidate_retry",
+        "fault_local_retry",
+        "cond_resched",
+        "seamcall_exit",
+        "lpage_info",
+        "split_alloc",
+    }
+)
 
 
 class ScheduleError(Exception):
@@ -80,7 +119,7 @@ def decode_schedule(text):
     text = text.strip()
     if not text.startswith(SCHEDULE_PREFIX):
         raise ScheduleError(f"not a schedule (it must start with {SCHEDULE_PREFIX!r}): {text[:40]!r}")
-    body = text[len(SCHEDULE_PREFIX):]
+    body = text[len(SCHEDULE_PREFIX) :]
     out = []
     if not body:
         return out
@@ -98,6 +137,7 @@ def decode_schedule(text):
 
 class Decision:
     """One choice among several runnable vCPUs."""
+
     __slots__ = ("choice", "enabled", "what", "current", "default", "preempt")
 
     def __init__(self, choice, enabled, what, current, default, preempt):
@@ -128,11 +168,11 @@ class Task:
         self.glet = None
         self._body = None
         self.done = False
-        self.wait = None                 # a predicate: the task can run only when it holds
-        self.host = False                # a host task (an event of the VMM or the host kernel)
-        self.start = start               # a host task may run from this scheduling point on
+        self.wait = None  # a predicate: the task can run only when it holds
+        self.host = False  # a host task (an event of the VMM or the host kernel)
+        self.start = start  # a host task may run from this scheduling point on
         self.sched = None
-        self.fair_wait = set()           # after a yield: tasks that must run before this one
+        self.fair_wait = set()  # after a yield: tasks that must run before this one
         self.paused_at = ("start", None)  # the point the task's next step starts from
 
     def enabled(self):
@@ -161,6 +201,7 @@ class Footprint:
     """What one step read and wrote.  Two steps of different tasks are dependent (their
     order may matter) when one writes what the other reads or writes; a step that
     touched something unknown counts as reading or writing everything."""
+
     __slots__ = ("reads", "writes", "all_r", "all_w")
 
     def __init__(self):
@@ -177,8 +218,12 @@ class Footprint:
         if (self.all_r and other.writes) or (other.all_r and self.writes):
             return True
         w = self.writes
-        return bool(w and (not w.isdisjoint(other.writes) or not w.isdisjoint(other.reads))
-                    or other.writes and not other.writes.isdisjoint(self.reads))
+        return bool(
+            w
+            and (not w.isdisjoint(other.writes) or not w.isdisjoint(other.reads))
+            or other.writes
+            and not other.writes.isdisjoint(self.reads)
+        )
 
     def __getstate__(self):
         return (self.reads, self.writes, self.all_r, self.all_w)
@@ -208,8 +253,10 @@ class ReplayStrategy(Strategy):
                 if t.index == want:
                     return t
             if self.strict:
-                raise ScheduleError(f"replay diverged at decision {k} ({what}): vCPU {want} cannot run "
-                                    f"(runnable: {[t.index for t in enabled]})")
+                raise ScheduleError(
+                    f"replay diverged at decision {k} ({what}): vCPU {want} cannot run "
+                    f"(runnable: {[t.index for t in enabled]})"
+                )
         return self.then.choose(sched, enabled, current, what)
 
 
@@ -219,21 +266,21 @@ class Scheduler:
         self.tasks = []
         self.current = None
         self.main = None
-        self.decisions = []              # (chosen task, enabled indices, point name, preempting)
+        self.decisions = []  # (chosen task, enabled indices, point name, preempting)
         self.preemptions = 0
         self.steps = 0
         self.max_steps = max_steps
         self.tracer = tracer
         self.error = None
-        self.on_step = on_step           # called at every scheduling point (invariant checks)
+        self.on_step = on_step  # called at every scheduling point (invariant checks)
         # Footprints (emu.checkers.dpor): with ``record`` set, every step (a task's run from one
         # point to its next) is logged with what it read and wrote.
         self.record = False
         self._decided = False
-        self.events = []                 # Step per step taken
-        self.fp = None                   # the running step's Footprint
-        self.mem = None                  # host memory (its bulk writes are touches: HostMemory.sched)
-        self.module_keys = {}            # task -> (reads, writes, reads everything) of its module call
+        self.events = []  # Step per step taken
+        self.fp = None  # the running step's Footprint
+        self.mem = None  # host memory (its bulk writes are touches: HostMemory.sched)
+        self.module_keys = {}  # task -> (reads, writes, reads everything) of its module call
 
     # -- tasks --------------------------------------------------------------------------------------------
     def spawn(self, fn, name=None, host=False, start=0):
@@ -245,6 +292,7 @@ class Scheduler:
                 fn()
             finally:
                 t.done = True
+
         t._body = body
         self.tasks.append(t)
         return t
@@ -290,7 +338,7 @@ class Scheduler:
         if current is not None and current in enabled and what not in YIELD_POINTS:
             return current
         start = -1 if current is None else current.index
-        ordered = sorted(enabled, key=lambda t: ((t.index - start - 1) % len(self.tasks)))
+        ordered = sorted(enabled, key=lambda t: (t.index - start - 1) % len(self.tasks))
         others = [t for t in ordered if t is not current]
         return others[0] if others else ordered[0]
 
@@ -316,8 +364,16 @@ class Scheduler:
         preempt = current is not None and choice is not current and current in enabled
         if preempt:
             self.preemptions += 1
-        self.decisions.append(Decision(choice.index, tuple(t.index for t in enabled), what,
-                                       None if current is None else current.index, default.index, preempt))
+        self.decisions.append(
+            Decision(
+                choice.index,
+                tuple(t.index for t in enabled),
+                what,
+                None if current is None else current.index,
+                default.index,
+                preempt,
+            )
+        )
         return self._ran(choice)
 
     def _ran(self, task):
@@ -331,7 +387,7 @@ class Scheduler:
     def point(self, who, what, arg=None):
         cur = self.current
         if cur is None or greenlet.getcurrent() is self.main:
-            return                      # not inside a vCPU task (setup, teardown)
+            return  # not inside a vCPU task (setup, teardown)
         self.steps += 1
         if self.on_step is not None:
             self.on_step(self, who, what)
@@ -409,7 +465,7 @@ class Scheduler:
                 fp.all_r = keys[2]
         elif what not in OWN_POINTS and (what != "start" or task.host):
             fp.all_w = True
-        fp.writes.add(("task", task.index))      # its own state (requests, mode, TLB) is written
+        fp.writes.add(("task", task.index))  # its own state (requests, mode, TLB) is written
         self.fp = fp
         self.events.append((task.index, fp, len(self.decisions) - 1 if self._decided else -1))
 
@@ -419,6 +475,7 @@ class Scheduler:
             return
         self.fp = None
         from ..hw import ept, paging
+
         if ept.AD_LOG:
             fp.writes.update(("spte", a) for a in ept.AD_LOG)
             ept.AD_LOG.clear()

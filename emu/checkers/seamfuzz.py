@@ -54,12 +54,14 @@ from .seamfuzz_coverage import status_of, leaf_name, tdcall_name, can_return, un
 
 PAGE = 4096
 
+
 # ==================================================================================================
 # A snapshot of everything the module keeps, and its invariants
 # ==================================================================================================
 class Snapshot:
     """The module's state as facts: key -> value (lock bookkeeping left out), and the pages the host
     may not touch."""
+
     __slots__ = ("facts", "prot", "septs")
 
     def __init__(self, mod):
@@ -69,16 +71,30 @@ class Snapshot:
             f[("pamt", hpa)] = (pt, owner, size, pamt.bepoch_of(hpa, size))
         self.septs = {}
         for tdr, td in mod.tds.items():
-            f[("td", tdr)] = (td.lifecycle, td.op_state, td.chldcnt, td.fatal, td.num_vcpus, td.num_assoc_vcpus,
-                              td.epoch, tuple(td.refcount), tuple(td.tdcx), td.wbcache_needed, td.hkid,
-                              td.finalized_mrtd, td.attributes, td.max_vcpus, td.pwl, td.sept_root)
+            f[("td", tdr)] = (
+                td.lifecycle,
+                td.op_state,
+                td.chldcnt,
+                td.fatal,
+                td.num_vcpus,
+                td.num_assoc_vcpus,
+                td.epoch,
+                tuple(td.refcount),
+                tuple(td.tdcx),
+                td.wbcache_needed,
+                td.hkid,
+                td.finalized_mrtd,
+                td.attributes,
+                td.max_vcpus,
+                td.pwl,
+                td.sept_root,
+            )
             f[("mrtd", tdr)] = td.mrtd.digest()
             entries = self.septs[tdr] = sept_entries(mod, td)
             for gpa, lvl, state, hpa, _locked in entries:
                 f[("sept", tdr, gpa, lvl)] = (state, hpa)
         for tdvpr, v in mod.vcpus.items():
-            f[("vcpu", tdvpr)] = (v.state, v.assoc_lpid, tuple(v.tdvpx), v.shared_eptp, v.epoch, v.vcpu_index,
-                                  v.td.tdr)
+            f[("vcpu", tdvpr)] = (v.state, v.assoc_lpid, tuple(v.tdvpx), v.shared_eptp, v.epoch, v.vcpu_index, v.td.tdr)
         for h in mod.hkids:
             f[("hkid", h)] = True
         self.facts = f
@@ -98,7 +114,9 @@ def invariants(mod, full=False, snap=None):
     pamt = mod.pamt
     if pamt.any_lock_held():
         held = pamt.locks_held()
-        problems.append(f"PAMT entry locks held with no call in flight: {[(hex(h), lv, hex(w)) for h, lv, w in held[:4]]}")
+        problems.append(
+            f"PAMT entry locks held with no call in flight: {[(hex(h), lv, hex(w)) for h, lv, w in held[:4]]}"
+        )
     if full:
         mem_view = pamt.scan_owned_pages()
         if mem_view != pamt.owned_pages():
@@ -110,7 +128,7 @@ def invariants(mod, full=False, snap=None):
     all_vcpus = {}
     protected = set()
     for hpa, pt, size in (x for lst in owned_by.values() for x in lst):
-        protected.update(range(hpa >> 12, (hpa >> 12) + 512 ** size))
+        protected.update(range(hpa >> 12, (hpa >> 12) + 512**size))
     for tdr, td in mod.tds.items():
         where = f"TD {tdr:#x}"
         if td.op_state_lock & ~L.SHAREX_HP_HOST_PRIORITY or td.secure_ept_lock or td.epoch_lock:
@@ -145,26 +163,34 @@ def invariants(mod, full=False, snap=None):
         have = {x for x in owned_by.get(tdr, []) if x[0] != tdr}
         if td.lifecycle == A.TD_TEARDOWN:
             # Torn down: its pages go back one by one (RECLAIM), its TDCS and S-EPT are dead.
-            if td.chldcnt != sum(512 ** s for _, _, s in have):
-                problems.append(f"{where}: child count {td.chldcnt}, the PAMT gives it "
-                                f"{sum(512 ** s for _, _, s in have)} pages")
+            if td.chldcnt != sum(512**s for _, _, s in have):
+                problems.append(
+                    f"{where}: child count {td.chldcnt}, the PAMT gives it {sum(512**s for _, _, s in have)} pages"
+                )
             continue
         if have != want:
             extra, missing = sorted(have - want)[:3], sorted(want - have)[:3]
-            problems.append(f"{where}: the PAMT gives it {[(hex(h), p, s) for h, p, s in extra]} it does not "
-                            f"use, and not {[(hex(h), p, s) for h, p, s in missing]} it uses")
-        if td.chldcnt != sum(512 ** s for _, _, s in have):
-            problems.append(f"{where}: child count {td.chldcnt}, the PAMT gives it "
-                            f"{sum(512 ** s for _, _, s in have)} pages")
+            problems.append(
+                f"{where}: the PAMT gives it {[(hex(h), p, s) for h, p, s in extra]} it does not "
+                f"use, and not {[(hex(h), p, s) for h, p, s in missing]} it uses"
+            )
+        if td.chldcnt != sum(512**s for _, _, s in have):
+            problems.append(
+                f"{where}: child count {td.chldcnt}, the PAMT gives it {sum(512**s for _, _, s in have)} pages"
+            )
         active = sum(1 for v in td.vcpus.values() if v.state == A.VCPU_ACTIVE)
         if min(td.refcount) < 0 or sum(td.refcount) != active:
             problems.append(f"{where}: TLB-tracking counts {td.refcount} with {active} vCPUs in the TD")
         if td.num_assoc_vcpus != sum(1 for v in td.vcpus.values() if v.assoc_lpid is not None):
-            problems.append(f"{where}: {td.num_assoc_vcpus} associated vCPUs counted, "
-                            f"{sum(1 for v in td.vcpus.values() if v.assoc_lpid is not None)} associated")
+            problems.append(
+                f"{where}: {td.num_assoc_vcpus} associated vCPUs counted, "
+                f"{sum(1 for v in td.vcpus.values() if v.assoc_lpid is not None)} associated"
+            )
         if td.num_vcpus != sum(1 for v in td.vcpus.values() if v.initialized):
-            problems.append(f"{where}: {td.num_vcpus} vCPUs counted, "
-                            f"{sum(1 for v in td.vcpus.values() if v.initialized)} initialized")
+            problems.append(
+                f"{where}: {td.num_vcpus} vCPUs counted, "
+                f"{sum(1 for v in td.vcpus.values() if v.initialized)} initialized"
+            )
         if td.op_state != A.OP_STATE_UNINITIALIZED and td.sept_root != td.tdcx[-1]:
             problems.append(f"{where}: its S-EPT root is not its last TDCS page")
         if td.lifecycle != A.TD_TEARDOWN:
@@ -180,8 +206,10 @@ def invariants(mod, full=False, snap=None):
     prot = {pfn for pfn in mod.mem.protected if not first <= pfn < last}
     if prot != protected:
         extra, missing = sorted(prot - protected)[:3], sorted(protected - prot)[:3]
-        problems.append(f"host protection of pfns {[hex(p) for p in extra]} the module does not own, "
-                        f"none of {[hex(p) for p in missing]} it owns")
+        problems.append(
+            f"host protection of pfns {[hex(p) for p in extra]} the module does not own, "
+            f"none of {[hex(p) for p in missing]} it owns"
+        )
     return problems
 
 
@@ -190,14 +218,18 @@ def invariants(mod, full=False, snap=None):
 # ==================================================================================================
 class Failure:
     def __init__(self, kind, message, records, index):
-        self.kind = kind                 # "exception", "error changed state", "success changed...", "invariant"
+        self.kind = kind  # "exception", "error changed state", "success changed...", "invariant"
         self.message = message
-        self.records = records           # the call sequence that reproduces it (minimized if it could be)
-        self.index = index               # the call (in the original run) where it broke
+        self.records = records  # the call sequence that reproduces it (minimized if it could be)
+        self.index = index  # the call (in the original run) where it broke
 
     def as_json(self):
-        return {"kind": self.kind, "message": self.message, "at_call": self.index,
-                "reproducer": [format_record(r) for r in self.records]}
+        return {
+            "kind": self.kind,
+            "message": self.message,
+            "at_call": self.index,
+            "reproducer": [format_record(r) for r in self.records],
+        }
 
 
 def format_record(r):
@@ -222,8 +254,8 @@ class _SecondCpu:
     def __init__(self, fuzzer):
         self.fz = fuzzer
         self.points = 0
-        self.nested = None               # while recording: the list the top-level record's nested calls go to
-        self.replay = None               # while replaying: {point number: record}
+        self.nested = None  # while recording: the list the top-level record's nested calls go to
+        self.replay = None  # while replaying: {point number: record}
         self.busy = False
 
     def point(self, caller, what, arg=None):
@@ -253,15 +285,14 @@ class _SecondCpu:
 
 
 class SeamFuzzer(CallMaker):
-
     def __init__(self, seed=0, second_cpu=0.25, host=None):
         self.seed = seed
         self.rng = random.Random(seed)
         self.second_cpu = second_cpu
         self._fresh(host)
-        self.pairs = {}                  # (leaf name, status name) -> count
-        self.calls = 0                   # SEAMCALLs made, both CPUs'
-        self.second_calls = 0            # of which the second CPU's
+        self.pairs = {}  # (leaf name, status name) -> count
+        self.calls = 0  # SEAMCALLs made, both CPUs'
+        self.second_calls = 0  # of which the second CPU's
         self.records = []
         self.failures = []
 
@@ -269,6 +300,7 @@ class SeamFuzzer(CallMaker):
     def _fresh(self, host=None):
         from emu.host import Host
         from emu.hw.vcpu import Vcpu
+
         self.host = host or Host(8 << 20, kernel_size=4 << 20, tdx=True)
         mod = self.mod = self.host.tdx_module
         mem = self.mem = self.host.mem
@@ -279,19 +311,20 @@ class SeamFuzzer(CallMaker):
             cpu.slice_blocks = 4096
             cpu.guest_point = lambda end, cpu=cpu: cpu.kick()
             return cpu
+
         mod.make_cpu = make_cpu
         self.sched = _SecondCpu(self)
         mod.sched = self.sched
         mod.on_tdcall = self._on_tdcall
         self.tdmr_end = mod.pamt.tdmr_end
         self.kernel_end = self.host.user_base
-        self.roots = {}                  # TDR -> zeroed page the vCPUs' shared EPTP points at
-        self.plans = {}                  # TDR -> calls queued for that TD
-        self.dying = set()               # TDs being torn down
-        self.age = {}                    # TDR -> calls made on it
-        self.current = None              # the record in flight (the second CPU contends with it)
-        self.reserved = set()            # pages the fuzzer keeps for itself (shared EPT roots, sources)
-        self._after = None               # the snapshot after the last top-level call (the next one's before)
+        self.roots = {}  # TDR -> zeroed page the vCPUs' shared EPTP points at
+        self.plans = {}  # TDR -> calls queued for that TD
+        self.dying = set()  # TDs being torn down
+        self.age = {}  # TDR -> calls made on it
+        self.current = None  # the record in flight (the second CPU contends with it)
+        self.reserved = set()  # pages the fuzzer keeps for itself (shared EPT roots, sources)
+        self._after = None  # the snapshot after the last top-level call (the next one's before)
 
     def _on_tdcall(self, v, leaf, status):
         key = (tdcall_name(leaf), status_of(None, status))
@@ -323,8 +356,7 @@ class SeamFuzzer(CallMaker):
             if not self.failures and not self.interrupted:
                 problems = invariants(self.mod, full=True)
                 if problems:
-                    self.failures.append(Failure("invariant", "; ".join(problems[:3]), list(self.records),
-                                                 self.calls))
+                    self.failures.append(Failure("invariant", "; ".join(problems[:3]), list(self.records), self.calls))
         except KeyboardInterrupt:
             self.interrupted = True
         self.seconds = time.perf_counter() - t0
@@ -339,7 +371,7 @@ class SeamFuzzer(CallMaker):
                 try:
                     self.mem.host_write(arg, act[2])
                 except HostAccessError:
-                    pass                        # (the page went to a TD or the module meanwhile)
+                    pass  # (the page went to a TD or the module meanwhile)
             elif kind == "kick":
                 v = mod.vcpus.get(arg)
                 if v is not None and v.hw is not None:
@@ -357,8 +389,11 @@ class SeamFuzzer(CallMaker):
         except Broken:
             raise
         except Exception as e:
-            raise Broken("exception", f"{leaf_name(rec['leaf'])} raised {type(e).__name__}: {e}\n"
-                                      + "".join(traceback.format_exc().splitlines(True)[-6:])) from None
+            raise Broken(
+                "exception",
+                f"{leaf_name(rec['leaf'])} raised {type(e).__name__}: {e}\n"
+                + "".join(traceback.format_exc().splitlines(True)[-6:]),
+            ) from None
         finally:
             self.current = prev
             if not nested:
@@ -381,8 +416,9 @@ class SeamFuzzer(CallMaker):
             self._after = after
             problems = invariants(mod, full=full, snap=after)
             if problems:
-                raise Broken("invariant", f"after {format_record(rec)} -> {A.status_name(out.rax)}: "
-                             + "; ".join(problems[:3]))
+                raise Broken(
+                    "invariant", f"after {format_record(rec)} -> {A.status_name(out.rax)}: " + "; ".join(problems[:3])
+                )
         self.react(rec, out)
         return out
 
@@ -407,16 +443,23 @@ class SeamFuzzer(CallMaker):
             # (adjust_tlb_tracking_state(); revert_tlb_tracking_state() gives back the count only).
             if leaf in (A.TDH_VP_ENTER, A.TDH_VP_RD, A.TDH_VP_WR) and vkey in bf:
                 rest = changed - {vkey, ("td", owner)}
-                if not rest and _only(bf, af, vkey, {1, 4}) and (
-                        ("td", owner) in others or _only(bf, af, ("td", owner), {5})):
+                if (
+                    not rest
+                    and _only(bf, af, vkey, {1, 4})
+                    and (("td", owner) in others or _only(bf, af, ("td", owner), {5}))
+                ):
                     return all_changed
-            raise Broken("error changed state", f"{format_record(rec)} -> {A.status_name(out.rax)} changed "
-                         f"{_fmt_keys(changed, bf, af)}")
+            raise Broken(
+                "error changed state",
+                f"{format_record(rec)} -> {A.status_name(out.rax)} changed {_fmt_keys(changed, bf, af)}",
+            )
         allowed = self.allowed(leaf, r, out, bf, af, owner)
         extra = {k for k in changed if not allowed(k)}
         if extra:
-            raise Broken("success changed too much", f"{format_record(rec)} -> {A.status_name(out.rax)} changed "
-                         f"{_fmt_keys(extra, bf, af)}")
+            raise Broken(
+                "success changed too much",
+                f"{format_record(rec)} -> {A.status_name(out.rax)} changed {_fmt_keys(extra, bf, af)}",
+            )
         if not others:
             self.postconditions(leaf, r, out, bf, af, rec["lp"] or 0)
         return all_changed
@@ -430,6 +473,7 @@ class SeamFuzzer(CallMaker):
 
         def in_td(tdr, kinds):
             return lambda k: (k[0] in kinds and len(k) > 1 and k[1] == tdr) or k == ("td", tdr)
+
         if leaf == A.TDH_MNG_CREATE:
             keys = pages(rcx) | {("td", rcx), ("mrtd", rcx), ("hkid", rdx)}
         elif leaf in (A.TDH_MNG_KEY_CONFIG, A.TDH_MNG_INIT, A.TDH_MNG_VPFLUSHDONE, A.TDH_MR_FINALIZE, A.TDH_MEM_TRACK):
@@ -452,7 +496,7 @@ class SeamFuzzer(CallMaker):
         elif leaf in (A.TDH_MEM_SEPT_ADD, A.TDH_MEM_PAGE_AUG, A.TDH_MEM_PAGE_ADD):
             tdr = tdr_of_rdx
             gpa, lvl = rcx & ~0xFFF & ((1 << 52) - 1), rcx & 7
-            n = 512 ** lvl if leaf == A.TDH_MEM_PAGE_AUG else 1
+            n = 512**lvl if leaf == A.TDH_MEM_PAGE_AUG else 1
             keys = pages(r8, n) | {("sept", tdr, gpa, lvl), ("td", tdr), ("mrtd", tdr)}
         elif leaf in (A.TDH_MEM_RANGE_BLOCK, A.TDH_MEM_RANGE_UNBLOCK):
             tdr = tdr_of_rdx
@@ -462,10 +506,10 @@ class SeamFuzzer(CallMaker):
         elif leaf in (A.TDH_MEM_PAGE_REMOVE, A.TDH_MEM_SEPT_REMOVE):
             tdr = tdr_of_rdx
             gpa, lvl = rcx & ~0xFFF & ((1 << 52) - 1), rcx & 7
-            n = 512 ** lvl if leaf == A.TDH_MEM_PAGE_REMOVE else 1
+            n = 512**lvl if leaf == A.TDH_MEM_PAGE_REMOVE else 1
             keys = pages(out.rcx, n) | {("sept", tdr, gpa, lvl), ("td", tdr)}
         elif leaf == A.TDH_PHYMEM_PAGE_RECLAIM:
-            n = 512 ** out.r8 if out.r8 < 2 else 1
+            n = 512**out.r8 if out.r8 < 2 else 1
             keys = pages(rcx, n) | {("td", rcx if out.rcx == A.PT_TDR else out.rdx), ("mrtd", rcx), ("vcpu", rcx)}
         elif leaf == A.TDH_VP_ENTER:
             tdvpr = rcx & ~0xFFF & ((1 << 52) - 1)
@@ -485,14 +529,16 @@ class SeamFuzzer(CallMaker):
             v = af.get(("vcpu", rcx & ~0xFFF & ((1 << 52) - 1)))
             want_lp = None if leaf == A.TDH_VP_FLUSH else lp
             if v is not None and v[1] != want_lp:
-                raise Broken("success changed too much", f"{leaf_name(leaf)} of {rcx:#x} on CPU {lp}: the vCPU "
-                             f"is associated with {v[1]}, want {want_lp}")
+                raise Broken(
+                    "success changed too much",
+                    f"{leaf_name(leaf)} of {rcx:#x} on CPU {lp}: the vCPU is associated with {v[1]}, want {want_lp}",
+                )
             if leaf == A.TDH_VP_INIT and v is not None and v[0] != A.VCPU_READY:
                 raise Broken("success changed too much", f"TDH.VP.INIT of {rcx:#x}: vCPU state {v[0]}, want READY")
             return
         if leaf == A.TDH_MEM_PAGE_AUG:
             want = {("sept", tdr, gpa, lvl): (S.SEPT_PENDING, r8), ("pamt", r8): (A.PT_REG, tdr, lvl, 0)}
-            dchld = 512 ** lvl
+            dchld = 512**lvl
         elif leaf == A.TDH_MEM_PAGE_ADD:
             want = {("sept", tdr, gpa, 0): (S.SEPT_MAPPED, r8), ("pamt", r8): (A.PT_REG, tdr, 0, 0)}
             dchld = 1
@@ -504,11 +550,14 @@ class SeamFuzzer(CallMaker):
             dchld = 1
         elif leaf in (A.TDH_MEM_PAGE_REMOVE, A.TDH_MEM_SEPT_REMOVE):
             want = {("sept", tdr, gpa, lvl): None, ("pamt", out.rcx): None}
-            dchld = -(512 ** lvl) if leaf == A.TDH_MEM_PAGE_REMOVE else -1
+            dchld = -(512**lvl) if leaf == A.TDH_MEM_PAGE_REMOVE else -1
         elif leaf == A.TDH_MEM_RANGE_BLOCK:
             st, hpa = bf[("sept", tdr, gpa, lvl)]
-            blocked = {S.SEPT_NL_MAPPED: S.SEPT_NL_BLOCKED, S.SEPT_MAPPED: S.SEPT_BLOCKED,
-                       S.SEPT_PENDING: S.SEPT_PENDING_BLOCKED}[st]
+            blocked = {
+                S.SEPT_NL_MAPPED: S.SEPT_NL_BLOCKED,
+                S.SEPT_MAPPED: S.SEPT_BLOCKED,
+                S.SEPT_PENDING: S.SEPT_PENDING_BLOCKED,
+            }[st]
             want = {("sept", tdr, gpa, lvl): (blocked, hpa)}
             dchld = 0
         elif leaf == A.TDH_MEM_TRACK:
@@ -523,12 +572,15 @@ class SeamFuzzer(CallMaker):
             return
         for k, v in want.items():
             if af.get(k) != v:
-                raise Broken("success changed too much", f"{leaf_name(leaf)} {rcx:#x}: {_key(k)} is "
-                             f"{_fmt_val(af.get(k))}, want {_fmt_val(v)}")
+                raise Broken(
+                    "success changed too much",
+                    f"{leaf_name(leaf)} {rcx:#x}: {_key(k)} is {_fmt_val(af.get(k))}, want {_fmt_val(v)}",
+                )
         chld = af[("td", tdr)][2] - bf[("td", tdr)][2]
         if chld != dchld:
-            raise Broken("success changed too much", f"{leaf_name(leaf)} {rcx:#x}: child count moved by {chld}, "
-                         f"want {dchld}")
+            raise Broken(
+                "success changed too much", f"{leaf_name(leaf)} {rcx:#x}: child count moved by {chld}, want {dchld}"
+            )
 
     # -- reproducers ------------------------------------------------------------------------------------
     def replay(self, records):
@@ -555,7 +607,7 @@ class SeamFuzzer(CallMaker):
         while chunk >= 1 and time.perf_counter() < deadline:
             i = 0
             while i < len(recs) - 1 and time.perf_counter() < deadline:
-                trial = recs[:i] + recs[i + chunk:]
+                trial = recs[:i] + recs[i + chunk :]
                 if trial and trial[-1] is recs[-1]:
                     b2 = self.replay(trial)
                     if b2 is not None and b2.kind == failure.kind:
@@ -569,7 +621,7 @@ class SeamFuzzer(CallMaker):
                 if time.perf_counter() > deadline:
                     break
                 trial_rec = dict(recs[i], nested=[e for e in recs[i]["nested"] if e is not entry])
-                trial = recs[:i] + [trial_rec] + recs[i + 1:]
+                trial = recs[:i] + [trial_rec] + recs[i + 1 :]
                 b2 = self.replay(trial)
                 if b2 is not None and b2.kind == failure.kind:
                     recs = trial
@@ -582,9 +634,14 @@ class SeamFuzzer(CallMaker):
         reachable = possible - set(unreachable())
         reached = {k for k in self.pairs if k in possible}
         surprising = sorted(k for k in self.pairs if k not in possible)
-        return {"possible": len(possible), "reachable": len(reachable), "reached": len(reached & reachable),
-                "percent": round(100.0 * len(reached & reachable) / max(1, len(reachable)), 1),
-                "missing": sorted(reachable - reached), "not_derived": surprising}
+        return {
+            "possible": len(possible),
+            "reachable": len(reachable),
+            "reached": len(reached & reachable),
+            "percent": round(100.0 * len(reached & reachable) / max(1, len(reachable)), 1),
+            "missing": sorted(reachable - reached),
+            "not_derived": surprising,
+        }
 
 
 def _only(bf, af, key, fields):
@@ -607,8 +664,9 @@ def _fmt_val(v):
 
 def _fmt_keys(keys, bf, af):
     items = sorted(keys, key=str)[:4]
-    return "; ".join(f"{_key(k)}: {_fmt_val(bf.get(k))} -> {_fmt_val(af.get(k))}" for k in items) + \
-        (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+    return "; ".join(f"{_key(k)}: {_fmt_val(bf.get(k))} -> {_fmt_val(af.get(k))}" for k in items) + (
+        f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+    )
 
 
 def r_rec(leaf, r):

@@ -25,6 +25,7 @@ def status_of(leaf, rax):
     base = rax & A.TDX_STATUS_MASK
     if leaf == A.TDH_VP_ENTER and base == 0:
         from emu.hw.exits import REASON_NAMES
+
         return "exit:" + REASON_NAMES.get(rax & 0xFFFF, str(rax & 0xFFFF)).upper().replace(" ", "_")
     return A.STATUS_NAMES.get(base, f"{base:#x}") if base else "TDX_SUCCESS"
 
@@ -46,6 +47,7 @@ def _functions_called(fn, cls=None):
     ``mod.pamt.``), of a Held (``held.``) or of ``self``'s class."""
     from tdxmod.pamt import Pamt
     from tdxmod.helpers import Held
+
     try:
         tree = ast.parse(_dedent(fn))
     except (OSError, TypeError):
@@ -72,8 +74,12 @@ def _functions_called(fn, cls=None):
                     target = getattr(cls, f.attr, None)
                 elif inspect.ismodule(g.get(base.id)):
                     target = getattr(g[base.id], f.attr, None)
-            elif (isinstance(base, ast.Attribute) and base.attr == "pamt" and isinstance(base.value, ast.Name)
-                  and base.value.id == "mod"):
+            elif (
+                isinstance(base, ast.Attribute)
+                and base.attr == "pamt"
+                and isinstance(base.value, ast.Name)
+                and base.value.id == "mod"
+            ):
                 target = getattr(Pamt, f.attr, None)
         if inspect.isfunction(target) and target.__module__.startswith("tdxmod"):
             out.append(target)
@@ -93,8 +99,12 @@ def _names(fn):
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id in A.STATUS_NAMES.values():
             statuses.add(node.id)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("Regs", "_exit") \
-                and node.args:
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("Regs", "_exit")
+            and node.args
+        ):
             for n in ast.walk(node.args[0]):
                 if isinstance(n, ast.Name) and n.id.startswith("EXIT_REASON_"):
                     exits.add(n.id)
@@ -104,13 +114,17 @@ def _names(fn):
 def _reach(fn, skip=()):
     """Every tdxmod function ``fn`` may call (itself included), not following ``skip``."""
     from tdxmod.pamt import Pamt
+
     seen, todo = {}, [fn]
     while todo:
         f = inspect.unwrap(todo.pop())
         if f in seen or f in skip:
             continue
-        cls = Pamt if f.__qualname__.startswith("Pamt.") else (
-            TdxModule if f.__qualname__.startswith("TdxModule.") else None)
+        cls = (
+            Pamt
+            if f.__qualname__.startswith("Pamt.")
+            else (TdxModule if f.__qualname__.startswith("TdxModule.") else None)
+        )
         seen[f] = True
         todo.extend(_functions_called(f, cls))
     return list(seen)
@@ -131,6 +145,7 @@ def can_return():
     from tdxmod.vmm_dispatcher import HANDLERS
     from tdxmod import td_dispatch
     from emu.hw.exits import REASON_NAMES
+
     tdcall_fns = set(td_dispatch.TDCALL_HANDLERS.values()) | {td_dispatch.tdg_unknown}
     out = {}
     for leaf, fn in sorted(HANDLERS.items()):
@@ -145,12 +160,13 @@ def can_return():
         if leaf == A.TDH_VP_ENTER:
             exits.add("EXIT_REASON_EXTERNAL_INTERRUPT")
             import emu.hw.exits as X
+
             for e in exits:
                 names.add("exit:" + REASON_NAMES.get(getattr(X, e), e).upper().replace(" ", "_"))
         else:
             names.add("TDX_SUCCESS")
         out[leaf_name(leaf)] = names
-    out["SEAMCALL_UNKNOWN"] = _names(TdxModule.seamcall)[0]      # the dispatcher's own answer
+    out["SEAMCALL_UNKNOWN"] = _names(TdxModule.seamcall)[0]  # the dispatcher's own answer
     for leaf, fn in list(td_dispatch.TDCALL_HANDLERS.items()) + [(None, td_dispatch.tdg_unknown)]:
         statuses = set()
         for f in _reach(fn):
@@ -169,15 +185,19 @@ def unreachable():
         if leaf.startswith("TDH_") and "TDX_OPERAND_BUSY_HOST_PRIORITY" in statuses:
             out[(leaf, "TDX_OPERAND_BUSY_HOST_PRIORITY")] = (
                 "a host never gets it: acquire_sharex_lock_hp() and sept_lock_acquire_host() give BUSY to "
-                "a host (only a guest backs off with host priority)")
+                "a host (only a guest backs off with host priority)"
+            )
     for leaf in vcpu_leaves:
         out[(leaf, "TDX_TDCS_NOT_ALLOCATED")] = (
-            "a vCPU exists only after TDH.VP.CREATE, which needs TDH.MNG.INIT, which needs every TDCS page")
+            "a vCPU exists only after TDH.VP.CREATE, which needs TDH.MNG.INIT, which needs every TDCS page"
+        )
     for leaf in ("TDH_VP_RD", "TDH_VP_WR", "TDH_VP_FLUSH"):
         out[(leaf, "TDX_OP_STATE_INCORRECT")] = (
             "a vCPU exists only in INITIALIZED or RUNNABLE, where the leaf is allowed (TDH.VP.FLUSH does not "
-            "look at the op_state: derived through lock_tdvpr()'s optional state check)")
+            "look at the op_state: derived through lock_tdvpr()'s optional state check)"
+        )
     out[("TDH_VP_FLUSH", "TDX_TD_FATAL")] = "tdh_vp_flush() does not check TD_FATAL (derived through lock_tdvpr())"
     out[("TDH_VP_ENTER", "exit:TRIPLE_FAULT")] = (
-        "a triple fault is async_tdexit_to_vmm(TDX_NON_RECOVERABLE_VCPU): counted as that status")
+        "a triple fault is async_tdexit_to_vmm(TDX_NON_RECOVERABLE_VCPU): counted as that status"
+    )
     return {k: v for k, v in out.items() if k[1] in can_return().get(k[0], ())}

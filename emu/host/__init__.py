@@ -35,16 +35,17 @@ class Host:
         # The top of the kernel's memory holds the VMM's page tables (emu/host/mm.py), allocated
         # apart from the pages KVM and the TDX module use, so KVM's accounting stays KVM's.
         mm_size = -(-(user_size // 512 + 16 * PAGE_SIZE) // PAGE_SIZE) * PAGE_SIZE
-        self.kernel = PageAllocator(self.mem, PAGE_SIZE, kernel_size - mm_size)   # HPA 0 is never handed out
+        self.kernel = PageAllocator(self.mem, PAGE_SIZE, kernel_size - mm_size)  # HPA 0 is never handed out
         self.mm_pages = PageAllocator(self.mem, kernel_size - mm_size, kernel_size)
         self.user_next = self.user_base
         self.user_end = tdmr_size
-        self.leaked = []                     # (hpa, why): pages deliberately leaked, as KVM leaks them
-        self.mm = HostMm(self)               # the VMM process's page tables for its userspace memory
+        self.leaked = []  # (hpa, why): pages deliberately leaked, as KVM leaks them
+        self.mm = HostMm(self)  # the VMM process's page tables for its userspace memory
         self.tdx_module = None
         if tdx:
             from tdxmod.module import TdxModule
             from ..hw.vcpu import Vcpu
+
             self.tdx_module = TdxModule(self.mem, tdmr_size, 0, tdmr_size)
             module = self.tdx_module
 
@@ -53,6 +54,7 @@ class Host:
                 if module.tracer is not None and module.tracer.enabled:
                     cpu.set_tracer(module.tracer)
                 return cpu
+
             module.make_cpu = make_cpu
             for pfn in range(tdmr_size >> 12, (tdmr_size + pamt_size) >> 12):
                 self.mem.protect(pfn, "the TDX module (PAMT)")
@@ -82,4 +84,3 @@ class Host:
         hpa = self.user_next
         self.user_next += n * PAGE_SIZE
         return hpa
-

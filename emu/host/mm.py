@@ -16,20 +16,20 @@ from ..hw.memory import PAGE_SIZE
 
 PTE_P, PTE_RW, PTE_US = 1 << 0, 1 << 1, 1 << 2
 PTE_PFN = ((1 << 52) - 1) & ~0xFFF
-MIGRATION_ENTRY = 1 << 61             # software bit of a non-present PTE: the page is being migrated
-POISON = 0x6B                         # slab's POISON_FREE, in every byte of a freed page
+MIGRATION_ENTRY = 1 << 61  # software bit of a non-present PTE: the page is being migrated
+POISON = 0x6B  # slab's POISON_FREE, in every byte of a freed page
 
-MIGRATING = -1                        # hva_to_pfn(): the PTE is a migration entry (wait, then retry)
+MIGRATING = -1  # hva_to_pfn(): the PTE is a migration entry (wait, then retry)
 
 
 class HostMm:
     def __init__(self, host):
         self.host = host
         self.mem = host.mem
-        self.tables = []                  # every page-table page (kernel pages owned by this mm)
+        self.tables = []  # every page-table page (kernel pages owned by this mm)
         self.pml4 = self._new_table()
-        self.vmas = []                    # (start, end) of mapped userspace ranges
-        self.free_pages = []              # pages freed by migration, reused for the next one
+        self.vmas = []  # (start, end) of mapped userspace ranges
+        self.free_pages = []  # pages freed by migration, reused for the next one
 
     def _new_table(self):
         page = self.host.mm_pages.alloc_page()
@@ -52,7 +52,7 @@ class HostMm:
     def _ptep(self, hva, create):
         """The address of the PTE of ``hva`` (creating the tables on the way), or None."""
         if self.mem.sched is not None:
-            self.mem.sched.touch("hostmm", create)       # (emu.checkers.dpor)
+            self.mem.sched.touch("hostmm", create)  # (emu.checkers.dpor)
         q = self.mem.q
         table = self.pml4
         for level in (4, 3, 2):

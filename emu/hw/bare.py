@@ -40,15 +40,16 @@ class BareHost:
                 self.mem.write64(ptr, e)
             assert not e & EPT_PS
             table = e & ADDR_MASK
-        self.mem.write64(table + (((gpa >> 12) & 511) << 3),
-                         ((self.base + gpa) & ~0xFFF) | perms | (memtype << EPT_MT_SHIFT))
+        self.mem.write64(
+            table + (((gpa >> 12) & 511) << 3), ((self.base + gpa) & ~0xFFF) | perms | (memtype << EPT_MT_SHIFT)
+        )
 
     def handle(self, exit):
         """Map the page of an EPT violation inside guest memory; False for any other exit."""
         if exit.reason != EXIT_REASON_EPT_VIOLATION or exit.gpa >= self.guest_size:
             return False
         if walk(self.mem, self.eptp, exit.gpa, 1, set_ad=False).__class__ is EptTranslation:
-            return False                     # mapped already: a permission violation, not ours to fix
+            return False  # mapped already: a permission violation, not ours to fix
         self.violations.append(exit)
         self.map_4k(exit.gpa)
         return True

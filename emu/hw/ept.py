@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .memory import HostMemory
 
 MAXPHYADDR = 48
-ADDR_MASK = ((1 << MAXPHYADDR) - 1) & ~0xFFF          # bits N-1:12
+ADDR_MASK = ((1 << MAXPHYADDR) - 1) & ~0xFFF  # bits N-1:12
 RSVD_HIGH = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)  # bits 51:N
 
 # EPT entry bits
@@ -46,7 +46,7 @@ EPT_RWX = 7
 EPT_MT_SHIFT = 3
 EPT_MT_MASK = 7 << 3
 EPT_IPAT = 1 << 6
-EPT_PS = 1 << 7           # page size: leaf above level 1
+EPT_PS = 1 << 7  # page size: leaf above level 1
 EPT_A = 1 << 8
 EPT_D = 1 << 9
 EPT_XU = 1 << 10
@@ -58,8 +58,8 @@ _BAD_MT = (2, 3, 7)
 # EPTP bits
 EPTP_MT_MASK = 7
 EPTP_PWL_SHIFT = 3
-EPTP_PWL_4 = 3 << 3       # VMX_EPTP_PWL_4 = 0x18
-EPTP_PWL_5 = 4 << 3       # VMX_EPTP_PWL_5 = 0x20
+EPTP_PWL_4 = 3 << 3  # VMX_EPTP_PWL_4 = 0x18
+EPTP_PWL_5 = 4 << 3  # VMX_EPTP_PWL_5 = 0x20
 EPTP_AD = 1 << 6
 EPTP_RSVD = 0xF00 | RSVD_HIGH | (0xFFF << 52)
 
@@ -75,19 +75,28 @@ EPT_VIOLATION_GVA_IS_VALID = 1 << 7
 EPT_VIOLATION_GVA_TRANSLATED = 1 << 8
 
 QUALIFICATION_BITS = {
-    0: "read", 1: "write", 2: "fetch", 3: "R", 4: "W", 5: "X", 6: "XU",
-    7: "gla-valid", 8: "final-translation", 12: "nmi-unblocking",
+    0: "read",
+    1: "write",
+    2: "fetch",
+    3: "R",
+    4: "W",
+    5: "X",
+    6: "XU",
+    7: "gla-valid",
+    8: "final-translation",
+    12: "nmi-unblocking",
 }
 
 # Reserved bits below bit 12 (plus the large-frame alignment bits) of a present entry.
-_RSVD_NONLEAF_TOP = 0xF8      # PML5E, PML4E: bits 7:3
-_RSVD_NONLEAF = 0x78          # PDPTE->PD, PDE->PT: bits 6:3
-_RSVD_1G = 0x3FFFF000         # bits 29:12
-_RSVD_2M = 0x1FF000           # bits 20:12
+_RSVD_NONLEAF_TOP = 0xF8  # PML5E, PML4E: bits 7:3
+_RSVD_NONLEAF = 0x78  # PDPTE->PD, PDE->PT: bits 6:3
+_RSVD_1G = 0x3FFFF000  # bits 29:12
+_RSVD_2M = 0x1FF000  # bits 20:12
 
 
 class Access(enum.IntEnum):
     """The kind of access; the value is its bit in the exit qualification."""
+
     READ = 1
     WRITE = 2
     FETCH = 4
@@ -100,14 +109,19 @@ class EptTranslation:
     when the EPTP does not enable A/D): a TLB may allow writes without another walk
     only then.
     """
+
     __slots__ = ("hpa", "level", "perms", "dirty")
 
     def __init__(self, hpa, level, perms, dirty=True):
         self.hpa, self.level, self.perms, self.dirty = hpa, level, perms, dirty
 
     def __eq__(self, other):
-        return (type(other) is EptTranslation and self.hpa == other.hpa and self.level == other.level
-                and self.perms == other.perms)
+        return (
+            type(other) is EptTranslation
+            and self.hpa == other.hpa
+            and self.level == other.level
+            and self.perms == other.perms
+        )
 
     def __repr__(self):
         return f"EptTranslation(hpa={self.hpa:#x}, level={self.level}, perms={perms_str(self.perms)})"
@@ -119,6 +133,7 @@ class EptViolation:
     ``suppress_ve`` is bit 63 of the one entry whose bit decides whether the violation is
     convertible to a #VE (SDM Vol. 3C "Convertible EPT Violations"): the entry that was not
     present, or else the leaf that maps the page.  Not part of equality (a walk's outcome)."""
+
     __slots__ = ("gpa", "qualification", "suppress_ve")
     reason = 48
 
@@ -126,8 +141,7 @@ class EptViolation:
         self.gpa, self.qualification, self.suppress_ve = gpa, qualification, suppress_ve
 
     def __eq__(self, other):
-        return (type(other) is EptViolation and self.gpa == other.gpa
-                and self.qualification == other.qualification)
+        return type(other) is EptViolation and self.gpa == other.gpa and self.qualification == other.qualification
 
     def __repr__(self):
         return f"EptViolation(gpa={self.gpa:#x}, qualification={self.qualification:#x} [{decode_qualification(self.qualification)}])"
@@ -135,6 +149,7 @@ class EptViolation:
 
 class EptMisconfig:
     """Exit reason 49.  ``reason`` names the rule; ``level`` and ``entry`` say where."""
+
     __slots__ = ("gpa", "reason", "level", "entry")
     reason_code = 49
 
@@ -203,8 +218,9 @@ def decode_eptp(eptp):
     return d
 
 
-def walk(mem: HostMemory, eptp: int, gpa: int, access: Access | int, path: list | None = None,
-         set_ad: bool = True) -> EptTranslation | EptViolation | EptMisconfig:
+def walk(
+    mem: HostMemory, eptp: int, gpa: int, access: Access | int, path: list | None = None, set_ad: bool = True
+) -> EptTranslation | EptViolation | EptMisconfig:
     """Translate ``gpa`` for ``access`` through the EPT rooted at ``eptp``.
 
     ``access`` is an Access, or READ|WRITE (3) for a guest paging-structure access
@@ -220,7 +236,7 @@ def walk(mem: HostMemory, eptp: int, gpa: int, access: Access | int, path: list 
     q = mem.q
     table = root
     perms = EPT_RWX
-    used = []                                  # entry HPAs whose A flag the walk sets
+    used = []  # entry HPAs whose A flag the walk sets
     level = levels
     while True:
         shift = 12 + 9 * (level - 1)
@@ -268,7 +284,7 @@ def walk(mem: HostMemory, eptp: int, gpa: int, access: Access | int, path: list 
         if set_ad:
             for p in used:
                 _set_bits(q, p, EPT_A)
-            if access & 2 and not e & EPT_D:   # a write sets D in the leaf
+            if access & 2 and not e & EPT_D:  # a write sets D in the leaf
                 _set_bits(q, ptr, EPT_D)
                 e |= EPT_D
         dirty = bool(e & EPT_D)
@@ -297,12 +313,12 @@ def _set_bits(q, ptr, bits):
             return
 
 
-
 # The compiled walker (emu/hw/mmu.c, through emu.hw.native) takes over ``walk`` when it is
 # built: the same function, proven equal to the Python one above (tests/hw/test_native.py),
 # which stays the reference, the fallback for what the compiled one leaves to it (a path to
 # record, an invalid EPTP, a GPA too wide), and the whole walker with EMU_PURE_PYTHON=1.
 walk_py = walk
-from . import native as _native          # noqa: E402  (after the classes the compiled walk creates)
+from . import native as _native  # noqa: E402  (after the classes the compiled walk creates)
+
 if _native.load(sys.modules[__name__], walk_py) is not None:
     walk = _native.mmu.walk  # type: ignore[attr-defined]

@@ -44,14 +44,24 @@ IO_QUAL_IMM = 1 << 6
 
 def io_qualification(size, is_in, port, string=False, rep=False, imm=False):
     """The exit qualification of an I/O instruction of ``size`` bytes (1, 2, 4) on ``port``."""
-    return ((size - 1) | (IO_QUAL_IN if is_in else 0) | (IO_QUAL_STRING if string else 0) |
-            (IO_QUAL_REP if rep else 0) | (IO_QUAL_IMM if imm else 0) | (port & 0xFFFF) << 16)
+    return (
+        (size - 1)
+        | (IO_QUAL_IN if is_in else 0)
+        | (IO_QUAL_STRING if string else 0)
+        | (IO_QUAL_REP if rep else 0)
+        | (IO_QUAL_IMM if imm else 0)
+        | (port & 0xFFFF) << 16
+    )
 
 
 def decode_io_qualification(q):
     """'in 2 bytes port 0x60 dx' style words for an I/O exit qualification."""
-    words = ["in" if q & IO_QUAL_IN else "out", f"{(q & 7) + 1} byte{'s' if q & 7 else ''}",
-             f"port {q >> 16 & 0xFFFF:#x}", "imm" if q & IO_QUAL_IMM else "dx"]
+    words = [
+        "in" if q & IO_QUAL_IN else "out",
+        f"{(q & 7) + 1} byte{'s' if q & 7 else ''}",
+        f"port {q >> 16 & 0xFFFF:#x}",
+        "imm" if q & IO_QUAL_IMM else "dx",
+    ]
     if q & IO_QUAL_STRING:
         words.append("string")
     if q & IO_QUAL_REP:
@@ -59,8 +69,24 @@ def decode_io_qualification(q):
     return " ".join(words)
 
 
-VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
-                13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
+VECTOR_NAMES = {
+    0: "#DE",
+    1: "#DB",
+    3: "#BP",
+    4: "#OF",
+    5: "#BR",
+    6: "#UD",
+    7: "#NM",
+    8: "#DF",
+    13: "#GP",
+    14: "#PF",
+    16: "#MF",
+    17: "#AC",
+    18: "#MC",
+    19: "#XM",
+    20: "#VE",
+    21: "#CP",
+}
 
 
 class VmExit:
@@ -75,11 +101,35 @@ class VmExit:
     ``vector``/``error_code``/``cr2`` for exceptions; ``misconfig`` names the rule
     an EPT misconfiguration broke.
     """
-    __slots__ = ("reason", "rip", "insn_len", "qualification", "gpa", "gla", "vector", "error_code",
-                 "cr2", "misconfig", "vcpu")
 
-    def __init__(self, reason, rip, insn_len=0, qualification=0, gpa=None, gla=None, vector=None,
-                 error_code=None, cr2=None, misconfig=None, vcpu=0):
+    __slots__ = (
+        "reason",
+        "rip",
+        "insn_len",
+        "qualification",
+        "gpa",
+        "gla",
+        "vector",
+        "error_code",
+        "cr2",
+        "misconfig",
+        "vcpu",
+    )
+
+    def __init__(
+        self,
+        reason,
+        rip,
+        insn_len=0,
+        qualification=0,
+        gpa=None,
+        gla=None,
+        vector=None,
+        error_code=None,
+        cr2=None,
+        misconfig=None,
+        vcpu=0,
+    ):
         self.reason, self.rip, self.insn_len = reason, rip, insn_len
         self.qualification, self.gpa, self.gla = qualification, gpa, gla
         self.vector, self.error_code, self.cr2, self.misconfig = vector, error_code, cr2, misconfig
@@ -92,8 +142,10 @@ class VmExit:
     def describe(self):
         parts = [self.name]
         if self.reason == EXIT_REASON_EPT_VIOLATION:
-            parts.append(f"gpa {self.gpa:#x} gla {self.gla:#x} qual {self.qualification:#x} "
-                         f"[{decode_qualification(self.qualification)}]")
+            parts.append(
+                f"gpa {self.gpa:#x} gla {self.gla:#x} qual {self.qualification:#x} "
+                f"[{decode_qualification(self.qualification)}]"
+            )
         elif self.reason == EXIT_REASON_EPT_MISCONFIG:
             parts.append(f"gpa {self.gpa:#x}: {self.misconfig}")
         elif self.reason == EXIT_REASON_IO_INSTRUCTION:
@@ -122,6 +174,7 @@ class VeInfo:
     while it is 0), ``qualification`` (8), ``gla`` (16), ``gpa`` (24), ``eptp_index`` (32).
     ``insn_len_info`` (instruction length | information << 32) is the TDX module's
     non-architectural field: the CPU never writes it."""
+
     __slots__ = ("exit_reason", "valid", "qualification", "gla", "gpa", "eptp_index", "insn_len_info")
 
     VALID = 0xFFFFFFFF

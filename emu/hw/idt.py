@@ -17,8 +17,28 @@ CPL 0, so no privilege change and no stack switch other than IST.
 
 from .paging import Translation, PageFault, GeneralProtection, translate, READ, WRITE
 
-DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS, GP, PF, MF, AC, MC, XM, VE, CP = \
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21
+DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS, GP, PF, MF, AC, MC, XM, VE, CP = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    10,
+    11,
+    12,
+    13,
+    14,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+)
 ERROR_CODE_VECTORS = frozenset((DF, TS, NP, SS, GP, PF, AC, CP))
 CONTRIBUTORY = frozenset((DE, TS, NP, SS, GP, CP))
 PAGE_FAULT_CLASS = frozenset((PF, VE))
@@ -27,12 +47,13 @@ PAGE_FAULT_CLASS = frozenset((PF, VE))
 FAULTS = frozenset((DE, BR, UD, NM, TS, NP, SS, GP, PF, MF, AC, XM, VE, CP))
 GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF
 RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
-IDT_BIT = 2                              # error code bit 1: the index refers to the IDT
+IDT_BIT = 2  # error code bit 1: the index refers to the IDT
 
 
 class Event:
     """An event to deliver: ``vector``, ``error_code`` (None when the vector has none),
     ``soft`` for INT n / INT3 / INTO (EXT = 0; RIP already past the instruction)."""
+
     __slots__ = ("vector", "error_code", "soft")
 
     def __init__(self, vector, error_code=None, soft=False):
@@ -60,6 +81,7 @@ class _Exit(Exception):
 class Shutdown:
     """Delivery failed for good: the triple fault.  ``chain`` lists (vector, error code, why)
     of each exception on the way, the first being the one the guest raised."""
+
     __slots__ = ("chain",)
 
     def __init__(self, chain):
@@ -77,7 +99,7 @@ class Delivery:
         self.cpu = cpu
         self.cr3 = cpu.reg("cr3")
         self.wp = cpu.reg("cr0") & (1 << 16)
-        self.writes = []                 # (hpa, bytes) committed only when delivery succeeds
+        self.writes = []  # (hpa, bytes) committed only when delivery succeeds
 
     def _hpa(self, va, access):
         cpu = self.cpu
@@ -126,21 +148,23 @@ def deliver(cpu, event, regs):
         except _Fault as f:
             chain.append((f.vector, f.error_code, f.why))
             if f.vector == PF and f.cr2 is not None:
-                cpu.set_reg("cr2", f.cr2)          # CR2 is loaded when the #PF is recognized
+                cpu.set_reg("cr2", f.cr2)  # CR2 is loaded when the #PF is recognized
             if vector == DF and not soft and (f.vector in CONTRIBUTORY or f.vector in PAGE_FAULT_CLASS):
                 return Shutdown(chain)
             first_contrib = not soft and vector in CONTRIBUTORY
             first_pf = not soft and vector in PAGE_FAULT_CLASS
-            if (first_contrib and f.vector in CONTRIBUTORY) or \
-                    (first_pf and (f.vector in CONTRIBUTORY or f.vector in PAGE_FAULT_CLASS)):
+            if (first_contrib and f.vector in CONTRIBUTORY) or (
+                first_pf and (f.vector in CONTRIBUTORY or f.vector in PAGE_FAULT_CLASS)
+            ):
                 vector, ec = DF, 0
             else:
-                vector, ec = f.vector, f.error_code       # handled serially (a benign first event)
+                vector, ec = f.vector, f.error_code  # handled serially (a benign first event)
             soft = False
 
 
 def _deliver_one(cpu, vector, ec, soft, regs):
     from unicorn import x86_const as X
+
     uc = cpu.uc
     ext = 0 if soft else 1
     idt_ec = vector * 8 + IDT_BIT + ext
@@ -153,7 +177,7 @@ def _deliver_one(cpu, vector, ec, soft, regs):
     gtype, dpl, present = (lo >> 40) & 0xF, (lo >> 45) & 3, lo >> 47 & 1
     if gtype not in (GATE_INTERRUPT, GATE_TRAP):
         raise _Fault(GP, idt_ec, why=f"IDT[{vector}] type {gtype:#x} is not a 64-bit interrupt or trap gate")
-    if soft and dpl < 0:                                        # CPL 0: never
+    if soft and dpl < 0:  # CPL 0: never
         raise _Fault(GP, idt_ec)
     if not present:
         raise _Fault(NP, idt_ec, why=f"IDT[{vector}] not present")

@@ -89,5 +89,5 @@ def locate(insn, rip, reg, page):
         if first == page:
             return ea, op.write
         if last == page:
-            return page, op.write          # the access starts on the previous page
+            return page, op.write  # the access starts on the previous page
     return None

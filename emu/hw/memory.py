@@ -26,7 +26,7 @@ import ctypes
 import mmap
 from itertools import compress
 
-LINE_SIZE = 64                     # a cache line: the TD bit's granule
+LINE_SIZE = 64  # a cache line: the TD bit's granule
 LINES_PER_PAGE = 64
 ALL_LINES = (1 << LINES_PER_PAGE) - 1
 PAGE_SHIFT = 12
@@ -41,8 +41,7 @@ class HostAccessError(Exception):
 
     def __init__(self, hpa, write, owner):
         self.hpa, self.write, self.owner = hpa, write, owner
-        super().__init__(f"host {'write to' if write else 'read of'} HPA {hpa:#x} refused: "
-                         f"the page belongs to {owner}")
+        super().__init__(f"host {'write to' if write else 'read of'} HPA {hpa:#x} refused: the page belongs to {owner}")
 
 
 class OutOfHostMemory(Exception):
@@ -79,12 +78,12 @@ class HostMemory:
         # guest drops its translated code if one of them hit a page it ran code from,
         # since the CPU would see the new bytes (Unicorn tracks only its own stores).
         self.generation = 0
-        self.written = []            # (generation, first pfn, last pfn): at least the last WRITE_LOG writes
-        self.sched = None            # (emu.checkers.dpor) the scheduler recording footprints, while it does
+        self.written = []  # (generation, first pfn, last pfn): at least the last WRITE_LOG writes
+        self.sched = None  # (emu.checkers.dpor) the scheduler recording footprints, while it does
         # pfn -> the lines of the page whose TD bit is set (bit i: bytes 64 i .. 64 i + 63)
         self.td_lines = {}
-        self.machine_checks = []     # (hpa, what): host writes that hit part of a TD line
-        self.on_machine_check = None # called (hpa, what) for each (the run-time checks report it)
+        self.machine_checks = []  # (hpa, what): host writes that hit part of a TD line
+        self.on_machine_check = None  # called (hpa, what) for each (the run-time checks report it)
 
     # -- the address Unicorn maps (mem_map_ptr) --------------------------------------------------
     def address(self):
@@ -126,16 +125,16 @@ class HostMemory:
 
     def read(self, hpa, n):
         self._check(hpa, n)
-        return bytes(self.buf[hpa:hpa + n])
+        return bytes(self.buf[hpa : hpa + n])
 
     def write(self, hpa, data):
         self._check(hpa, len(data))
-        self.buf[hpa:hpa + len(data)] = data
+        self.buf[hpa : hpa + len(data)] = data
         self._log_write(hpa, len(data))
 
     def zero(self, hpa, n=PAGE_SIZE):
         self._check(hpa, n)
-        self.buf[hpa:hpa + n] = _ZERO_PAGE if n == PAGE_SIZE else bytes(n)
+        self.buf[hpa : hpa + n] = _ZERO_PAGE if n == PAGE_SIZE else bytes(n)
         self._log_write(hpa, n)
 
     # The log keeps at least the last WRITE_LOG writes.  A vCPU that finds it lost some drops
@@ -152,15 +151,15 @@ class HostMemory:
             if fp is not None:
                 fp.writes.update(("page", pfn) for pfn in range(log[-1][1], log[-1][2] + 1))
         if len(log) > 2 * self.WRITE_LOG:
-            del log[:len(log) - self.WRITE_LOG]
+            del log[: len(log) - self.WRITE_LOG]
 
     def written_since(self, generation):
         """The (first pfn, last pfn) ranges written after ``generation``; None if the log lost some."""
         log = self.written
-        k = self.generation - generation       # generations are consecutive: the last k entries
+        k = self.generation - generation  # generations are consecutive: the last k entries
         if k > len(log):
             return None
-        return [(a, b) for _, a, b in log[len(log) - k:]] if k > 0 else []
+        return [(a, b) for _, a, b in log[len(log) - k :]] if k > 0 else []
 
     # -- per-page access policy for host software ---------------------------------------------------
     def protect(self, pfn, owner):
@@ -265,12 +264,14 @@ class HostMemory:
                 if partial:
                     line = (partial & -partial).bit_length() - 1
                     where = (pfn << PAGE_SHIFT) + line * LINE_SIZE
-                    what = (f"machine check: a host write of {k} bytes at HPA {hpa:#x} covers part of the "
-                            f"cache line at {where:#x}, which holds a TD's integrity bit")
+                    what = (
+                        f"machine check: a host write of {k} bytes at HPA {hpa:#x} covers part of the "
+                        f"cache line at {where:#x}, which holds a TD's integrity bit"
+                    )
                     self.machine_checks.append((where, what))
                     if self.on_machine_check is not None:
                         self.on_machine_check(where, what)
-                left = td & ~_whole_lines_mask(off, k)     # a line written in part stays poisoned
+                left = td & ~_whole_lines_mask(off, k)  # a line written in part stays poisoned
                 if left:
                     self.td_lines[pfn] = left
                 else:
@@ -283,7 +284,7 @@ class HostMemory:
 
 
 _INDICES = range(512)
-_rows = {}                   # (buffer address, table, empty) -> (the table's bytes, its entries)
+_rows = {}  # (buffer address, table, empty) -> (the table's bytes, its entries)
 
 
 def table_entries(mem, table, empty):
@@ -294,13 +295,13 @@ def table_entries(mem, table, empty):
     each explored run every table is read again, and most did not change.  The cache
     lives outside the model's objects, so runs that restore the snapshot in place
     (emu.checkers.inplace) keep it; the bytes make it right whatever happened since."""
-    raw = mem._mm[table:table + PAGE_SIZE]
+    raw = mem._mm[table : table + PAGE_SIZE]
     key = (mem.base_address, table, empty)
     hit = _rows.get(key)
     if hit is not None and hit[0] == raw:
         return hit[1]
     i0 = table >> 3
-    row = mem.q[i0:i0 + 512].tolist()
+    row = mem.q[i0 : i0 + 512].tolist()
     out = [(i, row[i]) for i in compress(_INDICES, map(empty.__ne__, row))]
     if len(_rows) > 65536:
         _rows.clear()
@@ -321,7 +322,7 @@ class PageAllocator:
         self.base, self.limit = base, limit
         self.next = base
         self.free_list = []
-        self.freed = set()           # pages on the free list (a checker reads through them at its peril)
+        self.freed = set()  # pages on the free list (a checker reads through them at its peril)
         self.in_use = 0
 
     def alloc_page(self):

@@ -30,8 +30,8 @@ SOURCE = Path(__file__).with_name("mmu.c")
 CFLAGS = ("-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wall", "-Wno-unused-variable")
 MODULE = "emu.hw._mmu"
 
-mmu = None              # the extension module, once loaded
-why_not = None          # why it is not (a line for the user), or None
+mmu = None  # the extension module, once loaded
+why_not = None  # why it is not (a line for the user), or None
 
 
 def pure_python_requested():
@@ -79,8 +79,10 @@ def build():
         raise BuildError("no C compiler found (gcc or clang): install one (apt-get install gcc)")
     include = sysconfig.get_paths().get("include")
     if not include or not (Path(include) / "Python.h").exists():
-        raise BuildError(f"the Python headers are missing (no Python.h in {include}): "
-                         f"install them (Debian/Ubuntu: apt-get install python3-dev)")
+        raise BuildError(
+            f"the Python headers are missing (no Python.h in {include}): "
+            f"install them (Debian/Ubuntu: apt-get install python3-dev)"
+        )
     errors = []
     for d in _build_dirs():
         target = d / name
@@ -92,13 +94,14 @@ def build():
             errors.append(f"{d}: {e.strerror}")
             continue
         try:
-            res = subprocess.run(cc + list(CFLAGS) + ["-I", include, "-o", tmp, str(SOURCE)],
-                                 capture_output=True, text=True)
+            res = subprocess.run(
+                cc + list(CFLAGS) + ["-I", include, "-o", tmp, str(SOURCE)], capture_output=True, text=True
+            )
             if res.returncode != 0:
                 detail = "; ".join(ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip())
                 raise BuildError(f"compiling {SOURCE.name} failed: {detail[:400]}")
             os.replace(tmp, target)
-            for old in d.glob("_mmu-*"):      # builds of older sources (a loaded one may go too)
+            for old in d.glob("_mmu-*"):  # builds of older sources (a loaded one may go too)
                 if old != target:
                     try:
                         old.unlink()
@@ -143,6 +146,7 @@ def load(ept, walk_py):
 
 def main(argv=None):
     import argparse
+
     ap = argparse.ArgumentParser(prog="python -m emu.hw.native", description="Build the compiled hardware MMU.")
     ap.add_argument("cmd", choices=("build",))
     ap.parse_args(argv)

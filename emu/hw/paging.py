@@ -14,7 +14,7 @@ import sys
 
 from .ept import EptTranslation, EptViolation, EPT_VIOLATION_GVA_IS_VALID, EPT_VIOLATION_GVA_TRANSLATED
 
-GUEST_MAXPHYADDR = 48        # CPUID.80000008H:EAX[7:0] as the guest sees it
+GUEST_MAXPHYADDR = 48  # CPUID.80000008H:EAX[7:0] as the guest sees it
 
 PT_P = 1 << 0
 PT_RW = 1 << 1
@@ -26,8 +26,8 @@ PT_XD = 1 << 63
 PT_ADDR = ((1 << GUEST_MAXPHYADDR) - 1) & ~0xFFF
 _RSVD_HIGH = ((1 << 52) - 1) & ~((1 << GUEST_MAXPHYADDR) - 1)
 _RSVD_PML4E = PT_PS
-_RSVD_1G = 0x3FFFE000        # bits 29:13 (bit 12 is PAT)
-_RSVD_2M = 0x1FE000          # bits 20:13
+_RSVD_1G = 0x3FFFE000  # bits 29:13 (bit 12 is PAT)
+_RSVD_2M = 0x1FE000  # bits 20:13
 
 # Page-fault error code (SDM "Interrupt 14")
 PFERR_PRESENT = 1 << 0
@@ -43,11 +43,12 @@ X86_CR4_PAE = 1 << 5
 EFER_NXE = 1 << 11
 
 READ, WRITE, FETCH = 1, 2, 4
-PAGING = 8          # a guest paging-structure read, as passed to the EPT callback
+PAGING = 8  # a guest paging-structure read, as passed to the EPT callback
 
 
 class PageFault:
     """Guest #PF (vector 14): ``gva`` goes to CR2, ``error_code`` per the SDM."""
+
     __slots__ = ("gva", "error_code")
     vector = 14
 
@@ -63,6 +64,7 @@ class PageFault:
 
 class GeneralProtection:
     """Guest #GP(0): a non-canonical linear address."""
+
     __slots__ = ("gva",)
     vector = 13
     error_code = 0
@@ -81,6 +83,7 @@ class Translation:
     when no dirty flag (guest PTE or EPT leaf) is still clear, so the first write
     to a page cached for reading walks again and sets D exactly then.
     """
+
     __slots__ = ("gva", "gpa", "hpa", "perms", "level", "ept_level")
 
     def __init__(self, gva, gpa, hpa, perms, level, ept_level):
@@ -88,8 +91,10 @@ class Translation:
         self.level, self.ept_level = level, ept_level
 
     def __repr__(self):
-        return (f"Translation(gva={self.gva:#x}, gpa={self.gpa:#x}, hpa={self.hpa:#x}, perms={self.perms}, "
-                f"level={self.level}, ept_level={self.ept_level})")
+        return (
+            f"Translation(gva={self.gva:#x}, gpa={self.gpa:#x}, hpa={self.hpa:#x}, perms={self.perms}, "
+            f"level={self.level}, ept_level={self.ept_level})"
+        )
 
 
 def decode_pfec(ec):
@@ -129,14 +134,17 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
         return GeneralProtection(gva)
     if access == FETCH and nxe.__class__ is not bool:
         nxe = bool(nxe())
-    pfec = (PFERR_WRITE if access == WRITE else 0) | (PFERR_USER if user else 0) \
+    pfec = (
+        (PFERR_WRITE if access == WRITE else 0)
+        | (PFERR_USER if user else 0)
         | (PFERR_FETCH if access == FETCH and nxe else 0)
+    )
     rsvd_high = _RSVD_HIGH
 
     table = cr3 & PT_ADDR
     rw = us = 1
     xd = 0
-    entries = []                  # (entry GPA, entry HPA, value) from the top
+    entries = []  # (entry GPA, entry HPA, value) from the top
     level = 4
     key = None
     cached_leaf = False
@@ -154,7 +162,7 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
             pde = hit[-1][2]
             both = hit[0][2] & hit[1][2] & pde
             rw, us = both >> 1, both >> 2
-            if pde & PT_PS:                            # a 2M page: the walk is done
+            if pde & PT_PS:  # a 2M page: the walk is done
                 level, shift, e = 2, 21, pde
                 key = None
                 cached_leaf = True
@@ -184,7 +192,7 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
             if nxe.__class__ is not bool:
                 nxe = bool(nxe())
             if not nxe:
-                rsvd |= PT_XD                      # XD is reserved unless EFER.NXE
+                rsvd |= PT_XD  # XD is reserved unless EFER.NXE
         if e & rsvd:
             return PageFault(gva, pfec | PFERR_PRESENT | PFERR_RSVD)
         rw &= e >> 1
@@ -195,9 +203,14 @@ def translate(q, ept, cr3, gva, access, wp=True, nxe=True, user=False, path=None
             break
         table = e & PT_ADDR
         level -= 1
-    if key is not None and len(entries) >= 3 and not xd and entries[2][2] & PT_A and \
-            entries[0][2] & entries[1][2] & PT_A:
-        pscache[key] = tuple(entries[:3])          # through the PDE: all present, accessed, no XD
+    if (
+        key is not None
+        and len(entries) >= 3
+        and not xd
+        and entries[2][2] & PT_A
+        and entries[0][2] & entries[1][2] & PT_A
+    ):
+        pscache[key] = tuple(entries[:3])  # through the PDE: all present, accessed, no XD
 
     # Permission checks on the combined rights (SDM "Access Rights").
     guest_w = rw & 1 or (not user and not wp)
@@ -244,7 +257,7 @@ def _set_bits(q, ptr, bits):
     i = ptr >> 3
     old = q[i]
     if old & bits != bits:
-        q[i] = old | bits       # a locked OR: nothing else runs inside this call
+        q[i] = old | bits  # a locked OR: nothing else runs inside this call
         if AD_LOG is not None:
             AD_LOG.append(ptr)
 
@@ -268,6 +281,7 @@ def probe(q, ept, cr3, gva):
 
 
 # The compiled 2D walk (emu/hw/mmu.c) creates this module's classes: it learns them here.
-from . import native as _native          # noqa: E402
+from . import native as _native  # noqa: E402
+
 if _native.mmu is not None:
     _native.mmu.setup_paging(sys.modules[__name__])

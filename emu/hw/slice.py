@@ -27,7 +27,7 @@ import platform
 #   dec qword [rcx]; jle 1f; ret; 1: mov qword [rcx+8], 1; jmp [rcx+16]
 # (SysV: rdi = uc, rsi = address, edx = size, rcx = user_data; the tail jump
 #  calls uc_emu_stop(uc) with rdi untouched.)
-_STUB = bytes.fromhex("48ff09" "7e01" "c3" "48c7410801000000" "ff6110")
+_STUB = bytes.fromhex("48ff097e01c348c7410801000000ff6110")
 
 _stub_addr = None
 _stub_page = None
@@ -56,7 +56,7 @@ class Budget(ctypes.Structure):
     _fields_ = [("remaining", ctypes.c_int64), ("expired", ctypes.c_uint64), ("stop", ctypes.c_void_p)]
 
 
-NO_BUDGET = 1 << 62                     # a budget that never runs out
+NO_BUDGET = 1 << 62  # a budget that never runs out
 
 
 class BlockLimit:

@@ -44,8 +44,22 @@ timeout watchdog): it stops emu_start at the next block, and the vCPU exits as f
 IPI.
 """
 
-from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_TLB_FILL, \
-    UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_INSN, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_TLB_VIRTUAL, UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
+from unicorn import (
+    Uc,
+    UcError,
+    UC_ARCH_X86,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_HOOK_TLB_FILL,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_HOOK_INSN,
+    UC_HOOK_BLOCK,
+    UC_HOOK_CODE,
+    UC_TLB_VIRTUAL,
+    UC_CTL_TLB_FLUSH,
+    UC_CTL_IO_WRITE,
+)
 from unicorn import x86_const as X
 import ctypes
 import functools
@@ -61,67 +75,147 @@ try:
         raise ImportError
     from unicorn.unicorn_py3.unicorn import uclib
 except ImportError:
-    raise ImportError(f"emu needs the Unicorn Python binding 2.1 (tested with 2.1.4), found "
-                      f"{getattr(unicorn, '__version__', '?')}: pip install 'unicorn>=2.1.4,<2.2'") from None
+    raise ImportError(
+        f"emu needs the Unicorn Python binding 2.1 (tested with 2.1.4), found "
+        f"{getattr(unicorn, '__version__', '?')}: pip install 'unicorn>=2.1.4,<2.2'"
+    ) from None
 
 from . import ept as ept_mod
 from . import paging as paging_mod
 from . import native
 from . import insn as insn_mod
-from .ept import (EptTranslation, EptViolation, EptMisconfig, decode_eptp, decode_qualification,
-                  EPT_VIOLATION_GVA_TRANSLATED)
-from .exits import (VmExit, VeInfo, EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI,
-                    EXIT_REASON_HLT, EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXTERNAL_INTERRUPT,
-                    EXIT_REASON_TRIPLE_FAULT)
+from .ept import (
+    EptTranslation,
+    EptViolation,
+    EptMisconfig,
+    decode_eptp,
+    decode_qualification,
+    EPT_VIOLATION_GVA_TRANSLATED,
+)
+from .exits import (
+    VmExit,
+    VeInfo,
+    EXIT_REASON_EPT_VIOLATION,
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_EXCEPTION_NMI,
+    EXIT_REASON_HLT,
+    EXIT_REASON_VMCALL,
+    EXIT_REASON_TDCALL,
+    EXIT_REASON_EXTERNAL_INTERRUPT,
+    EXIT_REASON_TRIPLE_FAULT,
+)
 from . import idt as idt_mod
 from .slice import block_hook_stub, Budget, NO_BUDGET
 from .memory import PAGE_MASK, PAGE_SIZE
-from .paging import Translation, PageFault, GeneralProtection, translate, probe, PAGING, X86_CR0_WP, \
-    X86_CR0_PG, X86_CR4_PAE, EFER_NXE, PFERR_WRITE, READ, WRITE, FETCH
-from .exits import (EXIT_REASON_CPUID, EXIT_REASON_IO_INSTRUCTION, EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE,
-                    io_qualification)
+from .paging import (
+    Translation,
+    PageFault,
+    GeneralProtection,
+    translate,
+    probe,
+    PAGING,
+    X86_CR0_WP,
+    X86_CR0_PG,
+    X86_CR4_PAE,
+    EFER_NXE,
+    PFERR_WRITE,
+    READ,
+    WRITE,
+    FETCH,
+)
+from .exits import (
+    EXIT_REASON_CPUID,
+    EXIT_REASON_IO_INSTRUCTION,
+    EXIT_REASON_MSR_READ,
+    EXIT_REASON_MSR_WRITE,
+    io_qualification,
+)
 from . import msr as msr_mod
 
 MSR_EFER = 0xC0000080
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
-BOOT_CR0 = X86_CR0_PG | X86_CR0_WP | 0x33          # PG WP NE ET MP PE
+BOOT_CR0 = X86_CR0_PG | X86_CR0_WP | 0x33  # PG WP NE ET MP PE
 BOOT_EFER = EFER_LME | EFER_LMA | EFER_NXE
 
-GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+GPRS = (
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rbp",
+    "rsp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rip",
+    "rflags",
+)
 CTRL = ("cr0", "cr2", "cr3", "cr4")
 _UC_REG = {name: getattr(X, "UC_X86_REG_" + name.upper()) for name in GPRS + CTRL}
 _UC_GPRS = [_UC_REG[n] for n in GPRS]
 
 _VMCALL = b"\x0f\x01\xc1"
 _PAUSE = b"\xf3\x90"
-PAUSE_WINDOW = 8                        # PAUSEs in one slice before it ends (pause-loop exiting's window)
+PAUSE_WINDOW = 8  # PAUSEs in one slice before it ends (pause-loop exiting's window)
 _TDCALL = b"\x66\x0f\x01\xcc"
 _RDMSR, _WRMSR, _CPUID = b"\x0f\x32", b"\x0f\x30", b"\x0f\xa2"
 # Prefixes that may come before an instruction's opcode (legacy, then REX).
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3") | frozenset(range(0x40, 0x50))
 # Where an exiting instruction may begin: a run of prefixes, then an I/O opcode or 0F 30/32/A2.
 # (A trailing run of prefixes or a 0F at the page's end may begin one that goes on in the next page.)
-_EXIT_SITE = re.compile(rb"[\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3\x40-\x4f]*"
-                        rb"(?:[\xe4-\xe7\xec-\xef\x6c-\x6f]|\x0f[\x30\x32\xa2]|\x0f\Z|\Z)")
+_EXIT_SITE = re.compile(
+    rb"[\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3\x40-\x4f]*"
+    rb"(?:[\xe4-\xe7\xec-\xef\x6c-\x6f]|\x0f[\x30\x32\xa2]|\x0f\Z|\Z)"
+)
 _CODE_HOOK_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
 _INSN_INVALID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
 # I/O opcodes: (size class, in, string, immediate port).  Size class 1 = byte, 0 = word/dword.
-_IO_OPCODES = {0xE4: (1, True, False, True), 0xE5: (0, True, False, True), 0xE6: (1, False, False, True),
-               0xE7: (0, False, False, True), 0xEC: (1, True, False, False), 0xED: (0, True, False, False),
-               0xEE: (1, False, False, False), 0xEF: (0, False, False, False), 0x6C: (1, True, True, False),
-               0x6D: (0, True, True, False), 0x6E: (1, False, True, False), 0x6F: (0, False, True, False)}
+_IO_OPCODES = {
+    0xE4: (1, True, False, True),
+    0xE5: (0, True, False, True),
+    0xE6: (1, False, False, True),
+    0xE7: (0, False, False, True),
+    0xEC: (1, True, False, False),
+    0xED: (0, True, False, False),
+    0xEE: (1, False, False, False),
+    0xEF: (0, False, False, False),
+    0x6C: (1, True, True, False),
+    0x6D: (0, True, True, False),
+    0x6E: (1, False, True, False),
+    0x6F: (0, False, True, False),
+}
 # MSRs the emulated CPU itself keeps (Unicorn's state, or the TSC below): an access the MSR
 # bitmap does not intercept is carried out on them; any other MSR is #GP, as on a CPU without it.
-_CPU_MSRS = frozenset((msr_mod.MSR_IA32_TSC, msr_mod.MSR_IA32_SYSENTER_CS, msr_mod.MSR_IA32_SYSENTER_ESP,
-                       msr_mod.MSR_IA32_SYSENTER_EIP, msr_mod.MSR_IA32_CR_PAT, msr_mod.MSR_EFER, msr_mod.MSR_STAR,
-                       msr_mod.MSR_LSTAR, msr_mod.MSR_CSTAR, msr_mod.MSR_SYSCALL_MASK, msr_mod.MSR_FS_BASE,
-                       msr_mod.MSR_GS_BASE, msr_mod.MSR_KERNEL_GS_BASE, msr_mod.MSR_TSC_AUX))
+_CPU_MSRS = frozenset(
+    (
+        msr_mod.MSR_IA32_TSC,
+        msr_mod.MSR_IA32_SYSENTER_CS,
+        msr_mod.MSR_IA32_SYSENTER_ESP,
+        msr_mod.MSR_IA32_SYSENTER_EIP,
+        msr_mod.MSR_IA32_CR_PAT,
+        msr_mod.MSR_EFER,
+        msr_mod.MSR_STAR,
+        msr_mod.MSR_LSTAR,
+        msr_mod.MSR_CSTAR,
+        msr_mod.MSR_SYSCALL_MASK,
+        msr_mod.MSR_FS_BASE,
+        msr_mod.MSR_GS_BASE,
+        msr_mod.MSR_KERNEL_GS_BASE,
+        msr_mod.MSR_TSC_AUX,
+    )
+)
 # The host TSC: a count that every read advances by TSC_STEP, so that two reads differ, as time
 # passes between two instructions, and a run replays exactly.
 TSC_STEP = 1000
 _TSC_HOOK_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
-_ACCESS = {16: 1, 17: 2, 18: 4}         # UC_MEM_READ/WRITE/FETCH -> R/W/X (the UC_PROT_* bits too)
+_ACCESS = {16: 1, 17: 2, 18: 4}  # UC_MEM_READ/WRITE/FETCH -> R/W/X (the UC_PROT_* bits too)
 
 
 def hook(returns=None):
@@ -129,6 +223,7 @@ def hook(returns=None):
     behaviour: the first one is kept in ``_hook_error``, emulation stops, and the hook returns
     ``returns`` to Unicorn (a value of the type it wants: the binding would print an error for
     None); ``run()`` raises it again.  Every hook on the vCPU's Unicorn should be one of these."""
+
     def wrap(fn):
         @functools.wraps(fn)
         def hooked(self, uc, *args):
@@ -137,8 +232,10 @@ def hook(returns=None):
             except BaseException as e:
                 self._hook_failed(uc, e)
                 return returns
+
         hooked.guarded = True
         return hooked
+
     return wrap
 
 
@@ -154,19 +251,19 @@ class Vcpu:
         """``pure_python``: (tests) the Python MMU even where the compiled one is loaded."""
         self.mem = mem
         self.index = index
-        self.pending = None                  # the exit recorded by a hook during emu_start
-        self.exception_bitmap = 0xFFFFFFFF   # VMCS exception bitmap: these vectors exit instead of delivery
-        self.event = None                    # an emu.hw.idt.Event to deliver at the next entry
+        self.pending = None  # the exit recorded by a hook during emu_start
+        self.exception_bitmap = 0xFFFFFFFF  # VMCS exception bitmap: these vectors exit instead of delivery
+        self.event = None  # an emu.hw.idt.Event to deliver at the next entry
         # The "EPT-violation #VE" VM-execution control and the virtualization-exception
         # information area it writes: None while the control is 0 (every VM but a TD).
         self.ve_info = None
-        self.ve_gpas = None                  # (emu.checkers.dpor) GPAs of #VE-converted walks, while recording
+        self.ve_gpas = None  # (emu.checkers.dpor) GPAs of #VE-converted walks, while recording
         self.eptp = None
         self.secure_eptp = None
         self.shared_mask = 0
-        self._fills = 0                      # stats_fills, with the Python MMU
-        self.tracer = None                   # set (with hw_walk wanted) to trace every walk
-        self._hook_error = None              # the exception a hook raised (``hook``)
+        self._fills = 0  # stats_fills, with the Python MMU
+        self.tracer = None  # set (with hw_walk wanted) to trace every walk
+        self._hook_error = None  # the exception a hook raised (``hook``)
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.address())
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -178,17 +275,34 @@ class Vcpu:
             # The compiled fill: a C function Unicorn calls with the Mmu as its user data.
             def addr(fn):
                 return ctypes.cast(fn, ctypes.c_void_p).value
-            self._mmu = native.mmu.Mmu(mem, uc._uch.value, addr(uclib.uc_reg_read), addr(uclib.uc_reg_write),
-                                       addr(uclib.uc_emu_start), addr(uclib.uc_emu_stop), X.UC_X86_REG_CR3,
-                                       X.UC_X86_REG_CR0, X.UC_X86_REG_MSR, X.UC_X86_REG_RIP,
-                                       self._fill_slow, self._fetch_slow)
+
+            self._mmu = native.mmu.Mmu(
+                mem,
+                uc._uch.value,
+                addr(uclib.uc_reg_read),
+                addr(uclib.uc_reg_write),
+                addr(uclib.uc_emu_start),
+                addr(uclib.uc_emu_stop),
+                X.UC_X86_REG_CR3,
+                X.UC_X86_REG_CR0,
+                X.UC_X86_REG_MSR,
+                X.UC_X86_REG_RIP,
+                self._fill_slow,
+                self._fetch_slow,
+            )
             hh = ctypes.c_size_t()
-            err = uclib.uc_hook_add(uc._uch, ctypes.byref(hh), UC_HOOK_TLB_FILL,
-                                    ctypes.c_void_p(native.mmu.fill_callback()), ctypes.c_void_p(id(self._mmu)),
-                                    ctypes.c_uint64(1), ctypes.c_uint64(0))
+            err = uclib.uc_hook_add(
+                uc._uch,
+                ctypes.byref(hh),
+                UC_HOOK_TLB_FILL,
+                ctypes.c_void_p(native.mmu.fill_callback()),
+                ctypes.c_void_p(id(self._mmu)),
+                ctypes.c_uint64(1),
+                ctypes.c_uint64(0),
+            )
             if err:
                 raise UcError(err)
-            uc._emu_mmu = self._mmu          # the hook's user data lives as long as the Unicorn instance
+            uc._emu_mmu = self._mmu  # the hook's user data lives as long as the Unicorn instance
         else:
             uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
         # VMCALL and TDCALL exit through this one (twice per TD private page): a C callback of
@@ -207,17 +321,17 @@ class Vcpu:
         self.msr_bitmap = None
         self.tsc_offset = 0
         self.host_tsc = 0
-        self._site_pages = set()             # (GVA page, HPA page) scanned for exit sites
-        self._sites = set()                  # GVAs that have an exit-site code hook
+        self._site_pages = set()  # (GVA page, HPA page) scanned for exit sites
+        self._sites = set()  # GVAs that have an exit-site code hook
         uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | X86_CR4_PAE)
         uc.msr_write(MSR_EFER, BOOT_EFER)
         uc.reg_write(X.UC_X86_REG_CR0, BOOT_CR0)
         self._ept = None
         # The MMU's caches: the Mmu's with the compiled MMU (the properties below read them).
-        self._gpa_cache = {}                 # gfn -> (HPA page, level, perms, dirty) (_make_ept)
-        self.pscache = {} if self._mmu is None else None   # paging-structure cache (paging.translate)
-        self._tlb_shadow = {}                # GVA page -> HPA page of every fill since the last flush
-        self._code_pfns = set()              # host pages filled executable since the last code flush
+        self._gpa_cache = {}  # gfn -> (HPA page, level, perms, dirty) (_make_ept)
+        self.pscache = {} if self._mmu is None else None  # paging-structure cache (paging.translate)
+        self._tlb_shadow = {}  # GVA page -> HPA page of every fill since the last flush
+        self._code_pfns = set()  # host pages filled executable since the last code flush
         m = self._mmu
         self._tlb_get = self._tlb_shadow.get if m is None else m.tlb_get
         self._tlb_put = self._tlb_shadow.__setitem__ if m is None else m.tlb_put
@@ -234,6 +348,7 @@ class Vcpu:
                 val.value = 0
                 read(uch, reg_id, ref)
                 return val.value
+
             self._reg_fast = reg_fast
         self._nxe = lambda: bool(uc.msr_read(MSR_EFER) & EFER_NXE)
         # Guest mode across scheduling points (emu.hw.slice): with slice_blocks set, guest
@@ -242,28 +357,29 @@ class Vcpu:
         self.slice_blocks = 0
         self.pause_window = PAUSE_WINDOW
         self.guest_point = None
-        self.on_leave = None                 # called as guest mode ends (emu.checkers.dpor's footprints)
-        self.page_crc = None                 # (emu.checkers.dpor) HPA -> CRC of the page when last looked at
+        self.on_leave = None  # called as guest mode ends (emu.checkers.dpor's footprints)
+        self.page_crc = None  # (emu.checkers.dpor) HPA -> CRC of the page when last looked at
         self.intr_pending = False
         self.in_guest = False
         self.slices = 0
-        self.checked_generation = -1         # (the checker's) tables generation last checked here
+        self.checked_generation = -1  # (the checker's) tables generation last checked here
         # The run's deterministic watchdog (emu.hw.slice.BlockLimit, shared by the vCPUs of a
         # run), or None; with it (or slicing) the blocks guest code runs are counted here.
         self.limit = None
         self.blocks = 0
         self._budget = None
-        self._slice_left = 0                 # blocks left in the current slice
-        self._armed = 0                      # the budget emu_start was armed with
+        self._slice_left = 0  # blocks left in the current slice
+        self._armed = 0  # the budget emu_start was armed with
         self._pauses = 0
-        self._pause_pages = set()            # (GVA page, HPA page) scanned for PAUSE
+        self._pause_pages = set()  # (GVA page, HPA page) scanned for PAUSE
         self._slice_end = None
 
     def _hook_c(self, kind, cb, *extra):
         """uc_hook_add of a ctypes callback (or a C function's address) on every address."""
         hh = ctypes.c_size_t()
-        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(hh), kind, cb, None, ctypes.c_uint64(1), ctypes.c_uint64(0),
-                                *extra)
+        err = uclib.uc_hook_add(
+            self.uc._uch, ctypes.byref(hh), kind, cb, None, ctypes.c_uint64(1), ctypes.c_uint64(0), *extra
+        )
         if err:
             raise UcError(err)
 
@@ -329,12 +445,14 @@ class Vcpu:
             m.set_eptp(eptp, secure, shared)
             if tracer is None:
                 return m.ept
-            return self._make_traced_ept(m.gpa_get, lambda k, v: m.gpa_put(k, *v), mem, walk, eptp, secure,
-                                         shared, pt_shared, pt_secure)
+            return self._make_traced_ept(
+                m.gpa_get, lambda k, v: m.gpa_put(k, *v), mem, walk, eptp, secure, shared, pt_shared, pt_secure
+            )
         cache = self._gpa_cache = {}
         if tracer is not None:
-            return self._make_traced_ept(cache.get, cache.__setitem__, mem, walk, eptp, secure, shared,
-                                         pt_shared, pt_secure)
+            return self._make_traced_ept(
+                cache.get, cache.__setitem__, mem, walk, eptp, secure, shared, pt_shared, pt_secure
+            )
 
         def ept(gpa, access):
             if secure is None or gpa & shared:
@@ -352,6 +470,7 @@ class Vcpu:
             if t.__class__ is EptTranslation:
                 cache[gpa >> 12] = (t.hpa & PAGE_MASK, t.level, t.perms, t.dirty)
             return t
+
         return ept
 
     def _make_traced_ept(self, cache_get, cache_put, mem, walk, eptp, secure, shared, pt_shared, pt_secure):
@@ -377,6 +496,7 @@ class Vcpu:
             if t.__class__ is EptTranslation:
                 cache_put(gpa >> 12, (t.hpa & PAGE_MASK, t.level, t.perms, t.dirty))
             return t
+
         return ept
 
     def set_tracer(self, tracer):
@@ -399,12 +519,17 @@ class Vcpu:
         while k < len(eptlog):
             parts.append(_fmt_ept(eptlog[k]))
             k += 1
-        result = (f"-> gpa {r.gpa:#x} hpa {r.hpa:#x} perms {r.perms}" if r.__class__ is Translation
-                  else f"-> {r!r}")
-        self.tracer.emit("hw_walk", self.index, access={1: "read", 2: "write", 4: "fetch"}[acc], gva=vaddr,
-                         guest=[list(x) for x in guest_path],
-                         ept=[[w, g, p if p == "cached" else [list(x) for x in p]] for w, g, p in eptlog],
-                         result=result, walk=" ".join(parts) + " " + result)
+        result = f"-> gpa {r.gpa:#x} hpa {r.hpa:#x} perms {r.perms}" if r.__class__ is Translation else f"-> {r!r}"
+        self.tracer.emit(
+            "hw_walk",
+            self.index,
+            access={1: "read", 2: "write", 4: "fetch"}[acc],
+            gva=vaddr,
+            guest=[list(x) for x in guest_path],
+            ept=[[w, g, p if p == "cached" else [list(x) for x in p]] for w, g, p in eptlog],
+            result=result,
+            walk=" ".join(parts) + " " + result,
+        )
 
     def ept_entries(self):
         """(emu.checkers.dpor) The EPT entries behind every GPA this vCPU caches a translation of, as
@@ -420,7 +545,7 @@ class Vcpu:
         for gpage in gpages:
             gpa = gpage << 12
             if self.secure_eptp is not None and not gpa & self.shared_mask:
-                continue                     # the S-EPT: the TDX module's, tracked as a whole
+                continue  # the S-EPT: the TDX module's, tracked as a whole
             path = []
             walk(self.mem, self.eptp, gpa, 1, path=path, set_ad=False)
             out.update(p[1] for p in path)
@@ -477,6 +602,7 @@ class Vcpu:
                 if t.__class__ is not EptTranslation:
                     t = ept_mod.walk(mem, self.eptp, gpa, 4, set_ad=False)
             return t.hpa if t.__class__ is EptTranslation else None
+
         gpa = probe(mem.q, ept, self.reg("cr3"), gva)
         return None if gpa is None else ept(gpa)
 
@@ -499,8 +625,11 @@ class Vcpu:
         ranges = self.mem.written_since(self.code_generation)
         self.code_generation = self.mem.generation
         code = self.code_pfns
-        if ranges is None or code and any(a in code if a == b else not code.isdisjoint(range(a, b + 1))
-                                          for a, b in ranges):
+        if (
+            ranges is None
+            or code
+            and any(a in code if a == b else not code.isdisjoint(range(a, b + 1)) for a, b in ranges)
+        ):
             self.uc.ctl_flush_tb()
             code.clear()
             # New code may hold new RDMSR/WRMSR: scan the code pages the TLB maps again.
@@ -516,17 +645,26 @@ class Vcpu:
         stub = block_hook_stub()
         if stub is not None:
             hh = ctypes.c_size_t()
-            err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(hh), UC_HOOK_BLOCK, ctypes.c_void_p(stub),
-                                    ctypes.c_void_p(ctypes.addressof(b)), 1, 0)
+            err = uclib.uc_hook_add(
+                self.uc._uch,
+                ctypes.byref(hh),
+                UC_HOOK_BLOCK,
+                ctypes.c_void_p(stub),
+                ctypes.c_void_p(ctypes.addressof(b)),
+                1,
+                0,
+            )
             if err:
                 raise UcError(err)
         else:
+
             @hook()
             def block(_self, uc, _addr, _size, _data):
                 b.remaining -= 1
                 if b.remaining <= 0:
                     b.expired = 1
                     uc.emu_stop()
+
             self.uc.hook_add(UC_HOOK_BLOCK, functools.partial(block, self))
         self.uc.ctl_flush_tb()
         self.code_pfns.clear()
@@ -621,27 +759,39 @@ class Vcpu:
                     self.pending, self._fault_gla, self._fault_access = mmu.take_fault()
                 if budget is not None:
                     ran = armed - budget.remaining
-                    self._armed = budget.remaining        # (blocks_run: nothing in flight)
+                    self._armed = budget.remaining  # (blocks_run: nothing in flight)
                     self.blocks += ran
                     self._slice_left -= ran
                     if limit is not None:
                         limit.spend(ran)
                 if failed is not None and self.pending is None:
-                    return VmExit(EXIT_REASON_EXCEPTION_NMI, self._rip_out(), vector=6, vcpu=self.index,
-                                  misconfig=f"unicorn: {failed}")
+                    return VmExit(
+                        EXIT_REASON_EXCEPTION_NMI,
+                        self._rip_out(),
+                        vector=6,
+                        vcpu=self.index,
+                        misconfig=f"unicorn: {failed}",
+                    )
                 if self.pending is not None:
                     p = self.pending
                     ex = self._pending_exit()
-                    if ex.reason == EXIT_REASON_EXCEPTION_NMI and not self.exception_bitmap >> ex.vector & 1 \
-                            and ex.misconfig is None:
-                        self._raise(ex)           # delivered through the IDT before the guest goes on
+                    if (
+                        ex.reason == EXIT_REASON_EXCEPTION_NMI
+                        and not self.exception_bitmap >> ex.vector & 1
+                        and ex.misconfig is None
+                    ):
+                        self._raise(ex)  # delivered through the IDT before the guest goes on
                         continue
-                    if p.__class__ is EptViolation and not p.suppress_ve and self.ve_info is not None \
-                            and self._convert_to_ve(ex):
-                        continue                  # a #VE, delivered through the IDT
+                    if (
+                        p.__class__ is EptViolation
+                        and not p.suppress_ve
+                        and self.ve_info is not None
+                        and self._convert_to_ve(ex)
+                    ):
+                        continue  # a #VE, delivered through the IDT
                     return ex
                 if limit is not None and limit.left <= 0:
-                    continue                      # spent: the next entry expires it
+                    continue  # spent: the next entry expires it
                 end = self._slice_end or ("guest_slice" if slicing and self._slice_left <= 0 else None)
                 if end is None:
                     if self.intr_pending:
@@ -685,11 +835,15 @@ class Vcpu:
         self.pending = None
         self.event = idt_mod.Event(20)
         if self.ve_gpas is not None:
-            self.ve_gpas.append(ex.gpa)       # (emu.checkers.dpor) the walk read the entries on its path
+            self.ve_gpas.append(ex.gpa)  # (emu.checkers.dpor) the walk read the entries on its path
         if self.tracer is not None:
-            self.tracer.emit("hw_event", self.index, msg=f"#VE: convertible EPT violation at rip {ex.rip:#x} "
-                             f"gpa {ex.gpa:#x} gla {ex.gla or 0:#x} qualification {ex.qualification:#x} "
-                             f"[{decode_qualification(ex.qualification)}]")
+            self.tracer.emit(
+                "hw_event",
+                self.index,
+                msg=f"#VE: convertible EPT violation at rip {ex.rip:#x} "
+                f"gpa {ex.gpa:#x} gla {ex.gla or 0:#x} qualification {ex.qualification:#x} "
+                f"[{decode_qualification(ex.qualification)}]",
+            )
         return True
 
     def inject_event(self, vector, error_code=None, soft=False):
@@ -702,7 +856,7 @@ class Vcpu:
         """An exception the guest raised and the bitmap does not intercept: deliver it."""
         soft = ex.vector == 3 or ex.vector == 4 or (ex.vector >= 32 and ex.insn_len > 0)
         if soft:
-            self.uc.reg_write(X.UC_X86_REG_RIP, ex.rip + ex.insn_len)     # traps push the next RIP
+            self.uc.reg_write(X.UC_X86_REG_RIP, ex.rip + ex.insn_len)  # traps push the next RIP
         else:
             self.uc.reg_write(X.UC_X86_REG_RIP, ex.rip)
         self.pending = None
@@ -714,15 +868,23 @@ class Vcpu:
         uc = self.uc
         ev = self.event
         rip = self._reg_fast(X.UC_X86_REG_RIP)
-        regs = {"rip": rip, "rsp": self._reg_fast(X.UC_X86_REG_RSP),
-                "rflags": self._reg_fast(X.UC_X86_REG_RFLAGS), "cs": uc.reg_read(X.UC_X86_REG_CS),
-                "ss": uc.reg_read(X.UC_X86_REG_SS)}
+        regs = {
+            "rip": rip,
+            "rsp": self._reg_fast(X.UC_X86_REG_RSP),
+            "rflags": self._reg_fast(X.UC_X86_REG_RFLAGS),
+            "cs": uc.reg_read(X.UC_X86_REG_CS),
+            "ss": uc.reg_read(X.UC_X86_REG_SS),
+        }
         r = idt_mod.deliver(self, ev, regs)
         if r is None:
             self.event = None
             if self.tracer is not None:
-                self.tracer.emit("hw_event", self.index, msg=f"{_vec_name(ev.vector)} delivered through the IDT "
-                                 f"from rip {rip:#x} to {self._reg_fast(X.UC_X86_REG_RIP):#x}")
+                self.tracer.emit(
+                    "hw_event",
+                    self.index,
+                    msg=f"{_vec_name(ev.vector)} delivered through the IDT "
+                    f"from rip {rip:#x} to {self._reg_fast(X.UC_X86_REG_RIP):#x}",
+                )
             return None
         if r.__class__ is idt_mod.Shutdown:
             self.event = None
@@ -731,8 +893,15 @@ class Vcpu:
             if self.tracer is not None:
                 self.tracer.emit("hw_event", self.index, msg=f"triple fault: {why}")
             cr2 = self._reg_fast(X.UC_X86_REG_CR2) if first[0] == 14 else None
-            return VmExit(EXIT_REASON_TRIPLE_FAULT, rip, vector=first[0], error_code=first[1], cr2=cr2,
-                          misconfig=why, vcpu=self.index)
+            return VmExit(
+                EXIT_REASON_TRIPLE_FAULT,
+                rip,
+                vector=first[0],
+                error_code=first[1],
+                cr2=cr2,
+                misconfig=why,
+                vcpu=self.index,
+            )
         # An EPT violation or misconfiguration while delivering: the event stays pending.
         res, gla = r
         if res.__class__ is EptViolation:
@@ -740,8 +909,9 @@ class Vcpu:
             if q & EPT_VIOLATION_GVA_TRANSLATED:
                 gpa |= gla & 0xFFF
             return VmExit(EXIT_REASON_EPT_VIOLATION, rip, qualification=q, gpa=gpa, gla=gla, vcpu=self.index)
-        return VmExit(EXIT_REASON_EPT_MISCONFIG, rip, gpa=res.gpa | (gla & 0xFFF), gla=gla, misconfig=res.reason,
-                      vcpu=self.index)
+        return VmExit(
+            EXIT_REASON_EPT_MISCONFIG, rip, gpa=res.gpa | (gla & 0xFFF), gla=gla, misconfig=res.reason, vcpu=self.index
+        )
 
     def _pending_exit(self):
         """The VmExit for what a hook recorded during emu_start (self.pending)."""
@@ -754,18 +924,18 @@ class Vcpu:
         if p.__class__ is EptViolation:
             q, gpa = p.qualification, p.gpa
             if q & EPT_VIOLATION_GVA_TRANSLATED:
-                gpa |= gla & 0xFFF                # the final access: its GPA is exact too
+                gpa |= gla & 0xFFF  # the final access: its GPA is exact too
                 if rmw and q & 7 == READ:
-                    q = q & ~READ | WRITE         # a read-modify-write exits as a write
+                    q = q & ~READ | WRITE  # a read-modify-write exits as a write
             return VmExit(EXIT_REASON_EPT_VIOLATION, rip, qualification=q, gpa=gpa, gla=gla, vcpu=self.index)
         if p.__class__ is EptMisconfig:
-            return VmExit(EXIT_REASON_EPT_MISCONFIG, rip, gpa=p.gpa | (gla & 0xFFF), gla=gla, misconfig=p.reason,
-                          vcpu=self.index)
+            return VmExit(
+                EXIT_REASON_EPT_MISCONFIG, rip, gpa=p.gpa | (gla & 0xFFF), gla=gla, misconfig=p.reason, vcpu=self.index
+            )
         if p.__class__ is PageFault:
             ec = p.error_code | (PFERR_WRITE if rmw else 0)
             uc.reg_write(X.UC_X86_REG_CR2, gla)
-            return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=14, error_code=ec, cr2=gla, gla=gla,
-                          vcpu=self.index)
+            return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=14, error_code=ec, cr2=gla, gla=gla, vcpu=self.index)
         if p.__class__ is GeneralProtection:
             return VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=13, error_code=0, gla=p.gva, vcpu=self.index)
         raise AssertionError(p)
@@ -799,15 +969,19 @@ class Vcpu:
     def _fill_to_python(self):
         """(the compiled MMU) Whether its fills hand over to the Python model: when tracing walks,
         or when DPOR records footprints (the pages a vCPU saw, the flags a walk set)."""
-        return (self.tracer is not None or self.page_crc is not None or ept_mod.AD_LOG is not None
-                or paging_mod.AD_LOG is not None)
+        return (
+            self.tracer is not None
+            or self.page_crc is not None
+            or ept_mod.AD_LOG is not None
+            or paging_mod.AD_LOG is not None
+        )
 
     def _tlb_fill(self, uc, vaddr, access, entry, _data):
         """The TLB-fill hook of the Python MMU."""
         # (@hook's guard, written out: the fill is the hot hook, and a try costs nothing)
         try:
             if self.pending is not None:
-                return False                     # already exiting: refuse whatever Unicorn tries next
+                return False  # already exiting: refuse whatever Unicorn tries next
             self._fills += 1
             r = self._fill(vaddr, _ACCESS[access])
             if r is None:
@@ -827,17 +1001,33 @@ class Vcpu:
         if self.tracer is not None:
             self._ept_log.clear()
             path = []
-            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, path=path)
+            r = translate(
+                self.mem.q,
+                self._ept,
+                reg(X.UC_X86_REG_CR3),
+                vaddr,
+                acc,
+                wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP,
+                nxe=self._nxe,
+                path=path,
+            )
             self._emit_walk(vaddr, acc, path, r)
         else:
-            r = translate(self.mem.q, self._ept, reg(X.UC_X86_REG_CR3), vaddr, acc,
-                          wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP, nxe=self._nxe, pscache=self.pscache)
+            r = translate(
+                self.mem.q,
+                self._ept,
+                reg(X.UC_X86_REG_CR3),
+                vaddr,
+                acc,
+                wp=reg(X.UC_X86_REG_CR0) & X86_CR0_WP,
+                nxe=self._nxe,
+                pscache=self.pscache,
+            )
         if r.__class__ is Translation:
             hpa = r.hpa & PAGE_MASK
             self._tlb_put(vaddr, hpa)
             if self.page_crc is not None and hpa not in self.page_crc:
-                self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa:hpa + PAGE_SIZE])
+                self.page_crc[hpa] = zlib.crc32(self.mem.buf[hpa : hpa + PAGE_SIZE])
             if acc == FETCH:
                 self._fetched(vaddr, hpa)
                 return hpa, r.perms
@@ -863,7 +1053,7 @@ class Vcpu:
         try:
             r = self._fill(vaddr, _ACCESS[access])
             return -1 if r is None else r[0] | r[1]
-        except BaseException as e:           # (@hook's guard: a C callback, not the binding's)
+        except BaseException as e:  # (@hook's guard: a C callback, not the binding's)
             self._hook_failed(self.uc, e)
             return -1
 
@@ -886,7 +1076,7 @@ class Vcpu:
         self._pause_pages.add((gva_page, hpa))
         if self._mmu is not None:
             self._mmu.scanned(gva_page, hpa, 2)
-        page = bytes(self.mem.buf[hpa:hpa + 0x1000])
+        page = bytes(self.mem.buf[hpa : hpa + 0x1000])
         i = page.find(_PAUSE)
         while i >= 0:
             self.uc.hook_add(UC_HOOK_CODE, self._pause, None, gva_page + i, gva_page + i)
@@ -908,7 +1098,7 @@ class Vcpu:
         hpa = self._tlb_get(rip & ~0xFFF)
         off = rip & 0xFFF
         if hpa is not None and off <= 0x1000 - n:
-            return bytes(self.mem.buf[hpa + off:hpa + off + n])
+            return bytes(self.mem.buf[hpa + off : hpa + off + n])
         return self.read_guest(rip, n)
 
     @hook(returns=True)
@@ -947,26 +1137,27 @@ class Vcpu:
         self._site_pages.add((gva_page, hpa))
         if self._mmu is not None:
             self._mmu.scanned(gva_page, hpa, 1)
-        page = bytes(self.mem.buf[hpa:hpa + 0x1000])
+        page = bytes(self.mem.buf[hpa : hpa + 0x1000])
         uch, cb, sites = self.uc._uch, self._exit_site_cb, self._sites
         hh = ctypes.c_size_t()
         for m in _EXIT_SITE.finditer(page):
             a, end = m.span()
             if end - a >= 2 and page[end - 2] == 0x0F and page[end - 1] in (0x30, 0x32, 0xA2):
-                end -= 1                       # the 0F begins the opcode: no hook on its second byte
+                end -= 1  # the 0F begins the opcode: no hook on its second byte
             for off in range(a, end):
                 gva = gva_page + off
                 if gva not in sites:
                     sites.add(gva)
-                    err = uclib.uc_hook_add(uch, ctypes.byref(hh), UC_HOOK_CODE, cb, None, ctypes.c_uint64(gva),
-                                            ctypes.c_uint64(gva))
+                    err = uclib.uc_hook_add(
+                        uch, ctypes.byref(hh), UC_HOOK_CODE, cb, None, ctypes.c_uint64(gva), ctypes.c_uint64(gva)
+                    )
                     if err:
                         raise UcError(err)
 
     def _exit_site_c(self, _uch, addr, _size, _data):
         try:
             self._exit_site(addr)
-        except BaseException as e:           # (@hook's guard: a C callback, not the binding's)
+        except BaseException as e:  # (@hook's guard: a C callback, not the binding's)
             self._hook_failed(self.uc, e)
 
     _exit_site_c.guarded = True
@@ -987,7 +1178,7 @@ class Vcpu:
         op = code[i]
         reg = self._reg_fast
         if op == 0x0F:
-            two = code[i:i + 2]
+            two = code[i : i + 2]
             if two == _CPUID:
                 self._exit_now(VmExit(EXIT_REASON_CPUID, addr, i + 2, vcpu=self.index))
             elif (two == _RDMSR or two == _WRMSR) and not reg(X.UC_X86_REG_CS) & 3:
@@ -996,7 +1187,7 @@ class Vcpu:
         if op not in _IO_OPCODES:
             return
         if (reg(X.UC_X86_REG_CS) & 3) > (reg(X.UC_X86_REG_RFLAGS) >> 12 & 3):
-            return                             # CPL > IOPL: Unicorn's #GP
+            return  # CPL > IOPL: Unicorn's #GP
         d = self._decode_io(addr)
         length, is_in, string, rep, imm, port, addr32, seg = d
         byte, opsize16 = _IO_OPCODES[op][0], 0x66 in code[:i]
@@ -1010,9 +1201,16 @@ class Vcpu:
                 gla &= 0xFFFFFFFF
             if seg is not None and not is_in:
                 gla = (gla + self.uc.reg_read(seg)) & ((1 << 64) - 1)
-        self._exit_now(VmExit(EXIT_REASON_IO_INSTRUCTION, addr, length,
-                              qualification=io_qualification(size, is_in, port, string, rep, imm), gla=gla,
-                              vcpu=self.index))
+        self._exit_now(
+            VmExit(
+                EXIT_REASON_IO_INSTRUCTION,
+                addr,
+                length,
+                qualification=io_qualification(size, is_in, port, string, rep, imm),
+                gla=gla,
+                vcpu=self.index,
+            )
+        )
 
     def _exit_now(self, exit):
         """(a hook) Record the exit and stop emulation; every fill is refused from now on."""
@@ -1052,9 +1250,16 @@ class Vcpu:
         runs code, after the page was scanned): an error exit, never a wrong answer."""
         if self.pending is None and not (self._mmu is not None and self._mmu.exiting):
             rip = self._reg_fast(X.UC_X86_REG_RIP)
-            self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, vector=6, vcpu=self.index,
-                                  misconfig=f"{what} at {rip:#x} was not seen before it ran (code the guest "
-                                            f"wrote where it runs: not supported)"))
+            self._exit_now(
+                VmExit(
+                    EXIT_REASON_EXCEPTION_NMI,
+                    rip,
+                    vector=6,
+                    vcpu=self.index,
+                    misconfig=f"{what} at {rip:#x} was not seen before it ran (code the guest "
+                    f"wrote where it runs: not supported)",
+                )
+            )
 
     @hook(returns=1)
     def _missed_cpuid(self, uc, _data):
@@ -1075,8 +1280,9 @@ class Vcpu:
         index = self._reg_fast(X.UC_X86_REG_RCX) & 0xFFFFFFFF
         bitmap = self.msr_bitmap
         if bitmap is None or bitmap.intercepted(index, write):
-            self._exit_now(VmExit(EXIT_REASON_MSR_WRITE if write else EXIT_REASON_MSR_READ, addr, length,
-                                  vcpu=self.index))
+            self._exit_now(
+                VmExit(EXIT_REASON_MSR_WRITE if write else EXIT_REASON_MSR_READ, addr, length, vcpu=self.index)
+            )
         else:
             self._msr_native(self.uc, addr, length, index, write)
 
@@ -1091,8 +1297,7 @@ class Vcpu:
         if write:
             value = (reg(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32 | reg(X.UC_X86_REG_RAX) & 0xFFFFFFFF
             if index in msr_mod.CANONICAL_MSRS and not msr_mod.is_canonical(value):
-                self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, length, vector=13, error_code=0,
-                                      vcpu=self.index))
+                self._exit_now(VmExit(EXIT_REASON_EXCEPTION_NMI, rip, length, vector=13, error_code=0, vcpu=self.index))
                 return
             if index == msr_mod.MSR_IA32_TSC:
                 self.tsc_offset = (value - self.host_tsc) & ((1 << 64) - 1)
@@ -1102,7 +1307,7 @@ class Vcpu:
             value = self.read_tsc() if index == msr_mod.MSR_IA32_TSC else uc.msr_read(index)
             uc.reg_write(X.UC_X86_REG_RAX, value & 0xFFFFFFFF)
             uc.reg_write(X.UC_X86_REG_RDX, value >> 32 & 0xFFFFFFFF)
-        uc.reg_write(X.UC_X86_REG_RIP, rip + length)          # Unicorn goes on after the instruction
+        uc.reg_write(X.UC_X86_REG_RIP, rip + length)  # Unicorn goes on after the instruction
 
     # -- the TSC ---------------------------------------------------------------------------------------------
     def read_tsc(self):
@@ -1112,12 +1317,13 @@ class Vcpu:
 
     def _hook_tsc(self):
         """RDTSC and RDTSCP hooks (the binding has none: straight to the C library)."""
+
         def rdtsc(_uc, _data):
             try:
                 t = self.read_tsc()
                 self.uc.reg_write(X.UC_X86_REG_RAX, t & 0xFFFFFFFF)
                 self.uc.reg_write(X.UC_X86_REG_RDX, t >> 32)
-            except BaseException as e:       # (@hook's guard: a C callback, not the binding's)
+            except BaseException as e:  # (@hook's guard: a C callback, not the binding's)
                 self._hook_failed(self.uc, e)
             return 1
 
@@ -1128,19 +1334,29 @@ class Vcpu:
             except BaseException as e:
                 self._hook_failed(self.uc, e)
             return 1
+
         self._tsc_cbs = []
         for insn, fn in ((X.UC_X86_INS_RDTSC, rdtsc), (X.UC_X86_INS_RDTSCP, rdtscp)):
             cb = _TSC_HOOK_CFUNC(fn)
-            self._tsc_cbs.append(cb)          # keep the C callback alive
+            self._tsc_cbs.append(cb)  # keep the C callback alive
             hh = ctypes.c_size_t()
-            err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(hh), UC_HOOK_INSN, cb, None, ctypes.c_uint64(1),
-                                    ctypes.c_uint64(0), ctypes.c_int(insn))
+            err = uclib.uc_hook_add(
+                self.uc._uch,
+                ctypes.byref(hh),
+                UC_HOOK_INSN,
+                cb,
+                None,
+                ctypes.c_uint64(1),
+                ctypes.c_uint64(0),
+                ctypes.c_int(insn),
+            )
             if err:
                 raise UcError(err)
 
 
 def _vec_name(vector):
     from .exits import VECTOR_NAMES
+
     return VECTOR_NAMES.get(vector, f"vector {vector}")
 
 

@@ -31,8 +31,8 @@ class GfnRanges:
     def add(self, start, end):
         if end <= start:
             return
-        i = bisect_left(self.ends, start)            # the first run that ends at or after start
-        j = bisect_right(self.starts, end)           # the runs that start at or before end
+        i = bisect_left(self.ends, start)  # the first run that ends at or after start
+        j = bisect_right(self.starts, end)  # the runs that start at or before end
         if i < j:
             start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
         self.starts[i:j] = [start]
@@ -41,8 +41,8 @@ class GfnRanges:
     def remove(self, start, end):
         if end <= start:
             return
-        i = bisect_right(self.ends, start)           # the first run that ends after start
-        j = bisect_left(self.starts, end)            # the runs that start before end
+        i = bisect_right(self.ends, start)  # the first run that ends after start
+        j = bisect_left(self.starts, end)  # the runs that start before end
         if i >= j:
             return
         starts, ends = [], []

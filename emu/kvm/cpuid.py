@@ -6,7 +6,7 @@ keeps current (kvm_update_cpuid_runtime()), CPUID exits (kvm_emulate_cpuid()), a
 
 from .kvm_host import KvmIoctlError, EINVAL
 
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0          # (sic, uapi spelling)
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # (sic, uapi spelling)
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_CPUID_FEATURES = 0x40000001
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
@@ -30,6 +30,7 @@ MSR_IA32_APICBASE_ENABLE = 1 << 11
 
 class KvmCpuidEntry2:
     """struct kvm_cpuid_entry2"""
+
     __slots__ = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 
     def __init__(self, function, index=0, flags=0, eax=0, ebx=0, ecx=0, edx=0):
@@ -46,8 +47,10 @@ class KvmCpuidEntry2:
         return all(getattr(self, s) == getattr(other, s) for s in self.__slots__)
 
     def __repr__(self):
-        return (f"KvmCpuidEntry2({self.function:#x}.{self.index:#x} eax {self.eax:#x} ebx {self.ebx:#x} "
-                f"ecx {self.ecx:#x} edx {self.edx:#x})")
+        return (
+            f"KvmCpuidEntry2({self.function:#x}.{self.index:#x} eax {self.eax:#x} ebx {self.ebx:#x} "
+            f"ecx {self.ecx:#x} edx {self.edx:#x})"
+        )
 
 
 def kvm_find_cpuid_entry2(entries, function, index=None):
@@ -67,20 +70,21 @@ def kvm_get_supported_cpuid():
     0x40000001 (features: only KVM_FEATURE_NOP_IO_DELAY, the one this model honours: it has no
     kvmclock, async PF or PV EOI).  Per-vCPU fields (APIC ids, topology) are userspace's."""
     from ..hw.cpuid import native_cpuid_table, INDEXED_LEAVES
+
     out = []
     for (leaf, sub), regs in sorted(native_cpuid_table().items()):
         eax, ebx, ecx, edx = regs
         if leaf == 1:
-            ebx &= 0x0000FFFF                   # APIC id and logical count: userspace's
-            ecx |= 1 << 21                      # x2APIC
+            ebx &= 0x0000FFFF  # APIC id and logical count: userspace's
+            ecx |= 1 << 21  # x2APIC
         elif (leaf, sub) == (7, 0):
-            ebx |= 1 << 1                       # TSC_ADJUST
-            edx |= 1 << 29                      # ARCH_CAPABILITIES
+            ebx |= 1 << 1  # TSC_ADJUST
+            edx |= 1 << 29  # ARCH_CAPABILITIES
         elif leaf == 0xB:
             edx = 0
         flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX if leaf in INDEXED_LEAVES else 0
         out.append(KvmCpuidEntry2(leaf, sub, flags, eax, ebx, ecx, edx))
-    sig = [int.from_bytes(KVM_SIGNATURE[i:i + 4], "little") for i in (0, 4, 8)]
+    sig = [int.from_bytes(KVM_SIGNATURE[i : i + 4], "little") for i in (0, 4, 8)]
     out.append(KvmCpuidEntry2(KVM_CPUID_SIGNATURE, 0, 0, KVM_CPUID_FEATURES, sig[0], sig[1], sig[2]))
     out.append(KvmCpuidEntry2(KVM_CPUID_FEATURES, 0, 0, 1 << KVM_FEATURE_NOP_IO_DELAY, 0, 0, 0))
     return out
@@ -108,8 +112,9 @@ class KvmVcpuCpuid:
             return
         for t in table:
             if t[0] == 0x80000008 and (t[3] >> 8 & 0xFF) not in (48, 57, 0):
-                raise KvmIoctlError(EINVAL, f"KVM_SET_CPUID2: linear-address width {t[3] >> 8 & 0xFF} "
-                                            f"is neither 48 nor 57 (-EINVAL)")
+                raise KvmIoctlError(
+                    EINVAL, f"KVM_SET_CPUID2: linear-address width {t[3] >> 8 & 0xFF} is neither 48 nor 57 (-EINVAL)"
+                )
         self._cpuid_entries = table
 
     def get_cpuid2(self):
@@ -181,9 +186,18 @@ class KvmVcpuCpuid:
                 e1 = self.kvm_find_cpuid_entry_index(function, 1)
                 if e1 is not None:
                     regs = (0, 0, index & 0xFF, e1[6])
-        self.kvm.trace_emit("kvm_cpuid", self.vcpu_id, function=orig, index=index, rax=regs[0], rbx=regs[1],
-                            rcx=regs[2], rdx=regs[3], found="found" if exact else "not found",
-                            used_max_basic=", used max basic" if used_max_basic else "")
+        self.kvm.trace_emit(
+            "kvm_cpuid",
+            self.vcpu_id,
+            function=orig,
+            index=index,
+            rax=regs[0],
+            rbx=regs[1],
+            rcx=regs[2],
+            rdx=regs[3],
+            found="found" if exact else "not found",
+            used_max_basic=", used max basic" if used_max_basic else "",
+        )
         return regs + (exact,)
 
     def kvm_emulate_cpuid(self, exit):

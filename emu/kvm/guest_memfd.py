@@ -34,9 +34,12 @@ class KvmGmem:
             if slot is not None and slot.gmem_addr is not None:
                 hpa = self.kvm_gmem_get_pfn(slot, gfn) << 12
                 if hpa >> 12 in self.mem.protected:
-                    continue                  # still the TD's (KVM could not take it back): leaked, kept
+                    continue  # still the TD's (KVM could not take it back): leaked, kept
                 # truncate_inode_pages_range(): the page goes back to the host's allocator
-                self.check_td_page_freed(hpa, f"kvm_gmem_punch_hole() frees the private page of gfn {gfn:#x}, "
-                                              f"which TDH.MEM.PAGE.REMOVE gave back (tdx_sept_remove_private_spte())")
+                self.check_td_page_freed(
+                    hpa,
+                    f"kvm_gmem_punch_hole() frees the private page of gfn {gfn:#x}, "
+                    f"which TDH.MEM.PAGE.REMOVE gave back (tdx_sept_remove_private_spte())",
+                )
                 self.mem.host_zero(hpa)
         self.invalidate_end()

@@ -36,9 +36,26 @@ from .x86_msr import KvmVcpuMsr, KvmX86Msr, VcpuMsrs
 from .x86_pio import KvmVcpuPio, KvmPio
 from .cpuid import KvmVcpuCpuid
 from .kvm_host import (  # noqa: F401  (emu.kvm.kvm's names since 0.1)
-    KVM_ENOSYS, EINVAL, EEXIST, EFAULT, EIO, ENOENT, KVM_REQ_TLB_FLUSH, KVM_REQ_OUTSIDE_GUEST_MODE,
-    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_VM_DEAD, KVM_REQS_FLUSHING, OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE,
-    MODE_NAMES, GUEST_SLICE_BLOCKS, KvmIoctlError, KvmMemorySlot, KvmRun)
+    KVM_ENOSYS,
+    EINVAL,
+    EEXIST,
+    EFAULT,
+    EIO,
+    ENOENT,
+    KVM_REQ_TLB_FLUSH,
+    KVM_REQ_OUTSIDE_GUEST_MODE,
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
+    KVM_REQ_VM_DEAD,
+    KVM_REQS_FLUSHING,
+    OUTSIDE_GUEST_MODE,
+    IN_GUEST_MODE,
+    EXITING_GUEST_MODE,
+    MODE_NAMES,
+    GUEST_SLICE_BLOCKS,
+    KvmIoctlError,
+    KvmMemorySlot,
+    KvmRun,
+)
 from .locking import MmuLock  # noqa: F401
 from .uapi import *  # noqa: F401,F403  (KVM_X86_*_VM, KVM_MEM_READONLY, KVM_EXIT_*)
 from .uapi import KVM_MEMSLOT_INVALID  # noqa: F401
@@ -53,9 +70,9 @@ class KvmVcpu(KvmVcpuX86, KvmVcpuMsr, KvmVcpuPio, KvmVcpuCpuid, KvmVcpuMmu, KvmV
         self.msrs = VcpuMsrs()
         self.pio = KvmPio()
         self.has_run = False
-        self._cpuid_entries = []              # vcpu->arch.cpuid_entries (emu.kvm.cpuid)
-        self.emulated_exit = None             # the exit an instruction KVM completes later came from
-        self.cui_linear_rip = None            # vcpu->arch.cui_linear_rip
+        self._cpuid_entries = []  # vcpu->arch.cpuid_entries (emu.kvm.cpuid)
+        self.emulated_exit = None  # the exit an instruction KVM completes later came from
+        self.cui_linear_rip = None  # vcpu->arch.cui_linear_rip
         KvmVcpuX86.__init__(self, kvm, vcpu_id)
         self.stat["io_exits"] = 0
 
@@ -64,9 +81,9 @@ class Kvm(KvmMain, KvmMmu, KvmGmem, KvmX86Msr):
     """struct kvm: one VM."""
 
     def __init__(self, host, vm_type=KVM_X86_DEFAULT_VM, tracer=None, x86_ops=None):
-        self.msr_filter = None                # KVM_X86_SET_MSR_FILTER (kvm->arch.msr_filter)
-        self.user_space_msr_mask = 0          # KVM_CAP_X86_USER_SPACE_MSR
-        self.ignore_msrs = False              # the kvm.ignore_msrs module parameter
+        self.msr_filter = None  # KVM_X86_SET_MSR_FILTER (kvm->arch.msr_filter)
+        self.user_space_msr_mask = 0  # KVM_CAP_X86_USER_SPACE_MSR
+        self.ignore_msrs = False  # the kvm.ignore_msrs module parameter
         KvmMain.__init__(self, host, vm_type, tracer, x86_ops)
 
     vcpu_class = KvmVcpu

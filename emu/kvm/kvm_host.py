@@ -11,7 +11,7 @@ EINVAL, EEXIST, EFAULT, EIO, ENOENT, ENOMEM = 22, 17, 14, 5, 2, 12
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 2
-KVM_REQ_VM_DEAD = 1 << 3                # kvm_vm_dead(): the next vcpu_enter_guest() fails with -EIO
+KVM_REQ_VM_DEAD = 1 << 3  # kvm_vm_dead(): the next vcpu_enter_guest() fails with -EIO
 # Requests after which the vCPU flushes its TLB before it enters again (a new root is loaded
 # with a local flush: kvm_mmu_load()).
 KVM_REQS_FLUSHING = KVM_REQ_TLB_FLUSH | KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
@@ -19,7 +19,7 @@ KVM_REQS_FLUSHING = KVM_REQ_TLB_FLUSH | KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
 # vcpu->mode
 OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE = 0, 1, 2
 MODE_NAMES = ("OUTSIDE_GUEST_MODE", "IN_GUEST_MODE", "EXITING_GUEST_MODE")
-GUEST_SLICE_BLOCKS = 4000         # the emulated preemption timer: translated blocks per guest slice
+GUEST_SLICE_BLOCKS = 4000  # the emulated preemption timer: translated blocks per guest slice
 
 
 class KvmIoctlError(Exception):
@@ -56,8 +56,9 @@ class KvmMemorySlot:
     def copy(self):
         """kvm_copy_memslot(): the same slot, a new object (memslot changes are made on copies);
         slot->arch is copied as a whole, so the copy shares lpage_info."""
-        new = KvmMemorySlot(self.id, self.base_gfn, self.npages, self.userspace_addr, self.flags,
-                            self.backing_level, self.gmem_addr)
+        new = KvmMemorySlot(
+            self.id, self.base_gfn, self.npages, self.userspace_addr, self.flags, self.backing_level, self.gmem_addr
+        )
         new.lpage_info = self.lpage_info
         return new
 
@@ -71,7 +72,7 @@ class KvmMemorySlot:
         return bool(self.flags & KVM_MEM_GUEST_MEMFD)
 
     def __repr__(self):
-        return (f"KvmMemorySlot({self.id}, gfn {self.base_gfn:#x}+{self.npages:#x}, flags {self.flags:#x})")
+        return f"KvmMemorySlot({self.id}, gfn {self.base_gfn:#x}+{self.npages:#x}, flags {self.flags:#x})"
 
     def contains(self, gfn):
         return self.base_gfn <= gfn < self.base_gfn + self.npages
@@ -88,6 +89,7 @@ class KvmMemorySlot:
 
 class KvmMemoryFault:
     """kvm_run.memory_fault: what KVM could not map (kvm_prepare_memory_fault_exit())."""
+
     __slots__ = ("flags", "gpa", "size")
 
     def __init__(self, flags, gpa, size):
@@ -114,4 +116,3 @@ class KvmRun:
     def __repr__(self):
         extra = {k: v for k, v in self.__dict__.items() if k != "exit_reason"}
         return f"KvmRun({self.name}, {extra})"
-

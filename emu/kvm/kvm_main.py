@@ -14,17 +14,36 @@ from ..trace import NULL_TRACER
 from . import spte as spte_mod
 from .attributes import GfnRanges
 from .bugs import Bugs
-from .kvm_host import (KvmIoctlError, KvmMemorySlot, EINVAL, EEXIST, EFAULT, KVM_REQ_OUTSIDE_GUEST_MODE,
-                       KVM_REQ_TLB_FLUSH, KVM_REQ_VM_DEAD, OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE,
-                       GUEST_SLICE_BLOCKS)
+from .kvm_host import (
+    KvmIoctlError,
+    KvmMemorySlot,
+    EINVAL,
+    EEXIST,
+    EFAULT,
+    KVM_REQ_OUTSIDE_GUEST_MODE,
+    KVM_REQ_TLB_FLUSH,
+    KVM_REQ_VM_DEAD,
+    OUTSIDE_GUEST_MODE,
+    IN_GUEST_MODE,
+    EXITING_GUEST_MODE,
+    GUEST_SLICE_BLOCKS,
+)
 from .locking import MmuLock
 from .rcu import Rcu
 from .srcu import Srcu
 from .spte import PG_LEVEL_4K, PG_LEVEL_2M, MT_MASK_DEFAULT_VM, KVM_PAGES_PER_HPAGE
 from .mmu_internal import KVM_MAX_HUGEPAGE_LEVEL
 from .tdp_mmu import TdpMmu, KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS, KVM_VALID_ROOTS
-from .uapi import (KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM, KVM_X86_TDX_VM, KVM_MEMSLOT_INVALID,  # noqa: F401
-                   KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD, KVM_USER_MEM_SLOTS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+from .uapi import (
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_SW_PROTECTED_VM,
+    KVM_X86_TDX_VM,
+    KVM_MEMSLOT_INVALID,  # noqa: F401
+    KVM_MEM_READONLY,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_USER_MEM_SLOTS,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+)
 
 # enum kvm_mr_change
 KVM_MR_CREATE, KVM_MR_DELETE, KVM_MR_MOVE, KVM_MR_FLAGS_ONLY = range(4)
@@ -35,48 +54,55 @@ from .x86_ops import VmxX86Ops
 class KvmMain:
     """struct kvm: one VM."""
 
-    vcpu_class = None                     # struct kvm_vcpu as assembled (emu.kvm.kvm.KvmVcpu)
+    vcpu_class = None  # struct kvm_vcpu as assembled (emu.kvm.kvm.KvmVcpu)
 
     def __init__(self, host, vm_type=KVM_X86_DEFAULT_VM, tracer=None, x86_ops=None):
         self.host = host
         self.mem = host.mem
         self.vm_type = vm_type
         self.tracer = tracer or NULL_TRACER
-        self.sched = None                 # the deterministic scheduler, when several vCPUs interleave
-        self.inject = None                # the fault-injection plan, when one is active
+        self.sched = None  # the deterministic scheduler, when several vCPUs interleave
+        self.inject = None  # the fault-injection plan, when one is active
         self.x86_ops = x86_ops or VmxX86Ops()
-        self.memslots = []                # the active memslots (kvm->memslots[0]): a new list per change
-        self.inactive_memslots = None     # the set being prepared (kvm_replace_memslot())
-        self.memslots_generation = 0      # bumped by every memslot change (MMIO SPTEs record it)
-        self.slots_locked = False         # kvm->slots_lock
-        self.srcu = Srcu(self)            # kvm->srcu: memslot readers
-        self.private_gfns = GfnRanges()   # KVM_MEMORY_ATTRIBUTE_PRIVATE (kvm->mem_attr_array)
+        self.memslots = []  # the active memslots (kvm->memslots[0]): a new list per change
+        self.inactive_memslots = None  # the set being prepared (kvm_replace_memslot())
+        self.memslots_generation = 0  # bumped by every memslot change (MMIO SPTEs record it)
+        self.slots_locked = False  # kvm->slots_lock
+        self.srcu = Srcu(self)  # kvm->srcu: memslot readers
+        self.private_gfns = GfnRanges()  # KVM_MEMORY_ATTRIBUTE_PRIVATE (kvm->mem_attr_array)
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = self.mmu_invalidate_range_end = None
         self.vcpus = []
-        self.stat = {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0, "remote_tlb_flush": 0,
-                     "remote_tlb_flush_requests": 0, "zaps": 0, "kvm_bug_on": 0,
-                     "nx_lpage_splits": 0}
+        self.stat = {
+            "pages_4k": 0,
+            "pages_2m": 0,
+            "pages_1g": 0,
+            "remote_tlb_flush": 0,
+            "remote_tlb_flush_requests": 0,
+            "zaps": 0,
+            "kvm_bug_on": 0,
+            "nx_lpage_splits": 0,
+        }
         self.vm_bugged = False
         self.vm_dead = False
         self.bug_reason = None
         self.warnings = []
-        self.bugs = Bugs()                # realistic bugs, switched in one at a time (emu/kvm/bugs.py)
-        self.flush_owed = False           # a zap's TLB flush has not completed yet
-        self.tables_generation = 0        # (the checker's) bumped by every change of a present SPTE
+        self.bugs = Bugs()  # realistic bugs, switched in one at a time (emu/kvm/bugs.py)
+        self.flush_owed = False  # a zap's TLB flush has not completed yet
+        self.tables_generation = 0  # (the checker's) bumped by every change of a present SPTE
         self.tables_checked = -1
-        self.violations = []              # broken invariants the checker saw during the run
+        self.violations = []  # broken invariants the checker saw during the run
         # KVM_CAP_EXIT_HYPERCALL (kvm->arch.hypercall_exit_enabled): the hypercall numbers that
         # exit to userspace with KVM_EXIT_HYPERCALL.  Upstream allows KVM_HC_MAP_GPA_RANGE only;
         # the VMM adds the guest runtime's own calls (emu.userspace.guestabi.EMU_USERSPACE_HCS).
         self.hypercall_exit_enabled = set()
-        self.checker = None               # the run-time checks (emu.checkers.check.install), or None
+        self.checker = None  # the run-time checks (emu.checkers.check.install), or None
         self.on_checker_violation = None  # the VMM's: stop the run (a guest may spin forever after a bug)
         self.slice_blocks = GUEST_SLICE_BLOCKS
         self.mmu_lock = MmuLock(self)
         self.rcu = Rcu(self)
-        self.mmu_valid_gen = 0            # kvm->arch.mmu_valid_gen (toggled by kvm_mmu_zap_all_fast)
+        self.mmu_valid_gen = 0  # kvm->arch.mmu_valid_gen (toggled by kvm_mmu_zap_all_fast)
         self.tdp_mmu = TdpMmu(self)
         self.gfn_direct_bits = 0
         self.nx_huge_pages = False
@@ -176,8 +202,9 @@ class KvmMain:
             self.sched.point(None, "cond_resched")
 
     # -- memory ------------------------------------------------------------------------------------------
-    def set_user_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
-                               backing_level=PG_LEVEL_4K, gmem_addr=None):
+    def set_user_memory_region(
+        self, slot, flags, guest_phys_addr, memory_size, userspace_addr, backing_level=PG_LEVEL_4K, gmem_addr=None
+    ):
         """KVM_SET_USER_MEMORY_REGION(2) (kvm_set_memory_region()): create a slot, delete one
         (memory_size 0), move one (same slot, size and hva at another GPA), or change its flags.
         ``gmem_addr`` (the slot's range of a guest_memfd, KVM_MEM_GUEST_MEMFD) gives it private
@@ -191,9 +218,11 @@ class KvmMain:
         # check_memory_region_flags(): guest_memfd needs a VM with private memory.
         valid = KVM_MEM_READONLY | (KVM_MEM_GUEST_MEMFD if self.has_private_mem else 0)
         if flags & ~valid:
-            raise KvmIoctlError(EINVAL, f"memslot flags {flags:#x} not supported by this VM type"
-                                + (" (KVM_MEM_GUEST_MEMFD needs a VM with private memory)"
-                                   if flags & KVM_MEM_GUEST_MEMFD else ""))
+            raise KvmIoctlError(
+                EINVAL,
+                f"memslot flags {flags:#x} not supported by this VM type"
+                + (" (KVM_MEM_GUEST_MEMFD needs a VM with private memory)" if flags & KVM_MEM_GUEST_MEMFD else ""),
+            )
         if flags & KVM_MEM_GUEST_MEMFD and flags & KVM_MEM_READONLY:
             # Writes to a read-only slot are emulated MMIO, which private memory cannot be.
             raise KvmIoctlError(EINVAL, "KVM_MEM_GUEST_MEMFD and KVM_MEM_READONLY do not combine")
@@ -215,18 +244,21 @@ class KvmMain:
             else:
                 # Modify an existing slot.  Private memslots are immutable: they can only be deleted.
                 if flags & KVM_MEM_GUEST_MEMFD:
-                    raise KvmIoctlError(EINVAL, f"memslot {slot} has a guest_memfd: it cannot be modified, "
-                                                f"only deleted")
-                if (userspace_addr != old.userspace_addr or npages != old.npages
-                        or (flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD)):
-                    raise KvmIoctlError(EINVAL, f"memslot {slot} exists with another size, host address or "
-                                                f"kind")
+                    raise KvmIoctlError(
+                        EINVAL, f"memslot {slot} has a guest_memfd: it cannot be modified, only deleted"
+                    )
+                if (
+                    userspace_addr != old.userspace_addr
+                    or npages != old.npages
+                    or (flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD)
+                ):
+                    raise KvmIoctlError(EINVAL, f"memslot {slot} exists with another size, host address or kind")
                 if base != old.base_gfn:
                     change = KVM_MR_MOVE
                 elif flags != old.flags:
                     change = KVM_MR_FLAGS_ONLY
                 else:
-                    return None                          # nothing to change
+                    return None  # nothing to change
                 new = old.copy()
                 new.base_gfn, new.flags = base, flags
             if change in (KVM_MR_CREATE, KVM_MR_MOVE):
@@ -263,10 +295,13 @@ class KvmMain:
         waits in synchronize_srcu()), no fault can map a page of the old slot any more (a fault
         that finds the INVALID slot retries), so kvm_arch_flush_shadow_memslot() removes every
         mapping for good.  Then the final memslots are installed (another swap and wait)."""
-        self.touch_all()                      # (emu.checkers.dpor) memslots are read on every path
+        self.touch_all()  # (emu.checkers.dpor) memslots are read on every path
         if change in (KVM_MR_DELETE, KVM_MR_MOVE):
-            self.trace_emit("kvm_set_memslot", msg=f"{KVM_MR_NAMES[change]} slot {old.id} gfn {old.base_gfn:#x}"
-                            f"+{old.npages:#x}" + (f" to gfn {new.base_gfn:#x}" if new is not None else ""))
+            self.trace_emit(
+                "kvm_set_memslot",
+                msg=f"{KVM_MR_NAMES[change]} slot {old.id} gfn {old.base_gfn:#x}"
+                f"+{old.npages:#x}" + (f" to gfn {new.base_gfn:#x}" if new is not None else ""),
+            )
             invalid = old.copy()
             invalid.flags |= KVM_MEMSLOT_INVALID
             self.kvm_replace_memslot(old, invalid)
@@ -286,7 +321,7 @@ class KvmMain:
         elif change == KVM_MR_CREATE:
             self.kvm_replace_memslot(None, new)
             self.kvm_swap_active_memslots()
-        else:                                  # KVM_MR_FLAGS_ONLY
+        else:  # KVM_MR_FLAGS_ONLY
             self.kvm_replace_memslot(old, new)
             self.kvm_swap_active_memslots()
         return None
@@ -310,7 +345,7 @@ class KvmMain:
         self.inactive_memslots = None
         self.memslots_generation += 1
         if self.bugs.memslot_no_srcu_wait:
-            return                            # bug switch: readers of the old slot are not waited for
+            return  # bug switch: readers of the old slot are not waited for
         self.srcu.synchronize_srcu_expedited()
 
     # -- the invalidation protocol (mmu_notifier, memory attributes, guest_memfd) -----------------------
@@ -386,17 +421,20 @@ class KvmMain:
         if flags:
             raise KvmIoctlError(EINVAL, "KVM_SET_MEMORY_ATTRIBUTES: flags must be 0")
         if attributes & ~supported:
-            raise KvmIoctlError(EINVAL, f"KVM_SET_MEMORY_ATTRIBUTES: attributes {attributes:#x} not supported "
-                                        f"by this VM type" + ("" if self.has_private_mem else
-                                                              " (a default VM has no private memory)"))
+            raise KvmIoctlError(
+                EINVAL,
+                f"KVM_SET_MEMORY_ATTRIBUTES: attributes {attributes:#x} not supported "
+                f"by this VM type" + ("" if self.has_private_mem else " (a default VM has no private memory)"),
+            )
         if size == 0 or address + size < address or (address | size) & 0xFFF:
-            raise KvmIoctlError(EINVAL, f"KVM_SET_MEMORY_ATTRIBUTES: bad range {address:#x}+{size:#x} "
-                                        f"(page-aligned, non-empty)")
+            raise KvmIoctlError(
+                EINVAL, f"KVM_SET_MEMORY_ATTRIBUTES: bad range {address:#x}+{size:#x} (page-aligned, non-empty)"
+            )
         if (address + size) >> 12 > self.max_gfn_exclusive:
-            raise KvmIoctlError(EINVAL, "KVM_SET_MEMORY_ATTRIBUTES: range beyond the guest physical "
-                                        "address space")
-        self.set_memory_attributes(address >> 12, (address + size) >> 12,
-                                   private=bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE))
+            raise KvmIoctlError(EINVAL, "KVM_SET_MEMORY_ATTRIBUTES: range beyond the guest physical address space")
+        self.set_memory_attributes(
+            address >> 12, (address + size) >> 12, private=bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        )
 
     def set_memory_attributes(self, start_gfn, end_gfn, private):
         """kvm_vm_set_mem_attributes(): mark [start, end) private or shared.
@@ -412,16 +450,17 @@ class KvmMain:
         huge page that the new attribute splits."""
         have = self.private_gfns
         if have.covers(start_gfn, end_gfn) if private else not have.intersects(start_gfn, end_gfn):
-            return                          # nothing to do: the range has these attributes
-        self.trace_emit("kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} "
-                        f"{'private' if private else 'shared'}")
+            return  # nothing to do: the range has these attributes
+        self.trace_emit(
+            "kvm_set_memory_attributes", msg=f"gfn {start_gfn:x}-{end_gfn:x} {'private' if private else 'shared'}"
+        )
         # kvm_arch_gmem_convert() (v5 43-44/45): TDX splits the huge private pages the range cuts
         # before they are zapped, so that exactly the range goes.
         r = self.x86_ops.gmem_convert(self, start_gfn, end_gfn, private)
         if r:
             raise KvmIoctlError(-r, f"converting gfn {start_gfn:#x}-{end_gfn:#x}: splitting failed ({r})")
         if not self.has_mirrored_tdp:
-            types = KVM_DIRECT_ROOTS         # kvm_gfn_range_filter_to_root_types(): one root for all
+            types = KVM_DIRECT_ROOTS  # kvm_gfn_range_filter_to_root_types(): one root for all
         else:
             types = KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS
         ranges = [(start_gfn, end_gfn)] if self.has_private_mem else []
@@ -429,7 +468,7 @@ class KvmMain:
         self.invalidate_and_unmap(ranges, types, around)
         if self.sched is not None:
             self.sched.point(None, "set_attributes")
-        self.touch_all()                    # attributes are read on many paths: count it as global
+        self.touch_all()  # attributes are read on many paths: count it as global
         if private:
             self.private_gfns.add(start_gfn, end_gfn)
         else:
@@ -446,8 +485,12 @@ class KvmMain:
             pages = KVM_PAGES_PER_HPAGE(level)
             for gfn in {start_gfn & -pages, (end_gfn - 1) & -pages}:
                 slot = self.gfn_to_memslot(gfn)
-                if (slot is not None and slot.backing_level >= level and slot.lpage_allowed(gfn, level)
-                        and not self.private_gfns.intersects(gfn, gfn + pages)):
+                if (
+                    slot is not None
+                    and slot.backing_level >= level
+                    and slot.lpage_allowed(gfn, level)
+                    and not self.private_gfns.intersects(gfn, gfn + pages)
+                ):
                     out.append((gfn, gfn + pages))
         return out
 
@@ -460,8 +503,12 @@ class KvmMain:
             a = max(hva_start, slot.userspace_addr)
             b = min(hva_end, slot.userspace_addr + (slot.npages << 12))
             if a < b:
-                ranges.append((slot.base_gfn + ((a - slot.userspace_addr) >> 12),
-                               slot.base_gfn + ((b - slot.userspace_addr + 0xFFF) >> 12)))
+                ranges.append(
+                    (
+                        slot.base_gfn + ((a - slot.userspace_addr) >> 12),
+                        slot.base_gfn + ((b - slot.userspace_addr + 0xFFF) >> 12),
+                    )
+                )
         self.invalidate_and_unmap(ranges, KVM_DIRECT_ROOTS)
 
     def mmu_notifier_invalidate_range_end(self):
@@ -512,20 +559,20 @@ class KvmMain:
         targets = []
         sched = self.sched
         for v in vcpus:
-            self.touch(("task", v.vcpu_id))           # (emu.checkers.dpor) its requests, its mode, its IPI
+            self.touch(("task", v.vcpu_id))  # (emu.checkers.dpor) its requests, its mode, its IPI
             v.requests |= req
             mode = v.mode
             if mode == IN_GUEST_MODE:
                 v.mode = EXITING_GUEST_MODE
             if (mode != OUTSIDE_GUEST_MODE) if wait else (mode == IN_GUEST_MODE):
                 if self.bugs.kick_misses_running_vcpu and v.hw is not None and v.hw.in_guest:
-                    continue                  # bug switch: the IPI never reaches a vCPU running guest code
+                    continue  # bug switch: the IPI never reaches a vCPU running guest code
                 if v.hw is not None:
                     v.hw.kick()
                     targets.append(v)
         if wait and targets:
             sched = self.sched
-            pred = lambda: not any(t.hw.intr_pending for t in targets)   # noqa: E731
+            pred = lambda: not any(t.hw.intr_pending for t in targets)  # noqa: E731
             if sched is not None:
                 sched.wait_until(pred, what="ipi_wait")
             else:
@@ -574,7 +621,7 @@ class KvmMain:
         inj = self.inject
         if inj is not None and inj.should_fail("tlb_flush"):
             self.trace_emit("kvm_flush_remote_tlbs", msg="delayed (injected)")
-            return                            # delivered with the next flush
+            return  # delivered with the next flush
         targets = self.kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)
         self.touch("flush")
         self.flush_owed = False
@@ -612,9 +659,6 @@ class KvmMain:
         self.x86_ops.vm_free(self)
 
 
-
-
-
 class KvmVcpuMain:
     """The vCPU side of kvm_main.c: kicks (kvm_vcpu_kick) and signals."""
 
@@ -637,4 +681,3 @@ class KvmVcpuMain:
         # enough for the IPI, which the entry then takes at once.
         if self.hw is not None and (self.hw.in_guest or self.mode == IN_GUEST_MODE):
             self.hw.kick()
-

@@ -52,7 +52,6 @@ class MmuLock:
         self.writer = False
 
 
-
 class Mutex:
     """struct mutex, as the scheduler sees it: one owner; a task that cannot take it sleeps
     (the others run meanwhile).  ``lockdep_assert_held()`` is lockdep's check of the owner."""

@@ -9,17 +9,45 @@ from ..hw.memory import OutOfHostMemory
 from .kvm_host import KvmIoctlError, KvmMemoryFault, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, EIO, ENOENT
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level
 from .tdp_mmu import KVM_DIRECT_ROOTS, KVM_VALID_ROOTS
-from .uapi import (KVM_MEMSLOT_INVALID, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_X86_DEFAULT_VM,
-                   KVM_X86_SW_PROTECTED_VM, KVM_MEMORY_EXIT_FLAG_PRIVATE)
+from .uapi import (
+    KVM_MEMSLOT_INVALID,
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_EXIT_MMIO,
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_SW_PROTECTED_VM,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+)
 from .x86_ops import X86EMUL_RETRY_INSTR
-from .spte import PG_LEVEL_4K, KVM_PAGES_PER_HPAGE, PT64_ROOT_MAX_LEVEL, \
-    is_mmio_spte, get_mmio_spte_generation, MMIO_SPTE_GEN_MASK
+from .spte import (
+    PG_LEVEL_4K,
+    KVM_PAGES_PER_HPAGE,
+    PT64_ROOT_MAX_LEVEL,
+    is_mmio_spte,
+    get_mmio_spte_generation,
+    MMIO_SPTE_GEN_MASK,
+)
 
 from .mmu_internal import (  # noqa: F401  (the names mmu.c users import from here)
-    PFERR_PRESENT_MASK, PFERR_WRITE_MASK, PFERR_USER_MASK, PFERR_RSVD_MASK, PFERR_FETCH_MASK,
-    PFERR_GUEST_FINAL_MASK, PFERR_GUEST_PAGE_MASK, PFERR_PRIVATE_ACCESS, RET_PF_CONTINUE, RET_PF_RETRY,
-    RET_PF_EMULATE, RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_NAMES,
-    KVM_MAX_HUGEPAGE_LEVEL, KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, KvmPageFault)
+    PFERR_PRESENT_MASK,
+    PFERR_WRITE_MASK,
+    PFERR_USER_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_FETCH_MASK,
+    PFERR_GUEST_FINAL_MASK,
+    PFERR_GUEST_PAGE_MASK,
+    PFERR_PRIVATE_ACCESS,
+    RET_PF_CONTINUE,
+    RET_PF_RETRY,
+    RET_PF_EMULATE,
+    RET_PF_WRITE_PROTECTED,
+    RET_PF_INVALID,
+    RET_PF_FIXED,
+    RET_PF_SPURIOUS,
+    RET_PF_NAMES,
+    KVM_MAX_HUGEPAGE_LEVEL,
+    KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE,
+    KvmPageFault,
+)
 
 ENOMEM = 12
 EFAULT = 14
@@ -41,7 +69,7 @@ class KvmMmuMemoryCache:
     def _new_page(self):
         page = self.kvm.alloc_page_for(self.name)
         if page is not None and self.init_page is not None:
-            self.kvm.mem.buf[page:page + 4096] = self.init_page
+            self.kvm.mem.buf[page : page + 4096] = self.init_page
         return page
 
     def topup(self, min_objs):
@@ -94,8 +122,11 @@ def kvm_mmu_max_mapping_level(kvm, slot, gfn, is_private):
         level = min(level, kvm.x86_ops.gmem_max_mapping_level(kvm, gfn))
     while level > PG_LEVEL_4K:
         if is_private:
-            disallowed = (not _gmem_lpage_allowed(slot, gfn, level) or not _all_private(kvm, gfn, level)
-                          or hugepage_test_guest_inhibit(kvm, slot, gfn, level))
+            disallowed = (
+                not _gmem_lpage_allowed(slot, gfn, level)
+                or not _all_private(kvm, gfn, level)
+                or hugepage_test_guest_inhibit(kvm, slot, gfn, level)
+            )
         else:
             # KVM_LPAGE_MIXED_FLAG: a shared huge page may not cover a private gfn.
             disallowed = not slot.lpage_allowed(gfn, level) or kvm.has_private_mem and _has_private(kvm, gfn, level)
@@ -176,8 +207,7 @@ def kvm_mmu_hugepage_adjust(vcpu, fault):
     fault.huge_page_disallowed = fault.exec and vcpu.kvm.nx_huge_pages
     if fault.slot is None or fault.max_level == PG_LEVEL_4K:
         return
-    fault.req_level = min(fault.max_level, kvm_mmu_max_mapping_level(vcpu.kvm, fault.slot, fault.gfn,
-                                                                     fault.is_private))
+    fault.req_level = min(fault.max_level, kvm_mmu_max_mapping_level(vcpu.kvm, fault.slot, fault.gfn, fault.is_private))
     if fault.req_level == PG_LEVEL_4K or fault.huge_page_disallowed:
         return
     fault.goal_level = fault.req_level
@@ -324,8 +354,7 @@ class KvmMmu:
         (private and shared; invalid roots too) and flush."""
         self.mmu_lock.write_lock()
         try:
-            flush = self.tdp_mmu.unmap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages, KVM_VALID_ROOTS,
-                                                 False)
+            flush = self.tdp_mmu.unmap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages, KVM_VALID_ROOTS, False)
             self.stat["zaps"] += 1
             if flush:
                 self.flush_remote_tlbs()
@@ -410,7 +439,6 @@ class KvmMmu:
         return zapped
 
 
-
 class KvmVcpuMmu:
     """The vCPU part of mmu.c: roots (kvm_mmu_load/reload/unload) and the page fault
     (kvm_mmu_page_fault -> kvm_mmu_do_page_fault -> kvm_tdp_page_fault -> kvm_tdp_mmu_map)."""
@@ -490,8 +518,13 @@ class KvmVcpuMmu:
         with -EFAULT and says why in kvm_run.memory_fault (flags, gpa, size)."""
         flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
         gpa = fault.gfn << 12
-        self.exit_to_user(KVM_EXIT_MEMORY_FAULT, memory_fault=KvmMemoryFault(flags, gpa, 4096),
-                          gpa=gpa, size=4096, private=fault.is_private)
+        self.exit_to_user(
+            KVM_EXIT_MEMORY_FAULT,
+            memory_fault=KvmMemoryFault(flags, gpa, 4096),
+            gpa=gpa,
+            size=4096,
+            private=fault.is_private,
+        )
 
     def kvm_mmu_page_fault(self, gpa, error_code):
         """Returns 1 to resume the guest, 0 after preparing a userspace exit, -EFAULT after
@@ -501,18 +534,21 @@ class KvmVcpuMmu:
         # A software-protected VM has no hardware that says which accesses are private: the
         # gfn's attribute is the source of truth (except for reserved faults: emulated MMIO is
         # shared-only).
-        if (not error_code & PFERR_RSVD_MASK and kvm.vm_type == KVM_X86_SW_PROTECTED_VM
-                and kvm.mem_is_private(gpa >> 12)):
+        if (
+            not error_code & PFERR_RSVD_MASK
+            and kvm.vm_type == KVM_X86_SW_PROTECTED_VM
+            and kvm.mem_is_private(gpa >> 12)
+        ):
             error_code |= PFERR_PRIVATE_ACCESS
         if error_code & PFERR_RSVD_MASK:
             r = handle_mmio_page_fault(self, gpa)
             if r == RET_PF_INVALID:
-                error_code &= ~PFERR_RSVD_MASK    # a stale MMIO SPTE: fault it in normally
+                error_code &= ~PFERR_RSVD_MASK  # a stale MMIO SPTE: fault it in normally
         if r == RET_PF_INVALID:
             r = self.kvm_mmu_do_page_fault(gpa, error_code)
         if r < 0:
             if r == -EFAULT and self.kvm_run is not None and self.kvm_run.exit_reason == KVM_EXIT_MEMORY_FAULT:
-                return r                      # -EFAULT with kvm_run filled in: userspace reads it
+                return r  # -EFAULT with kvm_run filled in: userspace reads it
             raise KvmIoctlError(-r, f"page fault at gpa {gpa:#x} failed ({r})")
         if r != RET_PF_EMULATE:
             return 1
@@ -536,7 +572,7 @@ class KvmVcpuMmu:
         r = self.kvm_tdp_page_fault(fault)
         if r == RET_PF_FIXED:
             self.stat["pf_fixed"] += 1
-            self.budget = self.exit_limit     # progress: the watchdog starts over
+            self.budget = self.exit_limit  # progress: the watchdog starts over
         elif r == RET_PF_EMULATE:
             self.stat["pf_emulate"] += 1
         elif r == RET_PF_SPURIOUS:
@@ -545,9 +581,14 @@ class KvmVcpuMmu:
             self.stat["pf_retry"] += 1
         self.last_pf_ret = r
         if kvm.tracer.enabled and r >= 0:
-            kvm.trace_emit("kvm_tdp_page_fault_done", self.vcpu_id, gfn=fault.gfn, level=fault.goal_level,
-                           root="mirror" if fault.is_private and kvm.has_mirrored_tdp else "direct",
-                           ret=RET_PF_NAMES[r])
+            kvm.trace_emit(
+                "kvm_tdp_page_fault_done",
+                self.vcpu_id,
+                gfn=fault.gfn,
+                level=fault.goal_level,
+                root="mirror" if fault.is_private and kvm.has_mirrored_tdp else "direct",
+                ret=RET_PF_NAMES[r],
+            )
         return r
 
     def kvm_tdp_page_fault(self, fault):
@@ -563,8 +604,14 @@ class KvmVcpuMmu:
         kvm.mmu_lock.read_lock()
         try:
             if self.is_page_fault_stale(fault):
-                kvm.trace_emit("kvm_page_fault_stale", self.vcpu_id, gfn=fault.gfn, mmu_seq=fault.mmu_seq,
-                               seq=kvm.mmu_invalidate_seq, in_progress=kvm.mmu_invalidate_in_progress)
+                kvm.trace_emit(
+                    "kvm_page_fault_stale",
+                    self.vcpu_id,
+                    gfn=fault.gfn,
+                    mmu_seq=fault.mmu_seq,
+                    seq=kvm.mmu_invalidate_seq,
+                    in_progress=kvm.mmu_invalidate_in_progress,
+                )
                 stale = True
                 return RET_PF_RETRY
             return kvm.tdp_mmu.map(self, fault)
@@ -572,7 +619,7 @@ class KvmVcpuMmu:
             kvm.mmu_lock.read_unlock()
             if stale:
                 if kvm.mmu_invalidate_in_progress:
-                    self.budget = self.exit_limit     # (as in _invalidate_retry)
+                    self.budget = self.exit_limit  # (as in _invalidate_retry)
                 if kvm.sched is not None:
                     kvm.sched.point(self.vcpu_id, "mmu_invalidate_retry")
 

@@ -17,8 +17,9 @@ PFERR_GUEST_PAGE_MASK = 1 << 33
 PFERR_PRIVATE_ACCESS = 1 << 49
 
 # enum RET_PF_* (mmu_internal.h)
-RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, \
-    RET_PF_SPURIOUS = range(7)
+RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS = (
+    range(7)
+)
 RET_PF_NAMES = ["CONTINUE", "RETRY", "EMULATE", "WRITE_PROTECTED", "INVALID", "FIXED", "SPURIOUS"]
 
 KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
@@ -27,9 +28,28 @@ KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40
 
 class KvmPageFault:
     """struct kvm_page_fault"""
-    __slots__ = ("addr", "error_code", "prefetch", "exec", "write", "present", "rsvd", "user", "is_tdp",
-                 "is_private", "max_level", "req_level", "goal_level", "gfn", "slot", "pfn", "map_writable",
-                 "huge_page_disallowed", "mmu_seq")
+
+    __slots__ = (
+        "addr",
+        "error_code",
+        "prefetch",
+        "exec",
+        "write",
+        "present",
+        "rsvd",
+        "user",
+        "is_tdp",
+        "is_private",
+        "max_level",
+        "req_level",
+        "goal_level",
+        "gfn",
+        "slot",
+        "pfn",
+        "map_writable",
+        "huge_page_disallowed",
+        "mmu_seq",
+    )
 
     def __init__(self, addr, error_code, prefetch=False):
         self.addr = addr

@@ -9,8 +9,8 @@ be reused while a vCPU still walks it: exactly the bug RCU prevents.
 
 class Rcu:
     def __init__(self, kvm=None):
-        self.depth = {}          # reader -> nesting depth
-        self.pending = []        # [set of readers still to leave, callback]
+        self.depth = {}  # reader -> nesting depth
+        self.pending = []  # [set of readers still to leave, callback]
         self.no_grace_period = False
         self.kvm = kvm
 
@@ -47,7 +47,7 @@ class Rcu:
     def call_rcu(self, fn):
         self._touch(True)
         if self.no_grace_period:
-            fn()                              # bug switch: freed while readers may still walk it
+            fn()  # bug switch: freed while readers may still walk it
             return
         waiting = set(self.depth)
         if waiting:

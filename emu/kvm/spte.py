@@ -8,7 +8,7 @@ from ..hw.ept import EPT_R, EPT_W, EPT_X, EPT_PS, EPT_A, EPT_D, EPT_IPAT, EPT_SV
 PT_PAGE_SIZE_MASK = EPT_PS
 PT_WRITABLE_MASK = EPT_W
 SPTE_MMU_PRESENT_MASK = 1 << 11
-SPTE_BASE_ADDR_MASK = ADDR_MASK           # bits MAXPHYADDR-1:12 (KVM: 51:12)
+SPTE_BASE_ADDR_MASK = ADDR_MASK  # bits MAXPHYADDR-1:12 (KVM: 51:12)
 
 VMX_EPT_READABLE_MASK = EPT_R
 VMX_EPT_WRITABLE_MASK = EPT_W
@@ -54,11 +54,11 @@ FROZEN_SPTE = REMOVED_SPTE
 shadow_mmio_mask = VMX_EPT_RWX_MASK | VMX_EPT_SUPPRESS_VE_BIT
 shadow_mmio_value = VMX_EPT_WRITABLE_MASK | VMX_EPT_EXECUTABLE_MASK
 VMX_EPT_MISCONFIG_WX_VALUE = VMX_EPT_WRITABLE_MASK | VMX_EPT_EXECUTABLE_MASK
-shadow_mmio_access_mask = 0       # ACC bits are not kept in EPT MMIO SPTEs in this model
+shadow_mmio_access_mask = 0  # ACC bits are not kept in EPT MMIO SPTEs in this model
 
 # Memory type bits KVM ORs into leaf SPTEs (vmx_get_mt_mask) for ordinary RAM.
-MT_MASK_DEFAULT_VM = (MT_WB << VMX_EPT_MT_EPTE_SHIFT) | VMX_EPT_IPAT_BIT   # IGNORE_GUEST_PAT quirk on
-MT_MASK_TDX_VM = MT_WB << VMX_EPT_MT_EPTE_SHIFT                          # TDX disables the quirk
+MT_MASK_DEFAULT_VM = (MT_WB << VMX_EPT_MT_EPTE_SHIFT) | VMX_EPT_IPAT_BIT  # IGNORE_GUEST_PAT quirk on
+MT_MASK_TDX_VM = MT_WB << VMX_EPT_MT_EPTE_SHIFT  # TDX disables the quirk
 
 ACC_EXEC_MASK = 1
 ACC_WRITE_MASK = PT_WRITABLE_MASK
@@ -167,12 +167,19 @@ def make_spte(level, pfn, pte_access, mt_mask, host_writable=True, prefetch=Fals
 
 
 def make_nonleaf_spte(child_hpa):
-    return (SPTE_MMU_PRESENT_MASK | child_hpa | shadow_present_mask | PT_WRITABLE_MASK | shadow_user_mask
-            | shadow_x_mask | shadow_accessed_mask)
+    return (
+        SPTE_MMU_PRESENT_MASK
+        | child_hpa
+        | shadow_present_mask
+        | PT_WRITABLE_MASK
+        | shadow_user_mask
+        | shadow_x_mask
+        | shadow_accessed_mask
+    )
 
 
-MMIO_SPTE_GEN_LOW_SHIFT = 3          # generation bits 7:0 in SPTE bits 10:3
-MMIO_SPTE_GEN_HIGH_SHIFT = 52        # generation bits 18:8 in SPTE bits 62:52
+MMIO_SPTE_GEN_LOW_SHIFT = 3  # generation bits 7:0 in SPTE bits 10:3
+MMIO_SPTE_GEN_HIGH_SHIFT = 52  # generation bits 18:8 in SPTE bits 62:52
 MMIO_SPTE_GEN_MASK = (1 << 19) - 1
 
 
@@ -180,8 +187,9 @@ def make_mmio_spte(gfn, generation=0, mmio_value=shadow_mmio_value):
     """make_mmio_spte(): the VM's MMIO value (W|X, a misconfig; a TD's is 0), the GFN, and the
     memslots generation it was made in."""
     gen = generation & MMIO_SPTE_GEN_MASK
-    return (mmio_value | (gfn << 12) | ((gen & 0xFF) << MMIO_SPTE_GEN_LOW_SHIFT)
-            | ((gen >> 8) << MMIO_SPTE_GEN_HIGH_SHIFT))
+    return (
+        mmio_value | (gfn << 12) | ((gen & 0xFF) << MMIO_SPTE_GEN_LOW_SHIFT) | ((gen >> 8) << MMIO_SPTE_GEN_HIGH_SHIFT)
+    )
 
 
 def get_mmio_spte_generation(spte):

@@ -26,9 +26,9 @@ class Srcu:
 
     def __init__(self, kvm=None):
         self.kvm = kvm
-        self.srcu_idx = 0                # ssp->srcu_idx: readers count on srcu_idx & 1
-        self.lock_count = [0, 0]         # readers inside a section, per index
-        self.grace_periods = 0           # completed synchronize_srcu() calls
+        self.srcu_idx = 0  # ssp->srcu_idx: readers count on srcu_idx & 1
+        self.lock_count = [0, 0]  # readers inside a section, per index
+        self.grace_periods = 0  # completed synchronize_srcu() calls
 
     def _touch(self, write):
         if self.kvm is not None:
@@ -54,7 +54,7 @@ class Srcu:
         self._touch(True)
         self._wait_zero((self.srcu_idx & 1) ^ 1)
         old = self.srcu_idx & 1
-        self.srcu_idx += 1                   # srcu_flip()
+        self.srcu_idx += 1  # srcu_flip()
         self._touch(True)
         self._wait_zero(old)
         self.grace_periods += 1
@@ -67,6 +67,7 @@ class Srcu:
             return
         sched = self.kvm.sched if self.kvm is not None else None
         if sched is None or getattr(sched, "current", None) is None:
-            raise AssertionError(f"synchronize_srcu() with {self.lock_count[idx]} readers inside and no "
-                                 f"scheduler to let them out")
+            raise AssertionError(
+                f"synchronize_srcu() with {self.lock_count[idx]} readers inside and no scheduler to let them out"
+            )
         sched.wait_until(lambda: not self.lock_count[idx], what="srcu_wait")

@@ -6,15 +6,43 @@ the snapshot KVM's cmpxchg compares against; every read of an SPTE is a
 scheduling point (another vCPU may run between two reads).
 """
 
-from .spte import (KVM_PAGES_PER_HPAGE, SPTE_INDEX, gfn_round_for_level, SPTE_MMU_PRESENT_MASK, PT_PAGE_SIZE_MASK,
-                   PG_LEVEL_4K, SPTE_BASE_ADDR_MASK, PT64_ROOT_MAX_LEVEL, PAGES_PER_HPAGE, GFN_INDEX_SHIFT,
-                   SPTE_INDEX_MASK)
+from .spte import (
+    KVM_PAGES_PER_HPAGE,
+    SPTE_INDEX,
+    gfn_round_for_level,
+    SPTE_MMU_PRESENT_MASK,
+    PT_PAGE_SIZE_MASK,
+    PG_LEVEL_4K,
+    SPTE_BASE_ADDR_MASK,
+    PT64_ROOT_MAX_LEVEL,
+    PAGES_PER_HPAGE,
+    GFN_INDEX_SHIFT,
+    SPTE_INDEX_MASK,
+)
 
 
 class TdpIter:
-    __slots__ = ("next_last_level_gfn", "yielded_gfn", "pt_path", "sptep", "gfn", "gfn_bits", "root_level",
-                 "min_level", "level", "as_id", "old_spte", "valid", "yielded", "q", "sched", "vcpu", "kvm",
-                 "frees", "entered")
+    __slots__ = (
+        "next_last_level_gfn",
+        "yielded_gfn",
+        "pt_path",
+        "sptep",
+        "gfn",
+        "gfn_bits",
+        "root_level",
+        "min_level",
+        "level",
+        "as_id",
+        "old_spte",
+        "valid",
+        "yielded",
+        "q",
+        "sched",
+        "vcpu",
+        "kvm",
+        "frees",
+        "entered",
+    )
 
     def __init__(self, kvm, root, min_level, start_gfn, gfn_bits, vcpu=None):
         self.q = kvm.mem.q
@@ -42,13 +70,14 @@ class TdpIter:
         its page was reused since (then its entries would be another table's)."""
         table = sptep & ~0xFFF
         if getattr(self.sched, "fp", None) is not None:
-            self.sched.touch(("table", table), False)      # the table's free (emu.checkers.dpor)
+            self.sched.touch(("table", table), False)  # the table's free (emu.checkers.dpor)
         # (an iterator made with no scheduler recorded nothing: only the freed page is checked)
         entered = self.entered.get(table) if self.entered is not None else None
         if entered is not None and self.frees.get(table, 0) != entered or table in self.kvm.host.kernel.freed:
-            who = 'vCPU ' + str(self.vcpu) if self.vcpu is not None else 'a zap'
-            self.kvm.checker_violation(f"use after free: {who} {what} SPTE {sptep:#x} of a page table "
-                                       f"freed since it stepped in")
+            who = "vCPU " + str(self.vcpu) if self.vcpu is not None else "a zap"
+            self.kvm.checker_violation(
+                f"use after free: {who} {what} SPTE {sptep:#x} of a page table freed since it stepped in"
+            )
 
     def start(self, root, min_level, next_last_level_gfn, gfn_bits):
         level = root.role_level
@@ -96,7 +125,7 @@ class TdpIter:
         self.pt_path[level - 1] = child
         if self.entered is not None:
             self.entered[child] = self.frees.get(child, 0)
-        self.gfn = self.next_last_level_gfn & -PAGES_PER_HPAGE[level]     # gfn_round_for_level()
+        self.gfn = self.next_last_level_gfn & -PAGES_PER_HPAGE[level]  # gfn_round_for_level()
         self.refresh_sptep()
         return True
 

@@ -13,18 +13,48 @@ after an RCU grace period, because lockless walkers (other vCPUs' faults)
 may still be reading them.
 """
 
-
-from .spte import (SHADOW_NONPRESENT_VALUE, REMOVED_SPTE, PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G,
-                   KVM_PAGES_PER_HPAGE, is_shadow_present_pte, is_last_spte, is_removed_spte, is_large_pte,
-                   spte_to_pfn, make_nonleaf_spte, make_spte, make_mmio_spte, is_mmio_spte, ACC_ALL,
-                   PT_WRITABLE_MASK,
-                   shadow_x_mask, shadow_user_mask, spte_str, PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK,
-                   EPT_SPTE_MMU_WRITABLE, SPTE_TDP_AD_MASK, SPTE_TDP_AD_ENABLED, shadow_accessed_mask,
-                   shadow_dirty_mask, PAGES_PER_HPAGE)
+from .spte import (
+    SHADOW_NONPRESENT_VALUE,
+    REMOVED_SPTE,
+    PG_LEVEL_4K,
+    PG_LEVEL_2M,
+    PG_LEVEL_1G,
+    KVM_PAGES_PER_HPAGE,
+    is_shadow_present_pte,
+    is_last_spte,
+    is_removed_spte,
+    is_large_pte,
+    spte_to_pfn,
+    make_nonleaf_spte,
+    make_spte,
+    make_mmio_spte,
+    is_mmio_spte,
+    ACC_ALL,
+    PT_WRITABLE_MASK,
+    shadow_x_mask,
+    shadow_user_mask,
+    spte_str,
+    PT_PAGE_SIZE_MASK,
+    SPTE_MMU_PRESENT_MASK,
+    EPT_SPTE_MMU_WRITABLE,
+    SPTE_TDP_AD_MASK,
+    SPTE_TDP_AD_ENABLED,
+    shadow_accessed_mask,
+    shadow_dirty_mask,
+    PAGES_PER_HPAGE,
+)
 from ..hw.memory import table_entries
 from .tdp_iter import TdpIter, for_each_tdp_pte_min_level, spte_to_child_pt
-from .mmu_internal import (RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE,  # noqa: F401
-                  RET_PF_WRITE_PROTECTED, RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_NAMES)
+from .mmu_internal import (  # noqa: F401  (tdp_mmu.c's users take the RET_PF_* names from here)
+    RET_PF_CONTINUE,
+    RET_PF_RETRY,
+    RET_PF_EMULATE,
+    RET_PF_WRITE_PROTECTED,
+    RET_PF_INVALID,
+    RET_PF_FIXED,
+    RET_PF_SPURIOUS,
+    RET_PF_NAMES,
+)
 
 EBUSY = 16
 EIO = 5
@@ -66,8 +96,21 @@ def external_spte_kind(old_spte, new_spte, level):
 
 class KvmMmuPage:
     """struct kvm_mmu_page for the TDP MMU: ``spt`` is the HPA of its 512-entry table."""
-    __slots__ = ("role", "gfn", "spt", "ptep", "external_spt", "tdp_mmu_root_count", "role_level", "as_id",
-                 "is_mirror", "zapped", "tdp_mmu_scheduled_root_to_zap", "nx_huge_page_disallowed")
+
+    __slots__ = (
+        "role",
+        "gfn",
+        "spt",
+        "ptep",
+        "external_spt",
+        "tdp_mmu_root_count",
+        "role_level",
+        "as_id",
+        "is_mirror",
+        "zapped",
+        "tdp_mmu_scheduled_root_to_zap",
+        "nx_huge_page_disallowed",
+    )
 
     def __init__(self, spt):
         self.spt = spt
@@ -77,7 +120,7 @@ class KvmMmuPage:
         self.external_spt = None
         self.tdp_mmu_root_count = 0
         self.ptep = None
-        self.zapped = False           # an invalidated root whose zap is done
+        self.zapped = False  # an invalidated root whose zap is done
         self.tdp_mmu_scheduled_root_to_zap = False
 
     def init(self, sptep, gfn, role):
@@ -104,9 +147,9 @@ class TdpMmu:
     def __init__(self, kvm):
         self.kvm = kvm
         self.mem = kvm.mem
-        self.roots = []               # kvm->arch.tdp_mmu_roots
-        self.pages = 0                # kvm->arch.tdp_mmu_pages
-        self.sp_of = {}               # table HPA -> KvmMmuPage (the kernel keeps it in page->private)
+        self.roots = []  # kvm->arch.tdp_mmu_roots
+        self.pages = 0  # kvm->arch.tdp_mmu_pages
+        self.sp_of = {}  # table HPA -> KvmMmuPage (the kernel keeps it in page->private)
         # kvm->arch.possible_nx_huge_pages: tables that replace a huge page only because of the NX
         # huge page mitigation, oldest first; the recovery worker zaps them (under
         # tdp_mmu_pages_lock upstream; ``kvm.touch("possible_nx")`` here, the list and the flags).
@@ -156,8 +199,10 @@ class TdpMmu:
         """tdp_mmu_free_sp()"""
         host = self.kvm.host
         if sp.external_spt is not None:
-            self.kvm.check_td_page_freed(sp.external_spt, "tdp_mmu_free_sp() frees an S-EPT page "
-                                         "after TDH.PHYMEM.PAGE.RECLAIM (tdx_sept_free_private_spt())")
+            self.kvm.check_td_page_freed(
+                sp.external_spt,
+                "tdp_mmu_free_sp() frees an S-EPT page after TDH.PHYMEM.PAGE.RECLAIM (tdx_sept_free_private_spt())",
+            )
             host.free_kernel_page(sp.external_spt)
         del self.sp_of[sp.spt]
         self.kvm.touch(("table", sp.spt))
@@ -169,8 +214,10 @@ class TdpMmu:
         role = (parent.role & ~ROLE_LEVEL_MASK) | (parent.role_level - 1)
         child.init(it.sptep, it.gfn, role)
         if self.kvm.tracer.enabled:
-            self.kvm.trace_emit("kvm_mmu_get_page", msg=f"sp gfn {it.gfn:x} l{role & 0xF} "
-                                f"{'mirror' if role & ROLE_IS_MIRROR else 'direct'} new")
+            self.kvm.trace_emit(
+                "kvm_mmu_get_page",
+                msg=f"sp gfn {it.gfn:x} l{role & 0xF} {'mirror' if role & ROLE_IS_MIRROR else 'direct'} new",
+            )
 
     def account_mmu_page(self, sp):
         self.pages += 1
@@ -212,8 +259,12 @@ class TdpMmu:
         """disallowed_hugepage_adjust(): a table made for an exec fault (or any table of a mirror
         root) sits where this fault wants a huge page: go one level down instead (into that
         table), and give the pfn back the next 9 bits of the address."""
-        if (cur_level > PG_LEVEL_4K and cur_level == fault.goal_level and is_shadow_present_pte(spte)
-                and not is_large_pte(spte)):
+        if (
+            cur_level > PG_LEVEL_4K
+            and cur_level == fault.goal_level
+            and is_shadow_present_pte(spte)
+            and not is_large_pte(spte)
+        ):
             self.kvm.touch("possible_nx", False)
             child = self.sp_of.get(spte_to_child_pt(spte, cur_level))
             if child is not None and (child.nx_huge_page_disallowed or child.is_mirror):
@@ -261,8 +312,9 @@ class TdpMmu:
         # One reference for the vCPU, one for the MMU (dropped when the root is invalidated).
         root.tdp_mmu_root_count = 2
         self.roots.append(root)
-        self.kvm.trace_emit("kvm_mmu_get_page", msg=f"root l{role & 0xF} {'mirror' if mirror else 'direct'} "
-                            f"spt {root.spt:#x} new")
+        self.kvm.trace_emit(
+            "kvm_mmu_get_page", msg=f"root l{role & 0xF} {'mirror' if mirror else 'direct'} spt {root.spt:#x} new"
+        )
         return root
 
     def put_root(self, root):
@@ -314,11 +366,18 @@ class TdpMmu:
         # Only a leaf's removal or split (v5 34/45): making a mirror SPTE present is the atomic
         # path's, which must know the S-EPT took it before it publishes the SPTE.
         r = self._handle_changed_spte(sp, as_id, gfn, old_spte, new_spte, level, shared, vcpu, leaf_only=True)
-        if r and self.kvm.KVM_BUG_ON(True, f"set_external_spte gfn {gfn:#x} level {level} "
-                                           f"{spte_str(old_spte)} -> {spte_str(new_spte)} failed ({r})"):
-            if is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level) and not is_shadow_present_pte(new_spte):
-                self.kvm.leak_page(spte_to_pfn(old_spte) << 12, f"private page of gfn {gfn:#x} level {level} "
-                                   f"still in the S-EPT")
+        if r and self.kvm.KVM_BUG_ON(
+            True,
+            f"set_external_spte gfn {gfn:#x} level {level} {spte_str(old_spte)} -> {spte_str(new_spte)} failed ({r})",
+        ):
+            if (
+                is_shadow_present_pte(old_spte)
+                and is_last_spte(old_spte, level)
+                and not is_shadow_present_pte(new_spte)
+            ):
+                self.kvm.leak_page(
+                    spte_to_pfn(old_spte) << 12, f"private page of gfn {gfn:#x} level {level} still in the S-EPT"
+                )
 
     def _handle_changed_spte(self, sp, as_id, gfn, old_spte, new_spte, level, shared, vcpu=None, leaf_only=False):
         """__handle_changed_spte(): 0, or the error of the external SPTE update (7.2 hooks).
@@ -338,15 +397,23 @@ class TdpMmu:
         assert 1 <= level <= 5 and not gfn & (PAGES_PER_HPAGE[level] - 1), (level, gfn)
         if was_leaf and is_leaf and pfn_changed:
             # pr_err + BUG() upstream: a leaf may not be repointed without a zap in between.
-            kvm.kvm_bug(f"leaf SPTE for gfn {gfn:#x} changed pfn {spte_to_pfn(old_spte):#x} -> "
-                        f"{spte_to_pfn(new_spte):#x}")
+            kvm.kvm_bug(
+                f"leaf SPTE for gfn {gfn:#x} changed pfn {spte_to_pfn(old_spte):#x} -> {spte_to_pfn(new_spte):#x}"
+            )
         if old_spte == new_spte:
             return 0
         hooks_72 = self.mirror_hooks_72
         if not hooks_72 and kvm.tracer.enabled or not was_present and not is_present:
             if kvm.tracer.enabled:
-                kvm.trace_emit("kvm_tdp_mmu_spte_changed", vcpu, as_id=as_id, gfn=gfn, level=level,
-                               old_spte=old_spte, new_spte=new_spte)
+                kvm.trace_emit(
+                    "kvm_tdp_mmu_spte_changed",
+                    vcpu,
+                    as_id=as_id,
+                    gfn=gfn,
+                    level=level,
+                    old_spte=old_spte,
+                    new_spte=new_spte,
+                )
         if not was_present and not is_present:
             # Non-present to non-present happens only for MMIO SPTEs and freezing.
             return 0
@@ -359,8 +426,15 @@ class TdpMmu:
                 if r:
                     return r
             if kvm.tracer.enabled:
-                kvm.trace_emit("kvm_tdp_mmu_spte_changed", vcpu, as_id=as_id, gfn=gfn, level=level,
-                               old_spte=old_spte, new_spte=new_spte)
+                kvm.trace_emit(
+                    "kvm_tdp_mmu_spte_changed",
+                    vcpu,
+                    as_id=as_id,
+                    gfn=gfn,
+                    level=level,
+                    old_spte=old_spte,
+                    new_spte=new_spte,
+                )
         if was_present:
             # A translation may have gone: until a flush (or the TD's TRACK and kick) completes,
             # a vCPU in guest mode may still use it (the checker allows it only meanwhile).
@@ -382,8 +456,11 @@ class TdpMmu:
         sp = self.sptep_to_sp(pt)
         level = sp.role_level
         base_gfn = sp.gfn
-        kvm.trace_emit("kvm_mmu_prepare_zap_page", vcpu, msg=f"sp gfn {base_gfn:x} l{level} "
-                       f"{'mirror' if sp.is_mirror else 'direct'}")
+        kvm.trace_emit(
+            "kvm_mmu_prepare_zap_page",
+            vcpu,
+            msg=f"sp gfn {base_gfn:x} l{level} {'mirror' if sp.is_mirror else 'direct'}",
+        )
         self.unlink_sp(sp)
         for i in range(512):
             sptep = pt + i * 8
@@ -417,8 +494,7 @@ class TdpMmu:
         if sp.is_mirror and sp.external_spt is not None:
             if self.mirror_hooks_72:
                 self.reclaim_external_sp(base_gfn, sp)
-            elif self._reflect_fault("free_spt") or kvm.x86_ops.reflect_free_spt(kvm, base_gfn, level,
-                                                                                  sp.external_spt):
+            elif self._reflect_fault("free_spt") or kvm.x86_ops.reflect_free_spt(kvm, base_gfn, level, sp.external_spt):
                 # WARN upstream: the module still owns the page, so it is leaked on purpose.
                 kvm.leak_page(sp.external_spt, f"S-EPT page of gfn {base_gfn:#x} level {level}")
                 sp.external_spt = None
@@ -454,8 +530,14 @@ class TdpMmu:
         else:
             kvm.x86_ops.reclaim_external_sp(kvm, gfn, sp)
         if kvm.tracer.enabled:
-            kvm.trace_emit("kvm_reflect", None, op="reclaim_external_sp", gfn=gfn, level=sp.role_level,
-                           ret=0 if sp.external_spt is not None else "leaked")
+            kvm.trace_emit(
+                "kvm_reflect",
+                None,
+                op="reclaim_external_sp",
+                gfn=gfn,
+                level=sp.role_level,
+                ret=0 if sp.external_spt is not None else "leaked",
+            )
 
     def remove_external_spte(self, gfn, old_spte, level, vcpu=None):
         """remove_external_spte(): only leaves have a page in the S-EPT to remove."""
@@ -463,8 +545,9 @@ class TdpMmu:
             return
         kvm = self.kvm
         kvm.lockdep_assert_held_write()
-        ret = self._reflect_fault("remove_spte") or kvm.x86_ops.reflect_remove_spte(kvm, gfn, level,
-                                                                                    spte_to_pfn(old_spte))
+        ret = self._reflect_fault("remove_spte") or kvm.x86_ops.reflect_remove_spte(
+            kvm, gfn, level, spte_to_pfn(old_spte)
+        )
         self._trace_reflect("reflect_remove_spte", gfn, level, None, ret)
         if kvm.KVM_BUG_ON(ret, f"reflect_remove_spte gfn {gfn:#x} failed ({ret})"):
             # The module still maps the page: KVM cannot give it back, so it is leaked (as upstream).
@@ -488,17 +571,17 @@ class TdpMmu:
         ret = self.reflect(gfn, level, new_spte, is_leaf, vcpu)
         self._point(vcpu, "spte_write", sptep)
         if ret and kvm.bugs.reflect_error_leaves_frozen:
-            return ret                        # bug switch: the SPTE stays REMOVED_SPTE
+            return ret  # bug switch: the SPTE stays REMOVED_SPTE
         if ret:
             self.mem.write64(sptep, old_spte)
             if kvm.tracer.enabled:
-                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="restored",
-                               spte=old_spte, ret=ret)
+                kvm.trace_emit(
+                    "kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="restored", spte=old_spte, ret=ret
+                )
         else:
             self.mem.write64(sptep, new_spte)
             if kvm.tracer.enabled:
-                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="new_spte",
-                               spte=new_spte)
+                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=gfn, level=level, what="new_spte", spte=new_spte)
         return ret
 
     def reflect(self, gfn, level, new_spte, is_leaf, vcpu):
@@ -507,23 +590,39 @@ class TdpMmu:
         if is_leaf:
             err = self._reflect_fault("set_spte")
             if err:
-                return self._trace_reflect("reflect_set_spte", gfn, level, vcpu,
-                                           self._reflect_error(err, "reflect_set_spte", gfn, level))
-            return self._trace_reflect("reflect_set_spte", gfn, level, vcpu,
-                                       kvm.x86_ops.reflect_set_spte(kvm, gfn, level, spte_to_pfn(new_spte), vcpu))
+                return self._trace_reflect(
+                    "reflect_set_spte", gfn, level, vcpu, self._reflect_error(err, "reflect_set_spte", gfn, level)
+                )
+            return self._trace_reflect(
+                "reflect_set_spte",
+                gfn,
+                level,
+                vcpu,
+                kvm.x86_ops.reflect_set_spte(kvm, gfn, level, spte_to_pfn(new_spte), vcpu),
+            )
         child = self.sp_of.get(spte_to_child_pt(new_spte, level))
-        if kvm.KVM_BUG_ON(child is None or child.external_spt is None,
-                          f"mirror link for gfn {gfn:#x} level {level} without a mirrored page"):
+        if kvm.KVM_BUG_ON(
+            child is None or child.external_spt is None,
+            f"mirror link for gfn {gfn:#x} level {level} without a mirrored page",
+        ):
             return -EIO
         if child.role_level + 1 != level or child.gfn != gfn:
-            kvm.warn(f"mirror link mismatch: child level {child.role_level} gfn {child.gfn:#x}, "
-                     f"parent level {level} gfn {gfn:#x}")
+            kvm.warn(
+                f"mirror link mismatch: child level {child.role_level} gfn {child.gfn:#x}, "
+                f"parent level {level} gfn {gfn:#x}"
+            )
         err = self._reflect_fault("link_spt")
         if err:
-            return self._trace_reflect("reflect_link_spt", gfn, level, vcpu,
-                                       self._reflect_error(err, "reflect_link_spt", gfn, level))
-        return self._trace_reflect("reflect_link_spt", gfn, level, vcpu,
-                                   kvm.x86_ops.reflect_link_spt(kvm, gfn, level, child.external_spt, vcpu))
+            return self._trace_reflect(
+                "reflect_link_spt", gfn, level, vcpu, self._reflect_error(err, "reflect_link_spt", gfn, level)
+            )
+        return self._trace_reflect(
+            "reflect_link_spt",
+            gfn,
+            level,
+            vcpu,
+            kvm.x86_ops.reflect_link_spt(kvm, gfn, level, child.external_spt, vcpu),
+        )
 
     def _trace_reflect(self, op, gfn, level, vcpu, ret):
         if self.kvm.tracer.enabled:
@@ -546,8 +645,7 @@ class TdpMmu:
                 return self._set_mirror_spte_atomic(it, new_spte, vcpu)
             # Mirror SPTEs can only be installed atomically: zapping one needs the
             # S-EPT's BLOCK/TRACK/REMOVE sequence, which runs under the write lock.
-            if kvm.KVM_BUG_ON(not is_shadow_present_pte(new_spte),
-                              f"atomic zap of mirror SPTE for gfn {it.gfn:#x}"):
+            if kvm.KVM_BUG_ON(not is_shadow_present_pte(new_spte), f"atomic zap of mirror SPTE for gfn {it.gfn:#x}"):
                 return -EBUSY
             if self.freeze_mirror_sptes:
                 return self.set_external_spte_present(it.sptep, it.gfn, it.old_spte, new_spte, it.level, vcpu)
@@ -558,7 +656,7 @@ class TdpMmu:
             if isinstance(it, TdpIter):
                 it.check_table(it.sptep, "cmpxchgs")
         if kvm.inject is not None and self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, it.old_spte, new_spte):
-            it.old_spte = self.mem.q[it.sptep >> 3]      # try_cmpxchg64 refreshes the snapshot
+            it.old_spte = self.mem.q[it.sptep >> 3]  # try_cmpxchg64 refreshes the snapshot
             return -EBUSY
         return 0
 
@@ -571,11 +669,10 @@ class TdpMmu:
         kvm = self.kvm
         sp = self.sptep_to_sp(it.sptep)
         old_spte = it.old_spte
-        if kvm.KVM_BUG_ON(is_shadow_present_pte(old_spte) and not kvm.bugs.split_under_shared_lock,
-                          f"mirror SPTE for gfn {it.gfn:#x} level {it.level} zapped or split under the "
-                          f"shared mmu_lock") \
-                or kvm.KVM_BUG_ON(not is_shadow_present_pte(new_spte),
-                                  f"atomic zap of mirror SPTE for gfn {it.gfn:#x}"):
+        if kvm.KVM_BUG_ON(
+            is_shadow_present_pte(old_spte) and not kvm.bugs.split_under_shared_lock,
+            f"mirror SPTE for gfn {it.gfn:#x} level {it.level} zapped or split under the shared mmu_lock",
+        ) or kvm.KVM_BUG_ON(not is_shadow_present_pte(new_spte), f"atomic zap of mirror SPTE for gfn {it.gfn:#x}"):
             return -EBUSY
         self._point(vcpu, "spte_cmpxchg", it.sptep)
         if not self.freeze_mirror_sptes:
@@ -589,24 +686,32 @@ class TdpMmu:
                 self.mem.write64(it.sptep, old_spte)
             return ret
         if self._cmpxchg_lost() or not self.mem.cmpxchg64(it.sptep, old_spte, REMOVED_SPTE):
-            it.old_spte = self.mem.q[it.sptep >> 3]      # v5 02/45: the snapshot is refreshed
+            it.old_spte = self.mem.q[it.sptep >> 3]  # v5 02/45: the snapshot is refreshed
             return -EBUSY
         if kvm.tracer.enabled:
             kvm.trace_emit("kvm_tdp_mmu_spte_frozen", vcpu, gfn=it.gfn, level=it.level, old_spte=old_spte)
         ret = self._handle_changed_spte(sp, it.as_id, it.gfn, old_spte, new_spte, it.level, True, vcpu)
         self._point(vcpu, "spte_write", it.sptep)
         if ret and kvm.bugs.reflect_error_leaves_frozen:
-            return ret                        # bug switch: the SPTE stays FROZEN_SPTE
+            return ret  # bug switch: the SPTE stays FROZEN_SPTE
         if ret:
             self.mem.write64(it.sptep, old_spte)
             if kvm.tracer.enabled:
-                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="restored",
-                               spte=old_spte, ret=ret)
+                kvm.trace_emit(
+                    "kvm_tdp_mmu_spte_unfrozen",
+                    vcpu,
+                    gfn=it.gfn,
+                    level=it.level,
+                    what="restored",
+                    spte=old_spte,
+                    ret=ret,
+                )
         else:
             self.mem.write64(it.sptep, new_spte)
             if kvm.tracer.enabled:
-                kvm.trace_emit("kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="new_spte",
-                               spte=new_spte)
+                kvm.trace_emit(
+                    "kvm_tdp_mmu_spte_unfrozen", vcpu, gfn=it.gfn, level=it.level, what="new_spte", spte=new_spte
+                )
         return ret
 
     def _set_mirror_spte_without_freeze(self, it, new_spte, vcpu):
@@ -631,7 +736,7 @@ class TdpMmu:
         if ret:
             return ret
         if self.mirror_hooks_72 and not is_removed_spte(new_spte) and self.is_mirror_sptep(it.sptep):
-            return 0                          # handled inside the freeze
+            return 0  # handled inside the freeze
         self.handle_changed_spte(it.as_id, it.gfn, it.old_spte, new_spte, it.level, True, vcpu)
         return 0
 
@@ -649,16 +754,20 @@ class TdpMmu:
             if self.is_mirror_sptep(sptep):
                 # Non-atomic writes make a mirror SPTE present only to split a huge leaf (the
                 # split runs under the write lock: v5 39/45); anything else is not propagated.
-                split = is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level) \
+                split = (
+                    is_shadow_present_pte(old_spte)
+                    and is_last_spte(old_spte, level)
                     and not is_last_spte(new_spte, level)
-                kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte) and not split,
-                               f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}")
+                )
+                kvm.KVM_BUG_ON(
+                    is_shadow_present_pte(new_spte) and not split,
+                    f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}",
+                )
             return old_spte
         self.handle_changed_spte(as_id, gfn, old_spte, new_spte, level, False, vcpu)
         if self.is_mirror_sptep(sptep):
             # Mirror SPTEs are made present only through the atomic (reflecting) path.
-            kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte),
-                           f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}")
+            kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte), f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}")
             self.remove_external_spte(gfn, old_spte, level, vcpu)
         return old_spte
 
@@ -666,8 +775,7 @@ class TdpMmu:
         """kvm_tdp_mmu_write_spte(): an xchg (returning what the SPTE held) when the CPU may
         change the old SPTE meanwhile (its A/D bits: kvm_tdp_mmu_spte_need_atomic_update()),
         else a plain store, and the caller's ``old_spte`` is taken as what it replaced."""
-        if (is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level)
-                and spte_needs_atomic_update(old_spte)):
+        if is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level) and spte_needs_atomic_update(old_spte):
             return self.mem.xchg64(sptep, new_spte)
         self.mem.write64(sptep, new_spte)
         return old_spte
@@ -702,12 +810,18 @@ class TdpMmu:
         root = self.get_root_for_fault(vcpu, fault)
         vcpu.kvm_mmu_hugepage_adjust(fault)
         if kvm.tracer.enabled:
-            kvm.trace_emit("kvm_mmu_spte_requested", vcpu.vcpu_id, gfn=fault.gfn, pfn=fault.pfn,
-                           level=fault.goal_level, root="mirror" if root.is_mirror else "direct")
+            kvm.trace_emit(
+                "kvm_mmu_spte_requested",
+                vcpu.vcpu_id,
+                gfn=fault.gfn,
+                pfn=fault.pfn,
+                level=fault.goal_level,
+                root="mirror" if root.is_mirror else "direct",
+            )
         kvm.rcu.read_lock(vcpu.vcpu_id)
         try:
             it = TdpIter(kvm, root, PG_LEVEL_4K, fault.gfn, self.gfn_root_bits(root), vcpu.vcpu_id)
-            nx_workaround = kvm.nx_huge_pages          # fault->nx_huge_page_workaround_enabled
+            nx_workaround = kvm.nx_huge_pages  # fault->nx_huge_page_workaround_enabled
             end = fault.gfn + 1
             # tdp_mmu_for_each_pte(it, kvm, root, fault->gfn, fault->gfn + 1), the loop written
             # out (for_each_tdp_pte_min_level() without the generator: this is every fault's walk)
@@ -719,7 +833,7 @@ class TdpMmu:
                 if nx_workaround or root.is_mirror:
                     self.disallowed_hugepage_adjust(fault, it.old_spte, it.level)
                 old_spte = it.old_spte
-                if old_spte == REMOVED_SPTE:                     # is_removed_spte()
+                if old_spte == REMOVED_SPTE:  # is_removed_spte()
                     # Another vCPU is installing this entry (frozen while it reflects):
                     # give up and let the guest fault again.
                     kvm.trace_emit("kvm_tdp_mmu_spte_frozen_retry", vcpu.vcpu_id, gfn=it.gfn, level=it.level)
@@ -791,7 +905,7 @@ class TdpMmu:
         spt = kvm.alloc_page_for("split")
         if spt is None:
             return None
-        kvm.mem.buf[spt:spt + 4096] = SHADOW_NONPRESENT_VALUE.to_bytes(8, "little") * 512
+        kvm.mem.buf[spt : spt + 4096] = SHADOW_NONPRESENT_VALUE.to_bytes(8, "little") * 512
         sp = KvmMmuPage(spt)
         self.sp_of[spt] = sp
         if self.is_mirror_sptep(it.sptep):
@@ -816,9 +930,9 @@ class TdpMmu:
         try:
             it = TdpIter(kvm, root, target_level + 1, start, self.gfn_root_bits(root), vcpu)
             for it in for_each_tdp_pte_min_level(it, end):
-                while True:                                 # "retry:"
+                while True:  # "retry:"
                     if kvm.vm_dead:
-                        return -EIO                         # (a bugged VM's hooks fail for good)
+                        return -EIO  # (a bugged VM's hooks fail for good)
                     if self.cond_resched(it, False, shared):
                         break
                     if not is_shadow_present_pte(it.old_spte) or not is_large_pte(it.old_spte):
@@ -829,17 +943,23 @@ class TdpMmu:
                         sp = self.tdp_mmu_alloc_sp_for_split(it, vcpu)
                         lock.read_lock() if shared else lock.write_lock()
                         if sp is None:
-                            kvm.trace_emit("kvm_mmu_split_huge_page", vcpu, gfn=it.gfn, spte=it.old_spte,
-                                           level=it.level, errno=-ENOMEM)
+                            kvm.trace_emit(
+                                "kvm_mmu_split_huge_page",
+                                vcpu,
+                                gfn=it.gfn,
+                                spte=it.old_spte,
+                                level=it.level,
+                                errno=-ENOMEM,
+                            )
                             return -ENOMEM
                         kvm.rcu.read_lock(who)
                         if kvm.bugs.split_alloc_no_recheck:
-                            continue                        # bug switch: split what was read before
-                        it.yielded = True                   # read the SPTE again: restart the walk here
+                            continue  # bug switch: split what was read before
+                        it.yielded = True  # read the SPTE again: restart the walk here
                         break
                     self.init_child_sp(sp, it)
                     if self.split_huge_page(it, sp, vcpu, shared):
-                        continue                            # "goto retry" (it.old_spte was refreshed)
+                        continue  # "goto retry" (it.old_spte was refreshed)
                     sp = None
                     break
         finally:
@@ -871,16 +991,24 @@ class TdpMmu:
     def map_handle_target_level(self, vcpu, fault, it):
         """tdp_mmu_map_handle_target_level()"""
         kvm = self.kvm
-        if (is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level)
-                and is_access_allowed(fault, it.old_spte)):
+        if (
+            is_shadow_present_pte(it.old_spte)
+            and is_last_spte(it.old_spte, it.level)
+            and is_access_allowed(fault, it.old_spte)
+        ):
             return RET_PF_SPURIOUS
         if fault.slot is None:
             sp = self.sptep_to_sp(it.sptep)
-            new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp), kvm.memslots_generation,
-                                      kvm.shadow_mmio_value)
+            new_spte = make_mmio_spte(it.gfn | self.gfn_root_bits(sp), kvm.memslots_generation, kvm.shadow_mmio_value)
         else:
-            new_spte, _wrprot = make_spte(it.level, fault.pfn, ACC_ALL, kvm.mt_mask, host_writable=fault.map_writable,
-                                          nx_huge_pages=kvm.nx_huge_pages)
+            new_spte, _wrprot = make_spte(
+                it.level,
+                fault.pfn,
+                ACC_ALL,
+                kvm.mt_mask,
+                host_writable=fault.map_writable,
+                nx_huge_pages=kvm.nx_huge_pages,
+            )
         if new_spte == it.old_spte:
             ret = RET_PF_SPURIOUS
         elif self.tdp_mmu_set_spte_atomic(it, new_spte, vcpu.vcpu_id):
@@ -894,8 +1022,9 @@ class TdpMmu:
             vcpu.stat["pf_mmio_spte_created"] += 1
             return RET_PF_EMULATE
         if kvm.tracer.enabled:
-            kvm.trace_emit("kvm_mmu_set_spte", vcpu.vcpu_id, gfn=it.gfn, level=it.level, spte=new_spte,
-                           decoded=spte_str(new_spte))
+            kvm.trace_emit(
+                "kvm_mmu_set_spte", vcpu.vcpu_id, gfn=it.gfn, level=it.level, spte=new_spte, decoded=spte_str(new_spte)
+            )
         return ret
 
     # -- zapping ------------------------------------------------------------------------------------------
@@ -1008,7 +1137,7 @@ class TdpMmu:
                 kvm.KVM_BUG_ON(not root.invalid, "a root scheduled to zap is not invalid")
                 self.zap_root(root, shared)
                 root.zapped = True
-                self.put_root(root)       # the MMU's reference
+                self.put_root(root)  # the MMU's reference
         finally:
             lock.read_unlock() if shared else lock.write_unlock()
 
@@ -1031,6 +1160,7 @@ class TdpMmu:
                         leaves.append((g, level, spte))
                     else:
                         walk(spte_to_child_pt(spte, level), level - 1, g)
+
         walk(root.spt, root.role_level, 0)
         bits = self.gfn_root_bits(root)
         if bits:
@@ -1048,6 +1178,7 @@ class TdpMmu:
 
 class _SpIter:
     """The iterator tdp_mmu_zap_possible_nx_huge_page() fills from the sp itself (no walk)."""
+
     __slots__ = ("sptep", "old_spte", "gfn", "level", "as_id", "yielded")
 
     def __init__(self, sptep, old_spte, gfn, level, as_id):

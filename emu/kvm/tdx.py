@@ -18,36 +18,92 @@ GUEST_INHIBIT, tdx_gmem_convert(), and the split caches.
 import operator
 
 from tdxmod import abi as A
-from tdxmod.module import (TDCS_PAGES, TDVPX_PAGES, TD_PARAMS_ATTRIBUTES, TD_PARAMS_MAX_VCPUS,
-                           TD_PARAMS_EPTP_CONTROLS, TD_PARAMS_CONFIG_FLAGS, MD_TDVPS_VMCS_SHARED_EPTP,
-                           MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, MD_TDVPS_CR3, GPR_ORDER)
-from ..hw.ept import (EPT_VIOLATION_ACC_WRITE, EPT_VIOLATION_ACC_INSTR, EPT_VIOLATION_PROT_READ,
-                      EPT_VIOLATION_PROT_WRITE, EPT_VIOLATION_PROT_EXEC, EPT_VIOLATION_EXEC_FOR_RING3_LIN)
-from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_TDCALL,
-                        EXIT_REASON_TRIPLE_FAULT, EXIT_REASON_EXTERNAL_INTERRUPT, VmExit)
-from .spte import (PG_LEVEL_4K, PG_LEVEL_2M, MT_MASK_TDX_VM, KVM_PAGES_PER_HPAGE, gfn_round_for_level,
-                   is_shadow_present_pte, is_last_spte, spte_to_pfn)
+from tdxmod.module import (
+    TDCS_PAGES,
+    TDVPX_PAGES,
+    TD_PARAMS_ATTRIBUTES,
+    TD_PARAMS_MAX_VCPUS,
+    TD_PARAMS_EPTP_CONTROLS,
+    TD_PARAMS_CONFIG_FLAGS,
+    MD_TDVPS_VMCS_SHARED_EPTP,
+    MD_TDVPS_GPR_BASE,
+    MD_TDVPS_RIP,
+    MD_TDVPS_CR3,
+    GPR_ORDER,
+)
+from ..hw.ept import (
+    EPT_VIOLATION_ACC_WRITE,
+    EPT_VIOLATION_ACC_INSTR,
+    EPT_VIOLATION_PROT_READ,
+    EPT_VIOLATION_PROT_WRITE,
+    EPT_VIOLATION_PROT_EXEC,
+    EPT_VIOLATION_EXEC_FOR_RING3_LIN,
+)
+from ..hw.exits import (
+    EXIT_REASON_EPT_VIOLATION,
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_TDCALL,
+    EXIT_REASON_TRIPLE_FAULT,
+    EXIT_REASON_EXTERNAL_INTERRUPT,
+    VmExit,
+)
+from .spte import (
+    PG_LEVEL_4K,
+    PG_LEVEL_2M,
+    MT_MASK_TDX_VM,
+    KVM_PAGES_PER_HPAGE,
+    gfn_round_for_level,
+    is_shadow_present_pte,
+    is_last_spte,
+    spte_to_pfn,
+)
 from .tdp_mmu import RET_PF_RETRY, EBUSY, EIO, EINVAL, KVM_MIRROR_ROOTS
 from .tdp_iter import spte_to_child_pt
 from .locking import Mutex
 from .mmu import hugepage_set_guest_inhibit, hugepage_test_guest_inhibit, hugepage_clear_guest_inhibit
 from .x86_ops import VmxX86Ops
-from .uapi import KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_HLT, KVM_EXIT_SYSTEM_EVENT, \
-    KVM_EXIT_HYPERCALL, KVM_EXIT_MMIO
-from .uapi import (KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_PAGE_SZ_4K, KVM_MAP_GPA_RANGE_ENCRYPTED,  # noqa: F401
-                   KVM_MAP_GPA_RANGE_DECRYPTED)
+from .uapi import (
+    KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_HLT,
+    KVM_EXIT_SYSTEM_EVENT,
+    KVM_EXIT_HYPERCALL,
+    KVM_EXIT_MMIO,
+)
+from .uapi import (
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,  # noqa: F401
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+)
 from .x86_ops import X86EMUL_RETRY_INSTR
 from .kvm_host import KvmIoctlError
-from .x86_msr import (MSR_IA32_APICBASE_BSP, X2APIC_ENABLE, MSR_IA32_APICBASE_ENABLE, APIC_DEFAULT_PHYS_BASE,
-                      )
-from ..hw.msr import (MSR_IA32_UCODE_REV, MSR_IA32_ARCH_CAPABILITIES, MSR_IA32_CR_PAT, MSR_IA32_MISC_ENABLE,
-                      MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL, EFER_SCE, EFER_LME, EFER_LMA, EFER_NX)
+from .x86_msr import (
+    MSR_IA32_APICBASE_BSP,
+    X2APIC_ENABLE,
+    MSR_IA32_APICBASE_ENABLE,
+    APIC_DEFAULT_PHYS_BASE,
+)
+from ..hw.msr import (
+    MSR_IA32_UCODE_REV,
+    MSR_IA32_ARCH_CAPABILITIES,
+    MSR_IA32_CR_PAT,
+    MSR_IA32_MISC_ENABLE,
+    MSR_IA32_APICBASE,
+    MSR_EFER,
+    MSR_IA32_FEAT_CTL,
+    EFER_SCE,
+    EFER_LME,
+    EFER_LMA,
+    EFER_NX,
+)
 from ..hw.exits import EXIT_REASON_CPUID, EXIT_REASON_IO_INSTRUCTION, EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE
+
 KVM_SYSTEM_EVENT_TDX_FATAL = 7
 
 TD_STATE_UNINITIALIZED, TD_STATE_INITIALIZED, TD_STATE_RUNNABLE = 0, 1, 2
-TDX_MAP_GPA_MAX_LEN = 2 << 20           # KVM handles MapGPA in 2M steps, asking the guest to retry
-LOCAL_RETRY_MAX = 1000               # then back to the guest (which faults again): the watchdog's turn
+TDX_MAP_GPA_MAX_LEN = 2 << 20  # KVM handles MapGPA in 2M steps, asking the guest to retry
+LOCAL_RETRY_MAX = 1000  # then back to the guest (which faults again): the watchdog's turn
 EPT_VIOLATION_PROT_MASK = EPT_VIOLATION_PROT_READ | EPT_VIOLATION_PROT_WRITE | EPT_VIOLATION_PROT_EXEC
 TDX_EXT_EXIT_QUAL_TYPE_MASK = 0xF
 TDX_EXT_EXIT_QUAL_INFO_SHIFT = 32
@@ -55,10 +111,10 @@ TDX_EXT_EXIT_QUAL_INFO_SHIFT = 32
 # speaks (kernel/watchdog.c reports a CPU that did not schedule for 2 * watchdog_thresh = 20 s; the
 # model counts SEAMCALLs, as it has no time).
 SOFTLOCKUP_RETRIES = 1000
-KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1      # as emu/kvm/kvm.py numbers it
+KVM_REQ_OUTSIDE_GUEST_MODE = 1 << 1  # as emu/kvm/kvm.py numbers it
 # struct tdx_module_args members TDH.VP.ENTER passes in and out besides RCX (the TDVPR)
 VP_ENTER_ARGS = ("rdx", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rbx", "rdi", "rsi")
-_vp_enter_args_of = operator.attrgetter(*VP_ENTER_ARGS)      # a TD exit's Regs -> their values, in order
+_vp_enter_args_of = operator.attrgetter(*VP_ENTER_ARGS)  # a TD exit's Regs -> their values, in order
 
 
 def tdx_operand_busy(err):
@@ -94,11 +150,11 @@ class VcpuTdx:
         self.vp_enter_args = dict.fromkeys(VP_ENTER_ARGS, 0)
         self.map_gpa_next = None
         self.map_gpa_end = None
-        self.regs = {}                        # vcpu->arch.regs: KVM's copy (kvm_rax_write() and co.)
-        self.exit_reason = None               # the exit the TDVMCALL stands for (tdcall_to_vmx_exit_reason())
-        self.efer = 0                         # vcpu->arch.efer (the TD's own is the module's)
-        self.pamt_cache = []                 # the per-vCPU split cache (struct tdx_pamt_cache)
-        self.ext_exit_qualification = 0      # RDX of the last TD exit
+        self.regs = {}  # vcpu->arch.regs: KVM's copy (kvm_rax_write() and co.)
+        self.exit_reason = None  # the exit the TDVMCALL stands for (tdcall_to_vmx_exit_reason())
+        self.efer = 0  # vcpu->arch.efer (the TD's own is the module's)
+        self.pamt_cache = []  # the per-vCPU split cache (struct tdx_pamt_cache)
+        self.ext_exit_qualification = 0  # RDX of the last TD exit
 
     # tdvmcall_set_return_code() / tdvmcall_set_return_val()
     @property
@@ -147,8 +203,10 @@ class TdxX86Ops(VmxX86Ops):
         kvm.shadow_mmio_value = 0
         tdx.pamt_cache_lock = Mutex(kvm, "pamt_cache_lock")
         if self.tdx_huge_page and not self.module.features0 & A.TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY:
-            kvm.trace_emit("kvm_tdx_huge_page", msg="tdx_huge_page=N: the TDX module does not enumerate "
-                           "TDX_FEATURES0.ENHANCED_DEMOTE_INTERRUPTIBILITY")
+            kvm.trace_emit(
+                "kvm_tdx_huge_page",
+                msg="tdx_huge_page=N: the TDX module does not enumerate TDX_FEATURES0.ENHANCED_DEMOTE_INTERRUPTIBILITY",
+            )
         host = kvm.host
         tdx.attributes = self.td_attributes
         tdx.hkid = self._alloc_hkid()
@@ -163,8 +221,8 @@ class TdxX86Ops(VmxX86Ops):
         mem = kvm.mem
         mem.write64(params + TD_PARAMS_ATTRIBUTES, tdx.attributes)
         mem.write64(params + TD_PARAMS_MAX_VCPUS, 64)
-        mem.write64(params + TD_PARAMS_EPTP_CONTROLS, 6 | (3 << 3))        # WB, 4-level
-        mem.write64(params + TD_PARAMS_CONFIG_FLAGS, 0)                   # GPAW 48: shared bit 47
+        mem.write64(params + TD_PARAMS_EPTP_CONTROLS, 6 | (3 << 3))  # WB, 4-level
+        mem.write64(params + TD_PARAMS_CONFIG_FLAGS, 0)  # GPAW 48: shared bit 47
         self._check(kvm, self.seamcall(kvm, A.TDH_MNG_INIT, rcx=tdx.tdr_pa, rdx=params), "TDH.MNG.INIT")
         host.free_kernel_page(params)
         tdx.state = TD_STATE_INITIALIZED
@@ -196,27 +254,34 @@ class TdxX86Ops(VmxX86Ops):
             self._check(kvm, self.seamcall(kvm, A.TDH_VP_ADDCX, rcx=page, rdx=t.tdvpr_pa), "TDH.VP.ADDCX")
         # Version 1: R8 = the x2APIC id.  On the vCPU's CPU (the KVM_TDX_INIT_VCPU ioctl runs
         # with the vCPU loaded): the module associates the vCPU with it.
-        self._check(kvm, self.seamcall(kvm, A.TDH_VP_INIT | (1 << 16), caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, rdx=0,
-                                       r8=vcpu.vcpu_id), "TDH.VP.INIT")
+        self._check(
+            kvm,
+            self.seamcall(kvm, A.TDH_VP_INIT | (1 << 16), caller=vcpu.vcpu_id, rcx=t.tdvpr_pa, rdx=0, r8=vcpu.vcpu_id),
+            "TDH.VP.INIT",
+        )
         # The CPU the TD vCPU runs on: KVM uses it only to INVEPT (its state is the module's).
         vcpu.hw = self.module.vcpus[t.tdvpr_pa].hw
         # tdx_vcpu_init(): the local APIC in x2APIC mode, BSP on vCPU 0 (userspace may not write
         # it: tdx_is_read_only_msr()); EFER as the TD runs (tdx_vcpu_create()).
-        vcpu.msrs.apic_base = APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE | X2APIC_ENABLE | \
-            (MSR_IA32_APICBASE_BSP if vcpu.vcpu_id == 0 else 0)
+        vcpu.msrs.apic_base = (
+            APIC_DEFAULT_PHYS_BASE
+            | MSR_IA32_APICBASE_ENABLE
+            | X2APIC_ENABLE
+            | (MSR_IA32_APICBASE_BSP if vcpu.vcpu_id == 0 else 0)
+        )
         t.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NX
 
     # -- MSRs (tdx_get_msr(), tdx_set_msr(), tdx_has_emulated_msr()) ---------------------------------------
     def get_msr(self, vcpu, index, host_initiated):
         if index == MSR_IA32_FEAT_CTL:
-            return 0, 1                       # FEAT_CTL_LOCKED (no LMCE: MCG_CAP has no LMCE_P)
+            return 0, 1  # FEAT_CTL_LOCKED (no LMCE: MCG_CAP has no LMCE_P)
         if not tdx_has_emulated_msr(index):
             return 1, 0
         return vcpu.kvm_get_msr_common(index, host_initiated)
 
     def set_msr(self, vcpu, index, data, host_initiated):
         if index in (MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL):
-            return 1                          # tdx_is_read_only_msr()
+            return 1  # tdx_is_read_only_msr()
         if not tdx_has_emulated_msr(index):
             return 1
         return vcpu.kvm_set_msr_common(index, data, host_initiated)
@@ -245,15 +310,16 @@ class TdxX86Ops(VmxX86Ops):
         return True
 
     def get_cr4(self, vcpu):
-        return 0                              # the TD's CR4 is the module's: KVM sees none of its bits
+        return 0  # the TD's CR4 is the module's: KVM sees none of its bits
 
     def recalc_msr_intercepts(self, vcpu):
-        pass                                  # the TD VMCS's MSR bitmap is the module's
+        pass  # the TD VMCS's MSR bitmap is the module's
 
     def vp_wr(self, vcpu, field, value):
         # td_vmcs_write*(): on the vCPU's CPU (TDH.VP.WR associates the vCPU with the CPU it runs on)
-        return self.seamcall(vcpu.kvm, A.TDH_VP_WR, caller=vcpu.vcpu_id, rcx=vcpu.arch.tdvpr_pa, rdx=field,
-                             r8=value, r9=(1 << 64) - 1)
+        return self.seamcall(
+            vcpu.kvm, A.TDH_VP_WR, caller=vcpu.vcpu_id, rcx=vcpu.arch.tdvpr_pa, rdx=field, r8=value, r9=(1 << 64) - 1
+        )
 
     def vp_rd(self, vcpu, field):
         out = self.seamcall(vcpu.kvm, A.TDH_VP_RD, caller=vcpu.vcpu_id, rcx=vcpu.arch.tdvpr_pa, rdx=field)
@@ -296,8 +362,11 @@ class TdxX86Ops(VmxX86Ops):
         if not self.tdx_huge_page:
             return False
         bugs = kvm.bugs
-        return bool(self.module.features0 & A.TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
-                    or bugs.demote_interrupted_is_error or bugs.demote_interrupted_retried_forever)
+        return bool(
+            self.module.features0 & A.TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
+            or bugs.demote_interrupted_is_error
+            or bugs.demote_interrupted_retried_forever
+        )
 
     def gmem_max_mapping_level(self, kvm, gfn):
         """tdx_gmem_max_mapping_level() (v5 45/45 "Turn on PG_LEVEL_2M"): 4K while the TD is built
@@ -342,13 +411,16 @@ class TdxX86Ops(VmxX86Ops):
     def reflect_link_spt(self, kvm, gfn, level, external_spt, vcpu=None):
         """tdx_sept_link_private_spt(): TDH.MEM.SEPT.ADD for the entry at KVM ``level``."""
         gpa = gfn << 12
-        out = self.seamcall(kvm, A.TDH_MEM_SEPT_ADD, caller=vcpu, rcx=gpa | (level - 1), rdx=kvm.tdx.tdr_pa,
-                            r8=external_spt)
+        out = self.seamcall(
+            kvm, A.TDH_MEM_SEPT_ADD, caller=vcpu, rcx=gpa | (level - 1), rdx=kvm.tdx.tdr_pa, r8=external_spt
+        )
         if tdx_operand_busy(out.rax) and not kvm.bugs.busy_is_fatal:
             return -EBUSY
         if out.rax != A.TDX_SUCCESS:
-            kvm.kvm_bug(f"TDH.MEM.SEPT.ADD gpa {gpa:#x} level {level - 1} failed: {A.status_name(out.rax)} "
-                        f"entry {out.rcx:#x} info {out.rdx:#x}")
+            kvm.kvm_bug(
+                f"TDH.MEM.SEPT.ADD gpa {gpa:#x} level {level - 1} failed: {A.status_name(out.rax)} "
+                f"entry {out.rcx:#x} info {out.rdx:#x}"
+            )
             return -EIO
         return 0
 
@@ -365,8 +437,9 @@ class TdxX86Ops(VmxX86Ops):
         if tdx_operand_busy(out.rax) and not kvm.bugs.busy_is_fatal:
             return -EBUSY
         if out.rax != A.TDX_SUCCESS:
-            kvm.kvm_bug(f"TDH.MEM.PAGE.AUG gpa {gpa:#x} failed: {A.status_name(out.rax)} entry {out.rcx:#x} "
-                        f"info {out.rdx:#x}")
+            kvm.kvm_bug(
+                f"TDH.MEM.PAGE.AUG gpa {gpa:#x} failed: {A.status_name(out.rax)} entry {out.rcx:#x} info {out.rdx:#x}"
+            )
             return -EIO
         return 0
 
@@ -398,7 +471,7 @@ class TdxX86Ops(VmxX86Ops):
             self._no_vcpus_enter_stop(kvm)
         return out
 
-    _busy_retry = tdh_do_no_vcpus            # (the 6.16 name of the same retry)
+    _busy_retry = tdh_do_no_vcpus  # (the 6.16 name of the same retry)
 
     def _track(self, kvm, caller=None):
         """tdx_track(): TDH.MEM.TRACK (a BUSY retried once with no vCPU entering), then every vCPU
@@ -407,11 +480,11 @@ class TdxX86Ops(VmxX86Ops):
         if tdx.state != TD_STATE_RUNNABLE:
             return
         if kvm.bugs.no_track:
-            return                            # bug switch: neither TRACK nor the kick
+            return  # bug switch: neither TRACK nor the kick
         out = self._busy_retry(kvm, A.TDH_MEM_TRACK, caller=caller, rcx=tdx.tdr_pa)
         kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MEM.TRACK failed: {A.status_name(out.rax)}")
         if kvm.bugs.no_kick_after_track:
-            return                            # bug switch: vCPUs stay in the TD with the old epoch
+            return  # bug switch: vCPUs stay in the TD with the old epoch
         self._kick_all(kvm)
 
     def reflect_remove_spte(self, kvm, gfn, level, pfn):
@@ -425,27 +498,35 @@ class TdxX86Ops(VmxX86Ops):
         if kvm.KVM_BUG_ON(tdx.hkid is None, "removing a private page after the HKID was freed"):
             return -EINVAL
         out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_RANGE_BLOCK, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
-        if (tdx.state != TD_STATE_RUNNABLE and
-                out.rax == (A.TDX_EPT_ENTRY_STATE_INCORRECT | A.OPERAND_ID_RCX) and not out.rcx & 7):
+        if (
+            tdx.state != TD_STATE_RUNNABLE
+            and out.rax == (A.TDX_EPT_ENTRY_STATE_INCORRECT | A.OPERAND_ID_RCX)
+            and not out.rcx & 7
+        ):
             # tdx_is_sept_zap_err_due_to_premap(): mapped in the mirror but never PAGE.ADDed.
             tdx.nr_premapped -= 1
             return 0
         if out.rax != A.TDX_SUCCESS:
-            kvm.kvm_bug(f"TDH.MEM.RANGE.BLOCK gpa {gpa:#x} failed: {A.status_name(out.rax)} "
-                        f"entry {out.rcx:#x} info {out.rdx:#x}")
+            kvm.kvm_bug(
+                f"TDH.MEM.RANGE.BLOCK gpa {gpa:#x} failed: {A.status_name(out.rax)} "
+                f"entry {out.rcx:#x} info {out.rdx:#x}"
+            )
             return -EIO
         self._track(kvm)
         out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_PAGE_REMOVE, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
         if out.rax != A.TDX_SUCCESS:
-            kvm.kvm_bug(f"TDH.MEM.PAGE.REMOVE gpa {gpa:#x} failed: {A.status_name(out.rax)} "
-                        f"entry {out.rcx:#x} info {out.rdx:#x}")
+            kvm.kvm_bug(
+                f"TDH.MEM.PAGE.REMOVE gpa {gpa:#x} failed: {A.status_name(out.rax)} "
+                f"entry {out.rcx:#x} info {out.rdx:#x}"
+            )
             return -EIO
         hpa = pfn << 12
         # tdh_phymem_page_wbinvd_hkid() (v5: every 4K page of a huge page), then tdx_clear_page()
         # (the "reset page" quirk, extended to huge pages: MOVDIR64B with the host key).
         for k in range(KVM_PAGES_PER_HPAGE(level)):
-            out = self.seamcall(kvm, A.TDH_PHYMEM_PAGE_WBINVD,
-                                rcx=(hpa + (k << 12)) | (tdx.hkid << self.module.x86_phys_bits))
+            out = self.seamcall(
+                kvm, A.TDH_PHYMEM_PAGE_WBINVD, rcx=(hpa + (k << 12)) | (tdx.hkid << self.module.x86_phys_bits)
+            )
             if out.rax != A.TDX_SUCCESS:
                 kvm.kvm_bug(f"TDH.PHYMEM.PAGE.WBINVD {hpa + (k << 12):#x} failed: {A.status_name(out.rax)}")
                 return -EIO
@@ -457,7 +538,7 @@ class TdxX86Ops(VmxX86Ops):
         """tdx_clear_page(): MOVDIR64B of zeros with the host key over the page KVM took back from
         the TD, which drops the lines' TD bit (and any poison) so the host may use it again."""
         if kvm.bugs.no_clear_page:
-            return                            # bug switch: the page keeps the TD's integrity bits
+            return  # bug switch: the page keeps the TD's integrity bits
         kvm.mem.movdir64b(hpa)
 
     def reflect_free_spt(self, kvm, gfn, level, external_spt):
@@ -493,9 +574,11 @@ class TdxX86Ops(VmxX86Ops):
     def tdx_spte_to_external_spt(self, kvm, gfn, new_spte, level):
         """The S-EPT page of the table a non-leaf mirror SPTE points to (sp->external_spt)."""
         sp = kvm.tdp_mmu.sp_of.get(spte_to_child_pt(new_spte, level))
-        if (kvm.KVM_BUG_ON(sp is None or sp.external_spt is None, f"gfn {gfn:#x}: a mirror table without an S-EPT page")
-                or kvm.KVM_BUG_ON(sp.role_level + 1 != level, f"gfn {gfn:#x}: child level {sp.role_level}")
-                or kvm.KVM_BUG_ON(sp.gfn != gfn, f"gfn {gfn:#x}: child gfn {sp.gfn:#x}")):
+        if (
+            kvm.KVM_BUG_ON(sp is None or sp.external_spt is None, f"gfn {gfn:#x}: a mirror table without an S-EPT page")
+            or kvm.KVM_BUG_ON(sp.role_level + 1 != level, f"gfn {gfn:#x}: child level {sp.role_level}")
+            or kvm.KVM_BUG_ON(sp.gfn != gfn, f"gfn {gfn:#x}: child gfn {sp.gfn:#x}")
+        ):
             return None
         return sp.external_spt
 
@@ -511,21 +594,27 @@ class TdxX86Ops(VmxX86Ops):
         runs (before, the page is counted premapped for TDH.MEM.PAGE.ADD).  A 2M leaf only with
         tdx_huge_page: tdx_gmem_max_mapping_level() allows nothing else."""
         tdx = kvm.tdx
-        if kvm.KVM_BUG_ON(level > PG_LEVEL_2M or level == PG_LEVEL_2M and not (
-                self.huge_pages_enabled(kvm) and tdx.state == TD_STATE_RUNNABLE),
-                f"private mapping at level {level}"):
+        if kvm.KVM_BUG_ON(
+            level > PG_LEVEL_2M
+            or level == PG_LEVEL_2M
+            and not (self.huge_pages_enabled(kvm) and tdx.state == TD_STATE_RUNNABLE),
+            f"private mapping at level {level}",
+        ):
             return -EIO
         if tdx.state != TD_STATE_RUNNABLE:
             tdx.nr_premapped += 1
             return 0
         gpa = gfn << 12
-        out = self.seamcall(kvm, A.TDH_MEM_PAGE_AUG, caller=vcpu, rcx=gpa | (level - 1), rdx=tdx.tdr_pa,
-                            r8=spte_to_pfn(new_spte) << 12)
+        out = self.seamcall(
+            kvm, A.TDH_MEM_PAGE_AUG, caller=vcpu, rcx=gpa | (level - 1), rdx=tdx.tdr_pa, r8=spte_to_pfn(new_spte) << 12
+        )
         if tdx_operand_busy(out.rax) and not kvm.bugs.busy_is_fatal:
             return -EBUSY
         if out.rax != A.TDX_SUCCESS:
-            kvm.kvm_bug(f"TDH.MEM.PAGE.AUG gpa {gpa:#x} level {level - 1} failed: {A.status_name(out.rax)} "
-                        f"entry {out.rcx:#x} info {out.rdx:#x}")
+            kvm.kvm_bug(
+                f"TDH.MEM.PAGE.AUG gpa {gpa:#x} level {level - 1} failed: {A.status_name(out.rax)} "
+                f"entry {out.rcx:#x} info {out.rdx:#x}"
+            )
             return -EIO
         return 0
 
@@ -543,39 +632,48 @@ class TdxX86Ops(VmxX86Ops):
         gpa = gfn << 12
         if not kvm.bugs.split_under_shared_lock:
             kvm.lockdep_assert_held_write()
-        if kvm.KVM_BUG_ON(tdx.state != TD_STATE_RUNNABLE or level != PG_LEVEL_2M,
-                          f"split of gfn {gfn:#x} at level {level} (TD state {tdx.state})"):
+        if kvm.KVM_BUG_ON(
+            tdx.state != TD_STATE_RUNNABLE or level != PG_LEVEL_2M,
+            f"split of gfn {gfn:#x} at level {level} (TD state {tdx.state})",
+        ):
             return -EIO
         external_spt = self.tdx_spte_to_external_spt(kvm, gfn, new_spte, level)
         if external_spt is None:
             return -EIO
         if self.tdx_get_pamt_cache(kvm, vcpu) is None:
             return -EIO
-        out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_RANGE_BLOCK, caller=vcpu, rcx=gpa | (level - 1),
-                                   rdx=tdx.tdr_pa)
+        out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_RANGE_BLOCK, caller=vcpu, rcx=gpa | (level - 1), rdx=tdx.tdr_pa)
         if out.rax != A.TDX_SUCCESS:
-            kvm.kvm_bug(f"TDH.MEM.RANGE.BLOCK gpa {gpa:#x} failed: {A.status_name(out.rax)} "
-                        f"entry {out.rcx:#x} info {out.rdx:#x}")
+            kvm.kvm_bug(
+                f"TDH.MEM.RANGE.BLOCK gpa {gpa:#x} failed: {A.status_name(out.rax)} "
+                f"entry {out.rcx:#x} info {out.rdx:#x}"
+            )
             return -EIO
         self._track(kvm, vcpu)
-        out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_PAGE_DEMOTE, caller=vcpu, rcx=gpa | (level - 1),
-                                   rdx=tdx.tdr_pa, r8=external_spt)
+        out = self.tdh_do_no_vcpus(
+            kvm, A.TDH_MEM_PAGE_DEMOTE, caller=vcpu, rcx=gpa | (level - 1), rdx=tdx.tdr_pa, r8=external_spt
+        )
         if kvm.bugs.demote_interrupted_retried_forever:
             # Bug switch: RFC v1's "do { DEMOTE } while (err == TDX_INTERRUPTED_RESTARTABLE)", with
             # mmu_lock held for write and nothing bounding it but the host's soft-lockup detector.
             tries = 1
             while out.rax == A.TDX_INTERRUPTED_RESTARTABLE:
                 if tries >= SOFTLOCKUP_RETRIES:
-                    kvm.soft_lockup(f"tdx_sept_split_private_spte(): TDH.MEM.PAGE.DEMOTE gpa {gpa:#x} "
-                                    f"returned TDX_INTERRUPTED_RESTARTABLE {tries} times in a row with "
-                                    f"mmu_lock held for write")
+                    kvm.soft_lockup(
+                        f"tdx_sept_split_private_spte(): TDH.MEM.PAGE.DEMOTE gpa {gpa:#x} "
+                        f"returned TDX_INTERRUPTED_RESTARTABLE {tries} times in a row with "
+                        f"mmu_lock held for write"
+                    )
                     return -EIO
-                out = self.tdh_do_no_vcpus(kvm, A.TDH_MEM_PAGE_DEMOTE, caller=vcpu, rcx=gpa | (level - 1),
-                                           rdx=tdx.tdr_pa, r8=external_spt)
+                out = self.tdh_do_no_vcpus(
+                    kvm, A.TDH_MEM_PAGE_DEMOTE, caller=vcpu, rcx=gpa | (level - 1), rdx=tdx.tdr_pa, r8=external_spt
+                )
                 tries += 1
         if out.rax != A.TDX_SUCCESS:
-            kvm.kvm_bug(f"TDH.MEM.PAGE.DEMOTE gpa {gpa:#x} failed: {A.status_name(out.rax)} "
-                        f"entry {out.rcx:#x} info {out.rdx:#x}")
+            kvm.kvm_bug(
+                f"TDH.MEM.PAGE.DEMOTE gpa {gpa:#x} failed: {A.status_name(out.rax)} "
+                f"entry {out.rcx:#x} info {out.rdx:#x}"
+            )
             return -EIO
         return 0
 
@@ -584,8 +682,9 @@ class TdxX86Ops(VmxX86Ops):
         pages are reclaimed only once the HKID is freed; if that fails, sp->external_spt is
         cleared and the page leaked, so the kernel never touches an encrypted page."""
         external_spt = sp.external_spt
-        if (kvm.KVM_BUG_ON(kvm.tdx.hkid is not None, "freeing an S-EPT page while the HKID is assigned")
-                or self.reflect_free_spt(kvm, gfn, sp.role_level, external_spt)):
+        if kvm.KVM_BUG_ON(
+            kvm.tdx.hkid is not None, "freeing an S-EPT page while the HKID is assigned"
+        ) or self.reflect_free_spt(kvm, gfn, sp.role_level, external_spt):
             kvm.leak_page(external_spt, f"S-EPT page of gfn {gfn:#x} level {sp.role_level}")
             sp.external_spt = None
 
@@ -631,7 +730,7 @@ class TdxX86Ops(VmxX86Ops):
             return 0
         bugs = kvm.bugs
         if bugs.guest_inhibit_cleared:
-            self._set_guest_inhibit(kvm, slot, gfn, level, vcpu.vcpu_id)     # bug switch: before the split
+            self._set_guest_inhibit(kvm, slot, gfn, level, vcpu.vcpu_id)  # bug switch: before the split
         start = gfn_round_for_level(gfn, level)
         end = start + KVM_PAGES_PER_HPAGE(level)
         shared = bugs.split_under_shared_lock
@@ -641,8 +740,7 @@ class TdxX86Ops(VmxX86Ops):
             if bugs.inhibit_on_shared_root:
                 # Bug switch (v5 41/45 as posted): kvm_tdp_mmu_split_huge_pages(vcpu, ...) split the
                 # vCPU's root, vcpu->arch.mmu->root: the shared (direct) root, not the mirror.
-                r = kvm.tdp_mmu.tdp_mmu_split_huge_pages_root(vcpu.root, start, end, level, shared,
-                                                              vcpu.vcpu_id)
+                r = kvm.tdp_mmu.tdp_mmu_split_huge_pages_root(vcpu.root, start, end, level, shared, vcpu.vcpu_id)
             else:
                 r = kvm.tdp_mmu.kvm_tdp_mmu_mirrors_split_huge_pages(start, end, level, shared, vcpu.vcpu_id)
             if r:
@@ -709,18 +807,21 @@ class TdxX86Ops(VmxX86Ops):
         for v in kvm.vcpus:
             # tdx_flush_vp_on_cpu(): on the CPU the vCPU last ran on; one never associated is fine.
             out = self.seamcall(kvm, A.TDH_VP_FLUSH, caller=v.vcpu_id, rcx=v.arch.tdvpr_pa)
-            kvm.KVM_BUG_ON(out.rax not in (A.TDX_SUCCESS, A.TDX_VCPU_NOT_ASSOCIATED),
-                           f"TDH.VP.FLUSH: {A.status_name(out.rax)}")
+            kvm.KVM_BUG_ON(
+                out.rax not in (A.TDX_SUCCESS, A.TDX_VCPU_NOT_ASSOCIATED), f"TDH.VP.FLUSH: {A.status_name(out.rax)}"
+            )
         out = self.seamcall(kvm, A.TDH_MNG_VPFLUSHDONE, rcx=tdx.tdr_pa)
         if out.rax == A.TDX_FLUSHVP_NOT_DONE:
             return
-        if kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MNG.VPFLUSHDONE: {A.status_name(out.rax)}; "
-                                                     f"HKID {tdx.hkid} is leaked"):
+        if kvm.KVM_BUG_ON(
+            out.rax != A.TDX_SUCCESS, f"TDH.MNG.VPFLUSHDONE: {A.status_name(out.rax)}; HKID {tdx.hkid} is leaked"
+        ):
             return
         self.seamcall(kvm, A.TDH_PHYMEM_CACHE_WB)  # an error here makes FREEID fail
         out = self.seamcall(kvm, A.TDH_MNG_KEY_FREEID, rcx=tdx.tdr_pa)
-        if kvm.KVM_BUG_ON(out.rax != A.TDX_SUCCESS, f"TDH.MNG.KEY.FREEID: {A.status_name(out.rax)}; "
-                                                    f"HKID {tdx.hkid} is leaked"):
+        if kvm.KVM_BUG_ON(
+            out.rax != A.TDX_SUCCESS, f"TDH.MNG.KEY.FREEID: {A.status_name(out.rax)}; HKID {tdx.hkid} is leaked"
+        ):
             return
         tdx.hkid = None
 
@@ -742,8 +843,11 @@ class TdxX86Ops(VmxX86Ops):
                 kvm.leak_page(page, f"TDH.PHYMEM.PAGE.RECLAIM failed: {A.status_name(out.rax)}")
                 continue
             self.tdx_clear_page(kvm, page)
-            kvm.check_td_page_freed(page, "tdx_reclaim_td_control_pages() frees a control page "
-                                    "(TDR, TDCS, TDVPR or TDVPX) after TDH.PHYMEM.PAGE.RECLAIM")
+            kvm.check_td_page_freed(
+                page,
+                "tdx_reclaim_td_control_pages() frees a control page "
+                "(TDR, TDCS, TDVPR or TDVPX) after TDH.PHYMEM.PAGE.RECLAIM",
+            )
             kvm.host.free_kernel_page(page)
 
     # -- running --------------------------------------------------------------------------------------------
@@ -773,7 +877,7 @@ class TdxX86Ops(VmxX86Ops):
             return VmExit(-1, 0)
         reason = out.rax & 0xFFFF
         ex = VmExit(reason, 0, qualification=out.rcx, gpa=out.r8, vcpu=vcpu.vcpu_id)
-        ex.error_code = out.rdx                 # the extended exit qualification rides here
+        ex.error_code = out.rdx  # the extended exit qualification rides here
         return ex
 
     def handle_exit(self, vcpu, exit):
@@ -787,7 +891,7 @@ class TdxX86Ops(VmxX86Ops):
                 kvm.sched.wait_until(lambda: not kvm.tdx.wait_for_sept_zap, vcpu.vcpu_id, "sept_zap_wait")
             return 1
         if exit.reason == -2 or exit.reason == EXIT_REASON_EXTERNAL_INTERRUPT:
-            return 1                                # BUSY entry, or a kick: enter again
+            return 1  # BUSY entry, or a kick: enter again
         if exit.reason == EXIT_REASON_EPT_VIOLATION:
             return self.handle_ept_violation(vcpu, out)
         if exit.reason == EXIT_REASON_TDCALL:
@@ -795,10 +899,17 @@ class TdxX86Ops(VmxX86Ops):
         if exit.reason == EXIT_REASON_TRIPLE_FAULT:
             intr = out.r9
             vector = intr & 0xFF
-            vcpu.exit_to_user(KVM_EXIT_SHUTDOWN, vector=vector, error_code=out.r10 if intr & (1 << 11) else None,
-                              cr2=out.r11 if vector == 14 else None, rip=out.r12, insn=None,
-                              why=None if out.r13 else "delivery through the TD's IDT failed", no_idt=bool(out.r13),
-                              ve_exit_reason=out.r14 & 0xFFFFFFFF if out.r14 >> 32 else None)
+            vcpu.exit_to_user(
+                KVM_EXIT_SHUTDOWN,
+                vector=vector,
+                error_code=out.r10 if intr & (1 << 11) else None,
+                cr2=out.r11 if vector == 14 else None,
+                rip=out.r12,
+                insn=None,
+                why=None if out.r13 else "delivery through the TD's IDT failed",
+                no_idt=bool(out.r13),
+                ve_exit_reason=out.r14 & 0xFFFFFFFF if out.r14 >> 32 else None,
+            )
             return 0
         if exit.reason == EXIT_REASON_EPT_MISCONFIG:
             kvm.kvm_bug(f"EPT misconfiguration in a TD at gpa {out.r8:#x}")
@@ -825,7 +936,7 @@ class TdxX86Ops(VmxX86Ops):
                     raise KvmIoctlError(-r, f"splitting gpa {gpa:#x} to the guest's ACCEPT level failed ({r})")
                 if kvm.vm_dead:
                     return 0
-            local_retry = True                   # only private GPAs trigger the zero-step mitigation
+            local_retry = True  # only private GPAs trigger the zero-step mitigation
         elif qual & EPT_VIOLATION_ACC_INSTR:
             kvm.kvm_bug(f"instruction fetch from shared GPA {gpa:#x}")
             return 0
@@ -837,7 +948,7 @@ class TdxX86Ops(VmxX86Ops):
                 return r
             if vcpu.signal_pending:
                 return r
-            if kvm.vm_dead:                      # kvm_check_request(KVM_REQ_VM_DEAD)
+            if kvm.vm_dead:  # kvm_check_request(KVM_REQ_VM_DEAD)
                 return -EIO
             vcpu.tick()
             if kvm.sched is not None:
@@ -870,8 +981,18 @@ class TdxX86Ops(VmxX86Ops):
             return 1
         sub = out.r11
         # tdcall_to_vmx_exit_reason(): these sub-functions are the exit they stand for
-        t.exit_reason = sub if sub in (EXIT_REASON_CPUID, A.EXIT_REASON_HLT, EXIT_REASON_IO_INSTRUCTION,
-                                       EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE) else None
+        t.exit_reason = (
+            sub
+            if sub
+            in (
+                EXIT_REASON_CPUID,
+                A.EXIT_REASON_HLT,
+                EXIT_REASON_IO_INSTRUCTION,
+                EXIT_REASON_MSR_READ,
+                EXIT_REASON_MSR_WRITE,
+            )
+            else None
+        )
         if sub == EXIT_REASON_CPUID:
             return self.emulate_cpuid(vcpu, out)
         if sub == EXIT_REASON_IO_INSTRUCTION:
@@ -886,8 +1007,9 @@ class TdxX86Ops(VmxX86Ops):
             vcpu.exit_to_user(KVM_EXIT_HLT)
             return 0
         if sub == A.TDVMCALL_REPORT_FATAL_ERROR:
-            vcpu.exit_to_user(KVM_EXIT_SYSTEM_EVENT, type=KVM_SYSTEM_EVENT_TDX_FATAL,
-                              data=[out.r12, out.r13, out.r14, out.r15])
+            vcpu.exit_to_user(
+                KVM_EXIT_SYSTEM_EVENT, type=KVM_SYSTEM_EVENT_TDX_FATAL, data=[out.r12, out.r13, out.r14, out.r15]
+            )
             return 0
         if sub == A.TDVMCALL_VE_REQUEST_MMIO:
             # tdcall_to_vmx_exit_reason() makes it EXIT_REASON_EPT_MISCONFIG: tdx_emulate_mmio().
@@ -945,12 +1067,11 @@ class TdxX86Ops(VmxX86Ops):
         size, write, gpa = out.r12, out.r13, out.r14
         val = out.r15 if write else 0
         shared = kvm.gfn_direct_bits << 12
-        if size not in (1, 2, 4, 8) or write not in (0, 1) \
-                or not gpa & shared or not (gpa + size - 1) & shared:
+        if size not in (1, 2, 4, 8) or write not in (0, 1) or not gpa & shared or not (gpa + size - 1) & shared:
             t.ret_r10 = A.TDVMCALL_STATUS_INVALID_OPERAND
             return 1
         gpa &= ~shared
-        data = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")    # memcpy(data, &val, size)
+        data = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")  # memcpy(data, &val, size)
         if write:
             kvm.trace_emit("kvm_mmio", vcpu.vcpu_id, type="write", len=size, gpa=gpa, val=val)
             vcpu.exit_to_user(KVM_EXIT_MMIO, phys_addr=gpa, len=size, is_write=True, data=data)
@@ -963,7 +1084,7 @@ class TdxX86Ops(VmxX86Ops):
     def complete_mmio_read(self, vcpu, run):
         """tdx_complete_mmio_read(): the first len bytes userspace left in kvm_run's data, as
         the TDVMCALL's R11."""
-        val = int.from_bytes(bytes(run.data[:run.len]), "little")
+        val = int.from_bytes(bytes(run.data[: run.len]), "little")
         vcpu.arch.ret_r11 = val
         vcpu.kvm.trace_emit("kvm_mmio", vcpu.vcpu_id, type="read", len=run.len, gpa=run.phys_addr, val=val)
         return 1
@@ -988,10 +1109,12 @@ class TdxX86Ops(VmxX86Ops):
         gpa = t.map_gpa_next
         step = min(t.map_gpa_end - gpa, TDX_MAP_GPA_MAX_LEN)
         t.map_gpa_next = gpa + step
-        attrs = (KVM_MAP_GPA_RANGE_DECRYPTED if gpa & shared else KVM_MAP_GPA_RANGE_ENCRYPTED) | \
-            KVM_MAP_GPA_RANGE_PAGE_SZ_4K
-        vcpu.exit_to_user(KVM_EXIT_HYPERCALL, nr=KVM_HC_MAP_GPA_RANGE, args=[gpa & ~shared, step >> 12, attrs, 0],
-                          ret=0)
+        attrs = (
+            KVM_MAP_GPA_RANGE_DECRYPTED if gpa & shared else KVM_MAP_GPA_RANGE_ENCRYPTED
+        ) | KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+        vcpu.exit_to_user(
+            KVM_EXIT_HYPERCALL, nr=KVM_HC_MAP_GPA_RANGE, args=[gpa & ~shared, step >> 12, attrs, 0], ret=0
+        )
         vcpu.complete_userspace_io = self.map_gpa_complete
         return 0
 
@@ -1024,15 +1147,32 @@ def tdx_has_emulated_msr(index):
     Of these the model's kvm_{get,set}_msr_common() has UCODE_REV, ARCH_CAPABILITIES, PAT,
     MISC_ENABLE, APIC_BASE, EFER, POWER_CTL; MTRRs, MCE banks, TSC deadline, PLATFORM_INFO and
     the x2APIC registers are KVM_MSR_RET_UNSUPPORTED there."""
-    if index in (MSR_IA32_UCODE_REV, MSR_IA32_ARCH_CAPABILITIES, 0x1FC, MSR_IA32_CR_PAT, 0xFE, 0x2FF, 0x6E0,
-                 MSR_IA32_MISC_ENABLE, 0xCE, 0x140, MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL,
-                 0x179, 0x17A, 0x17B, 0x4D0, 0x4B564D05):
-        return True                           # ...POWER_CTL, MTRRcap, MTRRdefType, TSC_DEADLINE, PLATFORM_INFO,
-                                              # MISC_FEATURES_ENABLES, MCG_CAP/STATUS/CTL, MCG_EXT_CTL, POLL_CONTROL
-    if 0x200 <= index <= 0x26F:               # MTRRphysBase0 .. MTRRfix4K_F8000
+    if index in (
+        MSR_IA32_UCODE_REV,
+        MSR_IA32_ARCH_CAPABILITIES,
+        0x1FC,
+        MSR_IA32_CR_PAT,
+        0xFE,
+        0x2FF,
+        0x6E0,
+        MSR_IA32_MISC_ENABLE,
+        0xCE,
+        0x140,
+        MSR_IA32_APICBASE,
+        MSR_EFER,
+        MSR_IA32_FEAT_CTL,
+        0x179,
+        0x17A,
+        0x17B,
+        0x4D0,
+        0x4B564D05,
+    ):
+        return True  # ...POWER_CTL, MTRRcap, MTRRdefType, TSC_DEADLINE, PLATFORM_INFO,
+        # MISC_FEATURES_ENABLES, MCG_CAP/STATUS/CTL, MCG_EXT_CTL, POLL_CONTROL
+    if 0x200 <= index <= 0x26F:  # MTRRphysBase0 .. MTRRfix4K_F8000
         return True
     if 0x400 <= index < 0x400 + 4 * 32 or 0x280 <= index < 0x280 + 32:
-        return True                           # MCx_{CTL,STATUS,ADDR,MISC}, MCx_CTL2
+        return True  # MCx_{CTL,STATUS,ADDR,MISC}, MCx_CTL2
     if 0x800 <= index <= 0x8FF:
         # x2APIC registers the CPU virtualizes (TPR, PPR, EOI, ISR, TMR, IRR) are not KVM's
         return not (index in (0x808, 0x80A, 0x80B) or 0x810 <= index <= 0x827)

@@ -2,14 +2,14 @@
 
 # enum kvm vm types (uapi)
 KVM_X86_DEFAULT_VM = 0
-KVM_X86_SW_PROTECTED_VM = 1       # private memory from guest_memfd and attributes, no hardware protection
+KVM_X86_SW_PROTECTED_VM = 1  # private memory from guest_memfd and attributes, no hardware protection
 KVM_X86_TDX_VM = 5
 VM_TYPE_NAMES = {KVM_X86_DEFAULT_VM: "default", KVM_X86_SW_PROTECTED_VM: "sw-protected", KVM_X86_TDX_VM: "tdx"}
 
 # struct kvm_userspace_memory_region2 flags
 KVM_MEM_READONLY = 1 << 1
 KVM_MEM_GUEST_MEMFD = 1 << 2
-KVM_USER_MEM_SLOTS = 32764        # KVM_MAX_NR_USER_MEMSLOTS on x86: slot ids 0 .. 32763
+KVM_USER_MEM_SLOTS = 32764  # KVM_MAX_NR_USER_MEMSLOTS on x86: slot ids 0 .. 32763
 
 # KVM_SET_MEMORY_ATTRIBUTES
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
@@ -44,9 +44,20 @@ KVM_EXIT_MEMORY_FAULT = 39
 KVM_EXIT_INTR = 10
 KVM_EXIT_X86_RDMSR = 29
 KVM_EXIT_X86_WRMSR = 30
-EXIT_NAMES = {KVM_EXIT_INTR: "intr", KVM_EXIT_UNKNOWN: "unknown", KVM_EXIT_HYPERCALL: "hypercall", KVM_EXIT_HLT: "hlt",
-              KVM_EXIT_IO: "io", KVM_EXIT_X86_RDMSR: "x86_rdmsr", KVM_EXIT_X86_WRMSR: "x86_wrmsr", KVM_EXIT_MMIO: "mmio", KVM_EXIT_SHUTDOWN: "shutdown", KVM_EXIT_INTERNAL_ERROR: "internal_error",
-              KVM_EXIT_SYSTEM_EVENT: "system_event", KVM_EXIT_MEMORY_FAULT: "memory_fault"}
+EXIT_NAMES = {
+    KVM_EXIT_INTR: "intr",
+    KVM_EXIT_UNKNOWN: "unknown",
+    KVM_EXIT_HYPERCALL: "hypercall",
+    KVM_EXIT_HLT: "hlt",
+    KVM_EXIT_IO: "io",
+    KVM_EXIT_X86_RDMSR: "x86_rdmsr",
+    KVM_EXIT_X86_WRMSR: "x86_wrmsr",
+    KVM_EXIT_MMIO: "mmio",
+    KVM_EXIT_SHUTDOWN: "shutdown",
+    KVM_EXIT_INTERNAL_ERROR: "internal_error",
+    KVM_EXIT_SYSTEM_EVENT: "system_event",
+    KVM_EXIT_MEMORY_FAULT: "memory_fault",
+}
 
 # Internal memslot flag (include/linux/kvm_host.h): the slot is being deleted or moved.
 KVM_MEMSLOT_INVALID = 1 << 16

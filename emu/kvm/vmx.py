@@ -6,16 +6,57 @@ vmx_set_msr(): the segment bases and SYSENTER MSRs in the VMCS, the user-return 
 control) with the MSR bitmap KVM gives the CPU (vmx_vcpu_create(), vmx_recalc_msr_intercepts()).
 """
 
-from ..hw.ept import (decode_qualification, EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE,
-                      EPT_VIOLATION_ACC_INSTR, EPT_VIOLATION_GVA_IS_VALID, EPT_VIOLATION_GVA_TRANSLATED)
-from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EXCEPTION_NMI, VECTOR_NAMES,
-                        EXIT_REASON_IO_INSTRUCTION, EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE, decode_io_qualification)
-from ..hw.msr import (MsrBitmap, MSR_TYPE_R, MSR_TYPE_W, MSR_TYPE_RW, MSR_IA32_TSC, MSR_FS_BASE, MSR_GS_BASE,
-                      MSR_KERNEL_GS_BASE, MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP,
-                      MSR_IA32_FEAT_CTL, MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SYSCALL_MASK, MSR_TSC_AUX,
-                      MSR_IA32_CR_PAT, EFER_SCE, EFER_LMA)
-from .mmu import (PFERR_WRITE_MASK, PFERR_USER_MASK, PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_GUEST_FINAL_MASK,
-                  PFERR_GUEST_PAGE_MASK, PFERR_PRIVATE_ACCESS, PFERR_RSVD_MASK)
+from ..hw.ept import (
+    decode_qualification,
+    EPT_VIOLATION_ACC_READ,
+    EPT_VIOLATION_ACC_WRITE,
+    EPT_VIOLATION_ACC_INSTR,
+    EPT_VIOLATION_GVA_IS_VALID,
+    EPT_VIOLATION_GVA_TRANSLATED,
+)
+from ..hw.exits import (
+    EXIT_REASON_EPT_VIOLATION,
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_EXCEPTION_NMI,
+    VECTOR_NAMES,
+    EXIT_REASON_IO_INSTRUCTION,
+    EXIT_REASON_MSR_READ,
+    EXIT_REASON_MSR_WRITE,
+    decode_io_qualification,
+)
+from ..hw.msr import (
+    MsrBitmap,
+    MSR_TYPE_R,
+    MSR_TYPE_W,
+    MSR_TYPE_RW,
+    MSR_IA32_TSC,
+    MSR_FS_BASE,
+    MSR_GS_BASE,
+    MSR_KERNEL_GS_BASE,
+    MSR_IA32_SYSENTER_CS,
+    MSR_IA32_SYSENTER_ESP,
+    MSR_IA32_SYSENTER_EIP,
+    MSR_IA32_FEAT_CTL,
+    MSR_EFER,
+    MSR_STAR,
+    MSR_LSTAR,
+    MSR_CSTAR,
+    MSR_SYSCALL_MASK,
+    MSR_TSC_AUX,
+    MSR_IA32_CR_PAT,
+    EFER_SCE,
+    EFER_LMA,
+)
+from .mmu import (
+    PFERR_WRITE_MASK,
+    PFERR_USER_MASK,
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_GUEST_FINAL_MASK,
+    PFERR_GUEST_PAGE_MASK,
+    PFERR_PRIVATE_ACCESS,
+    PFERR_RSVD_MASK,
+)
 from .uapi import KVM_EXIT_SHUTDOWN
 
 
@@ -25,8 +66,14 @@ class KvmVcpuVmx:
     def trace_exit(self, exit):
         """kvm_exit, with the exit decoded: GPA, GLA, the qualification in words, and the
         faulting instruction disassembled and symbolized from the guest's ELF."""
-        fields = {"vcpu_id": self.vcpu_id, "reason": exit.name, "rip": exit.rip, "info1": exit.qualification,
-                  "info2": 0, "error_code": exit.error_code or 0}
+        fields = {
+            "vcpu_id": self.vcpu_id,
+            "reason": exit.name,
+            "rip": exit.rip,
+            "info1": exit.qualification,
+            "info2": 0,
+            "error_code": exit.error_code or 0,
+        }
         detail = ""
         if exit.reason in (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG):
             fields["gpa"] = exit.gpa
@@ -34,8 +81,11 @@ class KvmVcpuVmx:
                 fields["gla"] = exit.gla
             if exit.reason == EXIT_REASON_EPT_VIOLATION:
                 fields["qualification"] = decode_qualification(exit.qualification)
-                detail = f" gpa {exit.gpa:#x}" + (f" gla {exit.gla:#x}" if exit.gla is not None else "") + \
-                    f" [{fields['qualification']}]"
+                detail = (
+                    f" gpa {exit.gpa:#x}"
+                    + (f" gla {exit.gla:#x}" if exit.gla is not None else "")
+                    + f" [{fields['qualification']}]"
+                )
             else:
                 fields["misconfig"] = exit.misconfig
                 detail = f" gpa {exit.gpa:#x} ({exit.misconfig})"
@@ -69,15 +119,16 @@ class KvmVcpuVmx:
             error_code |= PFERR_WRITE_MASK
         if q & EPT_VIOLATION_ACC_INSTR:
             error_code |= PFERR_FETCH_MASK
-        if q & 0x38:                                   # EPT_VIOLATION_PROT_MASK: the entry was present
+        if q & 0x38:  # EPT_VIOLATION_PROT_MASK: the entry was present
             error_code |= PFERR_PRESENT_MASK
         if q & EPT_VIOLATION_GVA_IS_VALID:
             error_code |= PFERR_GUEST_FINAL_MASK if q & EPT_VIOLATION_GVA_TRANSLATED else PFERR_GUEST_PAGE_MASK
         if not self.kvm.is_addr_direct(gpa):
             error_code |= PFERR_PRIVATE_ACCESS
         if self.kvm.tracer.enabled:
-            self.kvm.trace_emit("kvm_page_fault", self.vcpu_id, vcpu_id=self.vcpu_id, rip=rip, address=gpa,
-                                error_code=error_code)
+            self.kvm.trace_emit(
+                "kvm_page_fault", self.vcpu_id, vcpu_id=self.vcpu_id, rip=rip, address=gpa, error_code=error_code
+            )
         return self.kvm_mmu_page_fault(gpa, error_code)
 
     def handle_ept_misconfig(self, exit):
@@ -98,12 +149,19 @@ class KvmVcpuVmx:
         """handle_triple_fault(): KVM_EXIT_SHUTDOWN.  The model keeps the exception that started
         it (vector, error code, CR2, RIP, instruction) and why delivery failed, for the report."""
         from unicorn import x86_const as X
-        insn = self.disassemble(exit.rip)
-        self.exit_to_user(KVM_EXIT_SHUTDOWN, vector=exit.vector, error_code=exit.error_code, cr2=exit.cr2,
-                          rip=exit.rip, insn=insn, why=exit.misconfig,
-                          no_idt=self.hw.uc.reg_read(X.UC_X86_REG_IDTR)[2] == 0)
-        return 0
 
+        insn = self.disassemble(exit.rip)
+        self.exit_to_user(
+            KVM_EXIT_SHUTDOWN,
+            vector=exit.vector,
+            error_code=exit.error_code,
+            cr2=exit.cr2,
+            rip=exit.rip,
+            insn=insn,
+            why=exit.misconfig,
+            no_idt=self.hw.uc.reg_read(X.UC_X86_REG_IDTR)[2] == 0,
+        )
+        return 0
 
     # -- I/O, CPUID, MSRs ---------------------------------------------------------------------------------
     def handle_io(self, exit):
@@ -128,8 +186,18 @@ class KvmVcpuVmx:
         """(ret, data): the VMCS guest fields (the CPU's state here), the user-return MSRs, feature
         control; the rest is kvm_get_msr_common()."""
         hw = self.hw
-        if index in (MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_EIP,
-                     MSR_IA32_SYSENTER_ESP) or index in VMX_URET_MSRS:
+        if (
+            index
+            in (
+                MSR_FS_BASE,
+                MSR_GS_BASE,
+                MSR_KERNEL_GS_BASE,
+                MSR_IA32_SYSENTER_CS,
+                MSR_IA32_SYSENTER_EIP,
+                MSR_IA32_SYSENTER_ESP,
+            )
+            or index in VMX_URET_MSRS
+        ):
             return 0, hw.uc.msr_read(index)
         if index == MSR_IA32_FEAT_CTL:
             return 0, self.msrs.feature_control
@@ -148,12 +216,12 @@ class KvmVcpuVmx:
         if index == MSR_IA32_CR_PAT:
             ret = self.kvm_set_msr_common(index, data, host_initiated)
             if not ret:
-                hw.uc.msr_write(index, data)           # VM_ENTRY_LOAD_IA32_PAT: GUEST_IA32_PAT
+                hw.uc.msr_write(index, data)  # VM_ENTRY_LOAD_IA32_PAT: GUEST_IA32_PAT
             return ret
         if index == MSR_IA32_FEAT_CTL:
             m = self.msrs
             if not host_initiated and m.feature_control & 1:
-                return 1                               # locked
+                return 1  # locked
             valid = 1 if not host_initiated else KVM_SUPPORTED_FEATURE_CONTROL
             if data & ~valid:
                 return 1
@@ -182,9 +250,17 @@ class KvmVcpuVmx:
         switches), in both directions.  An MSR the userspace filter denies stays intercepted
         (vmx_disable_intercept_for_msr() checks kvm_msr_allowed())."""
         bm = self.hw.msr_bitmap = MsrBitmap()
-        passthrough = [(MSR_IA32_TSC, MSR_TYPE_R)] + [(m, MSR_TYPE_RW) for m in (
-            MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP,
-            MSR_IA32_SYSENTER_EIP)]
+        passthrough = [(MSR_IA32_TSC, MSR_TYPE_R)] + [
+            (m, MSR_TYPE_RW)
+            for m in (
+                MSR_FS_BASE,
+                MSR_GS_BASE,
+                MSR_KERNEL_GS_BASE,
+                MSR_IA32_SYSENTER_CS,
+                MSR_IA32_SYSENTER_ESP,
+                MSR_IA32_SYSENTER_EIP,
+            )
+        ]
         for index, types in passthrough:
             for t in (MSR_TYPE_R, MSR_TYPE_W):
                 if types & t:
@@ -194,4 +270,4 @@ class KvmVcpuVmx:
 # vmx_uret_msrs_list (user-return MSRs, arch/x86/kvm/vmx/vmx.c): their guest values live in KVM and
 # are loaded into the CPU while the guest runs.  (EFER is one too, but KVM handles it apart.)
 VMX_URET_MSRS = frozenset((MSR_SYSCALL_MASK, MSR_LSTAR, MSR_CSTAR, MSR_TSC_AUX, MSR_STAR))
-KVM_SUPPORTED_FEATURE_CONTROL = 1 | (1 << 1) | (1 << 2) | (1 << 20)   # locked, VMX in/out SMX, LMCE
+KVM_SUPPORTED_FEATURE_CONTROL = 1 | (1 << 1) | (1 << 2) | (1 << 20)  # locked, VMX in/out SMX, LMCE

@@ -7,12 +7,28 @@ import zlib
 
 from ..hw.vcpu import Vcpu
 from ..hw.exits import VECTOR_NAMES  # noqa: F401
-from .kvm_host import (KvmIoctlError, KvmRun, EIO, KVM_ENOSYS, KVM_REQ_TLB_FLUSH, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
-                       KVM_REQ_VM_DEAD, OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE)
+from .kvm_host import (
+    KvmIoctlError,
+    KvmRun,
+    EIO,
+    KVM_ENOSYS,
+    KVM_REQ_TLB_FLUSH,
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
+    KVM_REQ_VM_DEAD,
+    OUTSIDE_GUEST_MODE,
+    IN_GUEST_MODE,
+    EXITING_GUEST_MODE,
+)
 from .mmu import KvmMmuMemoryCache
 from .spte import SHADOW_NONPRESENT_VALUE
-from .uapi import (KVM_EXIT_INTR, KVM_EXIT_HYPERCALL, EXIT_NAMES, KVM_HC_MAP_GPA_RANGE, KVM_EINVAL,
-                   KVM_EXIT_HYPERCALL_LONG_MODE)
+from .uapi import (
+    KVM_EXIT_INTR,
+    KVM_EXIT_HYPERCALL,
+    EXIT_NAMES,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_EINVAL,
+    KVM_EXIT_HYPERCALL_LONG_MODE,
+)
 
 
 def complete_hypercall_exit(vcpu, run):
@@ -41,11 +57,22 @@ class KvmVcpuX86:
         self.mode = OUTSIDE_GUEST_MODE
         self.mmu_shadow_page_cache = KvmMmuMemoryCache(kvm, "mmu_shadow_page_cache", SHADOW_NONPRESENT_VALUE)
         self.mmu_external_spt_cache = KvmMmuMemoryCache(kvm, "mmu_external_spt_cache")
-        self.stat = {"exits": 0, "ept_violations": 0, "ept_misconfigs": 0, "pf_taken": 0, "pf_fixed": 0,
-                     "pf_spurious": 0, "pf_emulate": 0, "pf_retry": 0, "pf_mmio_spte_created": 0,
-                     "hypercalls": 0, "halt_exits": 0, "tlb_flush": 0}
-        self.arch = None                  # per-vendor vCPU state (struct vcpu_tdx for a TD)
-        self.last_pf_ret = None           # the RET_PF_* of the last fault (TDX's local retry)
+        self.stat = {
+            "exits": 0,
+            "ept_violations": 0,
+            "ept_misconfigs": 0,
+            "pf_taken": 0,
+            "pf_fixed": 0,
+            "pf_spurious": 0,
+            "pf_emulate": 0,
+            "pf_retry": 0,
+            "pf_mmio_spte_created": 0,
+            "hypercalls": 0,
+            "halt_exits": 0,
+            "tlb_flush": 0,
+        }
+        self.arch = None  # per-vendor vCPU state (struct vcpu_tdx for a TD)
+        self.last_pf_ret = None  # the RET_PF_* of the last fault (TDX's local retry)
         self.complete_userspace_io = None
         self.kvm_run = None
         # The VMM's watchdog: a KVM_RUN that takes this many exits (and local fault retries)
@@ -54,7 +81,7 @@ class KvmVcpuX86:
         self.exit_limit = 2000
         self.budget = self.exit_limit
         self.signal_pending = False
-        self.srcu_idx = None              # the kvm->srcu index while in KVM_RUN outside guest mode
+        self.srcu_idx = None  # the kvm->srcu index while in KVM_RUN outside guest mode
 
     # -- registers ------------------------------------------------------------------------------------------
     def get_regs(self):
@@ -86,7 +113,7 @@ class KvmVcpuX86:
         for hpa in set(hw.tlb_shadow.values()):
             # Written if its contents changed since this vCPU last looked (a write of the same
             # value commutes with reads, and a write of another value conflicts anyway).
-            c = zlib.crc32(buf[hpa:hpa + 4096])
+            c = zlib.crc32(buf[hpa : hpa + 4096])
             if crc is None or crc.get(hpa) != c:
                 sched.touch(("page", hpa >> 12))
                 if crc is not None:
@@ -124,8 +151,9 @@ class KvmVcpuX86:
         self.kvm_run = KvmRun(exit_reason, **fields)
         # the port of KVM_EXIT_IO, the MSR of KVM_EXIT_X86_RDMSR/WRMSR
         extra = {k: fields[k] for k in ("port", "index") if k in fields}
-        self.kvm.trace_emit("kvm_userspace_exit", self.vcpu_id, reason=EXIT_NAMES.get(exit_reason, exit_reason),
-                            **extra)
+        self.kvm.trace_emit(
+            "kvm_userspace_exit", self.vcpu_id, reason=EXIT_NAMES.get(exit_reason, exit_reason), **extra
+        )
 
     def run(self):
         """KVM_RUN (kvm_arch_vcpu_ioctl_run): the vCPU holds kvm->srcu while it runs KVM code
@@ -150,7 +178,7 @@ class KvmVcpuX86:
         cui, self.complete_userspace_io = self.complete_userspace_io, None
         prev, self.kvm_run = self.kvm_run, None
         if cui is not None and cui(self, prev) == 0:
-            return self.kvm_run               # the completion went straight back to userspace
+            return self.kvm_run  # the completion went straight back to userspace
         hw = self.hw
         tracer = kvm.tracer
         sched = kvm.sched
@@ -161,8 +189,11 @@ class KvmVcpuX86:
             if self.signal_pending:
                 # A signal: KVM_RUN returns -EINTR with KVM_EXIT_INTR for userspace to look at.
                 self.signal_pending = False
-                why = (f"{self.exit_limit} VM exits and fault retries in a row fixed nothing" if self.budget < 0
-                       else "a signal from userspace")
+                why = (
+                    f"{self.exit_limit} VM exits and fault retries in a row fixed nothing"
+                    if self.budget < 0
+                    else "a signal from userspace"
+                )
                 return KvmRun(KVM_EXIT_INTR, reason=why)
             if self.requests:
                 self.process_requests()
@@ -170,8 +201,12 @@ class KvmVcpuX86:
                     self.kvm_mmu_reload()
             if tracer.enabled:
                 tracer.vcpu = self.vcpu_id
-                kvm.trace_emit("kvm_entry", self.vcpu_id, vcpu_id=self.vcpu_id,
-                               rip=hw.reg("rip") if not kvm.has_mirrored_tdp else 0)
+                kvm.trace_emit(
+                    "kvm_entry",
+                    self.vcpu_id,
+                    vcpu_id=self.vcpu_id,
+                    rip=hw.reg("rip") if not kvm.has_mirrored_tdp else 0,
+                )
             if sched is not None:
                 sched.point(self.vcpu_id, "vm_entry")
             # vcpu_enter_guest(): interrupts off, IN_GUEST_MODE, then the last look at requests.
@@ -186,7 +221,7 @@ class KvmVcpuX86:
                 sched.point(self.vcpu_id, "guest_mode")
             if self.kvm_vcpu_exit_request() and not kvm.bugs.entry_ignores_requests:
                 self.mode = OUTSIDE_GUEST_MODE
-                hw.intr_pending = False           # local_irq_enable(): the IPI is taken
+                hw.intr_pending = False  # local_irq_enable(): the IPI is taken
                 self.srcu_idx = srcu.srcu_read_lock()
                 continue
             if sched is not None:
@@ -207,9 +242,9 @@ class KvmVcpuX86:
             slices = hw.slices
             exit = kvm.x86_ops.vcpu_run(self)
             if hw.slices != slices:
-                self.budget = self.exit_limit     # the guest ran whole slices: it makes progress
+                self.budget = self.exit_limit  # the guest ran whole slices: it makes progress
             self.mode = OUTSIDE_GUEST_MODE
-            hw.intr_pending = False               # local_irq_enable() after the exit: IPIs taken
+            hw.intr_pending = False  # local_irq_enable() after the exit: IPIs taken
             self.srcu_idx = srcu.srcu_read_lock()
             self.stat["exits"] += 1
             if tracer.enabled:
@@ -256,11 +291,14 @@ class KvmVcpuX86:
         exit the same way.  Anything else returns -KVM_ENOSYS."""
         self.stat["hypercalls"] += 1
         self.skip_emulated_instruction(exit)
-        self.kvm.trace_emit("kvm_hypercall", self.vcpu_id,
-                            msg=f"nr {nr:#x} a0 {args[0]:#x} a1 {args[1]:#x} a2 {args[2]:#x} a3 {args[3]:#x}")
+        self.kvm.trace_emit(
+            "kvm_hypercall",
+            self.vcpu_id,
+            msg=f"nr {nr:#x} a0 {args[0]:#x} a1 {args[1]:#x} a2 {args[2]:#x} a3 {args[3]:#x}",
+        )
         ret = self.kvm_emulate_hypercall(nr, args, complete_hypercall_exit)
         if ret is None:
-            return 0                          # to userspace; complete_hypercall_exit() sets RAX
+            return 0  # to userspace; complete_hypercall_exit() sets RAX
         self.hw.set_reg("rax", ret & ((1 << 64) - 1))
         return 1
 
@@ -275,8 +313,9 @@ class KvmVcpuX86:
                 return -KVM_ENOSYS
             if gpa & 0xFFF or not npages or (gpa >> 12) + npages > 1 << 52:
                 return -KVM_EINVAL
-            self.exit_to_user(KVM_EXIT_HYPERCALL, nr=nr, args=[gpa, npages, attrs, 0, 0, 0], ret=0,
-                              flags=KVM_EXIT_HYPERCALL_LONG_MODE)
+            self.exit_to_user(
+                KVM_EXIT_HYPERCALL, nr=nr, args=[gpa, npages, attrs, 0, 0, 0], ret=0, flags=KVM_EXIT_HYPERCALL_LONG_MODE
+            )
             self.complete_userspace_io = complete
             return None
         if nr in kvm.hypercall_exit_enabled:
@@ -291,12 +330,12 @@ class KvmVcpuX86:
         slot = self.kvm.gfn_to_memslot(gpa >> 12)
         if slot is None:
             return None
-        return self.kvm.host.mm.hva_to_hpa(slot.userspace_addr + ((gpa >> 12) - slot.base_gfn) * 4096
-                                           + (gpa & 0xFFF))
+        return self.kvm.host.mm.hva_to_hpa(slot.userspace_addr + ((gpa >> 12) - slot.base_gfn) * 4096 + (gpa & 0xFFF))
 
     def read_guest_virt(self, gva, n):
         """kvm_read_guest_virt(): walk the guest's page tables in software, read through the memslots."""
         from ..hw.paging import probe
+
         mem = self.kvm.mem
         out = bytearray()
         cr3 = self.hw.reg("cr3")
@@ -313,4 +352,5 @@ class KvmVcpuX86:
 
     def disassemble(self, rip):
         from ..disasm import disassemble_one
+
         return disassemble_one(self.read_guest_virt(rip, 16), rip)

@@ -12,19 +12,57 @@ ignored bits), UCODE_REV, ARCH_CAPABILITIES, POWER_CTL, and the MSRs read as 0 (
 EBL_CR_POWERON).  Any other MSR is KVM_MSR_RET_UNSUPPORTED: #GP, or userspace's.
 """
 
-from ..hw.msr import (MSR_IA32_TSC, MSR_IA32_PLATFORM_ID, MSR_IA32_APICBASE, MSR_EBL_CR_POWERON,
-                      MSR_IA32_TSC_ADJUST, MSR_IA32_UCODE_REV, MSR_IA32_ARCH_CAPABILITIES, MSR_IA32_MISC_ENABLE,
-                      MSR_IA32_CR_PAT, MSR_EFER, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_CSTAR, MSR_LSTAR,
-                      MSR_IA32_SYSENTER_EIP, MSR_IA32_SYSENTER_ESP, MSR_TSC_AUX, APIC_BASE_MSR,
-                      EFER_SCE, EFER_LME, EFER_LMA, EFER_NX, is_canonical, msr_name)
+from ..hw.msr import (
+    MSR_IA32_TSC,
+    MSR_IA32_PLATFORM_ID,
+    MSR_IA32_APICBASE,
+    MSR_EBL_CR_POWERON,
+    MSR_IA32_TSC_ADJUST,
+    MSR_IA32_UCODE_REV,
+    MSR_IA32_ARCH_CAPABILITIES,
+    MSR_IA32_MISC_ENABLE,
+    MSR_IA32_CR_PAT,
+    MSR_EFER,
+    MSR_FS_BASE,
+    MSR_GS_BASE,
+    MSR_KERNEL_GS_BASE,
+    MSR_CSTAR,
+    MSR_LSTAR,
+    MSR_IA32_SYSENTER_EIP,
+    MSR_IA32_SYSENTER_ESP,
+    MSR_TSC_AUX,
+    APIC_BASE_MSR,
+    EFER_SCE,
+    EFER_LME,
+    EFER_LMA,
+    EFER_NX,
+    is_canonical,
+    msr_name,
+)
 from ..hw.ept import MAXPHYADDR
-from .cpuid import (X86_FEATURE_LM, X86_FEATURE_NX, X86_FEATURE_X2APIC, X86_FEATURE_TSC_ADJUST,
-                    X86_FEATURE_ARCH_CAPABILITIES, X86_FEATURE_RDTSCP, X86_FEATURE_RDPID)
+from .cpuid import (
+    X86_FEATURE_LM,
+    X86_FEATURE_NX,
+    X86_FEATURE_X2APIC,
+    X86_FEATURE_TSC_ADJUST,
+    X86_FEATURE_ARCH_CAPABILITIES,
+    X86_FEATURE_RDTSCP,
+    X86_FEATURE_RDPID,
+)
 from .kvm_host import KvmIoctlError, EINVAL
-from .uapi import (KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR, KVM_MSR_EXIT_REASON_INVAL,
-                   KVM_MSR_EXIT_REASON_UNKNOWN, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_VALID_MASK,
-                   KVM_MSR_FILTER_READ, KVM_MSR_FILTER_WRITE, KVM_MSR_FILTER_DEFAULT_DENY, KVM_MSR_FILTER_MAX_RANGES,
-                   KVM_MSR_FILTER_MAX_BITMAP_SIZE)
+from .uapi import (
+    KVM_EXIT_X86_RDMSR,
+    KVM_EXIT_X86_WRMSR,
+    KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_VALID_MASK,
+    KVM_MSR_FILTER_READ,
+    KVM_MSR_FILTER_WRITE,
+    KVM_MSR_FILTER_DEFAULT_DENY,
+    KVM_MSR_FILTER_MAX_RANGES,
+    KVM_MSR_FILTER_MAX_BITMAP_SIZE,
+)
 
 KVM_MSR_RET_UNSUPPORTED = 2
 KVM_MSR_RET_FILTERED = 3
@@ -39,8 +77,12 @@ MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
 MSR_IA32_MISC_ENABLE_MWAIT = 1 << 18
 MSR_IA32_MISC_ENABLE_PMU_RO_MASK = MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL | MSR_IA32_MISC_ENABLE_BTS_UNAVAIL
 PAT_DEFAULT = 0x0007040600070406
-LAPIC_MODE_DISABLED, LAPIC_MODE_INVALID, LAPIC_MODE_XAPIC, LAPIC_MODE_X2APIC = 0, X2APIC_ENABLE, \
-    MSR_IA32_APICBASE_ENABLE, MSR_IA32_APICBASE_ENABLE | X2APIC_ENABLE
+LAPIC_MODE_DISABLED, LAPIC_MODE_INVALID, LAPIC_MODE_XAPIC, LAPIC_MODE_X2APIC = (
+    0,
+    X2APIC_ENABLE,
+    MSR_IA32_APICBASE_ENABLE,
+    MSR_IA32_APICBASE_ENABLE | X2APIC_ENABLE,
+)
 MSR_IA32_POWER_CTL = 0x1FC
 _U64 = (1 << 64) - 1
 
@@ -60,14 +102,14 @@ class VcpuMsrs:
     """The MSR fields of struct kvm_vcpu_arch (and vcpu_vmx's feature control), at vCPU reset."""
 
     def __init__(self):
-        self.apic_base = 0                      # the VMM sets it (KVM_SET_MSRS, host-initiated)
+        self.apic_base = 0  # the VMM sets it (KVM_SET_MSRS, host-initiated)
         self.pat = PAT_DEFAULT
         self.ia32_misc_enable_msr = MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL | MSR_IA32_MISC_ENABLE_BTS_UNAVAIL
         self.microcode_version = 0x100000000
         self.arch_capabilities = 0
         self.ia32_tsc_adjust_msr = 0
-        self.feature_control = 0                # vmx->msr_ia32_feature_control
-        self.feature_control_valid_bits = 1     # FEAT_CTL_LOCKED
+        self.feature_control = 0  # vmx->msr_ia32_feature_control
+        self.feature_control_valid_bits = 1  # FEAT_CTL_LOCKED
         self.msr_ia32_power_ctl = 0
 
 
@@ -102,14 +144,14 @@ class KvmX86Msr:
                 continue
             if rflags & ~(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE) or not rflags:
                 raise KvmIoctlError(EINVAL, "KVM_X86_SET_MSR_FILTER: a range with bad flags (-EINVAL)")
-            size = -(-nmsrs // 64) * 8                    # BITS_TO_LONGS(nmsrs) * sizeof(long)
+            size = -(-nmsrs // 64) * 8  # BITS_TO_LONGS(nmsrs) * sizeof(long)
             if size > KVM_MSR_FILTER_MAX_BITMAP_SIZE:
                 raise KvmIoctlError(EINVAL, "KVM_X86_SET_MSR_FILTER: bitmap too large (-EINVAL)")
             kept.append((rflags, base, nmsrs, int.from_bytes(bytes(bitmap[:size]), "little")))
         if not kept and not default_allow:
             raise KvmIoctlError(EINVAL, "KVM_X86_SET_MSR_FILTER: deny by default with no range (-EINVAL)")
         self.msr_filter = KvmMsrFilter(default_allow, kept)
-        self.touch_all()                                  # (emu.checkers.dpor) every MSR access reads it
+        self.touch_all()  # (emu.checkers.dpor) every MSR access reads it
         for v in self.vcpus:
             self.x86_ops.recalc_msr_intercepts(v)
 
@@ -137,7 +179,7 @@ class KvmVcpuMsr:
             return 1
         if not host_initiated:
             if data & (EFER_LME | EFER_LMA) and not self.guest_cpu_cap_has(X86_FEATURE_LM):
-                return 1                               # __kvm_valid_efer()
+                return 1  # __kvm_valid_efer()
             if data & EFER_NX and not self.guest_cpu_cap_has(X86_FEATURE_NX):
                 return 1
             if self.kvm.x86_ops.is_paging(self) and (old & EFER_LME) != (data & EFER_LME):
@@ -150,8 +192,9 @@ class KvmVcpuMsr:
         m = self.msrs
         if m.apic_base == value:
             return 0
-        reserved = (_U64 << MAXPHYADDR & _U64) | 0x2FF | (0 if self.guest_cpu_cap_has(X86_FEATURE_X2APIC)
-                                                          else X2APIC_ENABLE)
+        reserved = (
+            (_U64 << MAXPHYADDR & _U64) | 0x2FF | (0 if self.guest_cpu_cap_has(X86_FEATURE_X2APIC) else X2APIC_ENABLE)
+        )
         old_mode, new_mode = kvm_apic_mode(m.apic_base), kvm_apic_mode(value)
         if value & reserved or new_mode == LAPIC_MODE_INVALID:
             return 1
@@ -160,7 +203,7 @@ class KvmVcpuMsr:
                 return 1
             if old_mode == LAPIC_MODE_DISABLED and new_mode == LAPIC_MODE_X2APIC:
                 return 1
-        m.apic_base = value                            # (CPUID.1:EDX.APIC follows it: emu.kvm.cpuid)
+        m.apic_base = value  # (CPUID.1:EDX.APIC follows it: emu.kvm.cpuid)
         return 0
 
     def adjust_tsc_offset_guest(self, adj):
@@ -172,7 +215,7 @@ class KvmVcpuMsr:
         if index == MSR_IA32_UCODE_REV:
             if host_initiated:
                 m.microcode_version = data
-            return 0                                   # a guest's write is dropped
+            return 0  # a guest's write is dropped
         if index == MSR_IA32_ARCH_CAPABILITIES:
             if not host_initiated or not self.guest_cpu_cap_has(X86_FEATURE_ARCH_CAPABILITIES):
                 return KVM_MSR_RET_UNSUPPORTED
@@ -188,7 +231,7 @@ class KvmVcpuMsr:
         if index == MSR_IA32_APICBASE:
             return self.kvm_apic_set_base(data, host_initiated)
         if APIC_BASE_MSR <= index <= APIC_BASE_MSR + 0xFF:
-            return 1                                   # kvm_x2apic_msr_write(): no in-kernel local APIC
+            return 1  # kvm_x2apic_msr_write(): no in-kernel local APIC
         if index == MSR_IA32_TSC_ADJUST:
             if self.guest_cpu_cap_has(X86_FEATURE_TSC_ADJUST):
                 if not host_initiated:
@@ -199,7 +242,7 @@ class KvmVcpuMsr:
             old = m.ia32_misc_enable_msr
             if not host_initiated:
                 if (old ^ data) & MSR_IA32_MISC_ENABLE_PMU_RO_MASK:
-                    return 1                           # read-only bits
+                    return 1  # read-only bits
                 data = (data & ~MSR_IA32_MISC_ENABLE_EMON) | (old & MSR_IA32_MISC_ENABLE_EMON)
             # KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT (on by default): MWAIT's bit is not checked
             m.ia32_misc_enable_msr = data
@@ -240,7 +283,7 @@ class KvmVcpuMsr:
         if index == MSR_IA32_APICBASE:
             return 0, m.apic_base
         if APIC_BASE_MSR <= index <= APIC_BASE_MSR + 0xFF:
-            return 1, 0                                # kvm_x2apic_msr_read(): no in-kernel local APIC
+            return 1, 0  # kvm_x2apic_msr_read(): no in-kernel local APIC
         if index == MSR_IA32_MISC_ENABLE:
             return 0, m.ia32_misc_enable_msr
         if index == MSR_IA32_POWER_CTL:
@@ -255,18 +298,25 @@ class KvmVcpuMsr:
             if not is_canonical(data):
                 return 1
         elif index in (MSR_IA32_SYSENTER_EIP, MSR_IA32_SYSENTER_ESP):
-            data = _canonical(data)                    # __canonical_address(): Intel would #GP on VM entry
+            data = _canonical(data)  # __canonical_address(): Intel would #GP on VM entry
         elif index == MSR_TSC_AUX:
-            if not host_initiated and not self.guest_cpu_cap_has(X86_FEATURE_RDTSCP) \
-                    and not self.guest_cpu_cap_has(X86_FEATURE_RDPID):
+            if (
+                not host_initiated
+                and not self.guest_cpu_cap_has(X86_FEATURE_RDTSCP)
+                and not self.guest_cpu_cap_has(X86_FEATURE_RDPID)
+            ):
                 return 1
             if data >> 32:
-                return 1                               # Intel: bits 63:32 reserved
+                return 1  # Intel: bits 63:32 reserved
         return self.kvm.x86_ops.set_msr(self, index, data, host_initiated)
 
     def __kvm_get_msr(self, index, host_initiated):
-        if index == MSR_TSC_AUX and not host_initiated and not self.guest_cpu_cap_has(X86_FEATURE_RDTSCP) \
-                and not self.guest_cpu_cap_has(X86_FEATURE_RDPID):
+        if (
+            index == MSR_TSC_AUX
+            and not host_initiated
+            and not self.guest_cpu_cap_has(X86_FEATURE_RDTSCP)
+            and not self.guest_cpu_cap_has(X86_FEATURE_RDPID)
+        ):
             return 1, 0
         return self.kvm.x86_ops.get_msr(self, index, host_initiated)
 
@@ -314,8 +364,10 @@ class KvmVcpuMsr:
     # -- RDMSR / WRMSR exits ------------------------------------------------------------------------------------
     def kvm_msr_user_space(self, index, exit_reason, data, completion, r):
         """kvm_msr_user_space(): exit to userspace when it asked for this kind of failure."""
-        reason = {KVM_MSR_RET_UNSUPPORTED: KVM_MSR_EXIT_REASON_UNKNOWN,
-                  KVM_MSR_RET_FILTERED: KVM_MSR_EXIT_REASON_FILTER}.get(r, KVM_MSR_EXIT_REASON_INVAL)
+        reason = {
+            KVM_MSR_RET_UNSUPPORTED: KVM_MSR_EXIT_REASON_UNKNOWN,
+            KVM_MSR_RET_FILTERED: KVM_MSR_EXIT_REASON_FILTER,
+        }.get(r, KVM_MSR_EXIT_REASON_INVAL)
         if not self.kvm.user_space_msr_mask & reason:
             return False
         self.exit_to_user(exit_reason, error=0, reason=reason, index=index, data=data)
@@ -354,8 +406,9 @@ class KvmVcpuMsr:
 
     def trace_msr(self, rw, index, data, ex=False):
         """kvm_msr: 'msr_write c0000080 = 0x500' (kvm_msr_read_ex/write_ex add ' (#GP)')."""
-        self.kvm.trace_emit("kvm_msr", self.vcpu_id, rw=rw, index=index, data=data, ex=" (#GP)" if ex else "",
-                            msr=msr_name(index))
+        self.kvm.trace_emit(
+            "kvm_msr", self.vcpu_id, rw=rw, index=index, data=data, ex=" (#GP)" if ex else "", msr=msr_name(index)
+        )
 
     def kvm_complete_insn_gp(self, exit, err):
         """kvm_complete_insn_gp(): #GP(0) for a failure, else skip the instruction."""

@@ -7,10 +7,19 @@ free_external_spt, remove_external_spte).
 """
 
 from ..hw.ept import make_eptp
-from ..hw.exits import (EXIT_REASON_EPT_VIOLATION, EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_HLT,
-                        EXIT_REASON_VMCALL, EXIT_REASON_TDCALL, EXIT_REASON_EXCEPTION_NMI,
-                        EXIT_REASON_EXTERNAL_INTERRUPT, EXIT_REASON_IO_INSTRUCTION, EXIT_REASON_CPUID,
-                        EXIT_REASON_MSR_READ, EXIT_REASON_MSR_WRITE)
+from ..hw.exits import (
+    EXIT_REASON_EPT_VIOLATION,
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_HLT,
+    EXIT_REASON_VMCALL,
+    EXIT_REASON_TDCALL,
+    EXIT_REASON_EXCEPTION_NMI,
+    EXIT_REASON_EXTERNAL_INTERRUPT,
+    EXIT_REASON_IO_INSTRUCTION,
+    EXIT_REASON_CPUID,
+    EXIT_REASON_MSR_READ,
+    EXIT_REASON_MSR_WRITE,
+)
 from ..hw.msr import MSR_EFER
 from .spte import PG_LEVEL_4K
 from .uapi import KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR
@@ -109,10 +118,10 @@ class VmxX86Ops:
         raise AssertionError("reclaim_external_sp on a VM without a mirror root")
 
     def topup_external_cache(self, kvm, vcpu, min_objs):
-        return 0                              # KVM_X86_OP_OPTIONAL_RET0
+        return 0  # KVM_X86_OP_OPTIONAL_RET0
 
     def gmem_convert(self, kvm, start, end, to_private):
-        return 0                              # KVM_X86_OP_OPTIONAL_RET0
+        return 0  # KVM_X86_OP_OPTIONAL_RET0
 
     def check_emulate_instruction(self, vcpu):
         """vmx_check_emulate_instruction(): VMX can emulate (the model's KVM_EXIT_MMIO stands in)."""
@@ -120,22 +129,23 @@ class VmxX86Ops:
 
     # -- running ---------------------------------------------------------------------------------------
     def vcpu_run(self, vcpu):
-        vcpu.has_run = True                   # kvm_vcpu_has_run(): last_vmentry_cpu set
+        vcpu.has_run = True  # kvm_vcpu_has_run(): last_vmentry_cpu set
         return vcpu.hw.run()
 
     def handle_exit(self, vcpu, exit):
         """vmx_handle_exit(): 1 = resume the guest, 0 = exit to userspace."""
         r = exit.reason
         if r == EXIT_REASON_EXTERNAL_INTERRUPT:
-            return 1                          # a kick: the requests are processed before re-entry
+            return 1  # a kick: the requests are processed before re-entry
         if r == EXIT_REASON_EPT_VIOLATION:
             return vcpu.handle_ept_violation(exit)
         if r == EXIT_REASON_EPT_MISCONFIG:
             return vcpu.handle_ept_misconfig(exit)
         if r == EXIT_REASON_VMCALL:
             hw = vcpu.hw
-            return vcpu.handle_hypercall(exit, hw.reg("rax"), (hw.reg("rbx"), hw.reg("rcx"), hw.reg("rdx"),
-                                                               hw.reg("rsi")))
+            return vcpu.handle_hypercall(
+                exit, hw.reg("rax"), (hw.reg("rbx"), hw.reg("rcx"), hw.reg("rdx"), hw.reg("rsi"))
+            )
         if r == EXIT_REASON_IO_INSTRUCTION:
             return vcpu.handle_io(exit)
         if r == EXIT_REASON_CPUID:
@@ -151,7 +161,7 @@ class VmxX86Ops:
             vcpu.exit_to_user(KVM_EXIT_HLT)
             return 0
         if r == EXIT_REASON_TDCALL:
-            exit.reason, exit.vector = EXIT_REASON_EXCEPTION_NMI, 6     # TDCALL outside a TD: #UD
+            exit.reason, exit.vector = EXIT_REASON_EXCEPTION_NMI, 6  # TDCALL outside a TD: #UD
             return vcpu.handle_exception_nmi(exit)
         if r == EXIT_REASON_EXCEPTION_NMI:
             return vcpu.handle_exception_nmi(exit)

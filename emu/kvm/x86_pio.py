@@ -12,7 +12,7 @@ port, count, data_offset (KVM_PIO_PAGE_OFFSET * PAGE_SIZE: the page after kvm_ru
 from .uapi import KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, KVM_PIO_PAGE_OFFSET
 
 PAGE_SIZE = 4096
-READ_CACHE_SIZE = 1024                # sizeof(struct read_cache.data): the emulator's INS read-ahead
+READ_CACHE_SIZE = 1024  # sizeof(struct read_cache.data): the emulator's INS read-ahead
 X86_EFLAGS_DF = 1 << 10
 _U64 = (1 << 64) - 1
 
@@ -23,7 +23,7 @@ class KvmPio:
     def __init__(self):
         self.port = self.size = self.count = 0
         self.in_ = False
-        self.data = b""                       # the pio_data page's first size * count bytes
+        self.data = b""  # the pio_data page's first size * count bytes
 
 
 class KvmVcpuPio:
@@ -35,14 +35,29 @@ class KvmVcpuPio:
         pio.port, pio.in_, pio.count, pio.size = port, in_, count, size
         n = size * count
         pio.data = bytes(n) if in_ else bytes(data[:n])
-        self.exit_to_user(KVM_EXIT_IO, direction=KVM_EXIT_IO_IN if in_ else KVM_EXIT_IO_OUT, size=size, port=port,
-                          count=count, data_offset=KVM_PIO_PAGE_OFFSET * PAGE_SIZE, data=bytearray(pio.data))
+        self.exit_to_user(
+            KVM_EXIT_IO,
+            direction=KVM_EXIT_IO_IN if in_ else KVM_EXIT_IO_OUT,
+            size=size,
+            port=port,
+            count=count,
+            data_offset=KVM_PIO_PAGE_OFFSET * PAGE_SIZE,
+            data=bytearray(pio.data),
+        )
         return 0
 
     def trace_pio(self, write, port, size, count, data):
         val = int.from_bytes(bytes(data[:size]), "little")
-        self.kvm.trace_emit("kvm_pio", self.vcpu_id, rw="write" if write else "read", port=port, size=size,
-                            count=count, val=val, more=" (...)" if count > 1 else "")
+        self.kvm.trace_emit(
+            "kvm_pio",
+            self.vcpu_id,
+            rw="write" if write else "read",
+            port=port,
+            size=size,
+            count=count,
+            val=val,
+            more=" (...)" if count > 1 else "",
+        )
 
     def emulator_pio_in(self, size, port, count):
         return self.emulator_pio_in_out(size, port, None, count, True)
@@ -127,7 +142,7 @@ class KvmVcpuPio:
             rcx = (hw.reg("rcx") & mask) - n
             hw.set_reg("rcx", (hw.reg("rcx") & ~mask) | (rcx & mask))
             if rcx & mask:
-                hw.set_reg("rip", exit.rip)        # not done: the guest runs the instruction again
+                hw.set_reg("rip", exit.rip)  # not done: the guest runs the instruction again
                 return
         self.skip_emulated_instruction(exit)
 
@@ -141,6 +156,7 @@ class KvmVcpuPio:
         """kvm_write_guest_virt_system(): walk the guest's page tables in software and write
         through the memslots; False if some page is not mapped."""
         from ..hw.paging import probe
+
         mem = self.kvm.mem
         cr3 = self.hw.reg("cr3")
         while data:
@@ -208,7 +224,7 @@ def _complete_emulated_pio_ins(vcpu, run):
         return 1
     for i in range(n):
         rdi = hw.reg("rdi") & mask
-        if not vcpu.write_guest_virt(rdi, data[i * size:(i + 1) * size]):
+        if not vcpu.write_guest_virt(rdi, data[i * size : (i + 1) * size]):
             return vcpu._string_io_fault(rdi, True)
         vcpu._string_io_writeback(exit, size, 1, rep, df, "rdi", mask)
         if not rep or not hw.reg("rcx") & mask:

@@ -29,7 +29,7 @@ def cpuid_host(vcpu_index, nvcpus, td=False):
             if nvcpus > 1:
                 e.edx |= CPUID_HTT
         elif e.function == 4 and e.eax:
-            shared = (e.eax >> 5 & 7) == 3                     # the L3: every core of the package
+            shared = (e.eax >> 5 & 7) == 3  # the L3: every core of the package
             e.eax |= ((1 << core_bits) - 1 if shared else 0) << 14 | ((1 << core_bits) - 1) << 26
         elif e.function == 0xB:
             e.edx = vcpu_index

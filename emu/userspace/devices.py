@@ -19,15 +19,15 @@ class VmmDevices:
         size, port = run.size, run.port
         self.pio_counts[port] = self.pio_counts.get(port, 0) + 1
         handler = self.pio_handlers.get(port)
-        self.kvm.touch(("pio", port), True)           # (emu.checkers.dpor) the device is every vCPU's
+        self.kvm.touch(("pio", port), True)  # (emu.checkers.dpor) the device is every vCPU's
         for i in range(run.count):
-            chunk = run.data[i * size:(i + 1) * size]
+            chunk = run.data[i * size : (i + 1) * size]
             if handler is None:
                 out = None if is_write else b"\xff" * size
             else:
                 out = handler(v.vcpu_id, is_write, size, bytes(chunk))
             if not is_write:
-                run.data[i * size:(i + 1) * size] = bytes(out if out is not None else b"\xff" * size)[:size]
+                run.data[i * size : (i + 1) * size] = bytes(out if out is not None else b"\xff" * size)[:size]
 
     def _pio_delay(self, vcpu, is_write, size, data):
         """Port 0x80 (QEMU's ioport80): a sink; reads return 0xff."""
@@ -76,13 +76,13 @@ class VmmDevices:
         if run.is_write:
             self.mmio_writes += 1
             if reg == guestabi.EMU_MMIO_REG_SCRATCH:
-                self.mmio_scratch[at:at + n] = bytes(run.data[:n])
-            return None                           # ID and WRITES ignore writes
+                self.mmio_scratch[at : at + n] = bytes(run.data[:n])
+            return None  # ID and WRITES ignore writes
         if reg == guestabi.EMU_MMIO_REG_ID:
             value = guestabi.EMU_MMIO_ID.to_bytes(8, "little")
         elif reg == guestabi.EMU_MMIO_REG_SCRATCH:
             value = bytes(self.mmio_scratch)
         else:
             value = self.mmio_writes.to_bytes(8, "little")
-        run.data = value[at:at + n]
+        run.data = value[at : at + n]
         return None

@@ -82,8 +82,8 @@ KiB = 1 << 10
 # Hypercall numbers ("EM" in the high half).
 EMU_HC_REPORT = 0x454D0001
 EMU_HC_FAIL = 0x454D0002
-EMU_HC_SYNC = 0x454D0003          # GUEST_SYNC(value)
-EMU_HC_ASSERT = 0x454D0004        # GUEST_ASSERT / GUEST_ASSERT_EQ failed (the assembler-level call)
+EMU_HC_SYNC = 0x454D0003  # GUEST_SYNC(value)
+EMU_HC_ASSERT = 0x454D0004  # GUEST_ASSERT / GUEST_ASSERT_EQ failed (the assembler-level call)
 # The hypercalls KVM hands to userspace as KVM_EXIT_HYPERCALL (every VM type).
 EMU_USERSPACE_HCS = (EMU_HC_REPORT, EMU_HC_FAIL, EMU_HC_SYNC, EMU_HC_ASSERT)
 
@@ -105,9 +105,14 @@ def ucall_arch_get_ucall(vcpu, run, td):
     port only), the address in RDI (vcpu_regs_get(): KVM_GET_REGS).  A TD: KVM_EXIT_MMIO, an
     8-byte write at UCALL_MMIO_GPA (KVM has stripped the shared bit), the address its data."""
     from ..kvm.uapi import KVM_EXIT_IO, KVM_EXIT_MMIO
+
     if td:
-        if run.exit_reason == KVM_EXIT_MMIO and run.phys_addr == UCALL_MMIO_GPA \
-                and getattr(run, "len", None) == 8 and run.is_write:
+        if (
+            run.exit_reason == KVM_EXIT_MMIO
+            and run.phys_addr == UCALL_MMIO_GPA
+            and getattr(run, "len", None) == 8
+            and run.is_write
+        ):
             return int.from_bytes(bytes(run.data[:8]), "little")
         return None
     if run.exit_reason == KVM_EXIT_IO and run.port == UCALL_PIO_PORT:
@@ -134,21 +139,21 @@ MAP_GPA_SELFTEST_FLAGS = MAP_GPA_SET_ATTRIBUTES | MAP_GPA_SHARED | MAP_GPA_DO_FA
 # The assert site (struct emu_assert_site in guest/include/emu.h), little-endian:
 # file name address, expression address, line, kind.
 ASSERT_SITE_FORMAT = "<QQQQ"
-ASSERT_KIND_ASSERT = 0            # GUEST_ASSERT(cond): a and b are 0
-ASSERT_KIND_EQ = 1                # GUEST_ASSERT_EQ(a, b): the two values
+ASSERT_KIND_ASSERT = 0  # GUEST_ASSERT(cond): a and b are 0
+ASSERT_KIND_EQ = 1  # GUEST_ASSERT_EQ(a, b): the two values
 
 # TDX guest side.
-TDG_VP_VMCALL = 0                 # TDCALL leaf
-TDG_MEM_PAGE_ACCEPT = 6           # TDCALL leaf; RCX = gpa | level (0 = 4K, 1 = 2M)
-TDVMCALL_EXPOSE_REGS = 0x1C00     # RCX bitmap: bits 10, 11, 12 = R10, R11, R12
-TDVMCALL_EXPOSE_REGS_4 = 0x3C00   # R10 to R13
-TDVMCALL_EXPOSE_REGS_5 = 0x7C00   # R10 to R14 (kvm_hypercall: nr, a0..a3)
-GHCI_REPORT_FATAL_ERROR = 0x10003 # GHCI TDG.VP.VMCALL<ReportFatalError>, R11
-GHCI_INSTRUCTION_HLT = 12         # GHCI TDG.VP.VMCALL<Instruction.HLT>, R11
-GHCI_MAP_GPA = 0x10001            # GHCI TDG.VP.VMCALL<MapGPA>, R11; R12 = gpa, R13 = size
-TDG_VP_INFO = 1                   # TDCALL leaf; RCX[5:0] = GPAW (48 or 52)
+TDG_VP_VMCALL = 0  # TDCALL leaf
+TDG_MEM_PAGE_ACCEPT = 6  # TDCALL leaf; RCX = gpa | level (0 = 4K, 1 = 2M)
+TDVMCALL_EXPOSE_REGS = 0x1C00  # RCX bitmap: bits 10, 11, 12 = R10, R11, R12
+TDVMCALL_EXPOSE_REGS_4 = 0x3C00  # R10 to R13
+TDVMCALL_EXPOSE_REGS_5 = 0x7C00  # R10 to R14 (kvm_hypercall: nr, a0..a3)
+GHCI_REPORT_FATAL_ERROR = 0x10003  # GHCI TDG.VP.VMCALL<ReportFatalError>, R11
+GHCI_INSTRUCTION_HLT = 12  # GHCI TDG.VP.VMCALL<Instruction.HLT>, R11
+GHCI_MAP_GPA = 0x10001  # GHCI TDG.VP.VMCALL<MapGPA>, R11; R12 = gpa, R13 = size
+TDG_VP_INFO = 1  # TDCALL leaf; RCX[5:0] = GPAW (48 or 52)
 TDX_CPUID_LEAF = 0x21
-TDX_CPUID_VENDOR = b"IntelTDX    " # EBX, EDX, ECX of CPUID leaf 0x21 in a TD
+TDX_CPUID_VENDOR = b"IntelTDX    "  # EBX, EDX, ECX of CPUID leaf 0x21 in a TD
 
 # A TD's shared memory: the loader maps the shared alias of every GPA (GPA | the
 # VM's shared bit) at this GVA + GPA, with 2M pages.
@@ -156,26 +161,26 @@ TD_SHARED_WINDOW_GVA = 1 << 46
 
 # The VMM's MMIO device (no memslot there).  Guest memory must end below it.
 EMU_MMIO_GPA = 0x7F0000000000
-EMU_MMIO_REG_ID = 0x0             # read-only: EMU_MMIO_ID
-EMU_MMIO_REG_SCRATCH = 0x8        # read/write
-EMU_MMIO_REG_WRITES = 0x10        # read-only: the writes the device took
-EMU_MMIO_REGS = 0x18              # the registers' end
+EMU_MMIO_REG_ID = 0x0  # read-only: EMU_MMIO_ID
+EMU_MMIO_REG_SCRATCH = 0x8  # read/write
+EMU_MMIO_REG_WRITES = 0x10  # read-only: the writes the device took
+EMU_MMIO_REGS = 0x18  # the registers' end
 EMU_MMIO_ID = 0x4F494D4D2D554D45  # b"EMU-MMIO", little-endian
-TDVMCALL_VE_REQUEST_MMIO = 48     # GHCI TDG.VP.VMCALL<#VE.RequestMMIO>, R11 (EXIT_REASON_EPT_VIOLATION)
+TDVMCALL_VE_REQUEST_MMIO = 48  # GHCI TDG.VP.VMCALL<#VE.RequestMMIO>, R11 (EXIT_REASON_EPT_VIOLATION)
 TDVMCALL_EXPOSE_REGS_MMIO = 0xFC00  # R10 to R15
 
 # Port I/O devices of the VMM (Machine.pio_handlers).
-EMU_DEBUGCON_PORT = 0xE9          # debug console: bytes written are the run's console output
-DEBUGCON_READBACK = 0xE9          # what a read of it returns (QEMU's isa-debugcon "readback")
-IO_DELAY_PORT = 0x80              # POST/delay port: a sink
-MSR_CORE_THREAD_COUNT = 0x35      # the MSR the VMM answers (KVM_EXIT_X86_RDMSR)
+EMU_DEBUGCON_PORT = 0xE9  # debug console: bytes written are the run's console output
+DEBUGCON_READBACK = 0xE9  # what a read of it returns (QEMU's isa-debugcon "readback")
+IO_DELAY_PORT = 0x80  # POST/delay port: a sink
+MSR_CORE_THREAD_COUNT = 0x35  # the MSR the VMM answers (KVM_EXIT_X86_RDMSR)
 
 # Memory layout.
-GUEST_LOAD_BASE = 0x100000        # where guest/link.ld puts the image (1 MiB)
-LOADER_REGION = 4 * MiB           # top of guest memory: page tables, stacks
-STACK_SIZE = 16 * KiB             # per vCPU
+GUEST_LOAD_BASE = 0x100000  # where guest/link.ld puts the image (1 MiB)
+LOADER_REGION = 4 * MiB  # top of guest memory: page tables, stacks
+STACK_SIZE = 16 * KiB  # per vCPU
 MIN_MEM_SIZE = 8 * MiB
-MEM_ALIGN = 2 * MiB               # guest memory is mapped with 2M pages
+MEM_ALIGN = 2 * MiB  # guest memory is mapped with 2M pages
 
 # The instructions, for hosts that decode the invalid-opcode exit.
 VMCALL_BYTES = bytes.fromhex("0f01c1")

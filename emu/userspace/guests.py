@@ -70,6 +70,7 @@ def checkout_key():
     """The cache's name for this checkout: a hash of its path."""
     return hashlib.sha256(str(REPO.resolve()).encode()).hexdigest()[:8]
 
+
 ASM_SUFFIXES = (".S", ".s")
 C_SUFFIXES = (".c",)
 SOURCE_SUFFIXES = ASM_SUFFIXES + C_SUFFIXES
@@ -80,20 +81,29 @@ SOURCE_SUFFIXES = ASM_SUFFIXES + C_SUFFIXES
 # which fits: README "Fidelity"), no stack protector (no TLS canary), no unwind
 # tables (link.ld discards them).  -c only: emu links with ld and link.ld, so
 # -static -nostdlib -no-pie have nothing to do.
-CFLAGS = ("-std=gnu11", "-ffreestanding", "-fno-pic", "-fno-pie", "-mno-red-zone", "-mcmodel=kernel",
-          "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-common", "-O2", "-g0")
+CFLAGS = (
+    "-std=gnu11",
+    "-ffreestanding",
+    "-fno-pic",
+    "-fno-pie",
+    "-mno-red-zone",
+    "-mcmodel=kernel",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-common",
+    "-O2",
+    "-g0",
+)
 COMPILERS = ("gcc", "clang")
 
-BINUTILS_MISSING = ("GNU as/ld not found: guests are assembled with binutils; "
-                    "install it: apt-get install binutils")
+BINUTILS_MISSING = "GNU as/ld not found: guests are assembled with binutils; install it: apt-get install binutils"
 
 
 class GuestError(Exception):
     """A guest that cannot be found or built; str() is the whole message."""
 
 
-COMPILER_MISSING = ("no C compiler found (gcc or clang): C guests are compiled with one; "
-                    "install it: apt-get install gcc")
+COMPILER_MISSING = "no C compiler found (gcc or clang): C guests are compiled with one; install it: apt-get install gcc"
 
 
 class CompileError(GuestError):
@@ -114,8 +124,7 @@ def find_compiler():
     if cc:
         path = shutil.which(cc[0])
         if path is None:
-            raise GuestError(f"the C compiler CC={cc[0]} was not found: unset CC or install it: "
-                             f"apt-get install gcc")
+            raise GuestError(f"the C compiler CC={cc[0]} was not found: unset CC or install it: apt-get install gcc")
         return [path] + cc[1:]
     for name in COMPILERS:
         path = shutil.which(name)
@@ -179,8 +188,11 @@ def _run(argv, what):
     if res.returncode != 0:
         # Keep the tool's own words but on one line: drop as's
         # "x.S: Assembler messages:" header and join the rest.
-        lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines()
-                 if ln.strip() and not ln.rstrip().endswith("Assembler messages:")]
+        lines = [
+            ln.strip()
+            for ln in (res.stderr or res.stdout).splitlines()
+            if ln.strip() and not ln.rstrip().endswith("Assembler messages:")
+        ]
         detail = "; ".join(lines) or f"exit status {res.returncode}"
         raise GuestError(f"{what} failed: {detail}")
 
@@ -199,8 +211,9 @@ def _replace_from_tmp(final, produce):
 
 
 def _assemble(src, obj):
-    _replace_from_tmp(obj, lambda tmp: _run(
-        ["as", "--64", "-I", str(LIB_DIR), "-o", tmp, str(src)], f"assembling {src}"))
+    _replace_from_tmp(
+        obj, lambda tmp: _run(["as", "--64", "-I", str(LIB_DIR), "-o", tmp, str(src)], f"assembling {src}")
+    )
 
 
 def _runtime_object(src=RUNTIME_SRC, build_dir=BUILD_DIR):
@@ -219,8 +232,9 @@ def _runtime_object(src=RUNTIME_SRC, build_dir=BUILD_DIR):
 
 def _compile_lib(src, obj):
     cc = find_compiler()
-    _replace_from_tmp(obj, lambda tmp: _run(
-        [*cc, *CFLAGS, "-I", str(INCLUDE_DIR), "-c", "-o", tmp, str(src)], f"compiling {src}"))
+    _replace_from_tmp(
+        obj, lambda tmp: _run([*cc, *CFLAGS, "-I", str(INCLUDE_DIR), "-c", "-o", tmp, str(src)], f"compiling {src}")
+    )
 
 
 def _source_name(src):
@@ -235,10 +249,24 @@ def _source_name(src):
 def _compile(src, obj, dep):
     """Compile a C guest to obj; dep gets the headers it included (make syntax)."""
     cc = find_compiler()
+
     def produce(tmp):
         tmp_dep = tmp + ".d"
-        argv = [*cc, *CFLAGS, "-I", str(INCLUDE_DIR), "-MD", "-MF", tmp_dep, "-MT", "obj",
-                "-c", "-o", tmp, _source_name(src)]
+        argv = [
+            *cc,
+            *CFLAGS,
+            "-I",
+            str(INCLUDE_DIR),
+            "-MD",
+            "-MF",
+            tmp_dep,
+            "-MT",
+            "obj",
+            "-c",
+            "-o",
+            tmp,
+            _source_name(src),
+        ]
         try:
             try:
                 res = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
@@ -246,12 +274,14 @@ def _compile(src, obj, dep):
                 raise GuestError(COMPILER_MISSING) from None
             if res.returncode != 0:
                 out = (res.stderr + res.stdout).rstrip("\n")
-                raise CompileError(f"compiling {_source_name(src)} failed ({Path(cc[0]).name} exit status "
-                                   f"{res.returncode}):\n{out}")
+                raise CompileError(
+                    f"compiling {_source_name(src)} failed ({Path(cc[0]).name} exit status {res.returncode}):\n{out}"
+                )
             os.replace(tmp_dep, dep)
         finally:
             if os.path.exists(tmp_dep):
                 os.unlink(tmp_dep)
+
     _replace_from_tmp(obj, produce)
 
 
@@ -309,15 +339,20 @@ def build(src_path):
         _assemble(src, obj)
     if not is_c and not _defines_start(obj):
         raise _no_start(src_path)
-    _replace_from_tmp(elf, lambda tmp: _run(
-        ["ld", "-T", str(LINK_SCRIPT), "-nostdlib", "-o", tmp, str(obj), *map(str, objs)],
-        f"linking {src}"))
+    _replace_from_tmp(
+        elf,
+        lambda tmp: _run(
+            ["ld", "-T", str(LINK_SCRIPT), "-nostdlib", "-o", tmp, str(obj), *map(str, objs)], f"linking {src}"
+        ),
+    )
     return elf
 
 
 def _no_start(src_path):
-    return GuestError(f"{src_path}: no _start: a guest's code begins at the global label _start "
-                      f"(.globl _start, then _start: on its first instruction)")
+    return GuestError(
+        f"{src_path}: no _start: a guest's code begins at the global label _start "
+        f"(.globl _start, then _start: on its first instruction)"
+    )
 
 
 def _defines_start(obj):
@@ -325,12 +360,15 @@ def _defines_start(obj):
     and start it at the beginning of .text: in the runtime)."""
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
+
     with open(obj, "rb") as f:
         symtab = ELFFile(f).get_section_by_name(".symtab")
         if not isinstance(symtab, SymbolTableSection):
             return False
-        return any(s.name == "_start" and s["st_shndx"] != "SHN_UNDEF" and s["st_info"]["bind"] != "STB_LOCAL"
-                   for s in symtab.iter_symbols())
+        return any(
+            s.name == "_start" and s["st_shndx"] != "SHN_UNDEF" and s["st_info"]["bind"] != "STB_LOCAL"
+            for s in symtab.iter_symbols()
+        )
 
 
 def _is_elf(path):
@@ -362,13 +400,13 @@ def resolve(arg):
     if looks_like_path:
         raise GuestError(f"{arg}: no such file")
     available = ", ".join(names()) or "(none)"
-    raise GuestError(f"unknown guest {arg!r}; the guests are: {available} "
-                     f"(or give the path of a .S, .c or ELF file)")
+    raise GuestError(f"unknown guest {arg!r}; the guests are: {available} (or give the path of a .S, .c or ELF file)")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m emu.userspace.guests",
-                                     description="Build or list the guests in guest/.")
+    parser = argparse.ArgumentParser(
+        prog="python -m emu.userspace.guests", description="Build or list the guests in guest/."
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build every guest (only what changed)")
     sub.add_parser("list", help="print the guest names")

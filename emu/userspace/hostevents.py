@@ -40,7 +40,7 @@ class HostEvent:
     def __init__(self, kind, start, end, step=0, text=None, to=None):
         self.kind, self.start, self.end, self.step, self.to = kind, start, end, step, to
         self.text = text or (f"{kind} {start:#x}-{end:#x}" + (f" {to:#x}" if to is not None else "") + f"@{step}")
-        self.slot = None            # (delete, move) the memslot the VMM gave the range
+        self.slot = None  # (delete, move) the memslot the VMM gave the range
 
     def __repr__(self):
         return f"HostEvent({self.text!r})"
@@ -49,12 +49,15 @@ class HostEvent:
 def parse_host_event(text):
     body, at, step_text = (text or "").partition("@")
     if at and not re.fullmatch(r"\s*\d+\s*", step_text):
-        raise HostEventError(f"bad step in host event {text!r}: STEP (after @) is a scheduling point, "
-                             f"a whole number (e.g. @40)")
+        raise HostEventError(
+            f"bad step in host event {text!r}: STEP (after @) is a scheduling point, a whole number (e.g. @40)"
+        )
     m = _SYNTAX.match(text or "")
     if not m:
-        raise HostEventError(f"bad host event {text!r}: the syntax is 'EVENT START-END[@STEP]' (or "
-                             f"'move START-END TO[@STEP]') with EVENT one of {', '.join(EVENTS)}")
+        raise HostEventError(
+            f"bad host event {text!r}: the syntax is 'EVENT START-END[@STEP]' (or "
+            f"'move START-END TO[@STEP]') with EVENT one of {', '.join(EVENTS)}"
+        )
     kind, a, b, to, step = m.groups()
     if kind not in EVENTS:
         raise HostEventError(f"unknown host event {kind!r} in {text!r} (events: {', '.join(EVENTS)})")
@@ -65,8 +68,10 @@ def parse_host_event(text):
     if start % 4096 or end % 4096 or end <= start:
         raise HostEventError(f"bad range in host event {text!r}: START < END, both 4 KiB aligned")
     if (kind == "move") != (to is not None):
-        raise HostEventError(f"bad host event {text!r}: " + ("'move START-END TO' needs the GPA to move to"
-                                                            if kind == "move" else f"{kind} takes no TO"))
+        raise HostEventError(
+            f"bad host event {text!r}: "
+            + ("'move START-END TO' needs the GPA to move to" if kind == "move" else f"{kind} takes no TO")
+        )
     if to is not None:
         try:
             to = int(to, 0)
@@ -80,35 +85,50 @@ def parse_host_event(text):
 def check_event(event, machine):
     """Refuse an event that cannot apply to this VM (one line, before anything runs)."""
     if event.end > machine.mem_size:
-        raise HostEventError(f"host event {event.text!r}: GPA range outside guest memory "
-                             f"({machine.mem_size:#x} bytes)")
+        raise HostEventError(f"host event {event.text!r}: GPA range outside guest memory ({machine.mem_size:#x} bytes)")
     if event.kind in ("shared", "private") and not getattr(machine, "private_mem", machine.td):
-        raise HostEventError(f"host event {event.text!r}: memory attributes need a TD (--vm tdx) or a "
-                             f"software-protected VM (--vm sw-protected)")
+        raise HostEventError(
+            f"host event {event.text!r}: memory attributes need a TD (--vm tdx) or a "
+            f"software-protected VM (--vm sw-protected)"
+        )
     if event.kind in ("delete", "move"):
         from .guestabi import LOADER_REGION
+
         if event.end > machine.mem_size - LOADER_REGION:
-            raise HostEventError(f"host event {event.text!r}: the range reaches the loader's top "
-                                 f"{LOADER_REGION >> 20} MiB of guest memory (page tables, stacks)")
+            raise HostEventError(
+                f"host event {event.text!r}: the range reaches the loader's top "
+                f"{LOADER_REGION >> 20} MiB of guest memory (page tables, stacks)"
+            )
         for other in machine.host_events:
-            if other is not event and other.kind in ("delete", "move") and \
-                    other.start < event.end and event.start < other.end:
+            if (
+                other is not event
+                and other.kind in ("delete", "move")
+                and other.start < event.end
+                and event.start < other.end
+            ):
                 raise HostEventError(f"host events {other.text!r} and {event.text!r}: memslot ranges overlap")
     if event.kind == "move":
         if machine.private_mem:
-            raise HostEventError(f"host event {event.text!r}: a memslot with guest_memfd cannot be moved "
-                                 f"(KVM refuses: private memslots are immutable); use a default VM")
+            raise HostEventError(
+                f"host event {event.text!r}: a memslot with guest_memfd cannot be moved "
+                f"(KVM refuses: private memslots are immutable); use a default VM"
+            )
         if event.to < machine.mem_size:
-            raise HostEventError(f"host event {event.text!r}: TO must lie above guest memory "
-                                 f"({machine.mem_size:#x}), where no memslot is")
+            raise HostEventError(
+                f"host event {event.text!r}: TO must lie above guest memory "
+                f"({machine.mem_size:#x}), where no memslot is"
+            )
     if event.kind == "punch" and not machine.td:
         raise HostEventError(f"host event {event.text!r}: guest_memfd (private memory) needs a TD (--vm tdx)")
     if event.kind == "migrate" and machine.backing_level != 1:
-        raise HostEventError(f"host event {event.text!r}: page migration moves 4K pages; the guest's "
-                             f"memory is backed by huge pages (--hugepages)")
+        raise HostEventError(
+            f"host event {event.text!r}: page migration moves 4K pages; the guest's "
+            f"memory is backed by huge pages (--hugepages)"
+        )
     if event.kind == "nx-recover" and not getattr(machine, "nx_huge_pages", False):
-        raise HostEventError(f"host event {event.text!r}: NX huge page recovery needs the mitigation on "
-                             f"(--nx-huge-pages)")
+        raise HostEventError(
+            f"host event {event.text!r}: NX huge page recovery needs the mitigation on (--nx-huge-pages)"
+        )
 
 
 def run_event(event, machine, who):

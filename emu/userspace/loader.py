@@ -38,15 +38,15 @@ HUGE_PAGE_SIZE = 0x200000
 PTE_P = 1 << 0
 PTE_RW = 1 << 1
 PTE_PS = 1 << 7
-PTE_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF        # bits 51:12
-TABLE_FLAGS = PTE_P | PTE_RW                    # 0x03: non-leaf entries
-HUGE_LEAF_FLAGS = PTE_P | PTE_RW | PTE_PS       # 0x83: 2M leaves
+PTE_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF  # bits 51:12
+TABLE_FLAGS = PTE_P | PTE_RW  # 0x03: non-leaf entries
+HUGE_LEAF_FLAGS = PTE_P | PTE_RW | PTE_PS  # 0x83: 2M leaves
 # No A/D bits are preset (the walker sets them), no U/S (the guest runs at
 # CPL 0), no XD (the image's text may be anywhere).
 
-LEVEL_SHIFTS = {4: 39, 3: 30, 2: 21}            # index shift per table level
-GVA_BITS = 48                                   # 4-level paging
-PA_LIMIT = 1 << 52                              # architectural MAXPHYADDR cap
+LEVEL_SHIFTS = {4: 39, 3: 30, 2: 21}  # index shift per table level
+GVA_BITS = 48  # 4-level paging
+PA_LIMIT = 1 << 52  # architectural MAXPHYADDR cap
 
 # ELF program-header flags
 PF_X, PF_W, PF_R = 1, 2, 4
@@ -60,35 +60,35 @@ class LoadError(Exception):
 # The image
 # ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
     """One PT_LOAD segment: ``data`` (p_filesz bytes) goes to ``paddr``, then
     zeros up to ``memsz``."""
+
     paddr: int
     vaddr: int
     data: bytes
     memsz: int
-    flags: int          # PF_R | PF_W | PF_X
+    flags: int  # PF_R | PF_W | PF_X
 
     @property
     def end(self):
         return self.paddr + self.memsz
 
     def perms(self):
-        return "".join(c if self.flags & bit else "-"
-                       for c, bit in (("r", PF_R), ("w", PF_W), ("x", PF_X)))
+        return "".join(c if self.flags & bit else "-" for c, bit in (("r", PF_R), ("w", PF_W), ("x", PF_X)))
 
     def __repr__(self):
-        return (f"Segment(paddr={self.paddr:#x}, filesz={len(self.data):#x}, "
-                f"memsz={self.memsz:#x}, {self.perms()})")
+        return f"Segment(paddr={self.paddr:#x}, filesz={len(self.data):#x}, memsz={self.memsz:#x}, {self.perms()})"
 
 
 @dataclasses.dataclass
 class GuestImage:
     path: str
     entry: int
-    segments: list          # [Segment], in program-header order
-    symbols: list           # sorted [(addr, size, name)]
+    segments: list  # [Segment], in program-header order
+    symbols: list  # sorted [(addr, size, name)]
     # For symbolize: one preferred name per address, with its size and the
     # end of its section, so that an address past the end of the image (a
     # stack address, say) is not blamed on the image's last label.
@@ -96,7 +96,7 @@ class GuestImage:
     _sym_info: list = dataclasses.field(default_factory=list, repr=False)
 
     def symbolize(self, addr):
-        """"name+0x12" for the nearest symbol at or below addr ("name+0x0" at
+        """ "name+0x12" for the nearest symbol at or below addr ("name+0x0" at
         the symbol itself); None when no symbol covers addr."""
         i = bisect.bisect_right(self._sym_addrs, addr) - 1
         if i < 0:
@@ -120,7 +120,7 @@ class GuestImage:
         for seg in self.segments:
             off = vaddr - seg.vaddr
             if 0 <= off and off + n <= seg.memsz:
-                return (seg.data[off:off + n]).ljust(n, b"\0")
+                return (seg.data[off : off + n]).ljust(n, b"\0")
         return None
 
     def read_cstring(self, vaddr, limit=512):
@@ -129,14 +129,13 @@ class GuestImage:
         for seg in self.segments:
             off = vaddr - seg.vaddr
             if 0 <= off < seg.memsz:
-                raw = seg.data[off:off + limit].split(b"\0", 1)[0]
+                raw = seg.data[off : off + limit].split(b"\0", 1)[0]
                 return raw.decode("utf-8", "replace")
         return None
 
     def image_range(self):
         """[lowest paddr, highest paddr end) over the loaded segments."""
-        return (min(s.paddr for s in self.segments),
-                max(s.end for s in self.segments))
+        return (min(s.paddr for s in self.segments), max(s.end for s in self.segments))
 
 
 def load_elf(path):
@@ -162,8 +161,10 @@ def load_elf(path):
 
 def _read_image(path, elf, file_size):
     if elf.elfclass != 64 or not elf.little_endian:
-        raise LoadError(f"{path}: not a 64-bit little-endian ELF "
-                        f"(class {elf.elfclass}, {'little' if elf.little_endian else 'big'}-endian)")
+        raise LoadError(
+            f"{path}: not a 64-bit little-endian ELF "
+            f"(class {elf.elfclass}, {'little' if elf.little_endian else 'big'}-endian)"
+        )
     if elf["e_machine"] != "EM_X86_64":
         raise LoadError(f"{path}: ELF for {elf['e_machine']}, not x86-64 (EM_X86_64)")
     etype = elf["e_type"]
@@ -177,15 +178,19 @@ def _read_image(path, elf, file_size):
         # relocates a position-independent image.
         if ph["p_type"] == "PT_INTERP":
             interp = ph.data().rstrip(b"\0").decode("utf-8", "replace")
-            raise LoadError(f"{path}: a dynamically linked program (it asks for the interpreter {interp}): a guest "
-                            f"must be a static, freestanding executable (e.g. gcc -static -nostdlib)")
+            raise LoadError(
+                f"{path}: a dynamically linked program (it asks for the interpreter {interp}): a guest "
+                f"must be a static, freestanding executable (e.g. gcc -static -nostdlib)"
+            )
         if ph["p_type"] == "PT_DYNAMIC":
-            raise LoadError(f"{path}: not a static executable (it has a PT_DYNAMIC segment: it needs relocating "
-                            f"or shared libraries): link it with -static -nostdlib (not -static-pie)")
+            raise LoadError(
+                f"{path}: not a static executable (it has a PT_DYNAMIC segment: it needs relocating "
+                f"or shared libraries): link it with -static -nostdlib (not -static-pie)"
+            )
     segments = []
     for idx, ph in enumerate(elf.iter_segments()):
         if ph["p_type"] != "PT_LOAD" or ph["p_memsz"] == 0:
-            continue        # an empty PT_LOAD loads nothing
+            continue  # an empty PT_LOAD loads nothing
         where = f"{path}: PT_LOAD segment {idx} (paddr {ph['p_paddr']:#x})"
         filesz, memsz = ph["p_filesz"], ph["p_memsz"]
         if filesz > memsz:
@@ -195,19 +200,21 @@ def _read_image(path, elf, file_size):
         if ph["p_vaddr"] != ph["p_paddr"]:
             # The loader's map is the identity: code linked to run at another
             # virtual address would fault at its first instruction.
-            raise LoadError(f"{where}: p_vaddr {ph['p_vaddr']:#x} differs from p_paddr; "
-                            f"guests run on an identity map and need p_vaddr == p_paddr")
+            raise LoadError(
+                f"{where}: p_vaddr {ph['p_vaddr']:#x} differs from p_paddr; "
+                f"guests run on an identity map and need p_vaddr == p_paddr"
+            )
         data = ph.data()
-        segments.append(Segment(paddr=ph["p_paddr"], vaddr=ph["p_vaddr"], data=bytes(data),
-                                memsz=memsz, flags=ph["p_flags"]))
+        segments.append(
+            Segment(paddr=ph["p_paddr"], vaddr=ph["p_vaddr"], data=bytes(data), memsz=memsz, flags=ph["p_flags"])
+        )
     if not segments:
         raise LoadError(f"{path}: no PT_LOAD segment: nothing to load")
 
     ordered = sorted(segments, key=lambda s: s.paddr)
     for a, b in zip(ordered, ordered[1:]):
         if b.paddr < a.end:
-            raise LoadError(f"{path}: PT_LOAD segments overlap: {a.paddr:#x}-{a.end:#x} "
-                            f"and {b.paddr:#x}-{b.end:#x}")
+            raise LoadError(f"{path}: PT_LOAD segments overlap: {a.paddr:#x}-{a.end:#x} and {b.paddr:#x}-{b.end:#x}")
 
     entry = elf["e_entry"]
     if not any(s.paddr <= entry < s.end for s in segments):
@@ -226,27 +233,26 @@ _SYM_TYPES = {"STT_FUNC": 0, "STT_OBJECT": 0, "STT_NOTYPE": 1}
 def _read_symbols(elf, image):
     symtab = elf.get_section_by_name(".symtab")
     if not isinstance(symtab, SymbolTableSection):
-        return          # stripped: no names, symbolize() gives None
+        return  # stripped: no names, symbolize() gives None
     sections = list(elf.iter_sections())
-    best = {}           # addr -> (rank, name, size, section end)
+    best = {}  # addr -> (rank, name, size, section end)
     symbols = []
     for sym in symtab.iter_symbols():
         stype = sym["st_info"]["type"]
         shndx = sym["st_shndx"]
         if stype not in _SYM_TYPES or not sym.name or not isinstance(shndx, int):
-            continue    # section/file symbols, .equ constants (SHN_ABS), undefined
+            continue  # section/file symbols, .equ constants (SHN_ABS), undefined
         if shndx >= len(sections):
             continue
         sec = sections[shndx]
         if not sec["sh_flags"] & SH_FLAGS.SHF_ALLOC:
-            continue    # not in the loaded image
+            continue  # not in the loaded image
         addr, size = sym["st_value"], sym["st_size"]
         symbols.append((addr, size, sym.name))
         # Among names for one address prefer a typed symbol (FUNC/OBJECT) to a
         # label, a name of the program to a linker-made one (__bss_start...),
         # and a global to a local.
-        rank = (_SYM_TYPES[stype], sym.name.startswith("__"),
-                sym["st_info"]["bind"] == "STB_LOCAL", sym.name)
+        rank = (_SYM_TYPES[stype], sym.name.startswith("__"), sym["st_info"]["bind"] == "STB_LOCAL", sym.name)
         sec_end = sec["sh_addr"] + sec["sh_size"]
         if addr not in best or rank < best[addr][0]:
             best[addr] = (rank, sym.name, size, sec_end)
@@ -260,17 +266,19 @@ def _read_symbols(elf, image):
 # The boot layout
 # ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Boot:
     """What build_boot laid out: the CR3 and registers each vCPU starts with,
     and which guest pages the loader wrote."""
+
     entry: int
     mem_size: int
     nvcpus: int
-    cr3: int                    # GPA of the PML4
-    page_table_gpas: list       # GPAs of every paging-structure page, sorted
-    pages: list                 # every 4K GPA written: segments, tables, stacks
-    loader_base: int            # mem_size - LOADER_REGION
+    cr3: int  # GPA of the PML4
+    page_table_gpas: list  # GPAs of every paging-structure page, sorted
+    pages: list  # every 4K GPA written: segments, tables, stacks
+    loader_base: int  # mem_size - LOADER_REGION
 
     def stack_range(self, i):
         """[low, high) GPAs of vCPU i's stack (high is its initial RSP)."""
@@ -281,8 +289,7 @@ class Boot:
     def regs(self, i):
         """Initial registers of vCPU i (guest state besides 64-bit mode)."""
         self._check_vcpu(i)
-        return {"rip": self.entry, "rsp": self.stack_range(i)[1],
-                "rdi": i, "rsi": self.nvcpus, "cr3": self.cr3}
+        return {"rip": self.entry, "rsp": self.stack_range(i)[1], "rdi": i, "rsi": self.nvcpus, "cr3": self.cr3}
 
     def _check_vcpu(self, i):
         if not 0 <= i < self.nvcpus:
@@ -295,7 +302,7 @@ class _TableBuilder:
 
     def __init__(self, base):
         self.next = base
-        self.pages = {}                 # gpa -> bytearray(4096)
+        self.pages = {}  # gpa -> bytearray(4096)
         self.pml4 = self._alloc()
 
     def _alloc(self):
@@ -347,24 +354,28 @@ def build_boot(image, mem_size, nvcpus, write_gpa, extra_maps=()):
     if not isinstance(mem_size, int) or mem_size % MEM_ALIGN:
         raise LoadError(f"guest memory size {mem_size!r} is not a multiple of 2 MiB")
     if mem_size < MIN_MEM_SIZE:
-        raise LoadError(f"guest memory size {mem_size >> 20} MiB is too small: "
-                        f"the loader needs at least {MIN_MEM_SIZE >> 20} MiB")
+        raise LoadError(
+            f"guest memory size {mem_size >> 20} MiB is too small: the loader needs at least {MIN_MEM_SIZE >> 20} MiB"
+        )
     if mem_size > 1 << (GVA_BITS - 1):
-        raise LoadError(f"guest memory size {mem_size:#x} does not fit in the lower half "
-                        f"of a 4-level address space")
+        raise LoadError(f"guest memory size {mem_size:#x} does not fit in the lower half of a 4-level address space")
     if not isinstance(nvcpus, int) or nvcpus < 1:
         raise LoadError(f"number of vCPUs must be at least 1 (got {nvcpus!r})")
 
     loader_base = mem_size - LOADER_REGION
     for n, seg in enumerate(image.segments):
         if seg.end > mem_size:
-            raise LoadError(f"{image.path}: segment {n} ({seg.paddr:#x}-{seg.end:#x}, "
-                            f"{seg.perms()}) lies beyond guest memory ({mem_size >> 20} MiB)")
+            raise LoadError(
+                f"{image.path}: segment {n} ({seg.paddr:#x}-{seg.end:#x}, "
+                f"{seg.perms()}) lies beyond guest memory ({mem_size >> 20} MiB)"
+            )
         if seg.end > loader_base:
-            raise LoadError(f"{image.path}: segment {n} ({seg.paddr:#x}-{seg.end:#x}, "
-                            f"{seg.perms()}) reaches into the loader's top 4 MiB "
-                            f"({loader_base:#x}-{mem_size:#x}); give the guest more memory "
-                            f"or link it lower")
+            raise LoadError(
+                f"{image.path}: segment {n} ({seg.paddr:#x}-{seg.end:#x}, "
+                f"{seg.perms()}) reaches into the loader's top 4 MiB "
+                f"({loader_base:#x}-{mem_size:#x}); give the guest more memory "
+                f"or link it lower"
+            )
 
     # Page tables: the identity map of all memory, then the extra maps.
     tables = _TableBuilder(loader_base)
@@ -374,22 +385,25 @@ def build_boot(image, mem_size, nvcpus, write_gpa, extra_maps=()):
         what = f"extra mapping gva {gva:#x} -> gpa {gpa:#x} size {size:#x}"
         if min(gva, gpa) < 0 or (gva | gpa | size) % HUGE_PAGE_SIZE or size <= 0:
             raise LoadError(f"{what}: gva, gpa and size must be 2 MiB-aligned and size > 0")
-        if not (_canonical(gva) and _canonical(gva + size - 1)
-                and (gva >> 47) == ((gva + size - 1) >> 47)):
+        if not (_canonical(gva) and _canonical(gva + size - 1) and (gva >> 47) == ((gva + size - 1) >> 47)):
             raise LoadError(f"{what}: not a canonical 48-bit address range")
         if gpa + size > PA_LIMIT:
             raise LoadError(f"{what}: gpa beyond the 52-bit physical address limit")
         for off in range(0, size, HUGE_PAGE_SIZE):
             if not tables.map_2m((gva + off) & ((1 << GVA_BITS) - 1), gpa + off):
-                raise LoadError(f"{what}: gva {gva + off:#x} is already mapped "
-                                f"(by the identity map of guest memory or another extra mapping)")
+                raise LoadError(
+                    f"{what}: gva {gva + off:#x} is already mapped "
+                    f"(by the identity map of guest memory or another extra mapping)"
+                )
 
     # Stacks come down from the top of memory; the tables must not reach them.
     stacks_base = mem_size - nvcpus * STACK_SIZE
     if tables.next > stacks_base:
-        raise LoadError(f"{nvcpus} vCPU stacks of {STACK_SIZE >> 10} KiB and "
-                        f"{len(tables.pages)} page-table pages do not fit in the loader's "
-                        f"{LOADER_REGION >> 20} MiB")
+        raise LoadError(
+            f"{nvcpus} vCPU stacks of {STACK_SIZE >> 10} KiB and "
+            f"{len(tables.pages)} page-table pages do not fit in the loader's "
+            f"{LOADER_REGION >> 20} MiB"
+        )
 
     # All checks passed: write.
     pages = set()
@@ -408,9 +422,15 @@ def build_boot(image, mem_size, nvcpus, write_gpa, extra_maps=()):
     write_gpa(stacks_base, bytes(mem_size - stacks_base))
     pages.update(_pages_of(stacks_base, mem_size))
 
-    return Boot(entry=image.entry, mem_size=mem_size, nvcpus=nvcpus, cr3=tables.pml4,
-                page_table_gpas=sorted(tables.pages), pages=sorted(pages),
-                loader_base=loader_base)
+    return Boot(
+        entry=image.entry,
+        mem_size=mem_size,
+        nvcpus=nvcpus,
+        cr3=tables.pml4,
+        page_table_gpas=sorted(tables.pages),
+        pages=sorted(pages),
+        loader_base=loader_base,
+    )
 
 
 def decode_map(read64, cr3, gva):

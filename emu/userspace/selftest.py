@@ -44,8 +44,16 @@ import os
 from typing import Any, Callable
 
 from . import guestabi, guests, loader
-from .ucall_common import (UCALL_NONE, UCALL_SYNC, UCALL_ABORT, UCALL_PRINTF, UCALL_DONE,  # noqa: F401
-                           UCALL_UNHANDLED, UCALL_MAX_ARGS, Ucall)
+from .ucall_common import (
+    UCALL_NONE,
+    UCALL_SYNC,
+    UCALL_ABORT,
+    UCALL_PRINTF,
+    UCALL_DONE,  # noqa: F401
+    UCALL_UNHANDLED,
+    UCALL_MAX_ARGS,
+    Ucall,
+)
 from .vmm import Machine, MachineError, MemRegion, parse_size, VM_TYPES as _MACHINE_VM_TYPES
 from ..kvm.kvm_host import KvmIoctlError, EINVAL, EEXIST
 from ..kvm.uapi import KVM_USER_MEM_SLOTS, KVM_MEMORY_ATTRIBUTE_PRIVATE  # noqa: F401
@@ -54,21 +62,22 @@ VM_TYPES = ("default", "tdx")
 # The VM types with private memory (memory attributes, guest_memfd).
 PRIVATE_VM_TYPES = ("sw-protected", "tdx")
 ALL_VM_TYPES = ("default", "sw-protected", "tdx")
-HOST_RESERVE = 64 << 20                   # host memory kept for memslots added during the run
+HOST_RESERVE = 64 << 20  # host memory kept for memslots added during the run
 
 
 @dataclasses.dataclass(frozen=True)
 class GuestAssert:
     """A GUEST_ASSERT (or _EQ, _NE, ..., __GUEST_ASSERT, GUEST_FAIL) that failed: where, what, and
     for a comparison the two values."""
+
     vcpu: int
     file: str
     line: int
     expr: str
-    kind: str               # "assert", "eq", "ne", "lt", "le", "gt", "ge" or "fail"
+    kind: str  # "assert", "eq", "ne", "lt", "le", "gt", "ge" or "fail"
     a: int
     b: int
-    message: str            # 'GUEST_ASSERT_EQ failed at x.c:42: a == b (0x3 != 0x4)'
+    message: str  # 'GUEST_ASSERT_EQ failed at x.c:42: a == b (0x3 != 0x4)'
 
 
 class GuestRun:
@@ -76,16 +85,16 @@ class GuestRun:
 
     def __init__(self, machine: Machine, result: Any) -> None:
         self.machine = machine
-        self.result = result                    # emu.userspace.vmm.Result: exit, error, stats, vcpus, ...
-        self.syncs = list(result.syncs)         # [(vcpu, stage, *args)] of GUEST_SYNC(_ARGS), in order
-        self.reports = list(result.reports)     # [(vcpu, value)] of emu_report, in order
-        self.printfs = list(result.printfs)     # [(vcpu, text)] of GUEST_PRINTF, in order
+        self.result = result  # emu.userspace.vmm.Result: exit, error, stats, vcpus, ...
+        self.syncs = list(result.syncs)  # [(vcpu, stage, *args)] of GUEST_SYNC(_ARGS), in order
+        self.reports = list(result.reports)  # [(vcpu, value)] of emu_report, in order
+        self.printfs = list(result.printfs)  # [(vcpu, text)] of GUEST_PRINTF, in order
         ga = result.guest_assert
         self.guest_assert = GuestAssert(**ga) if ga is not None else None
 
     @property
     def exit(self) -> str:
-        """"hlt" when every vCPU finished (GUEST_DONE or returned from guest_main), else the
+        """ "hlt" when every vCPU finished (GUEST_DONE or returned from guest_main), else the
         exit that ended the run: "fail" for a failed GUEST_ASSERT, "host_assert" for an
         exception in the host side (on_ucall, a host thread, a check), "memory_fault" for
         KVM_EXIT_MEMORY_FAULT, ..."""
@@ -133,8 +142,7 @@ class GuestRun:
         return self
 
     def __repr__(self):
-        return (f"GuestRun(exit={self.exit!r}, error={self.error!r}, syncs={self.syncs!r}, "
-                f"reports={self.reports!r})")
+        return f"GuestRun(exit={self.exit!r}, error={self.error!r}, syncs={self.syncs!r}, reports={self.reports!r})"
 
 
 class GuestVM:
@@ -145,8 +153,15 @@ class GuestVM:
     runs; the other keywords go to emu.userspace.vmm.Machine (``hugepages``, ``tracer``,
     ``inject``, ``seed``, ``bugs``, ``host_events``, ...)."""
 
-    def __init__(self, guest: str | os.PathLike[str], vm: str = "default", vcpus: int = 1, mem: int | str = "64M",
-                 host_reserve: int | str = HOST_RESERVE, **machine_kwargs: Any) -> None:
+    def __init__(
+        self,
+        guest: str | os.PathLike[str],
+        vm: str = "default",
+        vcpus: int = 1,
+        mem: int | str = "64M",
+        host_reserve: int | str = HOST_RESERVE,
+        **machine_kwargs: Any,
+    ) -> None:
         if vm not in _MACHINE_VM_TYPES:
             raise MachineError(f"unknown VM type {vm!r} ({', '.join(_MACHINE_VM_TYPES)})")
         self.guest = str(guest)
@@ -161,10 +176,10 @@ class GuestVM:
         except (guests.GuestError, loader.LoadError) as e:
             raise MachineError(str(e)) from None
         self._machine: Machine | None = None
-        self._regions: dict[int, MemRegion] = {}                 # slot -> MemRegion, until the VM is built
+        self._regions: dict[int, MemRegion] = {}  # slot -> MemRegion, until the VM is built
         self._globals: dict[str, int | bytes] = {}
         self._virt_maps: list[tuple[int, int]] = []
-        self._deferred: list = []          # host operations to make once the VM is built, in order
+        self._deferred: list = []  # host operations to make once the VM is built, in order
         self._on_ucall: Callable[[int, Ucall], None] | None = None
         self._threads: list[tuple[Callable[[], None], str]] = []
         self._checks: list[Callable[[GuestRun], None]] = []
@@ -184,9 +199,17 @@ class GuestVM:
         return self._machine is not None
 
     def _build(self):
-        m = Machine(self.guest, vm=self.vm, mem=self.mem, vcpus=self.vcpus, regions=list(self._regions.values()),
-                    guest_globals=self._globals, virt_maps=self._virt_maps, host_reserve=self.host_reserve,
-                    **self.machine_kwargs)
+        m = Machine(
+            self.guest,
+            vm=self.vm,
+            mem=self.mem,
+            vcpus=self.vcpus,
+            regions=list(self._regions.values()),
+            guest_globals=self._globals,
+            virt_maps=self._virt_maps,
+            host_reserve=self.host_reserve,
+            **self.machine_kwargs,
+        )
         self._machine = m
         self._install_hooks()
         for op in self._deferred:
@@ -250,8 +273,9 @@ class GuestVM:
         if sched is None or sched.current is None:
             if pred():
                 return
-            raise RuntimeError("wait_for() outside a host thread or an on_ucall callback: nothing would make "
-                               "the condition true")
+            raise RuntimeError(
+                "wait_for() outside a host thread or an on_ucall callback: nothing would make the condition true"
+            )
         sched.wait_until(pred, what="host_wait")
 
     # -- guest memory ---------------------------------------------------------------------------------
@@ -274,13 +298,15 @@ class GuestVM:
         before the run (in a TD, before the image is measured)."""
         if self._machine is not None:
             if self._machine.td:
-                raise MachineError(f"sync_global_to_guest({symbol!r}): the TD's image is measured already: "
-                                   f"set globals before the VM is built (before run(), read(), .machine)")
+                raise MachineError(
+                    f"sync_global_to_guest({symbol!r}): the TD's image is measured already: "
+                    f"set globals before the VM is built (before run(), read(), .machine)"
+                )
             addr, data = self._machine.global_bytes(symbol, value)
             self._machine.write_gpa(addr, data)
             return
         probe = Machine.global_bytes.__get__(_ImageOnly(self.image))
-        probe(symbol, value)                    # the same checks now, the write at build
+        probe(symbol, value)  # the same checks now, the write at build
         self._globals[symbol] = value
 
     def virt_map(self, gpa: int, size: int) -> None:
@@ -336,11 +362,15 @@ class GuestVM:
             self._machine.set_memory_attributes(gpa, size, private)
             return
         if private and not self.private_mem:
-            raise KvmIoctlError(EINVAL, "KVM_SET_MEMORY_ATTRIBUTES: attributes 0x8 not supported by this VM type "
-                                        "(a default VM has no private memory)")
+            raise KvmIoctlError(
+                EINVAL,
+                "KVM_SET_MEMORY_ATTRIBUTES: attributes 0x8 not supported by this VM type "
+                "(a default VM has no private memory)",
+            )
         if size == 0 or (gpa | size) & 0xFFF or gpa + size > 1 << 52:
-            raise KvmIoctlError(EINVAL, f"KVM_SET_MEMORY_ATTRIBUTES: bad range {gpa:#x}+{size:#x} "
-                                        f"(page-aligned, non-empty)")
+            raise KvmIoctlError(
+                EINVAL, f"KVM_SET_MEMORY_ATTRIBUTES: bad range {gpa:#x}+{size:#x} (page-aligned, non-empty)"
+            )
         self._deferred.append(lambda m: m.set_memory_attributes(gpa, size, private))
 
     def mem_set_private(self, gpa: int, size: int) -> None:
@@ -366,8 +396,10 @@ class GuestVM:
         if not 0 <= slot < KVM_USER_MEM_SLOTS:
             raise KvmIoctlError(EINVAL, f"memslot id {slot} out of range (0 to {KVM_USER_MEM_SLOTS - 1})")
         if guest_memfd and not self.private_mem:
-            raise KvmIoctlError(EINVAL, "memslot flags 0x4 not supported by this VM type (KVM_MEM_GUEST_MEMFD "
-                                        "needs a VM with private memory)")
+            raise KvmIoctlError(
+                EINVAL,
+                "memslot flags 0x4 not supported by this VM type (KVM_MEM_GUEST_MEMFD needs a VM with private memory)",
+            )
         if self.vm == "tdx" and not guest_memfd:
             raise KvmIoctlError(EINVAL, "a TD's memslot needs guest_memfd backing for its private pages")
         if slot == 0 or slot in self._regions:
@@ -379,8 +411,11 @@ class GuestVM:
             raise KvmIoctlError(EEXIST, "memslot overlaps slot 0 (the guest's memory)")
         if gpa < guestabi.UCALL_MMIO_GPA + 0x1000 and guestabi.EMU_MMIO_GPA < gpa + size:
             # (KVM would take it; the VMM's MMIO device and the TD's ucall GPA would be gone)
-            raise KvmIoctlError(EEXIST, f"memslot overlaps the VMM's MMIO pages ({guestabi.EMU_MMIO_GPA:#x}: "
-                                        f"the MMIO device and the ucall GPA)")
+            raise KvmIoctlError(
+                EEXIST,
+                f"memslot overlaps the VMM's MMIO pages ({guestabi.EMU_MMIO_GPA:#x}: "
+                f"the MMIO device and the ucall GPA)",
+            )
         for r in self._regions.values():
             if r.slot != slot and gpa < r.end and r.gpa < gpa + size:
                 raise KvmIoctlError(EEXIST, f"memslot overlaps slot {r.slot}")
@@ -399,21 +434,24 @@ class _ImageOnly:
         self.image = image
 
 
-def run_guest(guest: str | os.PathLike[str], vm: str = "default", vcpus: int = 1, mem: int | str = "64M",
-              **machine_kwargs: Any) -> GuestRun:
+def run_guest(
+    guest: str | os.PathLike[str], vm: str = "default", vcpus: int = 1, mem: int | str = "64M", **machine_kwargs: Any
+) -> GuestRun:
     """Build a VM for ``guest``, run it, and return a GuestRun."""
     return GuestVM(guest, vm=vm, vcpus=vcpus, mem=mem, **machine_kwargs).run()
 
 
 # -- exploring a selftest's scenario ---------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Failure:
     """A failing schedule: replay it with ``explore(factory, replay=schedule)``."""
+
     schedule: str
     error: str
-    minimized: str | None = None          # (the first failure) the schedule with every needless deviation dropped
-    trace: list[str] | None = None             # (the first failure) the trace of the minimized schedule
+    minimized: str | None = None  # (the first failure) the schedule with every needless deviation dropped
+    trace: list[str] | None = None  # (the first failure) the trace of the minimized schedule
 
 
 class Exploration:
@@ -421,7 +459,7 @@ class Exploration:
     minimized and traced), ``complete`` (the bounded space was covered, or every run made)."""
 
     def __init__(self, result: Any, failures: list[Failure]) -> None:
-        self.result = result                     # emu.checkers.explore.ExploreResult
+        self.result = result  # emu.checkers.explore.ExploreResult
         self.schedules = result.runs
         self.failures = failures
         self.complete = result.complete
@@ -431,9 +469,18 @@ class Exploration:
         return f"Exploration(schedules={self.schedules}, failures={len(self.failures)}, complete={self.complete})"
 
 
-def explore(factory: Callable[[], GuestVM], random: int | None = None, seed: int = 0, bound: int | None = None,
-            dpor: bool = False, depth: int = 3, max_runs: int | None = None, stop_at_first: bool = True,
-            replay: str | None = None, check_steps: bool = False) -> Exploration:
+def explore(
+    factory: Callable[[], GuestVM],
+    random: int | None = None,
+    seed: int = 0,
+    bound: int | None = None,
+    dpor: bool = False,
+    depth: int = 3,
+    max_runs: int | None = None,
+    stop_at_first: bool = True,
+    replay: str | None = None,
+    check_steps: bool = False,
+) -> Exploration:
     """Explore the interleavings of a selftest's scenario: ``factory()`` returns a GuestVM, its
     memslots, globals, callbacks and host threads set up, not run.  It is built once; every run
     starts from that snapshot (in a forked process: the callbacks' state starts afresh each time).
@@ -453,7 +500,7 @@ def explore(factory: Callable[[], GuestVM], random: int | None = None, seed: int
         def __init__(self):
             self.found = []
             super().__init__(_machine_of(factory), check_steps=check_steps)
-            self.inplace = False                 # the host side's Python state: every run forks
+            self.inplace = False  # the host side's Python state: every run forks
 
         def _account(self, res, outcome, trace_strategy):
             first = res.first_failure is None
@@ -470,6 +517,7 @@ def explore(factory: Callable[[], GuestVM], random: int | None = None, seed: int
     if replay is not None:
         out = ex.replay(replay)
         from ..checkers.explore import ExploreResult
+
         res = ExploreResult()
         res.runs, res.complete = 1, True
         found = [] if out.error is None else [Failure(replay, out.error, replay, out.trace)]
@@ -492,9 +540,28 @@ def _machine_of(factory):
         m = vm.machine
         vm._install_hooks()
         return m
+
     return build
 
 
-__all__ = ["GuestVM", "GuestRun", "GuestAssert", "Ucall", "run_guest", "explore", "Exploration", "Failure",
-           "KvmIoctlError", "UCALL_NONE", "UCALL_SYNC", "UCALL_ABORT", "UCALL_PRINTF", "UCALL_DONE",
-           "UCALL_UNHANDLED", "UCALL_MAX_ARGS", "VM_TYPES", "PRIVATE_VM_TYPES", "ALL_VM_TYPES"]
+__all__ = [
+    "GuestVM",
+    "GuestRun",
+    "GuestAssert",
+    "Ucall",
+    "run_guest",
+    "explore",
+    "Exploration",
+    "Failure",
+    "KvmIoctlError",
+    "UCALL_NONE",
+    "UCALL_SYNC",
+    "UCALL_ABORT",
+    "UCALL_PRINTF",
+    "UCALL_DONE",
+    "UCALL_UNHANDLED",
+    "UCALL_MAX_ARGS",
+    "VM_TYPES",
+    "PRIVATE_VM_TYPES",
+    "ALL_VM_TYPES",
+]

@@ -37,11 +37,17 @@ from ..kvm.kvm_host import KvmIoctlError
 
 # enum ucall (include/ucall_common.h)
 UCALL_NONE, UCALL_SYNC, UCALL_ABORT, UCALL_PRINTF, UCALL_DONE, UCALL_UNHANDLED = range(6)
-UCALL_NAMES = {UCALL_NONE: "UCALL_NONE", UCALL_SYNC: "UCALL_SYNC", UCALL_ABORT: "UCALL_ABORT",
-               UCALL_PRINTF: "UCALL_PRINTF", UCALL_DONE: "UCALL_DONE", UCALL_UNHANDLED: "UCALL_UNHANDLED"}
+UCALL_NAMES = {
+    UCALL_NONE: "UCALL_NONE",
+    UCALL_SYNC: "UCALL_SYNC",
+    UCALL_ABORT: "UCALL_ABORT",
+    UCALL_PRINTF: "UCALL_PRINTF",
+    UCALL_DONE: "UCALL_DONE",
+    UCALL_UNHANDLED: "UCALL_UNHANDLED",
+}
 UCALL_MAX_ARGS = 7
 UCALL_BUFFER_LEN = 1024
-GUEST_UCALL_FAILED = (1 << 64) - 1        # ucall_arch_do_ucall(-1): the guest had no free struct ucall
+GUEST_UCALL_FAILED = (1 << 64) - 1  # ucall_arch_do_ucall(-1): the guest had no free struct ucall
 
 # struct ucall
 UCALL_OFF_CMD = 0
@@ -51,29 +57,42 @@ UCALL_OFF_HVA = UCALL_OFF_BUFFER + UCALL_BUFFER_LEN
 UCALL_OFF_NARGS = UCALL_OFF_HVA + 8
 UCALL_SIZE = UCALL_OFF_NARGS + 8
 # struct ucall_header
-UCALL_POOL_SLOTS = 64                     # the most vCPUs a VM has (emu.userspace.vmm)
+UCALL_POOL_SLOTS = 64  # the most vCPUs a VM has (emu.userspace.vmm)
 UCALL_HEADER_UCALLS = 8 * (UCALL_POOL_SLOTS // 64)
 UCALL_POOL_SIZE = UCALL_HEADER_UCALLS + UCALL_POOL_SLOTS * UCALL_SIZE
 
 # enum guest_assert_builtin_args, and emu's after them
 GUEST_ERROR_STRING, GUEST_FILE, GUEST_LINE, GUEST_ASSERT_KIND, GUEST_ASSERT_A, GUEST_ASSERT_B = range(6)
 # The kinds (args[GUEST_ASSERT_KIND]); guest/include/emu.h has the same numbers.
-ASSERT_KIND_ASSERT = 0        # GUEST_ASSERT(cond)
-ASSERT_KIND_EQ = 1            # GUEST_ASSERT_EQ(a, b)
+ASSERT_KIND_ASSERT = 0  # GUEST_ASSERT(cond)
+ASSERT_KIND_EQ = 1  # GUEST_ASSERT_EQ(a, b)
 ASSERT_KIND_NE = 2
 ASSERT_KIND_LT = 3
 ASSERT_KIND_LE = 4
 ASSERT_KIND_GT = 5
 ASSERT_KIND_GE = 6
-ASSERT_KIND_FMT = 7           # __GUEST_ASSERT(cond, fmt, ...)
-ASSERT_KIND_FAIL = 8          # GUEST_FAIL(fmt, ...)
+ASSERT_KIND_FMT = 7  # __GUEST_ASSERT(cond, fmt, ...)
+ASSERT_KIND_FAIL = 8  # GUEST_FAIL(fmt, ...)
 # kind -> (macro, the operator that held, the one that failed)
-COMPARISONS = {ASSERT_KIND_EQ: ("GUEST_ASSERT_EQ", "==", "!="), ASSERT_KIND_NE: ("GUEST_ASSERT_NE", "!=", "=="),
-               ASSERT_KIND_LT: ("GUEST_ASSERT_LT", "<", ">="), ASSERT_KIND_LE: ("GUEST_ASSERT_LE", "<=", ">"),
-               ASSERT_KIND_GT: ("GUEST_ASSERT_GT", ">", "<="), ASSERT_KIND_GE: ("GUEST_ASSERT_GE", ">=", "<")}
-KIND_NAMES = {ASSERT_KIND_ASSERT: "assert", ASSERT_KIND_EQ: "eq", ASSERT_KIND_NE: "ne", ASSERT_KIND_LT: "lt",
-              ASSERT_KIND_LE: "le", ASSERT_KIND_GT: "gt", ASSERT_KIND_GE: "ge", ASSERT_KIND_FMT: "assert",
-              ASSERT_KIND_FAIL: "fail"}
+COMPARISONS = {
+    ASSERT_KIND_EQ: ("GUEST_ASSERT_EQ", "==", "!="),
+    ASSERT_KIND_NE: ("GUEST_ASSERT_NE", "!=", "=="),
+    ASSERT_KIND_LT: ("GUEST_ASSERT_LT", "<", ">="),
+    ASSERT_KIND_LE: ("GUEST_ASSERT_LE", "<=", ">"),
+    ASSERT_KIND_GT: ("GUEST_ASSERT_GT", ">", "<="),
+    ASSERT_KIND_GE: ("GUEST_ASSERT_GE", ">=", "<"),
+}
+KIND_NAMES = {
+    ASSERT_KIND_ASSERT: "assert",
+    ASSERT_KIND_EQ: "eq",
+    ASSERT_KIND_NE: "ne",
+    ASSERT_KIND_LT: "lt",
+    ASSERT_KIND_LE: "le",
+    ASSERT_KIND_GT: "gt",
+    ASSERT_KIND_GE: "ge",
+    ASSERT_KIND_FMT: "assert",
+    ASSERT_KIND_FAIL: "fail",
+}
 
 # The guest library's "hello" (GUEST_SYNC and GUEST_SYNC_ARGS pass its address as args[0], as
 # upstream passes the literal): a sync with it has its stage in args[1]; GUEST_SYNC1..6 have none.
@@ -95,24 +114,27 @@ class Ucall:
 
     __slots__ = ("cmd", "stage", "args", "text", "raw_args", "nargs", "vcpu", "guest_assert")
 
-    def __init__(self, cmd, stage=None, args=(), text=None, raw_args=(0,) * UCALL_MAX_ARGS, nargs=0, vcpu=None,
-                 guest_assert=None):
+    def __init__(
+        self, cmd, stage=None, args=(), text=None, raw_args=(0,) * UCALL_MAX_ARGS, nargs=0, vcpu=None, guest_assert=None
+    ):
         self.cmd, self.stage, self.args, self.text = cmd, stage, tuple(args), text
         self.raw_args, self.nargs, self.vcpu, self.guest_assert = tuple(raw_args), nargs, vcpu, guest_assert
 
     def __repr__(self):
         extra = f", text={self.text!r}" if self.text is not None else ""
-        return (f"Ucall({UCALL_NAMES.get(self.cmd, self.cmd)}, vcpu={self.vcpu}, stage={self.stage!r}, "
-                f"args={self.args!r}{extra})")
+        return (
+            f"Ucall({UCALL_NAMES.get(self.cmd, self.cmd)}, vcpu={self.vcpu}, stage={self.stage!r}, "
+            f"args={self.args!r}{extra})"
+        )
 
 
 def read_ucall(read, addr):
     """get_ucall(): copy the struct ucall at ``addr`` (the host's handle, a GPA) out with
     ``read(gpa, n)``: (cmd, args, nargs, text)."""
     raw = read(addr, UCALL_SIZE)
-    cmd, = struct.unpack_from("<Q", raw, UCALL_OFF_CMD)
+    (cmd,) = struct.unpack_from("<Q", raw, UCALL_OFF_CMD)
     args = struct.unpack_from(f"<{UCALL_MAX_ARGS}Q", raw, UCALL_OFF_ARGS)
-    nargs, = struct.unpack_from("<Q", raw, UCALL_OFF_NARGS)
+    (nargs,) = struct.unpack_from("<Q", raw, UCALL_OFF_NARGS)
     text = raw[UCALL_OFF_BUFFER:UCALL_OFF_HVA].split(b"\0", 1)[0].decode("utf-8", "replace")
     return cmd, args, min(nargs, UCALL_MAX_ARGS), text
 
@@ -144,6 +166,7 @@ def is_scheduler_control(e):
     (a deadlock, the step limit, a replay that diverged, a run cut short): not a failure of the
     selftest's own code, so it goes on up."""
     from ..checkers.sched import Deadlock, StepLimit, ScheduleError, SleepBlocked
+
     return isinstance(e, (Deadlock, StepLimit, ScheduleError, SleepBlocked)) or type(e).__name__ == "InvariantBroken"
 
 
@@ -151,6 +174,7 @@ def describe_exception(e):
     """'AssertionError: message (at test_x.py:42)': where in the selftest's code it was raised."""
     import os
     import traceback
+
     where = ""
     pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     frames = traceback.extract_tb(e.__traceback__)
@@ -158,7 +182,7 @@ def describe_exception(e):
         if not os.path.abspath(f.filename).startswith(pkg + os.sep):
             where = f" (at {os.path.basename(f.filename)}:{f.lineno})"
             break
-    text = str(e).strip().split("\n")[0]        # one line (pytest's assertion detail follows the first)
+    text = str(e).strip().split("\n")[0]  # one line (pytest's assertion detail follows the first)
     return f"{type(e).__name__}{': ' + text if text else ''}{where}"
 
 
@@ -176,7 +200,7 @@ class UcallHost:
             res.error = f"vCPU {v.vcpu_id}: the guest failed to allocate a struct ucall (no free one in the pool)"
             return "fail"
         if addr == 0:
-            uc = Ucall(UCALL_NONE, vcpu=v.vcpu_id)            # GUEST_UCALL_NONE()
+            uc = Ucall(UCALL_NONE, vcpu=v.vcpu_id)  # GUEST_UCALL_NONE()
         else:
             try:
                 cmd, args, nargs, text = read_ucall(self.read_guest, addr)
@@ -187,9 +211,9 @@ class UcallHost:
             uc = Ucall(cmd, raw_args=args, nargs=nargs, vcpu=v.vcpu_id)
             if cmd == UCALL_SYNC:
                 marker = self._sync_marker()
-                if nargs >= 2 and args[0] == marker:          # GUEST_SYNC, GUEST_SYNC_ARGS
+                if nargs >= 2 and args[0] == marker:  # GUEST_SYNC, GUEST_SYNC_ARGS
                     uc.stage, uc.args = args[1], tuple(args[2:nargs])
-                elif nargs >= 1:                               # GUEST_SYNC1..6
+                elif nargs >= 1:  # GUEST_SYNC1..6
                     uc.stage, uc.args = args[0], tuple(args[1:nargs])
             elif cmd in (UCALL_PRINTF, UCALL_ABORT):
                 uc.text = text
@@ -248,5 +272,13 @@ class UcallHost:
         file = self.image.read_cstring(args[GUEST_FILE]) or f"<file at {args[1]:#x}>"
         line = args[GUEST_LINE]
         a, b = args[GUEST_ASSERT_A], args[GUEST_ASSERT_B]
-        return {"vcpu": vcpu, "file": file, "line": line, "expr": expr, "kind": KIND_NAMES.get(kind, "assert"),
-                "a": a, "b": b, "message": assert_message(kind, file, line, expr, a, b, text)}
+        return {
+            "vcpu": vcpu,
+            "file": file,
+            "line": line,
+            "expr": expr,
+            "kind": KIND_NAMES.get(kind, "assert"),
+            "a": a,
+            "b": b,
+            "message": assert_message(kind, file, line, expr, a, b, text),
+        }

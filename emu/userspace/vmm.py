@@ -29,14 +29,37 @@ from typing import TYPE_CHECKING, Any, Sequence
 from . import guestabi, guests, loader
 from ..host import Host, MiB
 from ..hw.memory import OutOfHostMemory
-from ..kvm.kvm import (Kvm, KvmIoctlError, KVM_X86_DEFAULT_VM, KVM_X86_TDX_VM, KVM_EXIT_HYPERCALL, KVM_EXIT_HLT,
-                      KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_INTR, EXIT_NAMES)
+from ..kvm.kvm import (
+    Kvm,
+    KvmIoctlError,
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_TDX_VM,
+    KVM_EXIT_HYPERCALL,
+    KVM_EXIT_HLT,
+    KVM_EXIT_MMIO,
+    KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_SYSTEM_EVENT,
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_EXIT_INTR,
+    EXIT_NAMES,
+)
 from ..kvm.kvm_host import EINVAL, EFAULT
-from ..kvm.uapi import (KVM_X86_SW_PROTECTED_VM, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED,
-                        KVM_MEMORY_ATTRIBUTE_PRIVATE)
-from ..kvm.uapi import (KVM_EXIT_IO, KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR,
-                        KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_FILTER_READ, KVM_MSR_FILTER_WRITE,
-                        KVM_MSR_FILTER_DEFAULT_ALLOW)
+from ..kvm.uapi import (
+    KVM_X86_SW_PROTECTED_VM,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+)
+from ..kvm.uapi import (
+    KVM_EXIT_IO,
+    KVM_EXIT_X86_RDMSR,
+    KVM_EXIT_X86_WRMSR,
+    KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_FILTER_READ,
+    KVM_MSR_FILTER_WRITE,
+    KVM_MSR_FILTER_DEFAULT_ALLOW,
+)
 from ..kvm.x86_msr import MSR_IA32_APICBASE_BSP, MSR_IA32_APICBASE_ENABLE, APIC_DEFAULT_PHYS_BASE
 from ..hw.msr import MSR_IA32_APICBASE, MSR_IA32_ARCH_CAPABILITIES
 from . import cpu as cpu_model
@@ -52,12 +75,14 @@ if TYPE_CHECKING:
 HUGE_2M = 2 * MiB
 VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "sw-protected": KVM_X86_SW_PROTECTED_VM, "tdx": KVM_X86_TDX_VM}
 # What a TD's #VE stood for (VE_INFO's exit reason), for the error line of a TD with no handler.
-VE_CAUSES = {10: "a CPUID leaf the TDX module does not virtualize (td_cpuid_exit())",
-             12: "HLT (the TDX module's td_generic_ve_exit())",
-             30: "port I/O (the TDX module's td_generic_ve_exit())",
-             31: "an RDMSR the TDX module does not handle (td_rdmsr_exit())",
-             32: "a WRMSR the TDX module does not handle (td_wrmsr_exit())",
-             48: "an EPT violation"}
+VE_CAUSES = {
+    10: "a CPUID leaf the TDX module does not virtualize (td_cpuid_exit())",
+    12: "HLT (the TDX module's td_generic_ve_exit())",
+    30: "port I/O (the TDX module's td_generic_ve_exit())",
+    31: "an RDMSR the TDX module does not handle (td_rdmsr_exit())",
+    32: "a WRMSR the TDX module does not handle (td_wrmsr_exit())",
+    48: "an EPT violation",
+}
 HUGEPAGES = {None: PG_LEVEL_4K, "4k": PG_LEVEL_4K, "2m": PG_LEVEL_2M, "1g": PG_LEVEL_1G}
 # The ids of the VMM's own memslots for guest memory: 0 for the piece at GPA 0, these for the
 # pieces a memslot host event needs of its own (emu.userspace.hostevents: delete, move).
@@ -70,33 +95,42 @@ class MachineError(Exception):
 
 class Result:
     def __init__(self):
-        self.exit = None            # the name of the exit that ended the run ("hlt" when all vCPUs halted)
-        self.error = None           # a one-line description when the run ended in an error
-        self.errno = None           # KVM_RUN's errno when it failed (14: -EFAULT with KVM_EXIT_MEMORY_FAULT)
-        self.memory_fault = None    # kvm_run.memory_fault of the run's KVM_EXIT_MEMORY_FAULT: flags, gpa, size
-        self.reports = []           # (vcpu, value) in the order the guest made them
-        self.syncs = []             # (vcpu, stage, *args) of GUEST_SYNC / GUEST_SYNC_ARGS, in order
-        self.printfs = []           # (vcpu, text) of GUEST_PRINTF, in order
-        self.guest_assert = None    # a failed GUEST_ASSERT: vcpu, file, line, expr, kind, a, b, message
+        self.exit = None  # the name of the exit that ended the run ("hlt" when all vCPUs halted)
+        self.error = None  # a one-line description when the run ended in an error
+        self.errno = None  # KVM_RUN's errno when it failed (14: -EFAULT with KVM_EXIT_MEMORY_FAULT)
+        self.memory_fault = None  # kvm_run.memory_fault of the run's KVM_EXIT_MEMORY_FAULT: flags, gpa, size
+        self.reports = []  # (vcpu, value) in the order the guest made them
+        self.syncs = []  # (vcpu, stage, *args) of GUEST_SYNC / GUEST_SYNC_ARGS, in order
+        self.printfs = []  # (vcpu, text) of GUEST_PRINTF, in order
+        self.guest_assert = None  # a failed GUEST_ASSERT: vcpu, file, line, expr, kind, a, b, message
         self.host_exception = None  # the exception a host callback or thread raised (exit "host_assert")
-        self.accepted = False       # a host check (GuestVM.check) accepted the run's exit as expected
-        self.vcpu_exits = []        # per vCPU: the exit name that ended it
+        self.accepted = False  # a host check (GuestVM.check) accepted the run's exit as expected
+        self.vcpu_exits = []  # per vCPU: the exit name that ended it
         self.stats = {}
-        self.vcpus = []             # final registers per vCPU
-        self.shared_bit = None      # a TD's shared-GPA bit
-        self.console = ""           # what the guest wrote to the debug console port
+        self.vcpus = []  # final registers per vCPU
+        self.shared_bit = None  # a TD's shared-GPA bit
+        self.console = ""  # what the guest wrote to the debug console port
 
     @property
     def ok(self):
         return self.error is None
 
     def as_json(self):
-        return {"exit": self.exit, "error": self.error, "errno": self.errno, "memory_fault": self.memory_fault,
-                "shared_bit": self.shared_bit, "reports": [v for _, v in self.reports],
-                "report_vcpus": [c for c, _ in self.reports], "vcpu_exits": self.vcpu_exits,
-                "syncs": [list(s) for s in self.syncs], "printfs": [list(p) for p in self.printfs],
-                "console": self.console,
-                "stats": self.stats, "vcpus": self.vcpus}
+        return {
+            "exit": self.exit,
+            "error": self.error,
+            "errno": self.errno,
+            "memory_fault": self.memory_fault,
+            "shared_bit": self.shared_bit,
+            "reports": [v for _, v in self.reports],
+            "report_vcpus": [c for c, _ in self.reports],
+            "vcpu_exits": self.vcpu_exits,
+            "syncs": [list(s) for s in self.syncs],
+            "printfs": [list(p) for p in self.printfs],
+            "console": self.console,
+            "stats": self.stats,
+            "vcpus": self.vcpus,
+        }
 
 
 class MemRegion:
@@ -131,13 +165,29 @@ def parse_size(text):
 
 
 class Machine(VmmDevices, UcallHost):
-    def __init__(self, guest: str | os.PathLike[str], vm: str = "default", mem: int = 64 * MiB, vcpus: int = 1,
-                 tracer: Tracer | None = None, hugepages: str | None = None, td_attributes: int | None = None,
-                 no_freeze: bool = False, inject: Sequence[Any] = (), seed: int = 0, host_events: Sequence[Any] = (),
-                 bugs: Sequence[str] = (), nx_huge_pages: bool = False, mirror_hooks: str | None = None,
-                 tdx_huge_pages: bool = False, demote_interruptible: bool = False, regions: Sequence[MemRegion] = (),
-                 guest_globals: dict[str, int | bytes] | None = None, virt_maps: Sequence[tuple[int, int]] = (),
-                 host_reserve: int = 0) -> None:
+    def __init__(
+        self,
+        guest: str | os.PathLike[str],
+        vm: str = "default",
+        mem: int = 64 * MiB,
+        vcpus: int = 1,
+        tracer: Tracer | None = None,
+        hugepages: str | None = None,
+        td_attributes: int | None = None,
+        no_freeze: bool = False,
+        inject: Sequence[Any] = (),
+        seed: int = 0,
+        host_events: Sequence[Any] = (),
+        bugs: Sequence[str] = (),
+        nx_huge_pages: bool = False,
+        mirror_hooks: str | None = None,
+        tdx_huge_pages: bool = False,
+        demote_interruptible: bool = False,
+        regions: Sequence[MemRegion] = (),
+        guest_globals: dict[str, int | bytes] | None = None,
+        virt_maps: Sequence[tuple[int, int]] = (),
+        host_reserve: int = 0,
+    ) -> None:
         """``regions``: MemRegion (slot, gpa, size, guest_memfd) memslots besides guest memory,
         made at build time and mapped in the guest's page tables (identity; in a TD also at the
         shared window); ``virt_maps``: (gpa, size) ranges mapped likewise with no memslot (yet);
@@ -150,12 +200,16 @@ class Machine(VmmDevices, UcallHost):
         if not isinstance(vcpus, int) or not 1 <= vcpus <= 64:
             raise MachineError(f"bad vCPU count {vcpus!r}: 1 to 64")
         if mem % guestabi.MEM_ALIGN or mem < guestabi.MIN_MEM_SIZE:
-            raise MachineError(f"guest memory must be a multiple of 2 MiB and at least "
-                               f"{guestabi.MIN_MEM_SIZE >> 20} MiB (got {mem:#x})")
+            raise MachineError(
+                f"guest memory must be a multiple of 2 MiB and at least "
+                f"{guestabi.MIN_MEM_SIZE >> 20} MiB (got {mem:#x})"
+            )
         if mem > guestabi.EMU_MMIO_GPA:
-            raise MachineError(f"guest memory of {mem:#x} bytes would reach the MMIO device at GPA "
-                               f"{guestabi.EMU_MMIO_GPA:#x}")
+            raise MachineError(
+                f"guest memory of {mem:#x} bytes would reach the MMIO device at GPA {guestabi.EMU_MMIO_GPA:#x}"
+            )
         from ..kvm.tdp_mmu import MIRROR_HOOKS, MIRROR_HOOKS_616, MIRROR_HOOKS_72
+
         if mirror_hooks is not None and mirror_hooks not in MIRROR_HOOKS:
             raise MachineError(f"unknown mirror hooks {mirror_hooks!r} ({', '.join(MIRROR_HOOKS)})")
         if tdx_huge_pages:
@@ -183,12 +237,13 @@ class Machine(VmmDevices, UcallHost):
         self.max_insns = None
         self.timeout = None
         self.signals = None
-        self.progress = None                 # a callable(text) drawing the status line (a terminal)
-        self.stop_reason = None              # "interrupted" or "hang" once the VMM stops every vCPU
+        self.progress = None  # a callable(text) drawing the status line (a terminal)
+        self.stop_reason = None  # "interrupted" or "hang" once the VMM stops every vCPU
         self.stop_why = None
-        self.guest_blocks = None             # blocks of guest code the last run ran (when counted)
+        self.guest_blocks = None  # blocks of guest code the last run ran (when counted)
         if td_attributes is None:
             from tdxmod.abi import TD_ATTR_SEPT_VE_DISABLE, TD_ATTR_DEBUG
+
             td_attributes = TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG
         self.mem_size = mem
         self.nvcpus = vcpus
@@ -199,7 +254,7 @@ class Machine(VmmDevices, UcallHost):
         # or None.  A port with no handler reads all ones and drops writes (QEMU's unassigned I/O).
         self.console = bytearray()
         self.pio_handlers = {guestabi.IO_DELAY_PORT: self._pio_delay, guestabi.EMU_DEBUGCON_PORT: self._pio_debugcon}
-        self.pio_counts: dict[int, int] = {}          # port -> I/O exits userspace took for it
+        self.pio_counts: dict[int, int] = {}  # port -> I/O exits userspace took for it
         # MSRs the VMM filters and answers (index -> handler(vcpu, is_write, data) -> (ok, data)).
         self.msr_handlers = {guestabi.MSR_CORE_THREAD_COUNT: self._msr_core_thread_count}
         self.tracer = tracer or NULL_TRACER
@@ -214,15 +269,16 @@ class Machine(VmmDevices, UcallHost):
         # The host side of a selftest (emu.selftest): the vCPUs' ucall callback, host threads,
         # and the check of a finished run.
         self.on_ucall: Any = None
-        self.host_threads: list = []            # (fn, name)
+        self.host_threads: list = []  # (fn, name)
         self.result_check = None
-        self.regions: dict[int, MemRegion] = {}           # slot -> MemRegion: every memslot of the VMM's
-        self.removed_ranges: list[tuple[int, int]] = []     # GPA ranges host events deleted or moved away
+        self.regions: dict[int, MemRegion] = {}  # slot -> MemRegion: every memslot of the VMM's
+        self.removed_ranges: list[tuple[int, int]] = []  # GPA ranges host events deleted or moved away
         self.host_reserve = host_reserve
         self.guest_globals = dict(guest_globals or {})
         self.virt_maps = list(virt_maps)
         self.ucall_pool_gpa = None
         from .hostevents import parse_host_event, check_event, HostEventError
+
         try:
             self.host_events = [e if not isinstance(e, str) else parse_host_event(e) for e in host_events]
             for event in self.host_events:
@@ -232,6 +288,7 @@ class Machine(VmmDevices, UcallHost):
         # The guest's page tables map where a memslot moves to.
         self.virt_maps += [(e.to, e.end - e.start) for e in self.host_events if e.kind == "move"]
         from ..checkers.inject import Plan, PlanError
+
         try:
             self.plan = Plan(inject, seed=seed, tracer=self.tracer) if inject else None
         except PlanError as e:
@@ -243,8 +300,9 @@ class Machine(VmmDevices, UcallHost):
         # Faults are injected into the run, not into building the VM (a failed build is no run).
         self.set_plan(self.plan)
         from ..kvm.bugs import Bugs
+
         try:
-            self.kvm.nx_huge_pages = self.nx_huge_pages      # the module parameter kvm.nx_huge_pages
+            self.kvm.nx_huge_pages = self.nx_huge_pages  # the module parameter kvm.nx_huge_pages
             self.kvm.bugs = Bugs(bugs)
             self.kvm.rcu.no_grace_period = self.kvm.bugs.free_without_grace_period
         except ValueError as e:
@@ -309,10 +367,24 @@ class Machine(VmmDevices, UcallHost):
 
     def _add_main_slots(self):
         for sid, a, b in self._main_slots():
-            self.kvm.set_user_memory_region(sid, 0, a, b - a, self.hva + a, backing_level=self.backing_level,
-                                            gmem_addr=None if self.gmem is None else self.gmem + a)
-            self.regions[sid] = MemRegion(sid, a, b - a, self.gmem is not None, self.hva + a,
-                                          None if self.gmem is None else self.gmem + a, self.backing_level)
+            self.kvm.set_user_memory_region(
+                sid,
+                0,
+                a,
+                b - a,
+                self.hva + a,
+                backing_level=self.backing_level,
+                gmem_addr=None if self.gmem is None else self.gmem + a,
+            )
+            self.regions[sid] = MemRegion(
+                sid,
+                a,
+                b - a,
+                self.gmem is not None,
+                self.hva + a,
+                None if self.gmem is None else self.gmem + a,
+                self.backing_level,
+            )
 
     def _create_vm(self, kvm):
         """KVM_CREATE_VM done: KVM_CAP_EXIT_HYPERCALL for the guest runtime's calls (and, in a VM
@@ -321,13 +393,15 @@ class Machine(VmmDevices, UcallHost):
         KVM_MSR_EXIT_REASON_FILTER, and a filter that denies them to the guest so that KVM hands
         them over); and the run-time checks armed (emu.checkers.check: the harness's, not QEMU's)."""
         from ..checkers.check import install
+
         kvm.hypercall_exit_enabled.update(guestabi.EMU_USERSPACE_HCS)
         if kvm.has_private_mem:
             kvm.hypercall_exit_enabled.add(KVM_HC_MAP_GPA_RANGE)
         kvm.enable_cap_user_space_msr(KVM_MSR_EXIT_REASON_FILTER)
-        kvm.set_msr_filter(KVM_MSR_FILTER_DEFAULT_ALLOW,
-                           [(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE, index, 1, bytes(8))
-                            for index in sorted(self.msr_handlers)])
+        kvm.set_msr_filter(
+            KVM_MSR_FILTER_DEFAULT_ALLOW,
+            [(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE, index, 1, bytes(8)) for index in sorted(self.msr_handlers)],
+        )
         return install(kvm)
 
     def _init_vcpu(self, v, index, nvcpus):
@@ -337,8 +411,9 @@ class Machine(VmmDevices, UcallHost):
         v.set_cpuid2(cpu_model.cpuid_host(index, nvcpus, td=self.td))
         msrs = {MSR_IA32_ARCH_CAPABILITIES: cpu_model.ARCH_CAPABILITIES}
         if not self.td:
-            msrs[MSR_IA32_APICBASE] = APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE | \
-                (MSR_IA32_APICBASE_BSP if index == 0 else 0)
+            msrs[MSR_IA32_APICBASE] = (
+                APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE | (MSR_IA32_APICBASE_BSP if index == 0 else 0)
+            )
         v.set_msrs(msrs)
 
     def _extra_maps(self, regions):
@@ -388,8 +463,10 @@ class Machine(VmmDevices, UcallHost):
         symbol's size, little-endian; or bytes, at most that size)."""
         syms = [(a, size) for a, size, n in self.image.symbols if n == name]
         if not syms:
-            raise MachineError(f"the guest has no global {name!r} (sync_global_to_guest needs a symbol of "
-                               f"the image: a global or static variable the compiler kept)")
+            raise MachineError(
+                f"the guest has no global {name!r} (sync_global_to_guest needs a symbol of "
+                f"the image: a global or static variable the compiler kept)"
+            )
         addr, size = syms[0]
         if isinstance(value, (bytes, bytearray)):
             if size and len(value) > size:
@@ -407,18 +484,21 @@ class Machine(VmmDevices, UcallHost):
         if self.ucall_pool_gpa is None:
             return
         from .ucall_common import pool_image
+
         self.write_gpa(self.ucall_pool_gpa, pool_image(self.ucall_pool_gpa))
 
     def _build_td(self, mem, vcpus, align, attributes, regions):
         """A TD as QEMU builds one: guest_memfd-backed slot, all memory private, the image
         added page by page (TDH.MEM.PAGE.ADD, measured), the vCPUs' boot state, finalize."""
         from ..kvm.tdx import TdxX86Ops
+
         self.host = Host(self._host_size(mem, align, regions), tdx=True)
         module = self.host.tdx_module
         module.tracer = self.tracer
         if self.demote_interruptible:
             # A module without ENHANCED_DEMOTE_INTERRUPTIBILITY (the tdx_1.5 source, which has no such bit).
             from tdxmod.abi import TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
+
             module.features0 &= ~TDX_FEATURES0_ENHANCED_DEMOTE_INTERRUPTIBILITY
         ops = TdxX86Ops(module, attributes, tdx_huge_page=self.tdx_huge_pages)
         self.kvm = self._create_vm(Kvm(self.host, KVM_X86_TDX_VM, tracer=self.tracer, x86_ops=ops))
@@ -428,8 +508,8 @@ class Machine(VmmDevices, UcallHost):
         if self.kvm.vm_dead:
             raise MachineError(f"cannot create the TD: {self.kvm.bug_reason}")
         self.shared_bit = self.kvm.gfn_direct_bits << 12
-        self.hva = self.host.mmap(mem, align)            # shared pages
-        self.gmem = self.host.mmap(mem, align)           # guest_memfd: private pages
+        self.hva = self.host.mmap(mem, align)  # shared pages
+        self.gmem = self.host.mmap(mem, align)  # guest_memfd: private pages
         self._add_main_slots()
         self.kvm.set_memory_attributes(0, mem >> 12, private=True)
         for r in regions:
@@ -441,31 +521,34 @@ class Machine(VmmDevices, UcallHost):
                 page, off = gpa & ~0xFFF, gpa & 0xFFF
                 n = min(len(data), 0x1000 - off)
                 buf = staged.setdefault(page, bytearray(0x1000))
-                buf[off:off + n] = data[:n]
+                buf[off : off + n] = data[:n]
                 gpa, data = gpa + n, data[n:]
+
         # The shared alias of all memory, mapped at TD_SHARED_WINDOW_GVA in the guest's tables.
-        self.boot = self._load(stage, [(guestabi.TD_SHARED_WINDOW_GVA, self.shared_bit, mem)]
-                               + self._extra_maps(regions))
+        self.boot = self._load(
+            stage, [(guestabi.TD_SHARED_WINDOW_GVA, self.shared_bit, mem)] + self._extra_maps(regions)
+        )
         if self.ucall_pool_gpa is not None:
             # The pool is shared memory (upstream: vm_vaddr_alloc_shared()); never PAGE.ADDed.
             from .ucall_common import UCALL_POOL_SIZE
-            self.kvm.set_memory_attributes(self.ucall_pool_gpa >> 12,
-                                           (self.ucall_pool_gpa + UCALL_POOL_SIZE + 0xFFF) >> 12, private=False)
+
+            self.kvm.set_memory_attributes(
+                self.ucall_pool_gpa >> 12, (self.ucall_pool_gpa + UCALL_POOL_SIZE + 0xFFF) >> 12, private=False
+            )
         self._init_ucall_pool()
         self.vcpus = [self.kvm.create_vcpu(i) for i in range(vcpus)]
         if self.kvm.vm_dead:
             raise MachineError(f"cannot create the TD's vCPUs: {self.kvm.bug_reason}")
         for i, v in enumerate(self.vcpus):
             self._init_vcpu(v, i, vcpus)
-        source = self.host.mmap(0x1000)                  # the VMM's source page for PAGE.ADD
+        source = self.host.mmap(0x1000)  # the VMM's source page for PAGE.ADD
         v0 = self.vcpus[0]
         v0.mmu_load()
         for gpa in self.boot.pages:
             self.host.mem.host_write(source, bytes(staged.get(gpa, bytes(0x1000))))
             r = ops.init_mem_region(v0, gpa, source)
             if r:
-                raise MachineError(f"KVM_TDX_INIT_MEM_REGION of GPA {gpa:#x} failed ({r}): "
-                                   f"{self.kvm.bug_reason or ''}")
+                raise MachineError(f"KVM_TDX_INIT_MEM_REGION of GPA {gpa:#x} failed ({r}): {self.kvm.bug_reason or ''}")
         for i, v in enumerate(self.vcpus):
             v.set_regs(self.boot.regs(i))
         if ops.finalize(self.kvm):
@@ -483,8 +566,9 @@ class Machine(VmmDevices, UcallHost):
             hva = self.host.mmap(size, align)
             gmem = self.host.mmap(size, align) if guest_memfd else None
         except OutOfHostMemory as e:
-            raise MachineError(f"no host memory left for memslot {slot} ({size:#x} bytes): {e} "
-                               f"(give the VM a larger host_reserve)") from None
+            raise MachineError(
+                f"no host memory left for memslot {slot} ({size:#x} bytes): {e} (give the VM a larger host_reserve)"
+            ) from None
         self.kvm.set_user_memory_region(slot, 0, gpa, size, hva, backing_level=level, gmem_addr=gmem)
         self.regions[slot] = MemRegion(slot, gpa, size, guest_memfd, hva, gmem, level)
         return self.regions[slot]
@@ -499,8 +583,9 @@ class Machine(VmmDevices, UcallHost):
         r = self.regions.get(slot)
         if r is None:
             raise KvmIoctlError(EINVAL, f"no memslot {slot}")
-        self.kvm.set_user_memory_region(slot, 0, new_gpa, r.size, r.hva, backing_level=r.backing_level,
-                                        gmem_addr=r.gmem)
+        self.kvm.set_user_memory_region(
+            slot, 0, new_gpa, r.size, r.hva, backing_level=r.backing_level, gmem_addr=r.gmem
+        )
         r.gpa = new_gpa
 
     def region_of(self, gpa):
@@ -573,8 +658,7 @@ class Machine(VmmDevices, UcallHost):
         return self.image.symbolize(addr) or f"{addr:#x}"
 
     # -- running ----------------------------------------------------------------------------------------
-    def run(self, max_userspace_exits: int = 1_000_000, max_steps: int = 20_000_000,
-            scheduled: Any = None) -> Result:
+    def run(self, max_userspace_exits: int = 1_000_000, max_steps: int = 20_000_000, scheduled: Any = None) -> Result:
         """Run every vCPU until it halts or fails.
 
         One vCPU with no host event runs alone, at full speed.  Otherwise the vCPUs (and the
@@ -586,12 +670,13 @@ class Machine(VmmDevices, UcallHost):
             scheduled = self.nvcpus > 1 or bool(self.host_events) or self.user_code
         if scheduled:
             from ..checkers.sched import Scheduler, StepLimit, Deadlock
+
             try:
                 return self.run_scheduled(Scheduler(max_steps=max_steps, tracer=self.tracer))
             except (StepLimit, Deadlock) as e:
                 res = Result()
                 if self.stop_reason is not None:
-                    res.exit = self.stop_reason   # (a vCPU left waiting for one that stopped)
+                    res.exit = self.stop_reason  # (a vCPU left waiting for one that stopped)
                 else:
                     res.exit, res.error = "timeout", f"the scheduler stopped the run: {e}"
                 return self._finish(res, {}, collect_regs=True)
@@ -625,18 +710,21 @@ class Machine(VmmDevices, UcallHost):
                 while res.error is None and not self.kvm.violations and not self._step(v, res, ended):
                     pass
                 if res.error is not None or self.kvm.violations:
-                    self.kvm.touch_all()      # (emu.checkers.dpor) every vCPU reads res.error
+                    self.kvm.touch_all()  # (emu.checkers.dpor) every vCPU reads res.error
                     # The run is over (as QEMU stops the VM on a fatal error): signal the other
                     # vCPUs, so one spinning in guest mode on memory leaves KVM_RUN too.
                     for o in self.vcpus:
                         if o is not v:
                             o.kick_signal()
+
             return body
+
         def stop():
             # A broken invariant ends the run: the vCPUs leave KVM_RUN (a guest may read a stale
             # mapping forever, and never exit otherwise).
             for o in self.vcpus:
                 o.kick_signal()
+
         self.kvm.on_checker_violation = stop
         for v in self.vcpus:
             sched.spawn(vcpu_loop(v))
@@ -661,6 +749,7 @@ class Machine(VmmDevices, UcallHost):
         thread (emu.userspace.watchdog) when there is a timeout, signals or a progress line."""
         from ..hw.slice import BlockLimit, NO_BUDGET
         from .watchdog import Watchdog
+
         self.stop_reason = self.stop_why = None
         limit = None
         if self.max_insns is not None or self.progress is not None:
@@ -680,7 +769,7 @@ class Machine(VmmDevices, UcallHost):
             for v in self.vcpus:
                 v.hw.limit = None
                 if self.stop_reason is not None:
-                    v.signal_pending = False      # the VMM has taken the signal (the thread is joined)
+                    v.signal_pending = False  # the VMM has taken the signal (the thread is joined)
             self.guest_blocks = None if limit is None else limit.used
 
     def _limit_expired(self, hw):
@@ -704,19 +793,22 @@ class Machine(VmmDevices, UcallHost):
         exits = sum(v.stat["exits"] for v in self.vcpus)
         st = self.kvm.stat
         pages = st["pages_4k"] + st["pages_2m"] + st["pages_1g"]
-        return (f"  {elapsed:6.1f} s   {_count(blocks)} guest blocks   {_count(exits)} exits   "
-                f"{pages} pages mapped   (Ctrl-C stops)")
+        return (
+            f"  {elapsed:6.1f} s   {_count(blocks)} guest blocks   {_count(exits)} exits   "
+            f"{pages} pages mapped   (Ctrl-C stops)"
+        )
 
     def _stopped(self, v, res, ended):
         """The VMM stopped ``v`` (its KVM_RUN returned for the signal, or it is not run again)."""
         ended.setdefault(v.vcpu_id, self.stop_reason)
         if res.error is None:
-            res.exit, res.error = self.stop_reason, self.stop_why     # completed by _finish
+            res.exit, res.error = self.stop_reason, self.stop_why  # completed by _finish
 
     def describe_vcpu(self, v):
         """'vCPU 1 at rip 0x100012 spin+0x2: jmp 0x100010, looping in 0x100010-0x100014
         (spin+0x0..spin+0x4)': where a vCPU is, and the loop it spins in when it spins in one."""
         from ..disasm import loop_range
+
         rip = self._rip(v)
         text = f"vCPU {v.vcpu_id} at rip {rip:#x} {self.symbolize(rip)}: {self.insn_text(v, rip) or '?'}"
         loop = loop_range(self._code_reader(v), rip)
@@ -728,6 +820,7 @@ class Machine(VmmDevices, UcallHost):
     def insn_text(self, v, rip):
         """The instruction at ``rip``, disassembled (None if it cannot be read or decoded)."""
         from ..disasm import disassemble_one
+
         return disassemble_one(self._code_reader(v)(rip, 15), rip)
 
     def _code_reader(self, v):
@@ -747,11 +840,13 @@ class Machine(VmmDevices, UcallHost):
             except KvmIoctlError as e:
                 if res.error is None:
                     res.exit, res.error = "ioctl_error", f"{who}: {event.text}: {e}"
+
         return body
 
     def _host_thread(self, fn, name, res):
         """A selftest's host thread (pthread_create()): ``fn()`` on a host task of the scheduler.
         An exception it raises ends the run as a failed host assertion."""
+
         def body():
             try:
                 fn()
@@ -759,6 +854,7 @@ class Machine(VmmDevices, UcallHost):
                 if is_scheduler_control(e):
                     raise
                 self._host_failed(res, e, f"host thread {name}")
+
         return body
 
     def _host_failed(self, res, e, who):
@@ -799,7 +895,7 @@ class Machine(VmmDevices, UcallHost):
     def _step(self, v, res, ended):
         """One KVM_RUN of ``v`` and its userspace exit; True when the vCPU is done."""
         if self.stop_reason is not None:
-            self._stopped(v, res, ended)          # the VM is stopped: no vCPU enters again
+            self._stopped(v, res, ended)  # the VM is stopped: no vCPU enters again
             return True
         try:
             run = v.run()
@@ -817,10 +913,10 @@ class Machine(VmmDevices, UcallHost):
                     res.errno = e.errno
                 return True
         if run.exit_reason == KVM_EXIT_INTR and self.stop_reason is not None:
-            self._stopped(v, res, ended)          # a signal, a watchdog
+            self._stopped(v, res, ended)  # a signal, a watchdog
             return True
         if (res.error is not None or self.kvm.violations) and run.exit_reason == KVM_EXIT_INTR:
-            ended[v.vcpu_id] = "stopped"          # stopped by the VMM after another vCPU's error
+            ended[v.vcpu_id] = "stopped"  # stopped by the VMM after another vCPU's error
             return True
         outcome = self._userspace_exit(v, run, res)
         if outcome is not None:
@@ -837,9 +933,13 @@ class Machine(VmmDevices, UcallHost):
             where = [self.describe_vcpu(v) for v in running] or ["no vCPU was running"]
             if self.stop_reason == "interrupted":
                 # Interrupted: where every vCPU is, those that had ended too.
-                where += [f"vCPU {v.vcpu_id} ended ({ended[v.vcpu_id]}) at rip {rip:#x} {self.symbolize(rip)}: "
-                          f"{self.insn_text(v, rip) or '?'}"
-                          for v in self.vcpus if v not in running for rip in [self._rip(v)]]
+                where += [
+                    f"vCPU {v.vcpu_id} ended ({ended[v.vcpu_id]}) at rip {rip:#x} {self.symbolize(rip)}: "
+                    f"{self.insn_text(v, rip) or '?'}"
+                    for v in self.vcpus
+                    if v not in running
+                    for rip in [self._rip(v)]
+                ]
             res.error = f"{self.stop_why}: {'; '.join(where)}"
         if res.error is None and self.kvm.violations:
             res.exit, res.error = "checker", f"checker: {self.kvm.violations[0]}"
@@ -859,7 +959,7 @@ class Machine(VmmDevices, UcallHost):
             except Exception as e:
                 if is_scheduler_control(e):
                     raise
-                if res.error is None:               # (else the run's own error stands: the first wins)
+                if res.error is None:  # (else the run's own error stands: the first wins)
                     res.host_exception = e
                     res.exit, res.error = "host_assert", f"host check: {describe_exception(e)}"
         return res
@@ -890,12 +990,14 @@ class Machine(VmmDevices, UcallHost):
             return self._ucall(v, addr, res)
         if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_REPORT:
             res.reports.append((v.vcpu_id, run.args[0]))
-            self.tracer.emit("guest_report", v.vcpu_id, msg=f"value {run.args[0]:#x} ({run.args[0]})") \
-                if self.tracer.enabled else None
+            self.tracer.emit(
+                "guest_report", v.vcpu_id, msg=f"value {run.args[0]:#x} ({run.args[0]})"
+            ) if self.tracer.enabled else None
             return None
         if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_SYNC:
             # An assembler guest's sync (no ucall pool): a UCALL_SYNC with no arguments.
             from .ucall_common import Ucall, UCALL_SYNC
+
             return self._ucall_done(v, Ucall(UCALL_SYNC, stage=run.args[0], vcpu=v.vcpu_id), res)
         if r == KVM_EXIT_HLT:
             return "hlt"
@@ -911,8 +1013,10 @@ class Machine(VmmDevices, UcallHost):
         rip = self._rip(v)
         if r == KVM_EXIT_SYSTEM_EVENT:
             res.exit = "fail"
-            res.error = (f"vCPU {v.vcpu_id}: the TD reported a fatal error (TDG.VP.VMCALL<ReportFatalError>) "
-                         f"with code {run.data[0]:#x}")
+            res.error = (
+                f"vCPU {v.vcpu_id}: the TD reported a fatal error (TDG.VP.VMCALL<ReportFatalError>) "
+                f"with code {run.data[0]:#x}"
+            )
             return "fail"
         if r == KVM_EXIT_HYPERCALL and run.nr == guestabi.EMU_HC_FAIL:
             # Let the runtime restore the guest's registers and reach its final HLT, so the
@@ -936,8 +1040,10 @@ class Machine(VmmDevices, UcallHost):
             why = self._mmio(run)
             if why is None:
                 return None
-            msg = (f"{'write to' if run.is_write else 'read of'} {run.len} bytes at GPA {run.phys_addr:#x} "
-                   f"(MMIO: {why}) at rip {rip:#x} {self.symbolize(rip)}")
+            msg = (
+                f"{'write to' if run.is_write else 'read of'} {run.len} bytes at GPA {run.phys_addr:#x} "
+                f"(MMIO: {why}) at rip {rip:#x} {self.symbolize(rip)}"
+            )
         elif r == KVM_EXIT_MMIO:
             insn = v.disassemble(rip)
             s = self.kvm.gfn_to_memslot(run.phys_addr >> 12)
@@ -948,8 +1054,10 @@ class Machine(VmmDevices, UcallHost):
                 # emulator, so it cannot say what the access is: only a TD's device accesses,
                 # which the guest decodes itself, reach the device.
                 device = "the MMIO device, which this model serves only to a TD: KVM has no instruction emulator"
-            msg = (f"{'write to' if run.is_write else 'read of'} GPA {run.phys_addr:#x} ({slot}, {device}) "
-                   f"at rip {rip:#x} {self.symbolize(rip)}: {insn}")
+            msg = (
+                f"{'write to' if run.is_write else 'read of'} GPA {run.phys_addr:#x} ({slot}, {device}) "
+                f"at rip {rip:#x} {self.symbolize(rip)}: {insn}"
+            )
         elif r == KVM_EXIT_SHUTDOWN:
             vec = VECTOR_NAMES.get(run.vector, f"vector {run.vector}")
             detail = ""
@@ -957,7 +1065,7 @@ class Machine(VmmDevices, UcallHost):
                 detail += f" error code {run.error_code:#x}"
             if run.cr2 is not None:
                 detail += f" cr2 {run.cr2:#x}"
-            insn = run.insn or (self.insn_text(v, run.rip) if self.td else None)   # (a TD's: from its image)
+            insn = run.insn or (self.insn_text(v, run.rip) if self.td else None)  # (a TD's: from its image)
             insn = f": {insn}" if insn else ""
             why = getattr(run, "why", None)
             how = "(no IDT: triple fault)" if getattr(run, "no_idt", True) or not why else f"(triple fault: {why})"
@@ -966,8 +1074,7 @@ class Machine(VmmDevices, UcallHost):
                 # a TD: say what the #VE stood for, and who reacted how
                 vec += f" (for {VE_CAUSES.get(ve, f'exit reason {ve}')})"
                 how += "; the module: TD exit TRIPLE_FAULT; KVM: KVM_EXIT_SHUTDOWN"
-            msg = (f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}"
-                   f"{insn} {how}")
+            msg = f"unhandled guest exception {vec}{detail} at rip {run.rip:#x} {self.symbolize(run.rip)}{insn} {how}"
         elif r == KVM_EXIT_INTR:
             name = "timeout"
             msg = f"watchdog: the vCPU made no progress ({run.reason}) at rip {rip:#x} {self.symbolize(rip)}"
@@ -981,8 +1088,10 @@ class Machine(VmmDevices, UcallHost):
                 why = f"{attr}, in memslot {slot.id}, which has no guest_memfd"
             else:
                 why = f"{attr} (the guest did not convert it)"
-            msg = (f"KVM_EXIT_MEMORY_FAULT (KVM_RUN: -EFAULT): {'private' if run.private else 'shared'} access "
-                   f"to GPA {run.gpa:#x}, which is {why}, at rip {rip:#x} {self.symbolize(rip)}")
+            msg = (
+                f"KVM_EXIT_MEMORY_FAULT (KVM_RUN: -EFAULT): {'private' if run.private else 'shared'} access "
+                f"to GPA {run.gpa:#x}, which is {why}, at rip {rip:#x} {self.symbolize(rip)}"
+            )
             res.errno = getattr(run, "errno", 14)
             res.memory_fault = run.memory_fault.as_dict()
         elif r == KVM_EXIT_INTERNAL_ERROR:
@@ -1025,6 +1134,7 @@ class Machine(VmmDevices, UcallHost):
     def _host_removed(self, run):
         gpa = run.gpa if run.exit_reason == KVM_EXIT_MEMORY_FAULT else run.phys_addr
         return any(a <= gpa < b for a, b in self.removed_ranges)
+
     def _assert_site(self, vcpu, site, a, b):
         """The failed assert as a dict (vcpu, file, line, expr, kind, a, b, message), the message
         'GUEST_ASSERT_EQ failed at guest/x.c:42: a == b (0x3 != 0x4)'.  The assert site and its
@@ -1033,9 +1143,16 @@ class Machine(VmmDevices, UcallHost):
         whose private memory the host cannot read."""
         raw = self.image.read(site, struct.calcsize(guestabi.ASSERT_SITE_FORMAT))
         if raw is None:
-            return {"vcpu": vcpu, "file": None, "line": None, "expr": None, "kind": None, "a": a, "b": b,
-                    "message": f"GUEST_ASSERT failed (its site {site:#x} is not in the guest image; "
-                               f"values {a:#x}, {b:#x})"}
+            return {
+                "vcpu": vcpu,
+                "file": None,
+                "line": None,
+                "expr": None,
+                "kind": None,
+                "a": a,
+                "b": b,
+                "message": f"GUEST_ASSERT failed (its site {site:#x} is not in the guest image; values {a:#x}, {b:#x})",
+            }
         file_ptr, expr_ptr, line, kind = struct.unpack(guestabi.ASSERT_SITE_FORMAT, raw)
         file = self.image.read_cstring(file_ptr) or f"<file at {file_ptr:#x}>"
         expr = self.image.read_cstring(expr_ptr) or f"<expression at {expr_ptr:#x}>"
@@ -1043,11 +1160,19 @@ class Machine(VmmDevices, UcallHost):
             msg = f"GUEST_ASSERT_EQ failed at {file}:{line}: {expr} ({a:#x} != {b:#x})"
         else:
             msg = f"GUEST_ASSERT failed at {file}:{line}: {expr}"
-        return {"vcpu": vcpu, "file": file, "line": line, "expr": expr,
-                "kind": "eq" if kind == guestabi.ASSERT_KIND_EQ else "assert", "a": a, "b": b, "message": msg}
+        return {
+            "vcpu": vcpu,
+            "file": file,
+            "line": line,
+            "expr": expr,
+            "kind": "eq" if kind == guestabi.ASSERT_KIND_EQ else "assert",
+            "a": a,
+            "b": b,
+            "message": msg,
+        }
 
     def _fail_site(self, v):
-        """ ' (FAIL at sym+off)': where the runtime's emu_fail was called from (its return address)."""
+        """' (FAIL at sym+off)': where the runtime's emu_fail was called from (its return address)."""
         if self.td:
             return ""
         ret = int.from_bytes(v.hw.read_guest(v.hw.reg("rsp"), 8).ljust(8, b"\0"), "little")
@@ -1056,6 +1181,7 @@ class Machine(VmmDevices, UcallHost):
     def _rip(self, v):
         if self.td:
             from tdxmod.module import MD_TDVPS_RIP
+
             return self.kvm.x86_ops.vp_rd(v, MD_TDVPS_RIP) or 0
         return v.hw.reg("rip")
 

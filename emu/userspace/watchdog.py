@@ -25,11 +25,11 @@ import signal
 import threading
 import time
 
-TICK = 0.05                  # seconds between two kicks while a stop is under way
-PROGRESS_AFTER = 2.0         # a run shows the progress line once it has lasted this long
-PROGRESS_EVERY = 0.25        # and updates it this often
+TICK = 0.05  # seconds between two kicks while a stop is under way
+PROGRESS_AFTER = 2.0  # a run shows the progress line once it has lasted this long
+PROGRESS_EVERY = 0.25  # and updates it this often
 
-EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}      # 128 + the signal, as a shell reports it
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
 
 
 class Signals:
@@ -125,7 +125,7 @@ class Watchdog:
         self._done_r, self._done_w = os.pipe()
         self.t0 = time.monotonic()
         if self.signals is not None and self.signals.signum is not None:
-            self._on_signal()                     # caught before the run began: stop at once
+            self._on_signal()  # caught before the run began: stop at once
         self._thread = threading.Thread(target=self._loop, name="emu-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -136,7 +136,7 @@ class Watchdog:
         os.close(self._done_r)
         os.close(self._done_w)
         if self.drawn:
-            self.progress(None)                   # clear the line
+            self.progress(None)  # clear the line
         return False
 
     def _on_signal(self):
@@ -166,7 +166,7 @@ class Watchdog:
             if deadline is not None and now >= deadline and m.stop_reason is None:
                 m.stop("hang", f"--timeout {self.timeout:g} s reached")
             if m.stop_reason is not None:
-                m.kick_all()                      # again: one may have been entering the guest
+                m.kick_all()  # again: one may have been entering the guest
             if self.progress is not None and now >= next_draw:
                 next_draw = now + PROGRESS_EVERY
                 self.drawn = True

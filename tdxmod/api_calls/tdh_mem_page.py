@@ -10,8 +10,18 @@ and pamt_promote() of src/common/memory_handlers/pamt_manager.c.  The model's TD
 from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
 from ..td_structures import PAGE
-from ..helpers import (seamcall_leaf, begin, host_lock, page_info, check_blocked_and_tracked, check_lock_tdr,
-                       check_state_and_lock_op_state, check_and_lock_private_hpa, shared_hpa_check, hpa_check)
+from ..helpers import (
+    seamcall_leaf,
+    begin,
+    host_lock,
+    page_info,
+    check_blocked_and_tracked,
+    check_lock_tdr,
+    check_state_and_lock_op_state,
+    check_and_lock_private_hpa,
+    shared_hpa_check,
+    hpa_check,
+)
 from ..helpers import tlb_tracking_required
 from ..locks import TDX_LOCK_EXCLUSIVE, TDX_LOCK_SHARED, TDX_LOCK_NO_LOCK
 from ..pamt import PT_4KB, PT_2MB
@@ -25,7 +35,7 @@ def check_and_lock_free_range_hpa(mod, held, hpa, op, level, caller):
     if not hpa_check(mod, hpa, size):
         return TDX_OPERAND_INVALID | op
     if not mod.pamt.covers(hpa + size - 1):
-        return TDX_OPERAND_ADDR_RANGE_ERROR | op          # (a range that leaves the TDMR)
+        return TDX_OPERAND_ADDR_RANGE_ERROR | op  # (a range that leaves the TDMR)
     st = check_and_lock_private_hpa(mod, held, hpa, op, TDX_LOCK_EXCLUSIVE, PT_NDA, level)
     if st:
         return st
@@ -56,8 +66,8 @@ def tdh_mem_page_aug(mod, r, caller, held):
     st = check_and_lock_free_range_hpa(mod, held, page, OPERAND_ID_R8, level, caller)
     if st:
         return Regs(st)
-    npages = 512 ** level
-    mod.mem.q[ptr >> 3] = S.make_pending(page)       # sept_set_leaf_and_release_locks()
+    npages = 512**level
+    mod.mem.q[ptr >> 3] = S.make_pending(page)  # sept_set_leaf_and_release_locks()
     held.drop(entry)
     td.chldcnt += npages
     mod.give_to_td(page, td.tdr, npages)
@@ -90,14 +100,15 @@ def tdh_mem_page_add(mod, r, caller, held):
     if not shared_hpa_check(mod, source, read=True):
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R9)
     if mod.pamt.covers(source) and mod.pamt.page_type(source) != PT_NDA:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R9)          # model-defined: must be shared memory
-    st = check_and_lock_private_hpa(mod, held, target, OPERAND_ID_R8, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller,
-                                    point="pamt_locked")
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R9)  # model-defined: must be shared memory
+    st = check_and_lock_private_hpa(
+        mod, held, target, OPERAND_ID_R8, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller, point="pamt_locked"
+    )
     if st:
         return Regs(st)
     mod.mem.write(target, mod.mem.read(source, PAGE))
-    mod.mem.td_write(target)                    # copied in with the TD's key
-    mod.mem.q[ptr >> 3] = S.make_mapped(target)       # sept_set_leaf_unlocked_entry()
+    mod.mem.td_write(target)  # copied in with the TD's key
+    mod.mem.q[ptr >> 3] = S.make_mapped(target)  # sept_set_leaf_unlocked_entry()
     td.mrtd.update(b"MEM.PAGE.ADD" + gpa.to_bytes(8, "little"))
     td.chldcnt += 1
     mod.give_to_td(target, td.tdr)
@@ -134,8 +145,8 @@ def tdh_mem_page_remove(mod, r, caller, held):
     bad = check_blocked_and_tracked(mod, td, e, state, level, hpa)
     if bad:
         return bad
-    npages = 512 ** level
-    mod.mem.q[ptr >> 3] = S.SEPT_FREE_ENTRY              # septe_set_free_or_removed_and_release_locks()
+    npages = 512**level
+    mod.mem.q[ptr >> 3] = S.SEPT_FREE_ENTRY  # septe_set_free_or_removed_and_release_locks()
     held.drop(entry)
     td.chldcnt -= npages
     mod.release(hpa, npages)
@@ -176,7 +187,7 @@ def pamt_demote(mod, held, hpa, caller):
     held.push(lambda: pamt.implicit_unlock(hpa, PT_2MB, TDX_LOCK_EXCLUSIVE))
     mod.point(caller, "pamt_locked")
     pt, owner = pamt.page_type(hpa), pamt.owner(hpa)
-    pamt.set(hpa, PT_NDA, 0, PT_2MB)                  # (the parent first: the index is keyed by HPA)
+    pamt.set(hpa, PT_NDA, 0, PT_2MB)  # (the parent first: the index is keyed by HPA)
     for k in range(512):
         pamt.set(hpa + k * PAGE, pt, owner, PT_4KB)
         pamt.set_bepoch(hpa + k * PAGE, 0, PT_4KB)
@@ -216,8 +227,7 @@ def tdh_mem_page_demote(mod, r, caller, held):
     PT_EPT, the TD's child count + 1.  No UNBLOCK is needed afterwards."""
     if r.rdx & 0xFFE or r.rdx >> 52:
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
-    got, err = begin(mod, held, r, caller, TDH_MEM_PAGE_DEMOTE, lambda td: (1, 2), TDX_LOCK_SHARED,
-                     tdr=r.rdx & ~0xFFF)
+    got, err = begin(mod, held, r, caller, TDH_MEM_PAGE_DEMOTE, lambda td: (1, 2), TDX_LOCK_SHARED, tdr=r.rdx & ~0xFFF)
     if err:
         return err
     td, gpa, level = got
@@ -237,8 +247,9 @@ def tdh_mem_page_demote(mod, r, caller, held):
     if bad:
         return bad
     new = r.r8
-    st = check_and_lock_private_hpa(mod, held, new, OPERAND_ID_R8, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller,
-                                    point="pamt_locked")
+    st = check_and_lock_private_hpa(
+        mod, held, new, OPERAND_ID_R8, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller, point="pamt_locked"
+    )
     if st:
         return Regs(st)
     # sept_split_entry(): the small entries, non-blocked and non-locked, into the new page.
@@ -253,11 +264,11 @@ def tdh_mem_page_demote(mod, r, caller, held):
     mod.mem.td_write(new)
     if _interruptible(mod, td) and mod.interrupt_pending_host_side(caller):
         return Regs(TDX_INTERRUPTED_RESTARTABLE, rcx=r.rcx, rdx=r.rdx)
-    st = pamt_demote(mod, held, huge, caller) if level == 1 else TDX_OPERAND_INVALID   # (no 1G pages)
+    st = pamt_demote(mod, held, huge, caller) if level == 1 else TDX_OPERAND_INVALID  # (no 1G pages)
     if st:
         return Regs(st | OPERAND_ID_RCX)
     # Commit: nothing can fail from here.
-    q[ptr >> 3] = S.make_nl_mapped(new) | S.SEPT_TDEL    # sept_set_mapped_non_leaf(): kept locked
+    q[ptr >> 3] = S.make_nl_mapped(new) | S.SEPT_TDEL  # sept_set_mapped_non_leaf(): kept locked
     mod.give_to_module(new, PT_EPT, td.tdr)
     td.chldcnt += 1
     return Regs(TDX_SUCCESS, r9=r.r9, r10=r.r10, r11=r.r11)
@@ -289,6 +300,7 @@ def tdh_mem_page_promote(mod, r, caller, held):
 
     def fail(status, **regs):
         return Regs(status, **{**out, **regs})
+
     ptr, e, lvl = mod.sept_walk(td, gpa, level)
     if lvl != level:
         bad = mod.walk_failed(e, lvl)

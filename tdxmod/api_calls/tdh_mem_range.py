@@ -6,7 +6,14 @@ tdh_mem_track.c of the TDX module (tdx_1.5).
 
 from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
-from ..helpers import seamcall_leaf, begin, host_lock, tlb_tracking_required, check_lock_tdr, check_state_and_lock_op_state
+from ..helpers import (
+    seamcall_leaf,
+    begin,
+    host_lock,
+    tlb_tracking_required,
+    check_lock_tdr,
+    check_state_and_lock_op_state,
+)
 from .. import locks as L
 from .. import sept as S
 
@@ -31,10 +38,11 @@ def tdh_mem_range_block(mod, r, caller, held):
         if state in S.BLOCKED_STATES:
             return Regs(TDX_GPA_RANGE_ALREADY_BLOCKED | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
         return Regs(TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
-    new = {S.SEPT_NL_MAPPED: S.SEPT_NL_BLOCKED, S.SEPT_MAPPED: S.SEPT_BLOCKED,
-           S.SEPT_PENDING: S.SEPT_PENDING_BLOCKED}[state]
-    e = S.cleanup_if_pending(e, level)                 # block_sept_entry(): a 2M ACCEPT starts over
-    mod.mem.q[ptr >> 3] = S.set_state(e, new)          # still locked: released on the way out
+    new = {S.SEPT_NL_MAPPED: S.SEPT_NL_BLOCKED, S.SEPT_MAPPED: S.SEPT_BLOCKED, S.SEPT_PENDING: S.SEPT_PENDING_BLOCKED}[
+        state
+    ]
+    e = S.cleanup_if_pending(e, level)  # block_sept_entry(): a 2M ACCEPT starts over
+    mod.mem.q[ptr >> 3] = S.set_state(e, new)  # still locked: released on the way out
     mod.pamt.set_bepoch(e & S.SEPT_HPA, td.epoch)
     return Regs(TDX_SUCCESS)
 
@@ -42,8 +50,7 @@ def tdh_mem_range_block(mod, r, caller, held):
 @seamcall_leaf
 def tdh_mem_range_unblock(mod, r, caller, held):
     """tdh_mem_range_unblock.c: as BLOCK, then the page TLB-tracked since its BEPOCH."""
-    got, err = begin(mod, held, r, caller, TDH_MEM_RANGE_UNBLOCK, lambda td: range(0, td.pwl),
-                     L.TDX_LOCK_EXCLUSIVE)
+    got, err = begin(mod, held, r, caller, TDH_MEM_RANGE_UNBLOCK, lambda td: range(0, td.pwl), L.TDX_LOCK_EXCLUSIVE)
     if err:
         return err
     td, gpa, level = got
@@ -58,9 +65,10 @@ def tdh_mem_range_unblock(mod, r, caller, held):
         rcx, rdx = mod.sept_details(e, level)
         return Regs(TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
     if tlb_tracking_required(td) and not mod.is_tlb_tracked(td, mod.pamt.bepoch(e & S.SEPT_HPA)):
-        return Regs(TDX_TLB_TRACKING_NOT_DONE | OPERAND_ID_SEPT)    # the source's operand id: 0x92
-    new = {S.SEPT_NL_BLOCKED: S.SEPT_NL_MAPPED, S.SEPT_BLOCKED: S.SEPT_MAPPED,
-           S.SEPT_PENDING_BLOCKED: S.SEPT_PENDING}[state]
+        return Regs(TDX_TLB_TRACKING_NOT_DONE | OPERAND_ID_SEPT)  # the source's operand id: 0x92
+    new = {S.SEPT_NL_BLOCKED: S.SEPT_NL_MAPPED, S.SEPT_BLOCKED: S.SEPT_MAPPED, S.SEPT_PENDING_BLOCKED: S.SEPT_PENDING}[
+        state
+    ]
     mod.mem.q[ptr >> 3] = S.set_state(e, new) & ~S.SEPT_TDEL
     held.drop(entry)
     return Regs(TDX_SUCCESS)
@@ -84,6 +92,7 @@ def tdh_mem_track(mod, r, caller, held):
     def release():
         td.epoch_lock = L.sharex_release(td.epoch_lock, L.TDX_LOCK_EXCLUSIVE)
         mod.touch("td_epoch", True)
+
     held.push(release)
     mod.point(caller, "epoch_locked")
     if td.refcount[1 - (td.epoch & 1)]:

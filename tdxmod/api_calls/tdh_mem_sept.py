@@ -20,8 +20,9 @@ def tdh_mem_sept_add(mod, r, caller, held):
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
     allow_existing = r.rdx & 1
     new = r.r8
-    got, err = begin(mod, held, r, caller, TDH_MEM_SEPT_ADD, lambda td: range(1, td.pwl), TDX_LOCK_SHARED,
-                     tdr=r.rdx & ~0xFFF)
+    got, err = begin(
+        mod, held, r, caller, TDH_MEM_SEPT_ADD, lambda td: range(1, td.pwl), TDX_LOCK_SHARED, tdr=r.rdx & ~0xFFF
+    )
     if err:
         return err
     td, gpa, level = got
@@ -36,19 +37,20 @@ def tdh_mem_sept_add(mod, r, caller, held):
         return mod.state_incorrect(e, lvl)
     # process_l1_page()
     if not new:
-        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)    # version 0: R8 must name the new page
+        return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)  # version 0: R8 must name the new page
     if state != S.SEPT_FREE:
         if allow_existing:
             return Regs(TDX_SUCCESS)
         return mod.state_incorrect(e, lvl)
-    st = check_and_lock_private_hpa(mod, held, new, OPERAND_ID_R8, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller,
-                                    point="pamt_locked")
+    st = check_and_lock_private_hpa(
+        mod, held, new, OPERAND_ID_R8, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller, point="pamt_locked"
+    )
     if st:
         return Regs(st)
-    mod.mem.buf[new:new + PAGE] = S.SEPT_FREE_ENTRY.to_bytes(8, "little") * 512
+    mod.mem.buf[new : new + PAGE] = S.SEPT_FREE_ENTRY.to_bytes(8, "little") * 512
     mod.give_to_module(new, PT_EPT, td.tdr)
     td.chldcnt += 1
-    mod.mem.q[ptr >> 3] = S.make_nl_mapped(new)      # written unlocked
+    mod.mem.q[ptr >> 3] = S.make_nl_mapped(new)  # written unlocked
     held.drop(entry)
     return Regs(TDX_SUCCESS)
 

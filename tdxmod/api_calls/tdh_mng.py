@@ -7,10 +7,22 @@ tdh_mng_init.c, tdh_mng_vpflushdone.c and tdh_mng_key_freeid.c of the TDX module
 
 from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
-from ..td_structures import (Td, PAGE, TDCS_PAGES, TD_PARAMS_ATTRIBUTES, TD_PARAMS_MAX_VCPUS,
-                            TD_PARAMS_EPTP_CONTROLS, TD_PARAMS_CONFIG_FLAGS)
-from ..helpers import (seamcall_leaf, check_and_lock_private_hpa, check_lock_tdr, check_state_and_lock_op_state,
-                       shared_hpa_check)
+from ..td_structures import (
+    Td,
+    PAGE,
+    TDCS_PAGES,
+    TD_PARAMS_ATTRIBUTES,
+    TD_PARAMS_MAX_VCPUS,
+    TD_PARAMS_EPTP_CONTROLS,
+    TD_PARAMS_CONFIG_FLAGS,
+)
+from ..helpers import (
+    seamcall_leaf,
+    check_and_lock_private_hpa,
+    check_lock_tdr,
+    check_state_and_lock_op_state,
+    shared_hpa_check,
+)
 from ..locks import TDX_LOCK_EXCLUSIVE, TDX_LOCK_NO_LOCK
 from .. import sept as S
 
@@ -20,16 +32,17 @@ def tdh_mng_create(mod, r, caller, held):
     """tdh_mng_create.c: the HKID operand first, then the TDR page (PT_NDA, locked exclusively),
     then the KOT (HKID in use)."""
     tdr, hkid = r.rcx, r.rdx
-    if not 0 < hkid < (1 << 6):                       # reserved bits 63:16, is_private_hkid()
+    if not 0 < hkid < (1 << 6):  # reserved bits 63:16, is_private_hkid()
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_RDX)
-    st = check_and_lock_private_hpa(mod, held, tdr, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller,
-                                    point="tdr_locked")
+    st = check_and_lock_private_hpa(
+        mod, held, tdr, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller, point="tdr_locked"
+    )
     if st:
         return Regs(st)
     if hkid in mod.hkids:
         return Regs(TDX_HKID_NOT_FREE)
     mod.mem.zero(tdr)
-    mod.give_to_module(tdr, PT_TDR, 0)                # the TDR's PAMT owner is 0
+    mod.give_to_module(tdr, PT_TDR, 0)  # the TDR's PAMT owner is 0
     mod.tds[tdr] = Td(tdr, hkid)
     mod.hkids.add(hkid)
     return Regs(TDX_SUCCESS)
@@ -109,7 +122,7 @@ def tdh_mng_init(mod, r, caller, held):
     td.config_flags = config_flags
     td.shared_bit = 1 << (51 if gpaw else 47)
     td.sept_root = td.tdcx[-1]
-    mem.buf[td.sept_root:td.sept_root + PAGE] = S.SEPT_FREE_ENTRY.to_bytes(8, "little") * 512
+    mem.buf[td.sept_root : td.sept_root + PAGE] = S.SEPT_FREE_ENTRY.to_bytes(8, "little") * 512
     td.op_state = OP_STATE_INITIALIZED
     return Regs(TDX_SUCCESS)
 

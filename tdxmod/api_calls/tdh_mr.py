@@ -31,7 +31,7 @@ def tdh_mr_extend(mod, r, caller, held):
         return Regs(TDX_EPT_ENTRY_NOT_PRESENT | OPERAND_ID_RCX, rcx=rcx, rdx=rdx)
     if not S.seamcall_allowed(TDH_MR_EXTEND, S.sept_state(e)):
         return Regs(TDX_EPT_ENTRY_NOT_PRESENT)
-    hpa = (e & S.SEPT_HPA) + (gpa & ((PAGE << (9 * lvl)) - 1))    # leaf_ept_entry_to_hpa()
+    hpa = (e & S.SEPT_HPA) + (gpa & ((PAGE << (9 * lvl)) - 1))  # leaf_ept_entry_to_hpa()
     td.mrtd.update(b"MR.EXTEND" + gpa.to_bytes(8, "little") + mod.mem.read(hpa, 256))
     return Regs(TDX_SUCCESS)
 
@@ -50,7 +50,6 @@ def tdh_mr_finalize(mod, r, caller, held):
     td.finalized_mrtd = td.mrtd.hexdigest()
     td.op_state = OP_STATE_RUNNABLE
     return Regs(TDX_SUCCESS)
-
 
 
 # leaf number -> handler (the dispatcher's table: tdxmod/vmm_dispatcher.py)

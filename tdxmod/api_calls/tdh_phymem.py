@@ -34,8 +34,8 @@ def tdh_phymem_page_reclaim(mod, r, caller, held):
     owner = pamt.owner(hpa)
     out = lambda status: Regs(status, rcx=pt, rdx=owner, r8=size)
     if size and hpa & ((PAGE << (9 * size)) - 1):
-        return out(TDX_OPERAND_INVALID | OPERAND_ID_RCX)      # a 2M page is reclaimed at its head
-    npages = 512 ** size
+        return out(TDX_OPERAND_INVALID | OPERAND_ID_RCX)  # a 2M page is reclaimed at its head
+    npages = 512**size
     if pt != PT_TDR:
         td, st = lock_implicit_tdr(mod, held, owner, TDX_LOCK_SHARED)
         if st:

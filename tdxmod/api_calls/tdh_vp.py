@@ -8,10 +8,25 @@ module (tdx_1.5).  TDH.VP.ENTER is in td_dispatch.py (src/td_transitions/tdh_vp_
 from ..td_msr import td_msr_bitmap
 from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
-from ..td_structures import (TdVcpu, TDVPX_PAGES, MD_TDVPS_VMCS_SHARED_EPTP, MD_TDVPS_GPR_BASE, MD_TDVPS_RIP,
-                            MD_TDVPS_CR3, GPR_ORDER)
-from ..helpers import (seamcall_leaf, check_and_lock_private_hpa, check_lock_tdr, check_state_and_lock_op_state,
-                       lock_tdvpr, map_tdvps, check_and_associate_vcpu, shared_hpa_check)
+from ..td_structures import (
+    TdVcpu,
+    TDVPX_PAGES,
+    MD_TDVPS_VMCS_SHARED_EPTP,
+    MD_TDVPS_GPR_BASE,
+    MD_TDVPS_RIP,
+    MD_TDVPS_CR3,
+    GPR_ORDER,
+)
+from ..helpers import (
+    seamcall_leaf,
+    check_and_lock_private_hpa,
+    check_lock_tdr,
+    check_state_and_lock_op_state,
+    lock_tdvpr,
+    map_tdvps,
+    check_and_associate_vcpu,
+    shared_hpa_check,
+)
 from ..locks import TDX_LOCK_EXCLUSIVE, TDX_LOCK_SHARED
 
 
@@ -66,7 +81,7 @@ def tdh_vp_init(mod, r, caller, held):
     builds, what Linux 6.16 calls) adds the x2APIC id in R8."""
     version = (r.rax >> 16) & 0xFF
     if version > 1:
-        return Regs(TDX_OPERAND_INVALID)                    # operand id 0: RAX
+        return Regs(TDX_OPERAND_INVALID)  # operand id 0: RAX
     v, st = lock_tdvpr(mod, held, r.rcx, OPERAND_ID_RCX, TDX_LOCK_EXCLUSIVE, TDH_VP_INIT, caller=caller)
     if st:
         return Regs(st)

@@ -17,7 +17,11 @@ def assemble(src, base=0):
         with open(s, "w") as f:
             f.write(".intel_syntax noprefix\n.code64\n.text\n" + src + "\n")
         subprocess.run(["as", "--64", "-o", o, s], check=True, capture_output=True, text=True)
-        subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={base:#x}", "--oformat", "binary", "-e", f"{base:#x}",
-                        "-o", b, o], check=True, capture_output=True, text=True)
+        subprocess.run(
+            ["ld", "-m", "elf_x86_64", f"-Ttext={base:#x}", "--oformat", "binary", "-e", f"{base:#x}", "-o", b, o],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         with open(b, "rb") as f:
             return f.read()

@@ -22,8 +22,17 @@ from hypothesis import strategies as st
 
 from emu.hw import ept as ept_mod
 from emu.hw import native
-from emu.hw.ept import (MAXPHYADDR, Access, EptMisconfig, EptTranslation, EptViolation,
-                        InvalidEptp, decode_eptp, make_eptp, walk)
+from emu.hw.ept import (
+    MAXPHYADDR,
+    Access,
+    EptMisconfig,
+    EptTranslation,
+    EptViolation,
+    InvalidEptp,
+    decode_eptp,
+    make_eptp,
+    walk,
+)
 from emu.hw.memory import HostMemory
 
 
@@ -38,6 +47,7 @@ def walker(request):
     yield request.param
     walk = ept_mod.walk
 
+
 # ---------------------------------------------------------------------------------------------
 # Spec constants (REFERENCE.md 4.1, 4.2, 4.4)
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +58,7 @@ RWX = R | W | X
 MT_UC, MT_WC, MT_WT, MT_WP, MT_WB = 0, 1, 4, 5, 6
 GOOD_MT = (MT_UC, MT_WC, MT_WT, MT_WP, MT_WB)
 BAD_MT = (2, 3, 7)
-VALID_PERMS = (R, R | W, X, R | X, R | W | X)      # every present, well-formed 2:0 value
+VALID_PERMS = (R, R | W, X, R | X, R | W | X)  # every present, well-formed 2:0 value
 N = MAXPHYADDR
 
 
@@ -62,7 +72,7 @@ def bits(hi, lo):
 
 
 IPAT, PS, A_BIT, D_BIT, XU, IGN11, SVE = bit(6), bit(7), bit(8), bit(9), bit(10), bit(11), bit(63)
-ADDR = bits(N - 1, 12)                   # address bits of an entry
+ADDR = bits(N - 1, 12)  # address bits of an entry
 RSVD_HIGH = bits(51, N)
 
 
@@ -92,7 +102,7 @@ LEVEL_NAME = {5: "PML5E", 4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
 
 # A GPA with a distinct index at every level and a non-zero page offset.
 GPA = (0x05A << 39) | (0x1C3 << 30) | (0x0F7 << 21) | (0x123 << 12) | 0xABC
-GPA5 = (0x1A5 << 48) | GPA               # needs a 5-level walk
+GPA5 = (0x1A5 << 48) | GPA  # needs a 5-level walk
 # Leaf frames, each with bit N-1 set (an address bit, not a reserved one), aligned to their size.
 FRAME = {1: bit(N - 1) | 0x34_5678_9000, 2: bit(N - 1) | 0x34_5660_0000, 3: bit(N - 1) | 0x34_4000_0000}
 LEAF_FLAGS = {1: RWX | mt(MT_WB), 2: RWX | mt(MT_WB) | PS, 3: RWX | mt(MT_WB) | PS}
@@ -106,6 +116,7 @@ def expected_hpa(leaf_level, gpa=GPA, frame=None):
 # ---------------------------------------------------------------------------------------------
 # Building tables
 # ---------------------------------------------------------------------------------------------
+
 
 class Tables:
     """Host memory plus a bump allocator of zeroed 4 KiB table pages (HPA 0 is left unused)."""
@@ -201,6 +212,7 @@ def std_path(leaf_level=1, levels=4, gpa=None, ad=False, flags=None, extra=None)
 # Exact assertions
 # ---------------------------------------------------------------------------------------------
 
+
 def assert_translation(got, hpa, level, perms):
     assert type(got) is EptTranslation, got
     assert (got.hpa, got.level, got.perms) == (hpa, level, perms), got
@@ -262,8 +274,11 @@ class TestPermissionBits:
 
     @pytest.mark.parametrize("access", ALL_ACCESSES, ids=all_access_ids)
     @pytest.mark.parametrize("rwx", range(8), ids=lambda v: f"rwx{v:03b}")
-    @pytest.mark.parametrize("levels,leaf_level,level", RWX_POSITIONS,
-                             ids=[f"{lv}lvl-leaf{lf}-{LEVEL_NAME[l]}" for lv, lf, l in RWX_POSITIONS])
+    @pytest.mark.parametrize(
+        "levels,leaf_level,level",
+        RWX_POSITIONS,
+        ids=[f"{lv}lvl-leaf{lf}-{LEVEL_NAME[l]}" for lv, lf, l in RWX_POSITIONS],
+    )
     def test_rwx_bits_of_one_entry(self, levels, leaf_level, level, rwx, access):
         p = std_path(leaf_level, levels, ad=access == PT_ACCESS)
         p.set_flags(level, (p.entry(level) & ~ADDR & ~7) | rwx)
@@ -327,15 +342,16 @@ class TestMisconfigWinsOverViolation:
     same entry) already denies the access; a misconfiguration in a table below a non-present entry
     is never reached, so that is a violation."""
 
-    @pytest.mark.parametrize("leaf_level,flags,extra,access,bad_level",
-                             [c[1:] for c in MISCONFIG_WINS], ids=[c[0] for c in MISCONFIG_WINS])
+    @pytest.mark.parametrize(
+        "leaf_level,flags,extra,access,bad_level", [c[1:] for c in MISCONFIG_WINS], ids=[c[0] for c in MISCONFIG_WINS]
+    )
     def test_misconfig_wins_over_violation(self, leaf_level, flags, extra, access, bad_level):
         p = std_path(leaf_level, flags=flags, extra=extra)
         assert_misconfig(p.walk(access), GPA, bad_level)
 
     @pytest.mark.parametrize("access", ACCESSES, ids=access_ids)
     def test_misconfig_below_a_not_present_entry_is_not_reached(self, access):
-        p = std_path(flags={2: 0, 1: W})          # the PT the 000 PDE would point to has a W-only PTE
+        p = std_path(flags={2: 0, 1: W})  # the PT the 000 PDE would point to has a W-only PTE
         assert_violation(p.walk(access), GPA, int(access))
 
 
@@ -343,20 +359,21 @@ class TestMisconfigWinsOverViolation:
 # 3. Reserved bits, memory types, ignored bits (REFERENCE 4.2, 4.3)
 # ---------------------------------------------------------------------------------------------
 
+
 def _reserved_cases():
     for leaf_level in (1, 2, 3):
         for level in range(4, leaf_level - 1, -1):
             for b in range(N, 52):
                 yield leaf_level, level, b
     for b in range(3, 8):
-        yield 1, 4, b                          # PML4E 7:3
+        yield 1, 4, b  # PML4E 7:3
     for leaf_level, level in ((1, 3), (1, 2), (2, 3)):
         for b in range(3, 7):
-            yield leaf_level, level, b         # non-leaf PDPTE / PDE 6:3
+            yield leaf_level, level, b  # non-leaf PDPTE / PDE 6:3
     for b in range(12, 30):
-        yield 3, 3, b                          # 1G leaf 29:12
+        yield 3, 3, b  # 1G leaf 29:12
     for b in range(12, 21):
-        yield 2, 2, b                          # 2M leaf 20:12
+        yield 2, 2, b  # 2M leaf 20:12
 
 
 RESERVED = list(_reserved_cases())
@@ -400,8 +417,9 @@ class TestReservedAndIgnoredBits:
     PML5E/PML4E 7:3; PDPTE/PDE pointing to a table 6:3; 1G leaf 29:12; 2M leaf 20:12.  A leaf's
     memory type 2, 3 or 7 is reserved.  A non-present entry ignores all its other bits."""
 
-    @pytest.mark.parametrize("leaf_level,level,b", RESERVED,
-                             ids=[f"leaf{lf}-{LEVEL_NAME[l]}-bit{b}" for lf, l, b in RESERVED])
+    @pytest.mark.parametrize(
+        "leaf_level,level,b", RESERVED, ids=[f"leaf{lf}-{LEVEL_NAME[l]}-bit{b}" for lf, l, b in RESERVED]
+    )
     def test_reserved_bit_is_a_misconfig(self, leaf_level, level, b):
         p = std_path(leaf_level, extra={level: bit(b)})
         for access in Access:
@@ -433,14 +451,13 @@ class TestReservedAndIgnoredBits:
         value = {
             "reserved": reserved,
             "reserved+ignored": reserved | A_BIT | D_BIT | XU | IGN11 | bits(63, 52),
-            "xu-only": XU,                         # no MBEC: bit 10 does not make it present
+            "xu-only": XU,  # no MBEC: bit 10 does not make it present
             "large-leaf-junk": PS | mt(3) | bits(29, 12) | RSVD_HIGH,
         }[junk]
         p.set_flags(level, value)
         assert_violation(p.walk(access), GPA, int(access))
 
-    @pytest.mark.parametrize("leaf_level,levels,level,extra,ad", [c[1:] for c in IGNORED],
-                             ids=[c[0] for c in IGNORED])
+    @pytest.mark.parametrize("leaf_level,levels,level,extra,ad", [c[1:] for c in IGNORED], ids=[c[0] for c in IGNORED])
     def test_ignored_bits_are_ignored(self, leaf_level, levels, level, extra, ad):
         p = std_path(leaf_level, levels, ad=ad, extra={level: extra})
         for access in Access:
@@ -451,6 +468,7 @@ class TestReservedAndIgnoredBits:
 # ---------------------------------------------------------------------------------------------
 # 4. Large pages (REFERENCE 4.2: 1G address N-1:30, 2M address N-1:21)
 # ---------------------------------------------------------------------------------------------
+
 
 class TestLargePages:
     """SDM: a PDPTE or PDE with bit 7 = 1 maps a 1G / 2M page; the HPA is the frame plus the GPA's
@@ -478,6 +496,7 @@ class TestLargePages:
 # 5. Walk length (REFERENCE 4.1: EPTP 5:3 = levels - 1)
 # ---------------------------------------------------------------------------------------------
 
+
 class TestWalkLength:
     """A 4-level walk translates 48-bit GPAs, a 5-level walk 57-bit ones (the PML5E is indexed by
     GPA bits 56:48).  A wider GPA is a caller error: ValueError."""
@@ -497,8 +516,10 @@ class TestWalkLength:
         assert index(GPA, 5) == 0
         assert_translation(p.walk(Access.WRITE), expected_hpa(1, GPA), 1, RWX)
 
-    @pytest.mark.parametrize("levels,gpa", [(4, 1 << 48), (4, (1 << 48) | GPA), (4, 1 << 63),
-                                            (5, 1 << 57), (5, (1 << 57) | GPA5), (5, 1 << 63)])
+    @pytest.mark.parametrize(
+        "levels,gpa",
+        [(4, 1 << 48), (4, (1 << 48) | GPA), (4, 1 << 63), (5, 1 << 57), (5, (1 << 57) | GPA5), (5, 1 << 63)],
+    )
     def test_gpa_wider_than_the_walk_raises(self, levels, gpa):
         p = std_path(levels=levels)
         for access in Access:
@@ -515,6 +536,7 @@ class TestWalkLength:
 # ---------------------------------------------------------------------------------------------
 # 6. Accessed and dirty flags (REFERENCE 4.5)
 # ---------------------------------------------------------------------------------------------
+
 
 def _ad_expectation(p, access):
     """{hpa: (old, new)} a successful walk must write."""
@@ -557,8 +579,9 @@ class TestAccessedDirtyFlags:
     """
 
     @pytest.mark.parametrize("access", ALL_ACCESSES, ids=all_access_ids)
-    @pytest.mark.parametrize("levels,leaf_level", [(4, 1), (4, 2), (4, 3), (5, 1)],
-                             ids=["4lvl-4K", "4lvl-2M", "4lvl-1G", "5lvl-4K"])
+    @pytest.mark.parametrize(
+        "levels,leaf_level", [(4, 1), (4, 2), (4, 3), (5, 1)], ids=["4lvl-4K", "4lvl-2M", "4lvl-1G", "5lvl-4K"]
+    )
     def test_ad_flags_set_by_a_successful_walk(self, levels, leaf_level, access):
         p = std_path(leaf_level, levels, ad=True)
         before = p.t.snapshot()
@@ -577,7 +600,7 @@ class TestAccessedDirtyFlags:
         old = {lv: p.entry(lv) for lv in (4, 3, 2, 1)}
         before = p.t.snapshot()
         got = p.walk(Access.READ)
-        assert got.dirty is True                 # the leaf's D was already set
+        assert got.dirty is True  # the leaf's D was already set
         assert p.t.changes(before) == {
             p.hpa[3]: (old[3], old[3] | A_BIT),
             p.hpa[1]: (old[1], old[1] | A_BIT),
@@ -617,7 +640,7 @@ class TestAccessedDirtyFlags:
         before = p.t.snapshot()
         got = p.walk(access)
         assert_translation(got, expected_hpa(1), 1, RWX)
-        assert got.dirty is True                 # documented: always True without A/D
+        assert got.dirty is True  # documented: always True without A/D
         assert p.t.changes(before) == {}
 
     @pytest.mark.parametrize("access", ACCESSES, ids=access_ids)
@@ -626,11 +649,12 @@ class TestAccessedDirtyFlags:
         before = p.t.snapshot()
         got = p.walk(access, set_ad=False)
         assert_translation(got, expected_hpa(2), 2, RWX)
-        assert got.dirty is False                # the leaf's D is still clear after this walk
+        assert got.dirty is False  # the leaf's D is still clear after this walk
         assert p.t.changes(before) == {}
 
-    @pytest.mark.parametrize("leaf_level,flags,extra,access", [c[1:] for c in AD_FAILURES],
-                             ids=[c[0] for c in AD_FAILURES])
+    @pytest.mark.parametrize(
+        "leaf_level,flags,extra,access", [c[1:] for c in AD_FAILURES], ids=[c[0] for c in AD_FAILURES]
+    )
     def test_failed_walk_sets_no_ad_flags(self, leaf_level, flags, extra, access):
         p = std_path(leaf_level, ad=True, flags=flags, extra=extra)
         before = p.t.snapshot()
@@ -681,6 +705,7 @@ class TestEptp:
 # 8. The path= trace (walk docstring: one (level, entry HPA, entry) per entry read)
 # ---------------------------------------------------------------------------------------------
 
+
 def _trace(p, levels_read):
     return [(lv, p.hpa[lv], p.entry(lv)) for lv in levels_read]
 
@@ -696,13 +721,17 @@ class TestPathTrace:
         assert type(p.walk(Access.READ, path=path)) is EptTranslation
         assert path == _trace(p, range(levels, leaf_level - 1, -1))
 
-    @pytest.mark.parametrize("flags,extra,read", [
-        ({2: 0}, {}, (4, 3, 2)),                        # stops at the non-present PDE
-        ({4: 0}, {}, (4,)),
-        ({}, {3: bit(4)}, (4, 3)),                      # stops at the misconfigured PDPTE
-        ({1: W}, {}, (4, 3, 2, 1)),                     # W-only PTE
-        ({4: R}, {}, (4, 3, 2, 1)),                     # write violation: whole path read
-    ], ids=["PDE-not-present", "PML4E-not-present", "PDPTE-reserved", "PTE-W-only", "PML4E-R--"])
+    @pytest.mark.parametrize(
+        "flags,extra,read",
+        [
+            ({2: 0}, {}, (4, 3, 2)),  # stops at the non-present PDE
+            ({4: 0}, {}, (4,)),
+            ({}, {3: bit(4)}, (4, 3)),  # stops at the misconfigured PDPTE
+            ({1: W}, {}, (4, 3, 2, 1)),  # W-only PTE
+            ({4: R}, {}, (4, 3, 2, 1)),  # write violation: whole path read
+        ],
+        ids=["PDE-not-present", "PML4E-not-present", "PDPTE-reserved", "PTE-W-only", "PML4E-R--"],
+    )
     def test_path_of_a_failed_walk(self, flags, extra, read):
         p = std_path(flags=flags, extra=extra)
         path = []
@@ -714,7 +743,7 @@ class TestPathTrace:
         path = []
         p.walk(Access.WRITE, path=path)
         assert [(lv, hpa) for lv, hpa, _ in path] == [(lv, p.hpa[lv]) for lv in (4, 3, 2, 1)]
-        for lv, _, e in path:                           # the values read, A/D aside
+        for lv, _, e in path:  # the values read, A/D aside
             assert e & ~(A_BIT | D_BIT) == p.entry(lv) & ~(A_BIT | D_BIT)
 
 
@@ -745,7 +774,7 @@ def _misconfigured_entry(draw, level):
     """A present entry that breaks exactly one SDM rule for its level."""
     ways = ["w_without_r"] + (["high_reserved"] if N < 52 else [])
     leaf = level == 1 or (level in (2, 3) and draw(st.booleans()))
-    if level >= 2:                            # a PTE has no reserved bits below bit N
+    if level >= 2:  # a PTE has no reserved bits below bit N
         ways.append("low_reserved")
     if leaf:
         ways.append("memtype")
@@ -779,8 +808,9 @@ def ept_trees(draw, misconfigs):
     root = t.alloc()
 
     def fill(table, level):
-        idxs = draw(st.lists(st.one_of(st.sampled_from((0, 1, 511)), st.integers(0, 511)),
-                             min_size=1, max_size=4, unique=True))
+        idxs = draw(
+            st.lists(st.one_of(st.sampled_from((0, 1, 511)), st.integers(0, 511)), min_size=1, max_size=4, unique=True)
+        )
         for i in idxs:
             kinds = ["absent", "leaf", "leaf", "table", "table", "table"]
             if level >= 4:
@@ -872,14 +902,15 @@ def check_tree_against_enumeration(tree, data):
 
     def inside(keys):
         return st.sampled_from(sorted(keys)).flatmap(
-            lambda k: st.integers(0, page_size(k[1]) - 1).map(lambda off: k[0] | off))
+            lambda k: st.integers(0, page_size(k[1]) - 1).map(lambda off: k[0] | off)
+        )
 
-    choices = [st.integers(0, (1 << width) - 1)]          # mostly unmapped
+    choices = [st.integers(0, (1 << width) - 1)]  # mostly unmapped
     if regions:
         choices.append(inside(regions))
     mapped = [k for k, o in regions.items() if o[0] == MAP]
     if mapped:
-        choices += [inside(mapped)] * 2                   # lean to GPAs that translate
+        choices += [inside(mapped)] * 2  # lean to GPAs that translate
     gpa_st = st.one_of(choices)
     gpas = data.draw(st.lists(gpa_st, min_size=1, max_size=12), label="gpas")
     before = t.snapshot()
@@ -908,14 +939,17 @@ def check_tree_against_enumeration(tree, data):
                 elif type(got) is EptTranslation:
                     assert got.dirty is True
 
-    expected = {hpa: (before[(hpa - PAGE) // 8], v) for hpa, v in model.items()
-                if v != before[(hpa - PAGE) // 8]}
+    expected = {hpa: (before[(hpa - PAGE) // 8], v) for hpa, v in model.items() if v != before[(hpa - PAGE) // 8]}
     assert t.changes(before) == expected
     assert enumerate_ept(t, eptp & ADDR, levels) == regions
 
 
-PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, database=None,
-                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY_SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 class TestRandomTrees:
@@ -943,9 +977,9 @@ class TestRandomTrees:
         root = p.eptp & ADDR
         pd = p.entry(3) & ADDR
         pt = p.entry(2) & ADDR
-        t.write_entry(pd + 8 * 5, R | W | mt(MT_WT) | PS | FRAME[2])        # a 2M leaf
-        t.write_entry(pd + 8 * 6, RSVD_HIGH | 0x78)                          # junk, not present
-        t.write_entry(pt + 8 * 7, W | X | mt(MT_WB) | FRAME[1])             # misconfigured PTE
+        t.write_entry(pd + 8 * 5, R | W | mt(MT_WT) | PS | FRAME[2])  # a 2M leaf
+        t.write_entry(pd + 8 * 6, RSVD_HIGH | 0x78)  # junk, not present
+        t.write_entry(pt + 8 * 7, W | X | mt(MT_WB) | FRAME[1])  # misconfigured PTE
         regions = enumerate_ept(t, root, 4)
         pt_base = GPA & ~(page_size(2) - 1)
         pd_base = GPA & ~(page_size(3) - 1)
@@ -977,7 +1011,7 @@ def test_suppress_ve_of_a_not_present_entry(level):
 
 def test_suppress_ve_of_a_permission_violation_is_the_leafs():
     """A present path: only the leaf's bit 63 is used, a non-leaf entry's is not."""
-    p = std_path(flags={1: 1 | (6 << 3)}, extra={4: SVE, 3: SVE, 2: SVE})     # leaf R only, SVE clear
+    p = std_path(flags={1: 1 | (6 << 3)}, extra={4: SVE, 3: SVE, 2: SVE})  # leaf R only, SVE clear
     got = p.walk(Access.WRITE)
     assert_violation(got, GPA, 2 | (1 << 3))
     assert got.suppress_ve is False

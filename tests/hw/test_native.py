@@ -35,15 +35,18 @@ compiled = pytest.mark.skipif(native.mmu is None, reason=f"no compiled MMU: {nat
 
 PAGE = 0x1000
 MEM = 6 << 20
-POOL_END = 2 << 20               # tables and 4K pages come from [PAGE, POOL_END)
-LARGE = (2 << 20, 4 << 20)       # the frames EPT 2M leaves map
+POOL_END = 2 << 20  # tables and 4K pages come from [PAGE, POOL_END)
+LARGE = (2 << 20, 4 << 20)  # the frames EPT 2M leaves map
 ADDR = ((1 << 48) - 1) & ~0xFFF
 UC_READ, UC_WRITE, UC_FETCH = 16, 17, 18
 SHARED_BIT = 1 << 47
 
-SETTINGS = settings(max_examples=120, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.large_base_example])
+SETTINGS = settings(
+    max_examples=120,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
 _libc = ctypes.CDLL(None)
 _libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
@@ -51,6 +54,7 @@ _libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 def same_bytes(a, b):
     """Two HostMemory buffers hold the same bytes."""
     return a.size == b.size and _libc.memcmp(a.base_address, b.base_address, a.size) == 0
+
 
 # Bits worth flipping in an entry: present/R, W, X, the memory type, PS, A, D, ignored and
 # reserved bits, the address's top bits (outside host memory), XD / suppress-#VE.
@@ -78,10 +82,10 @@ class EptWorld:
         self.mem, self.levels = mem, levels
         self.next = PAGE
         if alloc is not None:
-            self.alloc = alloc                       # another tree's pool
+            self.alloc = alloc  # another tree's pool
         self.root = self.alloc()
         self.eptp = make_eptp(self.root, levels=levels, ad=ad, memtype=memtype)
-        self.entries = []                            # HPAs of every entry written
+        self.entries = []  # HPAs of every entry written
 
     def alloc(self):
         hpa = self.next
@@ -151,7 +155,7 @@ def twin(mem):
 def outcome(fn):
     try:
         return describe(fn())
-    except Exception as e:                           # noqa: BLE001  (both must raise the same)
+    except Exception as e:  # noqa: BLE001  (both must raise the same)
         return ("raises", type(e).__name__, str(e))
 
 
@@ -163,8 +167,9 @@ class TestEptWalk:
         w, gpas, width = world
         other = twin(w.mem)
         log = data.draw(st.booleans(), label="AD_LOG")
-        gpa_st = st.one_of(st.sampled_from(gpas), st.integers(0, (1 << width) - 1),
-                           st.integers(0, (1 << (width + 2)) - 1))       # some too wide: ValueError
+        gpa_st = st.one_of(
+            st.sampled_from(gpas), st.integers(0, (1 << width) - 1), st.integers(0, (1 << (width + 2)) - 1)
+        )  # some too wide: ValueError
         for _ in range(data.draw(st.integers(1, 12), label="walks")):
             gpa = data.draw(gpa_st, label="gpa")
             access = data.draw(st.sampled_from((1, 2, 4, 3, ept_mod.Access.WRITE)), label="access")
@@ -214,7 +219,7 @@ class World:
         if td:
             self.sept = EptWorld(self.mem, 4, draw(st.booleans()), alloc=self.ept.alloc)
         self.draw = draw
-        self.guest_entries = []                      # HPAs of the guest entries written
+        self.guest_entries = []  # HPAs of the guest entries written
         self.gpa_regions = [draw(st.integers(0, (1 << 22) - 1)) << 21 for _ in range(2)]
         self.data_regions = [draw(st.integers(1, (1 << 12) - 1)) << 30 for _ in range(2)]
         self.used = set()
@@ -271,8 +276,13 @@ class World:
                 return
             ptr = table_hpa + (((gva >> (12 + 9 * (level - 1))) & 511) << 3)
             e = self.mem.read64(ptr)
-            flags = P | draw(st.sampled_from((RW,) * 6 + (0,))) | draw(st.sampled_from((0, US))) \
-                | draw(st.sampled_from((0, A, A, A | D))) | draw(st.sampled_from((0,) * 10 + (XD,)))
+            flags = (
+                P
+                | draw(st.sampled_from((RW,) * 6 + (0,)))
+                | draw(st.sampled_from((0, US)))
+                | draw(st.sampled_from((0, A, A, A | D)))
+                | draw(st.sampled_from((0,) * 10 + (XD,)))
+            )
             if level == leaf_level:
                 if e & P:
                     return
@@ -306,8 +316,12 @@ class World:
         return out + (self.sept.entries if self.sept is not None else [])
 
 
-INDICES = (st.sampled_from((0, 1, 255, 256, 511)), st.sampled_from((0, 3, 511)), st.sampled_from((0, 5, 511)),
-           st.sampled_from((0, 1, 2, 511)))
+INDICES = (
+    st.sampled_from((0, 1, 255, 256, 511)),
+    st.sampled_from((0, 3, 511)),
+    st.sampled_from((0, 5, 511)),
+    st.sampled_from((0, 1, 2, 511)),
+)
 
 
 @st.composite
@@ -315,9 +329,9 @@ def gvas(draw):
     i4, i3, i2, i1 = (draw(s) for s in INDICES)
     gva = i4 << 39 | i3 << 30 | i2 << 21 | i1 << 12
     if i4 >= 256:
-        gva |= 0xFFFF << 48                          # canonical
+        gva |= 0xFFFF << 48  # canonical
     if draw(one_in(16)):
-        gva ^= 1 << 50                               # not canonical: #GP
+        gva ^= 1 << 50  # not canonical: #GP
     return gva
 
 
@@ -384,8 +398,12 @@ class TestFill:
     @given(data=st.data())
     def test_compiled_fill_equals_the_python_fill(self, data):
         draw = data.draw
-        world = World(draw, draw(st.sampled_from((4, 5)), label="levels"), draw(st.booleans(), label="ad"),
-                      draw(st.booleans(), label="td"))
+        world = World(
+            draw,
+            draw(st.sampled_from((4, 5)), label="levels"),
+            draw(st.booleans(), label="ad"),
+            draw(st.booleans(), label="td"),
+        )
         targets = draw(st.lists(gvas(), min_size=1, max_size=6), label="gvas")
         for gva in targets:
             world.guest_map(gva)
@@ -419,16 +437,17 @@ class TestFill:
         """End to end: the compiled fill refuses, Vcpu.run() reports the violation exactly as the
         Python fill makes it (qualification, GPA, GLA)."""
         from emu.hw.bare import BareHost
+
         out = []
         for pure in (False, True):
             host = BareHost(4 << 20)
             host.map_4k(0x200000)
-            for i in range(3):                        # guest tables at 0x201000.. (identity)
+            for i in range(3):  # guest tables at 0x201000.. (identity)
                 host.map_4k(0x201000 + i * PAGE)
             host.write_gpa(0x201000, (0x202000 | 3).to_bytes(8, "little"))
             host.write_gpa(0x202000, (0x203000 | 3).to_bytes(8, "little"))
-            host.write_gpa(0x203000 + 8, (0x200000 | 0x83).to_bytes(8, "little"))     # 2M at GVA 2M
-            host.write_gpa(0x200000, bytes.fromhex("488b0425 00103000" "f4"))          # mov rax, [0x301000]; hlt
+            host.write_gpa(0x203000 + 8, (0x200000 | 0x83).to_bytes(8, "little"))  # 2M at GVA 2M
+            host.write_gpa(0x200000, bytes.fromhex("488b0425 00103000f4"))  # mov rax, [0x301000]; hlt
             v = Vcpu(host.mem, pure_python=pure)
             v.load_eptp(host.eptp)
             v.set_regs({"rip": 0x200000, "cr3": 0x201000, "rsp": 0x200800})
@@ -449,17 +468,27 @@ def test_without_a_compiler_runs_fall_back_to_python_with_one_line(monkeypatch, 
     monkeypatch.delenv("EMU_PURE_PYTHON", raising=False)
     assert native.load(ept_mod, ept_mod.walk_py) is None
     err = capsys.readouterr().err
-    assert err == ("emu: the hardware MMU runs in pure Python (slower): no C compiler found (gcc or clang): "
-                   "install one (apt-get install gcc)\n")
-    assert native.load(ept_mod, ept_mod.walk_py) is None      # said once
+    assert err == (
+        "emu: the hardware MMU runs in pure Python (slower): no C compiler found (gcc or clang): "
+        "install one (apt-get install gcc)\n"
+    )
+    assert native.load(ept_mod, ept_mod.walk_py) is None  # said once
     assert capsys.readouterr().err == ""
 
 
 def test_emu_pure_python_selects_the_python_walkers(tmp_path):
     import subprocess
     import sys
-    code = ("from emu.hw import ept, native; from emu.hw.vcpu import Vcpu; from emu.hw.memory import HostMemory; "
-            "print(ept.walk is ept.walk_py, native.mmu is None, Vcpu(HostMemory(1 << 20))._mmu is None)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "EMU_PURE_PYTHON": "1"})
+
+    code = (
+        "from emu.hw import ept, native; from emu.hw.vcpu import Vcpu; from emu.hw.memory import HostMemory; "
+        "print(ept.walk is ept.walk_py, native.mmu is None, Vcpu(HostMemory(1 << 20))._mmu is None)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "EMU_PURE_PYTHON": "1"},
+    )
     assert out.stdout.split() == ["True", "True", "True"] and out.stderr == ""

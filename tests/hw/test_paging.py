@@ -26,11 +26,11 @@ from emu.hw.paging import PAGING, GeneralProtection, PageFault, Translation, tra
 # ---------------------------------------------------------------------------------------------
 # Spec constants
 # ---------------------------------------------------------------------------------------------
-READ, WRITE, FETCH = 1, 2, 4                     # access kinds == EPT qualification bits 0-2
+READ, WRITE, FETCH = 1, 2, 4  # access kinds == EPT qualification bits 0-2
 
 # Guest paging-structure entry bits (SDM Vol. 3A tables 4-15 .. 4-20)
 P, RW, US, PWT, PCD, A, D, PS = 1, 2, 4, 8, 16, 32, 64, 128
-PAT_LARGE = 1 << 12                              # PAT bit of a 2M/1G leaf: NOT reserved
+PAT_LARGE = 1 << 12  # PAT bit of a 2M/1G leaf: NOT reserved
 XD = 1 << 63
 
 # #PF error code (SDM Vol. 3A 4.7, figure 4-12)
@@ -53,10 +53,10 @@ def q_perms(rwx):
 
 CR3 = 0x800000
 DATA_GPA = 0x345000
-DATA_HPA = 0xabc000
+DATA_HPA = 0xABC000
 # A GVA with a different index at every level: PML4 0x12, PDPT 0x34, PD 0x56, PT 0x78, offset 0x9ab.
-GVA = (0x12 << 39) | (0x34 << 30) | (0x56 << 21) | (0x78 << 12) | 0x9ab
-OFF = GVA & 0xfff
+GVA = (0x12 << 39) | (0x34 << 30) | (0x56 << 21) | (0x78 << 12) | 0x9AB
+OFF = GVA & 0xFFF
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ class Env:
         self.q = self.mem.q
         self.eptp = self.host.eptp
         self.next_table = CR3
-        self.tables = []                         # GPAs of guest table pages
+        self.tables = []  # GPAs of guest table pages
         self.cr3 = self.new_table()
 
     # -- EPT --------------------------------------------------------------------------------
@@ -87,10 +87,10 @@ class Env:
 
     def ept_map(self, gpa, hpa=None, perms=EPT_R | EPT_W | EPT_X):
         """4K EPT leaf gpa -> hpa (identity by default) with ``perms``, WB."""
-        self.host.map_4k(gpa & ~0xfff)
+        self.host.map_4k(gpa & ~0xFFF)
         ptr = self.ept_leaf_ptr(gpa)
         hpa = gpa if hpa is None else hpa
-        self.mem.write64(ptr, (hpa & ~0xfff) | EPT_WB | perms)
+        self.mem.write64(ptr, (hpa & ~0xFFF) | EPT_WB | perms)
         return ptr
 
     def ept_leaf_ptr(self, gpa):
@@ -127,14 +127,14 @@ class Env:
                 e = self.new_table() | upper
                 self.mem.write64(ptr, e)
             where[lvl] = ptr
-            table = e & 0x000ffffffffff000
+            table = e & 0x000FFFFFFFFFF000
         ptr = table + (((gva >> (12 + 9 * (level - 1))) & 511) << 3)
         self.mem.write64(ptr, gpa | leaf | (PS if level > 1 else 0))
         where[level] = ptr
         return where
 
     def entry(self, gpa):
-        return self.mem.read64(gpa)                  # guest tables are identity-mapped GPA == HPA
+        return self.mem.read64(gpa)  # guest tables are identity-mapped GPA == HPA
 
     def set_entry(self, gpa, value):
         self.mem.write64(gpa, value)
@@ -232,7 +232,7 @@ class TestTranslation:
     @pytest.mark.parametrize("access", [READ, WRITE, FETCH])
     def test_1g(self, env, access):
         gpa_1g = 0x40000000
-        gva = (0x1ff << 39) | (0x1fe << 30) | 0x2345678 | (0xffff << 48)     # a canonical high address
+        gva = (0x1FF << 39) | (0x1FE << 30) | 0x2345678 | (0xFFFF << 48)  # a canonical high address
         where = env.map(gva, gpa_1g, level=3)
         env.ept_map(gpa_1g + 0x2345000, 0x555000)
         t = env.translate(gva, access)
@@ -258,12 +258,12 @@ class TestTranslation:
     def test_large_ept_leaf_under_guest_4k_page(self, env):
         """The EPT leaf level is reported separately (ept_level): a 2M EPT page under a 4K guest page."""
         env.map(GVA, DATA_GPA)
-        env.host.map_4k(0x200000)                                 # build the EPT PD for GPA 0x200000..
+        env.host.map_4k(0x200000)  # build the EPT PD for GPA 0x200000..
         pde = env.ept_entry_ptr(0x200000, 2)
-        env.mem.write64(pde, 0xe00000 | (1 << 7) | EPT_WB | 7)     # 2M leaf GPA 0x200000 -> HPA 0xe00000
+        env.mem.write64(pde, 0xE00000 | (1 << 7) | EPT_WB | 7)  # 2M leaf GPA 0x200000 -> HPA 0xe00000
         t = env.translate(GVA, READ)
         assert type(t) is Translation
-        assert (t.gpa, t.hpa, t.level, t.ept_level) == (DATA_GPA | OFF, 0xf45000 | OFF, 1, 2)
+        assert (t.gpa, t.hpa, t.level, t.ept_level) == (DATA_GPA | OFF, 0xF45000 | OFF, 1, 2)
 
     def test_flags_already_set_are_left_alone(self, env):
         where = standard_4k(env, leaf=P | RW | A | D, upper=P | RW | A)
@@ -304,7 +304,7 @@ class TestTranslation:
 # =============================================================================================
 # 2. Guest page faults: error codes (SDM 4.7) and access rights (SDM 4.6)
 # =============================================================================================
-PF_ID_IF_FETCH = {READ: 0, WRITE: PF_W, FETCH: PF_ID}      # with EFER.NXE = 1
+PF_ID_IF_FETCH = {READ: 0, WRITE: PF_W, FETCH: PF_ID}  # with EFER.NXE = 1
 
 
 class TestPageFault:
@@ -331,7 +331,7 @@ class TestPageFault:
         assert env.translate(GVA, READ).error_code == 0x0
         assert env.translate(GVA, WRITE).error_code == 0x2
         assert env.translate(GVA, FETCH).error_code == 0x10
-        assert env.translate(GVA, FETCH, nxe=False).error_code == 0x0     # I/D only when NXE (or SMEP)
+        assert env.translate(GVA, FETCH, nxe=False).error_code == 0x0  # I/D only when NXE (or SMEP)
         assert env.translate(GVA, READ, user=True).error_code == 0x4
         assert env.translate(GVA, WRITE, user=True).error_code == 0x6
 
@@ -431,9 +431,9 @@ class TestReservedBits:
         where = standard_4k(env)
         env.set_entry(where[1], env.entry(where[1]) | (1 << 50))
         assert env.translate(GVA, READ).error_code == 0x9
-        assert env.translate(GVA, WRITE).error_code == 0xb
+        assert env.translate(GVA, WRITE).error_code == 0xB
         assert env.translate(GVA, FETCH).error_code == 0x19
-        assert env.translate(GVA, READ, user=True).error_code == 0xd
+        assert env.translate(GVA, READ, user=True).error_code == 0xD
 
     def test_bit_47_is_an_address_bit(self, env):
         """MAXPHYADDR 48: bit 47 is part of the address, not reserved."""
@@ -471,8 +471,8 @@ class TestReservedBits:
         gva = 0x40000000 | 0x1234
         where = env.map(gva, DATA_GPA, level=1)
         pde = where[2]
-        pt = env.entry(pde) & 0x000ffffffffff000
-        moved = pt | (1 << bit)                          # a 4K-aligned page-table GPA using bit `bit`
+        pt = env.entry(pde) & 0x000FFFFFFFFFF000
+        moved = pt | (1 << bit)  # a 4K-aligned page-table GPA using bit `bit`
         env.mem.write(moved, env.mem.read(pt, 0x1000))
         env.ept_map(moved)
         env.set_entry(pde, moved | P | RW)
@@ -486,7 +486,7 @@ class TestReservedBits:
         env.set_entry(where[level], env.entry(where[level]) | XD)
         snap = env.snapshot()
         assert env.translate(GVA, READ, nxe=False) == PageFault(GVA, PF_P | PF_RSVD)
-        assert env.translate(GVA, FETCH, nxe=False) == PageFault(GVA, PF_P | PF_RSVD)   # no I/D: NXE = 0
+        assert env.translate(GVA, FETCH, nxe=False) == PageFault(GVA, PF_P | PF_RSVD)  # no I/D: NXE = 0
         assert env.snapshot() == snap
 
     def test_xd_not_reserved_when_nxe_1(self, env):
@@ -505,8 +505,17 @@ class TestNonCanonical:
     """SDM Vol. 3A 3.3.7.1: a linear address whose bits 63:47 are not all equal is non-canonical;
     a memory access with it is #GP(0) (no page walk, no #PF)."""
 
-    @pytest.mark.parametrize("gva", [1 << 47, 0x0000_8000_0000_1000, 0xffff_7fff_ffff_f000, 1 << 63,
-                                     0x8000_0000_0000_0000 | 0x1234, 0x0001_0000_0000_0000])
+    @pytest.mark.parametrize(
+        "gva",
+        [
+            1 << 47,
+            0x0000_8000_0000_1000,
+            0xFFFF_7FFF_FFFF_F000,
+            1 << 63,
+            0x8000_0000_0000_0000 | 0x1234,
+            0x0001_0000_0000_0000,
+        ],
+    )
     def test_non_canonical(self, env, gva):
         snap = env.snapshot()
         for access in (READ, WRITE, FETCH):
@@ -515,7 +524,7 @@ class TestNonCanonical:
             assert (r.vector, r.error_code) == (13, 0)
         assert env.snapshot() == snap
 
-    @pytest.mark.parametrize("gva", [0xffff_8000_0000_0000, 0x0000_7fff_ffff_f000])
+    @pytest.mark.parametrize("gva", [0xFFFF_8000_0000_0000, 0x0000_7FFF_FFFF_F000])
     def test_canonical_edges_are_walked(self, env, gva):
         assert env.translate(gva, READ) == PageFault(gva, 0)
 
@@ -537,7 +546,7 @@ class TestEptDuringWalk:
     def test_table_not_mapped(self, ad, qual, level, access):
         env = Env(ad=ad)
         where = standard_4k(env)
-        table_gpa = where[level] & ~0xfff
+        table_gpa = where[level] & ~0xFFF
         env.mem.write64(env.ept_leaf_ptr(table_gpa), 0)
         snap = env.guest_snapshot()
         r = env.translate(GVA, access)
@@ -550,16 +559,19 @@ class TestEptDuringWalk:
         index = (GVA >> (12 + 9 * (level - 1))) & 511
         assert r.gpa == table_gpa + 8 * index
 
-    @pytest.mark.parametrize("ept_perms, ad, qual", [
-        (EPT_R, True, 0x83 | q_perms(EPT_R)),                    # A/D on: the read is a write, W missing
-        (EPT_R | EPT_X, True, 0x83 | q_perms(EPT_R | EPT_X)),
-        (EPT_X, False, 0x81 | q_perms(EPT_X)),                   # exec-only table page
-        (EPT_X, True, 0x83 | q_perms(EPT_X)),
-    ])
+    @pytest.mark.parametrize(
+        "ept_perms, ad, qual",
+        [
+            (EPT_R, True, 0x83 | q_perms(EPT_R)),  # A/D on: the read is a write, W missing
+            (EPT_R | EPT_X, True, 0x83 | q_perms(EPT_R | EPT_X)),
+            (EPT_X, False, 0x81 | q_perms(EPT_X)),  # exec-only table page
+            (EPT_X, True, 0x83 | q_perms(EPT_X)),
+        ],
+    )
     def test_table_without_needed_ept_rights(self, ept_perms, ad, qual):
         env = Env(ad=ad)
         where = standard_4k(env)
-        env.ept_map(where[2] & ~0xfff, perms=ept_perms)           # the PD page
+        env.ept_map(where[2] & ~0xFFF, perms=ept_perms)  # the PD page
         r = env.translate(GVA, READ)
         assert r == EptViolation(where[2], qual)
 
@@ -567,7 +579,7 @@ class TestEptDuringWalk:
         """Without EPT A/D a paging-structure read needs only R (once guest A flags are set)."""
         where = standard_4k(env, leaf=P | RW | A, upper=P | RW | A)
         for lvl in (4, 3, 2, 1):
-            env.ept_map(where[lvl] & ~0xfff, perms=EPT_R)
+            env.ept_map(where[lvl] & ~0xFFF, perms=EPT_R)
         t = env.translate(GVA, READ)
         assert type(t) is Translation and t.hpa == DATA_HPA | OFF
 
@@ -577,22 +589,22 @@ class TestEptDuringWalk:
         off): EPT violation, write (bit 1), bits 3-5 = R, GLA valid, not the final translation."""
         where = standard_4k(env, leaf=P | RW | A, upper=P | RW | A)
         env.set_entry(where[level], env.entry(where[level]) & ~A)
-        env.ept_map(where[level] & ~0xfff, perms=EPT_R)
+        env.ept_map(where[level] & ~0xFFF, perms=EPT_R)
         snap = env.snapshot()
         r = env.translate(GVA, READ)
         assert r == EptViolation(where[level], Q_GLA_VALID | WRITE | q_perms(EPT_R))
-        assert r.qualification == 0x8a
+        assert r.qualification == 0x8A
         # Entries above `level` were updated before the failing write: here all already had A.
         assert env.snapshot() == snap
 
     def test_d_flag_update_is_an_ept_write(self, env):
         where = standard_4k(env, leaf=P | RW | A, upper=P | RW | A)
-        env.ept_map(where[1] & ~0xfff, perms=EPT_R | EPT_X)
-        assert type(env.translate(GVA, READ)) is Translation       # no flag to set: reads suffice
+        env.ept_map(where[1] & ~0xFFF, perms=EPT_R | EPT_X)
+        assert type(env.translate(GVA, READ)) is Translation  # no flag to set: reads suffice
         r = env.translate(GVA, WRITE)
         assert r == EptViolation(where[1], Q_GLA_VALID | WRITE | q_perms(EPT_R | EPT_X))
-        assert r.qualification == 0xaa
-        assert env.entry(where[1]) == DATA_GPA | P | RW | A            # D not set
+        assert r.qualification == 0xAA
+        assert env.entry(where[1]) == DATA_GPA | P | RW | A  # D not set
 
     @pytest.mark.parametrize("access, qual", [(READ, 0x181), (WRITE, 0x182), (FETCH, 0x184)])
     @pytest.mark.parametrize("ad", [True, False])
@@ -603,14 +615,17 @@ class TestEptDuringWalk:
         assert r == EptViolation(DATA_GPA | OFF, qual)
         assert r.qualification & Q_GLA_VALID and r.qualification & Q_FINAL
 
-    @pytest.mark.parametrize("access, ept_perms, qual", [
-        (WRITE, EPT_R, 0x182 | q_perms(EPT_R)),                           # 0x18a
-        (WRITE, EPT_R | EPT_X, 0x182 | q_perms(EPT_R | EPT_X)),           # 0x1aa
-        (FETCH, EPT_R | EPT_W, 0x184 | q_perms(EPT_R | EPT_W)),           # 0x19c
-        (FETCH, EPT_R, 0x184 | q_perms(EPT_R)),                           # 0x18c
-        (READ, EPT_X, 0x181 | q_perms(EPT_X)),                            # 0x1a1: execute-only page
-        (WRITE, EPT_X, 0x182 | q_perms(EPT_X)),                           # 0x1a2
-    ])
+    @pytest.mark.parametrize(
+        "access, ept_perms, qual",
+        [
+            (WRITE, EPT_R, 0x182 | q_perms(EPT_R)),  # 0x18a
+            (WRITE, EPT_R | EPT_X, 0x182 | q_perms(EPT_R | EPT_X)),  # 0x1aa
+            (FETCH, EPT_R | EPT_W, 0x184 | q_perms(EPT_R | EPT_W)),  # 0x19c
+            (FETCH, EPT_R, 0x184 | q_perms(EPT_R)),  # 0x18c
+            (READ, EPT_X, 0x181 | q_perms(EPT_X)),  # 0x1a1: execute-only page
+            (WRITE, EPT_X, 0x182 | q_perms(EPT_X)),  # 0x1a2
+        ],
+    )
     def test_final_access_rights(self, env, access, ept_perms, qual):
         standard_4k(env, ept_perms=ept_perms)
         r = env.translate(GVA, access)
@@ -622,7 +637,7 @@ class TestEptDuringWalk:
         pde = env.ept_entry_ptr(DATA_GPA, 2)
         env.mem.write64(pde, env.mem.read64(pde) & ~EPT_W)
         assert env.translate(GVA, WRITE) == EptViolation(DATA_GPA | OFF, 0x182 | q_perms(EPT_R | EPT_X))
-        assert env.translate(GVA, WRITE).qualification == 0x1aa
+        assert env.translate(GVA, WRITE).qualification == 0x1AA
         pml4e = env.ept_entry_ptr(DATA_GPA, 4)
         env.mem.write64(pml4e, env.mem.read64(pml4e) & ~EPT_X)
         assert env.translate(GVA, FETCH) == EptViolation(DATA_GPA | OFF, 0x184 | q_perms(EPT_R))
@@ -638,22 +653,22 @@ class TestEptDuringWalk:
 
     def test_misconfig_of_table_page(self, env):
         where = standard_4k(env)
-        env.ept_map(where[3] & ~0xfff, perms=EPT_W)                   # write without read
+        env.ept_map(where[3] & ~0xFFF, perms=EPT_W)  # write without read
         r = env.translate(GVA, READ)
         assert type(r) is EptMisconfig
         assert (r.gpa, r.reason) == (where[3], "write without read")
 
     def test_misconfig_of_final_page(self, env):
         standard_4k(env)
-        env.mem.write64(env.ept_leaf_ptr(DATA_GPA), DATA_HPA | (2 << 3) | 7)   # memory type 2
+        env.mem.write64(env.ept_leaf_ptr(DATA_GPA), DATA_HPA | (2 << 3) | 7)  # memory type 2
         r = env.translate(GVA, READ)
         assert type(r) is EptMisconfig
         assert r.gpa == DATA_GPA | OFF and r.reason == "reserved memory type 2"
 
     def test_misconfig_wins_over_guest_fault(self, env):
         """The EPT translation of a paging-structure entry comes before that entry is read."""
-        where = standard_4k(env, leaf=0)                               # PTE not present
-        env.ept_map(where[1] & ~0xfff, perms=EPT_W | EPT_X)
+        where = standard_4k(env, leaf=0)  # PTE not present
+        env.ept_map(where[1] & ~0xFFF, perms=EPT_W | EPT_X)
         r = env.translate(GVA, READ)
         assert type(r) is EptMisconfig and r.gpa == where[1]
 
@@ -674,7 +689,7 @@ class TestTlbPerms:
         t = env.translate(GVA, WRITE)
         assert t.perms == READ | WRITE | FETCH
         assert env.entry(where[1]) & D
-        assert env.translate(GVA, READ).perms == READ | WRITE | FETCH     # now dirty
+        assert env.translate(GVA, READ).perms == READ | WRITE | FETCH  # now dirty
 
     def test_read_of_dirty_writable_page(self, env):
         standard_4k(env, leaf=P | RW | A | D)

@@ -41,17 +41,17 @@ XD = 1 << 63
 EPT_RWX, EPT_WB, EPT_A, EPT_D = 7, 6 << 3, 1 << 8, 1 << 9
 # EPT-violation qualification (REFERENCE 4.4)
 Q_R, Q_W, Q_X, Q_GLA_VALID, Q_FINAL = 1, 2, 4, 1 << 7, 1 << 8
-Q_CODE = Q_FINAL | Q_GLA_VALID | Q_X                     # 0x184
-Q_READ = Q_FINAL | Q_GLA_VALID | Q_R                     # 0x181
-Q_WRITE = Q_FINAL | Q_GLA_VALID | Q_W                    # 0x182
-Q_TABLE_AD = Q_GLA_VALID | Q_R | Q_W                     # 0x83: paging-structure access, EPT A/D on
-Q_TABLE = Q_GLA_VALID | Q_R                              # 0x81: paging-structure access, EPT A/D off
+Q_CODE = Q_FINAL | Q_GLA_VALID | Q_X  # 0x184
+Q_READ = Q_FINAL | Q_GLA_VALID | Q_R  # 0x181
+Q_WRITE = Q_FINAL | Q_GLA_VALID | Q_W  # 0x182
+Q_TABLE_AD = Q_GLA_VALID | Q_R | Q_W  # 0x83: paging-structure access, EPT A/D on
+Q_TABLE = Q_GLA_VALID | Q_R  # 0x81: paging-structure access, EPT A/D off
 # #PF error code
 PF_P, PF_W, PF_U, PF_RSVD, PF_ID = 1, 2, 4, 8, 16
 
 PML4, PDPT, PD, PT = 0x800000, 0x801000, 0x802000, 0x803000
 CODE = 0x100000
-STACK_TOP = 0x1f0000
+STACK_TOP = 0x1F0000
 V1, V2 = 0x1111_2222_3333_4444, 0x5555_6666_7777_8888
 
 
@@ -63,8 +63,12 @@ def pte_gpa(gva):
 def table_walk_violations(gva):
     """(GPA, qualification) of the four guest paging-structure entries a first walk of ``gva``
     touches, in walk order, each on a page not yet in EPT (EPT A/D on)."""
-    return [(PML4 + ((gva >> 39) & 511) * 8, Q_TABLE_AD), (PDPT + ((gva >> 30) & 511) * 8, Q_TABLE_AD),
-            (PD + ((gva >> 21) & 511) * 8, Q_TABLE_AD), (pte_gpa(gva), Q_TABLE_AD)]
+    return [
+        (PML4 + ((gva >> 39) & 511) * 8, Q_TABLE_AD),
+        (PDPT + ((gva >> 30) & 511) * 8, Q_TABLE_AD),
+        (PD + ((gva >> 21) & 511) * 8, Q_TABLE_AD),
+        (pte_gpa(gva), Q_TABLE_AD),
+    ]
 
 
 class Machine:
@@ -77,7 +81,7 @@ class Machine:
         w(PD, PT | P | RW)
         for i in range(512):
             w(PT + 8 * i, (i << 12) | P | RW)
-        w(PD + 4 * 8, 0x800000 | P | RW | PS)          # the tables themselves: GVA 0x800000, one 2M page
+        w(PD + 4 * 8, 0x800000 | P | RW | PS)  # the tables themselves: GVA 0x800000, one 2M page
         if src is not None:
             self.code(src)
 
@@ -165,9 +169,9 @@ class TestInstructionExits:
         e = m.run(v)
         assert e.reason == VMCALL
         assert (v.reg("rax"), v.reg("rdx")) == (0x1234, (1 << 64) - 2)
-        v.set_reg("rax", 0xabcdef)
+        v.set_reg("rax", 0xABCDEF)
         e = m.resume(v, e)
-        assert e.reason == HLT and v.reg("rbx") == 0xabcdef
+        assert e.reason == HLT and v.reg("rbx") == 0xABCDEF
 
 
 # =============================================================================================
@@ -211,7 +215,7 @@ class TestExceptions:
         m = Machine("mov rax, 0x120000\njmp rax\n")
         m.put(pte_gpa(0x120000), 0)
         e = m.run(m.vcpu())
-        assert (e.vector, e.error_code, e.cr2, e.rip) == (14, PF_ID, 0x120000, 0x120000)   # EFER.NXE = 1
+        assert (e.vector, e.error_code, e.cr2, e.rip) == (14, PF_ID, 0x120000, 0x120000)  # EFER.NXE = 1
 
     def test_page_fault_write_to_read_only(self):
         """CR0.WP = 1 at boot: a supervisor write to a read-only page faults with P|W."""
@@ -283,20 +287,23 @@ class TestEptViolationExits:
         e = m.run(m.vcpu())
         assert e.reason == HLT
         expect = [(g, q, CODE) for g, q in table_walk_violations(CODE)] + [
-            (CODE, Q_CODE, CODE), (0x110000, Q_READ, 0x110000), (0x111000, Q_WRITE, 0x111000),
-            (0x112000, Q_READ, 0x112000)]
+            (CODE, Q_CODE, CODE),
+            (0x110000, Q_READ, 0x110000),
+            (0x111000, Q_WRITE, 0x111000),
+            (0x112000, Q_READ, 0x112000),
+        ]
         assert m.seen() == expect
         assert [hex(q) for _, q, _ in m.seen()] == ["0x83"] * 4 + ["0x184", "0x181", "0x182", "0x181"]
         assert all(x.reason == EPT_VIOLATION and x.name == "EPT_VIOLATION" for x in m.host.violations)
-        assert struct.unpack("<Q", m.host.read_gpa(0x111ff8, 8))[0] == 3
+        assert struct.unpack("<Q", m.host.read_gpa(0x111FF8, 8))[0] == 3
 
     def test_page_crossing_access_exits_for_both_pages(self):
         m = Machine("mov rax, [0x110ffc]\nhlt\n")
-        m.put(0x110ff8, 0x44332211_00000000)
+        m.put(0x110FF8, 0x44332211_00000000)
         m.put(0x111000, 0x88776655)
         v = m.vcpu()
         assert m.run(v).reason == HLT
-        data = [(g & ~0xfff, q) for g, q, _ in m.seen()[5:]]
+        data = [(g & ~0xFFF, q) for g, q, _ in m.seen()[5:]]
         assert data == [(0x110000, Q_READ), (0x111000, Q_READ)]
         assert v.reg("rax") == 0x8877665544332211
 
@@ -311,7 +318,7 @@ class TestEptViolationExits:
 
     def test_gla_and_gpa_differ(self):
         """A GVA mapped to another GPA: GLA = the linear address, GPA = where it maps."""
-        gva = 0x4000_0000_0000                           # PML4 index 0x80
+        gva = 0x4000_0000_0000  # PML4 index 0x80
         m = Machine("mov rax, 0x400000000000\nmov qword ptr [rax], 9\nhlt\n")
         m.put(PML4 + 0x80 * 8, 0x804000 | P | RW)
         m.put(0x804000, 0x805000 | P | RW)
@@ -319,8 +326,12 @@ class TestEptViolationExits:
         m.put(0x806000, 0x150000 | P | RW)
         e = m.run(m.vcpu())
         assert e.reason == HLT
-        assert m.seen()[5:] == [(0x804000, Q_TABLE_AD, gva), (0x805000, Q_TABLE_AD, gva),
-                                (0x806000, Q_TABLE_AD, gva), (0x150000, Q_WRITE, gva)]
+        assert m.seen()[5:] == [
+            (0x804000, Q_TABLE_AD, gva),
+            (0x805000, Q_TABLE_AD, gva),
+            (0x806000, Q_TABLE_AD, gva),
+            (0x150000, Q_WRITE, gva),
+        ]
         assert m.host.read_gpa(0x150000, 8) == struct.pack("<Q", 9)
 
     def test_resume_at_the_faulting_instruction(self):
@@ -340,16 +351,20 @@ class TestEptViolationExits:
         m = Machine(src)
         m.put(0x110000, V1)
         m.put(0x117000, V2)
-        m.put(0x11a000, 5)
+        m.put(0x11A000, 5)
         v = m.vcpu()
-        v.set_regs({"rdi": 0xfeed, "rsi": 100})
+        v.set_regs({"rdi": 0xFEED, "rsi": 100})
         e = m.run(v)
         assert e.reason == HLT
         r = v.get_regs()
-        assert (r["rbx"], r["rax"], r["rcx"], r["rdx"], r["rsp"], r["rsi"]) == (1, V1, 1, V2, 0x118ff8, 105)
-        assert m.q(0x118ff8) == 0xfeed
-        assert [(g, q) for g, q, _ in m.seen()[5:]] == [(0x110000, Q_READ), (0x117000, Q_READ),
-                                                        (0x118000, Q_WRITE), (0x11a000, Q_READ)]
+        assert (r["rbx"], r["rax"], r["rcx"], r["rdx"], r["rsp"], r["rsi"]) == (1, V1, 1, V2, 0x118FF8, 105)
+        assert m.q(0x118FF8) == 0xFEED
+        assert [(g, q) for g, q, _ in m.seen()[5:]] == [
+            (0x110000, Q_READ),
+            (0x117000, Q_READ),
+            (0x118000, Q_WRITE),
+            (0x11A000, Q_READ),
+        ]
 
     def test_rep_movsb_restarts_where_it_stopped(self):
         """A REP string instruction is restartable: an exit in the middle of it keeps the
@@ -362,14 +377,18 @@ class TestEptViolationExits:
             hlt
         """
         m = Machine(src)
-        pattern = bytes((i * 7 + 3) & 0xff for i in range(0x2000))
+        pattern = bytes((i * 7 + 3) & 0xFF for i in range(0x2000))
         m.host.write_gpa(0x130000, pattern)
         v = m.vcpu()
         assert m.run(v).reason == HLT
         assert m.host.read_gpa(0x140000, 0x2000) == pattern
         assert (v.reg("rcx"), v.reg("rsi"), v.reg("rdi")) == (0, 0x132000, 0x142000)
         assert sorted((g, q) for g, q, _ in m.seen()[5:]) == [
-            (0x130000, Q_READ), (0x131000, Q_READ), (0x140000, Q_WRITE), (0x141000, Q_WRITE)]
+            (0x130000, Q_READ),
+            (0x131000, Q_READ),
+            (0x140000, Q_WRITE),
+            (0x141000, Q_WRITE),
+        ]
 
     def test_permission_violation_reaches_the_host(self):
         """A page present in EPT without W: the write exits with the path rights in bits 3-5
@@ -379,8 +398,8 @@ class TestEptViolationExits:
         v = m.vcpu()
         e = m.run(v)
         assert (e.reason, e.gpa, e.gla, e.rip) == (EPT_VIOLATION, 0x110000, 0x110000, CODE + 8)
-        assert e.qualification == Q_WRITE | (0b101 << 3) == 0x1aa
-        assert m.q(pte_gpa(0x110000)) == 0x110000 | P | RW | A | D     # the guest walk completed
+        assert e.qualification == Q_WRITE | (0b101 << 3) == 0x1AA
+        assert m.q(pte_gpa(0x110000)) == 0x110000 | P | RW | A | D  # the guest walk completed
 
     def test_exit_gpa_and_gla_include_the_page_offset(self):
         """SDM Vol. 3C 28.2.1: the guest-physical-address field is the GPA of the access and the
@@ -389,8 +408,9 @@ class TestEptViolationExits:
         m.run(m.vcpu())
         assert m.seen()[5] == (0x110008, Q_READ, 0x110008)
 
-    @pytest.mark.parametrize("insn", ["add qword ptr [0x110000], 1", "lock add qword ptr [0x110000], 1",
-                                      "xchg [0x110000], rax"])
+    @pytest.mark.parametrize(
+        "insn", ["add qword ptr [0x110000], 1", "lock add qword ptr [0x110000], 1", "xchg [0x110000], rax"]
+    )
     def test_read_modify_write_exits_as_a_write(self, insn):
         """REFERENCE 4.3: a read-modify-write sets qualification bit 1 (bit 0 is implementation
         specific)."""
@@ -412,8 +432,13 @@ class TestEptMisconfigExit:
         m.host.map_4k(0x110000, perms=0b010)
         v = m.vcpu()
         e = m.run(v)
-        assert (e.reason, e.name, e.gpa, e.rip, e.misconfig) == (EPT_MISCONFIG, "EPT_MISCONFIG", 0x110000,
-                                                                 CODE + 3, "write without read")
+        assert (e.reason, e.name, e.gpa, e.rip, e.misconfig) == (
+            EPT_MISCONFIG,
+            "EPT_MISCONFIG",
+            0x110000,
+            CODE + 3,
+            "write without read",
+        )
         assert v.reg("rbx") == 1
         # Fixing the entry and re-entering completes the instruction.
         m.put(m.ept_leaf(0x110000), 0x110000 | EPT_WB | EPT_RWX)
@@ -456,12 +481,12 @@ class TestDirtyFlags:
         e = m.run(v)
         assert e.reason == VMCALL
         leaf = m.ept_leaf(0x110000)
-        assert m.q(leaf) == 0x110000 | EPT_WB | EPT_RWX | EPT_A                 # 0x110137: no D
-        assert m.q(pte_gpa(0x110000)) == 0x110000 | P | RW | A                   # 0x110023: no D
+        assert m.q(leaf) == 0x110000 | EPT_WB | EPT_RWX | EPT_A  # 0x110137: no D
+        assert m.q(pte_gpa(0x110000)) == 0x110000 | P | RW | A  # 0x110023: no D
         e = m.resume(v, e)
         assert e.reason == VMCALL
-        assert m.q(leaf) == 0x110000 | EPT_WB | EPT_RWX | EPT_A | EPT_D         # 0x110337
-        assert m.q(pte_gpa(0x110000)) == 0x110000 | P | RW | A | D               # 0x110063
+        assert m.q(leaf) == 0x110000 | EPT_WB | EPT_RWX | EPT_A | EPT_D  # 0x110337
+        assert m.q(pte_gpa(0x110000)) == 0x110000 | P | RW | A | D  # 0x110063
         assert m.resume(v, e).reason == HLT
 
     def test_code_page_and_table_pages(self):
@@ -514,8 +539,8 @@ class TestTlb:
     Each logical processor has its own TLB."""
 
     def setup_two_frames(self, m):
-        m.put(0x110000, V1)          # the frame GPA 0x110000 maps to (identity)
-        m.put(0x150000, V2)          # another frame with different content
+        m.put(0x110000, V1)  # the frame GPA 0x110000 maps to (identity)
+        m.put(0x150000, V2)  # another frame with different content
 
     def test_invept_makes_a_changed_ept_entry_visible(self):
         m = Machine(READ_TWICE)
@@ -538,14 +563,14 @@ class TestTlb:
         fills = v.stats_fills
         e = m.resume(v, e)
         assert e.reason == VMCALL and v.reg("rax") == V1
-        assert v.stats_fills == fills                    # no TLB miss at all
+        assert v.stats_fills == fills  # no TLB miss at all
 
     def test_without_invept_a_zapped_page_is_still_reachable(self):
         m = Machine(READ_TWICE)
         self.setup_two_frames(m)
         v = m.vcpu()
         e = m.run(v)
-        m.put(m.ept_leaf(0x110000), 0)                   # zap the leaf, no flush
+        m.put(m.ept_leaf(0x110000), 0)  # zap the leaf, no flush
         e = m.resume(v, e)
         assert e.reason == VMCALL and v.reg("rax") == V1
         assert len(m.host.violations) == 6
@@ -645,20 +670,24 @@ class TestCodeModification:
         e = m.run(v)
         assert e.reason == VMCALL and v.reg("rax") == 2
 
-    @pytest.mark.xfail(strict=True, reason="cross-modifying code: each vCPU's Unicorn tracks only its own stores "
-                                           "to code; a serializing CPUID does not drop translated code "
-                                           "(README Fidelity)")
+    @pytest.mark.xfail(
+        strict=True,
+        reason="cross-modifying code: each vCPU's Unicorn tracks only its own stores "
+        "to code; a serializing CPUID does not drop translated code "
+        "(README Fidelity)",
+    )
     def test_cross_modifying_code(self):
         m = Machine()
         m.code("mov ecx, 7\nret\n", at=0x102000)
-        m.code("mov rax, 0x102000\ncall rax\nvmcall\nxor eax, eax\ncpuid\nmov rax, 0x102000\ncall rax\nhlt\n",
-               at=0x101000)
+        m.code(
+            "mov rax, 0x102000\ncall rax\nvmcall\nxor eax, eax\ncpuid\nmov rax, 0x102000\ncall rax\nhlt\n", at=0x101000
+        )
         m.code("mov byte ptr [0x102001], 9\nhlt\n", at=0x100000)
         v0, v1 = m.vcpu(rip=0x100000, index=0), m.vcpu(rip=0x101000, index=1)
         e1 = m.run(v1)
         assert e1.reason == VMCALL and v1.reg("rcx") == 7
         assert m.run(v0).reason == HLT
-        assert m.host.read_gpa(0x102000, 2) == bytes([0xb9, 9])
+        assert m.host.read_gpa(0x102000, 2) == bytes([0xB9, 9])
         assert m.resume(v1, e1).reason == HLT
         assert v1.reg("rcx") == 9
 
@@ -669,31 +698,36 @@ class TestTwoVcpus:
 
     def test_shared_memory_and_private_tlbs(self):
         m = Machine()
-        m.code("mov qword ptr [0x160000], 0x77\nvmcall\nmov rax, [0x110000]\nvmcall\nmov rax, [0x110000]\n"
-               "vmcall\nhlt\n", at=0x100000)
-        m.code("mov rbx, [0x160000]\nmov rax, [0x110000]\nvmcall\nmov qword ptr [0x160008], 0x88\n"
-               "mov rax, [0x110000]\nvmcall\nhlt\n", at=0x101000)
+        m.code(
+            "mov qword ptr [0x160000], 0x77\nvmcall\nmov rax, [0x110000]\nvmcall\nmov rax, [0x110000]\nvmcall\nhlt\n",
+            at=0x100000,
+        )
+        m.code(
+            "mov rbx, [0x160000]\nmov rax, [0x110000]\nvmcall\nmov qword ptr [0x160008], 0x88\n"
+            "mov rax, [0x110000]\nvmcall\nhlt\n",
+            at=0x101000,
+        )
         m.put(0x110000, V1)
         m.put(0x150000, V2)
         v0 = m.vcpu(rip=0x100000, index=0)
         v1 = m.vcpu(rip=0x101000, index=1)
-        e0 = m.run(v0)                                   # v0 wrote 0x77
+        e0 = m.run(v0)  # v0 wrote 0x77
         assert e0.reason == VMCALL and e0.vcpu == 0
-        e1 = m.run(v1)                                   # v1 reads it, reads V1 (TLB now caches it)
+        e1 = m.run(v1)  # v1 reads it, reads V1 (TLB now caches it)
         assert e1.reason == VMCALL and e1.vcpu == 1
         assert (v1.reg("rbx"), v1.reg("rax")) == (0x77, V1)
         e0 = m.resume(v0, e0)
-        assert v0.reg("rax") == V1                       # v0's TLB caches it too
+        assert v0.reg("rax") == V1  # v0's TLB caches it too
         n = len(m.host.violations)
         remap_ept(m, 0x110000, 0x150000)
-        v0.flush_tlb()                                   # INVEPT on v0 only
+        v0.flush_tlb()  # INVEPT on v0 only
         e0 = m.resume(v0, e0)
         e1 = m.resume(v1, e1)
         assert (e0.reason, e1.reason) == (VMCALL, VMCALL)
-        assert v0.reg("rax") == V2                       # walked again: new frame
-        assert v1.reg("rax") == V1                       # stale entry in v1's own TLB
-        assert m.q(0x160008) == 0x88                     # v1's store, in host memory at once
-        assert len(m.host.violations) == n               # pages mapped for v0 serve v1 too
+        assert v0.reg("rax") == V2  # walked again: new frame
+        assert v1.reg("rax") == V1  # stale entry in v1's own TLB
+        assert m.q(0x160008) == 0x88  # v1's store, in host memory at once
+        assert len(m.host.violations) == n  # pages mapped for v0 serve v1 too
 
     def test_second_vcpu_needs_no_ept_exits_for_mapped_pages(self):
         m = Machine("mov rax, [0x110000]\nhlt\n")
@@ -723,13 +757,14 @@ class TestControlState:
         assert m.q(0x121000) == 1 and m.q(pte_gpa(0x121000)) == 0x121000 | P | A | D
 
     def test_wp0_set_by_guest(self):
-        m = Machine("mov qword ptr [0x121000], 1\nmov rax, cr0\nbtr rax, 16\nmov cr0, rax\n"
-                    "mov qword ptr [0x121000], 2\nhlt\n")
+        m = Machine(
+            "mov qword ptr [0x121000], 1\nmov rax, cr0\nbtr rax, 16\nmov cr0, rax\nmov qword ptr [0x121000], 2\nhlt\n"
+        )
         m.put(pte_gpa(0x121000), 0x121000 | P)
         v = m.vcpu()
         e = m.run(v)
         assert (e.vector, e.error_code, e.rip) == (14, PF_P | PF_W, CODE)
-        v.set_reg("rip", CODE + 12)                                   # skip the first store
+        v.set_reg("rip", CODE + 12)  # skip the first store
         assert m.run(v).reason == HLT
         assert m.q(0x121000) == 2 and v.reg("cr0") & (1 << 16) == 0
 
@@ -737,7 +772,7 @@ class TestControlState:
         m = Machine("mov rax, [0x121000]\nhlt\n")
         m.put(pte_gpa(0x121000), 0x121000 | P | RW | XD)
         v = m.vcpu()
-        v.set_regs({"efer": 0x500})                                   # LME | LMA, no NXE
+        v.set_regs({"efer": 0x500})  # LME | LMA, no NXE
         e = m.run(v)
         assert (e.reason, e.vector, e.error_code, e.cr2) == (EXCEPTION_NMI, 14, PF_P | PF_RSVD, 0x121000)
 
@@ -760,8 +795,13 @@ class TestCpuidAndRegisters:
         v = m.vcpu()
         e = m.run(v)
         assert (e.reason, e.rip, e.insn_len) == (10, CODE + 21, 2)
-        assert (v.reg("rip"), v.reg("rax"), v.reg("rbx"), v.reg("rcx"), v.reg("rdx")) == \
-            (CODE + 21, 0x21, (1 << 64) - 1, 0, 7)
+        assert (v.reg("rip"), v.reg("rax"), v.reg("rbx"), v.reg("rcx"), v.reg("rdx")) == (
+            CODE + 21,
+            0x21,
+            (1 << 64) - 1,
+            0,
+            7,
+        )
         v.set_regs({"rax": 1, "rbx": 2, "rcx": 3, "rdx": 4, "rip": e.rip + e.insn_len})
         assert m.run(v).reason == HLT
         assert (v.reg("rax"), v.reg("rbx")) == (1, 2)
@@ -775,16 +815,16 @@ class TestCpuidAndRegisters:
             assert name in r, name
         assert all(k == k.lower() for k in r)
         assert (r["rip"], r["rsp"], r["cr3"]) == (CODE, STACK_TOP, PML4)
-        assert r["efer"] == 0xd00                        # LME | LMA | NXE
-        assert r["cr0"] & 0x80010001 == 0x80010001       # PG | WP | PE
-        assert r["cr4"] & 0x20                           # PAE
+        assert r["efer"] == 0xD00  # LME | LMA | NXE
+        assert r["cr0"] & 0x80010001 == 0x80010001  # PG | WP | PE
+        assert r["cr4"] & 0x20  # PAE
 
     def test_set_regs_round_trip(self):
         m = Machine()
         v = m.vcpu()
         gprs = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp"] + [f"r{i}" for i in range(8, 16)]
-        want = {n: 0x0123_4567_89ab_0000 + i * 0x1111 for i, n in enumerate(gprs)}
-        want.update(rip=0x100123, cr3=0x810000, cr2=0xdead000, rflags=0x202 | 0x1 | 0x40)
+        want = {n: 0x0123_4567_89AB_0000 + i * 0x1111 for i, n in enumerate(gprs)}
+        want.update(rip=0x100123, cr3=0x810000, cr2=0xDEAD000, rflags=0x202 | 0x1 | 0x40)
         v.set_regs(want)
         r = v.get_regs()
         assert {k: r[k] for k in want} == want
@@ -806,19 +846,23 @@ class TestCpuidAndRegisters:
         assert v.gva_to_hpa(0x110008) == 0x110008
         assert v.gva_to_hpa(0x111008) == 0x150008
         assert v.read_guest(0x111008, 8) == struct.pack("<Q", V2)
-        m.put(0x110ff8, 0xaabbccdd_00000000)
+        m.put(0x110FF8, 0xAABBCCDD_00000000)
         m.put(0x150000, 0x11223344)
-        assert v.read_guest(0x110ffc, 8) == bytes.fromhex("ddccbbaa44332211")    # crosses into GPA 0x150000
+        assert v.read_guest(0x110FFC, 8) == bytes.fromhex("ddccbbaa44332211")  # crosses into GPA 0x150000
         assert (m.q(pte_gpa(0x111000)), m.q(m.ept_leaf(0x150000)), m.q(m.ept_leaf(PT))) == before
-        assert v.gva_to_hpa(0x1a0000) is None                         # not in EPT yet
-        m.put(pte_gpa(0x1b0000), 0)
-        assert v.gva_to_hpa(0x1b0000) is None                         # not present in the guest
+        assert v.gva_to_hpa(0x1A0000) is None  # not in EPT yet
+        m.put(pte_gpa(0x1B0000), 0)
+        assert v.gva_to_hpa(0x1B0000) is None  # not present in the guest
 
     def test_registers_after_run(self):
         m = Machine("mov r12, 0x1122334455667788\nmov rbp, rsp\npush r12\nhlt\n")
         v = m.vcpu()
         assert m.run(v).reason == HLT
         r = v.get_regs()
-        assert (r["r12"], r["rbp"], r["rsp"], r["rip"]) == (0x1122334455667788, STACK_TOP, STACK_TOP - 8,
-                                                            CODE + 10 + 3 + 2 + 1)
+        assert (r["r12"], r["rbp"], r["rsp"], r["rip"]) == (
+            0x1122334455667788,
+            STACK_TOP,
+            STACK_TOP - 8,
+            CODE + 10 + 3 + 2 + 1,
+        )
         assert m.q(STACK_TOP - 8) == 0x1122334455667788

@@ -35,33 +35,57 @@ def finish(m, res):
 
 
 # -- the plan language --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, point, when, n, p, error", [
-    ("seamcall.TDH_MEM_PAGE_AUG", "seamcall.TDH_MEM_PAGE_AUG", "nth", 1, None, A.TDX_OPERAND_BUSY),
-    ("seamcall.TDH_MEM_PAGE_AUG@3=TDX_EPT_WALK_FAILED|0x1", "seamcall.TDH_MEM_PAGE_AUG", "nth", 3, None,
-     A.TDX_EPT_WALK_FAILED | 1),
-    ("seamcall.TDH_MEM_SEPT_ADD@every=OPERAND_BUSY|0x92", "seamcall.TDH_MEM_SEPT_ADD", "every", 1, None,
-     A.TDX_OPERAND_BUSY | 0x92),
-    ("seamcall.TDH_MEM_TRACK@p=0.25=0x8000020100000000", "seamcall.TDH_MEM_TRACK", "p", 1, 0.25,
-     A.TDX_PREVIOUS_TLB_EPOCH_BUSY),
-    ("mmu_cache_alloc@every", "mmu_cache_alloc", "every", 1, None, -12),
-    ("spte_cmpxchg@2=lost", "spte_cmpxchg", "nth", 2, None, "lost"),
-    ("reflect.set_spte=EIO", "reflect.set_spte", "nth", 1, None, -5),
-    ("tlb_flush@1=delayed", "tlb_flush", "nth", 1, None, "delayed"),
-])
+@pytest.mark.parametrize(
+    "text, point, when, n, p, error",
+    [
+        ("seamcall.TDH_MEM_PAGE_AUG", "seamcall.TDH_MEM_PAGE_AUG", "nth", 1, None, A.TDX_OPERAND_BUSY),
+        (
+            "seamcall.TDH_MEM_PAGE_AUG@3=TDX_EPT_WALK_FAILED|0x1",
+            "seamcall.TDH_MEM_PAGE_AUG",
+            "nth",
+            3,
+            None,
+            A.TDX_EPT_WALK_FAILED | 1,
+        ),
+        (
+            "seamcall.TDH_MEM_SEPT_ADD@every=OPERAND_BUSY|0x92",
+            "seamcall.TDH_MEM_SEPT_ADD",
+            "every",
+            1,
+            None,
+            A.TDX_OPERAND_BUSY | 0x92,
+        ),
+        (
+            "seamcall.TDH_MEM_TRACK@p=0.25=0x8000020100000000",
+            "seamcall.TDH_MEM_TRACK",
+            "p",
+            1,
+            0.25,
+            A.TDX_PREVIOUS_TLB_EPOCH_BUSY,
+        ),
+        ("mmu_cache_alloc@every", "mmu_cache_alloc", "every", 1, None, -12),
+        ("spte_cmpxchg@2=lost", "spte_cmpxchg", "nth", 2, None, "lost"),
+        ("reflect.set_spte=EIO", "reflect.set_spte", "nth", 1, None, -5),
+        ("tlb_flush@1=delayed", "tlb_flush", "nth", 1, None, "delayed"),
+    ],
+)
 def test_plans_parse(text, point, when, n, p, error):
     r = parse_rule(text)
     assert (r.point, r.when, r.n, r.p, r.error) == (point, when, n, p, error)
 
 
-@pytest.mark.parametrize("text, says", [
-    ("no.such.point", "unknown fault point 'no.such.point'"),
-    ("seamcall.TDH_MEM_PAGE_AUG=NOT_A_STATUS", "unknown TDX status 'NOT_A_STATUS'"),
-    ("mmu_cache_alloc=EBUSY", "fault point mmu_cache_alloc cannot fail with 'EBUSY'"),
-    ("spte_cmpxchg@0", "calls count from 1"),
-    ("spte_cmpxchg@p=2", "is not between 0 and 1"),
-    ("spte_cmpxchg@sometimes", "use @N, @every or @p=P"),
-    ("", "empty fault-injection plan"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("no.such.point", "unknown fault point 'no.such.point'"),
+        ("seamcall.TDH_MEM_PAGE_AUG=NOT_A_STATUS", "unknown TDX status 'NOT_A_STATUS'"),
+        ("mmu_cache_alloc=EBUSY", "fault point mmu_cache_alloc cannot fail with 'EBUSY'"),
+        ("spte_cmpxchg@0", "calls count from 1"),
+        ("spte_cmpxchg@p=2", "is not between 0 and 1"),
+        ("spte_cmpxchg@sometimes", "use @N, @every or @p=P"),
+        ("", "empty fault-injection plan"),
+    ],
+)
 def test_bad_plans_are_one_clear_line(text, says):
     with pytest.raises(PlanError) as e:
         parse_rule(text)
@@ -71,8 +95,16 @@ def test_bad_plans_are_one_clear_line(text, says):
 def test_every_seamcall_leaf_is_a_fault_point():
     for leaf, name in A.SEAMCALL_NAMES.items():
         assert POINTS[f"seamcall.{name}"].errors == "status"
-    assert {"mmu_cache_alloc", "backing_alloc", "spte_cmpxchg", "tlb_flush", "reflect.link_spt",
-            "reflect.set_spte", "reflect.remove_spte", "reflect.free_spt"} <= set(POINTS)
+    assert {
+        "mmu_cache_alloc",
+        "backing_alloc",
+        "spte_cmpxchg",
+        "tlb_flush",
+        "reflect.link_spt",
+        "reflect.set_spte",
+        "reflect.remove_spte",
+        "reflect.free_spt",
+    } <= set(POINTS)
 
 
 def test_same_plan_and_seed_same_run(inject):
@@ -97,8 +129,10 @@ def test_busy_from_the_module_restores_and_retries(inject, leaf):
     assert finish(m, res) == []
 
 
-@pytest.mark.parametrize("leaf, status", [("TDH_MEM_PAGE_AUG", "TDX_EPT_WALK_FAILED|0x1"),
-                                          ("TDH_MEM_SEPT_ADD", "TDX_EPT_ENTRY_STATE_INCORRECT|0x1")])
+@pytest.mark.parametrize(
+    "leaf, status",
+    [("TDH_MEM_PAGE_AUG", "TDX_EPT_WALK_FAILED|0x1"), ("TDH_MEM_SEPT_ADD", "TDX_EPT_ENTRY_STATE_INCORRECT|0x1")],
+)
 def test_other_module_errors_are_kvm_bug_on(inject, leaf, status):
     m = td()
     inject(m, f"seamcall.{leaf}@1={status}")
@@ -111,8 +145,10 @@ def test_other_module_errors_are_kvm_bug_on(inject, leaf, status):
     assert finish(m, res) == []
 
 
-@pytest.mark.parametrize("op, error, outcome", [("link_spt", "EBUSY", "ok"), ("link_spt", "EIO", "bug"),
-                                                ("set_spte", "EBUSY", "ok"), ("set_spte", "EIO", "bug")])
+@pytest.mark.parametrize(
+    "op, error, outcome",
+    [("link_spt", "EBUSY", "ok"), ("link_spt", "EIO", "bug"), ("set_spte", "EBUSY", "ok"), ("set_spte", "EIO", "bug")],
+)
 def test_reflect_ops(inject, op, error, outcome):
     m = td()
     inject(m, f"reflect.{op}@1={error}")
@@ -217,8 +253,9 @@ def test_a_delayed_tlb_flush_is_caught_by_the_invariant_checker(inject):
 
 # -- the command line and campaigns ---------------------------------------------------------------------------
 def emu(*args):
-    return subprocess.run([sys.executable, "-m", "emu", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "emu", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_inject_list():
@@ -253,8 +290,19 @@ def test_campaign_of_1000_runs_breaks_no_invariant():
 
 
 def test_campaign_reports_a_failure_with_its_reproducer():
-    p = emu("campaign", "convert", "--vm", "tdx", "--runs", "3", "--inject", "tlb_flush@every", "--max-points", "0",
-            "--json")
+    p = emu(
+        "campaign",
+        "convert",
+        "--vm",
+        "tdx",
+        "--runs",
+        "3",
+        "--inject",
+        "tlb_flush@every",
+        "--max-points",
+        "0",
+        "--json",
+    )
     assert p.returncode == 1
     out = json.loads(p.stdout)
     f = out["failures"][0]

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 GUEST_SRC = REPO / "guest"
 TEST_GUESTS = Path(__file__).resolve().parent / "guests"
 
-NONPRESENT = 1 << 63                 # SHADOW_NONPRESENT_VALUE, spelled out
-MMU_PRESENT = 1 << 11                # SPTE_MMU_PRESENT_MASK
+NONPRESENT = 1 << 63  # SHADOW_NONPRESENT_VALUE, spelled out
+MMU_PRESENT = 1 << 11  # SPTE_MMU_PRESENT_MASK
 PS = 1 << 7
 ADDR_MASK = ((1 << 48) - 1) & ~0xFFF  # bits MAXPHYADDR-1:12 (MAXPHYADDR = 48 in this CPU)
 
@@ -55,6 +55,7 @@ def equ(src_name, name):
 # Walking KVM's tables in host memory
 # ---------------------------------------------------------------------------
 
+
 def read64(mem, hpa):
     return struct.unpack_from("<Q", mem.buf, hpa)[0]
 
@@ -72,20 +73,27 @@ def all_entries(mem, table, level, base_gfn=0):
             out.append((lvl, g, sptep, spte))
             if spte & MMU_PRESENT and lvl > 1 and not spte & PS:
                 rec(spte & ADDR_MASK, lvl - 1, g)
+
     rec(table, level, base_gfn)
     return out
 
 
 def present_leaves(mem, root_spt, root_level):
     """{gfn: (level, spte)} of every present leaf under a root (an independent walk)."""
-    return {g: (lvl, s) for lvl, g, _, s in all_entries(mem, root_spt, root_level)
-            if s & MMU_PRESENT and (lvl == 1 or s & PS)}
+    return {
+        g: (lvl, s)
+        for lvl, g, _, s in all_entries(mem, root_spt, root_level)
+        if s & MMU_PRESENT and (lvl == 1 or s & PS)
+    }
 
 
 def table_pages(mem, root_spt, root_level):
     """HPAs of every table linked below the root (not the root itself)."""
-    return [s & ADDR_MASK for lvl, _, _, s in all_entries(mem, root_spt, root_level)
-            if s & MMU_PRESENT and lvl > 1 and not s & PS]
+    return [
+        s & ADDR_MASK
+        for lvl, _, _, s in all_entries(mem, root_spt, root_level)
+        if s & MMU_PRESENT and lvl > 1 and not s & PS
+    ]
 
 
 def check_tables(kvm, root):
@@ -116,6 +124,7 @@ def check_tables(kvm, root):
             assert (sp.role_level, sp.gfn, sp.ptep, sp.is_mirror) == (level - 1, gfn, sptep, False)
             tables.append(child)
             rec(child, level - 1, gfn)
+
     rec(root.spt, root.role_level, 0)
     assert (kvm.stat["pages_4k"], kvm.stat["pages_2m"], kvm.stat["pages_1g"]) == (counts[1], counts[2], counts[3])
     assert tdp.pages == len(tables)
@@ -136,6 +145,7 @@ def iter_at(kvm, root, gfn, level=1):
 # Machines
 # ---------------------------------------------------------------------------
 
+
 def record_violations(machine):
     """Record the GFN of every EPT violation each vCPU takes (in order) into a list."""
     seen = []
@@ -145,6 +155,7 @@ def record_violations(machine):
         def wrapped(exit, _orig=orig):
             seen.append(exit.gpa >> 12)
             return _orig(exit)
+
         v.handle_ept_violation = wrapped
     return seen
 
@@ -164,7 +175,7 @@ def expected_touched_pages(machine, guest):
         npages = equ("touch.S", "TOUCH_PAGES")
         pages |= {(sym("touch_area") >> 12) + i for i in range(npages)}
     elif guest == "pagewalk":
-        nv = 1                                    # vCPUs other than 0 only HLT
+        nv = 1  # vCPUs other than 0 only HLT
         pages |= {sym(s) >> 12 for s in ("map_page", "pt_alloc", "emu_accept", "pt_next")}
         # Pool pages: PML4, PDPT, the PD for GVA [0, 1G) (identity + stack map),
         # PD + PT for the 4K aliases at 1G, PD for the 2M alias at 2G.

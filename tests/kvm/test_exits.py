@@ -22,10 +22,26 @@ KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR = 29, 30
 IO_IN, IO_OUT = 0, 1
 REASON_INVAL, REASON_UNKNOWN, REASON_FILTER = 1, 2, 4
 FILTER_READ, FILTER_WRITE = 1, 2
-EFER, STAR, LSTAR, CSTAR, SFMASK, FS_BASE, KERNEL_GS, TSC_AUX = (0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
-                                                                 0xC0000084, 0xC0000100, 0xC0000102, 0xC0000103)
-TSC, APIC_BASE, FEAT_CTL, TSC_ADJUST, UCODE_REV, ARCH_CAP, MISC_ENABLE, PAT = (0x10, 0x1B, 0x3A, 0x3B, 0x8B, 0x10A,
-                                                                              0x1A0, 0x277)
+EFER, STAR, LSTAR, CSTAR, SFMASK, FS_BASE, KERNEL_GS, TSC_AUX = (
+    0xC0000080,
+    0xC0000081,
+    0xC0000082,
+    0xC0000083,
+    0xC0000084,
+    0xC0000100,
+    0xC0000102,
+    0xC0000103,
+)
+TSC, APIC_BASE, FEAT_CTL, TSC_ADJUST, UCODE_REV, ARCH_CAP, MISC_ENABLE, PAT = (
+    0x10,
+    0x1B,
+    0x3A,
+    0x3B,
+    0x8B,
+    0x10A,
+    0x1A0,
+    0x277,
+)
 HEAD = ".intel_syntax noprefix\n    .text\n    .globl _start\n_start:\n"
 
 
@@ -54,10 +70,18 @@ def until(v, reason):
 # ==================================================================================================
 IO_FORMS = [
     # (instruction, size, in)
-    ("in al, 0x61", 1, True), ("in ax, 0x61", 2, True), ("in eax, 0x61", 4, True),
-    ("in al, dx", 1, True), ("in ax, dx", 2, True), ("in eax, dx", 4, True),
-    ("out 0x61, al", 1, False), ("out 0x61, ax", 2, False), ("out 0x61, eax", 4, False),
-    ("out dx, al", 1, False), ("out dx, ax", 2, False), ("out dx, eax", 4, False),
+    ("in al, 0x61", 1, True),
+    ("in ax, 0x61", 2, True),
+    ("in eax, 0x61", 4, True),
+    ("in al, dx", 1, True),
+    ("in ax, dx", 2, True),
+    ("in eax, dx", 4, True),
+    ("out 0x61, al", 1, False),
+    ("out 0x61, ax", 2, False),
+    ("out 0x61, eax", 4, False),
+    ("out dx, al", 1, False),
+    ("out dx, ax", 2, False),
+    ("out dx, eax", 4, False),
 ]
 
 
@@ -71,8 +95,13 @@ def test_in_out_kvm_run_io_and_completion(tmp_path, insn, size, is_in):
     m = machine(tmp_path, f"mov dx, {port}\nmov rax, 0x1122334455667788\n.globl io\nio:\n{insn}\nhlt\n")
     v = m.vcpus[0]
     run = until(v, KVM_EXIT_IO)
-    assert (run.direction, run.size, run.port, run.count, run.data_offset) == \
-        (IO_IN if is_in else IO_OUT, size, port, 1, 4096)
+    assert (run.direction, run.size, run.port, run.count, run.data_offset) == (
+        IO_IN if is_in else IO_OUT,
+        size,
+        port,
+        1,
+        4096,
+    )
     assert v.hw.reg("rip") == sym(m, "io") and v.stat["io_exits"] == 1
     if is_in:
         assert bytes(run.data) == bytes(size)
@@ -81,8 +110,9 @@ def test_in_out_kvm_run_io_and_completion(tmp_path, insn, size, is_in):
         assert bytes(run.data) == (0x1122334455667788).to_bytes(8, "little")[:size]
     assert v.run().exit_reason == KVM_EXIT_HLT
     value = int.from_bytes(bytes(range(0xA1, 0xA1 + size)), "little")
-    want = {1: 0x1122334455667700 | value, 2: 0x1122334455660000 | value, 4: value}[size] if is_in \
-        else 0x1122334455667788
+    want = (
+        {1: 0x1122334455667700 | value, 2: 0x1122334455660000 | value, 4: value}[size] if is_in else 0x1122334455667788
+    )
     assert v.hw.reg("rax") == want
 
 
@@ -112,20 +142,20 @@ def test_rep_ins_read_ahead_and_completion(tmp_path):
     m = machine(tmp_path, "mov dx, 0x70\nmov rdi, 0x1000ffa\nmov ecx, 10\n.globl io\nio:\nrep insw\nhlt\n")
     v = m.vcpus[0]
     run = until(v, KVM_EXIT_IO)
-    assert (run.direction, run.size, run.port, run.count) == (IO_IN, 2, 0x70, 6)   # in_page 6 (bytes!)
+    assert (run.direction, run.size, run.port, run.count) == (IO_IN, 2, 0x70, 6)  # in_page 6 (bytes!)
     run.data[:12] = bytes(range(1, 13))
-    run = v.run()                                   # completes, re-enters the INS, exits again
+    run = v.run()  # completes, re-enters the INS, exits again
     assert (run.exit_reason, run.count) == (KVM_EXIT_IO, 4)
-    assert (v.hw.reg("rdi"), v.hw.reg("rcx"), v.hw.reg("rip")) == (0x1000ffa + 12, 4, sym(m, "io"))
+    assert (v.hw.reg("rdi"), v.hw.reg("rcx"), v.hw.reg("rip")) == (0x1000FFA + 12, 4, sym(m, "io"))
     run.data[:8] = bytes(range(13, 21))
     assert v.run().exit_reason == KVM_EXIT_HLT
-    assert (v.hw.reg("rdi"), v.hw.reg("rcx")) == (0x1000ffa + 20, 0)
-    assert m.read_gpa(0x1000ffa, 20) == bytes(range(1, 21))
+    assert (v.hw.reg("rdi"), v.hw.reg("rcx")) == (0x1000FFA + 20, 0)
+    assert m.read_gpa(0x1000FFA, 20) == bytes(range(1, 21))
 
 
 def test_rep_outs_one_element_per_exit(tmp_path):
     """OUTS: one element per KVM_EXIT_IO (count 1), read at DS:RSI; RSI and RCX advance each time."""
-    m = machine(tmp_path, "mov dx, 0xe9\nlea rsi, [rip + msg]\nmov ecx, 3\nrep outsb\nhlt\nmsg: .ascii \"abc\"\n")
+    m = machine(tmp_path, 'mov dx, 0xe9\nlea rsi, [rip + msg]\nmov ecx, 3\nrep outsb\nhlt\nmsg: .ascii "abc"\n')
     v = m.vcpus[0]
     seen = []
     run = until(v, KVM_EXIT_IO)
@@ -139,8 +169,10 @@ def test_rep_outs_one_element_per_exit(tmp_path):
 def test_vmm_devices(tmp_path):
     """The VMM's table: 0xe9 collects console bytes and reads 0xe9; 0x80 and an unassigned port
     read all ones; --json's stats count the I/O exits."""
-    m = machine(tmp_path, "mov al, 'x'\nout 0xe9, al\nin al, 0xe9\nmov bl, al\nin al, 0x80\nmov cl, al\n"
-                          "mov dx, 0x1234\nin ax, dx\nhlt\n")
+    m = machine(
+        tmp_path,
+        "mov al, 'x'\nout 0xe9, al\nin al, 0xe9\nmov bl, al\nin al, 0x80\nmov cl, al\nmov dx, 0x1234\nin ax, dx\nhlt\n",
+    )
     res = m.run()
     assert res.ok and res.console == "x" and res.stats["io_exits"] == 4
     r = res.vcpus[0]
@@ -153,8 +185,10 @@ def test_vmm_devices(tmp_path):
 # ==================================================================================================
 def wrmsr(tmp_path, index, value, then_read=True):
     """Run WRMSR(index, value) (then RDMSR into RDX:RAX); the final KvmRun and the Machine."""
-    body = (f"mov ecx, {index:#x}\nmov eax, {value & 0xFFFFFFFF:#x}\nmov edx, {value >> 32:#x}\n"
-            f".globl w\nw:\nwrmsr\n" + ("xor eax, eax\nxor edx, edx\nrdmsr\n" if then_read else "") + "hlt\n")
+    body = (
+        f"mov ecx, {index:#x}\nmov eax, {value & 0xFFFFFFFF:#x}\nmov edx, {value >> 32:#x}\n"
+        f".globl w\nw:\nwrmsr\n" + ("xor eax, eax\nxor edx, edx\nrdmsr\n" if then_read else "") + "hlt\n"
+    )
     m = machine(tmp_path, body)
     res = m.run()
     return m, res
@@ -166,28 +200,27 @@ def read_back(res):
 
 
 def is_gp_at(m, res, label):
-    return (res.exit == "shutdown" and "#GP error code 0x0" in res.error
-            and f"rip {sym(m, label):#x}" in res.error)
+    return res.exit == "shutdown" and "#GP error code 0x0" in res.error and f"rip {sym(m, label):#x}" in res.error
 
 
 LEGAL = [
-    (EFER, 0xD01, 0xD01),                     # SCE may change
-    (EFER, 0x901, 0xD01),                     # LMA is the CPU's: kept
+    (EFER, 0xD01, 0xD01),  # SCE may change
+    (EFER, 0x901, 0xD01),  # LMA is the CPU's: kept
     (PAT, 0x0007040600070406, 0x0007040600070406),
     (PAT, 0x0606060606060606, 0x0606060606060606),
     (STAR, 0x0023001000000000, 0x0023001000000000),
     (LSTAR, 0xFFFF800000001000, 0xFFFF800000001000),
     (CSTAR, 0x7FFFFFFFF000, 0x7FFFFFFFF000),
     (SFMASK, 0x47700, 0x47700),
-    (SFMASK, 1 << 40, 1 << 40),               # EFER.SCE off: not loaded into the CPU, not checked
-    (FS_BASE, 0x7000, 0x7000),                # passed through: the CPU itself
+    (SFMASK, 1 << 40, 1 << 40),  # EFER.SCE off: not loaded into the CPU, not checked
+    (FS_BASE, 0x7000, 0x7000),  # passed through: the CPU itself
     (KERNEL_GS, 0xFFFF888000000000, 0xFFFF888000000000),
     (TSC_AUX, 5, 5),
-    (MISC_ENABLE, 0x1800 | 1 << 7, 0x1800),   # EMON: ignored, no #GP
-    (UCODE_REV, 0x1234, 0x100000000),         # a guest's write is dropped
-    (APIC_BASE, 0xFEE00800, 0xFEE00800),      # BSP cleared, still enabled
-    (APIC_BASE, 0, 0),                        # disabled
-    (FEAT_CTL, 1, 1),                         # lock it
+    (MISC_ENABLE, 0x1800 | 1 << 7, 0x1800),  # EMON: ignored, no #GP
+    (UCODE_REV, 0x1234, 0x100000000),  # a guest's write is dropped
+    (APIC_BASE, 0xFEE00800, 0xFEE00800),  # BSP cleared, still enabled
+    (APIC_BASE, 0, 0),  # disabled
+    (FEAT_CTL, 1, 1),  # lock it
 ]
 
 
@@ -199,24 +232,24 @@ def test_legal_msr_writes(tmp_path, index, value, want):
 
 
 ILLEGAL = [
-    (EFER, 0xD02),                            # a reserved bit
-    (EFER, 0x0),                              # LME cleared with paging on (also NX: fine alone)
-    (EFER, 0xC00),                            # LME alone cleared
-    (PAT, 0x0007040600070402),                # memory type 2
-    (PAT, 0x0007040600070408),                # memory type 8
-    (LSTAR, 0x0000800000000000),              # not canonical
+    (EFER, 0xD02),  # a reserved bit
+    (EFER, 0x0),  # LME cleared with paging on (also NX: fine alone)
+    (EFER, 0xC00),  # LME alone cleared
+    (PAT, 0x0007040600070402),  # memory type 2
+    (PAT, 0x0007040600070408),  # memory type 8
+    (LSTAR, 0x0000800000000000),  # not canonical
     (CSTAR, 0x8000000000000000),
-    (FS_BASE, 0x0000800000000000),            # the CPU's #GP (passed through)
+    (FS_BASE, 0x0000800000000000),  # the CPU's #GP (passed through)
     (KERNEL_GS, 0x1000000000000000),
-    (TSC_AUX, 1 << 32),                       # bits 63:32 reserved (Intel)
-    (MISC_ENABLE, 0x1000),                    # BTS_UNAVAIL is read-only
-    (APIC_BASE, 0xFEE00900 | 1),              # reserved bit 0
-    (APIC_BASE, 0xFEE00900 | 1 << 10),        # x2APIC: not in this VM's CPUID
-    (APIC_BASE, 1 << 48 | 0x900),             # above MAXPHYADDR
-    (ARCH_CAP, 0),                            # read-only to the guest
-    (0xDEADBEEF, 0),                          # no such MSR
-    (0x802, 0),                               # x2APIC register: no in-kernel local APIC
-    (FEAT_CTL, 1 << 2),                       # VMX outside SMX: not this guest's
+    (TSC_AUX, 1 << 32),  # bits 63:32 reserved (Intel)
+    (MISC_ENABLE, 0x1000),  # BTS_UNAVAIL is read-only
+    (APIC_BASE, 0xFEE00900 | 1),  # reserved bit 0
+    (APIC_BASE, 0xFEE00900 | 1 << 10),  # x2APIC: not in this VM's CPUID
+    (APIC_BASE, 1 << 48 | 0x900),  # above MAXPHYADDR
+    (ARCH_CAP, 0),  # read-only to the guest
+    (0xDEADBEEF, 0),  # no such MSR
+    (0x802, 0),  # x2APIC register: no in-kernel local APIC
+    (FEAT_CTL, 1 << 2),  # VMX outside SMX: not this guest's
 ]
 
 
@@ -229,8 +262,11 @@ def test_illegal_msr_writes_are_gp(tmp_path, index, value):
 def test_sfmask_reserved_bits_with_syscall_enabled(tmp_path):
     """SYSCALL_MASK is loaded into the CPU once EFER.SCE is set in long mode (vmx_setup_uret_msrs()),
     and the CPU's WRMSR refuses bits 63:32."""
-    m = machine(tmp_path, f"mov ecx, {EFER:#x}\nrdmsr\nor eax, 1\nwrmsr\nmov ecx, {SFMASK:#x}\nxor eax, eax\n"
-                          f"mov edx, 1\n.globl w\nw:\nwrmsr\nhlt\n")
+    m = machine(
+        tmp_path,
+        f"mov ecx, {EFER:#x}\nrdmsr\nor eax, 1\nwrmsr\nmov ecx, {SFMASK:#x}\nxor eax, eax\n"
+        f"mov edx, 1\n.globl w\nw:\nwrmsr\nhlt\n",
+    )
     res = m.run()
     assert is_gp_at(m, res, "w"), res.error
 
@@ -247,30 +283,45 @@ def test_unknown_msr_read_is_gp(tmp_path):
 
 
 def test_reads_of_emulated_msrs(tmp_path):
-    m = machine(tmp_path, "".join(f"mov ecx, {i:#x}\nrdmsr\nmov r{8 + k}, rax\nshl rdx, 32\nor r{8 + k}, rdx\n"
-                                  for k, i in enumerate((APIC_BASE, ARCH_CAP, UCODE_REV, MISC_ENABLE, PAT, 0x17,
-                                                         EFER)))
-                + "hlt\n", vcpus=2)
+    m = machine(
+        tmp_path,
+        "".join(
+            f"mov ecx, {i:#x}\nrdmsr\nmov r{8 + k}, rax\nshl rdx, 32\nor r{8 + k}, rdx\n"
+            for k, i in enumerate((APIC_BASE, ARCH_CAP, UCODE_REV, MISC_ENABLE, PAT, 0x17, EFER))
+        )
+        + "hlt\n",
+        vcpus=2,
+    )
     res = m.run()
     assert res.ok, res.error
     r = res.vcpus[0]
-    assert [r[f"r{8 + k}"] for k in range(7)] == [0xFEE00900, ARCH_CAPABILITIES, 0x100000000, 0x1800,
-                                                 0x0007040600070406, 0, 0xD00]
-    assert res.vcpus[1]["r8"] == 0xFEE00800                     # not the BSP
+    assert [r[f"r{8 + k}"] for k in range(7)] == [
+        0xFEE00900,
+        ARCH_CAPABILITIES,
+        0x100000000,
+        0x1800,
+        0x0007040600070406,
+        0,
+        0xD00,
+    ]
+    assert res.vcpus[1]["r8"] == 0xFEE00800  # not the BSP
 
 
 def test_tsc_write_moves_the_offset_and_tsc_adjust(tmp_path):
     """WRMSR(IA32_TSC): the L1 offset moves so that the TSC reads the value; IA32_TSC_ADJUST
     moves by as much.  WRMSR(IA32_TSC_ADJUST) moves the TSC by the difference.  RDTSC and
     RDMSR(IA32_TSC) read the same clock (each read advances the host TSC by TSC_STEP)."""
-    m = machine(tmp_path, f"mov ecx, {TSC}\nxor edx, edx\nmov eax, 0x100000\nwrmsr\nrdtsc\nmov r8, rax\n"
-                          f"mov ecx, {TSC_ADJUST}\nrdmsr\nmov r9, rax\n"
-                          f"mov ecx, {TSC_ADJUST}\nadd eax, 0x1000\nwrmsr\nrdtsc\nmov r10, rax\nhlt\n")
+    m = machine(
+        tmp_path,
+        f"mov ecx, {TSC}\nxor edx, edx\nmov eax, 0x100000\nwrmsr\nrdtsc\nmov r8, rax\n"
+        f"mov ecx, {TSC_ADJUST}\nrdmsr\nmov r9, rax\n"
+        f"mov ecx, {TSC_ADJUST}\nadd eax, 0x1000\nwrmsr\nrdtsc\nmov r10, rax\nhlt\n",
+    )
     res = m.run()
     assert res.ok, res.error
     r = res.vcpus[0]
     assert r["r8"] == 0x100000 + TSC_STEP
-    assert r["r9"] == 0x100000 - 0                              # the adjustment the write made
+    assert r["r9"] == 0x100000 - 0  # the adjustment the write made
     assert r["r10"] == 0x100000 + 0x1000 + 2 * TSC_STEP
 
 
@@ -279,8 +330,10 @@ def test_filter_exits_to_userspace_and_completion(tmp_path):
     """A read the filter denies (a 0 bit) with KVM_MSR_EXIT_REASON_FILTER: KVM_EXIT_X86_RDMSR with
     index, reason, data 0; userspace's data is EDX:EAX (complete_fast_rdmsr()), its error a
     #GP.  A write: KVM_EXIT_X86_WRMSR with the data."""
-    m = machine(tmp_path, "mov ecx, 0x1234\nrdmsr\nmov r8, rax\nmov r9, rdx\nmov eax, 5\nmov edx, 6\nwrmsr\n"
-                          ".globl r\nr:\nrdmsr\nhlt\n")
+    m = machine(
+        tmp_path,
+        "mov ecx, 0x1234\nrdmsr\nmov r8, rax\nmov r9, rdx\nmov eax, 5\nmov edx, 6\nwrmsr\n.globl r\nr:\nrdmsr\nhlt\n",
+    )
     kvm, v = m.kvm, m.vcpus[0]
     kvm.set_msr_filter(0, [(FILTER_READ | FILTER_WRITE, 0x1230, 8, bytes([0b11101111]))])
     run = until(v, KVM_EXIT_X86_RDMSR)
@@ -289,7 +342,7 @@ def test_filter_exits_to_userspace_and_completion(tmp_path):
     run = v.run()
     assert (run.exit_reason, run.index, run.data) == (KVM_EXIT_X86_WRMSR, 0x1234, 0x600000005)
     assert (v.hw.reg("r8"), v.hw.reg("r9")) == (0x11223344, 0xAABBCCDD)
-    run = v.run()                                  # write done; the second read: refuse it
+    run = v.run()  # write done; the second read: refuse it
     assert run.exit_reason == KVM_EXIT_X86_RDMSR
     run.error = 1
     run = v.run()
@@ -299,14 +352,14 @@ def test_filter_exits_to_userspace_and_completion(tmp_path):
 def test_filter_defaults_and_ranges(tmp_path):
     m = machine(tmp_path, "hlt\n")
     kvm, v = m.kvm, m.vcpus[0]
-    kvm.set_msr_filter(1, [(FILTER_WRITE, 0xC0000080, 2, bytes([0b01]))])   # deny by default
+    kvm.set_msr_filter(1, [(FILTER_WRITE, 0xC0000080, 2, bytes([0b01]))])  # deny by default
     assert v.kvm_msr_allowed(0xC0000080, FILTER_WRITE) and not v.kvm_msr_allowed(0xC0000081, FILTER_WRITE)
-    assert not v.kvm_msr_allowed(0xC0000080, FILTER_READ)                   # the range is writes only
-    assert v.kvm_msr_allowed(0x830, FILTER_READ)                            # x2APIC: never filtered
+    assert not v.kvm_msr_allowed(0xC0000080, FILTER_READ)  # the range is writes only
+    assert v.kvm_msr_allowed(0x830, FILTER_READ)  # x2APIC: never filtered
     with pytest.raises(KvmIoctlError):
-        kvm.set_msr_filter(1, [])                                           # deny-all with no range
+        kvm.set_msr_filter(1, [])  # deny-all with no range
     with pytest.raises(KvmIoctlError):
-        kvm.set_msr_filter(0, [(4, 0, 8, bytes(8))])                        # bad range flags
+        kvm.set_msr_filter(0, [(4, 0, 8, bytes(8))])  # bad range flags
 
 
 def test_filtered_passthrough_msr_is_intercepted_again(tmp_path):
@@ -358,9 +411,27 @@ def table_entry(table, leaf, sub=0):
     return None
 
 
-@pytest.mark.parametrize("leaf,sub", [(0, 0), (2, 0), (4, 0), (4, 3), (4, 4), (7, 0), (7, 1), (0xD, 0),
-                                      (0x80000000, 0), (0x80000001, 0), (0x80000002, 0), (0x80000004, 0),
-                                      (0x80000007, 0), (0x80000008, 0), (0x40000000, 0), (0x40000001, 0)])
+@pytest.mark.parametrize(
+    "leaf,sub",
+    [
+        (0, 0),
+        (2, 0),
+        (4, 0),
+        (4, 3),
+        (4, 4),
+        (7, 0),
+        (7, 1),
+        (0xD, 0),
+        (0x80000000, 0),
+        (0x80000001, 0),
+        (0x80000002, 0),
+        (0x80000004, 0),
+        (0x80000007, 0),
+        (0x80000008, 0),
+        (0x40000000, 0),
+        (0x40000001, 0),
+    ],
+)
 def test_leaves_are_the_table(tmp_path, leaf, sub):
     got = cpuid(tmp_path, leaf, sub, vcpus=2)
     for i, regs in enumerate(got):
@@ -368,19 +439,20 @@ def test_leaves_are_the_table(tmp_path, leaf, sub):
 
 
 def test_identity_and_signatures(tmp_path):
-    assert cpuid(tmp_path, 0)[0] == (0x20, 0x756E6547, 0x6C65746E, 0x49656E69)      # GenuineIntel
-    assert cpuid(tmp_path, 0x80000008)[0][0] == 0x3030                               # 48/48, the walkers'
+    assert cpuid(tmp_path, 0)[0] == (0x20, 0x756E6547, 0x6C65746E, 0x49656E69)  # GenuineIntel
+    assert cpuid(tmp_path, 0x80000008)[0][0] == 0x3030  # 48/48, the walkers'
     eax, ebx, ecx, edx = cpuid(tmp_path, 0x40000000)[0]
     assert eax == 0x40000001 and b"".join(r.to_bytes(4, "little") for r in (ebx, ecx, edx)) == b"KVMKVMKVM\0\0\0"
-    brand = b"".join(r.to_bytes(4, "little") for leaf in (0x80000002, 0x80000003, 0x80000004)
-                     for r in cpuid(tmp_path, leaf)[0])
+    brand = b"".join(
+        r.to_bytes(4, "little") for leaf in (0x80000002, 0x80000003, 0x80000004) for r in cpuid(tmp_path, leaf)[0]
+    )
     assert brand.rstrip(b"\0") == b"Intel(R) Xeon(R) Platinum 8480+"
 
 
 def test_per_vcpu_apic_id_and_topology(tmp_path):
     got = cpuid(tmp_path, 1, vcpus=3)
     assert [r[1] >> 24 for r in got] == [0, 1, 2] and all(r[1] >> 16 & 0xFF == 3 for r in got)
-    assert all(r[3] >> 28 & 1 and r[2] >> 31 & 1 for r in got)                       # HTT, HYPERVISOR
+    assert all(r[3] >> 28 & 1 and r[2] >> 31 & 1 for r in got)  # HTT, HYPERVISOR
     assert [r[3] for r in cpuid(tmp_path, 0xB, 1, vcpus=3)] == [0, 1, 2]
 
 
@@ -388,15 +460,19 @@ def test_max_basic_leaf_rule(tmp_path):
     """Intel: a leaf above its range's maximum reads as the maximum basic leaf, with the requested
     subleaf (get_out_of_range_cpuid_entry()); the hypervisor range has its own maximum."""
     E = KvmCpuidEntry2
-    table = [E(0, eax=0xD, ebx=0x756E6547, ecx=0x6C65746E, edx=0x49656E69),
-             E(0xD, 0, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 1, 2, 3, 4), E(0xD, 1, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 5),
-             E(0x80000000, eax=0x80000004), E(0x40000000, eax=0x40000001, ebx=0x4B4D564B)]
-    assert cpuid(tmp_path, 0x21, table=table)[0] == (1, 2, 3, 4)                     # above 0xD: 0xD.0
-    assert cpuid(tmp_path, 0x21, 1, table=table)[0] == (5, 0, 0, 0)                  # ... with subleaf 1
-    assert cpuid(tmp_path, 0x80000005, table=table)[0] == (1, 2, 3, 4)               # above 0x80000004
-    assert cpuid(tmp_path, 0x40000007, table=table)[0] == (1, 2, 3, 4)               # above 0x40000001
-    assert cpuid(tmp_path, 0x3, table=table)[0] == (0, 0, 0, 0)                      # in range, absent
-    assert cpuid(tmp_path, 0xC0000001, table=table)[0] == (1, 2, 3, 4)               # no Centaur class
+    table = [
+        E(0, eax=0xD, ebx=0x756E6547, ecx=0x6C65746E, edx=0x49656E69),
+        E(0xD, 0, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 1, 2, 3, 4),
+        E(0xD, 1, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 5),
+        E(0x80000000, eax=0x80000004),
+        E(0x40000000, eax=0x40000001, ebx=0x4B4D564B),
+    ]
+    assert cpuid(tmp_path, 0x21, table=table)[0] == (1, 2, 3, 4)  # above 0xD: 0xD.0
+    assert cpuid(tmp_path, 0x21, 1, table=table)[0] == (5, 0, 0, 0)  # ... with subleaf 1
+    assert cpuid(tmp_path, 0x80000005, table=table)[0] == (1, 2, 3, 4)  # above 0x80000004
+    assert cpuid(tmp_path, 0x40000007, table=table)[0] == (1, 2, 3, 4)  # above 0x40000001
+    assert cpuid(tmp_path, 0x3, table=table)[0] == (0, 0, 0, 0)  # in range, absent
+    assert cpuid(tmp_path, 0xC0000001, table=table)[0] == (1, 2, 3, 4)  # no Centaur class
 
 
 def test_dynamic_bits(tmp_path):
@@ -412,11 +488,11 @@ def test_set_cpuid2_checks(tmp_path):
     m = machine(tmp_path, "hlt\n")
     v = m.vcpus[0]
     with pytest.raises(KvmIoctlError) as e:
-        v.set_cpuid2([KvmCpuidEntry2(0x80000008, eax=0x3430)])                        # 52-bit linear: no
+        v.set_cpuid2([KvmCpuidEntry2(0x80000008, eax=0x3430)])  # 52-bit linear: no
     assert e.value.errno == 22
     m.run()
     same = v.get_cpuid2()
-    v.set_cpuid2(same)                                                                # after KVM_RUN: the same
+    v.set_cpuid2(same)  # after KVM_RUN: the same
     with pytest.raises(KvmIoctlError) as e:
         v.set_cpuid2(same[:-1])
     assert e.value.errno == 22

@@ -14,10 +14,21 @@ from emu.hw.memory import HostMemory
 from emu.kvm import spte as S
 
 BIT = lambda n: 1 << n  # noqa: E731
-R, W, X, IPAT, PSB, A, D, PRESENT, HOSTW, MMUW, SVE = (BIT(0), BIT(1), BIT(2), BIT(6), BIT(7), BIT(8), BIT(9),
-                                                      BIT(11), BIT(57), BIT(58), BIT(63))
+R, W, X, IPAT, PSB, A, D, PRESENT, HOSTW, MMUW, SVE = (
+    BIT(0),
+    BIT(1),
+    BIT(2),
+    BIT(6),
+    BIT(7),
+    BIT(8),
+    BIT(9),
+    BIT(11),
+    BIT(57),
+    BIT(58),
+    BIT(63),
+)
 WB = 6 << 3
-_MEM = HostMemory(0x5000)     # scratch tables for the hardware-walk check
+_MEM = HostMemory(0x5000)  # scratch tables for the hardware-walk check
 
 
 class TestConstants:
@@ -32,7 +43,7 @@ class TestConstants:
         assert S.FROZEN_SPTE == S.REMOVED_SPTE
         assert [b for b in range(64) if S.REMOVED_SPTE >> b & 1] == [5, 7, 8, 10, 63]
         assert S.is_shadow_present_pte(S.REMOVED_SPTE) is False
-        assert S.REMOVED_SPTE & 7 == 0          # hardware sees it as not present
+        assert S.REMOVED_SPTE & 7 == 0  # hardware sees it as not present
 
     def test_is_removed_spte_is_exact_equality(self):
         assert S.is_removed_spte(0x80000000000005A0)
@@ -43,22 +54,22 @@ class TestConstants:
     def test_present_bit_is_bit_11_only(self):
         assert S.SPTE_MMU_PRESENT_MASK == 0x800
         assert S.is_shadow_present_pte(PRESENT)
-        assert not S.is_shadow_present_pte(R | W | X | SVE | A | PSB)     # RWX alone is not "present" to KVM
+        assert not S.is_shadow_present_pte(R | W | X | SVE | A | PSB)  # RWX alone is not "present" to KVM
         assert not S.is_shadow_present_pte(0)
 
     def test_memtype_masks(self):
-        assert S.MT_MASK_DEFAULT_VM == 0x70     # WB << 3 | IPAT (IGNORE_GUEST_PAT quirk on)
-        assert S.MT_MASK_TDX_VM == 0x30         # WB << 3, no IPAT (TDX disables the quirk)
+        assert S.MT_MASK_DEFAULT_VM == 0x70  # WB << 3 | IPAT (IGNORE_GUEST_PAT quirk on)
+        assert S.MT_MASK_TDX_VM == 0x30  # WB << 3, no IPAT (TDX disables the quirk)
 
     def test_acc_bits(self):
         assert (S.ACC_EXEC_MASK, S.ACC_WRITE_MASK, S.ACC_USER_MASK, S.ACC_ALL) == (1, 2, 4, 7)
 
     def test_mmio_value_and_mask(self):
-        assert S.shadow_mmio_value == 0b110                # W|X: an EPT misconfiguration
+        assert S.shadow_mmio_value == 0b110  # W|X: an EPT misconfiguration
         assert S.shadow_mmio_mask == 0b111 | SVE
 
     def test_level_helpers(self):
-        assert [S.KVM_PAGES_PER_HPAGE(l) for l in (1, 2, 3, 4, 5)] == [1, 512, 512 ** 2, 512 ** 3, 512 ** 4]
+        assert [S.KVM_PAGES_PER_HPAGE(l) for l in (1, 2, 3, 4, 5)] == [1, 512, 512**2, 512**3, 512**4]
         assert S.gfn_round_for_level(0x12345, 1) == 0x12345
         assert S.gfn_round_for_level(0x12345, 2) == 0x12200
         assert S.gfn_round_for_level(0x12345, 3) == 0x0
@@ -99,11 +110,11 @@ class TestMakeSpte:
 
     def test_access_bits_map_to_x_and_r(self):
         no_exec, _ = S.make_spte(1, 1, S.ACC_WRITE_MASK | S.ACC_USER_MASK, S.MT_MASK_DEFAULT_VM)
-        assert no_exec == 0x8600000000001B73                       # no X
+        assert no_exec == 0x8600000000001B73  # no X
         no_user, _ = S.make_spte(1, 1, S.ACC_WRITE_MASK | S.ACC_EXEC_MASK, S.MT_MASK_DEFAULT_VM)
-        assert no_user == 0x8600000000001B76                       # no R (shadow_user_mask is R)
+        assert no_user == 0x8600000000001B76  # no R (shadow_user_mask is R)
         read_exec, _ = S.make_spte(1, 1, S.ACC_USER_MASK | S.ACC_EXEC_MASK, S.MT_MASK_DEFAULT_VM)
-        assert read_exec == 0x8200000000001975                     # host-writable, not writable
+        assert read_exec == 0x8200000000001975  # host-writable, not writable
 
     def test_tdx_memtype(self):
         spte, _ = S.make_spte(1, 0x1, S.ACC_ALL, S.MT_MASK_TDX_VM)
@@ -144,7 +155,7 @@ class TestOtherSptes:
         assert S.make_nonleaf_spte(0x27000) == 0x8000000000027907
         assert S.make_nonleaf_spte(0x27000) == SVE | 0x27000 | PRESENT | A | X | W | R
         assert not S.is_last_spte(S.make_nonleaf_spte(0x27000), 2)
-        assert S.is_last_spte(S.make_nonleaf_spte(0x27000), 1)   # level 1 is always last
+        assert S.is_last_spte(S.make_nonleaf_spte(0x27000), 1)  # level 1 is always last
 
     def test_mmio_spte(self):
         spte = S.make_mmio_spte(0x2000)
@@ -173,12 +184,15 @@ class TestOtherSptes:
         assert S.spte_to_pfn(S.SHADOW_NONPRESENT_VALUE) == 0
         assert S.spte_to_pfn(S.REMOVED_SPTE) == 0
 
-    @pytest.mark.parametrize("spte,text", [
-        (1 << 63, "nonpresent"),
-        (0x80000000000005A0, "REMOVED"),
-        (0x2000006, "mmio gfn 0x2000"),
-        (0x8600000012200BF7, "RWX pfn 0x12200 PS A D"),
-        (0x8000000006081975, "R-X pfn 0x6081 A"),
-    ])
+    @pytest.mark.parametrize(
+        "spte,text",
+        [
+            (1 << 63, "nonpresent"),
+            (0x80000000000005A0, "REMOVED"),
+            (0x2000006, "mmio gfn 0x2000"),
+            (0x8600000012200BF7, "RWX pfn 0x12200 PS A D"),
+            (0x8000000006081975, "R-X pfn 0x6081 A"),
+        ],
+    )
     def test_spte_str(self, spte, text):
         assert S.spte_str(spte) == text

@@ -18,8 +18,15 @@ import pytest
 
 from emu.host import Host
 from emu.kvm.kvm import Kvm
-from emu.kvm.spte import (make_nonleaf_spte, make_spte, make_mmio_spte, ACC_ALL, MT_MASK_DEFAULT_VM,
-                          REMOVED_SPTE, SHADOW_NONPRESENT_VALUE)
+from emu.kvm.spte import (
+    make_nonleaf_spte,
+    make_spte,
+    make_mmio_spte,
+    ACC_ALL,
+    MT_MASK_DEFAULT_VM,
+    REMOVED_SPTE,
+    SHADOW_NONPRESENT_VALUE,
+)
 from emu.kvm.tdp_iter import TdpIter, for_each_tdp_pte_min_level
 from emu.kvm.tdp_mmu import KvmMmuPage, ROLE_LEVEL_MASK
 
@@ -56,8 +63,11 @@ class Tables:
         parent = self.tdp.sp_of[table]
         child = self._page()
         sp = KvmMmuPage(child)
-        sp.init(table + 8 * index, parent.gfn + index * pages_per(parent.role_level),
-                (parent.role & ~ROLE_LEVEL_MASK) | (parent.role_level - 1))
+        sp.init(
+            table + 8 * index,
+            parent.gfn + index * pages_per(parent.role_level),
+            (parent.role & ~ROLE_LEVEL_MASK) | (parent.role_level - 1),
+        )
         self.tdp.sp_of[child] = sp
         self.tables.append(child)
         self.set(table, index, make_nonleaf_spte(child))
@@ -88,7 +98,7 @@ def expected_walk(mem, root_spt, root_level, min_level=1, start=0, end=1 << 40, 
         n = pages_per(level)
         for i in range(512):
             if is_root:
-                full = i * n                     # the gfn this root slot maps, gfn_bits included
+                full = i * n  # the gfn this root slot maps, gfn_bits included
                 if gfn_bits and not full & gfn_bits:
                     continue
                 gfn = full & ~gfn_bits
@@ -101,6 +111,7 @@ def expected_walk(mem, root_spt, root_level, min_level=1, start=0, end=1 << 40, 
             out.append((level, gfn, sptep, spte))
             if level > min_level and spte & MMU_PRESENT and not spte & PS:
                 rec(spte & ADDR_MASK, level - 1, gfn, False)
+
     rec(root_spt, root_level, 0, True)
     return list(takewhile(lambda e: e[1] < end, out))
 
@@ -127,18 +138,23 @@ class TestPreOrder:
         t, l3, l2, l1 = small_tree()
         got = t.walk(end=0x40A01)
         keys = [e[:3] for e in got]
-        assert keys[:5] == [(4, 0, t.root.spt), (3, 0, l3), (3, 0x40000, l3 + 8), (2, 0x40000, l2),
-                            (2, 0x40200, l2 + 8)]
+        assert keys[:5] == [
+            (4, 0, t.root.spt),
+            (3, 0, l3),
+            (3, 0x40000, l3 + 8),
+            (2, 0x40000, l2),
+            (2, 0x40200, l2 + 8),
+        ]
         # The 2M leaf at L2[3] is visited but not descended; L2[4] is, and L1 is walked in order.
         i = keys.index((2, 0x40600, l2 + 24))
-        assert keys[i:i + 4] == [(2, 0x40600, l2 + 24), (2, 0x40800, l2 + 32), (1, 0x40800, l1), (1, 0x40801, l1 + 8)]
+        assert keys[i : i + 4] == [(2, 0x40600, l2 + 24), (2, 0x40800, l2 + 32), (1, 0x40800, l1), (1, 0x40801, l1 + 8)]
         assert got[i][3] == make_spte(2, 0x40600, ACC_ALL, MT_MASK_DEFAULT_VM)[0]
         assert got[i + 1][3] == make_nonleaf_spte(l1)
         assert got[i + 2][3] == make_spte(1, 0x777, ACC_ALL, MT_MASK_DEFAULT_VM)[0]
         assert got[i + 3][3] == SHADOW_NONPRESENT_VALUE
         # After L1[511]: up, and side to L2[5]; that is the last entry with gfn < end.
         assert keys[-2:] == [(1, 0x40800 + 511, l1 + 511 * 8), (2, 0x40A00, l2 + 40)]
-        assert len(got) == 1 + 2 + 5 + 512 + 1      # root[0], L3[0..1], L2[0..4], L1, L2[5]
+        assert len(got) == 1 + 2 + 5 + 512 + 1  # root[0], L3[0..1], L2[0..4], L1, L2[5]
         assert got == expected_walk(t.mem, t.root.spt, 4, end=0x40A01)
 
     def test_up_then_side_full_range(self):
@@ -150,10 +166,10 @@ class TestPreOrder:
         # root, the L3 of root[0], its L2, the L1, the (empty) L3 of root[1]: every entry once
         assert len(keys) == len(set(keys)) == 5 * 512
         k = keys.index((2, 0x40000 + 511 * 512, l2 + 511 * 8))
-        assert keys[k + 1] == (3, 0x80000, l3 + 16)                  # the 1G leaf at L3[2]
+        assert keys[k + 1] == (3, 0x80000, l3 + 16)  # the 1G leaf at L3[2]
         assert got[k + 1][3] == make_spte(3, 0x80000, ACC_ALL, MT_MASK_DEFAULT_VM)[0]
         m = keys.index((3, 511 * 0x40000, l3 + 511 * 8))
-        assert keys[m + 1:m + 3] == [(4, 1 << 27, t.root.spt + 8), (3, 1 << 27, l3b)]
+        assert keys[m + 1 : m + 3] == [(4, 1 << 27, t.root.spt + 8), (3, 1 << 27, l3b)]
         assert keys[-1] == (4, 511 << 27, t.root.spt + 511 * 8)
 
     @pytest.mark.parametrize("min_level", [2, 3, 4])
@@ -167,21 +183,27 @@ class TestPreOrder:
         t, l3, l2, l1 = small_tree()
         start = 0x40800 + 100
         got = t.walk(start=start, end=start + 3)
-        assert [e[:3] for e in got] == [(4, 0, t.root.spt), (3, 0x40000, l3 + 8), (2, 0x40800, l2 + 32),
-                                        (1, start, l1 + 800), (1, start + 1, l1 + 808), (1, start + 2, l1 + 816)]
+        assert [e[:3] for e in got] == [
+            (4, 0, t.root.spt),
+            (3, 0x40000, l3 + 8),
+            (2, 0x40800, l2 + 32),
+            (1, start, l1 + 800),
+            (1, start + 1, l1 + 808),
+            (1, start + 2, l1 + 816),
+        ]
 
     def test_not_present_values_are_not_descended(self):
         """MMIO, REMOVED and SHADOW_NONPRESENT entries, and leaves, whose address bits point at a
         real table, are visited but never stepped into (only bit 11 + not-last counts)."""
         t = Tables()
         l3 = t.link(t.root.spt, 0)
-        decoy = t.link(l3, 5)                          # a real table...
+        decoy = t.link(l3, 5)  # a real table...
         t.leaf(decoy, 0)
-        t.set(l3, 5, make_mmio_spte(decoy >> 12))      # ...now only referenced by non-present values
+        t.set(l3, 5, make_mmio_spte(decoy >> 12))  # ...now only referenced by non-present values
         t.set(l3, 6, REMOVED_SPTE | decoy)
         t.set(l3, 7, SHADOW_NONPRESENT_VALUE | decoy)
-        t.set(l3, 8, make_spte(3, decoy >> 12, ACC_ALL, MT_MASK_DEFAULT_VM)[0])   # 1G leaf
-        t.set(l3, 9, make_nonleaf_spte(decoy) & ~MMU_PRESENT)                     # RWX, no bit 11
+        t.set(l3, 8, make_spte(3, decoy >> 12, ACC_ALL, MT_MASK_DEFAULT_VM)[0])  # 1G leaf
+        t.set(l3, 9, make_nonleaf_spte(decoy) & ~MMU_PRESENT)  # RWX, no bit 11
         got = t.walk()
         assert [l for l, *_ in got].count(2) == 0
         assert len(got) == 512 + 512
@@ -193,14 +215,18 @@ class TestPreOrder:
         l3 = t.link(l4, 0)
         t.leaf(l3, 1)
         got = t.walk(start=2 << 36, end=(2 << 36) + 2 * 512 * 512)
-        assert [e[:3] for e in got] == [(5, 2 << 36, t.root.spt + 16), (4, 2 << 36, l4), (3, 2 << 36, l3),
-                                        (3, (2 << 36) + 512 * 512, l3 + 8)]
+        assert [e[:3] for e in got] == [
+            (5, 2 << 36, t.root.spt + 16),
+            (4, 2 << 36, l4),
+            (3, 2 << 36, l3),
+            (3, (2 << 36) + 512 * 512, l3 + 8),
+        ]
 
 
 def random_tables(seed):
     rng = random.Random(seed)
     t = Tables(root_level=rng.choice([4, 4, 5]))
-    budget = [rng.randint(2, 8)]                         # tables to add at most
+    budget = [rng.randint(2, 8)]  # tables to add at most
 
     def fill(table, level, depth):
         n = rng.choice([0, 1, 2, 3, 4])
@@ -218,6 +244,7 @@ def random_tables(seed):
                 t.set(table, idx, REMOVED_SPTE)
             else:
                 t.set(table, idx, rng.choice([0, SHADOW_NONPRESENT_VALUE, MMU_PRESENT | PS]))
+
     fill(t.root.spt, t.root.role_level, 0)
     return t, rng
 
@@ -244,13 +271,13 @@ class TestRandomTrees:
 class TestGfnBits:
     """gfn_bits (the shared bit of a TD's direct root) goes into the indices, not into iter.gfn."""
 
-    BITS = 1 << 35              # gpa_to_gfn(BIT(47))
+    BITS = 1 << 35  # gpa_to_gfn(BIT(47))
 
     def test_indices_use_the_bit_and_gfns_do_not(self):
         t = Tables()
-        low = t.link(t.root.spt, 0)            # without the bit: must never be visited
+        low = t.link(t.root.spt, 0)  # without the bit: must never be visited
         t.leaf(low, 0)
-        hi = t.link(t.root.spt, 256)           # index of gfn 0 | BITS
+        hi = t.link(t.root.spt, 256)  # index of gfn 0 | BITS
         hi2 = t.link(hi, 1)
         t.leaf(hi2, 7)
         got = t.walk(start=0, end=2 * 512 * 512, gfn_bits=self.BITS)
@@ -294,8 +321,8 @@ class TestRestart:
                 i.yielded = True
             elif n == k + 1:
                 after = (i.yielded, i.yielded_gfn, i.level)
-        assert got[:k + 1] == full[:k + 1]
-        assert got[k + 1:] == expected_walk(t.mem, t.root.spt, root_level, start=nllg)
+        assert got[: k + 1] == full[: k + 1]
+        assert got[k + 1 :] == expected_walk(t.mem, t.root.spt, root_level, start=nllg)
         if after is not None:
             assert after == (False, nllg, root_level)
 
@@ -308,8 +335,7 @@ class TestRestart:
             if i.sptep == l1 + 11 * 8 and len(seq) < 8:
                 assert i.next_last_level_gfn == 0x40800 + 11
                 i.yielded = True
-        assert seq == [t.root.spt, l3 + 8, l2 + 32, l1 + 80, l1 + 88,
-                       t.root.spt, l3 + 8, l2 + 32, l1 + 88]
+        assert seq == [t.root.spt, l3 + 8, l2 + 32, l1 + 80, l1 + 88, t.root.spt, l3 + 8, l2 + 32, l1 + 88]
 
 
 class TestRereads:
@@ -325,7 +351,7 @@ class TestRereads:
             seen.append(i.sptep)
             if i.sptep == l2 + 8:
                 assert i.old_spte == SHADOW_NONPRESENT_VALUE
-                new = t.link(l2, 1)           # another thread links a table here
+                new = t.link(l2, 1)  # another thread links a table here
         assert seen == [t.root.spt, l3, l3 + 8, l2, l2 + 8, new, new + 8]
 
     def test_does_not_follow_table_zapped_after_read(self):

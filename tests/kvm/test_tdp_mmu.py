@@ -1,15 +1,15 @@
 """The TDP MMU (emu/kvm/tdp_mmu.py) against REFERENCE.md 1.2-1.8 (Linux tdp_mmu.c).
 
-  - the tables a fault builds: non-leaf SPTE == make_nonleaf_spte(child HPA), leaf ==
-    make_spte(level, slot pfn, ACC_ALL, WB|IPAT), everything else exactly SHADOW_NONPRESENT_VALUE,
-    one KvmMmuPage per table with the right level/gfn/ptep, page stats and tdp_mmu_pages exact;
-  - tdp_mmu_set_spte_atomic: cmpxchg against iter.old_spte, -EBUSY + refreshed snapshot on a race;
-  - the fault path: FROZEN -> RET_PF_RETRY with no allocation, a failed link frees the new SP,
-    a failed leaf cmpxchg retries (the guest faults again), SPURIOUS for an existing leaf;
-  - zaps: a range zap removes leaves only (tables stay) and flushes; a whole-root zap goes bottom-up
-    (4K, 2M, 1G, root level); a removed table's present entries are frozen (all 512 under the
-    shared lock) and the table is freed only after the RCU grace period; yielding (cond_resched)
-    makes progress and flushes first; huge-page split and its accounting; BUG on a leaf PFN change.
+- the tables a fault builds: non-leaf SPTE == make_nonleaf_spte(child HPA), leaf ==
+  make_spte(level, slot pfn, ACC_ALL, WB|IPAT), everything else exactly SHADOW_NONPRESENT_VALUE,
+  one KvmMmuPage per table with the right level/gfn/ptep, page stats and tdp_mmu_pages exact;
+- tdp_mmu_set_spte_atomic: cmpxchg against iter.old_spte, -EBUSY + refreshed snapshot on a race;
+- the fault path: FROZEN -> RET_PF_RETRY with no allocation, a failed link frees the new SP,
+  a failed leaf cmpxchg retries (the guest faults again), SPURIOUS for an existing leaf;
+- zaps: a range zap removes leaves only (tables stay) and flushes; a whole-root zap goes bottom-up
+  (4K, 2M, 1G, root level); a removed table's present entries are frozen (all 512 under the
+  shared lock) and the table is freed only after the RCU grace period; yielding (cond_resched)
+  makes progress and flushes first; huge-page split and its accounting; BUG on a leaf PFN change.
 """
 
 import pytest
@@ -18,12 +18,30 @@ from emu.host import Host, MiB
 from emu.kvm import mmu as mmu_mod
 from emu.kvm.kvm import Kvm, KVM_EXIT_MMIO, KVM_REQ_TLB_FLUSH
 from emu.kvm.mmu import KvmPageFault, PFERR_USER_MASK, PFERR_WRITE_MASK
-from emu.kvm.spte import (make_spte, make_nonleaf_spte, make_mmio_spte, ACC_ALL, MT_MASK_DEFAULT_VM,
-                          REMOVED_SPTE, SHADOW_NONPRESENT_VALUE, PG_LEVEL_4K)
+from emu.kvm.spte import (
+    make_spte,
+    make_nonleaf_spte,
+    make_mmio_spte,
+    ACC_ALL,
+    MT_MASK_DEFAULT_VM,
+    REMOVED_SPTE,
+    SHADOW_NONPRESENT_VALUE,
+    PG_LEVEL_4K,
+)
 from emu.kvm.tdp_mmu import RET_PF_FIXED, RET_PF_SPURIOUS, KVM_VALID_ROOTS
 
-from kvmhelpers import (check_tables, iter_at, read64, table_pages, present_leaves, record_violations, fnv1a64,
-                        hello_string, MMU_PRESENT, ADDR_MASK)
+from kvmhelpers import (
+    check_tables,
+    iter_at,
+    read64,
+    table_pages,
+    present_leaves,
+    record_violations,
+    fnv1a64,
+    hello_string,
+    MMU_PRESENT,
+    ADDR_MASK,
+)
 
 EBUSY = 16
 HOSTW = 1 << 57
@@ -67,8 +85,9 @@ class TestFaultPath:
         assert v.stat["pf_fixed"] == 1 and kvm.tdp_mmu.pages == 3
         counts, tables = check_tables(kvm, v.root)
         assert counts == {1: 1, 2: 0, 3: 0}
-        assert present_leaves(kvm.mem, v.root.spt, 4) == {5: (1, make_spte(1, (hva >> 12) + 5, ACC_ALL,
-                                                                           MT_MASK_DEFAULT_VM)[0])}
+        assert present_leaves(kvm.mem, v.root.spt, 4) == {
+            5: (1, make_spte(1, (hva >> 12) + 5, ACC_ALL, MT_MASK_DEFAULT_VM)[0])
+        }
         # the neighbour needs no new table; the same gfn again is spurious
         assert v.kvm_mmu_page_fault(0x6000, PFERR_USER_MASK | PFERR_WRITE_MASK) == 1
         assert kvm.tdp_mmu.pages == 3 and kvm.stat["pages_4k"] == 2
@@ -81,7 +100,7 @@ class TestFaultPath:
 
     def test_fault_outside_memslots_installs_mmio_spte(self):
         kvm, (v,), _ = bare_vm()
-        gpa = 0x40000000                              # 1 GiB: no memslot
+        gpa = 0x40000000  # 1 GiB: no memslot
         assert v.kvm_mmu_page_fault(gpa, PFERR_USER_MASK) == 0
         assert v.kvm_run.exit_reason == KVM_EXIT_MMIO
         assert (v.kvm_run.phys_addr, v.kvm_run.is_write) == (gpa, False)
@@ -89,13 +108,13 @@ class TestFaultPath:
         assert kvm.memslots_generation == 1
         assert kvm.get_leaf_spte(v, gpa) == make_mmio_spte(gpa >> 12, 1) == 0x40000006 | (1 << 3)
         assert (v.stat["pf_emulate"], v.stat["pf_mmio_spte_created"]) == (1, 1)
-        assert kvm.stat["pages_4k"] == 0                 # an MMIO SPTE is not a mapped page
-        assert kvm.tdp_mmu.pages == 3                    # but the tables to it are real
+        assert kvm.stat["pages_4k"] == 0  # an MMIO SPTE is not a mapped page
+        assert kvm.tdp_mmu.pages == 3  # but the tables to it are real
 
     def test_two_vcpus_share_one_root(self):
         kvm, (v0, v1), _ = bare_vm(nvcpus=2)
         assert v0.root is v1.root and kvm.tdp_mmu.roots == [v0.root]
-        assert v0.root.tdp_mmu_root_count == 3           # 2 for the first vCPU + MMU, 1 more
+        assert v0.root.tdp_mmu_root_count == 3  # 2 for the first vCPU + MMU, 1 more
         v0.kvm_mmu_page_fault(0x7000, PFERR_USER_MASK)
         v1.kvm_mmu_page_fault(0x7000, PFERR_USER_MASK)
         assert (v0.stat["pf_fixed"], v1.stat["pf_spurious"]) == (1, 1)
@@ -103,9 +122,9 @@ class TestFaultPath:
     def test_frozen_spte_retries_without_allocating(self):
         kvm, (v,), _ = bare_vm()
         v.kvm_mmu_page_fault(0x5000, PFERR_USER_MASK)
-        it = iter_at(kvm, v.root, 0x200, level=2)        # the L2 entry of [2M, 4M): not present
+        it = iter_at(kvm, v.root, 0x200, level=2)  # the L2 entry of [2M, 4M): not present
         assert it.old_spte == SHADOW_NONPRESENT_VALUE
-        kvm.mem.write64(it.sptep, REMOVED_SPTE)          # another thread is installing it
+        kvm.mem.write64(it.sptep, REMOVED_SPTE)  # another thread is installing it
         cache = len(v.mmu_shadow_page_cache.objects)
         in_use = kvm.host.kernel.in_use
         assert v.kvm_mmu_page_fault(0x200000, PFERR_USER_MASK) == 1
@@ -113,7 +132,7 @@ class TestFaultPath:
         assert len(v.mmu_shadow_page_cache.objects) == cache and kvm.host.kernel.in_use == in_use
         assert kvm.tdp_mmu.pages == 3
         assert read64(kvm.mem, it.sptep) == REMOVED_SPTE
-        kvm.mem.write64(it.sptep, SHADOW_NONPRESENT_VALUE)   # the other thread gave up
+        kvm.mem.write64(it.sptep, SHADOW_NONPRESENT_VALUE)  # the other thread gave up
         assert v.kvm_mmu_page_fault(0x200000, PFERR_USER_MASK) == 1
         assert v.stat["pf_fixed"] == 2 and kvm.tdp_mmu.pages == 4
         check_tables(kvm, v.root)
@@ -127,17 +146,18 @@ class TestFaultPath:
         def cmpxchg64(hpa, old, new):
             if not failed and old == SHADOW_NONPRESENT_VALUE and new & MMU_PRESENT and not new & HOSTW:
                 failed.append((hpa, new))
-                return False                               # someone else changed the entry
+                return False  # someone else changed the entry
             return real(hpa, old, new)
+
         monkeypatch.setattr(mem, "cmpxchg64", cmpxchg64)
         in_use = kvm.host.kernel.in_use
         assert v.kvm_mmu_page_fault(0x5000, PFERR_USER_MASK) == 1
-        (sptep, new), = failed
+        ((sptep, new),) = failed
         child = new & ADDR_MASK
-        assert sptep == v.root.spt                         # root[0], the first link of the walk
+        assert sptep == v.root.spt  # root[0], the first link of the walk
         assert v.stat["pf_retry"] == 1 and v.stat["pf_fixed"] == 0
         assert child not in kvm.tdp_mmu.sp_of
-        assert kvm.host.kernel.free_list[-1] == child      # tdp_mmu_free_sp: straight back to the host
+        assert kvm.host.kernel.free_list[-1] == child  # tdp_mmu_free_sp: straight back to the host
         assert kvm.host.kernel.in_use == in_use - 1
         assert kvm.tdp_mmu.pages == 0
         assert read64(mem, v.root.spt) == SHADOW_NONPRESENT_VALUE
@@ -157,10 +177,10 @@ class TestSetSpteAtomic:
         assert it.old_spte == SHADOW_NONPRESENT_VALUE
         leaf = make_spte(1, (hva >> 12) + 6, ACC_ALL, MT_MASK_DEFAULT_VM)[0]
         other = make_mmio_spte(6)
-        kvm.mem.write64(it.sptep, other)                   # written after the iterator read it
+        kvm.mem.write64(it.sptep, other)  # written after the iterator read it
         assert kvm.tdp_mmu.tdp_mmu_set_spte_atomic(it, leaf) == -EBUSY
-        assert it.old_spte == other                        # the snapshot is refreshed
-        assert read64(kvm.mem, it.sptep) == other          # nothing written
+        assert it.old_spte == other  # the snapshot is refreshed
+        assert read64(kvm.mem, it.sptep) == other  # nothing written
         assert kvm.stat["pages_4k"] == 1
         # with the refreshed snapshot the same call succeeds and is accounted
         assert kvm.tdp_mmu.tdp_mmu_set_spte_atomic(it, leaf) == 0
@@ -194,6 +214,7 @@ class TestSetSpteAtomic:
                 failed.append((hpa, new))
                 return False
             return real(hpa, old, new)
+
         monkeypatch.setattr(mem, "cmpxchg64", cmpxchg64)
         res = m.run()
         assert res.exit == "hlt", res.error
@@ -219,10 +240,10 @@ class TestZap:
         old = {gfn: s for gfn, (_, s) in present_leaves(kvm.mem, v0.root.spt, 4).items()}
         slots = {g: iter_at(kvm, v0.root, g).sptep for g in old}
         tables = table_pages(kvm.mem, v0.root.spt, 4)
-        kvm.zap_gfn_range(0, 0x200)                      # [0, 2M): gfns 5 and 6, not 0x200
+        kvm.zap_gfn_range(0, 0x200)  # [0, 2M): gfns 5 and 6, not 0x200
         assert present_leaves(kvm.mem, v0.root.spt, 4).keys() == {0x200}
         assert read64(kvm.mem, slots[5]) == read64(kvm.mem, slots[6]) == SHADOW_NONPRESENT_VALUE
-        assert table_pages(kvm.mem, v0.root.spt, 4) == tables and kvm.tdp_mmu.pages == 4   # L3, L2, 2 L1s
+        assert table_pages(kvm.mem, v0.root.spt, 4) == tables and kvm.tdp_mmu.pages == 4  # L3, L2, 2 L1s
         assert kvm.stat["pages_4k"] == 1
         assert kvm.stat["remote_tlb_flush"] == 1 and kvm.stat["zaps"] == 1
         assert v0.requests & KVM_REQ_TLB_FLUSH and v1.requests & KVM_REQ_TLB_FLUSH
@@ -246,13 +267,13 @@ class TestZap:
         tdp, alloc = kvm.tdp_mmu, kvm.host.kernel
         root = v.root
         entries = {t: [read64(kvm.mem, t + 8 * i) for i in range(512)] for t in table_pages(kvm.mem, root.spt, 4)}
-        assert len(entries) == 5                        # L3, L2, three L1s
+        assert len(entries) == 5  # L3, L2, three L1s
         in_use = alloc.in_use
-        kvm.rcu.read_lock("x")                          # a lockless walker inside a read-side section
+        kvm.rcu.read_lock("x")  # a lockless walker inside a read-side section
         kvm.mmu_lock.write_lock()
         tdp.invalidate_roots(KVM_VALID_ROOTS)
         kvm.mmu_lock.write_unlock()
-        tdp.zap_invalidated_roots(False)                # takes mmu_lock for write itself
+        tdp.zap_invalidated_roots(False)  # takes mmu_lock for write itself
         # unlinked and accounted at once ...
         assert read64(kvm.mem, root.spt) == SHADOW_NONPRESENT_VALUE
         assert tdp.pages == 0 and kvm.stat["pages_4k"] == 0
@@ -267,7 +288,7 @@ class TestZap:
         kvm.rcu.read_unlock("x")
         assert alloc.in_use == in_use - 5
         assert set(entries) <= set(alloc.free_list)
-        assert set(tdp.sp_of) == {root.spt}            # the root: still referenced by the vCPU
+        assert set(tdp.sp_of) == {root.spt}  # the root: still referenced by the vCPU
         assert root.invalid and root.tdp_mmu_root_count == 1 and tdp.roots == [root]
 
     def test_shared_root_zap_freezes_every_entry(self):
@@ -354,10 +375,10 @@ class TestZap:
     def test_zap_in_invalid_root_needs_no_flush(self):
         kvm, (v,), _ = bare_vm()
         v.kvm_mmu_page_fault(0x5000, PFERR_USER_MASK)
-        kvm.tdp_mmu.invalidate_roots(KVM_VALID_ROOTS)     # invalid, not yet zapped
-        kvm.zap_gfn_range(0, 0x200)                        # unmap_gfn_range includes invalid roots
-        assert kvm.stat["pages_4k"] == 0                   # the leaf is zapped ...
-        assert kvm.stat["remote_tlb_flush"] == 0           # ... without a flush
+        kvm.tdp_mmu.invalidate_roots(KVM_VALID_ROOTS)  # invalid, not yet zapped
+        kvm.zap_gfn_range(0, 0x200)  # unmap_gfn_range includes invalid roots
+        assert kvm.stat["pages_4k"] == 0  # the leaf is zapped ...
+        assert kvm.stat["remote_tlb_flush"] == 0  # ... without a flush
 
 
 class TestHugePages:
@@ -376,14 +397,15 @@ class TestHugePages:
         kvm, v, hva = self._vm_2m()
         v.kvm_mmu_page_fault(0x234000, PFERR_USER_MASK)
         assert present_leaves(kvm.mem, v.root.spt, 4) == {
-            0x200: (2, make_spte(2, (hva >> 12) + 0x200, ACC_ALL, MT_MASK_DEFAULT_VM)[0])}
-        assert kvm.tdp_mmu.pages == 2                    # L3 and L2 only
+            0x200: (2, make_spte(2, (hva >> 12) + 0x200, ACC_ALL, MT_MASK_DEFAULT_VM)[0])
+        }
+        assert kvm.tdp_mmu.pages == 2  # L3 and L2 only
         check_tables(kvm, v.root)
 
     def test_misaligned_slot_falls_back_to_4k(self):
         host = Host(8 * MiB + 2 * MiB)
         kvm = Kvm(host)
-        hva = host.mmap(8 * MiB + 4096, 2 * MiB) + 4096    # host address off by 4K
+        hva = host.mmap(8 * MiB + 4096, 2 * MiB) + 4096  # host address off by 4K
         kvm.set_user_memory_region(0, 0, 0, 8 * MiB, hva, backing_level=2)
         v = kvm.create_vcpu(0)
         v.mmu_load()
@@ -394,7 +416,7 @@ class TestHugePages:
     def _split(self, kvm, v, gfn):
         fault = KvmPageFault(gfn << 12, PFERR_USER_MASK)
         fault.gfn = gfn
-        fault.max_level = PG_LEVEL_4K                    # e.g. dirty logging: map this gfn at 4K
+        fault.max_level = PG_LEVEL_4K  # e.g. dirty logging: map this gfn at 4K
         assert mmu_mod.mmu_topup_memory_caches(v) == 0
         assert mmu_mod.kvm_mmu_faultin_pfn(v, fault) == 0
         kvm.mmu_lock.read_lock()
@@ -406,7 +428,7 @@ class TestHugePages:
     def test_split_replaces_huge_leaf_by_512_small(self):
         kvm, v, hva = self._vm_2m()
         v.kvm_mmu_page_fault(0x234000, PFERR_USER_MASK)
-        assert self._split(kvm, v, 0x234) == RET_PF_SPURIOUS    # the split table already maps it
+        assert self._split(kvm, v, 0x234) == RET_PF_SPURIOUS  # the split table already maps it
         leaves = present_leaves(kvm.mem, v.root.spt, 4)
         assert sorted(leaves) == list(range(0x200, 0x400))
         for g, (lvl, s) in leaves.items():
@@ -418,13 +440,14 @@ class TestHugePages:
         removed (shared: all entries frozen), its leaves unaccounted, the gfn flushed, and the
         table freed once the fault leaves its RCU read-side section."""
         kvm, v, hva = self._vm_2m()
-        assert self._split(kvm, v, 0x234) == RET_PF_FIXED          # a 4K-only mapping first
+        assert self._split(kvm, v, 0x234) == RET_PF_FIXED  # a 4K-only mapping first
         assert (kvm.stat["pages_4k"], kvm.stat["pages_2m"], kvm.tdp_mmu.pages) == (1, 0, 3)
         l1 = iter_at(kvm, v.root, 0x234, level=2).old_spte & ADDR_MASK
         in_use = kvm.host.kernel.in_use
         assert v.kvm_mmu_page_fault(0x235000, PFERR_USER_MASK) == 1
         assert present_leaves(kvm.mem, v.root.spt, 4) == {
-            0x200: (2, make_spte(2, (hva >> 12) + 0x200, ACC_ALL, MT_MASK_DEFAULT_VM)[0])}
+            0x200: (2, make_spte(2, (hva >> 12) + 0x200, ACC_ALL, MT_MASK_DEFAULT_VM)[0])
+        }
         assert (kvm.stat["pages_4k"], kvm.stat["pages_2m"], kvm.tdp_mmu.pages) == (0, 1, 2)
         assert kvm.stat["remote_tlb_flush"] == 1 and v.requests & KVM_REQ_TLB_FLUSH
         assert {read64(kvm.mem, l1 + 8 * i) for i in range(512)} == {REMOVED_SPTE}

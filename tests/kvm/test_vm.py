@@ -14,11 +14,29 @@ import pytest
 
 import emu.userspace.vmm as vmm
 from emu.host import Host, MiB
-from emu.kvm.kvm import (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, Kvm, KvmIoctlError, KVM_EXIT_HLT, KVM_EXIT_HYPERCALL, KVM_EXIT_MMIO, KVM_MEM_READONLY, KVM_REQ_TLB_FLUSH)
+from emu.kvm.kvm import (
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
+    Kvm,
+    KvmIoctlError,
+    KVM_EXIT_HLT,
+    KVM_EXIT_HYPERCALL,
+    KVM_EXIT_MMIO,
+    KVM_MEM_READONLY,
+    KVM_REQ_TLB_FLUSH,
+)
 from emu.kvm.spte import SHADOW_NONPRESENT_VALUE, make_mmio_spte
 
-from kvmhelpers import (TEST_GUESTS, check_tables, iter_at, fnv1a64, hello_string, equ, expected_touched_pages, record_violations,
-                        fresh_regs)
+from kvmhelpers import (
+    TEST_GUESTS,
+    check_tables,
+    iter_at,
+    fnv1a64,
+    hello_string,
+    equ,
+    expected_touched_pages,
+    record_violations,
+    fresh_regs,
+)
 
 PROBE = 0x2000000
 
@@ -38,7 +56,7 @@ def assert_one_violation_per_page(m, res, seen, expected_pages, level=1):
     assert s["ept_violations"] == len(leaves) == s["pages_mapped"][{1: "4k", 2: "2m", 3: "1g"}[level]]
     assert sum(s["pages_mapped"].values()) == len(leaves)
     assert s["pf_fixed"] == len(leaves) and s["pf_retry"] == s["pf_spurious"] == s["ept_misconfigs"] == 0
-    assert sorted(g & mask for g in seen) == sorted(g for g, _, _ in leaves)   # each faulted once
+    assert sorted(g & mask for g in seen) == sorted(g for g, _, _ in leaves)  # each faulted once
 
 
 class TestGuests:
@@ -128,12 +146,12 @@ class TestZapRefault:
         assert leaves_of(m) == []
         assert (kvm.stat["pages_4k"], kvm.stat["pages_2m"], kvm.stat["pages_1g"]) == (0, 0, 0)
         assert all(kvm.mem.read64(p) == SHADOW_NONPRESENT_VALUE for p in slots)
-        assert kvm.tdp_mmu.pages == tables                      # a leaf zap keeps the tables
+        assert kvm.tdp_mmu.pages == tables  # a leaf zap keeps the tables
         assert kvm.stat["remote_tlb_flush"] == 1
         for v in m.vcpus:
             assert v.requests & KVM_REQ_TLB_FLUSH
 
-        if guest == "touch":                                    # the guest checks its pages start zeroed
+        if guest == "touch":  # the guest checks its pages start zeroed
             area = m.image.symbol("touch_area")
             m.write_gpa(area, bytes(32 * 4096))
         fresh_regs(m)
@@ -141,7 +159,7 @@ class TestZapRefault:
         second = m.run()
         assert second.exit == "hlt", second.error
         assert second.reports == first.reports
-        assert sorted(seen) == pages                            # every page faulted again, once
+        assert sorted(seen) == pages  # every page faulted again, once
         assert sorted(g for g, _, _ in leaves_of(m)) == pages
         assert second.stats["ept_violations"] == 2 * len(pages)
         assert all(v.stat["tlb_flush"] == 1 and v.requests == 0 for v in m.vcpus)
@@ -160,10 +178,13 @@ class TestNoStaleTranslation:
         kvm.set_user_memory_region(1, 0, gpa, 4096, new_hpa)
         kvm.set_user_memory_region(2, 0, gpa + 4096, m.mem_size - gpa - 4096, m.hva + gpa + 4096)
 
-    @pytest.mark.parametrize("guest,symbol,new_page", [
-        ("stale.S", "target", (0x2222).to_bytes(8, "little")),               # a data read
-        ("stale_code.S", "fn", bytes.fromhex("b822220000c3")),               # a fetch: mov eax, 0x2222; ret
-    ])
+    @pytest.mark.parametrize(
+        "guest,symbol,new_page",
+        [
+            ("stale.S", "target", (0x2222).to_bytes(8, "little")),  # a data read
+            ("stale_code.S", "fn", bytes.fromhex("b822220000c3")),  # a fetch: mov eax, 0x2222; ret
+        ],
+    )
     def test_access_after_repoint_uses_new_page(self, make_machine, guest, symbol, new_page):
         m = make_machine(TEST_GUESTS / guest)
         v, kvm = m.vcpus[0], m.kvm
@@ -188,7 +209,7 @@ class TestNoStaleTranslation:
         assert run.exit_reason == KVM_EXIT_HYPERCALL and run.args[0] == 0x2222
         assert v.root is not root
         assert kvm.get_leaf_spte(v, gpa) >> 12 & 0xFFFFFFFFF == new_hpa >> 12
-        assert m.host.mem.read(m.hva + gpa, 8) == old          # the old page is untouched
+        assert m.host.mem.read(m.hva + gpa, 8) == old  # the old page is untouched
         assert v.run().exit_reason == KVM_EXIT_HLT
         check_tables(kvm, v.root)
 
@@ -203,7 +224,7 @@ class TestNoStaleTranslation:
         m.write_gpa(target, (0x3333).to_bytes(8, "little"))
         violations = v.stat["ept_violations"]
         assert v.run().args[0] == 0x3333
-        assert v.stat["ept_violations"] == violations + 1      # faulted in again
+        assert v.stat["ept_violations"] == violations + 1  # faulted in again
 
 
 def split_slots(m, hole_start, hole_end, hole_flags=None):
@@ -226,8 +247,10 @@ class TestGuestErrors:
         res = m.run()
         entry = m.image.entry
         assert res.exit == "mmio" and res.vcpu_exits == ["mmio"]
-        assert res.error == (f"vCPU 0: read of GPA {PROBE:#x} (no memslot, MMIO with no device) at rip "
-                             f"{entry:#x} _start+0x0: mov rax, qword ptr [{PROBE:#x}]")
+        assert res.error == (
+            f"vCPU 0: read of GPA {PROBE:#x} (no memslot, MMIO with no device) at rip "
+            f"{entry:#x} _start+0x0: mov rax, qword ptr [{PROBE:#x}]"
+        )
         assert res.reports == []
         v = m.vcpus[0]
         assert v.kvm_run.exit_reason == KVM_EXIT_MMIO and v.kvm_run.phys_addr == PROBE
@@ -245,7 +268,7 @@ class TestGuestErrors:
         assert second.exit == "mmio" and second.error == first.error
         assert second.stats["ept_misconfigs"] == 1
         assert second.stats["ept_violations"] == violations
-        assert second.stats["pf_emulate"] == 1       # handle_mmio_page_fault: no new fault taken
+        assert second.stats["pf_emulate"] == 1  # handle_mmio_page_fault: no new fault taken
 
     def test_mmio_spte_is_stale_after_memslot_creation(self, make_machine):
         m = make_machine(TEST_GUESTS / "probe.S")
@@ -273,13 +296,15 @@ class TestGuestErrors:
         m.write_gpa(PROBE, (0x1234).to_bytes(8, "little"))
         res = m.run()
         assert res.exit == "mmio"
-        assert [v for _, v in res.reports] == [0x1234]          # reading it works
+        assert [v for _, v in res.reports] == [0x1234]  # reading it works
         rip = m.vcpus[0].hw.reg("rip")
         sym = m.image.symbolize(rip)
-        assert res.error == (f"vCPU 0: write to GPA {PROBE:#x} (a read-only memslot, MMIO with no device) "
-                             f"at rip {rip:#x} {sym}: mov qword ptr [{PROBE:#x}], rbx")
+        assert res.error == (
+            f"vCPU 0: write to GPA {PROBE:#x} (a read-only memslot, MMIO with no device) "
+            f"at rip {rip:#x} {sym}: mov qword ptr [{PROBE:#x}], rbx"
+        )
         assert m.vcpus[0].kvm_run.is_write is True
-        assert m.read_gpa(PROBE, 8) == (0x1234).to_bytes(8, "little")   # nothing written
+        assert m.read_gpa(PROBE, 8) == (0x1234).to_bytes(8, "little")  # nothing written
         # the read mapped the page without write permission (host-writable clear)
         check_tables(m.kvm, m.vcpus[0].root)
         assert res.stats["pf_emulate"] == 1
@@ -289,8 +314,9 @@ class TestGuestErrors:
         res = m.run()
         rip = m.image.entry + 1
         assert res.exit == "shutdown"
-        assert res.error == (f"vCPU 0: unhandled guest exception #UD at rip {rip:#x} _start+0x1: ud2 "
-                             f"(no IDT: triple fault)")
+        assert res.error == (
+            f"vCPU 0: unhandled guest exception #UD at rip {rip:#x} _start+0x1: ud2 (no IDT: triple fault)"
+        )
         assert m.vcpus[0].kvm_run.vector == 6
 
     def test_unmapped_gva_is_a_guest_page_fault(self, make_machine):
@@ -299,8 +325,10 @@ class TestGuestErrors:
         res = m.run()
         entry = m.image.entry
         assert res.exit == "shutdown"
-        assert res.error == (f"vCPU 0: unhandled guest exception #PF error code 0x0 cr2 {PROBE:#x} at rip "
-                             f"{entry:#x} _start+0x0: mov rax, qword ptr [{PROBE:#x}] (no IDT: triple fault)")
+        assert res.error == (
+            f"vCPU 0: unhandled guest exception #PF error code 0x0 cr2 {PROBE:#x} at rip "
+            f"{entry:#x} _start+0x0: mov rax, qword ptr [{PROBE:#x}] (no IDT: triple fault)"
+        )
         run = m.vcpus[0].kvm_run
         assert (run.vector, run.error_code, run.cr2) == (14, 0, PROBE)
         assert res.stats["pf_emulate"] == 0 and m.kvm.gfn_to_memslot(PROBE >> 12) is None
@@ -312,7 +340,6 @@ class TestGuestErrors:
         assert res.reports == [(0, 7)]
         assert res.error == "vCPU 0: the guest failed with code 0x2a (FAIL at _start+0x15)"
         assert res.vcpu_exits == ["fail"]
-
 
     def test_guest_fail_register_dump(self, make_machine):
         m = make_machine(TEST_GUESTS / "fail.S")
@@ -335,9 +362,9 @@ class TestVmDead:
         for v in m.vcpus:
             with pytest.raises(KvmIoctlError) as e:
                 v.run()
-            assert e.value.errno == 5                    # EIO
+            assert e.value.errno == 5  # EIO
             assert str(e.value) == "the VM is dead (KVM_BUG_ON: test) (-EIO)"
-            assert v.stat["exits"] == 0                  # never entered the guest
+            assert v.stat["exits"] == 0  # never entered the guest
         assert m.kvm.stat["kvm_bug_on"] == 1
 
     def test_first_reason_is_kept(self, make_machine):
@@ -362,11 +389,13 @@ class TestVmDead:
             if len(calls) == 2:
                 kvm.kvm_bug(f"injected at gfn {fault.gfn:#x}")
             return r
+
         monkeypatch.setattr(kvm.tdp_mmu, "map", map_then_bug)
         res = m.run()
         assert res.exit == "ioctl_error"
-        assert res.error == (f"vCPU 0: KVM_RUN failed: the VM is dead (KVM_BUG_ON: injected at gfn "
-                             f"{calls[1]:#x}) (-EIO)")
+        assert res.error == (
+            f"vCPU 0: KVM_RUN failed: the VM is dead (KVM_BUG_ON: injected at gfn {calls[1]:#x}) (-EIO)"
+        )
         assert len(calls) == 2 and res.reports == []
 
 
@@ -377,15 +406,16 @@ class TestDestroy:
         kvm, alloc = m.kvm, m.host.kernel
         assert alloc.in_use == 0
         handed_out = list(range(alloc.base, alloc.next, 4096))
-        assert sorted(alloc.free_list) == handed_out        # each page exactly once: no leak, no double free
+        assert sorted(alloc.free_list) == handed_out  # each page exactly once: no leak, no double free
         assert kvm.tdp_mmu.roots == [] and kvm.tdp_mmu.sp_of == {} and kvm.tdp_mmu.pages == 0
         assert (kvm.stat["pages_4k"], kvm.stat["pages_2m"], kvm.stat["pages_1g"]) == (0, 0, 0)
         assert all(v.root is None and v.mmu_shadow_page_cache.objects == [] for v in m.vcpus)
         assert kvm.rcu.pending == [] and kvm.rcu.depth == {}
         assert m.host.leaked == []
 
-    @pytest.mark.parametrize("guest,vcpus,hugepages", [("hello", 1, None), ("touch", 3, None),
-                                                       ("pagewalk", 1, None), ("touch", 2, "2m")])
+    @pytest.mark.parametrize(
+        "guest,vcpus,hugepages", [("hello", 1, None), ("touch", 3, None), ("pagewalk", 1, None), ("touch", 2, "2m")]
+    )
     def test_destroy_after_run(self, make_machine, guest, vcpus, hugepages):
         m = make_machine(guest, vcpus=vcpus, hugepages=hugepages)
         assert m.run().exit == "hlt"
@@ -405,7 +435,7 @@ class TestDestroy:
         m = make_machine("hello", vcpus=2)
         m.destroy()
         self._check_all_freed(m)
-        assert m.host.kernel.next == m.host.kernel.base      # nothing was ever allocated
+        assert m.host.kernel.next == m.host.kernel.base  # nothing was ever allocated
 
 
 @pytest.mark.parametrize("mem", [8 * MiB, 64 * MiB, 66 * MiB])
@@ -441,7 +471,7 @@ class TestMemslotIoctl:
             with pytest.raises(KvmIoctlError) as e:
                 kvm.set_user_memory_region(1, 0, gpa, size, hva)
             assert e.value.errno == 17
-        kvm.set_user_memory_region(1, 0, 0x200000, 0x1000, hva)          # adjacent is fine
+        kvm.set_user_memory_region(1, 0, 0x200000, 0x1000, hva)  # adjacent is fine
         assert [s.id for s in kvm.memslots] == [0, 1]
 
     def test_delete_missing_is_einval_and_beyond_host_is_efault(self):

@@ -19,8 +19,10 @@ def env():
 @pytest.fixture
 def make_td():
     """make_td(stage, **td_params): a TdEnv whose TD is built up to ``stage``."""
+
     def make(stage, **params):
         return TdEnv().build(stage, **params)
+
     return make
 
 

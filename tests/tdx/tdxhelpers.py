@@ -9,8 +9,14 @@ shows up as a failed comparison.
 
 from emu.host import Host
 from tdxmod import abi as A
-from tdxmod.module import (TD_PARAMS_ATTRIBUTES, TD_PARAMS_MAX_VCPUS, TD_PARAMS_EPTP_CONTROLS,
-                           TD_PARAMS_CONFIG_FLAGS, TDCS_PAGES, TDVPX_PAGES)
+from tdxmod.module import (
+    TD_PARAMS_ATTRIBUTES,
+    TD_PARAMS_MAX_VCPUS,
+    TD_PARAMS_EPTP_CONTROLS,
+    TD_PARAMS_CONFIG_FLAGS,
+    TDCS_PAGES,
+    TDVPX_PAGES,
+)
 
 PAGE = 4096
 MiB = 1 << 20
@@ -64,12 +70,19 @@ TDP = 1 << 56
 TDEL = 1 << 11
 TDHP = 1 << 52
 RWX = 7
-LEAF_ATTRS = (6 << 3) | (1 << 6) | (1 << 7)     # MT=WB, IPAT, PS (state enc[6:5] = 11)
+LEAF_ATTRS = (6 << 3) | (1 << 6) | (1 << 7)  # MT=WB, IPAT, PS (state enc[6:5] = 11)
 HPA_MASK = ((1 << 52) - 1) & ~0xFFF
 FREE_ENTRY = 0x80E0000000000000
 
 FREE, NL_MAPPED, NL_BLOCKED, MAPPED, BLOCKED, PENDING, PENDING_BLOCKED = (
-    "FREE", "NL_MAPPED", "NL_BLOCKED", "MAPPED", "BLOCKED", "PENDING", "PENDING_BLOCKED")
+    "FREE",
+    "NL_MAPPED",
+    "NL_BLOCKED",
+    "MAPPED",
+    "BLOCKED",
+    "PENDING",
+    "PENDING_BLOCKED",
+)
 PUBLIC_STATE = {FREE: 0, BLOCKED: 1, PENDING: 2, PENDING_BLOCKED: 3, MAPPED: 4, NL_BLOCKED: 0x81, NL_MAPPED: 0x84}
 LEAF_STATES = (MAPPED, BLOCKED, PENDING, PENDING_BLOCKED)
 
@@ -96,8 +109,16 @@ def entry_value(state, hpa=0):
 def decode_state(e):
     """State name from the 7-bit encoding: enc[0] = bit 9, enc[4:1] = bits 56:53, enc[6:5] = bits 7:6."""
     enc = ((e >> 9) & 1) | (((e >> 53) & 0xF) << 1) | (((e >> 6) & 3) << 5)
-    return {0x0E: FREE, 0x0C: "REMOVED", 0x00: NL_MAPPED, 0x08: NL_BLOCKED, 0x60: MAPPED, 0x68: BLOCKED,
-            0x70: PENDING, 0x78: PENDING_BLOCKED}.get(enc, f"enc {enc:#x}")
+    return {
+        0x0E: FREE,
+        0x0C: "REMOVED",
+        0x00: NL_MAPPED,
+        0x08: NL_BLOCKED,
+        0x60: MAPPED,
+        0x68: BLOCKED,
+        0x70: PENDING,
+        0x78: PENDING_BLOCKED,
+    }.get(enc, f"enc {enc:#x}")
 
 
 def arch_entry(state, hpa=0):
@@ -134,9 +155,9 @@ class TdEnv:
         self.tdr = None
         self.hkid = None
         self.tdcs = []
-        self.vcpus = []               # [(tdvpr, [tdvpx...])]
-        self.sept_pages = []          # S-EPT pages given with SEPT.ADD (still owned)
-        self.leaves = {}              # gpa -> (level, hpa) of AUGed/ADDed pages still mapped
+        self.vcpus = []  # [(tdvpr, [tdvpx...])]
+        self.sept_pages = []  # S-EPT pages given with SEPT.ADD (still owned)
+        self.leaves = {}  # gpa -> (level, hpa) of AUGed/ADDed pages still mapped
 
     # -- plumbing -----------------------------------------------------------------------------------
     def call(self, leaf, **regs):
@@ -174,9 +195,10 @@ class TdEnv:
             self.tdcs.append(page)
         return self
 
-    def td_params(self, attributes=A.TD_ATTR_SEPT_VE_DISABLE | A.TD_ATTR_DEBUG, max_vcpus=8, eptp_controls=0x1E,
-                  config_flags=0):
-        pa = self.kpage()          # 4K-aligned, so 1024-aligned
+    def td_params(
+        self, attributes=A.TD_ATTR_SEPT_VE_DISABLE | A.TD_ATTR_DEBUG, max_vcpus=8, eptp_controls=0x1E, config_flags=0
+    ):
+        pa = self.kpage()  # 4K-aligned, so 1024-aligned
         self.mem.host_write64(pa + TD_PARAMS_ATTRIBUTES, attributes)
         self.mem.host_write64(pa + TD_PARAMS_MAX_VCPUS, max_vcpus)
         self.mem.host_write64(pa + TD_PARAMS_EPTP_CONTROLS, eptp_controls)

@@ -39,7 +39,9 @@ class HostCalls:
         def task(i):
             def body():
                 statuses[i] = A.status_name(self.tasks[i](env, ctx).rax)
+
             return body
+
         for i in range(len(self.tasks)):
             sched.spawn(task(i), name=f"cpu {i}")
         blocked = False
@@ -93,6 +95,7 @@ def _path(*gpas):
         for g in gpas:
             env.ensure_path(g, 0)
         return {"page": env.upage(), "page2": env.upage(), "source": env.source(b"x")}
+
     return setup
 
 
@@ -100,18 +103,28 @@ SCENARIOS = {
     # one page AUGed at two GPAs: its PAMT entry (pamt_locked), the S-EPT tree shared
     "aug-aug-same-page": ("runnable", _path(G, G2), [_aug(G), _aug(G2)]),
     # PAGE.ADD (TDR exclusive) against AUG (TDR shared, the entry lock) of the same GPA
-    "page-add-vs-aug": ("initialized", _path(G),
-                        [lambda env, ctx: env.call(A.TDH_MEM_PAGE_ADD, rcx=G, rdx=env.tdr, r8=ctx["page"],
-                                                   r9=ctx["source"]),
-                         _aug(G, "page2")]),
+    "page-add-vs-aug": (
+        "initialized",
+        _path(G),
+        [
+            lambda env, ctx: env.call(A.TDH_MEM_PAGE_ADD, rcx=G, rdx=env.tdr, r8=ctx["page"], r9=ctx["source"]),
+            _aug(G, "page2"),
+        ],
+    ),
     # BLOCK (tree exclusive) against AUG (tree shared) of another GPA
-    "block-vs-aug": ("runnable", lambda env: dict(_path(G2)(env), hpa=env.make_state(G, 0, "PENDING")),
-                     [lambda env, ctx: env.block(G), _aug(G2)]),
+    "block-vs-aug": (
+        "runnable",
+        lambda env: dict(_path(G2)(env), hpa=env.make_state(G, 0, "PENDING")),
+        [lambda env, ctx: env.block(G), _aug(G2)],
+    ),
     # two TRACKs (the epoch lock)
     "track-track": ("runnable", lambda env: {}, [lambda env, ctx: env.track(), lambda env, ctx: env.track()]),
     # RECLAIM of the page an AUG is taking (its PAMT entry, exclusive both)
-    "aug-vs-reclaim": ("runnable", _path(G),
-                       [_aug(G), lambda env, ctx: env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=ctx["page"])]),
+    "aug-vs-reclaim": (
+        "runnable",
+        _path(G),
+        [_aug(G), lambda env, ctx: env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=ctx["page"])],
+    ),
 }
 
 

@@ -12,15 +12,40 @@ from emu.userspace.vmm import Machine
 from tdxmod import abi as A
 from tdxmod.pamt import PT_4KB, PT_2MB
 
-from tdxhelpers import (PAGE, M2, SUCCESS, OPERAND_BUSY, OPERAND_INVALID, EPT_ENTRY_STATE_INCORRECT,
-                        TLB_TRACKING_NOT_DONE, PAGE_SIZE_MISMATCH, PAGE_METADATA_INCORRECT, PAGE_ALREADY_ACCEPTED, OP_RCX, OP_R8,
-                        PT_NDA, PT_REG, PT_EPT, TDEL, TDHP, FREE, NL_MAPPED, NL_BLOCKED, PENDING, PENDING_BLOCKED,
-                        MAPPED, entry_value, decode_state, arch_entry, info)
+from tdxhelpers import (
+    PAGE,
+    M2,
+    SUCCESS,
+    OPERAND_BUSY,
+    OPERAND_INVALID,
+    EPT_ENTRY_STATE_INCORRECT,
+    TLB_TRACKING_NOT_DONE,
+    PAGE_SIZE_MISMATCH,
+    PAGE_METADATA_INCORRECT,
+    PAGE_ALREADY_ACCEPTED,
+    OP_RCX,
+    OP_R8,
+    PT_NDA,
+    PT_REG,
+    PT_EPT,
+    TDEL,
+    TDHP,
+    FREE,
+    NL_MAPPED,
+    NL_BLOCKED,
+    PENDING,
+    PENDING_BLOCKED,
+    MAPPED,
+    entry_value,
+    decode_state,
+    arch_entry,
+    info,
+)
 
 GPA_RANGE_NOT_BLOCKED = 0xC0000B0600000000
 INVALID_PROMOTE_CONDITIONS = 0xC0000B0900000000
 INTERRUPTED_RESTARTABLE = 0x8000000400000000
-G = 0x4000_0000                      # a 2M-aligned private GPA of the register-level TD
+G = 0x4000_0000  # a 2M-aligned private GPA of the register-level TD
 EXIT_TDCALL = 77
 EXIT_EPT_VIOLATION = 48
 
@@ -80,8 +105,7 @@ def test_demote_needs_blocked_and_tracked_while_the_td_runs(td_run):
     env = td_run
     page = aug_2m(env)
     out, new = demote(env)
-    assert (out.rax, out.rcx, out.rdx) == (GPA_RANGE_NOT_BLOCKED | OP_RCX, arch_entry(PENDING, page),
-                                           info(PENDING, 1))
+    assert (out.rax, out.rcx, out.rdx) == (GPA_RANGE_NOT_BLOCKED | OP_RCX, arch_entry(PENDING, page), info(PENDING, 1))
     env.ok(env.block(G, 1))
     out, _ = demote(env, page=new)
     assert out.rax == TLB_TRACKING_NOT_DONE | OP_RCX
@@ -105,8 +129,9 @@ def test_demote_splits_into_512_unblocked_children(td_run):
         assert env.entry(G + i * PAGE, 0) == entry_value(PENDING, page + i * PAGE), i
     assert env.pamt.page_type(new) == PT_EPT and env.pamt.owner(new) == env.tdr
     assert env.pamt.page_size(page) == PT_4KB
-    assert all(env.pamt.page_type(page + i * PAGE) == PT_REG and env.pamt.owner(page + i * PAGE) == env.tdr
-               for i in range(512))
+    assert all(
+        env.pamt.page_type(page + i * PAGE) == PT_REG and env.pamt.owner(page + i * PAGE) == env.tdr for i in range(512)
+    )
     assert env.td.chldcnt == chld + 1
     assert env.pamt.locks_held() == []
 
@@ -184,7 +209,7 @@ def test_demote_meets_the_2m_pamt_lock(td_run):
     env = td_run
     page = aug_2m(env)
     blocked_and_tracked(env)
-    assert env.pamt.implicit_lock(page, PT_2MB, 1) == SUCCESS        # TDX_LOCK_EXCLUSIVE
+    assert env.pamt.implicit_lock(page, PT_2MB, 1) == SUCCESS  # TDX_LOCK_EXCLUSIVE
     try:
         out, new = demote(env)
     finally:
@@ -258,7 +283,7 @@ def test_promote_refuses_a_leaf_and_version_2(td_run):
     out = env.call(A.TDH_MEM_PAGE_PROMOTE, rcx=G | 1, rdx=env.tdr)
     assert out.rax == EPT_ENTRY_STATE_INCORRECT | OP_RCX and out.rcx == arch_entry(PENDING, page)
     out = env.call(A.TDH_MEM_PAGE_PROMOTE | (2 << 16), rcx=G | 1, rdx=env.tdr)
-    assert out.rax == OPERAND_INVALID                                 # |RAX: operand id 0
+    assert out.rax == OPERAND_INVALID  # |RAX: operand id 0
 
 
 # ==================================================================================================
@@ -293,6 +318,7 @@ class HugeTd:
         self.tdvpr = self.m.vcpus[0].arch.tdvpr_pa
         self.td = self.mod.tds[self.tdr]
         from tdxmod.module import MD_TDVPS_GPR_BASE, GPR_ORDER
+
         self.gpr = {name: MD_TDVPS_GPR_BASE + i for i, name in enumerate(GPR_ORDER)}
 
     def call(self, leaf, **regs):
@@ -384,6 +410,7 @@ def test_accept_2m_is_resumable_across_an_interrupt(huge_td):
     at the TDCALL), the entry still PENDING with INIT_COUNTER = 128 (bits 20:12), unlocked; the next
     entry resumes from there (the pages before it are not cleared again) and maps the page."""
     from tdxmod.module import MD_TDVPS_RIP
+
     t = huge_td
     page = t.aug_2m()
     t.wr("rcx", AREA | 1)
@@ -395,6 +422,7 @@ def test_accept_2m_is_resumable_across_an_interrupt(huge_td):
         def point(self, caller, what, *args):
             if what == "tdcall_accept_2m":
                 hw.intr_pending = True
+
     t.mod.sched = Interrupt()
     try:
         t.enter()
@@ -403,8 +431,8 @@ def test_accept_2m_is_resumable_across_an_interrupt(huge_td):
         hw.intr_pending = False
     e = t.entry(AREA, 1)
     assert e == entry_value(PENDING, page) | (128 << 12)
-    assert t.call(A.TDH_VP_RD, rcx=t.tdvpr, rdx=MD_TDVPS_RIP).r8 == t.m.image.symbol("accepted") - 4   # the TDCALL
-    t.mod.mem.write(page, b"kept")                 # below the count: not cleared again
+    assert t.call(A.TDH_VP_RD, rcx=t.tdvpr, rdx=MD_TDVPS_RIP).r8 == t.m.image.symbol("accepted") - 4  # the TDCALL
+    t.mod.mem.write(page, b"kept")  # below the count: not cleared again
     out = t.enter()
     assert out.rax == EXIT_TDCALL and t.rd("rax") == SUCCESS
     assert t.entry(AREA, 1) == entry_value(MAPPED, page)
@@ -431,11 +459,11 @@ def test_demote_losing_the_entry_lock_gives_the_host_priority(huge_td):
     t = huge_td
     page = t.aug_2m()
     pa = t.entry_pa(AREA, 1)
-    t.mod.mem.write64(pa, entry_value(PENDING, page) | TDEL)            # the guest holds it
+    t.mod.mem.write64(pa, entry_value(PENDING, page) | TDEL)  # the guest holds it
     out = t.call(A.TDH_MEM_PAGE_DEMOTE, rcx=AREA | 1, rdx=t.tdr, r8=t.m.host.alloc_kernel_page())
     assert out.rax == OPERAND_BUSY | OP_RCX
     assert t.mod.mem.read64(pa) == entry_value(PENDING, page) | TDEL | TDHP
-    t.mod.mem.write64(pa, entry_value(PENDING, page) | TDHP)            # the guest let it go
+    t.mod.mem.write64(pa, entry_value(PENDING, page) | TDHP)  # the guest let it go
     t.wr("rcx", AREA | 1)
     assert t.enter().rax == EXIT_TDCALL
     assert t.rd("rax") == A.TDX_OPERAND_BUSY_HOST_PRIORITY | OP_RCX

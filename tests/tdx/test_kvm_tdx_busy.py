@@ -1,12 +1,12 @@
 """KVM's answers to a busy TDX module, as Linux 6.16's arch/x86/kvm/vmx/tdx.c gives them.
 
-  * tdx_sept_zap_private_spte() / tdx_track() / tdx_sept_drop_private_spte(): TDX_OPERAND_BUSY from
-    TDH.MEM.RANGE.BLOCK, TDH.MEM.TRACK or TDH.MEM.PAGE.REMOVE is retried once between
-    tdx_no_vcpus_enter_start() (wait_for_sept_zap set, KVM_REQ_OUTSIDE_GUEST_MODE to every vCPU) and
-    tdx_no_vcpus_enter_stop();
-  * tdx_vcpu_run(): no TDH.VP.ENTER while wait_for_sept_zap is set (EXIT_FASTPATH_EXIT_HANDLED);
-    a BUSY TDH.VP.ENTER is re-entered without going to userspace;
-  * tdx_handle_ept_violation(): the local retry of RET_PF_RETRY only for private GPAs.
+* tdx_sept_zap_private_spte() / tdx_track() / tdx_sept_drop_private_spte(): TDX_OPERAND_BUSY from
+  TDH.MEM.RANGE.BLOCK, TDH.MEM.TRACK or TDH.MEM.PAGE.REMOVE is retried once between
+  tdx_no_vcpus_enter_start() (wait_for_sept_zap set, KVM_REQ_OUTSIDE_GUEST_MODE to every vCPU) and
+  tdx_no_vcpus_enter_stop();
+* tdx_vcpu_run(): no TDH.VP.ENTER while wait_for_sept_zap is set (EXIT_FASTPATH_EXIT_HANDLED);
+  a BUSY TDH.VP.ENTER is re-entered without going to userspace;
+* tdx_handle_ept_violation(): the local retry of RET_PF_RETRY only for private GPAs.
 """
 
 import pytest
@@ -19,7 +19,7 @@ from emu.userspace.vmm import Machine
 from tdxmod import abi as A
 from tdxmod.module import Regs
 
-AREA = 0x1000000                      # the area the private guest accepts
+AREA = 0x1000000  # the area the private guest accepts
 BUSY = A.TDX_OPERAND_BUSY
 SUCCESS_STATUS = 0
 
@@ -32,7 +32,7 @@ class Recorder:
         self.m = m
         self.mod = m.kvm.x86_ops.module
         self.real = self.mod.seamcall
-        self.busy = list(busy)             # [leaf name, ...]: the next call of each gets BUSY
+        self.busy = list(busy)  # [leaf name, ...]: the next call of each gets BUSY
         self.calls = []
         self.mod.seamcall = self
 
@@ -83,9 +83,9 @@ def test_zap_busy_is_retried_once_with_no_vcpus_entering(private_td, leaf):
             expect.append((name, True))
     assert [(c[0], c[2]) for c in calls] == expect
     retry = [c for c in calls if c[2]][0]
-    assert retry[3]                                         # every vCPU kicked before the retry
+    assert retry[3]  # every vCPU kicked before the retry
     after_track = calls[[c[0] for c in calls].index("TDH_MEM_PAGE_REMOVE")]
-    assert after_track[3]                                   # tdx_track() kicks after TRACK
+    assert after_track[3]  # tdx_track() kicks after TRACK
     assert not m.kvm.tdx.wait_for_sept_zap and not m.kvm.vm_bugged
     assert "TDH_PHYMEM_PAGE_WBINVD" in rec.names()
 
@@ -123,7 +123,7 @@ def test_busy_vp_enter_reenters(private_td):
     vcpu = m.vcpus[0]
     ops = m.kvm.x86_ops
     td = ops.module.tds[m.kvm.tdx.tdr_pa]
-    td.epoch_locked = True                  # a TRACK holds the epoch lock
+    td.epoch_locked = True  # a TRACK holds the epoch lock
     try:
         ex = ops.vcpu_run(vcpu)
     finally:
@@ -145,6 +145,7 @@ def test_local_retry_only_for_private_gpas(private_td, monkeypatch, private, cal
         seen.append((gpa, qual))
         vcpu.last_pf_ret = results[len(seen) - 1]
         return 1
+
     monkeypatch.setattr(vcpu, "vmx_handle_ept_violation", fault)
     gpa = AREA if private else AREA | m.shared_bit
     out = Regs(48, rcx=0x181, rdx=0, r8=gpa)
@@ -173,6 +174,7 @@ def test_zap_meets_a_guest_holding_the_entry_lock(tmp_path):
     out of guest mode and waits for them, so the ACCEPT finishes and the vCPU leaves the TD; the retried
     BLOCK succeeds, then TRACK, REMOVE and WBINVD; no KVM_BUG_ON."""
     from emu.checkers.sched import Scheduler, Strategy
+
     path = tmp_path / "accept1.S"
     path.write_text(ACCEPT_GUEST)
     m = Machine(str(path), vm="tdx")
@@ -203,6 +205,7 @@ def test_zap_meets_a_guest_holding_the_entry_lock(tmp_path):
     def zapper():
         sched.wait_until(lambda: bool(at_lock), what="lock_wait")
         kvm.zap_gfn_range(AREA >> 12, (AREA >> 12) + 1, KVM_MIRROR_ROOTS)
+
     sched.spawn(vcpu_task)
     sched.spawn(zapper)
     try:
@@ -212,10 +215,18 @@ def test_zap_meets_a_guest_holding_the_entry_lock(tmp_path):
         ops.module.sched = None
     assert at_lock and not kvm.vm_bugged and not kvm.vm_dead, kvm.bug_reason
     assert runs and runs[0].exit_reason == KVM_EXIT_HLT
-    zap = [(c[0], c[2]) for c in rec.calls if c[0] in ("TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK",
-                                                       "TDH_MEM_PAGE_REMOVE", "TDH_PHYMEM_PAGE_WBINVD")]
-    assert zap == [("TDH_MEM_RANGE_BLOCK", False), ("TDH_MEM_RANGE_BLOCK", True), ("TDH_MEM_TRACK", False),
-                   ("TDH_MEM_PAGE_REMOVE", False), ("TDH_PHYMEM_PAGE_WBINVD", False)]
+    zap = [
+        (c[0], c[2])
+        for c in rec.calls
+        if c[0] in ("TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE", "TDH_PHYMEM_PAGE_WBINVD")
+    ]
+    assert zap == [
+        ("TDH_MEM_RANGE_BLOCK", False),
+        ("TDH_MEM_RANGE_BLOCK", True),
+        ("TDH_MEM_TRACK", False),
+        ("TDH_MEM_PAGE_REMOVE", False),
+        ("TDH_PHYMEM_PAGE_WBINVD", False),
+    ]
     assert not kvm.tdx.wait_for_sept_zap
     # the guest's ACCEPT completed (RAX = 0) before the page was removed
     assert ops.get_regs(vcpu)["rax"] == SUCCESS_STATUS

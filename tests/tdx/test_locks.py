@@ -10,9 +10,26 @@ from tdxmod import abi as A
 from tdxmod import locks as L
 from tdxmod.module import MD_TDVPS_VMCS_SHARED_EPTP
 
-from tdxhelpers import (PAGE, SUCCESS, OPERAND_BUSY, OPERAND_INVALID, TD_FATAL,
-                        OP_RCX, OP_RDX, OP_R8, OP_R9, OP_TDR, OP_OP_STATE, PT_NDA, PT_REG,
-                        FREE_ENTRY, PENDING, MAPPED, entry_value, RaceSched)
+from tdxhelpers import (
+    PAGE,
+    SUCCESS,
+    OPERAND_BUSY,
+    OPERAND_INVALID,
+    TD_FATAL,
+    OP_RCX,
+    OP_RDX,
+    OP_R8,
+    OP_R9,
+    OP_TDR,
+    OP_OP_STATE,
+    PT_NDA,
+    PT_REG,
+    FREE_ENTRY,
+    PENDING,
+    MAPPED,
+    entry_value,
+    RaceSched,
+)
 
 G = 0x4000_0000
 G2 = 0x4000_1000
@@ -50,15 +67,15 @@ def test_sharex_hp_host_priority():
     off (BUSY_HOST_PRIORITY) even from a free lock; the next host to take it clears it."""
     raw, st = L.sharex_hp_acquire(0, L.TDX_LOCK_EXCLUSIVE)
     assert (raw, st) == (1, SUCCESS)
-    raw, st = L.sharex_hp_acquire(raw, L.TDX_LOCK_EXCLUSIVE)          # a second host
+    raw, st = L.sharex_hp_acquire(raw, L.TDX_LOCK_EXCLUSIVE)  # a second host
     assert (raw, st) == (1 | 2, OPERAND_BUSY)
     raw = L.sharex_hp_release(raw, L.TDX_LOCK_EXCLUSIVE)
-    assert raw == 2                                                     # priority kept
+    assert raw == 2  # priority kept
     assert L.sharex_hp_acquire(raw, L.TDX_LOCK_SHARED, is_guest=True) == (2, A.TDX_OPERAND_BUSY_HOST_PRIORITY)
-    raw, st = L.sharex_hp_acquire(raw, L.TDX_LOCK_SHARED)              # a host reader clears it
+    raw, st = L.sharex_hp_acquire(raw, L.TDX_LOCK_SHARED)  # a host reader clears it
     assert (raw, st) == (4, SUCCESS)
     assert L.sharex_hp_promote(raw) == (1, SUCCESS)
-    assert L.sharex_hp_promote(8) == (8 | 2, OPERAND_BUSY)              # two readers
+    assert L.sharex_hp_promote(8) == (8 | 2, OPERAND_BUSY)  # two readers
     with pytest.raises(L.LockError):
         L.sharex_hp_release(0, L.TDX_LOCK_SHARED)
 
@@ -85,9 +102,12 @@ def test_page_add_meets_aug_holding_the_tdr_shared(td_init):
     env.ensure_path(G, 0)
     aug_page, add_page = env.upage(), env.upage()
     chld = env.td.chldcnt
-    out, add = race(env, "sept_entry_locked",
-                    lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=aug_page),
-                    lambda: env.call(A.TDH_MEM_PAGE_ADD, rcx=G, rdx=env.tdr, r8=add_page, r9=env.source(b"x")))
+    out, add = race(
+        env,
+        "sept_entry_locked",
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=aug_page),
+        lambda: env.call(A.TDH_MEM_PAGE_ADD, rcx=G, rdx=env.tdr, r8=add_page, r9=env.source(b"x")),
+    )
     assert add.rax == OPERAND_BUSY | OP_RDX
     assert out.rax == SUCCESS
     assert env.entry(G, 0) == entry_value(PENDING, aug_page)
@@ -107,8 +127,13 @@ def test_aug_meets_page_add_holding_the_tdr_exclusively(td_init):
     def second():
         results["aug"] = env.call(A.TDH_MEM_PAGE_AUG, rcx=G2, rdx=env.tdr, r8=env.upage()).rax
         results["track"] = env.call(A.TDH_MEM_TRACK, rcx=env.tdr).rax
-    out, _ = race(env, "tdr_locked",
-                  lambda: env.call(A.TDH_MEM_PAGE_ADD, rcx=G, rdx=env.tdr, r8=page, r9=env.source(b"x")), second)
+
+    out, _ = race(
+        env,
+        "tdr_locked",
+        lambda: env.call(A.TDH_MEM_PAGE_ADD, rcx=G, rdx=env.tdr, r8=page, r9=env.source(b"x")),
+        second,
+    )
     assert results == {"aug": OPERAND_BUSY | OP_RDX, "track": OPERAND_BUSY | OP_RCX}
     assert out.rax == SUCCESS and env.entry(G, 0) == entry_value(MAPPED, page)
     no_locks_held(env)
@@ -120,8 +145,12 @@ def test_vcpu_leaf_meets_the_tdr_held_exclusively(td_init):
     env = td_init
     tdvpr = env.add_vcpu()
     env.make_state(G, 0, MAPPED)
-    out, rd = race(env, "tdr_locked", lambda: env.call(A.TDH_MR_EXTEND, rcx=G, rdx=env.tdr),
-                   lambda: env.call(A.TDH_VP_RD, rcx=tdvpr, rdx=MD_TDVPS_VMCS_SHARED_EPTP))
+    out, rd = race(
+        env,
+        "tdr_locked",
+        lambda: env.call(A.TDH_MR_EXTEND, rcx=G, rdx=env.tdr),
+        lambda: env.call(A.TDH_VP_RD, rcx=tdvpr, rdx=MD_TDVPS_VMCS_SHARED_EPTP),
+    )
     assert rd.rax == OPERAND_BUSY | OP_TDR == 0x8000020000000080
     assert out.rax == SUCCESS
     no_locks_held(env)
@@ -137,7 +166,7 @@ def test_op_state_lock_held_exclusively(td_run):
     try:
         out = env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=env.upage())
     finally:
-        assert env.td.op_state_lock & L.SHAREX_HP_HOST_PRIORITY             # the host asked for priority
+        assert env.td.op_state_lock & L.SHAREX_HP_HOST_PRIORITY  # the host asked for priority
         env.td.op_state_lock = 0
     assert out.rax == OPERAND_BUSY | OP_OP_STATE == 0x80000200000000AC
     assert env.entry(G, 0) == FREE_ENTRY
@@ -154,8 +183,12 @@ def test_aug_same_page_meets_the_pamt_lock(td_run):
     env = td_run
     env.ensure_path(G, 0)
     page = env.upage()
-    out, second = race(env, "pamt_locked", lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=page),
-                       lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G2, rdx=env.tdr, r8=page))
+    out, second = race(
+        env,
+        "pamt_locked",
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=page),
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G2, rdx=env.tdr, r8=page),
+    )
     assert second.rax == OPERAND_BUSY | OP_R8
     assert out.rax == SUCCESS
     assert env.entry(G2, 0) == FREE_ENTRY and env.entry(G, 0) == entry_value(PENDING, page)
@@ -170,8 +203,7 @@ def test_reclaim_meets_remove_holding_the_page(td_run):
     hpa = env.make_state(G, 0, PENDING)
     env.ok(env.block(G))
     env.ok(env.track())
-    out, rec = race(env, "pamt_locked", lambda: env.remove(G),
-                    lambda: env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=hpa))
+    out, rec = race(env, "pamt_locked", lambda: env.remove(G), lambda: env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=hpa))
     assert (rec.rax, rec.rcx, rec.rdx, rec.r8) == (OPERAND_BUSY | OP_RCX, 0, 0, 0)
     assert (out.rax, out.rcx) == (SUCCESS, hpa)
     no_locks_held(env)
@@ -184,8 +216,12 @@ def test_4k_aug_inside_a_2m_aug(td_run):
     env.ensure_path(G_2M, 1)
     env.ensure_path(G, 0)
     big = env.upage(512 * PAGE, align=512 * PAGE)
-    out, small = race(env, "pamt_locked", lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G_2M | 1, rdx=env.tdr, r8=big),
-                      lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=big + 7 * PAGE))
+    out, small = race(
+        env,
+        "pamt_locked",
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G_2M | 1, rdx=env.tdr, r8=big),
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=big + 7 * PAGE),
+    )
     assert small.rax == OPERAND_BUSY | OP_R8
     assert out.rax == SUCCESS
     assert env.pamt.page_type(big + 7 * PAGE) == PT_REG and env.pamt.page_size(big + 7 * PAGE) == 1
@@ -200,8 +236,12 @@ def test_2m_aug_over_a_4k_aug(td_run):
     env.ensure_path(G_2M, 1)
     env.ensure_path(G, 0)
     big = env.upage(512 * PAGE, align=512 * PAGE)
-    out, large = race(env, "pamt_locked", lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=big),
-                      lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G_2M | 1, rdx=env.tdr, r8=big))
+    out, large = race(
+        env,
+        "pamt_locked",
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=big),
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G_2M | 1, rdx=env.tdr, r8=big),
+    )
     assert large.rax == OPERAND_BUSY | OP_R8
     assert out.rax == SUCCESS
     assert env.pamt.page_size(big) == 0
@@ -214,8 +254,12 @@ def test_sept_add_new_page_meets_reclaim(td_run):
     env = td_run
     env.ensure_path(G, 1)
     page = env.kpage()
-    out, rec = race(env, "pamt_locked", lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=page),
-                    lambda: env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=page))
+    out, rec = race(
+        env,
+        "pamt_locked",
+        lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=page),
+        lambda: env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=page),
+    )
     assert rec.rax == OPERAND_BUSY | OP_RCX
     assert out.rax == SUCCESS
     no_locks_held(env)
@@ -230,8 +274,9 @@ def test_vp_flush_meets_vp_init_holding_the_tdvpr(td_init):
     env = td_init
     tdvpr = env.vp_create()
     env.vp_addcx(tdvpr)
-    out, flush = race(env, "tdvpr_locked", lambda: env.vp_init(tdvpr, x2apic=0),
-                      lambda: env.call(A.TDH_VP_FLUSH, rcx=tdvpr))
+    out, flush = race(
+        env, "tdvpr_locked", lambda: env.vp_init(tdvpr, x2apic=0), lambda: env.call(A.TDH_VP_FLUSH, rcx=tdvpr)
+    )
     assert flush.rax == OPERAND_BUSY | OP_RCX
     assert out.rax == SUCCESS
     no_locks_held(env)
@@ -267,8 +312,9 @@ def test_vp_wr_shared_eptp_reserved_bits_then_enter(make_td):
     tracking at [0, 0], and TDH.MEM.TRACK succeeds twice."""
     env = TdEnvRunnable(make_td)
     tdvpr = env.tdvpr
-    out = env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=MD_TDVPS_VMCS_SHARED_EPTP, r8=0x000F_0000_0000_0000 | env.root,
-                   r9=(1 << 64) - 1)
+    out = env.call(
+        A.TDH_VP_WR, rcx=tdvpr, rdx=MD_TDVPS_VMCS_SHARED_EPTP, r8=0x000F_0000_0000_0000 | env.root, r9=(1 << 64) - 1
+    )
     assert (out.rax, out.r8) == (METADATA_FIELD_VALUE_NOT_VALID, 0)
     out = env.call(A.TDH_VP_ENTER, rcx=tdvpr)
     assert out.rax & 0xFFFF == EXIT_EPT_VIOLATION and not out.rax >> 32
@@ -286,8 +332,7 @@ class TdEnvRunnable:
         self.__dict__["env"] = env
         self.tdvpr = env.vcpus[0][0]
         self.root = env.kpage()
-        env.ok(env.call(A.TDH_VP_WR, rcx=self.tdvpr, rdx=MD_TDVPS_VMCS_SHARED_EPTP, r8=self.root,
-                        r9=(1 << 64) - 1))
+        env.ok(env.call(A.TDH_VP_WR, rcx=self.tdvpr, rdx=MD_TDVPS_VMCS_SHARED_EPTP, r8=self.root, r9=(1 << 64) - 1))
 
     def __getattr__(self, name):
         return getattr(self.__dict__["env"], name)
@@ -306,6 +351,7 @@ def test_vp_enter_keeps_the_module_consistent_when_the_cpu_raises(make_td, where
 
     def broken(*args):
         raise RuntimeError("emulated CPU failure")
+
     setattr(hw, where, broken)
     with pytest.raises(RuntimeError):
         env.call(A.TDH_VP_ENTER, rcx=env.tdvpr)

@@ -13,20 +13,81 @@ from tdxmod import abi as A
 from tdxmod.module import MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, GPR_ORDER
 
 from tdxhelpers import (  # noqa: F401  (the spec constants)
-    PAGE, MiB, M2, U64, SUCCESS, OPERAND_BUSY, PREVIOUS_TLB_EPOCH_BUSY, OPERAND_INVALID, OPERAND_ADDR_RANGE_ERROR,
-    PAGE_METADATA_INCORRECT, TD_ASSOCIATED_PAGES_EXIST, TD_FATAL, LIFECYCLE_STATE_INCORRECT, OP_STATE_INCORRECT,
-    TD_KEYS_NOT_CONFIGURED, KEY_CONFIGURED, WBCACHE_NOT_COMPLETE, FLUSHVP_NOT_DONE, EPT_WALK_FAILED,
-    GPA_RANGE_NOT_BLOCKED, GPA_RANGE_ALREADY_BLOCKED, TLB_TRACKING_NOT_DONE, EPT_ENTRY_STATE_INCORRECT,
-    EPT_PAGE_NOT_FREE, VCPU_STATE_INCORRECT, MAX_VCPUS_EXCEEDED, X2APIC_ID_NOT_UNIQUE, STATUS_MASK,
-    TDCS_NOT_ALLOCATED, NO_VCPUS, TDCX_NUM_INCORRECT, HKID_NOT_FREE, EPT_ENTRY_NOT_PRESENT,
-    OP_RAX, OP_RCX, OP_RDX, OP_R8, OP_R9, OP_ATTRIBUTES, OP_EXEC_CONTROLS, OP_EPTP_CONTROLS, OP_SEPT_TREE,
-    OP_TD_EPOCH, OP_OP_STATE, PT_NDA, PT_REG, PT_TDR, PT_TDCX, PT_TDVPR, PT_EPT,
-    SVE, TDB, TDP, TDEL, TDHP, FREE_ENTRY, FREE, NL_MAPPED, NL_BLOCKED, MAPPED, BLOCKED, PENDING, PENDING_BLOCKED,
-    entry_value, decode_state, arch_entry, info, align, TdEnv, RaceSched)
+    PAGE,
+    MiB,
+    M2,
+    U64,
+    SUCCESS,
+    OPERAND_BUSY,
+    PREVIOUS_TLB_EPOCH_BUSY,
+    OPERAND_INVALID,
+    OPERAND_ADDR_RANGE_ERROR,
+    PAGE_METADATA_INCORRECT,
+    TD_ASSOCIATED_PAGES_EXIST,
+    TD_FATAL,
+    LIFECYCLE_STATE_INCORRECT,
+    OP_STATE_INCORRECT,
+    TD_KEYS_NOT_CONFIGURED,
+    KEY_CONFIGURED,
+    WBCACHE_NOT_COMPLETE,
+    FLUSHVP_NOT_DONE,
+    EPT_WALK_FAILED,
+    GPA_RANGE_NOT_BLOCKED,
+    GPA_RANGE_ALREADY_BLOCKED,
+    TLB_TRACKING_NOT_DONE,
+    EPT_ENTRY_STATE_INCORRECT,
+    EPT_PAGE_NOT_FREE,
+    VCPU_STATE_INCORRECT,
+    MAX_VCPUS_EXCEEDED,
+    X2APIC_ID_NOT_UNIQUE,
+    STATUS_MASK,
+    TDCS_NOT_ALLOCATED,
+    NO_VCPUS,
+    TDCX_NUM_INCORRECT,
+    HKID_NOT_FREE,
+    EPT_ENTRY_NOT_PRESENT,
+    OP_RAX,
+    OP_RCX,
+    OP_RDX,
+    OP_R8,
+    OP_R9,
+    OP_ATTRIBUTES,
+    OP_EXEC_CONTROLS,
+    OP_EPTP_CONTROLS,
+    OP_SEPT_TREE,
+    OP_TD_EPOCH,
+    OP_OP_STATE,
+    PT_NDA,
+    PT_REG,
+    PT_TDR,
+    PT_TDCX,
+    PT_TDVPR,
+    PT_EPT,
+    SVE,
+    TDB,
+    TDP,
+    TDEL,
+    TDHP,
+    FREE_ENTRY,
+    FREE,
+    NL_MAPPED,
+    NL_BLOCKED,
+    MAPPED,
+    BLOCKED,
+    PENDING,
+    PENDING_BLOCKED,
+    entry_value,
+    decode_state,
+    arch_entry,
+    info,
+    align,
+    TdEnv,
+    RaceSched,
+)
 
-G = 0x4000_0000            # a private GPA: PML4E 0, PDPTE 1, PDE 0, PTE 0
-G_OTHER = 0x4060_0000      # same PDPT, another PDE
-SHARED_BIT = 1 << 47       # GPAW 0
+G = 0x4000_0000  # a private GPA: PML4E 0, PDPTE 1, PDE 0, PTE 0
+G_OTHER = 0x4060_0000  # same PDPT, another PDE
+SHARED_BIT = 1 << 47  # GPAW 0
 
 TD_HKID_ASSIGNED, TD_KEYS_CONFIGURED, TD_BLOCKED, TD_TEARDOWN = 0, 1, 2, 3
 OP_UNINIT, OP_INITIALIZED, OP_RUNNABLE = 0, 1, 2
@@ -49,14 +110,14 @@ def host_accessible(env, hpa):
 # ==================================================================================================
 def test_mng_create_success(env):
     tdr = env.kpage()
-    env.mem.host_write(tdr, b"\xAA" * PAGE)
+    env.mem.host_write(tdr, b"\xaa" * PAGE)
     out = env.call(A.TDH_MNG_CREATE, rcx=tdr, rdx=5)
     assert out.rax == SUCCESS
-    assert env.pamt.page_type(tdr) == PT_TDR and env.pamt.owner(tdr) == 0     # tdh_mng_create: owner 0
+    assert env.pamt.page_type(tdr) == PT_TDR and env.pamt.owner(tdr) == 0  # tdh_mng_create: owner 0
     td = env.mod.tds[tdr]
     assert (td.lifecycle, td.op_state, td.hkid, td.chldcnt) == (TD_HKID_ASSIGNED, OP_UNINIT, 5, 0)
     assert 5 in env.mod.hkids
-    assert env.mem.read(tdr, PAGE) == bytes(PAGE)          # the module initialises the TDR
+    assert env.mem.read(tdr, PAGE) == bytes(PAGE)  # the module initialises the TDR
     assert not host_accessible(env, tdr)
 
 
@@ -123,8 +184,10 @@ def test_key_config(td_created):
 @pytest.mark.parametrize("case", ["not_tdr", "misaligned"])
 def test_key_config_bad_operand(td_created, case):
     env = td_created
-    rcx, expect = {"not_tdr": (env.kpage(), PAGE_METADATA_INCORRECT | OP_RCX),
-                   "misaligned": (env.tdr + 0x10, OPERAND_INVALID | OP_RCX)}[case]
+    rcx, expect = {
+        "not_tdr": (env.kpage(), PAGE_METADATA_INCORRECT | OP_RCX),
+        "misaligned": (env.tdr + 0x10, OPERAND_INVALID | OP_RCX),
+    }[case]
     assert env.call(A.TDH_MNG_KEY_CONFIG, rcx=rcx).rax == expect
     assert env.td.lifecycle == TD_HKID_ASSIGNED
 
@@ -207,29 +270,51 @@ def test_mng_init_5level_without_gpaw(td_keyed):
 
 BAD_TD_PARAMS = {
     # name: (td_params kwargs, spec status, spec line)
-    "attributes_unknown_bit": (dict(attributes=1 << 1), OPERAND_INVALID | OP_ATTRIBUTES,
-                               "facts 7 operand IDs: ATTRIBUTES 64 (facts 5: only DEBUG/SEPT_VE_DISABLE are used)"),
-    "eptp_mt_uc": (dict(eptp_controls=0x18), OPERAND_INVALID | OP_EPTP_CONTROLS,
-                   "facts 5: eptp_controls MT must be WB, otherwise OPERAND_INVALID|67"),
-    "eptp_pwl3": (dict(eptp_controls=0x16), OPERAND_INVALID | OP_EPTP_CONTROLS,
-                  "facts 5: PWL-1 must be 3 or 4, otherwise OPERAND_INVALID|67"),
-    "eptp_pwl6": (dict(eptp_controls=0x2E), OPERAND_INVALID | OP_EPTP_CONTROLS,
-                  "facts 5: PWL-1 must be 3 or 4, otherwise OPERAND_INVALID|67"),
-    "eptp_ad_bit": (dict(eptp_controls=0x5E), OPERAND_INVALID | OP_EPTP_CONTROLS,
-                    "facts 5: A/D (bit 6) must be 0, otherwise OPERAND_INVALID|67"),
-    "eptp_sss_bit": (dict(eptp_controls=0x9E), OPERAND_INVALID | OP_EPTP_CONTROLS,
-                     "facts 5: SSS (bit 7) must be 0, otherwise OPERAND_INVALID|67"),
-    "eptp_base_pa": (dict(eptp_controls=0x1E | 0x1000), OPERAND_INVALID | OP_EPTP_CONTROLS,
-                     "facts 5: reserved bits and base_pa must be 0, otherwise OPERAND_INVALID|67"),
-    "gpaw_4level": (dict(eptp_controls=0x1E, config_flags=1), OPERAND_INVALID | OP_EXEC_CONTROLS,
-                    "facts 5: config_flags errors are OPERAND_INVALID|66; 52-bit GPAW needs 5-level EPT"),
+    "attributes_unknown_bit": (
+        dict(attributes=1 << 1),
+        OPERAND_INVALID | OP_ATTRIBUTES,
+        "facts 7 operand IDs: ATTRIBUTES 64 (facts 5: only DEBUG/SEPT_VE_DISABLE are used)",
+    ),
+    "eptp_mt_uc": (
+        dict(eptp_controls=0x18),
+        OPERAND_INVALID | OP_EPTP_CONTROLS,
+        "facts 5: eptp_controls MT must be WB, otherwise OPERAND_INVALID|67",
+    ),
+    "eptp_pwl3": (
+        dict(eptp_controls=0x16),
+        OPERAND_INVALID | OP_EPTP_CONTROLS,
+        "facts 5: PWL-1 must be 3 or 4, otherwise OPERAND_INVALID|67",
+    ),
+    "eptp_pwl6": (
+        dict(eptp_controls=0x2E),
+        OPERAND_INVALID | OP_EPTP_CONTROLS,
+        "facts 5: PWL-1 must be 3 or 4, otherwise OPERAND_INVALID|67",
+    ),
+    "eptp_ad_bit": (
+        dict(eptp_controls=0x5E),
+        OPERAND_INVALID | OP_EPTP_CONTROLS,
+        "facts 5: A/D (bit 6) must be 0, otherwise OPERAND_INVALID|67",
+    ),
+    "eptp_sss_bit": (
+        dict(eptp_controls=0x9E),
+        OPERAND_INVALID | OP_EPTP_CONTROLS,
+        "facts 5: SSS (bit 7) must be 0, otherwise OPERAND_INVALID|67",
+    ),
+    "eptp_base_pa": (
+        dict(eptp_controls=0x1E | 0x1000),
+        OPERAND_INVALID | OP_EPTP_CONTROLS,
+        "facts 5: reserved bits and base_pa must be 0, otherwise OPERAND_INVALID|67",
+    ),
+    "gpaw_4level": (
+        dict(eptp_controls=0x1E, config_flags=1),
+        OPERAND_INVALID | OP_EXEC_CONTROLS,
+        "facts 5: config_flags errors are OPERAND_INVALID|66; 52-bit GPAW needs 5-level EPT",
+    ),
 }
 _MODULE_ACCEPTS = ("eptp_ad_bit", "eptp_sss_bit", "eptp_base_pa")
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c)
-    if c in _MODULE_ACCEPTS else c for c in BAD_TD_PARAMS])
+@pytest.mark.parametrize("case", [pytest.param(c) if c in _MODULE_ACCEPTS else c for c in BAD_TD_PARAMS])
 def test_mng_init_bad_td_params_refused(td_keyed, case):
     """The class of the status (OPERAND_INVALID) and no state change."""
     env = td_keyed
@@ -239,9 +324,7 @@ def test_mng_init_bad_td_params_refused(td_keyed, case):
     assert env.td.op_state == OP_UNINIT and env.td.sept_root is None
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c)
-    for c in BAD_TD_PARAMS])
+@pytest.mark.parametrize("case", [pytest.param(c) for c in BAD_TD_PARAMS])
 def test_mng_init_bad_td_params_operand_id(td_keyed, case):
     env = td_keyed
     kw, expect, _ = BAD_TD_PARAMS[case]
@@ -271,10 +354,12 @@ def test_tdcs_not_allocated(td_created, leaf):
     """check_td_in_correct_build_state(): every leaf that maps the TDCS (check_state_map_tdcs_and_lock)
     returns TDX_TDCS_NOT_ALLOCATED while fewer than MIN_NUM_TDCS_PAGES are added; ADDCX itself does not."""
     env = td_created.key_config().addcx(2)
-    call = {"VP.CREATE": lambda: env.call(A.TDH_VP_CREATE, rcx=env.kpage(), rdx=env.tdr),
-            "MR.FINALIZE": lambda: env.call(A.TDH_MR_FINALIZE, rcx=env.tdr),
-            "TRACK": lambda: env.call(A.TDH_MEM_TRACK, rcx=env.tdr),
-            "SEPT.ADD": lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=env.kpage())}[leaf]
+    call = {
+        "VP.CREATE": lambda: env.call(A.TDH_VP_CREATE, rcx=env.kpage(), rdx=env.tdr),
+        "MR.FINALIZE": lambda: env.call(A.TDH_MR_FINALIZE, rcx=env.tdr),
+        "TRACK": lambda: env.call(A.TDH_MEM_TRACK, rcx=env.tdr),
+        "SEPT.ADD": lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=env.kpage()),
+    }[leaf]
     assert call().rax == TDCS_NOT_ALLOCATED
     assert env.call(A.TDH_MNG_ADDCX, rcx=env.kpage(), rdx=env.tdr).rax == SUCCESS
 
@@ -406,12 +491,12 @@ def test_max_vcpus_exceeded(make_td):
     VP.CREATE, which has no such check; the refused vCPU stays uninitialized and the count unchanged."""
     env = make_td("initialized", max_vcpus=1)
     env.add_vcpu()
-    tdvpr = env.vp_create()                      # VP.CREATE succeeds beyond max_vcpus
+    tdvpr = env.vp_create()  # VP.CREATE succeeds beyond max_vcpus
     env.vp_addcx(tdvpr)
     out = env.vp_init(tdvpr, x2apic=1)
     assert (out.rax, out.rcx, out.rdx) == (MAX_VCPUS_EXCEEDED, 0, 0)
     assert not env.mod.vcpus[tdvpr].initialized and env.td.num_vcpus == 1
-    assert env.call(A.TDH_VP_INIT, rcx=tdvpr, rdx=0).rax == MAX_VCPUS_EXCEEDED   # version 0 too
+    assert env.call(A.TDH_VP_INIT, rcx=tdvpr, rdx=0).rax == MAX_VCPUS_EXCEEDED  # version 0 too
 
 
 def test_vp_addcx_success(td_init):
@@ -564,8 +649,8 @@ def test_vp_wr_shared_eptp_keeps_bits_51_12(td_vcpu):
     assert _vp_rd(env, tdvpr, 0x203C) == 0
     out = env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=0xFFF0_0000_0000_7FFF, r9=U64)
     assert out.rax == SUCCESS
-    assert out.r8 == 0                                   # the previous value
-    assert _vp_rd(env, tdvpr, 0x203C) == 0x7000                # bits 11:0 and 63:52 dropped
+    assert out.r8 == 0  # the previous value
+    assert _vp_rd(env, tdvpr, 0x203C) == 0x7000  # bits 11:0 and 63:52 dropped
     out = env.call(A.TDH_VP_WR, rcx=tdvpr, rdx=0x203C, r8=0xABC0_0000_9ABC_D01E, r9=U64)
     assert out.rax == SUCCESS and out.r8 == 0x7000
     assert _vp_rd(env, tdvpr, 0x203C) == 0x0000_9ABC_D000
@@ -623,8 +708,10 @@ def test_vp_rd_wr_unknown_field(td_vcpu, leaf):
 @pytest.mark.parametrize("case", ["not_tdvpr", "misaligned"])
 def test_vp_operand_errors(td_vcpu, leaf, case):
     env = td_vcpu
-    rcx, expect = {"not_tdvpr": (env.tdr, PAGE_METADATA_INCORRECT | OP_RCX),
-                   "misaligned": (env.vcpus[0][0] + 8, OPERAND_INVALID | OP_RCX)}[case]
+    rcx, expect = {
+        "not_tdvpr": (env.tdr, PAGE_METADATA_INCORRECT | OP_RCX),
+        "misaligned": (env.vcpus[0][0] + 8, OPERAND_INVALID | OP_RCX),
+    }[case]
     assert env.call(leaf, rcx=rcx, rdx=0x203C, r8=0, r9=U64).rax == expect
 
 
@@ -671,13 +758,12 @@ def test_sept_add_each_level(td_init):
 
 def test_sept_add_5level_top(make_td):
     env = make_td("initialized", eptp_controls=0x26, config_flags=1)
-    gpa = 1 << 47                      # private under GPAW 1 (shared bit 51): PML5E 0, PML4E 256
+    gpa = 1 << 47  # private under GPAW 1 (shared bit 51): PML5E 0, PML4E 256
     for level in (4, 3, 2, 1):
         assert env.sept_add(align(gpa, level), level).rax == SUCCESS
     assert env.entry(gpa, 4) == entry_value(NL_MAPPED, env.sept_pages[0])
     assert env.call(A.TDH_MEM_SEPT_ADD, rcx=0 | 5, rdx=env.tdr, r8=env.kpage()).rax == OPERAND_INVALID | OP_RCX
-    assert env.call(A.TDH_MEM_SEPT_ADD, rcx=(1 << 51) | 3, rdx=env.tdr, r8=env.kpage()).rax == \
-        OPERAND_INVALID | OP_RCX
+    assert env.call(A.TDH_MEM_SEPT_ADD, rcx=(1 << 51) | 3, rdx=env.tdr, r8=env.kpage()).rax == OPERAND_INVALID | OP_RCX
 
 
 BAD_PAGE_INFO = {
@@ -753,9 +839,11 @@ def test_sept_add_page_not_nda(td_init, case):
 def test_sept_add_page_bad_address(td_init, case):
     env = td_init
     page = env.kpage()
-    r8, expect = {"misaligned": (page + 0x100, OPERAND_INVALID | OP_R8),
-                  "outside_tdmr": (env.pamt.base, OPERAND_ADDR_RANGE_ERROR | OP_R8),
-                  "hkid_bits": (page | (1 << env.hkid_shift), OPERAND_INVALID | OP_R8)}[case]
+    r8, expect = {
+        "misaligned": (page + 0x100, OPERAND_INVALID | OP_R8),
+        "outside_tdmr": (env.pamt.base, OPERAND_ADDR_RANGE_ERROR | OP_R8),
+        "hkid_bits": (page | (1 << env.hkid_shift), OPERAND_INVALID | OP_R8),
+    }[case]
     assert env.call(A.TDH_MEM_SEPT_ADD, rcx=0 | 3, rdx=env.tdr, r8=r8).rax == expect
     assert env.mem.read64(env.td.sept_root) == FREE_ENTRY
 
@@ -775,16 +863,21 @@ def test_sept_add_null_page_checked_after_the_entry(td_init):
     assert (out.rax, out.rcx, out.rdx) == (EPT_WALK_FAILED | OP_RCX, arch_entry(FREE), info(FREE, 3))
     hpa = env.make_state(G, 1, NL_BLOCKED)
     out = env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=0)
-    assert (out.rax, out.rcx, out.rdx) == (EPT_ENTRY_STATE_INCORRECT | OP_RCX, arch_entry(NL_BLOCKED, hpa),
-                                           info(NL_BLOCKED, 1))
+    assert (out.rax, out.rcx, out.rdx) == (
+        EPT_ENTRY_STATE_INCORRECT | OP_RCX,
+        arch_entry(NL_BLOCKED, hpa),
+        info(NL_BLOCKED, 1),
+    )
     assert env.entry(G, 1) == entry_value(NL_BLOCKED, hpa)
 
 
 @pytest.mark.parametrize("case", ["not_tdr", "tdr_misaligned"])
 def test_sept_add_bad_tdr(td_init, case):
     env = td_init
-    rdx, expect = {"not_tdr": (env.tdcs[0], PAGE_METADATA_INCORRECT | OP_RDX),
-                   "tdr_misaligned": (env.tdr | (1 << env.hkid_shift), OPERAND_INVALID | OP_RDX)}[case]
+    rdx, expect = {
+        "not_tdr": (env.tdcs[0], PAGE_METADATA_INCORRECT | OP_RDX),
+        "tdr_misaligned": (env.tdr | (1 << env.hkid_shift), OPERAND_INVALID | OP_RDX),
+    }[case]
     assert env.call(A.TDH_MEM_SEPT_ADD, rcx=0 | 3, rdx=rdx, r8=env.kpage()).rax == expect
 
 
@@ -915,7 +1008,7 @@ def test_page_add_bad_operands(td_init, case):
     target, src = env.upage(), env.source(b"x")
     rcx, r8, r9, expect = {
         "source_misaligned": (G, target, src + 0x10, OPERAND_INVALID | OP_R9),
-        "source_private": (G, target, owned, OPERAND_INVALID | OP_R9),     # model-defined: must be shared memory
+        "source_private": (G, target, owned, OPERAND_INVALID | OP_R9),  # model-defined: must be shared memory
         "target_owned": (G, owned, src, PAGE_METADATA_INCORRECT | OP_R8),
         "level1": (G | 1, target, src, OPERAND_INVALID | OP_RCX),
         "shared_gpa": (G | SHARED_BIT, target, src, OPERAND_INVALID | OP_RCX),
@@ -1069,7 +1162,7 @@ def run_leaf(env, leaf, gpa, level):
     if leaf == "BLOCK":
         return env.block(gpa, level), None
     if leaf == "UNBLOCK":
-        env.ok(env.track(), "TRACK")       # UNBLOCK needs tracking done (REFERENCE 3.5)
+        env.ok(env.track(), "TRACK")  # UNBLOCK needs tracking done (REFERENCE 3.5)
         return env.unblock(gpa, level), None
     if leaf == "REMOVE":
         return env.remove(gpa, level), None
@@ -1080,12 +1173,12 @@ def run_leaf(env, leaf, gpa, level):
     raise ValueError(leaf)
 
 
-MATRIX_CASES = [(level, leaf, state) for level, leaves in MATRIX.items() for leaf, states in leaves.items()
-                for state in states]
+MATRIX_CASES = [
+    (level, leaf, state) for level, leaves in MATRIX.items() for leaf, states in leaves.items() for state in states
+]
 
 
-@pytest.mark.parametrize("level,leaf,state", MATRIX_CASES,
-                         ids=[f"L{lv}-{lf}-{st}" for lv, lf, st in MATRIX_CASES])
+@pytest.mark.parametrize("level,leaf,state", MATRIX_CASES, ids=[f"L{lv}-{lf}-{st}" for lv, lf, st in MATRIX_CASES])
 def test_legal_starting_states(td_init, level, leaf, state):
     env = td_init
     hpa = env.make_state(G, level, state)
@@ -1109,19 +1202,19 @@ def test_legal_starting_states(td_init, level, leaf, state):
     else:
         assert out.rax == SUCCESS
         sign = CHLD_DELTA.get(leaf, 0)
-        size = 1 if leaf in ("SEPT.ADD", "SEPT.REMOVE", "PAGE.ADD") else 512 ** level
+        size = 1 if leaf in ("SEPT.ADD", "SEPT.REMOVE", "PAGE.ADD") else 512**level
         assert env.td.chldcnt == chld + sign * size
         if expect == FREE:
             assert env.mem.read64(pa) == FREE_ENTRY
-            assert out.rcx == hpa                       # REMOVE / SEPT.REMOVE: RCX = HPA of the removed page
+            assert out.rcx == hpa  # REMOVE / SEPT.REMOVE: RCX = HPA of the removed page
             assert env.pamt.page_type(hpa) == PT_NDA and host_accessible(env, hpa)
-        elif state == FREE:                             # a page was added
+        elif state == FREE:  # a page was added
             assert env.mem.read64(pa) == entry_value(expect, page)
             assert env.pamt.page_type(page) == (PT_EPT if leaf == "SEPT.ADD" else PT_REG)
             assert env.pamt.owner(page) == env.tdr
         else:
             assert env.mem.read64(pa) == entry_value(expect, hpa)
-            if leaf == "BLOCK":                         # PAMT.BEPOCH = TD_EPOCH
+            if leaf == "BLOCK":  # PAMT.BEPOCH = TD_EPOCH
                 assert env.pamt.bepoch(hpa) == env.td.epoch
 
 
@@ -1217,11 +1310,11 @@ def test_track_previous_epoch_busy(td_run):
     env = td_run
     td = env.td
     epoch = td.epoch
-    td.refcount[1 - (epoch & 1)] = 1         # a vCPU still in the previous epoch
+    td.refcount[1 - (epoch & 1)] = 1  # a vCPU still in the previous epoch
     assert env.track().rax == PREVIOUS_TLB_EPOCH_BUSY
     assert td.epoch == epoch
     td.refcount[1 - (epoch & 1)] = 0
-    td.refcount[epoch & 1] = 1               # a vCPU in the current epoch does not stop TRACK
+    td.refcount[epoch & 1] = 1  # a vCPU in the current epoch does not stop TRACK
     assert env.track().rax == SUCCESS and td.epoch == epoch + 1
     assert env.track().rax == PREVIOUS_TLB_EPOCH_BUSY  # ... but it is the previous epoch now
     td.refcount[epoch & 1] = 0
@@ -1229,7 +1322,7 @@ def test_track_previous_epoch_busy(td_run):
 
 def test_track_epoch_lock_busy(td_run):
     env = td_run
-    env.td.epoch_locked = True               # another TRACK holds the epoch lock
+    env.td.epoch_locked = True  # another TRACK holds the epoch lock
     try:
         assert env.track().rax == OPERAND_BUSY | OP_TD_EPOCH
         assert env.td.epoch == 1
@@ -1243,9 +1336,18 @@ def test_tdr_in_rcx_not_tdr(td_init, leaf):
     assert env.call(leaf, rcx=env.tdcs[0]).rax == PAGE_METADATA_INCORRECT | OP_RCX
 
 
-@pytest.mark.parametrize("leaf", [A.TDH_MEM_PAGE_AUG, A.TDH_MEM_PAGE_ADD, A.TDH_MEM_RANGE_BLOCK,
-                                  A.TDH_MEM_RANGE_UNBLOCK, A.TDH_MEM_PAGE_REMOVE, A.TDH_MEM_SEPT_REMOVE,
-                                  A.TDH_MR_EXTEND])
+@pytest.mark.parametrize(
+    "leaf",
+    [
+        A.TDH_MEM_PAGE_AUG,
+        A.TDH_MEM_PAGE_ADD,
+        A.TDH_MEM_RANGE_BLOCK,
+        A.TDH_MEM_RANGE_UNBLOCK,
+        A.TDH_MEM_PAGE_REMOVE,
+        A.TDH_MEM_SEPT_REMOVE,
+        A.TDH_MR_EXTEND,
+    ],
+)
 def test_tdr_in_rdx_not_tdr(td_init, leaf):
     env = td_init
     env.make_state(G, 0, MAPPED)
@@ -1309,7 +1411,7 @@ def test_remove_tracking_waits_for_vcpus_of_the_block_epoch(td_run_mapped):
     bepoch = env.pamt.bepoch(env.leaves[G][1])
     assert bepoch == td.epoch
     env.ok(env.track())
-    td.refcount[bepoch & 1] = 1              # a vCPU entered in the blocking epoch is still in the TD
+    td.refcount[bepoch & 1] = 1  # a vCPU entered in the blocking epoch is still in the TD
     try:
         assert env.remove(G).rax == TLB_TRACKING_NOT_DONE | OP_RCX
     finally:
@@ -1388,8 +1490,7 @@ def test_sept_remove_level0_invalid(td_init):
 MEM_LEAF_CALLS = {
     "SEPT.ADD": lambda env: env.call(A.TDH_MEM_SEPT_ADD, rcx=G_OTHER | 1, rdx=env.tdr, r8=env.kpage()),
     "AUG": lambda env: env.call(A.TDH_MEM_PAGE_AUG, rcx=G + PAGE, rdx=env.tdr, r8=env.upage()),
-    "PAGE.ADD": lambda env: env.call(A.TDH_MEM_PAGE_ADD, rcx=G + PAGE, rdx=env.tdr, r8=env.upage(),
-                                     r9=env.source()),
+    "PAGE.ADD": lambda env: env.call(A.TDH_MEM_PAGE_ADD, rcx=G + PAGE, rdx=env.tdr, r8=env.upage(), r9=env.source()),
     "BLOCK": lambda env: env.block(G),
     "UNBLOCK": lambda env: env.unblock(G),
     "REMOVE": lambda env: env.remove(G),
@@ -1417,7 +1518,7 @@ def test_memory_leaves_td_fatal(td_run, leaf):
     env = td_run
     env.make_state(G, 0, PENDING)
     env.ensure_path(G_OTHER, 2)
-    env.td.fatal = True                      # as after a fatal TD error
+    env.td.fatal = True  # as after a fatal TD error
     assert MEM_LEAF_CALLS[leaf](env).rax == TD_FATAL
 
 
@@ -1442,7 +1543,7 @@ def test_teardown_lifecycle_sequence(td_vcpu):
 def test_vpflushdone_with_associated_vcpu(td_vcpu):
     env = td_vcpu
     tdvpr = env.vcpus[0][0]
-    assert env.mod.vcpus[tdvpr].associated   # TDH.VP.INIT associated it with this LP
+    assert env.mod.vcpus[tdvpr].associated  # TDH.VP.INIT associated it with this LP
     assert env.call(A.TDH_MNG_VPFLUSHDONE, rcx=env.tdr).rax == FLUSHVP_NOT_DONE
     assert env.td.lifecycle == TD_KEYS_CONFIGURED
     env.ok(env.call(A.TDH_VP_FLUSH, rcx=tdvpr))
@@ -1477,7 +1578,7 @@ def test_freeid_without_cache_wb(td_init):
 def test_vp_flush_after_hkid_release(td_vcpu):
     """Model-defined: vCPU leaves need the TD's keys configured (VP.FLUSH after VPFLUSHDONE)."""
     env = td_vcpu
-    env.ok(env.call(A.TDH_VP_FLUSH, rcx=env.vcpus[0][0]))     # VP.INIT associated the vCPU
+    env.ok(env.call(A.TDH_VP_FLUSH, rcx=env.vcpus[0][0]))  # VP.INIT associated the vCPU
     env.ok(env.call(A.TDH_MNG_VPFLUSHDONE, rcx=env.tdr))
     assert env.call(A.TDH_VP_FLUSH, rcx=env.vcpus[0][0]).rax == TD_KEYS_NOT_CONFIGURED
 
@@ -1509,7 +1610,7 @@ def test_reclaim_before_teardown_outputs(td_init, which, pt):
     env.ensure_path(G, 2)
     page = {"tdcs": env.tdcs[0], "tdr": env.tdr, "sept": env.sept_pages[0]}[which]
     out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=page)
-    owner = 0 if pt == PT_TDR else env.tdr              # the TDR's PAMT owner is 0 (tdh_mng_create)
+    owner = 0 if pt == PT_TDR else env.tdr  # the TDR's PAMT owner is 0 (tdh_mng_create)
     assert (out.rax, out.rcx, out.rdx, out.r8) == (LIFECYCLE_STATE_INCORRECT, pt, owner, 0)
 
 
@@ -1532,10 +1633,12 @@ def test_reclaim_tdr_with_children_outputs(td_init):
 def test_reclaim_bad_operand(td_init, case):
     env = td_init
     page = env.kpage()
-    rcx, expect = {"nda": (page, PAGE_METADATA_INCORRECT | OP_RCX),
-                   "misaligned": (env.tdcs[0] + 0x10, OPERAND_INVALID | OP_RCX),
-                   "hkid_bits": (env.tdcs[0] | (env.hkid << env.hkid_shift), OPERAND_INVALID | OP_RCX),
-                   "outside_tdmr": (env.pamt.base, OPERAND_ADDR_RANGE_ERROR | OP_RCX)}[case]
+    rcx, expect = {
+        "nda": (page, PAGE_METADATA_INCORRECT | OP_RCX),
+        "misaligned": (env.tdcs[0] + 0x10, OPERAND_INVALID | OP_RCX),
+        "hkid_bits": (env.tdcs[0] | (env.hkid << env.hkid_shift), OPERAND_INVALID | OP_RCX),
+        "outside_tdmr": (env.pamt.base, OPERAND_ADDR_RANGE_ERROR | OP_RCX),
+    }[case]
     assert env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=rcx).rax == expect
 
 
@@ -1576,9 +1679,11 @@ def test_wbinvd(td_run):
 @pytest.mark.parametrize("case", ["misaligned", "outside_tdmr", "tdcs_page"])
 def test_wbinvd_bad_operand(td_init, case):
     env = td_init
-    rcx, expect = {"misaligned": (env.kpage() + 0x40, OPERAND_INVALID | OP_RCX),
-                   "outside_tdmr": (env.pamt.base, OPERAND_ADDR_RANGE_ERROR | OP_RCX),
-                   "tdcs_page": (env.tdcs[0], PAGE_METADATA_INCORRECT | OP_RCX)}[case]
+    rcx, expect = {
+        "misaligned": (env.kpage() + 0x40, OPERAND_INVALID | OP_RCX),
+        "outside_tdmr": (env.pamt.base, OPERAND_ADDR_RANGE_ERROR | OP_RCX),
+        "tdcs_page": (env.tdcs[0], PAGE_METADATA_INCORRECT | OP_RCX),
+    }[case]
     assert env.call(A.TDH_PHYMEM_PAGE_WBINVD, rcx=rcx).rax == expect
 
 
@@ -1609,7 +1714,7 @@ def test_reclaim_check_order(td_run):
     out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=hpa)
     assert (out.rax, out.rcx, out.rdx, out.r8) == (LIFECYCLE_STATE_INCORRECT, PT_REG, env.tdr, 1)
     # a held PAMT entry lock
-    assert env.pamt.try_lock(hpa, 1)                   # the 2M page's entry
+    assert env.pamt.try_lock(hpa, 1)  # the 2M page's entry
     try:
         out = env.call(A.TDH_PHYMEM_PAGE_RECLAIM, rcx=hpa)
         assert (out.rax, out.rcx, out.rdx, out.r8) == (OPERAND_BUSY | OP_RCX, 0, 0, 0)
@@ -1636,11 +1741,13 @@ def test_td_fatal_before_keys_configured(make_td, leaf):
     env.td.fatal = True
     if leaf != "KEY.CONFIG":
         env.td.lifecycle = TD_HKID_ASSIGNED if stage != "created" else env.td.lifecycle
-    call = {"MNG.INIT": lambda: env.call(A.TDH_MNG_INIT, rcx=env.tdr, rdx=env.td_params()),
-            "MNG.ADDCX": lambda: env.call(A.TDH_MNG_ADDCX, rcx=env.kpage(), rdx=env.tdr),
-            "KEY.CONFIG": lambda: env.call(A.TDH_MNG_KEY_CONFIG, rcx=env.tdr),
-            "VP.CREATE": lambda: env.call(A.TDH_VP_CREATE, rcx=env.kpage(), rdx=env.tdr),
-            "VP.INIT": lambda: env.vp_init(tdvpr)}[leaf]
+    call = {
+        "MNG.INIT": lambda: env.call(A.TDH_MNG_INIT, rcx=env.tdr, rdx=env.td_params()),
+        "MNG.ADDCX": lambda: env.call(A.TDH_MNG_ADDCX, rcx=env.kpage(), rdx=env.tdr),
+        "KEY.CONFIG": lambda: env.call(A.TDH_MNG_KEY_CONFIG, rcx=env.tdr),
+        "VP.CREATE": lambda: env.call(A.TDH_VP_CREATE, rcx=env.kpage(), rdx=env.tdr),
+        "VP.INIT": lambda: env.vp_init(tdvpr),
+    }[leaf]
     assert env.td.fatal and (leaf == "KEY.CONFIG" or env.td.lifecycle != TD_KEYS_CONFIGURED)
     assert call().rax == TD_FATAL
 
@@ -1654,8 +1761,8 @@ def test_full_teardown_returns_every_page(make_td):
     env.add_vcpu()
     env.finalize()
     env.make_state(G + 2 * PAGE, 0, PENDING)
-    env.make_state(G_OTHER, 1, PENDING)              # a 2M page
-    env.make_state(1 << 39, 1, NL_MAPPED)            # another PML4E subtree with an empty PT
+    env.make_state(G_OTHER, 1, PENDING)  # a 2M page
+    env.make_state(1 << 39, 1, NL_MAPPED)  # another PML4E subtree with an empty PT
     assert len(env.pamt.owned_pages(env.tdr)) > 0
     for gpa, (level, hpa) in list(env.leaves.items()):
         env.ok(env.block(gpa, level))
@@ -1712,12 +1819,11 @@ def test_race_aug_aug_same_entry(td_run):
         seen["entry"] = env.mem.read64(pa)
         return out
 
-    out, sched = race(env, "sept_entry_locked", lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=p1),
-                      second)
+    out, sched = race(env, "sept_entry_locked", lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=p1), second)
     assert sched.result.rax == OPERAND_BUSY | OP_RCX
-    assert seen["entry"] & TDEL and seen["entry"] & TDHP       # the loser set host priority
+    assert seen["entry"] & TDEL and seen["entry"] & TDHP  # the loser set host priority
     assert out.rax == SUCCESS
-    assert env.mem.read64(pa) == entry_value(PENDING, p1)     # lock bits cleared
+    assert env.mem.read64(pa) == entry_value(PENDING, p1)  # lock bits cleared
     assert env.pamt.page_type(p1) == PT_REG and env.pamt.page_type(p2) == PT_NDA
     assert host_accessible(env, p2)
     assert env.td.sept_readers == 0 and not env.td.sept_writer
@@ -1727,9 +1833,12 @@ def test_race_sept_add_same_entry(td_run):
     env = td_run
     env.ensure_path(G, 1)
     p1, p2 = env.kpage(), env.kpage()
-    out, sched = race(env, "sept_entry_locked",
-                      lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=p1),
-                      lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=p2))
+    out, sched = race(
+        env,
+        "sept_entry_locked",
+        lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=p1),
+        lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=p2),
+    )
     assert sched.result.rax == OPERAND_BUSY | OP_RCX
     assert out.rax == SUCCESS
     assert env.entry(G, 1) == entry_value(NL_MAPPED, p1)
@@ -1752,12 +1861,15 @@ def test_race_aug_same_page_two_gpas(td_run):
     env = td_run
     env.ensure_path(G, 0)
     page = env.upage()
-    out, sched = race(env, "sept_entry_locked",
-                      lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=page),
-                      lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G + PAGE, rdx=env.tdr, r8=page))
+    out, sched = race(
+        env,
+        "sept_entry_locked",
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=page),
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G + PAGE, rdx=env.tdr, r8=page),
+    )
     assert sched.result.rax == SUCCESS
     assert (out.rax, out.rcx, out.rdx) == (PAGE_METADATA_INCORRECT | OP_R8, 0, 0)
-    assert env.entry(G, 0) == FREE_ENTRY                   # the loser's entry lock was released
+    assert env.entry(G, 0) == FREE_ENTRY  # the loser's entry lock was released
     assert env.entry(G + PAGE, 0) == entry_value(PENDING, page)
 
 
@@ -1780,9 +1892,12 @@ def test_race_aug_aug_different_entries_share_tree_lock(td_run):
     env = td_run
     env.ensure_path(G, 0)
     p1, p2 = env.upage(), env.upage()
-    out, sched = race(env, "sept_entry_locked",
-                      lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=p1),
-                      lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G + PAGE, rdx=env.tdr, r8=p2))
+    out, sched = race(
+        env,
+        "sept_entry_locked",
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G, rdx=env.tdr, r8=p1),
+        lambda: env.call(A.TDH_MEM_PAGE_AUG, rcx=G + PAGE, rdx=env.tdr, r8=p2),
+    )
     assert sched.result.rax == SUCCESS and out.rax == SUCCESS
     assert env.entry(G + PAGE, 0) == entry_value(PENDING, p2)
 
@@ -1793,14 +1908,17 @@ def test_race_sept_add_vs_block_tree_lock(td_run):
     hpa = env.make_state(G_OTHER, 0, PENDING)
     env.ensure_path(G, 1)
     page = env.kpage()
-    out, sched = race(env, "sept_entry_locked",
-                      lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=page),
-                      lambda: env.block(G_OTHER))
+    out, sched = race(
+        env,
+        "sept_entry_locked",
+        lambda: env.call(A.TDH_MEM_SEPT_ADD, rcx=G | 1, rdx=env.tdr, r8=page),
+        lambda: env.block(G_OTHER),
+    )
     assert sched.result.rax == OPERAND_BUSY | OP_SEPT_TREE
     assert sched.result.rax == 0x8000020000000092
     assert out.rax == SUCCESS
     assert env.entry(G_OTHER, 0) == entry_value(PENDING, hpa)
-    assert env.block(G_OTHER).rax == SUCCESS                 # the retry goes through
+    assert env.block(G_OTHER).rax == SUCCESS  # the retry goes through
 
 
 @pytest.mark.parametrize("second", ["AUG", "SEPT.ADD", "REMOVE", "BLOCK", "SEPT.REMOVE"])
@@ -1840,8 +1958,7 @@ def test_host_cannot_touch_module_and_private_pages(td_init):
     env.ensure_path(G_OTHER, 1)
     env.ok(env.aug(G_OTHER, 1)[0])
     big = env.leaves[G_OTHER][1]
-    protected = [env.tdr, *env.tdcs, tdvpr, tdvpx, *env.sept_pages, added, augged, big, big + 511 * PAGE,
-                 env.pamt.base]
+    protected = [env.tdr, *env.tdcs, tdvpr, tdvpx, *env.sept_pages, added, augged, big, big + 511 * PAGE, env.pamt.base]
     for hpa in protected:
         with pytest.raises(HostAccessError):
             env.mem.host_read(hpa, 8)
@@ -1857,7 +1974,7 @@ def test_freed_pages_are_host_accessible(td_init):
     hpa = env.make_state(G, 0, MAPPED)
     child = env.sept_pages[-1]
     env.ok(env.remove(G))
-    env.mem.movdir64b(hpa)                      # tdx_clear_page(): the lines are the host's again
+    env.mem.movdir64b(hpa)  # tdx_clear_page(): the lines are the host's again
     env.mem.host_write(hpa, b"reuse")
     env.ok(env.sept_remove(G, 1))
     env.mem.movdir64b(child)

@@ -20,10 +20,15 @@ def test_a_short_run_breaks_nothing():
     fz = SeamFuzzer(seed=0).run(1500)
     assert fz.failures == [], fz.failures[0].message
     assert fz.calls >= 1500
-    for pair in [("TDH_MEM_PAGE_AUG", "TDX_SUCCESS"), ("TDH_MEM_SEPT_ADD", "TDX_SUCCESS"),
-                 ("TDH_MEM_RANGE_BLOCK", "TDX_SUCCESS"), ("TDH_VP_ENTER", "exit:EPT_VIOLATION"),
-                 ("TDG_MEM_PAGE_ACCEPT", "TDX_SUCCESS"), ("TDH_PHYMEM_PAGE_RECLAIM", "TDX_SUCCESS"),
-                 ("TDH_MEM_PAGE_AUG", "TDX_OPERAND_BUSY")]:
+    for pair in [
+        ("TDH_MEM_PAGE_AUG", "TDX_SUCCESS"),
+        ("TDH_MEM_SEPT_ADD", "TDX_SUCCESS"),
+        ("TDH_MEM_RANGE_BLOCK", "TDX_SUCCESS"),
+        ("TDH_VP_ENTER", "exit:EPT_VIOLATION"),
+        ("TDG_MEM_PAGE_ACCEPT", "TDX_SUCCESS"),
+        ("TDH_PHYMEM_PAGE_RECLAIM", "TDX_SUCCESS"),
+        ("TDH_MEM_PAGE_AUG", "TDX_OPERAND_BUSY"),
+    ]:
         assert fz.pairs.get(pair), pair
     cov = fz.coverage()
     assert cov["not_derived"] == [] and cov["reached"] > cov["reachable"] // 2
@@ -32,13 +37,26 @@ def test_a_short_run_breaks_nothing():
 def test_what_each_handler_can_return_is_derived():
     """can_return() reads the handlers and what they call (helpers, the PAMT, the locks)."""
     cr = can_return()
-    assert {"TDX_SUCCESS", "TDX_OPERAND_BUSY", "TDX_EPT_WALK_FAILED", "TDX_PAGE_METADATA_INCORRECT", "TDX_TD_FATAL",
-            "TDX_OP_STATE_INCORRECT", "TDX_EPT_ENTRY_STATE_INCORRECT"} <= cr["TDH_MEM_PAGE_AUG"]
+    assert {
+        "TDX_SUCCESS",
+        "TDX_OPERAND_BUSY",
+        "TDX_EPT_WALK_FAILED",
+        "TDX_PAGE_METADATA_INCORRECT",
+        "TDX_TD_FATAL",
+        "TDX_OP_STATE_INCORRECT",
+        "TDX_EPT_ENTRY_STATE_INCORRECT",
+    } <= cr["TDH_MEM_PAGE_AUG"]
     assert cr["TDH_PHYMEM_CACHE_WB"] == {"TDX_SUCCESS", "TDX_OPERAND_INVALID", "TDX_NO_HKID_READY_TO_WBCACHE"}
-    assert {"TDX_VCPU_ASSOCIATED", "TDX_VCPU_STATE_INCORRECT", "TDX_NON_RECOVERABLE_VCPU",
-            "TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE", "exit:EPT_VIOLATION", "exit:TDCALL",
-            "exit:EXTERNAL_INTERRUPT"} <= cr["TDH_VP_ENTER"]
-    assert "TDX_PAGE_ALREADY_ACCEPTED" not in cr["TDH_VP_ENTER"]       # a TDCALL's, not VP.ENTER's
+    assert {
+        "TDX_VCPU_ASSOCIATED",
+        "TDX_VCPU_STATE_INCORRECT",
+        "TDX_NON_RECOVERABLE_VCPU",
+        "TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE",
+        "exit:EPT_VIOLATION",
+        "exit:TDCALL",
+        "exit:EXTERNAL_INTERRUPT",
+    } <= cr["TDH_VP_ENTER"]
+    assert "TDX_PAGE_ALREADY_ACCEPTED" not in cr["TDH_VP_ENTER"]  # a TDCALL's, not VP.ENTER's
     assert {"TDX_SUCCESS", "TDX_OPERAND_BUSY_HOST_PRIORITY", "TDX_PAGE_ALREADY_ACCEPTED"} <= cr["TDG_MEM_PAGE_ACCEPT"]
     for (leaf, status), why in unreachable().items():
         assert status in cr[leaf] and why
@@ -47,14 +65,19 @@ def test_what_each_handler_can_return_is_derived():
 def _tdr_shared_in_page_add(monkeypatch):
     """Issue 28 defect 5: TDH.MEM.PAGE.ADD without its TDR held exclusively."""
     import tdxmod.api_calls.tdh_mem_page as P
+
     orig = P.check_lock_tdr
-    monkeypatch.setattr(P, "check_lock_tdr", lambda mod, held, tdr, op, lock_type, caller=None:
-                        orig(mod, held, tdr, op, L.TDX_LOCK_SHARED, caller))
+    monkeypatch.setattr(
+        P,
+        "check_lock_tdr",
+        lambda mod, held, tdr, op, lock_type, caller=None: orig(mod, held, tdr, op, L.TDX_LOCK_SHARED, caller),
+    )
 
 
 def _shared_eptp_unchecked(monkeypatch):
     """Issue 28 defect 1: TDH.VP.WR stores any SHARED_EPTP."""
     import tdxmod.api_calls.tdh_vp as VP
+
     monkeypatch.setattr(VP, "shared_hpa_check", lambda mod, hpa, size=4096, read=False: True)
 
 
@@ -65,14 +88,19 @@ def _vp_enter_does_not_associate(monkeypatch):
     def check_only(mod, v, lp, allow_disabled):
         ok = v.state == A.VCPU_READY or (v.state == A.VCPU_DISABLED and allow_disabled)
         return (A.TDX_SUCCESS if ok else A.TDX_VCPU_STATE_INCORRECT), False
+
     monkeypatch.setattr(D, "check_and_associate_vcpu", check_only)
 
 
-@pytest.mark.parametrize("defect, seed, calls, kind", [
-    (_tdr_shared_in_page_add, 4, 500, "invariant"),
-    (_shared_eptp_unchecked, 5, 3000, "exception"),
-    (_vp_enter_does_not_associate, 4, 1000, "success changed too much"),
-], ids=["tdr-lock", "shared-eptp", "association"])
+@pytest.mark.parametrize(
+    "defect, seed, calls, kind",
+    [
+        (_tdr_shared_in_page_add, 4, 500, "invariant"),
+        (_shared_eptp_unchecked, 5, 3000, "exception"),
+        (_vp_enter_does_not_associate, 4, 1000, "success changed too much"),
+    ],
+    ids=["tdr-lock", "shared-eptp", "association"],
+)
 def test_a_switched_in_defect_is_found_with_a_reproducer(monkeypatch, defect, seed, calls, kind):
     defect(monkeypatch)
     fz = SeamFuzzer(seed=seed).run(calls)
@@ -128,9 +156,14 @@ def test_cli_fuzz_ctrl_c_prints_what_it_found():
     import subprocess
     import sys
     import time
-    p = subprocess.Popen([sys.executable, "-m", "emu", "fuzz", "--calls", "100000000", "--seed", "9", "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "emu", "fuzz", "--calls", "100000000", "--seed", "9", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     time.sleep(3)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=30)

@@ -60,6 +60,7 @@ AREA = 0x1000000
 # Expected values from the guest sources
 # ----------------------------------------------------------------------------------------------
 
+
 def equ(src, name):
     """The value of `.equ name, expr` in guest/<src>; expr may use other .equ names and PAGE_SIZE."""
     text = (GUEST_SRC / src).read_text()
@@ -72,7 +73,7 @@ def equ(src, name):
     for n in set(re.findall(r"\b[A-Za-z_]\w*\b", expr)):
         consts[n] = consts[n] if n in consts else equ(src, n)
     assert re.fullmatch(r"[\w\s*+()-]+", expr), expr
-    return int(eval(expr, {"__builtins__": {}}, consts))    # noqa: S307 (constants and * + -)
+    return int(eval(expr, {"__builtins__": {}}, consts))  # noqa: S307 (constants and * + -)
 
 
 def fnv1a64(data):
@@ -129,8 +130,13 @@ def convert_expected(m, nvcpus):
     return out
 
 
-EXPECTED = {"hello": hello_expected, "touch": touch_expected, "pagewalk": pagewalk_expected,
-            "private": private_expected, "convert": convert_expected}
+EXPECTED = {
+    "hello": hello_expected,
+    "touch": touch_expected,
+    "pagewalk": pagewalk_expected,
+    "private": private_expected,
+    "convert": convert_expected,
+}
 
 
 def reports_by_vcpu(res, nvcpus):
@@ -147,8 +153,8 @@ Call = namedtuple("Call", "name rcx rdx r8 r9 caller out injected")
 class SeamcallLog:
     def __init__(self):
         self.calls = []
-        self.faults = []           # [name, status, times left, predicate(rcx) or None]
-        self.hooks = []            # callables(module, name, rcx, rdx, r8) run before each call
+        self.faults = []  # [name, status, times left, predicate(rcx) or None]
+        self.hooks = []  # callables(module, name, rcx, rdx, r8) run before each call
 
     def answer(self, name, status, times=1, pred=None):
         """The next ``times`` calls of ``name`` (matching ``pred``) get ``status`` without reaching the module."""
@@ -192,6 +198,7 @@ def seamcalls(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Reading KVM's tables and the S-EPT
 # ----------------------------------------------------------------------------------------------
+
 
 def mirror_root(kvm):
     roots = [r for r in kvm.tdp_mmu.roots if r.is_mirror and not r.invalid]
@@ -240,6 +247,7 @@ def leaves(kvm, root, strip=0):
                 out[g & ~strip] = (lvl, e)
             else:
                 walk(e & ADDR_MASK, lvl - 1, g)
+
     walk(root.spt, root.role_level, 0)
     return out
 
@@ -256,8 +264,7 @@ def sept_leaves(m):
 def leaf_spte(pfn):
     """make_spte() for a writable 4K private page of a TD (REFERENCE 1.1: bit 11, R|SVE, A, X, R,
     MT = WB (no IPAT in a TD), HostW, pfn, W, MMU-W, D)."""
-    return ((1 << 63) | (1 << 58) | (1 << 57) | (pfn << 12) | MMU_PRESENT | (1 << 9) | (1 << 8)
-            | (6 << 3) | 0b111)
+    return (1 << 63) | (1 << 58) | (1 << 57) | (pfn << 12) | MMU_PRESENT | (1 << 9) | (1 << 8) | (6 << 3) | 0b111
 
 
 def nonleaf_spte(child):
@@ -285,7 +292,7 @@ class UnfreezeWatch:
 
     def __init__(self):
         self.kvm = None
-        self.seen = []              # (gfn, level, restored?, spte value read from memory)
+        self.seen = []  # (gfn, level, restored?, spte value read from memory)
 
     def write(self, ev):
         if ev.name != "kvm_tdp_mmu_spte_unfrozen" or self.kvm is None:
@@ -302,6 +309,7 @@ class UnfreezeWatch:
 # 1. Building the S-EPT: SEPT.ADD for each missing level, top-down, then AUG (or PAGE.ADD)
 # ----------------------------------------------------------------------------------------------
 
+
 class TestSeptBuildOrder:
     def test_first_image_page_adds_every_level_then_page_add(self, seamcalls):
         """The TD build starts from an empty S-EPT: the first image page needs SEPT.ADD at TDX
@@ -309,11 +317,18 @@ class TestSeptBuildOrder:
         m = Machine("private", vm="tdx")
         first = min(c.rcx for c in seamcalls.named("TDH_MEM_PAGE_ADD"))
         assert first == m.image.image_range()[0] == 0x100000
-        build = [(c.name, c.rcx) for c in seamcalls.calls
-                 if c.name in ("TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_ADD", "TDH_MEM_PAGE_AUG")]
-        assert build[:4] == [("TDH_MEM_SEPT_ADD", 0 | 3), ("TDH_MEM_SEPT_ADD", 0 | 2),
-                             ("TDH_MEM_SEPT_ADD", 0 | 1), ("TDH_MEM_PAGE_ADD", 0x100000)]
-        assert not seamcalls.named("TDH_MEM_PAGE_AUG")          # nothing is AUGed before finalize
+        build = [
+            (c.name, c.rcx)
+            for c in seamcalls.calls
+            if c.name in ("TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_ADD", "TDH_MEM_PAGE_AUG")
+        ]
+        assert build[:4] == [
+            ("TDH_MEM_SEPT_ADD", 0 | 3),
+            ("TDH_MEM_SEPT_ADD", 0 | 2),
+            ("TDH_MEM_SEPT_ADD", 0 | 1),
+            ("TDH_MEM_PAGE_ADD", 0x100000),
+        ]
+        assert not seamcalls.named("TDH_MEM_PAGE_AUG")  # nothing is AUGed before finalize
         assert all(c.out.rax == A.TDX_SUCCESS for c in seamcalls.calls)
         # Each SEPT.ADD page is a mirror SP's external_spt, now owned by the module as PT_EPT.
         ext = {sp.external_spt for sp in m.kvm.tdp_mmu.sp_of.values() if sp.is_mirror and sp.external_spt}
@@ -336,16 +351,20 @@ class TestSeptBuildOrder:
         mark = seamcalls.mark()
         res = m.run()
         assert res.exit == "hlt", res.error
-        run = [(c.name, c.rcx, c.r8) for c in seamcalls.since(mark)
-               if c.name in ("TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_AUG")]
+        run = [
+            (c.name, c.rcx, c.r8) for c in seamcalls.since(mark) if c.name in ("TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_AUG")
+        ]
         sept_add_pages = [r8 for n, _, r8 in run if n == "TDH_MEM_SEPT_ADD"]
-        expected = [("TDH_MEM_SEPT_ADD", (AREA & ~((1 << (12 + 9 * lvl)) - 1)) | lvl, sept_add_pages[k])
-                    for k, lvl in enumerate(range(stop, 0, -1))]
-        expected += [("TDH_MEM_PAGE_AUG", AREA + (p << 12), gmem_pfn(m, AREA + (p << 12)) << 12)
-                     for p in range(16)]
+        expected = [
+            ("TDH_MEM_SEPT_ADD", (AREA & ~((1 << (12 + 9 * lvl)) - 1)) | lvl, sept_add_pages[k])
+            for k, lvl in enumerate(range(stop, 0, -1))
+        ]
+        expected += [("TDH_MEM_PAGE_AUG", AREA + (p << 12), gmem_pfn(m, AREA + (p << 12)) << 12) for p in range(16)]
         assert run == expected
-        assert run[:2] == [("TDH_MEM_SEPT_ADD", 0x1000001, sept_add_pages[0]),
-                           ("TDH_MEM_PAGE_AUG", 0x1000000, gmem_pfn(m, AREA) << 12)]
+        assert run[:2] == [
+            ("TDH_MEM_SEPT_ADD", 0x1000001, sept_add_pages[0]),
+            ("TDH_MEM_PAGE_AUG", 0x1000000, gmem_pfn(m, AREA) << 12),
+        ]
         # The mirror now holds exactly what was reflected: the 2M-level link to the SP whose
         # external page went to SEPT.ADD, and a writable leaf for the gmem page.
         kvm = m.kvm
@@ -370,7 +389,7 @@ class TestSeptBuildOrder:
         m = Machine("private", vm="tdx")
         kvm, v0 = m.kvm, m.vcpus[0]
         gpa = 1 << 39
-        spare = 32 * MiB                       # backing the private guest never touches
+        spare = 32 * MiB  # backing the private guest never touches
         kvm.set_user_memory_region(1, 0, gpa, 2 * MiB, m.hva + spare, gmem_addr=m.gmem + spare)
         kvm.set_memory_attributes(gpa >> 12, (gpa + 2 * MiB) >> 12, private=True)
         _, _, stop = m.host.tdx_module.sept_walk(td_of(m), gpa, 0)
@@ -378,8 +397,12 @@ class TestSeptBuildOrder:
         mark = seamcalls.mark()
         assert v0.kvm_tdp_map_page(gpa + 0x5000, private=True) == 0
         got = [(c.name, c.rcx) for c in seamcalls.since(mark)]
-        assert got == [("TDH_MEM_SEPT_ADD", gpa | 3), ("TDH_MEM_SEPT_ADD", gpa | 2),
-                       ("TDH_MEM_SEPT_ADD", gpa | 1), ("TDH_MEM_PAGE_AUG", gpa + 0x5000)]
+        assert got == [
+            ("TDH_MEM_SEPT_ADD", gpa | 3),
+            ("TDH_MEM_SEPT_ADD", gpa | 2),
+            ("TDH_MEM_SEPT_ADD", gpa | 1),
+            ("TDH_MEM_PAGE_AUG", gpa + 0x5000),
+        ]
         assert all(c.out.rax == A.TDX_SUCCESS for c in seamcalls.since(mark))
         assert seamcalls.since(mark)[-1].r8 == m.gmem + spare + 0x5000
         assert sept_leaves(m)[gpa + 0x5000] == (0, S.SEPT_PENDING, m.gmem + spare + 0x5000)
@@ -390,6 +413,7 @@ class TestSeptBuildOrder:
 # ----------------------------------------------------------------------------------------------
 # 2. Every guest in a TD: right results, invariants, clean teardown
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("vcpus", [1, 2])
 @pytest.mark.parametrize("guest", ["hello", "touch", "pagewalk", "private", "convert"])
@@ -405,8 +429,9 @@ def test_guest_in_td(guest, vcpus):
     # Every private page the mirror maps is in the S-EPT, at the same level, with the same page.
     mirror = leaves(m.kvm, mirror_root(m.kvm))
     sl = sept_leaves(m)
-    assert {g << 12: (lvl - 1, e & ADDR_MASK) for g, (lvl, e) in mirror.items()} == \
-        {gpa: (lvl, hpa) for gpa, (lvl, _, hpa) in sl.items()}
+    assert {g << 12: (lvl - 1, e & ADDR_MASK) for g, (lvl, e) in mirror.items()} == {
+        gpa: (lvl, hpa) for gpa, (lvl, _, hpa) in sl.items()
+    }
     assert {st for _, st, _ in sl.values()} == {S.SEPT_MAPPED}
     assert_clean_teardown(m)
 
@@ -414,6 +439,7 @@ def test_guest_in_td(guest, vcpus):
 # ----------------------------------------------------------------------------------------------
 # 3. A failed reflect op: the old SPTE comes back; BUSY retries, anything else bugs the VM
 # ----------------------------------------------------------------------------------------------
+
 
 def _machine_with_watch():
     watch = UnfreezeWatch()
@@ -424,9 +450,11 @@ def _machine_with_watch():
 
 def _frozen_probe(m, log, name, gfn, level, seen):
     """While ``name`` runs for ``gfn``, the mirror SPTE at ``level`` must hold FROZEN_SPTE."""
+
     def hook(mod, n, rcx, rdx, r8):
         if n == name and rcx >> 12 == gfn:
             seen.append(sptep_at(m.kvm, mirror_root(m.kvm), gfn, level)[1])
+
     log.hooks.append(hook)
 
 
@@ -451,8 +479,9 @@ def test_busy_restores_old_spte_and_retries(seamcalls, leaf, level, sequence):
 
     assert res.exit == "hlt", res.error
     assert reports_by_vcpu(res, 1) == private_expected(m, 1)
-    calls = [c for c in seamcalls.since(mark)
-             if c.name in ("TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_AUG") and c.rcx >> 12 == gfn]
+    calls = [
+        c for c in seamcalls.since(mark) if c.name in ("TDH_MEM_SEPT_ADD", "TDH_MEM_PAGE_AUG") and c.rcx >> 12 == gfn
+    ]
     assert [c.name for c in calls] == sequence
     assert [c.injected for c in calls].count(True) == 1
     # The freeze: every call for that entry ran with the mirror SPTE frozen.
@@ -479,8 +508,9 @@ def test_busy_restores_old_spte_and_retries(seamcalls, leaf, level, sequence):
     assert_clean_teardown(m)
 
 
-@pytest.mark.parametrize("leaf,level,what", [("TDH_MEM_PAGE_AUG", 1, "TDH.MEM.PAGE.AUG"),
-                                             ("TDH_MEM_SEPT_ADD", 2, "TDH.MEM.SEPT.ADD")])
+@pytest.mark.parametrize(
+    "leaf,level,what", [("TDH_MEM_PAGE_AUG", 1, "TDH.MEM.PAGE.AUG"), ("TDH_MEM_SEPT_ADD", 2, "TDH.MEM.SEPT.ADD")]
+)
 def test_non_busy_error_bugs_the_vm(seamcalls, leaf, level, what):
     m, watch = _machine_with_watch()
     gfn = AREA >> 12
@@ -495,8 +525,9 @@ def test_non_busy_error_bugs_the_vm(seamcalls, leaf, level, what):
     assert kvm.vm_dead and kvm.vm_bugged and kvm.stat["kvm_bug_on"] == 1
     assert what in kvm.bug_reason
     # The failed install was undone: the mirror entry is back to non-present, nothing frozen.
-    assert [(g, lv, r, val) for g, lv, r, val in watch.seen if g == gfn and lv == level] == \
-        [(gfn, level, True, SHADOW_NONPRESENT)]
+    assert [(g, lv, r, val) for g, lv, r, val in watch.seen if g == gfn and lv == level] == [
+        (gfn, level, True, SHADOW_NONPRESENT)
+    ]
     assert sptep_at(kvm, mirror_root(kvm), gfn, level)[1] == SHADOW_NONPRESENT
     assert check_vm(kvm) == []
     # Every later KVM_RUN fails at once, without entering the TD.
@@ -529,8 +560,9 @@ def test_walker_meeting_a_frozen_entry_retries(seamcalls, freeze):
             nested["mark"] = seamcalls.mark()
             nested["ret"] = v1.kvm_mmu_do_page_fault(AREA + 0x1000, PFERR_WRITE_MASK | PFERR_PRIVATE_ACCESS)
             nested["calls"] = [(c.name, c.rcx, c.caller) for c in seamcalls.since(nested["mark"])]
+
     seamcalls.hooks.append(hook)
-    res = m.run(scheduled=False)      # the nested fault runs inline, not as a scheduled task
+    res = m.run(scheduled=False)  # the nested fault runs inline, not as a scheduled task
     if freeze:
         assert nested["spte"] == FROZEN
         assert nested["ret"] == RET_PF_RETRY and nested["calls"] == []
@@ -540,7 +572,7 @@ def test_walker_meeting_a_frozen_entry_retries(seamcalls, freeze):
         assert check_vm(kvm) == []
         assert_clean_teardown(m)
     else:
-        assert nested["spte"] & MMU_PRESENT                  # published before the S-EPT has it
+        assert nested["spte"] & MMU_PRESENT  # published before the S-EPT has it
         assert nested["calls"] == [("TDH_MEM_PAGE_AUG", AREA + 0x1000, 1)]
         assert res.exit == "ioctl_error"
         assert kvm.vm_bugged and "TDH.MEM.PAGE.AUG gpa 0x1001000" in kvm.bug_reason
@@ -550,6 +582,7 @@ def test_walker_meeting_a_frozen_entry_retries(seamcalls, freeze):
 # ----------------------------------------------------------------------------------------------
 # 4. The seed patch's KVM_BUG_ONs
 # ----------------------------------------------------------------------------------------------
+
 
 def _iter_at(kvm, root, gfn, level):
     it = TdpIter(kvm, root, level, gfn, 0)
@@ -572,7 +605,7 @@ class TestSeedKvmBugOns:
     def test_non_atomic_set_of_present_mirror_spte(self, seamcalls):
         m = Machine("private", vm="tdx")
         kvm = m.kvm
-        gfn = 0x1F0                                   # in the image's leaf table, not mapped
+        gfn = 0x1F0  # in the image's leaf table, not mapped
         sptep, old = sptep_at(kvm, mirror_root(kvm), gfn, 1)
         assert old == SHADOW_NONPRESENT
         new = make_spte(PG_LEVEL_4K, gmem_pfn(m, gfn << 12), ACC_ALL, kvm.mt_mask)[0]
@@ -585,17 +618,18 @@ class TestSeedKvmBugOns:
         finally:
             kvm.mmu_lock.write_unlock()
         assert ret == old
-        assert kvm.mem.q[sptep >> 3] == new           # written, then the bug is caught
+        assert kvm.mem.q[sptep >> 3] == new  # written, then the bug is caught
         assert kvm.stat["pages_4k"] == pages_4k + 1
-        assert seamcalls.since(mark) == []            # the S-EPT is not touched
+        assert seamcalls.since(mark) == []  # the S-EPT is not touched
         _assert_dead_after(m, "non-atomic set of a present mirror SPTE")
+
     def test_non_atomic_overwrite_of_present_mirror_leaf_still_removes_it(self, seamcalls):
         m = Machine("private", vm="tdx")
         kvm = m.kvm
-        gfn = 0x100                                   # the first image page (MAPPED by PAGE.ADD)
+        gfn = 0x100  # the first image page (MAPPED by PAGE.ADD)
         sptep, old = sptep_at(kvm, mirror_root(kvm), gfn, 1)
         assert old & MMU_PRESENT
-        new = old & ~0b010                            # the same page, write-protected
+        new = old & ~0b010  # the same page, write-protected
         mark = seamcalls.mark()
         kvm.mmu_lock.write_lock()
         try:
@@ -603,9 +637,11 @@ class TestSeedKvmBugOns:
         finally:
             kvm.mmu_lock.write_unlock()
         assert kvm.vm_bugged
-        assert [(c.name, c.rcx) for c in seamcalls.since(mark) if c.name != "TDH_MEM_TRACK"] == \
-            [("TDH_MEM_RANGE_BLOCK", 0x100000), ("TDH_MEM_PAGE_REMOVE", 0x100000),
-             ("TDH_PHYMEM_PAGE_WBINVD", (old & ADDR_MASK) | (m.kvm.tdx.hkid << m.host.tdx_module.x86_phys_bits))]
+        assert [(c.name, c.rcx) for c in seamcalls.since(mark) if c.name != "TDH_MEM_TRACK"] == [
+            ("TDH_MEM_RANGE_BLOCK", 0x100000),
+            ("TDH_MEM_PAGE_REMOVE", 0x100000),
+            ("TDH_PHYMEM_PAGE_WBINVD", (old & ADDR_MASK) | (m.kvm.tdx.hkid << m.host.tdx_module.x86_phys_bits)),
+        ]
         assert 0x100000 not in sept_leaves(m)
 
     def test_atomic_zap_of_present_mirror_spte(self, seamcalls):
@@ -622,7 +658,7 @@ class TestSeedKvmBugOns:
         finally:
             kvm.mmu_lock.read_unlock()
         assert ret == -EBUSY
-        assert kvm.mem.q[it.sptep >> 3] == old        # untouched, never frozen
+        assert kvm.mem.q[it.sptep >> 3] == old  # untouched, never frozen
         assert seamcalls.since(mark) == []
         assert sept_leaves(m)[0x100000][1] == S.SEPT_MAPPED
         _assert_dead_after(m, "atomic zap of mirror SPTE")
@@ -645,14 +681,15 @@ class TestSeedKvmBugOns:
             kvm.mmu_lock.read_unlock()
         tdp.free_sp(sp)
         assert ret < 0
-        assert kvm.mem.q[it.sptep >> 3] == SHADOW_NONPRESENT     # the freeze was undone
-        assert seamcalls.since(mark) == []                       # no SEPT.ADD with a missing page
+        assert kvm.mem.q[it.sptep >> 3] == SHADOW_NONPRESENT  # the freeze was undone
+        assert seamcalls.since(mark) == []  # no SEPT.ADD with a missing page
         _assert_dead_after(m, "without a mirrored page")
 
 
 # ----------------------------------------------------------------------------------------------
 # 5. The host cannot read private memory
 # ----------------------------------------------------------------------------------------------
+
 
 def test_private_memory_refused_to_host_shared_readable():
     m = Machine("private", vm="tdx")
@@ -743,7 +780,7 @@ def pending_guest(guest_dir):
 def _pending_common(m, seamcalls, mark):
     b = AREA + 0x1000
     augs = [c.rcx for c in seamcalls.since(mark) if c.name == "TDH_MEM_PAGE_AUG"]
-    assert augs == [AREA, b]                       # B was AUGed exactly once
+    assert augs == [AREA, b]  # B was AUGed exactly once
     sl = sept_leaves(m)
     assert sl[AREA][1] == S.SEPT_MAPPED and sl[b][1] == S.SEPT_PENDING
     assert check_vm(m.kvm) == []
@@ -751,11 +788,10 @@ def _pending_common(m, seamcalls, mark):
 
 
 def test_pending_access_with_sept_ve_disable_kills_the_vm(seamcalls, pending_guest):
-    m = Machine(str(pending_guest), vm="tdx",
-                td_attributes=A.TD_ATTR_SEPT_VE_DISABLE | A.TD_ATTR_DEBUG)
+    m = Machine(str(pending_guest), vm="tdx", td_attributes=A.TD_ATTR_SEPT_VE_DISABLE | A.TD_ATTR_DEBUG)
     mark = seamcalls.mark()
     res = m.run()
-    assert res.exit == "ioctl_error"         # tdx_handle_ept_violation(): kvm_vm_dead(), -EIO
+    assert res.exit == "ioctl_error"  # tdx_handle_ept_violation(): kvm_vm_dead(), -EIO
     assert "Guest access before accepting 0x1001000" in res.error and "(-EIO)" in res.error
     assert res.reports == [(0, 0x1234)]
     b = _pending_common(m, seamcalls, mark)
@@ -763,7 +799,7 @@ def test_pending_access_with_sept_ve_disable_kills_the_vm(seamcalls, pending_gue
     last = [c for c in seamcalls.since(mark) if c.name == "TDH_VP_ENTER"][-1]
     assert last.out.rax & 0xFFFF == 48 and last.out.rdx & 0xF == 6 and last.out.r8 == b
     assert m.kvm.vm_dead
-    assert m.kvm.stat["kvm_bug_on"] == 0 and not m.kvm.vm_bugged     # kvm_vm_dead(), not KVM_BUG_ON
+    assert m.kvm.stat["kvm_bug_on"] == 0 and not m.kvm.vm_bugged  # kvm_vm_dead(), not KVM_BUG_ON
     mark = seamcalls.mark()
     with pytest.raises(KvmIoctlError):
         m.vcpus[0].run()
@@ -782,8 +818,10 @@ def test_pending_access_without_sept_ve_disable_injects_ve(seamcalls, pending_gu
     run = m.vcpus[0].kvm_run
     assert run.exit_reason == KVM_EXIT_SHUTDOWN and run.vector == 20
     assert run.error_code is None and run.cr2 is None
-    assert not m.kvm.vm_dead                      # the guest's fault, not KVM's
+    assert not m.kvm.vm_dead  # the guest's fault, not KVM's
     assert_clean_teardown(m)
+
+
 def test_ve_shutdown_reports_the_faulting_rip(pending_guest):
     m = Machine(str(pending_guest), vm="tdx", td_attributes=A.TD_ATTR_DEBUG)
     res = m.run()
@@ -794,6 +832,7 @@ def test_ve_shutdown_reports_the_faulting_rip(pending_guest):
 # ----------------------------------------------------------------------------------------------
 # 7. MapGPA: converting zaps the side the memory leaves
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_convert_zaps_the_other_side(seamcalls, vcpus):
@@ -806,10 +845,12 @@ def test_convert_zaps_the_other_side(seamcalls, vcpus):
     pamt = m.host.tdx_module.pamt
 
     def snapshot():
-        return {"mirror": {g: v for g, v in leaves(kvm, mirror_root(kvm)).items() if g in gfns},
-                "direct": {g: v for g, v in leaves(kvm, direct_root(kvm), shared_gfn_bit).items() if g in gfns},
-                "sept": {gpa: v for gpa, v in sept_leaves(m).items() if gpa >> 12 in gfns},
-                "pamt": {g: pamt.page_type(gmem_pfn(m, g << 12) << 12) for g in gfns}}
+        return {
+            "mirror": {g: v for g, v in leaves(kvm, mirror_root(kvm)).items() if g in gfns},
+            "direct": {g: v for g, v in leaves(kvm, direct_root(kvm), shared_gfn_bit).items() if g in gfns},
+            "sept": {gpa: v for gpa, v in sept_leaves(m).items() if gpa >> 12 in gfns},
+            "pamt": {g: pamt.page_type(gmem_pfn(m, g << 12) << 12) for g in gfns},
+        }
 
     def set_memory_attributes(start, end, private):
         before = snapshot()
@@ -826,19 +867,25 @@ def test_convert_zaps_the_other_side(seamcalls, vcpus):
     # To shared: each private page leaves the S-EPT by BLOCK, TRACK, REMOVE, WBINVD (in that order).
     hkid = kvm.tdx.hkid
     bits = m.host.tdx_module.x86_phys_bits
-    removal = [(c.name, c.rcx) for c in seamcalls.since(mark)
-               if c.name in ("TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE",
-                             "TDH_PHYMEM_PAGE_WBINVD")]
+    removal = [
+        (c.name, c.rcx)
+        for c in seamcalls.since(mark)
+        if c.name in ("TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE", "TDH_PHYMEM_PAGE_WBINVD")
+    ]
     expected = []
     for g in gfns:
-        expected += [("TDH_MEM_RANGE_BLOCK", g << 12), ("TDH_MEM_TRACK", kvm.tdx.tdr_pa),
-                     ("TDH_MEM_PAGE_REMOVE", g << 12),
-                     ("TDH_PHYMEM_PAGE_WBINVD", (gmem_pfn(m, g << 12) << 12) | (hkid << bits))]
+        expected += [
+            ("TDH_MEM_RANGE_BLOCK", g << 12),
+            ("TDH_MEM_TRACK", kvm.tdx.tdr_pa),
+            ("TDH_MEM_PAGE_REMOVE", g << 12),
+            ("TDH_PHYMEM_PAGE_WBINVD", (gmem_pfn(m, g << 12) << 12) | (hkid << bits)),
+        ]
     assert removal == expected
     counts = res.stats["seamcalls"]
-    assert [counts[k] for k in ("TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE",
-                                "TDH_PHYMEM_PAGE_WBINVD")] == [4, 4, 4, 4]
-    assert counts["TDH_MEM_PAGE_AUG"] == 8                        # accepted twice
+    assert [
+        counts[k] for k in ("TDH_MEM_RANGE_BLOCK", "TDH_MEM_TRACK", "TDH_MEM_PAGE_REMOVE", "TDH_PHYMEM_PAGE_WBINVD")
+    ] == [4, 4, 4, 4]
+    assert counts["TDH_MEM_PAGE_AUG"] == 8  # accepted twice
     _, before, after = snaps[0]
     assert sorted(before["mirror"]) == gfns and after["mirror"] == {}
     assert sorted(before["sept"]) == [g << 12 for g in gfns] and after["sept"] == {}
@@ -847,8 +894,7 @@ def test_convert_zaps_the_other_side(seamcalls, vcpus):
 
     # Back to private: the shared mappings the guest made in the direct root are zapped.
     _, before, after = snaps[1]
-    assert {g: e & ADDR_MASK for g, (lvl, e) in before["direct"].items()} == \
-        {g: m.hva + (g << 12) for g in gfns}
+    assert {g: e & ADDR_MASK for g, (lvl, e) in before["direct"].items()} == {g: m.hva + (g << 12) for g in gfns}
     assert after["direct"] == {}
     assert before["mirror"] == {} and before["sept"] == {}
 
@@ -870,9 +916,11 @@ def test_convert_zaps_the_other_side(seamcalls, vcpus):
 # 8. The CLI
 # ----------------------------------------------------------------------------------------------
 
+
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "emu", "run", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "emu", "run", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_json_seamcall_counts():
@@ -890,8 +938,9 @@ def test_cli_json_seamcall_counts():
     m = Machine("private", vm="tdx")
     m.run()
     assert sc["TDH_MEM_SEPT_ADD"] == len(m.host.tdx_module.sept_tables(td_of(m)))
-    assert sc["TDH_MEM_PAGE_ADD"] == sum(1 for gpa, (_, st, _) in sept_leaves(m).items() if gpa < AREA
-                                         or gpa >= AREA + 16 * 0x1000)
+    assert sc["TDH_MEM_PAGE_ADD"] == sum(
+        1 for gpa, (_, st, _) in sept_leaves(m).items() if gpa < AREA or gpa >= AREA + 16 * 0x1000
+    )
 
 
 def test_cli_dump_tables_mirror_matches_sept():
@@ -970,6 +1019,8 @@ done:
 failed:
     FAIL 1
 """
+
+
 def test_private_access_without_memslot_is_a_memory_fault(seamcalls, guest_dir):
     m = Machine(str(write_guest(guest_dir, "noslot.S", NOSLOT_GUEST)), vm="tdx")
     res = m.run()
@@ -978,6 +1029,8 @@ def test_private_access_without_memslot_is_a_memory_fault(seamcalls, guest_dir):
     assert res.exit in ("memory_fault", "ioctl_error")
     assert 0x4000 not in leaves(m.kvm, mirror_root(m.kvm))
     assert check_vm(m.kvm) == []
+
+
 def test_private_access_to_shared_gfn_is_a_memory_fault(seamcalls, guest_dir):
     m = Machine(str(write_guest(guest_dir, "mismatch.S", MISMATCH_GUEST)), vm="tdx")
     mark = seamcalls.mark()

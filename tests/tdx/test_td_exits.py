@@ -17,8 +17,10 @@ from emu.userspace.vmm import Machine
 from emu.userspace.cpu import cpuid_host
 from tdxmod import abi as A
 
-BOTH = [pytest.param(A.TD_ATTR_SEPT_VE_DISABLE | A.TD_ATTR_DEBUG, id="sept_ve_disable"),
-        pytest.param(A.TD_ATTR_DEBUG, id="sept_ve_enabled")]
+BOTH = [
+    pytest.param(A.TD_ATTR_SEPT_VE_DISABLE | A.TD_ATTR_DEBUG, id="sept_ve_disable"),
+    pytest.param(A.TD_ATTR_DEBUG, id="sept_ve_enabled"),
+]
 HEAD = '.intel_syntax noprefix\n.include "emu.inc"\n    .text\n    .globl _start\n_start:\n'
 INVALID_OPERAND = 0x8000000000000000
 
@@ -119,9 +121,16 @@ def test_ve_info_of_each_instruction(tmp_path, attrs):
     the module does not list 31/0/2, WRMSR of the TSC (write: VE) 32/0/2, HLT 12/0/1."""
     res = td(tmp_path, VE_LOG, attrs).run()
     got = reports(res)
-    assert [tuple(got[i:i + 3]) for i in range(0, len(got), 3)] == [
-        (30, 0x600048, 2), (30, 0x3F80001, 2), (30, 0x3F80038, 2), (10, 0, 2), (10, 0, 2), (31, 0, 2), (32, 0, 2),
-        (12, 0, 1)]
+    assert [tuple(got[i : i + 3]) for i in range(0, len(got), 3)] == [
+        (30, 0x600048, 2),
+        (30, 0x3F80001, 2),
+        (30, 0x3F80038, 2),
+        (10, 0, 2),
+        (10, 0, 2),
+        (31, 0, 2),
+        (32, 0, 2),
+        (12, 0, 1),
+    ]
 
 
 CPUID_BODY = """\
@@ -147,10 +156,10 @@ leaves:
 def cpuid_td(tmp_path, attrs, leaves, vm="tdx", vcpus=1):
     body = CPUID_BODY + "".join(f"    .long {leaf:#x}, {sub:#x}\n" for leaf, sub in leaves)
     p = tmp_path / "cpuid.S"
-    p.write_text(f".equ NLEAVES, {len(leaves)}\n" + HEAD + body)     # defined before use: an immediate
+    p.write_text(f".equ NLEAVES, {len(leaves)}\n" + HEAD + body)  # defined before use: an immediate
     res = Machine(str(p), vm=vm, td_attributes=attrs if vm == "tdx" else None, vcpus=vcpus).run()
     got = reports(res)
-    return [tuple(got[i:i + 4]) for i in range(0, len(got), 4)]
+    return [tuple(got[i : i + 4]) for i in range(0, len(got), 4)]
 
 
 @pytest.mark.parametrize("attrs", BOTH)
@@ -162,11 +171,25 @@ def test_cpuid_in_a_td(tmp_path, attrs):
     (0xB, the brand string 0x80000002) is a #VE that Linux's handler, and so the runtime's,
     answers with zeros without asking."""
     host = {(e.function, e.index): e.regs() for e in cpuid_host(0, 1, td=True)}
-    got = cpuid_td(tmp_path, attrs, [(0, 0), (1, 0), (0x21, 0), (0x80000008, 0), (0x30, 0), (0x40000000, 0),
-                                      (0x40000001, 0), (6, 0), (0xB, 0), (0x80000002, 0)])
+    got = cpuid_td(
+        tmp_path,
+        attrs,
+        [
+            (0, 0),
+            (1, 0),
+            (0x21, 0),
+            (0x80000008, 0),
+            (0x30, 0),
+            (0x40000000, 0),
+            (0x40000001, 0),
+            (6, 0),
+            (0xB, 0),
+            (0x80000002, 0),
+        ],
+    )
     assert got[0] == (0x23, 0x756E6547, 0x6C65746E, 0x49656E69)
     assert got[1][2] >> 31 & 1 and got[1][0] == 0x806F8
-    assert got[2] == (0, 0x65746E49, 0x20202020, 0x5844546C)             # "Inte", "    ", "lTDX"
+    assert got[2] == (0, 0x65746E49, 0x20202020, 0x5844546C)  # "Inte", "    ", "lTDX"
     assert got[3][0] == 0x3030
     assert got[4] == (0, 0, 0, 0)
     assert got[5] == host[(0x40000000, 0)] and got[6] == host[(0x40000001, 0)]
@@ -234,10 +257,12 @@ def test_msrs_in_a_td(tmp_path, attrs):
     assert reports(res) == [0x1000, 0x16B, 1, 0xD01, 0x0007040600070406, 0xFEE00D00, 3]
 
 
-NO_HANDLER = [("in al, 0x60", "port I/O (the TDX module's td_generic_ve_exit())"),
-              ("mov eax, 0x40000000\ncpuid", "a CPUID leaf the TDX module does not virtualize (td_cpuid_exit())"),
-              ("mov ecx, 0x35\nrdmsr", "an RDMSR the TDX module does not handle (td_rdmsr_exit())"),
-              ("mov ecx, 0x10\nwrmsr", "a WRMSR the TDX module does not handle (td_wrmsr_exit())")]
+NO_HANDLER = [
+    ("in al, 0x60", "port I/O (the TDX module's td_generic_ve_exit())"),
+    ("mov eax, 0x40000000\ncpuid", "a CPUID leaf the TDX module does not virtualize (td_cpuid_exit())"),
+    ("mov ecx, 0x35\nrdmsr", "an RDMSR the TDX module does not handle (td_rdmsr_exit())"),
+    ("mov ecx, 0x10\nwrmsr", "a WRMSR the TDX module does not handle (td_wrmsr_exit())"),
+]
 
 
 @pytest.mark.parametrize("attrs", BOTH)
@@ -325,7 +350,7 @@ def test_tdvmcall_register_level(tmp_path):
     of one it lists succeeds; tdx_emulate_cpuid(): EAX, EBX in R12, R13."""
     res = td(tmp_path, TDVMCALL_BODY, BOTH[0].values[0]).run()
     assert reports(res) == [INVALID_OPERAND, 0, 0xE9E9E9E9, INVALID_OPERAND, 0, 0x40000001, 0x4B4D564B]
-    assert res.console == "Z" and res.stats["io_exits"] == 3          # counted before the checks
+    assert res.console == "Z" and res.stats["io_exits"] == 3  # counted before the checks
 
 
 def test_kvm_run_io_of_a_td(tmp_path):
@@ -366,6 +391,7 @@ def test_c_guest_helpers(tmp_path, attrs):
     """emu.h's inb/inl/cpuid_count/rdmsr/wrmsr/emu_console_puts, in a plain VM and in a TD either way."""
     import re
     from emu.userspace import guestabi, guests
+
     text = (guests.INCLUDE_DIR / "emu.h").read_text()
     assert int(re.search(r"#define EMU_DEBUGCON_PORT\s+(0x\w+)", text).group(1), 16) == guestabi.EMU_DEBUGCON_PORT
     assert int(re.search(r"#define EMU_IO_DELAY_PORT\s+(0x\w+)", text).group(1), 16) == guestabi.IO_DELAY_PORT

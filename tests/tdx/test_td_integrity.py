@@ -30,12 +30,12 @@ PAGE = 4096
 def test_host_reads_of_td_lines_are_zero():
     mem = HostMemory(1 << 20)
     mem.write(0x2000, bytes(range(256)) * 16)
-    mem.td_write(0x2040, 64)                         # one line
+    mem.td_write(0x2040, 64)  # one line
     assert mem.td_line_count(2) == 1
     data = mem.host_read(0x2000, 256)
     assert data[:64] == bytes(range(64)) and data[64:128] == bytes(64) and data[128:] == bytes(range(128, 256))
     assert mem.host_read64(0x2048) == 0 and mem.host_read64(0x2000) == int.from_bytes(bytes(range(8)), "little")
-    assert mem.read(0x2040, 4) == bytes(range(64, 68))          # physical reads: the TD's own view
+    assert mem.read(0x2040, 4) == bytes(range(64, 68))  # physical reads: the TD's own view
 
 
 def test_partial_host_write_is_a_machine_check_and_stays_poisoned():
@@ -45,8 +45,8 @@ def test_partial_host_write_is_a_machine_check_and_stays_poisoned():
     mem.td_write(0x3000)
     mem.host_write64(0x3088, 1)
     assert seen == [0x3080] and mem.machine_checks[0][0] == 0x3080
-    assert mem.td_line_count(3) == 64                            # the line stays TD (poisoned)
-    mem.host_write(0x3000, bytes(128))                           # two whole lines: the host's now
+    assert mem.td_line_count(3) == 64  # the line stays TD (poisoned)
+    mem.host_write(0x3000, bytes(128))  # two whole lines: the host's now
     assert mem.td_line_count(3) == 62 and len(seen) == 1
     mem.movdir64b(0x3000)
     assert mem.td_line_count(3) == 0 and mem.td_lines == {} and mem.host_read(0x3080, 8) == bytes(8)
@@ -80,8 +80,9 @@ def test_the_module_writes_its_pages_with_a_private_key():
     m = Machine("convert", vm="tdx")
     mem, tdx, mod = m.host.mem, m.kvm.tdx, m.kvm.x86_ops.module
     td = mod.tds[tdx.tdr_pa]
-    control = [tdx.tdr_pa] + tdx.tdcs_pa + [v.arch.tdvpr_pa for v in m.vcpus] + \
-        [p for v in m.vcpus for p in v.arch.tdvpx_pa]
+    control = (
+        [tdx.tdr_pa] + tdx.tdcs_pa + [v.arch.tdvpr_pa for v in m.vcpus] + [p for v in m.vcpus for p in v.arch.tdvpx_pa]
+    )
     septs = [sp.external_spt for sp in m.kvm.tdp_mmu.sp_of.values() if sp.external_spt is not None]
     added = [hpa for gpa, lvl, state, hpa in mod.sept_leaves(td)]
     assert control and septs and added

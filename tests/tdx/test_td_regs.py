@@ -15,12 +15,30 @@ from emu.userspace.vmm import Machine
 from tdxmod import abi as A
 from tdxmod.module import MD_TDVPS_GPR_BASE, MD_TDVPS_RIP, GPR_ORDER
 
-from tdxhelpers import (SUCCESS, OPERAND_BUSY, OPERAND_INVALID, TLB_TRACKING_NOT_DONE, OPERAND_BUSY_HOST_PRIORITY,
-                        PAGE_ALREADY_ACCEPTED, OP_RCX, OP_SEPT_TREE, OP_TD_EPOCH, TDEL, TDHP, FREE_ENTRY,
-                        MAPPED, PENDING, PENDING_BLOCKED, entry_value, arch_entry, info, decode_state,
-                        RaceSched)
+from tdxhelpers import (
+    SUCCESS,
+    OPERAND_BUSY,
+    OPERAND_INVALID,
+    TLB_TRACKING_NOT_DONE,
+    OPERAND_BUSY_HOST_PRIORITY,
+    PAGE_ALREADY_ACCEPTED,
+    OP_RCX,
+    OP_SEPT_TREE,
+    OP_TD_EPOCH,
+    TDEL,
+    TDHP,
+    FREE_ENTRY,
+    MAPPED,
+    PENDING,
+    PENDING_BLOCKED,
+    entry_value,
+    arch_entry,
+    info,
+    decode_state,
+    RaceSched,
+)
 
-AREA = 0x1000000                      # private GPA outside the loaded image (16 MiB)
+AREA = 0x1000000  # private GPA outside the loaded image (16 MiB)
 EXIT_EPT_VIOLATION = 48
 EXIT_TDCALL = 77
 
@@ -31,6 +49,8 @@ def at_hlt(out):
     stands in for, asks for TDG.VP.VMCALL<Instruction.HLT>: that TD exit, every register as the
     guest left it."""
     return out.rax == EXIT_TDCALL and out.r11 == A.EXIT_REASON_HLT
+
+
 GPR = {name: MD_TDVPS_GPR_BASE + i for i, name in enumerate(GPR_ORDER)}
 
 HEAD = """\
@@ -43,7 +63,9 @@ _start:
 
 # TDG.VP.VMCALL exposing RDX, RBX, RSI, RDI, R8..R15 (RCX bits 2, 3, 6..15), an unknown
 # sub-function; then a bare HLT (where the guest stops: at_hlt()) to read the registers back.
-VMCALL_GUEST = HEAD + """\
+VMCALL_GUEST = (
+    HEAD
+    + """\
     mov rdx, 0x0202
     mov rbx, 0x0303
     mov rsi, 0x0606
@@ -64,9 +86,12 @@ VMCALL_GUEST = HEAD + """\
 after_vmcall:
     hlt
 """
+)
 
 # A read of the private page at AREA, at one RIP, then a HLT.
-TOUCH_GUEST = HEAD + """\
+TOUCH_GUEST = (
+    HEAD
+    + """\
     mov rax, 0x1000000
     .globl touch
 touch:
@@ -75,9 +100,12 @@ touch:
 touched:
     hlt
 """
+)
 
 # TDG.MEM.PAGE.ACCEPT with the RCX the test sets through TDH.VP.WR, then a HLT.
-ACCEPT_GUEST = HEAD + """\
+ACCEPT_GUEST = (
+    HEAD
+    + """\
     .globl accept
 accept:
     mov rax, 6
@@ -86,6 +114,7 @@ accept:
 accepted:
     hlt
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +158,12 @@ class Td:
     def sept_path(self, gpa):
         for level in (3, 2, 1):
             base = gpa & ~((0x1000 << (9 * level)) - 1)
-            out = self.call(A.TDH_MEM_SEPT_ADD, rcx=base | level, rdx=self.tdr | 1,
-                            r8=self.host.alloc_kernel_page())
+            out = self.call(A.TDH_MEM_SEPT_ADD, rcx=base | level, rdx=self.tdr | 1, r8=self.host.alloc_kernel_page())
             assert out.rax == SUCCESS, A.status_name(out.rax)
 
     def aug(self, gpa):
         self.sept_path(gpa)
-        page = self.m.gmem + gpa                      # the guest_memfd page KVM would give it
+        page = self.m.gmem + gpa  # the guest_memfd page KVM would give it
         assert self.call(A.TDH_MEM_PAGE_AUG, rcx=gpa, rdx=self.tdr, r8=page).rax == SUCCESS
         return page
 
@@ -151,8 +179,11 @@ class Td:
 
 
 def zero_regs_besides(out, *names):
-    return {k: getattr(out, k) for k in ("rbx", "rsi", "rdi", "r10", "r11", "r12", "r13", "r14", "r15")
-            if k not in names and getattr(out, k)}
+    return {
+        k: getattr(out, k)
+        for k in ("rbx", "rsi", "rdi", "r10", "r11", "r12", "r13", "r14", "r15")
+        if k not in names and getattr(out, k)
+    }
 
 
 # ==================================================================================================
@@ -167,10 +198,22 @@ def test_tdvmcall_completion_copies_every_exposed_register(guest_dir):
     assert (out.rax, out.rcx) == (EXIT_TDCALL, 0xFFCC)
     assert (out.rdx, out.rbx, out.rsi, out.rdi, out.r8, out.r9) == (0x202, 0x303, 0x606, 0x707, 0x808, 0x909)
     assert (out.r10, out.r11, out.r12, out.r13, out.r14, out.r15) == (0, 0x77777, 0x1212, 0x1313, 0x1414, 0x1515)
-    host = dict(rdx=0xA2, rbx=0xA3, rsi=0xA6, rdi=0xA7, r8=0xA8, r9=0xA9, r10=0xAA, r11=0xAB, r12=0xAC,
-                r13=0xAD, r14=0xAE, r15=0xAF)
+    host = dict(
+        rdx=0xA2,
+        rbx=0xA3,
+        rsi=0xA6,
+        rdi=0xA7,
+        r8=0xA8,
+        r9=0xA9,
+        r10=0xAA,
+        r11=0xAB,
+        r12=0xAC,
+        r13=0xAD,
+        r14=0xAE,
+        r15=0xAF,
+    )
     out = t.enter(**host)
-    assert at_hlt(out)          # the bare HLT
+    assert at_hlt(out)  # the bare HLT
     assert t.rd("rip") == t.sym("after_vmcall")
     for name, value in host.items():
         assert t.rd(name) == value, name
@@ -178,13 +221,16 @@ def test_tdvmcall_completion_copies_every_exposed_register(guest_dir):
 
 
 # TDG.VP.VMCALL with the RCX the test sets through TDH.VP.WR, then a HLT.
-VMCALL_RCX_GUEST = HEAD + """\
+VMCALL_RCX_GUEST = (
+    HEAD
+    + """\
     mov rax, 0
     TDCALL
     .globl vmcall_done
 vmcall_done:
     hlt
 """
+)
 
 
 @pytest.mark.parametrize("ctl", [0x1, 0x2, 0x10, 0x1C00 | (1 << 32)])
@@ -199,11 +245,14 @@ def test_tdvmcall_refuses_rax_rcx_rsp_and_reserved_bits(guest_dir, ctl):
     assert t.rd("rip") == t.sym("vmcall_done")
 
 
-VP_INFO_GUEST = HEAD + """\
+VP_INFO_GUEST = (
+    HEAD
+    + """\
     mov rax, 1
     TDCALL
     hlt
 """
+)
 
 
 def test_vp_info_counts_initialized_vcpus(guest_dir):
@@ -213,9 +262,9 @@ def test_vp_info_counts_initialized_vcpus(guest_dir):
     path.write_text(VP_INFO_GUEST)
     m = Machine(str(path), vm="tdx", vcpus=2)
     mod = m.kvm.x86_ops.module
-    m.vcpus[1].mmu_load()                     # the shared EPT pointer (TDH.VP.WR)
+    m.vcpus[1].mmu_load()  # the shared EPT pointer (TDH.VP.WR)
     tdvpr = m.vcpus[1].arch.tdvpr_pa
-    out = mod.seamcall(A.TDH_VP_ENTER, rcx=tdvpr, caller=1)          # on vCPU 1's CPU
+    out = mod.seamcall(A.TDH_VP_ENTER, rcx=tdvpr, caller=1)  # on vCPU 1's CPU
     assert at_hlt(out)
     rd = lambda name: mod.seamcall(A.TDH_VP_RD, rcx=tdvpr, rdx=GPR[name], caller=1).r8
     assert (rd("rax"), rd("rcx"), rd("rdx")) == (SUCCESS, 48, m.kvm.tdx.attributes)
@@ -257,6 +306,7 @@ def test_kvm_pending_check_uses_the_prot_bits():
     EPT_VIOLATION_PROT_MASK bits (5:3) and no EXEC_FOR_RING3_LIN (bit 6) in the exit qualification."""
     from emu.kvm.tdx import TdxX86Ops
     from tdxmod.module import Regs
+
     check = TdxX86Ops.is_sept_violation_unexpected_pending
     assert check(Regs(48, rcx=0x1, rdx=6))
     assert check(Regs(48, rcx=0x2 | (1 << 32), rdx=6))
@@ -299,7 +349,7 @@ def test_zero_step_busy_on_the_sept_tree_lock(guest_dir):
     the TLB-tracking count given back (revert_tlb_tracking_state())."""
     t = Td(guest_dir, "touch", TOUCH_GUEST)
     _fault_until_recorded(t)
-    t.td.secure_ept_lock = 2                 # one reader (sharex: bits 15:1 count them)
+    t.td.secure_ept_lock = 2  # one reader (sharex: bits 15:1 count them)
     try:
         out = t.enter()
     finally:
@@ -321,6 +371,7 @@ def test_zero_step_holds_the_sept_tree_lock_against_aug(guest_dir):
 
     def aug():
         seen["aug"] = t.call(A.TDH_MEM_PAGE_AUG, rcx=AREA, rdx=t.tdr, r8=page)
+
     sched = RaceSched("sept_locked_exclusive", aug)
     t.mod.sched = sched
     try:
@@ -328,12 +379,12 @@ def test_zero_step_holds_the_sept_tree_lock_against_aug(guest_dir):
     finally:
         t.mod.sched = None
     assert sched.fired and seen["aug"].rax == OPERAND_BUSY | OP_SEPT_TREE
-    assert out.rax == EXIT_EPT_VIOLATION and out.rcx == 0x2         # still unmapped: emulated exit
+    assert out.rax == EXIT_EPT_VIOLATION and out.rcx == 0x2  # still unmapped: emulated exit
     # Map it (AUG; the MAPPED state by hand, as an ACCEPT would leave it): the filter passes.
     assert t.call(A.TDH_MEM_PAGE_AUG, rcx=AREA, rdx=t.tdr, r8=page).rax == SUCCESS
     t.mod.mem.write64(t.entry_pa(AREA), entry_value(MAPPED, page))
     out = t.enter()
-    assert at_hlt(out)     # the read went through
+    assert at_hlt(out)  # the read went through
     assert t.v.last_epf_gpa_list == [] and t.v.possibly_epf_stepping == 0
 
 
@@ -407,6 +458,7 @@ def test_host_meets_the_guest_held_lock(guest_dir):
         seen["in_td"] = (t.v.in_td, list(t.td.refcount))
         seen["block"] = t.call(A.TDH_MEM_RANGE_BLOCK, rcx=AREA, rdx=t.tdr)
         seen["entry"] = t.mod.mem.read64(pa)
+
     t.mod.sched = RaceSched("sept_entry_locked_guest", block)
     try:
         out = t.enter()
@@ -430,7 +482,7 @@ def test_remove_tracking_follows_vcpus_in_the_td(guest_dir):
     epoch is still in the TD (refcount[BEPOCH & 1] == 0).  A vCPU held in the TD at ACCEPT's scheduling
     point is counted in its entry epoch; one entering after the TRACK does not hold REMOVE back."""
     t = Td(guest_dir, "accept", ACCEPT_GUEST)
-    other = t.aug(AREA + 0x1000)                       # the page to remove
+    other = t.aug(AREA + 0x1000)  # the page to remove
     assert t.call(A.TDH_MEM_RANGE_BLOCK, rcx=AREA + 0x1000, rdx=t.tdr).rax == SUCCESS
     bepoch = t.td.epoch
     page = t.aug(AREA)
@@ -443,6 +495,7 @@ def test_remove_tracking_follows_vcpus_in_the_td(guest_dir):
         seen.append(t.call(A.TDH_MEM_TRACK, rcx=t.tdr).rax)
         seen.append(t.call(A.TDH_MEM_PAGE_REMOVE, rcx=AREA + 0x1000, rdx=t.tdr).rax)
         seen.append(list(t.td.refcount))
+
     t.mod.sched = RaceSched("sept_entry_locked_guest", host)
     try:
         out = t.enter()
@@ -472,6 +525,7 @@ def test_track_busy_while_vcpu_enters(guest_dir):
     def enter():
         seen["enter"] = t.enter()
         seen["refcount"] = list(t.td.refcount)
+
     t.mod.sched = RaceSched("epoch_locked", enter)
     try:
         out = t.call(A.TDH_MEM_TRACK, rcx=t.tdr)
@@ -502,7 +556,7 @@ def test_zero_step_exit_keeps_the_vcpu_associated(guest_dir):
     assert t.call(A.TDH_VP_FLUSH, rcx=t.tdvpr).rax == SUCCESS
     assert not t.v.associated and t.td.num_assoc_vcpus == 0
     out = t.enter()
-    assert (out.rax, out.rcx, out.r8) == (EXIT_EPT_VIOLATION, 0x2, AREA)        # emulated: no entry
+    assert (out.rax, out.rcx, out.r8) == (EXIT_EPT_VIOLATION, 0x2, AREA)  # emulated: no entry
     assert t.v.assoc_lpid == 0 and t.td.num_assoc_vcpus == 1
     assert t.call(A.TDH_MNG_VPFLUSHDONE, rcx=t.tdr).rax == A.TDX_FLUSHVP_NOT_DONE
     assert t.call(A.TDH_VP_FLUSH, rcx=t.tdvpr).rax == SUCCESS
@@ -527,6 +581,7 @@ def test_a_vcpu_in_the_td_on_one_cpu(guest_dir):
         seen["wr"] = t.mod.seamcall(A.TDH_VP_WR, rcx=t.tdvpr, rdx=GPR["rbx"], r8=1, r9=1, caller=0).rax
         seen["flush"] = t.call(A.TDH_VP_FLUSH, rcx=t.tdvpr).rax
         seen["refcount"] = list(t.td.refcount)
+
     t.mod.sched = RaceSched("sept_entry_locked_guest", other_cpu)
     try:
         out = t.enter()
@@ -535,21 +590,27 @@ def test_a_vcpu_in_the_td_on_one_cpu(guest_dir):
     assert seen["track"] == SUCCESS
     assert seen["enter"] == seen["enter0"] == seen["wr"] == A.TDX_VCPU_STATE_INCORRECT
     assert seen["flush"] == OPERAND_BUSY | OP_RCX
-    assert sum(seen["refcount"]) == 1                        # the vCPU in the TD, in the old epoch
+    assert sum(seen["refcount"]) == 1  # the vCPU in the TD, in the old epoch
     assert out.rax == EXIT_TDCALL and t.rd("rax") == SUCCESS
     assert t.td.refcount == [0, 0] and t.v.state == A.VCPU_READY
-    assert t.call(A.TDH_MEM_TRACK, rcx=t.tdr).rax == SUCCESS    # nothing left in the previous epoch
+    assert t.call(A.TDH_MEM_TRACK, rcx=t.tdr).rax == SUCCESS  # nothing left in the previous epoch
     assert t.mod.seamcall(A.TDH_VP_ENTER, rcx=t.tdvpr, caller=1).rax == VCPU_ASSOCIATED
 
 
-TRIPLE_FAULT_GUEST = HEAD + """\
+TRIPLE_FAULT_GUEST = (
+    HEAD
+    + """\
     ud2
 """
+)
 
-MC_GUEST = HEAD + """\
+MC_GUEST = (
+    HEAD
+    + """\
     int 0x12
     hlt
 """
+)
 
 
 def test_triple_fault_disables_the_vcpu(guest_dir):
@@ -586,12 +647,15 @@ def test_machine_check_makes_the_td_fatal(guest_dir):
     assert t.call(A.TDH_MNG_VPFLUSHDONE, rcx=t.tdr).rax == SUCCESS
 
 
-UNKNOWN_TDCALL_GUEST = HEAD + """\
+UNKNOWN_TDCALL_GUEST = (
+    HEAD
+    + """\
     TDCALL
     .globl after_tdcall
 after_tdcall:
     hlt
 """
+)
 
 
 @pytest.mark.parametrize("rax", [99, A.TDG_VP_INFO | (1 << 16), A.TDG_VP_INFO | (1 << 40)])
