@@ -320,6 +320,20 @@ def host_lock(mod, held, ptr, e, lvl, caller, what):
     return e, token
 
 
+def walk_and_host_lock(mod, held, td, gpa, level, caller, what):
+    """What every S-EPT leaf does first: walk_private_gpa() down to ``level`` (TDX_EPT_WALK_FAILED
+    with the entry where the walk stopped, when it stops above it), then host_lock() on the entry
+    it reached.  Returns (the entry's pointer, its copy under the lock, the lock's release token),
+    or (None, the error Regs, None)."""
+    ptr, e, lvl = mod.sept_walk(td, gpa, level)
+    if lvl != level:
+        return None, mod.walk_failed(e, lvl), None
+    e, token = host_lock(mod, held, ptr, e, lvl, caller, what)
+    if e is None:
+        return None, token, None
+    return ptr, e, token
+
+
 def check_blocked_and_tracked(mod, td, e, state, level, child_hpa):
     """The TLB-tracking checks of PAGE.REMOVE / SEPT.REMOVE (a status Regs, or None)."""
     if not tlb_tracking_required(td):

@@ -11,9 +11,9 @@ from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
 from ..td_structures import PAGE
 from ..helpers import (
+    walk_and_host_lock,
     seamcall_leaf,
     begin,
-    host_lock,
     page_info,
     check_blocked_and_tracked,
     check_lock_tdr,
@@ -55,14 +55,11 @@ def tdh_mem_page_aug(mod, r, caller, held):
         return err
     td, gpa, level = got
     page = r.r8
-    ptr, e, lvl = mod.sept_walk(td, gpa, level)
-    if lvl != level:
-        return mod.walk_failed(e, lvl)
-    e, entry = host_lock(mod, held, ptr, e, lvl, caller, "sept_entry_locked")
-    if e is None:
-        return entry
+    ptr, e, entry = walk_and_host_lock(mod, held, td, gpa, level, caller, "sept_entry_locked")
+    if ptr is None:
+        return e
     if not S.seamcall_allowed(TDH_MEM_PAGE_AUG, S.sept_state(e)):
-        return mod.state_incorrect(e, lvl)
+        return mod.state_incorrect(e, level)
     st = check_and_lock_free_range_hpa(mod, held, page, OPERAND_ID_R8, level, caller)
     if st:
         return Regs(st)
@@ -124,12 +121,9 @@ def tdh_mem_page_remove(mod, r, caller, held):
     if err:
         return err
     td, gpa, level = got
-    ptr, e, lvl = mod.sept_walk(td, gpa, level)
-    if lvl != level:
-        return mod.walk_failed(e, lvl)
-    e, entry = host_lock(mod, held, ptr, e, lvl, caller, "sept_entry_locked")
-    if e is None:
-        return entry
+    ptr, e, entry = walk_and_host_lock(mod, held, td, gpa, level, caller, "sept_entry_locked")
+    if ptr is None:
+        return e
     state = S.sept_state(e)
     if not S.is_leaf_state(state) or not S.seamcall_allowed(TDH_MEM_PAGE_REMOVE, state):
         rcx, rdx = mod.sept_details(e, level)
@@ -231,12 +225,9 @@ def tdh_mem_page_demote(mod, r, caller, held):
     if err:
         return err
     td, gpa, level = got
-    ptr, e, lvl = mod.sept_walk(td, gpa, level)
-    if lvl != level:
-        return mod.walk_failed(e, lvl)
-    e, entry = host_lock(mod, held, ptr, e, lvl, caller, "sept_entry_locked")
-    if e is None:
-        return entry
+    ptr, e, entry = walk_and_host_lock(mod, held, td, gpa, level, caller, "sept_entry_locked")
+    if ptr is None:
+        return e
     state = S.sept_state(e)
     if not S.seamcall_allowed(TDH_MEM_PAGE_DEMOTE, state):
         rcx, rdx = mod.sept_details(e, level)
@@ -301,13 +292,9 @@ def tdh_mem_page_promote(mod, r, caller, held):
     def fail(status, **regs):
         return Regs(status, **{**out, **regs})
 
-    ptr, e, lvl = mod.sept_walk(td, gpa, level)
-    if lvl != level:
-        bad = mod.walk_failed(e, lvl)
-        return fail(bad.rax, rcx=bad.rcx, rdx=bad.rdx)
-    e, entry = host_lock(mod, held, ptr, e, lvl, caller, "sept_entry_locked")
-    if e is None:
-        return fail(entry.rax, rcx=entry.rcx, rdx=entry.rdx)
+    ptr, e, entry = walk_and_host_lock(mod, held, td, gpa, level, caller, "sept_entry_locked")
+    if ptr is None:
+        return fail(e.rax, rcx=e.rcx, rdx=e.rdx)
     state = S.sept_state(e)
     if not S.seamcall_allowed(TDH_MEM_PAGE_PROMOTE, state):
         rcx, rdx = mod.sept_details(e, level)

@@ -7,9 +7,9 @@ tdh_mem_track.c of the TDX module (tdx_1.5).
 from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
 from ..helpers import (
+    walk_and_host_lock,
     seamcall_leaf,
     begin,
-    host_lock,
     tlb_tracking_required,
     check_lock_tdr,
     check_state_and_lock_op_state,
@@ -26,12 +26,9 @@ def tdh_mem_range_block(mod, r, caller, held):
     if err:
         return err
     td, gpa, level = got
-    ptr, e, lvl = mod.sept_walk(td, gpa, level)
-    if lvl != level:
-        return mod.walk_failed(e, lvl)
-    e, entry = host_lock(mod, held, ptr, e, lvl, caller, "sept_locked_exclusive")
-    if e is None:
-        return entry
+    ptr, e, entry = walk_and_host_lock(mod, held, td, gpa, level, caller, "sept_locked_exclusive")
+    if ptr is None:
+        return e
     state = S.sept_state(e)
     if not S.seamcall_allowed(TDH_MEM_RANGE_BLOCK, state):
         rcx, rdx = mod.sept_details(e, level)
@@ -54,12 +51,9 @@ def tdh_mem_range_unblock(mod, r, caller, held):
     if err:
         return err
     td, gpa, level = got
-    ptr, e, lvl = mod.sept_walk(td, gpa, level)
-    if lvl != level:
-        return mod.walk_failed(e, lvl)
-    e, entry = host_lock(mod, held, ptr, e, lvl, caller, "sept_locked_exclusive")
-    if e is None:
-        return entry
+    ptr, e, entry = walk_and_host_lock(mod, held, td, gpa, level, caller, "sept_locked_exclusive")
+    if ptr is None:
+        return e
     state = S.sept_state(e)
     if not S.seamcall_allowed(TDH_MEM_RANGE_UNBLOCK, state):
         rcx, rdx = mod.sept_details(e, level)

@@ -6,7 +6,7 @@ Follows src/vmm_dispatcher/api_calls/tdh_mem_sept_add.c and tdh_mem_sept_remove.
 from ..abi import *  # noqa: F401,F403
 from ..regs import Regs
 from ..td_structures import PAGE
-from ..helpers import seamcall_leaf, begin, host_lock, check_blocked_and_tracked, check_and_lock_private_hpa
+from ..helpers import walk_and_host_lock, seamcall_leaf, begin, check_blocked_and_tracked, check_and_lock_private_hpa
 from ..locks import TDX_LOCK_EXCLUSIVE, TDX_LOCK_SHARED
 from .. import sept as S
 
@@ -26,22 +26,19 @@ def tdh_mem_sept_add(mod, r, caller, held):
     if err:
         return err
     td, gpa, level = got
-    ptr, e, lvl = mod.sept_walk(td, gpa, level)
-    if lvl != level:
-        return mod.walk_failed(e, lvl)
-    e, entry = host_lock(mod, held, ptr, e, lvl, caller, "sept_entry_locked")
-    if e is None:
-        return entry
+    ptr, e, entry = walk_and_host_lock(mod, held, td, gpa, level, caller, "sept_entry_locked")
+    if ptr is None:
+        return e
     state = S.sept_state(e)
     if not S.seamcall_allowed(TDH_MEM_SEPT_ADD, state):
-        return mod.state_incorrect(e, lvl)
+        return mod.state_incorrect(e, level)
     # process_l1_page()
     if not new:
         return Regs(TDX_OPERAND_INVALID | OPERAND_ID_R8)  # version 0: R8 must name the new page
     if state != S.SEPT_FREE:
         if allow_existing:
             return Regs(TDX_SUCCESS)
-        return mod.state_incorrect(e, lvl)
+        return mod.state_incorrect(e, level)
     st = check_and_lock_private_hpa(
         mod, held, new, OPERAND_ID_R8, TDX_LOCK_EXCLUSIVE, PT_NDA, caller=caller, point="pamt_locked"
     )
@@ -64,12 +61,9 @@ def tdh_mem_sept_remove(mod, r, caller, held):
     if err:
         return err
     td, gpa, level = got
-    ptr, e, lvl = mod.sept_walk(td, gpa, level)
-    if lvl != level:
-        return mod.walk_failed(e, lvl)
-    e, entry = host_lock(mod, held, ptr, e, lvl, caller, "sept_locked_exclusive")
-    if e is None:
-        return entry
+    ptr, e, entry = walk_and_host_lock(mod, held, td, gpa, level, caller, "sept_locked_exclusive")
+    if ptr is None:
+        return e
     state = S.sept_state(e)
     if not S.seamcall_allowed(TDH_MEM_SEPT_REMOVE, state):
         rcx, rdx = mod.sept_details(e, level)
