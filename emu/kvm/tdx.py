@@ -78,12 +78,7 @@ from .uapi import (
 )
 from .x86_ops import X86EMUL_RETRY_INSTR
 from .kvm_host import KvmIoctlError
-from .x86_msr import (
-    MSR_IA32_APICBASE_BSP,
-    X2APIC_ENABLE,
-    MSR_IA32_APICBASE_ENABLE,
-    APIC_DEFAULT_PHYS_BASE,
-)
+from .x86_msr import MSR_IA32_APICBASE_BSP, X2APIC_ENABLE, MSR_IA32_APICBASE_ENABLE, APIC_DEFAULT_PHYS_BASE
 from ..hw.msr import (
     MSR_IA32_UCODE_REV,
     MSR_IA32_ARCH_CAPABILITIES,

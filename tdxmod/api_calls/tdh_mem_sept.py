@@ -90,7 +90,4 @@ def tdh_mem_sept_remove(mod, r, caller, held):
 
 
 # leaf number -> handler (the dispatcher's table: tdxmod/vmm_dispatcher.py)
-LEAVES = {
-    TDH_MEM_SEPT_ADD: tdh_mem_sept_add,
-    TDH_MEM_SEPT_REMOVE: tdh_mem_sept_remove,
-}
+LEAVES = {TDH_MEM_SEPT_ADD: tdh_mem_sept_add, TDH_MEM_SEPT_REMOVE: tdh_mem_sept_remove}

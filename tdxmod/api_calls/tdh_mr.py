@@ -53,7 +53,4 @@ def tdh_mr_finalize(mod, r, caller, held):
 
 
 # leaf number -> handler (the dispatcher's table: tdxmod/vmm_dispatcher.py)
-LEAVES = {
-    TDH_MR_EXTEND: tdh_mr_extend,
-    TDH_MR_FINALIZE: tdh_mr_finalize,
-}
+LEAVES = {TDH_MR_EXTEND: tdh_mr_extend, TDH_MR_FINALIZE: tdh_mr_finalize}

@@ -380,11 +380,7 @@ RESERVED = list(_reserved_cases())
 
 
 # Every bit a present entry of this kind may not have, for a non-present entry at that level.
-NOT_PRESENT_JUNK = {
-    4: bits(7, 3) | RSVD_HIGH,
-    3: bits(6, 3) | RSVD_HIGH,
-    2: bits(6, 3) | RSVD_HIGH,
-}
+NOT_PRESENT_JUNK = {4: bits(7, 3) | RSVD_HIGH, 3: bits(6, 3) | RSVD_HIGH, 2: bits(6, 3) | RSVD_HIGH}
 
 
 def _ignored_cases():
@@ -601,10 +597,7 @@ class TestAccessedDirtyFlags:
         before = p.t.snapshot()
         got = p.walk(Access.READ)
         assert got.dirty is True  # the leaf's D was already set
-        assert p.t.changes(before) == {
-            p.hpa[3]: (old[3], old[3] | A_BIT),
-            p.hpa[1]: (old[1], old[1] | A_BIT),
-        }
+        assert p.t.changes(before) == {p.hpa[3]: (old[3], old[3] | A_BIT), p.hpa[1]: (old[1], old[1] | A_BIT)}
 
     def test_dirty_follows_the_leaf_d_flag(self):
         p = std_path(ad=True)
