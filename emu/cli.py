@@ -193,9 +193,18 @@ def td_attributes(args):
     return TD_ATTR_DEBUG | (TD_ATTR_SEPT_VE_DISABLE if getattr(args, "sept_ve_disable", "on") == "on" else 0)
 
 
-def huge_page_options(args):
-    """The Machine options of TDX private huge pages (issue 24)."""
+def machine_options(args, mem):
+    """The Machine options every command takes from its arguments (run and explore add
+    --no-freeze, --inject and --seed; a campaign draws its own faults and seeds)."""
     return dict(
+        vm=args.vm,
+        mem=mem,
+        vcpus=args.vcpus,
+        hugepages=args.hugepages,
+        nx_huge_pages=args.nx_huge_pages,
+        td_attributes=td_attributes(args),
+        host_events=args.host,
+        bugs=args.bug,
         tdx_huge_pages=args.tdx_huge_pages,
         mirror_hooks=args.mirror_hooks,
         demote_interruptible=args.demote_interruptible,
@@ -381,19 +390,11 @@ def cmd_run(args, out):
     try:
         m = Machine(
             args.guest,
-            vm=args.vm,
-            mem=mem,
-            vcpus=args.vcpus,
             tracer=tracer,
-            hugepages=args.hugepages,
-            nx_huge_pages=args.nx_huge_pages,
-            td_attributes=td_attributes(args),
             no_freeze=args.no_freeze,
             inject=args.inject,
             seed=args.seed,
-            host_events=args.host,
-            bugs=args.bug,
-            **huge_page_options(args),
+            **machine_options(args, mem),
         )
         m.max_insns, m.timeout, m.signals = args.max_insns, args.timeout, args.signals
         if sys.stderr.isatty() and not args.json and not (tracer.enabled and args.trace_file is None):
@@ -484,20 +485,7 @@ def cmd_explore(args, out):
     if args.ray is not None and args.random is None:
         raise UsageError("--ray runs random exploration (--random RUNS) and campaigns")
     tracer = make_tracer(args)
-    mk = dict(
-        vm=args.vm,
-        mem=mem,
-        vcpus=args.vcpus,
-        hugepages=args.hugepages,
-        nx_huge_pages=args.nx_huge_pages,
-        td_attributes=td_attributes(args),
-        no_freeze=args.no_freeze,
-        inject=args.inject,
-        seed=args.seed,
-        host_events=args.host,
-        bugs=args.bug,
-        **huge_page_options(args),
-    )
+    mk = dict(no_freeze=args.no_freeze, inject=args.inject, seed=args.seed, **machine_options(args, mem))
     ex = Explorer(
         lambda: Machine(args.guest, **mk), check_steps=args.check_steps, max_insns=args.max_insns, timeout=args.timeout
     )
@@ -606,17 +594,7 @@ def cmd_campaign(args, out):
     if args.runs < 1:
         raise UsageError("--runs needs at least 1")
     tracer = make_tracer(args)
-    mk = dict(
-        vm=args.vm,
-        mem=mem,
-        vcpus=args.vcpus,
-        hugepages=args.hugepages,
-        nx_huge_pages=args.nx_huge_pages,
-        td_attributes=td_attributes(args),
-        host_events=args.host,
-        bugs=args.bug,
-        **huge_page_options(args),
-    )
+    mk = machine_options(args, mem)
     try:
         c = Campaign(
             lambda: Machine(args.guest, **mk),
