@@ -462,8 +462,10 @@ def test_ctrl_c_keeps_results_and_leaves_no_process(args):
     # Runs under way: processes running runs (some of them spinning in guest code).
     wait_for(lambda: len(descendants(p.pid)) >= 1, "runs started")
     time.sleep(1.5)
-    procs = descendants(p.pid)
-    assert procs
+    # A run's process may just have ended and the next not yet begun (DFS forks one per run): wait
+    # for one to be there, so that the signal finds a run under way.
+    procs = []
+    wait_for(lambda: procs.extend(descendants(p.pid)) or procs, "a run under way")
     os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
