@@ -18,7 +18,7 @@
   request is still pending for it, which it will process before running the guest).
 """
 
-from ..kvm.spte import spte_to_pfn
+from ..kvm.spte import spte_to_pfn, PT_WRITABLE_MASK, shadow_x_mask, MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
 from ..kvm.kvm_host import KVM_REQS_FLUSHING, OUTSIDE_GUEST_MODE
 
 
@@ -26,31 +26,22 @@ def check_vm(kvm):
     problems = []
     tdp = kvm.tdp_mmu
     leaves_of = {}  # root -> its leaves: each table is read once per check
+    mmio = []
     for root in tdp.roots:
         if root.invalid:
             continue
-        leaves, removed = tdp.scan(root)
+        leaves, removed = tdp.scan(root, mmio)
         leaves_of[root] = leaves
         for sptep, level in removed:
             problems.append(
                 f"{'mirror' if root.is_mirror else 'direct'} root: SPTE at {sptep:#x} (level {level}) left REMOVED"
             )
         for gfn, level, spte in leaves:
-            slot = kvm.gfn_to_memslot(gfn)
-            if slot is None:
-                # (MMIO SPTEs are not present: a present leaf always needs a memslot)
-                problems.append(_no_memslot(root, gfn, level))
-                continue
-            private = (
-                root.is_mirror
-                or kvm.has_private_mem
-                and not kvm.has_mirrored_tdp
-                and slot.can_be_private
-                and kvm.mem_is_private(gfn)
-            )
-            want = _backing_pfn(kvm, slot, gfn, private)
-            if spte_to_pfn(spte) != want:
-                problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, its backing is pfn {want:#x}")
+            # (MMIO SPTEs are not present: a present leaf always needs a memslot)
+            problem = leaf_problem(kvm, root.is_mirror, gfn, level, spte)
+            if problem:
+                problems.append(problem)
+    problems += check_mmio_sptes(kvm, mmio)
     problems += check_roots(kvm)
     if kvm.has_mirrored_tdp:
         problems += check_mirror_sept(kvm, leaves_of)
@@ -60,11 +51,23 @@ def check_vm(kvm):
     return problems
 
 
-def _no_memslot(root, gfn, level):
-    return (
-        f"the {'mirror' if root.is_mirror else 'direct'} root maps gfn {gfn:#x} (level {level}), "
-        f"which no memslot covers"
-    )
+def check_mmio_sptes(kvm, mmio):
+    """An MMIO SPTE of the current memslots generation was made by a fault that saw the current
+    memslots, so no memslot covers its GFN (kvm_swap_active_memslots() bumps the generation
+    only after the readers of the old memslots are gone).  One that does cover it would be
+    taken for MMIO, not the slot's memory, until the next memslot change."""
+    if kvm.memslots_gen_in_progress:
+        return []
+    gen = kvm.memslots_generation & MMIO_SPTE_GEN_MASK
+    problems = []
+    for gfn, level, spte in mmio:
+        slot = kvm.gfn_to_memslot(gfn)
+        if slot is not None and get_mmio_spte_generation(spte) == gen:
+            problems.append(
+                f"an MMIO SPTE of the current memslots generation ({gen}) for gfn {gfn:#x}, which "
+                f"memslot {slot.id} covers: the guest's accesses there are taken for MMIO"
+            )
+    return problems
 
 
 def check_roots(kvm):
@@ -112,19 +115,9 @@ def check_step(kvm):
         if root.invalid:
             continue
         for gfn, level, spte in kvm.tdp_mmu.leaves(root):
-            slot = kvm.gfn_to_memslot(gfn)
-            if slot is None:
-                problems.append(_no_memslot(root, gfn, level))
-                continue
-            private = (
-                root.is_mirror
-                or kvm.has_private_mem
-                and not kvm.has_mirrored_tdp
-                and slot.can_be_private
-                and kvm.mem_is_private(gfn)
-            )
-            if spte_to_pfn(spte) != _backing_pfn(kvm, slot, gfn, private):
-                problems.append(f"gfn {gfn:#x} maps pfn {spte_to_pfn(spte):#x}, not its backing")
+            problem = leaf_problem(kvm, root.is_mirror, gfn, level, spte)
+            if problem:
+                problems.append(problem)
     if kvm.has_mirrored_tdp and getattr(kvm, "tdx", None) is not None:
         from tdxmod.abi import PT_REG
 
@@ -135,6 +128,61 @@ def check_step(kvm):
                 if mod.pamt.page_type(hpa) != PT_REG or mod.pamt.owner(hpa) != td.tdr:
                     problems.append(f"S-EPT maps gpa {gpa:#x} to {hpa:#x}, which the PAMT does not give the TD")
     return problems
+
+
+_SIZE = {1: "4K", 2: "2M", 3: "1G"}
+
+
+def leaf_problem(kvm, is_mirror, gfn, level, spte, backing=True):
+    """What is wrong with one present leaf SPTE of KVM's roots (a line), or None.
+
+    - the leaf and its pfn are aligned to its size (a huge leaf maps a naturally aligned range);
+    - one memslot covers its whole range (kvm_mmu_max_mapping_level() never maps past a slot:
+      lpage_info's disallow_lpage at unaligned slot ends);
+    - it maps the slot's backing, page for page (guest_memfd for private memory, the VMM's page
+      tables for shared; a huge leaf only where the host backing is contiguous, as
+      host_pfn_mapping_level() allows);
+    - a read-only memslot's page is not writable (make_spte() without host_writable);
+    - with the NX huge page mitigation a huge leaf is not executable (make_spte()).
+
+    ``backing=False`` leaves out the VMM page-table lookups of a shared 4K leaf (the run-time
+    check on every installed leaf; the quiescence checks do them)."""
+    n = 1 << (9 * (level - 1))
+    pfn = spte_to_pfn(spte)
+    size = _SIZE.get(level, f"level-{level}")
+    if gfn & (n - 1) or pfn & (n - 1):
+        return f"the {size} leaf at gfn {gfn:#x} maps pfn {pfn:#x}: not aligned to its size"
+    slot = kvm.gfn_to_memslot(gfn)
+    if slot is None:
+        return _no_memslot_line(is_mirror, gfn, level)
+    if gfn + n > slot.base_gfn + slot.npages:
+        return (
+            f"the {size} leaf at gfn {gfn:#x} reaches past the end of memslot {slot.id} "
+            f"(gfn {slot.base_gfn:#x}-{slot.base_gfn + slot.npages:#x})"
+        )
+    # (the attributes read directly: a check is no access of the model's, emu.checkers.dpor)
+    attrs = kvm.private_gfns if kvm.has_private_mem else None
+    private = is_mirror or attrs is not None and not kvm.has_mirrored_tdp and slot.can_be_private and gfn in attrs
+    if private or backing or n > 1:
+        # guest_memfd backs a slot linearly: its first page says it all.  The VMM's pages are
+        # checked one by one (a 1G leaf: the first page of each 2M and the last).
+        pages = [0] if private else [*range(0, n, 1 if n <= 512 else 512), n - 1] if n > 1 else [0]
+        for i in pages:
+            want = _backing_pfn(kvm, slot, gfn + i, private)
+            if pfn + i != want:
+                return f"gfn {gfn + i:#x} ({size} leaf at gfn {gfn:#x}) maps pfn {pfn + i:#x}, its backing is pfn {want:#x}"
+    if n > 1 and attrs is not None and (not attrs.covers(gfn, gfn + n) if private else attrs.intersects(gfn, gfn + n)):
+        # A huge leaf only where every page has the same attribute (KVM_LPAGE_MIXED_FLAG).
+        return f"the {size} {'private' if private else 'shared'} leaf at gfn {gfn:#x} covers GFNs of both attributes"
+    if spte & PT_WRITABLE_MASK and slot.readonly and not private:
+        return f"gfn {gfn:#x} of read-only memslot {slot.id} is mapped writable"
+    if level > 1 and spte & shadow_x_mask and kvm.nx_huge_pages:
+        return f"the {size} leaf at gfn {gfn:#x} is executable, with the NX huge page mitigation on"
+    return None
+
+
+def _no_memslot_line(is_mirror, gfn, level):
+    return f"the {'mirror' if is_mirror else 'direct'} root maps gfn {gfn:#x} (level {level}), which no memslot covers"
 
 
 def _backing_pfn(kvm, slot, gfn, private):
@@ -342,16 +390,35 @@ class RunChecks:
         if vcpus is None:
             kvm.tables_checked = kvm.tables_generation
 
-    def leaf_installed(self, kvm, gfn, level):
+    def leaf_installed(self, kvm, gfn, level, spte=None, is_mirror=None):
         """A present leaf was just installed for ``gfn``: a memslot covers it (one being deleted
         or moved still does, marked KVM_MEMSLOT_INVALID, until its mappings are zapped).  A leaf
         for a GFN no memslot covers outlives the memslot deletion that should have removed it:
-        nothing will ever zap it."""
+        nothing will ever zap it.  The leaf is also what leaf_problem() allows (size, memslot
+        range, backing, read-only, NX huge pages), the VMM's page tables read only for a huge
+        leaf.  (``is_mirror`` None: the table is not known, only the memslot is checked.)"""
         if kvm.gfn_to_memslot(gfn) is None:
             kvm.checker_violation(
                 f"a leaf SPTE (level {level}) was installed for gfn {gfn:#x}, which no "
                 f"memslot covers (a fault that looked its memslot up before the slot "
                 f"was deleted?)"
+            )
+        elif is_mirror is not None:
+            problem = leaf_problem(kvm, is_mirror, gfn, level, spte, backing=False)
+            if problem:
+                kvm.checker_violation(f"a leaf SPTE was installed wrong: {problem}")
+
+    def mmio_spte_taken(self, kvm, gpa):
+        """check_mmio_spte() took the MMIO SPTE of ``gpa`` as current: no memslot covers the GFN
+        (see check_mmio_sptes()); otherwise the guest's access to the slot's memory becomes an
+        MMIO exit, and every later one too."""
+        gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
+        slot = kvm.gfn_to_memslot(gfn)
+        if slot is not None:
+            kvm.checker_violation(
+                f"an MMIO SPTE for gfn {gfn:#x} was taken as current (memslots generation "
+                f"{kvm.memslots_generation}), but memslot {slot.id} covers the GFN: made while a "
+                f"memslot update was in progress?"
             )
 
     def memslot_removed(self, kvm, slot):

@@ -67,6 +67,9 @@ class KvmMain:
         self.memslots = []  # the active memslots (kvm->memslots[0]): a new list per change
         self.inactive_memslots = None  # the set being prepared (kvm_replace_memslot())
         self.memslots_generation = 0  # bumped by every memslot change (MMIO SPTEs record it)
+        # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS in the active memslots' generation: set from the
+        # swap until every reader of the old memslots has left kvm->srcu.
+        self.memslots_gen_in_progress = False
         self.slots_locked = False  # kvm->slots_lock
         self.srcu = Srcu(self)  # kvm->srcu: memslot readers
         self.private_gfns = GfnRanges()  # KVM_MEMORY_ATTRIBUTE_PRIVATE (kvm->mem_attr_array)
@@ -339,14 +342,23 @@ class KvmMain:
         self.inactive_memslots = slots
 
     def kvm_swap_active_memslots(self):
-        """kvm_swap_active_memslots(): publish the inactive memslots (rcu_assign_pointer), bump the
-        generation, and wait for the readers of the old set: synchronize_srcu(&kvm->srcu)."""
+        """kvm_swap_active_memslots(): publish the inactive memslots (rcu_assign_pointer) with the
+        old generation marked KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, wait for the readers of the old
+        set (synchronize_srcu(&kvm->srcu)), and only then bump the generation.
+
+        The order matters for MMIO SPTEs: a fault that looked up the old memslots (a GFN with no
+        slot) may make its MMIO SPTE while the wait is on, with the generation it reads then.
+        That must be the old one, which the bump then makes stale, or the SPTE would outlive the
+        new slot at the same GFN and the guest take its RAM for MMIO for good (the bug fixed by
+        "kvm: fix potentially corrupt mmio cache", 2014).  check_mmio_spte() takes no MMIO SPTE
+        as current while the update is in progress."""
         self.memslots = self.inactive_memslots
         self.inactive_memslots = None
+        self.memslots_gen_in_progress = True
+        if not self.bugs.memslot_no_srcu_wait:  # (bug switch: readers of the old slot are not waited for)
+            self.srcu.synchronize_srcu_expedited()
         self.memslots_generation += 1
-        if self.bugs.memslot_no_srcu_wait:
-            return  # bug switch: readers of the old slot are not waited for
-        self.srcu.synchronize_srcu_expedited()
+        self.memslots_gen_in_progress = False
 
     # -- the invalidation protocol (mmu_notifier, memory attributes, guest_memfd) -----------------------
     def kvm_mmu_invalidate_begin(self):

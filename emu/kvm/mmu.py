@@ -303,9 +303,16 @@ def handle_mmio_page_fault(vcpu, addr):
         return RET_PF_RETRY
     if is_mmio_spte(spte, vcpu.kvm.shadow_mmio_value):
         # check_mmio_spte(): an SPTE from before the last memslot change may be wrong now
-        # (a slot was added there): let the normal fault path replace it.
-        if get_mmio_spte_generation(spte) != vcpu.kvm.memslots_generation & MMIO_SPTE_GEN_MASK:
+        # (a slot was added there), and so may one made while a change is in progress (the
+        # generation is bumped when it ends): let the normal fault path replace it.
+        kvm = vcpu.kvm
+        if (
+            kvm.memslots_gen_in_progress
+            or get_mmio_spte_generation(spte) != kvm.memslots_generation & MMIO_SPTE_GEN_MASK
+        ):
             return RET_PF_INVALID
+        if kvm.checker is not None:
+            kvm.checker.mmio_spte_taken(kvm, addr)
         return RET_PF_EMULATE
     # Not an MMIO SPTE (any more): another vCPU changed it since the CPU's walk.  Let the guest
     # fault again on the address (upstream's answer, not a KVM bug).

@@ -444,7 +444,7 @@ class TdpMmu:
         if is_leaf != was_leaf:
             kvm.update_page_stats(level, 1 if is_leaf else -1)
         if is_leaf and (not was_leaf or pfn_changed) and kvm.checker is not None:
-            kvm.checker.leaf_installed(kvm, gfn, level)
+            kvm.checker.leaf_installed(kvm, gfn, level, new_spte, None if sp is None else sp.is_mirror)
         if removed_pt and not hooks_72:
             self.handle_removed_pt(spte_to_child_pt(old_spte, level), shared, vcpu)
         return 0
@@ -737,7 +737,7 @@ class TdpMmu:
             return ret
         if self.mirror_hooks_72 and not is_removed_spte(new_spte) and self.is_mirror_sptep(it.sptep):
             return 0  # handled inside the freeze
-        self.handle_changed_spte(it.as_id, it.gfn, it.old_spte, new_spte, it.level, True, vcpu)
+        self.handle_changed_spte(it.as_id, it.gfn, it.old_spte, new_spte, it.level, True, vcpu, it.sptep)
         return 0
 
     def tdp_mmu_set_spte(self, as_id, sptep, old_spte, new_spte, gfn, level, vcpu=None):
@@ -764,7 +764,7 @@ class TdpMmu:
                     f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}",
                 )
             return old_spte
-        self.handle_changed_spte(as_id, gfn, old_spte, new_spte, level, False, vcpu)
+        self.handle_changed_spte(as_id, gfn, old_spte, new_spte, level, False, vcpu, sptep)
         if self.is_mirror_sptep(sptep):
             # Mirror SPTEs are made present only through the atomic (reflecting) path.
             kvm.KVM_BUG_ON(is_shadow_present_pte(new_spte), f"non-atomic set of a present mirror SPTE for gfn {gfn:#x}")
@@ -1142,12 +1142,14 @@ class TdpMmu:
             lock.read_unlock() if shared else lock.write_unlock()
 
     # -- dumping ------------------------------------------------------------------------------------------
-    def scan(self, root):
+    def scan(self, root, mmio=None):
         """One walk of ``root``'s tables: (its leaves as leaves() gives them, its REMOVED SPTEs
-        as removed_sptes() gives them).  The invariant checker runs after every explored
-        schedule, so each table is scanned once, and in C (emu.hw.memory.table_entries)."""
+        as removed_sptes() gives them); with a list ``mmio``, its MMIO SPTEs are appended to it
+        as (gfn, level, spte).  The invariant checker runs after every explored schedule, so
+        each table is scanned once, and in C (emu.hw.memory.table_entries)."""
         leaves, removed = [], []
         mem = self.mem
+        mmio_value = self.kvm.shadow_mmio_value
 
         def walk(table, level, gfn):
             step = KVM_PAGES_PER_HPAGE(level)
@@ -1160,11 +1162,16 @@ class TdpMmu:
                         leaves.append((g, level, spte))
                     else:
                         walk(spte_to_child_pt(spte, level), level - 1, g)
+                elif mmio is not None and is_mmio_spte(spte, mmio_value):
+                    mmio.append((gfn + i * step, level, spte))
 
+        n = 0 if mmio is None else len(mmio)
         walk(root.spt, root.role_level, 0)
         bits = self.gfn_root_bits(root)
         if bits:
             leaves = [(g & ~bits, l, s) for g, l, s in leaves]
+            if mmio:
+                mmio[n:] = [(g & ~bits, l, s) for g, l, s in mmio[n:]]
         return leaves, removed
 
     def leaves(self, root):

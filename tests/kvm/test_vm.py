@@ -24,7 +24,9 @@ from emu.kvm.kvm import (
     KVM_MEM_READONLY,
     KVM_REQ_TLB_FLUSH,
 )
-from emu.kvm.spte import SHADOW_NONPRESENT_VALUE, make_mmio_spte
+from emu.checkers.check import check_vm
+from emu.kvm.mmu import handle_mmio_page_fault, RET_PF_EMULATE, RET_PF_INVALID
+from emu.kvm.spte import SHADOW_NONPRESENT_VALUE, is_mmio_spte, make_mmio_spte
 
 from kvmhelpers import (
     TEST_GUESTS,
@@ -493,3 +495,64 @@ class TestMemslotIoctl:
         # kvm_mmu_zap_all_fast(): the vCPU drops its obsolete root instead of a remote flush.
         assert kvm.stat["remote_tlb_flush"] == 0 and m.vcpus[0].requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
         assert leaves_of(m) == []
+
+
+class TestMmioSpteGeneration:
+    """MMIO SPTEs and the memslots generation (kvm_swap_active_memslots(), check_mmio_spte())."""
+
+    def _probed(self, make_machine):
+        """probe.S read PROBE, a GPA no memslot covers: its MMIO SPTE is in the tables."""
+        m = make_machine(TEST_GUESTS / "probe.S", host_reserve=16 * MiB)
+        split_slots(m, 32 * MiB, 48 * MiB)
+        assert m.run().exit == "mmio"
+        v = m.vcpus[0]
+        assert m.kvm.get_leaf_spte(v, PROBE) == make_mmio_spte(PROBE >> 12, m.kvm.memslots_generation)
+        return m, v
+
+    def test_the_generation_is_bumped_after_the_srcu_wait(self, make_machine):
+        """While the readers of the old memslots are waited for, the generation is still the old one
+        and marked in progress: an MMIO SPTE a reader makes then is stale once the wait ends."""
+        m, v = self._probed(make_machine)
+        kvm = m.kvm
+        gen = kvm.memslots_generation
+        seen = []
+        real = kvm.srcu.synchronize_srcu_expedited
+
+        def sync():
+            # A fault that looked up the old memslots (no slot at PROBE) makes its MMIO SPTE now.
+            seen.append((kvm.memslots_generation, kvm.memslots_gen_in_progress, handle_mmio_page_fault(v, PROBE)))
+            real()
+
+        kvm.srcu.synchronize_srcu_expedited = sync
+        kvm.set_user_memory_region(2, 0, 32 * MiB, 16 * MiB, m.hva + 32 * MiB)  # a slot over PROBE
+        assert seen == [(gen, True, RET_PF_INVALID)]  # no MMIO SPTE is current meanwhile
+        assert (kvm.memslots_generation, kvm.memslots_gen_in_progress) == (gen + 1, False)
+        # The SPTE made with the old generation is stale: the next access faults the page in.
+        assert handle_mmio_page_fault(v, PROBE) == RET_PF_INVALID
+        assert check_vm(kvm) == [] and kvm.violations == []
+
+    def test_a_current_mmio_spte_over_a_memslot_is_reported(self, make_machine):
+        """What the wrong order (the generation bumped before the wait) leaves behind: an MMIO SPTE
+        of the current generation at a GFN a memslot now covers.  The quiescence check reports it,
+        and the run-time check when check_mmio_spte() takes it."""
+        m, v = self._probed(make_machine)
+        kvm = m.kvm
+        kvm.set_user_memory_region(2, 0, 32 * MiB, 16 * MiB, m.hva + 32 * MiB)
+        assert check_vm(kvm) == []  # the old MMIO SPTE is stale: fine
+        table, level = v.root.spt, v.root.role_level  # down to the MMIO SPTE (not present: a leaf)
+        while True:
+            sptep = table + ((PROBE >> (12 + 9 * (level - 1))) & 511) * 8
+            if is_mmio_spte(kvm.mem.read64(sptep)):
+                break
+            table, level = kvm.mem.read64(sptep) & 0xFFFFFFFFFF000, level - 1
+        kvm.mem.write64(sptep, make_mmio_spte(PROBE >> 12, kvm.memslots_generation))
+        gen = kvm.memslots_generation
+        assert check_vm(kvm) == [
+            f"an MMIO SPTE of the current memslots generation ({gen}) for gfn {PROBE >> 12:#x}, which "
+            f"memslot 2 covers: the guest's accesses there are taken for MMIO"
+        ]
+        assert handle_mmio_page_fault(v, PROBE) == RET_PF_EMULATE
+        assert kvm.violations == [
+            f"an MMIO SPTE for gfn {PROBE >> 12:#x} was taken as current (memslots generation {gen}), but "
+            f"memslot 2 covers the GFN: made while a memslot update was in progress?"
+        ]

@@ -1,0 +1,143 @@
+"""The invariant checker looks at every present leaf whole (emu.checkers.check.leaf_problem): its
+size and alignment, the memslot under all of it, its backing page for page, the read-only
+memslot and NX huge page rules, and the attributes under a huge leaf.  Each case runs a guest,
+finds the checker clean, breaks one leaf the way a KVM bug would, and expects the exact line; the
+run-time check on every installed leaf is shown with a make_spte() that forgets a rule."""
+
+import pytest
+
+from emu.checkers.check import check_vm, check_step, leaf_problem
+from emu.kvm import tdp_mmu
+from emu.kvm.spte import PT_WRITABLE_MASK, shadow_x_mask
+from emu.kvm.uapi import KVM_MEM_READONLY
+from emu.userspace.vmm import Machine
+
+NX = dict(vm="default", vcpus=2, hugepages="2m", nx_huge_pages=True)
+
+
+def _run(guest, **kw):
+    m = Machine(guest, **kw)
+    res = m.run()
+    assert res.ok, res.error
+    assert check_vm(m.kvm) == [] and check_step(m.kvm) == []
+    return m
+
+
+def _leaf(m, gfn, mirror=False):
+    """(sptep, spte) of the leaf of ``gfn`` in the (mirror) root."""
+    kvm = m.kvm
+    root = next(r for r in kvm.tdp_mmu.roots if not r.invalid and r.is_mirror == mirror)
+    gfn |= kvm.tdp_mmu.gfn_root_bits(root)  # (a TD's shared GFNs: the shared bit indexes the direct root)
+    table, level = root.spt, root.role_level
+    while True:
+        sptep = table + ((gfn >> (9 * (level - 1))) & 511) * 8
+        spte = kvm.mem.read64(sptep)
+        if level == 1 or spte & (1 << 7):
+            return sptep, spte
+        table, level = spte & 0xFFFFFFFFFF000, level - 1
+
+
+def _break(m, gfn, fn, mirror=False):
+    sptep, spte = _leaf(m, gfn, mirror)
+    m.kvm.mem.write64(sptep, fn(spte))
+    return check_vm(m.kvm)
+
+
+def test_an_executable_huge_leaf_under_the_nx_mitigation():
+    m = _run("nxhuge", **NX)
+    assert _break(m, 0x3C00, lambda s: s | shadow_x_mask)[0] == (
+        "the 2M leaf at gfn 0x3c00 is executable, with the NX huge page mitigation on"
+    )
+
+
+@pytest.mark.parametrize("delta", [1, 512])
+def test_a_huge_leaf_maps_its_backing_aligned(delta):
+    m = _run("nxhuge", **NX)
+    base = m.kvm.host.mm.lookup(m.kvm.memslots[0].userspace_addr + (0x3C00 << 12))
+    problems = _break(m, 0x3C00, lambda s: s + (delta << 12))
+    if delta == 1:
+        assert problems[0] == f"the 2M leaf at gfn 0x3c00 maps pfn {base + 1:#x}: not aligned to its size"
+    else:
+        assert (
+            problems[0] == f"gfn 0x3c00 (2M leaf at gfn 0x3c00) maps pfn {base + 512:#x}, its backing is pfn {base:#x}"
+        )
+    # (the vCPUs' TLBs still hold the old translation: the TLB check says so too)
+    assert all(p.startswith("vCPU ") for p in problems[1:])
+
+
+def test_a_huge_leaf_over_backing_that_is_not_contiguous(monkeypatch):
+    """The VMM's page 7 of a 2M range is another frame now (its page tables say so; no
+    mmu_notifier told KVM): the leaf maps the old one there.  Only a page-by-page check sees it."""
+    m = _run("nxhuge", **NX)
+    kvm = m.kvm
+    mm = kvm.host.mm
+    hva = kvm.memslots[0].userspace_addr + ((0x3C00 + 7) << 12)
+    real = mm.lookup
+    monkeypatch.setattr(mm, "lookup", lambda a: real(a) + 0x1000 if a == hva else real(a))
+    base = real(hva - (7 << 12))
+    assert check_vm(kvm) == [
+        f"gfn 0x3c07 (2M leaf at gfn 0x3c00) maps pfn {base + 7:#x}, its backing is pfn {base + 7 + 0x1000:#x}"
+    ]
+
+
+def test_a_huge_leaf_past_the_end_of_its_memslot():
+    m = _run("nxhuge", **NX)
+    m.kvm.memslots[0].npages = 0x3C00 + 0x100  # the slot now ends in the middle of the 2M leaf
+    problems = check_vm(m.kvm)
+    assert "the 2M leaf at gfn 0x3c00 reaches past the end of memslot 0 (gfn 0x0-0x3d00)" in problems
+
+
+def test_a_writable_leaf_of_a_read_only_memslot():
+    m = _run("nxhuge", **NX)
+    m.kvm.memslots[0].flags |= KVM_MEM_READONLY
+    problems = check_vm(m.kvm)
+    assert "gfn 0x3c00 of read-only memslot 0 is mapped writable" in problems
+    # Read-only leaves pass (the vCPUs' TLBs still hold writable translations: the TLB check says so).
+    for root in m.kvm.tdp_mmu.roots:
+        for gfn, level, spte in m.kvm.tdp_mmu.leaves(root):
+            _break(m, gfn, lambda s: s & ~PT_WRITABLE_MASK)
+    assert [p for p in check_vm(m.kvm) if not p.startswith("vCPU ")] == []
+
+
+@pytest.mark.parametrize(
+    "vm, mirror, gfn", [("sw-protected", False, 0x2000), ("tdx", False, 0x2000), ("tdx", True, 0x2400)]
+)
+def test_a_huge_leaf_over_mixed_attributes(vm, mirror, gfn):
+    """A page in the middle of a huge leaf changed attribute without the zap (KVM_LPAGE_MIXED_FLAG
+    upstream keeps such a range at 4K)."""
+    kw = dict(vm=vm, hugepages="2m", tdx_huge_pages=True) if vm == "tdx" else dict(vm=vm, hugepages="2m")
+    m = _run("hpaccept" if mirror else "hugemap", **kw)
+    kvm = m.kvm
+    assert _leaf(m, gfn, mirror)[1] & (1 << 7)  # a 2M leaf
+    g = gfn + 0x10
+    if mirror:
+        kvm.private_gfns.remove(g, g + 1)
+    else:
+        kvm.private_gfns.add(g, g + 1)
+    kind = "private" if mirror else "shared"
+    assert f"the 2M {kind} leaf at gfn {gfn:#x} covers GFNs of both attributes" in check_vm(kvm)
+
+
+def test_the_checks_agree_with_the_leaf_check_on_unbroken_leaves():
+    m = _run("hpaccept", vm="tdx", hugepages="2m", tdx_huge_pages=True)
+    kvm = m.kvm
+    for root in kvm.tdp_mmu.roots:
+        for gfn, level, spte in kvm.tdp_mmu.leaves(root):
+            assert leaf_problem(kvm, root.is_mirror, gfn, level, spte) is None
+
+
+def test_a_leaf_installed_wrong_fails_the_run(monkeypatch):
+    """The run-time check on every installed leaf: a make_spte() that forgets the NX huge page
+    rule (a huge leaf stays executable) stops the run at the first such leaf."""
+    real = tdp_mmu.make_spte
+
+    def make_spte(level, pfn, pte_access, mt_mask, host_writable=True, prefetch=False, nx_huge_pages=False):
+        spte, wrprot = real(level, pfn, pte_access, mt_mask, host_writable, prefetch, nx_huge_pages)
+        return (spte | shadow_x_mask if level > 1 else spte), wrprot
+
+    monkeypatch.setattr(tdp_mmu, "make_spte", make_spte)
+    m = Machine("nxhuge", **NX)
+    res = m.run()
+    assert not res.ok
+    assert m.kvm.violations[0].startswith("a leaf SPTE was installed wrong: the 2M leaf at gfn ")
+    assert m.kvm.violations[0].endswith(" is executable, with the NX huge page mitigation on")
