@@ -331,3 +331,48 @@ def test_memslot_race_run_and_campaign():
     )
     obj = json.loads(r.stdout)
     assert r.returncode == 0 and obj["failures"] == [], r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------
+# A memslot moved to GPAs the vCPUs touch: the MMIO SPTE generation race
+# ---------------------------------------------------------------------------
+MOVE = "move 0x2000000-0x2008000 0x10000000@2"
+
+
+def test_memslot_move_run_reads_the_moved_slot_or_stops_at_mmio():
+    """A vCPU that reads the destination before the memslot is there stops at its MMIO exit (the
+    scenario expects it); one that reads after the move reads the slot's memory (zeros)."""
+    m = Machine("memslot_move", vcpus=2, host_events=[MOVE])
+    res = m.run()
+    assert res.ok, res.error
+    assert set(res.vcpu_exits) <= {"hlt", "mmio"}
+    assert m.kvm.gfn_to_memslot(0x10000) is not None and m.kvm.gfn_to_memslot(0x2000) is None
+    assert check_vm(m.kvm) == []
+    m = Machine("memslot_move", vcpus=2, host_events=[MOVE.replace("@2", "")])  # the move before any read
+    res = m.run()
+    assert res.ok and res.vcpu_exits == ["hlt", "hlt"], res.error
+
+
+def test_memslot_move_is_clean_with_the_generation_bumped_after_the_wait():
+    r = emu_cli("explore", "memslot_move", "--vcpus", "2", "--host", MOVE, "--random", "150", "--json")
+    obj = json.loads(r.stdout)
+    assert r.returncode == 0 and obj["failures"] == 0 and obj["complete"], r.stdout + r.stderr
+
+
+def test_memslot_move_race_found_with_the_generation_bumped_before_the_wait():
+    r = emu_cli(
+        "explore",
+        "memslot_move",
+        "--vcpus",
+        "2",
+        "--host",
+        MOVE,
+        "--random",
+        "300",
+        "--bug",
+        "mmio-gen-before-srcu-wait",
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    first = next(line for line in r.stdout.splitlines() if line.startswith("first failure:"))
+    assert "an MMIO SPTE of the current memslots generation" in first and "for gfn 0x1000" in first, first
+    assert "--bug mmio-gen-before-srcu-wait --replay 'emu-sched/1:" in r.stdout

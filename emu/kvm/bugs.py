@@ -20,6 +20,9 @@ BUGS = {
     "fault-ignores-invalidation": "the page fault does not check mmu_invalidate_seq/in_progress (is_page_fault_stale() is false)",
     "memslot-no-srcu-wait": "kvm_swap_active_memslots() does not wait in synchronize_srcu(): a fault that looked up a memslot "
     "before it was deleted maps its page after the slot was zapped, for a GPA no memslot covers",
+    "mmio-gen-before-srcu-wait": "kvm_swap_active_memslots() bumps the memslots generation before synchronize_srcu(), with "
+    "no update-in-progress mark: an MMIO SPTE made by a fault that saw the old memslots looks current after the "
+    "change (the bug 'kvm: fix potentially corrupt mmio cache' fixed, 2014)",
     # TDX private huge pages (issue 24): the races reviewers raised against the series.
     "split-under-shared-lock": "the split for a mismatched ACCEPT runs under mmu_lock held for read: the atomic path freezes "
     "the huge mirror SPTE and splits it (BLOCK, TRACK, DEMOTE) while other vCPUs fault",

@@ -354,11 +354,15 @@ class KvmMain:
         as current while the update is in progress."""
         self.memslots = self.inactive_memslots
         self.inactive_memslots = None
-        self.memslots_gen_in_progress = True
+        if self.bugs.mmio_gen_before_srcu_wait:
+            self.memslots_generation += 1  # bug switch: the new generation while readers of the old set run
+        else:
+            self.memslots_gen_in_progress = True
         if not self.bugs.memslot_no_srcu_wait:  # (bug switch: readers of the old slot are not waited for)
             self.srcu.synchronize_srcu_expedited()
-        self.memslots_generation += 1
-        self.memslots_gen_in_progress = False
+        if not self.bugs.mmio_gen_before_srcu_wait:
+            self.memslots_generation += 1
+            self.memslots_gen_in_progress = False
 
     # -- the invalidation protocol (mmu_notifier, memory attributes, guest_memfd) -----------------------
     def kvm_mmu_invalidate_begin(self):

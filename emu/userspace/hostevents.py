@@ -19,8 +19,10 @@
                                         when it builds the VM; the guest's page tables also map
                                         [TO, TO + END - START).  A vCPU that touches the range once
                                         it is gone (KVM_EXIT_MEMORY_FAULT for a private access, MMIO
-                                        for a shared one) stops there, as the scenario expects
-                                        (private_mem_kvm_exits_test), and the run is not an error.
+                                        for a shared one), or that touches [TO, ...) before the
+                                        memslot is there (MMIO), stops there, as the scenario
+                                        expects (private_mem_kvm_exits_test), and the run is not an
+                                        error.
 
 Each event runs on a host task that the scheduler interleaves with the vCPUs from
 scheduling point STEP on (default 0); if every vCPU has finished by then, it runs then.

@@ -273,6 +273,7 @@ class Machine(VmmDevices, UcallHost):
         self.result_check = None
         self.regions: dict[int, MemRegion] = {}  # slot -> MemRegion: every memslot of the VMM's
         self.removed_ranges: list[tuple[int, int]] = []  # GPA ranges host events deleted or moved away
+        self.arriving_ranges: list[tuple[int, int]] = []  # GPA ranges a memslot moves to (no memslot before)
         self.host_reserve = host_reserve
         self.guest_globals = dict(guest_globals or {})
         self.virt_maps = list(virt_maps)
@@ -287,6 +288,7 @@ class Machine(VmmDevices, UcallHost):
             raise MachineError(str(e)) from None
         # The guest's page tables map where a memslot moves to.
         self.virt_maps += [(e.to, e.end - e.start) for e in self.host_events if e.kind == "move"]
+        self.arriving_ranges = [(e.to, e.to + e.end - e.start) for e in self.host_events if e.kind == "move"]
         from ..checkers.inject import Plan, PlanError
 
         try:
@@ -1133,7 +1135,7 @@ class Machine(VmmDevices, UcallHost):
 
     def _host_removed(self, run):
         gpa = run.gpa if run.exit_reason == KVM_EXIT_MEMORY_FAULT else run.phys_addr
-        return any(a <= gpa < b for a, b in self.removed_ranges)
+        return any(a <= gpa < b for a, b in self.removed_ranges + self.arriving_ranges)
 
     def _assert_site(self, vcpu, site, a, b):
         """The failed assert as a dict (vcpu, file, line, expr, kind, a, b, message), the message
