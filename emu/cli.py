@@ -397,6 +397,7 @@ def cmd_run(args, out):
             **machine_options(args, mem),
         )
         m.max_insns, m.timeout, m.signals = args.max_insns, args.timeout, args.signals
+        m.check_at_end = True
         if sys.stderr.isatty() and not args.json and not (tracer.enabled and args.trace_file is None):
             m.progress = StatusLine(sys.stderr)  # a long run's status line (not over a trace)
         res = m.run()

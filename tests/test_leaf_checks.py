@@ -4,6 +4,8 @@ memslot and NX huge page rules, and the attributes under a huge leaf.  Each case
 finds the checker clean, breaks one leaf the way a KVM bug would, and expects the exact line; the
 run-time check on every installed leaf is shown with a make_spte() that forgets a rule."""
 
+from pathlib import Path
+
 import pytest
 
 from emu.checkers.check import check_vm, check_step, leaf_problem
@@ -12,6 +14,7 @@ from emu.kvm.spte import PT_WRITABLE_MASK, shadow_x_mask
 from emu.kvm.uapi import KVM_MEM_READONLY
 from emu.userspace.vmm import Machine
 
+REPO = Path(__file__).resolve().parent.parent
 NX = dict(vm="default", vcpus=2, hugepages="2m", nx_huge_pages=True)
 
 
@@ -141,3 +144,71 @@ def test_a_leaf_installed_wrong_fails_the_run(monkeypatch):
     assert not res.ok
     assert m.kvm.violations[0].startswith("a leaf SPTE was installed wrong: the 2M leaf at gfn ")
     assert m.kvm.violations[0].endswith(" is executable, with the NX huge page mitigation on")
+
+
+# -- ranges a conversion or a hole punch unmapped, checked before the invalidation ends ----------------
+@pytest.mark.parametrize(
+    "guest, kw, gpa, what, root",
+    [
+        ("convert", dict(vm="tdx"), None, "KVM_SET_MEMORY_ATTRIBUTES", "mirror"),
+        (
+            "sharedrw",
+            dict(vm="sw-protected", vcpus=2, host_events=["private 0x1c00000-0x1c02000@300"]),
+            0x1C00000,
+            "KVM_SET_MEMORY_ATTRIBUTES",
+            "direct",
+        ),
+        (
+            "hppunch",
+            dict(vm="tdx", hugepages="2m", tdx_huge_pages=True, host_events=["punch 0x2405000-0x2406000@60"]),
+            0x2405000,
+            "fallocate(PUNCH_HOLE) on guest_memfd",
+            "mirror",
+        ),
+    ],
+)
+def test_a_range_left_mapped_after_its_zap_fails_the_run(monkeypatch, guest, kw, gpa, what, root):
+    """An unmap that forgets the roots it was asked for (kvm_gfn_range_filter_to_root_types() gone
+    wrong): the check before kvm_mmu_invalidate_end() finds the leaf left in the range."""
+    real = tdp_mmu.TdpMmu.unmap_gfn_range
+    skipped = []
+
+    def unmap_gfn_range(self, start, end, types, flush):
+        if (start == gpa >> 12) if gpa is not None else types == tdp_mmu.KVM_MIRROR_ROOTS:
+            skipped.append((start, end))
+            return flush  # the zap forgets this range
+        return real(self, start, end, types, flush)
+
+    monkeypatch.setattr(tdp_mmu.TdpMmu, "unmap_gfn_range", unmap_gfn_range)
+    m = Machine(guest, **kw)
+    res = m.run()
+    assert skipped and res.exit == "checker", res.error
+    v = m.kvm.violations[0]
+    assert v.startswith(f"{what} unmapped gfn 0x") and f"but the {root} root still maps gfn 0x" in v, v
+
+
+def test_run_checks_the_invariants_at_the_end(monkeypatch):
+    """`run` (and GuestVM.run) check the quiescence invariants when the run ends well: an SPTE left
+    frozen is reported as the run's error (exit checker), not only by explore."""
+    from emu.kvm.spte import REMOVED_SPTE
+    from emu.selftest import GuestVM, UCALL_SYNC
+
+    for check_at_end in (False, True):
+        vm = GuestVM(REPO / "tests" / "guests" / "counter.c")
+
+        @vm.on_ucall
+        def host(vcpu, uc):
+            if uc.cmd == UCALL_SYNC and uc.stage == 10:  # the guest's last sync: freeze an unused SPTE
+                kvm = vm.machine.kvm
+                root = vm.machine.vcpus[0].root
+                kvm.mem.write64(root.spt + 300 * 8, REMOVED_SPTE)
+
+        if check_at_end:
+            run = vm.run()
+            assert run.exit == "checker"
+            assert run.error.startswith("checker: at the end of the run: direct root: SPTE at ")
+            assert run.error.endswith("(level 4) left REMOVED")
+        else:
+            vm.machine.check_at_end = False
+            res = vm.machine.run()
+            assert res.ok and check_vm(vm.machine.kvm) != []

@@ -20,6 +20,7 @@
 
 from ..kvm.spte import spte_to_pfn, PT_WRITABLE_MASK, shadow_x_mask, MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
 from ..kvm.kvm_host import KVM_REQS_FLUSHING, OUTSIDE_GUEST_MODE
+from ..kvm.tdp_mmu import KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS
 
 
 def check_vm(kvm):
@@ -423,6 +424,26 @@ class RunChecks:
                 f"{kvm.memslots_generation}), but memslot {slot.id} covers the GFN: made while a "
                 f"memslot update was in progress?"
             )
+
+    def range_unmapped(self, kvm, start, end, types, what):
+        """``what`` unmapped [start, end) from the roots of ``types`` and its invalidation is still
+        in progress (no fault can map the range again before it ends): none of those roots maps a
+        page of the range.  A leaf left there keeps a page the guest no longer has (a shared
+        mapping of a page gone private, a private page punched out of guest_memfd) until the next
+        zap, if one ever comes.  (A dead VM is not checked: a failed zap kills it on purpose.)"""
+        if kvm.vm_dead:
+            return
+        tdp = kvm.tdp_mmu
+        for root in tdp.roots:
+            if root.invalid or not types & (KVM_MIRROR_ROOTS if root.is_mirror else KVM_DIRECT_ROOTS):
+                continue
+            for gfn, level, _ in tdp.leaves(root):
+                if gfn < end and start < gfn + (1 << (9 * (level - 1))):
+                    kvm.checker_violation(
+                        f"{what} unmapped gfn {start:#x}-{end:#x}, but the "
+                        f"{'mirror' if root.is_mirror else 'direct'} root still maps gfn {gfn:#x} (level {level})"
+                    )
+                    return
 
     def memslot_removed(self, kvm, slot):
         """A memslot was deleted (or moved away) and the new memslots are in: nothing maps its old

@@ -42,4 +42,7 @@ class KvmGmem:
                     f"which TDH.MEM.PAGE.REMOVE gave back (tdx_sept_remove_private_spte())",
                 )
                 self.mem.host_zero(hpa)
+        if self.checker is not None:
+            # (still inside the invalidation: no fault can have mapped the range again)
+            self.checker.range_unmapped(self, start_gfn, end_gfn, types, "fallocate(PUNCH_HOLE) on guest_memfd")
         self.invalidate_end()

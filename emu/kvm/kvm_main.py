@@ -489,6 +489,9 @@ class KvmMain:
             self.private_gfns.add(start_gfn, end_gfn)
         else:
             self.private_gfns.remove(start_gfn, end_gfn)
+        if ranges and self.checker is not None:
+            # (still inside the invalidation: no fault can have mapped the range again)
+            self.checker.range_unmapped(self, start_gfn, end_gfn, types, "KVM_SET_MEMORY_ATTRIBUTES")
         self.invalidate_end()
 
     def _hugepages_around(self, start_gfn, end_gfn):

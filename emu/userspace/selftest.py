@@ -233,6 +233,7 @@ class GuestVM:
         m = self.machine
         self._install_hooks()
         self._ran = True
+        m.check_at_end = True
         return GuestRun(m, m.run())
 
     # -- the host side ----------------------------------------------------------------------------------

@@ -271,6 +271,9 @@ class Machine(VmmDevices, UcallHost):
         self.on_ucall: Any = None
         self.host_threads: list = []  # (fn, name)
         self.result_check = None
+        # Check the quiescence invariants (emu.checkers.check.check_vm) when a run ends well: `run`
+        # and GuestVM.run() do (explore and campaign check every run themselves).
+        self.check_at_end = False
         self.regions: dict[int, MemRegion] = {}  # slot -> MemRegion: every memslot of the VMM's
         self.removed_ranges: list[tuple[int, int]] = []  # GPA ranges host events deleted or moved away
         self.arriving_ranges: list[tuple[int, int]] = []  # GPA ranges a memslot moves to (no memslot before)
@@ -945,6 +948,13 @@ class Machine(VmmDevices, UcallHost):
             res.error = f"{self.stop_why}: {'; '.join(where)}"
         if res.error is None and self.kvm.violations:
             res.exit, res.error = "checker", f"checker: {self.kvm.violations[0]}"
+        if res.error is None and self.check_at_end and not self.kvm.vm_dead:
+            from ..checkers.check import check_vm
+
+            problems = check_vm(self.kvm)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                res.exit, res.error = "checker", f"checker: at the end of the run: {problems[0]}{more}"
         if res.error is None:
             res.exit = "hlt"
         res.vcpu_exits = [ended.get(v.vcpu_id, "running") for v in self.vcpus]
