@@ -90,6 +90,21 @@ def test_a_huge_leaf_past_the_end_of_its_memslot():
     assert "the 2M leaf at gfn 0x3c00 reaches past the end of memslot 0 (gfn 0x0-0x3d00)" in problems
 
 
+@pytest.mark.parametrize("mirror", [False, True])
+def test_a_huge_leaf_larger_than_the_page_behind_it(mirror):
+    """host_pfn_mapping_level(): a shared 2M leaf needs the host's page to be 2M; a private one
+    guest_memfd's and TDX's limit too (4K without --tdx-huge-pages)."""
+    if mirror:
+        m = _run("hpaccept", vm="tdx", hugepages="2m", tdx_huge_pages=True)
+        m.kvm.x86_ops.tdx_huge_page = False
+        line = "the 2M private leaf at gfn 0x2400 is larger than the 4K pages its guest_memfd allows"
+    else:
+        m = _run("nxhuge", **NX)
+        m.kvm.memslots[0].backing_level = 1
+        line = "the 2M shared leaf at gfn 0x3c00 is larger than the 4K pages its host mapping allows"
+    assert line in check_vm(m.kvm)
+
+
 def test_a_writable_leaf_of_a_read_only_memslot():
     m = _run("nxhuge", **NX)
     m.kvm.memslots[0].flags |= KVM_MEM_READONLY

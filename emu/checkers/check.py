@@ -144,7 +144,8 @@ def leaf_problem(kvm, is_mirror, gfn, level, spte, backing=True):
       tables for shared; a huge leaf only where the host backing is contiguous, as
       host_pfn_mapping_level() allows);
     - a read-only memslot's page is not writable (make_spte() without host_writable);
-    - with the NX huge page mitigation a huge leaf is not executable (make_spte()).
+    - with the NX huge page mitigation a huge leaf is not executable (make_spte());
+    - no larger than the host's page behind it (or guest_memfd's and the vendor's limit).
 
     ``backing=False`` leaves out the VMM page-table lookups of a shared 4K leaf (the run-time
     check on every installed leaf; the quiescence checks do them)."""
@@ -172,6 +173,14 @@ def leaf_problem(kvm, is_mirror, gfn, level, spte, backing=True):
             want = _backing_pfn(kvm, slot, gfn + i, private)
             if pfn + i != want:
                 return f"gfn {gfn + i:#x} ({size} leaf at gfn {gfn:#x}) maps pfn {pfn + i:#x}, its backing is pfn {want:#x}"
+    # kvm_mmu_max_mapping_level(): no larger than the host's page (host_pfn_mapping_level()) or,
+    # for private memory, than guest_memfd and the vendor allow (gmem_max_mapping_level()).
+    limit = slot.backing_level if not private else min(slot.backing_level, kvm.x86_ops.gmem_max_mapping_level(kvm, gfn))
+    if level > limit:
+        return (
+            f"the {size} {'private' if private else 'shared'} leaf at gfn {gfn:#x} is larger than the "
+            f"{_SIZE.get(limit, limit)} pages its {'guest_memfd' if private else 'host mapping'} allows"
+        )
     if n > 1 and attrs is not None and (not attrs.covers(gfn, gfn + n) if private else attrs.intersects(gfn, gfn + n)):
         # A huge leaf only where every page has the same attribute (KVM_LPAGE_MIXED_FLAG).
         return f"the {size} {'private' if private else 'shared'} leaf at gfn {gfn:#x} covers GFNs of both attributes"
