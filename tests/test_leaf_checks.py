@@ -227,3 +227,12 @@ def test_run_checks_the_invariants_at_the_end(monkeypatch):
             vm.machine.check_at_end = False
             res = vm.machine.run()
             assert res.ok and check_vm(vm.machine.kvm) != []
+
+
+def test_the_page_stats_count_the_leaves():
+    """kvm_update_page_stats(): a leaf made or zapped without it leaves the stats wrong."""
+    m = _run("hugemap", vm="tdx", hugepages="2m", vcpus=2)
+    kvm = m.kvm
+    assert (kvm.stat["pages_4k"], kvm.stat["pages_2m"]) == (17, 1)
+    kvm.stat["pages_2m"] -= 1
+    assert check_vm(kvm) == ["KVM's pages_2m stat is 0, the roots have 1 2M leaves"]

@@ -15,7 +15,9 @@
   accounting (a page table, an S-EPT page KVM gave the module, a page in a vCPU's
   memory cache, a TD control page, or a page leaked on purpose), and the counts add up;
 - no vCPU holds a cached translation the tables no longer give (unless a TLB flush
-  request is still pending for it, which it will process before running the guest).
+  request is still pending for it, which it will process before running the guest);
+- every leaf is one KVM could make (leaf_problem()), MMIO SPTEs of the current generation map no
+  memslot, and KVM's page stats count the leaves there are.
 """
 
 from ..kvm.spte import spte_to_pfn, PT_WRITABLE_MASK, shadow_x_mask, MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
@@ -43,12 +45,28 @@ def check_vm(kvm):
             if problem:
                 problems.append(problem)
     problems += check_mmio_sptes(kvm, mmio)
+    problems += check_page_stats(kvm, leaves_of)
     problems += check_roots(kvm)
     if kvm.has_mirrored_tdp:
         problems += check_mirror_sept(kvm, leaves_of)
     problems += check_attributes(kvm, leaves_of)
     problems += check_accounting(kvm)
     problems += check_tlbs(kvm)
+    return problems
+
+
+def check_page_stats(kvm, leaves_of=None):
+    """kvm->stat.pages_{4k,2m,1g} (kvm_update_page_stats() in __handle_changed_spte()) count the
+    leaves of every root, an invalid one that still has leaves too."""
+    have = [0, 0, 0]
+    for root in kvm.tdp_mmu.roots:
+        for _, level, _ in _leaves(kvm, root, leaves_of):
+            have[level - 1] += 1
+    problems = []
+    for level, key in enumerate(("pages_4k", "pages_2m", "pages_1g"), 1):
+        stat = kvm.stat.get(key, 0)
+        if stat != have[level - 1]:
+            problems.append(f"KVM's {key} stat is {stat}, the roots have {have[level - 1]} {_SIZE[level]} leaves")
     return problems
 
 
