@@ -186,7 +186,7 @@ def leaf_problem(kvm, is_mirror, gfn, level, spte, backing=True):
     if private or backing or n > 1:
         # guest_memfd backs a slot linearly: its first page says it all.  The VMM's pages are
         # checked one by one (a 1G leaf: the first page of each 2M and the last).
-        pages = [0] if private else [*range(0, n, 1 if n <= 512 else 512), n - 1] if n > 1 else [0]
+        pages = [0] if private or n == 1 else [*range(0, n, 1 if n <= 512 else 512), n - 1]
         for i in pages:
             want = _backing_pfn(kvm, slot, gfn + i, private)
             if pfn + i != want:
