@@ -403,17 +403,10 @@ class TdpMmu:
         if old_spte == new_spte:
             return 0
         hooks_72 = self.mirror_hooks_72
-        if not hooks_72 and kvm.tracer.enabled or not was_present and not is_present:
-            if kvm.tracer.enabled:
-                kvm.trace_emit(
-                    "kvm_tdp_mmu_spte_changed",
-                    vcpu,
-                    as_id=as_id,
-                    gfn=gfn,
-                    level=level,
-                    old_spte=old_spte,
-                    new_spte=new_spte,
-                )
+        tracing = kvm.tracer.enabled
+        if tracing and (not hooks_72 or not was_present and not is_present):
+            # (7.2 traces a change that reaches the S-EPT once the S-EPT took it, below)
+            self._trace_spte_changed(vcpu, as_id, gfn, level, old_spte, new_spte)
         if not was_present and not is_present:
             # Non-present to non-present happens only for MMIO SPTEs and freezing.
             return 0
@@ -425,16 +418,8 @@ class TdpMmu:
                 r = self.set_external_spte(gfn, old_spte, new_spte, level, vcpu)
                 if r:
                     return r
-            if kvm.tracer.enabled:
-                kvm.trace_emit(
-                    "kvm_tdp_mmu_spte_changed",
-                    vcpu,
-                    as_id=as_id,
-                    gfn=gfn,
-                    level=level,
-                    old_spte=old_spte,
-                    new_spte=new_spte,
-                )
+            if tracing:
+                self._trace_spte_changed(vcpu, as_id, gfn, level, old_spte, new_spte)
         if was_present:
             # A translation may have gone: until a flush (or the TD's TRACK and kick) completes,
             # a vCPU in guest mode may still use it (the checker allows it only meanwhile).
@@ -448,6 +433,11 @@ class TdpMmu:
         if removed_pt and not hooks_72:
             self.handle_removed_pt(spte_to_child_pt(old_spte, level), shared, vcpu)
         return 0
+
+    def _trace_spte_changed(self, vcpu, as_id, gfn, level, old_spte, new_spte):
+        self.kvm.trace_emit(
+            "kvm_tdp_mmu_spte_changed", vcpu, as_id=as_id, gfn=gfn, level=level, old_spte=old_spte, new_spte=new_spte
+        )
 
     def handle_removed_pt(self, pt, shared, vcpu=None):
         """A table was unlinked: freeze and process each of its entries, then free it after RCU."""
